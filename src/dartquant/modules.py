@@ -1,0 +1,152 @@
+"""The runtime modules that a rotated / quantized model contains, visible in `print(model)`.
+
+* `OnlineHadamard`: x -> x @ H with a fast Walsh-Hadamard transform (R3 on Q/K, R4 on the
+  down_proj input). Online rotations are modules, not monkeypatched functions.
+* `QLinear`: a linear layer with an optional input rotation and an optional input
+  (activation) quantizer in front. Its parameters keep nn.Linear's names (`weight`, `bias`),
+  so a rotated model still saves as an ordinary Hugging Face checkpoint.
+* `AttentionTransform`: what happens to Q, K, V after RoPE and before the attention product:
+  R3 (a Hadamard on head_dim for Q and K, which cancels in Q K^T) and the K/V cache quantizers.
+  It hangs off each attention module as `attn.dq_attention`, and runs through an attention
+  function registered with transformers' public `AttentionInterface` under the name
+  "dartquant"; that function then calls transformers' own SDPA attention, so masks, GQA and
+  caches keep working as transformers implements them. With a cache, K/V are quantized when
+  read, which equals quantizing them when written since the quantizers act per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hadamard import fast_hadamard_transform, hadamard_factorization
+
+ATTN_IMPLEMENTATION = "dartquant"
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm that keeps float64 inputs in float64.
+
+    transformers' Llama/Qwen2/Mistral RMSNorm always normalizes in float32, which caps a float64
+    model at ~1e-7 relative precision and would hide real errors of a transform. For float32,
+    float16 and bfloat16 inputs this computes exactly what transformers' version computes.
+    """
+
+    def __init__(self, weight: nn.Parameter, eps: float):
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = eps
+
+    @classmethod
+    def replacing(cls, norm: nn.Module) -> "RMSNorm":
+        if isinstance(norm, cls):
+            return norm
+        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
+        if eps is None or getattr(norm, "bias", None) is not None:
+            raise TypeError(f"{type(norm).__name__} is not an RMSNorm (no epsilon, or it has a bias)")
+        return cls(norm.weight, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x if dtype == torch.float64 else x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class OnlineHadamard(nn.Module):
+    """x -> x @ H_n (orthonormal), applied to the last dimension at run time."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        hadamard_factorization(n)  # fail fast, with the reason, for sizes with no construction
+        self.n = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.n:
+            raise ValueError(f"OnlineHadamard({self.n}) got an input of last dimension {x.shape[-1]}")
+        return fast_hadamard_transform(x)
+
+    def extra_repr(self) -> str:
+        k, p = hadamard_factorization(self.n)
+        return f"n={self.n} ({k}x{p})"
+
+
+class QLinear(nn.Module):
+    """y = (quantize(rotate(x))) W^T + b. Shares (does not copy) the wrapped linear's parameters."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.input_rotation: nn.Module | None = None
+        self.input_quantizer: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def as_qlinear(module: nn.Module) -> QLinear:
+    """`module` itself if it is a QLinear already, else a QLinear sharing its parameters."""
+    if isinstance(module, QLinear):
+        return module
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"expected nn.Linear or QLinear, got {type(module).__name__}")
+    return QLinear(module)
+
+
+class AttentionTransform(nn.Module):
+    """Q/K/V after RoPE: optional R3 Hadamard on Q and K, optional K and V quantizers."""
+
+    def __init__(self, head_dim: int, rotate_qk: bool = False):
+        super().__init__()
+        self.head_dim = head_dim
+        self.qk_rotation = OnlineHadamard(head_dim) if rotate_qk else None
+        self.k_quantizer: nn.Module | None = None
+        self.v_quantizer: nn.Module | None = None
+
+    def forward(self, q, k, v):  # [B, H, S, D], [B, Hkv, S, D], [B, Hkv, S, D]
+        if self.qk_rotation is not None:
+            q, k = self.qk_rotation(q), self.qk_rotation(k)
+        if self.k_quantizer is not None:
+            k = self.k_quantizer(k)
+        if self.v_quantizer is not None:
+            v = self.v_quantizer(v)
+        return q, k, v
+
+
+def _dartquant_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    transform = getattr(module, "dq_attention", None)
+    if transform is not None:
+        query, key, value = transform(query, key, value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+_registered = False
+
+
+def register_attention() -> str:
+    """Register the "dartquant" attention implementation with transformers (idempotent)."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        AttentionInterface.register(ATTN_IMPLEMENTATION, _dartquant_attention)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        _registered = True
+    return ATTN_IMPLEMENTATION

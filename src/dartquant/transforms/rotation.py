@@ -1,0 +1,169 @@
+"""Rotation sets and the one function that applies them.
+
+Every method (QuaRot, DartQuant, SpinQuant, ...) only *produces* a `RotationSet`; `rotate_`
+folds it into the model. Names follow SpinQuant:
+
+* R1 [hidden, hidden], one global matrix on the residual stream:
+  embedding E <- E R1; readers of the stream (q/k/v/gate/up/lm_head) W <- W R1;
+  writers (o_proj, down_proj) W <- R1^T W and b <- R1^T b.
+* R2 [n_layers, kv_heads, head_dim, head_dim], per layer and KV head, between v_proj's output
+  and o_proj's input. Under GQA the matrix of a KV head also serves every query head of its
+  group on the o_proj side.
+* R3 (online Hadamard on Q and K after RoPE) and R4 (online Hadamard on the down_proj input,
+  its inverse folded into down_proj) are fixed: the set only records whether they are on.
+
+Saved as safetensors: tensors "R1" and "R2", and the flags and provenance (method, seed) as
+JSON in the header's metadata. Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..adapters import Geometry, ModelAdapter, adapter_for
+from ..hadamard import hadamard_matrix, random_hadamard_matrix
+from .fuse import fuse_norms_, norms_fused
+from .online import install_online_
+
+
+@dataclass
+class RotationSet:
+    r1: torch.Tensor | None = None
+    r2: torch.Tensor | None = None
+    r3: bool = False
+    r4: bool = False
+    meta: dict = field(default_factory=dict)
+
+    # ---- constructors -------------------------------------------------------------------
+    @classmethod
+    def quarot(cls, geometry: Geometry, seed: int = 0, r3: bool = True, r4: bool = True) -> RotationSet:
+        """QuaRot: random (sign-flipped) Hadamard R1 from `seed`; plain Hadamard R2 for every head."""
+        r2 = hadamard_matrix(geometry.head_dim).expand(
+            geometry.n_layers, geometry.n_kv_heads, geometry.head_dim, geometry.head_dim).clone()
+        return cls(random_hadamard_matrix(geometry.hidden, seed), r2, r3, r4,
+                   {"method": "quarot", "seed": seed, "r1": "random_hadamard", "r2": "hadamard"})
+
+    @classmethod
+    def random_hadamard_r2(cls, geometry: Geometry, seed: int) -> torch.Tensor:
+        """Independent random Hadamard R2 per layer and KV head (init for learned R2)."""
+        mats = [random_hadamard_matrix(geometry.head_dim, seed * 100_003 + 7919 * i + 1)
+                for i in range(geometry.n_layers * geometry.n_kv_heads)]
+        return torch.stack(mats).view(geometry.n_layers, geometry.n_kv_heads, geometry.head_dim, geometry.head_dim)
+
+    # ---- checks -------------------------------------------------------------------------
+    def validate(self, geometry: Geometry) -> None:
+        """Shapes must match the model; matrices must be orthogonal (to float32 precision)."""
+        expect = {"R1": (geometry.hidden, geometry.hidden),
+                  "R2": (geometry.n_layers, geometry.n_kv_heads, geometry.head_dim, geometry.head_dim)}
+        for name, mat in (("R1", self.r1), ("R2", self.r2)):
+            if mat is None:
+                continue
+            if tuple(mat.shape) != expect[name]:
+                raise ValueError(f"{name} has shape {tuple(mat.shape)} but this model needs {expect[name]}: "
+                                 "the rotations were made for another model")
+            m = mat.double()
+            err = (m @ m.transpose(-1, -2) - torch.eye(m.shape[-1], dtype=m.dtype)).abs().max().item()
+            if err > 1e-4:
+                raise ValueError(f"{name} is not orthogonal (max |R R^T - I| = {err:.2e})")
+
+    # ---- I/O ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Atomic write: a temporary file renamed into place."""
+        path = Path(path)
+        tensors = {k: v.contiguous() for k, v in (("R1", self.r1), ("R2", self.r2)) if v is not None}
+        meta = {"dartquant": json.dumps({"r3": self.r3, "r4": self.r4, "meta": self.meta})}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RotationSet:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"rotation file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                info = json.loads((f.metadata() or {}).get("dartquant", "{}"))
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable rotation file (safetensors): {e}") from e
+        return cls(tensors.get("R1"), tensors.get("R2"), bool(info.get("r3")), bool(info.get("r4")),
+                   info.get("meta", {}))
+
+
+# ---- folding ------------------------------------------------------------------------------
+def _rotate_input_(linear: nn.Module, r: torch.Tensor) -> None:
+    """Reader of a rotated stream: W <- W R."""
+    w = linear.weight
+    w.data.copy_((w.data.double() @ r).to(w.dtype))
+
+
+def _rotate_output_(linear: nn.Module, r: torch.Tensor) -> None:
+    """Writer into a rotated stream: W <- R^T W, b <- R^T b."""
+    w = linear.weight
+    w.data.copy_((r.T @ w.data.double()).to(w.dtype))
+    if linear.bias is not None:
+        linear.bias.data.copy_((linear.bias.data.double() @ r).to(linear.bias.dtype))
+
+
+def _rotate_v_output_(v: nn.Module, r2: torch.Tensor, head_dim: int) -> None:
+    """Per KV head h: W_v[h] <- R2_h^T W_v[h], b_v[h] <- b_v[h] R2_h.   r2: [kv_heads, d, d]"""
+    w = v.weight  # [kv_heads * d, hidden]
+    wh = w.data.double().view(r2.shape[0], head_dim, -1)
+    w.data.copy_(torch.einsum("hij,hik->hjk", r2, wh).reshape(w.shape).to(w.dtype))
+    if v.bias is not None:
+        bh = v.bias.data.double().view(r2.shape[0], head_dim)
+        v.bias.data.copy_(torch.einsum("hi,hij->hj", bh, r2).reshape(-1).to(v.bias.dtype))
+
+
+def _rotate_o_input_(o: nn.Module, r2: torch.Tensor, head_dim: int, groups: int) -> None:
+    """Query head q (of KV head q // groups): W_o[:, q] <- W_o[:, q] R2_{q // groups}."""
+    w = o.weight  # [hidden, n_heads * d]
+    per_q = r2.repeat_interleave(groups, dim=0)  # [n_heads, d, d]
+    wh = w.data.double().view(w.shape[0], per_q.shape[0], head_dim)
+    w.data.copy_(torch.einsum("ohi,hij->ohj", wh, per_q).reshape(w.shape).to(w.dtype))
+
+
+@torch.no_grad()
+def rotate_(model: nn.Module, rotations: RotationSet, adapter: ModelAdapter | None = None) -> None:
+    """Fold `rotations` into `model` in place (fusing norms first) and install R3/R4 online."""
+    adapter = adapter or adapter_for(model)
+    geo = adapter.geometry(model.config)
+    rotations.validate(geo)
+    if not norms_fused(model, adapter):
+        fuse_norms_(model, adapter)
+    layers = adapter.layers_of(model)
+    if rotations.r1 is not None:
+        r1 = rotations.r1.double()
+        emb = adapter.embedding(model).weight
+        emb.data.copy_((emb.data.double() @ r1).to(emb.dtype))
+        _rotate_input_(adapter.head(model), r1)
+        for layer in layers:
+            for lin in (layer.q, layer.k, layer.v, layer.gate, layer.up):
+                _rotate_input_(lin, r1)
+            for lin in (layer.o, layer.down):
+                _rotate_output_(lin, r1)
+    if rotations.r2 is not None:
+        for i, layer in enumerate(layers):
+            r2 = rotations.r2[i].double()
+            _rotate_v_output_(layer.v, r2, geo.head_dim)
+            _rotate_o_input_(layer.o, r2, geo.head_dim, geo.kv_groups)
+    if rotations.r4:
+        h = hadamard_matrix(geo.intermediate, dtype=torch.float64)
+        for layer in layers:  # online x -> x H, so W_down <- W_down H keeps x W^T
+            _rotate_input_(layer.down, h)
+    install_online_(model, adapter, r3=rotations.r3, r4=rotations.r4)

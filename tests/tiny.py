@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random models of every supported family, in float64.
+
+Sizes are deliberately odd (non-powers of two that still have a Hadamard construction:
+hidden 48 = 12*4, 40 = 20*2; MLP 80 = 20*4, 56 = 28*2; head_dim 12, 8), with GQA, QKV bias
+(Qwen2) and tied embeddings (Llama, like SmolLM2), so that transpose or grouping mistakes
+cannot hide behind symmetric matrices or equal head counts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+TINY_CONFIGS = {
+    "llama-tied-gqa": dict(model_type="llama", hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=12, vocab_size=101,
+                           tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=64),
+    "qwen2-bias-gqa": dict(model_type="qwen2", hidden_size=40, intermediate_size=56, num_hidden_layers=2,
+                           num_attention_heads=5, num_key_value_heads=1, vocab_size=97,
+                           tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=64),
+    "mistral-mha": dict(model_type="mistral", hidden_size=48, intermediate_size=56, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, head_dim=12, vocab_size=89,
+                        tie_word_embeddings=False, rms_norm_eps=1e-5, max_position_embeddings=64),
+}
+
+
+def make_tiny_model(name: str, seed: int = 0, dtype=torch.float64):
+    """A random model whose norms have non-trivial gains and whose biases are non-zero."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(TINY_CONFIGS[name])
+    config = AutoConfig.for_model(**cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight") or "layernorm" in n:
+                p.copy_(1 + 0.5 * torch.randn_like(p))  # gains far from 1: fusion must matter
+            elif n.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    if cfg["tie_word_embeddings"]:
+        model.tie_weights()
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |a|."""
+    return ((a - b).abs().max() / a.abs().max()).item()
