@@ -205,9 +205,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype = 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError) as e:
-        if isinstance(e, ModelLoadError):
-            raise
+    except Exception as e:  # safetensors raises its own SafetensorError, transformers OSError/ValueError
         raise ModelLoadError(f"could not load the model in {folder}: {type(e).__name__}: {e}. "
                              "A corrupt or truncated safetensors file is the usual cause: regenerate the folder.") from e
     adapter_for(model)
@@ -218,3 +216,22 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype = 
 
         install_from_spec_(model, transform, folder)
     return model, tokenizer
+
+
+def save_model(model, tokenizer, folder: Path, *, rotations=None, extra: dict | None = None) -> None:
+    """Write a loadable folder: HF weights + tokenizer, `dartquant.json` (online transforms to
+    re-install on load, provenance) and `rotations.safetensors`. Callers write into a temporary
+    folder (runs.atomic_dir) so that the result appears complete or not at all."""
+    from .runs import write_json
+    from .transforms.online import online_spec
+
+    folder = Path(folder)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    spec = online_spec(model)
+    if rotations is not None:
+        rotations.save(folder / "rotations.safetensors")
+        spec["rotations"] = {"file": "rotations.safetensors", **rotations.meta}
+    if extra:
+        spec.update(extra)
+    write_json(folder / TRANSFORM_FILE, spec)

