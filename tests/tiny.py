@@ -48,3 +48,23 @@ def make_tiny_model(name: str, seed: int = 0, dtype=torch.float64):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |a|."""
     return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def make_char_tokenizer(vocab_size: int = 89):
+    """A character-level tokenizer (offline, no files): id 0 = <unk>, then printable ASCII."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 32 + vocab_size - 1)]
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>")
+
+
+def save_tiny_folder(path, name: str = "llama-tied-gqa", seed: int = 0):
+    """A tiny float32 model + tokenizer saved as a Hugging Face folder (a model spec for the CLI)."""
+    model = make_tiny_model(name, seed=seed, dtype=torch.float32)
+    model.save_pretrained(str(path))
+    make_char_tokenizer(min(c["vocab_size"] for c in TINY_CONFIGS.values())).save_pretrained(str(path))
+    return path

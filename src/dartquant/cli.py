@@ -126,12 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help='print {"wiki": ..., "c4": ..., "tokens": ...}')
     s.set_defaults(func=cmd_ppl)
 
-    try:
-        from .quant.cli import add_quant_commands
-    except ImportError:  # quantization engine not installed in this build
-        pass
-    else:
-        add_quant_commands(sub)
+    from .quant.cli import add_quant_commands
+
+    add_quant_commands(sub)
     return p
 
 

@@ -86,12 +86,16 @@ class QLinear(nn.Module):
         self.bias = linear.bias
         self.input_rotation: nn.Module | None = None
         self.input_quantizer: nn.Module | None = None
+        # Called with the exact input of the matmul (GPTQ Hessians, activation capture).
+        self.input_observer = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_rotation is not None:
             x = self.input_rotation(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
+        if self.input_observer is not None:
+            self.input_observer(x)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -202,6 +202,12 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model(spec, install)
+    transform = read_transform_file(folder)
+    if transform is not None and "quantization" in transform:
+        from .quant.checkpoint import load_quantized
+
+        model = load_quantized(folder, transform, dtype).to(device)
+        return model, AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
@@ -210,7 +216,6 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype = 
                              "A corrupt or truncated safetensors file is the usual cause: regenerate the folder.") from e
     adapter_for(model)
     model.eval().to(device)
-    transform = read_transform_file(folder)
     if transform is not None:
         from .transforms.online import install_from_spec_
 

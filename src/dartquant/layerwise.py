@@ -1,0 +1,71 @@
+"""Run a model one decoder block at a time: the memory-lean backbone of GPTQ and capture.
+
+Weights stay where they are (the CPU); each block is moved to the compute device, run over
+all calibration sequences, and moved back, and its outputs become the next block's inputs.
+Peak device memory is one block plus one sequence's activations, whatever the depth.
+
+The block inputs are computed explicitly (embedding, rotary position embeddings, no mask:
+transformers' SDPA path is then causal), instead of capturing them by raising an exception
+from a hooked first layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import ModelAdapter
+
+
+@torch.no_grad()
+def embed_inputs(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor) -> torch.Tensor:
+    """Embedding outputs [n, S, hidden] on the CPU (float32 or the model's dtype)."""
+    embed = adapter.embedding(model)
+    return torch.cat([embed(ids[i: i + 1].to(embed.weight.device)).cpu() for i in range(ids.shape[0])])
+
+
+@torch.no_grad()
+def position_embeddings(model: nn.Module, hidden: torch.Tensor, device) -> tuple:
+    """(cos, sin) for positions 0..S-1, computed by the model's own rotary module."""
+    rotary = model.get_submodule("model.rotary_emb")
+    pos = torch.arange(hidden.shape[1], device=device).unsqueeze(0)
+    rotary_device = next(iter(rotary.buffers())).device
+    cos, sin = rotary(hidden[:1].to(rotary_device), pos.to(rotary_device))
+    return cos.to(device), sin.to(device), pos
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, pos_emb: tuple) -> torch.Tensor:
+    cos, sin, pos = pos_emb
+    out = block(hidden, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def iterate_blocks(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, device: str | torch.device,
+                   progress: bool = True, desc: str = "layers") -> Iterator[tuple[int, nn.Module, Callable]]:
+    """Yield (index, block on device, forward) for each block; `forward(update)` runs the block over
+    every calibration sequence and, if update, replaces the stored inputs by its outputs.
+
+    The caller may change the block between forwards (e.g. quantize its weights, then call
+    forward(update=True) so the next block sees the quantized block's outputs).
+    """
+    device = torch.device(device)
+    hidden = embed_inputs(model, adapter, ids)  # [n, S, hidden] on CPU
+    pos_emb = position_embeddings(model, hidden, device)
+    blocks = adapter.decoder_layers(model)
+    for i in tqdm(range(len(blocks)), desc=desc, disable=not progress, leave=False):
+        block = blocks[i]
+        home = next(block.parameters()).device
+        block.to(device)
+
+        def forward(update: bool, block=block) -> None:
+            for j in range(hidden.shape[0]):
+                out = run_block(block, hidden[j: j + 1].to(device), pos_emb)
+                if update:
+                    hidden[j: j + 1] = out.to(hidden.device, hidden.dtype)
+
+        yield i, block, forward
+        block.to(home)

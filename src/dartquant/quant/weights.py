@@ -1,0 +1,78 @@
+"""Weight quantization of every decoder linear: RTN, or GPTQ layer by layer.
+
+GPTQ sees the model as it will run: rotated, with the online R4 in front of down_proj (the
+Hessian is collected from the exact input of each matmul, via QLinear.input_observer). By
+default activations are *not* quantized while Hessians are collected (`gptq_act_quant`
+false), as in QuaRot's and SpinQuant's pipelines, whose published numbers we compare against;
+either way, each block's inputs are the outputs of the already-quantized blocks before it.
+All linears of a block are quantized from one pass (not "true sequential"), which halves the
+calibration forwards on CPU.
+
+Every quantized weight is replaced by `QuantizedTensor.dequantize()`, so what is evaluated is
+bit for bit what the checkpoint's integer codes and scales reload to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapters import ModelAdapter, adapter_for
+from ..layerwise import iterate_blocks
+from ..modules import as_qlinear
+from .act import set_act_quant_enabled_
+from .config import QuantConfig
+from .gptq import GPTQ
+from .primitives import QuantizedTensor
+
+
+def _on_cpu(qt: QuantizedTensor) -> QuantizedTensor:
+    return QuantizedTensor(qt.codes.cpu(), qt.scale.cpu(), qt.zero.cpu(), qt.spec, qt.shape)
+
+
+@torch.no_grad()
+def quantize_weights_(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None = None,
+                      adapter: ModelAdapter | None = None, progress: bool = True) -> dict[str, QuantizedTensor]:
+    """Quantize all decoder linears in place; returns {param name prefix: QuantizedTensor}."""
+    adapter = adapter or adapter_for(model)
+    spec = cfg.weight_spec()
+    if spec.bits >= 16:
+        return {}
+    names = {m: n for n, m in model.named_modules()}
+    out: dict[str, QuantizedTensor] = {}
+
+    def commit(linear: nn.Module, qt: QuantizedTensor) -> None:
+        linear.weight.data.copy_(qt.dequantize().to(linear.weight.device, linear.weight.dtype))
+        out[names[linear]] = qt
+
+    if cfg.weight_quantizer == "rtn":
+        for layer in adapter.layers_of(model):
+            for linear in layer.linears().values():
+                commit(linear, QuantizedTensor.from_float(linear.weight.data.float(), spec))
+        return out
+
+    if calib_ids is None:
+        raise ValueError("GPTQ needs calibration sequences")
+    set_act_quant_enabled_(model, cfg.gptq_act_quant)
+    try:
+        for _, block, forward in iterate_blocks(model, adapter, calib_ids, cfg.device, progress, desc="GPTQ"):
+            layer = adapter.layer(block)
+            solvers = {}
+            for role, linear in layer.linears().items():
+                q = as_qlinear(linear)
+                if q is not linear:
+                    adapter.set_linear(block, role, q)
+                solvers[role] = GPTQ(q.in_features, device=q.weight.device)
+                q.input_observer = solvers[role].add_batch
+            forward(update=False)
+            for role, q in adapter.layer(block).linears().items():
+                q.input_observer = None
+                qt = solvers[role].quantize(q.weight.data.float(), spec, blocksize=cfg.gptq_blocksize,
+                                            percdamp=cfg.gptq_damp, act_order=cfg.gptq_act_order,
+                                            static_groups=cfg.gptq_static_groups)
+                solvers[role].free()
+                commit(q, _on_cpu(qt))
+            forward(update=True)
+    finally:
+        set_act_quant_enabled_(model, True)
+    return out

@@ -1,0 +1,95 @@
+"""End to end on a tiny model: quantize, save, reload to the same numbers; bad input fails fast."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dartquant.eval.ppl import evaluate_ppl
+from dartquant.quant.config import QuantConfig
+from dartquant.quant.pipeline import run_quantize
+from dartquant.zoo import load_model
+from tiny import save_tiny_folder
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def small_cfg(folder, **kw) -> QuantConfig:
+    base = dict(model=str(folder), calib_samples=4, calib_seqlen=32, eval_seqlen=32, eval_max_windows=3)
+    base.update(kw)
+    return QuantConfig(**base)
+
+
+@pytest.mark.parametrize("method,wq", [("quarot", "gptq"), ("rtn", "rtn"), ("quarot", "rtn")])
+def test_quantize_save_reload_same_ppl(tiny_folder, tmp_path, method, wq):
+    out = tmp_path / "run"
+    metrics = run_quantize(small_cfg(tiny_folder, method=method, w_quantizer=wq), out, progress=False)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["ppl"] == metrics["ppl"]
+    for key in ("method", "w_bits", "a_bits", "kv_bits", "seconds", "peak_memory_bytes", "fp"):
+        assert key in on_disk
+    assert {"config.yaml", "dartquant.json", "quantized.safetensors"} <= {p.name for p in out.iterdir()}
+    assert (out / "rotations.safetensors").exists() == (method != "rtn")
+    model, tok = load_model(out)
+    again = evaluate_ppl(model, tok, seqlen=32, max_windows=3, progress=False)
+    assert again["wiki"] == metrics["ppl"]["wiki"] and again["c4"] == metrics["ppl"]["c4"]
+    assert metrics["ppl"]["wiki"] != metrics["fp"]["ppl"]["wiki"], "quantization changed nothing?"
+
+
+def test_16_bit_quarot_preserves_the_function(tiny_folder, tmp_path):
+    cfg = small_cfg(tiny_folder, method="quarot", w_bits=16, a_bits=16, kv_bits=16)
+    m = run_quantize(cfg, tmp_path / "run", progress=False)
+    for corpus in ("wiki", "c4"):
+        assert math.isclose(m["ppl"][corpus], m["fp"]["ppl"][corpus], rel_tol=1e-5)
+
+
+def test_same_seed_same_numbers_other_seed_differs(tiny_folder, tmp_path):
+    a = run_quantize(small_cfg(tiny_folder, seed=1, w_quantizer="rtn"), tmp_path / "a", progress=False, eval_fp=False)
+    b = run_quantize(small_cfg(tiny_folder, seed=1, w_quantizer="rtn"), tmp_path / "b", progress=False, eval_fp=False)
+    c = run_quantize(small_cfg(tiny_folder, seed=2, w_quantizer="rtn"), tmp_path / "c", progress=False, eval_fp=False)
+    assert a["ppl"] == b["ppl"]
+    assert a["ppl"] != c["ppl"]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(w_bits=1), "w_bits=1 is not supported"),
+    (dict(a_clip=1.5), "a_clip"),
+    (dict(w_group_size=7), "does not divide"),
+    (dict(calib_samples=0), "calib_samples must be positive"),
+    (dict(method="spinquantum"), "unknown method"),
+    (dict(a_bits_overrides={"mlp": 8}), "unknown role"),
+])
+def test_bad_config_fails_fast(tiny_folder, tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        run_quantize(small_cfg(tiny_folder, **kw), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_output_folder_is_refused(tiny_folder, tmp_path):
+    from dartquant.runs import OutputExistsError
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    with pytest.raises(OutputExistsError):
+        run_quantize(small_cfg(tiny_folder), tmp_path / "run", progress=False)
+
+
+def test_cli_quantize_json_and_recipe(tiny_folder, tmp_path, capsys):
+    from dartquant.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_folder}\nmethod: quarot\ncalib-samples: 2\ncalib_seqlen: 32\n"
+                      "eval_seqlen: 32\neval_max_windows: 2\nw_quantizer: rtn\n")
+    rc = main(["quantize", "--recipe", str(recipe), "--a-bits", "8", "--out", str(tmp_path / "run"),
+               "--skip-fp-eval", "--json"])
+    assert rc == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["a_bits"] == 8 and metrics["method"] == "quarot" and "fp" not in metrics
+    rc = main(["quantize", "--recipe", str(recipe), "--w-group-size", "5", "--out", str(tmp_path / "run2")])
+    assert rc == 2 and "does not divide" in capsys.readouterr().err
