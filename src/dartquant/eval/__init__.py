@@ -1,0 +1,1 @@
+"""Evaluation of (quantized) models: zero-shot tasks through lm-evaluation-harness (:mod:`.zeroshot`)."""
