@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter
+from .modules import register_attention
 
 
 @torch.no_grad()
@@ -53,6 +54,8 @@ def iterate_blocks(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, d
     forward(update=True) so the next block sees the quantized block's outputs).
     """
     device = torch.device(device)
+    # Blocks run without a mask: only SDPA (which we delegate to) is then causal; eager would not be.
+    model.set_attn_implementation(register_attention())
     hidden = embed_inputs(model, adapter, ids)  # [n, S, hidden] on CPU
     pos_emb = position_embeddings(model, hidden, device)
     blocks = adapter.decoder_layers(model)

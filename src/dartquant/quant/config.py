@@ -39,6 +39,8 @@ class QuantConfig:
     w_symmetric: bool = True
     w_group_size: int | None = None  # None = per output channel
     w_mse_search: bool = True
+    w_mse_grid: int = 20  # clip ratios tried, evenly from 1.0 down to w_mse_min_ratio
+    w_mse_min_ratio: float = 0.5
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
     gptq_static_groups: bool = False
@@ -91,7 +93,8 @@ class QuantConfig:
 
     def weight_spec(self) -> QuantSpec:
         return QuantSpec(bits=self.w_bits, symmetric=self.w_symmetric, group_size=self.w_group_size,
-                         mse_search=self.w_mse_search)
+                         mse_search=self.w_mse_search, mse_grid=self.w_mse_grid,
+                         mse_min_ratio=self.w_mse_min_ratio)
 
     def act_spec(self, role: str, head_dim: int) -> QuantSpec:
         bits = int(self.a_bits_overrides.get(role, self.a_bits))

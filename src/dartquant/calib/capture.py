@@ -1,0 +1,89 @@
+"""Activation capture for rotation calibration, in memory, with true random token sampling.
+
+The norm-fused, *unrotated* model runs one decoder block at a time (layerwise.py). While a block
+runs, observers on its q_proj, up_proj and o_proj keep a seeded random subset of the tokens
+they see:
+  * q_proj and up_proj inputs of every layer are pooled: they train the one global R1;
+  * o_proj inputs are kept per layer and split per KV head: they train that layer's R2.
+Samples are stored in half precision (fp16; the math later is fp32) in preallocated buffers whose
+size is fixed by the token budget, so memory does not grow with depth beyond the sampled buffer.
+The public DartQuant code wrote one file per (sample, layer, module); nothing here touches disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..adapters import ModelAdapter, adapter_for
+from ..layerwise import iterate_blocks
+from ..modules import as_qlinear
+
+
+@dataclass
+class Captured:
+    r1: torch.Tensor  # [tokens, hidden] pooled q_proj / up_proj inputs of all layers
+    r2: torch.Tensor  # [layers, kv_heads, tokens * kv_groups, head_dim] o_proj inputs
+    fraction: float  # fraction of each sequence's tokens that was kept
+    tokens_seen: int  # tokens per layer that passed through
+
+
+def sample_fraction(n_tokens_per_layer: int, n_layers: int, fraction: float, max_r1_tokens: int | None) -> float:
+    """The sampling fraction, reduced if needed so the pooled R1 buffer stays within budget."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"token fraction must be in (0, 1], got {fraction}")
+    if max_r1_tokens is not None:
+        fraction = min(fraction, max_r1_tokens / (2 * n_layers * n_tokens_per_layer))
+    return fraction
+
+
+class _Sampler:
+    """Keeps `k` seeded random tokens of each sequence an observed linear sees."""
+
+    def __init__(self, k: int, generator: torch.Generator, store: torch.Tensor):
+        self.k, self.g, self.store, self.pos = k, generator, store, 0
+
+    def __call__(self, x: torch.Tensor) -> None:  # x: [1, S, features]
+        flat = x.reshape(-1, x.shape[-1])
+        idx = torch.randperm(flat.shape[0], generator=self.g)[: self.k].to(flat.device)
+        self.store[self.pos: self.pos + self.k] = flat[idx].to(self.store.dtype).cpu()
+        self.pos += self.k
+
+
+@torch.no_grad()
+def capture_activations(model: nn.Module, calib_ids: torch.Tensor, *, fraction: float = 0.1,
+                        max_r1_tokens: int | None = 262_144, seed: int = 0, device="cpu",
+                        adapter: ModelAdapter | None = None, progress: bool = True,
+                        store_dtype: torch.dtype = torch.float16) -> Captured:
+    """Sample the inputs that R1 and R2 act on (the model must be norm-fused and unrotated)."""
+    adapter = adapter or adapter_for(model)
+    geo = adapter.geometry(model.config)
+    n_seq, seqlen = calib_ids.shape
+    if n_seq == 0:
+        raise ValueError("capture needs at least one calibration sequence")
+    fraction = sample_fraction(n_seq * seqlen, geo.n_layers, fraction, max_r1_tokens)
+    k = max(1, int(round(fraction * seqlen)))  # tokens kept per sequence, per observed linear
+    per_layer = n_seq * k
+    r1 = torch.empty(geo.n_layers * 2 * per_layer, geo.hidden, dtype=store_dtype)
+    r2 = torch.empty(geo.n_layers, per_layer, geo.n_heads * geo.head_dim, dtype=store_dtype)
+    g = torch.Generator().manual_seed(seed)
+    for i, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress, desc="capture"):
+        layer = adapter.layer(block)
+        observed = []
+        for role, store in (("q", r1[(2 * i) * per_layer: (2 * i + 1) * per_layer]),
+                            ("up", r1[(2 * i + 1) * per_layer: (2 * i + 2) * per_layer]),
+                            ("o", r2[i])):
+            q = as_qlinear(getattr(layer, role))
+            adapter.set_linear(block, role, q)
+            q.input_observer = _Sampler(k, g, store)
+            observed.append(q)
+        forward(update=True)
+        for q in observed:
+            assert q.input_observer.pos == per_layer, "capture did not see every sequence"
+            q.input_observer = None
+    # o_proj input [tokens, heads * d] -> per KV head: the query heads of its group are pooled.
+    r2 = r2.view(geo.n_layers, per_layer, geo.n_kv_heads, geo.kv_groups, geo.head_dim)
+    r2 = r2.permute(0, 2, 1, 3, 4).reshape(geo.n_layers, geo.n_kv_heads, per_layer * geo.kv_groups, geo.head_dim)
+    return Captured(r1=r1, r2=r2.contiguous(), fraction=k / seqlen, tokens_seen=n_seq * seqlen)
