@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Quality sweep: methods x seeds on one model; prints a mean +- spread table, writes JSON.
+
+    python benchmarks/quality.py --model smollm2-135m --configs rtn:rtn quarot:rtn quarot:gptq \
+        dartquant:rtn dartquant:gptq --seeds 0 1 2 --tasks arc_easy piqa --limit 200 --device cuda \
+        --out docs/results/smollm2.json
+
+A config is METHOD:WEIGHT_QUANTIZER. Every run uses the same QuantConfig otherwise (W4A4KV4
+defaults, per-channel weights), differing only in method, weight quantizer and seed. FP is
+evaluated once. DartQuant learning rates are chosen before the sweep on a held-out split of the
+*calibration* activations of seed 0 (`--dq-lr-grid`), never on the evaluation numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def select_dartquant_lr(cfg, grid: list[float], progress: bool) -> dict:
+    """Capture once (seed of cfg) and train R1 / R2 at each lr; pick the lowest held-out loss."""
+    import torch
+
+    from dartquant.adapters import adapter_for
+    from dartquant.calib.capture import capture_activations
+    from dartquant.calib.dartquant import _split, train_config
+    from dartquant.calib.train import train_rotation
+    from dartquant.data import calib_windows
+    from dartquant.hadamard import random_hadamard_matrix
+    from dartquant.transforms import RotationSet, fuse_norms_
+    from dartquant.zoo import load_model
+
+    model, tok = load_model(cfg.model)
+    geo = adapter_for(model).geometry(model.config)
+    fuse_norms_(model)
+    ids = calib_windows(tok, cfg.calib_corpus, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
+    acts = capture_activations(model, ids, fraction=cfg.dq_token_fraction, seed=cfg.seed, device=cfg.device,
+                               progress=progress)
+    r1_tr, r1_ev = _split(acts.r1, cfg.seed)
+    r2_tr, r2_ev = _split(acts.r2.flatten(0, 1), cfg.seed)
+    r1_init = random_hadamard_matrix(geo.hidden, cfg.seed)
+    r2_init = RotationSet.random_hadamard_r2(geo, cfg.seed).flatten(0, 1)
+    table = {"r1": {}, "r2": {}}
+    for lr in grid:
+        cfg.dq_r1_lr = cfg.dq_r2_lr = lr
+        _, h1 = train_rotation(r1_tr, r1_init, train_config(cfg, "r1"), progress=False, device=cfg.device, eval_x=r1_ev)
+        _, h2 = train_rotation(r2_tr, r2_init, train_config(cfg, "r2"), progress=False, device=cfg.device, eval_x=r2_ev)
+        table["r1"][lr] = (h1["eval_loss_init"], h1["eval_loss_final"])
+        table["r2"][lr] = (h2["eval_loss_init"], h2["eval_loss_final"])
+        print(f"  lr {lr:g}: R1 held-out whip {h1['eval_loss_init']:.4f} -> {h1['eval_loss_final']:.4f}; "
+              f"R2 {h2['eval_loss_init']:.4f} -> {h2['eval_loss_final']:.4f}", file=sys.stderr)
+    best = {k: min(v, key=lambda lr: v[lr][1]) for k, v in table.items()}
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {"grid": grid, "held_out_loss": {k: {str(lr): v for lr, v in t.items()} for k, t in table.items()},
+            "r1_lr": best["r1"], "r2_lr": best["r2"]}
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--configs", nargs="+", default=["rtn:rtn", "quarot:rtn", "quarot:gptq"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--tasks", nargs="*", default=[])
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--eval-max-windows", type=int, default=None)
+    ap.add_argument("--dq-lr-grid", nargs="*", type=float, default=[])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra QuantConfig settings")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import yaml
+
+    from dartquant.quant.config import QuantConfig
+    from dartquant.quant.pipeline import run_quantize
+
+    extra = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
+    base = dict(model=args.model, tasks=args.tasks, zeroshot_limit=args.limit, device=args.device,
+                calib_samples=args.calib_samples, eval_max_windows=args.eval_max_windows, **extra)
+    result = {"args": vars(args), "runs": [], "machine": machine()}
+    t0 = time.time()
+    if args.dq_lr_grid and any(c.startswith("dartquant") for c in args.configs):
+        print("choosing DartQuant learning rates on held-out calibration activations", file=sys.stderr)
+        result["dq_lr_selection"] = sel = select_dartquant_lr(QuantConfig(**base, seed=args.seeds[0]),
+                                                              args.dq_lr_grid, progress=False)
+        base.update(dq_r1_lr=sel["r1_lr"], dq_r2_lr=sel["r2_lr"])
+    fp = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in args.configs:
+            method, _, wq = config.partition(":")
+            seeds = args.seeds[:1] if (method == "rtn") else args.seeds  # no randomness without rotation
+            for seed in seeds:
+                cfg = QuantConfig(**base, method=method, w_quantizer=wq or None, seed=seed)
+                out = Path(tmp) / f"{method}-{wq}-{seed}"
+                m = run_quantize(cfg, out, eval_fp=fp is None, progress=False)
+                fp = fp or m.get("fp")
+                run = {"config": config, "seed": seed, "ppl": m["ppl"], "zeroshot": m.get("zeroshot"),
+                       "seconds": m["seconds"], "peak_memory_bytes": m["peak_memory_bytes"]}
+                result["runs"].append(run)
+                zs = m.get("zeroshot", {}).get("avg")
+                print(f"{config:<16} seed {seed}: wiki {m['ppl']['wiki']:.3f} c4 {m['ppl']['c4']:.3f}"
+                      + (f" 0-shot {zs:.4f}" if zs is not None else "") + f"  ({time.time() - t0:.0f} s)",
+                      file=sys.stderr)
+    result["fp"] = fp
+    result["seconds_total"] = time.time() - t0
+    lines = table(result)
+    result["table"] = lines
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print("\n".join(lines))
+
+
+def table(result: dict) -> list[str]:
+    lines = ["| config | seeds | wiki ppl | c4 ppl | 0-shot avg |", "|---|---|---|---|---|"]
+    fp = result["fp"]
+    if fp:
+        zs = fp.get("zeroshot", {}).get("avg")
+        lines.append(f"| FP | - | {fp['ppl']['wiki']:.3f} | {fp['ppl']['c4']:.3f} | {fmt([zs]) if zs else '-'} |")
+    for config in dict.fromkeys(r["config"] for r in result["runs"]):
+        runs = [r for r in result["runs"] if r["config"] == config]
+        zs = [r["zeroshot"]["avg"] for r in runs if r.get("zeroshot")]
+        lines.append(f"| {config} | {len(runs)} | {fmt([r['ppl']['wiki'] for r in runs])} | "
+                     f"{fmt([r['ppl']['c4'] for r in runs])} | {fmt(zs)} |")
+    return lines
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+# Source on the GPU machine (see scripts/device_stage.py): join staged pieces, install carried
+# wheels, set PYTHONPATH / DARTQUANT_CACHE. Safe to source when nothing was staged.
+#
+# .whl (git-ignored) holds wheels for Python 3.12 that the device image lacks: gguf, lm-eval,
+# datasets, evaluate, dill, multiprocess, pytablewriter (+ dataproperty, mbstrdecoder,
+# pathvalidate, tabledata, tcolorpy, typepy, chardet), rouge-score, nltk, sqlitedict,
+# word2number, more-itertools. Fill it here with `pip download --no-deps --only-binary=:all:
+# --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform any -d .whl NAME`
+# (sdists: `pip wheel --no-deps -w .whl FILE`).
+export PYTHONUNBUFFERED=1
+export DARTQUANT_CACHE=/tmp/dqcache DARTQUANT_NO_INSTALL=1 HF_HUB_OFFLINE=1
+if ls /tmp/dqstage/stage.tar.* >/dev/null 2>&1 && [ ! -f /tmp/dqcache/.staged ]; then
+  mkdir -p /tmp/dqcache && cat /tmp/dqstage/stage.tar.* | tar -x -C /tmp/dqcache && touch /tmp/dqcache/.staged
+fi
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -f /tmp/site/.done ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.done
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}:/tmp/site"
