@@ -26,7 +26,8 @@ from ..modules import as_qlinear
 class Captured:
     r1: torch.Tensor  # [tokens, hidden] pooled q_proj / up_proj inputs of all layers
     r2: torch.Tensor  # [layers, kv_heads, tokens * kv_groups, head_dim] o_proj inputs
-    fraction: float  # fraction of each sequence's tokens that was kept
+    fraction_r1: float  # fraction of each sequence's tokens kept for R1 (per observed linear)
+    fraction_r2: float  # ... and for R2
     tokens_seen: int  # tokens per layer that passed through
 
 
@@ -63,27 +64,31 @@ def capture_activations(model: nn.Module, calib_ids: torch.Tensor, *, fraction: 
     n_seq, seqlen = calib_ids.shape
     if n_seq == 0:
         raise ValueError("capture needs at least one calibration sequence")
-    fraction = sample_fraction(n_seq * seqlen, geo.n_layers, fraction, max_r1_tokens)
-    k = max(1, int(round(fraction * seqlen)))  # tokens kept per sequence, per observed linear
-    per_layer = n_seq * k
-    r1 = torch.empty(geo.n_layers * 2 * per_layer, geo.hidden, dtype=store_dtype)
-    r2 = torch.empty(geo.n_layers, per_layer, geo.n_heads * geo.head_dim, dtype=store_dtype)
+    # R2 keeps `fraction` of each sequence; R1 pools 2 * n_layers streams, so its fraction is
+    # reduced when needed to keep the pooled buffer within max_r1_tokens.
+    k2 = max(1, int(round(sample_fraction(n_seq * seqlen, geo.n_layers, fraction, None) * seqlen)))
+    k1 = max(1, int(round(sample_fraction(n_seq * seqlen, geo.n_layers, fraction, max_r1_tokens) * seqlen)))
+    per_layer1, per_layer2 = n_seq * k1, n_seq * k2
+    r1 = torch.empty(geo.n_layers * 2 * per_layer1, geo.hidden, dtype=store_dtype)
+    r2 = torch.empty(geo.n_layers, per_layer2, geo.n_heads * geo.head_dim, dtype=store_dtype)
     g = torch.Generator().manual_seed(seed)
     for i, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress, desc="capture"):
         layer = adapter.layer(block)
         observed = []
-        for role, store in (("q", r1[(2 * i) * per_layer: (2 * i + 1) * per_layer]),
-                            ("up", r1[(2 * i + 1) * per_layer: (2 * i + 2) * per_layer]),
-                            ("o", r2[i])):
+        for role, k, store in (("q", k1, r1[(2 * i) * per_layer1: (2 * i + 1) * per_layer1]),
+                               ("up", k1, r1[(2 * i + 1) * per_layer1: (2 * i + 2) * per_layer1]),
+                               ("o", k2, r2[i])):
             q = as_qlinear(getattr(layer, role))
             adapter.set_linear(block, role, q)
             q.input_observer = _Sampler(k, g, store)
             observed.append(q)
         forward(update=True)
         for q in observed:
-            assert q.input_observer.pos == per_layer, "capture did not see every sequence"
+            if q.input_observer.pos != q.input_observer.store.shape[0]:
+                raise RuntimeError("capture did not see every calibration sequence")
             q.input_observer = None
     # o_proj input [tokens, heads * d] -> per KV head: the query heads of its group are pooled.
-    r2 = r2.view(geo.n_layers, per_layer, geo.n_kv_heads, geo.kv_groups, geo.head_dim)
-    r2 = r2.permute(0, 2, 1, 3, 4).reshape(geo.n_layers, geo.n_kv_heads, per_layer * geo.kv_groups, geo.head_dim)
-    return Captured(r1=r1, r2=r2.contiguous(), fraction=k / seqlen, tokens_seen=n_seq * seqlen)
+    r2 = r2.view(geo.n_layers, per_layer2, geo.n_kv_heads, geo.kv_groups, geo.head_dim)
+    r2 = r2.permute(0, 2, 1, 3, 4).reshape(geo.n_layers, geo.n_kv_heads, per_layer2 * geo.kv_groups, geo.head_dim)
+    return Captured(r1=r1, r2=r2.contiguous(), fraction_r1=k1 / seqlen, fraction_r2=k2 / seqlen,
+                    tokens_seen=n_seq * seqlen)

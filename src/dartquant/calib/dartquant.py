@@ -30,6 +30,7 @@ def _split(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     t = x.shape[-2]
     perm = torch.randperm(t, generator=torch.Generator().manual_seed(seed + 17))
     n_eval = max(1, int(HOLDOUT * t))
+    perm = perm.to(x.device)
     return x.index_select(-2, perm[n_eval:]), x.index_select(-2, perm[:n_eval])
 
 
@@ -54,6 +55,8 @@ def calibrate_dartquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, out_
         acts = capture_activations(model, calib_ids, fraction=cfg.dq_token_fraction, seed=cfg.seed,
                                    device=cfg.device, adapter=adapter, progress=progress)
     device = cfg.device
+    if str(device).startswith("cuda"):  # the sampled buffers fit: avoid a host copy per step
+        acts.r1, acts.r2 = acts.r1.to(device), acts.r2.to(device)
     with stage("calibrate"):
         r1_train, r1_eval = _split(acts.r1, cfg.seed)
         r1_init = random_hadamard_matrix(geo.hidden, cfg.seed)
@@ -69,7 +72,7 @@ def calibrate_dartquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, out_
     summary = {
         "method": "dartquant", "seed": cfg.seed, "r1": "learned", "r2": "learned",
         "r1_tokens": int(r1_train.shape[0]), "r2_tokens_per_head": int(r2_train.shape[-2]),
-        "token_fraction": acts.fraction,
+        "token_fraction": {"r1": acts.fraction_r1, "r2": acts.fraction_r2},
         "r1_eval_loss": [hist1.get("eval_loss_init"), hist1.get("eval_loss_final")],
         "r2_eval_loss": [hist2.get("eval_loss_init"), hist2.get("eval_loss_final")],
     }
