@@ -64,6 +64,16 @@ def select_dartquant_lr(cfg, grid: list[float], progress: bool) -> dict:
             "r1_lr": best["r1"], "r2_lr": best["r2"]}
 
 
+def parse_config(config: str) -> tuple[str, str, dict]:
+    """METHOD[:WEIGHT_QUANTIZER[:key=value,key=value]] -> (method, wq, QuantConfig overrides)."""
+    import yaml
+
+    method, _, rest = config.partition(":")
+    wq, _, extra = rest.partition(":")
+    overrides = {k: yaml.safe_load(v) for k, _, v in (kv.partition("=") for kv in extra.split(",") if kv)}
+    return method, wq, overrides
+
+
 def fmt(values: list[float]) -> str:
     if not values:
         return "-"
@@ -105,11 +115,11 @@ def main() -> None:
     fp = None
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
-            method, _, wq = config.partition(":")
+            method, wq, overrides = parse_config(config)
             seeds = args.seeds[:1] if (method == "rtn") else args.seeds  # no randomness without rotation
             for seed in seeds:
-                cfg = QuantConfig(**base, method=method, w_quantizer=wq or None, seed=seed)
-                out = Path(tmp) / f"{method}-{wq}-{seed}"
+                cfg = QuantConfig(**{**base, **overrides}, method=method, w_quantizer=wq or None, seed=seed)
+                out = Path(tmp) / f"run-{len(result['runs'])}"
                 m = run_quantize(cfg, out, eval_fp=fp is None, progress=False)
                 fp = fp or m.get("fp")
                 run = {"config": config, "seed": seed, "ppl": m["ppl"], "zeroshot": m.get("zeroshot"),

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""DartQuant calibration cost (capture + R1 + R2): wall time and peak memory, one table.
+
+    python benchmarks/dartquant_cost.py --shapes llama2-7b llama3-8b --device cuda --out cost.json
+
+Random weights of a real architecture's shape are enough for timing: the work does not depend
+on the values. The model lives on the CPU; one decoder block at a time goes to the device (as
+in every dartquant pipeline), in float16. Settings follow the paper: 128 sequences x 2048
+tokens, 10% token sampling, 10 epochs; R1 sees at most `--max-r1-tokens` pooled tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+}
+
+
+def random_model(shape: str, dtype):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").to(dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:  # std 0.02, filled in float32 chunks: fast and no fp16 overflow
+                flat = p.view(-1)
+                for i in range(0, flat.numel(), 1 << 26):
+                    chunk = flat[i: i + (1 << 26)]
+                    chunk.copy_(torch.randn(chunk.numel(), generator=g) * 0.02)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return model.eval()
+
+
+def run(shape: str, device: str, samples: int, seqlen: int, epochs: int, max_r1_tokens: int) -> dict:
+    import torch
+
+    from dartquant.calib.capture import capture_activations
+    from dartquant.calib.dartquant import _split
+    from dartquant.calib.train import RotationTrainConfig, train_rotation
+    from dartquant.hadamard import random_hadamard_matrix
+    from dartquant.transforms import RotationSet
+    from dartquant.adapters import adapter_for
+
+    t = time.perf_counter()
+    model = random_model(shape, torch.float16)
+    build = time.perf_counter() - t
+    geo = adapter_for(model).geometry(model.config)
+    ids = torch.randint(0, geo.vocab, (samples, seqlen), generator=torch.Generator().manual_seed(0))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    out = {"shape": shape, "samples": samples, "seqlen": seqlen, "epochs": epochs, "build_s": round(build, 1)}
+
+    t = time.perf_counter()
+    acts = capture_activations(model, ids, fraction=0.1, max_r1_tokens=max_r1_tokens, seed=0, device=device,
+                               progress=False)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        out["peak_gpu_capture_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    out["capture_s"] = round(time.perf_counter() - t, 1)
+    out["r1_tokens"], out["r2_tokens_per_head"] = acts.r1.shape[0], acts.r2.shape[-2]
+    out["buffers_GiB"] = round((acts.r1.numel() + acts.r2.numel()) * 2 / 2**30, 2)
+
+    r1, r2 = acts.r1.to(device), acts.r2.flatten(0, 1).to(device)
+    cfg = RotationTrainConfig(lr=1e-3, epochs=epochs, batch_tokens=4096)
+    t = time.perf_counter()
+    r1_tr, _ = _split(r1, 0)
+    _, h1 = train_rotation(r1_tr, random_hadamard_matrix(geo.hidden, 0), cfg, progress=False, device=device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    out["r1_s"], out["r1_steps"] = round(time.perf_counter() - t, 1), h1["steps"]
+    t = time.perf_counter()
+    r2_tr, _ = _split(r2, 0)
+    _, h2 = train_rotation(r2_tr, RotationSet.random_hadamard_r2(geo, 0).flatten(0, 1), cfg, progress=False,
+                           device=device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        out["peak_gpu_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    out["r2_s"], out["r2_steps"] = round(time.perf_counter() - t, 1), h2["steps"]
+    out["total_s"] = round(out["capture_s"] + out["r1_s"] + out["r2_s"], 1)
+    out["peak_cpu_rss_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["llama2-7b", "llama3-8b"], choices=list(SHAPES))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--max-r1-tokens", type=int, default=262_144)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    import torch
+
+    rows = []
+    for shape in args.shapes:
+        rows.append(run(shape, args.device, args.samples, args.seqlen, args.epochs, args.max_r1_tokens))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    info = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    Path(args.out).write_text(json.dumps({"machine": info, "args": vars(args), "rows": rows}, indent=1))
+    cols = ["shape", "capture_s", "r1_s", "r2_s", "total_s", "peak_gpu_GiB", "peak_cpu_rss_GiB", "r1_tokens",
+            "r2_tokens_per_head"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
