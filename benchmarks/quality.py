@@ -107,15 +107,17 @@ def main() -> None:
                 calib_samples=args.calib_samples, eval_max_windows=args.eval_max_windows, **extra)
     result = {"args": vars(args), "runs": [], "machine": machine()}
     t0 = time.time()
-    if args.dq_lr_grid and any(c.startswith("dartquant") for c in args.configs):
-        print("choosing DartQuant learning rates on held-out calibration activations", file=sys.stderr)
-        result["dq_lr_selection"] = sel = select_dartquant_lr(QuantConfig(**base, seed=args.seeds[0]),
-                                                              args.dq_lr_grid, progress=False)
-        base.update(dq_r1_lr=sel["r1_lr"], dq_r2_lr=sel["r2_lr"])
+    result["dq_lr_selection"] = {}
     fp = None
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
             method, wq, overrides = parse_config(config)
+            if method == "dartquant" and args.dq_lr_grid and "dq_r1_lr" not in overrides:
+                print(f"{config}: choosing learning rates on held-out calibration activations", file=sys.stderr)
+                sel = select_dartquant_lr(QuantConfig(**{**base, **overrides}, seed=args.seeds[0]),
+                                          args.dq_lr_grid, progress=False)
+                result["dq_lr_selection"][config] = sel
+                overrides = {**overrides, "dq_r1_lr": sel["r1_lr"], "dq_r2_lr": sel["r2_lr"]}
             seeds = args.seeds[:1] if (method == "rtn") else args.seeds  # no randomness without rotation
             for seed in seeds:
                 cfg = QuantConfig(**{**base, **overrides}, method=method, w_quantizer=wq or None, seed=seed)
