@@ -55,7 +55,7 @@ def select_dartquant_lr(cfg, grid: list[float], progress: bool) -> dict:
         _, h2 = train_rotation(r2_tr, r2_init, train_config(cfg, "r2"), progress=False, device=cfg.device, eval_x=r2_ev)
         table["r1"][lr] = (h1["eval_loss_init"], h1["eval_loss_final"])
         table["r2"][lr] = (h2["eval_loss_init"], h2["eval_loss_final"])
-        print(f"  lr {lr:g}: R1 held-out whip {h1['eval_loss_init']:.4f} -> {h1['eval_loss_final']:.4f}; "
+        print(f"  lr {lr:g}: R1 held-out loss {h1['eval_loss_init']:.4f} -> {h1['eval_loss_final']:.4f}; "
               f"R2 {h2['eval_loss_init']:.4f} -> {h2['eval_loss_final']:.4f}", file=sys.stderr)
     best = {k: min(v, key=lambda lr: v[lr][1]) for k, v in table.items()}
     del model
