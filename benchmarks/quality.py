@@ -128,6 +128,8 @@ def main() -> None:
                        "seconds": m["seconds"], "peak_memory_bytes": m["peak_memory_bytes"]}
                 result["runs"].append(run)
                 zs = m.get("zeroshot", {}).get("avg")
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps({**result, "fp": fp}, indent=1))  # partial results survive
                 print(f"{config:<16} seed {seed}: wiki {m['ppl']['wiki']:.3f} c4 {m['ppl']['c4']:.3f}"
                       + (f" 0-shot {zs:.4f}" if zs is not None else "") + f"  ({time.time() - t0:.0f} s)",
                       file=sys.stderr)
