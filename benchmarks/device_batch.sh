@@ -11,7 +11,7 @@ cost)
     --out "$RES/cost.json" > "$RES/cost.md" 2> "$RES/cost.log" ;;
 quality)
   python3 benchmarks/quality.py --model smollm2-135m --device cuda --seeds 0 1 2 \
-    --configs rtn:rtn quarot:rtn quarot:gptq dartquant:gptq dartquant:rtn \
+    --configs quarot:gptq dartquant:gptq rtn:rtn quarot:rtn \
     --dq-lr-grid 1e-3 1e-2 1e-1 --tasks $TASKS --limit 100 \
     --out "$RES/smollm2_quality.json" > "$RES/smollm2_quality.md" 2> "$RES/smollm2_quality.log" ;;
 esac
