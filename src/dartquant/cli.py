@@ -5,6 +5,7 @@
     dartquant ppl MODEL_OR_DIR            wiki / c4 perplexity
     dartquant quantize ...                rotate + calibrate + quantize + evaluate  (quant.pipeline)
     dartquant eval DIR                    evaluate a saved (quantized) model
+    dartquant inspect --model M           activation statistics before / after rotation (PNG + JSON)
 
 Handlers parse and check arguments, fail fast on bad input, then call library functions.
 """
@@ -126,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help='print {"wiki": ..., "c4": ..., "tokens": ...}')
     s.set_defaults(func=cmd_ppl)
 
+    from .diagnostics import add_inspect_command
     from .quant.cli import add_quant_commands
 
     add_quant_commands(sub)
+    add_inspect_command(sub)
     return p
 
 
