@@ -64,6 +64,7 @@ def test_same_seed_same_numbers_other_seed_differs(tiny_folder, tmp_path):
     (dict(calib_samples=0), "calib_samples must be positive"),
     (dict(method="spinquantum"), "unknown method"),
     (dict(a_bits_overrides={"mlp": 8}), "unknown role"),
+    (dict(tasks=["wikitext"]), "unknown zero-shot task"),
 ])
 def test_bad_config_fails_fast(tiny_folder, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):

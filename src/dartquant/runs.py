@@ -36,6 +36,7 @@ def atomic_dir(out: str | os.PathLike):
     """Yield a temporary folder; on success it replaces `out`, on failure it is removed."""
     out = Path(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a result folder should be like any other
     try:
         yield tmp
         if out.exists():
@@ -44,6 +45,12 @@ def atomic_dir(out: str | os.PathLike):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, obj) -> None:

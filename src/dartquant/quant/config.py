@@ -129,6 +129,17 @@ class QuantConfig:
             raise ValueError("sequence lengths must be at least 2")
         if self.gptq_act_order and self.w_group_size and not self.gptq_static_groups:
             raise ValueError("act-order with groups needs static groups (gptq_static_groups: true)")
+        if self.tasks:
+            import importlib.util
+
+            if importlib.util.find_spec("lm_eval") is None:
+                raise ValueError("zero-shot tasks need lm-evaluation-harness: pip install 'dartquant[eval]' "
+                                 "(or run without --tasks)")
+            from ..eval.zeroshot import SUPPORTED_TASKS
+
+            unknown = [t for t in self.tasks if t not in SUPPORTED_TASKS]
+            if unknown:
+                raise ValueError(f"unknown zero-shot task(s) {unknown}; supported: {', '.join(SUPPORTED_TASKS)}")
         if geometry is not None:
             g = geometry
             dims = {"w_group_size": (self.w_group_size, [g.hidden, g.intermediate, g.n_heads * g.head_dim]),

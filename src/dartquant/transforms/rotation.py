@@ -85,6 +85,9 @@ class RotationSet:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=meta)
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
