@@ -42,6 +42,20 @@ def test_quantize_save_reload_same_ppl(tiny_folder, tmp_path, method, wq):
     assert metrics["ppl"]["wiki"] != metrics["fp"]["ppl"]["wiki"], "quantization changed nothing?"
 
 
+def test_lm_head_stays_full_precision_unless_asked(tiny_folder, tmp_path):
+    from safetensors import safe_open
+
+    run_quantize(small_cfg(tiny_folder, w_quantizer="rtn"), tmp_path / "a", progress=False, eval_fp=False)
+    m = run_quantize(small_cfg(tiny_folder, w_quantizer="rtn", quantize_lm_head=True), tmp_path / "b",
+                     progress=False, eval_fp=False)
+    with safe_open(str(tmp_path / "a" / "quantized.safetensors"), "pt") as f:
+        assert "lm_head.weight" in f.keys() and "lm_head.codes" not in f.keys()
+    with safe_open(str(tmp_path / "b" / "quantized.safetensors"), "pt") as f:
+        assert "lm_head.codes" in f.keys() and "lm_head.weight" not in f.keys()
+    model, tok = load_model(tmp_path / "b")
+    assert evaluate_ppl(model, tok, seqlen=32, max_windows=3, progress=False)["wiki"] == m["ppl"]["wiki"]
+
+
 def test_16_bit_quarot_preserves_the_function(tiny_folder, tmp_path):
     cfg = small_cfg(tiny_folder, method="quarot", w_bits=16, a_bits=16, kv_bits=16)
     m = run_quantize(cfg, tmp_path / "run", progress=False)

@@ -53,6 +53,12 @@ def install_quantizers_(model: nn.Module, cfg: QuantConfig, adapter: ModelAdapte
         kv = cfg.kv_spec(geo.head_dim)
         transform.k_quantizer = ActQuantizer(kv) if kv.bits < 16 else None
         transform.v_quantizer = ActQuantizer(kv) if kv.bits < 16 else None
+    if cfg.quantize_lm_head:  # off by default: the papers keep lm_head in 16 bits
+        head = as_qlinear(adapter.head(model))
+        spec = cfg.act_spec("lm_head", geo.head_dim)
+        head.input_quantizer = ActQuantizer(spec) if spec.bits < 16 else None
+        parent, _, name = adapter.lm_head.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name, head)
     model.set_attn_implementation(register_attention())
 
 

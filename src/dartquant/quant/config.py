@@ -58,7 +58,7 @@ class QuantConfig:
     kv_symmetric: bool = False
     kv_clip: float = 1.0
     kv_group_size: int | None = None  # None = head_dim
-    quantize_lm_head: bool = False
+    quantize_lm_head: bool = False  # lm_head weights (RTN) and its input at a_bits, if true
     # calibration data
     calib_corpus: str = "wiki"
     calib_samples: int = 32
@@ -116,7 +116,7 @@ class QuantConfig:
                 raise ValueError(f"{name}={getattr(self, name)} is not supported; use one of {SUPPORTED_BITS} "
                                  "(16 = keep in full precision)")
         for role, bits in self.a_bits_overrides.items():
-            if role not in LINEAR_ROLES:
+            if role not in LINEAR_ROLES + ("lm_head",):
                 raise ValueError(f"a_bits_overrides: unknown role {role!r}; roles are {', '.join(LINEAR_ROLES)}")
             if int(bits) not in SUPPORTED_BITS:
                 raise ValueError(f"a_bits_overrides[{role}]={bits} is not supported; use one of {SUPPORTED_BITS}")

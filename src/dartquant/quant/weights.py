@@ -45,6 +45,9 @@ def quantize_weights_(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tenso
         linear.weight.data.copy_(qt.dequantize().to(linear.weight.device, linear.weight.dtype))
         out[names[linear]] = qt
 
+    if cfg.quantize_lm_head:  # RTN: GPTQ on a 49k-150k-row head costs more than it is worth here
+        head = adapter.head(model)
+        commit(head, QuantizedTensor.from_float(head.weight.data.float(), spec))
     if cfg.weight_quantizer == "rtn":
         for layer in adapter.layers_of(model):
             for linear in layer.linears().values():
