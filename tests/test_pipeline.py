@@ -106,5 +106,9 @@ def test_cli_quantize_json_and_recipe(tiny_folder, tmp_path, capsys):
     assert rc == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["a_bits"] == 8 and metrics["method"] == "quarot" and "fp" not in metrics
+    rc = main(["eval", str(tmp_path / "run"), "--seqlen", "32", "--max-windows", "2", "--json"])
+    assert rc == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["ppl"] == metrics["ppl"], "dartquant eval must reproduce the run's perplexity exactly"
     rc = main(["quantize", "--recipe", str(recipe), "--w-group-size", "5", "--out", str(tmp_path / "run2")])
     assert rc == 2 and "does not divide" in capsys.readouterr().err
