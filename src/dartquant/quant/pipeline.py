@@ -66,7 +66,7 @@ def evaluate(model, tokenizer, cfg: QuantConfig, progress: bool) -> dict:
     return res
 
 
-def compute_rotations(model, tokenizer, cfg: QuantConfig, calib_ids, timer: StageTimer, out_dir: Path,
+def compute_rotations(model, cfg: QuantConfig, calib_ids, timer: StageTimer, out_dir: Path,
                       progress: bool) -> RotationSet | None:
     geo = adapter_for(model).geometry(model.config)
     if cfg.rotations:
@@ -110,7 +110,7 @@ def run_quantize(cfg: QuantConfig, out: str | Path, *, overwrite: bool = False, 
             calib_ids = (calib_windows(tokenizer, cfg.calib_corpus, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
                          if needs_data else None)
         untie_embeddings_(model, adapter)
-        rotations = compute_rotations(model, tokenizer, cfg, calib_ids, timer, tmp, progress)
+        rotations = compute_rotations(model, cfg, calib_ids, timer, tmp, progress)
         if rotations is not None:
             log(f"rotating ({rotations.meta.get('method', 'given')})")
             with timer("rotate"):
