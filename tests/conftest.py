@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from tiny import TINY_CONFIGS
 
 
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_name(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation, which costs seconds per test
+    when the 2 cores are shared with other jobs. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -7,25 +7,9 @@ import torch
 from dartquant.adapters import adapter_for
 from dartquant.calib.capture import capture_activations
 from dartquant.transforms import fuse_norms_
-from tiny import make_tiny_model
+from tiny import make_tiny_model, module_inputs
 
 
-def reference_inputs(model, ids):
-    """q_proj / up_proj / o_proj inputs of every layer, by forward hooks on the full model."""
-    adapter = adapter_for(model)
-    seen = {}
-    hooks = []
-    for i, layer in enumerate(adapter.layers_of(model)):
-        for role in ("q", "up", "o"):
-            def hook(mod, args, i=i, role=role):
-                seen.setdefault((i, role), []).append(args[0].reshape(-1, args[0].shape[-1]).clone())
-            hooks.append(getattr(layer, role).register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for j in range(ids.shape[0]):
-            model(ids[j: j + 1])
-    for h in hooks:
-        h.remove()
-    return {k: torch.cat(v) for k, v in seen.items()}
 
 
 def rows_found(rows: torch.Tensor, pool: torch.Tensor) -> bool:
@@ -37,7 +21,7 @@ def test_capture_samples_real_inputs_exactly_as_many_as_claimed():
     model = make_tiny_model("qwen2-bias-gqa", dtype=torch.float32)
     fuse_norms_(model)
     ids = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(0))
-    ref = reference_inputs(model, ids)
+    ref = module_inputs(model, ids)
     geo = adapter_for(model).geometry(model.config)
     acts = capture_activations(model, ids, fraction=0.25, max_r1_tokens=None, seed=5, progress=False)
     k = 10  # 25% of 40 tokens, per sequence

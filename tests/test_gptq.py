@@ -19,14 +19,7 @@ from dartquant.quant import GPTQ, QuantizedTensor, QuantSpec, compute_qparams, f
 D_IN, D_OUT, N = 256, 96, 4096
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which costs seconds per
-    test when the 2 cores are shared with other jobs. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibration(seed: int = 0, dead: tuple[int, ...] = ()) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dartquant.quant.primitives import QuantSpec, fake_quantize, sqnr_db
 from dartquant.runs import OutputExistsError
 from dartquant.transforms import RotationSet, fuse_norms_, rotate_
 from dartquant.zoo import load_model
-from tiny import TINY_CONFIGS, save_tiny_folder
+from tiny import TINY_CONFIGS, save_tiny_folder, module_inputs
 
 SAMPLES, SEQLEN = 2, 24
 
@@ -115,20 +115,6 @@ def test_o_rows_inverts_the_capture_layout():
 
 
 # ---- the whole command on a tiny model ------------------------------------------------------------
-def reference_inputs(model, ids) -> dict:
-    """{(layer, role): all q/up/o inputs} by forward hooks on the full model (role in q, up, o)."""
-    seen, hooks = {}, []
-    for i, layer in enumerate(adapter_for(model).layers_of(model)):
-        for role in ("q", "up", "o"):
-            def hook(mod, args, i=i, role=role):
-                seen.setdefault((i, role), []).append(args[0].reshape(-1, args[0].shape[-1]).clone())
-            hooks.append(getattr(layer, role).register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for j in range(ids.shape[0]):
-            model(ids[j: j + 1])
-    for h in hooks:
-        h.remove()
-    return {k: torch.cat(v) for k, v in seen.items()}
 
 
 def assert_stats_match(got: dict, x: torch.Tensor):
@@ -152,7 +138,7 @@ def test_view_stats_equal_the_inputs_of_the_really_rotated_model(report, tiny_fo
     elif view == "dartquant":
         rotate_(model, learned_set)
     ids = calib_windows(tok, "wiki", SAMPLES, SEQLEN, 3)
-    ref = reference_inputs(model, ids)
+    ref = module_inputs(model, ids)
     stats = rep["views"][view]
     for i in range(TINY_CONFIGS["llama-tied-gqa"]["num_hidden_layers"]):
         assert_stats_match(stats["r1_q"][i], ref[(i, "q")])

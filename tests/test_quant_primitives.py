@@ -39,14 +39,7 @@ ELEMENTS = st.one_of(
 BITS = st.sampled_from([2, 3, 4, 8])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which costs seconds per
-    test when the 2 cores are shared with other jobs. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @st.composite

@@ -68,3 +68,21 @@ def save_tiny_folder(path, name: str = "llama-tied-gqa", seed: int = 0):
     model.save_pretrained(str(path))
     make_char_tokenizer(min(c["vocab_size"] for c in TINY_CONFIGS.values())).save_pretrained(str(path))
     return path
+
+
+def module_inputs(model, ids) -> dict:
+    """{(layer, role): all inputs of q_proj / up_proj / o_proj}, by forward hooks on the full model."""
+    from dartquant.adapters import adapter_for
+
+    seen, hooks = {}, []
+    for i, layer in enumerate(adapter_for(model).layers_of(model)):
+        for role in ("q", "up", "o"):
+            def hook(mod, args, i=i, role=role):
+                seen.setdefault((i, role), []).append(args[0].reshape(-1, args[0].shape[-1]).clone())
+            hooks.append(getattr(layer, role).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for j in range(ids.shape[0]):
+            model(ids[j: j + 1])
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat(v) for k, v in seen.items()}
