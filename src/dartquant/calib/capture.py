@@ -7,6 +7,8 @@ they see:
   * o_proj inputs are kept per layer and split per KV head: they train that layer's R2.
 Samples are stored in half precision (fp16; the math later is fp32) in preallocated buffers whose
 size is fixed by the token budget, so memory does not grow with depth beyond the sampled buffer.
+The o_proj samples are written straight into their final per-KV-head layout (no reshuffling copy
+of the R2 buffer at the end), and always to host memory: the device only ever holds one block.
 The public DartQuant code wrote one file per (sample, layer, module); nothing here touches disk.
 """
 
@@ -25,7 +27,7 @@ from ..modules import as_qlinear
 @dataclass
 class Captured:
     r1: torch.Tensor  # [tokens, hidden] pooled q_proj / up_proj inputs of all layers
-    r2: torch.Tensor  # [layers, kv_heads, tokens * kv_groups, head_dim] o_proj inputs
+    r2: torch.Tensor  # [layers, kv_heads, tokens * kv_groups, head_dim] o_proj inputs (row t * groups + g)
     fraction_r1: float  # fraction of each sequence's tokens kept for R1 (per observed linear)
     fraction_r2: float  # ... and for R2
     tokens_seen: int  # tokens per layer that passed through
@@ -41,7 +43,11 @@ def sample_fraction(n_tokens_per_layer: int, n_layers: int, fraction: float, max
 
 
 class _Sampler:
-    """Keeps `k` seeded random tokens of each sequence an observed linear sees."""
+    """Keeps `k` seeded random tokens of each sequence an observed linear sees.
+
+    `store` is [tokens, *feature_shape]; each sampled row is viewed as feature_shape (e.g. the
+    o_proj input [heads * head_dim] as [kv_heads, kv_groups, head_dim]) before it is written.
+    """
 
     def __init__(self, k: int, generator: torch.Generator, store: torch.Tensor):
         self.k, self.g, self.store, self.pos = k, generator, store, 0
@@ -49,7 +55,8 @@ class _Sampler:
     def __call__(self, x: torch.Tensor) -> None:  # x: [1, S, features]
         flat = x.reshape(-1, x.shape[-1])
         idx = torch.randperm(flat.shape[0], generator=self.g)[: self.k].to(flat.device)
-        self.store[self.pos: self.pos + self.k] = flat[idx].to(self.store.dtype).cpu()
+        rows = flat[idx].to(self.store.dtype).cpu().view(self.k, *self.store.shape[1:])
+        self.store[self.pos: self.pos + self.k] = rows
         self.pos += self.k
 
 
@@ -70,14 +77,22 @@ def capture_activations(model: nn.Module, calib_ids: torch.Tensor, *, fraction: 
     k1 = max(1, int(round(sample_fraction(n_seq * seqlen, geo.n_layers, fraction, max_r1_tokens) * seqlen)))
     per_layer1, per_layer2 = n_seq * k1, n_seq * k2
     r1 = torch.empty(geo.n_layers * 2 * per_layer1, geo.hidden, dtype=store_dtype)
-    r2 = torch.empty(geo.n_layers, per_layer2, geo.n_heads * geo.head_dim, dtype=store_dtype)
+    # R2 buffer in its final layout: [layers, kv_heads, tokens * kv_groups, head_dim]; row
+    # t * kv_groups + g of KV head h is query head h * kv_groups + g of sampled token t (the
+    # query heads of a KV group are pooled). Layer i's sampler writes through the view
+    # [tokens, kv_heads, kv_groups, head_dim] of r2[i].
+    r2 = torch.empty(geo.n_layers, geo.n_kv_heads, per_layer2 * geo.kv_groups, geo.head_dim, dtype=store_dtype)
+
+    def o_view(i: int) -> torch.Tensor:
+        return r2[i].view(geo.n_kv_heads, per_layer2, geo.kv_groups, geo.head_dim).permute(1, 0, 2, 3)
+
     g = torch.Generator().manual_seed(seed)
     for i, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress, desc="capture"):
         layer = adapter.layer(block)
         observed = []
         for role, k, store in (("q", k1, r1[(2 * i) * per_layer1: (2 * i + 1) * per_layer1]),
                                ("up", k1, r1[(2 * i + 1) * per_layer1: (2 * i + 2) * per_layer1]),
-                               ("o", k2, r2[i])):
+                               ("o", k2, o_view(i))):
             q = as_qlinear(getattr(layer, role))
             adapter.set_linear(block, role, q)
             q.input_observer = _Sampler(k, g, store)
@@ -87,8 +102,4 @@ def capture_activations(model: nn.Module, calib_ids: torch.Tensor, *, fraction: 
             if q.input_observer.pos != q.input_observer.store.shape[0]:
                 raise RuntimeError("capture did not see every calibration sequence")
             q.input_observer = None
-    # o_proj input [tokens, heads * d] -> per KV head: the query heads of its group are pooled.
-    r2 = r2.view(geo.n_layers, per_layer2, geo.n_kv_heads, geo.kv_groups, geo.head_dim)
-    r2 = r2.permute(0, 2, 1, 3, 4).reshape(geo.n_layers, geo.n_kv_heads, per_layer2 * geo.kv_groups, geo.head_dim)
-    return Captured(r1=r1, r2=r2.contiguous(), fraction_r1=k1 / seqlen, fraction_r2=k2 / seqlen,
-                    tokens_seen=n_seq * seqlen)
+    return Captured(r1=r1, r2=r2, fraction_r1=k1 / seqlen, fraction_r2=k2 / seqlen, tokens_seen=n_seq * seqlen)

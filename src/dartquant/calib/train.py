@@ -39,6 +39,14 @@ Design choices:
 - **Held-out evaluation.** ``eval_x`` (same layout as x) is scored with the
   training loss at the init and at the end, in chunks, without gradients:
   a way to pick learning rates without touching test data.
+- **Index views instead of copies.** ``index`` / ``eval_index`` name the
+  tokens (axis -2) of ``x`` / ``eval_x`` to train / evaluate on, so a train /
+  held-out split of one buffer costs no copy of it (``eval_x`` defaults to
+  ``x`` when only ``eval_index`` is given).  Training on ``x`` with ``index``
+  gives exactly what training on ``x.index_select(-2, index)`` gives.
+- **Memory.** x stays where it is (CPU or device); each minibatch is gathered
+  there, moved to the compute device in its storage dtype, then cast to
+  float32 on the device.
 """
 
 from __future__ import annotations
@@ -94,13 +102,24 @@ def _check_inputs(x: torch.Tensor, init: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _eval_loss(model, x_eval, loss_fn, cfg, device) -> torch.Tensor:
-    """Per-group mean loss over all tokens of x_eval (0-d for 2-D input)."""
+def _batch(x: torch.Tensor, idx: torch.Tensor, device) -> torch.Tensor:
+    """x[..., idx, :] as float32 on `device` (gathered where x lives, cast on the device)."""
+    if idx.device != x.device:
+        idx = idx.to(x.device)
+    return x.index_select(-2, idx).to(device=device, non_blocking=True).to(torch.float32)
+
+
+@torch.no_grad()
+def _eval_loss(model, x_eval, loss_fn, cfg, device, index=None) -> torch.Tensor:
+    """Per-group mean loss over the tokens `index` of x_eval (all if None); 0-d for 2-D input."""
     r = model().detach()
-    t = x_eval.shape[-2]
+    t = x_eval.shape[-2] if index is None else index.numel()
     total = None
     for i in range(0, t, cfg.batch_tokens):
-        xb = x_eval[..., i : i + cfg.batch_tokens, :].to(device=device, dtype=torch.float32)
+        if index is None:
+            xb = x_eval[..., i : i + cfg.batch_tokens, :].to(device=device).to(torch.float32)
+        else:
+            xb = _batch(x_eval, index[i : i + cfg.batch_tokens], device)
         o = _normalize(xb, cfg.normalize) @ r
         s = loss_fn(o, reduction="none").sum(dim=-1)  # sum of per-token values
         total = s if total is None else total + s
@@ -117,6 +136,8 @@ def train_rotation(
     device=None,
     max_steps: int | None = None,
     eval_x: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+    eval_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Calibrate a rotation on activations ``x``.
 
@@ -132,6 +153,10 @@ def train_rotation(
         max_steps: stop after this many optimizer steps (the cosine schedule
             is then planned over ``min(max_steps, epochs * steps_per_epoch)``).
         eval_x: optional held-out activations (same layout as x).
+        index: optional 1-D LongTensor, the tokens (axis -2) of x to train on
+            (default: all); a view-free train split.
+        eval_index: optional tokens of eval_x to evaluate on (default: all);
+            with eval_x None, eval_x is x (a held-out split of the same buffer).
 
     Returns:
         ``(R, history)``: R is float32 on CPU, same shape as ``init``,
@@ -144,6 +169,14 @@ def train_rotation(
         groups, ``eval_group_loss_init`` / ``eval_group_loss_final``.
     """
     _check_inputs(x, init)
+    if eval_x is None and eval_index is not None:
+        eval_x = x
+    for name, ix, src in (("index", index, x), ("eval_index", eval_index, eval_x)):
+        if ix is not None:
+            if ix.dim() != 1 or ix.numel() == 0:
+                raise ValueError(f"{name} must be a non-empty 1-D tensor of token indices")
+            if int(ix.min()) < 0 or int(ix.max()) >= src.shape[-2]:
+                raise ValueError(f"{name} out of range for {src.shape[-2]} tokens")
     if eval_x is not None and (eval_x.dim() != x.dim() or eval_x.shape[-1] != x.shape[-1]
                                or (x.dim() == 3 and eval_x.shape[0] != x.shape[0])):
         raise ValueError(f"eval_x shape {tuple(eval_x.shape)} does not match x shape {tuple(x.shape)}")
@@ -174,7 +207,9 @@ def train_rotation(
     else:
         raise ValueError(f"unknown param {cfg.param!r} (use 'qr' or 'cayley')")
 
-    t = x.shape[-2]
+    if index is not None:
+        index = index.to(x.device)
+    t = x.shape[-2] if index is None else index.numel()
     bt = max(1, int(cfg.batch_tokens))
     steps_per_epoch = math.ceil(t / bt)
     planned = cfg.epochs * steps_per_epoch
@@ -190,7 +225,7 @@ def train_rotation(
     if grouped:
         history["group_epoch_loss"] = []
     if eval_x is not None:
-        ev = _eval_loss(model, eval_x, loss_fn, cfg, device)
+        ev = _eval_loss(model, eval_x, loss_fn, cfg, device, eval_index)
         history["eval_loss_init"] = ev.mean().item()
         if grouped:
             history["eval_group_loss_init"] = ev.tolist()
@@ -210,7 +245,7 @@ def train_rotation(
             if step >= planned:
                 break
             idx = perm[i : i + bt]
-            xb = x.index_select(-2, idx).to(device=device, dtype=torch.float32)
+            xb = _batch(x, idx if index is None else index[idx], device)
             xb = _normalize(xb, cfg.normalize)
             lr_now = lr_at(step)
             for g in opt.param_groups:
@@ -249,7 +284,7 @@ def train_rotation(
     history["seconds_per_step"] = seconds / step if step else float("nan")
 
     if eval_x is not None:
-        ev = _eval_loss(model, eval_x, loss_fn, cfg, device)
+        ev = _eval_loss(model, eval_x, loss_fn, cfg, device, eval_index)
         history["eval_loss_final"] = ev.mean().item()
         if grouped:
             history["eval_group_loss_final"] = ev.tolist()
