@@ -82,13 +82,22 @@ def eval_windows(tokenizer, corpus: str, seqlen: int = 2048, max_windows: int | 
     return stream[: n * seqlen].view(n, seqlen)
 
 
-def calib_windows(tokenizer, corpus: str = "wiki", n: int = 128, seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
-    """[n, seqlen] windows at seeded random offsets in the calibration half."""
+def calib_windows(tokenizer, corpus: str = "wiki", n: int = 128, seqlen: int = 2048, seed: int = 0,
+                  span: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """[n, seqlen] windows at seeded random offsets in the calibration half.
+
+    `span` restricts the windows to a fraction of that half's token stream, e.g. (0, 0.9) for
+    training and (0.9, 1) for held-out calibration sequences that never overlap them.
+    """
     if n <= 0:
         raise ValueError(f"the number of calibration sequences must be positive (got {n})")
+    if not 0.0 <= span[0] < span[1] <= 1.0:
+        raise ValueError(f"span must satisfy 0 <= start < end <= 1, got {span}")
     stream = tokenize(tokenizer, corpus_split(corpus, "calib"))
+    stream = stream[int(span[0] * stream.numel()): int(span[1] * stream.numel())]
     if stream.numel() <= seqlen:
-        raise ValueError(f"the {corpus} calibration half has {stream.numel()} tokens: too few for windows of {seqlen}")
+        raise ValueError(f"the {corpus} calibration half (span {span}) has {stream.numel()} tokens: too few for "
+                         f"windows of {seqlen}; use a shorter sequence length")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seqlen, (n,), generator=g)
     return torch.stack([stream[s: s + seqlen] for s in starts.tolist()])

@@ -19,7 +19,8 @@ import yaml
 from ..adapters import LINEAR_ROLES
 from .primitives import QuantSpec
 
-METHODS = ("rtn", "quarot", "dartquant")
+METHODS = ("rtn", "quarot", "dartquant", "spinquant", "ostquant")
+E2E_METHODS = ("spinquant", "ostquant")
 WEIGHT_QUANTIZERS = ("rtn", "gptq")
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 
@@ -28,7 +29,7 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 class QuantConfig:
     # what
     model: str = "smollm2-135m"
-    method: str = "quarot"  # rotation method: rtn (no rotation), quarot, dartquant
+    method: str = "quarot"  # rotation method: rtn (no rotation), quarot, dartquant, spinquant, ostquant
     rotations: str | None = None  # a rotations .safetensors to use instead of computing them
     seed: int = 0  # seeds the random Hadamard, calibration sampling and training
     r3: bool = True  # online Hadamard on Q/K (for the K cache)
@@ -73,6 +74,19 @@ class QuantConfig:
     dq_param: str = "qr"
     dq_optimizer: str = "sgd"
     dq_r2_normalize: str = "none"
+    # SpinQuant / OSTQuant (end-to-end training; defaults: SpinQuant's published schedule)
+    e2e_steps: int = 100
+    e2e_batch: int = 8  # sequences per optimizer step
+    e2e_micro_batch: int = 1  # sequences per forward/backward (gradients accumulate)
+    e2e_seqlen: int = 2048
+    e2e_samples: int | None = None  # distinct training sequences; None = steps x batch
+    e2e_eval_samples: int = 2  # held-out calibration sequences scored before/after training
+    e2e_lr: float = 1.5  # Cayley SGD on R1/R2
+    e2e_momentum: float = 0.0
+    e2e_scale_lr: float = 1e-2  # Adam on OSTQuant's log-scales
+    e2e_kl_topk: int = 1024  # OSTQuant's KL-Top: teacher's top-k vocabulary entries
+    e2e_w_bits: int | None = None  # weight bits while training; None: 16 before GPTQ, else w_bits
+    e2e_checkpointing: bool = True
     # evaluation
     eval_seqlen: int = 2048
     eval_max_windows: int | None = None
@@ -86,6 +100,13 @@ class QuantConfig:
     @property
     def weight_quantizer(self) -> str:
         return self.w_quantizer or ("rtn" if self.method == "rtn" else "gptq")
+
+    @property
+    def train_w_bits(self) -> int:
+        """Weight bits during end-to-end training: 16 when GPTQ follows (as SpinQuant does)."""
+        if self.e2e_w_bits is not None:
+            return self.e2e_w_bits
+        return 16 if self.weight_quantizer == "gptq" else self.w_bits
 
     @property
     def rotated(self) -> bool:
@@ -127,6 +148,17 @@ class QuantConfig:
             raise ValueError("calib_samples must be positive: GPTQ and DartQuant need calibration data")
         if self.calib_seqlen < 2 or self.eval_seqlen < 2:
             raise ValueError("sequence lengths must be at least 2")
+        if self.method in E2E_METHODS:
+            for name in ("e2e_steps", "e2e_batch", "e2e_micro_batch", "e2e_kl_topk"):
+                if getattr(self, name) <= 0:
+                    raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            if self.e2e_batch % self.e2e_micro_batch:
+                raise ValueError(f"e2e_batch ({self.e2e_batch}) must be a multiple of e2e_micro_batch "
+                                 f"({self.e2e_micro_batch})")
+            if self.e2e_seqlen < 2 or (self.e2e_samples is not None and self.e2e_samples <= 0):
+                raise ValueError("e2e_seqlen must be at least 2 and e2e_samples positive")
+            if self.e2e_w_bits is not None and self.e2e_w_bits not in SUPPORTED_BITS:
+                raise ValueError(f"e2e_w_bits={self.e2e_w_bits} is not supported; use one of {SUPPORTED_BITS}")
         if self.gptq_act_order and self.w_group_size and not self.gptq_static_groups:
             raise ValueError("act-order with groups needs static groups (gptq_static_groups: true)")
         if self.tasks:

@@ -28,7 +28,7 @@ from ..transforms import RotationSet, rotate_, untie_embeddings_
 from ..zoo import TRANSFORM_FILE, load_model
 from .act import install_quantizers_
 from .checkpoint import save_quantized
-from .config import QuantConfig
+from .config import E2E_METHODS, QuantConfig
 from .weights import quantize_weights_
 
 
@@ -67,7 +67,7 @@ def evaluate(model, tokenizer, cfg: QuantConfig, progress: bool) -> dict:
 
 
 def compute_rotations(model, cfg: QuantConfig, calib_ids, timer: StageTimer, out_dir: Path,
-                      progress: bool) -> RotationSet | None:
+                      progress: bool, tokenizer=None) -> RotationSet | None:
     geo = adapter_for(model).geometry(model.config)
     if cfg.rotations:
         rotations = RotationSet.load(cfg.rotations)
@@ -82,7 +82,28 @@ def compute_rotations(model, cfg: QuantConfig, calib_ids, timer: StageTimer, out
         from ..calib.dartquant import calibrate_dartquant
 
         return calibrate_dartquant(model, cfg, calib_ids, timer=timer, out_dir=out_dir, progress=progress)
+    if cfg.method in E2E_METHODS:
+        return train_end_to_end(model, cfg, tokenizer, timer, out_dir, progress)
     raise ValueError(f"unknown method {cfg.method!r}")
+
+
+def train_end_to_end(model, cfg: QuantConfig, tokenizer, timer: StageTimer, out_dir: Path | None,
+                     progress: bool) -> RotationSet:
+    """SpinQuant / OSTQuant: training windows from the first 90% of the calibration half, held-out
+    ones from the last 10% (never overlapping); the model trains on `cfg.device`."""
+    from ..calib.e2e import train_e2e
+
+    with timer("capture"):
+        n = cfg.e2e_samples or cfg.e2e_steps * cfg.e2e_batch
+        train_ids = calib_windows(tokenizer, cfg.calib_corpus, n, cfg.e2e_seqlen, cfg.seed + 1, span=(0.0, 0.9))
+        eval_ids = (calib_windows(tokenizer, cfg.calib_corpus, cfg.e2e_eval_samples, cfg.e2e_seqlen, cfg.seed + 2,
+                                  span=(0.9, 1.0)) if cfg.e2e_eval_samples else None)
+    with timer("calibrate"):
+        model.to(cfg.device)
+        try:
+            return train_e2e(model, cfg, train_ids, eval_ids, out_dir=out_dir, progress=progress)
+        finally:
+            model.to("cpu")
 
 
 def run_quantize(cfg: QuantConfig, out: str | Path, *, overwrite: bool = False, eval_fp: bool = True,
@@ -110,7 +131,7 @@ def run_quantize(cfg: QuantConfig, out: str | Path, *, overwrite: bool = False, 
             calib_ids = (calib_windows(tokenizer, cfg.calib_corpus, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
                          if needs_data else None)
         untie_embeddings_(model, adapter)
-        rotations = compute_rotations(model, cfg, calib_ids, timer, tmp, progress)
+        rotations = compute_rotations(model, cfg, calib_ids, timer, tmp, progress, tokenizer)
         if rotations is not None:
             log(f"rotating ({rotations.meta.get('method', 'given')})")
             with timer("rotate"):

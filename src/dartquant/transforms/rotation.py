@@ -11,8 +11,16 @@ folds it into the model. Names follow SpinQuant:
   group on the o_proj side.
 * R3 (online Hadamard on Q and K after RoPE) and R4 (online Hadamard on the down_proj input,
   its inverse folded into down_proj) are fixed: the set only records whether they are on.
+* Optional diagonal scalings (OSTQuant's equivalent transformations), applied after R1/R2 in
+  the rotated basis, each a positive vector per layer:
+  - "attn_norm" / "mlp_norm" [n_layers, hidden]: the gain of input_layernorm /
+    post_attention_layernorm becomes s, the linears that read it get W <- W diag(1/s);
+  - "v" [n_layers, kv_heads * head_dim]: v_proj rows (and bias) times s, o_proj's input
+    columns of every query head divided by its KV head's s (attention is linear in V);
+  - "up" [n_layers, intermediate]: up_proj rows (and bias) times s, down_proj's input columns
+    divided by s (SwiGLU is linear in up's output), before R4's Hadamard.
 
-Saved as safetensors: tensors "R1" and "R2", and the flags and provenance (method, seed) as
+Saved as safetensors: tensors "R1", "R2" and "S.<name>" for scalings, and the flags and provenance (method, seed) as
 JSON in the header's metadata. Loading never unpickles anything.
 """
 
@@ -42,6 +50,7 @@ class RotationSet:
     r3: bool = False
     r4: bool = False
     meta: dict = field(default_factory=dict)
+    scales: dict = field(default_factory=dict)  # name -> [n_layers, n] positive (see module doc)
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
@@ -74,12 +83,23 @@ class RotationSet:
             err = (m @ m.transpose(-1, -2) - torch.eye(m.shape[-1], dtype=m.dtype)).abs().max().item()
             if err > 1e-4:
                 raise ValueError(f"{name} is not orthogonal (max |R R^T - I| = {err:.2e})")
+        sizes = {"attn_norm": geometry.hidden, "mlp_norm": geometry.hidden,
+                 "v": geometry.n_kv_heads * geometry.head_dim, "up": geometry.intermediate}
+        for name, s in self.scales.items():
+            if name not in sizes:
+                raise ValueError(f"unknown scaling {name!r}; known: {', '.join(sizes)}")
+            if tuple(s.shape) != (geometry.n_layers, sizes[name]):
+                raise ValueError(f"scaling {name} has shape {tuple(s.shape)} but this model needs "
+                                 f"{(geometry.n_layers, sizes[name])}: it was made for another model")
+            if not bool(torch.all(torch.isfinite(s)) and torch.all(s > 0)):
+                raise ValueError(f"scaling {name} must be finite and positive")
 
     # ---- I/O ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Atomic write: a temporary file renamed into place."""
         path = Path(path)
         tensors = {k: v.contiguous() for k, v in (("R1", self.r1), ("R2", self.r2)) if v is not None}
+        tensors.update({f"S.{k}": v.contiguous() for k, v in self.scales.items()})
         meta = {"dartquant": json.dumps({"r3": self.r3, "r4": self.r4, "meta": self.meta})}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
         os.close(fd)
@@ -104,8 +124,9 @@ class RotationSet:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             raise ValueError(f"{path} is not a readable rotation file (safetensors): {e}") from e
+        scales = {k[2:]: v for k, v in tensors.items() if k.startswith("S.")}
         return cls(tensors.get("R1"), tensors.get("R2"), bool(info.get("r3")), bool(info.get("r4")),
-                   info.get("meta", {}))
+                   info.get("meta", {}), scales)
 
 
 # ---- folding ------------------------------------------------------------------------------
@@ -141,6 +162,42 @@ def _rotate_o_input_(o: nn.Module, r2: torch.Tensor, head_dim: int, groups: int)
     w.data.copy_(torch.einsum("ohi,hij->ohj", wh, per_q).reshape(w.shape).to(w.dtype))
 
 
+def _scale_rows_(linear: nn.Module, s: torch.Tensor) -> None:
+    """W <- diag(s) W, b <- s * b (the output channels)."""
+    w = linear.weight
+    w.data.copy_((w.data.double() * s[:, None]).to(w.dtype))
+    if linear.bias is not None:
+        linear.bias.data.copy_((linear.bias.data.double() * s).to(linear.bias.dtype))
+
+
+def _scale_cols_(linear: nn.Module, s: torch.Tensor) -> None:
+    """W <- W diag(s) (the input channels)."""
+    w = linear.weight
+    w.data.copy_((w.data.double() * s).to(w.dtype))
+
+
+def _apply_scales_(model: nn.Module, scales: dict, adapter: ModelAdapter, geo: Geometry) -> None:
+    if not scales:
+        return
+    for i, layer in enumerate(adapter.layers_of(model)):
+        for key, norm, readers in (("attn_norm", layer.input_norm, (layer.q, layer.k, layer.v)),
+                                   ("mlp_norm", layer.post_attn_norm, (layer.gate, layer.up))):
+            if key in scales:
+                s = scales[key][i].double()
+                norm.weight.data.copy_((norm.weight.data.double() * s).to(norm.weight.dtype))
+                for lin in readers:
+                    _scale_cols_(lin, 1.0 / s)
+        if "v" in scales:
+            s = scales["v"][i].double()
+            _scale_rows_(layer.v, s)
+            per_q = s.view(geo.n_kv_heads, geo.head_dim).repeat_interleave(geo.kv_groups, dim=0).reshape(-1)
+            _scale_cols_(layer.o, 1.0 / per_q)
+        if "up" in scales:
+            s = scales["up"][i].double()
+            _scale_rows_(layer.up, s)
+            _scale_cols_(layer.down, 1.0 / s)
+
+
 @torch.no_grad()
 def rotate_(model: nn.Module, rotations: RotationSet, adapter: ModelAdapter | None = None) -> None:
     """Fold `rotations` into `model` in place (fusing norms first) and install R3/R4 online."""
@@ -165,6 +222,7 @@ def rotate_(model: nn.Module, rotations: RotationSet, adapter: ModelAdapter | No
             r2 = rotations.r2[i].double()
             _rotate_v_output_(layer.v, r2, geo.head_dim)
             _rotate_o_input_(layer.o, r2, geo.head_dim, geo.kv_groups)
+    _apply_scales_(model, rotations.scales, adapter, geo)
     if rotations.r4:
         h = hadamard_matrix(geo.intermediate, dtype=torch.float64)
         for layer in layers:  # online x -> x H, so W_down <- W_down H keeps x W^T

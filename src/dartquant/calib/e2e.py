@@ -1,0 +1,381 @@
+"""End-to-end rotation training: SpinQuant and OSTQuant.
+
+Both learn R1 (global) and R2 (one per layer, shared by its KV heads, as in SpinQuant) by
+backpropagating a loss of the *whole fake-quantized network*; OSTQuant also learns diagonal
+scalings (equivalent transformations). R3/R4 stay fixed Hadamards.
+
+How the training model is built: it is the deployed quantized model itself, with every weight
+a function of the current transforms. On the norm-fused, unrotated model we install what a
+quantized run has (online R3/R4 modules, activation and K/V quantizers) and register a
+`torch.nn.utils.parametrize` parametrization on each decoder linear that computes its rotated
+(and scaled) weight, e.g. q_proj: W R1 diag(1/s); down_proj: R1^T W diag(1/s) H. So the forward
+is exactly the quantized model's forward at the current transforms, and gradients reach the
+transforms through the straight-through activation quantizers. The embedding output and the
+lm_head input (both kept in 16 bits) are rotated by hooks, x R1 and x R1^T, which is the same
+function as rotating those big matrices but costs a token-sized matmul.
+
+Memory: only the transforms require gradients, and every decoder layer runs under activation
+checkpointing, so the rotated weights are recomputed in the backward pass instead of being
+kept for the whole network. Micro-batches accumulate gradients for one optimizer step.
+
+Losses:
+* SpinQuant: next-token cross-entropy of the quantized model on the calibration text.
+* OSTQuant: KL-Top, KL(p_fp || p_quant) over the teacher's top-k vocabulary entries, with p
+  renormalized on those entries; the teacher is the same network with quantizers off (at
+  any transforms that is the full-precision function), computed per micro-batch.
+
+Optimizers: rotations by Cayley SGD on the orthogonal group (SpinQuant's choice; OSTQuant uses
+a Riemannian Adam, which we do not have), the log-scales by Adam; cosine schedules to zero.
+On exit the model is restored to the norm-fused unrotated state it came in; the caller folds
+the returned RotationSet exactly, in float64, like any other method's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..adapters import ModelAdapter, adapter_for
+from ..hadamard import fast_hadamard_transform, random_hadamard_matrix
+from ..quant.primitives import QuantSpec, fake_quantize
+from ..transforms import RotationSet, fuse_norms_
+from .orth import CayleyOrth, CayleySGD
+
+E2E_METHODS = ("spinquant", "ostquant")
+SCALE_NAMES = ("attn_norm", "mlp_norm", "v", "up")
+
+
+# ---- losses ---------------------------------------------------------------------------------
+def kl_top_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 1024,
+                temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of KL(p_t || p_s) on the teacher's top-k entries (each renormalized there)."""
+    k = min(k, teacher_logits.shape[-1])
+    with torch.no_grad():
+        top_t, idx = torch.topk(teacher_logits.float(), k, dim=-1)
+        log_p_t = F.log_softmax(top_t / temperature, dim=-1)
+    top_s = torch.gather(student_logits.float(), -1, idx)
+    log_p_s = F.log_softmax(top_s / temperature, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return kl.mean() * temperature ** 2
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+# ---- configuration ------------------------------------------------------------------------
+@dataclass
+class E2EConfig:
+    method: str = "spinquant"  # spinquant (CE, rotations) | ostquant (KL-Top, rotations + scales)
+    steps: int = 100
+    batch: int = 8  # sequences per optimizer step
+    micro_batch: int = 1  # sequences per forward/backward (gradients accumulate)
+    lr: float = 1.5  # Cayley SGD on the rotations
+    momentum: float = 0.0
+    scale_lr: float = 1e-2  # Adam on log-scales (ostquant)
+    kl_topk: int = 1024
+    kl_temperature: float = 1.0
+    w_bits: int = 16  # weights during training: 16 when GPTQ follows (the papers' choice)
+    checkpointing: bool = True
+    seed: int = 0
+    r3: bool = True
+    r4: bool = True
+
+    @classmethod
+    def from_quant_config(cls, cfg) -> E2EConfig:
+        return cls(method=cfg.method, steps=cfg.e2e_steps, batch=cfg.e2e_batch, micro_batch=cfg.e2e_micro_batch,
+                   lr=cfg.e2e_lr, momentum=cfg.e2e_momentum, scale_lr=cfg.e2e_scale_lr, kl_topk=cfg.e2e_kl_topk,
+                   w_bits=cfg.train_w_bits, checkpointing=cfg.e2e_checkpointing, seed=cfg.seed, r3=cfg.r3, r4=cfg.r4)
+
+    def validate(self) -> None:
+        if self.method not in E2E_METHODS:
+            raise ValueError(f"end-to-end method must be one of {E2E_METHODS}, got {self.method!r}")
+        for name in ("steps", "batch", "micro_batch", "kl_topk"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"e2e_{name} must be positive, got {getattr(self, name)}")
+        if self.batch % self.micro_batch:
+            raise ValueError(f"e2e_batch ({self.batch}) must be a multiple of e2e_micro_batch ({self.micro_batch})")
+        if self.lr <= 0 or self.scale_lr <= 0:
+            raise ValueError("learning rates must be positive")
+
+
+# ---- the trainable transforms -------------------------------------------------------------
+class Transforms(nn.Module):
+    """R1 [h, h], R2 [L, d, d] (Cayley parameters) and, for OSTQuant, log-scales per layer."""
+
+    def __init__(self, r1: torch.Tensor, r2: torch.Tensor, scale_sizes: dict[str, int] | None, n_layers: int,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.r1 = CayleyOrth(r1, dtype=dtype)
+        self.r2 = CayleyOrth(r2, dtype=dtype)
+        self.log_scales = nn.ParameterDict(
+            {k: nn.Parameter(torch.zeros(n_layers, n, dtype=dtype)) for k, n in (scale_sizes or {}).items()})
+        self.weight_spec: QuantSpec | None = None  # fake-quantize computed weights (STE) if set
+
+    def scale(self, name: str, layer: int) -> torch.Tensor | None:
+        return self.log_scales[name][layer].exp() if name in self.log_scales else None
+
+    def rotation_set(self, geo, r3: bool, r4: bool, meta: dict, dtype=torch.float32) -> RotationSet:
+        r2 = self.r2.final().to(dtype)  # [L, d, d] -> one per KV head (shared)
+        r2 = r2[:, None].expand(-1, geo.n_kv_heads, -1, -1).contiguous()
+        scales = {k: v.detach().double().exp().to(dtype) for k, v in self.log_scales.items()}
+        return RotationSet(self.r1.final().to(dtype), r2, r3, r4, meta, scales)
+
+
+class _Param(nn.Module):
+    """A weight (or bias) as a function of the transforms; `fn(t, w)` does the maths."""
+
+    def __init__(self, transforms: Transforms, fn, quantize: bool = False):
+        super().__init__()
+        self._t = (transforms,)  # a tuple: not registered, so the transforms are not duplicated
+        self.fn = fn
+        self.quantize = quantize
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        t = self._t[0]
+        out = self.fn(t, w.to(t.r1.R.dtype)).to(w.dtype)
+        if self.quantize and t.weight_spec is not None:
+            out = fake_quantize(out, t.weight_spec)
+        return out
+
+
+def _layer_fns(i: int, geo, r4: bool) -> dict:
+    """Parametrization functions (weight / bias) of layer i's linears and norms."""
+    kv, d, groups = geo.n_kv_heads, geo.head_dim, geo.kv_groups
+
+    def inv(t, name):
+        s = t.scale(name, i)
+        return None if s is None else 1.0 / s
+
+    def reader(name):  # W <- W R1 diag(1/s)
+        def fn(t, w):
+            w = w @ t.r1.R
+            s = inv(t, name)
+            return w if s is None else w * s
+        return fn
+
+    def v_weight(t, w):  # rows of KV head h: R2^T W_h, then times s_v
+        w = reader("attn_norm")(t, w)
+        w = torch.einsum("ij,hik->hjk", t.r2.R[i], w.view(kv, d, -1)).reshape(w.shape)
+        s = t.scale("v", i)
+        return w if s is None else w * s[:, None]
+
+    def v_bias(t, b):
+        b = (b.view(kv, d) @ t.r2.R[i]).reshape(-1)
+        s = t.scale("v", i)
+        return b if s is None else b * s
+
+    def o_weight(t, w):  # input columns of every query head: W R2 diag(1/s_v); output: R1^T W
+        w = (w.view(w.shape[0], kv * groups, d) @ t.r2.R[i]).reshape(w.shape)
+        s = inv(t, "v")
+        if s is not None:
+            w = w * s.view(kv, d).repeat_interleave(groups, dim=0).reshape(-1)
+        return t.r1.R.T @ w
+
+    def writer_bias(t, b):  # b <- b R1
+        return b @ t.r1.R
+
+    def up_weight(t, w):
+        w = reader("mlp_norm")(t, w)
+        s = t.scale("up", i)
+        return w if s is None else w * s[:, None]
+
+    def up_bias(t, b):
+        s = t.scale("up", i)
+        return b if s is None else b * s
+
+    def down_weight(t, w):  # R1^T W diag(1/s_up) H (H: R4's Hadamard, online x -> x H)
+        s = inv(t, "up")
+        if s is not None:
+            w = w * s
+        w = t.r1.R.T @ w
+        return fast_hadamard_transform(w) if r4 else w
+
+    def norm(name):
+        def fn(t, w):
+            s = t.scale(name, i)
+            return w if s is None else w * s
+        return fn
+
+    return {"q": (reader("attn_norm"), None), "k": (reader("attn_norm"), None), "v": (v_weight, v_bias),
+            "o": (o_weight, writer_bias), "gate": (reader("mlp_norm"), None), "up": (up_weight, up_bias),
+            "down": (down_weight, writer_bias), "input_norm": norm("attn_norm"), "post_attn_norm": norm("mlp_norm")}
+
+
+@contextlib.contextmanager
+def training_view(model: nn.Module, transforms: Transforms, qcfg, r3: bool, r4: bool,
+                  adapter: ModelAdapter | None = None, checkpointing: bool = True):
+    """Make `model` (norm-fused, unrotated) the quantized model at `transforms`; undo on exit."""
+    from ..modules import QLinear
+    from ..quant.act import install_quantizers_
+    from ..transforms.online import install_online_
+
+    adapter = adapter or adapter_for(model)
+    geo = adapter.geometry(model.config)
+    attn_impl = model.config._attn_implementation
+    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    hooks, parametrized = [], []
+    try:
+        install_online_(model, adapter, r3=r3, r4=r4)
+        install_quantizers_(model, qcfg, adapter)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for i, layer in enumerate(adapter.layers_of(model)):
+            fns = _layer_fns(i, geo, r4)
+            for role, linear in layer.linears().items():
+                w_fn, b_fn = fns[role]
+                parametrize.register_parametrization(linear, "weight", _Param(transforms, w_fn, quantize=True),
+                                                     unsafe=True)
+                parametrized.append((linear, "weight"))
+                if b_fn is not None and linear.bias is not None:
+                    parametrize.register_parametrization(linear, "bias", _Param(transforms, b_fn), unsafe=True)
+                    parametrized.append((linear, "bias"))
+            if transforms.log_scales:
+                for name in ("input_norm", "post_attn_norm"):
+                    norm = getattr(layer, name)
+                    parametrize.register_parametrization(norm, "weight", _Param(transforms, fns[name]), unsafe=True)
+                    parametrized.append((norm, "weight"))
+        r1 = transforms.r1.R
+        hooks.append(adapter.embedding(model).register_forward_hook(
+            lambda m, a, out: (out.to(r1.dtype) @ r1).to(out.dtype)))
+        hooks.append(adapter.head(model).register_forward_pre_hook(
+            lambda m, a: ((a[0].to(r1.dtype) @ r1.T).to(a[0].dtype),)))
+        model.config.use_cache = False
+        if checkpointing:  # transformers >= 5.2x renamed it
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+        for module, name in reversed(parametrized):
+            if parametrize.is_parametrized(module, name):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        if checkpointing:
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        for block in adapter.decoder_layers(model):  # take the online modules and quantizers out again
+            layer = adapter.layer(block)
+            for linear in layer.linears().values():
+                if isinstance(linear, QLinear):
+                    linear.input_rotation = linear.input_quantizer = None
+            if hasattr(layer.attn, "dq_attention"):
+                del layer.attn.dq_attention
+        model.set_attn_implementation(attn_impl)
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads.get(n, False))
+        model.train(was_training)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+
+
+# ---- training -----------------------------------------------------------------------------
+def _set_quant(model: nn.Module, transforms: Transforms, on: bool, weight_spec: QuantSpec | None) -> None:
+    from ..quant.act import set_act_quant_enabled_
+
+    set_act_quant_enabled_(model, on)
+    transforms.weight_spec = weight_spec if on else None
+
+
+def _loss(model, transforms, ids, cfg: E2EConfig, weight_spec) -> torch.Tensor:
+    if cfg.method == "spinquant":
+        return next_token_ce(model(input_ids=ids).logits, ids)
+    with torch.no_grad():
+        _set_quant(model, transforms, False, weight_spec)
+        teacher = model(input_ids=ids).logits
+        _set_quant(model, transforms, True, weight_spec)
+    return kl_top_loss(model(input_ids=ids).logits, teacher, cfg.kl_topk, cfg.kl_temperature)
+
+
+def train_e2e(model: nn.Module, qcfg, train_ids: torch.Tensor, eval_ids: torch.Tensor | None = None, *,
+              cfg: E2EConfig | None = None, out_dir: Path | None = None, progress: bool = True) -> RotationSet:
+    """Train SpinQuant / OSTQuant transforms on `train_ids` [n, seqlen]; return the RotationSet.
+
+    `qcfg` (a QuantConfig) gives the activation / KV quantizers used during training. The
+    batches cycle through `train_ids` in a seeded order; `eval_ids` (held-out calibration
+    sequences) get the loss before and after training, written with the curve to `out_dir`.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or E2EConfig.from_quant_config(qcfg)
+    cfg.validate()
+    adapter = adapter_for(model)
+    geo = adapter.geometry(model.config)
+    fuse_norms_(model, adapter)
+    device = next(model.parameters()).device
+    r1 = random_hadamard_matrix(geo.hidden, cfg.seed)  # the same start QuaRot uses with this seed
+    r2 = RotationSet.random_hadamard_r2(geo, cfg.seed)[:, 0]
+    scale_sizes = ({"attn_norm": geo.hidden, "mlp_norm": geo.hidden, "v": geo.n_kv_heads * geo.head_dim,
+                    "up": geo.intermediate} if cfg.method == "ostquant" else None)
+    transforms = Transforms(r1, r2, scale_sizes, geo.n_layers).to(device)
+    weight_spec = QuantSpec(bits=cfg.w_bits, symmetric=True) if cfg.w_bits < 16 else None
+    groups = [{"params": [transforms.r1.R, transforms.r2.R]}]
+    opt = CayleySGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)]
+    scale_opt = None
+    if transforms.log_scales:
+        scale_opt = torch.optim.Adam(transforms.log_scales.parameters(), lr=cfg.scale_lr)
+        scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(scale_opt, T_max=cfg.steps))
+    g = torch.Generator().manual_seed(cfg.seed + 29)
+    order = torch.cat([torch.randperm(len(train_ids), generator=g)
+                       for _ in range(math.ceil(cfg.steps * cfg.batch / len(train_ids)))])
+    curve, t0 = [], time.perf_counter()
+
+    def held_out_loss() -> float | None:
+        if eval_ids is None or len(eval_ids) == 0:
+            return None
+        with torch.no_grad():
+            vals = [_loss(model, transforms, eval_ids[j: j + 1].to(device), cfg, weight_spec).item()
+                    for j in range(len(eval_ids))]
+        return sum(vals) / len(vals)
+
+    with training_view(model, transforms, qcfg, cfg.r3, cfg.r4, adapter, cfg.checkpointing):
+        _set_quant(model, transforms, True, weight_spec)
+        eval_before = held_out_loss()
+        bar = tqdm(range(cfg.steps), desc=f"{cfg.method} steps", disable=not progress)
+        for step in bar:
+            opt.zero_grad(set_to_none=True)
+            if scale_opt is not None:
+                scale_opt.zero_grad(set_to_none=True)
+            batch = order[step * cfg.batch: (step + 1) * cfg.batch]
+            total = 0.0
+            for j in range(0, cfg.batch, cfg.micro_batch):
+                ids = train_ids[batch[j: j + cfg.micro_batch]].to(device)
+                loss = _loss(model, transforms, ids, cfg, weight_spec) * (len(ids) / cfg.batch)
+                loss.backward()
+                total += loss.item()
+            if not math.isfinite(total):
+                raise FloatingPointError(f"{cfg.method}: the loss became {total} at step {step}; "
+                                         "lower --e2e-lr (or --e2e-scale-lr)")
+            curve.append({"step": step, "loss": total, "lr": opt.param_groups[0]["lr"],
+                          "seconds": round(time.perf_counter() - t0, 3)})
+            opt.step()
+            if scale_opt is not None:
+                scale_opt.step()
+            for s in scheds:
+                s.step()
+            bar.set_postfix(loss=f"{total:.4f}")
+        eval_after = held_out_loss()
+        _set_quant(model, transforms, False, None)
+    meta = {"method": cfg.method, "seed": cfg.seed, "r1": "learned", "r2": "learned",
+            "scales": sorted(transforms.log_scales.keys()), "steps": cfg.steps, "batch": cfg.batch,
+            "seqlen": int(train_ids.shape[1]), "train_sequences": int(len(train_ids)), "lr": cfg.lr,
+            "loss": "ce" if cfg.method == "spinquant" else f"kl_top{cfg.kl_topk}",
+            "eval_loss_before": eval_before, "eval_loss_after": eval_after}
+    if out_dir is not None:
+        (Path(out_dir) / f"{cfg.method}_loss.json").write_text(json.dumps(
+            {"config": asdict(cfg), "eval_loss_before": eval_before, "eval_loss_after": eval_after,
+             "eval_sequences": 0 if eval_ids is None else int(len(eval_ids)), "curve": curve}, indent=1))
+    return transforms.rotation_set(geo, cfg.r3, cfg.r4, meta)
