@@ -7,6 +7,9 @@ Random weights of a real architecture's shape are enough for timing: the work do
 on the values. The model lives on the CPU; one decoder block at a time goes to the device (as
 in every dartquant pipeline), in float16. Settings follow the paper: 128 sequences x 2048
 tokens, 10% token sampling, 10 epochs; R1 sees at most `--max-r1-tokens` pooled tokens.
+Peak device memory is reported per stage (capture / R1 / R2); `--buffers host` keeps the
+captured buffers on the host and moves only minibatches (`device`: each buffer on the GPU for
+its own stage; `auto`: `device` when the buffer takes at most 40% of the free device memory).
 """
 
 from __future__ import annotations
@@ -53,52 +56,55 @@ def random_model(shape: str, dtype):
     return model.eval()
 
 
-def run(shape: str, device: str, samples: int, seqlen: int, epochs: int, max_r1_tokens: int) -> dict:
+def run(shape: str, device: str, samples: int, seqlen: int, epochs: int, max_r1_tokens: int,
+        buffers: str = "auto") -> dict:
+    """Capture, R1, R2 as calibrate_dartquant runs them (fit_r1 / fit_r2: index splits, each
+    buffer on the device only for its own stage, R1 buffer freed before R2), each stage with its
+    own wall time and peak device memory (reset_peak_memory_stats before, max_memory_allocated
+    after)."""
     import torch
 
-    from dartquant.calib.capture import capture_activations
-    from dartquant.calib.dartquant import _split
-    from dartquant.calib.train import RotationTrainConfig, train_rotation
-    from dartquant.hadamard import random_hadamard_matrix
-    from dartquant.transforms import RotationSet
     from dartquant.adapters import adapter_for
+    from dartquant.calib.capture import capture_activations
+    from dartquant.calib.dartquant import fit_r1, fit_r2
+    from dartquant.quant.config import QuantConfig
 
+    cuda = device.startswith("cuda")
     t = time.perf_counter()
     model = random_model(shape, torch.float16)
     build = time.perf_counter() - t
     geo = adapter_for(model).geometry(model.config)
     ids = torch.randint(0, geo.vocab, (samples, seqlen), generator=torch.Generator().manual_seed(0))
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    out = {"shape": shape, "samples": samples, "seqlen": seqlen, "epochs": epochs, "build_s": round(build, 1)}
+    out = {"shape": shape, "samples": samples, "seqlen": seqlen, "epochs": epochs, "buffers": buffers,
+           "build_s": round(build, 1)}
+    cfg = QuantConfig(device=device, dq_epochs=epochs, dq_r1_lr=1e-3, dq_r2_lr=1e-3, seed=0)
 
-    t = time.perf_counter()
-    acts = capture_activations(model, ids, fraction=0.1, max_r1_tokens=max_r1_tokens, seed=0, device=device,
-                               progress=False)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        out["peak_gpu_capture_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    out["capture_s"] = round(time.perf_counter() - t, 1)
+    def stage(name, fn):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        res = fn()
+        if cuda:
+            torch.cuda.synchronize()
+            out[f"peak_gpu_{name}_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out[f"{name}_s"] = round(time.perf_counter() - t0, 1)
+        return res
+
+    acts = stage("capture", lambda: capture_activations(model, ids, fraction=cfg.dq_token_fraction,
+                                                        max_r1_tokens=max_r1_tokens, seed=0, device=device,
+                                                        progress=False))
     out["r1_tokens"], out["r2_tokens_per_head"] = acts.r1.shape[0], acts.r2.shape[-2]
     out["buffers_GiB"] = round((acts.r1.numel() + acts.r2.numel()) * 2 / 2**30, 2)
-
-    r1, r2 = acts.r1.to(device), acts.r2.flatten(0, 1).to(device)
-    cfg = RotationTrainConfig(lr=1e-3, epochs=epochs, batch_tokens=4096)
-    t = time.perf_counter()
-    r1_tr, _ = _split(r1, 0)
-    _, h1 = train_rotation(r1_tr, random_hadamard_matrix(geo.hidden, 0), cfg, progress=False, device=device)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    out["r1_s"], out["r1_steps"] = round(time.perf_counter() - t, 1), h1["steps"]
-    t = time.perf_counter()
-    r2_tr, _ = _split(r2, 0)
-    _, h2 = train_rotation(r2_tr, RotationSet.random_hadamard_r2(geo, 0).flatten(0, 1), cfg, progress=False,
-                           device=device)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        out["peak_gpu_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    out["r2_s"], out["r2_steps"] = round(time.perf_counter() - t, 1), h2["steps"]
+    _, h1 = stage("r1", lambda: fit_r1(acts, geo, cfg, progress=False, buffers=buffers))
+    acts.r1 = None
+    out["r1_steps"] = h1["steps"]
+    _, h2 = stage("r2", lambda: fit_r2(acts, geo, cfg, progress=False, buffers=buffers))
+    acts.r2 = None
+    out["r2_steps"] = h2["steps"]
+    if cuda:
+        out["peak_gpu_GiB"] = max(out[f"peak_gpu_{k}_GiB"] for k in ("capture", "r1", "r2"))
     out["total_s"] = round(out["capture_s"] + out["r1_s"] + out["r2_s"], 1)
     out["peak_cpu_rss_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return out
@@ -112,18 +118,21 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--max-r1-tokens", type=int, default=262_144)
+    ap.add_argument("--buffers", nargs="+", default=["auto"], choices=["auto", "device", "host"],
+                    help="where captured buffers live while R1 / R2 train (one row per shape and mode)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import torch
 
     rows = []
     for shape in args.shapes:
-        rows.append(run(shape, args.device, args.samples, args.seqlen, args.epochs, args.max_r1_tokens))
-        print(json.dumps(rows[-1]), file=sys.stderr)
+        for buffers in args.buffers:
+            rows.append(run(shape, args.device, args.samples, args.seqlen, args.epochs, args.max_r1_tokens, buffers))
+            print(json.dumps(rows[-1]), file=sys.stderr)
     info = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     Path(args.out).write_text(json.dumps({"machine": info, "args": vars(args), "rows": rows}, indent=1))
-    cols = ["shape", "capture_s", "r1_s", "r2_s", "total_s", "peak_gpu_GiB", "peak_cpu_rss_GiB", "r1_tokens",
-            "r2_tokens_per_head"]
+    cols = ["shape", "buffers", "capture_s", "r1_s", "r2_s", "total_s", "peak_gpu_capture_GiB", "peak_gpu_r1_GiB",
+            "peak_gpu_r2_GiB", "peak_cpu_rss_GiB", "buffers_GiB", "r1_tokens", "r2_tokens_per_head"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
