@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU batch behind docs/RESULTS.md (run on the lent H200 after scripts/device_stage.py
 # staging; `source scripts/device_env.sh` first). Writes JSON + logs to $RES (default /tmp/res).
-# Usage: device_batch.sh cost | quality
+# Usage: device_batch.sh cost | quality | all
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
 TASKS="arc_easy arc_challenge piqa winogrande hellaswag lambada"
@@ -14,5 +14,45 @@ quality)
     --configs quarot:gptq dartquant:gptq rtn:rtn quarot:rtn \
     --dq-lr-grid 1e-3 1e-2 1e-1 --tasks $TASKS --limit 100 \
     --out "$RES/smollm2_quality.json" > "$RES/smollm2_quality.md" 2> "$RES/smollm2_quality.log" ;;
+all)
+  # Session 2: both bundled models, every method, 3 seeds, jobs in parallel on the one GPU
+  # (small models leave it mostly idle), after the 7B-shape cost table has had the GPU alone.
+  export OMP_NUM_THREADS=2
+  python3 -c "from dartquant.zoo import load_model
+for m in ('smollm2-135m', 'qwen2.5-coder-0.5b'): load_model(m)" > "$RES/convert.log" 2>&1 &
+  python3 benchmarks/e2e_cost.py --shape llama2-7b --device cuda --dtype bfloat16 --batch 8 --micro-batch 8 \
+    --steps 2 --dq-samples 128 --out "$RES/e2e_cost_7b.json" > "$RES/e2e_cost_7b.md" 2> "$RES/e2e_cost_7b.log"
+  wait
+  touch "$RES/DONE-cost"
+  jobs_file="$RES/jobs.txt"; : > "$jobs_file"
+  add() { echo "$*" >> "$jobs_file"; }  # NAME MODEL CONFIG SEED [EXTRA quality.py args]
+  for s in 0 1 2; do
+    add "sm_spinquant_$s smollm2-135m spinquant:gptq $s --set e2e_micro_batch=8"
+    add "sm_ostquant_$s smollm2-135m ostquant:gptq $s --set e2e_micro_batch=4"
+  done
+  add "sm_fp smollm2-135m rtn:rtn 0 FP"
+  for s in 0 1 2; do
+    add "sm_dartquant_$s smollm2-135m dartquant:gptq $s --dq-lr-grid 1e-3 1e-2 1e-1"
+    add "sm_quarot_$s smollm2-135m quarot:gptq $s"
+  done
+  add "qw_fp qwen2.5-coder-0.5b rtn:rtn 0 FP"
+  for s in 0 1 2; do
+    add "qw_quarot_$s qwen2.5-coder-0.5b quarot:gptq $s"
+    add "qw_dartquant_$s qwen2.5-coder-0.5b dartquant:gptq $s --dq-lr-grid 1e-3 1e-2 1e-1"
+    add "qw_spinquant_$s qwen2.5-coder-0.5b spinquant:gptq $s --set e2e_micro_batch=2"
+    add "qw_ostquant_$s qwen2.5-coder-0.5b ostquant:gptq $s --set e2e_micro_batch=2"
+  done
+  for s in 0 1 2; do
+    add "sm_quarotrtn_$s smollm2-135m quarot:rtn $s"
+    add "sm_dartquantrtn_$s smollm2-135m dartquant:rtn $s --dq-lr-grid 1e-3 1e-2 1e-1"
+  done
+  one() {  # one quality.py process per line of jobs.txt; FP only where the line says so
+    name=$1 model=$2 config=$3 seed=$4; shift 4
+    fp="--no-fp"; if [ "${1:-}" = FP ]; then fp=""; shift; fi
+    python3 benchmarks/quality.py --model "$model" --device cuda --configs "$config" --seeds "$seed" $fp \
+      --tasks $TASKS --limit 100 "$@" --out "$RES/q_$name.json" > "$RES/q_$name.md" 2> "$RES/q_$name.log"
+  }
+  export -f one; export RES TASKS
+  xargs -P "${PARALLEL:-10}" -L 1 bash -c 'one "$@"' _ < "$jobs_file" ;;
 esac
 touch "$RES/DONE-${1:-quality}"

@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--eval-max-windows", type=int, default=None)
     ap.add_argument("--dq-lr-grid", nargs="*", type=float, default=[])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra QuantConfig settings")
+    ap.add_argument("--no-fp", action="store_true", help="skip the full-precision evaluation")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -122,7 +123,7 @@ def main() -> None:
             for seed in seeds:
                 cfg = QuantConfig(**{**base, **overrides}, method=method, w_quantizer=wq or None, seed=seed)
                 out = Path(tmp) / f"run-{len(result['runs'])}"
-                m = run_quantize(cfg, out, eval_fp=fp is None, progress=False)
+                m = run_quantize(cfg, out, eval_fp=fp is None and not args.no_fp, progress=False)
                 fp = fp or m.get("fp")
                 run = {"config": config, "seed": seed, "ppl": m["ppl"], "zeroshot": m.get("zeroshot"),
                        "seconds": m["seconds"], "peak_memory_bytes": m["peak_memory_bytes"]}
@@ -144,7 +145,7 @@ def main() -> None:
 
 def table(result: dict) -> list[str]:
     lines = ["| config | seeds | wiki ppl | c4 ppl | 0-shot avg |", "|---|---|---|---|---|"]
-    fp = result["fp"]
+    fp = result.get("fp")
     if fp:
         zs = fp.get("zeroshot", {}).get("avg")
         lines.append(f"| FP | - | {fp['ppl']['wiki']:.3f} | {fp['ppl']['c4']:.3f} | {fmt([zs]) if zs else '-'} |")

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Calibration cost side by side: DartQuant vs SpinQuant vs OSTQuant, one table.
+
+    # this CPU, the real SmolLM2-135M
+    python benchmarks/e2e_cost.py --model smollm2-135m --device cpu --out docs/results/e2e_cost_cpu.json
+    # the H200, random weights of the Llama-2-7B shape (timing does not depend on the values)
+    python benchmarks/e2e_cost.py --shape llama2-7b --device cuda --dtype bfloat16 --micro-batch 8 \
+        --out /tmp/res/e2e_cost_7b.json
+
+Each method runs in a fresh subprocess, so that its peak memory (CPU: peak RSS; CUDA: peak
+allocated) is its own. DartQuant runs its whole calibration (capture + R1 + R2) with
+`--dq-samples` sequences, as `dartquant quantize --method dartquant` does. SpinQuant and OSTQuant
+run `--steps` optimizer steps of `--batch` sequences (after one warm-up step, not counted); their
+time is *extrapolated* linearly to the published schedule, 100 steps x 8 sequences of 2048
+tokens (SpinQuant's; OSTQuant's own schedule differs and is not modelled). Peak memory of the
+end-to-end methods includes the model, which must sit on the device for end-to-end training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+PUBLISHED_STEPS, PUBLISHED_BATCH = 100, 8
+PAPER_7B = {"dartquant": {"hours": 0.14, "GiB": 17.4}, "spinquant": {"hours": 0.30, "GiB": 20.0}}
+
+
+def _model(args):
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    if args.shape and args.worker == "dartquant":  # DartQuant keeps the model on the host
+        from dartquant_cost import random_model
+
+        return random_model(args.shape, dtype), None
+    if args.shape:  # end-to-end training needs the model on the device: build it there (fast)
+        from dartquant_cost import SHAPES
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=4096)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        model = model.to_empty(device=args.device).to(dtype)
+        with torch.no_grad():
+            torch.manual_seed(0)
+            for name, p in model.named_parameters():
+                p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(args.device)
+        return model, None
+    from dartquant.zoo import load_model
+
+    return load_model(args.model, dtype=dtype)
+
+
+def _ids(args, model, tokenizer, n: int):
+    import torch
+
+    if tokenizer is None:  # random weights: random tokens
+        return torch.randint(0, model.config.vocab_size, (n, args.seqlen), generator=torch.Generator().manual_seed(0))
+    from dartquant.data import calib_windows
+
+    return calib_windows(tokenizer, "wiki", n, args.seqlen, seed=0)
+
+
+def worker(args) -> dict:
+    import torch
+
+    from dartquant.quant.config import QuantConfig
+    from dartquant.transforms import fuse_norms_, untie_embeddings_
+
+    cuda = args.device.startswith("cuda")
+    model, tokenizer = _model(args)
+    untie_embeddings_(model)
+    fuse_norms_(model)
+    out = {"method": args.worker, "seqlen": args.seqlen}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    if args.worker == "dartquant":
+        from dartquant.calib.dartquant import calibrate_dartquant
+        from dartquant.quant.pipeline import StageTimer
+
+        ids = _ids(args, model, tokenizer, args.dq_samples)
+        cfg = QuantConfig(device=args.device, seed=0, calib_samples=args.dq_samples, calib_seqlen=args.seqlen)
+        timer = StageTimer()
+        t0 = time.perf_counter()
+        calibrate_dartquant(model, cfg, ids, timer=timer, progress=False)
+        if cuda:
+            torch.cuda.synchronize()
+        out.update(measured_s=round(time.perf_counter() - t0, 1), stages_s=timer.seconds,
+                   schedule=f"capture {args.dq_samples} x {args.seqlen}, {cfg.dq_epochs} epochs R1 + R2",
+                   full_schedule_s=round(time.perf_counter() - t0, 1), extrapolated=False)
+    else:
+        from dartquant.calib.e2e import E2EConfig, train_e2e
+
+        model.to(args.device)
+        if cuda:
+            torch.cuda.synchronize()
+            out["model_GiB"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+        steps = args.steps + 1  # the first step warms up (allocator, kernels) and is not counted
+        ids = _ids(args, model, tokenizer, steps * args.batch)
+        e2e = E2EConfig(method=args.worker, steps=steps, batch=args.batch, micro_batch=args.micro_batch)
+        with tempfile.TemporaryDirectory() as tmp:
+            train_e2e(model, QuantConfig(method=args.worker), ids, None, cfg=e2e, out_dir=Path(tmp), progress=False)
+            curve = json.loads((Path(tmp) / f"{args.worker}_loss.json").read_text())["curve"]
+        ends = [c["seconds"] for c in curve]  # cumulative, taken after each step's backward
+        per_step = statistics.median(b - a for a, b in zip(ends, ends[1:]))
+        per_seq = per_step / args.batch
+        out.update(measured_s=round(ends[-1], 1), measured_steps=args.steps, batch=args.batch,
+                   micro_batch=args.micro_batch, step_s=round(per_step, 3), seq_s=round(per_seq, 3),
+                   schedule=f"{PUBLISHED_STEPS} steps x {PUBLISHED_BATCH} seq x {args.seqlen} (extrapolated)",
+                   full_schedule_s=round(per_seq * PUBLISHED_STEPS * PUBLISHED_BATCH, 1), extrapolated=True,
+                   first_loss=curve[0]["loss"], last_loss=curve[-1]["loss"])
+    out["peak_cpu_rss_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    if cuda:
+        out["peak_gpu_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="a bundled or local model (real weights)")
+    src.add_argument("--shape", default=None, help="random weights of a known shape, e.g. llama2-7b")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--methods", nargs="+", default=["dartquant", "spinquant", "ostquant"])
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--dq-samples", type=int, default=32, help="DartQuant calibration sequences (the default run's)")
+    ap.add_argument("--steps", type=int, default=2, help="timed end-to-end steps (after one warm-up step)")
+    ap.add_argument("--batch", type=int, default=1, help="sequences per timed step")
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if not args.shape and not args.model:
+        args.model = "smollm2-135m"
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)))
+        return
+
+    import torch
+
+    rows = []
+    for method in args.methods:
+        cmd = [sys.executable, __file__, "--worker", method] + [a for a in sys.argv[1:]]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            rows.append({"method": method, "error": f"exit {proc.returncode}"})
+        else:
+            rows.append(json.loads(lines[-1][7:]))
+        rows[-1]["wall_incl_load_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    base = next((r for r in rows if r["method"] == "dartquant" and "error" not in r), None)
+    for r in rows:
+        if base and "error" not in r:
+            r["time_vs_dartquant"] = round(r["full_schedule_s"] / base["full_schedule_s"], 2)
+            mem = "peak_gpu_GiB" if "peak_gpu_GiB" in base else "peak_cpu_rss_GiB"
+            r["memory_vs_dartquant"] = round(r[mem] / base[mem], 2)
+    info = {"torch": torch.__version__, "cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    if args.out:
+        Path(args.out).write_text(json.dumps({"machine": info, "args": vars(args), "rows": rows,
+                                              "paper_7b": PAPER_7B}, indent=1))
+    cols = ["method", "schedule", "measured_s", "step_s", "full_schedule_s", "time_vs_dartquant", "peak_gpu_GiB",
+            "peak_cpu_rss_GiB", "memory_vs_dartquant", "model_GiB"]
+    print(f"model: {args.shape or args.model} ({args.dtype}) on {args.device}; {info}")
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
