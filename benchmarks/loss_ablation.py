@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--eval-max-windows", type=int, default=8)
     ap.add_argument("--lr-grid", nargs="+", type=float, default=[0.01, 0.1, 1.0])
     ap.add_argument("--no-quarot", action="store_true")
+    ap.add_argument("--reuse", help="a previous output JSON of the same settings: its runs (and FP) are kept, "
+                                    "not recomputed")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -71,11 +73,22 @@ def main() -> None:
     base = dict(model=args.model, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                 eval_max_windows=args.eval_max_windows)
     t_start = time.time()
+    if args.reuse:
+        old = json.loads(Path(args.reuse).read_text())
+        result["runs"] = old.get("runs", [])
+        if old.get("fp"):
+            result["fp"] = old["fp"]
+        result["reused_from"] = args.reuse
+
+    def done(tag: str, wq: str, seed: int) -> bool:
+        return any((r["config"], r["wq"], r["seed"]) == (tag, wq, seed) for r in result["runs"])
 
     def save():
         out_path.write_text(json.dumps(result, indent=1))
 
     def evaluate(tag: str, wq: str, seed: int, tmp: Path, **kw):
+        if done(tag, wq, seed):
+            return
         cfg = QuantConfig(**base, **kw, w_quantizer=wq, seed=seed)
         m = run_quantize(cfg, tmp / f"run-{len(result['runs'])}", eval_fp="fp" not in result, progress=False)
         result.setdefault("fp", m.get("fp"))
@@ -86,12 +99,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
-        if not args.no_quarot:
-            for wq in args.wq:
-                for seed in args.seeds:
-                    evaluate("quarot", wq, seed, tmp, method="quarot")
         chosen: dict = {}
-        for seed in args.seeds:
+        for seed in args.seeds:  # seed-major, so that partial results cover every config
+            if not args.no_quarot:
+                for wq in args.wq:
+                    evaluate("quarot", wq, seed, tmp, method="quarot")
             model, tok = load_model(args.model)
             geo = adapter_for(model).geometry(model.config)
             cfg0 = QuantConfig(**base, method="dartquant", seed=seed)
