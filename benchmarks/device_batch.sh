@@ -27,24 +27,24 @@ for m in ('smollm2-135m', 'qwen2.5-coder-0.5b'): load_model(m)" > "$RES/convert.
   jobs_file="$RES/jobs.txt"; : > "$jobs_file"
   add() { echo "$*" >> "$jobs_file"; }  # NAME MODEL CONFIG SEED [EXTRA quality.py args]
   for s in 0 1 2; do
-    add "sm_spinquant_$s smollm2-135m spinquant:gptq $s --set e2e_micro_batch=8"
+    add "sm_spinquant_$s smollm2-135m spinquant:gptq $s --set e2e_micro_batch=4"
     add "sm_ostquant_$s smollm2-135m ostquant:gptq $s --set e2e_micro_batch=4"
   done
   add "sm_fp smollm2-135m rtn:rtn 0 FP"
   for s in 0 1 2; do
-    add "sm_dartquant_$s smollm2-135m dartquant:gptq $s --dq-lr-grid 1e-3 1e-2 1e-1"
+    add "sm_dartquant_$s smollm2-135m dartquant:gptq $s --dq-lr-grid 1e-3 1e-2 1e-1 1 10"
     add "sm_quarot_$s smollm2-135m quarot:gptq $s"
   done
   add "qw_fp qwen2.5-coder-0.5b rtn:rtn 0 FP"
   for s in 0 1 2; do
     add "qw_quarot_$s qwen2.5-coder-0.5b quarot:gptq $s"
-    add "qw_dartquant_$s qwen2.5-coder-0.5b dartquant:gptq $s --dq-lr-grid 1e-3 1e-2 1e-1"
+    add "qw_dartquant_$s qwen2.5-coder-0.5b dartquant:gptq $s --dq-lr-grid 1e-3 1e-2 1e-1 1 10"
     add "qw_spinquant_$s qwen2.5-coder-0.5b spinquant:gptq $s --set e2e_micro_batch=2"
     add "qw_ostquant_$s qwen2.5-coder-0.5b ostquant:gptq $s --set e2e_micro_batch=2"
   done
   for s in 0 1 2; do
     add "sm_quarotrtn_$s smollm2-135m quarot:rtn $s"
-    add "sm_dartquantrtn_$s smollm2-135m dartquant:rtn $s --dq-lr-grid 1e-3 1e-2 1e-1"
+    add "sm_dartquantrtn_$s smollm2-135m dartquant:rtn $s --dq-lr-grid 1e-3 1e-2 1e-1 1 10"
   done
   one() {  # one quality.py process per line of jobs.txt; FP only where the line says so
     name=$1 model=$2 config=$3 seed=$4; shift 4
@@ -53,6 +53,6 @@ for m in ('smollm2-135m', 'qwen2.5-coder-0.5b'): load_model(m)" > "$RES/convert.
       --tasks $TASKS --limit 100 "$@" --out "$RES/q_$name.json" > "$RES/q_$name.md" 2> "$RES/q_$name.log"
   }
   export -f one; export RES TASKS
-  xargs -P "${PARALLEL:-10}" -L 1 bash -c 'one "$@"' _ < "$jobs_file" ;;
+  xargs -P "${PARALLEL:-8}" -L 1 bash -c 'one "$@"' _ < "$jobs_file" ;;
 esac
 touch "$RES/DONE-${1:-quality}"
