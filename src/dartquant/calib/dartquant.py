@@ -19,7 +19,7 @@ Memory: the capture writes to host memory only. On CUDA each buffer is moved to 
 its own training stage only (`buffers="device"`, the default when it fits) or left on the host
 with only minibatches moved (`buffers="host"`); the R1 buffer is freed before R2 trains and the
 R2 buffer when R2 is done; the model's weights are on the host during training (capture moves
-one block at a time). Per-stage seconds and peak memory are recorded in the metadata.
+one block at a time). Per-stage seconds and peak memory so far are recorded in the metadata.
 """
 
 from __future__ import annotations
@@ -138,8 +138,10 @@ def r1_heldout_quant(r1_buf: torch.Tensor, r1: torch.Tensor, held_rows: torch.Te
 
 
 class _Stage:
-    """Wall time and peak memory of one stage: CUDA peak allocated (reset at entry) and the
-    process's peak RSS so far (ru_maxrss is monotonic: it is the peak up to the stage's end)."""
+    """Wall time and memory of one stage: the CUDA peak allocated so far and the process's peak
+    RSS so far, both read at the stage's end (monotonic: the peak up to then). The CUDA peak is
+    deliberately not reset here, so a caller measuring the whole calibration keeps its peak;
+    benchmarks/dartquant_cost.py resets it around each stage itself."""
 
     def __init__(self, device):
         self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
@@ -148,14 +150,13 @@ class _Stage:
     def __enter__(self):
         if self.cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
-            self.record["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+            self.record["cuda_peak_so_far_bytes"] = torch.cuda.max_memory_allocated()
             self.record["cuda_after_bytes"] = torch.cuda.memory_allocated()
         self.record["seconds"] = round(time.perf_counter() - self.t0, 3)
         self.record["cpu_rss_peak_so_far_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
