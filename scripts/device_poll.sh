@@ -6,4 +6,5 @@ ls /tmp/res | head -100
 tail -n 3 /tmp/res/batch.log 2>/dev/null
 for f in /tmp/res/*.log; do echo "== $f"; tail -c 400 "$f" | tr '\r' '\n' | tail -n 2; done 2>/dev/null | tail -n 80
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
-if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/res" && find /tmp/res -maxdepth 1 -type f \( -name '*.json' -o -name '*.md' -o -name 'DONE*' \) -size -5M -exec cp {} "$OUT/res/" \; ; fi
+# one archive: the device tool brings back only a few files per call
+if [ -n "${OUT:-}" ]; then (cd /tmp/res && tar czf "$OUT/res.tgz" $(ls | grep -E '\.(json|md|log)$|^DONE') 2>/dev/null); fi

@@ -125,10 +125,11 @@ class Transforms(nn.Module):
         return self.log_scales[name][layer].exp() if name in self.log_scales else None
 
     def rotation_set(self, geo, r3: bool, r4: bool, meta: dict, dtype=torch.float32) -> RotationSet:
-        r2 = self.r2.final().to(dtype)  # [L, d, d] -> one per KV head (shared)
+        # on the host, whatever device trained them: folding and saving happen there
+        r2 = self.r2.final().to("cpu", dtype)  # [L, d, d] -> one per KV head (shared)
         r2 = r2[:, None].expand(-1, geo.n_kv_heads, -1, -1).contiguous()
-        scales = {k: v.detach().double().exp().to(dtype) for k, v in self.log_scales.items()}
-        return RotationSet(self.r1.final().to(dtype), r2, r3, r4, meta, scales)
+        scales = {k: v.detach().to("cpu", torch.float64).exp().to(dtype) for k, v in self.log_scales.items()}
+        return RotationSet(self.r1.final().to("cpu", dtype), r2, r3, r4, meta, scales)
 
 
 class _Param(nn.Module):
