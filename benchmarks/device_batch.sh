@@ -50,7 +50,7 @@ for m in ('smollm2-135m', 'qwen2.5-coder-0.5b'): load_model(m)" > "$RES/convert.
     name=$1 model=$2 config=$3 seed=$4; shift 4
     fp="--no-fp"; if [ "${1:-}" = FP ]; then fp=""; shift; fi
     python3 benchmarks/quality.py --model "$model" --device cuda --configs "$config" --seeds "$seed" $fp \
-      --tasks $TASKS --limit 100 "$@" --out "$RES/q_$name.json" > "$RES/q_$name.md" 2> "$RES/q_$name.log"
+      --progress --tasks $TASKS --limit 100 "$@" --out "$RES/q_$name.json" > "$RES/q_$name.md" 2> "$RES/q_$name.log"
   }
   export -f one; export RES TASKS
   xargs -P "${PARALLEL:-8}" -L 1 bash -c 'one "$@"' _ < "$jobs_file" ;;

@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--dq-lr-grid", nargs="*", type=float, default=[])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra QuantConfig settings")
     ap.add_argument("--no-fp", action="store_true", help="skip the full-precision evaluation")
+    ap.add_argument("--progress", action="store_true", help="progress bars (training steps, windows) on stderr")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -123,10 +124,11 @@ def main() -> None:
             for seed in seeds:
                 cfg = QuantConfig(**{**base, **overrides}, method=method, w_quantizer=wq or None, seed=seed)
                 out = Path(tmp) / f"run-{len(result['runs'])}"
-                m = run_quantize(cfg, out, eval_fp=fp is None and not args.no_fp, progress=False)
+                m = run_quantize(cfg, out, eval_fp=fp is None and not args.no_fp, progress=args.progress)
                 fp = fp or m.get("fp")
                 run = {"config": config, "seed": seed, "ppl": m["ppl"], "zeroshot": m.get("zeroshot"),
-                       "seconds": m["seconds"], "peak_memory_bytes": m["peak_memory_bytes"]}
+                       "seconds": m["seconds"], "peak_memory_bytes": m["peak_memory_bytes"],
+                       "calibration": m.get("calibration")}
                 result["runs"].append(run)
                 zs = m.get("zeroshot", {}).get("avg")
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)

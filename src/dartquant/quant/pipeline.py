@@ -133,6 +133,9 @@ def run_quantize(cfg: QuantConfig, out: str | Path, *, overwrite: bool = False, 
         untie_embeddings_(model, adapter)
         rotations = compute_rotations(model, cfg, calib_ids, timer, tmp, progress, tokenizer)
         if rotations is not None:
+            calib = {k: v for k, v in rotations.meta.items() if k.startswith("eval_loss") or k.endswith("_lr")}
+            if calib and not cfg.rotations:  # held-out calibration numbers of the method that ran
+                metrics["calibration"] = calib
             log(f"rotating ({rotations.meta.get('method', 'given')})")
             with timer("rotate"):
                 rotate_(model, rotations, adapter)
