@@ -80,7 +80,7 @@ class RotationSet:
                 raise ValueError(f"{name} has shape {tuple(mat.shape)} but this model needs {expect[name]}: "
                                  "the rotations were made for another model")
             m = mat.double()
-            err = (m @ m.transpose(-1, -2) - torch.eye(m.shape[-1], dtype=m.dtype)).abs().max().item()
+            err = (m @ m.transpose(-1, -2) - torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)).abs().max().item()
             if err > 1e-4:
                 raise ValueError(f"{name} is not orthogonal (max |R R^T - I| = {err:.2e})")
         sizes = {"attn_norm": geometry.hidden, "mlp_norm": geometry.hidden,
@@ -204,11 +204,12 @@ def rotate_(model: nn.Module, rotations: RotationSet, adapter: ModelAdapter | No
     adapter = adapter or adapter_for(model)
     geo = adapter.geometry(model.config)
     rotations.validate(geo)
+    where = adapter.embedding(model).weight.device  # matrices made on another device fold here
     if not norms_fused(model, adapter):
         fuse_norms_(model, adapter)
     layers = adapter.layers_of(model)
     if rotations.r1 is not None:
-        r1 = rotations.r1.double()
+        r1 = rotations.r1.to(where, torch.float64)
         emb = adapter.embedding(model).weight
         emb.data.copy_((emb.data.double() @ r1).to(emb.dtype))
         _rotate_input_(adapter.head(model), r1)
@@ -219,12 +220,12 @@ def rotate_(model: nn.Module, rotations: RotationSet, adapter: ModelAdapter | No
                 _rotate_output_(lin, r1)
     if rotations.r2 is not None:
         for i, layer in enumerate(layers):
-            r2 = rotations.r2[i].double()
+            r2 = rotations.r2[i].to(where, torch.float64)
             _rotate_v_output_(layer.v, r2, geo.head_dim)
             _rotate_o_input_(layer.o, r2, geo.head_dim, geo.kv_groups)
-    _apply_scales_(model, rotations.scales, adapter, geo)
+    _apply_scales_(model, {k: v.to(where) for k, v in rotations.scales.items()}, adapter, geo)
     if rotations.r4:
-        h = hadamard_matrix(geo.intermediate, dtype=torch.float64)
+        h = hadamard_matrix(geo.intermediate, dtype=torch.float64, device=where)
         for layer in layers:  # online x -> x H, so W_down <- W_down H keeps x W^T
             _rotate_input_(layer.down, h)
     install_online_(model, adapter, r3=rotations.r3, r4=rotations.r4)
