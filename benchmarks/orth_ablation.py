@@ -42,7 +42,7 @@ def main() -> None:
 
     from dartquant.adapters import adapter_for
     from dartquant.calib.capture import capture_activations
-    from dartquant.calib.dartquant import _split
+    from dartquant.calib.dartquant import split_indices
     from dartquant.calib.train import RotationTrainConfig, train_rotation
     from dartquant.data import calib_windows
     from dartquant.hadamard import random_hadamard_matrix
@@ -54,14 +54,14 @@ def main() -> None:
     geo = adapter_for(model).geometry(model.config)
     ids = calib_windows(tok, "wiki", args.samples, args.seqlen, seed=0)
     acts = capture_activations(model, ids, fraction=0.1, seed=0, device=args.device, progress=False)
-    x_tr, x_ev = _split(acts.r1, 0)
+    train, held = split_indices(acts.r1.shape[0], 0)  # the held-out split DartQuant itself uses
     init = random_hadamard_matrix(geo.hidden, 0)
     runs = []
     for param in ("qr", "cayley"):
         for lr in args.lrs:
             cfg = RotationTrainConfig(param=param, lr=lr, epochs=10**6, batch_tokens=args.batch_tokens, seed=0)
-            _, h = train_rotation(x_tr, init, cfg, progress=False, device=args.device, max_steps=args.steps,
-                                  eval_x=x_ev)
+            _, h = train_rotation(acts.r1, init, cfg, progress=False, device=args.device, max_steps=args.steps,
+                                  index=train, eval_index=held)
             runs.append({"param": param, "lr": lr, "steps": h["steps"], "seconds_per_step": h["seconds_per_step"],
                          "train_loss_first": h["loss"][0], "train_loss_last": h["loss"][-1],
                          "eval_loss_init": h["eval_loss_init"], "eval_loss_final": h["eval_loss_final"],

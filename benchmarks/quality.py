@@ -26,39 +26,33 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def select_dartquant_lr(cfg, grid: list[float], progress: bool) -> dict:
-    """Capture once (seed of cfg) and train R1 / R2 at each lr; pick the lowest held-out loss."""
+    """Capture once (seed of cfg) and fit R1 / R2 at each lr with DartQuant's own stages
+    (`fit_r1` / `fit_r2`: the held-out split of the calibration tokens); pick the lowest
+    held-out loss."""
+    import dataclasses
+
     import torch
 
     from dartquant.adapters import adapter_for
-    from dartquant.calib.capture import capture_activations
-    from dartquant.calib.dartquant import _split, train_config
-    from dartquant.calib.train import train_rotation
+    from dartquant.calib.dartquant import capture, fit_r1, fit_r2
     from dartquant.data import calib_windows
-    from dartquant.hadamard import random_hadamard_matrix
-    from dartquant.transforms import RotationSet, fuse_norms_
     from dartquant.zoo import load_model
 
     model, tok = load_model(cfg.model)
     geo = adapter_for(model).geometry(model.config)
-    fuse_norms_(model)
     ids = calib_windows(tok, cfg.calib_corpus, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
-    acts = capture_activations(model, ids, fraction=cfg.dq_token_fraction, seed=cfg.seed, device=cfg.device,
-                               progress=progress)
-    r1_tr, r1_ev = _split(acts.r1, cfg.seed)
-    r2_tr, r2_ev = _split(acts.r2.flatten(0, 1), cfg.seed)
-    r1_init = random_hadamard_matrix(geo.hidden, cfg.seed)
-    r2_init = RotationSet.random_hadamard_r2(geo, cfg.seed).flatten(0, 1)
+    acts = capture(model, cfg, ids, progress=progress)
     table = {"r1": {}, "r2": {}}
     for lr in grid:
-        cfg.dq_r1_lr = cfg.dq_r2_lr = lr
-        _, h1 = train_rotation(r1_tr, r1_init, train_config(cfg, "r1"), progress=False, device=cfg.device, eval_x=r1_ev)
-        _, h2 = train_rotation(r2_tr, r2_init, train_config(cfg, "r2"), progress=False, device=cfg.device, eval_x=r2_ev)
+        at = dataclasses.replace(cfg, dq_r1_lr=lr, dq_r2_lr=lr)
+        _, h1 = fit_r1(acts, geo, at, progress=False)
+        _, h2 = fit_r2(acts, geo, at, progress=False)
         table["r1"][lr] = (h1["eval_loss_init"], h1["eval_loss_final"])
         table["r2"][lr] = (h2["eval_loss_init"], h2["eval_loss_final"])
         print(f"  lr {lr:g}: R1 held-out loss {h1['eval_loss_init']:.4f} -> {h1['eval_loss_final']:.4f}; "
               f"R2 {h2['eval_loss_init']:.4f} -> {h2['eval_loss_final']:.4f}", file=sys.stderr)
     best = {k: min(v, key=lambda lr: v[lr][1]) for k, v in table.items()}
-    del model
+    del model, acts
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"grid": grid, "held_out_loss": {k: {str(lr): v for lr, v in t.items()} for k, t in table.items()},
             "r1_lr": best["r1"], "r2_lr": best["r2"]}

@@ -27,15 +27,9 @@ from dartquant.calib.losses import fake_quant_per_token
 # ---------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: with 2 intra-op threads on a busy 2-core
-    # machine, OpenMP synchronization made this module ~15x slower (88 s vs
-    # 5 s measured).  One thread is also bitwise reproducible run to run.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# The tensors here are tiny: with 2 intra-op threads on a busy 2-core machine, OpenMP
+# synchronization made this module ~15x slower (88 s vs 5 s measured). conftest's fixture.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sylvester_hadamard(n: int, dtype=torch.float64) -> torch.Tensor:

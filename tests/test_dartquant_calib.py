@@ -10,7 +10,6 @@ import torch
 from dartquant.adapters import adapter_for
 from dartquant.calib.capture import capture_activations
 from dartquant.calib.dartquant import (
-    _split,
     calibrate_dartquant,
     fit_r2,
     r1_heldout_quant,
@@ -24,18 +23,13 @@ from dartquant.transforms import RotationSet, fuse_norms_
 from tiny import make_tiny_model, module_inputs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one thread
 
 
 SPEC = QuantSpec(bits=4, symmetric=False, clip_ratio=0.9)
 
 
-def test_split_indices_disjoint_whole_tokens_and_legacy_split():
+def test_split_indices_disjoint_whole_tokens():
     tr, ev = split_indices(50, seed=3, groups=1)
     assert tr.numel() == 45 and ev.numel() == 5
     assert sorted(torch.cat([tr, ev]).tolist()) == list(range(50))
@@ -43,10 +37,6 @@ def test_split_indices_disjoint_whole_tokens_and_legacy_split():
     tr3, ev3 = split_indices(50, seed=3, groups=3)
     assert sorted(torch.cat([tr3, ev3]).tolist()) == list(range(150))
     assert torch.equal(ev3.view(-1, 3)[:, 0] // 3, ev) and torch.equal(ev3.view(-1, 3) % 3, torch.arange(3).expand(5, 3))
-    # the legacy copy split is the same split
-    x = torch.randn(50, 4)
-    a, b = _split(x, 3)
-    assert torch.equal(a, x[tr]) and torch.equal(b, x[ev])
     with pytest.raises(ValueError):
         split_indices(1, 0)
 

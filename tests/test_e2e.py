@@ -115,16 +115,18 @@ def test_train_e2e_orthogonal_changes_and_restores(method):
     with torch.no_grad():
         before = model(ids).logits
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    needs_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     cfg = E2EConfig(method=method, steps=4, batch=2, micro_batch=1, lr=1.0, scale_lr=0.05, kl_topk=20)
     qcfg = QuantConfig(a_bits=4, kv_bits=4, method=method)
     rs = train_e2e(model, qcfg, ids[:6], ids[6:], cfg=cfg, progress=False)
     # the model is back as it came in: same parameters, no parametrizations, no online modules
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
-    assert {k: v for k, v in model.state_dict().items()}.keys() == state.keys()
+    assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     with torch.no_grad():
         assert torch.equal(before, model(ids).logits)
-    assert not any(p.requires_grad for p in model.parameters()) or all(p.requires_grad for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == needs_grad
+    assert not model.training and not any(hasattr(a, "dq_attention") for a in model.modules())
     geo = adapter.geometry(model.config)
     rs.validate(geo)
     assert orthogonality_error(rs.r1) < 1e-5 and orthogonality_error(rs.r2) < 1e-5

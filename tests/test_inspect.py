@@ -23,12 +23,7 @@ from tiny import TINY_CONFIGS, save_tiny_folder, module_inputs
 SAMPLES, SEQLEN = 2, 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -58,13 +58,6 @@ def split_indices(t: int, seed: int, groups: int = 1) -> tuple[torch.Tensor, tor
     return train, held
 
 
-def _split(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random train / held-out split of the token axis (-2), as copies (kept for callers that
-    want tensors; calibrate_dartquant splits by index)."""
-    train, held = split_indices(x.shape[-2], seed)
-    return x.index_select(-2, train.to(x.device)), x.index_select(-2, held.to(x.device))
-
-
 def train_config(cfg, which: str) -> RotationTrainConfig:
     return RotationTrainConfig(
         loss=cfg.dq_loss, param=cfg.dq_param, optimizer=cfg.dq_optimizer,

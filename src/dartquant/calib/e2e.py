@@ -46,8 +46,11 @@ from torch.nn.utils import parametrize
 
 from ..adapters import ModelAdapter, adapter_for
 from ..hadamard import fast_hadamard_transform, random_hadamard_matrix
+from ..modules import QLinear
+from ..quant.act import install_quantizers_, set_act_quant_enabled_
 from ..quant.primitives import QuantSpec, fake_quantize
 from ..transforms import RotationSet, fuse_norms_
+from ..transforms.online import install_online_
 from .orth import CayleyOrth, CayleySGD
 
 E2E_METHODS = ("spinquant", "ostquant")
@@ -216,10 +219,6 @@ def _layer_fns(i: int, geo, r4: bool) -> dict:
 def training_view(model: nn.Module, transforms: Transforms, qcfg, r3: bool, r4: bool,
                   adapter: ModelAdapter | None = None, checkpointing: bool = True):
     """Make `model` (norm-fused, unrotated) the quantized model at `transforms`; undo on exit."""
-    from ..modules import QLinear
-    from ..quant.act import install_quantizers_
-    from ..transforms.online import install_online_
-
     adapter = adapter or adapter_for(model)
     geo = adapter.geometry(model.config)
     attn_impl = model.config._attn_implementation
@@ -284,8 +283,6 @@ def training_view(model: nn.Module, transforms: Transforms, qcfg, r3: bool, r4: 
 
 # ---- training -----------------------------------------------------------------------------
 def _set_quant(model: nn.Module, transforms: Transforms, on: bool, weight_spec: QuantSpec | None) -> None:
-    from ..quant.act import set_act_quant_enabled_
-
     set_act_quant_enabled_(model, on)
     transforms.weight_spec = weight_spec if on else None
 

@@ -149,12 +149,9 @@ class QuantConfig:
         if self.calib_seqlen < 2 or self.eval_seqlen < 2:
             raise ValueError("sequence lengths must be at least 2")
         if self.method in E2E_METHODS:
-            for name in ("e2e_steps", "e2e_batch", "e2e_micro_batch", "e2e_kl_topk"):
-                if getattr(self, name) <= 0:
-                    raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-            if self.e2e_batch % self.e2e_micro_batch:
-                raise ValueError(f"e2e_batch ({self.e2e_batch}) must be a multiple of e2e_micro_batch "
-                                 f"({self.e2e_micro_batch})")
+            from ..calib.e2e import E2EConfig  # the training settings check themselves
+
+            E2EConfig.from_quant_config(self).validate()
             if self.e2e_seqlen < 2 or (self.e2e_samples is not None and self.e2e_samples <= 0):
                 raise ValueError("e2e_seqlen must be at least 2 and e2e_samples positive")
             if self.e2e_w_bits is not None and self.e2e_w_bits not in SUPPORTED_BITS:

@@ -133,7 +133,7 @@ def run_quantize(cfg: QuantConfig, out: str | Path, *, overwrite: bool = False, 
         untie_embeddings_(model, adapter)
         rotations = compute_rotations(model, cfg, calib_ids, timer, tmp, progress, tokenizer)
         if rotations is not None:
-            calib = {k: v for k, v in rotations.meta.items() if k.startswith("eval_loss") or k.endswith("_lr")}
+            calib = {k: v for k, v in rotations.meta.items() if k.startswith("eval_loss")}
             if calib and not cfg.rotations:  # held-out calibration numbers of the method that ran
                 metrics["calibration"] = calib
             log(f"rotating ({rotations.meta.get('method', 'given')})")
