@@ -110,7 +110,7 @@ def worker(args) -> dict:
             out["model_GiB"] = round(torch.cuda.memory_allocated() / 2**30, 2)
         steps = args.steps + 1  # the first step warms up (allocator, kernels) and is not counted
         ids = _ids(args, model, tokenizer, steps * args.batch)
-        e2e = E2EConfig(method=args.worker, steps=steps, batch=args.batch, micro_batch=args.micro_batch)
+        e2e = E2EConfig(method=args.worker, steps=steps, batch=args.batch, micro_batch=args.micro_batch, amp=args.amp)
         with tempfile.TemporaryDirectory() as tmp:
             train_e2e(model, QuantConfig(method=args.worker), ids, None, cfg=e2e, out_dir=Path(tmp), progress=False)
             curve = json.loads((Path(tmp) / f"{args.worker}_loss.json").read_text())["curve"]
@@ -118,7 +118,7 @@ def worker(args) -> dict:
         per_step = statistics.median(b - a for a, b in zip(ends, ends[1:]))
         per_seq = per_step / args.batch
         out.update(measured_s=round(ends[-1], 1), measured_steps=args.steps, batch=args.batch,
-                   micro_batch=args.micro_batch, step_s=round(per_step, 3), seq_s=round(per_seq, 3),
+                   micro_batch=args.micro_batch, amp=args.amp, step_s=round(per_step, 3), seq_s=round(per_seq, 3),
                    schedule=f"{PUBLISHED_STEPS} steps x {PUBLISHED_BATCH} seq x {args.seqlen} (extrapolated)",
                    full_schedule_s=round(per_seq * PUBLISHED_STEPS * PUBLISHED_BATCH, 1), extrapolated=True,
                    first_loss=curve[0]["loss"], last_loss=curve[-1]["loss"])
@@ -141,6 +141,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="timed end-to-end steps (after one warm-up step)")
     ap.add_argument("--batch", type=int, default=1, help="sequences per timed step")
     ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--amp", default="off", choices=["off", "bf16"], help="bf16 autocast in end-to-end training")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

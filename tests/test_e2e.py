@@ -10,7 +10,8 @@ import torch
 from torch.nn.utils import parametrize
 
 from dartquant.adapters import adapter_for
-from dartquant.calib.e2e import E2EConfig, Transforms, kl_top_loss, next_token_ce, train_e2e, training_view
+from dartquant.calib.e2e import (E2EConfig, Transforms, kl_top_loss, next_token_ce, resolve_amp, train_e2e,
+                                 training_view)
 from dartquant.calib.orth import orthogonality_error
 from dartquant.hadamard import random_hadamard_matrix
 from dartquant.quant.act import install_quantizers_, set_act_quant_enabled_
@@ -135,6 +136,28 @@ def test_train_e2e_orthogonal_changes_and_restores(method):
     assert torch.equal(rs.r2[:, 0], rs.r2[:, -1])  # one R2 per layer, shared by its KV heads
     assert (set(rs.scales) == {"attn_norm", "mlp_norm", "v", "up"}) == (method == "ostquant")
     assert rs.meta["eval_loss_before"] is not None and rs.meta["eval_loss_after"] is not None
+
+
+def test_bf16_autocast_training_runs_close_to_fp32():
+    """e2e_amp=bf16 (the GPU default): the training forward runs under bf16 autocast, its
+    loss stays close to the fp32 one, and the learned rotations are still orthogonal fp32."""
+    torch.manual_seed(0)
+    model = make_tiny_model("llama-tied-gqa", dtype=torch.float32)
+    fuse_norms_(model)
+    ids = _ids(model, n=6, t=24)
+    qcfg = QuantConfig(a_bits=4, kv_bits=4, method="spinquant")
+    runs = {}
+    for amp in ("off", "bf16"):
+        cfg = E2EConfig(method="spinquant", steps=2, batch=2, lr=1.0, amp=amp)
+        runs[amp] = train_e2e(model, qcfg, ids[:4], ids[4:], cfg=cfg, progress=False)
+    assert runs["bf16"].meta["amp"] == "bf16" and runs["bf16"].r1.dtype == torch.float32
+    before = {k: r.meta["eval_loss_before"] for k, r in runs.items()}
+    assert before["bf16"] != before["off"]  # autocast really ran
+    assert before["bf16"] == pytest.approx(before["off"], rel=0.05)
+    assert orthogonality_error(runs["bf16"].r1) < 1e-5
+    assert resolve_amp("auto", "cuda:0") == "bf16" and resolve_amp("auto", "cpu") == "off"
+    with pytest.raises(ValueError, match="e2e_amp"):
+        QuantConfig(method="spinquant", e2e_amp="fp8").validate()
 
 
 def test_cayley_steps_keep_rotations_orthogonal_during_training():

@@ -89,6 +89,7 @@ class E2EConfig:
     kl_temperature: float = 1.0
     w_bits: int = 16  # weights during training: 16 when GPTQ follows (the papers' choice)
     checkpointing: bool = True
+    amp: str = "off"  # "bf16": forward/backward under bfloat16 autocast (SpinQuant trains in bf16)
     seed: int = 0
     r3: bool = True
     r4: bool = True
@@ -97,7 +98,8 @@ class E2EConfig:
     def from_quant_config(cls, cfg) -> E2EConfig:
         return cls(method=cfg.method, steps=cfg.e2e_steps, batch=cfg.e2e_batch, micro_batch=cfg.e2e_micro_batch,
                    lr=cfg.e2e_lr, momentum=cfg.e2e_momentum, scale_lr=cfg.e2e_scale_lr, kl_topk=cfg.e2e_kl_topk,
-                   w_bits=cfg.train_w_bits, checkpointing=cfg.e2e_checkpointing, seed=cfg.seed, r3=cfg.r3, r4=cfg.r4)
+                   w_bits=cfg.train_w_bits, checkpointing=cfg.e2e_checkpointing, amp=resolve_amp(cfg.e2e_amp, cfg.device),
+                   seed=cfg.seed, r3=cfg.r3, r4=cfg.r4)
 
     def validate(self) -> None:
         if self.method not in E2E_METHODS:
@@ -109,6 +111,24 @@ class E2EConfig:
             raise ValueError(f"e2e_batch ({self.batch}) must be a multiple of e2e_micro_batch ({self.micro_batch})")
         if self.lr <= 0 or self.scale_lr <= 0:
             raise ValueError("learning rates must be positive")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"e2e_amp must be one of {AMP_MODES} (or auto), got {self.amp!r}")
+
+
+AMP_MODES = ("off", "bf16")
+
+
+def resolve_amp(amp: str, device: str) -> str:
+    """'auto' -> bf16 autocast on CUDA (the published schedules train in bf16), fp32 elsewhere."""
+    if amp == "auto":
+        return "bf16" if str(device).startswith("cuda") else "off"
+    return amp
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 # ---- the trainable transforms -------------------------------------------------------------
@@ -288,13 +308,14 @@ def _set_quant(model: nn.Module, transforms: Transforms, on: bool, weight_spec: 
 
 
 def _loss(model, transforms, ids, cfg: E2EConfig, weight_spec) -> torch.Tensor:
-    if cfg.method == "spinquant":
-        return next_token_ce(model(input_ids=ids).logits, ids)
-    with torch.no_grad():
-        _set_quant(model, transforms, False, weight_spec)
-        teacher = model(input_ids=ids).logits
-        _set_quant(model, transforms, True, weight_spec)
-    return kl_top_loss(model(input_ids=ids).logits, teacher, cfg.kl_topk, cfg.kl_temperature)
+    with _autocast(ids.device, cfg.amp):  # the losses themselves upcast the logits to fp32
+        if cfg.method == "spinquant":
+            return next_token_ce(model(input_ids=ids).logits, ids)
+        with torch.no_grad():
+            _set_quant(model, transforms, False, weight_spec)
+            teacher = model(input_ids=ids).logits
+            _set_quant(model, transforms, True, weight_spec)
+        return kl_top_loss(model(input_ids=ids).logits, teacher, cfg.kl_topk, cfg.kl_temperature)
 
 
 def train_e2e(model: nn.Module, qcfg, train_ids: torch.Tensor, eval_ids: torch.Tensor | None = None, *,
@@ -369,7 +390,7 @@ def train_e2e(model: nn.Module, qcfg, train_ids: torch.Tensor, eval_ids: torch.T
         _set_quant(model, transforms, False, None)
     meta = {"method": cfg.method, "seed": cfg.seed, "r1": "learned", "r2": "learned",
             "scales": sorted(transforms.log_scales.keys()), "steps": cfg.steps, "batch": cfg.batch,
-            "seqlen": int(train_ids.shape[1]), "train_sequences": int(len(train_ids)), "lr": cfg.lr,
+            "seqlen": int(train_ids.shape[1]), "train_sequences": int(len(train_ids)), "lr": cfg.lr, "amp": cfg.amp,
             "loss": "ce" if cfg.method == "spinquant" else f"kl_top{cfg.kl_topk}",
             "eval_loss_before": eval_before, "eval_loss_after": eval_after}
     if out_dir is not None:

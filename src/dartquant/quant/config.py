@@ -87,6 +87,7 @@ class QuantConfig:
     e2e_kl_topk: int = 1024  # OSTQuant's KL-Top: teacher's top-k vocabulary entries
     e2e_w_bits: int | None = None  # weight bits while training; None: 16 before GPTQ, else w_bits
     e2e_checkpointing: bool = True
+    e2e_amp: str = "auto"  # training matmuls: bf16 autocast ("bf16"), fp32 ("off"); auto = bf16 on CUDA
     # evaluation
     eval_seqlen: int = 2048
     eval_max_windows: int | None = None
