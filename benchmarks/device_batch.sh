@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU batch behind docs/RESULTS.md (run on the lent H200 after scripts/device_stage.py
 # staging; `source scripts/device_env.sh` first). Writes JSON + logs to $RES (default /tmp/res).
-# Usage: device_batch.sh cost | quality | all | session3
+# Usage: device_batch.sh cost | quality | all | session3 | jobs FILE
 # Jobs of the parallel modes go round-robin over the visible GPUs (nvidia-h200-x2: two).
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
@@ -9,7 +9,6 @@ TASKS="arc_easy arc_challenge piqa winogrande hellaswag lambada"
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$NGPU" -ge 1 ] || NGPU=1
 one() {  # one quality.py process: GPU NAME MODEL CONFIG SEED [FP] [extra args]; FP only where asked
   gpu=$1 name=$2 model=$3 config=$4 seed=$5; shift 5
-  if [ -f "$RES/COST-RUNNING" ]; then gpu=0; fi  # the last GPU is the cost benchmark's alone
   fp="--no-fp"; if [ "${1:-}" = FP ]; then fp=""; shift; fi
   CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/quality.py --model "$model" --device cuda --configs "$config" \
     --seeds "$seed" $fp --progress --tasks $TASKS --limit 100 "$@" \
@@ -61,6 +60,9 @@ for m in ('smollm2-135m', 'qwen2.5-coder-0.5b'): load_model(m)" > "$RES/convert.
     add "sm_dartquantrtn_$s smollm2-135m dartquant:rtn $s --dq-lr-grid 1e-3 1e-2 1e-1 1 10"
   done
   run_jobs "$jobs_file" ;;
+jobs)  # device_batch.sh jobs FILE: the quality.py jobs listed in FILE (NAME MODEL CONFIG SEED [FP] [args])
+  export OMP_NUM_THREADS=2
+  run_jobs "$2" ;;
 session3)
   # Session 3 (nvidia-h200-x2): the rows sessions 1-2 left missing. GPU 1 first measures
   # DartQuant's whole calibration at 7B/8B shapes (device and host buffers) while GPU 0 starts on
@@ -68,39 +70,10 @@ session3)
   export OMP_NUM_THREADS=2
   python3 -c "from dartquant.zoo import load_model
 for m in ('smollm2-135m', 'qwen2.5-coder-0.5b'): load_model(m)" > "$RES/convert.log" 2>&1
-  if [ "$NGPU" -gt 1 ]; then touch "$RES/COST-RUNNING"; fi
   (CUDA_VISIBLE_DEVICES=$((NGPU - 1)) python3 benchmarks/dartquant_cost.py --shapes llama2-7b llama3-8b \
      --device cuda --buffers device host --out "$RES/dq_cost.json" > "$RES/dq_cost.md" 2> "$RES/dq_cost.log"
-   rm -f "$RES/COST-RUNNING"; touch "$RES/DONE-dqcost") &
-  jobs_file="$RES/jobs.txt"; : > "$jobs_file"
-  add() { echo "$*" >> "$jobs_file"; }  # NAME MODEL CONFIG SEED [FP] [EXTRA quality.py args]
-  add "sm_spinquant_0 smollm2-135m spinquant:gptq 0 --set e2e_micro_batch=4"
-  add "sm_ostquant_0 smollm2-135m ostquant:gptq 0 --set e2e_micro_batch=4"
-  add "qw_fp qwen2.5-coder-0.5b rtn:rtn 0 FP"
-  add "qw_quarot_0 qwen2.5-coder-0.5b quarot:gptq 0"
-  add "qw_dartquant_0 qwen2.5-coder-0.5b dartquant:gptq 0 --dq-lr-grid 1e-3 1e-2 1e-1 1 10"
-  add "qw_spinquant_0 qwen2.5-coder-0.5b spinquant:gptq 0 --set e2e_micro_batch=2"
-  add "qw_ostquant_0 qwen2.5-coder-0.5b ostquant:gptq 0 --set e2e_micro_batch=2"
-  for s in 1 2; do
-    add "sm_spinquant_$s smollm2-135m spinquant:gptq $s --set e2e_micro_batch=4"
-    add "sm_ostquant_$s smollm2-135m ostquant:gptq $s --set e2e_micro_batch=4"
-  done
-  for s in 1 2; do
-    add "qw_quarot_$s qwen2.5-coder-0.5b quarot:gptq $s"
-    add "qw_dartquant_$s qwen2.5-coder-0.5b dartquant:gptq $s --dq-lr-grid 1e-3 1e-2 1e-1 1 10"
-  done
-  for s in 1 2; do
-    add "qw_spinquant_$s qwen2.5-coder-0.5b spinquant:gptq $s --set e2e_micro_batch=2"
-    add "qw_ostquant_$s qwen2.5-coder-0.5b ostquant:gptq $s --set e2e_micro_batch=2"
-  done
-  for s in 0 1 2; do
-    add "qw_quarotrtn_$s qwen2.5-coder-0.5b quarot:rtn $s"
-    add "qw_dartquantrtn_$s qwen2.5-coder-0.5b dartquant:rtn $s --dq-lr-grid 1e-3 1e-2 1e-1 1 10"
-  done
-  for s in 1 2; do  # SmolLM2 DartQuant with the session-2 lr grid (session 1's stopped at 0.1)
-    add "sm_dartquant_$s smollm2-135m dartquant:gptq $s --dq-lr-grid 1e-3 1e-2 1e-1 1 10"
-  done
-  run_jobs "$jobs_file"
+   touch "$RES/DONE-dqcost") &
+  run_jobs benchmarks/jobs/session3.txt
   wait ;;
 esac
 touch "$RES/DONE-${1:-quality}"

@@ -7,8 +7,10 @@
 
 A config is METHOD:WEIGHT_QUANTIZER. Every run uses the same QuantConfig otherwise (W4A4KV4
 defaults, per-channel weights), differing only in method, weight quantizer and seed. FP is
-evaluated once. DartQuant learning rates are chosen before the sweep on a held-out split of the
-*calibration* activations of seed 0 (`--dq-lr-grid`), never on the evaluation numbers.
+evaluated once. With `--dq-lr-grid`, each DartQuant run picks its R1 and R2 learning rates
+from the grid by the held-out split of its own *calibration* activations (QuantConfig.dq_lr_grid),
+never by the evaluation numbers. (Before session 3 the pick was made once, on seed 0's capture,
+and used for every seed of the invocation; the device batches ran one seed per invocation.)
 """
 
 from __future__ import annotations
@@ -23,39 +25,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
-
-
-def select_dartquant_lr(cfg, grid: list[float], progress: bool) -> dict:
-    """Capture once (seed of cfg) and fit R1 / R2 at each lr with DartQuant's own stages
-    (`fit_r1` / `fit_r2`: the held-out split of the calibration tokens); pick the lowest
-    held-out loss."""
-    import dataclasses
-
-    import torch
-
-    from dartquant.adapters import adapter_for
-    from dartquant.calib.dartquant import capture, fit_r1, fit_r2
-    from dartquant.data import calib_windows
-    from dartquant.zoo import load_model
-
-    model, tok = load_model(cfg.model)
-    geo = adapter_for(model).geometry(model.config)
-    ids = calib_windows(tok, cfg.calib_corpus, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
-    acts = capture(model, cfg, ids, progress=progress)
-    table = {"r1": {}, "r2": {}}
-    for lr in grid:
-        at = dataclasses.replace(cfg, dq_r1_lr=lr, dq_r2_lr=lr)
-        _, h1 = fit_r1(acts, geo, at, progress=False)
-        _, h2 = fit_r2(acts, geo, at, progress=False)
-        table["r1"][lr] = (h1["eval_loss_init"], h1["eval_loss_final"])
-        table["r2"][lr] = (h2["eval_loss_init"], h2["eval_loss_final"])
-        print(f"  lr {lr:g}: R1 held-out loss {h1['eval_loss_init']:.4f} -> {h1['eval_loss_final']:.4f}; "
-              f"R2 {h2['eval_loss_init']:.4f} -> {h2['eval_loss_final']:.4f}", file=sys.stderr)
-    best = {k: min(v, key=lambda lr: v[lr][1]) for k, v in table.items()}
-    del model, acts
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return {"grid": grid, "held_out_loss": {k: {str(lr): v for lr, v in t.items()} for k, t in table.items()},
-            "r1_lr": best["r1"], "r2_lr": best["r2"]}
 
 
 def parse_config(config: str) -> tuple[str, str, dict]:
@@ -103,17 +72,13 @@ def main() -> None:
                 calib_samples=args.calib_samples, eval_max_windows=args.eval_max_windows, **extra)
     result = {"args": vars(args), "runs": [], "machine": machine()}
     t0 = time.time()
-    result["dq_lr_selection"] = {}
     fp = None
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
             method, wq, overrides = parse_config(config)
             if method == "dartquant" and args.dq_lr_grid and "dq_r1_lr" not in overrides:
-                print(f"{config}: choosing learning rates on held-out calibration activations", file=sys.stderr)
-                sel = select_dartquant_lr(QuantConfig(**{**base, **overrides}, seed=args.seeds[0]),
-                                          args.dq_lr_grid, progress=False)
-                result["dq_lr_selection"][config] = sel
-                overrides = {**overrides, "dq_r1_lr": sel["r1_lr"], "dq_r2_lr": sel["r2_lr"]}
+                # each run picks its R1 / R2 lr on its own capture's held-out split (dq_lr_grid)
+                overrides = {**overrides, "dq_lr_grid": args.dq_lr_grid}
             seeds = args.seeds[:1] if (method == "rtn") else args.seeds  # no randomness without rotation
             for seed in seeds:
                 cfg = QuantConfig(**{**base, **overrides}, method=method, w_quantizer=wq or None, seed=seed)

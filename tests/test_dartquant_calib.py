@@ -147,3 +147,28 @@ def test_calibrate_dartquant_outputs(tmp_path):
     with pytest.raises(ValueError):
         calibrate_dartquant(make_tiny_model("qwen2-bias-gqa", dtype=torch.float32), cfg, ids, progress=False,
                             buffers="nope")
+
+
+def test_lr_grid_keeps_the_lowest_held_out_loss():
+    """dq_lr_grid: R1 / R2 are fitted at every lr on the same capture and the fit with the lowest
+    held-out loss is kept (recorded with the whole table); a bad grid is refused up front."""
+    import dataclasses
+
+    from dartquant.adapters import adapter_for
+    from dartquant.calib.dartquant import capture, fit_best, fit_r1
+    from dartquant.quant.config import QuantConfig
+    from tiny import make_tiny_model
+
+    model = make_tiny_model("llama-tied-gqa", dtype=torch.float32)
+    geo = adapter_for(model).geometry(model.config)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(dq_epochs=2, dq_batch_tokens=16, dq_token_fraction=0.5, dq_lr_grid=[1e-3, 1e-1, 1.0])
+    acts = capture(model, cfg, ids, progress=False)
+    r1, hist = fit_best(fit_r1, acts, geo, cfg, "r1", progress=False)
+    sel = hist["lr_selection"]
+    finals = {float(lr): v[1] for lr, v in sel["held_out_loss"].items()}
+    assert sel["chosen"] == min(finals, key=finals.get) and hist["config"]["lr"] == sel["chosen"]
+    again, _ = fit_r1(acts, geo, dataclasses.replace(cfg, dq_r1_lr=sel["chosen"]), progress=False)
+    assert torch.equal(r1, again)  # the kept fit is the plain fit at the chosen lr
+    with pytest.raises(ValueError, match="dq_lr_grid"):
+        QuantConfig(dq_lr_grid=[0.1, -1]).validate()

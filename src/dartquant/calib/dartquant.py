@@ -24,6 +24,7 @@ one block at a time). Per-stage seconds and peak memory so far are recorded in t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import resource
@@ -217,6 +218,29 @@ def fit_r2(acts: Captured, geo, cfg, *, progress: bool = True, buffers: str = "a
     return r2, hist
 
 
+def fit_best(fit, acts: Captured, geo, cfg, name: str, *, progress: bool = True,
+             buffers: str = "auto") -> tuple[torch.Tensor, dict]:
+    """`fit` (fit_r1 / fit_r2) at cfg.dq_{name}_lr, or, when cfg.dq_lr_grid is set, at each lr of
+    the grid on the same capture, keeping the one with the lowest held-out loss (the split the
+    fit itself holds out: calibration data only). The history gets `lr_selection`."""
+    if not cfg.dq_lr_grid:
+        return fit(acts, geo, cfg, progress=progress, buffers=buffers)
+    best, table = None, {}
+    for lr in cfg.dq_lr_grid:
+        r, h = fit(acts, geo, dataclasses.replace(cfg, **{f"dq_{name}_lr": float(lr)}), progress=progress,
+                   buffers=buffers)
+        final = h["eval_loss_final"]
+        table[str(lr)] = [h["eval_loss_init"], final]
+        if math.isfinite(final) and (best is None or final < best[1]["eval_loss_final"]):
+            best = (r, h, float(lr))
+    if best is None:
+        raise FloatingPointError(f"{name.upper()}: the held-out loss diverged at every lr of dq_lr_grid "
+                                 f"{cfg.dq_lr_grid}; try smaller learning rates")
+    r, h, lr = best
+    h["lr_selection"] = {"grid": [float(x) for x in cfg.dq_lr_grid], "held_out_loss": table, "chosen": lr}
+    return r, h
+
+
 def _spec_dict(spec) -> dict:
     return {"bits": spec.bits, "symmetric": spec.symmetric, "group_size": spec.group_size,
             "clip_ratio": spec.clip_ratio}
@@ -240,11 +264,11 @@ def calibrate_dartquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, out_
     buffer_bytes = {"r1": acts.r1.numel() * acts.r1.element_size(), "r2": acts.r2.numel() * acts.r2.element_size()}
     with stage("calibrate"):
         with _Stage(cfg.device) as st:
-            r1, hist1 = fit_r1(acts, geo, cfg, progress=progress, buffers=buffers)
+            r1, hist1 = fit_best(fit_r1, acts, geo, cfg, "r1", progress=progress, buffers=buffers)
             acts.r1 = None  # free the R1 buffer (host and device) before R2 trains
         stages["r1"] = st.record
         with _Stage(cfg.device) as st:
-            r2, hist2 = fit_r2(acts, geo, cfg, progress=progress, buffers=buffers)
+            r2, hist2 = fit_best(fit_r2, acts, geo, cfg, "r2", progress=progress, buffers=buffers)
             acts.r2 = None
         stages["r2"] = st.record
     q1, q2 = hist1["heldout_quant"], hist2["heldout_quant"]
@@ -259,7 +283,10 @@ def calibrate_dartquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, out_
         "r1_heldout_sqnr_db": [q1["init"]["sqnr_db"], q1["final"]["sqnr_db"]],
         "r2_heldout_sqnr_db": [q2["init"]["sqnr_db"], q2["final"]["sqnr_db"]],
         "buffer_bytes": buffer_bytes, "buffers": buffers, "stages": stages,
+        "r1_lr": hist1["config"]["lr"], "r2_lr": hist2["config"]["lr"],
     }
+    if cfg.dq_lr_grid:
+        summary["lr_selection"] = {"r1": hist1["lr_selection"], "r2": hist2["lr_selection"]}
     if out_dir is not None:
         write_curves(Path(out_dir), {"R1": hist1, "R2": hist2})
     return RotationSet(r1, r2, r3=cfg.r3, r4=cfg.r4, meta=summary)

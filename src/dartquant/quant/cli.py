@@ -17,6 +17,9 @@ _HELP = {
     "tasks": "zero-shot tasks (lm-eval), e.g. arc_easy piqa; none by default",
     "eval_max_windows": "score at most this many perplexity windows per corpus",
     "w_group_size": "weight group size (default: per output channel)",
+    "dq_lr_grid": "DartQuant: fit R1 / R2 at each of these learning rates and keep the lowest held-out "
+                  "calibration loss, e.g. 1e-3 1e-2 1e-1 1 10 (default: none, use --dq-r1-lr / --dq-r2-lr)",
+    "e2e_amp": "end-to-end training precision: auto (bf16 autocast on CUDA, fp32 elsewhere), bf16, off",
 }
 
 
@@ -42,6 +45,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, nargs="*", **kw)
         elif f.name == "a_bits_overrides":
             p.add_argument(flag, nargs="*", metavar="ROLE=BITS", **kw)
+        elif f.name == "dq_lr_grid":
+            p.add_argument(flag, nargs="*", type=float, metavar="LR", **kw)
         elif f.type in ("bool",):
             p.add_argument(flag, type=_parse_bool, metavar="BOOL", **kw)
         elif f.type in ("int",):

@@ -74,6 +74,7 @@ class QuantConfig:
     dq_param: str = "qr"
     dq_optimizer: str = "sgd"
     dq_r2_normalize: str = "none"
+    dq_lr_grid: list = field(default_factory=list)  # non-empty: fit R1 / R2 at each lr, keep the best held-out
     # SpinQuant / OSTQuant (end-to-end training; defaults: SpinQuant's published schedule)
     e2e_steps: int = 100
     e2e_batch: int = 8  # sequences per optimizer step
@@ -149,6 +150,9 @@ class QuantConfig:
             raise ValueError("calib_samples must be positive: GPTQ and DartQuant need calibration data")
         if self.calib_seqlen < 2 or self.eval_seqlen < 2:
             raise ValueError("sequence lengths must be at least 2")
+        if not isinstance(self.dq_lr_grid, (list, tuple)) or not all(
+                isinstance(lr, (int, float)) and lr > 0 for lr in self.dq_lr_grid):
+            raise ValueError(f"dq_lr_grid must be a list of positive learning rates, got {self.dq_lr_grid!r}")
         if self.method in E2E_METHODS:
             from ..calib.e2e import E2EConfig  # the training settings check themselves
 
