@@ -70,7 +70,7 @@ session3)
   export OMP_NUM_THREADS=2
   python3 -c "from dartquant.zoo import load_model
 for m in ('smollm2-135m', 'qwen2.5-coder-0.5b'): load_model(m)" > "$RES/convert.log" 2>&1
-  (CUDA_VISIBLE_DEVICES=$((NGPU - 1)) python3 benchmarks/dartquant_cost.py --shapes llama2-7b llama3-8b \
+  [ -n "${SKIP_COST:-}" ] || (CUDA_VISIBLE_DEVICES=$((NGPU - 1)) python3 benchmarks/dartquant_cost.py --shapes llama2-7b llama3-8b \
      --device cuda --buffers device host --out "$RES/dq_cost.json" > "$RES/dq_cost.md" 2> "$RES/dq_cost.log"
    touch "$RES/DONE-dqcost") &
   run_jobs benchmarks/jobs/session3.txt

@@ -112,3 +112,15 @@ def test_cli_quantize_json_and_recipe(tiny_folder, tmp_path, capsys):
     assert again["ppl"] == metrics["ppl"], "dartquant eval must reproduce the run's perplexity exactly"
     rc = main(["quantize", "--recipe", str(recipe), "--w-group-size", "5", "--out", str(tmp_path / "run2")])
     assert rc == 2 and "does not divide" in capsys.readouterr().err
+
+
+def test_dartquant_run_records_how_it_was_tuned(tiny_folder, tmp_path):
+    """metrics.json says which learning rates DartQuant kept (dq_lr_grid) and its held-out numbers."""
+    cfg = small_cfg(tiny_folder, method="dartquant", w_quantizer="rtn", dq_epochs=1, dq_batch_tokens=16,
+                    dq_token_fraction=0.5, dq_lr_grid=[1e-2, 1.0])
+    metrics = run_quantize(cfg, tmp_path / "run", eval_fp=False, progress=False)
+    calib = json.loads((tmp_path / "run" / "metrics.json").read_text())["calibration"]
+    assert calib == metrics["calibration"]
+    assert calib["r1_lr"] in (1e-2, 1.0) and calib["r2_lr"] in (1e-2, 1.0)
+    assert calib["lr_selection"]["r1"]["chosen"] == calib["r1_lr"]
+    assert len(calib["r1_heldout_sqnr_db"]) == 2 and len(calib["r2_eval_loss"]) == 2

@@ -133,8 +133,11 @@ def run_quantize(cfg: QuantConfig, out: str | Path, *, overwrite: bool = False, 
         untie_embeddings_(model, adapter)
         rotations = compute_rotations(model, cfg, calib_ids, timer, tmp, progress, tokenizer)
         if rotations is not None:
-            calib = {k: v for k, v in rotations.meta.items() if k.startswith("eval_loss")}
-            if calib and not cfg.rotations:  # held-out calibration numbers of the method that ran
+            # what the calibration chose and its held-out numbers (learning rates, held-out loss /
+            # SQNR before and after), so that a sweep's JSON says how every row was tuned
+            calib = {k: v for k, v in rotations.meta.items()
+                     if k.startswith(("eval_loss", "r1_", "r2_", "lr_selection", "amp", "steps", "lr"))}
+            if calib and not cfg.rotations:
                 metrics["calibration"] = calib
             log(f"rotating ({rotations.meta.get('method', 'given')})")
             with timer("rotate"):
