@@ -79,6 +79,10 @@ class RotationTrainConfig:
     sign_fix: bool = True  # QR-Orth: positive diagonal in the R factor (start exactly at init)
     cayley_method: str = "exact"  # CayleySGD: "exact" (solve) or "iterative" (Li et al.)
     cayley_reorth_every: int = 0  # CayleySGD: project onto O(n) every k steps (0 = never)
+    # grouped rotations (R2: layers x KV heads): a step's float32 minibatch is processed in chunks
+    # of groups of at most this many MiB (gradients accumulate; the same update), so that memory
+    # does not grow with the number of groups (1024 at 7B: 2 GiB per minibatch copy)
+    group_chunk_mib: float = 256.0
 
 
 def _normalize(xb: torch.Tensor, mode: str) -> torch.Tensor:
@@ -109,19 +113,33 @@ def _batch(x: torch.Tensor, idx: torch.Tensor, device) -> torch.Tensor:
     return x.index_select(-2, idx).to(device=device, non_blocking=True).to(torch.float32)
 
 
+def _group_chunks(x: torch.Tensor, cfg) -> list[slice]:
+    """Slices of the group axis such that one chunk's float32 minibatch fits cfg.group_chunk_mib."""
+    if x.dim() == 2:
+        return [slice(None)]
+    per_group = max(1, min(cfg.batch_tokens, x.shape[-2]) * x.shape[-1] * 4)
+    size = max(1, min(x.shape[0], int(cfg.group_chunk_mib * 2**20) // per_group))
+    return [slice(i, i + size) for i in range(0, x.shape[0], size)]
+
+
 @torch.no_grad()
 def _eval_loss(model, x_eval, loss_fn, cfg, device, index=None) -> torch.Tensor:
     """Per-group mean loss over the tokens `index` of x_eval (all if None); 0-d for 2-D input."""
     r = model().detach()
     t = x_eval.shape[-2] if index is None else index.numel()
+    chunks = _group_chunks(x_eval, cfg)
     total = None
     for i in range(0, t, cfg.batch_tokens):
-        if index is None:
-            xb = x_eval[..., i : i + cfg.batch_tokens, :].to(device=device).to(torch.float32)
-        else:
-            xb = _batch(x_eval, index[i : i + cfg.batch_tokens], device)
-        o = _normalize(xb, cfg.normalize) @ r
-        s = loss_fn(o, reduction="none").sum(dim=-1)  # sum of per-token values
+        parts = []
+        for sl in chunks:
+            xc = x_eval if x_eval.dim() == 2 else x_eval[sl]
+            if index is None:
+                xb = xc[..., i : i + cfg.batch_tokens, :].to(device=device).to(torch.float32)
+            else:
+                xb = _batch(xc, index[i : i + cfg.batch_tokens], device)
+            o = _normalize(xb, cfg.normalize) @ (r if x_eval.dim() == 2 else r[sl])
+            parts.append(loss_fn(o, reduction="none").sum(dim=-1))  # sum of per-token values
+        s = parts[0] if len(parts) == 1 else torch.cat(parts)
         total = s if total is None else total + s
     return (total / t).cpu()
 
@@ -231,6 +249,8 @@ def train_rotation(
             history["eval_group_loss_init"] = ev.tolist()
 
     gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
+    chunks = _group_chunks(x, cfg)
+    history["group_chunks"] = len(chunks)
     step = 0
     bar = tqdm(total=planned, desc=desc, disable=not progress, leave=False)
     t0 = time.perf_counter()
@@ -245,16 +265,27 @@ def train_rotation(
             if step >= planned:
                 break
             idx = perm[i : i + bt]
-            xb = _batch(x, idx if index is None else index[idx], device)
-            xb = _normalize(xb, cfg.normalize)
+            tokens = idx if index is None else index[idx]
             lr_now = lr_at(step)
             for g in opt.param_groups:
                 g["lr"] = lr_now
-            r = model()
-            per_group = loss_fn(xb @ r, reduction="groups")  # [groups] or 0-d
-            loss = per_group.sum()  # sum over groups: independent gradients
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            r = model()
+            if len(chunks) == 1:
+                xb = _normalize(_batch(x, tokens, device), cfg.normalize)
+                per_group = loss_fn(xb @ r, reduction="groups")  # [groups] or 0-d
+                per_group.sum().backward()  # sum over groups: independent gradients
+            else:  # the same gradient, one chunk of groups at a time, then through the parametrization
+                r_leaf = r.detach().requires_grad_(True)
+                parts = []
+                for sl in chunks:
+                    xb = _normalize(_batch(x[sl], tokens, device), cfg.normalize)
+                    pg = loss_fn(xb @ r_leaf[sl], reduction="groups")
+                    pg.sum().backward()
+                    parts.append(pg.detach())
+                    del xb, pg
+                r.backward(r_leaf.grad)
+                per_group = torch.cat(parts)
             opt.step()
             step += 1
 
