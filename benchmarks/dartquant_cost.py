@@ -31,14 +31,27 @@ SHAPES = {
                       num_key_value_heads=32, vocab_size=32000),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000),
 }
 
 
-def random_model(shape: str, dtype):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def shape_config(shape: str, layers: int | None = None):
+    """The LlamaConfig of a known shape, optionally cut to `layers` decoder layers (for costs
+    that are measured at a reduced depth and extrapolated linearly in depth)."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
+    kw = dict(SHAPES[shape])
+    if layers is not None:
+        kw["num_hidden_layers"] = int(layers)
+    return LlamaConfig(**kw, max_position_embeddings=4096)
+
+
+def random_model(shape: str, dtype, layers: int | None = None):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = shape_config(shape, layers)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device="cpu").to(dtype)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU batch behind docs/RESULTS.md (run on the lent H200 after scripts/device_stage.py
 # staging; `source scripts/device_env.sh` first). Writes JSON + logs to $RES (default /tmp/res).
-# Usage: device_batch.sh cost | quality | all | session3 | jobs FILE
+# Usage: device_batch.sh cost | costs | quality | all | session3 | jobs FILE
 # Jobs of the parallel modes go round-robin over the visible GPUs (nvidia-h200-x2: two).
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
@@ -60,6 +60,14 @@ for m in ('smollm2-135m', 'qwen2.5-coder-0.5b'): load_model(m)" > "$RES/convert.
     add "sm_dartquantrtn_$s smollm2-135m dartquant:rtn $s --dq-lr-grid 1e-3 1e-2 1e-1 1 10"
   done
   run_jobs "$jobs_file" ;;
+costs)  # the GPU cost rows still missing (RESULTS "Not measured yet"), one GPU, one after the other
+  python3 benchmarks/dartquant_cost.py --shapes llama2-7b llama3-8b --device cuda --buffers device host \
+    --out "$RES/dq_cost.json" > "$RES/dq_cost.md" 2> "$RES/dq_cost.log"
+  python3 benchmarks/r2_memory.py --shape llama2-7b --device cuda --out "$RES/r2_memory_h200.json" \
+    > "$RES/r2_memory.md" 2> "$RES/r2_memory.log"
+  python3 benchmarks/e2e_cost.py --shape llama2-70b --layers 6 9 --device cuda --dtype bfloat16 --batch 8 \
+    --micro-batch 8 --steps 2 --dq-samples 128 --out "$RES/e2e_cost_70b.json" > "$RES/e2e_cost_70b.md" \
+    2> "$RES/e2e_cost_70b.log" ;;
 jobs)  # device_batch.sh jobs FILE: the quality.py jobs listed in FILE (NAME MODEL CONFIG SEED [FP] [args])
   export OMP_NUM_THREADS=2
   run_jobs "$2" ;;

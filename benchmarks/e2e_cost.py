@@ -6,6 +6,10 @@
     # the H200, random weights of the Llama-2-7B shape (timing does not depend on the values)
     python benchmarks/e2e_cost.py --shape llama2-7b --device cuda --dtype bfloat16 --micro-batch 8 \
         --out /tmp/res/e2e_cost_7b.json
+    # the H200, Llama-2-70B shape: does not fit one GPU for end-to-end training, so every method
+    # is measured at 6 and 9 decoder layers and extrapolated linearly in depth to 80 (say so)
+    python benchmarks/e2e_cost.py --shape llama2-70b --layers 6 9 --device cuda --dtype bfloat16 \
+        --batch 8 --micro-batch 8 --steps 2 --dq-samples 128 --out /tmp/res/e2e_cost_70b.json
 
 Each method runs in a fresh subprocess, so that its peak memory (CPU: peak RSS; CUDA: peak
 allocated) is its own. DartQuant runs its whole calibration (capture + R1 + R2) with
@@ -35,6 +39,37 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PUBLISHED_STEPS, PUBLISHED_BATCH = 100, 8
 PAPER_7B = {"dartquant": {"hours": 0.14, "GiB": 17.4}, "spinquant": {"hours": 0.30, "GiB": 20.0}}
+PAPER_70B_RATIOS = {"spinquant_vs_dartquant": {"time": 47, "memory": 10}}
+
+
+def full_depth(shape: str) -> int:
+    from dartquant_cost import SHAPES
+
+    return SHAPES[shape]["num_hidden_layers"]
+
+
+def extrapolate(rows: list[dict], full_layers: int) -> dict:
+    """Least-squares line through (layers, value) for the time and the peak memories of one
+    method measured at reduced depths, evaluated at the full depth. Decoder layers are
+    identical, so every cost is (fixed part) + (per-layer part) x layers."""
+    ok = [r for r in rows if "error" not in r]
+    out = {"method": rows[0]["method"], "layers": full_layers, "extrapolated_from_layers": [r["layers"] for r in ok],
+           "schedule": (ok[0]["schedule"] if ok else "-") + f"; extrapolated in depth to {full_layers} layers"}
+    if len(ok) < 2:
+        return {**out, "error": "fewer than two depths measured"}
+    for key in ("full_schedule_s", "peak_gpu_GiB", "peak_cpu_rss_GiB"):
+        pts = [(r["layers"], r[key]) for r in ok if key in r]
+        if len(pts) < 2:
+            continue
+        n = len(pts)
+        mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
+        slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+        out[key] = round(my + slope * (full_layers - mx), 2)
+        out[key + "_per_layer"] = round(slope, 4)
+        if slope < 0 or out[key] <= 0:  # noise larger than the per-layer cost: measure deeper / longer
+            out.setdefault("warning", []).append(f"{key}: cost does not grow with depth; not extrapolable")
+    out["extrapolated"] = True
+    return out
 
 
 def _model(args):
@@ -44,12 +79,12 @@ def _model(args):
     if args.shape and args.worker == "dartquant":  # DartQuant keeps the model on the host
         from dartquant_cost import random_model
 
-        return random_model(args.shape, dtype), None
+        return random_model(args.shape, dtype, args.depth), None
     if args.shape:  # end-to-end training needs the model on the device: build it there (fast)
-        from dartquant_cost import SHAPES
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from dartquant_cost import shape_config
+        from transformers import LlamaForCausalLM
 
-        config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=4096)
+        config = shape_config(args.shape, args.depth)
         with torch.device("meta"):
             model = LlamaForCausalLM(config)
         model = model.to_empty(device=args.device).to(dtype)
@@ -142,8 +177,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="sequences per timed step")
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--amp", default="off", choices=["off", "bf16"], help="bf16 autocast in end-to-end training")
+    ap.add_argument("--layers", nargs="*", type=int, default=[],
+                    help="with --shape: measure at these reduced depths (>= 2 of them) and extrapolate time and "
+                         "peak memory linearly in depth to the full model (for shapes that do not fit, e.g. 70B)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--depth", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not args.shape and not args.model:
         args.model = "smollm2-135m"
@@ -153,22 +192,33 @@ def main() -> None:
 
     import torch
 
-    rows = []
+    if args.layers and (not args.shape or len(args.layers) < 2):
+        ap.error("--layers needs --shape and at least two depths")
+    rows, measured = [], []
     for method in args.methods:
-        cmd = [sys.executable, __file__, "--worker", method] + [a for a in sys.argv[1:]]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            rows.append({"method": method, "error": f"exit {proc.returncode}"})
-        else:
-            rows.append(json.loads(lines[-1][7:]))
-        rows[-1]["wall_incl_load_s"] = round(time.perf_counter() - t0, 1)
-        print(json.dumps(rows[-1]), file=sys.stderr)
+        for depth in args.layers or [None]:
+            cmd = [sys.executable, __file__, "--worker", method] + [a for a in sys.argv[1:]]
+            if depth is not None:
+                cmd += ["--depth", str(depth)]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                row = {"method": method, "error": f"exit {proc.returncode}"}
+            else:
+                row = json.loads(lines[-1][7:])
+            row["wall_incl_load_s"] = round(time.perf_counter() - t0, 1)
+            if depth is not None:
+                row["layers"] = depth
+            print(json.dumps(row), file=sys.stderr)
+            (measured if depth is not None else rows).append(row)
+        if args.layers:
+            rows.append(extrapolate([r for r in measured if r["method"] == method],
+                                    full_depth(args.shape)))
     base = next((r for r in rows if r["method"] == "dartquant" and "error" not in r), None)
     for r in rows:
-        if base and "error" not in r:
+        if base and "error" not in r and "warning" not in base and "warning" not in r:
             r["time_vs_dartquant"] = round(r["full_schedule_s"] / base["full_schedule_s"], 2)
             mem = "peak_gpu_GiB" if "peak_gpu_GiB" in base else "peak_cpu_rss_GiB"
             r["memory_vs_dartquant"] = round(r[mem] / base[mem], 2)
@@ -176,10 +226,14 @@ def main() -> None:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": info, "args": vars(args), "rows": rows,
-                                              "paper_7b": PAPER_7B}, indent=1))
-    cols = ["method", "schedule", "measured_s", "step_s", "full_schedule_s", "time_vs_dartquant", "peak_gpu_GiB",
-            "peak_cpu_rss_GiB", "memory_vs_dartquant", "model_GiB"]
+                                              "measured_at_reduced_depth": measured, "paper_7b": PAPER_7B,
+                                              "paper_70b_ratios": PAPER_70B_RATIOS}, indent=1))
+    cols = ["method", "layers", "schedule", "measured_s", "step_s", "full_schedule_s", "time_vs_dartquant",
+            "peak_gpu_GiB", "peak_cpu_rss_GiB", "memory_vs_dartquant", "model_GiB"]
     print(f"model: {args.shape or args.model} ({args.dtype}) on {args.device}; {info}")
+    for r in measured:
+        print(f"  measured at {r.get('layers')} layers: {r['method']}: " + json.dumps(
+            {k: r.get(k) for k in ("full_schedule_s", "peak_gpu_GiB", "peak_cpu_rss_GiB", "error") if k in r}))
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
