@@ -25,18 +25,12 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def _rss_hwm_bytes() -> int:
+def _status_bytes(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak since the last clear_refs reset) of this process."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _rss_now_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def measure(groups: int, head_dim: int, tokens: int, device: str, chunk_mib: float, steps: int) -> dict:
@@ -59,12 +53,12 @@ def measure(groups: int, head_dim: int, tokens: int, device: str, chunk_mib: flo
         base = torch.cuda.memory_allocated()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS high-water mark
-        base = _rss_now_bytes()
+        base = _status_bytes("VmRSS")
     t0 = time.perf_counter()
     _, hist = train_rotation(x, init, cfg, progress=False, device=device, max_steps=steps, index=train,
                              eval_index=held)
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss_hwm_bytes()
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _status_bytes("VmHWM")
     return {"groups": groups, "head_dim": head_dim, "tokens": tokens, "chunk_mib": chunk_mib,
             "group_chunks": hist["group_chunks"], "steps": hist["steps"], "seconds": round(seconds, 1),
             "buffer_GiB": round(x.numel() * 2 / 2**30, 2), "baseline_GiB": round(base / 2**30, 2),
@@ -92,7 +86,6 @@ def main() -> None:
     kv = shape.get("num_key_value_heads", shape["num_attention_heads"])
     groups, head_dim = shape["num_hidden_layers"] * kv, shape["hidden_size"] // shape["num_attention_heads"]
     if args.worker is not None:  # one measurement per process: peaks must not carry over
-        torch.set_num_threads(torch.get_num_threads())
         print("RESULT " + json.dumps(measure(groups, head_dim, args.tokens, args.device, args.worker, args.steps)))
         return
     import subprocess
