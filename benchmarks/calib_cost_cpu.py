@@ -20,7 +20,6 @@ import argparse
 import json
 import platform
 import resource
-import subprocess
 import sys
 import threading
 import time
@@ -28,6 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from worker import emit, run  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -121,7 +123,7 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(measure(args.one, args)), flush=True)
+        emit(measure(args.one, args))
         return
     if not args.out:
         ap.error("--out is required")
@@ -129,12 +131,10 @@ def main() -> None:
     for model in args.models:
         cmd = [sys.executable, __file__, "--one", model, "--samples", str(args.samples), "--seqlen",
                str(args.seqlen), "--epochs", str(args.epochs), "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.stderr.write(proc.stderr[-3000:])
-            raise SystemExit(f"{model}: child failed ({proc.returncode})")
-        rows.append(json.loads(line[-1][7:]))
+        row = run(cmd, {"model": model})
+        if "error" in row:
+            raise SystemExit(f"{model}: child failed ({row['error']})")
+        rows.append(row)
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

@@ -14,6 +14,10 @@ one() {  # one quality.py process: GPU NAME MODEL CONFIG SEED [FP] [extra args];
     --seeds "$seed" $fp --progress --tasks $TASKS --limit 100 "$@" \
     --out "$RES/q_$name.json" > "$RES/q_$name.md" 2> "$RES/q_$name.log"
 }
+convert_models() {  # GGUF -> float model folders in the cache, once, before parallel jobs read them
+  python3 -c "from dartquant.zoo import load_model
+for m in ('smollm2-135m', 'qwen2.5-coder-0.5b'): load_model(m)" > "$RES/convert.log" 2>&1
+}
 run_jobs() {  # the lines of $1 in order, ${PARALLEL:-8} at a time, round-robin over the GPUs
   export -f one; export RES TASKS
   awk -v n="$NGPU" '{print (NR-1)%n, $0}' "$1" | xargs -P "${PARALLEL:-8}" -L 1 bash -c 'one "$@"' _
@@ -31,8 +35,7 @@ all)
   # Session 2: both bundled models, every method, 3 seeds, jobs in parallel on the one GPU
   # (small models leave it mostly idle), after the 7B-shape cost table has had the GPU alone.
   export OMP_NUM_THREADS=2
-  python3 -c "from dartquant.zoo import load_model
-for m in ('smollm2-135m', 'qwen2.5-coder-0.5b'): load_model(m)" > "$RES/convert.log" 2>&1 &
+  convert_models &
   python3 benchmarks/e2e_cost.py --shape llama2-7b --device cuda --dtype bfloat16 --batch 8 --micro-batch 8 \
     --steps 2 --dq-samples 128 --out "$RES/e2e_cost_7b.json" > "$RES/e2e_cost_7b.md" 2> "$RES/e2e_cost_7b.log"
   wait
@@ -76,8 +79,7 @@ session3)
   # DartQuant's whole calibration at 7B/8B shapes (device and host buffers) while GPU 0 starts on
   # the quality jobs, most important first: SmolLM2 SpinQuant/OSTQuant, then Qwen2.5-Coder-0.5B.
   export OMP_NUM_THREADS=2
-  python3 -c "from dartquant.zoo import load_model
-for m in ('smollm2-135m', 'qwen2.5-coder-0.5b'): load_model(m)" > "$RES/convert.log" 2>&1
+  convert_models
   [ -n "${SKIP_COST:-}" ] || (CUDA_VISIBLE_DEVICES=$((NGPU - 1)) python3 benchmarks/dartquant_cost.py --shapes llama2-7b llama3-8b \
      --device cuda --buffers device host --out "$RES/dq_cost.json" > "$RES/dq_cost.md" 2> "$RES/dq_cost.log"
    touch "$RES/DONE-dqcost") &

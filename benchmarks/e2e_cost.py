@@ -27,7 +27,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,15 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from dartquant_cost import SHAPES  # noqa: E402
+from worker import emit, run  # noqa: E402
+
 PUBLISHED_STEPS, PUBLISHED_BATCH = 100, 8
 PAPER_7B = {"dartquant": {"hours": 0.14, "GiB": 17.4}, "spinquant": {"hours": 0.30, "GiB": 20.0}}
 PAPER_70B_RATIOS = {"spinquant_vs_dartquant": {"time": 47, "memory": 10}}
-
-
-def full_depth(shape: str) -> int:
-    from dartquant_cost import SHAPES
-
-    return SHAPES[shape]["num_hidden_layers"]
 
 
 def extrapolate(rows: list[dict], full_layers: int) -> dict:
@@ -187,7 +183,7 @@ def main() -> None:
     if not args.shape and not args.model:
         args.model = "smollm2-135m"
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)))
+        emit(worker(args))
         return
 
     import torch
@@ -201,13 +197,7 @@ def main() -> None:
             if depth is not None:
                 cmd += ["--depth", str(depth)]
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                row = {"method": method, "error": f"exit {proc.returncode}"}
-            else:
-                row = json.loads(lines[-1][7:])
+            row = run(cmd, {"method": method})
             row["wall_incl_load_s"] = round(time.perf_counter() - t0, 1)
             if depth is not None:
                 row["layers"] = depth
@@ -215,7 +205,7 @@ def main() -> None:
             (measured if depth is not None else rows).append(row)
         if args.layers:
             rows.append(extrapolate([r for r in measured if r["method"] == method],
-                                    full_depth(args.shape)))
+                                    SHAPES[args.shape]["num_hidden_layers"]))
     base = next((r for r in rows if r["method"] == "dartquant" and "error" not in r), None)
     for r in rows:
         if base and "error" not in r and "warning" not in base and "warning" not in r:

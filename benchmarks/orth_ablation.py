@@ -38,8 +38,6 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    import torch
-
     from dartquant.adapters import adapter_for
     from dartquant.calib.capture import capture_activations
     from dartquant.calib.dartquant import split_indices
@@ -79,7 +77,7 @@ def main() -> None:
         lines.append(f"| {r['param']} | {r['lr']:g} | {r['seconds_per_step'] * 1e3:.1f} | "
                      f"{r['eval_loss_init']:.3f} -> {r['eval_loss_final']:.3f} | {reach} |")
     Path(args.out).write_text(json.dumps({"args": vars(args), "targets": targets, "runs": runs,
-                                          "r1_tokens": int(x_tr.shape[0]), "table": lines}, indent=1))
+                                          "r1_tokens": int(train.numel()), "table": lines}, indent=1))
     print("\n".join(lines))
 
 

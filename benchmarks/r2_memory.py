@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from dartquant_cost import SHAPES  # noqa: E402
+from worker import emit, run  # noqa: E402
+
 
 def _status_bytes(field: str) -> int:
     """VmRSS (resident now) or VmHWM (peak since the last clear_refs reset) of this process."""
@@ -80,27 +83,17 @@ def main() -> None:
 
     import torch
 
-    from dartquant_cost import SHAPES
-
     shape = SHAPES[args.shape]
     kv = shape.get("num_key_value_heads", shape["num_attention_heads"])
     groups, head_dim = shape["num_hidden_layers"] * kv, shape["hidden_size"] // shape["num_attention_heads"]
     if args.worker is not None:  # one measurement per process: peaks must not carry over
-        print("RESULT " + json.dumps(measure(groups, head_dim, args.tokens, args.device, args.worker, args.steps)))
+        emit(measure(groups, head_dim, args.tokens, args.device, args.worker, args.steps))
         return
-    import subprocess
-
     rows = []
     for mib in args.chunks_mib:
         cmd = [sys.executable, __file__, "--shape", args.shape, "--device", args.device, "--tokens", str(args.tokens),
                "--steps", str(args.steps), "--worker", str(mib)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(proc.stderr[-2000:], file=sys.stderr)
-            rows.append({"chunk_mib": mib, "error": f"exit {proc.returncode}"})
-        else:
-            rows.append(json.loads(lines[-1][7:]))
+        rows.append(run(cmd, {"chunk_mib": mib}))
         print(json.dumps(rows[-1]), file=sys.stderr)
     info = {"torch": torch.__version__, "device": args.device,
             "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None}

@@ -32,8 +32,6 @@ MODES = ("none", "rms")
 
 
 def run_model_seed(model_name: str, seed: int, args) -> dict:
-    import torch
-
     from dartquant.adapters import adapter_for
     from dartquant.calib.dartquant import capture, fit_r2
     from dartquant.data import calib_windows

@@ -154,10 +154,7 @@ def test_lr_grid_keeps_the_lowest_held_out_loss():
     held-out loss is kept (recorded with the whole table); a bad grid is refused up front."""
     import dataclasses
 
-    from dartquant.adapters import adapter_for
     from dartquant.calib.dartquant import capture, fit_best, fit_r1
-    from dartquant.quant.config import QuantConfig
-    from tiny import make_tiny_model
 
     model = make_tiny_model("llama-tied-gqa", dtype=torch.float32)
     geo = adapter_for(model).geometry(model.config)

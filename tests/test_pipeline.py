@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from dartquant.eval.ppl import evaluate_ppl
 from dartquant.quant.config import QuantConfig

@@ -209,8 +209,8 @@ def _factorization(n: int) -> tuple[int, int]:
         if _base_exists(k):
             return k, n // k
     if v < 2:
-        why = (f"n is not a multiple of 4, and a Hadamard matrix of order > 2 exists only for "
-               f"multiples of 4")
+        why = ("n is not a multiple of 4, and a Hadamard matrix of order > 2 exists only for "
+               "multiples of 4")
     else:
         tried = ", ".join(str(odd << j) for j in range(2, v + 1))
         why = (f"no known construction for any base order {odd}*2^j (2 <= j <= {v}) dividing n: "

@@ -35,7 +35,7 @@ import torch
 
 from ..adapters import adapter_for
 from ..hadamard import random_hadamard_matrix
-from ..quant.primitives import fake_quantize, sqnr_db
+from ..quant.primitives import fake_quantize
 from ..transforms import RotationSet, fuse_norms_
 from .capture import Captured, capture_activations
 from .train import RotationTrainConfig, train_rotation

@@ -122,6 +122,11 @@ def _group_chunks(x: torch.Tensor, cfg) -> list[slice]:
     return [slice(i, i + size) for i in range(0, x.shape[0], size)]
 
 
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-chunk results back into one (a single chunk, e.g. 2-D input's 0-d loss, as is)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 @torch.no_grad()
 def _eval_loss(model, x_eval, loss_fn, cfg, device, index=None) -> torch.Tensor:
     """Per-group mean loss over the tokens `index` of x_eval (all if None); 0-d for 2-D input."""
@@ -131,15 +136,14 @@ def _eval_loss(model, x_eval, loss_fn, cfg, device, index=None) -> torch.Tensor:
     total = None
     for i in range(0, t, cfg.batch_tokens):
         parts = []
-        for sl in chunks:
-            xc = x_eval if x_eval.dim() == 2 else x_eval[sl]
+        for sl in chunks:  # slice(None) for 2-D input: the whole x and R
             if index is None:
-                xb = xc[..., i : i + cfg.batch_tokens, :].to(device=device).to(torch.float32)
+                xb = x_eval[sl][..., i : i + cfg.batch_tokens, :].to(device=device).to(torch.float32)
             else:
-                xb = _batch(xc, index[i : i + cfg.batch_tokens], device)
-            o = _normalize(xb, cfg.normalize) @ (r if x_eval.dim() == 2 else r[sl])
+                xb = _batch(x_eval[sl], index[i : i + cfg.batch_tokens], device)
+            o = _normalize(xb, cfg.normalize) @ r[sl]
             parts.append(loss_fn(o, reduction="none").sum(dim=-1))  # sum of per-token values
-        s = parts[0] if len(parts) == 1 else torch.cat(parts)
+        s = _join(parts)
         total = s if total is None else total + s
     return (total / t).cpu()
 
@@ -270,22 +274,19 @@ def train_rotation(
             for g in opt.param_groups:
                 g["lr"] = lr_now
             opt.zero_grad(set_to_none=True)
+            # The loss is a sum over groups with independent gradients: backpropagate it one chunk
+            # of groups at a time into R, then once through the parametrization (Q(Z) / Cayley).
             r = model()
-            if len(chunks) == 1:
-                xb = _normalize(_batch(x, tokens, device), cfg.normalize)
-                per_group = loss_fn(xb @ r, reduction="groups")  # [groups] or 0-d
-                per_group.sum().backward()  # sum over groups: independent gradients
-            else:  # the same gradient, one chunk of groups at a time, then through the parametrization
-                r_leaf = r.detach().requires_grad_(True)
-                parts = []
-                for sl in chunks:
-                    xb = _normalize(_batch(x[sl], tokens, device), cfg.normalize)
-                    pg = loss_fn(xb @ r_leaf[sl], reduction="groups")
-                    pg.sum().backward()
-                    parts.append(pg.detach())
-                    del xb, pg
-                r.backward(r_leaf.grad)
-                per_group = torch.cat(parts)
+            r_leaf = r.detach().requires_grad_(True)
+            parts = []
+            for sl in chunks:
+                xb = _normalize(_batch(x[sl], tokens, device), cfg.normalize)
+                pg = loss_fn(xb @ r_leaf[sl], reduction="groups")  # [groups in chunk] or 0-d
+                pg.sum().backward()
+                parts.append(pg.detach())
+                del xb, pg
+            r.backward(r_leaf.grad)
+            per_group = _join(parts)
             opt.step()
             step += 1
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
 from .config import METHODS, WEIGHT_QUANTIZERS, QuantConfig
 

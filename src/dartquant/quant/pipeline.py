@@ -136,7 +136,7 @@ def run_quantize(cfg: QuantConfig, out: str | Path, *, overwrite: bool = False, 
             # what the calibration chose and its held-out numbers (learning rates, held-out loss /
             # SQNR before and after), so that a sweep's JSON says how every row was tuned
             calib = {k: v for k, v in rotations.meta.items()
-                     if k.startswith(("eval_loss", "r1_", "r2_", "lr_selection", "amp", "steps", "lr"))}
+                     if k.startswith(("eval_loss", "r1_", "r2_", "lr", "amp", "steps"))}
             if calib and not cfg.rotations:
                 metrics["calibration"] = calib
             log(f"rotating ({rotations.meta.get('method', 'given')})")
