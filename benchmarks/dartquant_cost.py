@@ -47,7 +47,9 @@ def shape_config(shape: str, layers: int | None = None):
     return LlamaConfig(**kw, max_position_embeddings=4096)
 
 
-def random_model(shape: str, dtype, layers: int | None = None):
+def random_model(shape: str, dtype, layers: int | None = None, init_device: str = "cpu"):
+    """Random weights (std 0.02, norms 1) of a known shape, on the host. The numbers are drawn
+    on `init_device` (a GPU draws billions of them in seconds; the CPU needs minutes at 7B)."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -55,7 +57,7 @@ def random_model(shape: str, dtype, layers: int | None = None):
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device="cpu").to(dtype)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=init_device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -64,7 +66,7 @@ def random_model(shape: str, dtype, layers: int | None = None):
                 flat = p.view(-1)
                 for i in range(0, flat.numel(), 1 << 26):
                     chunk = flat[i: i + (1 << 26)]
-                    chunk.copy_(torch.randn(chunk.numel(), generator=g) * 0.02)
+                    chunk.copy_(torch.randn(chunk.numel(), generator=g, device=init_device) * 0.02)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     return model.eval()
 
@@ -84,7 +86,7 @@ def run(shape: str, device: str, samples: int, seqlen: int, epochs: int, max_r1_
 
     cuda = device.startswith("cuda")
     t = time.perf_counter()
-    model = random_model(shape, torch.float16)
+    model = random_model(shape, torch.float16, init_device=device)
     build = time.perf_counter() - t
     geo = adapter_for(model).geometry(model.config)
     ids = torch.randint(0, geo.vocab, (samples, seqlen), generator=torch.Generator().manual_seed(0))

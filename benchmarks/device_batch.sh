@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU batch behind docs/RESULTS.md (run on the lent H200 after scripts/device_stage.py
 # staging; `source scripts/device_env.sh` first). Writes JSON + logs to $RES (default /tmp/res).
-# Usage: device_batch.sh cost | costs | quality | all | session3 | jobs FILE
+# Usage: device_batch.sh cost | costs | quality | all | session3 | session4 | jobs FILE
 # Jobs of the parallel modes go round-robin over the visible GPUs (nvidia-h200-x2: two).
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
@@ -18,9 +18,10 @@ convert_models() {  # GGUF -> float model folders in the cache, once, before par
   python3 -c "from dartquant.zoo import load_model
 for m in ('smollm2-135m', 'qwen2.5-coder-0.5b'): load_model(m)" > "$RES/convert.log" 2>&1
 }
-run_jobs() {  # the lines of $1 in order, ${PARALLEL:-8} at a time, round-robin over the GPUs
+run_jobs() {  # the lines of $1 in order, ${PARALLEL:-8} at a time, round-robin over the GPUs (or all on GPU $2)
   export -f one; export RES TASKS
-  awk -v n="$NGPU" '{print (NR-1)%n, $0}' "$1" | xargs -P "${PARALLEL:-8}" -L 1 bash -c 'one "$@"' _
+  awk -v n="$NGPU" -v g="${2:-}" '{print (g == "" ? (NR-1)%n : g), $0}' "$1" |
+    xargs -P "${PARALLEL:-8}" -L 1 bash -c 'one "$@"' _
 }
 case "${1:-quality}" in
 cost)
@@ -84,6 +85,22 @@ session3)
      --device cuda --buffers device host --out "$RES/dq_cost.json" > "$RES/dq_cost.md" 2> "$RES/dq_cost.log"
    touch "$RES/DONE-dqcost") &
   run_jobs benchmarks/jobs/session3.txt
+  wait ;;
+session4)
+  # Session 4 (nvidia-h200-x2): GPU 1 alone measures the cost rows (DartQuant's whole calibration
+  # at 7B / 8B after the R2 chunking; the 70B ratios at 4 and 8 layers, extrapolated) while GPU 0
+  # runs the quality jobs of benchmarks/jobs/session4.txt all at once.
+  export OMP_NUM_THREADS=2
+  convert_models
+  (export CUDA_VISIBLE_DEVICES=1
+   python3 benchmarks/dartquant_cost.py --shapes llama2-7b llama3-8b --device cuda --buffers device \
+     --out "$RES/dq_cost.json" > "$RES/dq_cost.md" 2> "$RES/dq_cost.log"
+   touch "$RES/DONE-dqcost"
+   python3 benchmarks/e2e_cost.py --shape llama2-70b --layers 4 8 --device cuda --dtype bfloat16 --batch 8 \
+     --micro-batch 8 --steps 2 --dq-samples 128 --out "$RES/e2e_cost_70b.json" > "$RES/e2e_cost_70b.md" \
+     2> "$RES/e2e_cost_70b.log"
+   touch "$RES/DONE-e2ecost") &
+  PARALLEL=${PARALLEL:-10} run_jobs benchmarks/jobs/session4.txt 0
   wait ;;
 esac
 touch "$RES/DONE-${1:-quality}"

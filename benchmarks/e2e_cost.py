@@ -75,7 +75,7 @@ def _model(args):
     if args.shape and args.worker == "dartquant":  # DartQuant keeps the model on the host
         from dartquant_cost import random_model
 
-        return random_model(args.shape, dtype, args.depth), None
+        return random_model(args.shape, dtype, args.depth, init_device=args.device), None
     if args.shape:  # end-to-end training needs the model on the device: build it there (fast)
         from dartquant_cost import shape_config
         from transformers import LlamaForCausalLM
