@@ -63,9 +63,24 @@ def extrapolate(rows: list[dict], full_layers: int) -> dict:
         out[key] = round(my + slope * (full_layers - mx), 2)
         out[key + "_per_layer"] = round(slope, 4)
         if slope < 0 or out[key] <= 0:  # noise larger than the per-layer cost: measure deeper / longer
-            out.setdefault("warning", []).append(f"{key}: cost does not grow with depth; not extrapolable")
+            out.setdefault("not_extrapolable", []).append(key)
     out["extrapolated"] = True
     return out
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Time and memory of each method over DartQuant's, where both numbers are trustworthy
+    (measured, or extrapolated from a cost that grows with depth). Memory is GPU memory on a
+    GPU, peak RSS on the CPU."""
+    base = next((r for r in rows if r["method"] == "dartquant" and "error" not in r), None)
+    if base is None:
+        return
+    mem = "peak_gpu_GiB" if "peak_gpu_GiB" in base else "peak_cpu_rss_GiB"
+    for r in rows:
+        for ratio, key in (("time_vs_dartquant", "full_schedule_s"), ("memory_vs_dartquant", mem)):
+            bad = set(r.get("not_extrapolable", [])) | set(base.get("not_extrapolable", []))
+            if "error" not in r and key in r and key in base and key not in bad:
+                r[ratio] = round(r[key] / base[key], 2)
 
 
 def _model(args):
@@ -206,12 +221,7 @@ def main() -> None:
         if args.layers:
             rows.append(extrapolate([r for r in measured if r["method"] == method],
                                     SHAPES[args.shape]["num_hidden_layers"]))
-    base = next((r for r in rows if r["method"] == "dartquant" and "error" not in r), None)
-    for r in rows:
-        if base and "error" not in r and "warning" not in base and "warning" not in r:
-            r["time_vs_dartquant"] = round(r["full_schedule_s"] / base["full_schedule_s"], 2)
-            mem = "peak_gpu_GiB" if "peak_gpu_GiB" in base else "peak_cpu_rss_GiB"
-            r["memory_vs_dartquant"] = round(r[mem] / base[mem], 2)
+    add_ratios(rows)
     info = {"torch": torch.__version__, "cpus": os.cpu_count(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if args.out:

@@ -25,7 +25,10 @@ def main() -> None:
     merged: dict = {"sources": [], "runs": [], "fp": None, "dq_lr_selection": {}}
     for f in args.files:
         d = json.loads(Path(f).read_text())
-        merged["sources"].append({"file": Path(f).name, "args": d.get("args"), "machine": d.get("machine")})
+        if "sources" in d:  # an already merged file: keep the sources it lists
+            merged["sources"] += d["sources"]
+        else:
+            merged["sources"].append({"file": Path(f).name, "args": d.get("args"), "machine": d.get("machine")})
         merged["runs"] += d.get("runs", [])
         merged["fp"] = merged["fp"] or d.get("fp")
         merged["dq_lr_selection"].update(d.get("dq_lr_selection") or {})

@@ -1,0 +1,42 @@
+"""The arithmetic behind the extrapolated cost tables (benchmarks/e2e_cost.py): a line through
+costs measured at reduced depths, and ratios that skip only the costs that did not extrapolate."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from e2e_cost import add_ratios, extrapolate  # noqa: E402
+
+
+def _row(method, layers, seconds, gpu, rss):
+    return {"method": method, "layers": layers, "schedule": "s", "full_schedule_s": seconds,
+            "peak_gpu_GiB": gpu, "peak_cpu_rss_GiB": rss}
+
+
+def test_extrapolate_is_exact_for_a_cost_linear_in_depth():
+    rows = [_row("spinquant", n, 30.0 + 2.5 * n, 4.0 + 0.5 * n, 3.0) for n in (4, 8, 12)]
+    out = extrapolate(rows, 80)
+    assert abs(out["full_schedule_s"] - 230.0) < 1e-9
+    assert abs(out["peak_gpu_GiB"] - 44.0) < 1e-9
+    assert abs(out["full_schedule_s_per_layer"] - 2.5) < 1e-9
+    assert "not_extrapolable" not in out
+
+
+def test_a_cost_that_shrinks_with_depth_is_flagged_and_only_its_ratio_is_withheld():
+    dq = extrapolate([_row("dartquant", 4, 100.0, 6.0, 10.0), _row("dartquant", 8, 140.0, 7.0, 20.0)], 80)
+    sq = extrapolate([_row("spinquant", 4, 500.0, 27.0, 3.01), _row("spinquant", 8, 950.0, 34.0, 2.98)], 80)
+    assert sq["not_extrapolable"] == ["peak_cpu_rss_GiB"]
+    rows = [dq, sq]
+    add_ratios(rows)
+    assert abs(sq["time_vs_dartquant"] - round(sq["full_schedule_s"] / dq["full_schedule_s"], 2)) < 1e-12
+    assert abs(sq["memory_vs_dartquant"] - round(sq["peak_gpu_GiB"] / dq["peak_gpu_GiB"], 2)) < 1e-12
+    # on a CPU the memory measure is the RSS: there the flagged key withholds the ratio
+    for r in rows:
+        r.pop("peak_gpu_GiB"), r.pop("time_vs_dartquant"), r.pop("memory_vs_dartquant")
+    add_ratios(rows)
+    assert "memory_vs_dartquant" not in sq and "time_vs_dartquant" in sq
+
+
+def test_a_single_depth_cannot_be_extrapolated():
+    assert "error" in extrapolate([_row("ostquant", 4, 1.0, 1.0, 1.0)], 80)
