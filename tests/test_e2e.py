@@ -17,6 +17,7 @@ from dartquant.hadamard import random_hadamard_matrix
 from dartquant.quant.act import install_quantizers_, set_act_quant_enabled_
 from dartquant.quant.config import QuantConfig
 from dartquant.transforms import RotationSet, exact_norms_, fuse_norms_, rotate_
+from dartquant.transforms.rotation import expand_rope_pairs, scale_sizes
 from tiny import make_tiny_model, rel_err
 
 
@@ -28,10 +29,11 @@ def _random_orth(n, seed, lead=()):
 
 def _random_scales(geo, seed):
     g = torch.Generator().manual_seed(seed)
-    sizes = {"attn_norm": geo.hidden, "mlp_norm": geo.hidden, "v": geo.n_kv_heads * geo.head_dim,
-             "up": geo.intermediate}
-    return {k: torch.exp(0.5 * torch.randn(geo.n_layers, n, generator=g, dtype=torch.float64))
-            for k, n in sizes.items()}
+    sizes = {**scale_sizes(geo), "qk": geo.n_kv_heads * geo.head_dim // 2}
+    out = {k: torch.exp(0.5 * torch.randn(geo.n_layers, n, generator=g, dtype=torch.float64))
+           for k, n in sizes.items()}
+    out["qk"] = expand_rope_pairs(out["qk"], geo.n_kv_heads, geo.head_dim)  # RoPE pairs share a scale
+    return out
 
 
 def _ids(model, n=2, t=16, seed=0):
@@ -65,12 +67,16 @@ def test_scalings_round_trip_and_are_checked(tmp_path):
         bad.validate(geo)
     with pytest.raises(ValueError, match="another model"):
         RotationSet(None, None, scales={"up": torch.ones(geo.n_layers, 3)}).validate(geo)
+    unpaired = rs.scales["qk"].clone()
+    unpaired[0, 0] *= 1.5  # channel 0 of head 0 no longer equals channel head_dim/2: RoPE would not commute
+    with pytest.raises(ValueError, match="RoPE"):
+        RotationSet(None, None, scales={"qk": unpaired}).validate(geo)
 
 
 def _transforms(geo, scales: bool, seed=0):
     t = Transforms(_random_orth(geo.hidden, seed + 1), _random_orth(geo.head_dim, seed + 2, (geo.n_layers,)),
-                   {"attn_norm": geo.hidden, "mlp_norm": geo.hidden, "v": geo.n_kv_heads * geo.head_dim,
-                    "up": geo.intermediate} if scales else None, geo.n_layers, dtype=torch.float64)
+                   {**scale_sizes(geo), "qk": geo.n_kv_heads * geo.head_dim // 2} if scales else None,
+                   geo.n_layers, dtype=torch.float64)
     with torch.no_grad():
         for p in t.log_scales.values():
             p.copy_(0.3 * torch.randn_like(p))
@@ -134,7 +140,7 @@ def test_train_e2e_orthogonal_changes_and_restores(method):
     init = random_hadamard_matrix(geo.hidden, 0)
     assert (rs.r1.double() - init).abs().max() > 1e-4  # it trained
     assert torch.equal(rs.r2[:, 0], rs.r2[:, -1])  # one R2 per layer, shared by its KV heads
-    assert (set(rs.scales) == {"attn_norm", "mlp_norm", "v", "up"}) == (method == "ostquant")
+    assert (set(rs.scales) == {"attn_norm", "mlp_norm", "v", "up", "qk"}) == (method == "ostquant")
     assert rs.meta["eval_loss_before"] is not None and rs.meta["eval_loss_after"] is not None
 
 

@@ -51,10 +51,10 @@ from ..quant.act import install_quantizers_, set_act_quant_enabled_
 from ..quant.primitives import QuantSpec, fake_quantize
 from ..transforms import RotationSet, fuse_norms_
 from ..transforms.online import install_online_
+from ..transforms.rotation import expand_rope_pairs, per_query_head, scale_sizes
 from .orth import CayleyOrth, CayleySGD
 
 E2E_METHODS = ("spinquant", "ostquant")
-SCALE_NAMES = ("attn_norm", "mlp_norm", "v", "up")
 
 
 # ---- losses ---------------------------------------------------------------------------------
@@ -147,11 +147,18 @@ class Transforms(nn.Module):
     def scale(self, name: str, layer: int) -> torch.Tensor | None:
         return self.log_scales[name][layer].exp() if name in self.log_scales else None
 
+    def qk_scale(self, layer: int, geo) -> torch.Tensor | None:
+        """The Q/K scaling of `layer` per KV-head channel: one free value per RoPE pair."""
+        s = self.scale("qk", layer)
+        return None if s is None else expand_rope_pairs(s, geo.n_kv_heads, geo.head_dim)
+
     def rotation_set(self, geo, r3: bool, r4: bool, meta: dict, dtype=torch.float32) -> RotationSet:
         # on the host, whatever device trained them: folding and saving happen there
         r2 = self.r2.final().to("cpu", dtype)  # [L, d, d] -> one per KV head (shared)
         r2 = r2[:, None].expand(-1, geo.n_kv_heads, -1, -1).contiguous()
         scales = {k: v.detach().to("cpu", torch.float64).exp().to(dtype) for k, v in self.log_scales.items()}
+        if "qk" in scales:
+            scales["qk"] = expand_rope_pairs(scales["qk"], geo.n_kv_heads, geo.head_dim)
         return RotationSet(self.r1.final().to("cpu", dtype), r2, r3, r4, meta, scales)
 
 
@@ -187,6 +194,24 @@ def _layer_fns(i: int, geo, r4: bool) -> dict:
             return w if s is None else w * s
         return fn
 
+    def q_weight(t, w):  # rows of every query head times its KV head's Q/K scale
+        w = reader("attn_norm")(t, w)
+        s = t.qk_scale(i, geo)
+        return w if s is None else w * per_query_head(s, geo)[:, None]
+
+    def q_bias(t, b):
+        s = t.qk_scale(i, geo)
+        return b if s is None else b * per_query_head(s, geo)
+
+    def k_weight(t, w):  # rows divided by the Q/K scale: q.k unchanged
+        w = reader("attn_norm")(t, w)
+        s = t.qk_scale(i, geo)
+        return w if s is None else w / s[:, None]
+
+    def k_bias(t, b):
+        s = t.qk_scale(i, geo)
+        return b if s is None else b / s
+
     def v_weight(t, w):  # rows of KV head h: R2^T W_h, then times s_v
         w = reader("attn_norm")(t, w)
         w = torch.einsum("ij,hik->hjk", t.r2.R[i], w.view(kv, d, -1)).reshape(w.shape)
@@ -202,7 +227,7 @@ def _layer_fns(i: int, geo, r4: bool) -> dict:
         w = (w.view(w.shape[0], kv * groups, d) @ t.r2.R[i]).reshape(w.shape)
         s = inv(t, "v")
         if s is not None:
-            w = w * s.view(kv, d).repeat_interleave(groups, dim=0).reshape(-1)
+            w = w * per_query_head(s, geo)
         return t.r1.R.T @ w
 
     def writer_bias(t, b):  # b <- b R1
@@ -230,7 +255,7 @@ def _layer_fns(i: int, geo, r4: bool) -> dict:
             return w if s is None else w * s
         return fn
 
-    return {"q": (reader("attn_norm"), None), "k": (reader("attn_norm"), None), "v": (v_weight, v_bias),
+    return {"q": (q_weight, q_bias), "k": (k_weight, k_bias), "v": (v_weight, v_bias),
             "o": (o_weight, writer_bias), "gate": (reader("mlp_norm"), None), "up": (up_weight, up_bias),
             "down": (down_weight, writer_bias), "input_norm": norm("attn_norm"), "post_attn_norm": norm("mlp_norm")}
 
@@ -336,9 +361,10 @@ def train_e2e(model: nn.Module, qcfg, train_ids: torch.Tensor, eval_ids: torch.T
     device = next(model.parameters()).device
     r1 = random_hadamard_matrix(geo.hidden, cfg.seed)  # the same start QuaRot uses with this seed
     r2 = RotationSet.random_hadamard_r2(geo, cfg.seed)[:, 0]
-    scale_sizes = ({"attn_norm": geo.hidden, "mlp_norm": geo.hidden, "v": geo.n_kv_heads * geo.head_dim,
-                    "up": geo.intermediate} if cfg.method == "ostquant" else None)
-    transforms = Transforms(r1, r2, scale_sizes, geo.n_layers).to(device)
+    sizes = None
+    if cfg.method == "ostquant":  # the Q/K scale has one free value per RoPE pair
+        sizes = {**scale_sizes(geo), "qk": geo.n_kv_heads * geo.head_dim // 2}
+    transforms = Transforms(r1, r2, sizes, geo.n_layers).to(device)
     weight_spec = QuantSpec(bits=cfg.w_bits, symmetric=True) if cfg.w_bits < 16 else None
     groups = [{"params": [transforms.r1.R, transforms.r2.R]}]
     opt = CayleySGD(groups, lr=cfg.lr, momentum=cfg.momentum)

@@ -18,7 +18,11 @@ folds it into the model. Names follow SpinQuant:
   - "v" [n_layers, kv_heads * head_dim]: v_proj rows (and bias) times s, o_proj's input
     columns of every query head divided by its KV head's s (attention is linear in V);
   - "up" [n_layers, intermediate]: up_proj rows (and bias) times s, down_proj's input columns
-    divided by s (SwiGLU is linear in up's output), before R4's Hadamard.
+    divided by s (SwiGLU is linear in up's output), before R4's Hadamard;
+  - "qk" [n_layers, kv_heads * head_dim]: k_proj rows (and bias) divided by s, q_proj rows of
+    every query head times its KV head's s, so q.k is unchanged. RoPE rotates channel j of a
+    head together with channel j + head_dim/2 (rotate_half), so the two must share a scale:
+    then RoPE commutes with the scaling. This smooths K for the KV-cache quantizer.
 
 Saved as safetensors: tensors "R1", "R2" and "S.<name>" for scalings, and the flags and provenance (method, seed) as
 JSON in the header's metadata. Loading never unpickles anything.
@@ -83,8 +87,7 @@ class RotationSet:
             err = (m @ m.transpose(-1, -2) - torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)).abs().max().item()
             if err > 1e-4:
                 raise ValueError(f"{name} is not orthogonal (max |R R^T - I| = {err:.2e})")
-        sizes = {"attn_norm": geometry.hidden, "mlp_norm": geometry.hidden,
-                 "v": geometry.n_kv_heads * geometry.head_dim, "up": geometry.intermediate}
+        sizes = scale_sizes(geometry)
         for name, s in self.scales.items():
             if name not in sizes:
                 raise ValueError(f"unknown scaling {name!r}; known: {', '.join(sizes)}")
@@ -93,6 +96,11 @@ class RotationSet:
                                  f"{(geometry.n_layers, sizes[name])}: it was made for another model")
             if not bool(torch.all(torch.isfinite(s)) and torch.all(s > 0)):
                 raise ValueError(f"scaling {name} must be finite and positive")
+            if name == "qk":
+                pairs = s.double().view(geometry.n_layers, geometry.n_kv_heads, 2, geometry.head_dim // 2)
+                if not torch.allclose(pairs[:, :, 0], pairs[:, :, 1], rtol=1e-6, atol=0.0):
+                    raise ValueError("scaling qk must give channels j and j + head_dim/2 of each head the same "
+                                     "value (RoPE rotates them together); make it with expand_rope_pairs")
 
     # ---- I/O ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -162,6 +170,24 @@ def _rotate_o_input_(o: nn.Module, r2: torch.Tensor, head_dim: int, groups: int)
     w.data.copy_(torch.einsum("ohi,hij->ohj", wh, per_q).reshape(w.shape).to(w.dtype))
 
 
+def scale_sizes(geometry: Geometry) -> dict[str, int]:
+    """The length, per layer, of each diagonal scaling a RotationSet may hold (module doc)."""
+    return {"attn_norm": geometry.hidden, "mlp_norm": geometry.hidden, "v": geometry.n_kv_heads * geometry.head_dim,
+            "up": geometry.intermediate, "qk": geometry.n_kv_heads * geometry.head_dim}
+
+
+def expand_rope_pairs(half: torch.Tensor, n_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """[..., kv_heads * head_dim/2] -> [..., kv_heads * head_dim]: channel j and j + head_dim/2 of
+    each head get the same value (RoPE's rotate_half pairs them)."""
+    h = half.reshape(*half.shape[:-1], n_kv_heads, head_dim // 2)
+    return torch.cat([h, h], dim=-1).reshape(*half.shape[:-1], n_kv_heads * head_dim)
+
+
+def per_query_head(s: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """A per-KV-head-channel vector [kv_heads * head_dim] repeated for every query head of the group."""
+    return s.view(geo.n_kv_heads, geo.head_dim).repeat_interleave(geo.kv_groups, dim=0).reshape(-1)
+
+
 def _scale_rows_(linear: nn.Module, s: torch.Tensor) -> None:
     """W <- diag(s) W, b <- s * b (the output channels)."""
     w = linear.weight
@@ -190,8 +216,11 @@ def _apply_scales_(model: nn.Module, scales: dict, adapter: ModelAdapter, geo: G
         if "v" in scales:
             s = scales["v"][i].double()
             _scale_rows_(layer.v, s)
-            per_q = s.view(geo.n_kv_heads, geo.head_dim).repeat_interleave(geo.kv_groups, dim=0).reshape(-1)
-            _scale_cols_(layer.o, 1.0 / per_q)
+            _scale_cols_(layer.o, 1.0 / per_query_head(s, geo))
+        if "qk" in scales:
+            s = scales["qk"][i].double()
+            _scale_rows_(layer.q, per_query_head(s, geo))
+            _scale_rows_(layer.k, 1.0 / s)
         if "up" in scales:
             s = scales["up"][i].double()
             _scale_rows_(layer.up, s)
