@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,11 @@ def test_dartquant_run_records_how_it_was_tuned(tiny_folder, tmp_path):
     assert calib["r1_lr"] in (1e-2, 1.0) and calib["r2_lr"] in (1e-2, 1.0)
     assert calib["lr_selection"]["r1"]["chosen"] == calib["r1_lr"]
     assert len(calib["r1_heldout_sqnr_db"]) == 2 and len(calib["r2_eval_loss"]) == 2
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(recipe):
+    cfg = QuantConfig.from_yaml(recipe)
+    cfg.validate()
+    assert cfg.method in ("dartquant", "spinquant", "ostquant", "quarot", "rtn")
