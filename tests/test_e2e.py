@@ -10,14 +10,14 @@ import torch
 from torch.nn.utils import parametrize
 
 from dartquant.adapters import adapter_for
-from dartquant.calib.e2e import (E2EConfig, Transforms, kl_top_loss, next_token_ce, resolve_amp, train_e2e,
-                                 training_view)
+from dartquant.calib.e2e import (E2EConfig, Transforms, kl_top_loss, next_token_ce, ostquant_scale_sizes,
+                                 resolve_amp, train_e2e, training_view)
 from dartquant.calib.orth import orthogonality_error
 from dartquant.hadamard import random_hadamard_matrix
 from dartquant.quant.act import install_quantizers_, set_act_quant_enabled_
 from dartquant.quant.config import QuantConfig
 from dartquant.transforms import RotationSet, exact_norms_, fuse_norms_, rotate_
-from dartquant.transforms.rotation import expand_rope_pairs, scale_sizes
+from dartquant.transforms.rotation import expand_rope_pairs
 from tiny import make_tiny_model, rel_err
 
 
@@ -29,9 +29,8 @@ def _random_orth(n, seed, lead=()):
 
 def _random_scales(geo, seed):
     g = torch.Generator().manual_seed(seed)
-    sizes = {**scale_sizes(geo), "qk": geo.n_kv_heads * geo.head_dim // 2}
     out = {k: torch.exp(0.5 * torch.randn(geo.n_layers, n, generator=g, dtype=torch.float64))
-           for k, n in sizes.items()}
+           for k, n in ostquant_scale_sizes(geo).items()}
     out["qk"] = expand_rope_pairs(out["qk"], geo.n_kv_heads, geo.head_dim)  # RoPE pairs share a scale
     return out
 
@@ -75,8 +74,7 @@ def test_scalings_round_trip_and_are_checked(tmp_path):
 
 def _transforms(geo, scales: bool, seed=0):
     t = Transforms(_random_orth(geo.hidden, seed + 1), _random_orth(geo.head_dim, seed + 2, (geo.n_layers,)),
-                   {**scale_sizes(geo), "qk": geo.n_kv_heads * geo.head_dim // 2} if scales else None,
-                   geo.n_layers, dtype=torch.float64)
+                   ostquant_scale_sizes(geo) if scales else None, geo.n_layers, dtype=torch.float64)
     with torch.no_grad():
         for p in t.log_scales.values():
             p.copy_(0.3 * torch.randn_like(p))

@@ -132,16 +132,22 @@ def _autocast(device: torch.device, amp: str):
 
 
 # ---- the trainable transforms -------------------------------------------------------------
+def ostquant_scale_sizes(geo) -> dict[str, int]:
+    """Lengths per layer of OSTQuant's trainable log-scales: the RotationSet scalings, except
+    the Q/K one, which has one free value per RoPE channel pair (Transforms.qk_scale expands it)."""
+    return {**scale_sizes(geo), "qk": geo.n_kv_heads * geo.head_dim // 2}
+
+
 class Transforms(nn.Module):
     """R1 [h, h], R2 [L, d, d] (Cayley parameters) and, for OSTQuant, log-scales per layer."""
 
-    def __init__(self, r1: torch.Tensor, r2: torch.Tensor, scale_sizes: dict[str, int] | None, n_layers: int,
+    def __init__(self, r1: torch.Tensor, r2: torch.Tensor, log_scale_sizes: dict[str, int] | None, n_layers: int,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.r1 = CayleyOrth(r1, dtype=dtype)
         self.r2 = CayleyOrth(r2, dtype=dtype)
         self.log_scales = nn.ParameterDict(
-            {k: nn.Parameter(torch.zeros(n_layers, n, dtype=dtype)) for k, n in (scale_sizes or {}).items()})
+            {k: nn.Parameter(torch.zeros(n_layers, n, dtype=dtype)) for k, n in (log_scale_sizes or {}).items()})
         self.weight_spec: QuantSpec | None = None  # fake-quantize computed weights (STE) if set
 
     def scale(self, name: str, layer: int) -> torch.Tensor | None:
@@ -361,9 +367,7 @@ def train_e2e(model: nn.Module, qcfg, train_ids: torch.Tensor, eval_ids: torch.T
     device = next(model.parameters()).device
     r1 = random_hadamard_matrix(geo.hidden, cfg.seed)  # the same start QuaRot uses with this seed
     r2 = RotationSet.random_hadamard_r2(geo, cfg.seed)[:, 0]
-    sizes = None
-    if cfg.method == "ostquant":  # the Q/K scale has one free value per RoPE pair
-        sizes = {**scale_sizes(geo), "qk": geo.n_kv_heads * geo.head_dim // 2}
+    sizes = ostquant_scale_sizes(geo) if cfg.method == "ostquant" else None
     transforms = Transforms(r1, r2, sizes, geo.n_layers).to(device)
     weight_spec = QuantSpec(bits=cfg.w_bits, symmetric=True) if cfg.w_bits < 16 else None
     groups = [{"params": [transforms.r1.R, transforms.r2.R]}]
