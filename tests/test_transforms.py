@@ -82,11 +82,13 @@ def test_wrong_rotation_is_detected(ids):
     ref = reference(model, ids)
     rotate_(model, RotationSet(r2=random_orthogonal(geo.head_dim, 5, (geo.n_layers, geo.n_kv_heads))))
     # Now corrupt: rotate only v_proj of layer 0 without the matching o_proj.
-    from dartquant.transforms.rotation import _rotate_v_output_
+    from dartquant.transforms.placements import SPECS
+    from dartquant.transforms.rotation import _fold_
 
+    spec = SPECS["R2"]
+    v_side = next(p for p in spec.placements if p.role == "v")
     with torch.no_grad():
-        _rotate_v_output_(adapter.layers_of(model)[0].v, random_orthogonal(geo.head_dim, 6, (geo.n_kv_heads,)),
-                          geo.head_dim)
+        _fold_(adapter.layers_of(model)[0].v, random_orthogonal(geo.head_dim, 6, (geo.n_kv_heads,)), spec, v_side, geo)
     assert rel_err(ref, logits(model, ids)) > 1e-3
 
 

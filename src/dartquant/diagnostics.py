@@ -58,6 +58,8 @@ from pathlib import Path
 import torch
 
 from .quant.primitives import QuantSpec, fake_quantize, sqnr_db
+from .calib.capture import r1_rows
+from .transforms.placements import kv_head_token_view
 
 ACT_SPEC = QuantSpec(bits=4, symmetric=False, clip_ratio=0.9)  # per token (group_size None)
 PARTS = ("r1_q", "r1_up", "r2")
@@ -87,16 +89,10 @@ def activation_stats(x: torch.Tensor, spec: QuantSpec = ACT_SPEC) -> dict:
 
 
 # ---- views --------------------------------------------------------------------------------
-def r1_blocks(r1: torch.Tensor, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Captured pooled R1 samples -> [(q_proj input, up_proj input)] per layer."""
-    per = r1.shape[0] // (2 * n_layers)
-    return [(r1[2 * i * per: (2 * i + 1) * per], r1[(2 * i + 1) * per: (2 * i + 2) * per]) for i in range(n_layers)]
-
-
 def o_rows(heads: torch.Tensor, kv_groups: int) -> torch.Tensor:
     """One layer's per-KV-head samples [kv_heads, tokens * groups, d] -> o_proj rows [tokens, heads * d]."""
-    kv, tg, d = heads.shape
-    return heads.reshape(kv, tg // kv_groups, kv_groups, d).permute(1, 0, 2, 3).reshape(tg // kv_groups, -1)
+    view = kv_head_token_view(heads, kv_groups)
+    return view.reshape(view.shape[0], -1)
 
 
 def rotate_r1(x: torch.Tensor, r1: torch.Tensor | None) -> torch.Tensor:
@@ -120,7 +116,8 @@ def view_stats(captured, geometry, rotations) -> tuple[dict, dict]:
     r2 = None if rotations is None else rotations.r2
     mid = geometry.n_layers // 2
     stats, samples = {p: [] for p in PARTS}, {}
-    for i, (q, up) in enumerate(r1_blocks(captured.r1, geometry.n_layers)):
+    for i, probes in enumerate(r1_rows(captured.r1, geometry.n_layers)):
+        q, up = probes["q"], probes["up"]
         xq, xu = rotate_r1(q, r1), rotate_r1(up, r1)
         xo = o_rows(rotate_r2(captured.r2[i], None if r2 is None else r2[i]), geometry.kv_groups)
         for part, x in (("r1_q", xq), ("r1_up", xu), ("r2", xo)):

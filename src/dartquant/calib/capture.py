@@ -22,6 +22,13 @@ from torch import nn
 from ..adapters import ModelAdapter, adapter_for
 from ..layerwise import iterate_blocks
 from ..modules import as_qlinear
+from ..transforms.placements import SPECS, kv_head_token_view
+
+# The inputs R1 acts on: one linear per distinct stream it rotates (attention and MLP inputs);
+# the rows of layer i, probe j sit at block (len(R1_PROBES) * i + j) of the pooled buffer.
+R1_PROBES = SPECS["R1"].probes
+if len(SPECS["R2"].probes) != 1:
+    raise ImportError("capture keeps one R2 buffer per layer: R2 must have exactly one probe")
 
 
 @dataclass
@@ -38,7 +45,7 @@ def sample_fraction(n_tokens_per_layer: int, n_layers: int, fraction: float, max
     if not 0 < fraction <= 1:
         raise ValueError(f"token fraction must be in (0, 1], got {fraction}")
     if max_r1_tokens is not None:
-        fraction = min(fraction, max_r1_tokens / (2 * n_layers * n_tokens_per_layer))
+        fraction = min(fraction, max_r1_tokens / (len(R1_PROBES) * n_layers * n_tokens_per_layer))
     return fraction
 
 
@@ -71,28 +78,28 @@ def capture_activations(model: nn.Module, calib_ids: torch.Tensor, *, fraction: 
     n_seq, seqlen = calib_ids.shape
     if n_seq == 0:
         raise ValueError("capture needs at least one calibration sequence")
-    # R2 keeps `fraction` of each sequence; R1 pools 2 * n_layers streams, so its fraction is
+    # R2 keeps `fraction` of each sequence; R1 pools len(R1_PROBES) * n_layers streams, so its fraction is
     # reduced when needed to keep the pooled buffer within max_r1_tokens.
     k2 = max(1, int(round(sample_fraction(n_seq * seqlen, geo.n_layers, fraction, None) * seqlen)))
     k1 = max(1, int(round(sample_fraction(n_seq * seqlen, geo.n_layers, fraction, max_r1_tokens) * seqlen)))
     per_layer1, per_layer2 = n_seq * k1, n_seq * k2
-    r1 = torch.empty(geo.n_layers * 2 * per_layer1, geo.hidden, dtype=store_dtype)
+    n_r1 = len(R1_PROBES)
+    r1 = torch.empty(geo.n_layers * n_r1 * per_layer1, geo.hidden, dtype=store_dtype)
     # R2 buffer in its final layout: [layers, kv_heads, tokens * kv_groups, head_dim]; row
     # t * kv_groups + g of KV head h is query head h * kv_groups + g of sampled token t (the
     # query heads of a KV group are pooled). Layer i's sampler writes through the view
     # [tokens, kv_heads, kv_groups, head_dim] of r2[i].
     r2 = torch.empty(geo.n_layers, geo.n_kv_heads, per_layer2 * geo.kv_groups, geo.head_dim, dtype=store_dtype)
 
-    def o_view(i: int) -> torch.Tensor:
-        return r2[i].view(geo.n_kv_heads, per_layer2, geo.kv_groups, geo.head_dim).permute(1, 0, 2, 3)
-
     g = torch.Generator().manual_seed(seed)
     for i, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress, desc="capture"):
         layer = adapter.layer(block)
         observed = []
-        for role, k, store in (("q", k1, r1[(2 * i) * per_layer1: (2 * i + 1) * per_layer1]),
-                               ("up", k1, r1[(2 * i + 1) * per_layer1: (2 * i + 2) * per_layer1]),
-                               ("o", k2, o_view(i))):
+        # what R1 and R2 act on, from the placement table: R1's probes pooled, R2's per layer
+        r1_stores = [(role, k1, r1[(n_r1 * i + j) * per_layer1: (n_r1 * i + j + 1) * per_layer1])
+                     for j, role in enumerate(R1_PROBES)]
+        r2_stores = [(role, k2, kv_head_token_view(r2[i], geo.kv_groups)) for role in SPECS["R2"].probes]
+        for role, k, store in r1_stores + r2_stores:
             q = as_qlinear(getattr(layer, role))
             adapter.set_linear(block, role, q)
             q.input_observer = _Sampler(k, g, store)
@@ -103,3 +110,11 @@ def capture_activations(model: nn.Module, calib_ids: torch.Tensor, *, fraction: 
                 raise RuntimeError("capture did not see every calibration sequence")
             q.input_observer = None
     return Captured(r1=r1, r2=r2, fraction_r1=k1 / seqlen, fraction_r2=k2 / seqlen, tokens_seen=n_seq * seqlen)
+
+
+def r1_rows(r1: torch.Tensor, n_layers: int) -> list[dict[str, torch.Tensor]]:
+    """The pooled R1 buffer split back per layer: [{probe role: its sampled inputs}]."""
+    per = r1.shape[0] // (len(R1_PROBES) * n_layers)
+    n = len(R1_PROBES)
+    return [{role: r1[(n * i + j) * per: (n * i + j + 1) * per] for j, role in enumerate(R1_PROBES)}
+            for i in range(n_layers)]

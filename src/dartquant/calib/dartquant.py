@@ -37,6 +37,7 @@ from ..adapters import adapter_for
 from ..hadamard import random_hadamard_matrix
 from ..quant.primitives import fake_quantize
 from ..transforms import RotationSet, fuse_norms_
+from ..transforms.placements import kv_head_token_view
 from .capture import Captured, capture_activations
 from .train import RotationTrainConfig, train_rotation
 
@@ -107,7 +108,7 @@ def r2_heldout_quant(r2_buf: torch.Tensor, r2: torch.Tensor, held_rows: torch.Te
     for layer in range(geo.n_layers):
         x = r2_buf[layer].index_select(-2, held_rows.to(r2_buf.device)).to(device).float()
         o = x @ r2[layer].to(device=device, dtype=torch.float32)  # [kvh, n * groups, hd]
-        o = o.view(kvh, n, groups, hd).permute(1, 0, 2, 3).reshape(n, kvh * groups * hd)
+        o = kv_head_token_view(o, groups).reshape(n, kvh * groups * hd)
         stats.append(_quant_stats(o, spec))
     return _summarize(stats)
 

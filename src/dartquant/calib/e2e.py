@@ -51,7 +51,8 @@ from ..quant.act import install_quantizers_, set_act_quant_enabled_
 from ..quant.primitives import QuantSpec, fake_quantize
 from ..transforms import RotationSet, fuse_norms_
 from ..transforms.online import install_online_
-from ..transforms.rotation import expand_rope_pairs, per_query_head, scale_sizes
+from ..transforms.placements import (NORM_ROLES, apply_placement, expand_rope_pairs, placements_on, scale_sizes,
+                                     touches_bias)
 from .orth import CayleyOrth, CayleySGD
 
 E2E_METHODS = ("spinquant", "ostquant")
@@ -185,85 +186,38 @@ class _Param(nn.Module):
         return out
 
 
-def _layer_fns(i: int, geo, r4: bool) -> dict:
-    """Parametrization functions (weight / bias) of layer i's linears and norms."""
-    kv, d, groups = geo.n_kv_heads, geo.head_dim, geo.kv_groups
+def _transform_value(t: Transforms, spec, layer: int, geo) -> torch.Tensor | None:
+    """The current (differentiable) value of one transform at `layer`, as apply_placement takes it."""
+    if spec.name == "R1":
+        return t.r1.R
+    if spec.name == "R2":  # one matrix per layer, shared by its KV heads (SpinQuant)
+        r = t.r2.R[layer]
+        return r.expand(geo.n_kv_heads, *r.shape)
+    if spec.name == "qk":
+        return t.qk_scale(layer, geo)
+    return t.scale(spec.name, layer) if spec.kind == "diagonal" else None
 
-    def inv(t, name):
-        s = t.scale(name, i)
-        return None if s is None else 1.0 / s
 
-    def reader(name):  # W <- W R1 diag(1/s)
-        def fn(t, w):
-            w = w @ t.r1.R
-            s = inv(t, name)
-            return w if s is None else w * s
-        return fn
+def _param_fn(role: str, layer: int, geo, r4: bool, bias: bool):
+    """fn(t, w): the weight (or bias) of `role` in `layer` under the current transforms, derived
+    from the placement table (R3 has nothing to fold; R4's Hadamard is applied as a fast transform).
+    None if no transform touches it."""
+    entries = [(spec, p) for spec, p in placements_on(role)
+               if (spec.name != "R4" or r4) and (not bias or touches_bias(p))]
+    if not entries:
+        return None
 
-    def q_weight(t, w):  # rows of every query head times its KV head's Q/K scale
-        w = reader("attn_norm")(t, w)
-        s = t.qk_scale(i, geo)
-        return w if s is None else w * per_query_head(s, geo)[:, None]
+    def fn(t, w):
+        for spec, p in entries:
+            if spec.name == "R4":
+                w = fast_hadamard_transform(w)  # w H, with H = R4's Hadamard
+                continue
+            value = _transform_value(t, spec, layer, geo)
+            if value is not None:
+                w = apply_placement(w, value, spec, p, geo, bias=bias)
+        return w
 
-    def q_bias(t, b):
-        s = t.qk_scale(i, geo)
-        return b if s is None else b * per_query_head(s, geo)
-
-    def k_weight(t, w):  # rows divided by the Q/K scale: q.k unchanged
-        w = reader("attn_norm")(t, w)
-        s = t.qk_scale(i, geo)
-        return w if s is None else w / s[:, None]
-
-    def k_bias(t, b):
-        s = t.qk_scale(i, geo)
-        return b if s is None else b / s
-
-    def v_weight(t, w):  # rows of KV head h: R2^T W_h, then times s_v
-        w = reader("attn_norm")(t, w)
-        w = torch.einsum("ij,hik->hjk", t.r2.R[i], w.view(kv, d, -1)).reshape(w.shape)
-        s = t.scale("v", i)
-        return w if s is None else w * s[:, None]
-
-    def v_bias(t, b):
-        b = (b.view(kv, d) @ t.r2.R[i]).reshape(-1)
-        s = t.scale("v", i)
-        return b if s is None else b * s
-
-    def o_weight(t, w):  # input columns of every query head: W R2 diag(1/s_v); output: R1^T W
-        w = (w.view(w.shape[0], kv * groups, d) @ t.r2.R[i]).reshape(w.shape)
-        s = inv(t, "v")
-        if s is not None:
-            w = w * per_query_head(s, geo)
-        return t.r1.R.T @ w
-
-    def writer_bias(t, b):  # b <- b R1
-        return b @ t.r1.R
-
-    def up_weight(t, w):
-        w = reader("mlp_norm")(t, w)
-        s = t.scale("up", i)
-        return w if s is None else w * s[:, None]
-
-    def up_bias(t, b):
-        s = t.scale("up", i)
-        return b if s is None else b * s
-
-    def down_weight(t, w):  # R1^T W diag(1/s_up) H (H: R4's Hadamard, online x -> x H)
-        s = inv(t, "up")
-        if s is not None:
-            w = w * s
-        w = t.r1.R.T @ w
-        return fast_hadamard_transform(w) if r4 else w
-
-    def norm(name):
-        def fn(t, w):
-            s = t.scale(name, i)
-            return w if s is None else w * s
-        return fn
-
-    return {"q": (q_weight, q_bias), "k": (k_weight, k_bias), "v": (v_weight, v_bias),
-            "o": (o_weight, writer_bias), "gate": (reader("mlp_norm"), None), "up": (up_weight, up_bias),
-            "down": (down_weight, writer_bias), "input_norm": norm("attn_norm"), "post_attn_norm": norm("mlp_norm")}
+    return fn
 
 
 @contextlib.contextmanager
@@ -282,19 +236,19 @@ def training_view(model: nn.Module, transforms: Transforms, qcfg, r3: bool, r4: 
         for p in model.parameters():
             p.requires_grad_(False)
         for i, layer in enumerate(adapter.layers_of(model)):
-            fns = _layer_fns(i, geo, r4)
             for role, linear in layer.linears().items():
-                w_fn, b_fn = fns[role]
-                parametrize.register_parametrization(linear, "weight", _Param(transforms, w_fn, quantize=True),
-                                                     unsafe=True)
+                parametrize.register_parametrization(
+                    linear, "weight", _Param(transforms, _param_fn(role, i, geo, r4, False), quantize=True), unsafe=True)
                 parametrized.append((linear, "weight"))
+                b_fn = _param_fn(role, i, geo, r4, True)
                 if b_fn is not None and linear.bias is not None:
                     parametrize.register_parametrization(linear, "bias", _Param(transforms, b_fn), unsafe=True)
                     parametrized.append((linear, "bias"))
             if transforms.log_scales:
-                for name in ("input_norm", "post_attn_norm"):
+                for name in NORM_ROLES:
                     norm = getattr(layer, name)
-                    parametrize.register_parametrization(norm, "weight", _Param(transforms, fns[name]), unsafe=True)
+                    parametrize.register_parametrization(norm, "weight", _Param(transforms, _param_fn(name, i, geo, r4, False)),
+                                                         unsafe=True)
                     parametrized.append((norm, "weight"))
         r1 = transforms.r1.R
         hooks.append(adapter.embedding(model).register_forward_hook(

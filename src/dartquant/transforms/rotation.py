@@ -1,28 +1,17 @@
 """Rotation sets and the one function that applies them.
 
 Every method (QuaRot, DartQuant, SpinQuant, ...) only *produces* a `RotationSet`; `rotate_`
-folds it into the model. Names follow SpinQuant:
+folds it into the model, following the placement table of `placements.py` (which modules each
+transform touches, on which side, per head or not). A set holds, by SpinQuant's names:
 
-* R1 [hidden, hidden], one global matrix on the residual stream:
-  embedding E <- E R1; readers of the stream (q/k/v/gate/up/lm_head) W <- W R1;
-  writers (o_proj, down_proj) W <- R1^T W and b <- R1^T b.
+* R1 [hidden, hidden], one global matrix on the residual stream;
 * R2 [n_layers, kv_heads, head_dim, head_dim], per layer and KV head, between v_proj's output
-  and o_proj's input. Under GQA the matrix of a KV head also serves every query head of its
-  group on the o_proj side.
-* R3 (online Hadamard on Q and K after RoPE) and R4 (online Hadamard on the down_proj input,
-  its inverse folded into down_proj) are fixed: the set only records whether they are on.
-* Optional diagonal scalings (OSTQuant's equivalent transformations), applied after R1/R2 in
-  the rotated basis, each a positive vector per layer:
-  - "attn_norm" / "mlp_norm" [n_layers, hidden]: the gain of input_layernorm /
-    post_attention_layernorm becomes s, the linears that read it get W <- W diag(1/s);
-  - "v" [n_layers, kv_heads * head_dim]: v_proj rows (and bias) times s, o_proj's input
-    columns of every query head divided by its KV head's s (attention is linear in V);
-  - "up" [n_layers, intermediate]: up_proj rows (and bias) times s, down_proj's input columns
-    divided by s (SwiGLU is linear in up's output), before R4's Hadamard;
-  - "qk" [n_layers, kv_heads * head_dim]: k_proj rows (and bias) divided by s, q_proj rows of
-    every query head times its KV head's s, so q.k is unchanged. RoPE rotates channel j of a
-    head together with channel j + head_dim/2 (rotate_half), so the two must share a scale:
-    then RoPE commutes with the scaling. This smooths K for the KV-cache quantizer.
+  and o_proj's input (under GQA a KV head's matrix also serves its query heads);
+* R3 / R4: fixed Hadamards (on Q/K after RoPE; on the down_proj input), recorded as flags;
+* optional diagonal scalings (OSTQuant's equivalent transformations), each a positive
+  [n_layers, n] tensor: "attn_norm", "mlp_norm" [hidden], "v", "qk" [kv_heads * head_dim],
+  "up" [intermediate]. The "qk" one must give channels j and j + head_dim/2 of a head the same
+  value: RoPE rotates them together, and then it commutes with the scaling.
 
 Saved as safetensors: tensors "R1", "R2" and "S.<name>" for scalings, and the flags and provenance (method, seed) as
 JSON in the header's metadata. Loading never unpickles anything.
@@ -45,6 +34,10 @@ from ..adapters import Geometry, ModelAdapter, adapter_for
 from ..hadamard import hadamard_matrix, random_hadamard_matrix
 from .fuse import fuse_norms_, norms_fused
 from .online import install_online_
+from .placements import (MODEL_ROLES, TRANSFORMS, Placement, TransformSpec, apply_placement,
+                         expand_rope_pairs, per_query_head, scale_sizes, touches_bias)
+
+__all__ = ["RotationSet", "rotate_", "scale_sizes", "expand_rope_pairs", "per_query_head"]
 
 
 @dataclass
@@ -71,6 +64,20 @@ class RotationSet:
         mats = [random_hadamard_matrix(geometry.head_dim, seed * 100_003 + 7919 * i + 1)
                 for i in range(geometry.n_layers * geometry.n_kv_heads)]
         return torch.stack(mats).view(geometry.n_layers, geometry.n_kv_heads, geometry.head_dim, geometry.head_dim)
+
+    def value(self, name: str, geometry: Geometry, device=None) -> torch.Tensor | None:
+        """The float64 tensor that folds transform `name` (placements.TRANSFORMS), or None if absent."""
+        if name == "R1":
+            t = self.r1
+        elif name == "R2":
+            t = self.r2
+        elif name == "R4":
+            return hadamard_matrix(geometry.intermediate, dtype=torch.float64, device=device) if self.r4 else None
+        elif name == "R3":
+            return None  # online only: nothing to fold
+        else:
+            t = self.scales.get(name)
+        return None if t is None else t.to(device, torch.float64)
 
     # ---- checks -------------------------------------------------------------------------
     def validate(self, geometry: Geometry) -> None:
@@ -138,93 +145,17 @@ class RotationSet:
 
 
 # ---- folding ------------------------------------------------------------------------------
-def _rotate_input_(linear: nn.Module, r: torch.Tensor) -> None:
-    """Reader of a rotated stream: W <- W R."""
-    w = linear.weight
-    w.data.copy_((w.data.double() @ r).to(w.dtype))
+def _fold_(module: nn.Module, t: torch.Tensor, spec: TransformSpec, p: Placement, geo: Geometry) -> None:
+    """One placement folded into one module, in float64, cast back to the parameter's dtype."""
+    w = module.weight
+    w.data.copy_(apply_placement(w.data.double(), t, spec, p, geo).to(w.dtype))
+    if touches_bias(p) and getattr(module, "bias", None) is not None:
+        b = module.bias
+        b.data.copy_(apply_placement(b.data.double(), t, spec, p, geo, bias=True).to(b.dtype))
 
 
-def _rotate_output_(linear: nn.Module, r: torch.Tensor) -> None:
-    """Writer into a rotated stream: W <- R^T W, b <- R^T b."""
-    w = linear.weight
-    w.data.copy_((r.T @ w.data.double()).to(w.dtype))
-    if linear.bias is not None:
-        linear.bias.data.copy_((linear.bias.data.double() @ r).to(linear.bias.dtype))
-
-
-def _rotate_v_output_(v: nn.Module, r2: torch.Tensor, head_dim: int) -> None:
-    """Per KV head h: W_v[h] <- R2_h^T W_v[h], b_v[h] <- b_v[h] R2_h.   r2: [kv_heads, d, d]"""
-    w = v.weight  # [kv_heads * d, hidden]
-    wh = w.data.double().view(r2.shape[0], head_dim, -1)
-    w.data.copy_(torch.einsum("hij,hik->hjk", r2, wh).reshape(w.shape).to(w.dtype))
-    if v.bias is not None:
-        bh = v.bias.data.double().view(r2.shape[0], head_dim)
-        v.bias.data.copy_(torch.einsum("hi,hij->hj", bh, r2).reshape(-1).to(v.bias.dtype))
-
-
-def _rotate_o_input_(o: nn.Module, r2: torch.Tensor, head_dim: int, groups: int) -> None:
-    """Query head q (of KV head q // groups): W_o[:, q] <- W_o[:, q] R2_{q // groups}."""
-    w = o.weight  # [hidden, n_heads * d]
-    per_q = r2.repeat_interleave(groups, dim=0)  # [n_heads, d, d]
-    wh = w.data.double().view(w.shape[0], per_q.shape[0], head_dim)
-    w.data.copy_(torch.einsum("ohi,hij->ohj", wh, per_q).reshape(w.shape).to(w.dtype))
-
-
-def scale_sizes(geometry: Geometry) -> dict[str, int]:
-    """The length, per layer, of each diagonal scaling a RotationSet may hold (module doc)."""
-    return {"attn_norm": geometry.hidden, "mlp_norm": geometry.hidden, "v": geometry.n_kv_heads * geometry.head_dim,
-            "up": geometry.intermediate, "qk": geometry.n_kv_heads * geometry.head_dim}
-
-
-def expand_rope_pairs(half: torch.Tensor, n_kv_heads: int, head_dim: int) -> torch.Tensor:
-    """[..., kv_heads * head_dim/2] -> [..., kv_heads * head_dim]: channel j and j + head_dim/2 of
-    each head get the same value (RoPE's rotate_half pairs them)."""
-    h = half.reshape(*half.shape[:-1], n_kv_heads, head_dim // 2)
-    return torch.cat([h, h], dim=-1).reshape(*half.shape[:-1], n_kv_heads * head_dim)
-
-
-def per_query_head(s: torch.Tensor, geo: Geometry) -> torch.Tensor:
-    """A per-KV-head-channel vector [kv_heads * head_dim] repeated for every query head of the group."""
-    return s.view(geo.n_kv_heads, geo.head_dim).repeat_interleave(geo.kv_groups, dim=0).reshape(-1)
-
-
-def _scale_rows_(linear: nn.Module, s: torch.Tensor) -> None:
-    """W <- diag(s) W, b <- s * b (the output channels)."""
-    w = linear.weight
-    w.data.copy_((w.data.double() * s[:, None]).to(w.dtype))
-    if linear.bias is not None:
-        linear.bias.data.copy_((linear.bias.data.double() * s).to(linear.bias.dtype))
-
-
-def _scale_cols_(linear: nn.Module, s: torch.Tensor) -> None:
-    """W <- W diag(s) (the input channels)."""
-    w = linear.weight
-    w.data.copy_((w.data.double() * s).to(w.dtype))
-
-
-def _apply_scales_(model: nn.Module, scales: dict, adapter: ModelAdapter, geo: Geometry) -> None:
-    if not scales:
-        return
-    for i, layer in enumerate(adapter.layers_of(model)):
-        for key, norm, readers in (("attn_norm", layer.input_norm, (layer.q, layer.k, layer.v)),
-                                   ("mlp_norm", layer.post_attn_norm, (layer.gate, layer.up))):
-            if key in scales:
-                s = scales[key][i].double()
-                norm.weight.data.copy_((norm.weight.data.double() * s).to(norm.weight.dtype))
-                for lin in readers:
-                    _scale_cols_(lin, 1.0 / s)
-        if "v" in scales:
-            s = scales["v"][i].double()
-            _scale_rows_(layer.v, s)
-            _scale_cols_(layer.o, 1.0 / per_query_head(s, geo))
-        if "qk" in scales:
-            s = scales["qk"][i].double()
-            _scale_rows_(layer.q, per_query_head(s, geo))
-            _scale_rows_(layer.k, 1.0 / s)
-        if "up" in scales:
-            s = scales["up"][i].double()
-            _scale_rows_(layer.up, s)
-            _scale_cols_(layer.down, 1.0 / s)
+def _module(model: nn.Module, adapter: ModelAdapter, role: str) -> nn.Module:
+    return adapter.embedding(model) if role == "embed" else adapter.head(model)
 
 
 @torch.no_grad()
@@ -237,24 +168,14 @@ def rotate_(model: nn.Module, rotations: RotationSet, adapter: ModelAdapter | No
     if not norms_fused(model, adapter):
         fuse_norms_(model, adapter)
     layers = adapter.layers_of(model)
-    if rotations.r1 is not None:
-        r1 = rotations.r1.to(where, torch.float64)
-        emb = adapter.embedding(model).weight
-        emb.data.copy_((emb.data.double() @ r1).to(emb.dtype))
-        _rotate_input_(adapter.head(model), r1)
-        for layer in layers:
-            for lin in (layer.q, layer.k, layer.v, layer.gate, layer.up):
-                _rotate_input_(lin, r1)
-            for lin in (layer.o, layer.down):
-                _rotate_output_(lin, r1)
-    if rotations.r2 is not None:
-        for i, layer in enumerate(layers):
-            r2 = rotations.r2[i].to(where, torch.float64)
-            _rotate_v_output_(layer.v, r2, geo.head_dim)
-            _rotate_o_input_(layer.o, r2, geo.head_dim, geo.kv_groups)
-    _apply_scales_(model, {k: v.to(where) for k, v in rotations.scales.items()}, adapter, geo)
-    if rotations.r4:
-        h = hadamard_matrix(geo.intermediate, dtype=torch.float64, device=where)
-        for layer in layers:  # online x -> x H, so W_down <- W_down H keeps x W^T
-            _rotate_input_(layer.down, h)
+    for spec in TRANSFORMS:  # the placement table, in its folding order
+        t = rotations.value(spec.name, geo, where)
+        if t is None:
+            continue
+        for p in spec.placements:
+            if p.role in MODEL_ROLES:
+                _fold_(_module(model, adapter, p.role), t, spec, p, geo)
+                continue
+            for i, layer in enumerate(layers):
+                _fold_(getattr(layer, p.role), t[i] if spec.per_layer else t, spec, p, geo)
     install_online_(model, adapter, r3=rotations.r3, r4=rotations.r4)
