@@ -7,7 +7,7 @@ of capture, R1 training and R2 training, and the size of the captured buffers.
 
 Each model runs in a fresh subprocess (so peak RSS values do not mix). The stages are those of
 `calibrate_dartquant` (capture into host buffers, R1 on its train split, free the R1 buffer, R2),
-with the QuantConfig defaults unless overridden: 32 sequences x 2048 tokens of wiki, 10% of the
+with the RunConfig defaults unless overridden: 32 sequences x 2048 tokens of wiki, 10% of the
 tokens (R1 pool capped at 262,144 tokens), 10 epochs, batches of 4096 tokens, Whip, QR-Orth. Peak
 RSS per stage is sampled every 20 ms by a thread (VmRSS of /proc/self/status) and reset at each
 stage start; `ru_maxrss` gives the process's overall peak. "baseline" is the RSS after loading
@@ -71,11 +71,11 @@ def measure(model_name: str, args) -> dict:
     from dartquant.adapters import adapter_for
     from dartquant.calib.dartquant import capture, fit_r1, fit_r2
     from dartquant.data import calib_windows
-    from dartquant.quant.config import QuantConfig
+    from dartquant.config import RunConfig
     from dartquant.zoo import load_model
 
     sampler = RssPeak()
-    cfg = QuantConfig(model=model_name, method="dartquant", calib_samples=args.samples, calib_seqlen=args.seqlen,
+    cfg = RunConfig.from_flat(model=model_name, method="dartquant", calib_samples=args.samples, calib_seqlen=args.seqlen,
                       dq_epochs=args.epochs, seed=0)
     t = time.perf_counter()
     model, tok = load_model(model_name)

@@ -84,7 +84,7 @@ def run(shape: str, device: str, samples: int, seqlen: int, epochs: int, max_r1_
     from dartquant.adapters import adapter_for
     from dartquant.calib.capture import capture_activations
     from dartquant.calib.dartquant import fit_r1, fit_r2
-    from dartquant.quant.config import QuantConfig
+    from dartquant.config import RunConfig
 
     cuda = device.startswith("cuda")
     t = time.perf_counter()
@@ -94,7 +94,7 @@ def run(shape: str, device: str, samples: int, seqlen: int, epochs: int, max_r1_
     ids = torch.randint(0, geo.vocab, (samples, seqlen), generator=torch.Generator().manual_seed(0))
     out = {"shape": shape, "samples": samples, "seqlen": seqlen, "epochs": epochs, "buffers": buffers,
            "build_s": round(build, 1)}
-    cfg = QuantConfig(device=device, dq_epochs=epochs, dq_r1_lr=1e-3, dq_r2_lr=1e-3, seed=0)
+    cfg = RunConfig.from_flat(device=device, dq_epochs=epochs, dq_r1_lr=1e-3, dq_r2_lr=1e-3, seed=0)
 
     def stage(name, fn):
         if cuda:

@@ -110,7 +110,7 @@ def _ids(args, model, tokenizer, n: int):
 def worker(args) -> dict:
     import torch
 
-    from dartquant.quant.config import QuantConfig
+    from dartquant.config import RunConfig
     from dartquant.transforms import fuse_norms_, untie_embeddings_
 
     cuda = args.device.startswith("cuda")
@@ -122,10 +122,10 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     if args.worker == "dartquant":
         from dartquant.calib.dartquant import calibrate_dartquant
-        from dartquant.quant.pipeline import StageTimer
+        from dartquant.pipeline import StageTimer
 
         ids = _ids(args, model, tokenizer, args.dq_samples)
-        cfg = QuantConfig(device=args.device, seed=0, calib_samples=args.dq_samples, calib_seqlen=args.seqlen)
+        cfg = RunConfig.from_flat(device=args.device, seed=0, calib_samples=args.dq_samples, calib_seqlen=args.seqlen)
         timer = StageTimer()
         t0 = time.perf_counter()
         calibrate_dartquant(model, cfg, ids, timer=timer, progress=False)
@@ -135,7 +135,7 @@ def worker(args) -> dict:
                    schedule=f"capture {args.dq_samples} x {args.seqlen}, {cfg.dq_epochs} epochs R1 + R2",
                    full_schedule_s=round(time.perf_counter() - t0, 1), extrapolated=False)
     else:
-        from dartquant.calib.e2e import E2EConfig, train_e2e
+        from dartquant.calib.e2e import train_e2e
 
         model.to(args.device)
         if cuda:
@@ -143,9 +143,10 @@ def worker(args) -> dict:
             out["model_GiB"] = round(torch.cuda.memory_allocated() / 2**30, 2)
         steps = args.steps + 1  # the first step warms up (allocator, kernels) and is not counted
         ids = _ids(args, model, tokenizer, steps * args.batch)
-        e2e = E2EConfig(method=args.worker, steps=steps, batch=args.batch, micro_batch=args.micro_batch, amp=args.amp)
+        cfg = RunConfig.from_flat(method=args.worker, device=args.device, e2e_steps=steps, e2e_batch=args.batch,
+                                  e2e_micro_batch=args.micro_batch, e2e_amp=args.amp).resolve()
         with tempfile.TemporaryDirectory() as tmp:
-            train_e2e(model, QuantConfig(method=args.worker), ids, None, cfg=e2e, out_dir=Path(tmp), progress=False)
+            train_e2e(model, cfg, ids, None, out_dir=Path(tmp), progress=False)
             curve = json.loads((Path(tmp) / f"{args.worker}_loss.json").read_text())["curve"]
         ends = [c["seconds"] for c in curve]  # cumulative, taken after each step's backward
         per_step = statistics.median(b - a for a, b in zip(ends, ends[1:]))

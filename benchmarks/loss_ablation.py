@@ -5,7 +5,7 @@
         --wq rtn --calib-samples 8 --calib-seqlen 1024 --eval-max-windows 8 --lr-grid 0.01 0.1 1 \
         --out docs/results/loss_ablation_cpu.json
 
-Every row is W4A4KV4 with the QuantConfig defaults except the rotation. For each seed the
+Every row is W4A4KV4 with the RunConfig defaults except the rotation. For each seed the
 calibration activations are captured once (they do not depend on the loss) and R1 / R2 are
 trained with each loss (QR-Orth, SGD momentum, cosine, 10 epochs); the rotations are then handed
 to the ordinary pipeline (`rotations=` file) which quantizes the weights (`--wq`) and evaluates.
@@ -60,8 +60,8 @@ def main() -> None:
     from dartquant.adapters import adapter_for
     from dartquant.calib.dartquant import capture, fit_r1, fit_r2
     from dartquant.data import calib_windows
-    from dartquant.quant.config import QuantConfig
-    from dartquant.quant.pipeline import run_quantize
+    from dartquant.config import RunConfig
+    from dartquant.pipeline import run_quantize
     from dartquant.transforms import RotationSet
     from dartquant.zoo import load_model
     from quality import machine
@@ -89,7 +89,7 @@ def main() -> None:
     def evaluate(tag: str, wq: str, seed: int, tmp: Path, **kw):
         if done(tag, wq, seed):
             return
-        cfg = QuantConfig(**base, **kw, w_quantizer=wq, seed=seed)
+        cfg = RunConfig.from_flat(**base, **kw, w_quantizer=wq, seed=seed)
         m = run_quantize(cfg, tmp / f"run-{len(result['runs'])}", eval_fp="fp" not in result, progress=False)
         result.setdefault("fp", m.get("fp"))
         result["runs"].append({"config": tag, "wq": wq, "seed": seed, "ppl": m["ppl"], "seconds": m["seconds"]})
@@ -106,7 +106,7 @@ def main() -> None:
                     evaluate("quarot", wq, seed, tmp, method="quarot")
             model, tok = load_model(args.model)
             geo = adapter_for(model).geometry(model.config)
-            cfg0 = QuantConfig(**base, method="dartquant", seed=seed)
+            cfg0 = RunConfig.from_flat(**base, method="dartquant", seed=seed)
             ids = calib_windows(tok, cfg0.calib_corpus, cfg0.calib_samples, cfg0.calib_seqlen, seed)
             t0 = time.perf_counter()
             acts = capture(model, cfg0, ids, progress=False)
@@ -117,7 +117,7 @@ def main() -> None:
                 if loss not in chosen:  # first seed: choose R1 / R2 lr on held-out calibration loss
                     table, fits = {"r1": {}, "r2": {}}, {}
                     for lr in args.lr_grid:
-                        cfg = QuantConfig(**{**cfg0.to_dict(), "dq_loss": loss, "dq_r1_lr": lr, "dq_r2_lr": lr})
+                        cfg = RunConfig.from_flat(**{**cfg0.to_dict(), "dq_loss": loss, "dq_r1_lr": lr, "dq_r2_lr": lr})
                         for which, fit in (("r1", fit_r1), ("r2", fit_r2)):
                             try:
                                 r, h = fit(acts, geo, cfg, progress=False)
@@ -142,7 +142,7 @@ def main() -> None:
                     result["lr_selection"][loss] = {"seed": seed, "table": table, **chosen[loss]}
                     (r1, h1), (r2, h2) = fits[("r1", best["r1"])], fits[("r2", best["r2"])]
                 else:
-                    cfg = QuantConfig(**{**cfg0.to_dict(), "dq_loss": loss, "dq_r1_lr": chosen[loss]["r1_lr"],
+                    cfg = RunConfig.from_flat(**{**cfg0.to_dict(), "dq_loss": loss, "dq_r1_lr": chosen[loss]["r1_lr"],
                                          "dq_r2_lr": chosen[loss]["r2_lr"]})
                     r1, h1 = fit_r1(acts, geo, cfg, progress=False)
                     r2, h2 = fit_r2(acts, geo, cfg, progress=False)

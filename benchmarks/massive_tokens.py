@@ -68,7 +68,7 @@ def main() -> None:
     from dartquant.calib.dartquant import calibrate_dartquant
     from dartquant.data import calib_windows
     from dartquant.hadamard import random_hadamard_matrix
-    from dartquant.quant.config import QuantConfig
+    from dartquant.config import RunConfig
     from dartquant.transforms import fuse_norms_
     from dartquant.zoo import load_model
 
@@ -82,10 +82,10 @@ def main() -> None:
     k = max(1, int(args.top * x.shape[0]))
     massive = torch.zeros(x.shape[0], dtype=torch.bool)
     massive[ratio.topk(k).indices] = True
-    spec = QuantConfig().act_spec("q", geo.head_dim)
+    spec = RunConfig.from_flat().scheme.act_spec("q", geo.head_dim)
     rows = []
     for seed in args.seeds:
-        cfg = QuantConfig(model=args.model, seed=seed, calib_samples=args.calib_samples, calib_seqlen=args.seqlen,
+        cfg = RunConfig.from_flat(model=args.model, seed=seed, calib_samples=args.calib_samples, calib_seqlen=args.seqlen,
                           dq_r1_lr=args.r1_lr, dq_r2_lr=args.r2_lr)
         ids = calib_windows(tok, "wiki", args.calib_samples, args.seqlen, seed, span=(0.0, 0.9))
         rs = calibrate_dartquant(model, cfg, ids, progress=False)

@@ -5,10 +5,10 @@
         dartquant:rtn dartquant:gptq --seeds 0 1 2 --tasks arc_easy piqa --limit 200 --device cuda \
         --out docs/results/smollm2.json
 
-A config is METHOD:WEIGHT_QUANTIZER. Every run uses the same QuantConfig otherwise (W4A4KV4
+A config is METHOD:WEIGHT_QUANTIZER. Every run uses the same RunConfig otherwise (W4A4KV4
 defaults, per-channel weights), differing only in method, weight quantizer and seed. FP is
 evaluated once. With `--dq-lr-grid`, each DartQuant run picks its R1 and R2 learning rates
-from the grid by the held-out split of its own *calibration* activations (QuantConfig.dq_lr_grid),
+from the grid by the held-out split of its own *calibration* activations (RunConfig.dq_lr_grid),
 never by the evaluation numbers. (Before session 3 the pick was made once, on seed 0's capture,
 and used for every seed of the invocation; the device batches ran one seed per invocation.)
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def parse_config(config: str) -> tuple[str, str, dict]:
-    """METHOD[:WEIGHT_QUANTIZER[:key=value,key=value]] -> (method, wq, QuantConfig overrides)."""
+    """METHOD[:WEIGHT_QUANTIZER[:key=value,key=value]] -> (method, wq, RunConfig overrides)."""
     import yaml
 
     method, _, rest = config.partition(":")
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--eval-max-windows", type=int, default=None)
     ap.add_argument("--dq-lr-grid", nargs="*", type=float, default=[])
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra QuantConfig settings")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra RunConfig settings")
     ap.add_argument("--no-fp", action="store_true", help="skip the full-precision evaluation")
     ap.add_argument("--progress", action="store_true", help="progress bars (training steps, windows) on stderr")
     ap.add_argument("--out", required=True)
@@ -64,8 +64,8 @@ def main() -> None:
 
     import yaml
 
-    from dartquant.quant.config import QuantConfig
-    from dartquant.quant.pipeline import run_quantize
+    from dartquant.config import RunConfig
+    from dartquant.pipeline import run_quantize
 
     extra = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
     base = dict(model=args.model, tasks=args.tasks, zeroshot_limit=args.limit, device=args.device,
@@ -81,7 +81,7 @@ def main() -> None:
                 overrides = {**overrides, "dq_lr_grid": args.dq_lr_grid}
             seeds = args.seeds[:1] if (method == "rtn") else args.seeds  # no randomness without rotation
             for seed in seeds:
-                cfg = QuantConfig(**{**base, **overrides}, method=method, w_quantizer=wq or None, seed=seed)
+                cfg = RunConfig.from_flat(**{**base, **overrides}, method=method, w_quantizer=wq or None, seed=seed)
                 out = Path(tmp) / f"run-{len(result['runs'])}"
                 m = run_quantize(cfg, out, eval_fp=fp is None and not args.no_fp, progress=args.progress)
                 fp = fp or m.get("fp")

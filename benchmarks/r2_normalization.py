@@ -6,7 +6,7 @@
 
 For each model and seed: capture the calibration activations once (as `dartquant quantize
 --method dartquant` does), then train R2 (all layers x KV heads, Whip loss, QR-Orth, the
-QuantConfig defaults otherwise) with `dq_r2_normalize` = none and = rms, at every learning rate
+RunConfig defaults otherwise) with `dq_r2_normalize` = none and = rms, at every learning rate
 of `--lr-grid`. Within a mode the learning rate is chosen on the held-out 10% of the calibration
 tokens by that mode's own held-out Whip loss (the two modes' losses live on different scales,
 so they are never compared with each other). The modes are compared by a criterion that does
@@ -35,12 +35,12 @@ def run_model_seed(model_name: str, seed: int, args) -> dict:
     from dartquant.adapters import adapter_for
     from dartquant.calib.dartquant import capture, fit_r2
     from dartquant.data import calib_windows
-    from dartquant.quant.config import QuantConfig
+    from dartquant.config import RunConfig
     from dartquant.zoo import load_model
 
     model, tok = load_model(model_name)
     geo = adapter_for(model).geometry(model.config)
-    base = QuantConfig(model=model_name, seed=seed, calib_samples=args.calib_samples, calib_seqlen=args.seqlen,
+    base = RunConfig.from_flat(model=model_name, seed=seed, calib_samples=args.calib_samples, calib_seqlen=args.seqlen,
                        method="dartquant")
     ids = calib_windows(tok, base.calib_corpus, base.calib_samples, base.calib_seqlen, seed)
     t0 = time.perf_counter()
@@ -54,7 +54,7 @@ def run_model_seed(model_name: str, seed: int, args) -> dict:
     for mode in MODES:
         per_lr = {}
         for lr in args.lr_grid:
-            cfg = QuantConfig(**{**base.to_dict(), "dq_r2_lr": lr, "dq_r2_normalize": mode})
+            cfg = RunConfig.from_flat(**{**base.to_dict(), "dq_r2_lr": lr, "dq_r2_normalize": mode})
             t0 = time.perf_counter()
             try:
                 _, h = fit_r2(acts, geo, cfg, progress=False)

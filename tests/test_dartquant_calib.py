@@ -17,7 +17,7 @@ from dartquant.calib.dartquant import (
     split_indices,
 )
 from dartquant.calib.train import RotationTrainConfig, train_rotation
-from dartquant.quant.config import QuantConfig
+from dartquant.config import RunConfig
 from dartquant.quant.primitives import QuantSpec, fake_quantize, sqnr_db
 from dartquant.transforms import RotationSet, fuse_norms_
 from tiny import make_tiny_model, module_inputs
@@ -114,7 +114,7 @@ def test_fit_r2_normalize_modes_share_the_criterion(captured):
     geo = adapter_for(model).geometry(model.config)
     res = {}
     for mode in ("none", "rms"):
-        cfg = QuantConfig(dq_r2_lr=0.1, dq_epochs=2, dq_batch_tokens=16, dq_r2_normalize=mode)
+        cfg = RunConfig.from_flat(dq_r2_lr=0.1, dq_epochs=2, dq_batch_tokens=16, dq_r2_normalize=mode)
         r2, h = fit_r2(acts, geo, cfg, progress=False)
         assert r2.shape == (geo.n_layers, geo.n_kv_heads, geo.head_dim, geo.head_dim)
         res[mode] = h["heldout_quant"]
@@ -127,7 +127,7 @@ def test_fit_r2_normalize_modes_share_the_criterion(captured):
 def test_calibrate_dartquant_outputs(tmp_path):
     model = make_tiny_model("qwen2-bias-gqa", dtype=torch.float32)
     ids = torch.randint(0, 97, (2, 48), generator=torch.Generator().manual_seed(2))
-    cfg = QuantConfig(method="dartquant", dq_r1_lr=0.1, dq_r2_lr=0.1, dq_epochs=2, dq_batch_tokens=32,
+    cfg = RunConfig.from_flat(method="dartquant", dq_r1_lr=0.1, dq_r2_lr=0.1, dq_epochs=2, dq_batch_tokens=32,
                       dq_token_fraction=0.5)
     rot = calibrate_dartquant(model, cfg, ids, out_dir=tmp_path, progress=False)
     geo = adapter_for(model).geometry(model.config)
@@ -159,7 +159,7 @@ def test_lr_grid_keeps_the_lowest_held_out_loss():
     model = make_tiny_model("llama-tied-gqa", dtype=torch.float32)
     geo = adapter_for(model).geometry(model.config)
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    cfg = QuantConfig(dq_epochs=2, dq_batch_tokens=16, dq_token_fraction=0.5, dq_lr_grid=[1e-3, 1e-1, 1.0])
+    cfg = RunConfig.from_flat(dq_epochs=2, dq_batch_tokens=16, dq_token_fraction=0.5, dq_lr_grid=[1e-3, 1e-1, 1.0])
     acts = capture(model, cfg, ids, progress=False)
     r1, hist = fit_best(fit_r1, acts, geo, cfg, "r1", progress=False)
     sel = hist["lr_selection"]
@@ -168,4 +168,4 @@ def test_lr_grid_keeps_the_lowest_held_out_loss():
     again, _ = fit_r1(acts, geo, dataclasses.replace(cfg, dq_r1_lr=sel["chosen"]), progress=False)
     assert torch.equal(r1, again)  # the kept fit is the plain fit at the chosen lr
     with pytest.raises(ValueError, match="dq_lr_grid"):
-        QuantConfig(dq_lr_grid=[0.1, -1]).validate()
+        RunConfig.from_flat(dq_lr_grid=[0.1, -1]).validate()

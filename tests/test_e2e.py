@@ -11,11 +11,11 @@ from torch.nn.utils import parametrize
 
 from dartquant.adapters import adapter_for
 from dartquant.calib.e2e import (E2EConfig, Transforms, kl_top_loss, next_token_ce, ostquant_scale_sizes,
-                                 resolve_amp, train_e2e, training_view)
+                                 resolve_amp, train_e2e, train_w_bits, training_view)
 from dartquant.calib.orth import orthogonality_error
 from dartquant.hadamard import random_hadamard_matrix
 from dartquant.quant.act import install_quantizers_, set_act_quant_enabled_
-from dartquant.quant.config import QuantConfig
+from dartquant.config import RunConfig
 from dartquant.transforms import RotationSet, exact_norms_, fuse_norms_, rotate_
 from dartquant.transforms.rotation import expand_rope_pairs
 from tiny import make_tiny_model, rel_err
@@ -94,13 +94,13 @@ def test_training_forward_is_the_deployed_quantized_forward(tiny_name, scales):
     adapter = adapter_for(model)
     geo = adapter.geometry(model.config)
     fuse_norms_(model, adapter)
-    qcfg = QuantConfig(a_bits=4, kv_bits=4)
+    qcfg = RunConfig.from_flat(a_bits=4, kv_bits=4)
     deployed = copy.deepcopy(model)
     t = _transforms(geo, scales)
     rotate_(deployed, t.rotation_set(geo, True, True, {}, dtype=torch.float64), adapter)
-    install_quantizers_(deployed, qcfg, adapter)
+    install_quantizers_(deployed, qcfg.scheme, adapter)
     want_q = deployed(ids).logits
-    with training_view(model, t, qcfg, r3=True, r4=True, adapter=adapter, checkpointing=False):
+    with training_view(model, t, qcfg.scheme, r3=True, r4=True, adapter=adapter, checkpointing=False):
         model.eval()
         set_act_quant_enabled_(model, False)
         assert rel_err(fp, model(ids).logits) < 1e-9
@@ -121,9 +121,9 @@ def test_train_e2e_orthogonal_changes_and_restores(method):
         before = model(ids).logits
     state = {k: v.clone() for k, v in model.state_dict().items()}
     needs_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    cfg = E2EConfig(method=method, steps=4, batch=2, micro_batch=1, lr=1.0, scale_lr=0.05, kl_topk=20)
-    qcfg = QuantConfig(a_bits=4, kv_bits=4, method=method)
-    rs = train_e2e(model, qcfg, ids[:6], ids[6:], cfg=cfg, progress=False)
+    qcfg = RunConfig.from_flat(a_bits=4, kv_bits=4, method=method, e2e_steps=4, e2e_batch=2, e2e_micro_batch=1,
+                               e2e_lr=1.0, e2e_scale_lr=0.05, e2e_kl_topk=20).resolve()
+    rs = train_e2e(model, qcfg, ids[:6], ids[6:], progress=False)
     # the model is back as it came in: same parameters, no parametrizations, no online modules
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     assert model.state_dict().keys() == state.keys()
@@ -149,11 +149,11 @@ def test_bf16_autocast_training_runs_close_to_fp32():
     model = make_tiny_model("llama-tied-gqa", dtype=torch.float32)
     fuse_norms_(model)
     ids = _ids(model, n=6, t=24)
-    qcfg = QuantConfig(a_bits=4, kv_bits=4, method="spinquant")
     runs = {}
     for amp in ("off", "bf16"):
-        cfg = E2EConfig(method="spinquant", steps=2, batch=2, lr=1.0, amp=amp)
-        runs[amp] = train_e2e(model, qcfg, ids[:4], ids[4:], cfg=cfg, progress=False)
+        qcfg = RunConfig.from_flat(a_bits=4, kv_bits=4, method="spinquant", e2e_steps=2, e2e_batch=2, e2e_lr=1.0,
+                                   e2e_amp=amp).resolve()
+        runs[amp] = train_e2e(model, qcfg, ids[:4], ids[4:], progress=False)
     assert runs["bf16"].meta["amp"] == "bf16" and runs["bf16"].r1.dtype == torch.float32
     before = {k: r.meta["eval_loss_before"] for k, r in runs.items()}
     assert before["bf16"] != before["off"]  # autocast really ran
@@ -161,7 +161,7 @@ def test_bf16_autocast_training_runs_close_to_fp32():
     assert orthogonality_error(runs["bf16"].r1) < 1e-5
     assert resolve_amp("auto", "cuda:0") == "bf16" and resolve_amp("auto", "cpu") == "off"
     with pytest.raises(ValueError, match="e2e_amp"):
-        QuantConfig(method="spinquant", e2e_amp="fp8").validate()
+        RunConfig.from_flat(method="spinquant", e2e_amp="fp8").validate()
 
 
 def test_cayley_steps_keep_rotations_orthogonal_during_training():
@@ -176,7 +176,7 @@ def test_cayley_steps_keep_rotations_orthogonal_during_training():
 
     opt = CayleySGD([t.r1.R, t.r2.R], lr=1.5)
     ids = _ids(model, n=2, t=16)
-    with training_view(model, t, QuantConfig(), r3=True, r4=True, adapter=adapter):
+    with training_view(model, t, RunConfig.from_flat().scheme, r3=True, r4=True, adapter=adapter):
         for _ in range(25):
             opt.zero_grad()
             next_token_ce(model(input_ids=ids).logits, ids).backward()
@@ -207,11 +207,11 @@ def test_e2e_config_validation():
     with pytest.raises(ValueError, match="multiple"):
         E2EConfig(batch=3, micro_batch=2).validate()
     with pytest.raises(ValueError, match="one of"):
-        E2EConfig(method="dartquant").validate()
+        train_e2e(None, RunConfig.from_flat(method="dartquant").resolve(), None)
     with pytest.raises(ValueError, match="e2e_steps"):
-        QuantConfig(method="spinquant", e2e_steps=0).validate()
-    assert QuantConfig(method="spinquant").train_w_bits == 16
-    assert QuantConfig(method="spinquant", w_quantizer="rtn").train_w_bits == 4
+        RunConfig.from_flat(method="spinquant", e2e_steps=0).validate()
+    assert train_w_bits(RunConfig.from_flat(method="spinquant").resolve()) == 16
+    assert train_w_bits(RunConfig.from_flat(method="spinquant", w_quantizer="rtn").resolve()) == 4
 
 
 @pytest.mark.parametrize("method", ["spinquant", "ostquant"])
@@ -220,17 +220,17 @@ def test_quantize_cli_method_saves_reusable_rotations(tmp_path, method):
     rotations (with OSTQuant's scalings) reproduce the same quantized model via --rotations."""
     import json
 
-    from dartquant.quant.pipeline import run_quantize
+    from dartquant.pipeline import run_quantize
     from tiny import save_tiny_folder
 
     folder = save_tiny_folder(tmp_path / "model")
     base = dict(model=str(folder), method=method, calib_samples=4, calib_seqlen=32, eval_seqlen=32,
                 eval_max_windows=2, e2e_steps=2, e2e_batch=2, e2e_seqlen=32, e2e_eval_samples=1, w_quantizer="rtn")
-    m1 = run_quantize(QuantConfig(**base), tmp_path / "run", eval_fp=False, progress=False)
+    m1 = run_quantize(RunConfig.from_flat(**base), tmp_path / "run", eval_fp=False, progress=False)
     curve = json.loads((tmp_path / "run" / f"{method}_loss.json").read_text())
     assert len(curve["curve"]) == 2 and curve["eval_loss_after"] is not None
     rs = RotationSet.load(tmp_path / "run" / "rotations.safetensors")
     assert rs.meta["method"] == method and bool(rs.scales) == (method == "ostquant")
-    m2 = run_quantize(QuantConfig(**{**base, "rotations": str(tmp_path / "run" / "rotations.safetensors")}),
+    m2 = run_quantize(RunConfig.from_flat(**{**base, "rotations": str(tmp_path / "run" / "rotations.safetensors")}),
                       tmp_path / "again", eval_fp=False, progress=False)
     assert m2["ppl"] == m1["ppl"]

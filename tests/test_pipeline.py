@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from dartquant.eval.ppl import evaluate_ppl
-from dartquant.quant.config import QuantConfig
-from dartquant.quant.pipeline import run_quantize
+from dartquant.config import RunConfig
+from dartquant.pipeline import run_quantize
 from dartquant.zoo import load_model
 from tiny import save_tiny_folder
 
@@ -20,10 +20,10 @@ def tiny_folder(tmp_path_factory):
     return save_tiny_folder(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def small_cfg(folder, **kw) -> QuantConfig:
+def small_cfg(folder, **kw) -> RunConfig:
     base = dict(model=str(folder), calib_samples=4, calib_seqlen=32, eval_seqlen=32, eval_max_windows=3)
     base.update(kw)
-    return QuantConfig(**base)
+    return RunConfig.from_flat(**base)
 
 
 @pytest.mark.parametrize("method,wq", [("quarot", "gptq"), ("rtn", "rtn"), ("quarot", "rtn")])
@@ -129,6 +129,6 @@ def test_dartquant_run_records_how_it_was_tuned(tiny_folder, tmp_path):
 @pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_recipes_are_valid(recipe):
-    cfg = QuantConfig.from_yaml(recipe)  # unknown keys fail here
+    cfg = RunConfig.from_yaml(recipe)  # unknown keys fail here
     cfg.validate()
     assert cfg.method == recipe.stem.split("-")[0], "a recipe's file name starts with its method"

@@ -83,6 +83,7 @@ class ModelAdapter:
     down: str = "down_proj"
     input_norm: str = "input_layernorm"
     post_attn_norm: str = "post_attention_layernorm"
+    rotary: str = "model.rotary_emb"  # the shared rotary embedding (position embeddings of every block)
 
     # ---- geometry -------------------------------------------------------------------------
     def geometry(self, config) -> Geometry:
@@ -126,6 +127,16 @@ class ModelAdapter:
 
     def layers_of(self, model: nn.Module) -> list[LayerModules]:
         return [self.layer(b) for b in self.decoder_layers(model)]
+
+    def rotary_embedding(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.rotary)
+
+    def rebuild_rotary_(self, model: nn.Module) -> None:
+        """Re-create the rotary embedding from the config (its inv_freq is a non-persistent buffer:
+        after a load on the meta device it holds nothing)."""
+        parent, _, name = self.rotary.rpartition(".")
+        old = self.rotary_embedding(model)
+        setattr(model.get_submodule(parent) if parent else model, name, type(old)(config=model.config))
 
     def set_linear(self, block: nn.Module, role: str, module: nn.Module) -> None:
         """Replace the linear of `role` ("q", ..., "down") inside one decoder block."""

@@ -57,8 +57,13 @@ def cmd_rotate(args) -> int:
     t0 = time.time()
     model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype))
     geo = adapter_for(model).geometry(model.config)
-    if args.rotation == "hadamard":
-        rotations = RotationSet.quarot(geo, seed=args.seed, r3=not args.no_r3, r4=not args.no_r4)
+    if args.rotation == "hadamard":  # QuaRot's rotations, as its registered producer makes them
+        from .config import RunConfig
+        from .methods import MethodContext, get_method
+        from .pipeline import StageTimer
+
+        cfg = RunConfig(method="quarot", seed=args.seed, r3=not args.no_r3, r4=not args.no_r4)
+        rotations = get_method("quarot").produce(model, cfg, MethodContext(None, tokenizer, StageTimer(), None, False))
     elif args.rotation == "none":
         rotations = RotationSet(r3=not args.no_r3, r4=not args.no_r4, meta={"method": "fuse-only"})
     else:
@@ -128,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_ppl)
 
     from .diagnostics import add_inspect_command
-    from .quant.cli import add_quant_commands
+    from .cli_quantize import add_quant_commands
 
     add_quant_commands(sub)
     add_inspect_command(sub)
@@ -142,7 +147,10 @@ def main(argv=None) -> int:
     from .runs import OutputExistsError
     from .zoo import ModelLoadError
 
+    from .log import setup
+
     args = build_parser().parse_args(argv)
+    setup(verbose=not getattr(args, "json", False))
     try:
         return args.func(args)
     except (ModelLoadError, MissingPackageError, UnsupportedModelError, HadamardError, OutputExistsError,

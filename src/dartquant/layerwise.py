@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import ModelAdapter
+from .adapters import ModelAdapter, adapter_for
 from .modules import register_attention
 
 
@@ -29,9 +29,9 @@ def embed_inputs(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def position_embeddings(model: nn.Module, hidden: torch.Tensor, device) -> tuple:
+def position_embeddings(model: nn.Module, hidden: torch.Tensor, device, adapter: ModelAdapter | None = None) -> tuple:
     """(cos, sin) for positions 0..S-1, computed by the model's own rotary module."""
-    rotary = model.get_submodule("model.rotary_emb")
+    rotary = (adapter or adapter_for(model)).rotary_embedding(model)
     pos = torch.arange(hidden.shape[1], device=device).unsqueeze(0)
     rotary_device = next(iter(rotary.buffers())).device
     cos, sin = rotary(hidden[:1].to(rotary_device), pos.to(rotary_device))
@@ -57,7 +57,7 @@ def iterate_blocks(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, d
     # Blocks run without a mask: only SDPA (which we delegate to) is then causal; eager would not be.
     model.set_attn_implementation(register_attention())
     hidden = embed_inputs(model, adapter, ids)  # [n, S, hidden] on CPU
-    pos_emb = position_embeddings(model, hidden, device)
+    pos_emb = position_embeddings(model, hidden, device, adapter)
     blocks = adapter.decoder_layers(model)
     for i in tqdm(range(len(blocks)), desc=desc, disable=not progress, leave=False):
         block = blocks[i]

@@ -24,11 +24,11 @@ one block at a time). Per-stage seconds and peak memory so far are recorded in t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from ..quant.primitives import fake_quantize
 from ..transforms import RotationSet, fuse_norms_
 from ..transforms.placements import kv_head_token_view
 from .capture import Captured, capture_activations
+from .losses import LOSSES
 from .train import RotationTrainConfig, train_rotation
 
 HOLDOUT = 0.1
@@ -60,11 +61,43 @@ def split_indices(t: int, seed: int, groups: int = 1) -> tuple[torch.Tensor, tor
     return train, held
 
 
+@dataclass
+class DartQuantConfig:
+    """DartQuant's settings (the `dartquant` section of a run config; flags `--dq-*`)."""
+
+    r1_lr: float = 1e-3
+    r2_lr: float = 1e-3
+    epochs: int = 10
+    batch_tokens: int = 4096
+    token_fraction: float = 0.1
+    loss: str = "whip"  # key of losses.LOSSES
+    param: str = "qr"  # qr (QR-Orth) | cayley
+    optimizer: str = "sgd"  # sgd | adam
+    r2_normalize: str = "none"  # none | rms: the o_proj inputs before the loss
+    lr_grid: list[float] = field(default_factory=list)  # non-empty: fit R1 / R2 at each lr, keep the best held-out
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"dq_loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.param not in ("qr", "cayley") or self.optimizer not in ("sgd", "adam"):
+            raise ValueError("dq_param must be qr or cayley and dq_optimizer sgd or adam")
+        if self.r2_normalize not in ("none", "rms"):
+            raise ValueError(f"dq_r2_normalize must be none or rms, got {self.r2_normalize!r}")
+        if self.r1_lr <= 0 or self.r2_lr <= 0 or self.epochs <= 0 or self.batch_tokens <= 0:
+            raise ValueError("dq_r1_lr, dq_r2_lr, dq_epochs and dq_batch_tokens must be positive")
+        if not 0 < self.token_fraction <= 1:
+            raise ValueError(f"dq_token_fraction must be in (0, 1], got {self.token_fraction}")
+        if not all(lr > 0 for lr in self.lr_grid):
+            raise ValueError(f"dq_lr_grid must be a list of positive learning rates, got {self.lr_grid!r}")
+
+
 def train_config(cfg, which: str) -> RotationTrainConfig:
+    """The trainer's settings for R1 or R2 from a run config (its `dartquant` section)."""
+    dq = cfg.section("dartquant")
     return RotationTrainConfig(
-        loss=cfg.dq_loss, param=cfg.dq_param, optimizer=cfg.dq_optimizer,
-        lr=cfg.dq_r1_lr if which == "r1" else cfg.dq_r2_lr, epochs=cfg.dq_epochs,
-        batch_tokens=cfg.dq_batch_tokens, normalize="none" if which == "r1" else cfg.dq_r2_normalize,
+        loss=dq.loss, param=dq.param, optimizer=dq.optimizer,
+        lr=dq.r1_lr if which == "r1" else dq.r2_lr, epochs=dq.epochs,
+        batch_tokens=dq.batch_tokens, normalize="none" if which == "r1" else dq.r2_normalize,
         seed=cfg.seed + (0 if which == "r1" else 1))
 
 
@@ -177,7 +210,7 @@ def capture(model, cfg, calib_ids: torch.Tensor, *, progress: bool = True) -> Ca
     sample the inputs of R1 and R2 into host memory."""
     adapter = adapter_for(model)
     fuse_norms_(model, adapter)
-    return capture_activations(model, calib_ids, fraction=cfg.dq_token_fraction, seed=cfg.seed,
+    return capture_activations(model, calib_ids, fraction=cfg.section("dartquant").token_fraction, seed=cfg.seed,
                                device=cfg.device, adapter=adapter, progress=progress)
 
 
@@ -191,7 +224,7 @@ def fit_r1(acts: Captured, geo, cfg, *, progress: bool = True, buffers: str = "a
     init = random_hadamard_matrix(geo.hidden, cfg.seed)
     r1, hist = train_rotation(x, init, train_config(cfg, "r1"), progress=progress, desc="R1", device=device,
                               index=train, eval_index=held)
-    spec = cfg.act_spec("q", geo.head_dim)
+    spec = cfg.scheme.act_spec("q", geo.head_dim)
     hist["heldout_quant"] = {"spec": _spec_dict(spec),
                              "init": r1_heldout_quant(x, init, held, spec, device),
                              "final": r1_heldout_quant(x, r1, held, spec, device)}
@@ -211,7 +244,7 @@ def fit_r2(acts: Captured, geo, cfg, *, progress: bool = True, buffers: str = "a
     r2, hist = train_rotation(x, init.flatten(0, 1), train_config(cfg, "r2"), progress=progress, desc="R2",
                               device=device, index=train, eval_index=held)
     r2 = r2.view(geo.n_layers, geo.n_kv_heads, geo.head_dim, geo.head_dim)
-    spec = cfg.act_spec("o", geo.head_dim)
+    spec = cfg.scheme.act_spec("o", geo.head_dim)
     hist["heldout_quant"] = {"spec": _spec_dict(spec),
                              "init": r2_heldout_quant(buf, init, held, geo, spec, device),
                              "final": r2_heldout_quant(buf, r2, held, geo, spec, device)}
@@ -221,14 +254,15 @@ def fit_r2(acts: Captured, geo, cfg, *, progress: bool = True, buffers: str = "a
 
 def fit_best(fit, acts: Captured, geo, cfg, name: str, *, progress: bool = True,
              buffers: str = "auto") -> tuple[torch.Tensor, dict]:
-    """`fit` (fit_r1 / fit_r2) at cfg.dq_{name}_lr, or, when cfg.dq_lr_grid is set, at each lr of
+    """`fit` (fit_r1 / fit_r2) at the section's {name}_lr, or, when its lr_grid is set, at each lr of
     the grid on the same capture, keeping the one with the lowest held-out loss (the split the
     fit itself holds out: calibration data only). The history gets `lr_selection`."""
-    if not cfg.dq_lr_grid:
+    grid = cfg.section("dartquant").lr_grid
+    if not grid:
         return fit(acts, geo, cfg, progress=progress, buffers=buffers)
     best, table = None, {}
-    for lr in cfg.dq_lr_grid:
-        r, h = fit(acts, geo, dataclasses.replace(cfg, **{f"dq_{name}_lr": float(lr)}), progress=progress,
+    for lr in grid:
+        r, h = fit(acts, geo, cfg.with_section("dartquant", **{f"{name}_lr": float(lr)}), progress=progress,
                    buffers=buffers)
         final = h["eval_loss_final"]
         table[str(lr)] = [h["eval_loss_init"], final]
@@ -236,9 +270,9 @@ def fit_best(fit, acts: Captured, geo, cfg, name: str, *, progress: bool = True,
             best = (r, h, float(lr))
     if best is None:
         raise FloatingPointError(f"{name.upper()}: the held-out loss diverged at every lr of dq_lr_grid "
-                                 f"{cfg.dq_lr_grid}; try smaller learning rates")
+                                 f"{grid}; try smaller learning rates")
     r, h, lr = best
-    h["lr_selection"] = {"grid": [float(x) for x in cfg.dq_lr_grid], "held_out_loss": table, "chosen": lr}
+    h["lr_selection"] = {"grid": [float(x) for x in grid], "held_out_loss": table, "chosen": lr}
     return r, h
 
 
@@ -249,7 +283,7 @@ def _spec_dict(spec) -> dict:
 
 def calibrate_dartquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, out_dir: Path | None = None,
                         progress: bool = True, buffers: str = "auto") -> RotationSet:
-    """Capture, then train R1 and R2; `cfg` is a QuantConfig (its dq_* fields).
+    """Capture, then train R1 and R2; `cfg` is a RunConfig (its `dartquant` section).
 
     `buffers` ("auto", "device", "host"): on CUDA, whether each captured buffer moves to the GPU
     for its own training stage ("auto": if it takes at most 40% of the free device memory) or
@@ -286,7 +320,7 @@ def calibrate_dartquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, out_
         "buffer_bytes": buffer_bytes, "buffers": buffers, "stages": stages,
         "r1_lr": hist1["config"]["lr"], "r2_lr": hist2["config"]["lr"],
     }
-    if cfg.dq_lr_grid:
+    if cfg.section("dartquant").lr_grid:
         summary["lr_selection"] = {"r1": hist1["lr_selection"], "r2": hist2["lr_selection"]}
     if out_dir is not None:
         write_curves(Path(out_dir), {"R1": hist1, "R2": hist2})

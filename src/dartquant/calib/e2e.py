@@ -79,32 +79,25 @@ def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 # ---- configuration ------------------------------------------------------------------------
 @dataclass
 class E2EConfig:
-    method: str = "spinquant"  # spinquant (CE, rotations) | ostquant (KL-Top, rotations + scales)
+    """End-to-end training settings (the `e2e` section of a run config, flags `--e2e-*`), shared by
+    SpinQuant and OSTQuant; defaults: SpinQuant's published schedule."""
+
     steps: int = 100
     batch: int = 8  # sequences per optimizer step
     micro_batch: int = 1  # sequences per forward/backward (gradients accumulate)
-    lr: float = 1.5  # Cayley SGD on the rotations
+    seqlen: int = 2048
+    samples: int | None = None  # distinct training sequences; None = steps x batch
+    eval_samples: int = 2  # held-out calibration sequences scored before/after training
+    lr: float = 1.5  # Cayley SGD on R1/R2
     momentum: float = 0.0
-    scale_lr: float = 1e-2  # Adam on log-scales (ostquant)
-    kl_topk: int = 1024
+    scale_lr: float = 1e-2  # Adam on OSTQuant's log-scales
+    kl_topk: int = 1024  # OSTQuant's KL-Top: teacher's top-k vocabulary entries
     kl_temperature: float = 1.0
-    w_bits: int = 16  # weights during training: 16 when GPTQ follows (the papers' choice)
+    w_bits: int | None = None  # weight bits while training; None: 16 before GPTQ, else the scheme's
     checkpointing: bool = True
-    amp: str = "off"  # "bf16": forward/backward under bfloat16 autocast (SpinQuant trains in bf16)
-    seed: int = 0
-    r3: bool = True
-    r4: bool = True
-
-    @classmethod
-    def from_quant_config(cls, cfg) -> E2EConfig:
-        return cls(method=cfg.method, steps=cfg.e2e_steps, batch=cfg.e2e_batch, micro_batch=cfg.e2e_micro_batch,
-                   lr=cfg.e2e_lr, momentum=cfg.e2e_momentum, scale_lr=cfg.e2e_scale_lr, kl_topk=cfg.e2e_kl_topk,
-                   w_bits=cfg.train_w_bits, checkpointing=cfg.e2e_checkpointing, amp=resolve_amp(cfg.e2e_amp, cfg.device),
-                   seed=cfg.seed, r3=cfg.r3, r4=cfg.r4)
+    amp: str = "auto"  # training matmuls: bf16 autocast ("bf16"), fp32 ("off"); auto = bf16 on CUDA
 
     def validate(self) -> None:
-        if self.method not in E2E_METHODS:
-            raise ValueError(f"end-to-end method must be one of {E2E_METHODS}, got {self.method!r}")
         for name in ("steps", "batch", "micro_batch", "kl_topk"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"e2e_{name} must be positive, got {getattr(self, name)}")
@@ -112,8 +105,20 @@ class E2EConfig:
             raise ValueError(f"e2e_batch ({self.batch}) must be a multiple of e2e_micro_batch ({self.micro_batch})")
         if self.lr <= 0 or self.scale_lr <= 0:
             raise ValueError("learning rates must be positive")
-        if self.amp not in AMP_MODES:
+        if self.amp not in AMP_MODES + ("auto",):
             raise ValueError(f"e2e_amp must be one of {AMP_MODES} (or auto), got {self.amp!r}")
+        if self.seqlen < 2 or (self.samples is not None and self.samples <= 0) or self.eval_samples < 0:
+            raise ValueError("e2e_seqlen must be at least 2, e2e_samples positive, e2e_eval_samples >= 0")
+        if self.w_bits is not None and self.w_bits not in (2, 3, 4, 5, 6, 7, 8, 16):
+            raise ValueError(f"e2e_w_bits={self.w_bits} is not supported; use 2-8 or 16")
+
+
+def train_w_bits(cfg) -> int:
+    """Weight bits during end-to-end training: 16 when GPTQ follows (as SpinQuant does)."""
+    opts = cfg.section("e2e")
+    if opts.w_bits is not None:
+        return opts.w_bits
+    return 16 if cfg.scheme.weight_quantizer == "gptq" else cfg.scheme.w_bits
 
 
 AMP_MODES = ("off", "bf16")
@@ -221,7 +226,7 @@ def _param_fn(role: str, layer: int, geo, r4: bool, bias: bool):
 
 
 @contextlib.contextmanager
-def training_view(model: nn.Module, transforms: Transforms, qcfg, r3: bool, r4: bool,
+def training_view(model: nn.Module, transforms: Transforms, scheme, r3: bool, r4: bool,
                   adapter: ModelAdapter | None = None, checkpointing: bool = True):
     """Make `model` (norm-fused, unrotated) the quantized model at `transforms`; undo on exit."""
     adapter = adapter or adapter_for(model)
@@ -232,7 +237,7 @@ def training_view(model: nn.Module, transforms: Transforms, qcfg, r3: bool, r4: 
     hooks, parametrized = [], []
     try:
         install_online_(model, adapter, r3=r3, r4=r4)
-        install_quantizers_(model, qcfg, adapter)
+        install_quantizers_(model, scheme, adapter)
         for p in model.parameters():
             p.requires_grad_(False)
         for i, layer in enumerate(adapter.layers_of(model)):
@@ -292,75 +297,83 @@ def _set_quant(model: nn.Module, transforms: Transforms, on: bool, weight_spec: 
     transforms.weight_spec = weight_spec if on else None
 
 
-def _loss(model, transforms, ids, cfg: E2EConfig, weight_spec) -> torch.Tensor:
-    with _autocast(ids.device, cfg.amp):  # the losses themselves upcast the logits to fp32
-        if cfg.method == "spinquant":
+def _loss(model, transforms, ids, method: str, amp: str, opts: E2EConfig, weight_spec) -> torch.Tensor:
+    with _autocast(ids.device, amp):  # the losses themselves upcast the logits to fp32
+        if method == "spinquant":
             return next_token_ce(model(input_ids=ids).logits, ids)
         with torch.no_grad():
             _set_quant(model, transforms, False, weight_spec)
             teacher = model(input_ids=ids).logits
             _set_quant(model, transforms, True, weight_spec)
-        return kl_top_loss(model(input_ids=ids).logits, teacher, cfg.kl_topk, cfg.kl_temperature)
+        return kl_top_loss(model(input_ids=ids).logits, teacher, opts.kl_topk, opts.kl_temperature)
 
 
-def train_e2e(model: nn.Module, qcfg, train_ids: torch.Tensor, eval_ids: torch.Tensor | None = None, *,
-              cfg: E2EConfig | None = None, out_dir: Path | None = None, progress: bool = True) -> RotationSet:
+def train_e2e(model: nn.Module, cfg, train_ids: torch.Tensor, eval_ids: torch.Tensor | None = None, *,
+              out_dir: Path | None = None, progress: bool = True) -> RotationSet:
     """Train SpinQuant / OSTQuant transforms on `train_ids` [n, seqlen]; return the RotationSet.
 
-    `qcfg` (a QuantConfig) gives the activation / KV quantizers used during training. The
-    batches cycle through `train_ids` in a seeded order; `eval_ids` (held-out calibration
-    sequences) get the loss before and after training, written with the curve to `out_dir`.
+    `cfg` (a RunConfig): its method (spinquant | ostquant), seed, r3 / r4, `e2e` section, and
+    the scheme whose activation / KV quantizers are used during training. The batches cycle
+    through `train_ids` in a seeded order; `eval_ids` (held-out calibration sequences) get the
+    loss before and after training, written with the curve to `out_dir`.
     """
     from tqdm.auto import tqdm
 
-    cfg = cfg or E2EConfig.from_quant_config(qcfg)
-    cfg.validate()
+    opts = cfg.section("e2e")
+    opts.validate()
+    method = cfg.method
+    if method not in E2E_METHODS:
+        raise ValueError(f"end-to-end method must be one of {E2E_METHODS}, got {method!r}")
+    amp, w_bits, seed = resolve_amp(opts.amp, cfg.device), train_w_bits(cfg), cfg.seed
     adapter = adapter_for(model)
     geo = adapter.geometry(model.config)
     fuse_norms_(model, adapter)
     device = next(model.parameters()).device
-    r1 = random_hadamard_matrix(geo.hidden, cfg.seed)  # the same start QuaRot uses with this seed
-    r2 = RotationSet.random_hadamard_r2(geo, cfg.seed)[:, 0]
-    sizes = ostquant_scale_sizes(geo) if cfg.method == "ostquant" else None
+    r1 = random_hadamard_matrix(geo.hidden, seed)  # the same start QuaRot uses with this seed
+    r2 = RotationSet.random_hadamard_r2(geo, seed)[:, 0]
+    sizes = ostquant_scale_sizes(geo) if method == "ostquant" else None
     transforms = Transforms(r1, r2, sizes, geo.n_layers).to(device)
-    weight_spec = QuantSpec(bits=cfg.w_bits, symmetric=True) if cfg.w_bits < 16 else None
+    weight_spec = QuantSpec(bits=w_bits, symmetric=True) if w_bits < 16 else None
     groups = [{"params": [transforms.r1.R, transforms.r2.R]}]
-    opt = CayleySGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)]
+    opt = CayleySGD(groups, lr=opts.lr, momentum=opts.momentum)
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=opts.steps)]
     scale_opt = None
     if transforms.log_scales:
-        scale_opt = torch.optim.Adam(transforms.log_scales.parameters(), lr=cfg.scale_lr)
-        scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(scale_opt, T_max=cfg.steps))
-    g = torch.Generator().manual_seed(cfg.seed + 29)
+        scale_opt = torch.optim.Adam(transforms.log_scales.parameters(), lr=opts.scale_lr)
+        scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(scale_opt, T_max=opts.steps))
+    g = torch.Generator().manual_seed(seed + 29)
     order = torch.cat([torch.randperm(len(train_ids), generator=g)
-                       for _ in range(math.ceil(cfg.steps * cfg.batch / len(train_ids)))])
+                       for _ in range(math.ceil(opts.steps * opts.batch / len(train_ids)))])
+
+    def loss_of(ids):
+        return _loss(model, transforms, ids, method, amp, opts, weight_spec)
     curve, t0 = [], time.perf_counter()
 
     def held_out_loss() -> float | None:
         if eval_ids is None or len(eval_ids) == 0:
             return None
         with torch.no_grad():
-            vals = [_loss(model, transforms, eval_ids[j: j + 1].to(device), cfg, weight_spec).item()
+            vals = [loss_of(eval_ids[j: j + 1].to(device)).item()
                     for j in range(len(eval_ids))]
         return sum(vals) / len(vals)
 
-    with training_view(model, transforms, qcfg, cfg.r3, cfg.r4, adapter, cfg.checkpointing):
+    with training_view(model, transforms, cfg.scheme, cfg.r3, cfg.r4, adapter, opts.checkpointing):
         _set_quant(model, transforms, True, weight_spec)
         eval_before = held_out_loss()
-        bar = tqdm(range(cfg.steps), desc=f"{cfg.method} steps", disable=not progress)
+        bar = tqdm(range(opts.steps), desc=f"{method} steps", disable=not progress)
         for step in bar:
             opt.zero_grad(set_to_none=True)
             if scale_opt is not None:
                 scale_opt.zero_grad(set_to_none=True)
-            batch = order[step * cfg.batch: (step + 1) * cfg.batch]
+            batch = order[step * opts.batch: (step + 1) * opts.batch]
             total = 0.0
-            for j in range(0, cfg.batch, cfg.micro_batch):
-                ids = train_ids[batch[j: j + cfg.micro_batch]].to(device)
-                loss = _loss(model, transforms, ids, cfg, weight_spec) * (len(ids) / cfg.batch)
+            for j in range(0, opts.batch, opts.micro_batch):
+                ids = train_ids[batch[j: j + opts.micro_batch]].to(device)
+                loss = loss_of(ids) * (len(ids) / opts.batch)
                 loss.backward()
                 total += loss.item()
             if not math.isfinite(total):
-                raise FloatingPointError(f"{cfg.method}: the loss became {total} at step {step}; "
+                raise FloatingPointError(f"{method}: the loss became {total} at step {step}; "
                                          "lower --e2e-lr (or --e2e-scale-lr)")
             curve.append({"step": step, "loss": total, "lr": opt.param_groups[0]["lr"],
                           "seconds": round(time.perf_counter() - t0, 3)})
@@ -372,13 +385,15 @@ def train_e2e(model: nn.Module, qcfg, train_ids: torch.Tensor, eval_ids: torch.T
             bar.set_postfix(loss=f"{total:.4f}")
         eval_after = held_out_loss()
         _set_quant(model, transforms, False, None)
-    meta = {"method": cfg.method, "seed": cfg.seed, "r1": "learned", "r2": "learned",
-            "scales": sorted(transforms.log_scales.keys()), "steps": cfg.steps, "batch": cfg.batch,
-            "seqlen": int(train_ids.shape[1]), "train_sequences": int(len(train_ids)), "lr": cfg.lr, "amp": cfg.amp,
-            "loss": "ce" if cfg.method == "spinquant" else f"kl_top{cfg.kl_topk}",
+    meta = {"method": method, "seed": seed, "r1": "learned", "r2": "learned",
+            "scales": sorted(transforms.log_scales.keys()), "steps": opts.steps, "batch": opts.batch,
+            "seqlen": int(train_ids.shape[1]), "train_sequences": int(len(train_ids)), "lr": opts.lr, "amp": amp,
+            "loss": "ce" if method == "spinquant" else f"kl_top{opts.kl_topk}",
             "eval_loss_before": eval_before, "eval_loss_after": eval_after}
     if out_dir is not None:
-        (Path(out_dir) / f"{cfg.method}_loss.json").write_text(json.dumps(
-            {"config": asdict(cfg), "eval_loss_before": eval_before, "eval_loss_after": eval_after,
+        resolved = {**asdict(opts), "method": method, "seed": seed, "w_bits": w_bits, "amp": amp,
+                    "r3": cfg.r3, "r4": cfg.r4}
+        (Path(out_dir) / f"{method}_loss.json").write_text(json.dumps(
+            {"config": resolved, "eval_loss_before": eval_before, "eval_loss_after": eval_after,
              "eval_sequences": 0 if eval_ids is None else int(len(eval_ids)), "curve": curve}, indent=1))
     return transforms.rotation_set(geo, cfg.r3, cfg.r4, meta)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
 from ..modules import AttentionTransform, as_qlinear, register_attention
-from .config import QuantConfig
+from .scheme import QuantScheme
 from .primitives import QuantSpec, fake_quantize
 
 
@@ -36,7 +36,7 @@ class ActQuantizer(nn.Module):
         return f"{s.bits}-bit {'sym' if s.symmetric else 'asym'} {gran} clip {s.clip_ratio}"
 
 
-def install_quantizers_(model: nn.Module, cfg: QuantConfig, adapter: ModelAdapter | None = None) -> None:
+def install_quantizers_(model: nn.Module, scheme: QuantScheme, adapter: ModelAdapter | None = None) -> None:
     """Wrap every decoder linear in QLinear with its input quantizer; add K/V quantizers."""
     adapter = adapter or adapter_for(model)
     geo = adapter.geometry(model.config)
@@ -44,18 +44,18 @@ def install_quantizers_(model: nn.Module, cfg: QuantConfig, adapter: ModelAdapte
         layer = adapter.layer(block)
         for role, linear in layer.linears().items():
             q = as_qlinear(linear)
-            spec = cfg.act_spec(role, geo.head_dim)
+            spec = scheme.act_spec(role, geo.head_dim)
             q.input_quantizer = ActQuantizer(spec) if spec.bits < 16 else None
             adapter.set_linear(block, role, q)
         transform = getattr(layer.attn, "dq_attention", None)
         if transform is None:
             transform = layer.attn.dq_attention = AttentionTransform(geo.head_dim, rotate_qk=False)
-        kv = cfg.kv_spec(geo.head_dim)
+        kv = scheme.kv_spec(geo.head_dim)
         transform.k_quantizer = ActQuantizer(kv) if kv.bits < 16 else None
         transform.v_quantizer = ActQuantizer(kv) if kv.bits < 16 else None
-    if cfg.quantize_lm_head:  # off by default: the papers keep lm_head in 16 bits
+    if scheme.quantize_lm_head:  # off by default: the papers keep lm_head in 16 bits
         head = as_qlinear(adapter.head(model))
-        spec = cfg.act_spec("lm_head", geo.head_dim)
+        spec = scheme.act_spec("lm_head", geo.head_dim)
         head.input_quantizer = ActQuantizer(spec) if spec.bits < 16 else None
         parent, _, name = adapter.lm_head.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, head)

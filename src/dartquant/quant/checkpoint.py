@@ -41,9 +41,9 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
 
     from ..transforms.online import install_from_spec_
     from .act import install_quantizers_
-    from .config import QuantConfig
-
+    from ..adapters import adapter_for
     from ..modules import register_attention
+    from .scheme import QuantScheme
 
     register_attention()  # config.json may name the "dartquant" attention implementation
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
@@ -61,12 +61,25 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
         weights[f"{p}.weight"] = QuantizedTensor.from_state_dict(state, prefix=f"{p}.").dequantize()
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    missing = [k for k in missing if "rotary_emb" not in k]
+    missing = [k for k in missing if not k.startswith(adapter_for(model).rotary + ".")]
     if missing or unexpected:
         raise ValueError(f"{path} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
     # Non-persistent buffers (rotary inv_freq) were created on meta: rebuild them.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    adapter = adapter_for(model)
+    adapter.rebuild_rotary_(model)
     model.eval()
     install_from_spec_(model, spec, folder)
-    install_quantizers_(model, QuantConfig.from_dict(spec["quantization"]))
+    install_quantizers_(model, scheme_of(spec), adapter)
     return model
+
+
+def scheme_of(spec: dict):
+    """The QuantScheme a dartquant.json records: "scheme" (nested), or the scheme's fields of the
+    flat "quantization" dict older run folders wrote (the scheme's field names are the flat ones)."""
+    import dataclasses
+
+    from .scheme import QuantScheme
+
+    names = {f.name for f in dataclasses.fields(QuantScheme)}
+    raw = spec.get("scheme") or {k: v for k, v in spec.get("quantization", {}).items() if k in names}
+    return QuantScheme(**raw)

@@ -21,7 +21,7 @@ from ..adapters import ModelAdapter, adapter_for
 from ..layerwise import iterate_blocks
 from ..modules import as_qlinear
 from .act import set_act_quant_enabled_
-from .config import QuantConfig
+from .scheme import QuantScheme
 from .gptq import GPTQ
 from .primitives import QuantizedTensor
 
@@ -31,11 +31,12 @@ def _on_cpu(qt: QuantizedTensor) -> QuantizedTensor:
 
 
 @torch.no_grad()
-def quantize_weights_(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None = None,
-                      adapter: ModelAdapter | None = None, progress: bool = True) -> dict[str, QuantizedTensor]:
+def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Tensor | None = None,
+                      adapter: ModelAdapter | None = None, progress: bool = True,
+                      device: str = "cpu") -> dict[str, QuantizedTensor]:
     """Quantize all decoder linears in place; returns {param name prefix: QuantizedTensor}."""
     adapter = adapter or adapter_for(model)
-    spec = cfg.weight_spec()
+    spec = scheme.weight_spec()
     if spec.bits >= 16:
         return {}
     names = {m: n for n, m in model.named_modules()}
@@ -45,10 +46,10 @@ def quantize_weights_(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tenso
         linear.weight.data.copy_(qt.dequantize().to(linear.weight.device, linear.weight.dtype))
         out[names[linear]] = qt
 
-    if cfg.quantize_lm_head:  # RTN: GPTQ on a 49k-150k-row head costs more than it is worth here
+    if scheme.quantize_lm_head:  # RTN: GPTQ on a 49k-150k-row head costs more than it is worth here
         head = adapter.head(model)
         commit(head, QuantizedTensor.from_float(head.weight.data.float(), spec))
-    if cfg.weight_quantizer == "rtn":
+    if scheme.weight_quantizer == "rtn":
         for layer in adapter.layers_of(model):
             for linear in layer.linears().values():
                 commit(linear, QuantizedTensor.from_float(linear.weight.data.float(), spec))
@@ -56,9 +57,9 @@ def quantize_weights_(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tenso
 
     if calib_ids is None:
         raise ValueError("GPTQ needs calibration sequences")
-    set_act_quant_enabled_(model, cfg.gptq_act_quant)
+    set_act_quant_enabled_(model, scheme.gptq_act_quant)
     try:
-        for _, block, forward in iterate_blocks(model, adapter, calib_ids, cfg.device, progress, desc="GPTQ"):
+        for _, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress, desc="GPTQ"):
             layer = adapter.layer(block)
             solvers = {}
             for role, linear in layer.linears().items():
@@ -70,9 +71,9 @@ def quantize_weights_(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tenso
             forward(update=False)
             for role, q in adapter.layer(block).linears().items():
                 q.input_observer = None
-                qt = solvers[role].quantize(q.weight.data.float(), spec, blocksize=cfg.gptq_blocksize,
-                                            percdamp=cfg.gptq_damp, act_order=cfg.gptq_act_order,
-                                            static_groups=cfg.gptq_static_groups)
+                qt = solvers[role].quantize(q.weight.data.float(), spec, blocksize=scheme.gptq_blocksize,
+                                            percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
+                                            static_groups=scheme.gptq_static_groups)
                 solvers[role].free()
                 commit(q, _on_cpu(qt))
             forward(update=True)

@@ -6,11 +6,10 @@ import argparse
 import dataclasses
 import json
 
-from .config import METHODS, WEIGHT_QUANTIZERS, QuantConfig
 
 _HELP = {
-    "method": f"rotation method: {', '.join(METHODS)} (rtn = no rotation)",
-    "w_quantizer": f"{' or '.join(WEIGHT_QUANTIZERS)} (default: gptq, or rtn for --method rtn)",
+    "method": "rotation method (rtn = no rotation); registered: see `dartquant quantize --help`",
+    "w_quantizer": "rtn or gptq (default: gptq, or rtn for --method rtn)",
     "rotations": "rotations .safetensors to apply instead of computing them",
     "a_bits_overrides": "per-role activation bits, e.g. down=8 o=8",
     "tasks": "zero-shot tasks (lm-eval), e.g. arc_easy piqa; none by default",
@@ -30,50 +29,64 @@ def _parse_bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
-def _optional_int(v: str) -> int | None:
-    return None if v.lower() in ("none", "null") else int(v)
+def _optional(kind):
+    def parse(v: str):
+        return None if v.lower() in ("none", "null") else kind(v)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _role_bits(item: str) -> tuple[str, int]:
+    role, _, bits = item.partition("=")
+    if not bits.isdigit():
+        raise argparse.ArgumentTypeError(f"expected ROLE=BITS (e.g. down=8), got {item!r}")
+    return role, int(bits)
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per QuantConfig field; default None so that only given flags override a recipe."""
-    for f in dataclasses.fields(QuantConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kw: dict = {"default": None, "dest": f.name, "help": _HELP.get(f.name, f"(default: {f.default!r})"
-                                                                   if f.default is not dataclasses.MISSING else None)}
-        if f.name == "tasks":
-            p.add_argument(flag, nargs="*", **kw)
-        elif f.name == "a_bits_overrides":
-            p.add_argument(flag, nargs="*", metavar="ROLE=BITS", **kw)
-        elif f.name == "dq_lr_grid":
-            p.add_argument(flag, nargs="*", type=float, metavar="LR", **kw)
-        elif f.type in ("bool",):
+    """One flag per flat RunConfig name; default None so that only given flags override a recipe."""
+    from .config import RunConfig, _resolve
+
+    for flat, (section, f) in RunConfig.flat_fields().items():
+        owner = RunConfig if section is None else type(RunConfig().section(section))
+        hint = _resolve(f.type, owner)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        kw: dict = {"default": None, "dest": flat, "help": _HELP.get(flat, f"(default: {default!r})")}
+        flag = "--" + flat.replace("_", "-")
+        text = str(hint)
+        if hint is bool:
             p.add_argument(flag, type=_parse_bool, metavar="BOOL", **kw)
-        elif f.type in ("int",):
-            p.add_argument(flag, type=int, **kw)
-        elif f.type in ("int | None",):
-            p.add_argument(flag, type=_optional_int, **kw)
-        elif f.type in ("float",):
-            p.add_argument(flag, type=float, **kw)
-        else:
+        elif text.startswith("list[float]"):
+            p.add_argument(flag, nargs="*", type=float, metavar="X", **kw)
+        elif text.startswith("list["):
+            p.add_argument(flag, nargs="*", **kw)
+        elif text.startswith("dict["):
+            p.add_argument(flag, nargs="*", type=_role_bits, metavar="ROLE=BITS", **kw)
+        elif hint in (int, float, str):
+            p.add_argument(flag, type=hint, **kw)
+        elif text in ("int | None", "typing.Optional[int]"):
+            p.add_argument(flag, type=_optional(int), **kw)
+        else:  # str | None
             p.add_argument(flag, **kw)
 
 
-def resolve_config(args) -> QuantConfig:
-    base = QuantConfig.from_yaml(args.recipe).to_dict() if args.recipe else QuantConfig().to_dict()
-    for name in QuantConfig.field_names():
-        value = getattr(args, name, None)
+def resolve_config(args):
+    """The recipe (if any), then every given flag on top, checked as one RunConfig."""
+    from .config import RunConfig, load_yaml
+
+    settings: dict = {}
+    if args.recipe:
+        RunConfig.from_yaml(args.recipe)  # its own errors name the file
+        settings.update(load_yaml(args.recipe))
+    for flat in RunConfig.flat_fields():
+        value = getattr(args, flat, None)
         if value is None:
             continue
-        if name == "a_bits_overrides":
-            parsed = {}
-            for item in value:
-                role, _, bits = item.partition("=")
-                if not bits.isdigit():
-                    raise ValueError(f"--a-bits-overrides expects ROLE=BITS items (e.g. down=8), got {item!r}")
-                parsed[role] = int(bits)
-            value = parsed
-        base[name] = value
-    return QuantConfig.from_dict(base)
+        if isinstance(value, list) and value and isinstance(value[0], tuple):  # ROLE=BITS items
+            value = dict(value)
+        settings[flat] = value
+    return RunConfig.from_dict(settings)
 
 
 def cmd_quantize(args) -> int:
@@ -108,13 +121,13 @@ def print_summary(metrics: dict) -> None:
 def cmd_eval(args) -> int:
     import torch
 
-    from ..zoo import load_model
-    from .config import QuantConfig
+    from .config import RunConfig
     from .pipeline import evaluate
+    from .zoo import load_model
 
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-    cfg = QuantConfig(eval_seqlen=args.seqlen, eval_max_windows=args.max_windows, tasks=args.tasks or [],
-                      zeroshot_limit=args.limit, device=args.device)
+    cfg = RunConfig.from_dict({"eval_seqlen": args.seqlen, "eval_max_windows": args.max_windows,
+                               "tasks": args.tasks or [], "zeroshot_limit": args.limit, "device": args.device})
     res = evaluate(model, tokenizer, cfg, progress=not args.json)
     if args.json:
         print(json.dumps(res))

@@ -1,0 +1,295 @@
+"""The run configuration: nested, typed, and checked once, before any model work.
+
+    RunConfig
+      model, method, rotations, seed, r3, r4, device, dtype   what, and where it runs
+      scheme: QuantScheme     weights / activations / KV cache            (quant/scheme.py)
+      data:   DataConfig      calibration text
+      eval:   EvalConfig      perplexity and zero-shot
+      <method sections>       the settings a registered method owns, e.g.
+                              dartquant: DartQuantConfig, e2e: E2EConfig  (methods/)
+
+Every leaf also has one *flat* name, which is its command-line flag (`--w-bits`,
+`--calib-samples`, `--dq-r1-lr`, `--e2e-steps`, `--eval-max-windows`): the section's prefix plus
+the field name (the scheme's fields are flat already). A recipe YAML may be nested as above or
+use flat names, or mix them; flags override it. Types are checked against the dataclass
+annotations (a boolean only as a boolean, an int not as "4" or 4.5, ...), and an unknown key
+fails with the nearest valid ones. The resolved config is written to the run folder as
+`config.yaml` (nested) and reads back to the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .methods import METHODS, get_method, option_sections
+from .quant.scheme import QuantScheme
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "wiki"  # calibration text: wiki | c4 (first half of each corpus; evaluation uses the second)
+    samples: int = 32
+    seqlen: int = 2048
+
+
+@dataclass
+class EvalConfig:
+    seqlen: int = 2048
+    max_windows: int | None = None  # perplexity windows per corpus; None = all held-out windows
+    tasks: list[str] = field(default_factory=list)  # zero-shot tasks; empty = none
+    zeroshot_limit: int | None = None
+
+
+# section -> (dataclass, flat-name prefix); flat names that do not follow the rule
+_FIXED_SECTIONS = {"scheme": (QuantScheme, ""), "data": (DataConfig, "calib"), "eval": (EvalConfig, "eval")}
+_FLAT_EXCEPTIONS = {("eval", "tasks"): "tasks", ("eval", "zeroshot_limit"): "zeroshot_limit"}
+_TOP = ("model", "method", "rotations", "seed", "r3", "r4", "device", "dtype")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def sections() -> dict[str, tuple[type, str]]:
+    return {**_FIXED_SECTIONS, **option_sections()}
+
+
+def flat_name(section: str, name: str) -> str:
+    if (section, name) in _FLAT_EXCEPTIONS:
+        return _FLAT_EXCEPTIONS[(section, name)]
+    prefix = sections()[section][1]
+    return f"{prefix}_{name}" if prefix else name
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m"
+    method: str = "quarot"  # a registered method: rtn (no rotation), quarot, dartquant, spinquant, ostquant
+    rotations: str | None = None  # a rotations .safetensors to use instead of computing them
+    seed: int = 0  # seeds the random Hadamard, calibration sampling and training
+    r3: bool = True  # online Hadamard on Q/K (for the K cache)
+    r4: bool = True  # online Hadamard on the down_proj input
+    device: str = "cpu"
+    dtype: str = "float32"
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    options: dict = field(default_factory=dict)  # method section name -> its settings (all registered)
+
+    def __post_init__(self):
+        for name, (cls, _) in option_sections().items():
+            self.options.setdefault(name, cls())
+
+    # ---- access --------------------------------------------------------------------------
+    def section(self, name: str):
+        if name in _FIXED_SECTIONS:
+            return getattr(self, name)
+        if name not in self.options:
+            raise KeyError(f"no config section {name!r}; sections: {', '.join(sections())}")
+        return self.options[name]
+
+    def with_section(self, name: str, **changes) -> RunConfig:
+        """A copy with some fields of one section replaced."""
+        new = dataclasses.replace(self, options=dict(self.options))
+        if name in _FIXED_SECTIONS:
+            setattr(new, name, dataclasses.replace(getattr(self, name), **changes))
+        else:
+            new.options[name] = dataclasses.replace(self.options[name], **changes)
+        return new
+
+    @property
+    def method_spec(self):
+        return get_method(self.method)
+
+    @property
+    def rotated(self) -> bool:
+        return self.method_spec.rotates or self.rotations is not None
+
+    def resolve(self) -> RunConfig:
+        """Fill what defaults to "depends on the method": GPTQ weights for rotation methods, RTN for rtn."""
+        if self.scheme.w_quantizer is None:
+            self.scheme.w_quantizer = "gptq" if self.method_spec.rotates else "rtn"
+        return self
+
+    # ---- checks (run before any heavy work) ---------------------------------------------
+    def validate(self, geometry=None) -> None:
+        get_method(self.method)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        self.scheme.validate(geometry)
+        for section in self.options.values():
+            if hasattr(section, "validate"):
+                section.validate()
+        quantizer = self.scheme.w_quantizer or ("gptq" if self.method_spec.rotates else "rtn")
+        needs_data = quantizer == "gptq" or (self.method_spec.needs_calib_windows and not self.rotations)
+        if self.data.samples <= 0 and needs_data:
+            raise ValueError("calib_samples must be positive: GPTQ and DartQuant need calibration data")
+        if self.data.seqlen < 2 or self.eval.seqlen < 2:
+            raise ValueError("sequence lengths must be at least 2")
+        if self.eval.max_windows is not None and self.eval.max_windows <= 0:
+            raise ValueError(f"eval_max_windows must be positive (or null for all), got {self.eval.max_windows}")
+        if self.eval.zeroshot_limit is not None and self.eval.zeroshot_limit <= 0:
+            raise ValueError(f"zeroshot_limit must be positive (or null), got {self.eval.zeroshot_limit}")
+        if self.eval.tasks:
+            import importlib.util
+
+            if importlib.util.find_spec("lm_eval") is None:
+                raise ValueError("zero-shot tasks need lm-evaluation-harness: pip install 'dartquant[eval]' "
+                                 "(or run without --tasks)")
+            from .eval.zeroshot import SUPPORTED_TASKS
+
+            unknown = [t for t in self.eval.tasks if t not in SUPPORTED_TASKS]
+            if unknown:
+                raise ValueError(f"unknown zero-shot task(s) {unknown}; supported: {', '.join(SUPPORTED_TASKS)}")
+
+    # ---- I/O -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Nested, as config.yaml stores it."""
+        out = {k: getattr(self, k) for k in _TOP}
+        for name in _FIXED_SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        for name, opts in self.options.items():
+            out[name] = dataclasses.asdict(opts)
+        return out
+
+    @classmethod
+    def flat_fields(cls) -> dict[str, tuple[str | None, dataclasses.Field]]:
+        """flat name -> (section or None for top level, the dataclass field)."""
+        out = {f.name: (None, f) for f in dataclasses.fields(cls) if f.name in _TOP}
+        for sec, (dc, _) in sections().items():
+            for f in dataclasses.fields(dc):
+                out[flat_name(sec, f.name)] = (sec, f)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> RunConfig:
+        """From nested and/or flat keys (kebab-case accepted); every value type-checked."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} must be a mapping of settings, got {type(d).__name__}")
+        flat = cls.flat_fields()
+        secs = sections()
+        top: dict = {}
+        per_section: dict[str, dict] = {s: {} for s in secs}
+        for key, value in d.items():
+            k = str(key).replace("-", "_")
+            if k in secs and isinstance(value, dict):
+                dc = secs[k][0]
+                names = {f.name: f for f in dataclasses.fields(dc)}
+                for sub, v in value.items():
+                    sk = str(sub).replace("-", "_")
+                    if sk not in names:
+                        raise ValueError(_unknown(f"{k}.{sk}", [f"{k}.{n}" for n in names], where))
+                    per_section[k][sk] = check_type(f"{k}.{sk}", v, names[sk].type, dc)
+            elif k in flat:
+                sec, f = flat[k]
+                owner = cls if sec is None else secs[sec][0]
+                v = check_type(k, value, f.type, owner)
+                (top if sec is None else per_section[sec])[f.name] = v
+            else:
+                raise ValueError(_unknown(k, list(flat) + list(secs), where))
+        cfg = cls(**top)
+        for sec, values in per_section.items():
+            if values:
+                if sec in _FIXED_SECTIONS:
+                    setattr(cfg, sec, secs[sec][0](**values))
+                else:
+                    cfg.options[sec] = secs[sec][0](**values)
+        return cfg
+
+    @classmethod
+    def from_flat(cls, **settings) -> RunConfig:
+        """RunConfig.from_flat(w_bits=8, dq_r1_lr=0.1, ...): keyword arguments by flat name (or section)."""
+        return cls.from_dict(settings, where="settings")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        return cls.from_dict(load_yaml(path), where=f"recipe {path}")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-3 (no dot) as a string; recipes mean a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    __import__("re").compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_yaml(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    try:
+        return yaml.load(path.read_text(), Loader=_Loader) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {path} is not valid YAML: {e}") from e
+
+
+def _unknown(key: str, valid: list[str], where: str) -> str:
+    near = difflib.get_close_matches(key, valid, n=3)
+    hint = f" (did you mean {', '.join(near)}?)" if near else ""
+    return f"{where}: unknown key {key!r}{hint}. Valid keys: {', '.join(sorted(valid))}"
+
+
+# ---- type checks ----------------------------------------------------------------------------
+def check_type(key: str, value, annotation, owner: type):
+    """`value` if it is of the field's declared type (ints accepted for floats), else ValueError
+    naming the key, the value and what is allowed. Booleans are accepted only as booleans."""
+    hint = _resolve(annotation, owner)
+    if _matches(value, hint):
+        return float(value) if hint is float and isinstance(value, int) and not isinstance(value, bool) else value
+    raise ValueError(f"{key}: {value!r} ({type(value).__name__}) is not a valid value; expected {_describe(hint)}")
+
+
+def _resolve(annotation, owner: type):
+    if isinstance(annotation, str):
+        module = __import__(owner.__module__, fromlist=["_"])
+        return eval(annotation, {**vars(typing), **vars(module)})  # annotations of our own dataclasses
+    return annotation
+
+
+def _matches(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (typing.Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        kt, vt = typing.get_args(hint) or (typing.Any, typing.Any)
+        return isinstance(value, dict) and all(_matches(k, kt) and _matches(v, vt) for k, v in value.items())
+    if hint in (dict, list):
+        return isinstance(value, hint)
+    return hint is typing.Any or isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if origin is dict:
+        kt, vt = typing.get_args(hint)
+        return f"a mapping of {_describe(kt)} to {_describe(vt)}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+__all__ = ["RunConfig", "DataConfig", "EvalConfig", "QuantScheme", "METHODS", "check_type", "flat_name", "sections"]

@@ -1,0 +1,152 @@
+"""One quantization run, end to end: load, fuse, rotate, calibrate, quantize, evaluate, save.
+
+    RunConfig (config.py) -> load the model -> [FP evaluation] -> calibration windows
+      -> fuse norms (once, for every rotating method) -> the method's producer (methods/) returns a
+         RotationSet -> rotate_ folds it (transforms/) -> install activation / KV quantizers
+      -> weights: RTN or GPTQ block by block (quant/) -> evaluate (eval/) -> the run folder
+
+Stages and their timers ("seconds" in metrics.json):
+  load       model + tokenizer (+ GGUF conversion on first use)
+  capture    calibration windows (+ activation capture for DartQuant, training windows for e2e)
+  calibrate  computing the rotations (QuaRot: a random Hadamard; DartQuant / e2e: training)
+  rotate     folding them into the weights
+  quantize   weights (RTN or GPTQ, layer by layer)
+  eval_fp    perplexity / zero-shot of the unquantized model (skipped with eval_fp=False)
+  eval       perplexity / zero-shot of the quantized model
+  save       the checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from .adapters import adapter_for
+from .config import RunConfig
+from .data import calib_windows
+from .eval.ppl import evaluate_ppl
+from .log import log
+from .methods import MethodContext
+from .quant.act import install_quantizers_
+from .quant.checkpoint import save_quantized
+from .quant.weights import quantize_weights_
+from .runs import atomic_dir, check_out_dir, write_json, write_yaml
+from .transforms import RotationSet, fuse_norms_, rotate_, untie_embeddings_
+from .zoo import TRANSFORM_FILE, load_model
+
+
+class StageTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - t0, 3)
+
+
+def peak_memory_bytes(device: str) -> dict:
+    """Peak resident memory of this process (CPU) and, on CUDA, peak allocated device memory."""
+    out = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        out["cuda"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def evaluate(model, tokenizer, cfg: RunConfig, progress: bool) -> dict:
+    ev = cfg.eval
+    model.to(cfg.device)
+    res = {"ppl": evaluate_ppl(model, tokenizer, seqlen=ev.seqlen, max_windows=ev.max_windows, progress=progress)}
+    if ev.tasks:
+        from .eval.zeroshot import evaluate_zeroshot
+
+        res["zeroshot"] = evaluate_zeroshot(model, tokenizer, ev.tasks, limit=ev.zeroshot_limit,
+                                            max_length=ev.seqlen, seed=cfg.seed, progress=progress)
+    model.to("cpu")
+    return res
+
+
+def compute_rotations(model, cfg: RunConfig, ctx: MethodContext) -> RotationSet | None:
+    """The rotations of this run: a given file, or what the method's producer returns."""
+    geo = adapter_for(model).geometry(model.config)
+    if cfg.rotations:
+        rotations = RotationSet.load(cfg.rotations)
+        rotations.validate(geo)
+        return rotations
+    return cfg.method_spec.produce(model, cfg, ctx)
+
+
+def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, eval_fp: bool = True,
+                 progress: bool = True) -> dict:
+    """Quantize `cfg.model` as `cfg` says; write the run folder `out`; return metrics."""
+    cfg.resolve().validate()
+    out = check_out_dir(out, overwrite)
+    torch.manual_seed(cfg.seed)
+    timer = StageTimer()
+    with timer("load"):
+        model, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype))
+    adapter = adapter_for(model)
+    geo = adapter.geometry(model.config)
+    cfg.validate(geo)  # group sizes against the real dimensions, before any heavy work
+    sc = cfg.scheme
+    metrics: dict = {"method": cfg.method, "model": cfg.model, "seed": cfg.seed, "w_bits": sc.w_bits,
+                     "a_bits": sc.a_bits, "kv_bits": sc.kv_bits, "w_quantizer": sc.weight_quantizer}
+    if eval_fp:
+        log.info("evaluating the full-precision model")
+        with timer("eval_fp"):
+            metrics["fp"] = evaluate(model, tokenizer, cfg, progress)
+    with atomic_dir(out) as tmp:
+        with timer("capture"):
+            needs_data = sc.weight_quantizer == "gptq" or (cfg.method_spec.needs_calib_windows and not cfg.rotations)
+            calib_ids = (calib_windows(tokenizer, cfg.data.corpus, cfg.data.samples, cfg.data.seqlen, cfg.seed)
+                         if needs_data else None)
+        untie_embeddings_(model, adapter)
+        if cfg.rotated:  # once, for every method: producers see the norm-fused, unrotated model
+            fuse_norms_(model, adapter)
+        ctx = MethodContext(calib_ids=calib_ids, tokenizer=tokenizer, timer=timer, out_dir=tmp, progress=progress)
+        rotations = compute_rotations(model, cfg, ctx)
+        if rotations is not None:
+            # what the calibration chose and its held-out numbers (learning rates, held-out loss /
+            # SQNR before and after), so that a sweep's JSON says how every row was tuned
+            calib = {k: v for k, v in rotations.meta.items()
+                     if k.startswith(("eval_loss", "r1_", "r2_", "lr", "amp", "steps"))}
+            if calib and not cfg.rotations:
+                metrics["calibration"] = calib
+            log.info("rotating (%s)", rotations.meta.get("method", "given"))
+            with timer("rotate"):
+                rotate_(model, rotations, adapter)
+        install_quantizers_(model, sc, adapter)
+        log.info("quantizing weights (%s, %d bits)", sc.weight_quantizer, sc.w_bits)
+        with timer("quantize"):
+            qtensors = quantize_weights_(model, sc, calib_ids, adapter, progress, device=cfg.device)
+        log.info("evaluating the quantized model")
+        with timer("eval"):
+            res = evaluate(model, tokenizer, cfg, progress)
+        metrics["ppl"] = res["ppl"]
+        if "zeroshot" in res:
+            metrics["zeroshot"] = res["zeroshot"]
+        with timer("save"):
+            from .transforms.online import online_spec
+
+            tokenizer.save_pretrained(str(tmp))
+            model.config.save_pretrained(str(tmp))
+            save_quantized(model, qtensors, tmp)
+            spec = online_spec(model, adapter)
+            spec["quantization"] = cfg.to_dict()  # the whole run's settings, for the record
+            spec["scheme"] = cfg.to_dict()["scheme"]  # what load_model re-installs
+            if rotations is not None:
+                rotations.save(tmp / "rotations.safetensors")
+                spec["rotations"] = {"file": "rotations.safetensors", **rotations.meta}
+            write_json(tmp / TRANSFORM_FILE, spec)
+            write_yaml(tmp / "config.yaml", cfg.to_dict())
+        metrics["seconds"] = timer.seconds
+        metrics["peak_memory_bytes"] = peak_memory_bytes(cfg.device)
+        write_json(tmp / "metrics.json", metrics)
+    return metrics

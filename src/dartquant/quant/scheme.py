@@ -1,0 +1,105 @@
+"""`QuantScheme`: what is quantized and how — weights, activations, KV cache.
+
+Defaults follow the papers' W4A4KV4 setting (REFERENCE.md §1): weights 4-bit symmetric per
+output channel with MSE clip search and GPTQ (damping 0.01); activations 4-bit asymmetric per
+token, clip 0.9, at every decoder linear's input; K and V 4-bit asymmetric in groups of
+head_dim, clip 1.0; embeddings and lm_head in full precision. Field names are the flat names of
+the command-line flags (`--w-bits`, `--a-clip`, ...). The scheme knows nothing of rotation
+methods: the run config (dartquant.config) resolves `w_quantizer` when it is left unset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..adapters import LINEAR_ROLES
+from .primitives import QuantSpec
+
+WEIGHT_QUANTIZERS = ("rtn", "gptq")
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+
+
+@dataclass
+class QuantScheme:
+    # weights
+    w_bits: int = 4
+    w_quantizer: str | None = None  # rtn | gptq; None: gptq for rotation methods, rtn for method rtn
+    w_symmetric: bool = True
+    w_group_size: int | None = None  # None = per output channel
+    w_mse_search: bool = True
+    w_mse_grid: int = 20  # clip ratios tried, evenly from 1.0 down to w_mse_min_ratio
+    w_mse_min_ratio: float = 0.5
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    gptq_static_groups: bool = False
+    gptq_blocksize: int = 128
+    gptq_act_quant: bool = False  # quantize activations of earlier layers while collecting Hessians
+    # activations
+    a_bits: int = 4
+    a_symmetric: bool = False
+    a_clip: float = 0.9
+    a_group_size: int | None = None  # None = per token
+    o_proj_per_head: bool = False  # o_proj input quantized in groups of head_dim
+    a_bits_overrides: dict[str, int] = field(default_factory=dict)  # role -> bits, e.g. {"down": 8}
+    # KV cache
+    kv_bits: int = 4
+    kv_symmetric: bool = False
+    kv_clip: float = 1.0
+    kv_group_size: int | None = None  # None = head_dim
+    quantize_lm_head: bool = False  # lm_head weights (RTN) and its input at a_bits, if true
+
+    @property
+    def weight_quantizer(self) -> str:
+        if self.w_quantizer is None:
+            raise ValueError("w_quantizer is unresolved: RunConfig.resolve() picks it from the method")
+        return self.w_quantizer
+
+    def weight_spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.w_bits, symmetric=self.w_symmetric, group_size=self.w_group_size,
+                         mse_search=self.w_mse_search, mse_grid=self.w_mse_grid, mse_min_ratio=self.w_mse_min_ratio)
+
+    def act_spec(self, role: str, head_dim: int) -> QuantSpec:
+        bits = int(self.a_bits_overrides.get(role, self.a_bits))
+        group = head_dim if (role == "o" and self.o_proj_per_head) else self.a_group_size
+        return QuantSpec(bits=bits, symmetric=self.a_symmetric, group_size=group, clip_ratio=self.a_clip)
+
+    def kv_spec(self, head_dim: int) -> QuantSpec:
+        return QuantSpec(bits=self.kv_bits, symmetric=self.kv_symmetric,
+                         group_size=self.kv_group_size or head_dim, clip_ratio=self.kv_clip)
+
+    # ---- checks (before any heavy work) ---------------------------------------------------
+    def validate(self, geometry=None) -> None:
+        if self.w_quantizer not in (None, *WEIGHT_QUANTIZERS):
+            raise ValueError(f"w_quantizer must be one of {WEIGHT_QUANTIZERS}, not {self.w_quantizer!r}")
+        for name in ("w_bits", "a_bits", "kv_bits"):
+            if getattr(self, name) not in SUPPORTED_BITS:
+                raise ValueError(f"{name}={getattr(self, name)} is not supported; use one of {SUPPORTED_BITS} "
+                                 "(16 = keep in full precision)")
+        for role, bits in self.a_bits_overrides.items():
+            if role not in LINEAR_ROLES + ("lm_head",):
+                raise ValueError(f"a_bits_overrides: unknown role {role!r}; roles are {', '.join(LINEAR_ROLES)}")
+            if bits not in SUPPORTED_BITS:
+                raise ValueError(f"a_bits_overrides[{role}]={bits} is not supported; use one of {SUPPORTED_BITS}")
+        for name in ("a_clip", "kv_clip"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if not 0 < self.w_mse_min_ratio <= 1 or self.w_mse_grid <= 0:
+            raise ValueError("w_mse_min_ratio must be in (0, 1] and w_mse_grid positive")
+        if self.gptq_damp <= 0 or self.gptq_blocksize <= 0:
+            raise ValueError("gptq_damp and gptq_blocksize must be positive")
+        if self.gptq_act_order and self.w_group_size and not self.gptq_static_groups:
+            raise ValueError("act-order with groups needs static groups (gptq_static_groups: true)")
+        if geometry is not None:
+            g = geometry
+            dims = {"w_group_size": (self.w_group_size, [g.hidden, g.intermediate, g.n_heads * g.head_dim]),
+                    "a_group_size": (self.a_group_size, [g.hidden, g.intermediate, g.n_heads * g.head_dim]),
+                    "kv_group_size": (self.kv_group_size, [g.head_dim])}
+            for name, (size, ds) in dims.items():
+                if size is None or size == -1:
+                    continue
+                if size <= 0:
+                    raise ValueError(f"{name} must be positive (or null for per-channel/per-token), got {size}")
+                bad = [d for d in ds if d % size]
+                if bad:
+                    raise ValueError(f"{name}={size} does not divide the model dimension(s) {bad}; "
+                                     f"choose a divisor of {', '.join(map(str, ds))}")
