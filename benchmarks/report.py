@@ -181,7 +181,7 @@ def cost_table(results: Path) -> list[str]:
 def _paper_line(results: Path) -> str:
     p7 = _load(results, "e2e_cost_7b_h200.json")["paper_7b"]
     p70 = _load(results, "e2e_cost_70b_h200.json")["paper_70b_ratios"]["spinquant_vs_dartquant"]
-    return (f"Paper (A800), from the same JSON: Llama-2-7B DartQuant {_seconds(p7['dartquant']['hours'] * 3600)}, "
+    return (f"Paper (A800; the `paper_*` fields of the e2e_cost JSON): Llama-2-7B DartQuant {_seconds(p7['dartquant']['hours'] * 3600)}, "
             f"{_gib(p7['dartquant']['GiB'])}; SpinQuant {_seconds(p7['spinquant']['hours'] * 3600)}, "
             f"{_gib(p7['spinquant']['GiB'])}. Llama-2-70B: SpinQuant {p70['time']}× DartQuant's time, "
             f"{p70['memory']}× its memory.")
