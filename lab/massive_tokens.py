@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Why does DartQuant's R1 not beat QuaRot's? The rare massive-activation tokens, measured.
 
-    python benchmarks/massive_tokens.py --model smollm2-135m --seeds 0 1 2 --out docs/results/massive_tokens_cpu.json
+    python lab/massive_tokens.py --model smollm2-135m --seeds 0 1 2 --out docs/results/massive_tokens_cpu.json
 
 For each seed: DartQuant calibrates R1 (and R2) on the calibration windows of that seed
 (learning rates `--r1-lr` / `--r2-lr`, the held-out choices of RESULTS §3c/§2); then *all* tokens

@@ -2,7 +2,7 @@
 """Working memory of DartQuant's R2 training step at a real model's group count, with and
 without chunking the groups (layers x KV heads) of a step's minibatch.
 
-    python benchmarks/r2_memory.py --shape llama2-7b --device cpu --out docs/results/r2_memory_cpu.json
+    python lab/r2_memory.py --shape llama2-7b --device cpu --out docs/results/r2_memory_cpu.json
 
 R2 trains one rotation per (layer, KV head) on a shared token minibatch: at Llama-2-7B that is
 1024 groups, and one float32 copy of a 4096-token minibatch is 2 GiB. The buffer here is random

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Show how a background batch (scripts/device_launch.sh) is doing and bring its small result
-# files back under $OUT/res. Usage: bash scripts/device_poll.sh [SECONDS_TO_WAIT_FIRST]
+# Show how a background batch (lab/device/device_launch.sh) is doing and bring its small result
+# files back under $OUT/res. Usage: bash lab/device/device_poll.sh [SECONDS_TO_WAIT_FIRST]
 sleep "${1:-0}"
 ls /tmp/res | head -100
 tail -n 3 /tmp/res/batch.log 2>/dev/null

@@ -2,7 +2,7 @@
 """QR-Orth vs Cayley SGD on real captured activations, at equal steps: time per step, loss
 reached, steps to reach given losses (train and held-out Whip loss of R1).
 
-    python benchmarks/orth_ablation.py --model smollm2-135m --samples 8 --seqlen 512 --steps 200 \
+    python lab/orth_ablation.py --model smollm2-135m --samples 8 --seqlen 512 --steps 200 \
         --lrs 0.01 0.1 --out docs/results/orth_ablation_cpu.json
 """
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Loss ablation: DartQuant's Whip vs quantization-error / variance / kurtosis losses, in perplexity.
 
-    python benchmarks/loss_ablation.py --model smollm2-135m --seeds 0 1 2 --losses whip quant variance kurtosis \
+    python lab/loss_ablation.py --model smollm2-135m --seeds 0 1 2 --losses whip quant variance kurtosis \
         --wq rtn --calib-samples 8 --calib-seqlen 1024 --eval-max-windows 8 --lr-grid 0.01 0.1 1 \
         --out docs/results/loss_ablation_cpu.json
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """R2 trained on raw vs per-token RMS-normalized o_proj inputs, judged on calibration data only.
 
-    python benchmarks/r2_normalization.py --models smollm2-135m qwen2.5-coder-0.5b --seeds 0 1 2 \
+    python lab/r2_normalization.py --models smollm2-135m qwen2.5-coder-0.5b --seeds 0 1 2 \
         --calib-samples 8 --seqlen 2048 --out docs/results/r2_normalization_cpu.json
 
 For each model and seed: capture the calibration activations once (as `dartquant quantize

@@ -1,4 +1,4 @@
-# Source on the GPU machine (see scripts/device_stage.py): join staged pieces, install carried
+# Source on the GPU machine (see lab/device/device_stage.py): join staged pieces, install carried
 # wheels, set PYTHONPATH / DARTQUANT_CACHE. Safe to source when nothing was staged.
 #
 # .whl (git-ignored) holds wheels for Python 3.12 that the device image lacks: gguf, lm-eval,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU batch behind docs/RESULTS.md (run on the lent H200 after scripts/device_stage.py
-# staging; `source scripts/device_env.sh` first). Writes JSON + logs to $RES (default /tmp/res).
+# The GPU batch behind docs/RESULTS.md (run on the lent H200 after lab/device/device_stage.py
+# staging; `source lab/device/device_env.sh` first). Writes JSON + logs to $RES (default /tmp/res).
 # Usage: device_batch.sh cost | costs | quality | all | session3 | session4 | jobs FILE
 # Jobs of the parallel modes go round-robin over the visible GPUs (nvidia-h200-x2: two).
 set -u
@@ -67,7 +67,7 @@ all)
 costs)  # the GPU cost rows still missing (RESULTS "Not measured yet"), one GPU, one after the other
   python3 benchmarks/dartquant_cost.py --shapes llama2-7b llama3-8b --device cuda --buffers device host \
     --out "$RES/dq_cost.json" > "$RES/dq_cost.md" 2> "$RES/dq_cost.log"
-  python3 benchmarks/r2_memory.py --shape llama2-7b --device cuda --out "$RES/r2_memory_h200.json" \
+  python3 lab/r2_memory.py --shape llama2-7b --device cuda --out "$RES/r2_memory_h200.json" \
     > "$RES/r2_memory.md" 2> "$RES/r2_memory.log"
   python3 benchmarks/e2e_cost.py --shape llama2-70b --layers 6 9 --device cuda --dtype bfloat16 --batch 8 \
     --micro-batch 8 --steps 2 --dq-samples 128 --out "$RES/e2e_cost_70b.json" > "$RES/e2e_cost_70b.md" \
@@ -84,12 +84,12 @@ session3)
   [ -n "${SKIP_COST:-}" ] || (CUDA_VISIBLE_DEVICES=$((NGPU - 1)) python3 benchmarks/dartquant_cost.py --shapes llama2-7b llama3-8b \
      --device cuda --buffers device host --out "$RES/dq_cost.json" > "$RES/dq_cost.md" 2> "$RES/dq_cost.log"
    touch "$RES/DONE-dqcost") &
-  run_jobs benchmarks/jobs/session3.txt
+  run_jobs lab/device/jobs/session3.txt
   wait ;;
 session4)
   # Session 4 (nvidia-h200-x2): GPU 1 alone measures the cost rows (DartQuant's whole calibration
   # at 7B / 8B after the R2 chunking; the 70B ratios at 4 and 8 layers, extrapolated) while GPU 0
-  # runs the quality jobs of benchmarks/jobs/session4.txt all at once.
+  # runs the quality jobs of lab/device/jobs/session4.txt all at once.
   export OMP_NUM_THREADS=2
   convert_models
   (export CUDA_VISIBLE_DEVICES=1
@@ -100,7 +100,7 @@ session4)
      --micro-batch 8 --steps 2 --dq-samples 128 --out "$RES/e2e_cost_70b.json" > "$RES/e2e_cost_70b.md" \
      2> "$RES/e2e_cost_70b.log"
    touch "$RES/DONE-e2ecost") &
-  PARALLEL=${PARALLEL:-10} run_jobs benchmarks/jobs/session4.txt 0
+  PARALLEL=${PARALLEL:-10} run_jobs lab/device/jobs/session4.txt 0
   wait ;;
 esac
 touch "$RES/DONE-${1:-quality}"

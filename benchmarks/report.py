@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""The headline tables of docs/RESULTS.md, generated from the JSON in docs/results/.
+
+    python benchmarks/report.py            # rewrite the block between the headline markers
+    python benchmarks/report.py --check    # exit 1 if docs/RESULTS.md is stale (tests run this)
+
+Design choices:
+* Which runs make a headline is declared here, as data (`QUALITY`, `COST`): a file name and the
+  `quality.py` config string or cost row it takes. Nothing is guessed from file names, and a
+  declared run that is missing is an error, not an empty cell.
+* The quality JSON of one model may come from several sessions (`quality.py` / `merge_quality.py`
+  files). Their runs are pooled only if they measured the same thing: every run of a model must
+  have scored the same number of perplexity tokens and the same zero-shot tasks with the same
+  example counts, and no (config, seed) may appear twice; otherwise the script stops.
+* Mean ± sample standard deviation over seeds, formatted as `quality.py`'s own tables (3
+  decimals), so a headline cell can be found verbatim in the detailed tables below it.
+* The cost cells come from two benchmarks: DartQuant's whole calibration from
+  `dartquant_cost.py` (every stage's GPU peak counted), the end-to-end methods from
+  `e2e_cost.py`. Ratios are computed against the DartQuant cell of the same shape.
+* The block is written between `<!-- headlines:begin -->` and `<!-- headlines:end -->` only;
+  re-running is idempotent, and the file is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_MD = ROOT / "docs" / "RESULTS.md"
+RESULTS_DIR = ROOT / "docs" / "results"
+BEGIN, END = "<!-- headlines:begin -->", "<!-- headlines:end -->"
+
+# model label -> the quality.py JSON files whose runs make its rows (full held-out wiki / c4,
+# 6 zero-shot tasks with --limit 100, H200)
+QUALITY = {
+    "SmolLM2-135M": ["smollm2_quality_h200.json", "smollm2_e2e_h200_session3.json",
+                     "smollm2_quantloss_gptq_h200.json"],
+    "Qwen2.5-Coder-0.5B": ["qwen_quality_h200.json"],
+}
+# row label -> quality.py config string (None: the full-precision model)
+METHODS = {
+    "FP (dequantized GGUF)": None,
+    "RTN, no rotation : RTN": "rtn:rtn",
+    "QuaRot : GPTQ": "quarot:gptq",
+    "DartQuant, Whip : GPTQ": "dartquant:gptq",
+    "DartQuant, quantization-error loss : GPTQ": "dartquant:gptq:dq_loss=quant",
+    "SpinQuant : GPTQ": "spinquant:gptq",
+    "OSTQuant : GPTQ": "ostquant:gptq",
+}
+SHAPES = {"llama2-7b": "Llama-2-7B", "llama3-8b": "Llama-3-8B", "llama2-70b": "Llama-2-70B"}
+# (shape, method) -> (file, how to find the row). DartQuant at 7B / 8B comes from
+# dartquant_cost.py: e2e_cost_7b_h200.json's DartQuant row predates counting every stage's peak.
+COST_METHODS = ["DartQuant", "SpinQuant", "OSTQuant"]
+COST = {
+    ("llama2-7b", "DartQuant"): ("cost_h200_session4.json", {"shape": "llama2-7b"}),
+    ("llama2-7b", "SpinQuant"): ("e2e_cost_7b_h200.json", {"method": "spinquant"}),
+    ("llama2-7b", "OSTQuant"): ("e2e_cost_7b_h200.json", {"method": "ostquant"}),
+    ("llama3-8b", "DartQuant"): ("cost_h200_session4.json", {"shape": "llama3-8b"}),
+    ("llama2-70b", "DartQuant"): ("e2e_cost_70b_h200.json", {"method": "dartquant"}),
+    ("llama2-70b", "SpinQuant"): ("e2e_cost_70b_h200.json", {"method": "spinquant"}),
+    ("llama2-70b", "OSTQuant"): ("e2e_cost_70b_h200.json", {"method": "ostquant"}),
+}
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    """Mean ± sample std, as benchmarks/quality.py prints it."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _load(results: Path, name: str) -> dict:
+    path = results / name
+    if not path.is_file():
+        raise SystemExit(f"report: {path} is declared in benchmarks/report.py but does not exist")
+    return json.loads(path.read_text())
+
+
+def _protocol(entry: dict) -> tuple:
+    """What a quality row measured: perplexity tokens and (task, examples) pairs."""
+    zs = entry.get("zeroshot") or {}
+    return entry["ppl"].get("tokens"), tuple(sorted((t, v.get("n")) for t, v in zs.get("tasks", {}).items()))
+
+
+def quality_rows(results: Path, model: str) -> list[dict]:
+    """One dict per METHODS row of `model`: label, seeds, and the per-seed wiki / c4 / 0-shot values."""
+    fp, runs, seen = None, [], set()
+    for name in QUALITY[model]:
+        data = _load(results, name)
+        if data.get("fp"):
+            fp = fp or data["fp"]
+        for r in data["runs"]:
+            key = (r["config"], r["seed"])
+            if key in seen:
+                raise SystemExit(f"report: {model}: {key} appears twice in {QUALITY[model]}")
+            seen.add(key)
+            runs.append(r)
+    rows = []
+    for label, config in METHODS.items():
+        chosen = [fp] if config is None and fp else [r for r in runs if r["config"] == config]
+        if not chosen:
+            raise SystemExit(f"report: {model}: no run of {config or 'FP'} in {QUALITY[model]}")
+        rows.append({"label": label, "seeds": "-" if config is None else str(len(chosen)),
+                     "wiki": [r["ppl"]["wiki"] for r in chosen], "c4": [r["ppl"]["c4"] for r in chosen],
+                     "zs": [r["zeroshot"]["avg"] for r in chosen if r.get("zeroshot")],
+                     "protocol": {_protocol(r) for r in chosen}})
+    protocols = set().union(*(row.pop("protocol") for row in rows))
+    if len(protocols) != 1:
+        raise SystemExit(f"report: {model}: the runs measured different things (tokens, tasks): {protocols}")
+    return rows
+
+
+def quality_table(results: Path) -> list[str]:
+    lines = ["| model | method : weights | seeds | wiki ppl | c4 ppl | 0-shot avg |", "|---|---|---|---|---|---|"]
+    for model in QUALITY:
+        rows = quality_rows(results, model)
+        quantized = [r for r in rows if r["seeds"] != "-"]
+        # best quantized mean per column: lowest perplexity, highest accuracy
+        best = {"wiki": min(statistics.mean(r["wiki"]) for r in quantized),
+                "c4": min(statistics.mean(r["c4"]) for r in quantized),
+                "zs": max(statistics.mean(r["zs"]) for r in quantized if r["zs"])}
+        for i, r in enumerate(rows):
+            cells = []
+            for col in ("wiki", "c4", "zs"):
+                text = fmt(r[col])
+                bold = r["seeds"] != "-" and r[col] and statistics.mean(r[col]) == best[col]
+                cells.append(f"**{text}**" if bold else text)
+            lines.append(f"| {model if i == 0 else ''} | {r['label']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cost_row(results: Path, name: str, match: dict) -> dict:
+    rows = [r for r in _load(results, name)["rows"] if all(r.get(k) == v for k, v in match.items())]
+    if len(rows) != 1:
+        raise SystemExit(f"report: {name}: {len(rows)} rows match {match}, expected 1")
+    r = rows[0]
+    if r.get("error"):
+        raise SystemExit(f"report: {name}: the row {match} failed ({r['error']})")
+    seconds = r["total_s"] if "total_s" in r else r["full_schedule_s"]
+    return {"s": seconds, "gib": r["peak_gpu_GiB"], "layers_from": r.get("extrapolated_from_layers")}
+
+
+def _seconds(s: float) -> str:
+    return f"{s:,.0f} s" if s >= 100 else f"{s:.1f} s"
+
+
+def _gib(g: float) -> str:
+    return f"{g:.2f} GiB" if g < 10 else f"{g:.1f} GiB"
+
+
+def cost_table(results: Path) -> list[str]:
+    lines = ["| shape | " + " | ".join(COST_METHODS) + " |", "|---|" + "---|" * len(COST_METHODS)]
+    for shape, label in SHAPES.items():
+        cells = {m: _cost_row(results, *COST[(shape, m)]) for m in COST_METHODS if (shape, m) in COST}
+        layers = {tuple(c["layers_from"]) for c in cells.values() if c["layers_from"]}
+        if layers:
+            label += " (extrapolated in depth from " + " and ".join(map(str, sorted(layers)[0])) + " layers)"
+        dq = cells["DartQuant"]
+        out = []
+        for m in COST_METHODS:
+            c = cells.get(m)
+            if c is None:
+                out.append("not measured")
+                continue
+            text = f"{_seconds(c['s'])}, {_gib(c['gib'])}"
+            if m != "DartQuant":
+                text += f" ({c['s'] / dq['s']:.1f}× / {c['gib'] / dq['gib']:.1f}×)"
+            out.append(text)
+        lines.append(f"| {label} | " + " | ".join(out) + " |")
+    return lines
+
+
+def _paper_line(results: Path) -> str:
+    p7 = _load(results, "e2e_cost_7b_h200.json")["paper_7b"]
+    p70 = _load(results, "e2e_cost_70b_h200.json")["paper_70b_ratios"]["spinquant_vs_dartquant"]
+    return (f"Paper (A800; the `paper_*` fields of the e2e_cost JSON): Llama-2-7B DartQuant {_seconds(p7['dartquant']['hours'] * 3600)}, "
+            f"{_gib(p7['dartquant']['GiB'])}; SpinQuant {_seconds(p7['spinquant']['hours'] * 3600)}, "
+            f"{_gib(p7['spinquant']['GiB'])}. Llama-2-70B: SpinQuant {p70['time']}× DartQuant's time, "
+            f"{p70['memory']}× its memory.")
+
+
+def render(results: Path = RESULTS_DIR) -> str:
+    """The generated block, markers included."""
+    quality_files = ", ".join(f"`{f}`" for files in QUALITY.values() for f in files)
+    cost_files = ", ".join(f"`{f}`" for f in dict.fromkeys(name for name, _ in COST.values()))
+    lines = [BEGIN,
+             "<!-- generated by `python benchmarks/report.py` from docs/results/*.json; do not edit by hand -->",
+             "",
+             "**Quality**: W4A4KV4 (weights 4-bit per channel, activations 4-bit per token, KV 4-bit per",
+             "group of 64), full held-out wiki / c4 perplexity (lower is better), 6 zero-shot tasks with the",
+             "first 100 examples each (higher is better), mean ± std over seeds, H200; best quantized value",
+             "per model in bold. Protocol: §2. Sources: " + quality_files + ".",
+             "", *quality_table(results), "",
+             "**Calibration cost** on one H200 (random weights of the real shapes): time, peak GPU memory, and",
+             "for the end-to-end methods (100 steps × 8 × 2048 tokens, extrapolated from 2 timed steps) their",
+             "time / memory over DartQuant's. At Llama-2-7B and -3-8B DartQuant's cell is `dartquant_cost.py`'s",
+             "whole calibration (every stage's peak counted), a separate run from the end-to-end cells.",
+             "Protocol: §3, §6b. Sources: " + cost_files + ".",
+             "", *cost_table(results), "",
+             _paper_line(results),
+             END]
+    return "\n".join(lines)
+
+
+def splice(text: str, block: str) -> str:
+    """`text` with the block between the markers replaced by `block`."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"report: {RESULTS_MD.name} needs exactly one {BEGIN} ... {END} pair")
+    head, rest = text.split(BEGIN)
+    return head + block + rest.split(END, 1)[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of the JSON files")
+    ap.add_argument("--md", type=Path, default=RESULTS_MD, help="the Markdown file to update")
+    args = ap.parse_args(argv)
+    text = args.md.read_text()
+    new = splice(text, render(args.results))
+    if args.check:
+        if new != text:
+            print(f"{args.md} is stale: run `python benchmarks/report.py`", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        with tempfile.NamedTemporaryFile("w", dir=args.md.parent, delete=False, suffix=".tmp") as f:
+            f.write(new)
+        os.replace(f.name, args.md)
+    print(render(args.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
