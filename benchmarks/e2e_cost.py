@@ -122,7 +122,7 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     if args.worker == "dartquant":
         from dartquant.calib.dartquant import calibrate_dartquant
-        from dartquant.pipeline import StageTimer
+        from dartquant.stages import StageTimer
 
         ids = _ids(args, model, tokenizer, args.dq_samples)
         cfg = RunConfig.from_flat(device=args.device, seed=0, calib_samples=args.dq_samples, calib_seqlen=args.seqlen)

@@ -48,7 +48,6 @@ def cmd_models(args) -> int:
 
 # ---- rotate -------------------------------------------------------------------------------
 def cmd_rotate(args) -> int:
-    from .adapters import adapter_for
     from .runs import atomic_dir, check_out_dir, write_yaml
     from .transforms import RotationSet, rotate_
     from .zoo import load_model, save_model
@@ -56,11 +55,10 @@ def cmd_rotate(args) -> int:
     out = check_out_dir(args.out, args.overwrite)
     t0 = time.time()
     model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype))
-    geo = adapter_for(model).geometry(model.config)
     if args.rotation == "hadamard":  # QuaRot's rotations, as its registered producer makes them
         from .config import RunConfig
         from .methods import MethodContext, get_method
-        from .pipeline import StageTimer
+        from .stages import StageTimer
 
         cfg = RunConfig(method="quarot", seed=args.seed, r3=not args.no_r3, r4=not args.no_r4)
         rotations = get_method("quarot").produce(model, cfg, MethodContext(None, tokenizer, StageTimer(), None, False))

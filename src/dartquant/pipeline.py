@@ -18,9 +18,6 @@ Stages and their timers ("seconds" in metrics.json):
 
 from __future__ import annotations
 
-import contextlib
-import resource
-import time
 from pathlib import Path
 
 import torch
@@ -34,30 +31,10 @@ from .methods import MethodContext
 from .quant.act import install_quantizers_
 from .quant.checkpoint import save_quantized
 from .quant.weights import quantize_weights_
+from .stages import StageTimer, peak_memory_bytes
 from .runs import atomic_dir, check_out_dir, write_json, write_yaml
 from .transforms import RotationSet, fuse_norms_, rotate_, untie_embeddings_
 from .zoo import TRANSFORM_FILE, load_model
-
-
-class StageTimer:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - t0, 3)
-
-
-def peak_memory_bytes(device: str) -> dict:
-    """Peak resident memory of this process (CPU) and, on CUDA, peak allocated device memory."""
-    out = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        out["cuda"] = torch.cuda.max_memory_allocated()
-    return out
 
 
 def evaluate(model, tokenizer, cfg: RunConfig, progress: bool) -> dict:

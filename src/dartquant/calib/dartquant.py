@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +34,7 @@ import torch
 from ..adapters import adapter_for
 from ..hadamard import random_hadamard_matrix
 from ..quant.primitives import fake_quantize
+from ..stages import measure
 from ..transforms import RotationSet, fuse_norms_
 from ..transforms.placements import kv_head_token_view
 from .capture import Captured, capture_activations
@@ -165,32 +164,6 @@ def r1_heldout_quant(r1_buf: torch.Tensor, r1: torch.Tensor, held_rows: torch.Te
 # ------------------------------------------------------------------ stages
 
 
-class _Stage:
-    """Wall time and memory of one stage: the CUDA peak allocated so far and the process's peak
-    RSS so far, both read at the stage's end (monotonic: the peak up to then). The CUDA peak is
-    deliberately not reset here, so a caller measuring the whole calibration keeps its peak;
-    benchmarks/dartquant_cost.py resets it around each stage itself."""
-
-    def __init__(self, device):
-        self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
-        self.record: dict = {}
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.record["cuda_peak_so_far_bytes"] = torch.cuda.max_memory_allocated()
-            self.record["cuda_after_bytes"] = torch.cuda.memory_allocated()
-        self.record["seconds"] = round(time.perf_counter() - self.t0, 3)
-        self.record["cpu_rss_peak_so_far_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return False
-
-
 def _placement(buf: torch.Tensor, device, buffers: str) -> torch.Tensor:
     """Where a buffer lives while it trains: on a CUDA device if asked / if it fits, else host."""
     if buffers not in BUFFER_MODES:
@@ -292,20 +265,17 @@ def calibrate_dartquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, out_
 
     stage = timer if timer is not None else (lambda name: contextlib.nullcontext())
     geo = adapter_for(model).geometry(model.config)
-    stages = {}
-    with stage("capture"), _Stage(cfg.device) as st:
+    stages = {"capture": {}, "r1": {}, "r2": {}}
+    with stage("capture"), measure(cfg.device, stages["capture"]):
         acts = capture(model, cfg, calib_ids, progress=progress)
-    stages["capture"] = st.record
     buffer_bytes = {"r1": acts.r1.numel() * acts.r1.element_size(), "r2": acts.r2.numel() * acts.r2.element_size()}
     with stage("calibrate"):
-        with _Stage(cfg.device) as st:
+        with measure(cfg.device, stages["r1"]):
             r1, hist1 = fit_best(fit_r1, acts, geo, cfg, "r1", progress=progress, buffers=buffers)
             acts.r1 = None  # free the R1 buffer (host and device) before R2 trains
-        stages["r1"] = st.record
-        with _Stage(cfg.device) as st:
+        with measure(cfg.device, stages["r2"]):
             r2, hist2 = fit_best(fit_r2, acts, geo, cfg, "r2", progress=progress, buffers=buffers)
             acts.r2 = None
-        stages["r2"] = st.record
     q1, q2 = hist1["heldout_quant"], hist2["heldout_quant"]
     summary = {
         "method": "dartquant", "seed": cfg.seed, "r1": "learned", "r2": "learned",

@@ -43,7 +43,6 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
     from .act import install_quantizers_
     from ..adapters import adapter_for
     from ..modules import register_attention
-    from .scheme import QuantScheme
 
     register_attention()  # config.json may name the "dartquant" attention implementation
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)

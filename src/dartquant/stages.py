@@ -1,0 +1,60 @@
+"""The one stage timer: wall time per named stage, and (optionally) the memory peaks at its end.
+
+`StageTimer` accumulates seconds per stage name (what `metrics.json` reports as "seconds");
+`measure` records one stage's time and the peaks so far (CUDA allocated, host RSS), what
+DartQuant's calibration writes into its rotations' metadata. Peaks are read, not reset: a
+caller measuring a whole run keeps its peak; cost benchmarks reset CUDA's around each stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+
+import torch
+
+
+def _cuda(device) -> bool:
+    return str(device).startswith("cuda") and torch.cuda.is_available()
+
+
+def peak_memory_bytes(device) -> dict:
+    """Peak resident memory of this process (CPU) and, on CUDA, peak allocated device memory."""
+    out = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if _cuda(device):
+        out["cuda"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+class StageTimer:
+    """timer("stage") is a context manager adding its wall time to seconds["stage"]."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - t0, 3)
+
+
+@contextlib.contextmanager
+def measure(device, record: dict):
+    """Fill `record` with the stage's seconds and the memory peaks so far (synchronizing CUDA)."""
+    cuda = _cuda(device)
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    try:
+        yield record
+    finally:
+        if cuda:
+            torch.cuda.synchronize()
+            record["cuda_peak_so_far_bytes"] = torch.cuda.max_memory_allocated()
+            record["cuda_after_bytes"] = torch.cuda.memory_allocated()
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        record["cpu_rss_peak_so_far_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
