@@ -152,8 +152,6 @@ def test_calibrate_dartquant_outputs(tmp_path):
 def test_lr_grid_keeps_the_lowest_held_out_loss():
     """dq_lr_grid: R1 / R2 are fitted at every lr on the same capture and the fit with the lowest
     held-out loss is kept (recorded with the whole table); a bad grid is refused up front."""
-    import dataclasses
-
     from dartquant.calib.dartquant import capture, fit_best, fit_r1
 
     model = make_tiny_model("llama-tied-gqa", dtype=torch.float32)
@@ -165,7 +163,7 @@ def test_lr_grid_keeps_the_lowest_held_out_loss():
     sel = hist["lr_selection"]
     finals = {float(lr): v[1] for lr, v in sel["held_out_loss"].items()}
     assert sel["chosen"] == min(finals, key=finals.get) and hist["config"]["lr"] == sel["chosen"]
-    again, _ = fit_r1(acts, geo, dataclasses.replace(cfg, dq_r1_lr=sel["chosen"]), progress=False)
+    again, _ = fit_r1(acts, geo, cfg.with_section("dartquant", r1_lr=sel["chosen"]), progress=False)
     assert torch.equal(r1, again)  # the kept fit is the plain fit at the chosen lr
     with pytest.raises(ValueError, match="dq_lr_grid"):
         RunConfig.from_flat(dq_lr_grid=[0.1, -1]).validate()
