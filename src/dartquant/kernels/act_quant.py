@@ -1,0 +1,277 @@
+"""Fused online Hadamard + per-token asymmetric 4-bit quantization + packing (one Triton kernel).
+
+What it computes, per row (token) of ``x [M, N]``, with ``clip = clip_ratio``:
+
+    r      = round_to_input_dtype(x @ hadamard_matrix(N))          # the fake-quant path's value
+    scale, zero = compute_qparams(r, QuantSpec(4, symmetric=False, clip_ratio=clip))
+    codes  = pack_int4(quantize(r, scale, zero, spec))             # uint8 [M, N / 2]
+
+i.e. exactly what `QLinear` does today with an `OnlineHadamard` rotation and a per-token
+asymmetric 4-bit input quantizer, but writing integer codes instead of dequantized floats.
+`hadamard_quantize_pack_reference` is that torch composition, beside the kernel.
+
+Design choices:
+
+* **One program holds whole rows.**  Per-token min/max needs the full rotated row before the
+  first code is written, so a program loads ``BLOCK_M`` complete rows (viewed as
+  ``[BLOCK_M, KP, P]`` with ``N = K * P``, ``KP`` = K padded to a power of two because Triton
+  tensors have power-of-two shapes; padded rows of H_K are zero so padding stays zero and does
+  not move min/max, which are widened to contain 0 anyway).
+* **Hadamard on tensor cores, HadaCore style.**  ``H_N = H_K (x) S_F1 (x) S_F2 (x) S_F3`` with
+  Sylvester blocks ``S_F`` (16 <= F <= 128: `tl.dot` needs K >= 16).  Each factor is one `tl.dot`
+  on the axis it acts on; as in `hadamard._transform` the contracted axis is rotated to the front
+  after each power-of-two stage, so after all stages the order is natural again.  H_K is applied
+  first, on the raw input, so the expensive dense factor runs once (not split, below).
+* **Precision: fp16 hi/lo split with a power-of-two row prescale.**  Entries of H are +-1, so
+  the products are exact; only the representation of the operand rounds.  Each row is scaled by
+  a power of two so that max|x| < 1 (exact); a bf16 / fp16 input is then exact in fp16 (except
+  values below 2^-17 of the row maximum) and the first stage is a single fp16 dot; later stages
+  see fp32 partial sums, split as ``hi = fp16(y)``, ``lo = fp16(y - hi)`` (22 significant bits)
+  and run as two dots with fp32 accumulation.  The growth through the stages is at most N <= 2^15
+  and fits fp16's range.  (bf16 dots would lose 16 bits; Triton's "tf32x3" costs 3 dots at half
+  rate; the interpreter cannot run bf16 dots at all.)
+* **Quantization is bit-exact with `primitives`.**  Same expressions in the same order (fp32):
+  ``lo = min(x, 0) * clip; scale = (max(x, 0) * clip - lo) / 15``, zero point rounded half up,
+  ``round(x / scale + zero)`` half to even, IEEE division (`div_rn`) and no FMA contraction
+  (``enable_fp_fusion=False``).  Given the same rotated values the codes are identical; the
+  Hadamard itself differs from the torch one only by fp32 summation order, which can flip a
+  code by one where a value sits on a rounding boundary (measured in the tests / benchmark).
+* Codes are packed like `pack_int4` (element 2i in the low nibble), scale / zero are fp32 [M].
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..hadamard import _base_matrix, fast_hadamard_transform, hadamard_factorization
+from ..quant.primitives import QuantSpec, compute_qparams, pack_int4, quantize
+from . import require_triton
+from ._triton_utils import round_half_even, round_to_bf16
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = tl = None
+
+__all__ = ["PackedActivations", "hadamard_quantize_pack", "hadamard_quantize_pack_reference", "stage_sizes"]
+
+_MAX_ELEMS_PER_PROGRAM = 32768  # padded elements one program holds (registers; 16 warps)
+
+
+@dataclass
+class PackedActivations:
+    """Per-token asymmetric 4-bit activations: codes packed two per byte, fp32 scale / zero."""
+
+    codes: torch.Tensor  # uint8 [M, N / 2]
+    scale: torch.Tensor  # float32 [M]
+    zero: torch.Tensor  # float32 [M], integers in [0, 15]
+    n: int  # unpacked width N
+
+
+def stage_sizes(p: int) -> tuple[int, ...]:
+    """Split the Sylvester order p = 2**m into blocks 2**a with 4 <= a <= 7, few and balanced."""
+    m = p.bit_length() - 1
+    if p != 1 << m or m < 4:
+        raise ValueError(f"power-of-two factor {p} of the Hadamard size must be >= 16 for the kernel")
+    t = max(1, m // 4)
+    q, r = divmod(m, t)
+    parts = [q + (i < r) for i in range(t)]
+    if max(parts) > 7 or len(parts) > 3:
+        raise ValueError(f"power-of-two factor {p} is too large for the kernel (at most 2**15)")
+    return tuple(1 << a for a in parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _factor_tensors(n: int, device: torch.device):
+    """(H_K padded to KP x KP, [S_F ...]) as fp16 tensors of +-1 on `device`."""
+    k, p = hadamard_factorization(n)
+    kp = 1 << (k - 1).bit_length() if k > 1 else 1
+    hk = torch.zeros(max(kp, 1), max(kp, 1), dtype=torch.float16)
+    hk[:k, :k] = torch.from_numpy(_base_matrix(k).astype("float32"))
+    sylv = []
+    for f in stage_sizes(p):
+        h = torch.ones(1, 1)
+        while h.shape[0] < f:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        sylv.append(h.to(device=device, dtype=torch.float16).contiguous())
+    return hk.to(device).contiguous(), sylv
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pow2_stage(y, s_ptr, R: tl.constexpr, L: tl.constexpr, F: tl.constexpr, SPLIT: tl.constexpr):
+        """[R, L] fp32 -> contract the last log2(F) index bits with S_F, rotate them to the front."""
+        y = tl.reshape(y, (R * (L // F), F))
+        f = tl.arange(0, F)
+        s = tl.load(s_ptr + f[:, None] * F + f[None, :])
+        hi = y.to(tl.float16)
+        z = tl.dot(hi, s, out_dtype=tl.float32)
+        if SPLIT:
+            lo = (y - hi.to(tl.float32)).to(tl.float16)
+            z = tl.dot(lo, s, z, out_dtype=tl.float32)
+        z = tl.reshape(z, (R, L // F, F))
+        z = tl.permute(z, (0, 2, 1))
+        return tl.reshape(z, (R, L))
+
+    @triton.jit
+    def _hadamard_quant_kernel(
+        x_ptr, hk_ptr, s1_ptr, s2_ptr, s3_ptr, codes_ptr, scale_ptr, zero_ptr,
+        M, stride_xm, stride_cm, clip_ratio, inv_sqrt_n,
+        K: tl.constexpr, KP: tl.constexpr, P: tl.constexpr,
+        F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
+        BLOCK_M: tl.constexpr, ROTATE: tl.constexpr, SPLIT_FIRST: tl.constexpr,
+        ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        a = tl.arange(0, KP)
+        b = tl.arange(0, P)
+        col = a[:, None] * P + b[None, :]  # [KP, P], row-major index of the N = K * P axis
+        valid = (rows[:, None, None] < M) & (a[None, :, None] < K) & (b[None, None, :] < P)
+        x = tl.load(x_ptr + rows[:, None, None].to(tl.int64) * stride_xm + col[None, :, :],
+                    mask=valid, other=0.0).to(tl.float32)  # [BLOCK_M, KP, P]
+
+        if ROTATE:
+            # power-of-two row prescale: max |y| < 1, exact, undone at the end
+            amax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+            e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+            pre = ((253 - e) << 23).to(tl.float32, bitcast=True)
+            post = ((e + 1) << 23).to(tl.float32, bitcast=True)
+            y = x * pre[:, None, None]
+            first_split = SPLIT_FIRST
+            if KP > 1:
+                # H_K on the K axis: [BM, KP, P] -> [BM * P, KP] @ H_K -> back
+                ka = tl.arange(0, KP)
+                hk = tl.load(hk_ptr + ka[:, None] * KP + ka[None, :])
+                t = tl.reshape(tl.permute(y, (0, 2, 1)), (BLOCK_M * P, KP))
+                hi = t.to(tl.float16)
+                z = tl.dot(hi, hk, out_dtype=tl.float32)
+                if SPLIT_FIRST:
+                    z = tl.dot((t - hi.to(tl.float32)).to(tl.float16), hk, z, out_dtype=tl.float32)
+                y = tl.permute(tl.reshape(z, (BLOCK_M, P, KP)), (0, 2, 1))
+                first_split = True
+            y = tl.reshape(y, (BLOCK_M * KP, P))
+            y = _pow2_stage(y, s3_ptr, BLOCK_M * KP, P, F3, first_split)
+            if F2 > 1:
+                y = _pow2_stage(y, s2_ptr, BLOCK_M * KP, P, F2, True)
+            if F1 > 1:
+                y = _pow2_stage(y, s1_ptr, BLOCK_M * KP, P, F1, True)
+            y = tl.reshape(y, (BLOCK_M, KP, P))
+            y = (y * post[:, None, None]) * inv_sqrt_n
+            # the fake-quant path rounds the rotated activations to the model dtype
+            if ROUND_BF16:
+                y = round_to_bf16(y)
+            if ROUND_FP16:
+                y = y.to(tl.float16).to(tl.float32)
+        else:
+            y = x
+        y = tl.where(valid, y, 0.0)
+
+        # per-token asymmetric 4-bit qparams, the expressions of primitives._qparams_from_stats
+        xmin = tl.minimum(tl.min(tl.min(y, axis=2), axis=1), 0.0)
+        xmax = tl.maximum(tl.max(tl.max(y, axis=2), axis=1), 0.0)
+        lo = xmin * clip_ratio
+        scale = tl.math.div_rn(xmax * clip_ratio - lo, tl.full(lo.shape, 15.0, tl.float32))
+        scale = tl.where(scale > 0, scale, 1.0)
+        f = tl.math.div_rn(-lo, scale)
+        fl = tl.math.floor(f)
+        zero = fl + ((f - fl) >= 0.5).to(tl.float32)
+        zero = tl.minimum(tl.maximum(zero, 0.0), 15.0)
+
+        v = tl.math.div_rn(y, tl.broadcast_to(scale[:, None, None], y.shape)) + zero[:, None, None]
+        q = tl.minimum(tl.maximum(round_half_even(v), 0.0), 15.0).to(tl.uint8)
+        # pack: element 2i -> low nibble, 2i + 1 -> high nibble (pack_int4)
+        q_lo, q_hi = tl.split(tl.reshape(q, (BLOCK_M, KP, P // 2, 2)))
+        packed = q_lo | (q_hi << 4)
+        pcol = a[:, None] * (P // 2) + tl.arange(0, P // 2)[None, :]
+        pvalid = (rows[:, None, None] < M) & (a[None, :, None] < K)
+        tl.store(codes_ptr + rows[:, None, None].to(tl.int64) * stride_cm + pcol[None, :, :], packed,
+                 mask=pvalid)
+        tl.store(scale_ptr + rows, scale, mask=rows < M)
+        tl.store(zero_ptr + rows, zero, mask=rows < M)
+
+
+def _launch_params(kp: int, p: int, m: int, num_warps: int | None, block_m: int | None):
+    elems = kp * p
+    if elems > _MAX_ELEMS_PER_PROGRAM:
+        raise ValueError(f"row of {elems} padded elements is too wide for one program (max {_MAX_ELEMS_PER_PROGRAM})")
+    if block_m is None:
+        block_m = max(1, min(64, 4096 // elems))
+        block_m = min(block_m, 1 << max(0, (m - 1).bit_length()))
+    if num_warps is None:
+        num_warps = 4 if block_m * elems <= 4096 else 8 if block_m * elems <= 8192 else 16
+    return block_m, num_warps
+
+
+def hadamard_quantize_pack(
+    x: torch.Tensor,
+    clip_ratio: float = 1.0,
+    rotate: bool = True,
+    num_warps: int | None = None,
+    block_m: int | None = None,
+) -> PackedActivations:
+    """x [..., N] (bf16 / fp16 / fp32) -> per-token 4-bit codes of ``x @ hadamard_matrix(N)``.
+
+    ``rotate=False`` skips the Hadamard (quantize + pack only).  The rotated values are rounded
+    to x's dtype before quantizing, as `QLinear` with `OnlineHadamard` does.  Leading dims are
+    flattened into tokens.
+    """
+    require_triton()
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"hadamard_quantize_pack needs a bf16 / fp16 / fp32 tensor, got {x.dtype}")
+    if not 0.0 < clip_ratio <= 1.0:
+        raise ValueError(f"clip_ratio={clip_ratio} must be in (0, 1]")
+    n = x.shape[-1]
+    if n % 2:
+        raise ValueError(f"last dimension {n} must be even to pack two 4-bit codes per byte")
+    if rotate:
+        k, p = hadamard_factorization(n)
+        stages = stage_sizes(p)
+    else:  # quantize-only: view N as [1, N_pad]
+        k, p, stages = 1, 1 << (n - 1).bit_length(), (1,)
+        if p != n:
+            raise ValueError(f"rotate=False needs a power-of-two width, got {n}")
+    kp = 1 << (k - 1).bit_length() if k > 1 else 1
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    codes = torch.empty(m, n // 2, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    zero = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return PackedActivations(codes, scale, zero, n)
+    hk, sylv = _factor_tensors(n, x.device) if rotate else (torch.zeros(1, 1, device=x.device), [])
+    fs = list(stages) if rotate else []
+    while len(fs) < 3:
+        fs.insert(0, 1)
+    mats = [None] * (3 - len(sylv)) + list(sylv)
+    mats = [t if t is not None else hk for t in mats]
+    bm, nw = _launch_params(kp, p, m, num_warps, block_m)
+    grid = (triton.cdiv(m, bm),)
+    _hadamard_quant_kernel[grid](
+        x2, hk, mats[0], mats[1], mats[2], codes, scale, zero,
+        m, x2.stride(0), codes.stride(0), float(clip_ratio), 1.0 / math.sqrt(n),
+        K=k, KP=kp, P=p, F1=fs[0], F2=fs[1], F3=fs[2],
+        BLOCK_M=bm, ROTATE=rotate, SPLIT_FIRST=x.dtype == torch.float32,
+        ROUND_BF16=rotate and x.dtype == torch.bfloat16, ROUND_FP16=rotate and x.dtype == torch.float16,
+        num_warps=nw, enable_fp_fusion=False,
+    )
+    return PackedActivations(codes, scale, zero, n)
+
+
+def hadamard_quantize_pack_reference(x: torch.Tensor, clip_ratio: float = 1.0, rotate: bool = True) -> PackedActivations:
+    """The torch composition the kernel implements (see the module docstring)."""
+    n = x.shape[-1]
+    r = fast_hadamard_transform(x) if rotate else x
+    r = r.reshape(-1, n)
+    spec = QuantSpec(bits=4, symmetric=False, clip_ratio=clip_ratio)
+    scale, zero = compute_qparams(r, spec)
+    codes = quantize(r, scale, zero, spec)
+    return PackedActivations(pack_int4(codes), scale.reshape(-1).float(), zero.reshape(-1).float(), n)

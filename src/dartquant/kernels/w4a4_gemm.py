@@ -1,0 +1,238 @@
+"""W4A4 GEMM: packed 4-bit activations x packed 4-bit weights, exact integer accumulation.
+
+    y[m, n] = s_a[m] * s_w[n] * sum_k (a[m, k] - z_a[m]) * w[n, k]          (bf16 out)
+
+with ``a`` the asymmetric activation codes in [0, 15] (per token scale / zero, from
+`act_quant.hadamard_quantize_pack`) and ``w`` the symmetric weight codes in [-8, 7] (per
+output channel scale), both packed two per byte along K exactly as `primitives.pack_int4`
+packs them (so `QuantizedTensor.to_state_dict`'s ``codes`` are the kernel's weight operand).
+`w4a4_matmul_reference` is the same formula in torch (int64 products).
+
+Design choices:
+
+* **No interleave.**  A dot over K does not care about the order of k as long as both operands
+  use the same one, so the kernel never re-interleaves nibbles: it runs one dot over the low
+  nibbles (even k) and one over the high nibbles (odd k) of the same packed tile.
+* **Zero point in the epilogue.**  ``sum_k (a - z) w = sum_k a w - z * rowsum(w)``: the integer
+  dot uses the raw unsigned codes (they fit int8 and e4m3) and ``rowsum(w)`` is precomputed once
+  per weight (`prepare_weight`).  The correction is an int32 subtraction, still exact.
+* **INT8 backend**: `tl.dot(int8, int8) -> int32` (wgmma s8 on Hopper).  Exact: |sum| <= 120 K.
+* **FP8 backend**: the codes are exact in e4m3 (|c| <= 15) and so are the products; each K block
+  is a fresh dot (its partial sum <= 120 * BLOCK_K < 2^14, exact even with the tensor core's
+  reduced-precision fp8 accumulation) added to an fp32 accumulator on the CUDA cores, exact
+  below 2^24 (K <= 139000).  Exactness is checked against the int reference, not assumed.
+* **Epilogue in fp32**: ``float(acc - z * rowsum) * s_a * s_w`` (the int is exact in fp32 below
+  2^24), then bf16.  Relative to the float64 value of the fake-quant path the error is the two
+  fp32 roundings plus the bf16 rounding of the output.
+* **Configs**: prefill uses big tiles (tensor-core bound); decode (M <= 64) is weight-bandwidth
+  bound: BLOCK_M = 16 (the smallest dot), narrow BLOCK_N so that N / BLOCK_N programs fill the
+  132 SMs, long BLOCK_K and deep pipelining; optionally split-K with an int32 atomic workspace.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.primitives import pack_int4, unpack_int4
+from . import require_triton
+from ._triton_utils import round_to_bf16
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = tl = None
+
+__all__ = ["PackedWeight", "GemmConfig", "prepare_weight", "w4a4_matmul", "w4a4_matmul_reference", "default_config"]
+
+
+@dataclass
+class PackedWeight:
+    """Symmetric per-output-channel 4-bit weight: codes packed along K, scale, row sums."""
+
+    codes: torch.Tensor  # uint8 [N, K / 2], pack_int4 layout
+    scale: torch.Tensor  # float32 [N]
+    rowsum: torch.Tensor  # int32 [N], sum_k of the signed codes
+    k: int
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int  # unpacked K per step (packed bytes: block_k / 2)
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+    split_k: int = 1
+
+
+def prepare_weight(codes: torch.Tensor, scale: torch.Tensor) -> PackedWeight:
+    """Signed codes int8 [N, K] in [-8, 7] (or already packed uint8 [N, K/2] with ``k``) -> PackedWeight."""
+    if codes.dtype != torch.int8 or codes.ndim != 2:
+        raise TypeError(f"prepare_weight needs int8 codes [N, K], got {codes.dtype} {tuple(codes.shape)}")
+    if codes.shape[1] % 2:
+        raise ValueError(f"K={codes.shape[1]} must be even")
+    return PackedWeight(
+        pack_int4(codes).contiguous(),
+        scale.reshape(-1).to(torch.float32).contiguous(),
+        codes.to(torch.int32).sum(1).to(torch.int32).contiguous(),
+        codes.shape[1],
+    )
+
+
+def default_config(m: int, n: int, k: int) -> GemmConfig:
+    if m <= 64:
+        bn = 32 if n >= 4096 else 16
+        return GemmConfig(16 if m <= 16 else 32 if m <= 32 else 64, bn, 512, 4, 4, 1)
+    if m <= 1024:
+        return GemmConfig(128, 128, 128, 8, 4)
+    return GemmConfig(128, 256, 128, 8, 3)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _w4a4_kernel(
+        a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, ws_ptr,
+        M, N, KH, per_split, stride_am, stride_wn, stride_ym,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
+        GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, FP8: tl.constexpr, STATIC_STEPS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        # grouped ordering: programs sharing a weight tile run together (L2 reuse)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_size = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_size
+        pid_n = (pid % per_group) // group_size
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_KH)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+        w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BLOCK_KH, BLOCK_N]
+        if FP8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        k_first = pid_k * per_split
+        a_ptrs += k_first * BLOCK_KH
+        w_ptrs += k_first * BLOCK_KH
+        # STATIC_STEPS: interpreter only (numpy >= 2.4 cannot range() over the interpreter's scalar
+        # tensors, and it turns every assigned value into one, hence the inline expression)
+        for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else per_split):
+            ks = k_first + i  # past the end in the last split: fully masked
+            kmask = ks * BLOCK_KH + offs_k < KH
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0)
+            w = tl.load(w_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0)
+            a_lo = (a & 0xF).to(tl.int8)
+            a_hi = (a >> 4).to(tl.int8)
+            w8 = w.to(tl.int8, bitcast=True)
+            w_lo = (w8 << 4) >> 4  # sign-extend the low nibble
+            w_hi = w8 >> 4
+            if FP8:
+                blk = tl.dot(a_lo.to(tl.float16).to(tl.float8e4nv), w_lo.to(tl.float16).to(tl.float8e4nv),
+                             out_dtype=tl.float32)
+                blk = tl.dot(a_hi.to(tl.float16).to(tl.float8e4nv), w_hi.to(tl.float16).to(tl.float8e4nv), blk,
+                             out_dtype=tl.float32)
+                acc += blk  # promote per K block: exact fp32 adds of integers < 2^24
+            else:
+                acc = tl.dot(a_lo, w_lo, acc, out_dtype=tl.int32)
+                acc = tl.dot(a_hi, w_hi, acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_KH
+            w_ptrs += BLOCK_KH
+        acc_i = acc.to(tl.int32)
+        out_mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K > 1:
+            # int32 partial sums into a zeroed workspace; the epilogue kernel applies the scales
+            tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc_i, mask=out_mask)
+        else:
+            za = tl.load(za_ptr + offs_m, mask=mask_m, other=0.0).to(tl.int32)
+            wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)
+            sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
+            sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
+            acc_i = acc_i - za[:, None] * wsum[None, :]
+            y = (acc_i.to(tl.float32) * sa[:, None]) * sw[None, :]
+            tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], round_to_bf16(y).to(tl.bfloat16),
+                     mask=out_mask)
+
+    @triton.jit
+    def _splitk_epilogue(ws_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, M, N, stride_ym, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < M * N
+        m = offs // N
+        n = offs % N
+        acc = tl.load(ws_ptr + offs, mask=mask, other=0)
+        za = tl.load(za_ptr + m, mask=mask, other=0.0).to(tl.int32)
+        wsum = tl.load(wsum_ptr + n, mask=mask, other=0)
+        sa = tl.load(sa_ptr + m, mask=mask, other=0.0)
+        sw = tl.load(sw_ptr + n, mask=mask, other=0.0)
+        y = ((acc - za * wsum).to(tl.float32) * sa) * sw
+        tl.store(y_ptr + m * stride_ym + n, round_to_bf16(y).to(tl.bfloat16), mask=mask)
+
+
+def w4a4_matmul(
+    a_codes: torch.Tensor,
+    a_scale: torch.Tensor,
+    a_zero: torch.Tensor,
+    weight: PackedWeight,
+    backend: str = "int8",
+    config: GemmConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """bf16 [M, N] = dequant(a) @ dequant(w)^T, computed exactly in integers (see module docstring).
+
+    a_codes: uint8 [M, K/2] (asymmetric codes, pack_int4 layout); a_scale / a_zero: fp32 [M].
+    backend: "int8" (int8 tensor cores, int32 accumulation) or "fp8" (e4m3, fp32 per-block promotion).
+    """
+    require_triton()
+    if backend not in ("int8", "fp8"):
+        raise ValueError(f"backend must be 'int8' or 'fp8', got {backend!r}")
+    if a_codes.dtype != torch.uint8 or weight.codes.dtype != torch.uint8:
+        raise TypeError("a_codes and weight.codes must be packed uint8")
+    m, kh = a_codes.shape
+    n, kh_w = weight.codes.shape
+    if kh != kh_w:
+        raise ValueError(f"packed K mismatch: activations {kh}, weight {kh_w}")
+    cfg = config or default_config(m, n, 2 * kh)
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.bfloat16, device=a_codes.device)
+    if m == 0:
+        return out
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+    per_split = triton.cdiv(triton.cdiv(kh, cfg.block_k // 2), cfg.split_k)
+    ws = torch.zeros(m, n, dtype=torch.int32, device=a_codes.device) if cfg.split_k > 1 else out
+    _w4a4_kernel[grid](
+        a_codes, weight.codes, a_scale, a_zero, weight.scale, weight.rowsum, out, ws,
+        m, n, kh, per_split, a_codes.stride(0), weight.codes.stride(0), out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2,
+        GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, FP8=backend == "fp8",
+        STATIC_STEPS=per_split if os.environ.get("TRITON_INTERPRET") == "1" else 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+    )
+    if cfg.split_k > 1:
+        block = 1024
+        _splitk_epilogue[(triton.cdiv(m * n, block),)](
+            ws, a_scale, a_zero, weight.scale, weight.rowsum, out, m, n, out.stride(0), BLOCK=block,
+            enable_fp_fusion=False,
+        )
+    return out
+
+
+def w4a4_matmul_reference(a_codes, a_scale, a_zero, weight: PackedWeight) -> torch.Tensor:
+    """Same formula in torch: int64 integer dot, then the fp32 epilogue in the kernel's order."""
+    k = weight.k
+    # float64 products / sums of these integers are exact (|sum| < 2^53) and run on any device
+    a = unpack_int4(a_codes, k, signed=False).to(torch.float64)
+    w = unpack_int4(weight.codes, k, signed=True).to(torch.float64)
+    acc = a @ w.T - a_zero.to(torch.float64)[:, None] * weight.rowsum.to(torch.float64)[None, :]
+    return ((acc.to(torch.float32) * a_scale[:, None].float()) * weight.scale[None, :]).to(torch.bfloat16)
