@@ -215,12 +215,13 @@ def hadamard_quantize_pack(
     rotate: bool = True,
     num_warps: int | None = None,
     block_m: int | None = None,
+    out: PackedActivations | None = None,
 ) -> PackedActivations:
     """x [..., N] (bf16 / fp16 / fp32) -> per-token 4-bit codes of ``x @ hadamard_matrix(N)``.
 
     ``rotate=False`` skips the Hadamard (quantize + pack only).  The rotated values are rounded
     to x's dtype before quantizing, as `QLinear` with `OnlineHadamard` does.  Leading dims are
-    flattened into tokens.
+    flattened into tokens.  ``out`` (optional) receives the results (benchmarks poison it).
     """
     require_triton()
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -242,9 +243,14 @@ def hadamard_quantize_pack(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    codes = torch.empty(m, n // 2, dtype=torch.uint8, device=x.device)
-    scale = torch.empty(m, dtype=torch.float32, device=x.device)
-    zero = torch.empty(m, dtype=torch.float32, device=x.device)
+    if out is not None:
+        codes, scale, zero = out.codes, out.scale, out.zero
+        if codes.shape != (m, n // 2) or scale.shape != (m,) or zero.shape != (m,):
+            raise ValueError("out has the wrong shapes")
+    else:
+        codes = torch.empty(m, n // 2, dtype=torch.uint8, device=x.device)
+        scale = torch.empty(m, dtype=torch.float32, device=x.device)
+        zero = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return PackedActivations(codes, scale, zero, n)
     hk, sylv = _factor_tensors(n, x.device) if rotate else (torch.zeros(1, 1, device=x.device), [])
