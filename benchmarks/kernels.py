@@ -35,7 +35,11 @@ from dartquant.kernels.act_quant import PackedActivations, hadamard_quantize_pac
 from dartquant.kernels.w4a4_gemm import GemmConfig, prepare_weight, w4a4_matmul, w4a4_matmul_reference  # noqa: E402
 
 ACT_WIDTHS = [64, 128, 1536, 4096, 4864, 8192, 8960, 11008, 14336, 16384, 28672]
-ACT_WARPS = [4, 8, 16]
+ACT_VARIANTS = {  # name: (variant, num_warps, rows_per_program); "3d" at widths >= 14336 also tries 16 warps
+    "3d w4": ("3d", 4, 1), "3d w8": ("3d", 8, 1), "3d w16": ("3d", 16, 1),
+    "2d w4": ("2d", 4, 1), "2d w8": ("2d", 8, 1), "2d w16": ("2d", 16, 1),
+    "2d w4 r4": ("2d", 4, 4), "2d w8 r4": ("2d", 8, 4), "2d w16 r4": ("2d", 16, 4),
+}
 LINEARS = {  # name: (N, K) of y = x W^T
     "L2-7B qkvo": (4096, 4096), "L2-7B gate/up": (11008, 4096), "L2-7B down": (4096, 11008),
     "L3-8B q/o": (4096, 4096), "L3-8B k/v": (1024, 4096), "L3-8B gate/up": (14336, 4096), "L3-8B down": (4096, 14336),
@@ -43,8 +47,10 @@ LINEARS = {  # name: (N, K) of y = x W^T
 }
 DECODE_M = [1, 4, 16, 64]
 PREFILL_M = [512, 2048, 8192]
-DECODE_CONFIGS = [GemmConfig(16, 32, 512, 4, 4), GemmConfig(16, 64, 256, 4, 5), GemmConfig(16, 16, 1024, 4, 3),
-                  GemmConfig(16, 64, 512, 4, 4, split_k=4)]
+DECODE_CONFIGS = [GemmConfig(16, 32, 512, 4, 4), GemmConfig(16, 64, 256, 4, 5), GemmConfig(16, 128, 256, 4, 4),
+                  GemmConfig(16, 64, 512, 8, 3)]  # split-K (int32 atomics) was slower in run 1
+GEMV_CONFIGS = [GemmConfig(1, 32, 512, 4, 1), GemmConfig(1, 64, 512, 8, 1), GemmConfig(1, 32, 256, 4, 1),
+                GemmConfig(1, 16, 512, 4, 1), GemmConfig(1, 16, 256, 4, 1)]  # block_m unused: M_PAD from M
 PREFILL_CONFIGS = [GemmConfig(128, 128, 128, 8, 4), GemmConfig(128, 256, 128, 8, 3), GemmConfig(256, 128, 128, 8, 3),
                    GemmConfig(128, 128, 256, 8, 3)]
 CHECK_SHAPES = [(4, DECODE_CONFIGS), (515, PREFILL_CONFIGS)]  # M off the tile sizes: row masks
@@ -80,6 +86,19 @@ def act_input(m, n, device, seed):
     return x.to(torch.bfloat16)
 
 
+def act_variants(n):
+    from dartquant.kernels.act_quant import layout_2d
+
+    out = []
+    for name, (v, nw, rows) in ACT_VARIANTS.items():
+        if v == "2d" and layout_2d(n) is None:
+            continue
+        if v == "3d" and nw == 16 and n < 14336:
+            continue
+        out.append(name)
+    return out
+
+
 def act_rows(n):
     return 32768 * 32 if n <= 128 else 32768
 
@@ -93,9 +112,13 @@ def _warm(job):
     t = time.time()
     try:
         if kind == "act":
-            n, nw, rotate = args
+            n, name, rotate = args
             x = act_input(64, n, dev, 0)  # rows divisible by 16, like the timed and checked ones
-            hadamard_quantize_pack(x, 0.9, rotate=rotate, num_warps=nw)
+            if name is None:
+                hadamard_quantize_pack(x, 0.9, rotate=rotate)
+            else:
+                v, nw, rows = ACT_VARIANTS[name]
+                hadamard_quantize_pack(x, 0.9, rotate=rotate, num_warps=nw, variant=v, rows_per_program=rows)
         else:
             m, n, k, cfg, be = args
             a = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, device=dev)
@@ -150,14 +173,16 @@ def check_act(n, dev, seed):
     x = act_input(272, n, dev, seed)  # not a multiple of the wider BLOCK_Ms: exercises the row mask
     m = x.shape[0]
     res = {}
-    for rotate in ([True, False] if n & (n - 1) == 0 else [True]):
+    cases = [(name, True) for name in act_variants(n)] + ([(None, False)] if n & (n - 1) == 0 else [])
+    for name, rotate in cases:
         out = PackedActivations(torch.full((m, n // 2), 0x5A, dtype=torch.uint8, device=dev),
                                 torch.full((m,), float("nan"), device=dev), torch.full((m,), float("nan"), device=dev), n)
-        got = hadamard_quantize_pack(x, 0.9, rotate=rotate, out=out)
+        kw = {} if name is None else dict(zip(("variant", "num_warps", "rows_per_program"), ACT_VARIANTS[name]))
+        got = hadamard_quantize_pack(x, 0.9, rotate=rotate, out=out, **kw)
         ref = hadamard_quantize_pack_reference(x, 0.9, rotate=rotate)
         lo = lambda c: torch.stack(((c & 15).int(), (c >> 4).int()), -1)  # noqa: E731
         dcode = (lo(got.codes) - lo(ref.codes)).abs()
-        res["rotate" if rotate else "quant_only"] = {
+        res[name if rotate else "quant_only"] = {
             "codes_differ_frac": dcode.ne(0).float().mean().item(),
             "codes_max_abs_diff": dcode.max().item(),
             "scale_max_rel_diff": ((got.scale - ref.scale).abs() / ref.scale).max().item(),
@@ -167,21 +192,22 @@ def check_act(n, dev, seed):
     return res
 
 
-def time_act(n, nw, dev):
+def time_act(n, name, dev, rotate=True):
     m = act_rows(n)
     bytes_moved = m * n * 2 + m * n // 2 + 8 * m
     sets, nxt = rotating(lambda: act_input(m, n, dev, 1), m * n * 2)
     outs = PackedActivations(torch.empty(m, n // 2, dtype=torch.uint8, device=dev), torch.empty(m, device=dev),
                              torch.empty(m, device=dev), n)
-    t = bench(lambda: hadamard_quantize_pack(nxt(), 0.9, num_warps=nw, out=outs))
-    return m, t, bytes_moved / t / 1e9
+    kw = {} if name is None else dict(zip(("variant", "num_warps", "rows_per_program"), ACT_VARIANTS[name]))
+    t = bench(lambda: hadamard_quantize_pack(nxt(), 0.9, rotate=rotate, out=outs, **kw))
+    return m, t, bytes_moved / t / 1e6  # GB/s (t in ms)
 
 
 def time_copy(m, n, dev):
     x = torch.randn(m, n, device=dev).to(torch.bfloat16)
     y = torch.empty_like(x)
     t = bench(lambda: y.copy_(x))
-    return t, 2 * x.numel() * 2 / t / 1e9
+    return t, 2 * x.numel() * 2 / t / 1e6  # GB/s
 
 
 # ----------------------------------------------------------------------------- GEMM
@@ -251,9 +277,11 @@ def time_gemm(m, n, k, dev, configs, errors):
     # ours
     _, nxt = rotating(lambda: gemm_inputs(m, n, k, dev, 3), m * k // 2 + n * k // 2)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
-    for be in ("int8", "fp8"):
+    for be in ("int8", "fp8", "gemv"):
+        if be == "gemv" and m > 8:
+            continue
         best = None
-        for cfg in configs:
+        for cfg in (GEMV_CONFIGS if be == "gemv" else configs):
             if str(("gemm", (m, n, k, cfg, be))) in errors:
                 continue
             try:
@@ -279,7 +307,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke test)")
     ap.add_argument("--workers", type=int, default=14)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: act,gemm")
+    ap.add_argument("--profile", action="store_true", help="launch each profiled kernel once (run under ncu)")
     args = ap.parse_args()
+    if args.profile:
+        return profile_launches()
     dev = torch.device("cuda")
     skip = set(filter(None, args.skip.split(",")))
     global ACT_WIDTHS, LINEARS, DECODE_M, PREFILL_M
@@ -295,7 +326,7 @@ def main():
 
     jobs = []
     if "act" not in skip:
-        jobs += [("act", (n, nw, True)) for n in ACT_WIDTHS for nw in ACT_WARPS]
+        jobs += [("act", (n, name, True)) for n in ACT_WIDTHS for name in act_variants(n)]
         jobs += [("act", (n, None, False)) for n in ACT_WIDTHS if n & (n - 1) == 0]
     if "gemm" not in skip:
         for name, (n, k) in LINEARS.items():
@@ -303,6 +334,8 @@ def main():
                 for cfg in (DECODE_CONFIGS if m <= 64 else PREFILL_CONFIGS):
                     for be in ("int8", "fp8"):
                         jobs.append(("gemm", (m, n, k, cfg, be)))
+                if m <= 8:
+                    jobs += [("gemm", (m, n, k, cfg, "gemv")) for cfg in GEMV_CONFIGS]
             for m, cfgs in CHECK_SHAPES:
                 for cfg in _check_configs(cfgs):
                     for be in ("int8", "fp8"):
@@ -311,7 +344,8 @@ def main():
     seen, uniq = set(), []
     for j in jobs:
         key = (j[0], j[1][0], j[1][1], j[1][2]) if j[0] == "act" else (
-            "gemm", j[1][0] == 1, j[1][0] % 16 == 0, j[1][1] % 16 == 0, j[1][2] % 32 == 0, j[1][3], j[1][4])
+            "gemm", j[1][0] == 1, j[1][0] % 16 == 0, j[1][0] if j[1][4] == "gemv" else 0,
+            j[1][1] % 16 == 0, j[1][2] % 32 == 0, j[1][3], j[1][4])
         if key not in seen:
             seen.add(key)
             uniq.append(j)
@@ -328,16 +362,19 @@ def main():
             except Exception as e:  # noqa: BLE001
                 chk = {"error": repr(e)[:300]}
             row = {"N": n, "check": chk, "warps": {}}
-            for nw in ACT_WARPS:
-                if str(("act", (n, nw, True))) in errors:
+            for name in act_variants(n):
+                if str(("act", (n, name, True))) in errors:
                     continue
                 try:
-                    m, t, bw = time_act(n, nw, dev)
+                    m, t, bw = time_act(n, name, dev)
                 except Exception as e:  # noqa: BLE001
-                    print(f"act {n} w{nw} failed {e!r}"[:200], flush=True)
+                    print(f"act {n} {name} failed {e!r}"[:200], flush=True)
                     continue
-                row["warps"][nw] = {"ms": t, "GBps": bw}
+                row["warps"][name] = {"ms": t, "GBps": bw}
                 row["M"] = m
+            if n & (n - 1) == 0:
+                m, t, bw = time_act(n, None, dev, rotate=False)
+                row["quant_only"] = {"ms": t, "GBps": bw}
             if row["warps"]:
                 tc, bwc = time_copy(row["M"], n, dev)
                 best = min(row["warps"].items(), key=lambda kv: kv[1]["ms"])
@@ -361,8 +398,10 @@ def main():
         checks = {}
         for name, (n, k) in LINEARS.items():
             for m, cfgs in CHECK_SHAPES:
-                for be in ("int8", "fp8"):
-                    for cfg in _check_configs(cfgs):
+                for be in ("int8", "fp8", "gemv"):
+                    if be == "gemv" and m > 8:
+                        continue
+                    for cfg in (GEMV_CONFIGS[:2] if be == "gemv" else _check_configs(cfgs)):
                         if str(("gemm", (m, n, k, cfg, be))) in errors:
                             continue
                         key = f"{name} M={m} {be} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} sk{cfg.split_k}"
@@ -381,7 +420,7 @@ def main():
                 rows.append(row)
                 flops = 2 * m * n * k
                 s = {kk: round(v, 4) for kk, v in row.items() if kk.endswith("_ms") and v}
-                sp = {b: round(row["bf16_ms"] / row[f"{b}_ms"], 2) for b in ("int8", "fp8") if row.get(f"{b}_ms")}
+                sp = {b: round(row["bf16_ms"] / row[f"{b}_ms"], 2) for b in ("int8", "fp8", "gemv") if row.get(f"{b}_ms")}
                 print(f"gemm {name} M={m}: {s} speedup vs bf16 {sp} "
                       f"int8 {flops / row.get('int8_ms', float('inf')) / 1e9:.0f} TOP/s", flush=True)
         result["gemm"] = rows
@@ -394,25 +433,41 @@ def main():
     print_tables(result)
 
 
+def profile_launches():
+    """One launch of each kernel worth a hardware-counter look (ncu -k regex:_hadamard|_w4a4)."""
+    dev = torch.device("cuda")
+    for n, name in ((4096, "3d w4"), (4096, "2d w4"), (11008, "2d w8"), (11008, "3d w8")):
+        x = act_input(8192, n, dev, 0)
+        v, nw, rows = ACT_VARIANTS[name]
+        hadamard_quantize_pack(x, 0.9, variant=v, num_warps=nw, rows_per_program=rows)
+    for m, cfg, be in ((1, DECODE_CONFIGS[0], "int8"), (1, GEMV_CONFIGS[0], "gemv"), (8192, PREFILL_CONFIGS[2], "int8")):
+        a, sa, za, w = gemm_inputs(m, 4096, 4096, dev, 0)
+        w4a4_matmul(a, sa, za, w, be, cfg)
+    torch.cuda.synchronize()
+
+
 def print_tables(r):
     c = r["ceilings"]
     print(f"\nceilings: copy {c['copy_TBps']:.2f} TB/s, bf16 {c['bf16_TFLOPs']:.0f} TFLOP/s, "
           f"fp8 _scaled_mm {c['fp8_scaled_mm_TFLOPs']:.0f}, _int_mm {c['int_mm_TOPs']:.0f} TOP/s")
     if "act" in r:
-        print("\n| N | rows | ms | GB/s | copy GB/s | frac of copy | warps | codes differ | scale rel |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n| N | rows | ms | GB/s | copy GB/s | frac of copy | variant | codes differ | scale rel | quant-only frac |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for a in r["act"]:
             if "ms" not in a:
                 print(f"| {a['N']} | failed | | | | | | | |")
                 continue
-            ch = a["check"].get("rotate", {"codes_differ_frac": float("nan"), "scale_max_rel_diff": float("nan")})
+            ch = a["check"].get(a["best_warps"], {"codes_differ_frac": float("nan"), "scale_max_rel_diff": float("nan")})
+            qo = a.get("quant_only")
+            qf = f"{qo['GBps'] / a['copy_GBps']:.2f}" if qo else "-"
             print(f"| {a['N']} | {a['M']} | {a['ms']:.3f} | {a['GBps']:.0f} | {a['copy_GBps']:.0f} | "
-                  f"{a['frac_of_copy_bw']:.2f} | {a['best_warps']} | {ch['codes_differ_frac']:.1e} | {ch['scale_max_rel_diff']:.1e} |")
+                  f"{a['frac_of_copy_bw']:.2f} | {a['best_warps']} | {ch['codes_differ_frac']:.1e} | "
+                  f"{ch['scale_max_rel_diff']:.1e} | {qf} |")
     if "gemm" in r:
-        print("\n| linear | M | bf16 ms | int_mm | scaled_mm | int8 ms | fp8 ms | best x bf16 | TOP/s | weight GB/s |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("\n| linear | M | bf16 ms | int_mm | scaled_mm | int8 ms | fp8 ms | gemv ms | best x bf16 | TOP/s | weight GB/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for g in r["gemm"]:
-            ours = min((g[k] for k in ("int8_ms", "fp8_ms") if g.get(k)), default=None)
+            ours = min((g[k] for k in ("int8_ms", "fp8_ms", "gemv_ms") if g.get(k)), default=None)
             f = lambda v: f"{v:.4f}" if v else "-"  # noqa: E731
             if ours:
                 tops = 2 * g["M"] * g["N"] * g["K"] / ours / 1e9
@@ -421,7 +476,7 @@ def print_tables(r):
             else:
                 extra = "- | - | -"
             print(f"| {g['linear']} | {g['M']} | {f(g['bf16_ms'])} | {f(g.get('int_mm_ms'))} | {f(g.get('scaled_mm_ms'))} | "
-                  f"{f(g.get('int8_ms'))} | {f(g.get('fp8_ms'))} | {extra} |")
+                  f"{f(g.get('int8_ms'))} | {f(g.get('fp8_ms'))} | {f(g.get('gemv_ms'))} | {extra} |")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ except ImportError:  # pragma: no cover - exercised only without triton
 
 __all__ = ["PackedActivations", "hadamard_quantize_pack", "hadamard_quantize_pack_reference", "stage_sizes"]
 
-_MAX_ELEMS_PER_PROGRAM = 32768  # padded elements one program holds (registers; 16 warps)
+_MAX_ELEMS_PER_PROGRAM = 32768
+AUTO_2D = True  # "auto" takes the permute-free kernel where it applies (set from the H200 measurements)  # padded elements one program holds (registers; 16 warps)
 
 
 @dataclass
@@ -120,13 +121,105 @@ if triton is not None:
         return tl.reshape(z, (R, L))
 
     @triton.jit
+    def _asym4_qparams(xmin, xmax, clip_ratio, RECIP: tl.constexpr):
+        """primitives._qparams_from_stats for 4-bit asymmetric, same fp32 expressions and order.
+
+        RECIP: ``/ 15`` as a multiplication by fp32(1/15), which is what PyTorch's CUDA division by
+        a Python scalar computes (its CPU path divides); chosen to match the torch path on the
+        device the kernel runs on."""
+        xmin = tl.minimum(xmin, 0.0)
+        xmax = tl.maximum(xmax, 0.0)
+        lo = xmin * clip_ratio
+        if RECIP:
+            scale = (xmax * clip_ratio - lo) * (1.0 / 15.0)
+        else:
+            scale = tl.math.div_rn(xmax * clip_ratio - lo, tl.full(lo.shape, 15.0, tl.float32))
+        scale = tl.where(scale > 0, scale, 1.0)
+        f = tl.math.div_rn(-lo, scale)
+        fl = tl.math.floor(f)
+        zero = fl + ((f - fl) >= 0.5).to(tl.float32)  # half up, as primitives
+        zero = tl.minimum(tl.maximum(zero, 0.0), 15.0)
+        return scale, zero
+
+    @triton.jit
+    def _codes(y, scale, zero):
+        """round(y / scale + zero) half to even, clamped to [0, 15], uint8 (broadcast scale / zero)."""
+        v = tl.math.div_rn(y, scale) + zero
+        return tl.minimum(tl.maximum(round_half_even(v), 0.0), 15.0).to(tl.uint8)
+
+    @triton.jit
+    def _prescale(amax):
+        """Powers of two (pre, post = 1 / pre) with amax * pre < 1: exact scalings."""
+        e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        pre = ((253 - e) << 23).to(tl.float32, bitcast=True)
+        post = ((e + 1) << 23).to(tl.float32, bitcast=True)
+        return pre, post
+
+    @triton.jit
+    def _split_dot(a, b, acc, A_IS_DATA: tl.constexpr, SPLIT: tl.constexpr):
+        """acc + a @ b with the fp32 data operand as fp16 hi (+ lo when SPLIT); H operand fp16 +-1."""
+        if A_IS_DATA:
+            hi = a.to(tl.float16)
+            acc = tl.dot(hi, b, acc, out_dtype=tl.float32)
+            if SPLIT:
+                acc = tl.dot((a - hi.to(tl.float32)).to(tl.float16), b, acc, out_dtype=tl.float32)
+        else:
+            hi = b.to(tl.float16)
+            acc = tl.dot(a, hi, acc, out_dtype=tl.float32)
+            if SPLIT:
+                acc = tl.dot(a, (b - hi.to(tl.float32)).to(tl.float16), acc, out_dtype=tl.float32)
+        return acc
+
+    @triton.jit
+    def _hadamard_quant_2d_kernel(
+        x_ptr, left_ptr, right_ptr, codes_ptr, scale_ptr, zero_ptr,
+        M, stride_xm, stride_cm, clip_ratio, inv_sqrt_n,
+        R: tl.constexpr, RP: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
+        SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
+    ):
+        """One token at a time as a 2D tile X [RP, C] (feature n = r * C + c, rows r >= R padded):
+        x @ (L (x) S_C) = L^T X S_C, two plain dots and no permutes (L = H_K, or S_R when N is a
+        power of two).  `left_ptr` holds L^T padded to [RP, RP]; ROWS tokens per program."""
+        pid = tl.program_id(0)
+        r = tl.arange(0, RP)
+        c = tl.arange(0, C)
+        offs = r[:, None] * C + c[None, :]
+        pr = tl.arange(0, RP)
+        lt = tl.load(left_ptr + pr[:, None] * RP + pr[None, :])
+        rt = tl.load(right_ptr + c[:, None] * C + c[None, :])
+        poffs = r[:, None] * (C // 2) + tl.arange(0, C // 2)[None, :]
+        for i in range(ROWS):
+            row = pid * ROWS + i
+            valid = (r[:, None] < R) & (c[None, :] < C) & (row < M)
+            x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs, mask=valid, other=0.0).to(tl.float32)
+            pre, post = _prescale(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+            y = x * pre
+            # left factor first, on the (exact in fp16) input; then the right one, split
+            y = _split_dot(lt, y, tl.zeros((RP, C), dtype=tl.float32), False, SPLIT_FIRST)
+            y = _split_dot(y, rt, tl.zeros((RP, C), dtype=tl.float32), True, True)
+            y = (y * post) * inv_sqrt_n
+            if ROUND_BF16:
+                y = round_to_bf16(y)
+            if ROUND_FP16:
+                y = y.to(tl.float16).to(tl.float32)
+            y = tl.where(valid, y, 0.0)
+            scale, zero = _asym4_qparams(tl.min(tl.min(y, axis=1), axis=0), tl.max(tl.max(y, axis=1), axis=0),
+                                         clip_ratio, RECIP)
+            q = _codes(y, scale, zero)
+            q_lo, q_hi = tl.split(tl.reshape(q, (RP, C // 2, 2)))
+            tl.store(codes_ptr + row.to(tl.int64) * stride_cm + poffs, q_lo | (q_hi << 4),
+                     mask=(r[:, None] < R) & (row < M))
+            tl.store(scale_ptr + row, scale, mask=row < M)
+            tl.store(zero_ptr + row, zero, mask=row < M)
+
+    @triton.jit
     def _hadamard_quant_kernel(
         x_ptr, hk_ptr, s1_ptr, s2_ptr, s3_ptr, codes_ptr, scale_ptr, zero_ptr,
         M, stride_xm, stride_cm, clip_ratio, inv_sqrt_n,
         K: tl.constexpr, KP: tl.constexpr, P: tl.constexpr,
         F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
         BLOCK_M: tl.constexpr, ROTATE: tl.constexpr, SPLIT_FIRST: tl.constexpr,
-        ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr,
+        ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -139,10 +232,7 @@ if triton is not None:
 
         if ROTATE:
             # power-of-two row prescale: max |y| < 1, exact, undone at the end
-            amax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
-            e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
-            pre = ((253 - e) << 23).to(tl.float32, bitcast=True)
-            post = ((e + 1) << 23).to(tl.float32, bitcast=True)
+            pre, post = _prescale(tl.max(tl.max(tl.abs(x), axis=2), axis=1))
             y = x * pre[:, None, None]
             first_split = SPLIT_FIRST
             if KP > 1:
@@ -173,19 +263,11 @@ if triton is not None:
             y = x
         y = tl.where(valid, y, 0.0)
 
-        # per-token asymmetric 4-bit qparams, the expressions of primitives._qparams_from_stats
-        xmin = tl.minimum(tl.min(tl.min(y, axis=2), axis=1), 0.0)
-        xmax = tl.maximum(tl.max(tl.max(y, axis=2), axis=1), 0.0)
-        lo = xmin * clip_ratio
-        scale = tl.math.div_rn(xmax * clip_ratio - lo, tl.full(lo.shape, 15.0, tl.float32))
-        scale = tl.where(scale > 0, scale, 1.0)
-        f = tl.math.div_rn(-lo, scale)
-        fl = tl.math.floor(f)
-        zero = fl + ((f - fl) >= 0.5).to(tl.float32)
-        zero = tl.minimum(tl.maximum(zero, 0.0), 15.0)
+        xmin = tl.min(tl.min(y, axis=2), axis=1)
+        xmax = tl.max(tl.max(y, axis=2), axis=1)
+        scale, zero = _asym4_qparams(xmin, xmax, clip_ratio, RECIP)
 
-        v = tl.math.div_rn(y, tl.broadcast_to(scale[:, None, None], y.shape)) + zero[:, None, None]
-        q = tl.minimum(tl.maximum(round_half_even(v), 0.0), 15.0).to(tl.uint8)
+        q = _codes(y, tl.broadcast_to(scale[:, None, None], y.shape), zero[:, None, None])
         # pack: element 2i -> low nibble, 2i + 1 -> high nibble (pack_int4)
         q_lo, q_hi = tl.split(tl.reshape(q, (BLOCK_M, KP, P // 2, 2)))
         packed = q_lo | (q_hi << 4)
@@ -209,6 +291,40 @@ def _launch_params(kp: int, p: int, m: int, num_warps: int | None, block_m: int 
     return block_m, num_warps
 
 
+def _sylvester16(f: int, device) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < f:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h.to(device=device, dtype=torch.float16).contiguous()
+
+
+def layout_2d(n: int) -> tuple[int, int, int] | None:
+    """(R, RP, C) of the permute-free kernel for width n, or None where it does not apply.
+
+    N = K * P with K > 1 and 16 <= P <= 128: X [K, P], left H_K, right S_P.  N = 2^m with
+    8 <= m <= 14: X [2^(m//2), 2^(m - m//2)], left and right Sylvester."""
+    k, p = hadamard_factorization(n)
+    if k > 1 and 16 <= p <= 128:
+        return k, 1 << (k - 1).bit_length(), p
+    m = p.bit_length() - 1
+    if k == 1 and 8 <= m <= 14:
+        return 1 << (m // 2), 1 << (m // 2), 1 << (m - m // 2)
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _factor_tensors_2d(n: int, device: torch.device):
+    """(L^T padded to [RP, RP], S_C) as fp16 +-1 for `layout_2d(n)`."""
+    k, p = hadamard_factorization(n)
+    r, rp, c = layout_2d(n)
+    lt = torch.zeros(rp, rp, dtype=torch.float16)
+    if k > 1:
+        lt[:k, :k] = torch.from_numpy(_base_matrix(k).T.astype("float32"))
+    else:
+        lt = _sylvester16(rp, "cpu")  # symmetric
+    return lt.to(device).contiguous(), _sylvester16(c, device)
+
+
 def hadamard_quantize_pack(
     x: torch.Tensor,
     clip_ratio: float = 1.0,
@@ -216,12 +332,17 @@ def hadamard_quantize_pack(
     num_warps: int | None = None,
     block_m: int | None = None,
     out: PackedActivations | None = None,
+    variant: str = "auto",
+    rows_per_program: int = 1,
 ) -> PackedActivations:
     """x [..., N] (bf16 / fp16 / fp32) -> per-token 4-bit codes of ``x @ hadamard_matrix(N)``.
 
     ``rotate=False`` skips the Hadamard (quantize + pack only).  The rotated values are rounded
     to x's dtype before quantizing, as `QLinear` with `OnlineHadamard` does.  Leading dims are
     flattened into tokens.  ``out`` (optional) receives the results (benchmarks poison it).
+    ``variant``: "3d" (stages with permutes, any size, several rows per program), "2d" (two plain
+    dots per token, `layout_2d` sizes), "auto" (see `AUTO_2D`).  Scale / zero match the torch
+    path on x's device (see `_asym4_qparams`).
     """
     require_triton()
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -253,6 +374,23 @@ def hadamard_quantize_pack(
         zero = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return PackedActivations(codes, scale, zero, n)
+    common = dict(SPLIT_FIRST=x.dtype == torch.float32, ROUND_BF16=rotate and x.dtype == torch.bfloat16,
+                  ROUND_FP16=rotate and x.dtype == torch.float16, RECIP=x.is_cuda)
+    lay = layout_2d(n) if rotate else None
+    if variant not in ("auto", "2d", "3d"):
+        raise ValueError(f"variant must be auto, 2d or 3d, got {variant!r}")
+    if variant == "2d" and lay is None:
+        raise ValueError(f"the 2d variant does not support width {n}")
+    if lay is not None and (variant == "2d" or (variant == "auto" and AUTO_2D)):
+        r, rp, c = lay
+        lt, rt = _factor_tensors_2d(n, x.device)
+        nw = num_warps or (4 if rp * c <= 4096 else 8 if rp * c <= 8192 else 16)
+        _hadamard_quant_2d_kernel[(triton.cdiv(m, rows_per_program),)](
+            x2, lt, rt, codes, scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
+            1.0 / math.sqrt(n), R=r, RP=rp, C=c, ROWS=rows_per_program, num_warps=nw,
+            enable_fp_fusion=False, **common,
+        )
+        return PackedActivations(codes, scale, zero, n)
     hk, sylv = _factor_tensors(n, x.device) if rotate else (torch.zeros(1, 1, device=x.device), [])
     fs = list(stages) if rotate else []
     while len(fs) < 3:
@@ -265,9 +403,7 @@ def hadamard_quantize_pack(
         x2, hk, mats[0], mats[1], mats[2], codes, scale, zero,
         m, x2.stride(0), codes.stride(0), float(clip_ratio), 1.0 / math.sqrt(n),
         K=k, KP=kp, P=p, F1=fs[0], F2=fs[1], F3=fs[2],
-        BLOCK_M=bm, ROTATE=rotate, SPLIT_FIRST=x.dtype == torch.float32,
-        ROUND_BF16=rotate and x.dtype == torch.bfloat16, ROUND_FP16=rotate and x.dtype == torch.float16,
-        num_warps=nw, enable_fp_fusion=False,
+        BLOCK_M=bm, ROTATE=rotate, num_warps=nw, enable_fp_fusion=False, **common,
     )
     return PackedActivations(codes, scale, zero, n)
 

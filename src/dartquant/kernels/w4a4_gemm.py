@@ -180,6 +180,52 @@ if triton is not None:
         tl.store(y_ptr + m * stride_ym + n, round_to_bf16(y).to(tl.bfloat16), mask=mask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _w4a4_gemv_kernel(
+        a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr,
+        M, N, KH, k_steps, stride_am, stride_wn, stride_ym,
+        M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, STATIC_STEPS: tl.constexpr,
+    ):
+        """Decode (M <= M_PAD <= 8) on the CUDA cores: weight rows read k-contiguous (16-byte
+        loads), int32 products reduced along k per step, the next step's tiles loaded before
+        this step's arithmetic (by hand: Triton pipelines only loads that feed a dot).  No
+        tensor-core operand layouts, no shared-memory round trip."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_KH)
+        offs_m = tl.arange(0, M_PAD)
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_KH]
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]  # [M_PAD, BLOCK_KH]
+        acc2 = tl.zeros((M_PAD, BLOCK_N), dtype=tl.int32)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < KH)[None, :], other=0)
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k < KH)[None, :], other=0)
+        for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else k_steps):
+            w_ptrs += BLOCK_KH
+            a_ptrs += BLOCK_KH
+            kmask = (i + 1) * BLOCK_KH + offs_k < KH
+            w_next = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0)
+            a_next = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0)
+            w8 = w.to(tl.int8, bitcast=True)
+            w_lo = ((w8 << 4) >> 4).to(tl.int32)
+            w_hi = (w8 >> 4).to(tl.int32)
+            a_lo = (a & 0xF).to(tl.int32)
+            a_hi = (a >> 4).to(tl.int32)
+            acc2 += tl.sum(a_lo[:, None, :] * w_lo[None, :, :] + a_hi[:, None, :] * w_hi[None, :, :], axis=2)
+            w = w_next
+            a = a_next
+        za = tl.load(za_ptr + offs_m, mask=mask_m, other=0.0).to(tl.int32)
+        wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)
+        sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
+        sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
+        y = ((acc2 - za[:, None] * wsum[None, :]).to(tl.float32) * sa[:, None]) * sw[None, :]
+        tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], round_to_bf16(y).to(tl.bfloat16),
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+
 def w4a4_matmul(
     a_codes: torch.Tensor,
     a_scale: torch.Tensor,
@@ -192,11 +238,12 @@ def w4a4_matmul(
     """bf16 [M, N] = dequant(a) @ dequant(w)^T, computed exactly in integers (see module docstring).
 
     a_codes: uint8 [M, K/2] (asymmetric codes, pack_int4 layout); a_scale / a_zero: fp32 [M].
-    backend: "int8" (int8 tensor cores, int32 accumulation) or "fp8" (e4m3, fp32 per-block promotion).
+    backend: "int8" (int8 tensor cores, int32 accumulation), "fp8" (e4m3, fp32 per-block promotion)
+    or "gemv" (CUDA cores, int32; M <= 8; config.block_m is the padded M).
     """
     require_triton()
-    if backend not in ("int8", "fp8"):
-        raise ValueError(f"backend must be 'int8' or 'fp8', got {backend!r}")
+    if backend not in ("int8", "fp8", "gemv"):
+        raise ValueError(f"backend must be 'int8', 'fp8' or 'gemv', got {backend!r}")
     if a_codes.dtype != torch.uint8 or weight.codes.dtype != torch.uint8:
         raise TypeError("a_codes and weight.codes must be packed uint8")
     m, kh = a_codes.shape
@@ -208,6 +255,19 @@ def w4a4_matmul(
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a_codes.device)
     if m == 0:
         return out
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "gemv":
+        m_pad = max(1, 1 << (m - 1).bit_length())
+        if m_pad > 8:
+            raise ValueError(f"the gemv backend is for M <= 8, got M={m}")
+        steps = triton.cdiv(kh, cfg.block_k // 2)
+        _w4a4_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+            a_codes, weight.codes, a_scale, a_zero, weight.scale, weight.rowsum, out,
+            m, n, kh, steps, a_codes.stride(0), weight.codes.stride(0), out.stride(0),
+            M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2, STATIC_STEPS=steps if interpret else 0,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        )
+        return out
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
     per_split = triton.cdiv(triton.cdiv(kh, cfg.block_k // 2), cfg.split_k)
     ws = torch.zeros(m, n, dtype=torch.int32, device=a_codes.device) if cfg.split_k > 1 else out
@@ -216,7 +276,7 @@ def w4a4_matmul(
         m, n, kh, per_split, a_codes.stride(0), weight.codes.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2,
         GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, FP8=backend == "fp8",
-        STATIC_STEPS=per_split if os.environ.get("TRITON_INTERPRET") == "1" else 0,
+        STATIC_STEPS=per_split if interpret else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
     if cfg.split_k > 1:
