@@ -36,10 +36,10 @@ from dartquant.kernels.w4a4_gemm import GemmConfig, prepare_weight, w4a4_matmul,
 
 ACT_WIDTHS = [64, 128, 1536, 4096, 4864, 8192, 8960, 11008, 14336, 16384, 28672]
 ACT_VARIANTS = {  # name: (variant, num_warps, rows_per_program); "3d" at widths >= 14336 also tries 16 warps
-    "3d w4": ("3d", 4, 1), "3d w8": ("3d", 8, 1), "3d w16": ("3d", 16, 1),
+    "3d w4": ("3d", 4, 1), "3d w8": ("3d", 8, 1),
     "2d w4": ("2d", 4, 1), "2d w8": ("2d", 8, 1), "2d w16": ("2d", 16, 1),
-    "2d w4 r4": ("2d", 4, 4), "2d w8 r4": ("2d", 8, 4), "2d w16 r4": ("2d", 16, 4),
-}
+    "2d w4 r4": ("2d", 4, 4), "2d w8 r4": ("2d", 8, 4),
+}  # run 2 also had "3d w16", "2d w16 r4": never the fastest
 LINEARS = {  # name: (N, K) of y = x W^T
     "L2-7B qkvo": (4096, 4096), "L2-7B gate/up": (11008, 4096), "L2-7B down": (4096, 11008),
     "L3-8B q/o": (4096, 4096), "L3-8B k/v": (1024, 4096), "L3-8B gate/up": (14336, 4096), "L3-8B down": (4096, 14336),
@@ -48,9 +48,13 @@ LINEARS = {  # name: (N, K) of y = x W^T
 DECODE_M = [1, 4, 16, 64]
 PREFILL_M = [512, 2048, 8192]
 DECODE_CONFIGS = [GemmConfig(16, 32, 512, 4, 4), GemmConfig(16, 64, 256, 4, 5), GemmConfig(16, 128, 256, 4, 4),
-                  GemmConfig(16, 64, 512, 8, 3)]  # split-K (int32 atomics) was slower in run 1
+                  GemmConfig(16, 64, 512, 8, 3),
+                  # split-K with the one-launch atomic fixup (run 1's memset + epilogue version was slower)
+                  GemmConfig(16, 64, 512, 4, 4, split_k=4), GemmConfig(16, 32, 512, 4, 4, split_k=4),
+                  GemmConfig(16, 64, 256, 4, 4, split_k=8)]
 GEMV_CONFIGS = [GemmConfig(1, 32, 512, 4, 1), GemmConfig(1, 64, 512, 8, 1), GemmConfig(1, 32, 256, 4, 1),
-                GemmConfig(1, 16, 512, 4, 1), GemmConfig(1, 16, 256, 4, 1)]  # block_m unused: M_PAD from M
+                GemmConfig(1, 32, 512, 4, 1, split_k=4), GemmConfig(1, 64, 512, 8, 1, split_k=4),
+                GemmConfig(1, 16, 512, 4, 1, split_k=8), GemmConfig(1, 32, 256, 4, 1, split_k=8)]  # block_m unused
 PREFILL_CONFIGS = [GemmConfig(128, 128, 128, 8, 4), GemmConfig(128, 256, 128, 8, 3), GemmConfig(256, 128, 128, 8, 3),
                    GemmConfig(128, 128, 256, 8, 3)]
 CHECK_SHAPES = [(4, DECODE_CONFIGS), (515, PREFILL_CONFIGS)]  # M off the tile sizes: row masks
@@ -307,13 +311,17 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke test)")
     ap.add_argument("--workers", type=int, default=14)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: act,gemm")
+    ap.add_argument("--decode-only", action="store_true", help="GEMM rows for decode M only")
     ap.add_argument("--profile", action="store_true", help="launch each profiled kernel once (run under ncu)")
     args = ap.parse_args()
     if args.profile:
         return profile_launches()
+    global PREFILL_M
+    if args.decode_only:
+        PREFILL_M = []
     dev = torch.device("cuda")
     skip = set(filter(None, args.skip.split(",")))
-    global ACT_WIDTHS, LINEARS, DECODE_M, PREFILL_M
+    global ACT_WIDTHS, LINEARS, DECODE_M
     if args.quick:
         ACT_WIDTHS = [128, 4096, 11008]
         LINEARS = {k: LINEARS[k] for k in ("L2-7B qkvo", "L2-7B down")}
@@ -337,9 +345,13 @@ def main():
                 if m <= 8:
                     jobs += [("gemm", (m, n, k, cfg, "gemv")) for cfg in GEMV_CONFIGS]
             for m, cfgs in CHECK_SHAPES:
+                if m > 64 and not PREFILL_M:
+                    continue
                 for cfg in _check_configs(cfgs):
                     for be in ("int8", "fp8"):
                         jobs.append(("gemm", (m, n, k, cfg, be)))
+                if m <= 8:
+                    jobs += [("gemm", (m, n, k, cfg, "gemv")) for cfg in _check_configs(GEMV_CONFIGS)]
     # the kernels only differ by constexprs / int specializations: dedupe by what compiles
     seen, uniq = set(), []
     for j in jobs:
@@ -398,10 +410,12 @@ def main():
         checks = {}
         for name, (n, k) in LINEARS.items():
             for m, cfgs in CHECK_SHAPES:
+                if m > 64 and not PREFILL_M:
+                    continue
                 for be in ("int8", "fp8", "gemv"):
                     if be == "gemv" and m > 8:
                         continue
-                    for cfg in (GEMV_CONFIGS[:2] if be == "gemv" else _check_configs(cfgs)):
+                    for cfg in (_check_configs(GEMV_CONFIGS) if be == "gemv" else _check_configs(cfgs)):
                         if str(("gemm", (m, n, k, cfg, be))) in errors:
                             continue
                         key = f"{name} M={m} {be} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} sk{cfg.split_k}"

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +56,9 @@ from ._triton_utils import round_half_even, round_to_bf16
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - exercised only without triton
-    triton = tl = None
+    triton = tl = libdevice = None
 
 __all__ = ["PackedActivations", "hadamard_quantize_pack", "hadamard_quantize_pack_reference", "stage_sizes"]
 
@@ -142,10 +144,16 @@ if triton is not None:
         return scale, zero
 
     @triton.jit
-    def _codes(y, scale, zero):
-        """round(y / scale + zero) half to even, clamped to [0, 15], uint8 (broadcast scale / zero)."""
+    def _codes(y, scale, zero, USE_RINT: tl.constexpr):
+        """round(y / scale + zero) half to even, clamped to [0, 15], uint8 (broadcast scale / zero).
+
+        USE_RINT: one cvt.rni instruction (compiled); else the exact floor-based helper (interpreter)."""
         v = tl.math.div_rn(y, scale) + zero
-        return tl.minimum(tl.maximum(round_half_even(v), 0.0), 15.0).to(tl.uint8)
+        if USE_RINT:
+            r = libdevice.rint(v)
+        else:
+            r = round_half_even(v)
+        return tl.minimum(tl.maximum(r, 0.0), 15.0).to(tl.uint8)
 
     @triton.jit
     def _prescale(amax):
@@ -176,6 +184,7 @@ if triton is not None:
         M, stride_xm, stride_cm, clip_ratio, inv_sqrt_n,
         R: tl.constexpr, RP: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
         SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
+        USE_RINT: tl.constexpr,
     ):
         """One token at a time as a 2D tile X [RP, C] (feature n = r * C + c, rows r >= R padded):
         x @ (L (x) S_C) = L^T X S_C, two plain dots and no permutes (L = H_K, or S_R when N is a
@@ -205,7 +214,7 @@ if triton is not None:
             y = tl.where(valid, y, 0.0)
             scale, zero = _asym4_qparams(tl.min(tl.min(y, axis=1), axis=0), tl.max(tl.max(y, axis=1), axis=0),
                                          clip_ratio, RECIP)
-            q = _codes(y, scale, zero)
+            q = _codes(y, scale, zero, USE_RINT)
             q_lo, q_hi = tl.split(tl.reshape(q, (RP, C // 2, 2)))
             tl.store(codes_ptr + row.to(tl.int64) * stride_cm + poffs, q_lo | (q_hi << 4),
                      mask=(r[:, None] < R) & (row < M))
@@ -220,6 +229,7 @@ if triton is not None:
         F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
         BLOCK_M: tl.constexpr, ROTATE: tl.constexpr, SPLIT_FIRST: tl.constexpr,
         ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
+        USE_RINT: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -267,7 +277,7 @@ if triton is not None:
         xmax = tl.max(tl.max(y, axis=2), axis=1)
         scale, zero = _asym4_qparams(xmin, xmax, clip_ratio, RECIP)
 
-        q = _codes(y, tl.broadcast_to(scale[:, None, None], y.shape), zero[:, None, None])
+        q = _codes(y, tl.broadcast_to(scale[:, None, None], y.shape), zero[:, None, None], USE_RINT)
         # pack: element 2i -> low nibble, 2i + 1 -> high nibble (pack_int4)
         q_lo, q_hi = tl.split(tl.reshape(q, (BLOCK_M, KP, P // 2, 2)))
         packed = q_lo | (q_hi << 4)
@@ -375,7 +385,8 @@ def hadamard_quantize_pack(
     if m == 0:
         return PackedActivations(codes, scale, zero, n)
     common = dict(SPLIT_FIRST=x.dtype == torch.float32, ROUND_BF16=rotate and x.dtype == torch.bfloat16,
-                  ROUND_FP16=rotate and x.dtype == torch.float16, RECIP=x.is_cuda)
+                  ROUND_FP16=rotate and x.dtype == torch.float16, RECIP=x.is_cuda,
+                  USE_RINT=os.environ.get("TRITON_INTERPRET") != "1")
     lay = layout_2d(n) if rotate else None
     if variant not in ("auto", "2d", "3d"):
         raise ValueError(f"variant must be auto, 2d or 3d, got {variant!r}")

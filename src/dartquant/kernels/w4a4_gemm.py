@@ -96,8 +96,36 @@ def default_config(m: int, n: int, k: int) -> GemmConfig:
 if triton is not None:
 
     @triton.jit
+    def _epilogue_store(acc_i, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n):
+        """y = float(acc - z_a * rowsum(w)) * s_a * s_w -> bf16 (the int part exact, see module doc)."""
+        za = tl.load(za_ptr + offs_m, mask=mask_m, other=0.0).to(tl.int32)
+        wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)
+        sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
+        sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
+        y = ((acc_i - za[:, None] * wsum[None, :]).to(tl.float32) * sa[:, None]) * sw[None, :]
+        tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], round_to_bf16(y).to(tl.bfloat16),
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _splitk_fixup(acc_i, ws_ptr, cnt_ptr, tile, N, SPLIT_K: tl.constexpr,
+                      za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n):
+        """Split-K in one launch: int32 partial sums added atomically into a workspace; the last
+        program of the tile (per-tile arrival counter) takes the total with an atomic exchange
+        against 0 and runs the epilogue, which leaves workspace and counter zeroed for the next
+        call.  Integer adds commute, so the result is exact and deterministic."""
+        mask = mask_m[:, None] & mask_n[None, :]
+        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws, acc_i, mask=mask)
+        tl.debug_barrier()  # every thread's partial sums land before the arrival is counted
+        arrived = tl.atomic_add(cnt_ptr + tile, 1)
+        if arrived == SPLIT_K - 1:
+            total = tl.atomic_xchg(ws, tl.zeros_like(acc_i), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+            _epilogue_store(total, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n)
+
+    @triton.jit
     def _w4a4_kernel(
-        a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, ws_ptr,
+        a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, KH, per_split, stride_am, stride_wn, stride_ym,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
         GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, FP8: tl.constexpr, STATIC_STEPS: tl.constexpr,
@@ -153,60 +181,39 @@ if triton is not None:
         acc_i = acc.to(tl.int32)
         out_mask = mask_m[:, None] & mask_n[None, :]
         if SPLIT_K > 1:
-            # int32 partial sums into a zeroed workspace; the epilogue kernel applies the scales
-            tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc_i, mask=out_mask)
+            _splitk_fixup(acc_i, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
+                          offs_m, offs_n, mask_m, mask_n)
         else:
-            za = tl.load(za_ptr + offs_m, mask=mask_m, other=0.0).to(tl.int32)
-            wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)
-            sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
-            sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
-            acc_i = acc_i - za[:, None] * wsum[None, :]
-            y = (acc_i.to(tl.float32) * sa[:, None]) * sw[None, :]
-            tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], round_to_bf16(y).to(tl.bfloat16),
-                     mask=out_mask)
-
-    @triton.jit
-    def _splitk_epilogue(ws_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, M, N, stride_ym, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < M * N
-        m = offs // N
-        n = offs % N
-        acc = tl.load(ws_ptr + offs, mask=mask, other=0)
-        za = tl.load(za_ptr + m, mask=mask, other=0.0).to(tl.int32)
-        wsum = tl.load(wsum_ptr + n, mask=mask, other=0)
-        sa = tl.load(sa_ptr + m, mask=mask, other=0.0)
-        sw = tl.load(sw_ptr + n, mask=mask, other=0.0)
-        y = ((acc - za * wsum).to(tl.float32) * sa) * sw
-        tl.store(y_ptr + m * stride_ym + n, round_to_bf16(y).to(tl.bfloat16), mask=mask)
-
-
-if triton is not None:
+            _epilogue_store(acc_i, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n)
 
     @triton.jit
     def _w4a4_gemv_kernel(
-        a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr,
+        a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, KH, k_steps, stride_am, stride_wn, stride_ym,
-        M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, STATIC_STEPS: tl.constexpr,
+        M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, SPLIT_K: tl.constexpr,
+        STATIC_STEPS: tl.constexpr,
     ):
         """Decode (M <= M_PAD <= 8) on the CUDA cores: weight rows read k-contiguous (16-byte
         loads), int32 products reduced along k per step, the next step's tiles loaded before
         this step's arithmetic (by hand: Triton pipelines only loads that feed a dot).  No
         tensor-core operand layouts, no shared-memory round trip."""
         pid = tl.program_id(0)
+        k0 = tl.program_id(1) * k_steps * BLOCK_KH  # this split's first packed column
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_KH)
+        offs_k = k0 + tl.arange(0, BLOCK_KH)
         offs_m = tl.arange(0, M_PAD)
         mask_n = offs_n < N
         mask_m = offs_m < M
         w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_KH]
         a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]  # [M_PAD, BLOCK_KH]
         acc2 = tl.zeros((M_PAD, BLOCK_N), dtype=tl.int32)
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < KH)[None, :], other=0)
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k < KH)[None, :], other=0)
+        kend = tl.minimum(k0 + k_steps * BLOCK_KH, KH)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < kend)[None, :], other=0)
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k < kend)[None, :], other=0)
         for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else k_steps):
             w_ptrs += BLOCK_KH
             a_ptrs += BLOCK_KH
-            kmask = (i + 1) * BLOCK_KH + offs_k < KH
+            kmask = (i + 1) * BLOCK_KH + offs_k < kend
             w_next = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0)
             a_next = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0)
             w8 = w.to(tl.int8, bitcast=True)
@@ -217,13 +224,31 @@ if triton is not None:
             acc2 += tl.sum(a_lo[:, None, :] * w_lo[None, :, :] + a_hi[:, None, :] * w_hi[None, :, :], axis=2)
             w = w_next
             a = a_next
-        za = tl.load(za_ptr + offs_m, mask=mask_m, other=0.0).to(tl.int32)
-        wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)
-        sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
-        sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
-        y = ((acc2 - za[:, None] * wsum[None, :]).to(tl.float32) * sa[:, None]) * sw[None, :]
-        tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], round_to_bf16(y).to(tl.bfloat16),
-                 mask=mask_m[:, None] & mask_n[None, :])
+        if SPLIT_K > 1:
+            _splitk_fixup(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
+                          offs_m, offs_n, mask_m, mask_n)
+        else:
+            _epilogue_store(acc2, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n)
+
+
+_SPLITK_BUFFERS: dict = {}
+
+
+def _splitk_buffers(m: int, n: int, tiles: int, device, split_k: int):
+    """Zeroed int32 workspace [>= m * n] and tile counters, kept per device and grown on demand.
+
+    The kernels leave both zeroed, so they are allocated (and cleared) once.  Not safe for
+    concurrent launches on several streams."""
+    if split_k == 1:
+        return _SPLITK_BUFFERS.setdefault(("dummy", str(device)), torch.zeros(1, dtype=torch.int32, device=device)), \
+            _SPLITK_BUFFERS[("dummy", str(device))]
+    key = str(device)
+    ws, cnt = _SPLITK_BUFFERS.get(key, (None, None))
+    if ws is None or ws.numel() < m * n or cnt.numel() < tiles:
+        ws = torch.zeros(max(m * n, 0 if ws is None else ws.numel()), dtype=torch.int32, device=device)
+        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
+        _SPLITK_BUFFERS[key] = (ws, cnt)
+    return ws, cnt
 
 
 def w4a4_matmul(
@@ -260,31 +285,27 @@ def w4a4_matmul(
         m_pad = max(1, 1 << (m - 1).bit_length())
         if m_pad > 8:
             raise ValueError(f"the gemv backend is for M <= 8, got M={m}")
-        steps = triton.cdiv(kh, cfg.block_k // 2)
-        _w4a4_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-            a_codes, weight.codes, a_scale, a_zero, weight.scale, weight.rowsum, out,
+        steps = triton.cdiv(triton.cdiv(kh, cfg.block_k // 2), cfg.split_k)  # per split
+        ws, cnt = _splitk_buffers(m, n, triton.cdiv(n, cfg.block_n), a_codes.device, cfg.split_k)
+        _w4a4_gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
+            a_codes, weight.codes, a_scale, a_zero, weight.scale, weight.rowsum, out, ws, cnt,
             m, n, kh, steps, a_codes.stride(0), weight.codes.stride(0), out.stride(0),
-            M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2, STATIC_STEPS=steps if interpret else 0,
+            M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2, SPLIT_K=cfg.split_k,
+            STATIC_STEPS=steps if interpret else 0,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         )
         return out
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
     per_split = triton.cdiv(triton.cdiv(kh, cfg.block_k // 2), cfg.split_k)
-    ws = torch.zeros(m, n, dtype=torch.int32, device=a_codes.device) if cfg.split_k > 1 else out
+    ws, cnt = _splitk_buffers(m, n, grid[0], a_codes.device, cfg.split_k)
     _w4a4_kernel[grid](
-        a_codes, weight.codes, a_scale, a_zero, weight.scale, weight.rowsum, out, ws,
+        a_codes, weight.codes, a_scale, a_zero, weight.scale, weight.rowsum, out, ws, cnt,
         m, n, kh, per_split, a_codes.stride(0), weight.codes.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2,
         GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, FP8=backend == "fp8",
         STATIC_STEPS=per_split if interpret else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
-    if cfg.split_k > 1:
-        block = 1024
-        _splitk_epilogue[(triton.cdiv(m * n, block),)](
-            ws, a_scale, a_zero, weight.scale, weight.rowsum, out, m, n, out.stride(0), BLOCK=block,
-            enable_fp_fusion=False,
-        )
     return out
 
 
