@@ -173,11 +173,12 @@ def ceilings(dev):
 # ----------------------------------------------------------------------------- activation kernel
 
 
-def check_act(n, dev, seed):
+def check_act(n, dev, seed, skip_names=()):
     x = act_input(272, n, dev, seed)  # not a multiple of the wider BLOCK_Ms: exercises the row mask
     m = x.shape[0]
     res = {}
-    cases = [(name, True) for name in act_variants(n)] + ([(None, False)] if n & (n - 1) == 0 else [])
+    cases = [(name, True) for name in act_variants(n) if name not in skip_names] + (
+        [(None, False)] if n & (n - 1) == 0 else [])
     for name, rotate in cases:
         out = PackedActivations(torch.full((m, n // 2), 0x5A, dtype=torch.uint8, device=dev),
                                 torch.full((m,), float("nan"), device=dev), torch.full((m,), float("nan"), device=dev), n)
@@ -370,7 +371,7 @@ def main():
         acts = []
         for i, n in enumerate(ACT_WIDTHS):
             try:
-                chk = check_act(n, dev, 100 + i)
+                chk = check_act(n, dev, 100 + i, [nm for nm in act_variants(n) if str(("act", (n, nm, True))) in errors])
             except Exception as e:  # noqa: BLE001
                 chk = {"error": repr(e)[:300]}
             row = {"N": n, "check": chk, "warps": {}}

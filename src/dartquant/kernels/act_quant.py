@@ -63,7 +63,18 @@ except ImportError:  # pragma: no cover - exercised only without triton
 __all__ = ["PackedActivations", "hadamard_quantize_pack", "hadamard_quantize_pack_reference", "stage_sizes"]
 
 _MAX_ELEMS_PER_PROGRAM = 32768
-AUTO_2D = True  # "auto" takes the permute-free kernel where it applies (set from the H200 measurements)  # padded elements one program holds (registers; 16 warps)
+
+
+def _auto_variant(n: int, lay) -> tuple[str, int | None, int]:
+    """(variant, num_warps, rows_per_program) for variant="auto": the fastest on the H200 (run 3,
+    docs/KERNELS.md): the 2D kernel from 4096 wide, 4 tokens per program except where the padded
+    H_K (256 x 256) leaves no shared memory for that."""
+    if lay is None or n < 4096:
+        return "3d", None, 1
+    r, rp, c = lay
+    if rp * c >= 16384 and r != rp:  # 8960, 11008: 256 x 64 tiles
+        return "2d", 16, 1
+    return "2d", 4 if rp * c <= 8192 else 8, 4  # padded elements one program holds (registers; 16 warps)
 
 
 @dataclass
@@ -351,7 +362,8 @@ def hadamard_quantize_pack(
     to x's dtype before quantizing, as `QLinear` with `OnlineHadamard` does.  Leading dims are
     flattened into tokens.  ``out`` (optional) receives the results (benchmarks poison it).
     ``variant``: "3d" (stages with permutes, any size, several rows per program), "2d" (two plain
-    dots per token, `layout_2d` sizes), "auto" (see `AUTO_2D`).  Scale / zero match the torch
+    dots per token, `layout_2d` sizes), "auto" (`_auto_variant`, which also picks num_warps and
+    rows_per_program).  Scale / zero match the torch
     path on x's device (see `_asym4_qparams`).
     """
     require_triton()
@@ -392,7 +404,10 @@ def hadamard_quantize_pack(
         raise ValueError(f"variant must be auto, 2d or 3d, got {variant!r}")
     if variant == "2d" and lay is None:
         raise ValueError(f"the 2d variant does not support width {n}")
-    if lay is not None and (variant == "2d" or (variant == "auto" and AUTO_2D)):
+    if variant == "auto":
+        variant, auto_warps, rows_per_program = _auto_variant(n, lay)
+        num_warps = num_warps or auto_warps
+    if variant == "2d":
         r, rp, c = lay
         lt, rt = _factor_tensors_2d(n, x.device)
         nw = num_warps or (4 if rp * c <= 4096 else 8 if rp * c <= 8192 else 16)

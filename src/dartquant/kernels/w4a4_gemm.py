@@ -84,13 +84,16 @@ def prepare_weight(codes: torch.Tensor, scale: torch.Tensor) -> PackedWeight:
     )
 
 
-def default_config(m: int, n: int, k: int) -> GemmConfig:
+def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
+    """The configs that measured fastest on the H200 (docs/KERNELS.md, runs 2 and 3)."""
+    big = n * k >= 1 << 26  # e.g. 8192 x 8192 and up: split K to fill the SMs
+    if backend == "gemv":
+        return GemmConfig(1, 16, 512, 4, 1, split_k=8)
+    if m <= 16:
+        return GemmConfig(16, 64, 256, 4, 4, split_k=8) if big else GemmConfig(16, 32, 512, 4, 4)
     if m <= 64:
-        bn = 32 if n >= 4096 else 16
-        return GemmConfig(16 if m <= 16 else 32 if m <= 32 else 64, bn, 512, 4, 4, 1)
-    if m <= 1024:
-        return GemmConfig(128, 128, 128, 8, 4)
-    return GemmConfig(128, 256, 128, 8, 3)
+        return GemmConfig(16, 128, 256, 4, 4)
+    return GemmConfig(256, 128, 128, 8, 3)
 
 
 if triton is not None:
@@ -239,9 +242,9 @@ def _splitk_buffers(m: int, n: int, tiles: int, device, split_k: int):
 
     The kernels leave both zeroed, so they are allocated (and cleared) once.  Not safe for
     concurrent launches on several streams."""
-    if split_k == 1:
-        return _SPLITK_BUFFERS.setdefault(("dummy", str(device)), torch.zeros(1, dtype=torch.int32, device=device)), \
-            _SPLITK_BUFFERS[("dummy", str(device))]
+    if split_k == 1:  # unused by the kernel; any int32 tensor will do
+        dummy = _SPLITK_BUFFERS.setdefault(("dummy", str(device)), torch.zeros(1, dtype=torch.int32, device=device))
+        return dummy, dummy
     key = str(device)
     ws, cnt = _SPLITK_BUFFERS.get(key, (None, None))
     if ws is None or ws.numel() < m * n or cnt.numel() < tiles:
@@ -256,7 +259,7 @@ def w4a4_matmul(
     a_scale: torch.Tensor,
     a_zero: torch.Tensor,
     weight: PackedWeight,
-    backend: str = "int8",
+    backend: str = "auto",
     config: GemmConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -264,18 +267,20 @@ def w4a4_matmul(
 
     a_codes: uint8 [M, K/2] (asymmetric codes, pack_int4 layout); a_scale / a_zero: fp32 [M].
     backend: "int8" (int8 tensor cores, int32 accumulation), "fp8" (e4m3, fp32 per-block promotion)
-    or "gemv" (CUDA cores, int32; M <= 8; config.block_m is the padded M).
+    "gemv" (CUDA cores, int32; M <= 8; config.block_m unused) or "auto" (gemv for M <= 2, else int8).
     """
     require_triton()
-    if backend not in ("int8", "fp8", "gemv"):
-        raise ValueError(f"backend must be 'int8', 'fp8' or 'gemv', got {backend!r}")
+    if backend not in ("auto", "int8", "fp8", "gemv"):
+        raise ValueError(f"backend must be 'auto', 'int8', 'fp8' or 'gemv', got {backend!r}")
     if a_codes.dtype != torch.uint8 or weight.codes.dtype != torch.uint8:
         raise TypeError("a_codes and weight.codes must be packed uint8")
     m, kh = a_codes.shape
     n, kh_w = weight.codes.shape
     if kh != kh_w:
         raise ValueError(f"packed K mismatch: activations {kh}, weight {kh_w}")
-    cfg = config or default_config(m, n, 2 * kh)
+    if backend == "auto":  # the CUDA-core GEMV for one or two tokens, else int8 tensor cores
+        backend = "gemv" if m <= 2 else "int8"
+    cfg = config or default_config(m, n, 2 * kh, backend)
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a_codes.device)
     if m == 0:
