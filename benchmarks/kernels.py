@@ -313,16 +313,19 @@ def main():
     ap.add_argument("--workers", type=int, default=14)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: act,gemm")
     ap.add_argument("--decode-only", action="store_true", help="GEMM rows for decode M only")
+    ap.add_argument("--act-widths", default="", help="comma list: time only these activation widths")
     ap.add_argument("--profile", action="store_true", help="launch each profiled kernel once (run under ncu)")
     args = ap.parse_args()
     if args.profile:
         return profile_launches()
-    global PREFILL_M
+    global PREFILL_M, ACT_WIDTHS
     if args.decode_only:
         PREFILL_M = []
+    if args.act_widths:
+        ACT_WIDTHS = [int(v) for v in args.act_widths.split(",")]
     dev = torch.device("cuda")
     skip = set(filter(None, args.skip.split(",")))
-    global ACT_WIDTHS, LINEARS, DECODE_M
+    global LINEARS, DECODE_M
     if args.quick:
         ACT_WIDTHS = [128, 4096, 11008]
         LINEARS = {k: LINEARS[k] for k in ("L2-7B qkvo", "L2-7B down")}
