@@ -167,3 +167,74 @@ def test_w4a4_linear_equals_fake_quant_linear():
     # the integer part is exact, so only the fp32 epilogue and the bf16 output round: <= 2^-8 relative
     err = (y.double() - y64).abs() / y64.abs().clamp_min(1e-6)
     assert err.max() < 2.0**-8
+
+
+def test_w4a4_linear_module_is_the_fake_quant_qlinear():
+    from torch import nn
+
+    from dartquant.kernels.act_quant import hadamard_quantize_pack_reference as act_ref
+    from dartquant.kernels.linear import W4A4Linear, convert_qlinears_
+    from dartquant.modules import OnlineHadamard, QLinear
+    from dartquant.quant.act import ActQuantizer
+
+    torch.manual_seed(5)
+    n_in, n_out = 192, 40  # 192 = 12 * 16: an online Hadamard with a Paley base
+    lin = nn.Linear(n_in, n_out, bias=True)
+    qt = QuantizedTensor.from_float(lin.weight.detach(), QuantSpec(bits=4, symmetric=True))
+    q = QLinear(lin)
+    q.weight.data = qt.dequantize()
+    q.input_rotation = OnlineHadamard(n_in)
+    q.input_quantizer = ActQuantizer(QuantSpec(bits=4, symmetric=False, clip_ratio=0.9))
+    model = nn.Sequential(nn.Identity(), q).to(torch.bfloat16)
+    x = _activations(6, n_in, seed=6).reshape(2, 3, n_in)
+    y_fake = model(x)  # the fake-quant path, in bf16
+    assert convert_qlinears_(model, {"1": qt}) == ["1"]
+    assert isinstance(model[1], W4A4Linear)
+    y = model(x)
+    assert y.shape == (2, 3, n_out) and y.dtype == torch.bfloat16
+    # exact value of the fake-quant linear on the same (bit-exact) codes, in float64
+    ref = act_ref(x.reshape(-1, n_in), 0.9)
+    codes = unpack_int4(ref.codes, n_in, signed=False).double()
+    xq = (codes - ref.zero.double()[:, None]) * ref.scale.double()[:, None]
+    y64 = (xq @ qt.dequantize().double().T + lin.bias.detach().bfloat16().double()).reshape(2, 3, n_out)
+    assert ((y.double() - y64).abs() <= 2.0**-7 * y64.abs() + 1e-3).all()
+    # and the bf16 fake-quant model differs from it only by its own bf16 rounding
+    assert (y.double() - y_fake.double()).norm() < 1e-2 * y64.norm()
+    # unsupported schemes are refused before anything is replaced
+    q2 = QLinear(nn.Linear(n_in, n_out))
+    q2.input_quantizer = ActQuantizer(QuantSpec(bits=8, symmetric=True))
+    with pytest.raises(ValueError, match="asymmetric per-token"):
+        convert_qlinears_(nn.Sequential(q2), {"0": qt})
+
+
+def test_act_quant_only_any_even_width():
+    x = _activations(5, 576, seed=7)  # smollm2's hidden size: not a power of two
+    got = hadamard_quantize_pack(x, 0.9, rotate=False)
+    ref = hadamard_quantize_pack_reference(x, 0.9, rotate=False)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale)
+    assert torch.equal(got.zero, ref.zero)
+
+
+def test_run_folder_on_the_kernels(tmp_path):
+    """A W4A4 run folder executes with the kernels; logits match the fake-quant model's."""
+    from tiny import save_tiny_folder
+
+    from dartquant.kernels.linear import W4A4Linear, load_w4a4
+    from dartquant.quant.config import QuantConfig
+    from dartquant.quant.pipeline import run_quantize
+    from dartquant.zoo import load_model
+
+    folder = save_tiny_folder(tmp_path / "model")
+    out = tmp_path / "run"
+    cfg = QuantConfig(model=str(folder), method="rtn", w_quantizer="rtn", calib_samples=2, calib_seqlen=16,
+                      eval_seqlen=16, eval_max_windows=1)
+    run_quantize(cfg, out, progress=False, eval_fp=False)
+    fake, _ = load_model(out)
+    model, _ = load_w4a4(out)
+    assert sum(isinstance(m, W4A4Linear) for m in model.modules()) == 14  # 2 layers x 7 linears
+    ids = torch.randint(0, 89, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = fake(ids).logits.double(), model(ids).logits.double()
+    # float32 model: same codes, exact integer dots, fp32 epilogue; the fake path's fp32 GEMM rounding
+    # can still move an activation across a 4-bit rounding boundary in the next layer, rarely
+    assert (a - b).norm() < 1e-3 * a.norm()

@@ -236,7 +236,7 @@ if triton is not None:
     def _hadamard_quant_kernel(
         x_ptr, hk_ptr, s1_ptr, s2_ptr, s3_ptr, codes_ptr, scale_ptr, zero_ptr,
         M, stride_xm, stride_cm, clip_ratio, inv_sqrt_n,
-        K: tl.constexpr, KP: tl.constexpr, P: tl.constexpr,
+        K: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, NCOLS: tl.constexpr,
         F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
         BLOCK_M: tl.constexpr, ROTATE: tl.constexpr, SPLIT_FIRST: tl.constexpr,
         ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
@@ -247,7 +247,8 @@ if triton is not None:
         a = tl.arange(0, KP)
         b = tl.arange(0, P)
         col = a[:, None] * P + b[None, :]  # [KP, P], row-major index of the N = K * P axis
-        valid = (rows[:, None, None] < M) & (a[None, :, None] < K) & (b[None, None, :] < P)
+        # NCOLS < K * P only without rotation (any even width, padded to a power of two)
+        valid = (rows[:, None, None] < M) & (a[None, :, None] < K) & (col[None, :, :] < NCOLS)
         x = tl.load(x_ptr + rows[:, None, None].to(tl.int64) * stride_xm + col[None, :, :],
                     mask=valid, other=0.0).to(tl.float32)  # [BLOCK_M, KP, P]
 
@@ -293,7 +294,7 @@ if triton is not None:
         q_lo, q_hi = tl.split(tl.reshape(q, (BLOCK_M, KP, P // 2, 2)))
         packed = q_lo | (q_hi << 4)
         pcol = a[:, None] * (P // 2) + tl.arange(0, P // 2)[None, :]
-        pvalid = (rows[:, None, None] < M) & (a[None, :, None] < K)
+        pvalid = (rows[:, None, None] < M) & (a[None, :, None] < K) & (pcol[None, :, :] < NCOLS // 2)
         tl.store(codes_ptr + rows[:, None, None].to(tl.int64) * stride_cm + pcol[None, :, :], packed,
                  mask=pvalid)
         tl.store(scale_ptr + rows, scale, mask=rows < M)
@@ -377,10 +378,8 @@ def hadamard_quantize_pack(
     if rotate:
         k, p = hadamard_factorization(n)
         stages = stage_sizes(p)
-    else:  # quantize-only: view N as [1, N_pad]
-        k, p, stages = 1, 1 << (n - 1).bit_length(), (1,)
-        if p != n:
-            raise ValueError(f"rotate=False needs a power-of-two width, got {n}")
+    else:  # quantize-only: view N as [1, N_pad], N_pad the next power of two (masked)
+        k, p, stages = 1, max(2, 1 << (n - 1).bit_length()), (1,)
     kp = 1 << (k - 1).bit_length() if k > 1 else 1
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
@@ -428,7 +427,7 @@ def hadamard_quantize_pack(
     _hadamard_quant_kernel[grid](
         x2, hk, mats[0], mats[1], mats[2], codes, scale, zero,
         m, x2.stride(0), codes.stride(0), float(clip_ratio), 1.0 / math.sqrt(n),
-        K=k, KP=kp, P=p, F1=fs[0], F2=fs[1], F3=fs[2],
+        K=k, KP=kp, P=p, NCOLS=n, F1=fs[0], F2=fs[1], F3=fs[2],
         BLOCK_M=bm, ROTATE=rotate, num_warps=nw, enable_fp_fusion=False, **common,
     )
     return PackedActivations(codes, scale, zero, n)

@@ -99,19 +99,24 @@ def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
 if triton is not None:
 
     @triton.jit
-    def _epilogue_store(acc_i, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n):
-        """y = float(acc - z_a * rowsum(w)) * s_a * s_w -> bf16 (the int part exact, see module doc)."""
+    def _epilogue_store(acc_i, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+                        OUT_F32: tl.constexpr):
+        """y = float(acc - z_a * rowsum(w)) * s_a * s_w -> bf16 or fp32 (the int part exact, see module doc)."""
         za = tl.load(za_ptr + offs_m, mask=mask_m, other=0.0).to(tl.int32)
         wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)
         sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
         sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
         y = ((acc_i - za[:, None] * wsum[None, :]).to(tl.float32) * sa[:, None]) * sw[None, :]
-        tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], round_to_bf16(y).to(tl.bfloat16),
-                 mask=mask_m[:, None] & mask_n[None, :])
+        ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+        if OUT_F32:
+            tl.store(ptrs, y, mask=mask_m[:, None] & mask_n[None, :])
+        else:
+            tl.store(ptrs, round_to_bf16(y).to(tl.bfloat16), mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
     def _splitk_fixup(acc_i, ws_ptr, cnt_ptr, tile, N, SPLIT_K: tl.constexpr,
-                      za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n):
+                      za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+                      OUT_F32: tl.constexpr):
         """Split-K in one launch: int32 partial sums added atomically into a workspace; the last
         program of the tile (per-tile arrival counter) takes the total with an atomic exchange
         against 0 and runs the epilogue, which leaves workspace and counter zeroed for the next
@@ -124,7 +129,8 @@ if triton is not None:
         if arrived == SPLIT_K - 1:
             total = tl.atomic_xchg(ws, tl.zeros_like(acc_i), mask=mask)
             tl.atomic_xchg(cnt_ptr + tile, 0)
-            _epilogue_store(total, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n)
+            _epilogue_store(total, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+                            OUT_F32)
 
     @triton.jit
     def _w4a4_kernel(
@@ -132,6 +138,7 @@ if triton is not None:
         M, N, KH, per_split, stride_am, stride_wn, stride_ym,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
         GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, FP8: tl.constexpr, STATIC_STEPS: tl.constexpr,
+        OUT_F32: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -185,16 +192,17 @@ if triton is not None:
         out_mask = mask_m[:, None] & mask_n[None, :]
         if SPLIT_K > 1:
             _splitk_fixup(acc_i, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
-                          offs_m, offs_n, mask_m, mask_n)
+                          offs_m, offs_n, mask_m, mask_n, OUT_F32)
         else:
-            _epilogue_store(acc_i, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n)
+            _epilogue_store(acc_i, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+                            OUT_F32)
 
     @triton.jit
     def _w4a4_gemv_kernel(
         a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, KH, k_steps, stride_am, stride_wn, stride_ym,
         M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, SPLIT_K: tl.constexpr,
-        STATIC_STEPS: tl.constexpr,
+        STATIC_STEPS: tl.constexpr, OUT_F32: tl.constexpr,
     ):
         """Decode (M <= M_PAD <= 8) on the CUDA cores: weight rows read k-contiguous (16-byte
         loads), int32 products reduced along k per step, the next step's tiles loaded before
@@ -229,9 +237,10 @@ if triton is not None:
             a = a_next
         if SPLIT_K > 1:
             _splitk_fixup(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
-                          offs_m, offs_n, mask_m, mask_n)
+                          offs_m, offs_n, mask_m, mask_n, OUT_F32)
         else:
-            _epilogue_store(acc2, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n)
+            _epilogue_store(acc2, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+                            OUT_F32)
 
 
 _SPLITK_BUFFERS: dict = {}
@@ -263,7 +272,8 @@ def w4a4_matmul(
     config: GemmConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """bf16 [M, N] = dequant(a) @ dequant(w)^T, computed exactly in integers (see module docstring).
+    """[M, N] = dequant(a) @ dequant(w)^T, computed exactly in integers (see module docstring);
+    bf16, or fp32 when ``out`` is an fp32 tensor (the epilogue's value before the bf16 rounding).
 
     a_codes: uint8 [M, K/2] (asymmetric codes, pack_int4 layout); a_scale / a_zero: fp32 [M].
     backend: "int8" (int8 tensor cores, int32 accumulation), "fp8" (e4m3, fp32 per-block promotion)
@@ -283,6 +293,8 @@ def w4a4_matmul(
     cfg = config or default_config(m, n, 2 * kh, backend)
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a_codes.device)
+    if out.dtype not in (torch.bfloat16, torch.float32) or out.shape != (m, n) or out.stride(1) != 1:
+        raise ValueError(f"out must be a row-major bf16 or fp32 [{m}, {n}] tensor")
     if m == 0:
         return out
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -296,7 +308,7 @@ def w4a4_matmul(
             a_codes, weight.codes, a_scale, a_zero, weight.scale, weight.rowsum, out, ws, cnt,
             m, n, kh, steps, a_codes.stride(0), weight.codes.stride(0), out.stride(0),
             M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2, SPLIT_K=cfg.split_k,
-            STATIC_STEPS=steps if interpret else 0,
+            STATIC_STEPS=steps if interpret else 0, OUT_F32=out.dtype == torch.float32,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         )
         return out
@@ -308,7 +320,7 @@ def w4a4_matmul(
         m, n, kh, per_split, a_codes.stride(0), weight.codes.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2,
         GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, FP8=backend == "fp8",
-        STATIC_STEPS=per_split if interpret else 0,
+        STATIC_STEPS=per_split if interpret else 0, OUT_F32=out.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
     return out
