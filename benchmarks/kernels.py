@@ -156,7 +156,6 @@ def ceilings(dev):
     y = torch.empty_like(x)
     t = bench(lambda: y.copy_(x))
     out["copy_TBps"] = 2 * x.numel() * 2 / t / 1e9
-    del x, y
     n = 8192
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)

@@ -17,11 +17,14 @@ Design choices:
   ``[BLOCK_M, KP, P]`` with ``N = K * P``, ``KP`` = K padded to a power of two because Triton
   tensors have power-of-two shapes; padded rows of H_K are zero so padding stays zero and does
   not move min/max, which are widened to contain 0 anyway).
-* **Hadamard on tensor cores, HadaCore style.**  ``H_N = H_K (x) S_F1 (x) S_F2 (x) S_F3`` with
-  Sylvester blocks ``S_F`` (16 <= F <= 128: `tl.dot` needs K >= 16).  Each factor is one `tl.dot`
-  on the axis it acts on; as in `hadamard._transform` the contracted axis is rotated to the front
-  after each power-of-two stage, so after all stages the order is natural again.  H_K is applied
-  first, on the raw input, so the expensive dense factor runs once (not split, below).
+* **Hadamard on tensor cores, HadaCore style, two layouts.**  ``H_N = H_K (x) S_F1 (x) S_F2 (x)
+  S_F3`` with Sylvester blocks ``S_F`` (16 <= F <= 128: `tl.dot` needs K >= 16).  "3d": each
+  factor is one `tl.dot` on the axis it acts on; as in `hadamard._transform` the contracted axis
+  is rotated to the front after each power-of-two stage (a permute: a shared-memory layout
+  conversion), so after all stages the order is natural again.  "2d": a token as a 2D tile X,
+  ``x @ (L (x) S) = L^T X S``: two plain dots, no permutes (widths `layout_2d` accepts; 1.2-1.7x
+  faster on the H200).  H_K (or L) is applied first, on the raw input, so the expensive dense
+  factor runs once (not split, below).
 * **Precision: fp16 hi/lo split with a power-of-two row prescale.**  Entries of H are +-1, so
   the products are exact; only the representation of the operand rounds.  Each row is scaled by
   a power of two so that max|x| < 1 (exact); a bf16 / fp16 input is then exact in fp16 (except
@@ -33,10 +36,12 @@ Design choices:
 * **Quantization is bit-exact with `primitives`.**  Same expressions in the same order (fp32):
   ``lo = min(x, 0) * clip; scale = (max(x, 0) * clip - lo) / 15``, zero point rounded half up,
   ``round(x / scale + zero)`` half to even, IEEE division (`div_rn`) and no FMA contraction
-  (``enable_fp_fusion=False``).  Given the same rotated values the codes are identical; the
+  (``enable_fp_fusion=False``); ``/ 15`` as PyTorch computes it on x's device (`_asym4_qparams`).  Given the same rotated values the codes are identical; the
   Hadamard itself differs from the torch one only by fp32 summation order, which can flip a
   code by one where a value sits on a rounding boundary (measured in the tests / benchmark).
 * Codes are packed like `pack_int4` (element 2i in the low nibble), scale / zero are fp32 [M].
+* Speed on the H200 (docs/KERNELS.md): 6-37 % of copy bandwidth, instruction-bound; the quantize
+  + pack part alone reaches about half of copy bandwidth.
 """
 
 from __future__ import annotations

@@ -189,7 +189,6 @@ if triton is not None:
             a_ptrs += BLOCK_KH
             w_ptrs += BLOCK_KH
         acc_i = acc.to(tl.int32)
-        out_mask = mask_m[:, None] & mask_n[None, :]
         if SPLIT_K > 1:
             _splitk_fixup(acc_i, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
                           offs_m, offs_n, mask_m, mask_n, OUT_F32)
