@@ -1,0 +1,35 @@
+"""Triton kernels for a real W4A4 forward on Hopper (H100 / H200), each beside its torch reference.
+
+* `act_quant.hadamard_quantize_pack`: online Hadamard (H_k (x) H_{2^m}, the same matrix as
+  `dartquant.hadamard.fast_hadamard_transform`) fused with per-token asymmetric 4-bit
+  quantization and packing, two codes per byte: one read of x, one write of codes + scale/zero.
+* `w4a4_gemm.w4a4_matmul`: packed 4-bit activations x packed 4-bit weights with exact integer
+  accumulation on INT8 (int32 accumulators) or FP8 e4m3 tensor cores (fp32 accumulators promoted
+  per K block), scales and the activation zero point applied in the epilogue, bf16 out.
+
+Codes and packing follow `dartquant.quant.primitives` (QuantSpec, quantize, pack_int4), so a
+weight packed by the checkpoint writer (`QuantizedTensor.to_state_dict`) is read as is.
+
+Triton is an optional dependency (extra `kernels`); importing this package without it works,
+calling a kernel raises a clear error. On a machine without a GPU the kernels run through
+Triton's interpreter (TRITON_INTERPRET=1), which is how the tests check them on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+__all__ = ["triton_available", "require_triton"]
+
+
+def triton_available() -> bool:
+    """Whether the `triton` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def require_triton() -> None:
+    """Raise ImportError with the install hint when Triton is missing."""
+    if not triton_available():
+        raise ImportError(
+            "dartquant.kernels needs Triton: pip install 'dartquant[kernels]' (or pip install triton)"
+        )

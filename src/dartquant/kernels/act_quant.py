@@ -1,0 +1,449 @@
+"""Fused online Hadamard + per-token asymmetric 4-bit quantization + packing (one Triton kernel).
+
+What it computes, per row (token) of ``x [M, N]``, with ``clip = clip_ratio``:
+
+    r      = round_to_input_dtype(x @ hadamard_matrix(N))          # the fake-quant path's value
+    scale, zero = compute_qparams(r, QuantSpec(4, symmetric=False, clip_ratio=clip))
+    codes  = pack_int4(quantize(r, scale, zero, spec))             # uint8 [M, N / 2]
+
+i.e. exactly what `QLinear` does today with an `OnlineHadamard` rotation and a per-token
+asymmetric 4-bit input quantizer, but writing integer codes instead of dequantized floats.
+`hadamard_quantize_pack_reference` is that torch composition, beside the kernel.
+
+Design choices:
+
+* **One program holds whole rows.**  Per-token min/max needs the full rotated row before the
+  first code is written, so a program loads ``BLOCK_M`` complete rows (viewed as
+  ``[BLOCK_M, KP, P]`` with ``N = K * P``, ``KP`` = K padded to a power of two because Triton
+  tensors have power-of-two shapes; padded rows of H_K are zero so padding stays zero and does
+  not move min/max, which are widened to contain 0 anyway).
+* **Hadamard on tensor cores, HadaCore style, two layouts.**  ``H_N = H_K (x) S_F1 (x) S_F2 (x)
+  S_F3`` with Sylvester blocks ``S_F`` (16 <= F <= 128: `tl.dot` needs K >= 16).  "3d": each
+  factor is one `tl.dot` on the axis it acts on; as in `hadamard._transform` the contracted axis
+  is rotated to the front after each power-of-two stage (a permute: a shared-memory layout
+  conversion), so after all stages the order is natural again.  "2d": a token as a 2D tile X,
+  ``x @ (L (x) S) = L^T X S``: two plain dots, no permutes (widths `layout_2d` accepts; 1.2-1.7x
+  faster on the H200).  H_K (or L) is applied first, on the raw input, so the expensive dense
+  factor runs once (not split, below).
+* **Precision: fp16 hi/lo split with a power-of-two row prescale.**  Entries of H are +-1, so
+  the products are exact; only the representation of the operand rounds.  Each row is scaled by
+  a power of two so that max|x| < 1 (exact); a bf16 / fp16 input is then exact in fp16 (except
+  values below 2^-17 of the row maximum) and the first stage is a single fp16 dot; later stages
+  see fp32 partial sums, split as ``hi = fp16(y)``, ``lo = fp16(y - hi)`` (22 significant bits)
+  and run as two dots with fp32 accumulation.  The growth through the stages is at most N <= 2^15
+  and fits fp16's range.  (bf16 dots would lose 16 bits; Triton's "tf32x3" costs 3 dots at half
+  rate; the interpreter cannot run bf16 dots at all.)
+* **Quantization is bit-exact with `primitives`.**  Same expressions in the same order (fp32):
+  ``lo = min(x, 0) * clip; scale = (max(x, 0) * clip - lo) / 15``, zero point rounded half up,
+  ``round(x / scale + zero)`` half to even, IEEE division (`div_rn`) and no FMA contraction
+  (``enable_fp_fusion=False``); ``/ 15`` as PyTorch computes it on x's device (`_asym4_qparams`).  Given the same rotated values the codes are identical; the
+  Hadamard itself differs from the torch one only by fp32 summation order, which can flip a
+  code by one where a value sits on a rounding boundary (measured in the tests / benchmark).
+* Codes are packed like `pack_int4` (element 2i in the low nibble), scale / zero are fp32 [M].
+* Speed on the H200 (docs/KERNELS.md): 6-37 % of copy bandwidth, instruction-bound; the quantize
+  + pack part alone reaches about half of copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..hadamard import _base_matrix, fast_hadamard_transform, hadamard_factorization
+from ..quant.primitives import QuantSpec, compute_qparams, pack_int4, quantize
+from . import require_triton
+from ._triton_utils import round_half_even, round_to_bf16
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = tl = libdevice = None
+
+__all__ = ["PackedActivations", "hadamard_quantize_pack", "hadamard_quantize_pack_reference", "stage_sizes"]
+
+_MAX_ELEMS_PER_PROGRAM = 32768
+
+
+def _auto_variant(n: int, lay) -> tuple[str, int | None, int]:
+    """(variant, num_warps, rows_per_program) for variant="auto": the fastest on the H200 (run 3,
+    docs/KERNELS.md): the 2D kernel from 4096 wide, 4 tokens per program except where the padded
+    H_K (256 x 256) leaves no shared memory for that."""
+    if lay is None or n < 4096:
+        return "3d", None, 1
+    r, rp, c = lay
+    if rp * c >= 16384 and r != rp:  # 8960, 11008: 256 x 64 tiles
+        return "2d", 16, 1
+    return "2d", 4 if rp * c <= 8192 else 8, 4  # padded elements one program holds (registers; 16 warps)
+
+
+@dataclass
+class PackedActivations:
+    """Per-token asymmetric 4-bit activations: codes packed two per byte, fp32 scale / zero."""
+
+    codes: torch.Tensor  # uint8 [M, N / 2]
+    scale: torch.Tensor  # float32 [M]
+    zero: torch.Tensor  # float32 [M], integers in [0, 15]
+    n: int  # unpacked width N
+
+
+def stage_sizes(p: int) -> tuple[int, ...]:
+    """Split the Sylvester order p = 2**m into blocks 2**a with 4 <= a <= 7, few and balanced."""
+    m = p.bit_length() - 1
+    if p != 1 << m or m < 4:
+        raise ValueError(f"power-of-two factor {p} of the Hadamard size must be >= 16 for the kernel")
+    t = max(1, m // 4)
+    q, r = divmod(m, t)
+    parts = [q + (i < r) for i in range(t)]
+    if max(parts) > 7 or len(parts) > 3:
+        raise ValueError(f"power-of-two factor {p} is too large for the kernel (at most 2**15)")
+    return tuple(1 << a for a in parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _factor_tensors(n: int, device: torch.device):
+    """(H_K padded to KP x KP, [S_F ...]) as fp16 tensors of +-1 on `device`."""
+    k, p = hadamard_factorization(n)
+    kp = 1 << (k - 1).bit_length() if k > 1 else 1
+    hk = torch.zeros(max(kp, 1), max(kp, 1), dtype=torch.float16)
+    hk[:k, :k] = torch.from_numpy(_base_matrix(k).astype("float32"))
+    sylv = []
+    for f in stage_sizes(p):
+        h = torch.ones(1, 1)
+        while h.shape[0] < f:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        sylv.append(h.to(device=device, dtype=torch.float16).contiguous())
+    return hk.to(device).contiguous(), sylv
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pow2_stage(y, s_ptr, R: tl.constexpr, L: tl.constexpr, F: tl.constexpr, SPLIT: tl.constexpr):
+        """[R, L] fp32 -> contract the last log2(F) index bits with S_F, rotate them to the front."""
+        y = tl.reshape(y, (R * (L // F), F))
+        f = tl.arange(0, F)
+        s = tl.load(s_ptr + f[:, None] * F + f[None, :])
+        hi = y.to(tl.float16)
+        z = tl.dot(hi, s, out_dtype=tl.float32)
+        if SPLIT:
+            lo = (y - hi.to(tl.float32)).to(tl.float16)
+            z = tl.dot(lo, s, z, out_dtype=tl.float32)
+        z = tl.reshape(z, (R, L // F, F))
+        z = tl.permute(z, (0, 2, 1))
+        return tl.reshape(z, (R, L))
+
+    @triton.jit
+    def _asym4_qparams(xmin, xmax, clip_ratio, RECIP: tl.constexpr):
+        """primitives._qparams_from_stats for 4-bit asymmetric, same fp32 expressions and order.
+
+        RECIP: ``/ 15`` as a multiplication by fp32(1/15), which is what PyTorch's CUDA division by
+        a Python scalar computes (its CPU path divides); chosen to match the torch path on the
+        device the kernel runs on."""
+        xmin = tl.minimum(xmin, 0.0)
+        xmax = tl.maximum(xmax, 0.0)
+        lo = xmin * clip_ratio
+        if RECIP:
+            scale = (xmax * clip_ratio - lo) * (1.0 / 15.0)
+        else:
+            scale = tl.math.div_rn(xmax * clip_ratio - lo, tl.full(lo.shape, 15.0, tl.float32))
+        scale = tl.where(scale > 0, scale, 1.0)
+        f = tl.math.div_rn(-lo, scale)
+        fl = tl.math.floor(f)
+        zero = fl + ((f - fl) >= 0.5).to(tl.float32)  # half up, as primitives
+        zero = tl.minimum(tl.maximum(zero, 0.0), 15.0)
+        return scale, zero
+
+    @triton.jit
+    def _codes(y, scale, zero, USE_RINT: tl.constexpr):
+        """round(y / scale + zero) half to even, clamped to [0, 15], uint8 (broadcast scale / zero).
+
+        USE_RINT: one cvt.rni instruction (compiled); else the exact floor-based helper (interpreter)."""
+        v = tl.math.div_rn(y, scale) + zero
+        if USE_RINT:
+            r = libdevice.rint(v)
+        else:
+            r = round_half_even(v)
+        return tl.minimum(tl.maximum(r, 0.0), 15.0).to(tl.uint8)
+
+    @triton.jit
+    def _prescale(amax):
+        """Powers of two (pre, post = 1 / pre) with amax * pre < 1: exact scalings."""
+        e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        pre = ((253 - e) << 23).to(tl.float32, bitcast=True)
+        post = ((e + 1) << 23).to(tl.float32, bitcast=True)
+        return pre, post
+
+    @triton.jit
+    def _split_dot(a, b, acc, A_IS_DATA: tl.constexpr, SPLIT: tl.constexpr):
+        """acc + a @ b with the fp32 data operand as fp16 hi (+ lo when SPLIT); H operand fp16 +-1."""
+        if A_IS_DATA:
+            hi = a.to(tl.float16)
+            acc = tl.dot(hi, b, acc, out_dtype=tl.float32)
+            if SPLIT:
+                acc = tl.dot((a - hi.to(tl.float32)).to(tl.float16), b, acc, out_dtype=tl.float32)
+        else:
+            hi = b.to(tl.float16)
+            acc = tl.dot(a, hi, acc, out_dtype=tl.float32)
+            if SPLIT:
+                acc = tl.dot(a, (b - hi.to(tl.float32)).to(tl.float16), acc, out_dtype=tl.float32)
+        return acc
+
+    @triton.jit
+    def _hadamard_quant_2d_kernel(
+        x_ptr, left_ptr, right_ptr, codes_ptr, scale_ptr, zero_ptr,
+        M, stride_xm, stride_cm, clip_ratio, inv_sqrt_n,
+        R: tl.constexpr, RP: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
+        SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
+        USE_RINT: tl.constexpr,
+    ):
+        """One token at a time as a 2D tile X [RP, C] (feature n = r * C + c, rows r >= R padded):
+        x @ (L (x) S_C) = L^T X S_C, two plain dots and no permutes (L = H_K, or S_R when N is a
+        power of two).  `left_ptr` holds L^T padded to [RP, RP]; ROWS tokens per program."""
+        pid = tl.program_id(0)
+        r = tl.arange(0, RP)
+        c = tl.arange(0, C)
+        offs = r[:, None] * C + c[None, :]
+        pr = tl.arange(0, RP)
+        lt = tl.load(left_ptr + pr[:, None] * RP + pr[None, :])
+        rt = tl.load(right_ptr + c[:, None] * C + c[None, :])
+        poffs = r[:, None] * (C // 2) + tl.arange(0, C // 2)[None, :]
+        for i in range(ROWS):
+            row = pid * ROWS + i
+            valid = (r[:, None] < R) & (c[None, :] < C) & (row < M)
+            x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs, mask=valid, other=0.0).to(tl.float32)
+            pre, post = _prescale(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+            y = x * pre
+            # left factor first, on the (exact in fp16) input; then the right one, split
+            y = _split_dot(lt, y, tl.zeros((RP, C), dtype=tl.float32), False, SPLIT_FIRST)
+            y = _split_dot(y, rt, tl.zeros((RP, C), dtype=tl.float32), True, True)
+            y = (y * post) * inv_sqrt_n
+            if ROUND_BF16:
+                y = round_to_bf16(y)
+            if ROUND_FP16:
+                y = y.to(tl.float16).to(tl.float32)
+            y = tl.where(valid, y, 0.0)
+            scale, zero = _asym4_qparams(tl.min(tl.min(y, axis=1), axis=0), tl.max(tl.max(y, axis=1), axis=0),
+                                         clip_ratio, RECIP)
+            q = _codes(y, scale, zero, USE_RINT)
+            q_lo, q_hi = tl.split(tl.reshape(q, (RP, C // 2, 2)))
+            tl.store(codes_ptr + row.to(tl.int64) * stride_cm + poffs, q_lo | (q_hi << 4),
+                     mask=(r[:, None] < R) & (row < M))
+            tl.store(scale_ptr + row, scale, mask=row < M)
+            tl.store(zero_ptr + row, zero, mask=row < M)
+
+    @triton.jit
+    def _hadamard_quant_kernel(
+        x_ptr, hk_ptr, s1_ptr, s2_ptr, s3_ptr, codes_ptr, scale_ptr, zero_ptr,
+        M, stride_xm, stride_cm, clip_ratio, inv_sqrt_n,
+        K: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, NCOLS: tl.constexpr,
+        F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
+        BLOCK_M: tl.constexpr, ROTATE: tl.constexpr, SPLIT_FIRST: tl.constexpr,
+        ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
+        USE_RINT: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        a = tl.arange(0, KP)
+        b = tl.arange(0, P)
+        col = a[:, None] * P + b[None, :]  # [KP, P], row-major index of the N = K * P axis
+        # NCOLS < K * P only without rotation (any even width, padded to a power of two)
+        valid = (rows[:, None, None] < M) & (a[None, :, None] < K) & (col[None, :, :] < NCOLS)
+        x = tl.load(x_ptr + rows[:, None, None].to(tl.int64) * stride_xm + col[None, :, :],
+                    mask=valid, other=0.0).to(tl.float32)  # [BLOCK_M, KP, P]
+
+        if ROTATE:
+            # power-of-two row prescale: max |y| < 1, exact, undone at the end
+            pre, post = _prescale(tl.max(tl.max(tl.abs(x), axis=2), axis=1))
+            y = x * pre[:, None, None]
+            first_split = SPLIT_FIRST
+            if KP > 1:
+                # H_K on the K axis: [BM, KP, P] -> [BM * P, KP] @ H_K -> back
+                ka = tl.arange(0, KP)
+                hk = tl.load(hk_ptr + ka[:, None] * KP + ka[None, :])
+                t = tl.reshape(tl.permute(y, (0, 2, 1)), (BLOCK_M * P, KP))
+                hi = t.to(tl.float16)
+                z = tl.dot(hi, hk, out_dtype=tl.float32)
+                if SPLIT_FIRST:
+                    z = tl.dot((t - hi.to(tl.float32)).to(tl.float16), hk, z, out_dtype=tl.float32)
+                y = tl.permute(tl.reshape(z, (BLOCK_M, P, KP)), (0, 2, 1))
+                first_split = True
+            y = tl.reshape(y, (BLOCK_M * KP, P))
+            y = _pow2_stage(y, s3_ptr, BLOCK_M * KP, P, F3, first_split)
+            if F2 > 1:
+                y = _pow2_stage(y, s2_ptr, BLOCK_M * KP, P, F2, True)
+            if F1 > 1:
+                y = _pow2_stage(y, s1_ptr, BLOCK_M * KP, P, F1, True)
+            y = tl.reshape(y, (BLOCK_M, KP, P))
+            y = (y * post[:, None, None]) * inv_sqrt_n
+            # the fake-quant path rounds the rotated activations to the model dtype
+            if ROUND_BF16:
+                y = round_to_bf16(y)
+            if ROUND_FP16:
+                y = y.to(tl.float16).to(tl.float32)
+        else:
+            y = x
+        y = tl.where(valid, y, 0.0)
+
+        xmin = tl.min(tl.min(y, axis=2), axis=1)
+        xmax = tl.max(tl.max(y, axis=2), axis=1)
+        scale, zero = _asym4_qparams(xmin, xmax, clip_ratio, RECIP)
+
+        q = _codes(y, tl.broadcast_to(scale[:, None, None], y.shape), zero[:, None, None], USE_RINT)
+        # pack: element 2i -> low nibble, 2i + 1 -> high nibble (pack_int4)
+        q_lo, q_hi = tl.split(tl.reshape(q, (BLOCK_M, KP, P // 2, 2)))
+        packed = q_lo | (q_hi << 4)
+        pcol = a[:, None] * (P // 2) + tl.arange(0, P // 2)[None, :]
+        pvalid = (rows[:, None, None] < M) & (a[None, :, None] < K) & (pcol[None, :, :] < NCOLS // 2)
+        tl.store(codes_ptr + rows[:, None, None].to(tl.int64) * stride_cm + pcol[None, :, :], packed,
+                 mask=pvalid)
+        tl.store(scale_ptr + rows, scale, mask=rows < M)
+        tl.store(zero_ptr + rows, zero, mask=rows < M)
+
+
+def _launch_params(kp: int, p: int, m: int, num_warps: int | None, block_m: int | None):
+    elems = kp * p
+    if elems > _MAX_ELEMS_PER_PROGRAM:
+        raise ValueError(f"row of {elems} padded elements is too wide for one program (max {_MAX_ELEMS_PER_PROGRAM})")
+    if block_m is None:
+        block_m = max(1, min(64, 4096 // elems))
+        block_m = min(block_m, 1 << max(0, (m - 1).bit_length()))
+    if num_warps is None:
+        num_warps = 4 if block_m * elems <= 4096 else 8 if block_m * elems <= 8192 else 16
+    return block_m, num_warps
+
+
+def _sylvester16(f: int, device) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < f:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h.to(device=device, dtype=torch.float16).contiguous()
+
+
+def layout_2d(n: int) -> tuple[int, int, int] | None:
+    """(R, RP, C) of the permute-free kernel for width n, or None where it does not apply.
+
+    N = K * P with K > 1 and 16 <= P <= 128: X [K, P], left H_K, right S_P.  N = 2^m with
+    8 <= m <= 14: X [2^(m//2), 2^(m - m//2)], left and right Sylvester."""
+    k, p = hadamard_factorization(n)
+    if k > 1 and 16 <= p <= 128:
+        return k, 1 << (k - 1).bit_length(), p
+    m = p.bit_length() - 1
+    if k == 1 and 8 <= m <= 14:
+        return 1 << (m // 2), 1 << (m // 2), 1 << (m - m // 2)
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _factor_tensors_2d(n: int, device: torch.device):
+    """(L^T padded to [RP, RP], S_C) as fp16 +-1 for `layout_2d(n)`."""
+    k, p = hadamard_factorization(n)
+    r, rp, c = layout_2d(n)
+    lt = torch.zeros(rp, rp, dtype=torch.float16)
+    if k > 1:
+        lt[:k, :k] = torch.from_numpy(_base_matrix(k).T.astype("float32"))
+    else:
+        lt = _sylvester16(rp, "cpu")  # symmetric
+    return lt.to(device).contiguous(), _sylvester16(c, device)
+
+
+def hadamard_quantize_pack(
+    x: torch.Tensor,
+    clip_ratio: float = 1.0,
+    rotate: bool = True,
+    num_warps: int | None = None,
+    block_m: int | None = None,
+    out: PackedActivations | None = None,
+    variant: str = "auto",
+    rows_per_program: int = 1,
+) -> PackedActivations:
+    """x [..., N] (bf16 / fp16 / fp32) -> per-token 4-bit codes of ``x @ hadamard_matrix(N)``.
+
+    ``rotate=False`` skips the Hadamard (quantize + pack only).  The rotated values are rounded
+    to x's dtype before quantizing, as `QLinear` with `OnlineHadamard` does.  Leading dims are
+    flattened into tokens.  ``out`` (optional) receives the results (benchmarks poison it).
+    ``variant``: "3d" (stages with permutes, any size, several rows per program), "2d" (two plain
+    dots per token, `layout_2d` sizes), "auto" (`_auto_variant`, which also picks num_warps and
+    rows_per_program).  Scale / zero match the torch
+    path on x's device (see `_asym4_qparams`).
+    """
+    require_triton()
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"hadamard_quantize_pack needs a bf16 / fp16 / fp32 tensor, got {x.dtype}")
+    if not 0.0 < clip_ratio <= 1.0:
+        raise ValueError(f"clip_ratio={clip_ratio} must be in (0, 1]")
+    n = x.shape[-1]
+    if n % 2:
+        raise ValueError(f"last dimension {n} must be even to pack two 4-bit codes per byte")
+    if rotate:
+        k, p = hadamard_factorization(n)
+        stages = stage_sizes(p)
+    else:  # quantize-only: view N as [1, N_pad], N_pad the next power of two (masked)
+        k, p, stages = 1, max(2, 1 << (n - 1).bit_length()), (1,)
+    kp = 1 << (k - 1).bit_length() if k > 1 else 1
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if out is not None:
+        codes, scale, zero = out.codes, out.scale, out.zero
+        if codes.shape != (m, n // 2) or scale.shape != (m,) or zero.shape != (m,):
+            raise ValueError("out has the wrong shapes")
+    else:
+        codes = torch.empty(m, n // 2, dtype=torch.uint8, device=x.device)
+        scale = torch.empty(m, dtype=torch.float32, device=x.device)
+        zero = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return PackedActivations(codes, scale, zero, n)
+    common = dict(SPLIT_FIRST=x.dtype == torch.float32, ROUND_BF16=rotate and x.dtype == torch.bfloat16,
+                  ROUND_FP16=rotate and x.dtype == torch.float16, RECIP=x.is_cuda,
+                  USE_RINT=os.environ.get("TRITON_INTERPRET") != "1")
+    lay = layout_2d(n) if rotate else None
+    if variant not in ("auto", "2d", "3d"):
+        raise ValueError(f"variant must be auto, 2d or 3d, got {variant!r}")
+    if variant == "2d" and lay is None:
+        raise ValueError(f"the 2d variant does not support width {n}")
+    if variant == "auto":
+        variant, auto_warps, rows_per_program = _auto_variant(n, lay)
+        num_warps = num_warps or auto_warps
+    if variant == "2d":
+        r, rp, c = lay
+        lt, rt = _factor_tensors_2d(n, x.device)
+        nw = num_warps or (4 if rp * c <= 4096 else 8 if rp * c <= 8192 else 16)
+        _hadamard_quant_2d_kernel[(triton.cdiv(m, rows_per_program),)](
+            x2, lt, rt, codes, scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
+            1.0 / math.sqrt(n), R=r, RP=rp, C=c, ROWS=rows_per_program, num_warps=nw,
+            enable_fp_fusion=False, **common,
+        )
+        return PackedActivations(codes, scale, zero, n)
+    hk, sylv = _factor_tensors(n, x.device) if rotate else (torch.zeros(1, 1, device=x.device), [])
+    fs = list(stages) if rotate else []
+    while len(fs) < 3:
+        fs.insert(0, 1)
+    mats = [None] * (3 - len(sylv)) + list(sylv)
+    mats = [t if t is not None else hk for t in mats]
+    bm, nw = _launch_params(kp, p, m, num_warps, block_m)
+    grid = (triton.cdiv(m, bm),)
+    _hadamard_quant_kernel[grid](
+        x2, hk, mats[0], mats[1], mats[2], codes, scale, zero,
+        m, x2.stride(0), codes.stride(0), float(clip_ratio), 1.0 / math.sqrt(n),
+        K=k, KP=kp, P=p, NCOLS=n, F1=fs[0], F2=fs[1], F3=fs[2],
+        BLOCK_M=bm, ROTATE=rotate, num_warps=nw, enable_fp_fusion=False, **common,
+    )
+    return PackedActivations(codes, scale, zero, n)
+
+
+def hadamard_quantize_pack_reference(x: torch.Tensor, clip_ratio: float = 1.0, rotate: bool = True) -> PackedActivations:
+    """The torch composition the kernel implements (see the module docstring)."""
+    n = x.shape[-1]
+    r = fast_hadamard_transform(x) if rotate else x
+    r = r.reshape(-1, n)
+    spec = QuantSpec(bits=4, symmetric=False, clip_ratio=clip_ratio)
+    scale, zero = compute_qparams(r, spec)
+    codes = quantize(r, scale, zero, spec)
+    return PackedActivations(pack_int4(codes), scale.reshape(-1).float(), zero.reshape(-1).float(), n)

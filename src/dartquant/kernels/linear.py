@@ -1,0 +1,121 @@
+"""`W4A4Linear`: a `QLinear` executed on the Triton kernels, with real 4-bit operands.
+
+    y = w4a4_matmul(hadamard_quantize_pack(x)) + bias        (bf16 out)
+
+Built from a `QLinear` (its online Hadamard, if any, and its `ActQuantizer`) and the weight's
+`QuantizedTensor` (integer codes and scales, as the checkpoint stores them: the fake-quant model
+only keeps dequantized floats, from which the codes are not recoverable in general).  Only the
+W4A4 scheme of the papers is supported: weights 4-bit symmetric per output channel, activations
+4-bit asymmetric per token; anything else raises before any work.
+
+Its output equals the fake-quant `QLinear` evaluated exactly: the codes are bit-exact
+(`act_quant`), the integer dot is exact (`w4a4_gemm`), and only the fp32 epilogue and the bf16
+output round (<= 2^-8 relative of the float64 value; tests/test_kernels.py).  The fake-quant
+QLinear itself computes in the model dtype, so in bf16 the two differ by bf16 GEMM rounding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..modules import OnlineHadamard, QLinear
+from ..quant.primitives import QuantizedTensor
+from .act_quant import hadamard_quantize_pack
+from .w4a4_gemm import prepare_weight, w4a4_matmul
+
+__all__ = ["W4A4Linear", "convert_qlinears_", "load_w4a4"]
+
+
+def _check_scheme(q: QLinear, qt: QuantizedTensor, name: str) -> tuple[bool, float]:
+    ws = qt.spec
+    if (ws.bits, ws.symmetric, ws.group_size) != (4, True, None):
+        raise ValueError(f"{name}: the kernels need 4-bit symmetric per-channel weights, got {ws}")
+    if tuple(qt.shape) != (q.out_features, q.in_features):
+        raise ValueError(f"{name}: weight codes of shape {tuple(qt.shape)} for a {q.out_features}x{q.in_features} linear")
+    aq = q.input_quantizer
+    spec = getattr(aq, "spec", None)
+    if spec is None or (spec.bits, spec.symmetric, spec.group_size) != (4, False, None) or spec.mse_search:
+        raise ValueError(f"{name}: the kernels need a 4-bit asymmetric per-token input quantizer, got {spec}")
+    rot = q.input_rotation
+    if rot is not None and not isinstance(rot, OnlineHadamard):
+        raise ValueError(f"{name}: only an OnlineHadamard input rotation runs in the kernel, got {type(rot).__name__}")
+    if q.in_features % 2:
+        raise ValueError(f"{name}: in_features={q.in_features} must be even (two codes per byte)")
+    if rot is not None:
+        from ..hadamard import hadamard_factorization
+        from .act_quant import stage_sizes
+
+        stage_sizes(hadamard_factorization(rot.n)[1])  # raises for sizes the kernel cannot do
+    return rot is not None, spec.clip_ratio
+
+
+class W4A4Linear(nn.Module):
+    """Packed 4-bit weight + the Triton activation kernel and GEMM (see the module docstring)."""
+
+    def __init__(self, q: QLinear, qt: QuantizedTensor, name: str = "linear", backend: str = "auto"):
+        super().__init__()
+        self.rotate, self.clip_ratio = _check_scheme(q, qt, name)
+        self.in_features, self.out_features = q.in_features, q.out_features
+        self.backend = backend
+        w = prepare_weight(qt.codes.to(torch.int8), qt.scale.reshape(-1))
+        self.register_buffer("codes", w.codes)
+        self.register_buffer("scale", w.scale)
+        self.register_buffer("rowsum", w.rowsum)
+        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .w4a4_gemm import PackedWeight
+
+        lead = x.shape[:-1]
+        act = hadamard_quantize_pack(x.reshape(-1, self.in_features), self.clip_ratio, rotate=self.rotate)
+        w = PackedWeight(self.codes, self.scale, self.rowsum, self.in_features)
+        # fp32 models get the epilogue's fp32 value; others bf16 (the fast path)
+        out = torch.empty(act.codes.shape[0], self.out_features, device=x.device,
+                          dtype=torch.float32 if x.dtype in (torch.float32, torch.float64) else torch.bfloat16)
+        y = w4a4_matmul(act.codes, act.scale, act.zero, w, self.backend, out=out)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, W4 sym per-channel, "
+                f"A4 asym per-token clip {self.clip_ratio}, hadamard={self.rotate}, backend={self.backend}")
+
+
+def convert_qlinears_(model: nn.Module, qtensors: dict[str, QuantizedTensor], backend: str = "auto") -> list[str]:
+    """Replace every QLinear named in `qtensors` (module name -> weight codes) by a W4A4Linear.
+
+    All QLinears are checked before the first one is replaced.  Returns the converted names."""
+    targets = {name: m for name, m in model.named_modules() if isinstance(m, QLinear) and name in qtensors}
+    missing = sorted(set(qtensors) - set(targets))
+    if missing:
+        raise ValueError(f"no QLinear named {missing[:5]} in the model")
+    new = {name: W4A4Linear(q, qtensors[name], name, backend) for name, q in targets.items()}
+    for name, module in new.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+    return sorted(new)
+
+
+def load_w4a4(folder, device="cpu", backend: str = "auto"):
+    """(model, tokenizer) of a quantized output folder with its 4-bit linears on the kernels.
+
+    Loads the folder as `zoo.load_model` does (the fake-quant model: online rotations,
+    quantizers), then swaps every QLinear whose codes are in ``quantized.safetensors`` for a
+    W4A4Linear (all checked first).  Embeddings, norms, attention (K/V stay fake-quantized) and an
+    unquantized lm_head run as before."""
+    from safetensors import safe_open
+
+    from ..quant.checkpoint import WEIGHTS_FILE
+    from ..zoo import load_model
+
+    model, tokenizer = load_model(folder, device="cpu")
+    with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    prefixes = sorted(k[: -len(".qmeta")] for k in state if k.endswith(".qmeta"))
+    qtensors = {p: QuantizedTensor.from_state_dict(state, prefix=f"{p}.") for p in prefixes}
+    convert_qlinears_(model, qtensors, backend)
+    return model.to(device), tokenizer

@@ -1,0 +1,335 @@
+"""W4A4 GEMM: packed 4-bit activations x packed 4-bit weights, exact integer accumulation.
+
+    y[m, n] = s_a[m] * s_w[n] * sum_k (a[m, k] - z_a[m]) * w[n, k]          (bf16 out)
+
+with ``a`` the asymmetric activation codes in [0, 15] (per token scale / zero, from
+`act_quant.hadamard_quantize_pack`) and ``w`` the symmetric weight codes in [-8, 7] (per
+output channel scale), both packed two per byte along K exactly as `primitives.pack_int4`
+packs them (so `QuantizedTensor.to_state_dict`'s ``codes`` are the kernel's weight operand).
+`w4a4_matmul_reference` is the same formula in torch (int64 products).
+
+Design choices:
+
+* **No interleave.**  A dot over K does not care about the order of k as long as both operands
+  use the same one, so the kernel never re-interleaves nibbles: it runs one dot over the low
+  nibbles (even k) and one over the high nibbles (odd k) of the same packed tile.
+* **Zero point in the epilogue.**  ``sum_k (a - z) w = sum_k a w - z * rowsum(w)``: the integer
+  dot uses the raw unsigned codes (they fit int8 and e4m3) and ``rowsum(w)`` is precomputed once
+  per weight (`prepare_weight`).  The correction is an int32 subtraction, still exact.
+* **INT8 backend**: `tl.dot(int8, int8) -> int32` (wgmma s8 on Hopper).  Exact: |sum| <= 120 K.
+* **FP8 backend**: the codes are exact in e4m3 (|c| <= 15) and so are the products; each K block
+  is a fresh dot (its partial sum <= 120 * BLOCK_K < 2^14, exact even with the tensor core's
+  reduced-precision fp8 accumulation) added to an fp32 accumulator on the CUDA cores, exact
+  below 2^24 (K <= 139000).  Exactness is checked against the int reference, not assumed.
+* **Epilogue in fp32**: ``float(acc - z * rowsum) * s_a * s_w`` (the int is exact in fp32 below
+  2^24), then bf16.  Relative to the float64 value of the fake-quant path the error is the two
+  fp32 roundings plus the bf16 rounding of the output.
+* **Configs**: prefill uses big tiles (tensor-core bound); decode (M <= 64) is weight-bandwidth
+  bound: BLOCK_M = 16 (the smallest dot), narrow BLOCK_N so that N / BLOCK_N programs fill the
+  132 SMs, long BLOCK_K and deep pipelining; optionally split-K with an int32 atomic workspace.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.primitives import pack_int4, unpack_int4
+from . import require_triton
+from ._triton_utils import round_to_bf16
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = tl = None
+
+__all__ = ["PackedWeight", "GemmConfig", "prepare_weight", "w4a4_matmul", "w4a4_matmul_reference", "default_config"]
+
+
+@dataclass
+class PackedWeight:
+    """Symmetric per-output-channel 4-bit weight: codes packed along K, scale, row sums."""
+
+    codes: torch.Tensor  # uint8 [N, K / 2], pack_int4 layout
+    scale: torch.Tensor  # float32 [N]
+    rowsum: torch.Tensor  # int32 [N], sum_k of the signed codes
+    k: int
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int  # unpacked K per step (packed bytes: block_k / 2)
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+    split_k: int = 1
+
+
+def prepare_weight(codes: torch.Tensor, scale: torch.Tensor) -> PackedWeight:
+    """Signed codes int8 [N, K] in [-8, 7] (or already packed uint8 [N, K/2] with ``k``) -> PackedWeight."""
+    if codes.dtype != torch.int8 or codes.ndim != 2:
+        raise TypeError(f"prepare_weight needs int8 codes [N, K], got {codes.dtype} {tuple(codes.shape)}")
+    if codes.shape[1] % 2:
+        raise ValueError(f"K={codes.shape[1]} must be even")
+    return PackedWeight(
+        pack_int4(codes).contiguous(),
+        scale.reshape(-1).to(torch.float32).contiguous(),
+        codes.to(torch.int32).sum(1).to(torch.int32).contiguous(),
+        codes.shape[1],
+    )
+
+
+def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
+    """The configs that measured fastest on the H200 (docs/KERNELS.md, runs 2 and 3)."""
+    big = n * k >= 1 << 26  # e.g. 8192 x 8192 and up: split K to fill the SMs
+    if backend == "gemv":
+        return GemmConfig(1, 16, 512, 4, 1, split_k=8)
+    if m <= 16:
+        return GemmConfig(16, 64, 256, 4, 4, split_k=8) if big else GemmConfig(16, 32, 512, 4, 4)
+    if m <= 64:
+        return GemmConfig(16, 128, 256, 4, 4)
+    return GemmConfig(256, 128, 128, 8, 3)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _epilogue_store(acc_i, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+                        OUT_F32: tl.constexpr):
+        """y = float(acc - z_a * rowsum(w)) * s_a * s_w -> bf16 or fp32 (the int part exact, see module doc)."""
+        za = tl.load(za_ptr + offs_m, mask=mask_m, other=0.0).to(tl.int32)
+        wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)
+        sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
+        sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
+        y = ((acc_i - za[:, None] * wsum[None, :]).to(tl.float32) * sa[:, None]) * sw[None, :]
+        ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+        if OUT_F32:
+            tl.store(ptrs, y, mask=mask_m[:, None] & mask_n[None, :])
+        else:
+            tl.store(ptrs, round_to_bf16(y).to(tl.bfloat16), mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _splitk_fixup(acc_i, ws_ptr, cnt_ptr, tile, N, SPLIT_K: tl.constexpr,
+                      za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+                      OUT_F32: tl.constexpr):
+        """Split-K in one launch: int32 partial sums added atomically into a workspace; the last
+        program of the tile (per-tile arrival counter) takes the total with an atomic exchange
+        against 0 and runs the epilogue, which leaves workspace and counter zeroed for the next
+        call.  Integer adds commute, so the result is exact and deterministic."""
+        mask = mask_m[:, None] & mask_n[None, :]
+        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws, acc_i, mask=mask)
+        tl.debug_barrier()  # every thread's partial sums land before the arrival is counted
+        arrived = tl.atomic_add(cnt_ptr + tile, 1)
+        if arrived == SPLIT_K - 1:
+            total = tl.atomic_xchg(ws, tl.zeros_like(acc_i), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+            _epilogue_store(total, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+                            OUT_F32)
+
+    @triton.jit
+    def _w4a4_kernel(
+        a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, ws_ptr, cnt_ptr,
+        M, N, KH, per_split, stride_am, stride_wn, stride_ym,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
+        GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, FP8: tl.constexpr, STATIC_STEPS: tl.constexpr,
+        OUT_F32: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        # grouped ordering: programs sharing a weight tile run together (L2 reuse)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_size = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_size
+        pid_n = (pid % per_group) // group_size
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_KH)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+        w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BLOCK_KH, BLOCK_N]
+        if FP8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        k_first = pid_k * per_split
+        a_ptrs += k_first * BLOCK_KH
+        w_ptrs += k_first * BLOCK_KH
+        # STATIC_STEPS: interpreter only (numpy >= 2.4 cannot range() over the interpreter's scalar
+        # tensors, and it turns every assigned value into one, hence the inline expression)
+        for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else per_split):
+            ks = k_first + i  # past the end in the last split: fully masked
+            kmask = ks * BLOCK_KH + offs_k < KH
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0)
+            w = tl.load(w_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0)
+            a_lo = (a & 0xF).to(tl.int8)
+            a_hi = (a >> 4).to(tl.int8)
+            w8 = w.to(tl.int8, bitcast=True)
+            w_lo = (w8 << 4) >> 4  # sign-extend the low nibble
+            w_hi = w8 >> 4
+            if FP8:
+                blk = tl.dot(a_lo.to(tl.float16).to(tl.float8e4nv), w_lo.to(tl.float16).to(tl.float8e4nv),
+                             out_dtype=tl.float32)
+                blk = tl.dot(a_hi.to(tl.float16).to(tl.float8e4nv), w_hi.to(tl.float16).to(tl.float8e4nv), blk,
+                             out_dtype=tl.float32)
+                acc += blk  # promote per K block: exact fp32 adds of integers < 2^24
+            else:
+                acc = tl.dot(a_lo, w_lo, acc, out_dtype=tl.int32)
+                acc = tl.dot(a_hi, w_hi, acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_KH
+            w_ptrs += BLOCK_KH
+        acc_i = acc.to(tl.int32)
+        if SPLIT_K > 1:
+            _splitk_fixup(acc_i, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
+                          offs_m, offs_n, mask_m, mask_n, OUT_F32)
+        else:
+            _epilogue_store(acc_i, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+                            OUT_F32)
+
+    @triton.jit
+    def _w4a4_gemv_kernel(
+        a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, ws_ptr, cnt_ptr,
+        M, N, KH, k_steps, stride_am, stride_wn, stride_ym,
+        M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, SPLIT_K: tl.constexpr,
+        STATIC_STEPS: tl.constexpr, OUT_F32: tl.constexpr,
+    ):
+        """Decode (M <= M_PAD <= 8) on the CUDA cores: weight rows read k-contiguous (16-byte
+        loads), int32 products reduced along k per step, the next step's tiles loaded before
+        this step's arithmetic (by hand: Triton pipelines only loads that feed a dot).  No
+        tensor-core operand layouts, no shared-memory round trip."""
+        pid = tl.program_id(0)
+        k0 = tl.program_id(1) * k_steps * BLOCK_KH  # this split's first packed column
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = k0 + tl.arange(0, BLOCK_KH)
+        offs_m = tl.arange(0, M_PAD)
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_KH]
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]  # [M_PAD, BLOCK_KH]
+        acc2 = tl.zeros((M_PAD, BLOCK_N), dtype=tl.int32)
+        kend = tl.minimum(k0 + k_steps * BLOCK_KH, KH)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < kend)[None, :], other=0)
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k < kend)[None, :], other=0)
+        for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else k_steps):
+            w_ptrs += BLOCK_KH
+            a_ptrs += BLOCK_KH
+            kmask = (i + 1) * BLOCK_KH + offs_k < kend
+            w_next = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0)
+            a_next = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0)
+            w8 = w.to(tl.int8, bitcast=True)
+            w_lo = ((w8 << 4) >> 4).to(tl.int32)
+            w_hi = (w8 >> 4).to(tl.int32)
+            a_lo = (a & 0xF).to(tl.int32)
+            a_hi = (a >> 4).to(tl.int32)
+            acc2 += tl.sum(a_lo[:, None, :] * w_lo[None, :, :] + a_hi[:, None, :] * w_hi[None, :, :], axis=2)
+            w = w_next
+            a = a_next
+        if SPLIT_K > 1:
+            _splitk_fixup(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
+                          offs_m, offs_n, mask_m, mask_n, OUT_F32)
+        else:
+            _epilogue_store(acc2, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+                            OUT_F32)
+
+
+_SPLITK_BUFFERS: dict = {}
+
+
+def _splitk_buffers(m: int, n: int, tiles: int, device, split_k: int):
+    """Zeroed int32 workspace [>= m * n] and tile counters, kept per device and grown on demand.
+
+    The kernels leave both zeroed, so they are allocated (and cleared) once.  Not safe for
+    concurrent launches on several streams."""
+    if split_k == 1:  # unused by the kernel; any int32 tensor will do
+        dummy = _SPLITK_BUFFERS.setdefault(("dummy", str(device)), torch.zeros(1, dtype=torch.int32, device=device))
+        return dummy, dummy
+    key = str(device)
+    ws, cnt = _SPLITK_BUFFERS.get(key, (None, None))
+    if ws is None or ws.numel() < m * n or cnt.numel() < tiles:
+        ws = torch.zeros(max(m * n, 0 if ws is None else ws.numel()), dtype=torch.int32, device=device)
+        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
+        _SPLITK_BUFFERS[key] = (ws, cnt)
+    return ws, cnt
+
+
+def w4a4_matmul(
+    a_codes: torch.Tensor,
+    a_scale: torch.Tensor,
+    a_zero: torch.Tensor,
+    weight: PackedWeight,
+    backend: str = "auto",
+    config: GemmConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[M, N] = dequant(a) @ dequant(w)^T, computed exactly in integers (see module docstring);
+    bf16, or fp32 when ``out`` is an fp32 tensor (the epilogue's value before the bf16 rounding).
+
+    a_codes: uint8 [M, K/2] (asymmetric codes, pack_int4 layout); a_scale / a_zero: fp32 [M].
+    backend: "int8" (int8 tensor cores, int32 accumulation), "fp8" (e4m3, fp32 per-block promotion)
+    "gemv" (CUDA cores, int32; M <= 8; config.block_m unused) or "auto" (gemv for M <= 2, else int8).
+    """
+    require_triton()
+    if backend not in ("auto", "int8", "fp8", "gemv"):
+        raise ValueError(f"backend must be 'auto', 'int8', 'fp8' or 'gemv', got {backend!r}")
+    if a_codes.dtype != torch.uint8 or weight.codes.dtype != torch.uint8:
+        raise TypeError("a_codes and weight.codes must be packed uint8")
+    m, kh = a_codes.shape
+    n, kh_w = weight.codes.shape
+    if kh != kh_w:
+        raise ValueError(f"packed K mismatch: activations {kh}, weight {kh_w}")
+    if backend == "auto":  # the CUDA-core GEMV for one or two tokens, else int8 tensor cores
+        backend = "gemv" if m <= 2 else "int8"
+    cfg = config or default_config(m, n, 2 * kh, backend)
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.bfloat16, device=a_codes.device)
+    if out.dtype not in (torch.bfloat16, torch.float32) or out.shape != (m, n) or out.stride(1) != 1:
+        raise ValueError(f"out must be a row-major bf16 or fp32 [{m}, {n}] tensor")
+    if m == 0:
+        return out
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "gemv":
+        m_pad = max(1, 1 << (m - 1).bit_length())
+        if m_pad > 8:
+            raise ValueError(f"the gemv backend is for M <= 8, got M={m}")
+        steps = triton.cdiv(triton.cdiv(kh, cfg.block_k // 2), cfg.split_k)  # per split
+        ws, cnt = _splitk_buffers(m, n, triton.cdiv(n, cfg.block_n), a_codes.device, cfg.split_k)
+        _w4a4_gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
+            a_codes, weight.codes, a_scale, a_zero, weight.scale, weight.rowsum, out, ws, cnt,
+            m, n, kh, steps, a_codes.stride(0), weight.codes.stride(0), out.stride(0),
+            M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2, SPLIT_K=cfg.split_k,
+            STATIC_STEPS=steps if interpret else 0, OUT_F32=out.dtype == torch.float32,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        )
+        return out
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+    per_split = triton.cdiv(triton.cdiv(kh, cfg.block_k // 2), cfg.split_k)
+    ws, cnt = _splitk_buffers(m, n, grid[0], a_codes.device, cfg.split_k)
+    _w4a4_kernel[grid](
+        a_codes, weight.codes, a_scale, a_zero, weight.scale, weight.rowsum, out, ws, cnt,
+        m, n, kh, per_split, a_codes.stride(0), weight.codes.stride(0), out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2,
+        GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, FP8=backend == "fp8",
+        STATIC_STEPS=per_split if interpret else 0, OUT_F32=out.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+    )
+    return out
+
+
+def w4a4_matmul_reference(a_codes, a_scale, a_zero, weight: PackedWeight) -> torch.Tensor:
+    """Same formula in torch: int64 integer dot, then the fp32 epilogue in the kernel's order."""
+    k = weight.k
+    # float64 products / sums of these integers are exact (|sum| < 2^53) and run on any device
+    a = unpack_int4(a_codes, k, signed=False).to(torch.float64)
+    w = unpack_int4(weight.codes, k, signed=True).to(torch.float64)
+    acc = a @ w.T - a_zero.to(torch.float64)[:, None] * weight.rowsum.to(torch.float64)[None, :]
+    return ((acc.to(torch.float32) * a_scale[:, None].float()) * weight.scale[None, :]).to(torch.bfloat16)

@@ -1,0 +1,244 @@
+"""The W4A4 Triton kernels against their torch references, on the CPU through Triton's interpreter.
+
+Small shapes only (the interpreter runs every program in numpy).  The GPU side of the same
+checks, at the real sizes, is benchmarks/kernels.py.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / the kernels are imported
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dartquant.hadamard import HadamardError, fast_hadamard_transform  # noqa: E402
+from dartquant.kernels.act_quant import (  # noqa: E402
+    hadamard_quantize_pack,
+    hadamard_quantize_pack_reference,
+    layout_2d,
+    stage_sizes,
+)
+from dartquant.kernels.w4a4_gemm import (  # noqa: E402
+    _SPLITK_BUFFERS,
+    GemmConfig,
+    prepare_weight,
+    w4a4_matmul,
+    w4a4_matmul_reference,
+)
+from dartquant.quant.primitives import QuantizedTensor, QuantSpec, fake_quantize, unpack_int4  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="these tests run the kernels through Triton's interpreter")
+
+
+def _activations(rows, n, seed, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g)
+    x[:, torch.randint(0, n, (2,), generator=g)] *= 25  # outlier channels, as real activations have
+    return x.to(dtype)
+
+
+def _dequant(p):
+    codes = unpack_int4(p.codes, p.n, signed=False).float()
+    return (codes - p.zero[:, None]) * p.scale[:, None]
+
+
+def test_stage_sizes():
+    for m in range(4, 16):
+        parts = stage_sizes(1 << m)
+        assert 1 << m == torch.tensor(parts).prod().item()
+        assert all(16 <= f <= 128 for f in parts) and len(parts) <= 3
+    with pytest.raises(ValueError):
+        stage_sizes(8)
+
+
+# widths: powers of two and K * 2^m with the bases of the supported models (12, 28, 76, 140, 172)
+@pytest.mark.parametrize("n", [64, 256, 192, 896, 1216, 2240, 2752])
+@pytest.mark.parametrize("variant", ["3d", "2d"])
+def test_act_codes_bit_exact(n, variant):
+    if variant == "2d" and layout_2d(n) is None:
+        pytest.skip("no 2D layout for this width")
+    x = _activations(5, n, seed=n)
+    got = hadamard_quantize_pack(x, clip_ratio=0.9, variant=variant, rows_per_program=4)
+    ref = hadamard_quantize_pack_reference(x, clip_ratio=0.9)
+    assert torch.equal(got.codes, ref.codes)
+    assert torch.equal(got.scale, ref.scale)
+    assert torch.equal(got.zero, ref.zero)
+
+
+def test_act_is_the_fake_quant_path():
+    """Dequantized codes are exactly QLinear's fake-quantized rotated input (fp32, before the cast)."""
+    x = _activations(7, 1536, seed=1)
+    got = hadamard_quantize_pack(x, clip_ratio=0.95)
+    fq = fake_quantize(fast_hadamard_transform(x), QuantSpec(bits=4, symmetric=False, clip_ratio=0.95))
+    assert torch.equal(_dequant(got).to(torch.bfloat16), fq)
+
+
+def test_act_quant_only_edge_rows_and_fp32():
+    x = _activations(6, 128, seed=2)
+    x[1] = 0.0  # scale would be 0: becomes 1, every code the zero point
+    x[2] = 3.0  # constant positive row: range widened to contain 0
+    x[3] = -x[3].abs()  # all negative
+    for rotate in (False, True):
+        got = hadamard_quantize_pack(x, rotate=rotate, block_m=4)
+        ref = hadamard_quantize_pack_reference(x, rotate=rotate)
+        assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale)
+        assert torch.equal(got.zero, ref.zero)
+    assert got.scale[1] == 1.0 and got.zero[1] == 0.0
+    # fp32 input: no rounding to the model dtype, so the Hadamard's summation order can move a value
+    # across a rounding boundary; codes may then differ by one, rarely
+    xf = _activations(6, 256, seed=3, dtype=torch.float32)
+    got, ref = hadamard_quantize_pack(xf), hadamard_quantize_pack_reference(xf)
+    diff = (unpack_int4(got.codes, 256, False).int() - unpack_int4(ref.codes, 256, False).int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 1e-2
+    torch.testing.assert_close(got.scale, ref.scale, rtol=1e-6, atol=0)
+
+
+def test_act_rejects_bad_input():
+    with pytest.raises(ValueError, match="even"):
+        hadamard_quantize_pack(torch.randn(2, 63).bfloat16())
+    with pytest.raises(HadamardError):
+        hadamard_quantize_pack(torch.randn(2, 14).bfloat16())
+    with pytest.raises(TypeError):
+        hadamard_quantize_pack(torch.ones(2, 64, dtype=torch.int32))
+    with pytest.raises(ValueError, match="clip_ratio"):
+        hadamard_quantize_pack(torch.randn(2, 64).bfloat16(), clip_ratio=0.0)
+    with pytest.raises(ValueError, match="2d"):
+        hadamard_quantize_pack(torch.randn(2, 64).bfloat16(), variant="2d")
+
+
+def _gemm_operands(m, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, generator=g)
+    sa = torch.rand(m, generator=g) + 0.01
+    za = torch.randint(0, 16, (m,), generator=g).float()
+    w = prepare_weight(torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g), torch.rand(n, generator=g) + 0.01)
+    return a, sa, za, w
+
+
+@pytest.mark.parametrize("backend,cfg,m", [
+    ("int8", GemmConfig(16, 16, 32, 4, 2), 20),
+    ("fp8", GemmConfig(16, 16, 32, 4, 2), 20),
+    ("int8", GemmConfig(16, 32, 64, 4, 2, split_k=3), 5),
+    ("fp8", GemmConfig(16, 16, 64, 4, 2, split_k=2), 3),
+    ("gemv", GemmConfig(1, 16, 64, 4, 1), 1),
+    ("gemv", GemmConfig(1, 16, 32, 4, 1, split_k=3), 4),
+])
+def test_gemm_bit_exact(backend, cfg, m):
+    n, k = 40, 208  # neither a multiple of the tiles: masks
+    for seed in range(2):  # twice: split-K must leave its workspace zeroed
+        a, sa, za, w = _gemm_operands(m, n, k, seed)
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+        y = w4a4_matmul(a, sa, za, w, backend, cfg, out=out)
+        assert torch.equal(y, w4a4_matmul_reference(a, sa, za, w))
+    for buf in _SPLITK_BUFFERS.values():
+        assert not torch.as_tensor(buf[0] if isinstance(buf, tuple) else buf).any()
+
+
+@pytest.mark.parametrize("backend", ["int8", "fp8"])
+def test_gemm_extreme_codes(backend):
+    """a = 15, w = -8 everywhere: the raw dot is -120 K; with zero point 15 the exact result is 0."""
+    m, n, k = 17, 24, 512
+    a = torch.full((m, k // 2), 0xFF, dtype=torch.uint8)
+    w = prepare_weight(torch.full((n, k), -8, dtype=torch.int8), torch.ones(n))
+    y = w4a4_matmul(a, torch.ones(m), torch.full((m,), 15.0), w, backend, GemmConfig(16, 16, 128, 4, 2))
+    assert torch.equal(y, torch.zeros_like(y))
+    y = w4a4_matmul(a, torch.ones(m), torch.full((m,), 14.0), w, backend, GemmConfig(16, 16, 128, 4, 2))
+    assert torch.all(y.float() == -8.0 * k)
+
+
+def test_w4a4_linear_equals_fake_quant_linear():
+    """Kernel chain (Hadamard + quantize, GEMM) vs QLinear's float path on the same codes, float64."""
+    m, n, k = 9, 48, 1536  # 1536 = 12 * 128, an online Hadamard width of the supported models
+    x = _activations(m, k, seed=4)
+    wq = QuantizedTensor.from_float(torch.randn(n, k, generator=torch.Generator().manual_seed(8)),
+                                    QuantSpec(bits=4, symmetric=True))
+    act = hadamard_quantize_pack(x, clip_ratio=0.9)
+    packed = wq.to_state_dict()["codes"]  # the checkpoint's packed codes are the kernel's operand
+    w = prepare_weight(wq.codes, wq.scale)
+    assert torch.equal(w.codes, packed)
+    y = w4a4_matmul(act.codes, act.scale, act.zero, w, "int8", GemmConfig(16, 16, 128, 4, 2))
+    # the fake-quant path's linear in exact arithmetic: its dequantized input (equal to the kernel's
+    # codes, test_act_is_the_fake_quant_path) times the dequantized weight, in float64
+    codes = unpack_int4(act.codes, k, signed=False).double()
+    xq = (codes - act.zero.double()[:, None]) * act.scale.double()[:, None]
+    w64 = wq.codes.double() * wq.scale.double().reshape(-1, 1)  # exact (fp32 dequantize() rounds)
+    y64 = xq @ w64.T
+    # the integer part is exact, so only the fp32 epilogue and the bf16 output round: <= 2^-8 relative
+    err = (y.double() - y64).abs() / y64.abs().clamp_min(1e-12)
+    assert err.max() < 2.0**-8
+
+
+def test_w4a4_linear_module_is_the_fake_quant_qlinear():
+    from torch import nn
+
+    from dartquant.kernels.act_quant import hadamard_quantize_pack_reference as act_ref
+    from dartquant.kernels.linear import W4A4Linear, convert_qlinears_
+    from dartquant.modules import OnlineHadamard, QLinear
+    from dartquant.quant.act import ActQuantizer
+
+    torch.manual_seed(5)
+    n_in, n_out = 192, 40  # 192 = 12 * 16: an online Hadamard with a Paley base
+    lin = nn.Linear(n_in, n_out, bias=True)
+    qt = QuantizedTensor.from_float(lin.weight.detach(), QuantSpec(bits=4, symmetric=True))
+    q = QLinear(lin)
+    q.weight.data = qt.dequantize()
+    q.input_rotation = OnlineHadamard(n_in)
+    q.input_quantizer = ActQuantizer(QuantSpec(bits=4, symmetric=False, clip_ratio=0.9))
+    model = nn.Sequential(nn.Identity(), q).to(torch.bfloat16)
+    x = _activations(6, n_in, seed=6).reshape(2, 3, n_in)
+    y_fake = model(x)  # the fake-quant path, in bf16
+    assert convert_qlinears_(model, {"1": qt}) == ["1"]
+    assert isinstance(model[1], W4A4Linear)
+    y = model(x)
+    assert y.shape == (2, 3, n_out) and y.dtype == torch.bfloat16
+    # exact value of the fake-quant linear on the same (bit-exact) codes, in float64
+    ref = act_ref(x.reshape(-1, n_in), 0.9)
+    codes = unpack_int4(ref.codes, n_in, signed=False).double()
+    xq = (codes - ref.zero.double()[:, None]) * ref.scale.double()[:, None]
+    w64 = qt.codes.double() * qt.scale.double().reshape(-1, 1)
+    y64 = (xq @ w64.T + lin.bias.detach().bfloat16().double()).reshape(2, 3, n_out)
+    assert ((y.double() - y64).abs() <= 2.0**-7 * y64.abs() + 1e-3).all()
+    # and the bf16 fake-quant model differs from it only by its own bf16 rounding
+    assert (y.double() - y_fake.double()).norm() < 1e-2 * y64.norm()
+    # unsupported schemes are refused before anything is replaced
+    q2 = QLinear(nn.Linear(n_in, n_out))
+    q2.input_quantizer = ActQuantizer(QuantSpec(bits=8, symmetric=True))
+    with pytest.raises(ValueError, match="asymmetric per-token"):
+        convert_qlinears_(nn.Sequential(q2), {"0": qt})
+
+
+def test_act_quant_only_any_even_width():
+    x = _activations(5, 576, seed=7)  # smollm2's hidden size: not a power of two
+    got = hadamard_quantize_pack(x, 0.9, rotate=False)
+    ref = hadamard_quantize_pack_reference(x, 0.9, rotate=False)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale)
+    assert torch.equal(got.zero, ref.zero)
+
+
+@pytest.mark.slow
+def test_run_folder_on_the_kernels(tmp_path):
+    """A W4A4 run folder executes with the kernels; logits match the fake-quant model's."""
+    from tiny import save_tiny_folder
+
+    from dartquant.kernels.linear import W4A4Linear, load_w4a4
+    from dartquant.quant.config import QuantConfig
+    from dartquant.quant.pipeline import run_quantize
+    from dartquant.zoo import load_model
+
+    folder = save_tiny_folder(tmp_path / "model")
+    out = tmp_path / "run"
+    cfg = QuantConfig(model=str(folder), method="rtn", w_quantizer="rtn", calib_samples=2, calib_seqlen=16,
+                      eval_seqlen=16, eval_max_windows=1)
+    run_quantize(cfg, out, progress=False, eval_fp=False)
+    fake, _ = load_model(out)
+    model, _ = load_w4a4(out)
+    assert sum(isinstance(m, W4A4Linear) for m in model.modules()) == 14  # 2 layers x 7 linears
+    ids = torch.randint(0, 89, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = fake(ids).logits.double(), model(ids).logits.double()
+    # float32 model: same codes, exact integer dots, fp32 epilogue; the fake path's fp32 GEMM rounding
+    # can still move an activation across a 4-bit rounding boundary in the next layer, rarely
+    assert (a - b).norm() < 1e-3 * a.norm()
