@@ -2,6 +2,11 @@
 
 A recipe YAML holds any subset of these fields (snake_case or kebab-case keys); command-line
 flags override it; the resolved config is written to the run folder as `config.yaml`.
+Types are checked once, generically, from the field annotations (`check_types`, run by
+`__post_init__`, so recipes, flags and Python callers all pass through it): a bool only as a
+YAML boolean (`r3: "false"` is refused, not read as true), an int never as a float or string, a
+float also from an int; `X | None`, `list[X]`, `dict[K, V]` and nested dataclasses (walked
+with dotted key names) are understood. Ranges and choices are `validate`'s job.
 Defaults follow the papers' W4A4KV4 setting (REFERENCE.md §1): weights 4-bit symmetric per
 output channel with MSE clip search and GPTQ; activations 4-bit asymmetric per token, clip 0.9,
 at every decoder linear's input; K and V 4-bit asymmetric in groups of head_dim, clip 1.0;
@@ -11,6 +16,9 @@ embeddings and lm_head in full precision.
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +31,7 @@ METHODS = ("rtn", "quarot", "dartquant", "spinquant", "ostquant")
 E2E_METHODS = ("spinquant", "ostquant")
 WEIGHT_QUANTIZERS = ("rtn", "gptq")
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+UNQUANTIZED_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass
@@ -53,13 +62,16 @@ class QuantConfig:
     a_clip: float = 0.9
     a_group_size: int | None = None  # None = per token
     o_proj_per_head: bool = False  # o_proj input quantized in groups of head_dim
-    a_bits_overrides: dict = field(default_factory=dict)  # role -> bits, e.g. {"down": 8}
+    a_bits_overrides: dict[str, int] = field(default_factory=dict)  # role -> bits, e.g. {"down": 8}
     # KV cache
     kv_bits: int = 4
     kv_symmetric: bool = False
     kv_clip: float = 1.0
     kv_group_size: int | None = None  # None = head_dim
     quantize_lm_head: bool = False  # lm_head weights (RTN) and its input at a_bits, if true
+    # embeddings and the unquantized lm_head, stored (and evaluated) in this dtype; the papers keep
+    # them 16-bit; float16 (10 mantissa bits) is 8x finer than bfloat16 at their small magnitudes
+    unquantized_dtype: str = "float16"
     # calibration data
     calib_corpus: str = "wiki"
     calib_samples: int = 32
@@ -74,7 +86,7 @@ class QuantConfig:
     dq_param: str = "qr"
     dq_optimizer: str = "sgd"
     dq_r2_normalize: str = "none"
-    dq_lr_grid: list = field(default_factory=list)  # non-empty: fit R1 / R2 at each lr, keep the best held-out
+    dq_lr_grid: list[float] = field(default_factory=list)  # non-empty: fit R1 / R2 at each lr, keep the best held-out
     # SpinQuant / OSTQuant (end-to-end training; defaults: SpinQuant's published schedule)
     e2e_steps: int = 100
     e2e_batch: int = 8  # sequences per optimizer step
@@ -92,11 +104,14 @@ class QuantConfig:
     # evaluation
     eval_seqlen: int = 2048
     eval_max_windows: int | None = None
-    tasks: list = field(default_factory=list)  # zero-shot tasks; empty = none
+    tasks: list[str] = field(default_factory=list)  # zero-shot tasks; empty = none
     zeroshot_limit: int | None = None
     # where
     device: str = "cpu"
     dtype: str = "float32"
+
+    def __post_init__(self):
+        check_types(self)
 
     # ---- derived -----------------------------------------------------------------------
     @property
@@ -143,6 +158,11 @@ class QuantConfig:
                 raise ValueError(f"a_bits_overrides: unknown role {role!r}; roles are {', '.join(LINEAR_ROLES)}")
             if int(bits) not in SUPPORTED_BITS:
                 raise ValueError(f"a_bits_overrides[{role}]={bits} is not supported; use one of {SUPPORTED_BITS}")
+        if self.unquantized_dtype not in UNQUANTIZED_DTYPES:
+            raise ValueError(f"unquantized_dtype must be one of {UNQUANTIZED_DTYPES}, not {self.unquantized_dtype!r}")
+        for name in ("eval_max_windows", "zeroshot_limit", "e2e_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (or null for no limit), got {getattr(self, name)}")
         for name in ("a_clip", "kv_clip"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
@@ -199,18 +219,136 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
-        norm = {k.replace("-", "_"): v for k, v in d.items()}
-        unknown = set(norm) - cls.field_names()
-        if unknown:
-            raise ValueError(f"unknown recipe keys: {', '.join(sorted(unknown))}")
-        return cls(**norm)
+        return from_mapping(cls, d)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> QuantConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"recipe {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.load(path.read_text(), Loader=RecipeLoader) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe {path} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ValueError(f"recipe {path} must be a mapping of settings")
         return cls.from_dict(data)
+
+
+# ---- typed settings: one generic checker, driven by the annotations ----------------------------
+class RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3` and would give a string)."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def from_mapping(cls, d: dict, where: str = ""):
+    """Build dataclass `cls` from a mapping (kebab- or snake-case keys), nested mappings into nested
+    dataclass fields; unknown keys and wrongly typed values are errors naming the key."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where.rstrip('.') or 'settings'} must be a mapping of settings, got {d!r}")
+    norm = {str(k).replace("-", "_"): v for k, v in d.items()}
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = set(norm) - names
+    if unknown:
+        raise ValueError(f"unknown recipe keys: {', '.join(where + k for k in sorted(unknown))}")
+    for name, value in norm.items():
+        sub = _dataclass_in(hints[name])
+        if sub is not None and isinstance(value, dict):
+            norm[name] = from_mapping(sub, value, f"{where}{name}.")
+    obj = cls(**norm)
+    check_types(obj, where)  # idempotent; covers classes without their own __post_init__ check
+    return obj
+
+
+def check_types(obj, where: str = "") -> None:
+    """Check (and normalize: int -> float for float fields, tuple -> list) every field of dataclass
+    `obj` against its annotation; nested dataclasses are walked with dotted names."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp, value = hints[f.name], getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type) and _dataclass_in(tp) is type(value):
+            check_types(value, f"{where}{f.name}.")
+            continue
+        ok, normalized = _conform(value, tp)
+        if not ok:
+            raise ValueError(f"setting {where}{f.name}: {value!r} ({type(value).__name__}) is not allowed; "
+                             f"expected {_describe(tp)}")
+        if normalized is not value:
+            object.__setattr__(obj, f.name, normalized)
+
+
+def _dataclass_in(tp):
+    """The dataclass in `tp` (itself or inside `X | None`), else None."""
+    for t in (tp, *typing.get_args(tp)):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def _conform(value, tp) -> tuple[bool, object]:
+    """(value fits tp, value normalized to tp)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return True, value
+    if tp is type(None):
+        return value is None, value
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            ok, v = _conform(value, a)
+            if ok:
+                return True, v
+        return False, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, value
+        return True, value if isinstance(value, float) else float(value)
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = [_conform(v, args[0]) if args else (True, v) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            return False, value
+        kt, vt = args or (typing.Any, typing.Any)
+        items = [(_conform(k, kt), _conform(v, vt)) for k, v in value.items()]
+        return all(a[0] and b[0] for a, b in items), {a[1]: b[1] for a, b in items}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return isinstance(value, tp), value
+    if isinstance(tp, type):
+        return isinstance(value, tp), value
+    return True, value  # an annotation this checker does not know: not checked
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is type(None):
+        return "null"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if tp is bool:
+        return "true or false (a YAML boolean, unquoted)"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if tp is list or origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
+    if tp is dict or origin is dict:
+        return (f"a mapping of {_describe(args[0])} to {_describe(args[1])}" if args else "a mapping")
+    return getattr(tp, "__name__", str(tp))
