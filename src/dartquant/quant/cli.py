@@ -77,8 +77,10 @@ def resolve_config(args) -> QuantConfig:
 
 
 def cmd_quantize(args) -> int:
+    from ..runs import check_out_dir
     from .pipeline import run_quantize
 
+    check_out_dir(args.out, args.overwrite, inputs=(args.recipe,))  # the recipe too must survive --overwrite
     cfg = resolve_config(args)
     metrics = run_quantize(cfg, args.out, overwrite=args.overwrite, eval_fp=not args.skip_fp_eval,
                            progress=not args.json)
@@ -105,21 +107,55 @@ def print_summary(metrics: dict) -> None:
         print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
 
 
+def run_eval_config(model: str) -> QuantConfig | None:
+    """The resolved config of a `dartquant quantize` run folder (its config.yaml), else None."""
+    from pathlib import Path
+
+    import yaml
+
+    from .config import RecipeLoader
+
+    folder = Path(model)
+    path = folder / "config.yaml"
+    if not path.is_file() or not (folder / "dartquant.json").is_file():
+        return None
+    data = yaml.load(path.read_text(), Loader=RecipeLoader)
+    if not isinstance(data, dict) or "command" in data:  # a `dartquant rotate` folder: no eval settings
+        return None
+    return QuantConfig.from_dict(data)
+
+
 def cmd_eval(args) -> int:
+    """Evaluate with the run's own settings (config.yaml of a quantize run) unless flags say
+    otherwise, so that `dartquant eval RUN` reproduces the run's numbers exactly."""
     import torch
 
     from ..zoo import load_model
-    from .config import QuantConfig
     from .pipeline import evaluate
 
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-    cfg = QuantConfig(eval_seqlen=args.seqlen, eval_max_windows=args.max_windows, tasks=args.tasks or [],
-                      zeroshot_limit=args.limit, device=args.device)
+    run = run_eval_config(args.model)
+    base = run or QuantConfig()
+    flags = {"eval_seqlen": "seqlen", "eval_max_windows": "max_windows", "tasks": "tasks",
+             "zeroshot_limit": "limit", "device": "device", "dtype": "dtype"}
+    settings = {k: getattr(base, k) for k in flags}
+    if run is None:
+        settings.update(eval_seqlen=2048, eval_max_windows=None, tasks=[], zeroshot_limit=None, device="cpu",
+                        dtype="float32")
+    elif settings["device"].startswith("cuda") and not torch.cuda.is_available():
+        settings["device"] = "cpu"
+    # flags given on the command line win (absent ones are not in args: argparse.SUPPRESS)
+    settings.update({k: getattr(args, f) for k, f in flags.items() if hasattr(args, f)})
+    cfg = QuantConfig(**settings, seed=base.seed)
+    cfg.validate()  # before loading: --max-windows 0, unknown tasks, ...
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, cfg.dtype))
     res = evaluate(model, tokenizer, cfg, progress=not args.json)
     if args.json:
         print(json.dumps(res))
     else:
         print_summary({"method": args.model, "w_bits": "?", "a_bits": "?", "kv_bits": "?", **res})
+        if run is not None:
+            print(f"settings from {args.model}/config.yaml: seqlen {cfg.eval_seqlen}, max windows "
+                  f"{cfg.eval_max_windows}, tasks {cfg.tasks or 'none'}, {cfg.dtype} on {cfg.device}")
     return 0
 
 
@@ -133,13 +169,17 @@ def add_quant_commands(sub) -> None:
     _add_config_flags(s)
     s.set_defaults(func=cmd_quantize)
 
-    s = sub.add_parser("eval", help="evaluate a model or a saved run folder")
+    s = sub.add_parser("eval", help="evaluate a model or a saved run folder (with the run's own settings "
+                                    "unless flags override them)")
     s.add_argument("model", help="run folder, HF folder, bundled name or .gguf")
-    s.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks")
-    s.add_argument("--limit", type=int, default=None, help="examples per zero-shot task")
-    s.add_argument("--seqlen", type=int, default=2048)
-    s.add_argument("--max-windows", type=int, default=None)
-    s.add_argument("--dtype", default="float32")
-    s.add_argument("--device", default="cpu")
+    unset = argparse.SUPPRESS  # an absent flag keeps the run's own setting
+    s.add_argument("--tasks", nargs="*", default=unset, help="zero-shot tasks (default: the run's, else none)")
+    s.add_argument("--limit", type=_optional_int, default=unset, help="examples per zero-shot task ('none': all)")
+    s.add_argument("--seqlen", type=int, default=unset, help="default: the run's eval_seqlen, else 2048")
+    s.add_argument("--max-windows", type=_optional_int, default=unset,
+                   help="windows per corpus ('none': all); default: the run's eval_max_windows, else all")
+    s.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), default=unset,
+                   help="default: the run's dtype, else float32")
+    s.add_argument("--device", default=unset, help="default: the run's device (cpu without CUDA), else cpu")
     s.add_argument("--json", action="store_true", help="print the metrics object")
     s.set_defaults(func=cmd_eval)

@@ -23,11 +23,11 @@ import torch
 from ..adapters import adapter_for
 from ..data import calib_windows
 from ..eval.ppl import evaluate_ppl
-from ..runs import atomic_dir, check_out_dir, write_json, write_yaml
+from ..runs import atomic_dir, check_out_dir, move_volatile_json_, split_volatile, write_json, write_yaml
 from ..transforms import RotationSet, rotate_, untie_embeddings_
 from ..zoo import TRANSFORM_FILE, load_model
 from .act import install_quantizers_
-from .checkpoint import save_quantized
+from .checkpoint import round_unquantized_, save_quantized
 from .config import E2E_METHODS, QuantConfig
 from .weights import quantize_weights_
 
@@ -106,19 +106,48 @@ def train_end_to_end(model, cfg: QuantConfig, tokenizer, timer: StageTimer, out_
             model.to("cpu")
 
 
+def model_geometry(spec):
+    """The model's geometry from its config.json alone (no weights), for checks before loading."""
+    from transformers import AutoConfig
+
+    from ..zoo import ModelLoadError, resolve_model
+
+    folder = resolve_model(spec)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as e:  # transformers raises OSError / ValueError / KeyError on bad configs
+        raise ModelLoadError(f"could not read {folder}/config.json: {type(e).__name__}: {e}") from e
+    return adapter_for(config).geometry(config)
+
+
+def check_before_load(cfg: QuantConfig, out, overwrite: bool):
+    """Every check that needs no weights: settings, output folder, the model's config, the
+    rotations file and the Hadamard sizes the method will need. Returns the checked out folder."""
+    from ..hadamard import hadamard_factorization
+
+    cfg.validate()
+    out = check_out_dir(out, overwrite, inputs=(cfg.model, cfg.rotations))
+    geo = model_geometry(cfg.model)
+    cfg.validate(geo)  # group sizes against the real dimensions
+    if cfg.rotations:
+        RotationSet.load(cfg.rotations).validate(geo)
+    elif cfg.method != "rtn":
+        for n in (geo.hidden, geo.head_dim):  # R1 / R2 start from (random) Hadamard matrices
+            hadamard_factorization(n)
+        RotationSet(r3=cfg.r3, r4=cfg.r4).validate(geo)  # the online R3 / R4 sizes
+    return out
+
+
 def run_quantize(cfg: QuantConfig, out: str | Path, *, overwrite: bool = False, eval_fp: bool = True,
                  progress: bool = True) -> dict:
     """Quantize `cfg.model` as `cfg` says; write the run folder `out`; return metrics."""
-    cfg.validate()
-    out = check_out_dir(out, overwrite)
+    out = check_before_load(cfg, out, overwrite)
     torch.manual_seed(cfg.seed)
     timer = StageTimer()
     log = (lambda *a: print("[dartquant]", *a, file=sys.stderr)) if progress else (lambda *a: None)
     with timer("load"):
         model, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype))
     adapter = adapter_for(model)
-    geo = adapter.geometry(model.config)
-    cfg.validate(geo)  # group sizes against the real dimensions, before any heavy work
     metrics: dict = {"method": cfg.method, "model": cfg.model, "seed": cfg.seed, "w_bits": cfg.w_bits,
                      "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits, "w_quantizer": cfg.weight_quantizer}
     if eval_fp:
@@ -146,6 +175,7 @@ def run_quantize(cfg: QuantConfig, out: str | Path, *, overwrite: bool = False, 
         log(f"quantizing weights ({cfg.weight_quantizer}, {cfg.w_bits} bits)")
         with timer("quantize"):
             qtensors = quantize_weights_(model, cfg, calib_ids, adapter, progress)
+            round_unquantized_(model, qtensors, cfg.unquantized_dtype, adapter)  # evaluate what is stored
         log("evaluating the quantized model")
         with timer("eval"):
             res = evaluate(model, tokenizer, cfg, progress)
@@ -157,15 +187,21 @@ def run_quantize(cfg: QuantConfig, out: str | Path, *, overwrite: bool = False, 
 
             tokenizer.save_pretrained(str(tmp))
             model.config.save_pretrained(str(tmp))
-            save_quantized(model, qtensors, tmp)
+            save_quantized(model, qtensors, tmp, cfg.unquantized_dtype, adapter)
             spec = online_spec(model, adapter)
             spec["quantization"] = cfg.to_dict()
+            timings = move_volatile_json_(tmp)  # timings live in metrics.json only: artifacts stay reproducible
             if rotations is not None:
+                rotations.meta, volatile = split_volatile(rotations.meta)
+                if volatile:
+                    timings["rotations"] = volatile
                 rotations.save(tmp / "rotations.safetensors")
                 spec["rotations"] = {"file": "rotations.safetensors", **rotations.meta}
             write_json(tmp / TRANSFORM_FILE, spec)
             write_yaml(tmp / "config.yaml", cfg.to_dict())
         metrics["seconds"] = timer.seconds
         metrics["peak_memory_bytes"] = peak_memory_bytes(cfg.device)
+        if timings:
+            metrics["calibration_timings"] = timings
         write_json(tmp / "metrics.json", metrics)
     return metrics
