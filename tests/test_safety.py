@@ -321,18 +321,23 @@ def test_killed_run_leaves_a_temporary_that_the_next_run_removes(tmp_path):
 
 
 def test_eval_run_reproduces_its_perplexity_and_runs_are_byte_identical(tiny_folder, tmp_path, capsys):
+    """DartQuant: its calibration records timings and memory peaks; they must land in metrics.json only."""
     from safetensors import safe_open
 
     runs = []
     for name in ("a", "b"):
-        assert main(tiny_args(tiny_folder, tmp_path / name, "--w-quantizer", "gptq", "--eval-max-windows", "3")) == 0
+        assert main(tiny_args(tiny_folder, tmp_path / name, "--method", "dartquant", "--dq-epochs", "1",
+                              "--dq-batch-tokens", "16", "--dq-token-fraction", "0.5", "--eval-max-windows", "3")) == 0
         runs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert "stages" in runs[0]["calibration_timings"]["rotations"]
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
-    assert {MARKER, "rotations.safetensors", "quantized.safetensors", "metrics.json"} <= set(files)
+    assert {MARKER, "rotations.safetensors", "quantized.safetensors", "calibration_loss.json",
+            "metrics.json"} <= set(files)
     for f in files:
         if f != "metrics.json":
             assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f"{f} differs"
+            assert b'"seconds"' not in (tmp_path / "a" / f).read_bytes(), f"{f} holds timings"
     # eval RUN without flags: the run's seqlen / windows / dtype, the very same numbers
     assert main(["eval", str(tmp_path / "a"), "--json"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -341,15 +346,3 @@ def test_eval_run_reproduces_its_perplexity_and_runs_are_byte_identical(tiny_fol
     with safe_open(str(tmp_path / "a" / "quantized.safetensors"), "pt") as f:
         assert f.get_slice("model.embed_tokens.weight").get_dtype() == "F16"
         assert f.get_slice("lm_head.weight").get_dtype() == "F16"
-
-
-def test_dartquant_timings_live_in_metrics_only(tiny_folder, tmp_path):
-    from dartquant.quant.pipeline import run_quantize
-
-    cfg = QuantConfig(model=str(tiny_folder), method="dartquant", w_quantizer="rtn", calib_samples=2, calib_seqlen=16,
-                      eval_seqlen=16, eval_max_windows=1, dq_epochs=1, dq_batch_tokens=16, dq_token_fraction=0.5)
-    metrics = run_quantize(cfg, tmp_path / "run", eval_fp=False, progress=False)
-    assert "stages" in metrics["calibration_timings"]["rotations"]
-    text = "".join(p.read_text(errors="ignore") for p in (tmp_path / "run").iterdir() if p.name != "metrics.json"
-                   and p.suffix in (".json", ".yaml", ".safetensors"))
-    assert '"seconds"' not in text and "rss" not in text
