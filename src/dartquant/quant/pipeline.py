@@ -161,6 +161,9 @@ def run_quantize(cfg: QuantConfig, out: str | Path, *, overwrite: bool = False, 
                          if needs_data else None)
         untie_embeddings_(model, adapter)
         rotations = compute_rotations(model, cfg, calib_ids, timer, tmp, progress, tokenizer)
+        # the calibration's own files (loss curves) are the only JSON in tmp yet: their timings
+        # move to metrics.json, so that identical runs give byte-identical artifacts
+        timings = move_volatile_json_(tmp)
         if rotations is not None:
             # what the calibration chose and its held-out numbers (learning rates, held-out loss /
             # SQNR before and after), so that a sweep's JSON says how every row was tuned
@@ -190,7 +193,6 @@ def run_quantize(cfg: QuantConfig, out: str | Path, *, overwrite: bool = False, 
             save_quantized(model, qtensors, tmp, cfg.unquantized_dtype, adapter)
             spec = online_spec(model, adapter)
             spec["quantization"] = cfg.to_dict()
-            timings = move_volatile_json_(tmp)  # timings live in metrics.json only: artifacts stay reproducible
             if rotations is not None:
                 rotations.meta, volatile = split_volatile(rotations.meta)
                 if volatile:
