@@ -16,6 +16,7 @@ re-installs the online rotations and quantizers, so it computes exactly what was
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -62,6 +63,9 @@ def save_quantized(model, qtensors: dict[str, QuantizedTensor], folder: Path, un
     for name, qt in qtensors.items():
         state.update(qt.to_state_dict(prefix=f"{name}."))
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "dartquant-quantized-1"})
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder / WEIGHTS_FILE, 0o666 & ~mask)  # safetensors writes 0600; a result is readable like any file
 
 
 def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32):
