@@ -48,24 +48,24 @@ def cmd_models(args) -> int:
 
 # ---- rotate -------------------------------------------------------------------------------
 def cmd_rotate(args) -> int:
+    from .pipeline import model_geometry
     from .runs import atomic_dir, check_out_dir, write_yaml
     from .transforms import RotationSet, rotate_
     from .zoo import load_model, save_model
 
-    out = check_out_dir(args.out, args.overwrite)
-    t0 = time.time()
-    model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype))
-    if args.rotation == "hadamard":  # QuaRot's rotations, as its registered producer makes them
-        from .config import RunConfig
-        from .methods import MethodContext, get_method
-        from .stages import StageTimer
-
-        cfg = RunConfig(method="quarot", seed=args.seed, r3=not args.no_r3, r4=not args.no_r4)
-        rotations = get_method("quarot").produce(model, cfg, MethodContext(None, tokenizer, StageTimer(), None, False))
+    # everything that needs no weights first: the folder, the model's config, the rotations
+    rotation_file = args.rotation if args.rotation not in ("hadamard", "none") else None
+    out = check_out_dir(args.out, args.overwrite, inputs=(args.model, rotation_file))
+    geo = model_geometry(args.model)
+    if args.rotation == "hadamard":
+        rotations = RotationSet.quarot(geo, seed=args.seed, r3=not args.no_r3, r4=not args.no_r4)
     elif args.rotation == "none":
         rotations = RotationSet(r3=not args.no_r3, r4=not args.no_r4, meta={"method": "fuse-only"})
     else:
         rotations = RotationSet.load(args.rotation)
+    rotations.validate(geo)
+    t0 = time.time()
+    model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype))
     rotate_(model, rotations)
     with atomic_dir(out) as tmp:
         save_model(model, tokenizer, tmp, rotations=rotations)
@@ -83,6 +83,8 @@ def cmd_ppl(args) -> int:
 
     if args.seqlen < 2:
         raise SystemExit("error: --seqlen must be at least 2")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise SystemExit("error: --max-windows must be at least 1")
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
     res = evaluate_ppl(model, tokenizer, corpora=args.corpora, seqlen=args.seqlen, max_windows=args.max_windows,

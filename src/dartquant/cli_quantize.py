@@ -1,4 +1,4 @@
-"""`dartquant quantize` and `dartquant eval`: flags mirror QuantConfig's fields (kebab-case)."""
+"""`dartquant quantize` and `dartquant eval`: flags are the RunConfig's flat names (kebab-case)."""
 
 from __future__ import annotations
 
@@ -45,11 +45,12 @@ def _role_bits(item: str) -> tuple[str, int]:
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per flat RunConfig name; default None so that only given flags override a recipe."""
-    from .config import RunConfig, _resolve
+    from .config import RunConfig
+    from .typecheck import resolve
 
     for flat, (section, f) in RunConfig.flat_fields().items():
         owner = RunConfig if section is None else type(RunConfig().section(section))
-        hint = _resolve(f.type, owner)
+        hint = resolve(f.type, owner)
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         kw: dict = {"default": None, "dest": flat, "help": _HELP.get(flat, f"(default: {default!r})")}
@@ -90,8 +91,10 @@ def resolve_config(args):
 
 
 def cmd_quantize(args) -> int:
+    from .runs import check_out_dir
     from .pipeline import run_quantize
 
+    check_out_dir(args.out, args.overwrite, inputs=(args.recipe,))  # the recipe too must survive --overwrite
     cfg = resolve_config(args)
     metrics = run_quantize(cfg, args.out, overwrite=args.overwrite, eval_fp=not args.skip_fp_eval,
                            progress=not args.json)
@@ -118,27 +121,59 @@ def print_summary(metrics: dict) -> None:
         print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
 
 
+def run_eval_config(model: str):
+    """The resolved RunConfig of a `dartquant quantize` run folder (its config.yaml), else None."""
+    from pathlib import Path
+
+    from .config import RunConfig, load_yaml
+
+    folder = Path(model)
+    path = folder / "config.yaml"
+    if not path.is_file() or not (folder / "dartquant.json").is_file():
+        return None
+    data = load_yaml(path)
+    if not isinstance(data, dict) or "command" in data:  # a `dartquant rotate` folder: no eval settings
+        return None
+    return RunConfig.from_dict(data, where=str(path))
+
+
 def cmd_eval(args) -> int:
+    """Evaluate with the run's own settings (config.yaml of a quantize run) unless flags say
+    otherwise, so that `dartquant eval RUN` reproduces the run's numbers exactly."""
     import torch
 
     from .config import RunConfig
     from .pipeline import evaluate
     from .zoo import load_model
 
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-    cfg = RunConfig.from_dict({"eval_seqlen": args.seqlen, "eval_max_windows": args.max_windows,
-                               "tasks": args.tasks or [], "zeroshot_limit": args.limit, "device": args.device})
+    run = run_eval_config(args.model)
+    base = run or RunConfig()
+    flags = {"eval_seqlen": "seqlen", "eval_max_windows": "max_windows", "tasks": "tasks",
+             "zeroshot_limit": "limit", "device": "device", "dtype": "dtype"}
+    ev = base.eval
+    settings = {"eval_seqlen": ev.seqlen, "eval_max_windows": ev.max_windows, "tasks": ev.tasks,
+                "zeroshot_limit": ev.zeroshot_limit, "device": base.device, "dtype": base.dtype}
+    if run is not None and settings["device"].startswith("cuda") and not torch.cuda.is_available():
+        settings["device"] = "cpu"
+    # flags given on the command line win (absent ones are not in args: argparse.SUPPRESS)
+    settings.update({k: getattr(args, f) for k, f in flags.items() if hasattr(args, f)})
+    cfg = RunConfig.from_flat(**settings, seed=base.seed)
+    cfg.resolve().validate()  # before loading: --max-windows 0, unknown tasks, ...
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, cfg.dtype))
     res = evaluate(model, tokenizer, cfg, progress=not args.json)
     if args.json:
         print(json.dumps(res))
     else:
         print_summary({"method": args.model, "w_bits": "?", "a_bits": "?", "kv_bits": "?", **res})
+        if run is not None:
+            print(f"settings from {args.model}/config.yaml: seqlen {cfg.eval.seqlen}, max windows "
+                  f"{cfg.eval.max_windows}, tasks {cfg.eval.tasks or 'none'}, {cfg.dtype} on {cfg.device}")
     return 0
 
 
 def add_quant_commands(sub) -> None:
     s = sub.add_parser("quantize", help="rotate, calibrate, quantize (W/A/KV), evaluate and save")
-    s.add_argument("--recipe", help="YAML file of QuantConfig settings; flags override it")
+    s.add_argument("--recipe", help="YAML file of RunConfig settings (nested or flat names); flags override it")
     s.add_argument("--out", required=True, help="run folder (must not exist or be empty)")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--skip-fp-eval", action="store_true", help="do not evaluate the unquantized model")
@@ -146,13 +181,17 @@ def add_quant_commands(sub) -> None:
     _add_config_flags(s)
     s.set_defaults(func=cmd_quantize)
 
-    s = sub.add_parser("eval", help="evaluate a model or a saved run folder")
+    s = sub.add_parser("eval", help="evaluate a model or a saved run folder (with the run's own settings "
+                                    "unless flags override them)")
     s.add_argument("model", help="run folder, HF folder, bundled name or .gguf")
-    s.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks")
-    s.add_argument("--limit", type=int, default=None, help="examples per zero-shot task")
-    s.add_argument("--seqlen", type=int, default=2048)
-    s.add_argument("--max-windows", type=int, default=None)
-    s.add_argument("--dtype", default="float32")
-    s.add_argument("--device", default="cpu")
+    unset = argparse.SUPPRESS  # an absent flag keeps the run's own setting
+    s.add_argument("--tasks", nargs="*", default=unset, help="zero-shot tasks (default: the run's, else none)")
+    s.add_argument("--limit", type=_optional(int), default=unset, help="examples per zero-shot task ('none': all)")
+    s.add_argument("--seqlen", type=int, default=unset, help="default: the run's eval_seqlen, else 2048")
+    s.add_argument("--max-windows", type=_optional(int), default=unset,
+                   help="windows per corpus ('none': all); default: the run's eval_max_windows, else all")
+    s.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), default=unset,
+                   help="default: the run's dtype, else float32")
+    s.add_argument("--device", default=unset, help="default: the run's device (cpu without CUDA), else cpu")
     s.add_argument("--json", action="store_true", help="print the metrics object")
     s.set_defaults(func=cmd_eval)

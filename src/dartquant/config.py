@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import yaml
 
 from .methods import METHODS, get_method, option_sections
 from .quant.scheme import QuantScheme
+from .typecheck import check_type, check_types
 
 
 @dataclass
@@ -38,6 +37,9 @@ class DataConfig:
     samples: int = 32
     seqlen: int = 2048
 
+    def __post_init__(self):
+        check_types(self)
+
 
 @dataclass
 class EvalConfig:
@@ -45,6 +47,9 @@ class EvalConfig:
     max_windows: int | None = None  # perplexity windows per corpus; None = all held-out windows
     tasks: list[str] = field(default_factory=list)  # zero-shot tasks; empty = none
     zeroshot_limit: int | None = None
+
+    def __post_init__(self):
+        check_types(self)
 
 
 # section -> (dataclass, flat-name prefix); flat names that do not follow the rule
@@ -81,6 +86,7 @@ class RunConfig:
     options: dict = field(default_factory=dict)  # method section name -> its settings (all registered)
 
     def __post_init__(self):
+        check_types(self)
         for name, (cls, _) in option_sections().items():
             self.options.setdefault(name, cls())
 
@@ -131,9 +137,9 @@ class RunConfig:
         if self.data.seqlen < 2 or self.eval.seqlen < 2:
             raise ValueError("sequence lengths must be at least 2")
         if self.eval.max_windows is not None and self.eval.max_windows <= 0:
-            raise ValueError(f"eval_max_windows must be positive (or null for all), got {self.eval.max_windows}")
+            raise ValueError(f"eval_max_windows must be at least 1 (or null for all), got {self.eval.max_windows}")
         if self.eval.zeroshot_limit is not None and self.eval.zeroshot_limit <= 0:
-            raise ValueError(f"zeroshot_limit must be positive (or null), got {self.eval.zeroshot_limit}")
+            raise ValueError(f"zeroshot_limit must be at least 1 (or null for all), got {self.eval.zeroshot_limit}")
         if self.eval.tasks:
             import importlib.util
 
@@ -236,60 +242,4 @@ def _unknown(key: str, valid: list[str], where: str) -> str:
     return f"{where}: unknown key {key!r}{hint}. Valid keys: {', '.join(sorted(valid))}"
 
 
-# ---- type checks ----------------------------------------------------------------------------
-def check_type(key: str, value, annotation, owner: type):
-    """`value` if it is of the field's declared type (ints accepted for floats), else ValueError
-    naming the key, the value and what is allowed. Booleans are accepted only as booleans."""
-    hint = _resolve(annotation, owner)
-    if _matches(value, hint):
-        return float(value) if hint is float and isinstance(value, int) and not isinstance(value, bool) else value
-    raise ValueError(f"{key}: {value!r} ({type(value).__name__}) is not a valid value; expected {_describe(hint)}")
-
-
-def _resolve(annotation, owner: type):
-    if isinstance(annotation, str):
-        module = __import__(owner.__module__, fromlist=["_"])
-        return eval(annotation, {**vars(typing), **vars(module)})  # annotations of our own dataclasses
-    return annotation
-
-
-def _matches(value, hint) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is list:
-        (item,) = typing.get_args(hint) or (typing.Any,)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if origin is dict:
-        kt, vt = typing.get_args(hint) or (typing.Any, typing.Any)
-        return isinstance(value, dict) and all(_matches(k, kt) and _matches(v, vt) for k, v in value.items())
-    if hint in (dict, list):
-        return isinstance(value, hint)
-    return hint is typing.Any or isinstance(value, hint)
-
-
-def _describe(hint) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}"
-    if origin is dict:
-        kt, vt = typing.get_args(hint)
-        return f"a mapping of {_describe(kt)} to {_describe(vt)}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
-
-
-__all__ = ["RunConfig", "DataConfig", "EvalConfig", "QuantScheme", "METHODS", "check_type", "flat_name", "sections"]
+__all__ = ["RunConfig", "DataConfig", "EvalConfig", "QuantScheme", "METHODS", "flat_name", "sections"]

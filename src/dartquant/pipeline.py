@@ -29,10 +29,10 @@ from .eval.ppl import evaluate_ppl
 from .log import log
 from .methods import MethodContext
 from .quant.act import install_quantizers_
-from .quant.checkpoint import save_quantized
+from .quant.checkpoint import round_unquantized_, save_quantized
 from .quant.weights import quantize_weights_
 from .stages import StageTimer, peak_memory_bytes
-from .runs import atomic_dir, check_out_dir, write_json, write_yaml
+from .runs import atomic_dir, check_out_dir, move_volatile_json_, split_volatile, write_json, write_yaml
 from .transforms import RotationSet, fuse_norms_, rotate_, untie_embeddings_
 from .zoo import TRANSFORM_FILE, load_model
 
@@ -60,18 +60,47 @@ def compute_rotations(model, cfg: RunConfig, ctx: MethodContext) -> RotationSet 
     return cfg.method_spec.produce(model, cfg, ctx)
 
 
+def model_geometry(spec):
+    """The model's geometry from its config.json alone (no weights), for checks before loading."""
+    from transformers import AutoConfig
+
+    from .zoo import ModelLoadError, resolve_model
+
+    folder = resolve_model(spec)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as e:  # transformers raises OSError / ValueError / KeyError on bad configs
+        raise ModelLoadError(f"could not read {folder}/config.json: {type(e).__name__}: {e}") from e
+    return adapter_for(config).geometry(config)
+
+
+def check_before_load(cfg: RunConfig, out, overwrite: bool):
+    """Every check that needs no weights: settings, output folder, the model's config, the
+    rotations file and the Hadamard sizes the method will need. Returns the checked out folder."""
+    from .hadamard import hadamard_factorization
+
+    cfg.resolve().validate()
+    out = check_out_dir(out, overwrite, inputs=(cfg.model, cfg.rotations))
+    geo = model_geometry(cfg.model)
+    cfg.validate(geo)  # group sizes against the real dimensions
+    if cfg.rotations:
+        RotationSet.load(cfg.rotations).validate(geo)
+    elif cfg.method_spec.rotates:
+        for n in (geo.hidden, geo.head_dim):  # R1 / R2 start from (random) Hadamard matrices
+            hadamard_factorization(n)
+        RotationSet(r3=cfg.r3, r4=cfg.r4).validate(geo)  # the online R3 / R4 sizes
+    return out
+
+
 def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, eval_fp: bool = True,
                  progress: bool = True) -> dict:
     """Quantize `cfg.model` as `cfg` says; write the run folder `out`; return metrics."""
-    cfg.resolve().validate()
-    out = check_out_dir(out, overwrite)
+    out = check_before_load(cfg, out, overwrite)
     torch.manual_seed(cfg.seed)
     timer = StageTimer()
     with timer("load"):
         model, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype))
     adapter = adapter_for(model)
-    geo = adapter.geometry(model.config)
-    cfg.validate(geo)  # group sizes against the real dimensions, before any heavy work
     sc = cfg.scheme
     metrics: dict = {"method": cfg.method, "model": cfg.model, "seed": cfg.seed, "w_bits": sc.w_bits,
                      "a_bits": sc.a_bits, "kv_bits": sc.kv_bits, "w_quantizer": sc.weight_quantizer}
@@ -89,6 +118,9 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
             fuse_norms_(model, adapter)
         ctx = MethodContext(calib_ids=calib_ids, tokenizer=tokenizer, timer=timer, out_dir=tmp, progress=progress)
         rotations = compute_rotations(model, cfg, ctx)
+        # the calibration's own files (loss curves) are the only JSON in tmp yet: their timings
+        # move to metrics.json, so that identical runs give byte-identical artifacts
+        timings = move_volatile_json_(tmp)
         if rotations is not None:
             # what the calibration chose and its held-out numbers (learning rates, held-out loss /
             # SQNR before and after), so that a sweep's JSON says how every row was tuned
@@ -103,6 +135,7 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
         log.info("quantizing weights (%s, %d bits)", sc.weight_quantizer, sc.w_bits)
         with timer("quantize"):
             qtensors = quantize_weights_(model, sc, calib_ids, adapter, progress, device=cfg.device)
+            round_unquantized_(model, qtensors, sc.unquantized_dtype, adapter)  # evaluate what is stored
         log.info("evaluating the quantized model")
         with timer("eval"):
             res = evaluate(model, tokenizer, cfg, progress)
@@ -114,16 +147,21 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
 
             tokenizer.save_pretrained(str(tmp))
             model.config.save_pretrained(str(tmp))
-            save_quantized(model, qtensors, tmp)
+            save_quantized(model, qtensors, tmp, sc.unquantized_dtype, adapter)
             spec = online_spec(model, adapter)
             spec["quantization"] = cfg.to_dict()  # the whole run's settings, for the record
             spec["scheme"] = cfg.to_dict()["scheme"]  # what load_model re-installs
             if rotations is not None:
+                rotations.meta, volatile = split_volatile(rotations.meta)
+                if volatile:
+                    timings["rotations"] = volatile
                 rotations.save(tmp / "rotations.safetensors")
                 spec["rotations"] = {"file": "rotations.safetensors", **rotations.meta}
             write_json(tmp / TRANSFORM_FILE, spec)
             write_yaml(tmp / "config.yaml", cfg.to_dict())
         metrics["seconds"] = timer.seconds
         metrics["peak_memory_bytes"] = peak_memory_bytes(cfg.device)
+        if timings:
+            metrics["calibration_timings"] = timings
         write_json(tmp / "metrics.json", metrics)
     return metrics

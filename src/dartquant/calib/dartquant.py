@@ -35,6 +35,7 @@ from ..adapters import adapter_for
 from ..hadamard import random_hadamard_matrix
 from ..quant.primitives import fake_quantize
 from ..stages import measure
+from ..typecheck import check_types
 from ..transforms import RotationSet, fuse_norms_
 from ..transforms.placements import kv_head_token_view
 from .capture import Captured, capture_activations
@@ -74,6 +75,9 @@ class DartQuantConfig:
     optimizer: str = "sgd"  # sgd | adam
     r2_normalize: str = "none"  # none | rms: the o_proj inputs before the loss
     lr_grid: list[float] = field(default_factory=list)  # non-empty: fit R1 / R2 at each lr, keep the best held-out
+
+    def __post_init__(self):
+        check_types(self)
 
     def validate(self) -> None:
         if self.loss not in LOSSES:

@@ -49,6 +49,7 @@ from ..hadamard import fast_hadamard_transform, random_hadamard_matrix
 from ..modules import QLinear
 from ..quant.act import install_quantizers_, set_act_quant_enabled_
 from ..quant.primitives import QuantSpec, fake_quantize
+from ..typecheck import check_types
 from ..transforms import RotationSet, fuse_norms_
 from ..transforms.online import install_online_
 from ..transforms.placements import (NORM_ROLES, apply_placement, expand_rope_pairs, placements_on, scale_sizes,
@@ -96,6 +97,9 @@ class E2EConfig:
     w_bits: int | None = None  # weight bits while training; None: 16 before GPTQ, else the scheme's
     checkpointing: bool = True
     amp: str = "auto"  # training matmuls: bf16 autocast ("bf16"), fp32 ("off"); auto = bf16 on CUDA
+
+    def __post_init__(self):
+        check_types(self)
 
     def validate(self) -> None:
         for name in ("steps", "batch", "micro_batch", "kl_topk"):

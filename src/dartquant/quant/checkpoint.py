@@ -3,16 +3,20 @@
 Folder layout (written atomically by the pipeline):
   config.json, tokenizer files     the Hugging Face config and tokenizer
   quantized.safetensors            per quantized linear `<name>.codes/.scale/.zero/.qmeta`
-                                   (4-bit codes packed two per byte); every other parameter
-                                   (embeddings, norms, lm_head, biases) as is
+                                   (4-bit codes packed two per byte); the embedding and an
+                                   unquantized lm_head in `unquantized_dtype` (float16 by
+                                   default: the papers keep them 16-bit); norms and biases as is
   dartquant.json                   online transforms + activation/KV quantizer settings
   rotations.safetensors            the rotation matrices used (reusable with --rotations)
+`round_unquantized_` rounds the embedding and lm_head to that dtype in the model before the
+in-run evaluation, so the stored values are exactly the evaluated ones.
 Loading rebuilds the model from its config, dequantizes the codes into the weights, and
 re-installs the online rotations and quantizers, so it computes exactly what was evaluated.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -24,15 +28,44 @@ from .primitives import QuantizedTensor
 WEIGHTS_FILE = "quantized.safetensors"
 
 
-def save_quantized(model, qtensors: dict[str, QuantizedTensor], folder: Path) -> None:
+def unquantized_names(model, qtensors: dict, adapter=None) -> list[str]:
+    """State-dict names of the embedding and lm_head weights that were not quantized."""
+    from ..adapters import adapter_for
+
+    adapter = adapter or adapter_for(model)
+    names = {m: n for n, m in model.named_modules()}
+    mods = (adapter.embedding(model), adapter.head(model))
+    return [f"{names[m]}.weight" for m in mods if names[m] not in qtensors]
+
+
+@torch.no_grad()
+def round_unquantized_(model, qtensors: dict, dtype: str, adapter=None) -> None:
+    """Round the unquantized embedding / lm_head weights to `dtype` (values kept in the model's
+    dtype), so that evaluation sees exactly what save_quantized stores."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    target = getattr(torch, dtype)
+    for name in unquantized_names(model, qtensors, adapter):
+        w = params[name]
+        if target == torch.float16 and w.abs().max() > torch.finfo(torch.float16).max:
+            raise ValueError(f"{name} has values beyond float16's range; set unquantized_dtype: bfloat16")
+        w.data.copy_(w.data.to(target).to(w.dtype))
+
+
+def save_quantized(model, qtensors: dict[str, QuantizedTensor], folder: Path, unquantized_dtype: str = "float32",
+                   adapter=None) -> None:
     state = {}
     quantized = {f"{name}.weight" for name in qtensors}
+    narrow = {n: getattr(torch, unquantized_dtype) for n in unquantized_names(model, qtensors, adapter)}
     for name, tensor in model.state_dict().items():
         if name not in quantized and name.endswith(("weight", "bias")):
-            state[name] = tensor.detach().cpu().contiguous()
+            t = tensor.detach().cpu()
+            state[name] = (t.to(narrow[name]) if name in narrow else t).contiguous()
     for name, qt in qtensors.items():
         state.update(qt.to_state_dict(prefix=f"{name}."))
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "dartquant-quantized-1"})
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder / WEIGHTS_FILE, 0o666 & ~mask)  # safetensors writes 0600; a result is readable like any file
 
 
 def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32):

@@ -13,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..adapters import LINEAR_ROLES
+from ..typecheck import check_types
 from .primitives import QuantSpec
 
 WEIGHT_QUANTIZERS = ("rtn", "gptq")
+UNQUANTIZED_DTYPES = ("float16", "bfloat16", "float32")
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 
 
@@ -47,6 +49,12 @@ class QuantScheme:
     kv_clip: float = 1.0
     kv_group_size: int | None = None  # None = head_dim
     quantize_lm_head: bool = False  # lm_head weights (RTN) and its input at a_bits, if true
+    # embeddings and the unquantized lm_head, stored (and evaluated) in this dtype; the papers keep
+    # them 16-bit; float16 (10 mantissa bits) is 8x finer than bfloat16 at their small magnitudes
+    unquantized_dtype: str = "float16"
+
+    def __post_init__(self):
+        check_types(self)
 
     @property
     def weight_quantizer(self) -> str:
@@ -80,6 +88,8 @@ class QuantScheme:
                 raise ValueError(f"a_bits_overrides: unknown role {role!r}; roles are {', '.join(LINEAR_ROLES)}")
             if bits not in SUPPORTED_BITS:
                 raise ValueError(f"a_bits_overrides[{role}]={bits} is not supported; use one of {SUPPORTED_BITS}")
+        if self.unquantized_dtype not in UNQUANTIZED_DTYPES:
+            raise ValueError(f"unquantized_dtype must be one of {UNQUANTIZED_DTYPES}, not {self.unquantized_dtype!r}")
         for name in ("a_clip", "kv_clip"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")

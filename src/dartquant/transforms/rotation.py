@@ -13,6 +13,11 @@ transform touches, on which side, per head or not). A set holds, by SpinQuant's 
   "up" [intermediate]. The "qk" one must give channels j and j + head_dim/2 of a head the same
   value: RoPE rotates them together, and then it commutes with the scaling.
 
+`rotate_` fails whole: `validate` checks everything the set needs (shapes, orthogonality,
+scalings, a Hadamard construction for R3's head_dim and R4's intermediate size, norms it can
+fuse) and R4's matrix is built before the first weight is touched, so an error leaves the model
+exactly as it was.
+
 Saved as safetensors: tensors "R1", "R2" and "S.<name>" for scalings, and the flags and provenance (method, seed) as
 JSON in the header's metadata. Loading never unpickles anything.
 """
@@ -31,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..adapters import Geometry, ModelAdapter, adapter_for
-from ..hadamard import hadamard_matrix, random_hadamard_matrix
+from ..hadamard import hadamard_factorization, hadamard_matrix, random_hadamard_matrix
 from .fuse import fuse_norms_, norms_fused
 from .online import install_online_
 from .placements import (MODEL_ROLES, TRANSFORMS, Placement, TransformSpec, apply_placement,
@@ -81,7 +86,12 @@ class RotationSet:
 
     # ---- checks -------------------------------------------------------------------------
     def validate(self, geometry: Geometry) -> None:
-        """Shapes must match the model; matrices must be orthogonal (to float32 precision)."""
+        """Everything applying the set needs, checked against the model's geometry (from its config:
+        no weights needed): shapes, orthogonality (to float32 precision), scalings, and Hadamard
+        constructions for the online R3 (head_dim) and R4 (intermediate size)."""
+        for name, on, n in (("R3", self.r3, geometry.head_dim), ("R4", self.r4, geometry.intermediate)):
+            if on:
+                hadamard_factorization(n)  # HadamardError with the reason, before anything is touched
         expect = {"R1": (geometry.hidden, geometry.hidden),
                   "R2": (geometry.n_layers, geometry.n_kv_heads, geometry.head_dim, geometry.head_dim)}
         for name, mat in (("R1", self.r1), ("R2", self.r2)):
@@ -92,7 +102,7 @@ class RotationSet:
                                  "the rotations were made for another model")
             m = mat.double()
             err = (m @ m.transpose(-1, -2) - torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)).abs().max().item()
-            if err > 1e-4:
+            if not err <= 1e-4:  # also refuses NaN
                 raise ValueError(f"{name} is not orthogonal (max |R R^T - I| = {err:.2e})")
         sizes = scale_sizes(geometry)
         for name, s in self.scales.items():
@@ -104,6 +114,8 @@ class RotationSet:
             if not bool(torch.all(torch.isfinite(s)) and torch.all(s > 0)):
                 raise ValueError(f"scaling {name} must be finite and positive")
             if name == "qk":
+                if geometry.head_dim % 2:
+                    raise ValueError(f"scaling qk needs an even head_dim (RoPE pairs), not {geometry.head_dim}")
                 pairs = s.double().view(geometry.n_layers, geometry.n_kv_heads, 2, geometry.head_dim // 2)
                 if not torch.allclose(pairs[:, :, 0], pairs[:, :, 1], rtol=1e-6, atol=0.0):
                     raise ValueError("scaling qk must give channels j and j + head_dim/2 of each head the same "
@@ -160,18 +172,23 @@ def _module(model: nn.Module, adapter: ModelAdapter, role: str) -> nn.Module:
 
 @torch.no_grad()
 def rotate_(model: nn.Module, rotations: RotationSet, adapter: ModelAdapter | None = None) -> None:
-    """Fold `rotations` into `model` in place (fusing norms first) and install R3/R4 online."""
+    """Fold `rotations` into `model` in place (fusing norms first) and install R3/R4 online.
+
+    Fails whole: every check (and R4's matrix) comes before the first weight changes."""
     adapter = adapter or adapter_for(model)
     geo = adapter.geometry(model.config)
     rotations.validate(geo)
+    layers = adapter.layers_of(model)
+    for norm in [adapter.norm(model)] + [n for l in layers for n in (l.input_norm, l.post_attn_norm)]:
+        if getattr(norm, "bias", None) is not None:
+            raise NotImplementedError("norms with a bias (LayerNorm) are not supported yet")
     where = adapter.embedding(model).weight.device  # matrices made on another device fold here
+    # every value (R4's Hadamard included) is built before the first weight changes
+    values = [(spec, t) for spec in TRANSFORMS if (t := rotations.value(spec.name, geo, where)) is not None]
     if not norms_fused(model, adapter):
         fuse_norms_(model, adapter)
     layers = adapter.layers_of(model)
-    for spec in TRANSFORMS:  # the placement table, in its folding order
-        t = rotations.value(spec.name, geo, where)
-        if t is None:
-            continue
+    for spec, t in values:  # the placement table, in its folding order
         for p in spec.placements:
             if p.role in MODEL_ROLES:
                 _fold_(_module(model, adapter, p.role), t, spec, p, geo)
