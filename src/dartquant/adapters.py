@@ -71,6 +71,7 @@ class ModelAdapter:
     layers: str = "model.layers"
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
+    rotary: str = "model.rotary_emb"
     lm_head: str = "lm_head"
     attn: str = "self_attn"
     q: str = "q_proj"

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from .primitives import QuantizedTensor
 
 WEIGHTS_FILE = "quantized.safetensors"
+_QKEYS = ("codes", "scale", "zero", "qmeta")  # QuantizedTensor.to_state_dict's keys
 
 
 def save_quantized(model, qtensors: dict[str, QuantizedTensor], folder: Path) -> None:
@@ -56,7 +57,9 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
     except Exception as e:
         raise ValueError(f"{path} is missing or not a readable safetensors file ({e}); the folder is damaged") from e
     prefixes = {k[: -len(".qmeta")] for k in state if k.endswith(".qmeta")}
-    weights = {k: v for k, v in state.items() if not any(k.startswith(p + ".") for p in prefixes)}
+    # drop only the codes / scales of quantized linears: their biases (Qwen2's q/k/v) stay
+    weights = {k: v for k, v in state.items()
+               if not (k.rpartition(".")[0] in prefixes and k.rpartition(".")[2] in _QKEYS)}
     for p in prefixes:
         weights[f"{p}.weight"] = QuantizedTensor.from_state_dict(state, prefix=f"{p}.").dequantize()
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
@@ -68,5 +71,6 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     model.eval()
     install_from_spec_(model, spec, folder)
-    install_quantizers_(model, QuantConfig.from_dict(spec["quantization"]))
+    # folders written before kv_exclude_k_bias existed quantized K with its bias
+    install_quantizers_(model, QuantConfig.from_dict({"kv_exclude_k_bias": False, **spec["quantization"]}))
     return model

@@ -59,6 +59,7 @@ class QuantConfig:
     kv_symmetric: bool = False
     kv_clip: float = 1.0
     kv_group_size: int | None = None  # None = head_dim
+    kv_exclude_k_bias: bool = True  # quantize K minus its RoPE'd k_proj bias (Qwen2; modules.AttentionTransform)
     quantize_lm_head: bool = False  # lm_head weights (RTN) and its input at a_bits, if true
     # calibration data
     calib_corpus: str = "wiki"
@@ -94,6 +95,10 @@ class QuantConfig:
     eval_max_windows: int | None = None
     tasks: list = field(default_factory=list)  # zero-shot tasks; empty = none
     zeroshot_limit: int | None = None
+    # quality guard (quant/guard.py): FP vs quantized on held-out calibration text
+    guard_windows: int = 4  # windows of calib_seqlen tokens; 0 = no check
+    guard_max_ppl_ratio: float = 3.0  # above: "collapsed" (docs/RESULTS.md, Quality guard)
+    fail_on_collapse: bool = True  # CLI: exit status 3 on a collapsed verdict
     # where
     device: str = "cpu"
     dtype: str = "float32"
@@ -148,6 +153,8 @@ class QuantConfig:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.calib_samples <= 0 and (self.weight_quantizer == "gptq" or self.method == "dartquant"):
             raise ValueError("calib_samples must be positive: GPTQ and DartQuant need calibration data")
+        if self.guard_windows < 0 or not self.guard_max_ppl_ratio >= 1:
+            raise ValueError("guard_windows must be >= 0 and guard_max_ppl_ratio >= 1")
         if self.calib_seqlen < 2 or self.eval_seqlen < 2:
             raise ValueError("sequence lengths must be at least 2")
         if not isinstance(self.dq_lr_grid, (list, tuple)) or not all(
