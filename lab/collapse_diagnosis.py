@@ -245,7 +245,10 @@ def build(fp_model, method: str, cfg: QuantConfig, tok, calib_ids):
 @torch.no_grad()
 def fp64_check(fp_model, tokens: int, device) -> float:
     """Max relative logit error of the QuaRot-rotated model vs the original, both float64."""
+    from dartquant.transforms.fuse import exact_norms_
+
     ref = copy.deepcopy(fp_model).double()
+    exact_norms_(ref)  # transformers' RMSNorm works in float32 even on float64 inputs
     rot = copy.deepcopy(ref)
     adapter = adapter_for(rot)
     untie_embeddings_(rot, adapter)
