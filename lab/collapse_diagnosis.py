@@ -159,10 +159,12 @@ def layer_errors(sb: Switchboard, ids, cell: dict) -> list[float]:
     return out
 
 
-def grid(sb: Switchboard, windows, n_layers: int, per_layer: bool, extra: dict) -> dict:
+def grid(sb: Switchboard, windows, n_layers: int, per_layer: bool, extra: dict, cells=()) -> dict:
     res = {}
 
     def run(name, **cell):
+        if cells and name not in cells:
+            return
         t0 = time.time()
         sb.set(**cell)
         res[name] = ppl(sb.model, windows)
@@ -270,6 +272,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--per-layer", action="store_true")
+    ap.add_argument("--cells", nargs="*", default=[], help="run only these grid cells (e.g. W16A16K4 W4A4KV4_kbias)")
     ap.add_argument("--fp64-tokens", type=int, default=0)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="QuantConfig settings (e.g. e2e_steps=20)")
     ap.add_argument("--out", required=True)
@@ -298,7 +301,11 @@ def main():
         model, rot = build(fp, method, cfg, tok, calib_ids)
         model.to(args.device)
         sb = Switchboard(model, cfg)
-        entry = {"grid": grid(sb, windows, geo.n_layers, args.per_layer, candidate_fixes(geo.n_layers))}
+        entry = {"grid": grid(sb, windows, geo.n_layers, args.per_layer, candidate_fixes(geo.n_layers), args.cells)}
+        if args.cells:  # a quick look: the grid cells only
+            result["methods"][method] = entry
+            Path(args.out).write_text(json.dumps(result, indent=1))
+            continue
         entry["layer_error_W16A4KV4"] = layer_errors(sb, windows[:1], {"a": sb.all_a(), "kv": sb.all_kv()})
         entry["layer_error_W4A4KV4"] = layer_errors(sb, windows[:1], {"w4": True, "a": sb.all_a(), "kv": sb.all_kv()})
         entry["layer_error_W16A16K4"] = layer_errors(sb, windows[:1], {"kv": sb.all_kv(which=("k",))})
