@@ -215,3 +215,27 @@ def test_qwen15_k_cache_collapses_with_its_bias_and_not_without():
         ppl[exclude] = perplexity(model, ids, progress=False)["ppl"]
     assert ppl[True] < 1.2 * fp, (fp, ppl)
     assert ppl[False] > 10 * fp, (fp, ppl)
+
+
+def test_a_check_that_cannot_run_is_loud_but_keeps_the_run(tmp_path, capsys, monkeypatch):
+    from dartquant import zoo
+    from dartquant.quant.pipeline import run_quantize
+
+    folder = save_tiny_folder(tmp_path / "m")
+    cfg = QuantConfig(model=str(folder), w_quantizer="rtn", calib_samples=2, calib_seqlen=32, eval_seqlen=32,
+                      eval_max_windows=1)
+    real = zoo.load_model
+    calls = []
+
+    def failing_second_load(*a, **k):  # the run's own load works; the guard's reload fails
+        calls.append(1)
+        if len(calls) > 1:
+            raise MemoryError("no room for the FP model")
+        return real(*a, **k)
+
+    monkeypatch.setattr(zoo, "load_model", failing_second_load)
+    monkeypatch.setattr("dartquant.quant.pipeline.load_model", failing_second_load)
+    m = run_quantize(cfg, tmp_path / "run", progress=False, eval_fp=False)
+    assert m["quality_check"]["verdict"] == "error" and "MemoryError" in m["quality_check"]["error"]
+    assert "NOT checked" in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.json").is_file()

@@ -121,10 +121,12 @@ class AttentionTransform(nn.Module):
 
     K bias kept out of the K quantizer (`keep_k_bias_`): with a k_proj bias b, the cached key at
     position t is RoPE_t(x W + b) = RoPE_t(x W) + RoPE_t(b), and RoPE_t(b) depends on t alone.
-    Qwen2 models have |b| of 100-200 in a few channels of some layers, far above the content
-    part, so a per-token 4-bit K quantizer spends its whole range on a constant and rounds the
-    content away (docs/RESULTS.md, issue 12). We quantize k - R3(RoPE_t(b)) and add it back: a
-    kernel stores the same codes and adds the position-only term when it dequantizes.
+    Qwen2 models have |b| up to 354 (Qwen2.5-Coder-1.5B, layer 0), far above the content part, so
+    a per-token 4-bit K quantizer spends its whole range on a constant and rounds the content
+    away (docs/RESULTS.md §7). We quantize k - R3(RoPE_t(b)) and add it back: a kernel stores the
+    same codes and adds the position-only term when it dequantizes. Positions come from the
+    attention call's position_ids; keys read from a cache (more keys than position_ids) are
+    taken at positions 0..S-1, i.e. unpadded sequences.
     """
 
     def __init__(self, head_dim: int, rotate_qk: bool = False):

@@ -45,13 +45,11 @@ def guard_corpus(calib_corpus: str) -> str:
 
 
 def guard_windows(tokenizer, calib_corpus: str, n: int, seqlen: int) -> torch.Tensor:
-    """[n', seqlen] consecutive windows from the start of the calibration half of guard_corpus
-    (n' <= n when the half is short; at least one)."""
+    """[n', seqlen'] consecutive windows from the start of the calibration half of guard_corpus
+    (n' <= n and seqlen' <= seqlen when the half is short; at least one)."""
     stream = tokenize(tokenizer, corpus_split(guard_corpus(calib_corpus), "calib"))
-    n = min(n, stream.numel() // seqlen)
-    if n < 1:
-        raise ValueError(f"the {guard_corpus(calib_corpus)} calibration half has {stream.numel()} tokens: "
-                         f"fewer than one guard window of {seqlen}")
+    seqlen = min(seqlen, stream.numel())  # never fail at the end of a run over a long calib_seqlen
+    n = max(1, min(n, stream.numel() // seqlen))
     return stream[: n * seqlen].view(n, seqlen)
 
 
@@ -189,12 +187,17 @@ def run_guard(model: nn.Module, tokenizer, cfg, rotations=None, log=None) -> dic
     held-out windows of cfg.calib_seqlen tokens, warn loudly if collapsed."""
     from ..zoo import load_model
 
-    windows = guard_windows(tokenizer, cfg.calib_corpus, cfg.guard_windows, cfg.calib_seqlen)
-    fp_model, _ = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
-    model.to(cfg.device)
+    fp_model = None
     try:
+        windows = guard_windows(tokenizer, cfg.calib_corpus, cfg.guard_windows, cfg.calib_seqlen)
+        fp_model, _ = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+        model.to(cfg.device)
         r1 = getattr(rotations, "r1", None)
         check = quality_check(model, fp_model, windows, max_ppl_ratio=cfg.guard_max_ppl_ratio, r1=r1)
+    except Exception as e:  # a finished run is not thrown away because its check could not run
+        print(f"[dartquant] WARNING: the quality check could not run ({type(e).__name__}: {e}); "
+              "the model was NOT checked against the FP model", file=sys.stderr)
+        return {"verdict": "error", "error": f"{type(e).__name__}: {e}", "threshold": cfg.guard_max_ppl_ratio}
     finally:
         model.to("cpu")
         del fp_model
