@@ -3,7 +3,7 @@
 
     PYTHONPATH=src python lab/k4_bias_check.py   # writes k4_05.json
 """
-import json, time, torch
+import json
 from dartquant.adapters import adapter_for
 from dartquant.data import eval_windows
 from dartquant.eval.ppl import perplexity
