@@ -25,7 +25,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -38,9 +37,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from dartquant.adapters import LINEAR_ROLES, adapter_for  # noqa: E402
 from dartquant.data import calib_windows, eval_windows  # noqa: E402
 from dartquant.eval.ppl import perplexity  # noqa: E402
-from dartquant.quant.act import ActQuantizer, install_quantizers_  # noqa: E402
+from dartquant.quant.act import install_quantizers_  # noqa: E402
 from dartquant.quant.config import QuantConfig  # noqa: E402
-from dartquant.quant.primitives import QuantizedTensor, QuantSpec  # noqa: E402
+from dartquant.quant.primitives import QuantizedTensor  # noqa: E402
 from dartquant.transforms import RotationSet, rotate_, untie_embeddings_  # noqa: E402
 from dartquant.zoo import load_model  # noqa: E402
 
