@@ -103,6 +103,10 @@ def cmd_quantize(args) -> int:
     else:
         print_summary(metrics)
         print(f"\nrun folder: {args.out}")
+    if cfg.eval.fail_on_collapse and metrics.get("quality_check", {}).get("verdict") == "collapsed":
+        from .quant.guard import COLLAPSE_EXIT_STATUS
+
+        return COLLAPSE_EXIT_STATUS
     return 0
 
 

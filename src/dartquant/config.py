@@ -47,6 +47,10 @@ class EvalConfig:
     max_windows: int | None = None  # perplexity windows per corpus; None = all held-out windows
     tasks: list[str] = field(default_factory=list)  # zero-shot tasks; empty = none
     zeroshot_limit: int | None = None
+    # quality guard (quant/guard.py): FP vs quantized on held-out calibration text
+    guard_windows: int = 4  # windows of calib_seqlen tokens; 0 = no check
+    guard_max_ppl_ratio: float = 3.0  # above: "collapsed" (docs/RESULTS.md §7)
+    fail_on_collapse: bool = True  # CLI: exit status 3 on a collapsed verdict
 
     def __post_init__(self):
         check_types(self)
@@ -54,7 +58,8 @@ class EvalConfig:
 
 # section -> (dataclass, flat-name prefix); flat names that do not follow the rule
 _FIXED_SECTIONS = {"scheme": (QuantScheme, ""), "data": (DataConfig, "calib"), "eval": (EvalConfig, "eval")}
-_FLAT_EXCEPTIONS = {("eval", "tasks"): "tasks", ("eval", "zeroshot_limit"): "zeroshot_limit"}
+_FLAT_EXCEPTIONS = {("eval", name): name for name in ("tasks", "zeroshot_limit", "guard_windows",
+                                                      "guard_max_ppl_ratio", "fail_on_collapse")}
 _TOP = ("model", "method", "rotations", "seed", "r3", "r4", "device", "dtype")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -140,6 +145,8 @@ class RunConfig:
             raise ValueError(f"eval_max_windows must be at least 1 (or null for all), got {self.eval.max_windows}")
         if self.eval.zeroshot_limit is not None and self.eval.zeroshot_limit <= 0:
             raise ValueError(f"zeroshot_limit must be at least 1 (or null for all), got {self.eval.zeroshot_limit}")
+        if self.eval.guard_windows < 0 or not self.eval.guard_max_ppl_ratio >= 1:
+            raise ValueError("guard_windows must be >= 0 and guard_max_ppl_ratio >= 1")
         if self.eval.tasks:
             import importlib.util
 

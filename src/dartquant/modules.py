@@ -111,8 +111,23 @@ def as_qlinear(module: nn.Module) -> QLinear:
     return QLinear(module)
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
 class AttentionTransform(nn.Module):
-    """Q/K/V after RoPE: optional R3 Hadamard on Q and K, optional K and V quantizers."""
+    """Q/K/V after RoPE: optional R3 Hadamard on Q and K, optional K and V quantizers.
+
+    K bias kept out of the K quantizer (`keep_k_bias_`): with a k_proj bias b, the cached key at
+    position t is RoPE_t(x W + b) = RoPE_t(x W) + RoPE_t(b), and RoPE_t(b) depends on t alone.
+    Qwen2 models have |b| up to 354 (Qwen2.5-Coder-1.5B, layer 0), far above the content part, so
+    a per-token 4-bit K quantizer spends its whole range on a constant and rounds the content
+    away (docs/RESULTS.md §7). We quantize k - R3(RoPE_t(b)) and add it back: a kernel stores the
+    same codes and adds the position-only term when it dequantizes. Positions come from the
+    attention call's position_ids; keys read from a cache (more keys than position_ids) are
+    taken at positions 0..S-1, i.e. unpadded sequences.
+    """
 
     def __init__(self, head_dim: int, rotate_qk: bool = False):
         super().__init__()
@@ -120,11 +135,29 @@ class AttentionTransform(nn.Module):
         self.qk_rotation = OnlineHadamard(head_dim) if rotate_qk else None
         self.k_quantizer: nn.Module | None = None
         self.v_quantizer: nn.Module | None = None
+        self._k_bias_from: tuple = ()  # (k_proj, rotary module): plain references, not submodules
 
-    def forward(self, q, k, v):  # [B, H, S, D], [B, Hkv, S, D], [B, Hkv, S, D]
+    def keep_k_bias_(self, k_linear: nn.Module | None, rotary: nn.Module | None = None) -> None:
+        """Read K's bias live from `k_linear` (None: stop) and keep it out of the K quantizer."""
+        self._k_bias_from = (k_linear, rotary) if k_linear is not None and k_linear.bias is not None else ()
+
+    def _k_offset(self, k: torch.Tensor, position_ids) -> torch.Tensor:  # R3(RoPE_t(b)): [B|1, Hkv, S, D]
+        k_linear, rotary = self._k_bias_from
+        b = k_linear.bias.to(k.dtype).view(1, k.shape[1], 1, self.head_dim)
+        s = k.shape[-2]
+        if position_ids is None or position_ids.shape[-1] != s:  # keys of a cache: positions 0..S-1
+            position_ids = torch.arange(s, device=k.device).unsqueeze(0)
+        cos, sin = rotary(k, position_ids.to(k.device))
+        off = b * cos.unsqueeze(1).to(k.dtype) + _rotate_half(b) * sin.unsqueeze(1).to(k.dtype)
+        return self.qk_rotation(off) if self.qk_rotation is not None else off
+
+    def forward(self, q, k, v, position_ids=None):  # [B, H, S, D], [B, Hkv, S, D], [B, Hkv, S, D]
         if self.qk_rotation is not None:
             q, k = self.qk_rotation(q), self.qk_rotation(k)
-        if self.k_quantizer is not None:
+        if self.k_quantizer is not None and self._k_bias_from:
+            off = self._k_offset(k, position_ids)
+            k = self.k_quantizer(k - off) + off
+        elif self.k_quantizer is not None:
             k = self.k_quantizer(k)
         if self.v_quantizer is not None:
             v = self.v_quantizer(v)
@@ -136,7 +169,7 @@ def _dartquant_attention(module, query, key, value, attention_mask, **kwargs):
 
     transform = getattr(module, "dq_attention", None)
     if transform is not None:
-        query, key, value = transform(query, key, value)
+        query, key, value = transform(query, key, value, kwargs.get("position_ids"))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -14,6 +14,7 @@ Stages and their timers ("seconds" in metrics.json):
   eval_fp    perplexity / zero-shot of the unquantized model (skipped with eval_fp=False)
   eval       perplexity / zero-shot of the quantized model
   save       the checkpoint
+  guard      the quality check against the FP model on held-out calibration text (quant/guard.py)
 """
 
 from __future__ import annotations
@@ -159,6 +160,11 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
                 spec["rotations"] = {"file": "rotations.safetensors", **rotations.meta}
             write_json(tmp / TRANSFORM_FILE, spec)
             write_yaml(tmp / "config.yaml", cfg.to_dict())
+        if cfg.eval.guard_windows:  # never hand out a broken model silently (quant/guard.py)
+            from .quant.guard import run_guard
+
+            with timer("guard"):
+                metrics["quality_check"] = run_guard(model, tokenizer, cfg, rotations)
         metrics["seconds"] = timer.seconds
         metrics["peak_memory_bytes"] = peak_memory_bytes(cfg.device)
         if timings:

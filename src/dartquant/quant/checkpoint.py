@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from .primitives import QuantizedTensor
 
 WEIGHTS_FILE = "quantized.safetensors"
+_QKEYS = ("codes", "scale", "zero", "qmeta")  # QuantizedTensor.to_state_dict's keys
 
 
 def unquantized_names(model, qtensors: dict, adapter=None) -> list[str]:
@@ -88,7 +89,9 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
     except Exception as e:
         raise ValueError(f"{path} is missing or not a readable safetensors file ({e}); the folder is damaged") from e
     prefixes = {k[: -len(".qmeta")] for k in state if k.endswith(".qmeta")}
-    weights = {k: v for k, v in state.items() if not any(k.startswith(p + ".") for p in prefixes)}
+    # drop only the codes / scales of quantized linears: their biases (Qwen2's q/k/v) stay
+    weights = {k: v for k, v in state.items()
+               if not (k.rpartition(".")[0] in prefixes and k.rpartition(".")[2] in _QKEYS)}
     for p in prefixes:
         weights[f"{p}.weight"] = QuantizedTensor.from_state_dict(state, prefix=f"{p}.").dequantize()
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
@@ -113,5 +116,8 @@ def scheme_of(spec: dict):
     from .scheme import QuantScheme
 
     names = {f.name for f in dataclasses.fields(QuantScheme)}
-    raw = spec.get("scheme") or {k: v for k, v in spec.get("quantization", {}).items() if k in names}
-    return QuantScheme(**raw)
+    if "scheme" in spec:
+        return QuantScheme(**spec["scheme"])
+    # older folders: the flat settings; they quantized K with its bias (no kv_exclude_k_bias yet)
+    return QuantScheme(**{"kv_exclude_k_bias": False,
+                          **{k: v for k, v in spec.get("quantization", {}).items() if k in names}})

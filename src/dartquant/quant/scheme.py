@@ -48,6 +48,9 @@ class QuantScheme:
     kv_symmetric: bool = False
     kv_clip: float = 1.0
     kv_group_size: int | None = None  # None = head_dim
+    # quantize K minus its RoPE'd k_proj bias, added back exactly (modules.AttentionTransform): a
+    # large bias (Qwen2.5-1.5B layer 0: |b| 354) otherwise takes the whole 4-bit range (RESULTS §7)
+    kv_exclude_k_bias: bool = True
     quantize_lm_head: bool = False  # lm_head weights (RTN) and its input at a_bits, if true
     # embeddings and the unquantized lm_head, stored (and evaluated) in this dtype; the papers keep
     # them 16-bit; float16 (10 mantissa bits) is 8x finer than bfloat16 at their small magnitudes
