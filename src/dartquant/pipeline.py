@@ -33,7 +33,7 @@ from .quant.checkpoint import save_quantized
 from .quant.weights import quantize_weights_
 from .stages import StageTimer, peak_memory_bytes
 from .runs import atomic_dir, check_out_dir, write_json, write_yaml
-from .transforms import RotationSet, fuse_norms_, rotate_, untie_embeddings_
+from .transforms import RotationSet, fuse_norms_, rotate_, split_experts_, untie_embeddings_
 from .zoo import TRANSFORM_FILE, load_model
 
 
@@ -85,6 +85,7 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
             calib_ids = (calib_windows(tokenizer, cfg.data.corpus, cfg.data.samples, cfg.data.seqlen, cfg.seed)
                          if needs_data else None)
         untie_embeddings_(model, adapter)
+        split_experts_(model, adapter)  # MoE: one module per expert linear (a no-op for dense models)
         if cfg.rotated:  # once, for every method: producers see the norm-fused, unrotated model
             fuse_norms_(model, adapter)
         ctx = MethodContext(calib_ids=calib_ids, tokenizer=tokenizer, timer=timer, out_dir=tmp, progress=progress)
