@@ -147,6 +147,7 @@ class ModelAdapter:
     branch_norms: tuple[str, ...] = ()  # norms between a branch and the residual add (Gemma's sandwich)
     norm_offset: float = 0.0  # RMSNorm gain is (offset + weight): Gemma stores w with gain 1 + w
     norm_scale_in_float32: bool = False  # Gemma multiplies by the gain before casting back (Llama after)
+    rotary_per_layer_type: bool = False  # the rotary module takes the layer type (Gemma 3: local / global RoPE)
     moe: MoELayout | None = None
     # transform name -> why this family cannot carry it exactly; rotate_ refuses such a set whole.
     refuses: tuple[tuple[str, str], ...] = ()
@@ -216,6 +217,12 @@ class ModelAdapter:
             shared=shared, router=mlp.get_submodule(lay.router),
             shared_gate=mlp.get_submodule(lay.shared_gate) if lay.shared_gate else None, **common)
 
+    def attention_kind(self, block: nn.Module) -> tuple[str | None, int | None]:
+        """(rotary layer type or None, sliding window or None) of one decoder block."""
+        attn = block.get_submodule(self.attn)
+        layer_type = getattr(attn, "layer_type", None) if self.rotary_per_layer_type else None
+        return layer_type, getattr(attn, "sliding_window", None)
+
     def layers_of(self, model: nn.Module) -> list[LayerModules]:
         return [self.layer(b) for b in self.decoder_layers(model)]
 
@@ -275,6 +282,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
                  post_attn_norm="pre_feedforward_layernorm",
                  branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
                  qk_norms=("q_norm", "k_norm"), norm_offset=1.0, norm_scale_in_float32=True,
+                 rotary_per_layer_type=True,
                  refuses=(_GEMMA_R1, _QK_NORM_QK)),
 )
 
