@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 
@@ -230,11 +231,15 @@ class ModelAdapter:
         return model.get_submodule(self.rotary)
 
     def rebuild_rotary_(self, model: nn.Module) -> None:
-        """Re-create the rotary embedding from the config (its inv_freq is a non-persistent buffer:
-        after a load on the meta device it holds nothing)."""
+        """Re-create the non-persistent buffers a load on the meta device leaves empty: the rotary
+        embedding's inv_freq (from the config) and, for scaled embeddings (Gemma: sqrt(hidden)),
+        the embedding scale."""
         parent, _, name = self.rotary.rpartition(".")
         old = self.rotary_embedding(model)
         setattr(model.get_submodule(parent) if parent else model, name, type(old)(config=model.config))
+        embed = self.embedding(model)
+        if hasattr(embed, "scalar_embed_scale") and getattr(embed, "embed_scale", None) is not None:
+            embed.embed_scale = torch.tensor(embed.scalar_embed_scale, device=embed.weight.device)
 
     def set_linear(self, block: nn.Module, key: str, module: nn.Module) -> None:
         """Replace the linear named `key` (a role "q" ... "down", or a MoE key "experts.<e>.<role>",

@@ -39,6 +39,7 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
     """Model with dequantized weights and its quantizers re-installed (see module docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..transforms.fuse import split_experts_
     from ..transforms.online import install_from_spec_
     from .act import install_quantizers_
     from ..adapters import adapter_for
@@ -48,6 +49,7 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    split_experts_(model)  # MoE: the checkpoint holds one linear per expert
     path = folder / WEIGHTS_FILE
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -55,7 +57,8 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
     except Exception as e:
         raise ValueError(f"{path} is missing or not a readable safetensors file ({e}); the folder is damaged") from e
     prefixes = {k[: -len(".qmeta")] for k in state if k.endswith(".qmeta")}
-    weights = {k: v for k, v in state.items() if not any(k.startswith(p + ".") for p in prefixes)}
+    parts = (".codes", ".scale", ".zero", ".qmeta")  # a quantized linear's own entries (its bias stays)
+    weights = {k: v for k, v in state.items() if not (k.endswith(parts) and k.rsplit(".", 1)[0] in prefixes)}
     for p in prefixes:
         weights[f"{p}.weight"] = QuantizedTensor.from_state_dict(state, prefix=f"{p}.").dequantize()
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
