@@ -240,3 +240,23 @@ def test_block_by_block_runner_equals_the_full_forward(name):
         h.remove()
     for i in full:
         assert rel_err(torch.cat(full[i]), torch.cat(layerwise[i])) < 1e-12, f"block {i}"
+
+
+@pytest.mark.parametrize("name, method", [("qwen2moe-shared", "dartquant"), ("gemma3-sandwich", "rtn"),
+                                          ("qwen3-qknorm-bias", "quarot")])
+def test_quantize_and_reload_new_families(tmp_path, name, method):
+    """The whole run (capture over experts for DartQuant, GPTQ per expert, Gemma's local/global
+    layers block by block) and its folder reloads to the same numbers (expert layout, biases of
+    quantized linears, Gemma's embedding scale)."""
+    from dartquant.config import RunConfig
+    from dartquant.eval.ppl import evaluate_ppl
+    from dartquant.pipeline import run_quantize
+    from dartquant.zoo import load_model
+    from tiny import save_tiny_folder
+
+    folder = save_tiny_folder(tmp_path / "model", name)
+    cfg = RunConfig.from_flat(model=str(folder), method=method, w_quantizer="gptq", calib_samples=4,
+                              calib_seqlen=32, eval_seqlen=32, eval_max_windows=3)
+    metrics = run_quantize(cfg, tmp_path / "run", progress=False, eval_fp=False)
+    model, tok = load_model(tmp_path / "run")
+    assert evaluate_ppl(model, tok, seqlen=32, max_windows=3, progress=False)["wiki"] == metrics["ppl"]["wiki"]
