@@ -260,3 +260,15 @@ def test_quantize_and_reload_new_families(tmp_path, name, method):
     metrics = run_quantize(cfg, tmp_path / "run", progress=False, eval_fp=False)
     model, tok = load_model(tmp_path / "run")
     assert evaluate_ppl(model, tok, seqlen=32, max_windows=3, progress=False)["wiki"] == metrics["ppl"]["wiki"]
+
+
+def test_activation_overrides_reach_every_experts_linear():
+    from dartquant.quant.act import install_quantizers_
+
+    model = make_tiny_model("qwen2moe-shared", dtype=torch.float32)
+    adapter = adapter_for(model)
+    fuse_norms_(model, adapter)
+    install_quantizers_(model, QuantScheme(a_bits=4, a_bits_overrides={"down": 8}), adapter)
+    for layer in adapter.layers_of(model):
+        assert all(d.input_quantizer.spec.bits == 8 for d in layer.modules("down"))
+        assert all(g.input_quantizer.spec.bits == 4 for g in layer.modules("gate"))

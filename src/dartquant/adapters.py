@@ -23,6 +23,11 @@ LINEAR_ROLES = ATTN_ROLES + MLP_ROLES
 ROUTER_ROLES = ("router", "shared_gate")
 
 
+def role_of(key: str) -> str:
+    """The role of a LayerModules.linears() key: "experts.3.down" -> "down", "q" -> "q"."""
+    return key.rsplit(".", 1)[-1]
+
+
 class UnsupportedModelError(ValueError):
     """The model's architecture has no adapter."""
 
