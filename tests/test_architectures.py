@@ -272,3 +272,15 @@ def test_activation_overrides_reach_every_experts_linear():
     for layer in adapter.layers_of(model):
         assert all(d.input_quantizer.spec.bits == 8 for d in layer.modules("down"))
         assert all(g.input_quantizer.spec.bits == 4 for g in layer.modules("gate"))
+
+
+def test_a_rotating_method_on_gemma3_is_refused_before_any_work(tmp_path):
+    from dartquant.config import RunConfig
+    from dartquant.pipeline import run_quantize
+    from tiny import save_tiny_folder
+
+    folder = save_tiny_folder(tmp_path / "model", "gemma3-sandwich")
+    cfg = RunConfig.from_flat(model=str(folder), method="dartquant", calib_samples=4, calib_seqlen=32)
+    with pytest.raises(UnsupportedTransformError, match="sandwich"):
+        run_quantize(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_for
+from .adapters import adapter_for, check_transforms
 from .config import RunConfig
 from .data import calib_windows
 from .eval.ppl import evaluate_ppl
@@ -72,6 +72,8 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
     adapter = adapter_for(model)
     geo = adapter.geometry(model.config)
     cfg.validate(geo)  # group sizes against the real dimensions, before any heavy work
+    if cfg.rotated and not cfg.rotations:  # every rotating method makes an R1: refuse before calibrating
+        check_transforms(adapter, ["R1"])
     sc = cfg.scheme
     metrics: dict = {"method": cfg.method, "model": cfg.model, "seed": cfg.seed, "w_bits": sc.w_bits,
                      "a_bits": sc.a_bits, "kv_bits": sc.kv_bits, "w_quantizer": sc.weight_quantizer}
@@ -103,7 +105,11 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
         install_quantizers_(model, sc, adapter)
         log.info("quantizing weights (%s, %d bits)", sc.weight_quantizer, sc.w_bits)
         with timer("quantize"):
-            qtensors = quantize_weights_(model, sc, calib_ids, adapter, progress, device=cfg.device)
+            unrouted: list[str] = []  # MoE experts no calibration token reached: RTN instead of GPTQ
+            qtensors = quantize_weights_(model, sc, calib_ids, adapter, progress, device=cfg.device,
+                                         rtn_fallbacks=unrouted)
+            if unrouted:
+                metrics["gptq_rtn_fallbacks"] = unrouted
         log.info("evaluating the quantized model")
         with timer("eval"):
             res = evaluate(model, tokenizer, cfg, progress)
