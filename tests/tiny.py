@@ -4,6 +4,11 @@ Sizes are deliberately odd (non-powers of two that still have a Hadamard constru
 hidden 48 = 12*4, 40 = 20*2; MLP 80 = 20*4, 56 = 28*2; head_dim 12, 8), with GQA, QKV bias
 (Qwen2) and tied embeddings (Llama, like SmolLM2), so that transpose or grouping mistakes
 cannot hide behind symmetric matrices or equal head counts.
+
+Beyond Llama: Qwen3 (QK-norm, with q/k/v bias), three mixtures of experts (Mixtral; Qwen2-MoE
+with a shared expert, unnormalized top-k and one dense layer; Qwen3-MoE with experts narrower
+than the dense MLP) and Gemma 3 (1 + w norms, sandwich norms, GeGLU, a sliding window of 8 <
+the test sequences, so local and global layers really differ).
 """
 
 from __future__ import annotations
@@ -21,7 +26,42 @@ TINY_CONFIGS = {
     "mistral-mha": dict(model_type="mistral", hidden_size=48, intermediate_size=56, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=4, head_dim=12, vocab_size=89,
                         tie_word_embeddings=False, rms_norm_eps=1e-5, max_position_embeddings=64),
+    "qwen3-qknorm-bias": dict(model_type="qwen3", hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=12, vocab_size=97,
+                              attention_bias=True, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                              max_position_embeddings=64),
+    "mixtral-moe": dict(model_type="mixtral", hidden_size=40, intermediate_size=56, num_hidden_layers=2,
+                        num_attention_heads=5, num_key_value_heads=1, head_dim=8, vocab_size=89,
+                        num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+                        rms_norm_eps=1e-5, max_position_embeddings=64),
+    "qwen2moe-shared": dict(model_type="qwen2_moe", hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, vocab_size=89, qkv_bias=True,
+                            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+                            shared_expert_intermediate_size=56, norm_topk_prob=False, decoder_sparse_step=1,
+                            mlp_only_layers=[1], tie_word_embeddings=False, rms_norm_eps=1e-6,
+                            max_position_embeddings=64),
+    "qwen3moe-narrow": dict(model_type="qwen3_moe", hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=12, vocab_size=97,
+                            num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True,
+                            decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+                            rms_norm_eps=1e-6, max_position_embeddings=64),
+    "gemma3-sandwich": dict(model_type="gemma3_text", hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=12, vocab_size=97,
+                            sliding_window=8, layer_types=["sliding_attention", "sliding_attention",
+                                                           "full_attention"],
+                            query_pre_attn_scalar=12, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                            max_position_embeddings=64),
 }
+
+
+def supported_part(rotations, adapter):
+    """`rotations` without the transforms the family refuses (adapters.ModelAdapter.refuses): the
+    invariance tests run every exact transform of every family; refusals are tested on their own."""
+    import dataclasses
+
+    keep = {k: v for k, v in rotations.scales.items() if not adapter.refusal(k)}
+    return dataclasses.replace(rotations, r1=None if adapter.refusal("R1") else rotations.r1,
+                               r2=None if adapter.refusal("R2") else rotations.r2, scales=keep)
 
 
 def make_tiny_model(name: str, seed: int = 0, dtype=torch.float64):
@@ -31,7 +71,9 @@ def make_tiny_model(name: str, seed: int = 0, dtype=torch.float64):
     cfg = dict(TINY_CONFIGS[name])
     config = AutoConfig.for_model(**cfg)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    # transformers' default MoE kernel (grouped_mm) has no float64; the eager loop is the reference
+    extra = {"experts_implementation": "eager"} if "experts" in str(sorted(cfg)) else {}
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("norm.weight") or "layernorm" in n:
@@ -40,7 +82,7 @@ def make_tiny_model(name: str, seed: int = 0, dtype=torch.float64):
                 p.copy_(0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.2 * torch.randn_like(p))
-    if cfg["tie_word_embeddings"]:
+    if cfg.get("tie_word_embeddings"):
         model.tie_weights()
     return model
 

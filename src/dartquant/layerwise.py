@@ -6,7 +6,9 @@ Peak device memory is one block plus one sequence's activations, whatever the de
 
 The block inputs are computed explicitly (embedding, rotary position embeddings, no mask:
 transformers' SDPA path is then causal), instead of capturing them by raising an exception
-from a hooked first layer.
+from a hooked first layer. Families with several attention types (Gemma 3: sliding-window and
+global layers, each with its own RoPE base) get each block's own position embeddings and, where
+the sequence is longer than the window, an explicit sliding-window causal mask.
 """
 
 from __future__ import annotations
@@ -29,18 +31,29 @@ def embed_inputs(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def position_embeddings(model: nn.Module, hidden: torch.Tensor, device, adapter: ModelAdapter | None = None) -> tuple:
-    """(cos, sin) for positions 0..S-1, computed by the model's own rotary module."""
+def position_embeddings(model: nn.Module, hidden: torch.Tensor, device, adapter: ModelAdapter | None = None,
+                        layer_type: str | None = None) -> tuple:
+    """(cos, sin) for positions 0..S-1, computed by the model's own rotary module (for one
+    attention type where the rotary module has several)."""
     rotary = (adapter or adapter_for(model)).rotary_embedding(model)
     pos = torch.arange(hidden.shape[1], device=device).unsqueeze(0)
     rotary_device = next(iter(rotary.buffers())).device
-    cos, sin = rotary(hidden[:1].to(rotary_device), pos.to(rotary_device))
+    extra = (layer_type,) if layer_type is not None else ()
+    cos, sin = rotary(hidden[:1].to(rotary_device), pos.to(rotary_device), *extra)
     return cos.to(device), sin.to(device), pos
 
 
-def run_block(block: nn.Module, hidden: torch.Tensor, pos_emb: tuple) -> torch.Tensor:
+def _sliding_mask(seqlen: int, window: int | None, device) -> torch.Tensor | None:
+    """[1, 1, S, S] boolean: causal and less than `window` back; None where plain causal is the same."""
+    if not window or seqlen <= window:
+        return None
+    i = torch.arange(seqlen, device=device)
+    return ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window))[None, None]
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, pos_emb: tuple, mask: torch.Tensor | None = None) -> torch.Tensor:
     cos, sin, pos = pos_emb
-    out = block(hidden, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
+    out = block(hidden, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin))
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -57,16 +70,20 @@ def iterate_blocks(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, d
     # Blocks run without a mask: only SDPA (which we delegate to) is then causal; eager would not be.
     model.set_attn_implementation(register_attention())
     hidden = embed_inputs(model, adapter, ids)  # [n, S, hidden] on CPU
-    pos_emb = position_embeddings(model, hidden, device, adapter)
     blocks = adapter.decoder_layers(model)
+    kinds = {adapter.attention_kind(b) for b in blocks}  # (rotary layer type, sliding window)
+    pos_embs = {k: position_embeddings(model, hidden, device, adapter, k[0]) for k in {(t, None) for t, _ in kinds}}
+    masks = {w: _sliding_mask(hidden.shape[1], w, device) for _, w in kinds}
     for i in tqdm(range(len(blocks)), desc=desc, disable=not progress, leave=False):
         block = blocks[i]
         home = next(block.parameters()).device
         block.to(device)
+        layer_type, window = adapter.attention_kind(block)
+        pos_emb, mask = pos_embs[(layer_type, None)], masks[window]
 
-        def forward(update: bool, block=block) -> None:
+        def forward(update: bool, block=block, pos_emb=pos_emb, mask=mask) -> None:
             for j in range(hidden.shape[0]):
-                out = run_block(block, hidden[j: j + 1].to(device), pos_emb)
+                out = run_block(block, hidden[j: j + 1].to(device), pos_emb, mask)
                 if update:
                     hidden[j: j + 1] = out.to(hidden.device, hidden.dtype)
 

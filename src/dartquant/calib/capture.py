@@ -9,6 +9,8 @@ Samples are stored in half precision (fp16; the math later is fp32) in prealloca
 size is fixed by the token budget, so memory does not grow with depth beyond the sampled buffer.
 The o_proj samples are written straight into their final per-KV-head layout (no reshuffling copy
 of the R2 buffer at the end), and always to host memory: the device only ever holds one block.
+In a mixture-of-experts block no single expert sees every token, so the MLP stream is sampled
+where it enters the experts (RoutedExperts.input_observer: all tokens, before routing).
 The public DartQuant code wrote one file per (sample, layer, module); nothing here touches disk.
 """
 
@@ -19,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import ModelAdapter, adapter_for
+from ..adapters import MLP_ROLES, ModelAdapter, adapter_for
+from ..transforms.fuse import split_experts_
 from ..layerwise import iterate_blocks
 from ..modules import as_qlinear
 from ..transforms.placements import SPECS, kv_head_token_view
@@ -74,6 +77,7 @@ def capture_activations(model: nn.Module, calib_ids: torch.Tensor, *, fraction: 
                         store_dtype: torch.dtype = torch.float16) -> Captured:
     """Sample the inputs that R1 and R2 act on (the model must be norm-fused and unrotated)."""
     adapter = adapter or adapter_for(model)
+    split_experts_(model, adapter)
     geo = adapter.geometry(model.config)
     n_seq, seqlen = calib_ids.shape
     if n_seq == 0:
@@ -100,8 +104,7 @@ def capture_activations(model: nn.Module, calib_ids: torch.Tensor, *, fraction: 
                      for j, role in enumerate(R1_PROBES)]
         r2_stores = [(role, k2, kv_head_token_view(r2[i], geo.kv_groups)) for role in SPECS["R2"].probes]
         for role, k, store in r1_stores + r2_stores:
-            q = as_qlinear(getattr(layer, role))
-            adapter.set_linear(block, role, q)
+            q = _observable(adapter, block, layer, role)
             q.input_observer = _Sampler(k, g, store)
             observed.append(q)
         forward(update=True)
@@ -110,6 +113,16 @@ def capture_activations(model: nn.Module, calib_ids: torch.Tensor, *, fraction: 
                 raise RuntimeError("capture did not see every calibration sequence")
             q.input_observer = None
     return Captured(r1=r1, r2=r2, fraction_r1=k1 / seqlen, fraction_r2=k2 / seqlen, tokens_seen=n_seq * seqlen)
+
+
+def _observable(adapter: ModelAdapter, block: nn.Module, layer, role: str) -> nn.Module:
+    """The module whose `input_observer` sees the input of `role` for every token: the linear
+    itself (wrapped in a QLinear), or, for an MLP role of a MoE block, the experts' entry."""
+    if layer.is_moe and role in MLP_ROLES:
+        return block.get_submodule(f"{adapter.mlp}.{adapter.moe.experts}")
+    q = as_qlinear(getattr(layer, role))
+    adapter.set_linear(block, role, q)
+    return q
 
 
 def r1_rows(r1: torch.Tensor, n_layers: int) -> list[dict[str, torch.Tensor]]:

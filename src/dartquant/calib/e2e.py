@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..adapters import ModelAdapter, adapter_for
+from ..adapters import ModelAdapter, UnsupportedTransformError, adapter_for, check_transforms
 from ..hadamard import fast_hadamard_transform, random_hadamard_matrix
 from ..modules import QLinear
 from ..quant.act import install_quantizers_, set_act_quant_enabled_
@@ -229,11 +229,21 @@ def _param_fn(role: str, layer: int, geo, r4: bool, bias: bool):
     return fn
 
 
+def check_e2e_supported(model: nn.Module, adapter: ModelAdapter, scale_names=()) -> None:
+    """Refuse, before any training, what this graph does not build: MoE blocks (the router and the
+    per-expert linears are not parametrized here) and transforms the family cannot carry."""
+    if adapter.moe is not None:
+        raise UnsupportedTransformError(f"{adapter.family}: end-to-end training (SpinQuant / OSTQuant) does not "
+                                        "cover mixture-of-experts blocks; use quarot or dartquant")
+    check_transforms(adapter, ["R1", "R2", *scale_names])
+
+
 @contextlib.contextmanager
 def training_view(model: nn.Module, transforms: Transforms, scheme, r3: bool, r4: bool,
                   adapter: ModelAdapter | None = None, checkpointing: bool = True):
     """Make `model` (norm-fused, unrotated) the quantized model at `transforms`; undo on exit."""
     adapter = adapter or adapter_for(model)
+    check_e2e_supported(model, adapter, transforms.log_scales)
     geo = adapter.geometry(model.config)
     attn_impl = model.config._attn_implementation
     was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
@@ -330,6 +340,7 @@ def train_e2e(model: nn.Module, cfg, train_ids: torch.Tensor, eval_ids: torch.Te
         raise ValueError(f"end-to-end method must be one of {E2E_METHODS}, got {method!r}")
     amp, w_bits, seed = resolve_amp(opts.amp, cfg.device), train_w_bits(cfg), cfg.seed
     adapter = adapter_for(model)
+    check_e2e_supported(model, adapter)  # before any work
     geo = adapter.geometry(model.config)
     fuse_norms_(model, adapter)
     device = next(model.parameters()).device

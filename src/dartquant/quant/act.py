@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters import ModelAdapter, adapter_for
+from ..adapters import ModelAdapter, adapter_for, role_of
 from ..modules import AttentionTransform, as_qlinear, register_attention
 from .scheme import QuantScheme
 from .primitives import QuantSpec, fake_quantize
@@ -44,7 +44,7 @@ def install_quantizers_(model: nn.Module, scheme: QuantScheme, adapter: ModelAda
         layer = adapter.layer(block)
         for role, linear in layer.linears().items():
             q = as_qlinear(linear)
-            spec = scheme.act_spec(role, geo.head_dim)
+            spec = scheme.act_spec(role_of(role), geo.head_dim)  # an expert's "down" is a "down"
             q.input_quantizer = ActQuantizer(spec) if spec.bits < 16 else None
             adapter.set_linear(block, role, q)
         transform = getattr(layer.attn, "dq_attention", None)

@@ -73,6 +73,7 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
     """Model with dequantized weights and its quantizers re-installed (see module docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..transforms.fuse import split_experts_
     from ..transforms.online import install_from_spec_
     from .act import install_quantizers_
     from ..adapters import adapter_for
@@ -82,6 +83,7 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    split_experts_(model)  # MoE: the checkpoint holds one linear per expert
     path = folder / WEIGHTS_FILE
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -182,15 +182,13 @@ def warn_if_collapsed(check: dict) -> None:
         log.warning(line)  # warnings reach stderr even without --verbose / a configured logger
 
 
-def run_guard(model: nn.Module, tokenizer, cfg, rotations=None) -> dict:
-    """The check as run_quantize runs it: reload the FP model, compare on cfg.eval.guard_windows
-    held-out windows of cfg.data.seqlen tokens, warn loudly if collapsed."""
-    from ..zoo import load_model
-
+def run_guard(model: nn.Module, tokenizer, cfg, load_fp, rotations=None) -> dict:
+    """The check as run_quantize runs it: reload the FP model (`load_fp()`), compare on
+    cfg.eval.guard_windows held-out windows of cfg.data.seqlen tokens, warn loudly if collapsed."""
     fp_model = None
     try:
         windows = guard_windows(tokenizer, cfg.data.corpus, cfg.eval.guard_windows, cfg.data.seqlen)
-        fp_model, _ = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+        fp_model = load_fp()
         model.to(cfg.device)
         r1 = getattr(rotations, "r1", None)
         check = quality_check(model, fp_model, windows, max_ppl_ratio=cfg.eval.guard_max_ppl_ratio, r1=r1)

@@ -8,6 +8,11 @@ either way, each block's inputs are the outputs of the already-quantized blocks 
 All linears of a block are quantized from one pass (not "true sequential"), which halves the
 calibration forwards on CPU.
 
+Mixtures of experts: every expert's linears are quantized on their own, GPTQ's Hessian built
+from the tokens routed to that expert only (its QLinear sees nothing else). An expert that no
+calibration token reaches has no Hessian: it falls back to RTN, and its linears are logged
+and listed in `rtn_fallbacks`.
+
 Every quantized weight is replaced by `QuantizedTensor.dequantize()`, so what is evaluated is
 bit for bit what the checkpoint's integer codes and scales reload to.
 """
@@ -19,11 +24,13 @@ from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
 from ..layerwise import iterate_blocks
+from ..log import log
 from ..modules import as_qlinear
 from .act import set_act_quant_enabled_
 from .scheme import QuantScheme
 from .gptq import GPTQ
 from .primitives import QuantizedTensor
+from ..transforms.fuse import split_experts_
 
 
 def _on_cpu(qt: QuantizedTensor) -> QuantizedTensor:
@@ -33,9 +40,13 @@ def _on_cpu(qt: QuantizedTensor) -> QuantizedTensor:
 @torch.no_grad()
 def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Tensor | None = None,
                       adapter: ModelAdapter | None = None, progress: bool = True,
-                      device: str = "cpu") -> dict[str, QuantizedTensor]:
-    """Quantize all decoder linears in place; returns {param name prefix: QuantizedTensor}."""
+                      device: str = "cpu", rtn_fallbacks: list[str] | None = None) -> dict[str, QuantizedTensor]:
+    """Quantize all decoder linears in place; returns {param name prefix: QuantizedTensor}.
+
+    `rtn_fallbacks`, if given, receives the names of GPTQ linears that saw no calibration token
+    (MoE experts nobody was routed to) and were quantized by RTN instead."""
     adapter = adapter or adapter_for(model)
+    split_experts_(model, adapter)  # MoE: one linear per expert
     spec = scheme.weight_spec()
     if spec.bits >= 16:
         return {}
@@ -43,6 +54,8 @@ def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Te
     out: dict[str, QuantizedTensor] = {}
 
     def commit(linear: nn.Module, qt: QuantizedTensor) -> None:
+        if linear not in names:  # wrapped into a QLinear after `names` was built
+            names.update({m: n for n, m in model.named_modules()})
         linear.weight.data.copy_(qt.dequantize().to(linear.weight.device, linear.weight.dtype))
         out[names[linear]] = qt
 
@@ -58,6 +71,7 @@ def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Te
     if calib_ids is None:
         raise ValueError("GPTQ needs calibration sequences")
     set_act_quant_enabled_(model, scheme.gptq_act_quant)
+    unrouted: list[str] = []
     try:
         for _, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress, desc="GPTQ"):
             layer = adapter.layer(block)
@@ -71,6 +85,10 @@ def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Te
             forward(update=False)
             for role, q in adapter.layer(block).linears().items():
                 q.input_observer = None
+                if solvers[role].nsamples == 0:  # an expert no calibration token was routed to
+                    commit(q, QuantizedTensor.from_float(q.weight.data.float(), spec))
+                    unrouted.append(names[q])
+                    continue
                 qt = solvers[role].quantize(q.weight.data.float(), spec, blocksize=scheme.gptq_blocksize,
                                             percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
                                             static_groups=scheme.gptq_static_groups)
@@ -79,4 +97,9 @@ def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Te
             forward(update=True)
     finally:
         set_act_quant_enabled_(model, True)
+    if unrouted:
+        log.warning("GPTQ: %d expert linears received no calibration tokens and were quantized by RTN: %s",
+                    len(unrouted), ", ".join(unrouted))
+    if rtn_fallbacks is not None:
+        rtn_fallbacks.extend(unrouted)
     return out

@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
+from .fuse import split_experts_
 from ..modules import AttentionTransform, OnlineHadamard, as_qlinear, register_attention
 
 SPEC_VERSION = 1
@@ -21,6 +22,7 @@ def install_online_(model: nn.Module, adapter: ModelAdapter | None = None, *, r3
     """
     adapter = adapter or adapter_for(model)
     geo = adapter.geometry(model.config)
+    split_experts_(model, adapter)  # a MoE's per-expert down_proj needs its own module
     for block in adapter.decoder_layers(model):
         layer = adapter.layer(block)
         existing = getattr(layer.attn, "dq_attention", None)
@@ -28,11 +30,12 @@ def install_online_(model: nn.Module, adapter: ModelAdapter | None = None, *, r3
             layer.attn.dq_attention = AttentionTransform(geo.head_dim, rotate_qk=r3)
         elif r3 and existing.qk_rotation is None:
             existing.qk_rotation = OnlineHadamard(geo.head_dim)
-        if r4:
-            down = as_qlinear(layer.down)
-            if down.input_rotation is None:
-                down.input_rotation = OnlineHadamard(geo.intermediate)
-            adapter.set_linear(block, "down", down)
+        if r4:  # every down_proj: the dense one, or each expert's (sized by its own input)
+            for key, linear in layer.keyed("down"):
+                down = as_qlinear(linear)
+                if down.input_rotation is None:
+                    down.input_rotation = OnlineHadamard(down.in_features)
+                adapter.set_linear(block, key, down)
     model.set_attn_implementation(register_attention())
 
 
@@ -40,7 +43,7 @@ def online_spec(model: nn.Module, adapter: ModelAdapter | None = None) -> dict:
     """What `dartquant.json` records about the online transforms of `model` (read off its modules)."""
     layers = (adapter or adapter_for(model)).layers_of(model)
     r3 = any(getattr(getattr(l.attn, "dq_attention", None), "qk_rotation", None) is not None for l in layers)
-    r4 = any(getattr(l.down, "input_rotation", None) is not None for l in layers)
+    r4 = any(getattr(d, "input_rotation", None) is not None for l in layers for d in l.modules("down"))
     return {"version": SPEC_VERSION, "online": {"r3": r3, "r4": r4}}
 
 

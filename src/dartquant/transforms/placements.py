@@ -14,6 +14,10 @@ Convention. A transform T acts on a stream of row vectors, x -> x T (a diagonal 
 * A module that *reads* it (side "input") must undo T on its input: W <- W T^{-T}, i.e. W T
   for an orthogonal T and W diag(1/t) for a diagonal one.
 * `inverse` applies T^{-T} instead of T (Q/K smoothing: k is divided where q is multiplied).
+* A role names every module of that role in a block (adapters.LayerModules.modules): in a
+  mixture-of-experts block "gate" / "up" / "down" are those of every expert (and the shared
+  one), and "router" / "shared_gate" read the MLP stream too; a dense block has none of those.
+  A Hadamard is sized by the module it folds into (experts may be narrower than the dense MLP).
 * `heads`: "kv" = T is block-diagonal with one [d, d] block (or d-vector) per KV head, over
   the rows of v_proj / k_proj; "query" = every query head uses the block of its KV head
   (o_proj's input columns, q_proj's rows under GQA).
@@ -63,7 +67,7 @@ TRANSFORMS: tuple[TransformSpec, ...] = (
     TransformSpec("R1", "orthogonal", False, (
         _p("embed", "output"), _p("lm_head", "input"),
         _p("q", "input"), _p("k", "input"), _p("v", "input"), _p("gate", "input"), _p("up", "input"),
-        _p("o", "output"), _p("down", "output")),
+        _p("o", "output"), _p("down", "output"), _p("router", "input"), _p("shared_gate", "input")),
         probes=("q", "up"), doc="residual stream [hidden, hidden]"),
     TransformSpec("R2", "orthogonal", True, (_p("v", "output", "kv"), _p("o", "input", "query")),
                   probes=("o",), doc="value heads [kv_heads, head_dim, head_dim] per layer"),
@@ -71,7 +75,8 @@ TRANSFORMS: tuple[TransformSpec, ...] = (
         _p("input_norm", "output"), _p("q", "input"), _p("k", "input"), _p("v", "input")),
         doc="OSTQuant: input_layernorm gain [hidden] per layer"),
     TransformSpec("mlp_norm", "diagonal", True, (
-        _p("post_attn_norm", "output"), _p("gate", "input"), _p("up", "input")),
+        _p("post_attn_norm", "output"), _p("gate", "input"), _p("up", "input"), _p("router", "input"),
+        _p("shared_gate", "input")),
         doc="OSTQuant: post_attention_layernorm gain [hidden] per layer"),
     TransformSpec("v", "diagonal", True, (_p("v", "output"), _p("o", "input", "query")),
                   doc="OSTQuant: value channels [kv_heads * head_dim] per layer (attention is linear in V)"),

@@ -35,11 +35,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..adapters import Geometry, ModelAdapter, adapter_for
+from ..adapters import Geometry, ModelAdapter, adapter_for, check_transforms
 from ..hadamard import hadamard_factorization, hadamard_matrix, random_hadamard_matrix
 from .fuse import fuse_norms_, norms_fused
 from .online import install_online_
-from .placements import (MODEL_ROLES, TRANSFORMS, Placement, TransformSpec, apply_placement,
+from .placements import (MODEL_ROLES, NORM_ROLES, TRANSFORMS, Placement, TransformSpec, apply_placement,
                          expand_rope_pairs, per_query_head, scale_sizes, touches_bias)
 
 __all__ = ["RotationSet", "rotate_", "scale_sizes", "expand_rope_pairs", "per_query_head"]
@@ -157,13 +157,31 @@ class RotationSet:
 
 
 # ---- folding ------------------------------------------------------------------------------
+def present(rotations: RotationSet) -> list[str]:
+    """The transforms (placement-table names) that a set carries."""
+    flags = {"R1": rotations.r1 is not None, "R2": rotations.r2 is not None, "R3": rotations.r3, "R4": rotations.r4}
+    return [t.name for t in TRANSFORMS if flags.get(t.name, t.name in rotations.scales)]
+
+
 def _fold_(module: nn.Module, t: torch.Tensor, spec: TransformSpec, p: Placement, geo: Geometry) -> None:
     """One placement folded into one module, in float64, cast back to the parameter's dtype."""
+    if p.role in NORM_ROLES:  # a norm's gain may be offset + weight (Gemma): fold into the gain
+        module.set_gain_(apply_placement(module.gain().data.double(), t, spec, p, geo))
+        return
     w = module.weight
     w.data.copy_(apply_placement(w.data.double(), t, spec, p, geo).to(w.dtype))
     if touches_bias(p) and getattr(module, "bias", None) is not None:
         b = module.bias
         b.data.copy_(apply_placement(b.data.double(), t, spec, p, geo, bias=True).to(b.dtype))
+
+
+def _sized(t: torch.Tensor, spec: TransformSpec, module: nn.Module) -> torch.Tensor:
+    """A fixed Hadamard re-built at the size of the module it folds into (MoE experts may be
+    narrower than config.intermediate_size); every other value as it is."""
+    n = module.weight.shape[-1]
+    if spec.kind != "hadamard" or t.shape[-1] == n:
+        return t
+    return hadamard_matrix(n, dtype=t.dtype, device=t.device)
 
 
 def _module(model: nn.Module, adapter: ModelAdapter, role: str) -> nn.Module:
@@ -178,10 +196,11 @@ def rotate_(model: nn.Module, rotations: RotationSet, adapter: ModelAdapter | No
     adapter = adapter or adapter_for(model)
     geo = adapter.geometry(model.config)
     rotations.validate(geo)
-    layers = adapter.layers_of(model)
-    for norm in [adapter.norm(model)] + [n for l in layers for n in (l.input_norm, l.post_attn_norm)]:
-        if getattr(norm, "bias", None) is not None:
-            raise NotImplementedError("norms with a bias (LayerNorm) are not supported yet")
+    check_transforms(adapter, present(rotations))  # what this family cannot carry exactly: refused whole
+    blocks = adapter.decoder_layers(model)  # (MoE experts are split only by the fusion below)
+    norms = [adapter.norm(model)] + [b.get_submodule(n) for b in blocks for n in (adapter.input_norm, adapter.post_attn_norm)]
+    if any(getattr(norm, "bias", None) is not None for norm in norms):
+        raise NotImplementedError("norms with a bias (LayerNorm) are not supported yet")
     where = adapter.embedding(model).weight.device  # matrices made on another device fold here
     # every value (R4's Hadamard included) is built before the first weight changes
     values = [(spec, t) for spec in TRANSFORMS if (t := rotations.value(spec.name, geo, where)) is not None]
@@ -194,5 +213,6 @@ def rotate_(model: nn.Module, rotations: RotationSet, adapter: ModelAdapter | No
                 _fold_(_module(model, adapter, p.role), t, spec, p, geo)
                 continue
             for i, layer in enumerate(layers):
-                _fold_(getattr(layer, p.role), t[i] if spec.per_layer else t, spec, p, geo)
+                for module in layer.modules(p.role):  # MoE: every expert's (and the router)
+                    _fold_(module, _sized(t[i] if spec.per_layer else t, spec, module), spec, p, geo)
     install_online_(model, adapter, r3=rotations.r3, r4=rotations.r4)
