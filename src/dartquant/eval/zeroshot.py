@@ -411,7 +411,7 @@ def _overrides(root: Path, name: str, leaf: str, cfg: dict[str, Any]) -> dict[st
 
 
 class _DropNotices(logging.Filter):
-    """Drops two lm-eval warnings that are expected here and would repeat once per task."""
+    """Drops lm-eval's warnings about what we do on purpose (a built model, a custom dataset per task)."""
 
     NOTICES = ("Custom kwargs can be passed to", "`pretrained` model kwarg is not of type",
                "Passed an already-initialized model")
@@ -422,15 +422,20 @@ class _DropNotices(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
-    logger, notice = logging.getLogger("lm_eval"), _DropNotices()
-    handlers = [h for h in logging.getLogger().handlers + logger.handlers]
-    for h in handlers:
-        h.addFilter(notice)
+    """Without the notices above and without datasets' bars (HellaSwag's ``process_docs`` maps
+    all 10042 documents whatever the limit), restored afterwards."""
+    notice, bars = _DropNotices(), datasets.is_progress_bar_enabled()
+    loggers = [logging.getLogger(n) for n in ("lm_eval.api.task", "lm_eval.models.huggingface")]  # where they come from
+    for lg in loggers:
+        lg.addFilter(notice)
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
-        for h in handlers:
-            h.removeFilter(notice)
+        for lg in loggers:
+            lg.removeFilter(notice)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _check_names(tasks: Sequence[str] | str) -> list[str]:
