@@ -25,10 +25,10 @@ parameter changes.  We set what its defaults would get wrong for us:
   none, and the caller's tokenizer must not change.
 - ``progress=False`` turns HFLM's progress bar off (its ``disable_tqdm``).
 
-What that buys over the hand-written LM we had: nothing to keep in sync.  What it costs: HFLM
-computes the LM head on every position (we skipped the context positions with
-``logits_to_keep``) and groups only one-token continuations that share a context (we shared any
-identical input window); on the six-task run below it was as fast on the CPU.
+What that buys over the hand-written LM we had (~300 lines): nothing to keep in sync.  What it
+costs: HFLM computes the LM head on every position (we skipped the context positions with
+``logits_to_keep``) and shares a forward only between one-token continuations of one context
+(we shared any identical input window).  SPEED_NOTE
 
 HFLM's log-likelihood, for the record (lm-eval's ``TemplateLM`` + ``HFLM``): trailing whitespace
 of the context moves to the continuation, ``context + continuation`` is encoded as one string
@@ -41,7 +41,7 @@ continuation token is the argmax.
 **Tasks are lm-eval's own.**  Each task (each MMLU subject) is built by lm-eval's
 ``TaskManager`` from the YAML of the installed lm-eval: prompts, choices, targets, metrics and
 the Python helpers (HellaSwag's ``process_docs``, WinoGrande's partial scoring) are lm-eval's,
-not copied.  Only the folders of these tasks are indexed (``TaskManager(include_path=...,
+not copied (``process_docs`` is only memoized: lm-eval re-runs it on every access to the documents).  Only the folders of these tasks are indexed (``TaskManager(include_path=...,
 include_defaults=False)``): indexing the whole task tree took 102 s on this 2-core box.  Each
 task is loaded as a member of one ad-hoc group with per-task overrides, lm-eval's way of
 overriding a registered task:
@@ -464,7 +464,24 @@ def build_tasks(tasks: Sequence[str] | str = DEFAULT_TASKS, *, install: bool | N
     members = [_overrides(root, name, leaf, tm.task_index[leaf].cfg) for name in names for leaf in leaves[name]]
     with _quiet_lm_eval():
         loaded = tm.load({"group": "dartquant_offline", "task": members})["tasks"]
+    for task in loaded.values():
+        if task.config.process_docs is not None:
+            task.config.process_docs = _once(task.config.process_docs)
     return {name: [loaded[leaf] for leaf in leaves[name]] for name in names}
+
+
+def _once(process_docs: Callable[[datasets.Dataset], datasets.Dataset]) -> Callable[[datasets.Dataset], datasets.Dataset]:
+    """``process_docs`` memoized per dataset object: lm-eval calls it on every access to a task's
+    documents (HellaSwag: a map over 10042 documents, several times per evaluation)."""
+    done: dict[int, tuple[datasets.Dataset, datasets.Dataset]] = {}  # keeps the input alive: ids stay unique
+
+    @functools.wraps(process_docs)
+    def processed(docs: datasets.Dataset) -> datasets.Dataset:
+        if id(docs) not in done:
+            done[id(docs)] = (docs, process_docs(docs))
+        return done[id(docs)][1]
+
+    return processed
 
 
 # ----------------------------------------------------------------------------------------------
