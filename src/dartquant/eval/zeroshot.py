@@ -42,7 +42,8 @@ continuation token is the argmax.
 **Tasks are lm-eval's own.**  Each task (each MMLU subject) is built by lm-eval's
 ``TaskManager`` from the YAML of the installed lm-eval: prompts, choices, targets, metrics and
 the Python helpers (HellaSwag's ``process_docs``, WinoGrande's partial scoring) are lm-eval's,
-not copied (``process_docs`` is only memoized: lm-eval re-runs it on every access to the documents).  Only the folders of these tasks are indexed (``TaskManager(include_path=...,
+not copied (``process_docs`` is only memoized: lm-eval re-runs it on every access to the
+documents).  Only the folders of these tasks are indexed (``TaskManager(include_path=...,
 include_defaults=False)``): indexing the whole task tree took 102 s on this 2-core box.  Each
 task is loaded as a member of one ad-hoc group with per-task overrides, lm-eval's way of
 overriding a registered task:
