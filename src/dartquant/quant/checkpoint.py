@@ -56,7 +56,9 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
     except Exception as e:
         raise ValueError(f"{path} is missing or not a readable safetensors file ({e}); the folder is damaged") from e
     prefixes = {k[: -len(".qmeta")] for k in state if k.endswith(".qmeta")}
-    weights = {k: v for k, v in state.items() if not any(k.startswith(p + ".") for p in prefixes)}
+    # only the quantized tensor's own keys: a quantized linear's bias (Qwen2's q/k/v) stays
+    weights = {k: v for k, v in state.items() if k.rpartition(".")[0] not in prefixes
+               or k.rpartition(".")[2] not in ("codes", "scale", "zero", "qmeta")}
     for p in prefixes:
         weights[f"{p}.weight"] = QuantizedTensor.from_state_dict(state, prefix=f"{p}.").dequantize()
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
