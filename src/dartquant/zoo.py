@@ -202,6 +202,13 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model(spec, install)
+    from .export import is_export
+
+    if is_export(folder):  # a `dartquant export` (compressed-tensors) folder
+        from .export import load_export
+
+        model, tokenizer = load_export(folder, dtype)
+        return model.to(device), tokenizer
     transform = read_transform_file(folder)
     if transform is not None and "quantization" in transform:
         from .quant.checkpoint import load_quantized
