@@ -99,7 +99,7 @@ def cmd_export(args) -> int:
     from .export import export_run
 
     info = export_run(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                      drop_kv_quant=args.drop_kv_quant, progress=not args.json)
+                      drop_kv_quant=args.drop_kv_quant, weight_only=args.weight_only, progress=not args.json)
     if args.json:
         print(json.dumps(info))
     else:
@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drop-kv-quant", action="store_true",
                    help="export a run with a quantized KV cache without it (the format cannot say it; "
                         "see docs/EXPORT.md)")
+    s.add_argument("--weight-only", action="store_true",
+                   help="no activation quantization (W4A16: what vLLM serves on Hopper; W4A4 int has no vLLM scheme)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.add_argument("--json", action="store_true", help="print the export summary as JSON")
     s.set_defaults(func=cmd_export)

@@ -121,8 +121,10 @@ def _act_args(bits: int, symmetric: bool, group_size: int | None = None) -> dict
     return args
 
 
-def quantization_config(cfg, adapter, geo, transform_config: dict | None) -> dict:
-    """The `quantization_config` entry of config.json (validated by compressed-tensors)."""
+def quantization_config(cfg, adapter, geo, transform_config: dict | None, weight_only: bool = False) -> dict:
+    """The `quantization_config` entry of config.json (validated by compressed-tensors).
+
+    weight_only: no `input_activations` (W4A16), the layout vLLM serves on Hopper (WNA16)."""
     suffixes = _role_suffixes(adapter)
     weights = {"num_bits": cfg.w_bits, "type": "int", "symmetric": True, "dynamic": False,
                "strategy": "channel" if cfg.w_group_size is None else "group"}
@@ -131,7 +133,7 @@ def quantization_config(cfg, adapter, geo, transform_config: dict | None) -> dic
     # one config group per distinct activation setting; roles listed as regexes on module names
     groups: dict[tuple, list[str]] = {}
     for role, suffix in suffixes.items():
-        bits = int(cfg.a_bits_overrides.get(role, cfg.a_bits))
+        bits = 16 if weight_only else int(cfg.a_bits_overrides.get(role, cfg.a_bits))
         group = geo.head_dim if (role == "o" and cfg.o_proj_per_head and bits < 16) else None
         key = json.dumps(_act_args(bits, cfg.a_symmetric, group), sort_keys=True)
         groups.setdefault(key, []).append(suffix)
@@ -242,7 +244,7 @@ def read_run(run: Path) -> dict:
 
 
 def export_run(run: str | Path, out: str | Path, *, dtype: str = "bfloat16", overwrite: bool = False,
-               drop_kv_quant: bool = False, progress: bool = True) -> dict:
+               drop_kv_quant: bool = False, weight_only: bool = False, progress: bool = True) -> dict:
     """Write the compressed-tensors folder `out` for the run folder `run`; return a summary."""
     from safetensors.torch import save_file
 
@@ -257,6 +259,9 @@ def export_run(run: str | Path, out: str | Path, *, dtype: str = "bfloat16", ove
     spec = read_run(run)
     cfg = QuantConfig.from_dict(spec["quantization"])
     notes = check_exportable(cfg, drop_kv_quant)
+    if weight_only:
+        notes = [n for n in notes if "activation" not in n]
+        notes.append("activation quantization not exported (--weight-only: W4A16, served by vLLM's WNA16)")
     try:
         import compressed_tensors  # noqa: F401
     except ImportError as e:
@@ -271,7 +276,7 @@ def export_run(run: str | Path, out: str | Path, *, dtype: str = "bfloat16", ove
     geo = adapter.geometry(model.config)
     first_layer = f"{adapter.layers}.0"
     tconfig, state = transform_config(spec.get("online", {}), adapter, geo, torch_dtype, first_layer)
-    qconfig = quantization_config(cfg, adapter, geo, tconfig)
+    qconfig = quantization_config(cfg, adapter, geo, tconfig, weight_only)
     validate_configs(qconfig)
 
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
@@ -306,7 +311,7 @@ def export_run(run: str | Path, out: str | Path, *, dtype: str = "bfloat16", ove
             shutil.copyfile(run / "generation_config.json", tmp / "generation_config.json")
         info = {"source_run": str(run.resolve()), "method": cfg.method, "dtype": dtype,
                 "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits,
-                "online": spec.get("online", {}), "not_expressible": notes,
+                "weight_only": weight_only, "online": spec.get("online", {}), "not_expressible": notes,
                 "seconds": round(time.perf_counter() - t0, 3)}
         write_json(tmp / EXPORT_INFO_FILE, info)
     info["bytes"] = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
