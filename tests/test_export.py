@@ -163,6 +163,7 @@ def test_written_configs_are_what_compressed_tensors_and_vllm_read(tmp_path):
     assert {"lm_head.weight", "model.embed_tokens.weight"} <= keys and "lm_head.weight_packed" not in keys
     assert not any(k.endswith("_q_attn.weight") for k in keys)  # no attention-side transforms
     assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
+    assert (out / "generation_config.json").exists()  # from the source model: runs do not keep it
     # --weight-only: no input_activations, the W4A16 layout (vLLM's WNA16 scheme)
     export_run(run, tmp_path / "w4a16", weight_only=True, progress=False)
     qc = json.loads((tmp_path / "w4a16" / "config.json").read_text())["quantization_config"]

@@ -243,6 +243,20 @@ def read_run(run: Path) -> dict:
     return spec
 
 
+def _generation_config(run: Path, model_spec: str) -> Path | None:
+    """The run's generation_config.json, else the source model's (runs do not copy it)."""
+    from .packages import MissingPackageError
+    from .zoo import BUNDLED, ModelLoadError, resolve_model
+
+    candidates = [run]
+    try:
+        if model_spec not in BUNDLED or BUNDLED[model_spec].installed():  # never convert a GGUF for this
+            candidates.append(resolve_model(model_spec, install=False))
+    except (ModelLoadError, MissingPackageError, OSError, ValueError):  # source gone / not installed
+        pass
+    return next((c / "generation_config.json" for c in candidates if (c / "generation_config.json").is_file()), None)
+
+
 def export_run(run: str | Path, out: str | Path, *, dtype: str = "bfloat16", overwrite: bool = False,
                drop_kv_quant: bool = False, weight_only: bool = False, progress: bool = True) -> dict:
     """Write the compressed-tensors folder `out` for the run folder `run`; return a summary."""
@@ -271,7 +285,7 @@ def export_run(run: str | Path, out: str | Path, *, dtype: str = "bfloat16", ove
         raise ExportError("--out must differ from the run folder")
     t0 = time.perf_counter()
     torch_dtype = getattr(torch, dtype)
-    model, tokenizer = load_model(run, dtype=torch.float64)
+    model, tokenizer = load_model(run, dtype=torch.float32)  # the run stores float32: nothing lost
     adapter = adapter_for(model)
     geo = adapter.geometry(model.config)
     first_layer = f"{adapter.layers}.0"
@@ -307,8 +321,9 @@ def export_run(run: str | Path, out: str | Path, *, dtype: str = "bfloat16", ove
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / "config.json", config)
         tokenizer.save_pretrained(str(tmp))
-        if (run / "generation_config.json").is_file():
-            shutil.copyfile(run / "generation_config.json", tmp / "generation_config.json")
+        generation = _generation_config(run, cfg.model)
+        if generation is not None:
+            shutil.copyfile(generation, tmp / "generation_config.json")
         info = {"source_run": str(run.resolve()), "method": cfg.method, "dtype": dtype,
                 "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits,
                 "weight_only": weight_only, "online": spec.get("online", {}), "not_expressible": notes,
