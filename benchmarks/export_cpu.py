@@ -5,7 +5,8 @@
 For each run folder (from `dartquant quantize --out`):
   * export it (`--drop-kv-quant`, bfloat16 and float32), timed; size on disk vs the FP16 size of the
     unrotated model (2 bytes per parameter of the model the run started from, tied weights once);
-  * max |logit| difference between the export (loaded by `export.load_export`: transformers +
+  * the run's round-off sensitivity ("floor": max |logit| change when the embeddings move by 1e-7
+    relative), and the max |logit| difference between the export (loaded by `export.load_export`: transformers +
     compressed-tensors) and the run's own model with the export's semantics (KV quantizers off,
     activation clip 1.0), on the first eval window: the exactness check;
   * perplexity (wiki, c4; the run's eval protocol) of: the run as evaluated (metrics.json), the run
@@ -36,7 +37,8 @@ from dartquant.zoo import load_model, resolve_model
 
 
 # (name, dtype, weight_only); the weight-only logit difference is against the W4A16 reference below
-VARIANTS = (("bfloat16", "bfloat16", False), ("float32", "float32", False), ("bf16-w4a16", "bfloat16", True))
+VARIANTS = (("bfloat16", "bfloat16", False), ("float32", "float32", False), ("bf16-w4a16", "bfloat16", True),
+            ("fp32-w4a16", "float32", True))
 
 
 def fp16_bytes(model_spec: str) -> int:
@@ -79,12 +81,18 @@ def measure(run: Path, work: Path) -> dict:
     clip_one_(model)
     row["ppl"]["run_no_kv_clip1"] = evaluate_ppl(model, tok, **ev)
     ids = tok(open(__file__).read(), return_tensors="pt").input_ids[:, :cfg.eval_seqlen]
+    # The run's own sensitivity to float round-off: its logits when the embeddings move by ~1e-7
+    # relative. A W4A4 model flips activation codes at near-ties, so no export can match it closer.
+    emb = model.get_input_embeddings()(ids)
+    noisy = emb * (1 + 1e-7 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
         ref = model(ids).logits
+        row["roundoff_floor_w4a4"] = (model(inputs_embeds=noisy).logits - ref).abs().max().item()
         for m in model.modules():
             if isinstance(m, ActQuantizer):
                 m.enabled = False
         ref_w4a16 = model(ids).logits
+        row["roundoff_floor_w4a16"] = (model(inputs_embeds=noisy).logits - ref_w4a16).abs().max().item()
     row["ppl"]["run_w4a16"] = evaluate_ppl(model, tok, **ev)
     del model
     for variant, dtype, weight_only in VARIANTS:
