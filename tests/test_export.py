@@ -79,13 +79,16 @@ def load_in_plain_transformers(folders: list[Path], ids: torch.Tensor, tmp: Path
     return [logits[str(i)] for i in range(len(folders))]
 
 
-def reference_logits(run: Path, ids: torch.Tensor) -> torch.Tensor:
-    """The run's model with its KV quantizers off (what --drop-kv-quant exports)."""
+def reference_logits(run: Path, ids: torch.Tensor, activations: bool = True) -> torch.Tensor:
+    """The run's model with its KV quantizers off (what --drop-kv-quant exports), and with its
+    activation quantizers off too for a --weight-only export."""
     from dartquant.adapters import adapter_for
+    from dartquant.quant.act import set_act_quant_enabled_
 
     model, _ = load_model(run, dtype=torch.float32)
     for layer in adapter_for(model).layers_of(model):
         layer.attn.dq_attention.k_quantizer = layer.attn.dq_attention.v_quantizer = None
+    set_act_quant_enabled_(model, activations)
     with torch.no_grad():
         return model(ids).logits
 
@@ -225,13 +228,16 @@ def test_bad_input_fails_clearly_and_leaves_nothing(tmp_path, capsys):
 
 @pytest.mark.real
 def test_bundled_model_export_matches_in_plain_transformers(tmp_path):
+    """SmolLM2, weight-only export in float32. (A W4A4 real model cannot be held to a logit
+    tolerance: a 1e-7 relative change of its embeddings moves its logits by ~19, see
+    docs/EXPORT.md; its W4A16 round-off floor is ~8e-5.)"""
     run = tmp_path / "run"
-    cfg = QuantConfig(model="smollm2-135m", method="quarot", w_quantizer="rtn", a_clip=1.0, calib_samples=2,
+    cfg = QuantConfig(model="smollm2-135m", method="quarot", w_quantizer="rtn", calib_samples=2,
                       calib_seqlen=64, eval_seqlen=64, eval_max_windows=1)
     run_quantize(cfg, run, progress=False, eval_fp=False)
-    export_run(run, tmp_path / "export", dtype="float32", drop_kv_quant=True, progress=False)
+    export_run(run, tmp_path / "export", dtype="float32", drop_kv_quant=True, weight_only=True, progress=False)
     ids = torch.randint(100, 40000, (1, 32), generator=torch.Generator().manual_seed(0))
-    ref = reference_logits(run, ids)
+    ref = reference_logits(run, ids, activations=False)
     got, = load_in_plain_transformers([tmp_path / "export"], ids, tmp_path)
     rel = ((got - ref).abs().max() / ref.abs().max()).item()
     assert rel < 1e-4, f"smollm2 export logits differ from the run's by {rel:.2e} (relative)"
