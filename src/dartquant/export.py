@@ -20,20 +20,25 @@ Design choices:
   (to float round-off), failing loudly otherwise. Any grid that reproduces the weight gives
   the same function, so recovering `(q, s)` up to a common factor is enough.
 * R1, R2 and learned scalings are already folded into the weights: nothing to export.
-  R4 (online Hadamard on the down_proj input) and R3 (on Q and K after RoPE) become
-  `transform_config` entries. Our Hadamard of order `n = k * 2^m` is `H_k (x) H_{2^m}`
-  with our own base `H_k`; compressed-tensors' deterministic `hadamard` type only builds
-  Sylvester matrices (powers of two) and its `random-hadamard` draws random signs on top of
-  its own bases. So: powers of two use type `hadamard` (our Sylvester matrix equals theirs,
-  checked at export, and vLLM runs it with its Hadacore kernel); other sizes use type
+  R4 (online Hadamard on the down_proj input) becomes a `transform_config` entry at location
+  `input`. R3 (Q and K after RoPE) is not exported: it cancels in Q K^T unless K is quantized,
+  and the KV cache is not exported (below), so dropping it keeps the function exactly.
+  Our Hadamard of order `n = k * 2^m` is `H_k (x) H_{2^m}` with our own base `H_k`;
+  compressed-tensors' `hadamard` type only builds Sylvester matrices (powers of two) and its
+  `random-hadamard` draws random signs on top of its own, different, bases (docs/EXPORT.md
+  compares them). So: powers of two use type `hadamard` (our Sylvester matrix equals theirs,
+  checked at export; vLLM runs it with its Hadacore kernel); other sizes use type
   `random-hadamard` with *our* unnormalized +-1 matrix stored in the safetensors (both
   compressed-tensors and vLLM divide the stored matrix by sqrt(n)). One copy per scheme
-  (the first target's key): the modules share it, as compressed-tensors' own writer does.
-* Activation and KV quantization are described as far as the format can say them; what it
-  cannot say (the activation clip ratio, our rounding of the zero point) is listed in
-  `dartquant_export.json` and in docs/EXPORT.md with its measured perplexity cost. Settings
-  with no faithful description at all (2/3-bit activations, asymmetric or 2/3/5/6/7-bit
-  weights, a quantized lm_head, activation groups) are refused before any work.
+  (layer 0's key): the modules share it, as compressed-tensors' own writer does.
+* Activation quantization is described as far as the format can say it: dynamic per-token
+  int, the run's bits and symmetry. What it cannot say (the activation clip ratio; symmetric
+  activations use amax/8 there, amax/7 here) is listed in `dartquant_export.json` and in
+  docs/EXPORT.md with its measured perplexity cost. The KV cache is never exported: with
+  transformers 5.x compressed-tensors' KV hook does not run and vLLM takes only FP8 KV, so a
+  run with a quantized KV cache needs `--drop-kv-quant`. Settings with no faithful description
+  (2/3-bit activations, asymmetric or 2/3/5/6/7-bit weights, a quantized lm_head, activation
+  groups) are refused before any work.
 * Written atomically (`runs.atomic_dir`) after `runs.check_out_dir`: a failed export leaves
   nothing behind.
 * transformers (5.x up to at least 5.24) does not apply `transform_config` when loading
