@@ -5,6 +5,7 @@
     dartquant ppl MODEL_OR_DIR            wiki / c4 perplexity
     dartquant quantize ...                rotate + calibrate + quantize + evaluate  (quant.pipeline)
     dartquant eval DIR                    evaluate a saved (quantized) model
+    dartquant export RUN --out DIR        write a compressed-tensors folder (transformers / vLLM)
     dartquant inspect --model M           activation statistics before / after rotation (PNG + JSON)
 
 Handlers parse and check arguments, fail fast on bad input, then call library functions.
@@ -98,6 +99,19 @@ def cmd_ppl(args) -> int:
     return 0
 
 
+# ---- export -------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    info = export_run(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                      drop_kv_quant=args.drop_kv_quant, weight_only=args.weight_only, progress=not args.json)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"exported {args.run} -> {args.out} ({info['bytes'] / 2**20:.1f} MiB, {info['seconds']:.1f} s)")
+    return 0
+
+
 # ---- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from .zoo import DEFAULT_MODEL
@@ -131,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", action="store_true", help='print {"wiki": ..., "c4": ..., "tokens": ...}')
     s.set_defaults(func=cmd_ppl)
+
+    s = sub.add_parser("export", help="write a run folder as compressed-tensors (loads in transformers, vLLM)")
+    s.add_argument("run", help="run folder written by `dartquant quantize --out`")
+    s.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    s.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="dtype of scales, embeddings, norms and lm_head")
+    s.add_argument("--drop-kv-quant", action="store_true",
+                   help="export a run with a quantized KV cache without it (the format cannot say it; "
+                        "see docs/EXPORT.md)")
+    s.add_argument("--weight-only", action="store_true",
+                   help="no activation quantization (W4A16: what vLLM serves on Hopper; W4A4 int has no vLLM scheme)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    s.add_argument("--json", action="store_true", help="print the export summary as JSON")
+    s.set_defaults(func=cmd_export)
 
     from .diagnostics import add_inspect_command
     from .cli_quantize import add_quant_commands

@@ -225,6 +225,9 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model(spec, install)
+    if is_export(folder):  # a `dartquant export` (compressed-tensors) folder
+        model, tokenizer = load_export(folder, dtype)
+        return model.to(device), tokenizer
     transform = read_transform_file(folder)
     if transform is not None and "quantization" in transform:
         from .quant.checkpoint import load_quantized
@@ -263,3 +266,48 @@ def save_model(model, tokenizer, folder: Path, *, rotations=None, extra: dict | 
     if extra:
         spec.update(extra)
     write_json(folder / TRANSFORM_FILE, spec)
+
+
+# ---- compressed-tensors folders (`dartquant export`): plain transformers + compressed-tensors ----
+EXPORT_WEIGHTS_FILE = "model.safetensors"
+
+
+def is_export(folder: Path) -> bool:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        qc = json.loads(path.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError:
+        return False
+    return qc.get("quant_method") == "compressed-tensors"
+
+
+def load_export(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a compressed-tensors folder, with its online transforms applied.
+
+    Uses only transformers and compressed-tensors (the lines docs/EXPORT.md gives to users).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    apply_online_transforms_(model, folder)
+    return model.eval(), AutoTokenizer.from_pretrained(str(folder))
+
+
+def apply_online_transforms_(model, folder: Path) -> None:
+    """Apply `transform_config` if transformers did not, and load the stored transform matrices."""
+    from compressed_tensors.transform import TransformBase, TransformConfig, apply_transform_config
+    from safetensors import safe_open
+
+    tc = json.loads((Path(folder) / "config.json").read_text())["quantization_config"].get("transform_config")
+    if not tc or any(isinstance(m, TransformBase) for m in model.modules()):
+        return
+    apply_transform_config(model, TransformConfig.model_validate(tc))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with safe_open(str(Path(folder) / EXPORT_WEIGHTS_FILE), framework="pt") as f:
+        for key in f.keys():
+            if key in params and any(f"_{loc}." in key for loc in ("input", "q_attn", "k_cache")):
+                with torch.no_grad():  # the modules of one scheme share this parameter
+                    params[key].copy_(f.get_tensor(key))
