@@ -241,3 +241,19 @@ def test_bundled_model_export_matches_in_plain_transformers(tmp_path):
     got, = load_in_plain_transformers([tmp_path / "export"], ids, tmp_path)
     rel = ((got - ref).abs().max() / ref.abs().max()).item()
     assert rel < 1e-4, f"smollm2 export logits differ from the run's by {rel:.2e} (relative)"
+
+
+def test_quantize_export_flag(tmp_path, capsys):
+    """`quantize --export DIR`: refused settings fail before any work; otherwise the run and its
+    export are both written (the KV cache quantization is dropped from the export, as documented)."""
+    from dartquant.cli import main
+
+    folder = save_tiny_folder(tmp_path / "m")
+    common = ["quantize", "--model", str(folder), "--calib-samples", "2", "--calib-seqlen", "32",
+              "--eval-seqlen", "32", "--eval-max-windows", "1", "--w-quantizer", "rtn", "--guard-windows", "0"]
+    assert main(common + ["--a-bits", "2", "--out", str(tmp_path / "bad"), "--export", str(tmp_path / "bad-x")]) == 2
+    assert "2-bit activations" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad-x").exists()
+    assert main(common + ["--out", str(tmp_path / "run"), "--export", str(tmp_path / "x"), "--json"]) == 0
+    qc = json.loads((tmp_path / "x" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and (tmp_path / "run" / "metrics.json").is_file()

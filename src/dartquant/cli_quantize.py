@@ -96,8 +96,18 @@ def cmd_quantize(args) -> int:
 
     check_out_dir(args.out, args.overwrite, inputs=(args.recipe,))  # the recipe too must survive --overwrite
     cfg = resolve_config(args)
+    if args.export:  # what the export cannot say is refused before any work
+        from .export import check_exportable
+
+        check_exportable(cfg.scheme, drop_kv_quant=True)
+        check_out_dir(args.export, args.overwrite, inputs=(args.out,))
     metrics = run_quantize(cfg, args.out, overwrite=args.overwrite, eval_fp=not args.skip_fp_eval,
                            progress=not args.json)
+    if args.export:
+        from .export import export_run
+
+        metrics["export"] = export_run(args.out, args.export, overwrite=args.overwrite, drop_kv_quant=True,
+                                       progress=not args.json)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -181,6 +191,8 @@ def add_quant_commands(sub) -> None:
     s.add_argument("--out", required=True, help="run folder (must not exist or be empty)")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--skip-fp-eval", action="store_true", help="do not evaluate the unquantized model")
+    s.add_argument("--export", metavar="DIR", help="also write a compressed-tensors export of the run (as "
+                   "`dartquant export RUN --out DIR --drop-kv-quant`; see docs/EXPORT.md)")
     s.add_argument("--json", action="store_true", help="print metrics.json's content")
     _add_config_flags(s)
     s.set_defaults(func=cmd_quantize)
