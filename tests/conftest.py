@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton kernels run through Triton's interpreter where there is no GPU (CI, laptops); it is read
+# when a kernel is defined, so it must be set before dartquant.kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from tiny import TINY_CONFIGS
 
 

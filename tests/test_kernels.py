@@ -224,14 +224,14 @@ def test_run_folder_on_the_kernels(tmp_path):
     from tiny import save_tiny_folder
 
     from dartquant.kernels.linear import W4A4Linear, load_w4a4
-    from dartquant.quant.config import QuantConfig
-    from dartquant.quant.pipeline import run_quantize
+    from dartquant.config import RunConfig
+    from dartquant.pipeline import run_quantize
     from dartquant.zoo import load_model
 
     folder = save_tiny_folder(tmp_path / "model")
     out = tmp_path / "run"
-    cfg = QuantConfig(model=str(folder), method="rtn", w_quantizer="rtn", calib_samples=2, calib_seqlen=16,
-                      eval_seqlen=16, eval_max_windows=1)
+    cfg = RunConfig.from_flat(model=str(folder), method="rtn", w_quantizer="rtn", calib_samples=2, calib_seqlen=16,
+                              eval_seqlen=16, eval_max_windows=1)
     run_quantize(cfg, out, progress=False, eval_fp=False)
     fake, _ = load_model(out)
     model, _ = load_w4a4(out)

@@ -187,7 +187,7 @@ def test_quantized_model_is_wrapped_as_is(one_thread):
 
     from dartquant.adapters import adapter_for
     from dartquant.quant.act import install_quantizers_
-    from dartquant.quant.config import QuantConfig
+    from dartquant.config import RunConfig
     from dartquant.transforms import RotationSet, fuse_norms_, rotate_, untie_embeddings_
 
     qmodel = make_tiny_model("llama-tied-gqa")  # float64
@@ -195,7 +195,7 @@ def test_quantized_model_is_wrapped_as_is(one_thread):
     untie_embeddings_(qmodel, adapter)
     fuse_norms_(qmodel, adapter)
     rotate_(qmodel, RotationSet.quarot(adapter.geometry(qmodel.config), seed=0), adapter)
-    install_quantizers_(qmodel, QuantConfig(a_bits=4, kv_bits=4), adapter)
+    install_quantizers_(qmodel, RunConfig.from_flat(a_bits=4, kv_bits=4).scheme, adapter)
     tok = make_char_tokenizer(qmodel.config.vocab_size)
     assert tok.pad_token is None
     before = {k: v.clone() for k, v in qmodel.state_dict().items()}
