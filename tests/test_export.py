@@ -69,7 +69,11 @@ def load_in_plain_transformers(folders: list[Path], ids: torch.Tensor, tmp: Path
     from safetensors.torch import load_file
 
     out = tmp / "logits.safetensors"
-    env_path = [p for p in sys.path if "wt-" not in p and not p.endswith("/src") and not p.endswith("/tests")]
+    # only the interpreter's and site-packages' paths: nothing of this repository (its src/, and
+    # benchmarks/ or lab/ whose module names could shadow packages transformers probes for)
+    repo = Path(__file__).resolve().parent.parent
+    ours = {repo, *(repo / d for d in ("src", "tests", "benchmarks", "lab", "scripts"))}
+    env_path = [p for p in sys.path if p and Path(p).resolve() not in ours and "wt-" not in p]
     proc = subprocess.run([sys.executable, "-c", LOADER, json.dumps(ids.tolist()), str(out), *map(str, folders)],
                           capture_output=True, text=True, cwd=tmp, timeout=900,
                           env={"PYTHONPATH": ":".join(env_path), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})

@@ -1,7 +1,7 @@
 """The W4A4 Triton kernels against their torch references, on the CPU through Triton's interpreter.
 
 Small shapes only (the interpreter runs every program in numpy).  The GPU side of the same
-checks, at the real sizes, is benchmarks/kernels.py.
+checks, at the real sizes, is benchmarks/kernel_bench.py.
 """
 
 import os

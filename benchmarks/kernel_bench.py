@@ -1,6 +1,6 @@
 """W4A4 kernels on the GPU: correctness, then timing tables against the vendor paths.
 
-    PYTHONPATH=src python benchmarks/kernels.py --out kernels_h200.json [--quick]
+    PYTHONPATH=src python benchmarks/kernel_bench.py --out kernels_h200.json [--quick]
 
 One script, one call (see docs/KERNELS.md):
 1. ceilings measured here: device copy bandwidth, bf16 torch.matmul, FP8 torch._scaled_mm,
