@@ -82,7 +82,7 @@ class RunConfig:
     rotations: str | None = None  # a rotations .safetensors to use instead of computing them
     seed: int = 0  # seeds the random Hadamard, calibration sampling and training
     r3: bool = True  # online Hadamard on Q/K (for the K cache)
-    r4: bool = True  # online Hadamard on the down_proj input
+    r4: bool | None = None  # online Hadamard on the down_proj input; None: the method's default (True but for duquant)
     device: str = "cpu"
     dtype: str = "float32"
     scheme: QuantScheme = field(default_factory=QuantScheme)
@@ -92,6 +92,8 @@ class RunConfig:
 
     def __post_init__(self):
         check_types(self)
+        if self.r4 is None:  # an unknown method is reported by validate()
+            self.r4 = METHODS[self.method].default_r4 if self.method in METHODS else True
         for name, (cls, _) in option_sections().items():
             self.options.setdefault(name, cls())
 
