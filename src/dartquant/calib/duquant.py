@@ -6,8 +6,8 @@ For each linear input x (the q/k/v input, the gate/up input, the o_proj and down
      weights; x -> x / lambda, W -> W diag(lambda);
   2. R1: a block-diagonal rotation (blocks of `block_size`), built greedily per block: find the
      channel with the largest |activation|, rotate so that it is spread evenly over the block
-     (a Householder reflection taking e_j to the uniform vector, then a random rotation of the
-     other channels), repeat `steps` times, keep the prefix with the smallest max |activation|;
+     (a random rotation of the other channels, then a Householder reflection taking e_j to the
+     uniform vector), repeat `steps` times, keep the prefix with the smallest max |activation|;
   3. P: the zigzag permutation: channels sorted by their max |x / lambda R1|, dealt to the
      blocks 0, 1, ..., n-1, n-1, ..., 0, 0, 1, ... so that every block gets a share of outliers;
   4. R2: a second greedy block rotation, on x / lambda R1 P.
@@ -106,9 +106,13 @@ def _random_orthogonal(n: int, b: int, g: torch.Generator) -> torch.Tensor:
 def greedy_rotation(x: torch.Tensor, steps: int, g: torch.Generator) -> torch.Tensor:
     """Block rotations [nb, B, B] for x [nb, tokens, B], one independent greedy search per block.
 
-    Each step: j = the channel with the largest |value|; step = E_j H diag(1, Q) E_j (E_j swaps
-    channels 0 and j, H spreads channel 0 evenly over the block, Q a random rotation of the
-    others); the product with the smallest max |x R| (identity included) is kept."""
+    Each step: j = the channel with the largest |value|; step = E_j diag(1, Q) H (E_j swaps
+    channels 0 and j, Q a random rotation of the other channels, H the reflection taking channel
+    0 to the uniform vector): the outlier channel is spread exactly evenly over the block and
+    the rest is mixed at random, so the next step meets new structure. (Q after H, as a literal
+    reading of the paper's E R~ Q would have it, re-concentrates the spread channel: measured
+    here, a lone outlier of 100 in a block of 32 ended at 41 instead of 100 / sqrt(32) = 17.7.)
+    The product with the smallest max |x R| (identity included) is kept."""
     nb, _, b = x.shape
     x = x.double()
     rot = torch.eye(b, dtype=torch.float64).expand(nb, b, b).clone()
@@ -121,11 +125,10 @@ def greedy_rotation(x: torch.Tensor, steps: int, g: torch.Generator) -> torch.Te
         j = y.abs().amax(dim=1).argmax(dim=-1)  # [nb]
         q = torch.eye(b, dtype=torch.float64).expand(nb, b, b).clone()
         q[:, 1:, 1:] = _random_orthogonal(nb, b - 1, g)
-        step = house @ q  # [nb, B, B]
+        step = q @ house  # [nb, B, B]
         idx = torch.arange(b).expand(nb, b).clone()
         idx[torch.arange(nb), 0], idx[torch.arange(nb), j] = j, 0  # E_j as an index swap
         step = torch.gather(step, 1, idx[:, :, None].expand(nb, b, b))  # rows: E_j step
-        step = torch.gather(step, 2, idx[:, None, :].expand(nb, b, b))  # columns: step E_j
         y, rot = y @ step, rot @ step
         m = y.abs().amax(dim=(1, 2))
         better = m < best_max
