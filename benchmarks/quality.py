@@ -87,7 +87,8 @@ def main() -> None:
                 fp = fp or m.get("fp")
                 run = {"config": config, "seed": seed, "ppl": m["ppl"], "zeroshot": m.get("zeroshot"),
                        "seconds": m["seconds"], "peak_memory_bytes": m["peak_memory_bytes"],
-                       "calibration": m.get("calibration"), "quality_check": m.get("quality_check")}
+                       "calibration": m.get("calibration"), "quality_check": m.get("quality_check"),
+                       "online_cost": m.get("online_cost")}
                 result["runs"].append(run)
                 zs = m.get("zeroshot", {}).get("avg")
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)

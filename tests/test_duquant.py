@@ -145,6 +145,11 @@ def test_online_cost_counts_blocks_once_per_shared_input(one_thread):
     assert cost["blocks"]["params"] == 2 * (2 * 16 * 16 * (3 + 3 + 5) + 48 + 48 + 80)
     assert cost["r3"]["flops"] == 2 * (4 + 2) * hadamard_flops(12) and cost["r4"]["flops"] == 0
     assert hadamard_flops(64) == 64 * 6 + 64 and hadamard_flops(12) == 2 * 12 * 12 + 12
+    # the geometry-only count (cost tables of models not at hand) agrees with the installed modules
+    from dartquant.transforms.online import online_cost_from_geometry
+
+    geo = adapter_for(model).geometry(model.config)
+    assert online_cost_from_geometry(geo, r3=True, r4=False, block_size=16) == cost
 
 
 # ---- through the pipeline ----------------------------------------------------------------------

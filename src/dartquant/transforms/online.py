@@ -158,3 +158,28 @@ def online_cost(model: nn.Module, adapter: ModelAdapter | None = None) -> dict:
     total = sum(v["flops"] for v in out.values())
     return {**out, "total_flops_per_token": total, "linear_flops_per_token": linear_flops,
             "overhead": round(total / linear_flops, 5) if linear_flops else None}
+
+
+def online_cost_from_geometry(geo, *, r3: bool, r4: bool, block_size: int | None = None,
+                              permute: bool = True) -> dict:
+    """What `online_cost` reads off an installed dense model, from its geometry alone (for models
+    not at hand, e.g. 7B tables): R3 / R4 Hadamards and, with `block_size`, DuQuant's three online
+    block transforms per layer (q/k/v input, gate/up input: hidden; down input: intermediate)."""
+    from ..block_rotation import block_flops, n_blocks
+
+    rot = 1 + permute
+    per_layer_r3 = (geo.n_heads + geo.n_kv_heads) * hadamard_flops(geo.head_dim) if r3 else 0
+    per_layer_r4 = hadamard_flops(geo.intermediate) if r4 else 0
+    flops = params = 0
+    if block_size:
+        for n in (geo.hidden, geo.hidden, geo.intermediate):
+            flops += block_flops(n, block_size, rot)
+            params += rot * n_blocks(n, block_size) * block_size ** 2 + (n if permute else 0)
+    kv = geo.n_kv_heads * geo.head_dim
+    linear = 2 * (geo.hidden * (geo.n_heads * geo.head_dim + 2 * kv) + geo.n_heads * geo.head_dim * geo.hidden
+                  + 3 * geo.hidden * geo.intermediate)
+    out = {"r3": {"flops": geo.n_layers * per_layer_r3}, "r4": {"flops": geo.n_layers * per_layer_r4},
+           "blocks": {"flops": geo.n_layers * flops, "params": geo.n_layers * params}}
+    total = sum(v["flops"] for v in out.values())
+    return {**out, "total_flops_per_token": total, "linear_flops_per_token": geo.n_layers * linear,
+            "overhead": round(total / (geo.n_layers * linear), 5)}
