@@ -34,7 +34,9 @@ Design choices:
   largest max |x| over all tokens (the ones that set the 4-bit range) plus `sample_tokens`
   seeded random ones.
 * Sizes the block size does not divide: the last block is ragged (block_rotation.py).
-* Seeded (cfg.seed): the random rotations of the greedy steps and the token sample.
+* Seeded (cfg.seed): the random rotations of the greedy steps (drawn on the CPU) and the token
+  sample. The greedy searches run in float64 on cfg.device (a GPU's float64 is ample for blocks
+  of 128); the results are kept on the host.
 """
 
 from __future__ import annotations
@@ -87,17 +89,18 @@ def smoothing_scales(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -
     return (x.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
 
 
-def _householder_to_uniform(b: int, dtype=torch.float64) -> torch.Tensor:
+def _householder_to_uniform(b: int, dtype=torch.float64, device=None) -> torch.Tensor:
     """The reflection H (symmetric, orthogonal) with e_0 H = (1, ..., 1) / sqrt(b)."""
     if b == 1:
-        return torch.ones(1, 1, dtype=dtype)
-    v = -torch.full((b,), 1 / math.sqrt(b), dtype=dtype)
+        return torch.ones(1, 1, dtype=dtype, device=device)
+    v = -torch.full((b,), 1 / math.sqrt(b), dtype=dtype, device=device)
     v[0] += 1.0
-    return torch.eye(b, dtype=dtype) - 2 * torch.outer(v, v) / v.dot(v)
+    return torch.eye(b, dtype=dtype, device=device) - 2 * torch.outer(v, v) / v.dot(v)
 
 
 def _random_orthogonal(n: int, b: int, g: torch.Generator) -> torch.Tensor:
-    """[n, b, b] Haar-random orthogonal matrices (QR of a Gaussian, signs fixed)."""
+    """[n, b, b] Haar-random orthogonal matrices (QR of a Gaussian, signs fixed); drawn on the CPU
+    (the seeded generator), whatever the device."""
     q, r = torch.linalg.qr(torch.randn(n, b, b, generator=g, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
 
@@ -114,20 +117,21 @@ def greedy_rotation(x: torch.Tensor, steps: int, g: torch.Generator) -> torch.Te
     here, a lone outlier of 100 in a block of 32 ended at 41 instead of 100 / sqrt(32) = 17.7.)
     The product with the smallest max |x R| (identity included) is kept."""
     nb, _, b = x.shape
-    x = x.double()
-    rot = torch.eye(b, dtype=torch.float64).expand(nb, b, b).clone()
+    x, dev = x.double(), x.device
+    rot = torch.eye(b, dtype=torch.float64, device=dev).expand(nb, b, b).clone()
     best, best_max = rot.clone(), x.abs().amax(dim=(1, 2))
     if b == 1 or steps == 0 or x.shape[1] == 0:
         return best
-    house = _householder_to_uniform(b)
+    house = _householder_to_uniform(b, device=dev)
     y = x.clone()
     for _ in range(steps):
         j = y.abs().amax(dim=1).argmax(dim=-1)  # [nb]
-        q = torch.eye(b, dtype=torch.float64).expand(nb, b, b).clone()
-        q[:, 1:, 1:] = _random_orthogonal(nb, b - 1, g)
+        q = torch.eye(b, dtype=torch.float64, device=dev).expand(nb, b, b).clone()
+        q[:, 1:, 1:] = _random_orthogonal(nb, b - 1, g).to(dev)
         step = q @ house  # [nb, B, B]
-        idx = torch.arange(b).expand(nb, b).clone()
-        idx[torch.arange(nb), 0], idx[torch.arange(nb), j] = j, 0  # E_j as an index swap
+        idx = torch.arange(b, device=dev).expand(nb, b).clone()
+        rows = torch.arange(nb, device=dev)
+        idx[rows, 0], idx[rows, j] = j, 0  # E_j as an index swap
         step = torch.gather(step, 1, idx[:, :, None].expand(nb, b, b))  # rows: E_j step
         y, rot = y @ step, rot @ step
         m = y.abs().amax(dim=(1, 2))
@@ -174,11 +178,11 @@ def dual_transform(x: torch.Tensor, cfg: DuQuantConfig, g: torch.Generator) -> t
     `x` here: the token sample; the permutation's channel scores come from it too, after R1."""
     r1 = block_rotation(x, cfg.block_size, cfg.steps, g)
     if not cfg.permute:
-        return r1, None, None
+        return r1.cpu(), None, None
     y = apply_blocks(x.double(), r1)
-    perm = zigzag_permutation(y.abs().amax(dim=0), cfg.block_size)
-    r2 = block_rotation(y[:, perm], cfg.block_size, cfg.steps, g)
-    return r1, perm, r2
+    perm = zigzag_permutation(y.abs().amax(dim=0).cpu(), cfg.block_size)
+    r2 = block_rotation(y[:, perm.to(y.device)], cfg.block_size, cfg.steps, g)
+    return r1.cpu(), perm, r2.cpu()
 
 
 # ---- capture --------------------------------------------------------------------------------
@@ -262,20 +266,20 @@ def calibrate_duquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, progre
                 ob = observers[role]
                 lam = smoothing_scales(ob.amax, _w_amax(*readers), opts.alpha)
                 scales[scale_name].append(1.0 / lam)  # the placement scales the stream by t = 1 / lambda
-                x = ob.rows().double() / lam
+                x = ob.rows().to(cfg.device, torch.float64) / lam.to(cfg.device)
                 r1, perm, r2 = dual_transform(x, opts, g)
                 record(key, r1, perm, r2)
-                stat(key, x, apply_blocks(x, r1, perm, r2))
+                stat(key, x, apply_blocks(x, r1.to(x.device), perm, None if r2 is None else r2.to(x.device)))
             # o_proj: one lambda per KV-head channel (max over its query heads), one rotation per KV head
             ob = observers["o"]
             x_amax = ob.amax.double().view(kv, groups, d).amax(dim=1)
             w_amax = _w_amax(layer.o).view(kv, groups, d).amax(dim=1)
             lam = smoothing_scales(x_amax, w_amax, opts.alpha)  # [kv, d]
             scales["v"].append(1.0 / lam.reshape(-1))
-            rows = ob.rows().double().view(-1, kv, groups, d) / lam[None, :, None, :]
+            rows = ob.rows().to(cfg.device, torch.float64).view(-1, kv, groups, d) / lam.to(cfg.device)[None, :, None, :]
             per_head = rows.permute(1, 0, 2, 3).reshape(kv, -1, d)  # [kv, tokens * groups, d]
             rot = greedy_rotation(per_head, opts.steps, g)
-            mats.setdefault("DQ_o", []).append(rot)
+            mats.setdefault("DQ_o", []).append(rot.cpu())
             stat("DQ_o", per_head, per_head @ rot)
     blocks = {k: torch.stack(v) for k, v in mats.items()}
     summary = {name: {"max_abs_before": round(sum(b for b, _ in v) / len(v), 4),
