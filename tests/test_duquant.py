@@ -190,6 +190,13 @@ def test_duquant_run_end_to_end_and_reload_exact(tiny_folder, tmp_path, wq):
     assert layer.q.input_rotation is layer.v.input_rotation
     again = evaluate_ppl(model, tok, seqlen=32, max_windows=3, progress=False)
     assert again["wiki"] == metrics["ppl"]["wiki"] and again["c4"] == metrics["ppl"]["c4"]
+    if wq == "rtn":  # a folder without the matrices its dartquant.json names is refused, not misloaded
+        import shutil
+
+        shutil.copytree(out, tmp_path / "damaged")
+        (tmp_path / "damaged" / "rotations.safetensors").unlink()
+        with pytest.raises(FileNotFoundError, match="rotations.safetensors"):
+            load_model(tmp_path / "damaged")
 
 
 def test_duquant_16_bit_run_preserves_the_function(tiny_folder, tmp_path):
