@@ -91,7 +91,7 @@ def check_before_load(cfg: RunConfig, out, overwrite: bool):
     adapter = adapter_for(config)
     geo = adapter.geometry(config)
     cfg.validate(geo)  # group sizes against the real dimensions
-    if cfg.rotated and not cfg.rotations:  # every rotating method makes an R1: refuse before calibrating
+    if cfg.rotated and not cfg.rotations and cfg.r1:  # rotating methods make an R1: refuse before calibrating
         check_transforms(adapter, ["R1"])
     if cfg.rotations:
         RotationSet.load(cfg.rotations).validate(geo)

@@ -40,6 +40,7 @@ class Method:
     options: type | None = None  # the dataclass of those settings
     flag_prefix: str = ""  # flat names / flags of the settings: <prefix>_<field>, --<prefix>-<field>
     needs_calib_windows: bool = False  # the pipeline draws calibration windows for it
+    r1_optional: bool = False  # runs with `r1: false` (its other rotations do not depend on R1)
 
 
 _MODULES = ("rtn", "quarot", "dartquant", "spinquant", "ostquant")  # the registry: one line per method

@@ -56,12 +56,14 @@ class RotationSet:
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
-    def quarot(cls, geometry: Geometry, seed: int = 0, r3: bool = True, r4: bool = True) -> RotationSet:
-        """QuaRot: random (sign-flipped) Hadamard R1 from `seed`; plain Hadamard R2 for every head."""
+    def quarot(cls, geometry: Geometry, seed: int = 0, r3: bool = True, r4: bool = True,
+               r1: bool = True) -> RotationSet:
+        """QuaRot: random (sign-flipped) Hadamard R1 from `seed` (none with r1=False); plain
+        Hadamard R2 for every head."""
         r2 = hadamard_matrix(geometry.head_dim).expand(
             geometry.n_layers, geometry.n_kv_heads, geometry.head_dim, geometry.head_dim).clone()
-        return cls(random_hadamard_matrix(geometry.hidden, seed), r2, r3, r4,
-                   {"method": "quarot", "seed": seed, "r1": "random_hadamard", "r2": "hadamard"})
+        return cls(random_hadamard_matrix(geometry.hidden, seed) if r1 else None, r2, r3, r4,
+                   {"method": "quarot", "seed": seed, "r1": "random_hadamard" if r1 else "none", "r2": "hadamard"})
 
     @classmethod
     def random_hadamard_r2(cls, geometry: Geometry, seed: int) -> torch.Tensor:
