@@ -291,3 +291,18 @@ def test_a_rotating_method_on_gemma3_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="r1: false .* supported by quarot"):  # DartQuant learns R2 with R1
         run_quantize(cfg.from_dict({**cfg.to_dict(), "r1": False}), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_group_sizes_must_fit_every_experts_width():
+    """Qwen2-MoE: experts 40 wide, the shared expert 56, dense layers 80. A group size of 16 divides
+    the hidden size (48) and the dense width but not the experts': refused before any work."""
+    from dartquant.config import RunConfig
+
+    model = make_tiny_model("qwen2moe-shared")
+    geo = adapter_for(model).geometry(model.config)
+    assert geo.mlp_widths == (40, 56, 80)
+    with pytest.raises(ValueError, match=r"w_group_size=16 does not divide .*\[40, 56\]"):
+        RunConfig.from_flat(w_group_size=16).validate(geo)
+    RunConfig.from_flat(w_group_size=8, a_group_size=8).validate(geo)
+    dense = make_tiny_model("llama-tied-gqa")
+    assert adapter_for(dense).geometry(dense.config).mlp_widths == (dense.config.intermediate_size,)

@@ -91,8 +91,8 @@ class RotationSet:
         """Everything applying the set needs, checked against the model's geometry (from its config:
         no weights needed): shapes, orthogonality (to float32 precision), scalings, and Hadamard
         constructions for the online R3 (head_dim) and R4 (intermediate size)."""
-        for name, on, n in (("R3", self.r3, geometry.head_dim), ("R4", self.r4, geometry.intermediate)):
-            if on:
+        for name, on, sizes in (("R3", self.r3, [geometry.head_dim]), ("R4", self.r4, geometry.mlp_widths)):
+            for n in sizes if on else ():
                 hadamard_factorization(n)  # HadamardError with the reason, before anything is touched
         expect = {"R1": (geometry.hidden, geometry.hidden),
                   "R2": (geometry.n_layers, geometry.n_kv_heads, geometry.head_dim, geometry.head_dim)}
