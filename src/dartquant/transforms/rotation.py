@@ -63,12 +63,14 @@ class RotationSet:
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
-    def quarot(cls, geometry: Geometry, seed: int = 0, r3: bool = True, r4: bool = True) -> RotationSet:
-        """QuaRot: random (sign-flipped) Hadamard R1 from `seed`; plain Hadamard R2 for every head."""
+    def quarot(cls, geometry: Geometry, seed: int = 0, r3: bool = True, r4: bool = True,
+               r1: bool = True) -> RotationSet:
+        """QuaRot: random (sign-flipped) Hadamard R1 from `seed` (none with r1=False); plain
+        Hadamard R2 for every head."""
         r2 = hadamard_matrix(geometry.head_dim).expand(
             geometry.n_layers, geometry.n_kv_heads, geometry.head_dim, geometry.head_dim).clone()
-        return cls(random_hadamard_matrix(geometry.hidden, seed), r2, r3, r4,
-                   {"method": "quarot", "seed": seed, "r1": "random_hadamard", "r2": "hadamard"})
+        return cls(random_hadamard_matrix(geometry.hidden, seed) if r1 else None, r2, r3, r4,
+                   {"method": "quarot", "seed": seed, "r1": "random_hadamard" if r1 else "none", "r2": "hadamard"})
 
     @classmethod
     def random_hadamard_r2(cls, geometry: Geometry, seed: int) -> torch.Tensor:
@@ -103,8 +105,8 @@ class RotationSet:
         """Everything applying the set needs, checked against the model's geometry (from its config:
         no weights needed): shapes, orthogonality (to float32 precision), scalings, and Hadamard
         constructions for the online R3 (head_dim) and R4 (intermediate size)."""
-        for name, on, n in (("R3", self.r3, geometry.head_dim), ("R4", self.r4, geometry.intermediate)):
-            if on:
+        for name, on, sizes in (("R3", self.r3, [geometry.head_dim]), ("R4", self.r4, geometry.mlp_widths)):
+            for n in sizes if on else ():
                 hadamard_factorization(n)  # HadamardError with the reason, before anything is touched
         expect = {"R1": (geometry.hidden, geometry.hidden),
                   "R2": (geometry.n_layers, geometry.n_kv_heads, geometry.head_dim, geometry.head_dim)}
