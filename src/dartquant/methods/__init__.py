@@ -42,7 +42,7 @@ class Method:
     needs_calib_windows: bool = False  # the pipeline draws calibration windows for it
 
 
-_MODULES = ("rtn", "quarot", "dartquant", "spinquant", "ostquant")  # the registry: one line per method
+_MODULES = ("rtn", "quarot", "dartquant", "spinquant", "ostquant", "dfrot")  # the registry: one line per method
 
 
 def _load() -> dict[str, Method]:
