@@ -55,7 +55,7 @@ from ..stages import measure
 from ..transforms import RotationSet, fuse_norms_
 from ..typecheck import check_types
 from .capture import capture_activations
-from .dartquant import _spec_dict, r1_heldout_quant, split_indices
+from .dartquant import _placement, _spec_dict, r1_heldout_quant, split_indices
 
 CHUNK_TOKENS = 16_384  # rows per float64 pass: bounds the solver's working memory
 
@@ -178,7 +178,7 @@ def calibrate_dfrot(model, cfg, calib_ids: torch.Tensor, *, timer=None, out_dir:
                                    device=cfg.device, adapter=adapter, progress=progress)
         acts.r2 = None  # R2 stays Hadamard: its buffer is not needed
     with stage("calibrate"), measure(cfg.device, stages["r1"]):
-        x = acts.r1
+        x = _placement(acts.r1, cfg.device, "auto")  # on CUDA: the buffer on the device if it fits
         train, held = split_indices(x.shape[0], cfg.seed)
         massive = massive_tokens(x, opts.ma_ratio)
         weights = torch.where(massive, opts.ma_weight, 1.0).double()
@@ -192,6 +192,7 @@ def calibrate_dfrot(model, cfg, calib_ids: torch.Tensor, *, timer=None, out_dir:
             report[name] = ({"init": r1_heldout_quant(x, base.r1, rows, spec, cfg.device),
                              "final": r1_heldout_quant(x, r1, rows, spec, cfg.device)} if rows.numel() else None)
         hist["heldout_quant"] = report
+        acts.r1 = x = None  # free the buffer (host and device)
     def pair(name):
         return None if report[name] is None else [report[name]["init"]["sqnr_db"], report[name]["final"]["sqnr_db"]]
 
