@@ -43,7 +43,7 @@ class Method:
     r1_optional: bool = False  # runs with `r1: false` (its other rotations do not depend on R1)
 
 
-_MODULES = ("rtn", "quarot", "dartquant", "spinquant", "ostquant")  # the registry: one line per method
+_MODULES = ("rtn", "quarot", "dartquant", "spinquant", "ostquant", "dfrot")  # the registry: one line per method
 
 
 def _load() -> dict[str, Method]:
