@@ -96,7 +96,8 @@ def main() -> None:
                     shutil.copyfile(out / "rotations.safetensors", keep / f"{Path(args.out).stem}_{label}_s{seed}.safetensors")
                 run = {"config": config, "seed": seed, "ppl": m["ppl"], "zeroshot": m.get("zeroshot"),
                        "seconds": m["seconds"], "peak_memory_bytes": m["peak_memory_bytes"],
-                       "calibration": m.get("calibration"), "quality_check": m.get("quality_check")}
+                       "calibration": m.get("calibration"), "quality_check": m.get("quality_check"),
+                       "online_cost": m.get("online_cost")}
                 result["runs"].append(run)
                 zs = m.get("zeroshot", {}).get("avg")
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)

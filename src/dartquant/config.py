@@ -83,7 +83,7 @@ class RunConfig:
     seed: int = 0  # seeds the random Hadamard, calibration sampling and training
     r1: bool = True  # rotate the residual stream; false keeps R2/R3/R4 only (Gemma 3 cannot carry R1)
     r3: bool = True  # online Hadamard on Q/K (for the K cache)
-    r4: bool = True  # online Hadamard on the down_proj input
+    r4: bool | None = None  # online Hadamard on the down_proj input; None: the method's default (True but for duquant)
     device: str = "cpu"
     dtype: str = "float32"
     scheme: QuantScheme = field(default_factory=QuantScheme)
@@ -93,6 +93,8 @@ class RunConfig:
 
     def __post_init__(self):
         check_types(self)
+        if self.r4 is None:  # an unknown method is reported by validate()
+            self.r4 = METHODS[self.method].default_r4 if self.method in METHODS else True
         for name, (cls, _) in option_sections().items():
             self.options.setdefault(name, cls())
 

@@ -91,6 +91,8 @@ def check_before_load(cfg: RunConfig, out, overwrite: bool):
     adapter = adapter_for(config)
     geo = adapter.geometry(config)
     cfg.validate(geo)  # group sizes against the real dimensions
+    if cfg.method_spec.check is not None:
+        cfg.method_spec.check(cfg, adapter, geo)
     if cfg.rotated and not cfg.rotations and cfg.r1:  # rotating methods make an R1: refuse before calibrating
         check_transforms(adapter, ["R1"])
     if cfg.rotations:
@@ -148,6 +150,10 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
             log.info("rotating (%s)", rotations.meta.get("method", "given"))
             with timer("rotate"):
                 rotate_(model, rotations, adapter)
+        if rotations is not None:  # what the online transforms cost per token (transforms/online.py)
+            from .transforms.online import online_cost
+
+            metrics["online_cost"] = online_cost(model, adapter)
         install_quantizers_(model, sc, adapter)
         log.info("quantizing weights (%s, %d bits)", sc.weight_quantizer, sc.w_bits)
         with timer("quantize"):
