@@ -78,7 +78,7 @@ def flat_name(section: str, name: str) -> str:
 @dataclass
 class RunConfig:
     model: str = "smollm2-135m"
-    method: str = "quarot"  # a registered method: rtn (no rotation), quarot, dartquant, spinquant, ostquant
+    method: str = "quarot"  # a registered method: rtn (no rotation), quarot, dartquant, spinquant, ostquant, dfrot
     rotations: str | None = None  # a rotations .safetensors to use instead of computing them
     seed: int = 0  # seeds the random Hadamard, calibration sampling and training
     r1: bool = True  # rotate the residual stream; false keeps R2/R3/R4 only (Gemma 3 cannot carry R1)

@@ -46,7 +46,7 @@ class Method:
     export_refusal: str | None = None  # why `dartquant export` cannot write this method's runs
 
 
-_MODULES = ("rtn", "quarot", "dartquant", "spinquant", "ostquant", "duquant")  # the registry: one line per method
+_MODULES = ("rtn", "quarot", "dartquant", "spinquant", "ostquant", "dfrot", "duquant")  # the registry: one line per method
 
 
 def _load() -> dict[str, Method]:
