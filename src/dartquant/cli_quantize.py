@@ -17,6 +17,8 @@ _HELP = {
     "w_group_size": "weight group size (default: per output channel)",
     "dq_lr_grid": "DartQuant: fit R1 / R2 at each of these learning rates and keep the lowest held-out "
                   "calibration loss, e.g. 1e-3 1e-2 1e-1 1 10 (default: none, use --dq-r1-lr / --dq-r2-lr)",
+    "r4": "online Hadamard on the down_proj input (default: true; false for duquant, whose own online "
+          "transform takes its place)",
     "e2e_amp": "end-to-end training precision: auto (bf16 autocast on CUDA, fp32 elsewhere), bf16, off",
 }
 
@@ -56,7 +58,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         kw: dict = {"default": None, "dest": flat, "help": _HELP.get(flat, f"(default: {default!r})")}
         flag = "--" + flat.replace("_", "-")
         text = str(hint)
-        if hint is bool:
+        if hint is bool or text == "bool | None":
             p.add_argument(flag, type=_parse_bool, metavar="BOOL", **kw)
         elif text.startswith("list[float]"):
             p.add_argument(flag, nargs="*", type=float, metavar="X", **kw)
@@ -100,6 +102,10 @@ def cmd_quantize(args) -> int:
         from .export import check_exportable
 
         check_exportable(cfg.scheme, drop_kv_quant=True)
+        if cfg.method_spec.export_refusal:
+            from .export import ExportError
+
+            raise ExportError(f"--export: {cfg.method} runs cannot be exported: {cfg.method_spec.export_refusal}")
         check_out_dir(args.export, args.overwrite, inputs=(args.out,))
     metrics = run_quantize(cfg, args.out, overwrite=args.overwrite, eval_fp=not args.skip_fp_eval,
                            progress=not args.json)
