@@ -90,6 +90,10 @@ def check_before_load(cfg: RunConfig, out, overwrite: bool):
     adapter = adapter_for(config)
     geo = adapter.geometry(config)
     cfg.validate(geo)  # group sizes against the real dimensions
+    if cfg.stream == "true":  # a run that cannot stream is refused here, before any work
+        from .stream import should_stream
+
+        should_stream(cfg, config)
     if cfg.rotated and not cfg.rotations:  # every rotating method makes an R1: refuse before calibrating
         check_transforms(adapter, ["R1"])
     if cfg.rotations:
@@ -105,6 +109,12 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
                  progress: bool = True) -> dict:
     """Quantize `cfg.model` as `cfg` says; write the run folder `out`; return metrics."""
     out = check_before_load(cfg, out, overwrite)
+    from .stream import should_stream
+
+    if should_stream(cfg, model_config(cfg.model)):  # the model is never materialized whole (stream/)
+        from .stream.run import run_streamed
+
+        return run_streamed(cfg, out, eval_fp=eval_fp, progress=progress)
     torch.manual_seed(cfg.seed)
     timer = StageTimer()
     with timer("load"):
