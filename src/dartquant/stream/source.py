@@ -62,6 +62,8 @@ class SafetensorsFiles:
             try:
                 with safe_open(str(f), framework="pt") as h:
                     for k in h.keys():
+                        if self.where.get(k) != f:  # only what the index maps to this file
+                            continue
                         sl = h.get_slice(k)
                         self.shapes[k], self.dtypes[k] = tuple(sl.get_shape()), sl.get_dtype()
             except Exception as e:  # safetensors raises its own SafetensorError on damaged files
@@ -122,7 +124,7 @@ class StreamedModel:
         missing, bad = [], []
         for name, p in self.model.named_parameters(remove_duplicate=False):
             k = self.key(name)
-            if k not in self.files.shapes:
+            if k not in self.files.shapes:  # (only keys the index maps, where a file holds them)
                 missing.append(name)
             elif self.files.shapes[k] != tuple(p.shape):
                 bad.append(f"{name} {self.files.shapes[k]} (config.json says {tuple(p.shape)})")
