@@ -26,6 +26,26 @@ from tiny import TINY_CONFIGS, make_char_tokenizer, make_tiny_model
 IDS = torch.randint(1, 80, (2, 20), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def tokenize_once():
+    """Every run here tokenizes the same corpora with the same character tokenizer: tokenize each
+    text once (pure function of the text for these tests; 8 runs otherwise re-tokenize ~2 MB each)."""
+    import dartquant.data as data
+    import dartquant.quant.guard as guard
+
+    real, cache = data.tokenize, {}
+
+    def cached(tokenizer, text):
+        key = (len(tokenizer), hash(text))
+        if key not in cache:
+            cache[key] = real(tokenizer, text)
+        return cache[key].clone()
+
+    data.tokenize, guard.tokenize = cached, cached
+    yield
+    data.tokenize, guard.tokenize = real, real
+
+
 def save_sharded(path: Path, name: str, dtype=torch.float32) -> Path:
     """A tiny model as a Hugging Face folder with several safetensors shards and an index."""
     model = make_tiny_model(name, dtype=dtype)
