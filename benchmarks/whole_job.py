@@ -17,8 +17,11 @@ perplexities are meaningless, and the quality guard says so: `--fail-on-collapse
 
 `--layers k` cuts a shape to k decoder layers (70B: measure at 4 and 8 layers; memory must be
 flat in depth, time grows linearly, so time(80) = t(4) + (t(8) - t(4)) * 76 / 4).
-Prints a table, writes JSON (the rows, the command, the machine); removes each run folder
-after reading it and, with --clean, the model folders it wrote.
+Prints a table and writes JSON (the rows, the commands, the machine); a later invocation with
+the same --out adds its rows (replacing rows of the same shape, depth, method and stream), so
+one (shape, method, stream) per command fits a per-command time limit. Each run folder is
+removed once read; with --clean each model folder this invocation wrote is removed after its
+runs (the model folder is otherwise reused by later invocations with the same --dir).
 """
 
 from __future__ import annotations
@@ -182,15 +185,20 @@ def main() -> int:
                     shutil.rmtree(run_dir, ignore_errors=True)  # ours: written by this benchmark's command
                     rows.append(row)
                     print(format_row(row), flush=True)
+            if args.clean and folder in written:  # before the next shape: the disk holds one model at a time
+                shutil.rmtree(folder)
     print("\n" + table(rows))
-    if args.out:
-        result = {"command": " ".join(sys.argv), "machine": machine(args.device), "rows": rows}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"\nwrote {args.out}")
-    if args.clean:
-        for folder in written:
-            shutil.rmtree(folder)
+    if args.out:  # rows of earlier invocations are kept (one (shape, depth, method, stream) per run)
+        out = Path(args.out)
+        old = json.loads(out.read_text()) if out.is_file() else {"runs": []}
+        key = ("shape", "layers", "method", "stream")
+        mine = {tuple(r[k] for k in key) for r in rows}
+        kept = [r for r in old.get("rows", []) if tuple(r[k] for k in key) not in mine]
+        result = {"commands": old.get("commands", []) + [" ".join(sys.argv)], "machine": machine(args.device),
+                  "rows": kept + rows}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nwrote {out} ({len(result['rows'])} rows)")
     return 0 if all("error" not in r for r in rows) else 1
 
 

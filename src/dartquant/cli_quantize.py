@@ -18,7 +18,7 @@ _HELP = {
     "dq_lr_grid": "DartQuant: fit R1 / R2 at each of these learning rates and keep the lowest held-out "
                   "calibration loss, e.g. 1e-3 1e-2 1e-1 1 10 (default: none, use --dq-r1-lr / --dq-r2-lr)",
     "stream": "layer streaming: auto (stream when the float32 model exceeds a third of host memory), true, false",
-    "shard_mb": "a streamed run's checkpoint is split into shards of about this many MB (default 4096)",
+    "shard_mb": "a streamed run's checkpoint is split into shards of about this many MB (default 2048)",
     "e2e_amp": "end-to-end training precision: auto (bf16 autocast on CUDA, fp32 elsewhere), bf16, off",
 }
 

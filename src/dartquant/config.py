@@ -87,7 +87,7 @@ class RunConfig:
     device: str = "cpu"
     dtype: str = "float32"
     stream: str = "auto"  # layer streaming (stream/): auto | true | false; auto streams a model too big for memory
-    shard_mb: int = 4096  # a streamed run's checkpoint: shards of about this many MB (one file if it fits)
+    shard_mb: int = 2048  # a streamed run's checkpoint: shards of about this many MB (one file if it fits)
     scheme: QuantScheme = field(default_factory=QuantScheme)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layerwise import _sliding_mask, embed_inputs, position_embeddings, run_block
+from ..layerwise import _sliding_mask, position_embeddings, run_block
 
 
 class BlockRunner:
@@ -49,8 +49,19 @@ class BlockRunner:
         """`forward(update)` as iterate_blocks yields it (what gptq_block_ calls)."""
         return lambda update: self.run_(block, hidden, update)
 
+    @torch.no_grad()
     def embed(self, ids: torch.Tensor | None) -> torch.Tensor | None:
-        return None if ids is None else embed_inputs(self.model, self.adapter, ids)
+        """[n, S, hidden] embedding outputs on the host, written into one preallocated tensor
+        (layerwise.embed_inputs concatenates a list: twice the memory for a moment)."""
+        if ids is None:
+            return None
+        embed = self.adapter.embedding(self.model)
+        first = embed(ids[:1].to(embed.weight.device))
+        out = torch.empty(ids.shape[0], *first.shape[1:], dtype=first.dtype)
+        out[:1] = first.cpu()
+        for i in range(1, ids.shape[0]):
+            out[i: i + 1] = embed(ids[i: i + 1].to(embed.weight.device)).cpu()
+        return out
 
 
 @torch.no_grad()

@@ -119,7 +119,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 cap = ActivationCapture(geo, calib_ids.shape[0], calib_ids.shape[1],
                                         fraction=cfg.section("dartquant").token_fraction, seed=cfg.seed)
             with timer("load"):
-                sm.load_(adapter.embed, "cpu")
+                sm.load_(adapter.embed, device)  # on the device: the host keeps no copy of it
             fp_eval = {c: runner.embed(ids) for c, ids in windows.items()} if eval_fp else None
             fp_guard, cap_hidden = runner.embed(g_ids), runner.embed(calib_ids) if cap else None
             sm.release_(adapter.embed)
