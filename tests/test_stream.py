@@ -1,7 +1,7 @@
 """Layer streaming (stream/): a streamed run computes the same tensors as an in-memory one.
 
-Tiny random models saved as *sharded* safetensors (Llama with tied embeddings and GQA; Qwen2
-with q/k/v bias and one KV head; a bfloat16 folder), each quantized twice with the same
+Tiny random models saved as *sharded* safetensors (Gemma 3 with tied, scaled embeddings and
+sliding-window layers; Qwen2 with q/k/v bias and one KV head; a bfloat16 Llama folder), each quantized twice with the same
 settings, `stream: false` and `stream: true`: the perplexities, the guard's ratio, every stored
 tensor (codes, scales, norms, 16-bit embedding / head) and the reloaded model's logits must be
 equal. The streamed checkpoint is sharded (a tiny shard size) and must load, export and reload.
@@ -66,7 +66,8 @@ def run_both(tmp: Path, folder: Path, monkeypatch, **kw) -> dict:
 
 
 CASES = {  # (family, dtype of the files, settings)
-    "llama-rtn": ("llama-tied-gqa", torch.float32, dict(method="rtn")),
+    # Gemma 3: tied embeddings, a scaled embedding, sliding-window and global layers, sandwich norms
+    "gemma3-rtn": ("gemma3-sandwich", torch.float32, dict(method="rtn")),
     "qwen2-quarot-gptq": ("qwen2-bias-gqa", torch.float32, dict(method="quarot", w_quantizer="gptq")),
     "llama-dartquant-gptq-bf16-file": ("llama-tied-gqa", torch.bfloat16,
                                        dict(method="dartquant", w_quantizer="gptq", dq_epochs=1)),

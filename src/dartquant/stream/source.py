@@ -148,6 +148,8 @@ class StreamedModel:
         values = self.files.read([self.key(f) for f in full.values()], device, dtype or self.dtype)
         for n in names:
             _set_param(module, n, values[self.key(full[n])])
+        if path == self.adapter.embed:  # a scaled embedding's (Gemma) scale buffer: on the weight's device
+            self.adapter.rebuild_rotary_(self.model)
         return module
 
     def release_(self, path: str) -> None:
