@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra RunConfig settings")
     ap.add_argument("--no-fp", action="store_true", help="skip the full-precision evaluation")
     ap.add_argument("--progress", action="store_true", help="progress bars (training steps, windows) on stderr")
+    ap.add_argument("--keep-rotations", metavar="DIR", help="copy each run's rotations.safetensors to "
+                    "DIR/<out stem>_<config>_s<seed>.safetensors (for swap experiments, `dartquant inspect`)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -85,9 +87,17 @@ def main() -> None:
                 out = Path(tmp) / f"run-{len(result['runs'])}"
                 m = run_quantize(cfg, out, eval_fp=fp is None and not args.no_fp, progress=args.progress)
                 fp = fp or m.get("fp")
+                if args.keep_rotations and (out / "rotations.safetensors").is_file():
+                    import shutil
+
+                    keep = Path(args.keep_rotations)
+                    keep.mkdir(parents=True, exist_ok=True)
+                    label = config.replace(":", "_").replace("=", "-").replace(",", "_")
+                    shutil.copyfile(out / "rotations.safetensors", keep / f"{Path(args.out).stem}_{label}_s{seed}.safetensors")
                 run = {"config": config, "seed": seed, "ppl": m["ppl"], "zeroshot": m.get("zeroshot"),
                        "seconds": m["seconds"], "peak_memory_bytes": m["peak_memory_bytes"],
-                       "calibration": m.get("calibration"), "quality_check": m.get("quality_check")}
+                       "calibration": m.get("calibration"), "quality_check": m.get("quality_check"),
+                       "online_cost": m.get("online_cost")}
                 result["runs"].append(run)
                 zs = m.get("zeroshot", {}).get("avg")
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -242,9 +242,9 @@ def test_block_by_block_runner_equals_the_full_forward(name):
         assert rel_err(torch.cat(full[i]), torch.cat(layerwise[i])) < 1e-12, f"block {i}"
 
 
-@pytest.mark.parametrize("name, method", [("qwen2moe-shared", "dartquant"), ("gemma3-sandwich", "rtn"),
-                                          ("qwen3-qknorm-bias", "quarot")])
-def test_quantize_and_reload_new_families(tmp_path, name, method):
+@pytest.mark.parametrize("name, method, r1", [("qwen2moe-shared", "dartquant", True), ("gemma3-sandwich", "rtn", True),
+                                              ("gemma3-sandwich", "quarot", False), ("qwen3-qknorm-bias", "quarot", True)])
+def test_quantize_and_reload_new_families(tmp_path, name, method, r1):
     """The whole run (capture over experts for DartQuant, GPTQ per expert, Gemma's local/global
     layers block by block) and its folder reloads to the same numbers (expert layout, biases of
     quantized linears, Gemma's embedding scale)."""
@@ -256,8 +256,13 @@ def test_quantize_and_reload_new_families(tmp_path, name, method):
 
     folder = save_tiny_folder(tmp_path / "model", name)
     cfg = RunConfig.from_flat(model=str(folder), method=method, w_quantizer="gptq", calib_samples=4,
-                              calib_seqlen=32, eval_seqlen=32, eval_max_windows=3)
+                              calib_seqlen=32, eval_seqlen=32, eval_max_windows=3, r1=r1)
     metrics = run_quantize(cfg, tmp_path / "run", progress=False, eval_fp=False)
+    if not r1:  # R2/R3/R4 without R1 (Gemma 3's sandwich norms cannot carry it)
+        from dartquant.transforms import RotationSet
+
+        rot = RotationSet.load(tmp_path / "run" / "rotations.safetensors")
+        assert rot.r1 is None and rot.r2 is not None and rot.r3 and rot.r4
     model, tok = load_model(tmp_path / "run")
     assert evaluate_ppl(model, tok, seqlen=32, max_windows=3, progress=False)["wiki"] == metrics["ppl"]["wiki"]
 
@@ -281,6 +286,23 @@ def test_a_rotating_method_on_gemma3_is_refused_before_any_work(tmp_path):
 
     folder = save_tiny_folder(tmp_path / "model", "gemma3-sandwich")
     cfg = RunConfig.from_flat(model=str(folder), method="dartquant", calib_samples=4, calib_seqlen=32)
-    with pytest.raises(UnsupportedTransformError, match="sandwich"):
+    with pytest.raises(UnsupportedTransformError, match="sandwich.*--r1 false"):
         run_quantize(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="r1: false .* supported by quarot"):  # DartQuant learns R2 with R1
+        run_quantize(cfg.from_dict({**cfg.to_dict(), "r1": False}), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_group_sizes_must_fit_every_experts_width():
+    """Qwen2-MoE: experts 40 wide, the shared expert 56, dense layers 80. A group size of 16 divides
+    the hidden size (48) and the dense width but not the experts': refused before any work."""
+    from dartquant.config import RunConfig
+
+    model = make_tiny_model("qwen2moe-shared")
+    geo = adapter_for(model).geometry(model.config)
+    assert geo.mlp_widths == (40, 56, 80)
+    with pytest.raises(ValueError, match=r"w_group_size=16 does not divide .*\[40, 56\]"):
+        RunConfig.from_flat(w_group_size=16).validate(geo)
+    RunConfig.from_flat(w_group_size=8, a_group_size=8).validate(geo)
+    dense = make_tiny_model("llama-tied-gqa")
+    assert adapter_for(dense).geometry(dense.config).mlp_widths == (dense.config.intermediate_size,)

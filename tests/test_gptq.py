@@ -269,3 +269,48 @@ def test_half_weight_and_result_dtypes(data):
     qt = gptq.quantize(W.half(), QuantSpec(bits=4, group_size=64))
     assert qt.scale.dtype == torch.float32 and qt.dequantize().dtype == torch.float32
     assert _out_err(X, W, qt.dequantize()) <= _out_err(X, W, fake_quantize(W, QuantSpec(bits=4, group_size=64)))
+
+
+@pytest.mark.parametrize("family", ["llama-tied-gqa", "qwen2-bias-gqa"])
+def test_linears_reading_one_input_share_one_hessian_bitwise(family, monkeypatch):
+    """q/k/v and gate/up read one tensor: one accumulator each (4 per dense block, not 7), and the
+    codes and scales are bitwise those of one accumulator per linear."""
+    from dartquant.adapters import adapter_for
+    from dartquant.config import RunConfig
+    from dartquant.quant import weights
+    from dartquant.quant.act import install_quantizers_
+    from tiny import make_tiny_model
+
+    scheme = RunConfig.from_flat(w_quantizer="gptq").scheme
+    ids = torch.randint(0, 97, (3, 24), generator=torch.Generator().manual_seed(0))
+    real = weights._SharedHessians
+
+    def run(share: bool):
+        model = make_tiny_model(family, dtype=torch.float32)
+        install_quantizers_(model, scheme, adapter_for(model))
+        counts = []
+
+        class Counting(real):
+            def free(self):
+                counts.append(len({id(s) for s in self.of_role.values()}))
+                super().free()
+
+        class Separate(Counting):  # one accumulator per linear: never reuse the newest
+            def observer(self, role, in_features, device):
+                inner = super().observer(role, in_features, device)
+
+                def observe(x):
+                    self._newest = None
+                    self._last = {k: v for k, v in self._last.items() if k == id(self.of_role.get(role))}
+                    inner(x)
+                return observe
+
+        monkeypatch.setattr(weights, "_SharedHessians", Counting if share else Separate)
+        out = weights.quantize_weights_(model, scheme, ids, progress=False)
+        return out, counts
+
+    shared, n_shared = run(True)
+    separate, n_separate = run(False)
+    assert set(n_shared) == {4} and set(n_separate) == {7}, (n_shared, n_separate)
+    for name, qt in shared.items():
+        assert torch.equal(qt.codes, separate[name].codes) and torch.equal(qt.scale, separate[name].scale)

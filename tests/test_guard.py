@@ -11,7 +11,7 @@ import torch
 from dartquant.adapters import adapter_for
 from dartquant.quant.act import ActQuantizer, install_quantizers_
 from dartquant.config import RunConfig
-from dartquant.quant.guard import guard_corpus, guard_windows, quality_check
+from dartquant.quant.guard import fp_reference, guard_corpus, guard_windows, quality_check
 from dartquant.quant.primitives import QuantSpec
 from dartquant.transforms import RotationSet, rotate_
 from tiny import make_char_tokenizer, make_tiny_model, save_tiny_folder
@@ -135,8 +135,9 @@ def _quantized_tiny(a_bits: int, seed: int = 0):
 def test_guard_passes_an_exact_model_and_maps_layers_through_r1():
     fp, q, rot = _quantized_tiny(16)
     ids = torch.randint(0, 101, (2, 32), generator=torch.Generator().manual_seed(0))
-    res = quality_check(q, fp, ids, max_ppl_ratio=1.5, r1=rot.r1)
-    assert res["verdict"] == "ok"
+    res = quality_check(q, fp_reference(fp, ids), max_ppl_ratio=1.5, r1=rot.r1)
+    assert res["verdict"] == "ok" and "layer_error" not in res  # a healthy run is not attributed
+    res = quality_check(q, fp_reference(fp, ids), max_ppl_ratio=1.5, r1=rot.r1, attribute=True)
     assert abs(res["value"] - 1) < 1e-4 and abs(res["kl"]) < 1e-5
     assert max(res["layer_error"]) < 1e-4  # the rotated stream is h R1: compared in one basis
 
@@ -157,7 +158,7 @@ def test_guard_flags_a_broken_model_and_names_the_role():
     with torch.no_grad():
         for _ in range(31):
             ids = torch.cat([ids, fp(ids).logits[:, -1:].argmax(-1)], dim=1)
-    res = quality_check(q, fp, ids, max_ppl_ratio=1.5, r1=rot.r1)
+    res = quality_check(q, fp_reference(fp, ids), max_ppl_ratio=1.5, r1=rot.r1)
     assert res["verdict"] == "collapsed" and res["value"] > 1.5
     assert res["worst_role"] == "up"
     assert res["role_16bit"]["up"]["kl"] < 0.5 * res["role_16bit"]["all"]["kl"]
@@ -220,24 +221,51 @@ def test_qwen15_k_cache_collapses_with_its_bias_and_not_without():
 
 
 def test_a_check_that_cannot_run_is_loud_but_keeps_the_run(tmp_path, capsys, monkeypatch):
-    from dartquant import zoo
     from dartquant.pipeline import run_quantize
+    from dartquant.quant import guard
 
     folder = save_tiny_folder(tmp_path / "m")
     cfg = RunConfig.from_flat(model=str(folder), w_quantizer="rtn", calib_samples=2, calib_seqlen=32, eval_seqlen=32,
                               eval_max_windows=1)
-    real = zoo.load_model
-    calls = []
 
-    def failing_second_load(*a, **k):  # the run's own load works; the guard's reload fails
-        calls.append(1)
-        if len(calls) > 1:
-            raise MemoryError("no room for the FP model")
-        return real(*a, **k)
+    def failing(*a, **k):
+        raise MemoryError("no room for the logits")
 
-    monkeypatch.setattr(zoo, "load_model", failing_second_load)
-    monkeypatch.setattr("dartquant.pipeline.load_model", failing_second_load)
-    m = run_quantize(cfg, tmp_path / "run", progress=False, eval_fp=False)
-    assert m["quality_check"]["verdict"] == "error" and "MemoryError" in m["quality_check"]["error"]
-    assert "NOT checked" in capsys.readouterr().err
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    for name in ("fp_reference", "quality_check"):  # either end of the check failing
+        monkeypatch.setattr(guard, name, failing)
+        m = run_quantize(cfg, tmp_path / name, progress=False, eval_fp=False)
+        monkeypatch.undo()
+        assert m["quality_check"]["verdict"] == "error" and "MemoryError" in m["quality_check"]["error"]
+        assert "NOT checked" in capsys.readouterr().err
+        assert (tmp_path / name / "metrics.json").is_file()
+
+
+def test_topk_kl_is_a_lower_bound_equal_to_the_kl_when_the_top_holds_the_mass(monkeypatch):
+    """The coarsened KL (FP top k + the rest as one outcome) never exceeds the full KL, and equals
+    it when k covers the vocabulary."""
+    from dartquant.quant import guard
+    from dartquant.quant.guard import _nll_kl
+
+    monkeypatch.setattr(guard, "_logits_and_block_outputs", lambda m, ids: (m(ids).logits, []))
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (1, 9))
+    fp_logits, q_logits = torch.randn(1, 9, 50) * 3, torch.randn(1, 9, 50) * 3
+
+    class M(torch.nn.Module):  # a "model" returning fixed logits
+        def __init__(self, logits):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.logits = logits
+
+        def forward(self, ids):
+            return type("O", (), {"logits": self.logits})()
+
+    p = torch.log_softmax(fp_logits[0, :-1].double(), -1)
+    q = torch.log_softmax(q_logits[0, :-1].double(), -1)
+    full = (p.exp() * (p - q)).sum().item()
+    kls = {}
+    for k in (5, 50):
+        ref = fp_reference(M(fp_logits), ids, k=k)
+        kls[k] = _nll_kl(q_logits, ref, 0)[2]
+    assert kls[5] <= full + 1e-6 and kls[5] > 0
+    assert abs(kls[50] - full) < 1e-4 * full

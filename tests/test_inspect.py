@@ -219,3 +219,17 @@ def test_an_already_rotated_folder_is_refused(tmp_path):
     (tmp_path / "dartquant.json").write_text(json.dumps({"version": 1, "rotations": {"method": "quarot"}}))
     with pytest.raises(ValueError, match="already rotated"):
         _check_unrotated(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["mixtral-moe", "qwen2moe-shared"])
+def test_inspect_on_mixtures_of_experts(tmp_path, name):
+    """MoE: the MLP stream is captured at the experts' entry (every token, before routing), so
+    r1_up has one row per layer like a dense model's, finite."""
+    folder = save_tiny_folder(tmp_path / "model", name)
+    run_inspect(str(folder), tmp_path / "out", seed=0, samples=2, seqlen=32, progress=False)
+    saved = json.loads((tmp_path / "out" / "inspect.json").read_text())
+    n_layers = TINY_CONFIGS[name]["num_hidden_layers"]
+    for parts in saved["views"].values():
+        for rows in parts.values():
+            assert [r["layer"] for r in rows] == list(range(n_layers))
+            assert all(math.isfinite(r[m]) for r in rows for m in ("max_abs", "kurtosis", "sqnr_db"))

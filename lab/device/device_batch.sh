@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU batch behind docs/RESULTS.md (run on the lent H200 after lab/device/device_stage.py
 # staging; `source lab/device/device_env.sh` first). Writes JSON + logs to $RES (default /tmp/res).
-# Usage: device_batch.sh cost | costs | quality | all | session3 | session4 | jobs FILE
+# Usage: device_batch.sh cost | costs | quality | all | session3 | session4 | session6 | jobs FILE
 # Jobs of the parallel modes go round-robin over the visible GPUs (nvidia-h200-x2: two).
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
@@ -16,7 +16,18 @@ one() {  # one quality.py process: GPU NAME MODEL CONFIG SEED [FP] [extra args];
 }
 convert_models() {  # GGUF -> float model folders in the cache, once, before parallel jobs read them
   python3 -c "from dartquant.zoo import load_model
-for m in ('smollm2-135m', 'qwen2.5-coder-0.5b'): load_model(m)" > "$RES/convert.log" 2>&1
+for m in '${MODELS:-smollm2-135m qwen2.5-coder-0.5b}'.split(): load_model(m)" > "$RES/convert.log" 2>&1
+}
+swaps() {  # issue 17: SpinQuant's R1 with QuaRot's R2 and the reverse, SpinQuant's rotations with RTN weights
+  local rot=$RES/rot Q=qwen2.5-coder-0.5b
+  local sp=$rot/q_qw_spinquant_0_spinquant_gptq_s0.safetensors
+  while [ ! -f "$sp" ]; do sleep 15; done
+  python3 lab/swap_rotations.py --model $Q --r1 "$sp" --r2 quarot --seed 0 --out "$rot/swap_spinR1_hadR2.safetensors"
+  python3 lab/swap_rotations.py --model $Q --r1 quarot --r2 "$sp" --seed 0 --out "$rot/swap_hadR1_spinR2.safetensors"
+  printf '%s\n' "sw_spinR1_hadR2 $Q quarot:gptq:rotations=$rot/swap_spinR1_hadR2.safetensors 0" \
+    "sw_hadR1_spinR2 $Q quarot:gptq:rotations=$rot/swap_hadR1_spinR2.safetensors 0" \
+    "sw_spin_rtn $Q quarot:rtn:rotations=$sp 0" "sw_quarot_rtn $Q quarot:rtn 0" > "$RES/swaps.txt"
+  PARALLEL=4 run_jobs "$RES/swaps.txt"
 }
 run_jobs() {  # the lines of $1 in order, ${PARALLEL:-8} at a time, round-robin over the GPUs (or all on GPU $2)
   export -f one; export RES TASKS
@@ -72,6 +83,13 @@ costs)  # the GPU cost rows still missing (RESULTS "Not measured yet"), one GPU,
   python3 benchmarks/e2e_cost.py --shape llama2-70b --layers 6 9 --device cuda --dtype bfloat16 --batch 8 \
     --micro-batch 8 --steps 2 --dq-samples 128 --out "$RES/e2e_cost_70b.json" > "$RES/e2e_cost_70b.md" \
     2> "$RES/e2e_cost_70b.log" ;;
+session6)  # the three bundled models converted once, then the jobs of lab/device/jobs/session6.txt
+  # and, as soon as SpinQuant's seed-0 Qwen rotations exist, the swap experiments (swaps below)
+  export OMP_NUM_THREADS=2
+  MODELS="smollm2-135m qwen2.5-coder-0.5b gemma3-270m" convert_models
+  swaps > "$RES/swaps.log" 2>&1 &
+  run_jobs lab/device/jobs/session6.txt
+  wait ;;
 jobs)  # device_batch.sh jobs FILE: the quality.py jobs listed in FILE (NAME MODEL CONFIG SEED [FP] [args])
   export OMP_NUM_THREADS=2
   run_jobs "$2" ;;

@@ -47,6 +47,15 @@ class Geometry:
     n_kv_heads: int
     head_dim: int
     vocab: int
+    # mixtures of experts: the widths of the experts' (and shared expert's) MLPs, which their
+    # down_projs read; group sizes and R4's Hadamard must fit every one of them
+    moe_widths: tuple[int, ...] = ()
+
+    @property
+    def mlp_widths(self) -> tuple[int, ...]:
+        """Every width a down_proj reads (config.intermediate_size counted even where every layer
+        is sparse: it refuses at most a group size that would only fail on unused dense layers)."""
+        return tuple(sorted({self.intermediate, *self.moe_widths}))
 
     @property
     def kv_groups(self) -> int:
@@ -170,7 +179,16 @@ class ModelAdapter:
             n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
             head_dim=head_dim,
             vocab=config.vocab_size,
+            moe_widths=self._moe_widths(config),
         )
+
+    def _moe_widths(self, config) -> tuple[int, ...]:
+        if self.moe is None:
+            return ()
+        widths = [getattr(config, self.moe.expert_intermediate)]
+        if self.moe.shared is not None:
+            widths.append(getattr(config, "shared_expert_intermediate_size"))
+        return tuple(w for w in widths if w)
 
     def refusal(self, name: str) -> str | None:
         """Why transform `name` is not exact on this family, or None if it is."""
@@ -269,7 +287,7 @@ _MOE_UP = ("up", "one up_proj scaling per layer cannot serve experts of their ow
 _GEMMA_R1 = ("R1", "Gemma 3's sandwich norms (post_attention_layernorm, post_feedforward_layernorm) "
                    "multiply the branch output by their gains after normalizing it and before the residual "
                    "add, so the residual stream cannot carry a global rotation exactly (R1 x would need "
-                   "diag(g) R1 = R1 diag(g)); use R2 / R3 / R4 only (e.g. method rtn, or a set without R1)")
+                   "diag(g) R1 = R1 diag(g)); use R2 / R3 / R4 only: --method quarot --r1 false, or a set without R1)")
 
 # The supported families. Llama, Qwen2 and Mistral share module names; they differ in biases
 # (Qwen2: q/k/v bias), tying (SmolLM2 and Llama-3.2-1B tie embeddings) and head geometry,

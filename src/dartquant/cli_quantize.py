@@ -19,6 +19,8 @@ _HELP = {
                   "calibration loss, e.g. 1e-3 1e-2 1e-1 1 10 (default: none, use --dq-r1-lr / --dq-r2-lr)",
     "stream": "layer streaming: auto (stream when the float32 model exceeds a third of host memory), true, false",
     "shard_mb": "a streamed run's checkpoint is split into shards of about this many MB (default 2048)",
+    "r4": "online Hadamard on the down_proj input (default: true; false for duquant, whose own online "
+          "transform takes its place)",
     "e2e_amp": "end-to-end training precision: auto (bf16 autocast on CUDA, fp32 elsewhere), bf16, off",
 }
 
@@ -58,7 +60,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         kw: dict = {"default": None, "dest": flat, "help": _HELP.get(flat, f"(default: {default!r})")}
         flag = "--" + flat.replace("_", "-")
         text = str(hint)
-        if hint is bool:
+        if hint is bool or text == "bool | None":
             p.add_argument(flag, type=_parse_bool, metavar="BOOL", **kw)
         elif text.startswith("list[float]"):
             p.add_argument(flag, nargs="*", type=float, metavar="X", **kw)
@@ -102,6 +104,10 @@ def cmd_quantize(args) -> int:
         from .export import check_exportable
 
         check_exportable(cfg.scheme, drop_kv_quant=True)
+        if cfg.method_spec.export_refusal:
+            from .export import ExportError
+
+            raise ExportError(f"--export: {cfg.method} runs cannot be exported: {cfg.method_spec.export_refusal}")
         check_out_dir(args.export, args.overwrite, inputs=(args.out,))
     metrics = run_quantize(cfg, args.out, overwrite=args.overwrite, eval_fp=not args.skip_fp_eval,
                            progress=not args.json)

@@ -1,8 +1,8 @@
 """The run configuration: nested, typed, and checked once, before any model work.
 
     RunConfig
-      model, method, rotations, seed, r3, r4, device, dtype   what, and where it runs
-      stream, shard_mb                                        layer streaming (stream/)
+      model, method, rotations, seed, r1, r3, r4, device, dtype   what, and where it runs
+      stream, shard_mb                                            layer streaming (stream/)
       scheme: QuantScheme     weights / activations / KV cache            (quant/scheme.py)
       data:   DataConfig      calibration text
       eval:   EvalConfig      perplexity and zero-shot
@@ -61,7 +61,7 @@ class EvalConfig:
 _FIXED_SECTIONS = {"scheme": (QuantScheme, ""), "data": (DataConfig, "calib"), "eval": (EvalConfig, "eval")}
 _FLAT_EXCEPTIONS = {("eval", name): name for name in ("tasks", "zeroshot_limit", "guard_windows",
                                                       "guard_max_ppl_ratio", "fail_on_collapse")}
-_TOP = ("model", "method", "rotations", "seed", "r3", "r4", "device", "dtype", "stream", "shard_mb")
+_TOP = ("model", "method", "rotations", "seed", "r1", "r3", "r4", "device", "dtype", "stream", "shard_mb")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -79,11 +79,12 @@ def flat_name(section: str, name: str) -> str:
 @dataclass
 class RunConfig:
     model: str = "smollm2-135m"
-    method: str = "quarot"  # a registered method: rtn (no rotation), quarot, dartquant, spinquant, ostquant
+    method: str = "quarot"  # a registered method: rtn (no rotation), quarot, dartquant, spinquant, ostquant, dfrot
     rotations: str | None = None  # a rotations .safetensors to use instead of computing them
     seed: int = 0  # seeds the random Hadamard, calibration sampling and training
+    r1: bool = True  # rotate the residual stream; false keeps R2/R3/R4 only (Gemma 3 cannot carry R1)
     r3: bool = True  # online Hadamard on Q/K (for the K cache)
-    r4: bool = True  # online Hadamard on the down_proj input
+    r4: bool | None = None  # online Hadamard on the down_proj input; None: the method's default (True but for duquant)
     device: str = "cpu"
     dtype: str = "float32"
     stream: str = "auto"  # layer streaming (stream/): auto | true | false; auto streams a model too big for memory
@@ -95,6 +96,8 @@ class RunConfig:
 
     def __post_init__(self):
         check_types(self)
+        if self.r4 is None:  # an unknown method is reported by validate()
+            self.r4 = METHODS[self.method].default_r4 if self.method in METHODS else True
         for name, (cls, _) in option_sections().items():
             self.options.setdefault(name, cls())
 
@@ -137,6 +140,12 @@ class RunConfig:
         if self.stream not in ("auto", "true", "false") or self.shard_mb <= 0:
             raise ValueError(f"stream must be auto, true or false (got {self.stream!r}) and shard_mb positive")
         self.scheme.validate(geometry)
+        if not self.r1 and self.method_spec.rotates and not self.method_spec.r1_optional and not self.rotations:
+            from .methods import METHODS
+
+            able = [m.name for m in METHODS.values() if m.r1_optional]
+            raise ValueError(f"r1: false (no residual-stream rotation) is supported by {', '.join(able)}, "
+                             f"not by {self.method}: its other rotations are calibrated together with R1")
         for section in self.options.values():
             if hasattr(section, "validate"):
                 section.validate()

@@ -279,6 +279,11 @@ def export_run(run: str | Path, out: str | Path, *, dtype: str = "bfloat16", ove
     run = Path(run)
     spec = read_run(run)
     run_cfg = RunConfig.from_dict(spec["quantization"], where=f"{run}/dartquant.json")
+    if spec.get("online", {}).get("blocks"):  # DuQuant's online block rotations: refused, not approximated
+        from .methods import METHODS
+
+        why = getattr(METHODS.get(run_cfg.method), "export_refusal", None) or "online block rotations"
+        raise ExportError(f"{run} cannot be exported to compressed-tensors: {why}")
     cfg = run_cfg.scheme  # what the export must say: weights / activations / KV cache
     notes = check_exportable(cfg, drop_kv_quant)
     if weight_only:

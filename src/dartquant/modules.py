@@ -2,6 +2,9 @@
 
 * `OnlineHadamard`: x -> x @ H with a fast Walsh-Hadamard transform (R3 on Q/K, R4 on the
   down_proj input). Online rotations are modules, not monkeypatched functions.
+* `OnlineBlockRotation`: x -> x R1 P R2 with block-diagonal R1 / R2 and a permutation P
+  (DuQuant's online transform, block_rotation.py); one instance serves every linear that reads
+  the same input (q/k/v, gate/up).
 * `QLinear`: a linear layer with an optional input rotation and an optional input
   (activation) quantizer in front. Its parameters keep nn.Linear's names (`weight`, `bias`),
   so a rotated model still saves as an ordinary Hugging Face checkpoint.
@@ -158,6 +161,30 @@ class OnlineHadamard(nn.Module):
     def extra_repr(self) -> str:
         k, p = hadamard_factorization(self.n)
         return f"n={self.n} ({k}x{p})"
+
+
+class OnlineBlockRotation(nn.Module):
+    """x -> x R1 P R2 (block_rotation.apply_blocks). The matrices are non-persistent buffers: they
+    live in the run's rotations.safetensors, not in the model's state dict."""
+
+    def __init__(self, n: int, r1: torch.Tensor, perm: torch.Tensor | None = None, r2: torch.Tensor | None = None):
+        super().__init__()
+        self.n = n
+        self.register_buffer("r1", r1, persistent=False)
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("r2", r2, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .block_rotation import apply_blocks
+
+        if x.shape[-1] != self.n:
+            raise ValueError(f"OnlineBlockRotation({self.n}) got an input of last dimension {x.shape[-1]}")
+        return apply_blocks(x, self.r1, self.perm, self.r2)
+
+    def extra_repr(self) -> str:
+        nb, b, _ = self.r1.shape
+        return (f"n={self.n}, blocks={nb}x{b}, permutation={self.perm is not None}, "
+                f"second_rotation={self.r2 is not None}")
 
 
 class QLinear(nn.Module):

@@ -14,7 +14,8 @@ Stages and their timers ("seconds" in metrics.json):
   eval_fp    perplexity / zero-shot of the unquantized model (skipped with eval_fp=False)
   eval       perplexity / zero-shot of the quantized model
   save       the checkpoint
-  guard      the quality check against the FP model on held-out calibration text (quant/guard.py)
+  guard      the quality check against the FP model on held-out calibration text (quant/guard.py):
+             its FP reference right after load, the quantized model's forwards at the end
 """
 
 from __future__ import annotations
@@ -90,11 +91,13 @@ def check_before_load(cfg: RunConfig, out, overwrite: bool):
     adapter = adapter_for(config)
     geo = adapter.geometry(config)
     cfg.validate(geo)  # group sizes against the real dimensions
+    if cfg.method_spec.check is not None:
+        cfg.method_spec.check(cfg, adapter, geo)
     if cfg.stream == "true":  # a run that cannot stream is refused here, before any work
         from .stream import should_stream
 
         should_stream(cfg, config)
-    if cfg.rotated and not cfg.rotations:  # every rotating method makes an R1: refuse before calibrating
+    if cfg.rotated and not cfg.rotations and cfg.r1:  # rotating methods make an R1: refuse before calibrating
         check_transforms(adapter, ["R1"])
     if cfg.rotations:
         RotationSet.load(cfg.rotations).validate(geo)
@@ -123,6 +126,12 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
     sc = cfg.scheme
     metrics: dict = {"method": cfg.method, "model": cfg.model, "seed": cfg.seed, "w_bits": sc.w_bits,
                      "a_bits": sc.a_bits, "kv_bits": sc.kv_bits, "w_quantizer": sc.weight_quantizer}
+    guard_ref = None
+    if cfg.eval.guard_windows:  # the FP numbers the quality check compares with, before any change
+        from .quant.guard import take_fp_reference
+
+        with timer("guard"):
+            guard_ref = take_fp_reference(model, tokenizer, cfg)
     if eval_fp:
         log.info("evaluating the full-precision model")
         with timer("eval_fp"):
@@ -151,6 +160,10 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
             log.info("rotating (%s)", rotations.meta.get("method", "given"))
             with timer("rotate"):
                 rotate_(model, rotations, adapter)
+        if rotations is not None:  # what the online transforms cost per token (transforms/online.py)
+            from .transforms.online import online_cost
+
+            metrics["online_cost"] = online_cost(model, adapter)
         install_quantizers_(model, sc, adapter)
         log.info("quantizing weights (%s, %d bits)", sc.weight_quantizer, sc.w_bits)
         with timer("quantize"):
@@ -183,14 +196,11 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
                 spec["rotations"] = {"file": "rotations.safetensors", **rotations.meta}
             write_json(tmp / TRANSFORM_FILE, spec)
             write_yaml(tmp / "config.yaml", cfg.to_dict())
-        if cfg.eval.guard_windows:  # never hand out a broken model silently (quant/guard.py)
+        if guard_ref is not None:  # never hand out a broken model silently (quant/guard.py)
             from .quant.guard import run_guard
 
             with timer("guard"):
-                def load_fp():
-                    return load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)[0]
-
-                metrics["quality_check"] = run_guard(model, tokenizer, cfg, load_fp, rotations)
+                metrics["quality_check"] = run_guard(model, guard_ref, cfg, rotations)
         metrics["seconds"] = timer.seconds
         metrics["peak_memory_bytes"] = peak_memory_bytes(cfg.device)
         if timings:

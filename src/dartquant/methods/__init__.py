@@ -41,9 +41,13 @@ class Method:
     options: type | None = None  # the dataclass of those settings
     flag_prefix: str = ""  # flat names / flags of the settings: <prefix>_<field>, --<prefix>-<field>
     needs_calib_windows: bool = False  # the pipeline draws calibration windows for it
+    r1_optional: bool = False  # runs with `r1: false` (its other rotations do not depend on R1)
+    default_r4: bool = True  # the run's r4 when not given (duquant: its own online transform replaces R4)
+    check: Callable | None = None  # (cfg, adapter, geometry) -> None; raises before the model is loaded
+    export_refusal: str | None = None  # why `dartquant export` cannot write this method's runs
 
 
-_MODULES = ("rtn", "quarot", "dartquant", "spinquant", "ostquant")  # the registry: one line per method
+_MODULES = ("rtn", "quarot", "dartquant", "spinquant", "ostquant", "dfrot", "duquant")  # the registry: one line per method
 
 
 def _load() -> dict[str, Method]:

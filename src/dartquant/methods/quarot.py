@@ -10,7 +10,8 @@ def produce(model, cfg, ctx):
     from ..transforms import RotationSet
 
     with ctx.timer("calibrate"):
-        return RotationSet.quarot(adapter_for(model).geometry(model.config), seed=cfg.seed, r3=cfg.r3, r4=cfg.r4)
+        return RotationSet.quarot(adapter_for(model).geometry(model.config), seed=cfg.seed, r1=cfg.r1, r3=cfg.r3,
+                                     r4=cfg.r4)
 
 
-METHOD = Method("quarot", "random Hadamard R1, Hadamard R2/R3/R4", produce)
+METHOD = Method("quarot", "random Hadamard R1, Hadamard R2/R3/R4", produce, r1_optional=True)

@@ -104,8 +104,9 @@ class QuantScheme:
             raise ValueError("act-order with groups needs static groups (gptq_static_groups: true)")
         if geometry is not None:
             g = geometry
-            dims = {"w_group_size": (self.w_group_size, [g.hidden, g.intermediate, g.n_heads * g.head_dim]),
-                    "a_group_size": (self.a_group_size, [g.hidden, g.intermediate, g.n_heads * g.head_dim]),
+            inputs = [g.hidden, *g.mlp_widths, g.n_heads * g.head_dim]  # every linear's input width
+            dims = {"w_group_size": (self.w_group_size, inputs),
+                    "a_group_size": (self.a_group_size, inputs),
                     "kv_group_size": (self.kv_group_size, [g.head_dim])}
             for name, (size, ds) in dims.items():
                 if size is None or size == -1:

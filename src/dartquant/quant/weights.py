@@ -6,7 +6,9 @@ default activations are *not* quantized while Hessians are collected (`gptq_act_
 false), as in QuaRot's and SpinQuant's pipelines, whose published numbers we compare against;
 either way, each block's inputs are the outputs of the already-quantized blocks before it.
 All linears of a block are quantized from one pass (not "true sequential"), which halves the
-calibration forwards on CPU.
+calibration forwards on CPU. Linears that read the very same input tensor (q/k/v, gate/up, when
+no per-linear quantizer or rotation sits in between) share one Hessian: the same matrix, built
+once (`_SharedHessians`), so the result is bitwise what separate accumulators give.
 
 Mixtures of experts: every expert's linears are quantized on their own, GPTQ's Hessian built
 from the tokens routed to that expert only (its QLinear sees nothing else). An expert that no
@@ -35,6 +37,42 @@ from ..transforms.fuse import split_experts_
 
 def _on_cpu(qt: QuantizedTensor) -> QuantizedTensor:
     return QuantizedTensor(qt.codes.cpu(), qt.scale.cpu(), qt.zero.cpu(), qt.spec, qt.shape)
+
+
+class _SharedHessians:
+    """One GPTQ accumulator per distinct input tensor of a block.
+
+    A role's first observed input decides its accumulator: the one that has just consumed that
+    very tensor object (q after the attention norm, then k and v on the same tensor), else a new
+    one. A role that shares skips the add for a tensor its accumulator has already taken."""
+
+    def __init__(self):
+        self.of_role: dict[str, GPTQ] = {}
+        self._last: dict[int, torch.Tensor] = {}  # id(solver) -> last input it took (kept alive)
+        self._newest: tuple[torch.Tensor, GPTQ] | None = None
+
+    def observer(self, role: str, in_features: int, device):
+        def observe(x: torch.Tensor) -> None:
+            solver = self.of_role.get(role)
+            if solver is None:
+                if self._newest is not None and self._newest[0] is x:
+                    solver = self._newest[1]
+                else:
+                    solver = GPTQ(in_features, device=device)
+                self.of_role[role] = solver
+            if self._last.get(id(solver)) is x:
+                return
+            solver.add_batch(x)
+            self._last[id(solver)] = x
+            self._newest = (x, solver)
+
+        return observe
+
+    def free(self) -> None:
+        for solver in self.of_role.values():
+            solver.free()
+        self._last.clear()
+        self._newest = None
 
 
 @torch.no_grad()
@@ -93,24 +131,24 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
     linears no token reached, quantized by RTN. Shared by the in-memory and streamed (stream/) paths."""
     spec = scheme.weight_spec()
     layer = adapter.layer(block)
-    solvers = {}
+    hessians = _SharedHessians()
     for role, linear in layer.linears().items():
         q = as_qlinear(linear)
         if q is not linear:
             adapter.set_linear(block, role, q)
-        solvers[role] = GPTQ(q.in_features, device=q.weight.device)
-        q.input_observer = solvers[role].add_batch
+        q.input_observer = hessians.observer(role, q.in_features, q.weight.device)
     forward(update=False)
     unrouted = []
     for role, q in adapter.layer(block).linears().items():
         q.input_observer = None
-        if solvers[role].nsamples == 0:  # an expert no calibration token was routed to
+        solver = hessians.of_role.get(role)
+        if solver is None or solver.nsamples == 0:  # an expert no calibration token was routed to
             commit(q, QuantizedTensor.from_float(q.weight.data.float(), spec))
             unrouted.append(name_of(q))
             continue
-        qt = solvers[role].quantize(q.weight.data.float(), spec, blocksize=scheme.gptq_blocksize,
-                                    percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
-                                    static_groups=scheme.gptq_static_groups)
-        solvers[role].free()
+        qt = solver.quantize(q.weight.data.float(), spec, blocksize=scheme.gptq_blocksize,
+                             percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
+                             static_groups=scheme.gptq_static_groups)
         commit(q, _on_cpu(qt))
+    hessians.free()
     return unrouted

@@ -33,6 +33,11 @@ def stream_refusal(cfg, config) -> str | None:
         return (f"method {cfg.method} trains its rotations end to end through the whole network "
                 f"(backpropagation over every block at once), which is not layer-wise; streaming runs "
                 f"{', '.join(STREAMABLE_METHODS)} (or any method's saved rotations via --rotations)")
+    if cfg.rotations is not None:
+        from ..transforms import RotationSet
+
+        if RotationSet.load(cfg.rotations).blocks:
+            return "the rotations carry DuQuant's online block transforms, which streaming does not install yet"
     if cfg.eval.tasks:
         return "zero-shot tasks run lm-eval over a whole model; leave --tasks out (perplexity streams)"
     adapter = adapter_for(config)

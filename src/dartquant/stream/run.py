@@ -23,18 +23,16 @@ embedding while it is used, one block, the hidden states of the window sets (com
 one output shard; the device: one block in float64 while folding, one window's activations.
 
 Stage timers are those of pipeline.py, each stage's share of a pass added to its own timer
-("load" is reading blocks from disk). The guard under streaming computes the perplexity ratio
-and KL on its windows; the per-role / per-layer attribution (8 extra whole-model forwards) is
-left out and says so.
+("load" is reading blocks from disk). The quality guard (guard.py) takes quant/guard.py's FP
+reference in the FP pass and scores the quantize pass's outputs against it; its per-role
+attribution (8 extra whole-model forwards) is left out and says so.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
@@ -54,7 +52,7 @@ from ..transforms.rotation import check_foldable, fold_layer_, fold_outer_, fold
 from ..zoo import TRANSFORM_FILE, resolve_model
 from .passes import BlockRunner, logits, ppl_metrics
 from .shards import ShardWriter
-from .source import StreamedModel, _set_param
+from .source import StreamedModel
 
 MB = 1 << 20  # shard_mb's unit (tests shrink it to get many shards from a tiny model)
 
@@ -77,7 +75,8 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
     """pipeline.run_quantize, streamed (cfg and `out` checked by pipeline.check_before_load)."""
     from transformers import AutoTokenizer
 
-    from ..quant.guard import _nll_kl, guard_corpus, guard_windows, warn_if_collapsed
+    from ..quant.guard import guard_windows
+    from . import guard
 
     torch.manual_seed(cfg.seed)
     timer = StageTimer()
@@ -93,7 +92,6 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
     metrics: dict = {"method": cfg.method, "model": cfg.model, "seed": cfg.seed, "w_bits": sc.w_bits,
                      "a_bits": sc.a_bits, "kv_bits": sc.kv_bits, "w_quantizer": sc.weight_quantizer}
     model.set_attn_implementation(register_attention())  # blocks run without a mask: SDPA is causal
-    fp_norm = copy.deepcopy(adapter.norm(model))  # the FP final norm's module, for the guard's FP logits
     runner = BlockRunner(model, adapter, device)
     gptq = sc.weight_quantizer == "gptq" and sc.weight_spec().bits < 16
     capture_needed = cfg.method_spec.needs_calib_windows and not cfg.rotations
@@ -110,7 +108,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
             exact_norms_(model, adapter)  # structure only: the values come block by block
 
         # ---- FP pass: FP perplexity, the guard's FP reference, DartQuant's capture -------------
-        captured = fp_guard = None
+        captured = ref = None
         if eval_fp or g_ids is not None or capture_needed:
             cap = None
             if capture_needed:
@@ -122,6 +120,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 sm.load_(adapter.embed, device)  # on the device: the host keeps no copy of it
             fp_eval = {c: runner.embed(ids) for c, ids in windows.items()} if eval_fp else None
             fp_guard, cap_hidden = runner.embed(g_ids), runner.embed(calib_ids) if cap else None
+            fp_trace = guard.GuardTrace(g_ids) if g_ids is not None else None
             sm.release_(adapter.embed)
             for i in tqdm(range(n_layers), desc="FP pass", disable=not progress, leave=False):
                 path = sm.block_path(i)
@@ -131,8 +130,10 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                     with timer("eval_fp"):
                         for h in fp_eval.values():
                             runner.run_(block, h)
-                with timer("guard"):
-                    runner.run_(block, fp_guard)
+                if g_ids is not None:
+                    with timer("guard"):
+                        runner.run_(block, fp_guard)
+                        fp_trace.record(fp_guard)
                 if cap is not None:
                     with timer("capture"):
                         fuse_layer_norms_(adapter.layer(block))  # capture sees the norm-fused, unrotated block
@@ -140,15 +141,19 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                         runner.run_(block, cap_hidden)
                         cap.detach()
                 sm.release_(path)
-            if eval_fp:
-                log.info("evaluated the full-precision model (streamed)")
-                with timer("eval_fp"):
+            if eval_fp or g_ids is not None:  # the raw final norm and lm_head
+                with timer("load"):
                     norm = sm.load_(adapter.final_norm, device)
                     head = sm.load_(adapter.lm_head, device)
-                    metrics["fp"] = {"ppl": ppl_metrics(norm, head, fp_eval, windows, device)}
-                    sm.release_(adapter.final_norm)
-                    sm.release_(adapter.lm_head)
-                del fp_eval
+                if eval_fp:
+                    with timer("eval_fp"):
+                        metrics["fp"] = {"ppl": ppl_metrics(norm, head, fp_eval, windows, device)}
+                if g_ids is not None:  # the guard's FP reference (quant/guard.FPReference)
+                    with timer("guard"):
+                        ref = guard.fp_reference(norm, head, fp_guard, g_ids, fp_trace, device)
+                sm.release_(adapter.final_norm)
+                sm.release_(adapter.lm_head)
+            del fp_eval, fp_guard
             captured = cap.result() if cap is not None else None
             del cap_hidden
 
@@ -172,6 +177,10 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
             check_foldable(model, rotations, adapter)
             values = fold_values(rotations, geo, device)
             install_online_(model, adapter, r3=rotations.r3, r4=rotations.r4)
+        if rotations is not None:  # what the online transforms cost per token (read off the skeleton's modules)
+            from ..transforms.online import online_cost
+
+            metrics["online_cost"] = online_cost(model, adapter)
         install_quantizers_(model, sc, adapter)
         spec = sc.weight_spec()
         names = {m: n for n, m in model.named_modules()}
@@ -188,6 +197,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
         _round_(embed_w, sc.unquantized_dtype, f"{adapter.embed}.weight")
         q_eval = {c: runner.embed(ids) for c, ids in windows.items()}
         q_guard = runner.embed(g_ids)
+        q_trace = guard.GuardTrace(g_ids) if g_ids is not None else None
         with timer("save"):
             writer.add({f"{adapter.embed}.weight": embed_w.data.to(getattr(torch, sc.unquantized_dtype))})
         sm.release_(adapter.embed)
@@ -226,8 +236,10 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
             with timer("eval"):
                 for h in q_eval.values():
                     runner.run_(block, h)
-            with timer("guard"):
-                runner.run_(block, q_guard)
+            if g_ids is not None:
+                with timer("guard"):
+                    runner.run_(block, q_guard)
+                    q_trace.record(q_guard)
             with timer("save"):
                 state = _module_state(block, path, {f"{n}.weight" for n in qtensors})
                 for name, qt in qtensors.items():
@@ -282,8 +294,8 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
             write_yaml(tmp / "config.yaml", cfg.to_dict())
         if g_ids is not None:
             with timer("guard"):
-                metrics["quality_check"] = _guard(sm, fp_norm, norm, head, fp_guard, q_guard, g_ids, cfg, device,
-                                                  _nll_kl, guard_corpus, warn_if_collapsed)
+                metrics["quality_check"] = guard.check(ref, norm, head, q_guard, q_trace, cfg,
+                                                       getattr(rotations, "r1", None), device)
         metrics["stream"] = {"blocks": n_layers, "shards": len(files), "stored_dtype": sm.stored_dtype(),
                              "compute_dtype": cfg.dtype}
         metrics["seconds"] = timer.seconds
@@ -292,39 +304,3 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
             metrics["calibration_timings"] = timings
         write_json(tmp / "metrics.json", metrics)
     return metrics
-
-
-@torch.no_grad()
-def _guard(sm, fp_norm, norm, head, fp_hidden, q_hidden, ids, cfg, device, nll_kl, guard_corpus, warn) -> dict:
-    """quant/guard.quality_check's ratio and KL, from the two passes' last hidden states; the FP
-    final norm and lm_head are read again from the model's files (raw, unfused)."""
-    import math
-
-    try:
-        adapter = sm.adapter
-        key = sm.key(f"{adapter.lm_head}.weight")
-        fp_head = sm.files.read([key], device, sm.dtype)[key]
-        for n, p in list(fp_norm.named_parameters()):
-            k = f"{adapter.final_norm}.{n}"
-            _set_param(fp_norm, n, sm.files.read([k], device, sm.dtype)[k])
-        nq = np_ = kl = 0.0
-        tokens = 0
-        for j in range(ids.shape[0]):
-            a, b, c = nll_kl(logits(norm, head, q_hidden[j: j + 1], device),
-                             F.linear(fp_norm(fp_hidden[j: j + 1].to(device)), fp_head), ids[j: j + 1])
-            nq, np_, kl, tokens = nq + a, np_ + b, kl + c, tokens + ids.shape[1] - 1
-        ratio = math.exp((nq - np_) / tokens)
-        limit = cfg.eval.guard_max_ppl_ratio
-        check = {"metric": "ppl_ratio", "value": ratio, "threshold": limit,
-                 "verdict": "ok" if ratio <= limit else "collapsed", "kl": kl / tokens,
-                 "ppl_fp": math.exp(np_ / tokens), "ppl_q": math.exp(nq / tokens),
-                 "windows": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "tokens": tokens,
-                 "attribution": "not computed under streaming (it needs extra whole-model forwards)"}
-    except Exception as e:  # a finished run is not thrown away because its check could not run
-        log.warning("WARNING: the quality check could not run (%s: %s); the model was NOT checked against "
-                    "the FP model", type(e).__name__, e)
-        return {"verdict": "error", "error": f"{type(e).__name__}: {e}", "threshold": cfg.eval.guard_max_ppl_ratio}
-    check["corpus"] = f"{guard_corpus(cfg.data.corpus)} (calibration half, first windows)"
-    log.info("quality check: ppl ratio %.3f (threshold %s), %s", check["value"], check["threshold"], check["verdict"])
-    warn(check)
-    return check

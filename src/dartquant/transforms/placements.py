@@ -50,10 +50,12 @@ class TransformSpec:
     """One transform: what it is, where it is folded, what runs online, what calibrates it."""
 
     name: str  # key in a RotationSet: "R1", "R2", "R3", "R4" or a scaling name
-    kind: str  # "orthogonal" (a stored matrix), "hadamard" (fixed, built from the size), "diagonal"
+    kind: str  # "orthogonal" (a stored matrix), "hadamard" (fixed, built from the size), "diagonal",
+    #            "block" (block-diagonal R1, permutation, R2: block_rotation.BlockSet)
     per_layer: bool  # one value per decoder layer (else one global value)
     placements: tuple[Placement, ...]  # folded into these weights, in this order
-    online: str | None = None  # an op that stays in the forward: "down_input" (R4), "qk_rope" (R3)
+    online: str | None = None  # an op that stays in the forward: "down_input" (R4), "qk_rope" (R3),
+    #                            "linear_input" (a block transform before its readers' input quantizer)
     probes: tuple[str, ...] = ()  # linears whose inputs are the activations it acts on (capture)
     doc: str = ""
 
@@ -88,9 +90,20 @@ TRANSFORMS: tuple[TransformSpec, ...] = (
                   doc="Hadamard [intermediate] on the down_proj input: online x H, H folded into down_proj"),
     TransformSpec("R3", "hadamard", False, (), online="qk_rope",
                   doc="Hadamard [head_dim] on Q and K after RoPE (cancels in Q K^T; for the K cache)"),
+    # DuQuant (calib/duquant.py): after its smoothings (the attn_norm / mlp_norm / v / up rows
+    # above), so that a reader's weight becomes W diag(lambda) M, the inverse of x diag(1/lambda) M.
+    TransformSpec("DQ_o", "orthogonal", True, (_p("v", "output", "kv"), _p("o", "input", "query")),
+                  doc="DuQuant: per-KV-head rotation of the o_proj input [kv_heads, head_dim, head_dim], folded"),
+    TransformSpec("DQ_attn", "block", True, (_p("q", "input"), _p("k", "input"), _p("v", "input")),
+                  online="linear_input", doc="DuQuant: online R1 P R2 (block_rotation.py) on the q/k/v input"),
+    TransformSpec("DQ_mlp", "block", True, (_p("gate", "input"), _p("up", "input")),
+                  online="linear_input", doc="DuQuant: online R1 P R2 on the gate/up input"),
+    TransformSpec("DQ_down", "block", True, (_p("down", "input"),),
+                  online="linear_input", doc="DuQuant: online R1 P R2 on the down_proj input (instead of R4)"),
 )
 SPECS: dict[str, TransformSpec] = {t.name: t for t in TRANSFORMS}
 SCALINGS: tuple[str, ...] = tuple(t.name for t in TRANSFORMS if t.kind == "diagonal")
+BLOCKS: tuple[str, ...] = tuple(t.name for t in TRANSFORMS if t.kind == "block")
 
 
 def scale_sizes(geo: Geometry) -> dict[str, int]:
@@ -135,6 +148,10 @@ def apply_placement(w: torch.Tensor, t: torch.Tensor, spec: TransformSpec, p: Pl
     `t`: a matrix [n, n] (global orthogonal/hadamard), [kv_heads, d, d] (per-KV-head), or a
     vector (diagonal). Pure: returns a tensor in the dtype of the inputs.
     """
+    if spec.kind == "block":  # t: a block_rotation.BlockSet of one layer; orthogonal, on the input side
+        if p.side != "input" or p.heads is not None or bias:
+            raise ValueError(f"{spec.name}: block transforms fold into readers' weights only")
+        return t.apply(w)
     if spec.kind == "diagonal":
         s = 1.0 / t if (p.side == "input") != p.inverse else t
         if p.heads == "query":

@@ -12,13 +12,18 @@ transform touches, on which side, per head or not). A set holds, by SpinQuant's 
   [n_layers, n] tensor: "attn_norm", "mlp_norm" [hidden], "v", "qk" [kv_heads * head_dim],
   "up" [intermediate]. The "qk" one must give channels j and j + head_dim/2 of a head the same
   value: RoPE rotates them together, and then it commutes with the scaling.
+* optional DuQuant matrices (`blocks`, calib/duquant.py): "DQ_o" [n_layers, kv_heads, head_dim,
+  head_dim] folded like R2 (after the scalings), and for each block transform of the placement
+  table ("DQ_attn", "DQ_mlp", "DQ_down") "<name>.r1" / ".r2" [n_layers, n_blocks, B, B] and
+  "<name>.perm" [n_layers, n] (block_rotation.py): folded into the readers' weights and installed
+  online before their input quantizers.
 
 `rotate_` fails whole: `validate` checks everything the set needs (shapes, orthogonality,
 scalings, a Hadamard construction for R3's head_dim and R4's intermediate size, norms it can
 fuse) and R4's matrix is built before the first weight is touched, so an error leaves the model
 exactly as it was.
 
-Saved as safetensors: tensors "R1", "R2" and "S.<name>" for scalings, and the flags and provenance (method, seed) as
+Saved as safetensors: tensors "R1", "R2", "S.<name>" for scalings, "B.<key>" for DuQuant's, and the flags and provenance (method, seed) as
 JSON in the header's metadata. Loading never unpickles anything.
 """
 
@@ -36,10 +41,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..adapters import Geometry, ModelAdapter, adapter_for, check_transforms
+from ..block_rotation import BlockSet, check_blocks
 from ..hadamard import hadamard_factorization, hadamard_matrix, random_hadamard_matrix
 from .fuse import fuse_norms_, norms_fused
 from .online import install_online_
-from .placements import (MODEL_ROLES, NORM_ROLES, TRANSFORMS, Placement, TransformSpec, apply_placement,
+from .placements import (BLOCKS, MODEL_ROLES, NORM_ROLES, TRANSFORMS, Placement, TransformSpec, apply_placement,
                          expand_rope_pairs, per_query_head, scale_sizes, touches_bias)
 
 __all__ = ["RotationSet", "rotate_", "fold_layer_", "fold_outer_", "fold_values", "check_foldable", "scale_sizes",
@@ -54,15 +60,18 @@ class RotationSet:
     r4: bool = False
     meta: dict = field(default_factory=dict)
     scales: dict = field(default_factory=dict)  # name -> [n_layers, n] positive (see module doc)
+    blocks: dict = field(default_factory=dict)  # DuQuant: "DQ_o", "<name>.r1/.perm/.r2" (module doc)
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
-    def quarot(cls, geometry: Geometry, seed: int = 0, r3: bool = True, r4: bool = True) -> RotationSet:
-        """QuaRot: random (sign-flipped) Hadamard R1 from `seed`; plain Hadamard R2 for every head."""
+    def quarot(cls, geometry: Geometry, seed: int = 0, r3: bool = True, r4: bool = True,
+               r1: bool = True) -> RotationSet:
+        """QuaRot: random (sign-flipped) Hadamard R1 from `seed` (none with r1=False); plain
+        Hadamard R2 for every head."""
         r2 = hadamard_matrix(geometry.head_dim).expand(
             geometry.n_layers, geometry.n_kv_heads, geometry.head_dim, geometry.head_dim).clone()
-        return cls(random_hadamard_matrix(geometry.hidden, seed), r2, r3, r4,
-                   {"method": "quarot", "seed": seed, "r1": "random_hadamard", "r2": "hadamard"})
+        return cls(random_hadamard_matrix(geometry.hidden, seed) if r1 else None, r2, r3, r4,
+                   {"method": "quarot", "seed": seed, "r1": "random_hadamard" if r1 else "none", "r2": "hadamard"})
 
     @classmethod
     def random_hadamard_r2(cls, geometry: Geometry, seed: int) -> torch.Tensor:
@@ -81,6 +90,13 @@ class RotationSet:
             return hadamard_matrix(geometry.intermediate, dtype=torch.float64, device=device) if self.r4 else None
         elif name == "R3":
             return None  # online only: nothing to fold
+        elif name in BLOCKS:
+            if f"{name}.r1" not in self.blocks:
+                return None
+            return BlockSet(self.blocks[f"{name}.r1"], self.blocks.get(f"{name}.perm"),
+                            self.blocks.get(f"{name}.r2")).to(device, torch.float64)
+        elif name in self.blocks:
+            t = self.blocks[name]
         else:
             t = self.scales.get(name)
         return None if t is None else t.to(device, torch.float64)
@@ -90,8 +106,8 @@ class RotationSet:
         """Everything applying the set needs, checked against the model's geometry (from its config:
         no weights needed): shapes, orthogonality (to float32 precision), scalings, and Hadamard
         constructions for the online R3 (head_dim) and R4 (intermediate size)."""
-        for name, on, n in (("R3", self.r3, geometry.head_dim), ("R4", self.r4, geometry.intermediate)):
-            if on:
+        for name, on, sizes in (("R3", self.r3, [geometry.head_dim]), ("R4", self.r4, geometry.mlp_widths)):
+            for n in sizes if on else ():
                 hadamard_factorization(n)  # HadamardError with the reason, before anything is touched
         expect = {"R1": (geometry.hidden, geometry.hidden),
                   "R2": (geometry.n_layers, geometry.n_kv_heads, geometry.head_dim, geometry.head_dim)}
@@ -121,6 +137,41 @@ class RotationSet:
                 if not torch.allclose(pairs[:, :, 0], pairs[:, :, 1], rtol=1e-6, atol=0.0):
                     raise ValueError("scaling qk must give channels j and j + head_dim/2 of each head the same "
                                      "value (RoPE rotates them together); make it with expand_rope_pairs")
+        self._validate_blocks(geometry)
+
+    def block_sizes(self, geometry: Geometry) -> dict[str, int]:
+        """Channels of each block transform's input."""
+        return {"DQ_attn": geometry.hidden, "DQ_mlp": geometry.hidden, "DQ_down": geometry.intermediate}
+
+    def _validate_blocks(self, geometry: Geometry) -> None:
+        sizes = self.block_sizes(geometry)
+        known = {"DQ_o"} | {f"{n}.{part}" for n in sizes for part in ("r1", "perm", "r2")}
+        unknown = sorted(set(self.blocks) - known)
+        if unknown:
+            raise ValueError(f"unknown DuQuant matrices {unknown}; known: {', '.join(sorted(known))}")
+        if "DQ_o" in self.blocks:
+            expect = (geometry.n_layers, geometry.n_kv_heads, geometry.head_dim, geometry.head_dim)
+            m = self.blocks["DQ_o"].double()
+            if tuple(m.shape) != expect:
+                raise ValueError(f"DQ_o has shape {tuple(m.shape)} but this model needs {expect}: "
+                                 "the rotations were made for another model")
+            err = (m @ m.transpose(-1, -2) - torch.eye(m.shape[-1], dtype=m.dtype)).abs().max().item()
+            if not err <= 1e-4:
+                raise ValueError(f"DQ_o is not orthogonal (max |R R^T - I| = {err:.2e})")
+        for name, n in sizes.items():
+            parts = {k: self.blocks.get(f"{name}.{k}") for k in ("r1", "perm", "r2")}
+            if parts["r1"] is None:
+                if any(v is not None for v in parts.values()):
+                    raise ValueError(f"{name}: a permutation or second rotation without {name}.r1")
+                continue
+            if name == "DQ_down" and self.r4:
+                raise ValueError("DQ_down and R4 both transform the down_proj input online: use one (r4: false)")
+            if parts["r1"].shape[0] != geometry.n_layers or any(
+                    v is not None and v.shape[0] != geometry.n_layers for v in parts.values()):
+                raise ValueError(f"{name} has {parts['r1'].shape[0]} layers but this model has {geometry.n_layers}")
+            for i in range(geometry.n_layers):
+                check_blocks(f"{name}[{i}]", n, parts["r1"][i], None if parts["perm"] is None else parts["perm"][i],
+                             None if parts["r2"] is None else parts["r2"][i])
 
     # ---- I/O ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -128,6 +179,7 @@ class RotationSet:
         path = Path(path)
         tensors = {k: v.contiguous() for k, v in (("R1", self.r1), ("R2", self.r2)) if v is not None}
         tensors.update({f"S.{k}": v.contiguous() for k, v in self.scales.items()})
+        tensors.update({f"B.{k}": v.contiguous() for k, v in self.blocks.items()})
         meta = {"dartquant": json.dumps({"r3": self.r3, "r4": self.r4, "meta": self.meta})}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
         os.close(fd)
@@ -153,15 +205,17 @@ class RotationSet:
         except Exception as e:
             raise ValueError(f"{path} is not a readable rotation file (safetensors): {e}") from e
         scales = {k[2:]: v for k, v in tensors.items() if k.startswith("S.")}
+        blocks = {k[2:]: v for k, v in tensors.items() if k.startswith("B.")}
         return cls(tensors.get("R1"), tensors.get("R2"), bool(info.get("r3")), bool(info.get("r4")),
-                   info.get("meta", {}), scales)
+                   info.get("meta", {}), scales, blocks)
 
 
 # ---- folding ------------------------------------------------------------------------------
 def present(rotations: RotationSet) -> list[str]:
     """The transforms (placement-table names) that a set carries."""
     flags = {"R1": rotations.r1 is not None, "R2": rotations.r2 is not None, "R3": rotations.r3, "R4": rotations.r4}
-    return [t.name for t in TRANSFORMS if flags.get(t.name, t.name in rotations.scales)]
+    return [t.name for t in TRANSFORMS if flags.get(t.name, t.name in rotations.scales or t.name in rotations.blocks
+                                                      or f"{t.name}.r1" in rotations.blocks)]
 
 
 def _fold_(module: nn.Module, t: torch.Tensor, spec: TransformSpec, p: Placement, geo: Geometry) -> None:
@@ -244,4 +298,5 @@ def rotate_(model: nn.Module, rotations: RotationSet, adapter: ModelAdapter | No
     fold_outer_(model, adapter, values, geo)
     for i, layer in enumerate(adapter.layers_of(model)):
         fold_layer_(layer, i, values, geo)
-    install_online_(model, adapter, r3=rotations.r3, r4=rotations.r4)
+    install_online_(model, adapter, r3=rotations.r3, r4=rotations.r4,
+                    blocks={spec.name: t for spec, t in values if spec.kind == "block"})
