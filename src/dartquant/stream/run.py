@@ -118,8 +118,9 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                                         fraction=cfg.section("dartquant").token_fraction, seed=cfg.seed)
             with timer("load"):
                 sm.load_(adapter.embed, device)  # on the device: the host keeps no copy of it
-            fp_eval = {c: runner.embed(ids) for c, ids in windows.items()} if eval_fp else None
-            fp_guard, cap_hidden = runner.embed(g_ids), runner.embed(calib_ids) if cap else None
+            with timer("eval_fp"):  # (the guard's and the capture's few windows too)
+                fp_eval = {c: runner.embed(ids) for c, ids in windows.items()} if eval_fp else None
+                fp_guard, cap_hidden = runner.embed(g_ids), runner.embed(calib_ids) if cap else None
             fp_trace = guard.GuardTrace(g_ids) if g_ids is not None else None
             sm.release_(adapter.embed)
             for i in tqdm(range(n_layers), desc="FP pass", disable=not progress, leave=False):
@@ -192,11 +193,13 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
         if values is not None:
             with timer("rotate"):
                 fold_outer_(model, adapter, values, geo, roles=("embed",))
-        q_calib = runner.embed(calib_ids) if gptq else None  # GPTQ sees the unrounded embedding, as in memory
-        embed_w = adapter.embedding(model).weight
-        _round_(embed_w, sc.unquantized_dtype, f"{adapter.embed}.weight")
-        q_eval = {c: runner.embed(ids) for c, ids in windows.items()}
-        q_guard = runner.embed(g_ids)
+        with timer("quantize"):
+            q_calib = runner.embed(calib_ids) if gptq else None  # GPTQ sees the unrounded embedding, as in memory
+            embed_w = adapter.embedding(model).weight
+            _round_(embed_w, sc.unquantized_dtype, f"{adapter.embed}.weight")
+        with timer("eval"):  # (and the guard's windows)
+            q_eval = {c: runner.embed(ids) for c, ids in windows.items()}
+            q_guard = runner.embed(g_ids)
         q_trace = guard.GuardTrace(g_ids) if g_ids is not None else None
         with timer("save"):
             writer.add({f"{adapter.embed}.weight": embed_w.data.to(getattr(torch, sc.unquantized_dtype))})
