@@ -17,6 +17,17 @@ perplexities are meaningless, and the quality guard says so: `--fail-on-collapse
 
 `--layers k` cuts a shape to k decoder layers (70B: measure at 4 and 8 layers; memory must be
 flat in depth, time grows linearly, so time(80) = t(4) + (t(8) - t(4)) * 76 / 4).
+On the GPU machine (64 GB disk, a 10-minute limit per command: one job per command; the model
+folder written by the first command of a shape is reused by the next ones; --clean on the last):
+    B="python benchmarks/whole_job.py --device cuda --dir /tmp/wj --out docs/results/whole_job_h200.json"
+    $B --shapes smollm2-135m --methods rtn quarot dartquant spinquant --stream true false --clean
+    $B --shapes llama2-7b --methods quarot --stream true        # then dartquant, rtn; and --stream false
+    $B --shapes llama2-7b --methods spinquant --stream false --clean -- --e2e-steps 20   # x5 for 100 steps
+    (llama3-8b the same)
+    $B --shapes llama2-70b --layers 4 8 --methods quarot --stream true     # then dartquant; --clean last
+Disk (float16 folder + one run folder): SmolLM2 0.3 + 0.2 GB, Llama-2-7B 13.5 + 3.8, Llama-3-8B
+16.1 + 5.6, Llama-2-70B 4 layers 7.9 + 2.8, 8 layers 14.7 + 4.5 (both depths kept: 27 GB).
+
 Prints a table and writes JSON (the rows, the commands, the machine); a later invocation with
 the same --out adds its rows (replacing rows of the same shape, depth, method and stream), so
 one (shape, method, stream) per command fits a per-command time limit. Each run folder is
