@@ -178,3 +178,25 @@ def test_damaged_folders_fail_before_any_work(tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(ModelLoadError, match="not a readable safetensors"):
         StreamedModel(folder)
+
+
+def test_cli_stream_flag_and_eval_of_a_sharded_run(tmp_path, monkeypatch, capsys):
+    """`dartquant quantize --stream true --shard-mb N`, then `dartquant eval RUN` on the shards."""
+    from dartquant.cli import main
+
+    folder = save_sharded(tmp_path / "model", "llama-tied-gqa")
+    monkeypatch.setattr(stream_run, "MB", 3000)
+    rc = main(["quantize", "--model", str(folder), "--method", "quarot", "--w-quantizer", "rtn", "--stream", "true",
+               "--shard-mb", "1", "--calib-samples", "2", "--calib-seqlen", "24", "--eval-seqlen", "24",
+               "--eval-max-windows", "2", "--guard-windows", "0", "--skip-fp-eval", "--out", str(tmp_path / "run"),
+               "--json"])
+    assert rc == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["stream"]["shards"] > 1 and set(metrics["seconds"]) >= {"load", "rotate", "quantize", "eval", "save"}
+    assert (tmp_path / "run" / INDEX_FILE).is_file()
+    assert main(["eval", str(tmp_path / "run"), "--seqlen", "24", "--max-windows", "2", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["ppl"] == metrics["ppl"]
+    rc = main(["quantize", "--model", str(folder), "--method", "spinquant", "--stream", "true", "--out",
+               str(tmp_path / "run2")])
+    assert rc == 2 and "cannot stream" in capsys.readouterr().err and not (tmp_path / "run2").exists()
