@@ -105,8 +105,10 @@ def write_model(out: Path, shape: str, layers: int | None, init_device: str) -> 
     groups = [{"model.embed_tokens.weight": lambda: rnd(config.vocab_size, h)}]
     for L in range(n):
         p = f"model.layers.{L}."
-        groups.append({p + "self_attn.q_proj.weight": lambda: rnd(h, h), p + "self_attn.k_proj.weight": lambda: rnd(kv, h),
-                       p + "self_attn.v_proj.weight": lambda: rnd(kv, h), p + "self_attn.o_proj.weight": lambda: rnd(h, h),
+        groups.append({p + "self_attn.q_proj.weight": lambda: rnd(h, h),
+                       p + "self_attn.k_proj.weight": lambda: rnd(kv, h),
+                       p + "self_attn.v_proj.weight": lambda: rnd(kv, h),
+                       p + "self_attn.o_proj.weight": lambda: rnd(h, h),
                        p + "mlp.gate_proj.weight": lambda: rnd(i, h), p + "mlp.up_proj.weight": lambda: rnd(i, h),
                        p + "mlp.down_proj.weight": lambda: rnd(h, i),
                        p + "input_layernorm.weight": lambda: torch.ones(h, dtype=torch.float16),
@@ -230,7 +232,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['layers']} | {r['method']} | {r['stream']} | failed (exit {r['exit']}) |")
+            lines.append(f"| {r['shape']} | {r['layers']} | {r['method']} | {r['stream']} | "
+                         f"failed (exit {r['exit']}) |")
             continue
         s = r["seconds"]
         cells = [r["shape"], r["layers"], r["method"], r["stream"] + (" (streamed)" if r["streamed"] else ""),

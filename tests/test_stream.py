@@ -1,10 +1,10 @@
 """Layer streaming (stream/): a streamed run computes the same tensors as an in-memory one.
 
 Tiny random models saved as *sharded* safetensors (Gemma 3 with tied, scaled embeddings and
-sliding-window layers; Qwen2 with q/k/v bias and one KV head; a bfloat16 Llama folder), each quantized twice with the same
-settings, `stream: false` and `stream: true`: the perplexities, the guard's ratio, every stored
-tensor (codes, scales, norms, 16-bit embedding / head) and the reloaded model's logits must be
-equal. The streamed checkpoint is sharded (a tiny shard size) and must load, export and reload.
+sliding-window layers; Qwen2 with q/k/v bias and one KV head; a bfloat16 Llama folder), each
+quantized twice with the same settings, `stream: false` and `stream: true`: the perplexities,
+the guard's numbers, every stored tensor (codes, scales, norms, 16-bit embedding / head) and the
+reloaded model's logits must be equal. The streamed checkpoint is sharded (a tiny shard size) and must load, export and reload.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from ..transforms.fuse import exact_norms_, fuse_final_norm_, fuse_layer_norms_
 from ..transforms.online import install_online_, online_spec
 from ..transforms.rotation import check_foldable, fold_layer_, fold_outer_, fold_values
 from ..zoo import TRANSFORM_FILE, resolve_model
-from .passes import BlockRunner, logits, ppl_metrics
+from .passes import BlockRunner, ppl_metrics
 from .shards import ShardWriter
 from .source import StreamedModel
 
@@ -219,7 +219,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                     fold_layer_(layer, i, values, geo)
             qtensors: dict[str, QuantizedTensor] = {}
 
-            def commit(linear, qt: QuantizedTensor) -> None:
+            def commit(linear, qt: QuantizedTensor, qtensors=qtensors) -> None:
                 linear.weight.data.copy_(qt.dequantize().to(linear.weight.device, linear.weight.dtype))
                 qtensors[names[linear]] = qt
 
@@ -248,7 +248,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 for name, qt in qtensors.items():
                     state.update(qt.to_state_dict(prefix=f"{name}."))
                 writer.add(state)
-            del qtensors, state, layer, block
+            del state, layer, block  # this block's values go with release_
             sm.release_(path)
         del q_calib
         if unrouted:
