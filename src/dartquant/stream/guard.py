@@ -64,7 +64,7 @@ def check(ref: FPReference, norm, head, hidden: torch.Tensor, trace: GuardTrace,
                "kl": kl / tokens, "kl_support": f"FP top {ref.top_idx.shape[-1]} + rest",
                "ppl_fp": math.exp(np_ / tokens), "ppl_q": math.exp(nq / tokens),
                "windows": int(ref.windows.shape[0]), "seqlen": int(ref.windows.shape[1]), "tokens": tokens}
-        rot = r1.to(torch.float64) if r1 is not None else None
+        rot = r1.to("cpu", torch.float64) if r1 is not None else None  # the traces live on the host
         errs = []
         for a, b in zip(trace.hidden, ref.hidden):  # the residual stream of the rotated model is h R1
             b = b @ rot if rot is not None else b
