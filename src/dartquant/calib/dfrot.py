@@ -49,7 +49,6 @@ from pathlib import Path
 import torch
 
 from ..adapters import adapter_for
-from ..hadamard import random_hadamard_matrix
 from ..quant.primitives import QuantSpec, fake_quantize
 from ..stages import measure
 from ..transforms import RotationSet, fuse_norms_
@@ -193,6 +192,7 @@ def calibrate_dfrot(model, cfg, calib_ids: torch.Tensor, *, timer=None, out_dir:
                              "final": r1_heldout_quant(x, r1, rows, spec, cfg.device)} if rows.numel() else None)
         hist["heldout_quant"] = report
         acts.r1 = x = None  # free the buffer (host and device)
+
     def pair(name):
         return None if report[name] is None else [report[name]["init"]["sqnr_db"], report[name]["final"]["sqnr_db"]]
 
