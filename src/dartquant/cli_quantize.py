@@ -17,6 +17,8 @@ _HELP = {
     "w_group_size": "weight group size (default: per output channel)",
     "dq_lr_grid": "DartQuant: fit R1 / R2 at each of these learning rates and keep the lowest held-out "
                   "calibration loss, e.g. 1e-3 1e-2 1e-1 1 10 (default: none, use --dq-r1-lr / --dq-r2-lr)",
+    "stream": "layer streaming: auto (stream when the float32 model exceeds a third of host memory), true, false",
+    "shard_mb": "a streamed run's checkpoint is split into shards of about this many MB (default 2048)",
     "r4": "online Hadamard on the down_proj input (default: true; false for duquant, whose own online "
           "transform takes its place)",
     "e2e_amp": "end-to-end training precision: auto (bf16 autocast on CUDA, fp32 elsewhere), bf16, off",

@@ -2,6 +2,7 @@
 
     RunConfig
       model, method, rotations, seed, r1, r3, r4, device, dtype   what, and where it runs
+      stream, shard_mb                                            layer streaming (stream/)
       scheme: QuantScheme     weights / activations / KV cache            (quant/scheme.py)
       data:   DataConfig      calibration text
       eval:   EvalConfig      perplexity and zero-shot
@@ -60,7 +61,7 @@ class EvalConfig:
 _FIXED_SECTIONS = {"scheme": (QuantScheme, ""), "data": (DataConfig, "calib"), "eval": (EvalConfig, "eval")}
 _FLAT_EXCEPTIONS = {("eval", name): name for name in ("tasks", "zeroshot_limit", "guard_windows",
                                                       "guard_max_ppl_ratio", "fail_on_collapse")}
-_TOP = ("model", "method", "rotations", "seed", "r1", "r3", "r4", "device", "dtype")
+_TOP = ("model", "method", "rotations", "seed", "r1", "r3", "r4", "device", "dtype", "stream", "shard_mb")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -86,6 +87,8 @@ class RunConfig:
     r4: bool | None = None  # online Hadamard on the down_proj input; None: the method's default (True but for duquant)
     device: str = "cpu"
     dtype: str = "float32"
+    stream: str = "auto"  # layer streaming (stream/): auto | true | false; auto streams a model too big for memory
+    shard_mb: int = 2048  # a streamed run's checkpoint: shards of about this many MB (one file if it fits)
     scheme: QuantScheme = field(default_factory=QuantScheme)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -134,6 +137,8 @@ class RunConfig:
         get_method(self.method)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.stream not in ("auto", "true", "false") or self.shard_mb <= 0:
+            raise ValueError(f"stream must be auto, true or false (got {self.stream!r}) and shard_mb positive")
         self.scheme.validate(geometry)
         if not self.r1 and self.method_spec.rotates and not self.method_spec.r1_optional and not self.rotations:
             from .methods import METHODS

@@ -93,6 +93,10 @@ def check_before_load(cfg: RunConfig, out, overwrite: bool):
     cfg.validate(geo)  # group sizes against the real dimensions
     if cfg.method_spec.check is not None:
         cfg.method_spec.check(cfg, adapter, geo)
+    if cfg.stream == "true":  # a run that cannot stream is refused here, before any work
+        from .stream import should_stream
+
+        should_stream(cfg, config)
     if cfg.rotated and not cfg.rotations and cfg.r1:  # rotating methods make an R1: refuse before calibrating
         check_transforms(adapter, ["R1"])
     if cfg.rotations:
@@ -108,6 +112,12 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
                  progress: bool = True) -> dict:
     """Quantize `cfg.model` as `cfg` says; write the run folder `out`; return metrics."""
     out = check_before_load(cfg, out, overwrite)
+    from .stream import should_stream
+
+    if should_stream(cfg, model_config(cfg.model)):  # the model is never materialized whole (stream/)
+        from .stream.run import run_streamed
+
+        return run_streamed(cfg, out, eval_fp=eval_fp, progress=progress)
     torch.manual_seed(cfg.seed)
     timer = StageTimer()
     with timer("load"):

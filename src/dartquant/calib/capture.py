@@ -70,6 +70,56 @@ class _Sampler:
         self.pos += self.k
 
 
+class ActivationCapture:
+    """The sampled buffers and the observers that fill them, one block at a time: `attach(i,
+    block)` before block i runs over every calibration sequence, `detach()` after. Shared by
+    capture_activations (in memory) and the streamed pass (stream/), so both draw the same tokens."""
+
+    def __init__(self, geo, n_seq: int, seqlen: int, *, fraction: float = 0.1, max_r1_tokens: int | None = 262_144,
+                 seed: int = 0, store_dtype: torch.dtype = torch.float16):
+        if n_seq == 0:
+            raise ValueError("capture needs at least one calibration sequence")
+        self.geo, self.seqlen, self.n_seq = geo, seqlen, n_seq
+        # R2 keeps `fraction` of each sequence; R1 pools len(R1_PROBES) * n_layers streams, so its fraction is
+        # reduced when needed to keep the pooled buffer within max_r1_tokens.
+        self.k2 = max(1, int(round(sample_fraction(n_seq * seqlen, geo.n_layers, fraction, None) * seqlen)))
+        self.k1 = max(1, int(round(sample_fraction(n_seq * seqlen, geo.n_layers, fraction, max_r1_tokens) * seqlen)))
+        self.per_layer1 = n_seq * self.k1
+        n_r1 = len(R1_PROBES)
+        self.r1 = torch.empty(geo.n_layers * n_r1 * self.per_layer1, geo.hidden, dtype=store_dtype)
+        # R2 buffer in its final layout: [layers, kv_heads, tokens * kv_groups, head_dim]; row
+        # t * kv_groups + g of KV head h is query head h * kv_groups + g of sampled token t (the
+        # query heads of a KV group are pooled). Layer i's sampler writes through the view
+        # [tokens, kv_heads, kv_groups, head_dim] of r2[i].
+        self.r2 = torch.empty(geo.n_layers, geo.n_kv_heads, n_seq * self.k2 * geo.kv_groups, geo.head_dim,
+                              dtype=store_dtype)
+        self.g = torch.Generator().manual_seed(seed)
+        self.observed: list = []
+
+    def attach(self, i: int, block: nn.Module, adapter: ModelAdapter) -> None:
+        layer = adapter.layer(block)
+        n_r1, per = len(R1_PROBES), self.per_layer1
+        # what R1 and R2 act on, from the placement table: R1's probes pooled, R2's per layer
+        r1_stores = [(role, self.k1, self.r1[(n_r1 * i + j) * per: (n_r1 * i + j + 1) * per])
+                     for j, role in enumerate(R1_PROBES)]
+        r2_stores = [(role, self.k2, kv_head_token_view(self.r2[i], self.geo.kv_groups)) for role in SPECS["R2"].probes]
+        for role, k, store in r1_stores + r2_stores:
+            q = _observable(adapter, block, layer, role)
+            q.input_observer = _Sampler(k, self.g, store)
+            self.observed.append(q)
+
+    def detach(self) -> None:
+        for q in self.observed:
+            if q.input_observer.pos != q.input_observer.store.shape[0]:
+                raise RuntimeError("capture did not see every calibration sequence")
+            q.input_observer = None
+        self.observed = []
+
+    def result(self) -> Captured:
+        return Captured(r1=self.r1, r2=self.r2, fraction_r1=self.k1 / self.seqlen, fraction_r2=self.k2 / self.seqlen,
+                        tokens_seen=self.n_seq * self.seqlen)
+
+
 @torch.no_grad()
 def capture_activations(model: nn.Module, calib_ids: torch.Tensor, *, fraction: float = 0.1,
                         max_r1_tokens: int | None = 262_144, seed: int = 0, device="cpu",
@@ -78,41 +128,14 @@ def capture_activations(model: nn.Module, calib_ids: torch.Tensor, *, fraction: 
     """Sample the inputs that R1 and R2 act on (the model must be norm-fused and unrotated)."""
     adapter = adapter or adapter_for(model)
     split_experts_(model, adapter)
-    geo = adapter.geometry(model.config)
     n_seq, seqlen = calib_ids.shape
-    if n_seq == 0:
-        raise ValueError("capture needs at least one calibration sequence")
-    # R2 keeps `fraction` of each sequence; R1 pools len(R1_PROBES) * n_layers streams, so its fraction is
-    # reduced when needed to keep the pooled buffer within max_r1_tokens.
-    k2 = max(1, int(round(sample_fraction(n_seq * seqlen, geo.n_layers, fraction, None) * seqlen)))
-    k1 = max(1, int(round(sample_fraction(n_seq * seqlen, geo.n_layers, fraction, max_r1_tokens) * seqlen)))
-    per_layer1, per_layer2 = n_seq * k1, n_seq * k2
-    n_r1 = len(R1_PROBES)
-    r1 = torch.empty(geo.n_layers * n_r1 * per_layer1, geo.hidden, dtype=store_dtype)
-    # R2 buffer in its final layout: [layers, kv_heads, tokens * kv_groups, head_dim]; row
-    # t * kv_groups + g of KV head h is query head h * kv_groups + g of sampled token t (the
-    # query heads of a KV group are pooled). Layer i's sampler writes through the view
-    # [tokens, kv_heads, kv_groups, head_dim] of r2[i].
-    r2 = torch.empty(geo.n_layers, geo.n_kv_heads, per_layer2 * geo.kv_groups, geo.head_dim, dtype=store_dtype)
-
-    g = torch.Generator().manual_seed(seed)
+    cap = ActivationCapture(adapter.geometry(model.config), n_seq, seqlen, fraction=fraction,
+                            max_r1_tokens=max_r1_tokens, seed=seed, store_dtype=store_dtype)
     for i, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress, desc="capture"):
-        layer = adapter.layer(block)
-        observed = []
-        # what R1 and R2 act on, from the placement table: R1's probes pooled, R2's per layer
-        r1_stores = [(role, k1, r1[(n_r1 * i + j) * per_layer1: (n_r1 * i + j + 1) * per_layer1])
-                     for j, role in enumerate(R1_PROBES)]
-        r2_stores = [(role, k2, kv_head_token_view(r2[i], geo.kv_groups)) for role in SPECS["R2"].probes]
-        for role, k, store in r1_stores + r2_stores:
-            q = _observable(adapter, block, layer, role)
-            q.input_observer = _Sampler(k, g, store)
-            observed.append(q)
+        cap.attach(i, block, adapter)
         forward(update=True)
-        for q in observed:
-            if q.input_observer.pos != q.input_observer.store.shape[0]:
-                raise RuntimeError("capture did not see every calibration sequence")
-            q.input_observer = None
-    return Captured(r1=r1, r2=r2, fraction_r1=k1 / seqlen, fraction_r2=k2 / seqlen, tokens_seen=n_seq * seqlen)
+        cap.detach()
+    return cap.result()
 
 
 def _observable(adapter: ModelAdapter, block: nn.Module, layer, role: str) -> nn.Module:

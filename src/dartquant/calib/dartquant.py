@@ -258,20 +258,21 @@ def _spec_dict(spec) -> dict:
             "clip_ratio": spec.clip_ratio}
 
 
-def calibrate_dartquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, out_dir: Path | None = None,
-                        progress: bool = True, buffers: str = "auto") -> RotationSet:
+def calibrate_dartquant(model, cfg, calib_ids: torch.Tensor | None, *, timer=None, out_dir: Path | None = None,
+                        progress: bool = True, buffers: str = "auto", captured: Captured | None = None) -> RotationSet:
     """Capture, then train R1 and R2; `cfg` is a RunConfig (its `dartquant` section).
 
     `buffers` ("auto", "device", "host"): on CUDA, whether each captured buffer moves to the GPU
     for its own training stage ("auto": if it takes at most 40% of the free device memory) or
-    stays on the host with only minibatches moved. Ignored on the CPU."""
+    stays on the host with only minibatches moved. Ignored on the CPU. `captured`: samples captured already (the streamed pass, stream/):
+    no capture then."""
     import contextlib
 
     stage = timer if timer is not None else (lambda name: contextlib.nullcontext())
     geo = adapter_for(model).geometry(model.config)
     stages = {"capture": {}, "r1": {}, "r2": {}}
     with stage("capture"), measure(cfg.device, stages["capture"]):
-        acts = capture(model, cfg, calib_ids, progress=progress)
+        acts = captured if captured is not None else capture(model, cfg, calib_ids, progress=progress)
     buffer_bytes = {"r1": acts.r1.numel() * acts.r1.element_size(), "r2": acts.r2.numel() * acts.r2.element_size()}
     with stage("calibrate"):
         with measure(cfg.device, stages["r1"]):

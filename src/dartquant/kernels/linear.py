@@ -107,14 +107,11 @@ def load_w4a4(folder, device="cpu", backend: str = "auto"):
     quantizers), then swaps every QLinear whose codes are in ``quantized.safetensors`` for a
     W4A4Linear (all checked first).  Embeddings, norms, attention (K/V stay fake-quantized) and an
     unquantized lm_head run as before."""
-    from safetensors import safe_open
-
-    from ..quant.checkpoint import WEIGHTS_FILE
+    from ..quant.checkpoint import read_quantized_state
     from ..zoo import load_model
 
     model, tokenizer = load_model(folder, device="cpu")
-    with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state = read_quantized_state(Path(folder))[1]  # one file or shards (a streamed run)
     prefixes = sorted(k[: -len(".qmeta")] for k in state if k.endswith(".qmeta"))
     qtensors = {p: QuantizedTensor.from_state_dict(state, prefix=f"{p}.") for p in prefixes}
     convert_qlinears_(model, qtensors, backend)

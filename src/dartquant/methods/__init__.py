@@ -28,6 +28,7 @@ class MethodContext:
     timer: Callable  # timer("stage") -> context manager adding to metrics' "seconds"
     out_dir: Path | None  # the run folder being written (curves, logs)
     progress: bool
+    captured: object = None  # samples the streamed FP pass captured already (stream/), else None
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from . import Method
 def produce(model, cfg, ctx):
     from ..calib.dartquant import calibrate_dartquant
 
-    return calibrate_dartquant(model, cfg, ctx.calib_ids, timer=ctx.timer, out_dir=ctx.out_dir, progress=ctx.progress)
+    return calibrate_dartquant(model, cfg, ctx.calib_ids, timer=ctx.timer, out_dir=ctx.out_dir, progress=ctx.progress,
+                               captured=ctx.captured)
 
 
 METHOD = Method("dartquant", "R1/R2 calibrated from the activation distribution (Whip loss, QR-Orth)", produce,

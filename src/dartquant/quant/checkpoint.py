@@ -2,7 +2,8 @@
 
 Folder layout (written atomically by the pipeline):
   config.json, tokenizer files     the Hugging Face config and tokenizer
-  quantized.safetensors            per quantized linear `<name>.codes/.scale/.zero/.qmeta`
+  quantized.safetensors            (or shards + quantized.safetensors.index.json from a streamed
+                                   run, stream/) per quantized linear `<name>.codes/.scale/.zero/.qmeta`
                                    (4-bit codes packed two per byte); the embedding and an
                                    unquantized lm_head in `unquantized_dtype` (float16 by
                                    default: the papers keep them 16-bit); norms and biases as is
@@ -26,6 +27,8 @@ from safetensors.torch import save_file
 from .primitives import QuantizedTensor
 
 WEIGHTS_FILE = "quantized.safetensors"
+# a streamed run (stream/) may shard: quantized-0000k-of-0000n.safetensors + this index
+INDEX_FILE = "quantized.safetensors.index.json"
 _QKEYS = ("codes", "scale", "zero", "qmeta")  # QuantizedTensor.to_state_dict's keys
 
 
@@ -69,6 +72,34 @@ def save_quantized(model, qtensors: dict[str, QuantizedTensor], folder: Path, un
     os.chmod(folder / WEIGHTS_FILE, 0o666 & ~mask)  # safetensors writes 0600; a result is readable like any file
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files: quantized.safetensors, or the shards its index lists."""
+    import json
+
+    index = Path(folder) / INDEX_FILE
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a readable index ({type(e).__name__}: {e}); the folder is damaged") from e
+        if any("/" in n or n.startswith(".") for n in names):
+            raise ValueError(f"{index} names files outside the folder: {names}")
+        return [Path(folder) / n for n in names]
+    return [Path(folder) / WEIGHTS_FILE]
+
+
+def read_quantized_state(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(where, every tensor of the checkpoint) for either layout (weight_files)."""
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys()})
+        except Exception as e:
+            raise ValueError(f"{path} is missing or not a readable safetensors file ({e}); the folder is damaged") from e
+    return Path(folder) / WEIGHTS_FILE, state
+
+
 def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32):
     """Model with dequantized weights and its quantizers re-installed (see module docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -84,12 +115,7 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     split_experts_(model)  # MoE: the checkpoint holds one linear per expert
-    path = folder / WEIGHTS_FILE
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"{path} is missing or not a readable safetensors file ({e}); the folder is damaged") from e
+    path, state = read_quantized_state(folder)
     prefixes = {k[: -len(".qmeta")] for k in state if k.endswith(".qmeta")}
     # drop only the codes / scales of quantized linears: their biases (Qwen2's q/k/v) stay
     weights = {k: v for k, v in state.items()

@@ -112,26 +112,7 @@ def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Te
     unrouted: list[str] = []
     try:
         for _, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress, desc="GPTQ"):
-            layer = adapter.layer(block)
-            hessians = _SharedHessians()
-            for role, linear in layer.linears().items():
-                q = as_qlinear(linear)
-                if q is not linear:
-                    adapter.set_linear(block, role, q)
-                q.input_observer = hessians.observer(role, q.in_features, q.weight.device)
-            forward(update=False)
-            for role, q in adapter.layer(block).linears().items():
-                q.input_observer = None
-                solver = hessians.of_role.get(role)
-                if solver is None or solver.nsamples == 0:  # an expert no calibration token was routed to
-                    commit(q, QuantizedTensor.from_float(q.weight.data.float(), spec))
-                    unrouted.append(names[q])
-                    continue
-                qt = solver.quantize(q.weight.data.float(), spec, blocksize=scheme.gptq_blocksize,
-                                     percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
-                                     static_groups=scheme.gptq_static_groups)
-                commit(q, _on_cpu(qt))
-            hessians.free()
+            unrouted += gptq_block_(block, adapter, forward, scheme, commit, lambda q: names[q])
             forward(update=True)
     finally:
         set_act_quant_enabled_(model, True)
@@ -141,3 +122,33 @@ def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Te
     if rtn_fallbacks is not None:
         rtn_fallbacks.extend(unrouted)
     return out
+
+
+@torch.no_grad()
+def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantScheme, commit, name_of) -> list[str]:
+    """GPTQ of one decoder block's linears from one `forward(update=False)` over its calibration
+    inputs; `commit(linear, qt)` stores each result. Returns the names (`name_of(linear)`) of the
+    linears no token reached, quantized by RTN. Shared by the in-memory and streamed (stream/) paths."""
+    spec = scheme.weight_spec()
+    layer = adapter.layer(block)
+    hessians = _SharedHessians()
+    for role, linear in layer.linears().items():
+        q = as_qlinear(linear)
+        if q is not linear:
+            adapter.set_linear(block, role, q)
+        q.input_observer = hessians.observer(role, q.in_features, q.weight.device)
+    forward(update=False)
+    unrouted = []
+    for role, q in adapter.layer(block).linears().items():
+        q.input_observer = None
+        solver = hessians.of_role.get(role)
+        if solver is None or solver.nsamples == 0:  # an expert no calibration token was routed to
+            commit(q, QuantizedTensor.from_float(q.weight.data.float(), spec))
+            unrouted.append(name_of(q))
+            continue
+        qt = solver.quantize(q.weight.data.float(), spec, blocksize=scheme.gptq_blocksize,
+                             percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
+                             static_groups=scheme.gptq_static_groups)
+        commit(q, _on_cpu(qt))
+    hessians.free()
+    return unrouted

@@ -116,9 +116,20 @@ def fuse_norms_(model: nn.Module, adapter: ModelAdapter | None = None) -> None:
     untie_embeddings_(model, adapter)
     exact_norms_(model, adapter)
     for layer in adapter.layers_of(model):
-        for norm, readers in ((layer.input_norm, (layer.q, layer.k, layer.v)),
-                              (layer.post_attn_norm, _mlp_readers(layer))):
-            _fold_norm(norm, readers)
+        fuse_layer_norms_(layer)
+    fuse_final_norm_(model, adapter)
+
+
+@torch.no_grad()
+def fuse_layer_norms_(layer) -> None:
+    """One decoder block's two norms folded into their readers (its norms must be exact_norms_'s)."""
+    for norm, readers in ((layer.input_norm, (layer.q, layer.k, layer.v)), (layer.post_attn_norm, _mlp_readers(layer))):
+        _fold_norm(norm, readers)
+
+
+@torch.no_grad()
+def fuse_final_norm_(model: nn.Module, adapter: ModelAdapter) -> None:
+    """The final norm folded into lm_head (untied first)."""
     _fold_norm(adapter.norm(model), (adapter.head(model),))
 
 

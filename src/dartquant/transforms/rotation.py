@@ -48,7 +48,8 @@ from .online import install_online_
 from .placements import (BLOCKS, MODEL_ROLES, NORM_ROLES, TRANSFORMS, Placement, TransformSpec, apply_placement,
                          expand_rope_pairs, per_query_head, scale_sizes, touches_bias)
 
-__all__ = ["RotationSet", "rotate_", "scale_sizes", "expand_rope_pairs", "per_query_head"]
+__all__ = ["RotationSet", "rotate_", "fold_layer_", "fold_outer_", "fold_values", "check_foldable", "scale_sizes",
+           "expand_rope_pairs", "per_query_head"]
 
 
 @dataclass
@@ -242,32 +243,60 @@ def _module(model: nn.Module, adapter: ModelAdapter, role: str) -> nn.Module:
     return adapter.embedding(model) if role == "embed" else adapter.head(model)
 
 
+def check_foldable(model: nn.Module, rotations: RotationSet, adapter: ModelAdapter) -> Geometry:
+    """Everything rotate_ checks before touching a weight (weights not needed: a model on the
+    "meta" device will do). Returns the geometry."""
+    geo = adapter.geometry(model.config)
+    rotations.validate(geo)
+    check_transforms(adapter, present(rotations))  # what this family cannot carry exactly: refused whole
+    blocks = adapter.decoder_layers(model)
+    norms = [adapter.norm(model)] + [b.get_submodule(n) for b in blocks for n in (adapter.input_norm, adapter.post_attn_norm)]
+    if any(getattr(norm, "bias", None) is not None for norm in norms):
+        raise NotImplementedError("norms with a bias (LayerNorm) are not supported yet")
+    return geo
+
+
+def fold_values(rotations: RotationSet, geo: Geometry, device=None) -> list[tuple[TransformSpec, torch.Tensor]]:
+    """(spec, float64 value) of every transform the set carries, in folding order (R4's Hadamard built here)."""
+    return [(spec, t) for spec in TRANSFORMS if (t := rotations.value(spec.name, geo, device)) is not None]
+
+
+@torch.no_grad()
+def fold_layer_(layer, index: int, values, geo: Geometry) -> None:
+    """Fold every placement inside decoder block `index` (its LayerModules `layer`; norms fused).
+
+    Per module the placements come in table order, whatever order the blocks are folded in, so
+    folding block by block (stream.py) rounds exactly as folding the whole model does."""
+    for spec, t in values:
+        for p in spec.placements:
+            if p.role in MODEL_ROLES:
+                continue
+            for module in layer.modules(p.role):  # MoE: every expert's (and the router)
+                _fold_(module, _sized(t[index] if spec.per_layer else t, spec, module), spec, p, geo)
+
+
+@torch.no_grad()
+def fold_outer_(model: nn.Module, adapter: ModelAdapter, values, geo: Geometry, roles=MODEL_ROLES) -> None:
+    """Fold the placements on the embedding and / or lm_head (`roles`)."""
+    for spec, t in values:
+        for p in spec.placements:
+            if p.role in MODEL_ROLES and p.role in roles:
+                _fold_(_module(model, adapter, p.role), t, spec, p, geo)
+
+
 @torch.no_grad()
 def rotate_(model: nn.Module, rotations: RotationSet, adapter: ModelAdapter | None = None) -> None:
     """Fold `rotations` into `model` in place (fusing norms first) and install R3/R4 online.
 
     Fails whole: every check (and R4's matrix) comes before the first weight changes."""
     adapter = adapter or adapter_for(model)
-    geo = adapter.geometry(model.config)
-    rotations.validate(geo)
-    check_transforms(adapter, present(rotations))  # what this family cannot carry exactly: refused whole
-    blocks = adapter.decoder_layers(model)  # (MoE experts are split only by the fusion below)
-    norms = [adapter.norm(model)] + [b.get_submodule(n) for b in blocks for n in (adapter.input_norm, adapter.post_attn_norm)]
-    if any(getattr(norm, "bias", None) is not None for norm in norms):
-        raise NotImplementedError("norms with a bias (LayerNorm) are not supported yet")
+    geo = check_foldable(model, rotations, adapter)
     where = adapter.embedding(model).weight.device  # matrices made on another device fold here
-    # every value (R4's Hadamard included) is built before the first weight changes
-    values = [(spec, t) for spec in TRANSFORMS if (t := rotations.value(spec.name, geo, where)) is not None]
+    values = fold_values(rotations, geo, where)  # every value (R4's Hadamard included) before any weight changes
     if not norms_fused(model, adapter):
         fuse_norms_(model, adapter)
-    layers = adapter.layers_of(model)
-    for spec, t in values:  # the placement table, in its folding order
-        for p in spec.placements:
-            if p.role in MODEL_ROLES:
-                _fold_(_module(model, adapter, p.role), t, spec, p, geo)
-                continue
-            for i, layer in enumerate(layers):
-                for module in layer.modules(p.role):  # MoE: every expert's (and the router)
-                    _fold_(module, _sized(t[i] if spec.per_layer else t, spec, module), spec, p, geo)
+    fold_outer_(model, adapter, values, geo)
+    for i, layer in enumerate(adapter.layers_of(model)):
+        fold_layer_(layer, i, values, geo)
     install_online_(model, adapter, r3=rotations.r3, r4=rotations.r4,
                     blocks={spec.name: t for spec, t in values if spec.kind == "block"})

@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""The whole quantization job, stage by stage: seconds and peak host RSS / GPU memory.
+
+    python benchmarks/whole_job.py --shapes llama2-7b --methods rtn quarot dartquant spinquant \
+        --stream true false --device cuda --dir /data/wj --out docs/results/whole_job_h200.json
+
+For each shape a model folder of random weights is written once (`--dir`/<shape>[-L<k>]):
+config.json, float16 safetensors sharded one decoder block per file plus the index (never
+the whole model in memory: each tensor is drawn, written and dropped), and the bundled
+SmolLM2 tokenizer cut to the shape's vocabulary (tokens and merges with ids >= vocab
+removed; a BPE without them still tokenizes everything, in smaller pieces). Then every
+(method, stream) pair runs as `dartquant quantize ... --json` in a fresh subprocess, and its
+metrics.json gives the stage seconds (`seconds`) and the process's own peaks
+(`peak_memory_bytes`: host RSS, CUDA allocated). spinquant runs in memory only (it cannot
+stream). Random weights time the work faithfully (nothing depends on the values) but the
+perplexities are meaningless, and the quality guard says so: `--fail-on-collapse false`.
+
+`--layers k` cuts a shape to k decoder layers (70B: measure at 4 and 8 layers; memory must be
+flat in depth, time grows linearly, so time(80) = t(4) + (t(8) - t(4)) * 76 / 4).
+On the GPU machine (64 GB disk, a 10-minute limit per command: one job per command; the model
+folder written by the first command of a shape is reused by the next ones; --clean on the last):
+    B="python benchmarks/whole_job.py --device cuda --dir /tmp/wj --out docs/results/whole_job_h200.json"
+    $B --shapes smollm2-135m --methods rtn quarot dartquant spinquant --stream true false --clean
+    $B --shapes llama2-7b --methods quarot --stream true        # then dartquant, rtn; and --stream false
+    $B --shapes llama2-7b --methods spinquant --stream false --clean -- --e2e-steps 20   # x5 for 100 steps
+    (llama3-8b the same)
+    $B --shapes llama2-70b --layers 4 8 --methods quarot --stream true     # then dartquant; --clean last
+Disk (float16 folder + one run folder): SmolLM2 0.3 + 0.2 GB, Llama-2-7B 13.5 + 3.8, Llama-3-8B
+16.1 + 5.6, Llama-2-70B 4 layers 7.9 + 2.8, 8 layers 14.7 + 4.5 (both depths kept: 27 GB).
+
+Prints a table and writes JSON (the rows, the commands, the machine); a later invocation with
+the same --out adds its rows (replacing rows of the same shape, depth, method and stream), so
+one (shape, method, stream) per command fits a per-command time limit. Each run folder is
+removed once read; with --clean each model folder this invocation wrote is removed after its
+runs (the model folder is otherwise reused by later invocations with the same --dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from dartquant_cost import SHAPES  # noqa: E402  (one table of real shapes for every benchmark)
+
+SHAPES = {**SHAPES, "tiny": dict(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=3000)}
+METHODS = ("rtn", "quarot", "dartquant", "spinquant")
+IN_MEMORY_ONLY = ("spinquant", "ostquant")
+
+
+def folder_name(shape: str, layers: int | None) -> str:
+    return shape if layers is None else f"{shape}-L{layers}"
+
+
+def write_tokenizer(out: Path, vocab: int) -> None:
+    """The bundled SmolLM2 tokenizer, cut to ids < vocab (merges whose parts or result are gone removed)."""
+    from dartquant.zoo import resolve_model
+
+    src = resolve_model("smollm2-135m")
+    tok = json.loads((src / "tokenizer.json").read_text())
+    model = tok["model"]
+    kept = {t: i for t, i in model["vocab"].items() if i < vocab}
+    merges = [m for m in model["merges"] if (m.split(" ") if isinstance(m, str) else m)[0] in kept
+              and (m.split(" ") if isinstance(m, str) else m)[1] in kept
+              and "".join(m.split(" ") if isinstance(m, str) else m) in kept]
+    model["vocab"], model["merges"] = kept, merges
+    tok["added_tokens"] = [a for a in tok["added_tokens"] if a["id"] < vocab]
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    shutil.copy(src / "tokenizer_config.json", out / "tokenizer_config.json")
+
+
+def write_model(out: Path, shape: str, layers: int | None, init_device: str) -> float:
+    """Random float16 weights (std 0.02, norms 1) of the shape, one block per shard; returns GB written."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    kw = dict(SHAPES[shape])
+    if layers is not None:
+        kw["num_hidden_layers"] = layers
+    config = LlamaConfig(**kw, max_position_embeddings=4096, tie_word_embeddings=False, torch_dtype="float16")
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config.save_pretrained(str(tmp))
+    h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    hd = h // config.num_attention_heads
+    kv = config.num_key_value_heads * hd
+    g = torch.Generator(device=init_device).manual_seed(0)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g, device=init_device) * 0.02).half().cpu()
+
+    groups = [{"model.embed_tokens.weight": lambda: rnd(config.vocab_size, h)}]
+    for L in range(n):
+        p = f"model.layers.{L}."
+        groups.append({p + "self_attn.q_proj.weight": lambda: rnd(h, h),
+                       p + "self_attn.k_proj.weight": lambda: rnd(kv, h),
+                       p + "self_attn.v_proj.weight": lambda: rnd(kv, h),
+                       p + "self_attn.o_proj.weight": lambda: rnd(h, h),
+                       p + "mlp.gate_proj.weight": lambda: rnd(i, h), p + "mlp.up_proj.weight": lambda: rnd(i, h),
+                       p + "mlp.down_proj.weight": lambda: rnd(h, i),
+                       p + "input_layernorm.weight": lambda: torch.ones(h, dtype=torch.float16),
+                       p + "post_attention_layernorm.weight": lambda: torch.ones(h, dtype=torch.float16)})
+    groups.append({"model.norm.weight": lambda: torch.ones(h, dtype=torch.float16),
+                   "lm_head.weight": lambda: rnd(config.vocab_size, h)})
+    weight_map, total = {}, 0
+    for k, group in enumerate(groups):
+        name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {key: make() for key, make in group.items()}
+        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+        total += sum(t.numel() * 2 for t in tensors.values())
+        weight_map.update({key: name for key in tensors})
+        del tensors
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    write_tokenizer(tmp, config.vocab_size)
+    os.replace(tmp, out)
+    return total / 1e9
+
+
+def run_one(model: Path, method: str, stream: str, args, run_dir: Path) -> dict:
+    cmd = [sys.executable, "-m", "dartquant.cli", "quantize", "--model", str(model), "--method", method,
+           "--stream", stream, "--device", args.device, "--out", str(run_dir), "--json",
+           "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
+           "--eval-seqlen", str(args.eval_seqlen), "--fail-on-collapse", "false", "--overwrite"]
+    if args.eval_max_windows is not None:
+        cmd += ["--eval-max-windows", str(args.eval_max_windows)]
+    if args.skip_fp_eval:
+        cmd.append("--skip-fp-eval")
+    cmd += args.extra
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    row = {"method": method, "stream": stream, "wall_s": round(time.perf_counter() - t0, 1), "exit": p.returncode,
+           "command": " ".join(cmd)}
+    metrics_file = run_dir / "metrics.json"
+    if p.returncode not in (0, 3) or not metrics_file.is_file():
+        row["error"] = (p.stderr or p.stdout)[-2000:]
+        return row
+    m = json.loads(metrics_file.read_text())
+    peaks = m.get("peak_memory_bytes", {})
+    row.update(seconds=m.get("seconds", {}), streamed="stream" in m,
+               host_rss_GB=round(peaks.get("cpu_rss", 0) / 1e9, 2),
+               gpu_GiB=round(peaks["cuda"] / 2**30, 2) if "cuda" in peaks else None,
+               ppl=m.get("ppl"), shards=m.get("stream", {}).get("shards"))
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["tiny"], choices=sorted(SHAPES))
+    ap.add_argument("--layers", nargs="*", type=int, default=[], help="cut every shape to these depths (e.g. 4 8)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--stream", nargs="+", default=["true", "false"], choices=["true", "false", "auto"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--init-device", default=None, help="where random weights are drawn (default: --device)")
+    ap.add_argument("--dir", required=True, help="model and run folders are written here")
+    ap.add_argument("--out", default=None, help="JSON results")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=2048)
+    ap.add_argument("--eval-seqlen", type=int, default=2048)
+    ap.add_argument("--eval-max-windows", type=int, default=None, help="default: all held-out windows")
+    ap.add_argument("--skip-fp-eval", action="store_true")
+    ap.add_argument("--clean", action="store_true", help="remove the model folders written here at the end")
+    ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more `dartquant quantize` flags")
+    args = ap.parse_args()
+    args.extra = [a for a in args.extra if a != "--"]
+    base = Path(args.dir)
+    base.mkdir(parents=True, exist_ok=True)
+    rows, written = [], []
+    for shape in args.shapes:
+        for layers in args.layers or [None]:
+            folder = base / folder_name(shape, layers)
+            if not (folder / "model.safetensors.index.json").is_file():
+                t0 = time.perf_counter()
+                gb = write_model(folder, shape, layers, args.init_device or args.device)
+                written.append(folder)
+                print(f"wrote {folder} ({gb:.1f} GB float16) in {time.perf_counter() - t0:.0f} s", flush=True)
+            for method in args.methods:
+                for stream in args.stream:
+                    if stream != "false" and method in IN_MEMORY_ONLY:
+                        continue
+                    run_dir = base / f"run-{folder.name}-{method}-{stream}"
+                    row = {"shape": shape, "layers": layers or SHAPES[shape]["num_hidden_layers"],
+                           **run_one(folder, method, stream, args, run_dir)}
+                    shutil.rmtree(run_dir, ignore_errors=True)  # ours: written by this benchmark's command
+                    rows.append(row)
+                    print(format_row(row), flush=True)
+            if args.clean and folder in written:  # before the next shape: the disk holds one model at a time
+                shutil.rmtree(folder)
+    print("\n" + table(rows))
+    if args.out:  # rows of earlier invocations are kept (one (shape, depth, method, stream) per run)
+        out = Path(args.out)
+        old = json.loads(out.read_text()) if out.is_file() else {"runs": []}
+        key = ("shape", "layers", "method", "stream")
+        mine = {tuple(r[k] for k in key) for r in rows}
+        kept = [r for r in old.get("rows", []) if tuple(r[k] for k in key) not in mine]
+        result = {"commands": old.get("commands", []) + [" ".join(sys.argv)], "machine": machine(args.device),
+                  "rows": kept + rows}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nwrote {out} ({len(result['rows'])} rows)")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+STAGES = ("load", "eval_fp", "capture", "calibrate", "rotate", "quantize", "eval", "save", "guard")
+
+
+def format_row(r: dict) -> str:
+    if "error" in r:
+        return f"{r['shape']} L{r['layers']} {r['method']} stream={r['stream']}: FAILED (exit {r['exit']}): " \
+               f"{r['error'].strip().splitlines()[-1] if r['error'].strip() else ''}"
+    s = r["seconds"]
+    return (f"{r['shape']} L{r['layers']} {r['method']} stream={r['stream']}: {r['wall_s']} s wall, host RSS "
+            f"{r['host_rss_GB']} GB, GPU {r['gpu_GiB']} GiB; " + ", ".join(f"{k} {s[k]:.1f}" for k in STAGES if k in s))
+
+
+def table(rows: list[dict]) -> str:
+    head = ["shape", "L", "method", "stream", "wall s", *STAGES, "RSS GB", "GPU GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['layers']} | {r['method']} | {r['stream']} | "
+                         f"failed (exit {r['exit']}) |")
+            continue
+        s = r["seconds"]
+        cells = [r["shape"], r["layers"], r["method"], r["stream"] + (" (streamed)" if r["streamed"] else ""),
+                 r["wall_s"], *(f"{s[k]:.1f}" if k in s else "" for k in STAGES), r["host_rss_GB"], r["gpu_GiB"] or ""]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def machine(device: str) -> dict:
+    out = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+        if device.startswith("cuda") and torch.cuda.is_available():
+            out["gpu"] = torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

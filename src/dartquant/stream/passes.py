@@ -1,0 +1,95 @@
+"""What a streamed pass does with one block, and the head at the end.
+
+Hidden states of every window set (evaluation corpora, guard windows, calibration windows) live
+on the host in the compute dtype, [n, S, hidden] each; a block on the device runs over them one
+window at a time (as layerwise.iterate_blocks does, with the same explicit position embeddings
+and masks), so device memory is one block plus one window's activations. At the end the final
+norm and lm_head turn each window into logits, and the NLL is summed exactly as eval/ppl.py's
+`perplexity` sums it (cross-entropy in float32 per window, accumulated in float64), so a
+streamed run reports the same numbers as an in-memory one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layerwise import _sliding_mask, position_embeddings, run_block
+
+
+class BlockRunner:
+    """Runs decoder blocks over host-resident hidden states; caches position embeddings per length."""
+
+    def __init__(self, model: nn.Module, adapter, device):
+        self.model, self.adapter, self.device = model, adapter, torch.device(device)
+        self._pos: dict = {}
+
+    def _context(self, block: nn.Module, hidden: torch.Tensor):
+        layer_type, window = self.adapter.attention_kind(block)
+        key = (hidden.shape[1], hidden.dtype, layer_type)
+        if key not in self._pos:
+            self._pos[key] = position_embeddings(self.model, hidden, self.device, self.adapter, layer_type)
+        return self._pos[key], _sliding_mask(hidden.shape[1], window, self.device)
+
+    @torch.no_grad()
+    def run_(self, block: nn.Module, hidden: torch.Tensor | None, update: bool = True) -> None:
+        """Block over every window of `hidden` (in place when `update`)."""
+        if hidden is None:
+            return
+        pos_emb, mask = self._context(block, hidden)
+        for j in range(hidden.shape[0]):
+            out = run_block(block, hidden[j: j + 1].to(self.device), pos_emb, mask)
+            if update:
+                hidden[j: j + 1] = out.to(hidden.device, hidden.dtype)
+
+    def forward_fn(self, block: nn.Module, hidden: torch.Tensor):
+        """`forward(update)` as iterate_blocks yields it (what gptq_block_ calls)."""
+        return lambda update: self.run_(block, hidden, update)
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor | None) -> torch.Tensor | None:
+        """[n, S, hidden] embedding outputs on the host, written into one preallocated tensor
+        (layerwise.embed_inputs concatenates a list: twice the memory for a moment)."""
+        if ids is None:
+            return None
+        embed = self.adapter.embedding(self.model)
+        first = embed(ids[:1].to(embed.weight.device))
+        out = torch.empty(ids.shape[0], *first.shape[1:], dtype=first.dtype)
+        out[:1] = first.cpu()
+        for i in range(1, ids.shape[0]):
+            out[i: i + 1] = embed(ids[i: i + 1].to(embed.weight.device)).cpu()
+        return out
+
+
+@torch.no_grad()
+def logits(norm: nn.Module, head, hidden: torch.Tensor, device) -> torch.Tensor:
+    """[1, S, vocab] logits of one window's last hidden state."""
+    h = norm(hidden.to(device))
+    return head(h) if isinstance(head, nn.Module) else F.linear(h, head)
+
+
+@torch.no_grad()
+def nll_sum(norm: nn.Module, head, hidden: torch.Tensor, ids: torch.Tensor, device) -> tuple[float, int]:
+    """(summed next-token NLL, tokens) over windows `ids` [n, S] whose last hidden states are `hidden`."""
+    total, tokens = 0.0, 0
+    for j in range(ids.shape[0]):
+        lg = logits(norm, head, hidden[j: j + 1], device)[:, :-1]
+        tgt = ids[j: j + 1, 1:].to(lg.device)
+        total += F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), tgt.reshape(-1), reduction="sum").double().item()
+        tokens += tgt.numel()
+    return total, tokens
+
+
+def ppl_metrics(norm, head, hidden: dict, windows: dict, device) -> dict:
+    """{"corpus": ppl, ..., "tokens": total} as eval.ppl.evaluate_ppl reports it."""
+    out: dict = {}
+    tokens = 0
+    for corpus, ids in windows.items():
+        nll, n = nll_sum(norm, head, hidden[corpus], ids, device)
+        out[corpus] = math.exp(nll / n)
+        tokens += n
+    out["tokens"] = tokens
+    return out
