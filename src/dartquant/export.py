@@ -31,6 +31,9 @@ Design choices:
   `random-hadamard` with *our* unnormalized +-1 matrix stored in the safetensors (both
   compressed-tensors and vLLM divide the stored matrix by sqrt(n)). One copy per scheme
   (layer 0's key): the modules share it, as compressed-tensors' own writer does.
+* DuQuant's online block rotations (block-diagonal x permutation x block-diagonal, per layer)
+  are refused, not approximated: the format could only say them as dense per-module
+  `random-matrix` transforms, which this export does not write (docs/DUQUANT.md).
 * Activation quantization is described as far as the format can say it: dynamic per-token
   int, the run's bits and symmetry. What it cannot say (the activation clip ratio; symmetric
   activations use amax/8 there, amax/7 here) is listed in `dartquant_export.json` and in

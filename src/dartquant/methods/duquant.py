@@ -32,4 +32,5 @@ def produce(model, cfg, ctx):
 METHOD = Method("duquant", "smoothing + greedy block rotations, zigzag permutation, second block rotation "
                 "(online on the q/k/v, gate/up and down_proj inputs)", produce, section="duquant",
                 options=DuQuantConfig, flag_prefix="duq", needs_calib_windows=True, default_r4=False, check=check,
+                r1_optional=True,  # it never rotates the residual stream: r1 changes nothing
                 export_refusal=EXPORT_REFUSAL)
