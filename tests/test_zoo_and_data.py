@@ -86,7 +86,7 @@ def test_saved_rotated_folder_reloads_with_online_modules(tmp_path):
     from transformers import AutoModelForCausalLM
 
     back = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
-    from dartquant.transforms.online import install_from_spec_
+    from dartquant.transforms.rotation import install_from_spec_
 
     install_from_spec_(back, zoo.read_transform_file(tmp_path), tmp_path)
     exact_norms_(back)

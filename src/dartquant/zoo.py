@@ -243,7 +243,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype = 
     adapter_for(model)
     model.eval().to(device)
     if transform is not None:
-        from .transforms.online import install_from_spec_
+        from .transforms.rotation import install_from_spec_
 
         install_from_spec_(model, transform, folder)
     return model, tokenizer

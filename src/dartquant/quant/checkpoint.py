@@ -105,7 +105,7 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..transforms.fuse import split_experts_
-    from ..transforms.online import install_from_spec_
+    from ..transforms.rotation import install_from_spec_
     from .act import install_quantizers_
     from ..adapters import adapter_for
     from ..modules import register_attention

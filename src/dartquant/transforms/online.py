@@ -5,12 +5,11 @@ cost per token (`online_cost`).
 The spec is format version 1 without block rotations and 2 with them: a dartquant that does not
 know block rotations then refuses the folder (it checks the version) instead of loading a model
 that computes something else. The block matrices are not in the spec but in the folder's
-rotations.safetensors (written with every rotated run), which `install_from_spec_` reads.
+rotations.safetensors (written with every rotated run), which `rotation.install_from_spec_` reads
+(there, because it needs RotationSet, whose module imports this one).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from torch import nn
 
@@ -90,36 +89,6 @@ def online_spec(model: nn.Module, adapter: ModelAdapter | None = None) -> dict:
     if blocks:
         return {"version": BLOCKS_SPEC_VERSION, "online": {"r3": r3, "r4": r4, "blocks": blocks}}
     return {"version": SPEC_VERSION, "online": {"r3": r3, "r4": r4}}
-
-
-def install_from_spec_(model: nn.Module, spec: dict, folder: Path | None = None) -> None:
-    """Re-create the online modules described by a `dartquant.json` dict."""
-    version = spec.get("version")
-    if version not in (SPEC_VERSION, BLOCKS_SPEC_VERSION):
-        raise ValueError(f"{folder}: dartquant.json has format version {version!r}; this dartquant reads "
-                         f"versions {SPEC_VERSION} and {BLOCKS_SPEC_VERSION}. Re-create the folder with this version.")
-    online = spec.get("online", {})
-    blocks = None
-    if online.get("blocks"):
-        from .rotation import RotationSet
-
-        rel = (spec.get("rotations") or {}).get("file")
-        if folder is None or not rel:
-            raise ValueError(f"{folder}: dartquant.json names online block rotations {online['blocks']} but no "
-                             "rotations file holding their matrices; the folder is damaged")
-        path = Path(folder) / rel
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise ValueError(f"{folder}: rotations file {rel!r} must lie inside the folder")
-        rotations = RotationSet.load(path)
-        geo = adapter_for(model).geometry(model.config)
-        rotations.validate(geo)
-        blocks = {}
-        for name in online["blocks"]:
-            value = rotations.value(name, geo) if name in SPECS and SPECS[name].kind == "block" else None
-            if value is None:
-                raise ValueError(f"{path} lacks the matrices of the online block rotation {name!r}")
-            blocks[name] = value
-    install_online_(model, r3=bool(online.get("r3")), r4=bool(online.get("r4")), blocks=blocks)
 
 
 # ---- what the online transforms cost ------------------------------------------------------

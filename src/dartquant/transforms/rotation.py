@@ -44,8 +44,8 @@ from ..adapters import Geometry, ModelAdapter, adapter_for, check_transforms
 from ..block_rotation import BlockSet, check_blocks
 from ..hadamard import hadamard_factorization, hadamard_matrix, random_hadamard_matrix
 from .fuse import fuse_norms_, norms_fused
-from .online import install_online_
-from .placements import (BLOCKS, MODEL_ROLES, NORM_ROLES, TRANSFORMS, Placement, TransformSpec, apply_placement,
+from .online import BLOCKS_SPEC_VERSION, SPEC_VERSION, install_online_
+from .placements import (BLOCKS, MODEL_ROLES, NORM_ROLES, SPECS, TRANSFORMS, Placement, TransformSpec, apply_placement,
                          expand_rope_pairs, per_query_head, scale_sizes, touches_bias)
 
 __all__ = ["RotationSet", "rotate_", "fold_layer_", "fold_outer_", "fold_values", "check_foldable", "scale_sizes",
@@ -300,3 +300,31 @@ def rotate_(model: nn.Module, rotations: RotationSet, adapter: ModelAdapter | No
         fold_layer_(layer, i, values, geo)
     install_online_(model, adapter, r3=rotations.r3, r4=rotations.r4,
                     blocks={spec.name: t for spec, t in values if spec.kind == "block"})
+
+
+def install_from_spec_(model: nn.Module, spec: dict, folder: Path | None = None) -> None:
+    """Re-create the online modules described by a `dartquant.json` dict."""
+    version = spec.get("version")
+    if version not in (SPEC_VERSION, BLOCKS_SPEC_VERSION):
+        raise ValueError(f"{folder}: dartquant.json has format version {version!r}; this dartquant reads "
+                         f"versions {SPEC_VERSION} and {BLOCKS_SPEC_VERSION}. Re-create the folder with this version.")
+    online = spec.get("online", {})
+    blocks = None
+    if online.get("blocks"):
+        rel = (spec.get("rotations") or {}).get("file")
+        if folder is None or not rel:
+            raise ValueError(f"{folder}: dartquant.json names online block rotations {online['blocks']} but no "
+                             "rotations file holding their matrices; the folder is damaged")
+        path = Path(folder) / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"{folder}: rotations file {rel!r} must lie inside the folder")
+        rotations = RotationSet.load(path)
+        geo = adapter_for(model).geometry(model.config)
+        rotations.validate(geo)
+        blocks = {}
+        for name in online["blocks"]:
+            value = rotations.value(name, geo) if name in SPECS and SPECS[name].kind == "block" else None
+            if value is None:
+                raise ValueError(f"{path} lacks the matrices of the online block rotation {name!r}")
+            blocks[name] = value
+    install_online_(model, r3=bool(online.get("r3")), r4=bool(online.get("r4")), blocks=blocks)
