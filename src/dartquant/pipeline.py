@@ -31,12 +31,12 @@ from .eval.ppl import evaluate_ppl
 from .log import log
 from .methods import MethodContext
 from .quant.act import install_quantizers_
-from .quant.checkpoint import round_unquantized_, save_quantized
+from .quant.checkpoint import round_unquantized_, save_quantized, write_run_metadata
 from .quant.weights import quantize_weights_
 from .stages import StageTimer, peak_memory_bytes
-from .runs import atomic_dir, check_out_dir, move_volatile_json_, split_volatile, write_json, write_yaml
+from .runs import atomic_dir, check_out_dir, move_volatile_json_, write_json
 from .transforms import RotationSet, fuse_norms_, rotate_, split_experts_, untie_embeddings_
-from .zoo import TRANSFORM_FILE, load_model
+from .zoo import load_model
 
 
 def evaluate(model, tokenizer, cfg: RunConfig, progress: bool) -> dict:
@@ -180,22 +180,8 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
         if "zeroshot" in res:
             metrics["zeroshot"] = res["zeroshot"]
         with timer("save"):
-            from .transforms.online import online_spec
-
-            tokenizer.save_pretrained(str(tmp))
-            model.config.save_pretrained(str(tmp))
             save_quantized(model, qtensors, tmp, sc.unquantized_dtype, adapter)
-            spec = online_spec(model, adapter)
-            spec["quantization"] = cfg.to_dict()  # the whole run's settings, for the record
-            spec["scheme"] = cfg.to_dict()["scheme"]  # what load_model re-installs
-            if rotations is not None:
-                rotations.meta, volatile = split_volatile(rotations.meta)
-                if volatile:
-                    timings["rotations"] = volatile
-                rotations.save(tmp / "rotations.safetensors")
-                spec["rotations"] = {"file": "rotations.safetensors", **rotations.meta}
-            write_json(tmp / TRANSFORM_FILE, spec)
-            write_yaml(tmp / "config.yaml", cfg.to_dict())
+            write_run_metadata(tmp, model, tokenizer, cfg, adapter, rotations, timings)
         if guard_ref is not None:  # never hand out a broken model silently (quant/guard.py)
             from .quant.guard import run_guard
 

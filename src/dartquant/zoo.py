@@ -29,11 +29,11 @@ import torch
 
 from .adapters import adapter_for
 from .packages import Carrier, MissingPackageError, cache_root
+# dartquant.json, written by `dartquant rotate` / `quantize`: which online transforms a folder needs
+from .quant.checkpoint import TRANSFORM_FILE
 
 # Marker written last into a converted folder; its absence means "incomplete".
 _DONE = ".dartquant-complete"
-# Written by `dartquant rotate` / `quantize`: which online transforms the folder needs.
-TRANSFORM_FILE = "dartquant.json"
 
 
 class ModelLoadError(RuntimeError):

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from .primitives import QuantizedTensor
 
 WEIGHTS_FILE = "quantized.safetensors"
+TRANSFORM_FILE = "dartquant.json"  # online transforms + quantizer settings (zoo.py reads it for every folder)
 # a streamed run (stream/) may shard: quantized-0000k-of-0000n.safetensors + this index
 INDEX_FILE = "quantized.safetensors.index.json"
 _QKEYS = ("codes", "scale", "zero", "qmeta")  # QuantizedTensor.to_state_dict's keys
@@ -98,6 +99,28 @@ def read_quantized_state(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
         except Exception as e:
             raise ValueError(f"{path} is missing or not a readable safetensors file ({e}); the folder is damaged") from e
     return Path(folder) / WEIGHTS_FILE, state
+
+
+def write_run_metadata(folder: Path, model, tokenizer, cfg, adapter, rotations, timings: dict) -> None:
+    """Everything of a run folder but the weights: tokenizer, config.json, dartquant.json (online
+    transforms, quantizer settings, the run's settings), rotations.safetensors, config.yaml.
+    The rotations' volatile metadata (timings) moves to `timings`, for metrics.json."""
+    from ..runs import split_volatile, write_json, write_yaml
+    from ..transforms.online import online_spec
+
+    tokenizer.save_pretrained(str(folder))
+    model.config.save_pretrained(str(folder))
+    spec = online_spec(model, adapter)
+    spec["quantization"] = cfg.to_dict()  # the whole run's settings, for the record
+    spec["scheme"] = cfg.to_dict()["scheme"]  # what load_model re-installs
+    if rotations is not None:
+        rotations.meta, volatile = split_volatile(rotations.meta)
+        if volatile:
+            timings["rotations"] = volatile
+        rotations.save(folder / "rotations.safetensors")
+        spec["rotations"] = {"file": "rotations.safetensors", **rotations.meta}
+    write_json(folder / TRANSFORM_FILE, spec)
+    write_yaml(folder / "config.yaml", cfg.to_dict())
 
 
 def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32):

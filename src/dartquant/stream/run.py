@@ -41,15 +41,16 @@ from ..log import log
 from ..methods import MethodContext
 from ..modules import register_attention
 from ..quant.act import install_quantizers_, set_act_quant_enabled_
+from ..quant.checkpoint import write_run_metadata
 from ..quant.primitives import QuantizedTensor
 from ..quant.weights import gptq_block_
-from ..runs import atomic_dir, move_volatile_json_, split_volatile, write_json, write_yaml
+from ..runs import atomic_dir, move_volatile_json_, write_json
 from ..stages import StageTimer, peak_memory_bytes
 from ..transforms import RotationSet, untie_embeddings_
 from ..transforms.fuse import exact_norms_, fuse_final_norm_, fuse_layer_norms_
-from ..transforms.online import install_online_, online_spec
+from ..transforms.online import install_online_
 from ..transforms.rotation import check_foldable, fold_layer_, fold_outer_, fold_values
-from ..zoo import TRANSFORM_FILE, resolve_model
+from ..zoo import resolve_model
 from .passes import BlockRunner, ppl_metrics
 from .shards import ShardWriter
 from .source import StreamedModel
@@ -282,19 +283,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 state[f"{adapter.lm_head}.weight"] = head.weight.data.to(getattr(torch, sc.unquantized_dtype))
             writer.add(state)
             files = writer.close()
-            tokenizer.save_pretrained(str(tmp))
-            model.config.save_pretrained(str(tmp))
-            spec_json = online_spec(model, adapter)
-            spec_json["quantization"] = cfg.to_dict()
-            spec_json["scheme"] = cfg.to_dict()["scheme"]
-            if rotations is not None:
-                rotations.meta, volatile = split_volatile(rotations.meta)
-                if volatile:
-                    timings["rotations"] = volatile
-                rotations.save(tmp / "rotations.safetensors")
-                spec_json["rotations"] = {"file": "rotations.safetensors", **rotations.meta}
-            write_json(tmp / TRANSFORM_FILE, spec_json)
-            write_yaml(tmp / "config.yaml", cfg.to_dict())
+            write_run_metadata(tmp, model, tokenizer, cfg, adapter, rotations, timings)
         if g_ids is not None:
             with timer("guard"):
                 metrics["quality_check"] = guard.check(ref, norm, head, q_guard, q_trace, cfg,
