@@ -29,7 +29,7 @@ from .config import RunConfig
 from .data import calib_windows
 from .eval.ppl import evaluate_ppl
 from .log import log
-from .methods import MethodContext
+from .methods import MethodContext, calibration_summary
 from .quant.act import install_quantizers_
 from .quant.checkpoint import round_unquantized_, save_quantized, write_run_metadata
 from .quant.weights import quantize_weights_
@@ -151,10 +151,7 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
         # move to metrics.json, so that identical runs give byte-identical artifacts
         timings = move_volatile_json_(tmp)
         if rotations is not None:
-            # what the calibration chose and its held-out numbers (learning rates, held-out loss /
-            # SQNR before and after), so that a sweep's JSON says how every row was tuned
-            calib = {k: v for k, v in rotations.meta.items()
-                     if k.startswith(("eval_loss", "r1_", "r2_", "lr", "amp", "steps"))}
+            calib = calibration_summary(rotations.meta)
             if calib and not cfg.rotations:
                 metrics["calibration"] = calib
             log.info("rotating (%s)", rotations.meta.get("method", "given"))

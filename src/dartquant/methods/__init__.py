@@ -61,6 +61,13 @@ def _load() -> dict[str, Method]:
 METHODS: dict[str, Method] = _load()
 
 
+def calibration_summary(meta: dict) -> dict:
+    """What a calibration chose and its held-out numbers (learning rates, held-out loss / SQNR
+    before and after), from a RotationSet's metadata: metrics.json's "calibration", so that a
+    sweep's JSON says how every row was tuned."""
+    return {k: v for k, v in meta.items() if k.startswith(("eval_loss", "r1_", "r2_", "lr", "amp", "steps"))}
+
+
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ..config import RunConfig
 from ..data import EVAL_CORPORA, calib_windows, eval_windows
 from ..log import log
-from ..methods import MethodContext
+from ..methods import MethodContext, calibration_summary
 from ..modules import register_attention
 from ..quant.act import install_quantizers_, set_act_quant_enabled_
 from ..quant.checkpoint import write_run_metadata
@@ -171,8 +171,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
         timings = move_volatile_json_(tmp)
         values = None
         if rotations is not None:
-            calib = {k: v for k, v in rotations.meta.items()
-                     if k.startswith(("eval_loss", "r1_", "r2_", "lr", "amp", "steps"))}
+            calib = calibration_summary(rotations.meta)
             if calib and not cfg.rotations:
                 metrics["calibration"] = calib
             log.info("rotating (%s), streamed", rotations.meta.get("method", "given"))
