@@ -306,3 +306,33 @@ def test_group_sizes_must_fit_every_experts_width():
     RunConfig.from_flat(w_group_size=8, a_group_size=8).validate(geo)
     dense = make_tiny_model("llama-tied-gqa")
     assert adapter_for(dense).geometry(dense.config).mlp_widths == (dense.config.intermediate_size,)
+
+
+def test_gemma3_with_online_input_hadamards_quantizes_and_reloads(tmp_path):
+    """--r1 false --r1-online true: the run's folder records the online Hadamards (format version 3)
+    and reloads to the same numbers; R1 with it, and its export, are refused with a message."""
+    import json
+
+    from dartquant.config import RunConfig
+    from dartquant.eval.ppl import evaluate_ppl
+    from dartquant.pipeline import run_quantize
+    from dartquant.zoo import load_model
+    from tiny import save_tiny_folder
+
+    folder = save_tiny_folder(tmp_path / "model", "gemma3-sandwich")
+    flat = dict(model=str(folder), method="quarot", w_quantizer="gptq", calib_samples=4, calib_seqlen=32,
+                eval_seqlen=32, eval_max_windows=3, r1=False)
+    with pytest.raises(ValueError, match="r1_online .* with r1: false"):
+        RunConfig.from_flat(**{**flat, "r1": True}, r1_online=True).validate()
+    metrics = run_quantize(RunConfig.from_flat(**flat, r1_online=True), tmp_path / "run", progress=False,
+                           eval_fp=False)
+    spec = json.loads((tmp_path / "run" / "dartquant.json").read_text())
+    assert spec["version"] == 3 and spec["online"]["r1_online"] is True
+    assert metrics["online_cost"]["r1_online"]["flops"] > 0
+    model, tok = load_model(tmp_path / "run")
+    assert evaluate_ppl(model, tok, seqlen=32, max_windows=3, progress=False)["wiki"] == metrics["ppl"]["wiki"]
+    from dartquant.export import ExportError, export_run
+
+    with pytest.raises(ExportError, match="r1_online"):
+        export_run(tmp_path / "run", tmp_path / "export")
+    assert not (tmp_path / "export").exists()

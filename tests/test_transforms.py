@@ -143,3 +143,35 @@ def test_exact_norm_equals_transformers_norm_in_float32():
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(3, 7, 48).to(dtype) * 5
         assert torch.equal(hf(x), ours(x))
+
+
+DENSE = ["llama-tied-gqa", "qwen2-bias-gqa", "mistral-mha", "qwen3-qknorm-bias", "gemma3-sandwich"]
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_online_input_hadamards_preserve_logits(name, ids):
+    """r1_online (R1's job where R1 cannot fold: Gemma 3): x H online before q/k/v and before
+    gate/up, H folded into the readers; with R2 / R3 / R4 too. Float64 logits to 1e-9."""
+    from dartquant.modules import OnlineHadamard
+
+    model = make_tiny_model(name)
+    adapter = adapter_for(model)
+    ref = reference(model, ids)
+    before = adapter.layers_of(model)[0].q.weight.detach().clone()
+    rotate_(model, RotationSet.quarot(adapter.geometry(model.config), seed=1, r1=False, r1_online=True), adapter)
+    assert rel_err(ref, logits(model, ids)) < TOL
+    layer = adapter.layers_of(model)[0]
+    assert not torch.allclose(layer.q.weight, before)  # H really folded
+    shared = layer.q.input_rotation
+    assert isinstance(shared, OnlineHadamard) and layer.k.input_rotation is shared and layer.v.input_rotation is shared
+    assert layer.gate.input_rotation is layer.up.input_rotation and layer.gate.input_rotation is not shared
+
+
+def test_online_input_hadamards_are_refused_with_r1_and_on_moe(ids):
+    model = make_tiny_model("llama-tied-gqa")
+    geo = adapter_for(model).geometry(model.config)
+    with pytest.raises(ValueError, match="replaces R1"):
+        rotate_(model, RotationSet.quarot(geo, seed=0, r1_online=True))
+    moe = make_tiny_model("mixtral-moe")
+    with pytest.raises(ValueError, match="router"):
+        rotate_(moe, RotationSet.quarot(adapter_for(moe).geometry(moe.config), seed=0, r1=False, r1_online=True))

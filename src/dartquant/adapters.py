@@ -287,7 +287,7 @@ _MOE_UP = ("up", "one up_proj scaling per layer cannot serve experts of their ow
 _GEMMA_R1 = ("R1", "Gemma 3's sandwich norms (post_attention_layernorm, post_feedforward_layernorm) "
                    "multiply the branch output by their gains after normalizing it and before the residual "
                    "add, so the residual stream cannot carry a global rotation exactly (R1 x would need "
-                   "diag(g) R1 = R1 diag(g)); use R2 / R3 / R4 only: --method quarot --r1 false, or a set without R1)")
+                   "diag(g) R1 = R1 diag(g)); use R2 / R3 / R4 with Hadamards on the branch inputs applied online instead: --method quarot --r1 false --r1-online true (or --r1 false alone, or a set without R1)")
 
 # The supported families. Llama, Qwen2 and Mistral share module names; they differ in biases
 # (Qwen2: q/k/v bias), tying (SmolLM2 and Llama-3.2-1B tie embeddings) and head geometry,

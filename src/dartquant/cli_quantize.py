@@ -19,6 +19,9 @@ _HELP = {
                   "calibration loss, e.g. 1e-3 1e-2 1e-1 1 10 (default: none, use --dq-r1-lr / --dq-r2-lr)",
     "stream": "layer streaming: auto (stream when the float32 model exceeds a third of host memory), true, false",
     "shard_mb": "a streamed run's checkpoint is split into shards of about this many MB (default 2048)",
+    "r1": "rotate the residual stream (R1); false for families that cannot carry it (Gemma 3: quarot only)",
+    "r1_online": "with --r1 false: a Hadamard on the q/k/v input and one on the gate/up input of every layer, "
+                 "applied online (R1's job where R1 cannot be folded; Gemma 3)",
     "r4": "online Hadamard on the down_proj input (default: true; false for duquant, whose own online "
           "transform takes its place)",
     "e2e_amp": "end-to-end training precision: auto (bf16 autocast on CUDA, fp32 elsewhere), bf16, off",

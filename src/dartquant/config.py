@@ -61,7 +61,7 @@ class EvalConfig:
 _FIXED_SECTIONS = {"scheme": (QuantScheme, ""), "data": (DataConfig, "calib"), "eval": (EvalConfig, "eval")}
 _FLAT_EXCEPTIONS = {("eval", name): name for name in ("tasks", "zeroshot_limit", "guard_windows",
                                                       "guard_max_ppl_ratio", "fail_on_collapse")}
-_TOP = ("model", "method", "rotations", "seed", "r1", "r3", "r4", "device", "dtype", "stream", "shard_mb")
+_TOP = ("model", "method", "rotations", "seed", "r1", "r1_online", "r3", "r4", "device", "dtype", "stream", "shard_mb")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -83,6 +83,7 @@ class RunConfig:
     rotations: str | None = None  # a rotations .safetensors to use instead of computing them
     seed: int = 0  # seeds the random Hadamard, calibration sampling and training
     r1: bool = True  # rotate the residual stream; false keeps R2/R3/R4 only (Gemma 3 cannot carry R1)
+    r1_online: bool = False  # with r1 false: Hadamards on the q/k/v and gate/up inputs, online (R1's job, unfolded)
     r3: bool = True  # online Hadamard on Q/K (for the K cache)
     r4: bool | None = None  # online Hadamard on the down_proj input; None: the method's default (True but for duquant)
     device: str = "cpu"
@@ -146,6 +147,9 @@ class RunConfig:
             able = [m.name for m in METHODS.values() if m.r1_optional]
             raise ValueError(f"r1: false (no residual-stream rotation) is supported by {', '.join(able)}, "
                              f"not by {self.method}: its other rotations are calibrated together with R1")
+        if self.r1_online and (self.r1 or not self.method_spec.r1_optional) and not self.rotations:
+            raise ValueError("r1_online (online Hadamards on the q/k/v and gate/up inputs) stands in for R1: use it "
+                             "with r1: false (--r1 false) and a method that runs without R1 (quarot)")
         for section in self.options.values():
             if hasattr(section, "validate"):
                 section.validate()

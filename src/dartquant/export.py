@@ -287,6 +287,9 @@ def export_run(run: str | Path, out: str | Path, *, dtype: str = "bfloat16", ove
 
         why = getattr(METHODS.get(run_cfg.method), "export_refusal", None) or "online block rotations"
         raise ExportError(f"{run} cannot be exported to compressed-tensors: {why}")
+    if spec.get("online", {}).get("r1_online"):
+        raise ExportError(f"{run} cannot be exported to compressed-tensors yet: its online Hadamards on the q/k/v "
+                          "and gate/up inputs (r1_online) are not written as transform_config entries")
     cfg = run_cfg.scheme  # what the export must say: weights / activations / KV cache
     notes = check_exportable(cfg, drop_kv_quant)
     if weight_only:

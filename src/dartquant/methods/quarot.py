@@ -11,7 +11,7 @@ def produce(model, cfg, ctx):
 
     with ctx.timer("calibrate"):
         return RotationSet.quarot(adapter_for(model).geometry(model.config), seed=cfg.seed, r1=cfg.r1, r3=cfg.r3,
-                                     r4=cfg.r4)
+                                  r4=cfg.r4, r1_online=cfg.r1_online)
 
 
 METHOD = Method("quarot", "random Hadamard R1, Hadamard R2/R3/R4", produce, r1_optional=True)

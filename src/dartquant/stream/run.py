@@ -177,7 +177,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
             log.info("rotating (%s), streamed", rotations.meta.get("method", "given"))
             check_foldable(model, rotations, adapter)
             values = fold_values(rotations, geo, device)
-            install_online_(model, adapter, r3=rotations.r3, r4=rotations.r4)
+            install_online_(model, adapter, r3=rotations.r3, r4=rotations.r4, r1_online=rotations.r1_online)
         if rotations is not None:  # what the online transforms cost per token (read off the skeleton's modules)
             from ..transforms.online import online_cost
 

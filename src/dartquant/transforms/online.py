@@ -2,9 +2,9 @@
 written to `dartquant.json` so that a saved folder gets them back when loaded, and what they
 cost per token (`online_cost`).
 
-The spec is format version 1 without block rotations and 2 with them: a dartquant that does not
-know block rotations then refuses the folder (it checks the version) instead of loading a model
-that computes something else. The block matrices are not in the spec but in the folder's
+The spec is format version 1 without block rotations, 2 with them and 3 with the online input
+Hadamards that stand in for R1 (`r1_online`): a dartquant that does not know a transform then
+refuses the folder (it checks the version) instead of loading a model that computes something else. The block matrices are not in the spec but in the folder's
 rotations.safetensors (written with every rotated run), which `rotation.install_from_spec_` reads
 (there, because it needs RotationSet, whose module imports this one).
 """
@@ -20,11 +20,15 @@ from .placements import SPECS
 
 SPEC_VERSION = 1
 BLOCKS_SPEC_VERSION = 2  # the spec of a model with online block rotations
+R1_ONLINE_SPEC_VERSION = 3  # ... with online Hadamards on the q/k/v and gate/up inputs
+READABLE_SPEC_VERSIONS = (SPEC_VERSION, BLOCKS_SPEC_VERSION, R1_ONLINE_SPEC_VERSION)
+R1_ONLINE = ("H_attn", "H_mlp")  # the placement-table rows of r1_online
 
 
 def install_online_(model: nn.Module, adapter: ModelAdapter | None = None, *, r3: bool, r4: bool,
-                    blocks: dict | None = None) -> None:
-    """Put OnlineHadamard modules where R3 (Q, K after RoPE) and R4 (down_proj input) act.
+                    r1_online: bool = False, blocks: dict | None = None) -> None:
+    """Put OnlineHadamard modules where R3 (Q, K after RoPE), R4 (down_proj input) and, with
+    `r1_online`, the branch-input Hadamards H_attn (q/k/v input) and H_mlp (gate/up input) act.
 
     Only installs modules; the matching offline folding (R4's H into down_proj) is rotate_'s job.
     Attention always gets an AttentionTransform so that KV quantizers have a place to live.
@@ -41,6 +45,12 @@ def install_online_(model: nn.Module, adapter: ModelAdapter | None = None, *, r3
             layer.attn.dq_attention = AttentionTransform(geo.head_dim, rotate_qk=r3)
         elif r3 and existing.qk_rotation is None:
             existing.qk_rotation = OnlineHadamard(geo.head_dim)
+        if r1_online:
+            if adapter.moe is not None:
+                raise ValueError(f"r1_online is not supported for mixtures of experts ({adapter.family}): the "
+                                 "router reads the MLP input too")
+            for name in R1_ONLINE:
+                _install_shared_hadamard_(adapter, block, layer, name, geo.hidden)
         if r4:  # every down_proj: the dense one, or each expert's (sized by its own input)
             for key, linear in layer.keyed("down"):
                 down = as_qlinear(linear)
@@ -50,6 +60,20 @@ def install_online_(model: nn.Module, adapter: ModelAdapter | None = None, *, r3
         for name, value in (blocks or {}).items():
             _install_blocks_(adapter, block, layer, name, value[i])
     model.set_attn_implementation(register_attention())
+
+
+def _install_shared_hadamard_(adapter: ModelAdapter, block: nn.Module, layer, name: str, n: int) -> None:
+    """One OnlineHadamard before every reader of transform `name` (shared: the input is transformed once)."""
+    readers = [(key, as_qlinear(linear)) for p in SPECS[name].placements for key, linear in layer.keyed(p.role)]
+    current = {id(q.input_rotation): q.input_rotation for _, q in readers}
+    if len(current) == 1 and isinstance(next(iter(current.values())), OnlineHadamard):
+        return  # already installed (idempotent)
+    if any(r is not None for r in current.values()):
+        raise ValueError(f"{readers[0][0]} already has an online transform; {name} cannot stack on it")
+    module = OnlineHadamard(n)
+    for key, q in readers:
+        q.input_rotation = module
+        adapter.set_linear(block, key, q)
 
 
 def _install_blocks_(adapter: ModelAdapter, block: nn.Module, layer, name: str, value) -> None:
@@ -86,6 +110,10 @@ def online_spec(model: nn.Module, adapter: ModelAdapter | None = None) -> dict:
     r3 = any(getattr(getattr(l.attn, "dq_attention", None), "qk_rotation", None) is not None for l in layers)
     r4 = any(isinstance(getattr(d, "input_rotation", None), OnlineHadamard) for l in layers for d in l.modules("down"))
     blocks = sorted({name for l in layers for name in _block_readers(l)})
+    r1_online = any(isinstance(getattr(m, "input_rotation", None), OnlineHadamard) for l in layers for m in l.modules("q"))
+    if r1_online:
+        return {"version": R1_ONLINE_SPEC_VERSION, "online": {"r3": r3, "r4": r4, "r1_online": True,
+                                                              **({"blocks": blocks} if blocks else {})}}
     if blocks:
         return {"version": BLOCKS_SPEC_VERSION, "online": {"r3": r3, "r4": r4, "blocks": blocks}}
     return {"version": SPEC_VERSION, "online": {"r3": r3, "r4": r4}}
@@ -109,7 +137,7 @@ def online_cost(model: nn.Module, adapter: ModelAdapter | None = None) -> dict:
 
     adapter = adapter or adapter_for(model)
     geo = adapter.geometry(model.config)
-    out = {"r3": {"flops": 0}, "r4": {"flops": 0}, "blocks": {"flops": 0, "params": 0}}
+    out = {"r3": {"flops": 0}, "r4": {"flops": 0}, "r1_online": {"flops": 0}, "blocks": {"flops": 0, "params": 0}}
     linear_flops = 0
     for layer in adapter.layers_of(model):
         linear_flops += sum(2 * m.weight.numel() for m in layer.linears().values())
@@ -119,6 +147,10 @@ def online_cost(model: nn.Module, adapter: ModelAdapter | None = None) -> dict:
         for d in layer.modules("down"):
             if isinstance(getattr(d, "input_rotation", None), OnlineHadamard):
                 out["r4"]["flops"] += hadamard_flops(d.in_features)
+        for role in ("q", "gate"):  # one shared module per branch input (q/k/v; gate/up)
+            m = next(iter(layer.modules(role)), None)
+            if isinstance(getattr(m, "input_rotation", None), OnlineHadamard):
+                out["r1_online"]["flops"] += hadamard_flops(m.in_features)
         for module in _block_readers(layer).values():
             nb, b, _ = module.r1.shape
             rotations = 1 + (module.r2 is not None)

@@ -55,7 +55,7 @@ class TransformSpec:
     per_layer: bool  # one value per decoder layer (else one global value)
     placements: tuple[Placement, ...]  # folded into these weights, in this order
     online: str | None = None  # an op that stays in the forward: "down_input" (R4), "qk_rope" (R3),
-    #                            "linear_input" (a block transform before its readers' input quantizer)
+    #                            "linear_input" (a block transform or a Hadamard before its readers' input quantizer)
     probes: tuple[str, ...] = ()  # linears whose inputs are the activations it acts on (capture)
     doc: str = ""
 
@@ -86,6 +86,12 @@ TRANSFORMS: tuple[TransformSpec, ...] = (
                   doc="OSTQuant: key channels [kv_heads * head_dim] per layer, RoPE pairs tied; q.k unchanged"),
     TransformSpec("up", "diagonal", True, (_p("up", "output"), _p("down", "input")),
                   doc="OSTQuant: up_proj channels [intermediate] per layer (SwiGLU is linear in up)"),
+    # R1's job where R1 cannot be folded (Gemma 3's sandwich norms): a Hadamard on each branch's
+    # normalized input, online (one module shared by the readers), its H folded into the readers.
+    TransformSpec("H_attn", "hadamard", False, (_p("q", "input"), _p("k", "input"), _p("v", "input")),
+                  online="linear_input", doc="Hadamard [hidden] on the q/k/v input: online x H, H folded into q/k/v"),
+    TransformSpec("H_mlp", "hadamard", False, (_p("gate", "input"), _p("up", "input")),
+                  online="linear_input", doc="Hadamard [hidden] on the gate/up input: online x H, H folded into gate/up"),
     TransformSpec("R4", "hadamard", False, (_p("down", "input"),), online="down_input",
                   doc="Hadamard [intermediate] on the down_proj input: online x H, H folded into down_proj"),
     TransformSpec("R3", "hadamard", False, (), online="qk_rope",

@@ -44,7 +44,7 @@ from ..adapters import Geometry, ModelAdapter, adapter_for, check_transforms
 from ..block_rotation import BlockSet, check_blocks
 from ..hadamard import hadamard_factorization, hadamard_matrix, random_hadamard_matrix
 from .fuse import fuse_norms_, norms_fused
-from .online import BLOCKS_SPEC_VERSION, SPEC_VERSION, install_online_
+from .online import READABLE_SPEC_VERSIONS, install_online_
 from .placements import (BLOCKS, MODEL_ROLES, NORM_ROLES, SPECS, TRANSFORMS, Placement, TransformSpec, apply_placement,
                          expand_rope_pairs, per_query_head, scale_sizes, touches_bias)
 
@@ -61,17 +61,21 @@ class RotationSet:
     meta: dict = field(default_factory=dict)
     scales: dict = field(default_factory=dict)  # name -> [n_layers, n] positive (see module doc)
     blocks: dict = field(default_factory=dict)  # DuQuant: "DQ_o", "<name>.r1/.perm/.r2" (module doc)
+    # R1's job done online where R1 cannot be folded (placements H_attn, H_mlp): a Hadamard on the
+    # q/k/v input and one on the gate/up input of every layer, folded into the readers
+    r1_online: bool = False
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
     def quarot(cls, geometry: Geometry, seed: int = 0, r3: bool = True, r4: bool = True,
-               r1: bool = True) -> RotationSet:
-        """QuaRot: random (sign-flipped) Hadamard R1 from `seed` (none with r1=False); plain
-        Hadamard R2 for every head."""
+               r1: bool = True, r1_online: bool = False) -> RotationSet:
+        """QuaRot: random (sign-flipped) Hadamard R1 from `seed` (none with r1=False; with
+        r1_online, Hadamards on the branch inputs instead); plain Hadamard R2 for every head."""
         r2 = hadamard_matrix(geometry.head_dim).expand(
             geometry.n_layers, geometry.n_kv_heads, geometry.head_dim, geometry.head_dim).clone()
+        r1_kind = "random_hadamard" if r1 else ("online_hadamard" if r1_online else "none")
         return cls(random_hadamard_matrix(geometry.hidden, seed) if r1 else None, r2, r3, r4,
-                   {"method": "quarot", "seed": seed, "r1": "random_hadamard" if r1 else "none", "r2": "hadamard"})
+                   {"method": "quarot", "seed": seed, "r1": r1_kind, "r2": "hadamard"}, r1_online=r1_online)
 
     @classmethod
     def random_hadamard_r2(cls, geometry: Geometry, seed: int) -> torch.Tensor:
@@ -90,6 +94,8 @@ class RotationSet:
             return hadamard_matrix(geometry.intermediate, dtype=torch.float64, device=device) if self.r4 else None
         elif name == "R3":
             return None  # online only: nothing to fold
+        elif name in ("H_attn", "H_mlp"):
+            return hadamard_matrix(geometry.hidden, dtype=torch.float64, device=device) if self.r1_online else None
         elif name in BLOCKS:
             if f"{name}.r1" not in self.blocks:
                 return None
@@ -106,9 +112,15 @@ class RotationSet:
         """Everything applying the set needs, checked against the model's geometry (from its config:
         no weights needed): shapes, orthogonality (to float32 precision), scalings, and Hadamard
         constructions for the online R3 (head_dim) and R4 (intermediate size)."""
-        for name, on, sizes in (("R3", self.r3, [geometry.head_dim]), ("R4", self.r4, geometry.mlp_widths)):
+        for name, on, sizes in (("R3", self.r3, [geometry.head_dim]), ("R4", self.r4, geometry.mlp_widths),
+                                ("online R1", self.r1_online, [geometry.hidden])):
             for n in sizes if on else ():
                 hadamard_factorization(n)  # HadamardError with the reason, before anything is touched
+        if self.r1_online and self.r1 is not None:
+            raise ValueError("r1_online replaces R1 (both rotate the q/k/v and gate/up inputs): use one")
+        if self.r1_online and any(n.startswith(("DQ_attn", "DQ_mlp")) for n in self.blocks):
+            raise ValueError("r1_online and DuQuant's DQ_attn / DQ_mlp both transform the q/k/v and gate/up "
+                             "inputs online: use one")
         expect = {"R1": (geometry.hidden, geometry.hidden),
                   "R2": (geometry.n_layers, geometry.n_kv_heads, geometry.head_dim, geometry.head_dim)}
         for name, mat in (("R1", self.r1), ("R2", self.r2)):
@@ -180,7 +192,7 @@ class RotationSet:
         tensors = {k: v.contiguous() for k, v in (("R1", self.r1), ("R2", self.r2)) if v is not None}
         tensors.update({f"S.{k}": v.contiguous() for k, v in self.scales.items()})
         tensors.update({f"B.{k}": v.contiguous() for k, v in self.blocks.items()})
-        meta = {"dartquant": json.dumps({"r3": self.r3, "r4": self.r4, "meta": self.meta})}
+        meta = {"dartquant": json.dumps({"r3": self.r3, "r4": self.r4, "r1_online": self.r1_online, "meta": self.meta})}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
         os.close(fd)
         try:
@@ -207,13 +219,14 @@ class RotationSet:
         scales = {k[2:]: v for k, v in tensors.items() if k.startswith("S.")}
         blocks = {k[2:]: v for k, v in tensors.items() if k.startswith("B.")}
         return cls(tensors.get("R1"), tensors.get("R2"), bool(info.get("r3")), bool(info.get("r4")),
-                   info.get("meta", {}), scales, blocks)
+                   info.get("meta", {}), scales, blocks, r1_online=bool(info.get("r1_online")))
 
 
 # ---- folding ------------------------------------------------------------------------------
 def present(rotations: RotationSet) -> list[str]:
     """The transforms (placement-table names) that a set carries."""
-    flags = {"R1": rotations.r1 is not None, "R2": rotations.r2 is not None, "R3": rotations.r3, "R4": rotations.r4}
+    flags = {"R1": rotations.r1 is not None, "R2": rotations.r2 is not None, "R3": rotations.r3, "R4": rotations.r4,
+             "H_attn": rotations.r1_online, "H_mlp": rotations.r1_online}
     return [t.name for t in TRANSFORMS if flags.get(t.name, t.name in rotations.scales or t.name in rotations.blocks
                                                       or f"{t.name}.r1" in rotations.blocks)]
 
@@ -298,16 +311,16 @@ def rotate_(model: nn.Module, rotations: RotationSet, adapter: ModelAdapter | No
     fold_outer_(model, adapter, values, geo)
     for i, layer in enumerate(adapter.layers_of(model)):
         fold_layer_(layer, i, values, geo)
-    install_online_(model, adapter, r3=rotations.r3, r4=rotations.r4,
+    install_online_(model, adapter, r3=rotations.r3, r4=rotations.r4, r1_online=rotations.r1_online,
                     blocks={spec.name: t for spec, t in values if spec.kind == "block"})
 
 
 def install_from_spec_(model: nn.Module, spec: dict, folder: Path | None = None) -> None:
     """Re-create the online modules described by a `dartquant.json` dict."""
     version = spec.get("version")
-    if version not in (SPEC_VERSION, BLOCKS_SPEC_VERSION):
+    if version not in READABLE_SPEC_VERSIONS:
         raise ValueError(f"{folder}: dartquant.json has format version {version!r}; this dartquant reads "
-                         f"versions {SPEC_VERSION} and {BLOCKS_SPEC_VERSION}. Re-create the folder with this version.")
+                         f"versions {', '.join(map(str, READABLE_SPEC_VERSIONS))}. Re-create the folder with this version.")
     online = spec.get("online", {})
     blocks = None
     if online.get("blocks"):
@@ -327,4 +340,5 @@ def install_from_spec_(model: nn.Module, spec: dict, folder: Path | None = None)
             if value is None:
                 raise ValueError(f"{path} lacks the matrices of the online block rotation {name!r}")
             blocks[name] = value
-    install_online_(model, r3=bool(online.get("r3")), r4=bool(online.get("r4")), blocks=blocks)
+    install_online_(model, r3=bool(online.get("r3")), r4=bool(online.get("r4")),
+                    r1_online=bool(online.get("r1_online")), blocks=blocks)
