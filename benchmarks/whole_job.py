@@ -54,7 +54,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from dartquant_cost import SHAPES  # noqa: E402  (one table of real shapes for every benchmark)
 
 SHAPES = {**SHAPES, "tiny": dict(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=3000)}
+                                 num_key_value_heads=2, vocab_size=3000),
+          # mixtures of experts (model_type: the config class; the files keep one tensor per expert linear)
+          "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_local_experts=8,
+                               num_experts_per_tok=2, rope_theta=1e6),
+          "tiny-moe": dict(model_type="mixtral", hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=3000, num_local_experts=4,
+                           num_experts_per_tok=2)}
 METHODS = ("rtn", "quarot", "dartquant", "spinquant")
 IN_MEMORY_ONLY = ("spinquant", "ostquant")
 
@@ -84,12 +91,14 @@ def write_model(out: Path, shape: str, layers: int | None, init_device: str) -> 
     """Random float16 weights (std 0.02, norms 1) of the shape, one block per shard; returns GB written."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
     kw = dict(SHAPES[shape])
     if layers is not None:
         kw["num_hidden_layers"] = layers
-    config = LlamaConfig(**kw, max_position_embeddings=4096, tie_word_embeddings=False, torch_dtype="float16")
+    config = AutoConfig.for_model(kw.pop("model_type", "llama"), **kw, max_position_embeddings=4096,
+                                  tie_word_embeddings=False, torch_dtype="float16")
+    n_experts = getattr(config, "num_local_experts", None)  # Mixtral: a router and experts instead of one MLP
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -109,10 +118,17 @@ def write_model(out: Path, shape: str, layers: int | None, init_device: str) -> 
                        p + "self_attn.k_proj.weight": lambda: rnd(kv, h),
                        p + "self_attn.v_proj.weight": lambda: rnd(kv, h),
                        p + "self_attn.o_proj.weight": lambda: rnd(h, h),
-                       p + "mlp.gate_proj.weight": lambda: rnd(i, h), p + "mlp.up_proj.weight": lambda: rnd(i, h),
-                       p + "mlp.down_proj.weight": lambda: rnd(h, i),
                        p + "input_layernorm.weight": lambda: torch.ones(h, dtype=torch.float16),
                        p + "post_attention_layernorm.weight": lambda: torch.ones(h, dtype=torch.float16)})
+        if n_experts is None:
+            groups[-1].update({p + "mlp.gate_proj.weight": lambda: rnd(i, h), p + "mlp.up_proj.weight": lambda: rnd(i, h),
+                               p + "mlp.down_proj.weight": lambda: rnd(h, i)})
+        else:  # Mixtral's checkpoint names (w1 gate, w3 up, w2 down); a random router routes tokens ~uniformly
+            groups[-1][p + "block_sparse_moe.gate.weight"] = lambda: rnd(n_experts, h)
+            for e in range(n_experts):
+                x = f"{p}block_sparse_moe.experts.{e}."
+                groups[-1].update({x + "w1.weight": lambda: rnd(i, h), x + "w3.weight": lambda: rnd(i, h),
+                                   x + "w2.weight": lambda: rnd(h, i)})
     groups.append({"model.norm.weight": lambda: torch.ones(h, dtype=torch.float16),
                    "lm_head.weight": lambda: rnd(config.vocab_size, h)})
     weight_map, total = {}, 0
@@ -154,7 +170,8 @@ def run_one(model: Path, method: str, stream: str, args, run_dir: Path) -> dict:
     row.update(seconds=m.get("seconds", {}), streamed="stream" in m,
                host_rss_GB=round(peaks.get("cpu_rss", 0) / 1e9, 2),
                gpu_GiB=round(peaks["cuda"] / 2**30, 2) if "cuda" in peaks else None,
-               ppl=m.get("ppl"), shards=m.get("stream", {}).get("shards"))
+               ppl=m.get("ppl"), shards=m.get("stream", {}).get("shards"),
+               unrouted=m.get("gptq_rtn_fallbacks", []))  # MoE: expert linears GPTQ saw no token for (RTN)
     return row
 
 
