@@ -28,6 +28,28 @@ folder written by the first command of a shape is reused by the next ones; --cle
 Disk (float16 folder + one run folder): SmolLM2 0.3 + 0.2 GB, Llama-2-7B 13.5 + 3.8, Llama-3-8B
 16.1 + 5.6, Llama-2-70B 4 layers 7.9 + 2.8, 8 layers 14.7 + 4.5 (both depths kept: 27 GB).
 
+Mixtral-8x7B (a mixture of experts: 8 experts of 14336, top-2; ~93 GB in float16, so cut to 2
+and 4 layers; one block is 2.90 GB float16, the embedding and head 0.52 GB): its files keep
+Mixtral's per-expert names (block_sparse_moe.experts.<e>.w1/w3/w2), the router is random too, so
+every calibration token reaches its top-2 of 8 experts by a ~random routing (each expert sees about
+a quarter of the tokens); the `unrouted` column lists the expert linears GPTQ got no token for
+(quantized by RTN instead). One (depth, method) per command, calibration at the paper's 128 x 2048,
+evaluation cut to 40 windows per corpus (it is not calibration; it keeps each command within the
+limit); the L2 folder (6.3 GB) and the L4 folder (12.1 GB) are both kept until the end, plus one
+run folder (~2-3.5 GB): ~22 GB of disk, host memory < 20 GB:
+    M="python benchmarks/whole_job.py --device cuda --dir /tmp/wj --out docs/results/whole_job_moe_h200.json \
+       --shapes mixtral-8x7b --stream true --eval-max-windows 40"
+    $M --layers 2 --methods quarot
+    $M --layers 2 --methods dartquant
+    $M --layers 4 --methods quarot
+    $M --layers 4 --methods dartquant
+    rm -rf /tmp/wj/mixtral-8x7b-L2 /tmp/wj/mixtral-8x7b-L4
+After the second depth, the JSON's `full_depth` (and the last lines printed) holds the 32-layer
+estimates from the two deepest depths measured, with both depths' memory peaks (flat in depth).
+The same at a tiny MoE shape on the CPU (a check of the path, not a measurement):
+    python benchmarks/whole_job.py --shapes tiny-moe --layers 2 4 --methods quarot dartquant --stream true \
+        --device cpu --dir /tmp/wj_moe --calib-samples 4 --calib-seqlen 64 --eval-seqlen 64 --eval-max-windows 2
+
 Prints a table and writes JSON (the rows, the commands, the machine); a later invocation with
 the same --out adds its rows (replacing rows of the same shape, depth, method and stream), so
 one (shape, method, stream) per command fits a per-command time limit. Each run folder is
@@ -226,10 +248,46 @@ def main() -> int:
         kept = [r for r in old.get("rows", []) if tuple(r[k] for k in key) not in mine]
         result = {"commands": old.get("commands", []) + [" ".join(sys.argv)], "machine": machine(args.device),
                   "rows": kept + rows}
+        result["full_depth"] = extrapolate(result["rows"])  # from every invocation's rows: one depth per command
+        for e in result["full_depth"]:
+            print(format_extrapolated(e))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"\nwrote {out} ({len(result['rows'])} rows)")
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def extrapolate(rows: list[dict]) -> list[dict]:
+    """Full-depth estimates of (shape, method, stream) measured at two cut depths a < b (the two
+    deepest): time is linear in depth, t(N) = t(b) + (t(b) - t(a)) (N - b) / (b - a), per stage and
+    wall; peaks are those measured (they must be flat in depth: both are given, and their ratio)."""
+    out = []
+    groups: dict = {}
+    for r in rows:
+        if "error" not in r and r["layers"] < SHAPES.get(r["shape"], {}).get("num_hidden_layers", 0):
+            groups.setdefault((r["shape"], r["method"], r["stream"]), {})[r["layers"]] = r
+    for (shape, method, stream), by_depth in sorted(groups.items()):
+        if len(by_depth) < 2:
+            continue
+        a, b = sorted(by_depth)[-2:]
+        ra, rb, n = by_depth[a], by_depth[b], SHAPES[shape]["num_hidden_layers"]
+
+        def at_n(ta: float, tb: float) -> float:
+            return round(tb + (tb - ta) * (n - b) / (b - a), 1)
+
+        stages = {k: at_n(ra["seconds"].get(k, 0.0), rb["seconds"][k]) for k in rb["seconds"]}
+        out.append({"shape": shape, "layers": n, "method": method, "stream": stream, "from_layers": [a, b],
+                    "wall_s": at_n(ra["wall_s"], rb["wall_s"]), "seconds": stages,
+                    "host_rss_GB": [ra["host_rss_GB"], rb["host_rss_GB"]], "gpu_GiB": [ra["gpu_GiB"], rb["gpu_GiB"]]})
+    return out
+
+
+def format_extrapolated(e: dict) -> str:
+    a, b = e["from_layers"]
+    return (f"{e['shape']} at {e['layers']} layers (from L{a}, L{b}) {e['method']} stream={e['stream']}: "
+            f"~{e['wall_s']} s wall; " + ", ".join(f"{k} {e['seconds'][k]:.0f}" for k in STAGES if k in e["seconds"])
+            + f"; peaks L{a} / L{b}: host RSS {e['host_rss_GB'][0]} / {e['host_rss_GB'][1]} GB, "
+              f"GPU {e['gpu_GiB'][0]} / {e['gpu_GiB'][1]} GiB")
 
 
 STAGES = ("load", "eval_fp", "capture", "calibrate", "rotate", "quantize", "eval", "save", "guard")
