@@ -96,3 +96,31 @@ def test_streamed_moe_run_equals_in_memory_run(case, tmp_path, monkeypatch, one_
     mb, _ = load_model(st)
     with torch.no_grad():
         assert torch.equal(ma(IDS).logits, mb(IDS).logits)
+
+
+def test_moe_size_for_the_auto_decision_counts_every_expert():
+    """stream: auto compares the float32 size with the host's memory: every expert counts."""
+    from transformers import AutoConfig
+
+    from dartquant.stream import fp32_bytes
+
+    for name, extra in (("mixtral-moe", {}), ("qwen3moe-narrow", {}), ("qwen2moe-shared", {"mlp_only_layers": []})):
+        model = make_moe(name, **extra)
+        n_params = sum(p.numel() for p in model.parameters())
+        need = fp32_bytes(AutoConfig.for_model(**{**TINY_CONFIGS[name], **extra}))
+        assert 0.95 * 4 * n_params <= need <= 4 * n_params, name  # (biases left out)
+
+
+def test_a_missing_expert_fails_before_any_work(tmp_path):
+    import json
+
+    from dartquant.stream.source import StreamedModel
+    from dartquant.zoo import ModelLoadError
+
+    folder = save(make_moe("mixtral-moe"), tmp_path / "model")
+    StreamedModel(folder)  # complete: reads
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.experts\.2\.up_proj"):
+        StreamedModel(folder)
