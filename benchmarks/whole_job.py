@@ -32,9 +32,9 @@ Mixtral-8x7B (a mixture of experts: 8 experts of 14336, top-2; ~93 GB in float16
 and 4 layers; one block is 2.90 GB float16, the embedding and head 0.52 GB): its files keep
 Mixtral's per-expert names (block_sparse_moe.experts.<e>.w1/w3/w2), the router is random too, so
 every calibration token reaches its top-2 of 8 experts by a ~random routing (each expert sees about
-a quarter of the tokens); the `unrouted` column lists the expert linears GPTQ got no token for
-(quantized by RTN instead). One (depth, method) per command, calibration at the paper's 128 x 2048,
-evaluation cut to 40 windows per corpus (it is not calibration; it keeps each command within the
+a quarter of the tokens): each row gives the fewest and most calibration tokens an expert got
+(`routed_tokens`, from GPTQ's forward) and the expert linears that got none (`unrouted`: RTN).
+One (depth, method) per command, calibration at the paper's 128 x 2048, evaluation cut to 40 windows per corpus (it is not calibration; it keeps each command within the
 limit); the L2 folder (6.3 GB) and the L4 folder (12.1 GB) are both kept until the end, plus one
 run folder (~2-3.5 GB): ~22 GB of disk, host memory < 20 GB:
     M="python benchmarks/whole_job.py --device cuda --dir /tmp/wj --out docs/results/whole_job_moe_h200.json \
@@ -194,6 +194,9 @@ def run_one(model: Path, method: str, stream: str, args, run_dir: Path) -> dict:
                gpu_GiB=round(peaks["cuda"] / 2**30, 2) if "cuda" in peaks else None,
                ppl=m.get("ppl"), shards=m.get("stream", {}).get("shards"),
                unrouted=m.get("gptq_rtn_fallbacks", []))  # MoE: expert linears GPTQ saw no token for (RTN)
+    if "moe_routed_tokens" in m:  # MoE: calibration tokens per expert (fewest, most; of calib_tokens x top-k)
+        routed = m["moe_routed_tokens"]
+        row["routed_tokens"] = {k: routed[k] for k in ("calib_tokens", "min", "max")}
     return row
 
 
@@ -299,7 +302,9 @@ def format_row(r: dict) -> str:
                f"{r['error'].strip().splitlines()[-1] if r['error'].strip() else ''}"
     s = r["seconds"]
     return (f"{r['shape']} L{r['layers']} {r['method']} stream={r['stream']}: {r['wall_s']} s wall, host RSS "
-            f"{r['host_rss_GB']} GB, GPU {r['gpu_GiB']} GiB; " + ", ".join(f"{k} {s[k]:.1f}" for k in STAGES if k in s))
+            f"{r['host_rss_GB']} GB, GPU {r['gpu_GiB']} GiB; " + ", ".join(f"{k} {s[k]:.1f}" for k in STAGES if k in s)
+            + (f"; tokens per expert {r['routed_tokens']['min']}..{r['routed_tokens']['max']} of "
+               f"{r['routed_tokens']['calib_tokens']}, unrouted {r['unrouted'] or 'none'}" if "routed_tokens" in r else ""))
 
 
 def table(rows: list[dict]) -> str:

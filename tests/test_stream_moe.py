@@ -89,9 +89,15 @@ def test_streamed_moe_run_equals_in_memory_run(case, tmp_path, monkeypatch, one_
     assert not differ, f"tensors differ: {differ[:5]}"
     assert (mem / "rotations.safetensors").read_bytes() == (st / "rotations.safetensors").read_bytes()
     assert m_st.get("gptq_rtn_fallbacks") == m_mem.get("gptq_rtn_fallbacks")
+    routed = m_st["moe_routed_tokens"]  # tokens per expert in GPTQ's calibration forward, per MoE layer
+    assert [sum(layer) for layer in routed["per_moe_layer"]] == [2 * routed["calib_tokens"]] * (
+        2 if case.startswith("mixtral") else 1)  # top-2: every token twice; Qwen2-MoE's layer 1 is dense
     if case.startswith("mixtral"):  # expert 4 of each layer: never routed, RTN, reported
         assert sorted(m_st["gptq_rtn_fallbacks"]) == [f"model.layers.{i}.mlp.experts.4.{r}_proj"
                                                       for i in range(2) for r in ("down", "gate", "up")]
+        assert [layer[4] for layer in routed["per_moe_layer"]] == [0, 0] and routed["min"] == 0
+    else:
+        assert "gptq_rtn_fallbacks" not in m_st and routed["min"] > 0
     ma, _ = load_model(mem)
     mb, _ = load_model(st)
     with torch.no_grad():

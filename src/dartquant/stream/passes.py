@@ -12,6 +12,7 @@ streamed run reports the same numbers as an in-memory one.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -93,3 +94,25 @@ def ppl_metrics(norm, head, hidden: dict, windows: dict, device) -> dict:
         tokens += n
     out["tokens"] = tokens
     return out
+
+
+@contextmanager
+def routed_token_counts(block: nn.Module, adapter, counts: list[list[int]]):
+    """While inside: tokens routed to each expert of a MoE block, appended to `counts` at the end
+    (nothing for a dense block). Read off the experts' routing argument, so it is what GPTQ's
+    per-expert Hessians saw when the block's calibration forward runs inside."""
+    if not adapter.is_moe_block(block):
+        yield
+        return
+    experts = block.get_submodule(f"{adapter.mlp}.{adapter.moe.experts}")
+    seen = torch.zeros(len(experts), dtype=torch.long)
+
+    def count(module, args):  # RoutedExperts.forward(hidden, top_k_index [T, k], top_k_weights)
+        seen.add_(torch.bincount(args[1].reshape(-1).cpu(), minlength=len(experts)))
+
+    handle = experts.register_forward_pre_hook(count)
+    try:
+        yield
+    finally:
+        handle.remove()
+        counts.append(seen.tolist())
