@@ -45,7 +45,8 @@ run folder (~2-3.5 GB): ~22 GB of disk, host memory < 20 GB:
     $M --layers 4 --methods dartquant
     rm -rf /tmp/wj/mixtral-8x7b-L2 /tmp/wj/mixtral-8x7b-L4
 After the second depth, the JSON's `full_depth` (and the last lines printed) holds the 32-layer
-estimates from the two deepest depths measured, with both depths' memory peaks (flat in depth).
+estimates (a line through the depths measured, per stage) with each depth's memory peaks (flat).
+If L4 runs past the limit, measure --layers 1 instead: the line goes through L1 and L2.
 The same at a tiny MoE shape on the CPU (a check of the path, not a measurement):
     python benchmarks/whole_job.py --shapes tiny-moe --layers 2 4 --methods quarot dartquant --stream true \
         --device cpu --dir /tmp/wj_moe --calib-samples 4 --calib-seqlen 64 --eval-seqlen 64 --eval-max-windows 2
@@ -261,9 +262,11 @@ def main() -> int:
 
 
 def extrapolate(rows: list[dict]) -> list[dict]:
-    """Full-depth estimates of (shape, method, stream) measured at two cut depths a < b (the two
-    deepest): time is linear in depth, t(N) = t(b) + (t(b) - t(a)) (N - b) / (b - a), per stage and
-    wall; peaks are those measured (they must be flat in depth: both are given, and their ratio)."""
+    """Full-depth estimates of each (shape, method, stream) measured at two or more cut depths:
+    decoder layers are identical, so each stage's seconds (and the wall time) are a fixed part plus
+    a per-layer part: a least-squares line through (layers, seconds), evaluated at the full depth.
+    A stage whose line falls with depth (noise above its per-layer cost) is listed in
+    `not_extrapolable`. Peaks are given as measured at each depth: they must be flat in depth."""
     out = []
     groups: dict = {}
     for r in rows:
@@ -272,25 +275,34 @@ def extrapolate(rows: list[dict]) -> list[dict]:
     for (shape, method, stream), by_depth in sorted(groups.items()):
         if len(by_depth) < 2:
             continue
-        a, b = sorted(by_depth)[-2:]
-        ra, rb, n = by_depth[a], by_depth[b], SHAPES[shape]["num_hidden_layers"]
+        depths, n = sorted(by_depth), SHAPES[shape]["num_hidden_layers"]
+        bad: list[str] = []
 
-        def at_n(ta: float, tb: float) -> float:
-            return round(tb + (tb - ta) * (n - b) / (b - a), 1)
+        def at_n(key: str, values: list[float]) -> float:
+            mx, my = sum(depths) / len(depths), sum(values) / len(values)
+            slope = sum((x - mx) * (y - my) for x, y in zip(depths, values)) / sum((x - mx) ** 2 for x in depths)
+            if slope < 0:
+                bad.append(key)
+            return round(my + slope * (n - mx), 1)
 
-        stages = {k: at_n(ra["seconds"].get(k, 0.0), rb["seconds"][k]) for k in rb["seconds"]}
-        out.append({"shape": shape, "layers": n, "method": method, "stream": stream, "from_layers": [a, b],
-                    "wall_s": at_n(ra["wall_s"], rb["wall_s"]), "seconds": stages,
-                    "host_rss_GB": [ra["host_rss_GB"], rb["host_rss_GB"]], "gpu_GiB": [ra["gpu_GiB"], rb["gpu_GiB"]]})
+        last = by_depth[depths[-1]]
+        stages = {k: at_n(k, [by_depth[d]["seconds"].get(k, 0.0) for d in depths]) for k in last["seconds"]}
+        e = {"shape": shape, "layers": n, "method": method, "stream": stream, "from_layers": depths,
+             "wall_s": at_n("wall_s", [by_depth[d]["wall_s"] for d in depths]), "seconds": stages,
+             "host_rss_GB": [by_depth[d]["host_rss_GB"] for d in depths],
+             "gpu_GiB": [by_depth[d]["gpu_GiB"] for d in depths]}
+        if bad:
+            e["not_extrapolable"] = bad
+        out.append(e)
     return out
 
 
 def format_extrapolated(e: dict) -> str:
-    a, b = e["from_layers"]
-    return (f"{e['shape']} at {e['layers']} layers (from L{a}, L{b}) {e['method']} stream={e['stream']}: "
+    at = " / ".join(f"L{d}" for d in e["from_layers"])
+    return (f"{e['shape']} at {e['layers']} layers (from {at}) {e['method']} stream={e['stream']}: "
             f"~{e['wall_s']} s wall; " + ", ".join(f"{k} {e['seconds'][k]:.0f}" for k in STAGES if k in e["seconds"])
-            + f"; peaks L{a} / L{b}: host RSS {e['host_rss_GB'][0]} / {e['host_rss_GB'][1]} GB, "
-              f"GPU {e['gpu_GiB'][0]} / {e['gpu_GiB'][1]} GiB")
+            + f"; peaks {at}: host RSS {e['host_rss_GB']} GB, GPU {e['gpu_GiB']} GiB"
+            + (f"; not extrapolable (falls with depth): {e['not_extrapolable']}" if "not_extrapolable" in e else ""))
 
 
 STAGES = ("load", "eval_fp", "capture", "calibrate", "rotate", "quantize", "eval", "save", "guard")
