@@ -34,9 +34,10 @@ Mixtral's per-expert names (block_sparse_moe.experts.<e>.w1/w3/w2), the router i
 every calibration token reaches its top-2 of 8 experts by a ~random routing (each expert sees about
 a quarter of the tokens): each row gives the fewest and most calibration tokens an expert got
 (`routed_tokens`, from GPTQ's forward) and the expert linears that got none (`unrouted`: RTN).
-One (depth, method) per command, calibration at the paper's 128 x 2048, evaluation cut to 40 windows per corpus (it is not calibration; it keeps each command within the
-limit); the L2 folder (6.3 GB) and the L4 folder (12.1 GB) are both kept until the end, plus one
-run folder (~2-3.5 GB): ~22 GB of disk, host memory < 20 GB:
+One (depth, method) per command, calibration at the paper's 128 x 2048, evaluation cut to 40
+windows per corpus (not calibration; it keeps each command within the limit). The L2 folder
+(6.3 GB) and the L4 folder (12.1 GB) are both kept until the end, plus one run folder (~2-3.5 GB):
+~22 GB of disk; host memory ~15 GB by estimate (the windows' hidden states):
     M="python benchmarks/whole_job.py --device cuda --dir /tmp/wj --out docs/results/whole_job_moe_h200.json \
        --shapes mixtral-8x7b --stream true --eval-max-windows 40"
     $M --layers 2 --methods quarot
@@ -144,7 +145,8 @@ def write_model(out: Path, shape: str, layers: int | None, init_device: str) -> 
                        p + "input_layernorm.weight": lambda: torch.ones(h, dtype=torch.float16),
                        p + "post_attention_layernorm.weight": lambda: torch.ones(h, dtype=torch.float16)})
         if n_experts is None:
-            groups[-1].update({p + "mlp.gate_proj.weight": lambda: rnd(i, h), p + "mlp.up_proj.weight": lambda: rnd(i, h),
+            groups[-1].update({p + "mlp.gate_proj.weight": lambda: rnd(i, h),
+                               p + "mlp.up_proj.weight": lambda: rnd(i, h),
                                p + "mlp.down_proj.weight": lambda: rnd(h, i)})
         else:  # Mixtral's checkpoint names (w1 gate, w3 up, w2 down); a random router routes tokens ~uniformly
             groups[-1][p + "block_sparse_moe.gate.weight"] = lambda: rnd(n_experts, h)
@@ -316,7 +318,8 @@ def format_row(r: dict) -> str:
     return (f"{r['shape']} L{r['layers']} {r['method']} stream={r['stream']}: {r['wall_s']} s wall, host RSS "
             f"{r['host_rss_GB']} GB, GPU {r['gpu_GiB']} GiB; " + ", ".join(f"{k} {s[k]:.1f}" for k in STAGES if k in s)
             + (f"; tokens per expert {r['routed_tokens']['min']}..{r['routed_tokens']['max']} of "
-               f"{r['routed_tokens']['calib_tokens']}, unrouted {r['unrouted'] or 'none'}" if "routed_tokens" in r else ""))
+               f"{r['routed_tokens']['calib_tokens']}, unrouted {r['unrouted'] or 'none'}"
+               if "routed_tokens" in r else ""))
 
 
 def table(rows: list[dict]) -> str:
