@@ -12,7 +12,6 @@ streamed run reports the same numbers as an in-memory one.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -96,23 +95,23 @@ def ppl_metrics(norm, head, hidden: dict, windows: dict, device) -> dict:
     return out
 
 
-@contextmanager
-def routed_token_counts(block: nn.Module, adapter, counts: list[list[int]]):
-    """While inside: tokens routed to each expert of a MoE block, appended to `counts` at the end
-    (nothing for a dense block). Read off the experts' routing argument, so it is what GPTQ's
-    per-expert Hessians saw when the block's calibration forward runs inside."""
-    if not adapter.is_moe_block(block):
-        yield
-        return
-    experts = block.get_submodule(f"{adapter.mlp}.{adapter.moe.experts}")
-    seen = torch.zeros(len(experts), dtype=torch.long)
+class RoutedTokens:
+    """Counts the tokens routed to each expert of a MoE block from now until `close()` (which
+    returns [counts], or [] for a dense block). Read off the experts' routing argument, so around
+    GPTQ's calibration forward it is what each expert's Hessians saw."""
 
-    def count(module, args):  # RoutedExperts.forward(hidden, top_k_index [T, k], top_k_weights)
-        seen.add_(torch.bincount(args[1].reshape(-1).cpu(), minlength=len(experts)))
+    def __init__(self, block: nn.Module, adapter):
+        self.handle = None
+        if adapter.is_moe_block(block):
+            experts = block.get_submodule(f"{adapter.mlp}.{adapter.moe.experts}")
+            self.seen = torch.zeros(len(experts), dtype=torch.long)
+            self.handle = experts.register_forward_pre_hook(self._count)
 
-    handle = experts.register_forward_pre_hook(count)
-    try:
-        yield
-    finally:
-        handle.remove()
-        counts.append(seen.tolist())
+    def _count(self, module, args) -> None:  # RoutedExperts.forward(hidden, top_k_index [T, k], top_k_weights)
+        self.seen.add_(torch.bincount(args[1].reshape(-1).cpu(), minlength=self.seen.numel()))
+
+    def close(self) -> list[list[int]]:
+        if self.handle is None:
+            return []
+        self.handle.remove()
+        return [self.seen.tolist()]

@@ -51,7 +51,7 @@ from ..transforms.fuse import exact_norms_, fuse_final_norm_, fuse_layer_norms_
 from ..transforms.online import install_online_
 from ..transforms.rotation import check_foldable, fold_layer_, fold_outer_, fold_values
 from ..zoo import resolve_model
-from .passes import BlockRunner, ppl_metrics, routed_token_counts
+from .passes import BlockRunner, RoutedTokens, ppl_metrics
 from .shards import ShardWriter
 from .source import StreamedModel
 
@@ -229,11 +229,12 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                     for linear in layer.linears().values():
                         commit(linear, QuantizedTensor.from_float(linear.weight.data.float(), spec))
                 elif gptq:
+                    counter = RoutedTokens(block, adapter)  # MoE: each expert's tokens in GPTQ's forward
                     set_act_quant_enabled_(block, sc.gptq_act_quant)
                     try:
                         forward = runner.forward_fn(block, q_calib)
-                        with routed_token_counts(block, adapter, routed):  # MoE: each expert's calibration tokens
-                            unrouted += gptq_block_(block, adapter, forward, sc, commit, names.__getitem__)
+                        unrouted += gptq_block_(block, adapter, forward, sc, commit, names.__getitem__)
+                        routed += counter.close()
                         if i + 1 < n_layers:
                             forward(True)  # the next block's inputs: this quantized block's outputs
                     finally:
