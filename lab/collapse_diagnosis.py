@@ -108,7 +108,9 @@ class Switchboard:
             self.kv[(i, "k")], self.kv[(i, "v")] = t.k_quantizer, t.v_quantizer
         self.transforms = [self.adapter.layer(b).attn.dq_attention for b in self.adapter.decoder_layers(model)]
         self.kbias_from = [t._k_bias_from for t in self.transforms]
-        self.base_specs = {k: q.spec for k, q in {**self.acts, **self.kv}.items()}
+        # two dicts: (layer, "k") names both k_proj's input quantizer and the K-cache quantizer
+        self.base_act = {k: q.spec for k, q in self.acts.items()}
+        self.base_kv = {k: q.spec for k, q in self.kv.items()}
         self.linears = {(i, r): lin for i, layer in enumerate(self.adapter.layers_of(model))
                         for r, lin in layer.linears().items()}
         self.fp_w = {k: lin.weight.data.clone() for k, lin in self.linears.items()}
@@ -116,20 +118,22 @@ class Switchboard:
         self.q_w = {k: QuantizedTensor.from_float(w.float(), spec).dequantize().to(w.device, w.dtype)
                     for k, w in self.fp_w.items()}
 
-    def set(self, *, w4=False, a=(), kv=(), bits=None, kbias=False):
+    def set(self, *, w4=False, a=(), kv=(), bits=None, kv_bits=None, kbias=False):
         """a: iterable of (layer, role) at activation bits; kv: iterable of (layer, 'k'|'v');
-        bits: {(layer, role|'k'|'v'): b} overrides (e.g. 8); kbias: K's bias kept out of K4."""
-        a, kv, bits = set(a), set(kv), bits or {}
+        bits: {(layer, role): b} activation overrides (e.g. 8); kv_bits: {(layer, 'k'|'v'): b} cache
+        overrides (separate: (layer, 'k') names both k_proj's input and the K cache); kbias: K's bias
+        kept out of K4."""
+        a, kv, bits, kv_bits = set(a), set(kv), bits or {}, kv_bits or {}
         for t, src in zip(self.transforms, self.kbias_from):
             t._k_bias_from = src if kbias else ()
         for k, q in self.acts.items():
             q.enabled = k in a
             b = bits.get(k)
-            q.spec = dataclasses.replace(self.base_specs[k], bits=b) if b else self.base_specs[k]
+            q.spec = dataclasses.replace(self.base_act[k], bits=b) if b else self.base_act[k]
         for k, q in self.kv.items():
             q.enabled = k in kv
-            b = bits.get(k)
-            q.spec = dataclasses.replace(self.base_specs[k], bits=b) if b else self.base_specs[k]
+            b = kv_bits.get(k)
+            q.spec = dataclasses.replace(self.base_kv[k], bits=b) if b else self.base_kv[k]
         for k, lin in self.linears.items():
             lin.weight.data.copy_(self.q_w[k] if w4 else self.fp_w[k])
 
@@ -198,12 +202,15 @@ def candidate_fixes(n_layers: int) -> dict:
     def a8(roles=LINEAR_ROLES, layers=None, kbias=False, w4=True):
         def cell(sb):
             keep = sb.all_a(layers=layers, roles=roles) if roles else set()
-            return {"w4": w4, "a": sb.all_a(), "kv": sb.all_kv(), "bits": {k: 8 for k in keep}, "kbias": kbias}
+            # a layer kept at 8 bits keeps its K / V cache at 8 bits too (RESULTS §7 "layer 0 at 8 bits")
+            keep_kv = sb.all_kv(layers=layers) if (roles and layers is not None) else set()
+            return {"w4": w4, "a": sb.all_a(), "kv": sb.all_kv(), "bits": {k: 8 for k in keep},
+                    "kv_bits": {k: 8 for k in keep_kv}, "kbias": kbias}
         return cell
 
     def k8(w4=True):
         def cell(sb):
-            return {"w4": w4, "a": sb.all_a(), "kv": sb.all_kv(), "bits": {k: 8 for k in sb.all_kv(which=("k",))}}
+            return {"w4": w4, "a": sb.all_a(), "kv": sb.all_kv(), "kv_bits": {k: 8 for k in sb.all_kv(which=("k",))}}
         return cell
     return {
         "W16A16K4_kbias": lambda sb: {"kv": sb.all_kv(which=("k",)), "kbias": True},

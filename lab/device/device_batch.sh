@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU batch behind docs/RESULTS.md (run on the lent H200 after lab/device/device_stage.py
 # staging; `source lab/device/device_env.sh` first). Writes JSON + logs to $RES (default /tmp/res).
-# Usage: device_batch.sh cost | costs | quality | all | session3 | session4 | session6 | jobs FILE
+# Usage: device_batch.sh cost | costs | quality | all | session3 | session4 | session6 | session7 | jobs FILE
 # Jobs of the parallel modes go round-robin over the visible GPUs (nvidia-h200-x2: two).
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
@@ -10,7 +10,7 @@ NGPU=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$NGPU" -ge 1 ] || NGPU=1
 one() {  # one quality.py process: GPU NAME MODEL CONFIG SEED [FP] [extra args]; FP only where asked
   gpu=$1 name=$2 model=$3 config=$4 seed=$5; shift 5
   fp="--no-fp"; if [ "${1:-}" = FP ]; then fp=""; shift; fi
-  CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/quality.py --model "$model" --device cuda --configs "$config" \
+  CUDA_VISIBLE_DEVICES=$gpu python3 ${SCRIPT:-benchmarks/quality.py} --model "$model" --device cuda --configs "$config" \
     --seeds "$seed" $fp --progress --tasks $TASKS --limit 100 "$@" \
     --out "$RES/q_$name.json" > "$RES/q_$name.md" 2> "$RES/q_$name.log"
 }
@@ -30,7 +30,7 @@ swaps() {  # issue 17: SpinQuant's R1 with QuaRot's R2 and the reverse, SpinQuan
   PARALLEL=4 run_jobs "$RES/swaps.txt"
 }
 run_jobs() {  # the lines of $1 in order, ${PARALLEL:-8} at a time, round-robin over the GPUs (or all on GPU $2)
-  export -f one; export RES TASKS
+  export -f one; export RES TASKS SCRIPT
   awk -v n="$NGPU" -v g="${2:-}" '{print (g == "" ? (NR-1)%n : g), $0}' "$1" |
     xargs -P "${PARALLEL:-8}" -L 1 bash -c 'one "$@"' _
 }
@@ -89,6 +89,15 @@ session6)  # the three bundled models converted once, then the jobs of lab/devic
   MODELS="smollm2-135m qwen2.5-coder-0.5b gemma3-270m" convert_models
   swaps > "$RES/swaps.log" 2>&1 &
   run_jobs lab/device/jobs/session6.txt
+  wait ;;
+session7)  # three lanes at once on one H200: Qwen2.5-Coder-1.5B rows (issue 12; folded on the GPU by
+  # lab/gpu_quality.py, 40 + 20 eval windows as in RESULTS §7, no zero-shot), the small-model rows
+  # (issues 17, 18) and the random-weight scale benchmarks of lab/device/jobs/session7_scale.sh
+  export OMP_NUM_THREADS=2
+  MODELS="smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b gemma3-270m" convert_models
+  bash lab/device/jobs/session7_scale.sh > "$RES/scale.log" 2>&1 &
+  (SCRIPT=lab/gpu_quality.py TASKS="" PARALLEL=4 run_jobs lab/device/jobs/session7_q15.txt) &
+  PARALLEL=4 run_jobs lab/device/jobs/session7_small.txt
   wait ;;
 jobs)  # device_batch.sh jobs FILE: the quality.py jobs listed in FILE (NAME MODEL CONFIG SEED [FP] [args])
   export OMP_NUM_THREADS=2
