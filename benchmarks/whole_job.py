@@ -45,6 +45,10 @@ windows per corpus (not calibration; it keeps each command within the limit). Th
     $M --layers 4 --methods quarot
     $M --layers 4 --methods dartquant
     rm -rf /tmp/wj/mixtral-8x7b-L2 /tmp/wj/mixtral-8x7b-L4
+In a background batch (no per-command limit) the same is one command, --clean keeping one folder
+at a time (16 GB of disk at most; lab/device/jobs/session7_moe.sh):
+    python benchmarks/whole_job.py --device cuda --dir /tmp/wj_moe --out docs/results/whole_job_moe_h200.json \
+        --shapes mixtral-8x7b --layers 2 4 --methods quarot dartquant --stream true --eval-max-windows 40 --clean
 After the second depth, the JSON's `full_depth` (and the last lines printed) holds the 32-layer
 estimates (a line through the depths measured, per stage) with each depth's memory peaks (flat).
 If L4 runs past the limit, measure --layers 1 instead: the line goes through L1 and L2.
