@@ -53,7 +53,7 @@ After the second depth, the JSON's `full_depth` (and the last lines printed) hol
 estimates (a line through the depths measured, per stage) with each depth's memory peaks (flat).
 If L4 runs past the limit, measure --layers 1 instead: the line goes through L1 and L2.
 The same at a tiny MoE shape on the CPU (a check of the path, not a measurement):
-    python benchmarks/whole_job.py --shapes tiny-moe --layers 2 4 --methods quarot dartquant --stream true \
+    python benchmarks/whole_job.py --shapes tiny-moe --layers 1 2 --methods quarot dartquant --stream true --clean \
         --device cpu --dir /tmp/wj_moe --calib-samples 4 --calib-seqlen 64 --eval-seqlen 64 --eval-max-windows 2
 
 Prints a table and writes JSON (the rows, the commands, the machine); a later invocation with
@@ -87,7 +87,7 @@ SHAPES = {**SHAPES, "tiny": dict(hidden_size=128, intermediate_size=320, num_hid
           "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_local_experts=8,
                                num_experts_per_tok=2, rope_theta=1e6),
-          "tiny-moe": dict(model_type="mixtral", hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+          "tiny-moe": dict(model_type="mixtral", hidden_size=128, intermediate_size=192, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=2, vocab_size=3000, num_local_experts=4,
                            num_experts_per_tok=2)}
 METHODS = ("rtn", "quarot", "dartquant", "spinquant")
