@@ -28,6 +28,34 @@ folder written by the first command of a shape is reused by the next ones; --cle
 Disk (float16 folder + one run folder): SmolLM2 0.3 + 0.2 GB, Llama-2-7B 13.5 + 3.8, Llama-3-8B
 16.1 + 5.6, Llama-2-70B 4 layers 7.9 + 2.8, 8 layers 14.7 + 4.5 (both depths kept: 27 GB).
 
+Mixtral-8x7B (a mixture of experts: 8 experts of 14336, top-2; ~93 GB in float16, so cut to 2
+and 4 layers; one block is 2.90 GB float16, the embedding and head 0.52 GB): its files keep
+Mixtral's per-expert names (block_sparse_moe.experts.<e>.w1/w3/w2), the router is random too, so
+every calibration token reaches its top-2 of 8 experts by a ~random routing (each expert sees about
+a quarter of the tokens): each row gives the fewest and most calibration tokens an expert got
+(`routed_tokens`, from GPTQ's forward) and the expert linears that got none (`unrouted`: RTN).
+One (depth, method) per command, calibration at the paper's 128 x 2048, evaluation cut to 40
+windows per corpus (not calibration; it keeps each command within the limit). The L2 folder
+(6.3 GB) and the L4 folder (12.1 GB) are both kept until the end, plus one run folder (~2-3.5 GB):
+~22 GB of disk; host memory ~15 GB by estimate (the windows' hidden states):
+    M="python benchmarks/whole_job.py --device cuda --dir /tmp/wj --out docs/results/whole_job_moe_h200.json \
+       --shapes mixtral-8x7b --stream true --eval-max-windows 40"
+    $M --layers 2 --methods quarot
+    $M --layers 2 --methods dartquant
+    $M --layers 4 --methods quarot
+    $M --layers 4 --methods dartquant
+    rm -rf /tmp/wj/mixtral-8x7b-L2 /tmp/wj/mixtral-8x7b-L4
+In a background batch (no per-command limit) the same is one command, --clean keeping one folder
+at a time (16 GB of disk at most; lab/device/jobs/session7_moe.sh):
+    python benchmarks/whole_job.py --device cuda --dir /tmp/wj_moe --out docs/results/whole_job_moe_h200.json \
+        --shapes mixtral-8x7b --layers 2 4 --methods quarot dartquant --stream true --eval-max-windows 40 --clean
+After the second depth, the JSON's `full_depth` (and the last lines printed) holds the 32-layer
+estimates (a line through the depths measured, per stage) with each depth's memory peaks (flat).
+If L4 runs past the limit, measure --layers 1 instead: the line goes through L1 and L2.
+The same at a tiny MoE shape on the CPU (a check of the path, not a measurement):
+    python benchmarks/whole_job.py --shapes tiny-moe --layers 1 2 --methods quarot dartquant --stream true --clean \
+        --device cpu --dir /tmp/wj_moe --calib-samples 4 --calib-seqlen 64 --eval-seqlen 64 --eval-max-windows 2
+
 Prints a table and writes JSON (the rows, the commands, the machine); a later invocation with
 the same --out adds its rows (replacing rows of the same shape, depth, method and stream), so
 one (shape, method, stream) per command fits a per-command time limit. Each run folder is
@@ -54,7 +82,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from dartquant_cost import SHAPES  # noqa: E402  (one table of real shapes for every benchmark)
 
 SHAPES = {**SHAPES, "tiny": dict(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=3000)}
+                                 num_key_value_heads=2, vocab_size=3000),
+          # mixtures of experts (model_type: the config class; the files keep one tensor per expert linear)
+          "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_local_experts=8,
+                               num_experts_per_tok=2, rope_theta=1e6),
+          "tiny-moe": dict(model_type="mixtral", hidden_size=128, intermediate_size=192, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=3000, num_local_experts=4,
+                           num_experts_per_tok=2)}
 METHODS = ("rtn", "quarot", "dartquant", "spinquant")
 IN_MEMORY_ONLY = ("spinquant", "ostquant")
 
@@ -84,12 +119,14 @@ def write_model(out: Path, shape: str, layers: int | None, init_device: str) -> 
     """Random float16 weights (std 0.02, norms 1) of the shape, one block per shard; returns GB written."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
     kw = dict(SHAPES[shape])
     if layers is not None:
         kw["num_hidden_layers"] = layers
-    config = LlamaConfig(**kw, max_position_embeddings=4096, tie_word_embeddings=False, torch_dtype="float16")
+    config = AutoConfig.for_model(kw.pop("model_type", "llama"), **kw, max_position_embeddings=4096,
+                                  tie_word_embeddings=False, torch_dtype="float16")
+    n_experts = getattr(config, "num_local_experts", None)  # Mixtral: a router and experts instead of one MLP
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -109,10 +146,18 @@ def write_model(out: Path, shape: str, layers: int | None, init_device: str) -> 
                        p + "self_attn.k_proj.weight": lambda: rnd(kv, h),
                        p + "self_attn.v_proj.weight": lambda: rnd(kv, h),
                        p + "self_attn.o_proj.weight": lambda: rnd(h, h),
-                       p + "mlp.gate_proj.weight": lambda: rnd(i, h), p + "mlp.up_proj.weight": lambda: rnd(i, h),
-                       p + "mlp.down_proj.weight": lambda: rnd(h, i),
                        p + "input_layernorm.weight": lambda: torch.ones(h, dtype=torch.float16),
                        p + "post_attention_layernorm.weight": lambda: torch.ones(h, dtype=torch.float16)})
+        if n_experts is None:
+            groups[-1].update({p + "mlp.gate_proj.weight": lambda: rnd(i, h),
+                               p + "mlp.up_proj.weight": lambda: rnd(i, h),
+                               p + "mlp.down_proj.weight": lambda: rnd(h, i)})
+        else:  # Mixtral's checkpoint names (w1 gate, w3 up, w2 down); a random router routes tokens ~uniformly
+            groups[-1][p + "block_sparse_moe.gate.weight"] = lambda: rnd(n_experts, h)
+            for e in range(n_experts):
+                x = f"{p}block_sparse_moe.experts.{e}."
+                groups[-1].update({x + "w1.weight": lambda: rnd(i, h), x + "w3.weight": lambda: rnd(i, h),
+                                   x + "w2.weight": lambda: rnd(h, i)})
     groups.append({"model.norm.weight": lambda: torch.ones(h, dtype=torch.float16),
                    "lm_head.weight": lambda: rnd(config.vocab_size, h)})
     weight_map, total = {}, 0
@@ -154,7 +199,11 @@ def run_one(model: Path, method: str, stream: str, args, run_dir: Path) -> dict:
     row.update(seconds=m.get("seconds", {}), streamed="stream" in m,
                host_rss_GB=round(peaks.get("cpu_rss", 0) / 1e9, 2),
                gpu_GiB=round(peaks["cuda"] / 2**30, 2) if "cuda" in peaks else None,
-               ppl=m.get("ppl"), shards=m.get("stream", {}).get("shards"))
+               ppl=m.get("ppl"), shards=m.get("stream", {}).get("shards"),
+               unrouted=m.get("gptq_rtn_fallbacks", []))  # MoE: expert linears GPTQ saw no token for (RTN)
+    if "moe_routed_tokens" in m:  # MoE: calibration tokens per expert (fewest, most; of calib_tokens x top-k)
+        routed = m["moe_routed_tokens"]
+        row["routed_tokens"] = {k: routed[k] for k in ("calib_tokens", "min", "max")}
     return row
 
 
@@ -209,10 +258,57 @@ def main() -> int:
         kept = [r for r in old.get("rows", []) if tuple(r[k] for k in key) not in mine]
         result = {"commands": old.get("commands", []) + [" ".join(sys.argv)], "machine": machine(args.device),
                   "rows": kept + rows}
+        result["full_depth"] = extrapolate(result["rows"])  # from every invocation's rows: one depth per command
+        for e in result["full_depth"]:
+            print(format_extrapolated(e))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"\nwrote {out} ({len(result['rows'])} rows)")
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def extrapolate(rows: list[dict]) -> list[dict]:
+    """Full-depth estimates of each (shape, method, stream) measured at two or more cut depths:
+    decoder layers are identical, so each stage's seconds (and the wall time) are a fixed part plus
+    a per-layer part: a least-squares line through (layers, seconds), evaluated at the full depth.
+    A stage whose line falls with depth (noise above its per-layer cost) is listed in
+    `not_extrapolable`. Peaks are given as measured at each depth: they must be flat in depth."""
+    out = []
+    groups: dict = {}
+    for r in rows:
+        if "error" not in r and r["layers"] < SHAPES.get(r["shape"], {}).get("num_hidden_layers", 0):
+            groups.setdefault((r["shape"], r["method"], r["stream"]), {})[r["layers"]] = r
+    for (shape, method, stream), by_depth in sorted(groups.items()):
+        if len(by_depth) < 2:
+            continue
+        depths, n = sorted(by_depth), SHAPES[shape]["num_hidden_layers"]
+        bad: list[str] = []
+
+        def at_n(key: str, values: list[float]) -> float:
+            mx, my = sum(depths) / len(depths), sum(values) / len(values)
+            slope = sum((x - mx) * (y - my) for x, y in zip(depths, values)) / sum((x - mx) ** 2 for x in depths)
+            if slope < 0:
+                bad.append(key)
+            return round(my + slope * (n - mx), 1)
+
+        last = by_depth[depths[-1]]
+        stages = {k: at_n(k, [by_depth[d]["seconds"].get(k, 0.0) for d in depths]) for k in last["seconds"]}
+        e = {"shape": shape, "layers": n, "method": method, "stream": stream, "from_layers": depths,
+             "wall_s": at_n("wall_s", [by_depth[d]["wall_s"] for d in depths]), "seconds": stages,
+             "host_rss_GB": [by_depth[d]["host_rss_GB"] for d in depths],
+             "gpu_GiB": [by_depth[d]["gpu_GiB"] for d in depths]}
+        if bad:
+            e["not_extrapolable"] = bad
+        out.append(e)
+    return out
+
+
+def format_extrapolated(e: dict) -> str:
+    at = " / ".join(f"L{d}" for d in e["from_layers"])
+    return (f"{e['shape']} at {e['layers']} layers (from {at}) {e['method']} stream={e['stream']}: "
+            f"~{e['wall_s']} s wall; " + ", ".join(f"{k} {e['seconds'][k]:.0f}" for k in STAGES if k in e["seconds"])
+            + f"; peaks {at}: host RSS {e['host_rss_GB']} GB, GPU {e['gpu_GiB']} GiB"
+            + (f"; not extrapolable (falls with depth): {e['not_extrapolable']}" if "not_extrapolable" in e else ""))
 
 
 STAGES = ("load", "eval_fp", "capture", "calibrate", "rotate", "quantize", "eval", "save", "guard")
@@ -224,7 +320,10 @@ def format_row(r: dict) -> str:
                f"{r['error'].strip().splitlines()[-1] if r['error'].strip() else ''}"
     s = r["seconds"]
     return (f"{r['shape']} L{r['layers']} {r['method']} stream={r['stream']}: {r['wall_s']} s wall, host RSS "
-            f"{r['host_rss_GB']} GB, GPU {r['gpu_GiB']} GiB; " + ", ".join(f"{k} {s[k]:.1f}" for k in STAGES if k in s))
+            f"{r['host_rss_GB']} GB, GPU {r['gpu_GiB']} GiB; " + ", ".join(f"{k} {s[k]:.1f}" for k in STAGES if k in s)
+            + (f"; tokens per expert {r['routed_tokens']['min']}..{r['routed_tokens']['max']} of "
+               f"{r['routed_tokens']['calib_tokens']}, unrouted {r['unrouted'] or 'none'}"
+               if "routed_tokens" in r else ""))
 
 
 def table(rows: list[dict]) -> str:

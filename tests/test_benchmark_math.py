@@ -40,3 +40,19 @@ def test_a_cost_that_shrinks_with_depth_is_flagged_and_only_its_ratio_is_withhel
 
 def test_a_single_depth_cannot_be_extrapolated():
     assert "error" in extrapolate([_row("ostquant", 4, 1.0, 1.0, 1.0)], 80)
+
+
+def test_whole_job_full_depth_is_a_line_through_the_cut_depths():
+    """benchmarks/whole_job.py: per stage, t(32) from rows at 2 and 4 layers; falling costs flagged."""
+    from whole_job import extrapolate as whole_job_extrapolate
+
+    def row(layers, wall, quantize, save, method="quarot"):
+        return {"shape": "mixtral-8x7b", "layers": layers, "method": method, "stream": "true", "wall_s": wall,
+                "seconds": {"quantize": quantize, "save": save}, "host_rss_GB": 9.0, "gpu_GiB": 30.0}
+
+    rows = [row(2, 100.0, 50.0, 3.0), row(4, 160.0, 90.0, 2.0), row(4, 1.0, 1.0, 1.0, method="dartquant"),
+            {"shape": "mixtral-8x7b", "layers": 2, "method": "dartquant", "stream": "true", "error": "x"}]
+    (e,) = whole_job_extrapolate(rows)  # dartquant: one depth that did not fail: no estimate
+    assert (e["method"], e["layers"], e["from_layers"]) == ("quarot", 32, [2, 4])
+    assert e["wall_s"] == 100.0 + 30 * 30 and e["seconds"]["quantize"] == 50.0 + 20 * 30
+    assert e["not_extrapolable"] == ["save"] and e["gpu_GiB"] == [30.0, 30.0]

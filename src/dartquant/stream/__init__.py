@@ -12,7 +12,8 @@ shards.py). Who streams (`RunConfig.stream`):
            in-memory path and its byte-identical results.
 What cannot stream: methods that train end to end through the whole network (spinquant,
 ostquant: backpropagation over every block at once), zero-shot tasks (lm-eval drives a whole
-model), mixtures of experts (fused 3-D expert tensors), logit soft-capping heads.
+model), logit soft-capping heads. Mixtures of experts stream (source.py reads one tensor per
+expert; GPTQ per expert with its routed tokens is quant/weights.gptq_block_, as in memory).
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ STREAM_MODES = ("auto", "true", "false")
 
 def stream_refusal(cfg, config) -> str | None:
     """Why this run cannot stream, or None."""
-    from ..adapters import adapter_for
-
     if cfg.rotations is None and cfg.method not in STREAMABLE_METHODS:
         return (f"method {cfg.method} trains its rotations end to end through the whole network "
                 f"(backpropagation over every block at once), which is not layer-wise; streaming runs "
@@ -40,9 +39,6 @@ def stream_refusal(cfg, config) -> str | None:
             return "the rotations carry DuQuant's online block transforms, which streaming does not install yet"
     if cfg.eval.tasks:
         return "zero-shot tasks run lm-eval over a whole model; leave --tasks out (perplexity streams)"
-    adapter = adapter_for(config)
-    if adapter.moe is not None:
-        return f"{adapter.family} is a mixture of experts (fused expert tensors): not streamed yet"
     if getattr(config, "final_logit_softcapping", None):
         return "the model soft-caps its logits (Gemma): the streamed head does not"
     return None
@@ -52,9 +48,16 @@ def fp32_bytes(config) -> int:
     """The float32 size of the model a config describes (embedding, untied head, blocks)."""
     from ..adapters import adapter_for
 
-    g = adapter_for(config).geometry(config)
+    adapter = adapter_for(config)
+    g = adapter.geometry(config)
     attn = g.hidden * g.head_dim * (2 * g.n_heads + 2 * g.n_kv_heads)
-    block = attn + 3 * g.hidden * g.intermediate + 2 * g.hidden
+    mlp = 3 * g.hidden * g.intermediate
+    if adapter.moe is not None:  # every block a MoE block (an upper bound where some are dense): experts,
+        n_exp = getattr(config, adapter.moe.n_experts)  # the router, a shared expert and its gate
+        mlp = g.hidden * (3 * n_exp * getattr(config, adapter.moe.expert_intermediate) + n_exp)
+        if adapter.moe.shared is not None:
+            mlp += g.hidden * (3 * config.shared_expert_intermediate_size + 1)
+    block = attn + mlp + 2 * g.hidden
     outer = g.vocab * g.hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
     return 4 * (g.n_layers * block + outer + g.hidden)
 

@@ -93,3 +93,25 @@ def ppl_metrics(norm, head, hidden: dict, windows: dict, device) -> dict:
         tokens += n
     out["tokens"] = tokens
     return out
+
+
+class RoutedTokens:
+    """Counts the tokens routed to each expert of a MoE block from now until `close()` (which
+    returns [counts], or [] for a dense block). Read off the experts' routing argument, so around
+    GPTQ's calibration forward it is what each expert's Hessians saw."""
+
+    def __init__(self, block: nn.Module, adapter):
+        self.handle = None
+        if adapter.is_moe_block(block):
+            experts = block.get_submodule(f"{adapter.mlp}.{adapter.moe.experts}")
+            self.seen = torch.zeros(len(experts), dtype=torch.long)
+            self.handle = experts.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:  # RoutedExperts.forward(hidden, top_k_index [T, k], top_k_weights)
+        self.seen.add_(torch.bincount(args[1].reshape(-1).cpu(), minlength=self.seen.numel()))
+
+    def close(self) -> list[list[int]]:
+        if self.handle is None:
+            return []
+        self.handle.remove()
+        return [self.seen.tolist()]

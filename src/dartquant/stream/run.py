@@ -51,7 +51,7 @@ from ..transforms.fuse import exact_norms_, fuse_final_norm_, fuse_layer_norms_
 from ..transforms.online import install_online_
 from ..transforms.rotation import check_foldable, fold_layer_, fold_outer_, fold_values
 from ..zoo import resolve_model
-from .passes import BlockRunner, ppl_metrics
+from .passes import BlockRunner, RoutedTokens, ppl_metrics
 from .shards import ShardWriter
 from .source import StreamedModel
 
@@ -207,6 +207,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
         del embed_w
 
         unrouted: list[str] = []
+        routed: list[list[int]] = []
         log.info("quantizing weights (%s, %d bits), streamed", sc.weight_quantizer, sc.w_bits)
         for i in tqdm(range(n_layers), desc="quantize pass", disable=not progress, leave=False):
             path = sm.block_path(i)
@@ -228,10 +229,12 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                     for linear in layer.linears().values():
                         commit(linear, QuantizedTensor.from_float(linear.weight.data.float(), spec))
                 elif gptq:
+                    counter = RoutedTokens(block, adapter)  # MoE: each expert's tokens in GPTQ's forward
                     set_act_quant_enabled_(block, sc.gptq_act_quant)
                     try:
                         forward = runner.forward_fn(block, q_calib)
                         unrouted += gptq_block_(block, adapter, forward, sc, commit, names.__getitem__)
+                        routed += counter.close()
                         if i + 1 < n_layers:
                             forward(True)  # the next block's inputs: this quantized block's outputs
                     finally:
@@ -253,6 +256,9 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
         del q_calib
         if unrouted:
             metrics["gptq_rtn_fallbacks"] = unrouted
+        if routed:  # how the calibration tokens reached the experts (streamed runs only)
+            metrics["moe_routed_tokens"] = {"calib_tokens": int(calib_ids.numel()), "min": min(map(min, routed)),
+                                            "max": max(map(max, routed)), "per_moe_layer": routed}
 
         # ---- head: final norm, lm_head, perplexity, guard ------------------------------------------
         with timer("load"):

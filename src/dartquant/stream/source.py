@@ -14,11 +14,18 @@ Design choices:
 * Every key and shape is checked against config.json before any work (`check()`): a damaged or
   foreign folder fails with the missing names, not in block 27 of 32.
 * A tied lm_head (no `lm_head.weight` in the files) reads the embedding's key.
+* Mixtures of experts: transformers 5 fuses a block's experts into 3-D tensors when it loads a
+  checkpoint, but checkpoints (the hub's, and its own save_pretrained's) keep one tensor per
+  expert linear under the family's names. The skeleton is split at once into one nn.Linear per
+  expert (transforms.fuse.split_experts_, structure only, as the in-memory pipeline splits), and
+  each split name maps to one file key (`key()`, MOE_FILE_NAMES): a block reads only its own
+  experts, and no fused [E, 2I, H] copy is ever built.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -28,6 +35,11 @@ from torch import nn
 from ..adapters import adapter_for
 
 INDEX_FILE = "model.safetensors.index.json"
+
+# model_type -> (the MoE block's name in the files, file names of the experts' linears): the
+# skeleton's split expert `<mlp>.experts.<e>.<role>.weight` is `<block>.experts.<e>.<file role>.weight`
+# on disk (roles as modules.GatedMLP names them); families not listed use the skeleton's names.
+MOE_FILE_NAMES = {"mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"})}
 
 
 class SafetensorsFiles:
@@ -97,14 +109,16 @@ class StreamedModel:
         except Exception as e:  # transformers raises OSError / ValueError / KeyError on bad configs
             raise ModelLoadError(f"could not read {self.folder}/config.json: {type(e).__name__}: {e}") from e
         self.adapter = adapter_for(config)
-        if self.adapter.moe is not None:
-            raise NotImplementedError(f"streaming supports dense families only; {self.adapter.family} is a "
-                                      "mixture of experts: use --stream false")
         self.files = SafetensorsFiles(self.folder)
         register_attention()
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.adapter.rebuild_rotary_(self.model)  # real rotary buffers (and Gemma's embedding scale)
+        if self.adapter.moe is not None:  # one linear per expert, as the files (and the checkpoint) hold them
+            from ..transforms.fuse import split_experts_
+
+            split_experts_(self.model, self.adapter)
+            self._moe_names = MOE_FILE_NAMES.get(config.model_type, (self.adapter.mlp, {}))
         self.model.eval()
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.check()
@@ -115,7 +129,21 @@ class StreamedModel:
         head = f"{self.adapter.lm_head}.weight"
         if name == head and name not in self.files.where and self.tied:
             return f"{self.adapter.embed}.weight"
+        if self.adapter.moe is not None:
+            return self._moe_key(name)
         return name
+
+    def _moe_key(self, name: str) -> str:
+        """A MoE block's parameter's file key: the family's block name and expert linear names."""
+        block_mlp = re.match(rf"({re.escape(self.adapter.layers)}\.\d+)\.{re.escape(self.adapter.mlp)}\.(.+)$", name)
+        if block_mlp is None:
+            return name
+        file_mlp, roles = self._moe_names
+        rest = block_mlp.group(2)
+        expert = re.match(rf"{re.escape(self.adapter.moe.experts)}\.(\d+)\.(\w+)\.weight$", rest)
+        if expert is not None and expert.group(2) in roles:
+            rest = f"{self.adapter.moe.experts}.{expert.group(1)}.{roles[expert.group(2)]}.weight"
+        return f"{block_mlp.group(1)}.{file_mlp}.{rest}"
 
     def check(self) -> None:
         """Every parameter of the skeleton is in the files with its shape (before any work)."""
