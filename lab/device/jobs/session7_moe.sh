@@ -7,6 +7,6 @@
 set -u
 RES=${RES:-/tmp/res}
 python3 benchmarks/whole_job.py --device cuda --dir /tmp/wj_moe --out "$RES/whole_job_moe_h200.json" \
-  --shapes mixtral-8x7b --layers 2 4 --methods quarot dartquant --stream true --eval-max-windows 40 --clean \
+  --shapes mixtral-8x7b --layers 2 4 --methods dartquant quarot --stream true --eval-max-windows 40 --clean \
   > "$RES/wj_moe.md" 2> "$RES/wj_moe.log"
 touch "$RES/DONE-wjmoe"
