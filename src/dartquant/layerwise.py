@@ -59,9 +59,13 @@ def run_block(block: nn.Module, hidden: torch.Tensor, pos_emb: tuple, mask: torc
 
 @torch.no_grad()
 def iterate_blocks(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, device: str | torch.device,
-                   progress: bool = True, desc: str = "layers") -> Iterator[tuple[int, nn.Module, Callable]]:
+                   progress: bool = True, desc: str = "layers", *, batch: int = 1,
+                   resident: bool = False) -> Iterator[tuple[int, nn.Module, Callable]]:
     """Yield (index, block on device, forward) for each block; `forward(update)` runs the block over
     every calibration sequence and, if update, replaces the stored inputs by its outputs.
+
+    `batch` sequences go through the block per call (1: one window's activations on the device);
+    `resident`: the hidden states live on the device, not on the host (no round trip per block).
 
     The caller may change the block between forwards (e.g. quantize its weights, then call
     forward(update=True) so the next block sees the quantized block's outputs).
@@ -70,6 +74,8 @@ def iterate_blocks(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, d
     # Blocks run without a mask: only SDPA (which we delegate to) is then causal; eager would not be.
     model.set_attn_implementation(register_attention())
     hidden = embed_inputs(model, adapter, ids)  # [n, S, hidden] on CPU
+    if resident:
+        hidden = hidden.to(device)
     blocks = adapter.decoder_layers(model)
     kinds = {adapter.attention_kind(b) for b in blocks}  # (rotary layer type, sliding window)
     pos_embs = {k: position_embeddings(model, hidden, device, adapter, k[0]) for k in {(t, None) for t, _ in kinds}}
@@ -82,10 +88,10 @@ def iterate_blocks(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, d
         pos_emb, mask = pos_embs[(layer_type, None)], masks[window]
 
         def forward(update: bool, block=block, pos_emb=pos_emb, mask=mask) -> None:
-            for j in range(hidden.shape[0]):
-                out = run_block(block, hidden[j: j + 1].to(device), pos_emb, mask)
+            for j in range(0, hidden.shape[0], batch):
+                out = run_block(block, hidden[j: j + batch].to(device), pos_emb, mask)
                 if update:
-                    hidden[j: j + 1] = out.to(hidden.device, hidden.dtype)
+                    hidden[j: j + batch] = out.to(hidden.device, hidden.dtype)
 
         yield i, block, forward
         block.to(home)

@@ -122,6 +122,11 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
             with timer("eval_fp"):  # (the guard's and the capture's few windows too)
                 fp_eval = {c: runner.embed(ids) for c, ids in windows.items()} if eval_fp else None
                 fp_guard, cap_hidden = runner.embed(g_ids), runner.embed(calib_ids) if cap else None
+            if cap is not None:  # the capture's forwards batched, its states on the device if they fit (capture.py)
+                from ..calib.capture import forward_plan
+
+                cap_batch, resident = forward_plan(*cap_hidden.shape, cap_hidden.dtype, device)
+                cap_hidden = cap_hidden.to(device) if resident else cap_hidden
             fp_trace = guard.GuardTrace(g_ids) if g_ids is not None else None
             sm.release_(adapter.embed)
             for i in tqdm(range(n_layers), desc="FP pass", disable=not progress, leave=False):
@@ -140,7 +145,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                     with timer("capture"):
                         fuse_layer_norms_(adapter.layer(block))  # capture sees the norm-fused, unrotated block
                         cap.attach(i, block, adapter)
-                        runner.run_(block, cap_hidden)
+                        runner.run_(block, cap_hidden, batch=cap_batch)
                         cap.detach()
                 sm.release_(path)
             if eval_fp or g_ids is not None:  # the raw final norm and lm_head
