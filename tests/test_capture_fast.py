@@ -39,22 +39,18 @@ def test_forward_order_is_the_blocks_call_order():
 
 
 @torch.no_grad()
-def test_r2_sink_gets_each_layers_rows_and_the_buffer_is_one_layer():
+def test_one_layer_r2_buffer_holds_each_layers_rows_after_its_block():
     model = make_tiny_model("llama-tied-gqa", dtype=torch.float64)
     fuse_norms_(model)
     ids = torch.randint(0, 101, (3, 20), generator=torch.Generator().manual_seed(3))
     full = capture_activations(model, ids, fraction=0.3, seed=1, progress=False)
     adapter = adapter_for(model)
-    got = {}
-    cap = ActivationCapture(adapter.geometry(model.config), *ids.shape, fraction=0.3, seed=1,
-                            r2_sink=lambda i, rows: got.__setitem__(i, rows.clone()))
+    cap = ActivationCapture(adapter.geometry(model.config), *ids.shape, fraction=0.3, seed=1, r2_one_layer=True)
     assert cap.r2.shape[0] == 1
     for i, block, forward in iterate_blocks(model, adapter, ids, "cpu", False):
         cap.attach(i, block, adapter)
         forward(update=True)
         cap.detach()
+        assert torch.equal(cap.r2[0], full.r2[i])
     res = cap.result()
     assert res.r2 is None and torch.equal(res.r1, full.r1)
-    assert sorted(got) == list(range(full.r2.shape[0]))
-    for i, rows in got.items():
-        assert torch.equal(rows, full.r2[i])

@@ -9,8 +9,8 @@ Samples are stored in half precision (fp16; the math later is fp32) in prealloca
 size is fixed by the token budget, so memory does not grow with depth beyond the sampled buffer.
 The o_proj samples are written straight into their final per-KV-head layout (no reshuffling copy
 of the R2 buffer at the end), and always to host memory: the device only ever holds one block.
-With `r2_sink`, the R2 buffer holds one layer only and is handed over after each layer (the
-streamed pass fits that layer's R2 at once: host memory flat in depth).
+With `r2_one_layer`, the R2 buffer holds one layer only, used after each block (the streamed
+pass fits that layer's R2 at once: host memory flat in depth).
 In a mixture-of-experts block no single expert sees every token, so the MLP stream is sampled
 where it enters the experts (RoutedExperts.input_observer: all tokens, before routing).
 The public DartQuant code wrote one file per (sample, layer, module); nothing here touches disk.
@@ -53,6 +53,7 @@ class Captured:
     fraction_r1: float  # fraction of each sequence's tokens kept for R1 (per observed linear)
     fraction_r2: float  # ... and for R2
     tokens_seen: int  # tokens per layer that passed through
+    r2_fitter: object = None  # with r2 None: calib.dartquant.R2Fitter, each layer's R2 fitted during the capture
 
 
 def sample_fraction(n_tokens_per_layer: int, n_layers: int, fraction: float, max_r1_tokens: int | None) -> float:
@@ -134,12 +135,12 @@ class ActivationCapture:
     block)` before block i runs over every calibration sequence, `detach()` after. Shared by
     capture_activations (in memory) and the streamed pass (stream/), so both draw the same tokens.
 
-    `r2_sink(i, rows)`: if given, the R2 buffer holds one layer ([kv_heads, tokens * kv_groups,
-    head_dim], reused) and `detach()` hands layer i's rows to the sink, which must use them
-    before the next block is attached; `result().r2` is then None."""
+    `r2_one_layer`: the R2 buffer holds one layer ([1, kv_heads, tokens * kv_groups, head_dim],
+    reused): after `detach()`, `r2[0]` holds the last block's rows until the next `attach`; the
+    caller uses them then (the streamed pass fits that layer's R2); `result().r2` is None."""
 
     def __init__(self, geo, n_seq: int, seqlen: int, *, fraction: float = 0.1, max_r1_tokens: int | None = 262_144,
-                 seed: int = 0, store_dtype: torch.dtype = torch.float16, r2_sink=None):
+                 seed: int = 0, store_dtype: torch.dtype = torch.float16, r2_one_layer: bool = False):
         if n_seq == 0:
             raise ValueError("capture needs at least one calibration sequence")
         self.geo, self.seqlen, self.n_seq = geo, seqlen, n_seq
@@ -154,12 +155,11 @@ class ActivationCapture:
         # t * kv_groups + g of KV head h is query head h * kv_groups + g of sampled token t (the
         # query heads of a KV group are pooled). Layer i's sampler writes through the view
         # [tokens, kv_heads, kv_groups, head_dim] of r2[i].
-        self.r2_sink = r2_sink
-        self.r2 = torch.empty(1 if r2_sink else geo.n_layers, geo.n_kv_heads, n_seq * self.k2 * geo.kv_groups,
+        self.r2_one_layer = r2_one_layer
+        self.r2 = torch.empty(1 if r2_one_layer else geo.n_layers, geo.n_kv_heads, n_seq * self.k2 * geo.kv_groups,
                               geo.head_dim, dtype=store_dtype)
         self.g = torch.Generator().manual_seed(seed)
         self.observed: list = []
-        self.layer: int | None = None
 
     def _draw(self, ks: dict[str, int]) -> dict[str, torch.Tensor]:
         """Each observed role's token indices [n_seq, k], drawn sequence by sequence and, within a
@@ -177,25 +177,22 @@ class ActivationCapture:
         # what R1 and R2 act on, from the placement table: R1's probes pooled, R2's per layer
         r1_stores = [(role, self.k1, self.r1[(n_r1 * i + j) * per: (n_r1 * i + j + 1) * per])
                      for j, role in enumerate(R1_PROBES)]
-        r2 = self.r2[0 if self.r2_sink else i]
+        r2 = self.r2[0 if self.r2_one_layer else i]
         r2_stores = [(role, self.k2, kv_head_token_view(r2, self.geo.kv_groups)) for role in SPECS["R2"].probes]
         idx = self._draw({role: k for role, k, _ in r1_stores + r2_stores})
         for role, _, store in r1_stores + r2_stores:
             q = _observable(adapter, block, layer, role)
             q.input_observer = _Sampler(idx[role], self.seqlen, store)
             self.observed.append(q)
-        self.layer = i
 
     def detach(self) -> None:
         for q in self.observed:
             q.input_observer.flush()
             q.input_observer = None
         self.observed = []
-        if self.r2_sink is not None:
-            self.r2_sink(self.layer, self.r2[0])
 
     def result(self) -> Captured:
-        return Captured(r1=self.r1, r2=None if self.r2_sink else self.r2, fraction_r1=self.k1 / self.seqlen,
+        return Captured(r1=self.r1, r2=None if self.r2_one_layer else self.r2, fraction_r1=self.k1 / self.seqlen,
                         fraction_r2=self.k2 / self.seqlen, tokens_seen=self.n_seq * self.seqlen)
 
 

@@ -3,9 +3,11 @@
     skeleton on meta (source.py); untie, exact norms: structure only
     FP pass (if needed)  embed -> per block: load raw -> eval / guard windows through it (the FP
                          reference) -> fuse its norms -> DartQuant capture over calibration
-                         windows -> release; then the raw final norm + head: FP perplexity
-    rotations            the method's producer (QuaRot from the geometry; DartQuant fits on the
-                         captured samples, exactly as in memory), or the --rotations file
+                         windows, that layer's R2 fitted at once (one layer's samples held) ->
+                         release; then the raw final norm + head: FP perplexity
+    rotations            the method's producer (QuaRot from the geometry; DartQuant fits R1 on the
+                         captured samples, as in memory, and takes the R2s fitted in the pass),
+                         or the --rotations file
     structure            online R3 / R4 and the quantizers installed on the skeleton
     quantize pass        embedding folded -> calibration hidden states (GPTQ), rounded to
                          unquantized_dtype -> eval / guard hidden states; per block: load raw ->
@@ -111,12 +113,16 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
         # ---- FP pass: FP perplexity, the guard's FP reference, DartQuant's capture -------------
         captured = ref = None
         if eval_fp or g_ids is not None or capture_needed:
-            cap = None
+            cap = r2_fitter = None
             if capture_needed:
                 from ..calib.capture import ActivationCapture
+                from ..calib.dartquant import R2Fitter
 
+                # each layer's R2 is fitted as soon as its rows are captured: one layer's rows in memory
                 cap = ActivationCapture(geo, calib_ids.shape[0], calib_ids.shape[1],
-                                        fraction=cfg.section("dartquant").token_fraction, seed=cfg.seed)
+                                        fraction=cfg.section("dartquant").token_fraction, seed=cfg.seed,
+                                        r2_one_layer=True)
+                r2_fitter = R2Fitter(geo, cfg)
             with timer("load"):
                 sm.load_(adapter.embed, device)  # on the device: the host keeps no copy of it
             with timer("eval_fp"):  # (the guard's and the capture's few windows too)
@@ -147,6 +153,8 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                         cap.attach(i, block, adapter)
                         runner.run_(block, cap_hidden, batch=cap_batch)
                         cap.detach()
+                    with timer("calibrate"):
+                        r2_fitter.fit_layer_(i, cap.r2[0])
                 sm.release_(path)
             if eval_fp or g_ids is not None:  # the raw final norm and lm_head
                 with timer("load"):
@@ -162,6 +170,8 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 sm.release_(adapter.lm_head)
             del fp_eval, fp_guard
             captured = cap.result() if cap is not None else None
+            if captured is not None:
+                captured.r2_fitter = r2_fitter
             del cap_hidden
 
         # ---- rotations ---------------------------------------------------------------------------
