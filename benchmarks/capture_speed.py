@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--modes", nargs="+", default=["legacy", "batch1", "fast"], choices=["legacy", "batch1", "fast"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--profile", choices=["legacy", "batch1", "fast"], default=None,
+                    help="run this mode once more under torch.profiler: its top operators go to the JSON and stdout")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import torch
@@ -163,11 +165,23 @@ def main() -> None:
             row["buffer_abs_max"] = float(max(ref.r1.float().abs().max(), ref.r2.float().abs().max()))
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
+    profile = None
+    if args.profile:  # where the time goes (CPU-side self time: launches, syncs, copies)
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=acts) as prof:
+            runs[args.profile]()
+            if cuda:
+                torch.cuda.synchronize()
+        profile = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+        print(profile)
     info = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if cuda else None,
             "threads": torch.get_num_threads()}
     out = {"machine": info, "args": vars(args), "prepare_s": round(prep_s, 1), "rows": rows,
            "r1_rows": int(results[args.modes[-1]].r1.shape[0]), "r2_shape": list(results[args.modes[-1]].r2.shape),
-           "peak_cpu_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+           "peak_cpu_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+           "profile": profile}
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1))
     tmp.replace(args.out)  # atomic
