@@ -15,8 +15,10 @@ In a mixture-of-experts block no single expert sees every token, so the MLP stre
 where it enters the experts (RoutedExperts.input_observer: all tokens, before routing).
 The public DartQuant code wrote one file per (sample, layer, module); nothing here touches disk.
 
-Speed (on a GPU the capture was launch- and sync-bound, 136-164 s for SmolLM2; the forwards
-themselves are ~1 s of work):
+Speed (SmolLM2's capture took 136-164 s on a shared H200 against 2-6 s for QuaRot's stage, with
+one 2048-token sequence per block call, a device -> host copy, i.e. a sync, per sequence and
+observed linear, and the hidden states going to the host and back per block;
+benchmarks/capture_speed.py times the old and the new path side by side):
   * every sampled token index is drawn when a block is attached, in the order the per-call
     sampler of earlier versions drew them (sequence by sequence, the observed linears in forward
     order), so the same seed keeps the same tokens whatever the forward batch;
@@ -76,8 +78,9 @@ RESIDENT_SHARE = 0.25
 def forward_plan(n_seq: int, seqlen: int, hidden: int, dtype: torch.dtype, device) -> tuple[int, bool]:
     """(sequences per block forward, keep the hidden states on the device) for a capture pass.
 
-    On the CPU one sequence per call and host-resident states (batching buys nothing there: the
-    matmuls are already large); on a GPU FORWARD_TOKENS per call, resident when they fit."""
+    On the CPU one sequence per call and host-resident states, as before (the matmuls of one
+    sequence already fill the cores, and the CPU path stays bit for bit what it was); on a GPU
+    FORWARD_TOKENS per call, resident when they fit."""
     device = torch.device(device)
     if device.type == "cpu":
         return 1, False
