@@ -14,7 +14,7 @@ Modes, each a row:
            and a device -> host copy (a sync) of its rows per call, hidden states on the host;
   batch1   the current sampler (indices drawn per block, rows staged on the device, one copy per
            block) at one sequence per call, states on the host: the share of the sampler alone;
-  fast     the current capture as the pipeline runs it (capture.forward_plan: batched forwards,
+  fast     the current capture as the pipeline runs it (layerwise.forward_plan: batched forwards,
            hidden states on the device when they fit).
 Every mode must keep the same rows: `max_abs_diff_vs_legacy` (and the share of identical fp16
 values) says so; on a GPU, batched kernels may round differently, so a few fp16 ulps are expected.
@@ -129,7 +129,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from dartquant.calib.capture import capture_activations, forward_plan
+    from dartquant.calib.capture import capture_activations
+    from dartquant.layerwise import forward_plan
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,7 +2,9 @@
 
 Weights stay where they are (the CPU); each block is moved to the compute device, run over
 all calibration sequences, and moved back, and its outputs become the next block's inputs.
-Peak device memory is one block plus one sequence's activations, whatever the depth.
+Peak device memory is one block plus one call's activations, whatever the depth: one sequence
+per call on the CPU; on a GPU `forward_plan` batches sequences (launch- and sync-bound
+otherwise) and keeps the hidden states on the device when they fit.
 
 The block inputs are computed explicitly (embedding, rotary position embeddings, no mask:
 transformers' SDPA path is then causal), instead of capturing them by raising an exception
@@ -21,6 +23,30 @@ from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter, adapter_for
 from .modules import register_attention
+
+
+# Tokens per block forward: several calibration sequences per call keep the GPU busy (one
+# 2048-token sequence of a small model is a few microseconds of work per kernel); at 70B shape
+# the float32 MLP activations of 16k tokens are ~2 GiB each, within the 24 GiB device target.
+FORWARD_TOKENS = 16384
+# Hidden states stay on the device between blocks when they take at most this share of its free memory.
+RESIDENT_SHARE = 0.25
+
+
+def forward_plan(n_seq: int, seqlen: int, hidden: int, dtype: torch.dtype, device) -> tuple[int, bool]:
+    """(sequences per block forward, keep the hidden states on the device) for a block-by-block
+    pass over calibration windows (DartQuant's capture, GPTQ).
+
+    On the CPU one sequence per call and host-resident states, as before (the matmuls of one
+    sequence already fill the cores, and the CPU path stays bit for bit what it was); on a GPU
+    FORWARD_TOKENS per call, resident when they fit."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return 1, False
+    batch = max(1, min(n_seq, FORWARD_TOKENS // max(1, seqlen)))
+    need = n_seq * seqlen * hidden * torch.empty((), dtype=dtype).element_size()
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    return batch, need <= RESIDENT_SHARE * free
 
 
 @torch.no_grad()

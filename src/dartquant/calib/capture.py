@@ -37,7 +37,7 @@ from torch import nn
 
 from ..adapters import LINEAR_ROLES, MLP_ROLES, ModelAdapter, adapter_for
 from ..transforms.fuse import split_experts_
-from ..layerwise import iterate_blocks
+from ..layerwise import forward_plan, iterate_blocks
 from ..modules import as_qlinear
 from ..transforms.placements import SPECS, kv_head_token_view
 
@@ -65,29 +65,6 @@ def sample_fraction(n_tokens_per_layer: int, n_layers: int, fraction: float, max
     if max_r1_tokens is not None:
         fraction = min(fraction, max_r1_tokens / (len(R1_PROBES) * n_layers * n_tokens_per_layer))
     return fraction
-
-
-# Tokens per block forward: several calibration sequences per call keep the GPU busy (one
-# 2048-token sequence of a small model is a few microseconds of work per kernel); at 70B shape
-# the float32 MLP activations of 16k tokens are ~2 GiB each, within the 24 GiB device target.
-FORWARD_TOKENS = 16384
-# Hidden states stay on the device between blocks when they take at most this share of its free memory.
-RESIDENT_SHARE = 0.25
-
-
-def forward_plan(n_seq: int, seqlen: int, hidden: int, dtype: torch.dtype, device) -> tuple[int, bool]:
-    """(sequences per block forward, keep the hidden states on the device) for a capture pass.
-
-    On the CPU one sequence per call and host-resident states, as before (the matmuls of one
-    sequence already fill the cores, and the CPU path stays bit for bit what it was); on a GPU
-    FORWARD_TOKENS per call, resident when they fit."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return 1, False
-    batch = max(1, min(n_seq, FORWARD_TOKENS // max(1, seqlen)))
-    need = n_seq * seqlen * hidden * torch.empty((), dtype=dtype).element_size()
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
-    return batch, need <= RESIDENT_SHARE * free
 
 
 def forward_order(roles) -> list[str]:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig
 from ..data import EVAL_CORPORA, calib_windows, eval_windows
+from ..layerwise import forward_plan
 from ..log import log
 from ..methods import MethodContext, calibration_summary
 from ..modules import register_attention
@@ -129,8 +130,6 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 fp_eval = {c: runner.embed(ids) for c, ids in windows.items()} if eval_fp else None
                 fp_guard, cap_hidden = runner.embed(g_ids), runner.embed(calib_ids) if cap else None
             if cap is not None:  # the capture's forwards batched, its states on the device if they fit (capture.py)
-                from ..calib.capture import forward_plan
-
                 cap_batch, resident = forward_plan(*cap_hidden.shape, cap_hidden.dtype, device)
                 cap_hidden = cap_hidden.to(device) if resident else cap_hidden
             fp_trace = guard.GuardTrace(g_ids) if g_ids is not None else None
