@@ -89,3 +89,21 @@ def test_true_sequential_is_off_by_default_and_typed():
     assert RunConfig.from_flat(w_quantizer="gptq").scheme.gptq_true_sequential is False
     with pytest.raises(ValueError, match="gptq_true_sequential"):
         RunConfig.from_flat(gptq_true_sequential="maybe")
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_gptq_over_batched_windows_equals_one_window_per_call(true_sequential, monkeypatch):
+    """On a GPU, layerwise.forward_plan runs several windows per block call: the Hessians (a
+    token average) and the next block's inputs must not change, only roundoff (none in float64
+    at this size: the codes are equal)."""
+    ids = torch.randint(0, 89, (5, 16), generator=torch.Generator().manual_seed(1))
+    scheme = RunConfig.from_flat(w_quantizer="gptq", gptq_true_sequential=true_sequential).scheme
+    out = {}
+    for batch in (1, 2):
+        monkeypatch.setattr(weights, "forward_plan", lambda *a, batch=batch: (batch, False))
+        model = make_tiny_model("qwen2-bias-gqa", dtype=torch.float64)
+        out[batch] = weights.quantize_weights_(model, scheme, ids, progress=False)
+    assert sorted(out[1]) == sorted(out[2]) and len(out[1]) == 14  # 7 linears x 2 layers
+    for name, qt in out[1].items():
+        assert torch.equal(qt.codes, out[2][name].codes), name
+        torch.testing.assert_close(qt.scale, out[2][name].scale, rtol=1e-12, atol=0)

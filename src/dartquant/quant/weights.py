@@ -8,7 +8,9 @@ either way, each block's inputs are the outputs of the already-quantized blocks 
 By default all linears of a block are quantized from one pass, which takes a quarter of the
 calibration forwards; `gptq_true_sequential` quantizes them in SEQUENTIAL_STEPS instead (q/k/v,
 then o, then gate/up, then down), each step's Hessians collected by a forward in which the
-earlier steps' linears are already quantized, as the GPTQ paper and QuaRot do. Linears that read the very same input tensor (q/k/v, gate/up, when
+earlier steps' linears are already quantized, as the GPTQ paper and QuaRot do. On a GPU the
+calibration windows go through a block several per call (layerwise.forward_plan; the Hessian is
+a token average, so only roundoff changes; the CPU path is unchanged). Linears that read the very same input tensor (q/k/v, gate/up, when
 no per-linear quantizer or rotation sits in between) share one Hessian: the same matrix, built
 once (`_SharedHessians`), so the result is bitwise what separate accumulators give.
 
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
-from ..layerwise import iterate_blocks
+from ..layerwise import forward_plan, iterate_blocks
 from ..log import log
 from ..modules import as_qlinear
 from .act import set_act_quant_enabled_
@@ -112,8 +114,12 @@ def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Te
         raise ValueError("GPTQ needs calibration sequences")
     set_act_quant_enabled_(model, scheme.gptq_act_quant)
     unrouted: list[str] = []
+    # on a GPU several windows per block call, states kept there if they fit (the CPU: as before)
+    batch, resident = forward_plan(*calib_ids.shape, adapter.geometry(model.config).hidden,
+                                   next(model.parameters()).dtype, device)
     try:
-        for _, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress, desc="GPTQ"):
+        for _, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress, desc="GPTQ",
+                                                batch=batch, resident=resident):
             unrouted += gptq_block_(block, adapter, forward, scheme, commit, lambda q: names[q])
             forward(update=True)
     finally:

@@ -45,9 +45,9 @@ class BlockRunner:
             if update:
                 hidden[j: j + batch] = out.to(hidden.device, hidden.dtype)
 
-    def forward_fn(self, block: nn.Module, hidden: torch.Tensor):
+    def forward_fn(self, block: nn.Module, hidden: torch.Tensor, batch: int = 1):
         """`forward(update)` as iterate_blocks yields it (what gptq_block_ calls)."""
-        return lambda update: self.run_(block, hidden, update)
+        return lambda update: self.run_(block, hidden, update, batch)
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor | None) -> torch.Tensor | None:

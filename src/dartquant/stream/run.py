@@ -209,6 +209,8 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 fold_outer_(model, adapter, values, geo, roles=("embed",))
         with timer("quantize"):
             q_calib = runner.embed(calib_ids) if gptq else None  # GPTQ sees the unrounded embedding, as in memory
+            gptq_batch, resident = forward_plan(*q_calib.shape, q_calib.dtype, device) if gptq else (1, False)
+            q_calib = q_calib.to(device) if resident else q_calib
             embed_w = adapter.embedding(model).weight
             _round_(embed_w, sc.unquantized_dtype, f"{adapter.embed}.weight")
         with timer("eval"):  # (and the guard's windows)
@@ -244,7 +246,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 elif gptq:
                     set_act_quant_enabled_(block, sc.gptq_act_quant)
                     try:
-                        forward = runner.forward_fn(block, q_calib)
+                        forward = runner.forward_fn(block, q_calib, gptq_batch)
                         unrouted += gptq_block_(block, adapter, forward, sc, commit, names.__getitem__)
                         if i + 1 < n_layers:
                             forward(True)  # the next block's inputs: this quantized block's outputs
