@@ -142,7 +142,9 @@ def main() -> None:
     runs = {"legacy": lambda: legacy_capture(model, ids, **kw),
             "batch1": lambda: capture_activations(model, ids, progress=False, batch=1, **kw),
             "fast": lambda: capture_activations(model, ids, progress=False, **kw)}
-    plan = forward_plan(*ids.shape, model.config.hidden_size, torch.float32, args.device)
+    from dartquant.adapters import adapter_for
+
+    plan = forward_plan(adapter_for(model).geometry(model.config), *ids.shape, torch.float32, args.device)
     rows, results = [], {}
     for mode in args.modes:
         if cuda:  # a first CUDA call (context, cuBLAS) is not the capture's cost

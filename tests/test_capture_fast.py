@@ -54,3 +54,19 @@ def test_one_layer_r2_buffer_holds_each_layers_rows_after_its_block():
         assert torch.equal(cap.r2[0], full.r2[i])
     res = cap.result()
     assert res.r2 is None and torch.equal(res.r1, full.r1)
+
+
+@pytest.mark.parametrize("shape, batch, resident", [
+    ((576, 1536), 8, True),  # SmolLM2: 16k tokens per call, 0.6 GB of states
+    ((4096, 11008), 4, True),  # Llama-2-7B: the activation budget, 4.3 GB of states
+    ((8192, 28672), 1, False),  # Llama-2-70B: one window per call is large enough; 8.6 GB stay on the host
+])
+def test_forward_plan_batches_on_a_gpu_within_its_budgets(shape, batch, resident, monkeypatch):
+    from dartquant.adapters import Geometry
+    from dartquant.layerwise import forward_plan
+
+    geo = Geometry(hidden=shape[0], intermediate=shape[1], n_layers=2, n_heads=1, n_kv_heads=1, head_dim=shape[0],
+                   vocab=10)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 << 30, 140 << 30))
+    assert forward_plan(geo, 128, 2048, torch.float32, "cuda") == (batch, resident)
+    assert forward_plan(geo, 128, 2048, torch.float32, "cpu") == (1, False)  # the CPU path as before

@@ -25,28 +25,36 @@ from .adapters import ModelAdapter, adapter_for
 from .modules import register_attention
 
 
-# Tokens per block forward: several calibration sequences per call keep the GPU busy (one
-# 2048-token sequence of a small model is a few microseconds of work per kernel); at 70B shape
-# the float32 MLP activations of 16k tokens are ~2 GiB each, within the 24 GiB device target.
-FORWARD_TOKENS = 16384
-# Hidden states stay on the device between blocks when they take at most this share of its free memory.
+# Several calibration windows per block call keep a GPU busy (one 2048-token window of a small
+# model is microseconds of work per kernel, so the loop was launch- and sync-bound), within bounds
+# that keep the device within the 24 GiB target at 70B shape:
+FORWARD_TOKENS = 16384  # at most this many tokens per call
+ACTIVATION_BYTES = 2 << 30  # and about this much of a call's live activations (estimate below)
+# hidden states stay on the device between blocks when they take at most this share of its free
+# memory and at most RESIDENT_BYTES (Llama-2-7B's 128 x 2048 float32 states: 4.3 GB; 70B's: 8.6 GB)
 RESIDENT_SHARE = 0.25
+RESIDENT_BYTES = 6 << 30
 
 
-def forward_plan(n_seq: int, seqlen: int, hidden: int, dtype: torch.dtype, device) -> tuple[int, bool]:
-    """(sequences per block forward, keep the hidden states on the device) for a block-by-block
-    pass over calibration windows (DartQuant's capture, GPTQ).
+def forward_plan(geo, n_seq: int, seqlen: int, dtype: torch.dtype, device) -> tuple[int, bool]:
+    """(windows per block call, keep the hidden states on the device) for a block-by-block pass
+    over calibration windows (DartQuant's capture, GPTQ) of a model of geometry `geo`.
 
-    On the CPU one sequence per call and host-resident states, as before (the matmuls of one
-    sequence already fill the cores, and the CPU path stays bit for bit what it was); on a GPU
-    FORWARD_TOKENS per call, resident when they fit."""
+    On the CPU one window per call and host-resident states, as before (the matmuls of one window
+    already fill the cores, and the CPU path stays bit for bit what it was). On a GPU as many
+    windows as FORWARD_TOKENS and ACTIVATION_BYTES allow, a block call's live tensors taken as
+    ~4 of the hidden width and ~4 of the widest MLP per token (residual, norm, q/k/v, attention;
+    gate, up, their product)."""
     device = torch.device(device)
     if device.type == "cpu":
         return 1, False
-    batch = max(1, min(n_seq, FORWARD_TOKENS // max(1, seqlen)))
-    need = n_seq * seqlen * hidden * torch.empty((), dtype=dtype).element_size()
+    size = torch.empty((), dtype=dtype).element_size()
+    per_token = 4 * (geo.hidden + max(geo.mlp_widths)) * size
+    tokens = min(FORWARD_TOKENS, ACTIVATION_BYTES // per_token)
+    batch = max(1, min(n_seq, tokens // max(1, seqlen)))
+    need = n_seq * seqlen * geo.hidden * size
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
-    return batch, need <= RESIDENT_SHARE * free
+    return batch, need <= min(RESIDENT_SHARE * free, RESIDENT_BYTES)
 
 
 @torch.no_grad()

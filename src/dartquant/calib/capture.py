@@ -22,7 +22,7 @@ benchmarks/capture_speed.py times the old and the new path side by side):
   * every sampled token index is drawn when a block is attached, in the order the per-call
     sampler of earlier versions drew them (sequence by sequence, the observed linears in forward
     order), so the same seed keeps the same tokens whatever the forward batch;
-  * a block runs over several sequences per call (`forward_plan`: FORWARD_TOKENS per call), with
+  * a block runs over several sequences per call (layerwise.forward_plan: up to FORWARD_TOKENS per call), with
     the hidden states kept on the device when they fit;
   * sampled rows are gathered on the device into one staging buffer per observed linear and
     copied to the host once per block (not once per sequence: each such copy is a sync).
@@ -188,7 +188,7 @@ def capture_activations(model: nn.Module, calib_ids: torch.Tensor, *, fraction: 
     n_seq, seqlen = calib_ids.shape
     cap = ActivationCapture(adapter.geometry(model.config), n_seq, seqlen, fraction=fraction,
                             max_r1_tokens=max_r1_tokens, seed=seed, store_dtype=store_dtype)
-    planned, resident = forward_plan(n_seq, seqlen, cap.geo.hidden, next(model.parameters()).dtype, device)
+    planned, resident = forward_plan(cap.geo, n_seq, seqlen, next(model.parameters()).dtype, device)
     batch = batch or planned
     for i, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress, desc="capture",
                                             batch=batch, resident=resident):

@@ -115,7 +115,7 @@ def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Te
     set_act_quant_enabled_(model, scheme.gptq_act_quant)
     unrouted: list[str] = []
     # on a GPU several windows per block call, states kept there if they fit (the CPU: as before)
-    batch, resident = forward_plan(*calib_ids.shape, adapter.geometry(model.config).hidden,
+    batch, resident = forward_plan(adapter.geometry(model.config), *calib_ids.shape,
                                    next(model.parameters()).dtype, device)
     try:
         for _, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress, desc="GPTQ",

@@ -130,7 +130,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 fp_eval = {c: runner.embed(ids) for c, ids in windows.items()} if eval_fp else None
                 fp_guard, cap_hidden = runner.embed(g_ids), runner.embed(calib_ids) if cap else None
             if cap is not None:  # the capture's forwards batched, its states on the device if they fit (capture.py)
-                cap_batch, resident = forward_plan(*cap_hidden.shape, cap_hidden.dtype, device)
+                cap_batch, resident = forward_plan(geo, *cap_hidden.shape[:2], cap_hidden.dtype, device)
                 cap_hidden = cap_hidden.to(device) if resident else cap_hidden
             fp_trace = guard.GuardTrace(g_ids) if g_ids is not None else None
             sm.release_(adapter.embed)
@@ -209,7 +209,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 fold_outer_(model, adapter, values, geo, roles=("embed",))
         with timer("quantize"):
             q_calib = runner.embed(calib_ids) if gptq else None  # GPTQ sees the unrounded embedding, as in memory
-            gptq_batch, resident = forward_plan(*q_calib.shape, q_calib.dtype, device) if gptq else (1, False)
+            gptq_batch, resident = forward_plan(geo, *q_calib.shape[:2], q_calib.dtype, device) if gptq else (1, False)
             q_calib = q_calib.to(device) if resident else q_calib
             embed_w = adapter.embedding(model).weight
             _round_(embed_w, sc.unquantized_dtype, f"{adapter.embed}.weight")
