@@ -129,7 +129,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
             with timer("eval_fp"):  # (the guard's and the capture's few windows too)
                 fp_eval = {c: runner.embed(ids) for c, ids in windows.items()} if eval_fp else None
                 fp_guard, cap_hidden = runner.embed(g_ids), runner.embed(calib_ids) if cap else None
-            if cap is not None:  # the capture's forwards batched, its states on the device if they fit (capture.py)
+            if cap is not None:  # the capture's forwards batched, its states on the device if they fit (forward_plan)
                 cap_batch, resident = forward_plan(geo, *cap_hidden.shape[:2], cap_hidden.dtype, device)
                 cap_hidden = cap_hidden.to(device) if resident else cap_hidden
             fp_trace = guard.GuardTrace(g_ids) if g_ids is not None else None
