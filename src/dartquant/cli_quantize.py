@@ -25,6 +25,8 @@ _HELP = {
     "r4": "online Hadamard on the down_proj input (default: true; false for duquant, whose own online "
           "transform takes its place)",
     "e2e_amp": "end-to-end training precision: auto (bf16 autocast on CUDA, fp32 elsewhere), bf16, off",
+    "gptq_true_sequential": "GPTQ per block in steps (q/k/v, o, gate/up, down), each from inputs computed with "
+                            "the earlier steps quantized; 4 forwards per block (default: false, one)",
 }
 
 

@@ -2,7 +2,9 @@
 
 Weights stay where they are (the CPU); each block is moved to the compute device, run over
 all calibration sequences, and moved back, and its outputs become the next block's inputs.
-Peak device memory is one block plus one sequence's activations, whatever the depth.
+Peak device memory is one block plus one call's activations, whatever the depth: one sequence
+per call on the CPU; on a GPU `forward_plan` batches sequences (launch- and sync-bound
+otherwise) and keeps the hidden states on the device when they fit.
 
 The block inputs are computed explicitly (embedding, rotary position embeddings, no mask:
 transformers' SDPA path is then causal), instead of capturing them by raising an exception
@@ -21,6 +23,38 @@ from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter, adapter_for
 from .modules import register_attention
+
+
+# Several calibration windows per block call keep a GPU busy (one 2048-token window of a small
+# model is microseconds of work per kernel, so the loop was launch- and sync-bound), within bounds
+# that keep the device within the 24 GiB target at 70B shape:
+FORWARD_TOKENS = 16384  # at most this many tokens per call
+ACTIVATION_BYTES = 2 << 30  # and about this much of a call's live activations (estimate below)
+# hidden states stay on the device between blocks when they take at most this share of its free
+# memory and at most RESIDENT_BYTES (Llama-2-7B's 128 x 2048 float32 states: 4.3 GB; 70B's: 8.6 GB)
+RESIDENT_SHARE = 0.25
+RESIDENT_BYTES = 6 << 30
+
+
+def forward_plan(geo, n_seq: int, seqlen: int, dtype: torch.dtype, device) -> tuple[int, bool]:
+    """(windows per block call, keep the hidden states on the device) for a block-by-block pass
+    over calibration windows (DartQuant's capture, GPTQ) of a model of geometry `geo`.
+
+    On the CPU one window per call and host-resident states, as before (the matmuls of one window
+    already fill the cores, and the CPU path stays bit for bit what it was). On a GPU as many
+    windows as FORWARD_TOKENS and ACTIVATION_BYTES allow, a block call's live tensors taken as
+    ~4 of the hidden width and ~4 of the widest MLP per token (residual, norm, q/k/v, attention;
+    gate, up, their product)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return 1, False
+    size = torch.empty((), dtype=dtype).element_size()
+    per_token = 4 * (geo.hidden + max(geo.mlp_widths)) * size
+    tokens = min(FORWARD_TOKENS, ACTIVATION_BYTES // per_token)
+    batch = max(1, min(n_seq, tokens // max(1, seqlen)))
+    need = n_seq * seqlen * geo.hidden * size
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    return batch, need <= min(RESIDENT_SHARE * free, RESIDENT_BYTES)
 
 
 @torch.no_grad()
@@ -59,9 +93,13 @@ def run_block(block: nn.Module, hidden: torch.Tensor, pos_emb: tuple, mask: torc
 
 @torch.no_grad()
 def iterate_blocks(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, device: str | torch.device,
-                   progress: bool = True, desc: str = "layers") -> Iterator[tuple[int, nn.Module, Callable]]:
+                   progress: bool = True, desc: str = "layers", *, batch: int = 1,
+                   resident: bool = False) -> Iterator[tuple[int, nn.Module, Callable]]:
     """Yield (index, block on device, forward) for each block; `forward(update)` runs the block over
     every calibration sequence and, if update, replaces the stored inputs by its outputs.
+
+    `batch` sequences go through the block per call (1: one window's activations on the device);
+    `resident`: the hidden states live on the device, not on the host (no round trip per block).
 
     The caller may change the block between forwards (e.g. quantize its weights, then call
     forward(update=True) so the next block sees the quantized block's outputs).
@@ -70,6 +108,8 @@ def iterate_blocks(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, d
     # Blocks run without a mask: only SDPA (which we delegate to) is then causal; eager would not be.
     model.set_attn_implementation(register_attention())
     hidden = embed_inputs(model, adapter, ids)  # [n, S, hidden] on CPU
+    if resident:
+        hidden = hidden.to(device)
     blocks = adapter.decoder_layers(model)
     kinds = {adapter.attention_kind(b) for b in blocks}  # (rotary layer type, sliding window)
     pos_embs = {k: position_embeddings(model, hidden, device, adapter, k[0]) for k in {(t, None) for t, _ in kinds}}
@@ -82,10 +122,10 @@ def iterate_blocks(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, d
         pos_emb, mask = pos_embs[(layer_type, None)], masks[window]
 
         def forward(update: bool, block=block, pos_emb=pos_emb, mask=mask) -> None:
-            for j in range(hidden.shape[0]):
-                out = run_block(block, hidden[j: j + 1].to(device), pos_emb, mask)
+            for j in range(0, hidden.shape[0], batch):
+                out = run_block(block, hidden[j: j + batch].to(device), pos_emb, mask)
                 if update:
-                    hidden[j: j + 1] = out.to(hidden.device, hidden.dtype)
+                    hidden[j: j + batch] = out.to(hidden.device, hidden.dtype)
 
         yield i, block, forward
         block.to(home)

@@ -138,15 +138,21 @@ def r2_heldout_quant(r2_buf: torch.Tensor, r2: torch.Tensor, held_rows: torch.Te
     squared error per token (summed over channels, mean over tokens, then over layers), with
     the per-layer values.
     """
+    return _summarize(_r2_heldout_stats(r2_buf, r2, held_rows, geo, spec, device))
+
+
+@torch.no_grad()
+def _r2_heldout_stats(r2_buf, r2, held_rows, geo, spec, device) -> list[tuple[float, float, int]]:
+    """r2_heldout_quant's per-layer (error, signal, tokens), for the layers r2_buf holds."""
     kvh, groups, hd = geo.n_kv_heads, geo.kv_groups, geo.head_dim
     n = held_rows.numel() // groups
     stats = []
-    for layer in range(geo.n_layers):
+    for layer in range(r2_buf.shape[0]):
         x = r2_buf[layer].index_select(-2, held_rows.to(r2_buf.device)).to(device).float()
         o = x @ r2[layer].to(device=device, dtype=torch.float32)  # [kvh, n * groups, hd]
         o = kv_head_token_view(o, groups).reshape(n, kvh * groups * hd)
         stats.append(_quant_stats(o, spec))
-    return _summarize(stats)
+    return stats
 
 
 @torch.no_grad()
@@ -212,21 +218,96 @@ def fit_r1(acts: Captured, geo, cfg, *, progress: bool = True, buffers: str = "a
 def fit_r2(acts: Captured, geo, cfg, *, progress: bool = True, buffers: str = "auto") -> tuple[torch.Tensor, dict]:
     """Train all R2s ([layers, kv_heads, d, d]) on the training tokens; score them on held-out
     whole tokens with the normalization-free criterion (r2_heldout_quant, init and final)."""
+    init = RotationSet.random_hadamard_r2(geo, cfg.seed)
+    r2, hist, stats = _fit_r2_layers(acts.r2, init, geo, cfg, progress=progress, buffers=buffers)
+    for k in ("init", "final"):
+        hist["heldout_quant"][k] = _summarize(stats[k])
+    return r2, hist
+
+
+def _fit_r2_layers(rows: torch.Tensor, init: torch.Tensor, geo, cfg, *, progress: bool, buffers: str,
+                   desc: str = "R2") -> tuple[torch.Tensor, dict, dict]:
+    """R2 of the layers in `rows` [layers, kv_heads, tokens * groups, d] (all of them, or one in the
+    streamed pass) from `init` [layers, kv_heads, d, d]: one batched problem of independent groups,
+    so a layer fitted alone gets what it gets in the batch (train.py). Returns (r2, history, the
+    held-out per-layer stats {"init", "final"}, summarized by the caller over all layers)."""
     device = cfg.device
-    buf = _placement(acts.r2, device, buffers)
+    buf = _placement(rows, device, buffers)
     x = buf.flatten(0, 1)  # [layers * kv_heads, tokens * groups, d]: a view
     t = x.shape[-2] // geo.kv_groups
     train, held = split_indices(t, cfg.seed, geo.kv_groups)
-    init = RotationSet.random_hadamard_r2(geo, cfg.seed)
-    r2, hist = train_rotation(x, init.flatten(0, 1), train_config(cfg, "r2"), progress=progress, desc="R2",
+    r2, hist = train_rotation(x, init.flatten(0, 1), train_config(cfg, "r2"), progress=progress, desc=desc,
                               device=device, index=train, eval_index=held)
-    r2 = r2.view(geo.n_layers, geo.n_kv_heads, geo.head_dim, geo.head_dim)
+    r2 = r2.view(init.shape)
     spec = cfg.scheme.act_spec("o", geo.head_dim)
-    hist["heldout_quant"] = {"spec": _spec_dict(spec),
-                             "init": r2_heldout_quant(buf, init, held, geo, spec, device),
-                             "final": r2_heldout_quant(buf, r2, held, geo, spec, device)}
+    stats = {"init": _r2_heldout_stats(buf, init, held, geo, spec, device),
+             "final": _r2_heldout_stats(buf, r2, held, geo, spec, device)}
+    hist["heldout_quant"] = {"spec": _spec_dict(spec)}
     hist["tokens"] = {"train_per_head": int(train.numel()), "held_out_per_head": int(held.numel())}
-    return r2, hist
+    return r2, hist, stats
+
+
+class R2Fitter:
+    """R2 fitted layer by layer while the streamed FP pass captures (stream/run.py): `fit_layer_(i,
+    rows)` as soon as layer i's o_proj rows are captured, so the capture's R2 buffer is one layer
+    (host memory flat in depth; 34 GB of samples at Llama-2-70B shape otherwise). `result()` gives
+    what fit_best(fit_r2, ...) gives on the whole buffer: the same seed, init, split and per-group
+    training (train.py: groups do not interact), the history merged over layers (losses are means
+    over groups, held-out SQNR summarized over all layers), and with dq_lr_grid every layer fitted
+    at each lr and the lr chosen on the held-out loss of all layers together, as fit_best chooses."""
+
+    def __init__(self, geo, cfg, *, progress: bool = False, buffers: str = "auto"):
+        self.geo, self.cfg, self.progress, self.buffers = geo, cfg, progress, buffers
+        self.init = RotationSet.random_hadamard_r2(geo, cfg.seed)
+        self.grid = [float(lr) for lr in cfg.section("dartquant").lr_grid]
+        self.parts: dict = {lr: [] for lr in (self.grid or [None])}  # lr -> per layer (r2, hist, stats)
+        self.rows_bytes = 0  # of all layers' samples (what the whole buffer would have taken)
+        self.record: dict = {}  # seconds / memory of the fits, as `measure` records a stage
+        self._seconds = 0.0
+
+    def fit_layer_(self, i: int, rows: torch.Tensor) -> None:
+        """Fit layer i's R2 on its rows [kv_heads, tokens * groups, d] (used now, not kept)."""
+        if any(len(p) != i for p in self.parts.values()):
+            raise RuntimeError(f"R2Fitter: layer {i} out of order")
+        rec: dict = {}
+        with measure(self.cfg.device, rec):
+            for lr, parts in self.parts.items():
+                cfg = self.cfg if lr is None else self.cfg.with_section("dartquant", r2_lr=lr)
+                parts.append(_fit_r2_layers(rows[None], self.init[i: i + 1], self.geo, cfg, progress=self.progress,
+                                            buffers=self.buffers, desc=f"R2[{i}]"))
+        self._seconds += rec.pop("seconds")
+        self.record = {**rec, "seconds": round(self._seconds, 3)}
+        self.rows_bytes += rows.numel() * rows.element_size()
+
+    def result(self) -> tuple[torch.Tensor, dict]:
+        if any(len(p) != self.geo.n_layers for p in self.parts.values()):
+            raise RuntimeError("R2Fitter: not every layer was fitted")
+        fits = [(lr, *_merge_r2_fits(parts)) for lr, parts in self.parts.items()]
+        if not self.grid:
+            return fits[0][1], fits[0][2]
+        return _choose_lr(fits, "r2")
+
+
+def _merge_r2_fits(parts: list) -> tuple[torch.Tensor, dict]:
+    """Per-layer (r2, history, stats) -> what one batched fit over all layers reports."""
+    hists = [h for _, h, _ in parts]
+    n, h0 = len(hists), hists[0]
+    out = dict(h0)
+    out["loss"] = [sum(h["loss"][s] for h in hists) / n for s in range(len(h0["loss"]))]
+    out["epoch_loss"] = [sum(h["epoch_loss"][e] for h in hists) / n for e in range(len(h0["epoch_loss"]))]
+    out["group_epoch_loss"] = [sum((h["group_epoch_loss"][e] for h in hists), [])
+                               for e in range(len(h0["group_epoch_loss"]))]
+    for k in ("init", "final"):  # the mean over all groups, as train_rotation takes it
+        groups = sum((h[f"eval_group_loss_{k}"] for h in hists), [])
+        out[f"eval_group_loss_{k}"] = groups
+        out[f"eval_loss_{k}"] = torch.tensor(groups, dtype=torch.float32).mean().item()
+    out["group_chunks"] = sum(h["group_chunks"] for h in hists)
+    out["seconds"] = sum(h["seconds"] for h in hists)
+    out["seconds_per_step"] = out["seconds"] / out["steps"] if out["steps"] else float("nan")
+    out["orth_error"] = max(h["orth_error"] for h in hists)
+    out["heldout_quant"] = {"spec": h0["heldout_quant"]["spec"],
+                            **{k: _summarize(sum((st[k] for _, _, st in parts), [])) for k in ("init", "final")}}
+    return torch.cat([r for r, _, _ in parts]), out
 
 
 def fit_best(fit, acts: Captured, geo, cfg, name: str, *, progress: bool = True,
@@ -237,19 +318,26 @@ def fit_best(fit, acts: Captured, geo, cfg, name: str, *, progress: bool = True,
     grid = cfg.section("dartquant").lr_grid
     if not grid:
         return fit(acts, geo, cfg, progress=progress, buffers=buffers)
+    fits = [(float(lr), *fit(acts, geo, cfg.with_section("dartquant", **{f"{name}_lr": float(lr)}),
+                             progress=progress, buffers=buffers)) for lr in grid]
+    return _choose_lr(fits, name)
+
+
+def _choose_lr(fits: list[tuple[float, torch.Tensor, dict]], name: str) -> tuple[torch.Tensor, dict]:
+    """The (rotation, history) of the lr with the lowest finite held-out loss; the history gets
+    `lr_selection` (the grid, each lr's held-out loss [init, final], the choice)."""
     best, table = None, {}
-    for lr in grid:
-        r, h = fit(acts, geo, cfg.with_section("dartquant", **{f"{name}_lr": float(lr)}), progress=progress,
-                   buffers=buffers)
+    for lr, r, h in fits:
         final = h["eval_loss_final"]
         table[str(lr)] = [h["eval_loss_init"], final]
         if math.isfinite(final) and (best is None or final < best[1]["eval_loss_final"]):
-            best = (r, h, float(lr))
+            best = (r, h, lr)
+    grid = [lr for lr, _, _ in fits]
     if best is None:
         raise FloatingPointError(f"{name.upper()}: the held-out loss diverged at every lr of dq_lr_grid "
                                  f"{grid}; try smaller learning rates")
     r, h, lr = best
-    h["lr_selection"] = {"grid": [float(x) for x in grid], "held_out_loss": table, "chosen": lr}
+    h["lr_selection"] = {"grid": grid, "held_out_loss": table, "chosen": lr}
     return r, h
 
 
@@ -273,14 +361,20 @@ def calibrate_dartquant(model, cfg, calib_ids: torch.Tensor | None, *, timer=Non
     stages = {"capture": {}, "r1": {}, "r2": {}}
     with stage("capture"), measure(cfg.device, stages["capture"]):
         acts = captured if captured is not None else capture(model, cfg, calib_ids, progress=progress)
-    buffer_bytes = {"r1": acts.r1.numel() * acts.r1.element_size(), "r2": acts.r2.numel() * acts.r2.element_size()}
+    r2_fitter = acts.r2_fitter  # the streamed pass fitted R2 layer by layer already (R2Fitter)
+    buffer_bytes = {"r1": acts.r1.numel() * acts.r1.element_size(),
+                    "r2": r2_fitter.rows_bytes if r2_fitter else acts.r2.numel() * acts.r2.element_size()}
     with stage("calibrate"):
         with measure(cfg.device, stages["r1"]):
             r1, hist1 = fit_best(fit_r1, acts, geo, cfg, "r1", progress=progress, buffers=buffers)
             acts.r1 = None  # free the R1 buffer (host and device) before R2 trains
-        with measure(cfg.device, stages["r2"]):
-            r2, hist2 = fit_best(fit_r2, acts, geo, cfg, "r2", progress=progress, buffers=buffers)
-            acts.r2 = None
+        if r2_fitter is not None:
+            r2, hist2 = r2_fitter.result()
+            stages["r2"] = r2_fitter.record
+        else:
+            with measure(cfg.device, stages["r2"]):
+                r2, hist2 = fit_best(fit_r2, acts, geo, cfg, "r2", progress=progress, buffers=buffers)
+                acts.r2 = None
     q1, q2 = hist1["heldout_quant"], hist2["heldout_quant"]
     summary = {
         "method": "dartquant", "seed": cfg.seed, "r1": "learned", "r2": "learned",

@@ -36,6 +36,9 @@ class QuantScheme:
     gptq_static_groups: bool = False
     gptq_blocksize: int = 128
     gptq_act_quant: bool = False  # quantize activations of earlier layers while collecting Hessians
+    # within a block, q/k/v, then o, then gate/up, then down, each from inputs computed with the
+    # ones before already quantized (GPTQ's / QuaRot's "true sequential"; one forward per step)
+    gptq_true_sequential: bool = False
     # activations
     a_bits: int = 4
     a_symmetric: bool = False

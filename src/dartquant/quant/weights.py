@@ -5,8 +5,12 @@ Hessian is collected from the exact input of each matmul, via QLinear.input_obse
 default activations are *not* quantized while Hessians are collected (`gptq_act_quant`
 false), as in QuaRot's and SpinQuant's pipelines, whose published numbers we compare against;
 either way, each block's inputs are the outputs of the already-quantized blocks before it.
-All linears of a block are quantized from one pass (not "true sequential"), which halves the
-calibration forwards on CPU. Linears that read the very same input tensor (q/k/v, gate/up, when
+By default all linears of a block are quantized from one pass, which takes a quarter of the
+calibration forwards; `gptq_true_sequential` quantizes them in SEQUENTIAL_STEPS instead (q/k/v,
+then o, then gate/up, then down), each step's Hessians collected by a forward in which the
+earlier steps' linears are already quantized, as the GPTQ paper and QuaRot do. On a GPU the
+calibration windows go through a block several per call (layerwise.forward_plan; the Hessian is
+a token average, so only roundoff changes; the CPU path is unchanged). Linears that read the very same input tensor (q/k/v, gate/up, when
 no per-linear quantizer or rotation sits in between) share one Hessian: the same matrix, built
 once (`_SharedHessians`), so the result is bitwise what separate accumulators give.
 
@@ -25,7 +29,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
-from ..layerwise import iterate_blocks
+from ..layerwise import forward_plan, iterate_blocks
 from ..log import log
 from ..modules import as_qlinear
 from .act import set_act_quant_enabled_
@@ -110,8 +114,12 @@ def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Te
         raise ValueError("GPTQ needs calibration sequences")
     set_act_quant_enabled_(model, scheme.gptq_act_quant)
     unrouted: list[str] = []
+    # on a GPU several windows per block call, states kept there if they fit (the CPU: as before)
+    batch, resident = forward_plan(adapter.geometry(model.config), *calib_ids.shape,
+                                   next(model.parameters()).dtype, device)
     try:
-        for _, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress, desc="GPTQ"):
+        for _, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress, desc="GPTQ",
+                                                batch=batch, resident=resident):
             unrouted += gptq_block_(block, adapter, forward, scheme, commit, lambda q: names[q])
             forward(update=True)
     finally:
@@ -124,31 +132,49 @@ def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Te
     return out
 
 
+# true-sequential order: the linears of a step read inputs that depend only on earlier steps
+SEQUENTIAL_STEPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+def _steps(keys: list[str], true_sequential: bool) -> list[list[str]]:
+    """The linears' keys (a role, or "experts.<e>.<role>", "shared.<role>") grouped into the forwards
+    that collect their Hessians: all in one, or one group per SEQUENTIAL_STEPS entry."""
+    if not true_sequential:
+        return [keys]
+    steps = [[k for k in keys if k.rsplit(".", 1)[-1] in roles] for roles in SEQUENTIAL_STEPS]
+    return [s for s in steps if s]
+
+
 @torch.no_grad()
 def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantScheme, commit, name_of) -> list[str]:
-    """GPTQ of one decoder block's linears from one `forward(update=False)` over its calibration
-    inputs; `commit(linear, qt)` stores each result. Returns the names (`name_of(linear)`) of the
-    linears no token reached, quantized by RTN. Shared by the in-memory and streamed (stream/) paths."""
+    """GPTQ of one decoder block's linears from `forward(update=False)` over its calibration inputs
+    (one, or one per true-sequential step); `commit(linear, qt)` stores each result (and puts the
+    dequantized weight in place, so later steps see it). Returns the names (`name_of(linear)`) of
+    the linears no token reached, quantized by RTN. Shared by the in-memory and streamed (stream/) paths."""
     spec = scheme.weight_spec()
-    layer = adapter.layer(block)
-    hessians = _SharedHessians()
-    for role, linear in layer.linears().items():
+    for role, linear in adapter.layer(block).linears().items():
         q = as_qlinear(linear)
         if q is not linear:
             adapter.set_linear(block, role, q)
-        q.input_observer = hessians.observer(role, q.in_features, q.weight.device)
-    forward(update=False)
+    linears = adapter.layer(block).linears()
     unrouted = []
-    for role, q in adapter.layer(block).linears().items():
-        q.input_observer = None
-        solver = hessians.of_role.get(role)
-        if solver is None or solver.nsamples == 0:  # an expert no calibration token was routed to
-            commit(q, QuantizedTensor.from_float(q.weight.data.float(), spec))
-            unrouted.append(name_of(q))
-            continue
-        qt = solver.quantize(q.weight.data.float(), spec, blocksize=scheme.gptq_blocksize,
-                             percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
-                             static_groups=scheme.gptq_static_groups)
-        commit(q, _on_cpu(qt))
-    hessians.free()
+    for step in _steps(list(linears), scheme.gptq_true_sequential):
+        hessians = _SharedHessians()
+        for role in step:
+            q = linears[role]
+            q.input_observer = hessians.observer(role, q.in_features, q.weight.device)
+        forward(update=False)
+        for role in step:
+            q = linears[role]
+            q.input_observer = None
+            solver = hessians.of_role.get(role)
+            if solver is None or solver.nsamples == 0:  # an expert no calibration token was routed to
+                commit(q, QuantizedTensor.from_float(q.weight.data.float(), spec))
+                unrouted.append(name_of(q))
+                continue
+            qt = solver.quantize(q.weight.data.float(), spec, blocksize=scheme.gptq_blocksize,
+                                 percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
+                                 static_groups=scheme.gptq_static_groups)
+            commit(q, _on_cpu(qt))
+        hessians.free()
     return unrouted

@@ -35,19 +35,19 @@ class BlockRunner:
         return self._pos[key], _sliding_mask(hidden.shape[1], window, self.device)
 
     @torch.no_grad()
-    def run_(self, block: nn.Module, hidden: torch.Tensor | None, update: bool = True) -> None:
-        """Block over every window of `hidden` (in place when `update`)."""
+    def run_(self, block: nn.Module, hidden: torch.Tensor | None, update: bool = True, batch: int = 1) -> None:
+        """Block over every window of `hidden` (in place when `update`), `batch` windows per call."""
         if hidden is None:
             return
         pos_emb, mask = self._context(block, hidden)
-        for j in range(hidden.shape[0]):
-            out = run_block(block, hidden[j: j + 1].to(self.device), pos_emb, mask)
+        for j in range(0, hidden.shape[0], batch):
+            out = run_block(block, hidden[j: j + batch].to(self.device), pos_emb, mask)
             if update:
-                hidden[j: j + 1] = out.to(hidden.device, hidden.dtype)
+                hidden[j: j + batch] = out.to(hidden.device, hidden.dtype)
 
-    def forward_fn(self, block: nn.Module, hidden: torch.Tensor):
+    def forward_fn(self, block: nn.Module, hidden: torch.Tensor, batch: int = 1):
         """`forward(update)` as iterate_blocks yields it (what gptq_block_ calls)."""
-        return lambda update: self.run_(block, hidden, update)
+        return lambda update: self.run_(block, hidden, update, batch)
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor | None) -> torch.Tensor | None:

@@ -3,9 +3,11 @@
     skeleton on meta (source.py); untie, exact norms: structure only
     FP pass (if needed)  embed -> per block: load raw -> eval / guard windows through it (the FP
                          reference) -> fuse its norms -> DartQuant capture over calibration
-                         windows -> release; then the raw final norm + head: FP perplexity
-    rotations            the method's producer (QuaRot from the geometry; DartQuant fits on the
-                         captured samples, exactly as in memory), or the --rotations file
+                         windows, that layer's R2 fitted at once (one layer's samples held) ->
+                         release; then the raw final norm + head: FP perplexity
+    rotations            the method's producer (QuaRot from the geometry; DartQuant fits R1 on the
+                         captured samples, as in memory, and takes the R2s fitted in the pass),
+                         or the --rotations file
     structure            online R3 / R4 and the quantizers installed on the skeleton
     quantize pass        embedding folded -> calibration hidden states (GPTQ), rounded to
                          unquantized_dtype -> eval / guard hidden states; per block: load raw ->
@@ -37,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig
 from ..data import EVAL_CORPORA, calib_windows, eval_windows
+from ..layerwise import forward_plan
 from ..log import log
 from ..methods import MethodContext, calibration_summary
 from ..modules import register_attention
@@ -111,17 +114,24 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
         # ---- FP pass: FP perplexity, the guard's FP reference, DartQuant's capture -------------
         captured = ref = None
         if eval_fp or g_ids is not None or capture_needed:
-            cap = None
+            cap = r2_fitter = None
             if capture_needed:
                 from ..calib.capture import ActivationCapture
+                from ..calib.dartquant import R2Fitter
 
+                # each layer's R2 is fitted as soon as its rows are captured: one layer's rows in memory
                 cap = ActivationCapture(geo, calib_ids.shape[0], calib_ids.shape[1],
-                                        fraction=cfg.section("dartquant").token_fraction, seed=cfg.seed)
+                                        fraction=cfg.section("dartquant").token_fraction, seed=cfg.seed,
+                                        r2_one_layer=True)
+                r2_fitter = R2Fitter(geo, cfg)
             with timer("load"):
                 sm.load_(adapter.embed, device)  # on the device: the host keeps no copy of it
             with timer("eval_fp"):  # (the guard's and the capture's few windows too)
                 fp_eval = {c: runner.embed(ids) for c, ids in windows.items()} if eval_fp else None
                 fp_guard, cap_hidden = runner.embed(g_ids), runner.embed(calib_ids) if cap else None
+            if cap is not None:  # the capture's forwards batched, its states on the device if they fit (forward_plan)
+                cap_batch, resident = forward_plan(geo, *cap_hidden.shape[:2], cap_hidden.dtype, device)
+                cap_hidden = cap_hidden.to(device) if resident else cap_hidden
             fp_trace = guard.GuardTrace(g_ids) if g_ids is not None else None
             sm.release_(adapter.embed)
             for i in tqdm(range(n_layers), desc="FP pass", disable=not progress, leave=False):
@@ -140,8 +150,10 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                     with timer("capture"):
                         fuse_layer_norms_(adapter.layer(block))  # capture sees the norm-fused, unrotated block
                         cap.attach(i, block, adapter)
-                        runner.run_(block, cap_hidden)
+                        runner.run_(block, cap_hidden, batch=cap_batch)
                         cap.detach()
+                    with timer("calibrate"):
+                        r2_fitter.fit_layer_(i, cap.r2[0])
                 sm.release_(path)
             if eval_fp or g_ids is not None:  # the raw final norm and lm_head
                 with timer("load"):
@@ -157,6 +169,8 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 sm.release_(adapter.lm_head)
             del fp_eval, fp_guard
             captured = cap.result() if cap is not None else None
+            if captured is not None:
+                captured.r2_fitter = r2_fitter
             del cap_hidden
 
         # ---- rotations ---------------------------------------------------------------------------
@@ -195,6 +209,8 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 fold_outer_(model, adapter, values, geo, roles=("embed",))
         with timer("quantize"):
             q_calib = runner.embed(calib_ids) if gptq else None  # GPTQ sees the unrounded embedding, as in memory
+            gptq_batch, resident = forward_plan(geo, *q_calib.shape[:2], q_calib.dtype, device) if gptq else (1, False)
+            q_calib = q_calib.to(device) if resident else q_calib
             embed_w = adapter.embedding(model).weight
             _round_(embed_w, sc.unquantized_dtype, f"{adapter.embed}.weight")
         with timer("eval"):  # (and the guard's windows)
@@ -232,7 +248,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                     counter = RoutedTokens(block, adapter)  # MoE: each expert's tokens in GPTQ's forward
                     set_act_quant_enabled_(block, sc.gptq_act_quant)
                     try:
-                        forward = runner.forward_fn(block, q_calib)
+                        forward = runner.forward_fn(block, q_calib, gptq_batch)
                         unrouted += gptq_block_(block, adapter, forward, sc, commit, names.__getitem__)
                         routed += counter.close()
                         if i + 1 < n_layers:

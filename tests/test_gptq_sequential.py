@@ -1,0 +1,109 @@
+"""True-sequential GPTQ (`gptq_true_sequential`): each linear's Hessian is collected from inputs
+computed with the earlier linears of its block already quantized, i.e. exactly the inputs that
+linear sees in the finished quantized model; by default (one pass per block) o_proj and the MLP
+see the full-precision attention instead."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+
+from dartquant.adapters import adapter_for
+from dartquant.config import RunConfig
+from dartquant.layerwise import iterate_blocks
+from dartquant.quant import weights
+from dartquant.quant.weights import SEQUENTIAL_STEPS, _steps
+from tiny import make_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IDS = torch.randint(0, 89, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def gptq_inputs(model, scheme, monkeypatch) -> dict[str, list[torch.Tensor]]:
+    """{linear key: [its inputs, per block and sequence]} as GPTQ's Hessian observers saw them."""
+    seen = defaultdict(list)
+    real = weights._SharedHessians
+
+    class Recording(real):
+        def observer(self, role, in_features, device):
+            inner = super().observer(role, in_features, device)
+
+            def observe(x):
+                seen[role].append(x.detach().clone())
+                inner(x)
+            return observe
+
+    monkeypatch.setattr(weights, "_SharedHessians", Recording)
+    weights.quantize_weights_(model, scheme, IDS, progress=False)
+    return seen
+
+
+@torch.no_grad()
+def final_inputs(model) -> dict[str, list[torch.Tensor]]:
+    """The same, seen by each linear of the finished (quantized) model, block by block."""
+    adapter, seen = adapter_for(model), defaultdict(list)
+    for _, block, forward in iterate_blocks(model, adapter, IDS, "cpu", False):
+        linears = adapter.layer(block).linears()
+        for key, q in linears.items():
+            q.input_observer = lambda x, key=key: seen[key].append(x.detach().clone())
+        forward(update=True)
+        for q in linears.values():
+            q.input_observer = None
+    return seen
+
+
+@pytest.mark.parametrize("name", ["qwen2-bias-gqa", "qwen2moe-shared"])
+def test_true_sequential_linears_see_the_quantized_earlier_linears(name, monkeypatch):
+    runs = {}
+    for ts in (True, False):
+        model = make_tiny_model(name, dtype=torch.float64)
+        scheme = RunConfig.from_flat(w_quantizer="gptq", gptq_true_sequential=ts).scheme
+        assert scheme.gptq_true_sequential is ts
+        during = gptq_inputs(model, scheme, monkeypatch)
+        after = final_inputs(model)
+        assert sorted(during) == sorted(after)
+        same = {k: len(during[k]) == len(after[k]) and all(torch.equal(a, b) for a, b in zip(during[k], after[k]))
+                for k in during}
+        runs[ts] = same
+    # true sequential: every linear's Hessian came from its inputs in the quantized model
+    assert all(runs[True].values()), runs[True]
+    # one pass: q/k/v read the block input (the same), o_proj read the full-precision attention
+    assert runs[False]["q"] and runs[False]["k"] and runs[False]["v"]
+    assert not runs[False]["o"]
+
+
+def test_true_sequential_steps_cover_every_linear_once_in_forward_order():
+    keys = ["q", "k", "v", "o", "experts.0.gate", "experts.0.up", "experts.0.down", "shared.gate", "shared.up",
+            "shared.down"]
+    steps = _steps(keys, True)
+    assert steps == [["q", "k", "v"], ["o"], ["experts.0.gate", "experts.0.up", "shared.gate", "shared.up"],
+                     ["experts.0.down", "shared.down"]]
+    assert _steps(keys, False) == [keys]
+    assert [r for s in SEQUENTIAL_STEPS for r in s] == ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def test_true_sequential_is_off_by_default_and_typed():
+    assert RunConfig.from_flat(w_quantizer="gptq").scheme.gptq_true_sequential is False
+    with pytest.raises(ValueError, match="gptq_true_sequential"):
+        RunConfig.from_flat(gptq_true_sequential="maybe")
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_gptq_over_batched_windows_equals_one_window_per_call(true_sequential, monkeypatch):
+    """On a GPU, layerwise.forward_plan runs several windows per block call: the Hessians (a
+    token average) and the next block's inputs must not change, only roundoff (none in float64
+    at this size: the codes are equal)."""
+    ids = torch.randint(0, 89, (5, 16), generator=torch.Generator().manual_seed(1))
+    scheme = RunConfig.from_flat(w_quantizer="gptq", gptq_true_sequential=true_sequential).scheme
+    out = {}
+    for batch in (1, 2):
+        monkeypatch.setattr(weights, "forward_plan", lambda *a, batch=batch: (batch, False))
+        model = make_tiny_model("qwen2-bias-gqa", dtype=torch.float64)
+        out[batch] = weights.quantize_weights_(model, scheme, ids, progress=False)
+    assert sorted(out[1]) == sorted(out[2]) and len(out[1]) == 14  # 7 linears x 2 layers
+    for name, qt in out[1].items():
+        assert torch.equal(qt.codes, out[2][name].codes), name
+        torch.testing.assert_close(qt.scale, out[2][name].scale, rtol=1e-12, atol=0)
