@@ -1,5 +1,20 @@
 """End to end: a Llama-shaped model (random weights) in bf16 vs the same model on the W4A4 kernels.
 
+Through a real run folder (the default way: what `dartquant bench` measures), three steps, each
+skipped when its output exists under --dir, each a subprocess:
+  1. a random-weight sharded float16 model folder of the shape (whole_job.write_model),
+  2. `dartquant quantize --method quarot --w-quantizer rtn --stream true` into a run folder
+     (random weights: the perplexity is meaningless, the guard is off),
+  3. `dartquant bench RUN --prefill 2048 --batch 1 8 64 --json OUT`.
+    PYTHONPATH=src python benchmarks/kernels_e2e.py --run-shape llama2-7b --dir /tmp/kb \
+        --out docs/results/kernels_bench_h200.json                             # GPU, ~13.5 + 3.8 GB of disk
+    PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/kernels_e2e.py --run-shape tiny --dir /tmp/kb \
+        --out /tmp/kb/bench.json --device cpu -- --prefill 16 --batch 4 --context 8 # logic check on the CPU
+Arguments after `--` go to `dartquant bench`. On a machine with a per-command time limit, split it:
+    PYTHONPATH=src python benchmarks/kernels_e2e.py --run-shape llama2-7b --dir /tmp/kb --prepare-only
+    PYTHONPATH=src python -m dartquant.cli bench /tmp/kb/run-llama2-7b-quarot-rtn --json OUT
+
+The older hand-built mode (no run folder; kept for comparison with docs/results/kernels_e2e_h200.json):
     PYTHONPATH=src python benchmarks/kernels_e2e.py --out e2e.json              # Llama-2-7B shape, GPU
     PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/kernels_e2e.py --tiny   # logic check on the CPU
 
@@ -113,13 +128,54 @@ def measure(model, device, prefill, batches, vocab):
     return out
 
 
+def via_run_folder(args) -> int:
+    """Steps 1-3 of the module docstring; each prints its seconds."""
+    import subprocess
+    from pathlib import Path
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from whole_job import write_model  # noqa: E402  (random sharded folders, one tensor in memory at a time)
+
+    base = Path(args.dir)
+    base.mkdir(parents=True, exist_ok=True)
+    model, run = base / args.run_shape, base / f"run-{args.run_shape}-quarot-rtn"
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src")}
+    if not (model / "model.safetensors.index.json").is_file():
+        t = time.time()
+        gb = write_model(model, args.run_shape, None, args.device)
+        print(f"wrote {model} ({gb:.1f} GB float16) in {time.time() - t:.0f} s", flush=True)
+    if not (run / "metrics.json").is_file():
+        cmd = [sys.executable, "-m", "dartquant.cli", "quantize", "--model", str(model), "--method", "quarot",
+               "--w-quantizer", "rtn", "--stream", "true", "--device", args.device, "--out", str(run),
+               "--overwrite", "--skip-fp-eval", "--eval-max-windows", "1", "--eval-seqlen", "512",
+               "--guard-windows", "0", "--fail-on-collapse", "false", "--calib-samples", "2", "--calib-seqlen", "64"]
+        t = time.time()
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, env=env, check=True)
+        print(f"quantized -> {run} in {time.time() - t:.0f} s", flush=True)
+    if args.prepare_only:
+        return 0
+    cmd = [sys.executable, "-m", "dartquant.cli", "bench", str(run), "--device", args.device,
+           "--json", args.out, *args.bench_args]
+    print(" ".join(cmd), flush=True)
+    return subprocess.run(cmd, env=env).returncode
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--out", default="kernels_e2e.json")
     ap.add_argument("--batches", default="1,8,64", help="decode batch sizes")
+    ap.add_argument("--run-shape", default=None, help="through a run folder: llama2-7b, llama3-8b, tiny, ...")
+    ap.add_argument("--dir", default="/tmp/kb", help="model and run folders (--run-shape)")
+    ap.add_argument("--device", default="cuda", help="--run-shape: device of the quantize and bench steps")
+    ap.add_argument("--prepare-only", action="store_true", help="--run-shape: steps 1-2 only (the run folder)")
+    ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: more `dartquant bench` flags")
     args = ap.parse_args()
+    args.bench_args = [a for a in args.bench_args if a != "--"]
+    if args.run_shape:
+        return via_run_folder(args)
     device = torch.device("cpu" if args.tiny else "cuda")
     prefill = 16 if args.tiny else args.prefill
     batches = (1, 2) if args.tiny else tuple(int(v) for v in args.batches.split(","))
@@ -150,4 +206,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
