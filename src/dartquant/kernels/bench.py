@@ -164,7 +164,6 @@ def time_decode(model, batch: int, s: BenchSettings, device) -> dict:
             out["graph_error"] = f"{type(e).__name__}: {e}"[:500]
     best = out.get("graph_ms", out["eager_ms"])
     out.update(ms_per_step=best, tok_s=batch / best * 1e3, timed="cuda_graph" if "graph_ms" in out else "eager")
-    del cache
     return out
 
 
