@@ -201,3 +201,16 @@ def test_bench_prints_and_writes_both_sides(run_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):  # bad settings fail in argparse / validate, before loading
         cli_main(["bench", str(run_folder), "--kv", "fp8"])
     assert cli_main(["bench", str(run_folder), "--device", "cpu", "--batch", "0"]) == 2
+
+
+def test_the_decode_step_is_a_real_repeatable_decode_step(run_folder):
+    """The timed step (a StaticCache rewound before each call) gives the logits that a full
+    forward of the same sequence gives at its last position, call after call."""
+    from dartquant.kernels.bench import make_decode_step, plain_bf16_model
+
+    model = plain_bf16_model(run_folder, "cpu").float()
+    step = make_decode_step(model, batch=2, context=5, device=torch.device("cpu"))
+    with torch.no_grad():
+        ref = model(step.ids).logits[:, -1:]
+    for _ in range(3):  # on the GPU do_bench and the graph replay call it hundreds of times
+        torch.testing.assert_close(step(), ref, rtol=1e-5, atol=1e-5)

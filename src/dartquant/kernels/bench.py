@@ -128,24 +128,54 @@ def time_prefill(model, s: BenchSettings, device) -> dict:
             "finite": bool(torch.isfinite(logits).all().item())}
 
 
+def _rewind_(cache, position: int) -> None:
+    """Set every layer of a transformers StaticCache back to `position` tokens seen.
+
+    transformers 5.x static layers count the tokens written (`cumulative_length`, a tensor, so the
+    count lives on the device and a CUDA graph can replay it) and ignore `cache_position`: a
+    replayed step would write past the cache's end. A device `fill_` rewinds it inside the step,
+    so eager calls and graph replays all time the same step."""
+    for layer in getattr(cache, "layers", []):
+        count = getattr(layer, "cumulative_length", None)
+        if isinstance(count, torch.Tensor):
+            count.fill_(position)
+        elif isinstance(count, int):
+            layer.cumulative_length = position
+        if isinstance(getattr(layer, "cumulative_length_int", None), int):
+            layer.cumulative_length_int = position
+
+
 @torch.no_grad()
-def time_decode(model, batch: int, s: BenchSettings, device) -> dict:
-    """ms per one-token step with `s.context` tokens cached (eager, and in a CUDA graph)."""
+def make_decode_step(model, batch: int, context: int, device):
+    """A function running one decode step: `batch` sequences of `context` random tokens are in a
+    StaticCache; each call feeds the token at position `context` (into the cache's last slot) and
+    returns its logits [batch, 1, vocab]. Every call computes the same step."""
     from transformers import StaticCache
 
     config = model.config
     vocab = config.get_text_config().vocab_size
     gen = torch.Generator(device).manual_seed(batch)
-    ctx = torch.randint(0, vocab, (batch, s.context), device=device, generator=gen)
-    cache = StaticCache(config=config, max_cache_len=s.context + 1)
+    ids = torch.randint(0, vocab, (batch, context + 1), device=device, generator=gen)
+    cache = StaticCache(config=config, max_cache_len=context + 1)
     kw = _forward_kwargs(model)
-    model(ctx, past_key_values=cache, use_cache=True, cache_position=torch.arange(s.context, device=device), **kw)
-    nxt = ctx[:, -1:].clone()
-    pos = torch.tensor([s.context], device=device)
+    positions = torch.arange(context + 1, device=device)
+    model(ids[:, :context], past_key_values=cache, use_cache=True, position_ids=positions[None, :context],
+          cache_position=positions[:context], **kw)
+    nxt, pos = ids[:, context:].clone(), positions[context:].clone()
 
+    @torch.no_grad()
     def step():
-        return model(nxt, past_key_values=cache, use_cache=True, cache_position=pos, **kw).logits
+        _rewind_(cache, context)
+        return model(nxt, past_key_values=cache, use_cache=True, position_ids=pos[None], cache_position=pos, **kw).logits
 
+    step.ids = ids  # the whole sequences, for a reference forward (tests)
+    return step
+
+
+@torch.no_grad()
+def time_decode(model, batch: int, s: BenchSettings, device) -> dict:
+    """ms per one-token step with `s.context` tokens cached (eager, and in a CUDA graph)."""
+    step = make_decode_step(model, batch, s.context, device)
     out = {"eager_ms": _time_ms(step, device, s.rep_ms)}
     if s.cuda_graphs and device.type == "cuda":
         try:
