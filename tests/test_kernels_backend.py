@@ -214,3 +214,25 @@ def test_the_decode_step_is_a_real_repeatable_decode_step(run_folder):
         ref = model(step.ids).logits[:, -1:]
     for _ in range(3):  # on the GPU do_bench and the graph replay call it hundreds of times
         torch.testing.assert_close(step(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_siblings_share_one_activation_quantization(run_folder, monkeypatch):
+    """q / k / v (and gate / up) read one tensor: it is quantized once per layer, with the same result."""
+    import dartquant.kernels.linear as linear_mod
+
+    calls = []
+    real = linear_mod.hadamard_quantize_pack
+    monkeypatch.setattr(linear_mod, "hadamard_quantize_pack", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    model, _ = load_for_backend(run_folder, "triton")
+    ids = torch.randint(0, 89, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        shared = model(ids).logits
+    assert len(calls) == 4 * 2  # per layer: q/k/v, o, gate/up, down (2 layers)
+    for m in model.modules():
+        if isinstance(m, W4A4Linear):
+            m.shared_input = None
+    calls.clear()
+    with torch.no_grad():
+        alone = model(ids).logits
+    assert len(calls) == 7 * 2
+    assert torch.equal(shared, alone)

@@ -52,6 +52,29 @@ def _check_scheme(q: QLinear, qt: QuantizedTensor, name: str) -> tuple[bool, flo
     return rot is not None, spec.clip_ratio
 
 
+class SharedInput:
+    """The last activation quantization of a group of W4A4Linears that may read one tensor.
+
+    q / k / v read the same hidden states, gate / up too: quantizing once saves two of three (one
+    of two) activation kernels. A hit needs the very same tensor object at the same version (an
+    in-place change bumps it) and the same settings; holding the tensor keeps its memory from
+    being reused for another. Under CUDA-graph capture the first reader's launch is recorded and
+    the others read its outputs, which every replay rewrites in the same order."""
+
+    def __init__(self):
+        self._key = None
+        self._act = None
+
+    def quantize(self, x: torch.Tensor, clip_ratio: float, rotate: bool):
+        key = (x, x._version, clip_ratio, rotate)
+        last = self._key
+        if last is not None and last[0] is x and last[1:] == key[1:]:
+            return self._act
+        self._act = hadamard_quantize_pack(x.reshape(-1, x.shape[-1]), clip_ratio, rotate=rotate)
+        self._key = key
+        return self._act
+
+
 class W4A4Linear(nn.Module):
     """Packed 4-bit weight + the Triton activation kernel and GEMM (see the module docstring)."""
 
@@ -65,12 +88,18 @@ class W4A4Linear(nn.Module):
         self.register_buffer("scale", w.scale)
         self.register_buffer("rowsum", w.rowsum)
         self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
+        self.shared_input: SharedInput | None = None  # set by convert_qlinears_ for siblings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .w4a4_gemm import PackedWeight
 
         lead = x.shape[:-1]
-        act = hadamard_quantize_pack(x.reshape(-1, self.in_features), self.clip_ratio, rotate=self.rotate)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"W4A4Linear({self.in_features}) got an input of last dimension {x.shape[-1]}")
+        if self.shared_input is not None:
+            act = self.shared_input.quantize(x, self.clip_ratio, self.rotate)
+        else:
+            act = hadamard_quantize_pack(x.reshape(-1, self.in_features), self.clip_ratio, rotate=self.rotate)
         w = PackedWeight(self.codes, self.scale, self.rowsum, self.in_features)
         # fp32 models get the epilogue's fp32 value; others bf16 (the fast path)
         out = torch.empty(act.codes.shape[0], self.out_features, device=x.device,
@@ -85,15 +114,22 @@ class W4A4Linear(nn.Module):
                 f"A4 asym per-token clip {self.clip_ratio}, hadamard={self.rotate}, backend={self.backend}")
 
 
-def convert_qlinears_(model: nn.Module, qtensors: dict[str, QuantizedTensor], backend: str = "auto") -> list[str]:
+def convert_qlinears_(model: nn.Module, qtensors: dict[str, QuantizedTensor], backend: str = "auto",
+                      share_inputs: bool = True) -> list[str]:
     """Replace every QLinear named in `qtensors` (module name -> weight codes) by a W4A4Linear.
 
-    All QLinears are checked before the first one is replaced.  Returns the converted names."""
+    All QLinears are checked before the first one is replaced.  With `share_inputs`, the linears
+    of one parent module (an attention's q / k / v / o, an MLP's gate / up / down) share a
+    `SharedInput`, so that readers of one tensor quantize it once.  Returns the converted names."""
     targets = {name: m for name, m in model.named_modules() if isinstance(m, QLinear) and name in qtensors}
     missing = sorted(set(qtensors) - set(targets))
     if missing:
         raise ValueError(f"no QLinear named {missing[:5]} in the model")
     new = {name: W4A4Linear(q, qtensors[name], name, backend) for name, q in targets.items()}
+    if share_inputs:
+        groups: dict[str, SharedInput] = {}
+        for name, module in new.items():
+            module.shared_input = groups.setdefault(name.rpartition(".")[0], SharedInput())
     for name, module in new.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
