@@ -216,6 +216,7 @@ def bench_run(folder, s: BenchSettings, progress=print) -> dict:
     device = torch.device(s.device)
     result = {"run": str(folder), "settings": dataclasses.asdict(s), "machine": _machine(device)}
     for side in s.sides:
+        progress(f"{side}: loading {folder} (CPU), then timing on {device}")
         t = time.perf_counter()
         model = plain_bf16_model(folder, device) if side == "bf16" else w4a4_model(folder, device, s.kv)
         load_s = time.perf_counter() - t
