@@ -198,6 +198,13 @@ def test_bench_prints_and_writes_both_sides(run_folder, tmp_path, capsys):
     assert res["w4a4"]["linear_bytes"] == 2 * sum(n * k // 2 + 8 * n for n, k in shapes)
     assert res["bf16"]["linear_bytes"] == 2 * sum(2 * n * k for n, k in shapes)
     assert res["ratios"]["linear_bytes_ratio"] < 0.35
+    # one side per command (--sides X --merge): the halves merge back into the same result
+    from dartquant.kernels.bench import merge_sides
+
+    halves = [{k: v for k, v in res.items() if k not in (other, "ratios")} for other in ("w4a4", "bf16")]
+    assert merge_sides(halves[0], halves[1])["ratios"] == res["ratios"]
+    with pytest.raises(ValueError, match="other settings"):
+        merge_sides(res, {**halves[1], "settings": {**res["settings"], "context": 99}})
     with pytest.raises(SystemExit):  # bad settings fail in argparse / validate, before loading
         cli_main(["bench", str(run_folder), "--kv", "fp8"])
     assert cli_main(["bench", str(run_folder), "--device", "cpu", "--batch", "0"]) == 2

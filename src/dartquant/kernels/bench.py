@@ -246,6 +246,19 @@ def ratios(result: dict) -> dict:
     return out
 
 
+def merge_sides(old: dict, new: dict) -> dict:
+    """`new` plus the sides only `old` has (the same run and settings but `sides`): one side per
+    command where a command's time is limited."""
+    same = lambda r: {k: v for k, v in r["settings"].items() if k != "sides"}  # noqa: E731
+    if old.get("run") != new["run"] or same(old) != same(new):
+        raise ValueError("--merge: the JSON holds another run or other settings; write to a new file")
+    merged = {**new, **{side: old[side] for side in ("bf16", "w4a4") if side in old and side not in new}}
+    merged["settings"] = {**new["settings"], "sides": [s for s in ("bf16", "w4a4") if s in merged]}
+    if {"bf16", "w4a4"} <= set(merged):
+        merged["ratios"] = ratios(merged)
+    return merged
+
+
 def _machine(device) -> dict:
     import platform
 
@@ -307,7 +320,13 @@ def cmd_bench(args) -> int:
         parent = Path(args.json_out).resolve().parent
         if not parent.is_dir():
             raise FileNotFoundError(f"--json {args.json_out}: folder {parent} does not exist")
+    old = None
+    if args.merge and args.json_out and Path(args.json_out).is_file():
+        old = json.loads(Path(args.json_out).read_text())
+        merge_sides(old, {"run": str(args.run), "settings": dataclasses.asdict(s)})  # refuses before the work
     result = bench_run(args.run, s)
+    if old is not None:
+        result = merge_sides(old, result)
     print(format_table(result))
     if args.json_out:
         write_json(Path(args.json_out), result)
@@ -330,4 +349,6 @@ def add_bench_command(subparsers) -> None:
     s.add_argument("--device", default=None, help="default: cuda if available (cpu: TRITON_INTERPRET=1, tests only)")
     s.add_argument("--rep-ms", type=int, default=200, help="time budget of each CUDA measurement (do_bench)")
     s.add_argument("--json", dest="json_out", metavar="OUT", help="write the result as JSON")
+    s.add_argument("--merge", action="store_true",
+                   help="with --sides: add the measured side to OUT's other side (same run and settings)")
     s.set_defaults(func=cmd_bench)
