@@ -216,6 +216,8 @@ def test_the_decode_step_is_a_real_repeatable_decode_step(run_folder):
     from dartquant.kernels.bench import make_decode_step, plain_bf16_model
 
     model = plain_bf16_model(run_folder, "cpu").float()
+    assert not any(isinstance(m, (QLinear, W4A4Linear)) for m in model.modules())  # plain transformers
+    assert model.config._attn_implementation == "sdpa"
     step = make_decode_step(model, batch=2, context=5, device=torch.device("cpu"))
     with torch.no_grad():
         ref = model(step.ids).logits[:, -1:]

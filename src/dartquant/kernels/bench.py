@@ -3,11 +3,11 @@
     dartquant bench RUN [--prefill 2048] [--batch 1 8 64] [--context 512] [--json OUT]
 
 Design choices:
-* The two sides are built from the same run folder, so they have the same architecture and
-  weights: `bf16` is plain transformers (SDPA attention), the run's dequantized weights as
-  `nn.Linear`, no online Hadamard and no quantizer (the cost of the original, unrotated model);
-  `w4a4` is `backend.load_for_backend(RUN, "triton", bfloat16)`: every decoder linear a
-  `W4A4Linear` (activation kernel + GEMM; R4 fused into down_proj's activation kernel).
+* The two sides come from one load of the run folder (`side_models`), so they have the same
+  architecture and weights: `bf16` is plain transformers (SDPA attention), the run's dequantized
+  weights as `nn.Linear`, no online Hadamard and no quantizer (the cost of the original,
+  unrotated model); `w4a4` is what `--backend triton` runs: every decoder linear a `W4A4Linear`
+  (activation kernel + GEMM; R4 fused into down_proj's activation kernel), bf16 elsewhere.
 * Attention: `--kv plain` (default) runs SDPA on a bf16 cache on both sides (the kernels replace
   the linears; R3 is dropped, it cancels in Q K^T without a K quantizer); `--kv run` keeps the
   run's fake-quantized 4-bit K/V (torch ops, slower) on the w4a4 side.
@@ -59,29 +59,51 @@ class BenchSettings:
 
 
 # ---- the two models ------------------------------------------------------------------------
-def plain_bf16_model(folder, device) -> nn.Module:
-    """The run's architecture and dequantized weights as plain transformers in bf16."""
+def _replace_(model: nn.Module, modules: dict) -> None:
+    for name, m in modules.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, m)
+
+
+def _plain_linear(q) -> nn.Linear:
+    """An nn.Linear sharing a QLinear's weight and bias: no rotation, no quantizer."""
+    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+    lin.weight, lin.bias = q.weight, q.bias
+    return lin
+
+
+def side_models(folder, sides, device, kv: str):
+    """Yield ("bf16", model) and / or ("w4a4", model) from ONE load of the run (the slow part at
+    7B: reading and dequantizing the codes on the CPU): the bf16 side is the fake-quant model with
+    its QLinears swapped for plain linears sharing their weights and SDPA attention; then the
+    QLinears go back and are converted to W4A4Linears (their dequantized weights are dropped)."""
     from ..modules import QLinear
     from ..zoo import load_model
+    from .linear import convert_run_
 
     model, _ = load_model(folder, dtype=torch.bfloat16, device="cpu")
-    for name, m in list(model.named_modules()):
-        if isinstance(m, QLinear):  # back to nn.Linear, sharing the weight: no rotation, no quantizer
-            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-            lin.weight, lin.bias = m.weight, m.bias
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, lin)
-    model.set_attn_implementation("sdpa")  # the dartquant attention (R3, K/V quantizers) is bypassed
-    return model.to(device).eval()
+    model.eval()
+    run_attention = model.config._attn_implementation
+    qlinears = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
+    if "bf16" in sides:
+        _replace_(model, {n: _plain_linear(q) for n, q in qlinears.items()})
+        model.set_attn_implementation("sdpa")  # the dartquant attention (R3, K/V quantizers) is bypassed
+        yield "bf16", model.to(device)
+        _replace_(model, qlinears)
+        model.set_attn_implementation(run_attention)
+    if "w4a4" in sides:
+        convert_run_(model, folder)
+        del qlinears
+        if kv == "plain":
+            model.set_attn_implementation("sdpa")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        yield "w4a4", model.to(device)
 
 
-def w4a4_model(folder, device, kv: str) -> nn.Module:
-    from .backend import load_for_backend
-
-    model, _ = load_for_backend(folder, "triton", dtype=torch.bfloat16, device=device)
-    if kv == "plain":
-        model.set_attn_implementation("sdpa")
-    return model.eval()
+def plain_bf16_model(folder, device) -> nn.Module:
+    """The run's architecture and dequantized weights as plain transformers in bf16 (see side_models)."""
+    return next(side_models(folder, ["bf16"], torch.device(device), "plain"))[1]
 
 
 def weight_bytes(model: nn.Module) -> dict:
@@ -215,10 +237,9 @@ def bench_run(folder, s: BenchSettings, progress=print) -> dict:
     check_triton_device(s.device)
     device = torch.device(s.device)
     result = {"run": str(folder), "settings": dataclasses.asdict(s), "machine": _machine(device)}
-    for side in s.sides:
-        progress(f"{side}: loading {folder} (CPU), then timing on {device}")
-        t = time.perf_counter()
-        model = plain_bf16_model(folder, device) if side == "bf16" else w4a4_model(folder, device, s.kv)
+    progress(f"loading {folder} (CPU; both sides from one load), timing on {device}")
+    t = time.perf_counter()
+    for side, model in side_models(folder, [x for x in ("bf16", "w4a4") if x in s.sides], device, s.kv):
         load_s = time.perf_counter() - t
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -229,6 +250,7 @@ def bench_run(folder, s: BenchSettings, progress=print) -> dict:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        t = time.perf_counter()
     if {"bf16", "w4a4"} <= set(result):
         result["ratios"] = ratios(result)
     return result

@@ -26,7 +26,7 @@ from ..quant.primitives import QuantizedTensor
 from .act_quant import hadamard_quantize_pack
 from .w4a4_gemm import prepare_weight, w4a4_matmul
 
-__all__ = ["W4A4Linear", "convert_qlinears_", "load_w4a4"]
+__all__ = ["W4A4Linear", "convert_qlinears_", "convert_run_", "load_w4a4"]
 
 
 def _check_scheme(q: QLinear, qt: QuantizedTensor, name: str) -> tuple[bool, float]:
@@ -136,20 +136,26 @@ def convert_qlinears_(model: nn.Module, qtensors: dict[str, QuantizedTensor], ba
     return sorted(new)
 
 
+def convert_run_(model: nn.Module, folder, backend: str = "auto") -> list[str]:
+    """Swap every QLinear of `model` (loaded from run `folder`) whose codes are in the folder's
+    ``quantized.safetensors`` for a W4A4Linear (all checked first). Returns the converted names."""
+    from ..quant.checkpoint import read_quantized_state
+
+    state = read_quantized_state(Path(folder))[1]  # one file or shards (a streamed run)
+    prefixes = sorted(k[: -len(".qmeta")] for k in state if k.endswith(".qmeta"))
+    qtensors = {p: QuantizedTensor.from_state_dict(state, prefix=f"{p}.") for p in prefixes}
+    return convert_qlinears_(model, qtensors, backend)
+
+
 def load_w4a4(folder, device="cpu", backend: str = "auto", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of a quantized output folder with its 4-bit linears on the kernels.
 
     Loads the folder as `zoo.load_model` does (the fake-quant model: online rotations,
-    quantizers), then swaps every QLinear whose codes are in ``quantized.safetensors`` for a
-    W4A4Linear (all checked first).  Embeddings, norms, attention (K/V stay fake-quantized) and an
-    unquantized lm_head run as before, in `dtype` (float32: the GEMM writes its fp32 epilogue;
+    quantizers), then `convert_run_`.  Embeddings, norms, attention (K/V stay fake-quantized) and
+    an unquantized lm_head run as before, in `dtype` (float32: the GEMM writes its fp32 epilogue;
     bfloat16: the fast path).  `backend.load_for_backend` checks the run before calling this."""
-    from ..quant.checkpoint import read_quantized_state
     from ..zoo import load_model
 
     model, tokenizer = load_model(folder, dtype=dtype, device="cpu")
-    state = read_quantized_state(Path(folder))[1]  # one file or shards (a streamed run)
-    prefixes = sorted(k[: -len(".qmeta")] for k in state if k.endswith(".qmeta"))
-    qtensors = {p: QuantizedTensor.from_state_dict(state, prefix=f"{p}.") for p in prefixes}
-    convert_qlinears_(model, qtensors, backend)
+    convert_run_(model, folder, backend)
     return model.to(device), tokenizer
