@@ -10,12 +10,13 @@ Design choices:
   (activation kernel + GEMM; R4 fused into down_proj's activation kernel), bf16 elsewhere.
 * Attention: `--kv plain` (default) runs SDPA on a bf16 cache on both sides (the kernels replace
   the linears; R3 is dropped, it cancels in Q K^T without a K quantizer); `--kv run` keeps the
-  run's fake-quantized 4-bit K/V (torch ops, slower) on the w4a4 side.
+  run's fake-quantized 4-bit K/V on the w4a4 side (torch ops over the whole cache every step).
 * Prefill: one forward of `--prefill` tokens at batch 1, last logits only (as generation does).
   Decode: one-token steps on a `StaticCache` holding `--context` tokens, batch by batch, the same
-  step replayed (the steady-state step at that context length). With `--cuda-graphs` (default on
-  CUDA) the step is captured in a CUDA graph on both sides (host overhead out); the eager time is
-  reported too. A capture that fails is recorded in the JSON and the eager number stands.
+  step replayed (the steady-state step at that context length; the cache is rewound before each
+  call, `_rewind_`). On CUDA the step is also captured in a CUDA graph on both sides (host
+  overhead out; `--no-cuda-graphs`: eager only); the eager time is in the JSON too. A capture
+  that fails is recorded in the JSON and the eager number stands.
 * Times: median of `triton.testing.do_bench` on CUDA; on the CPU (tests, interpreter) a single
   wall-clock run, meaningless as speed, there to check the plumbing.
 * Weight memory: bytes of the decoder linears (packed codes + scales + row sums + biases vs bf16
