@@ -237,6 +237,8 @@ def test_siblings_share_one_activation_quantization(run_folder, monkeypatch):
     with torch.no_grad():
         shared = model(ids).logits
     assert len(calls) == 4 * 2  # per layer: q/k/v, o, gate/up, down (2 layers)
+    # the memo dies with its input tensor: no layer keeps its codes after the forward
+    assert all(m.shared_input._act is None for m in model.modules() if isinstance(m, W4A4Linear))
     for m in model.modules():
         if isinstance(m, W4A4Linear):
             m.shared_input = None

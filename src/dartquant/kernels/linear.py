@@ -16,6 +16,7 @@ QLinear itself computes in the model dtype, so in bf16 the two differ by bf16 GE
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
@@ -56,23 +57,29 @@ class SharedInput:
     """The last activation quantization of a group of W4A4Linears that may read one tensor.
 
     q / k / v read the same hidden states, gate / up too: quantizing once saves two of three (one
-    of two) activation kernels. A hit needs the very same tensor object at the same version (an
-    in-place change bumps it) and the same settings; holding the tensor keeps its memory from
-    being reused for another. Under CUDA-graph capture the first reader's launch is recorded and
-    the others read its outputs, which every replay rewrites in the same order."""
+    of two) activation kernels. A hit needs the very same tensor object, still alive, at the same
+    version (an in-place change bumps it), with the same settings. The memo holds the tensor by a
+    weak reference whose callback drops the codes when the tensor dies, so nothing outlives the
+    layer's own temporaries (a strong reference would keep every layer's input alive: GBs at a
+    large prefill). Under CUDA-graph capture the first reader's launch is recorded and the others
+    read its outputs, which every replay rewrites in the same order."""
 
     def __init__(self):
-        self._key = None
+        self._ref = None
+        self._settings = None
         self._act = None
 
     def quantize(self, x: torch.Tensor, clip_ratio: float, rotate: bool):
-        key = (x, x._version, clip_ratio, rotate)
-        last = self._key
-        if last is not None and last[0] is x and last[1:] == key[1:]:
+        settings = (x._version, clip_ratio, rotate)
+        if self._ref is not None and self._ref() is x and self._settings == settings:
             return self._act
-        self._act = hadamard_quantize_pack(x.reshape(-1, x.shape[-1]), clip_ratio, rotate=rotate)
-        self._key = key
-        return self._act
+        act = hadamard_quantize_pack(x.reshape(-1, x.shape[-1]), clip_ratio, rotate=rotate)
+        self._ref, self._settings, self._act = weakref.ref(x, self._forget), settings, act
+        return act
+
+    def _forget(self, ref) -> None:
+        if ref is self._ref:
+            self._ref = self._settings = self._act = None
 
 
 class W4A4Linear(nn.Module):
