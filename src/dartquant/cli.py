@@ -7,6 +7,7 @@
     dartquant eval DIR                    evaluate a saved (quantized) model
     dartquant export RUN --out DIR        write a compressed-tensors folder (transformers / vLLM)
     dartquant inspect --model M           activation statistics before / after rotation (PNG + JSON)
+    dartquant bench RUN                   a run on the W4A4 kernels vs bf16: prefill, decode, memory
 
 Handlers parse and check arguments, fail fast on bad input, then call library functions.
 """
@@ -87,7 +88,12 @@ def cmd_ppl(args) -> int:
     if args.max_windows is not None and args.max_windows < 1:
         raise SystemExit("error: --max-windows must be at least 1")
     torch.manual_seed(0)
-    model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
+    if args.backend == "triton":  # the run's linears on the W4A4 kernels (kernels/backend.py)
+        from .kernels.backend import load_for_backend
+
+        model, tokenizer = load_for_backend(args.model, "triton", dtype=_torch_dtype(args.dtype), device=args.device)
+    else:
+        model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
     res = evaluate_ppl(model, tokenizer, corpora=args.corpora, seqlen=args.seqlen, max_windows=args.max_windows,
                        progress=not args.json)
     if args.json:
@@ -143,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-windows", type=int, default=None, help="score at most this many windows per corpus")
     s.add_argument("--dtype", choices=DTYPES, default="float32")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--backend", choices=["torch", "triton"], default="torch",
+                   help="triton: a run folder's linears on the W4A4 kernels (CUDA; float32 or bfloat16)")
     s.add_argument("--json", action="store_true", help='print {"wiki": ..., "c4": ..., "tokens": ...}')
     s.set_defaults(func=cmd_ppl)
 
@@ -162,9 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .diagnostics import add_inspect_command
     from .cli_quantize import add_quant_commands
+    from .kernels.bench import add_bench_command
 
     add_quant_commands(sub)
     add_inspect_command(sub)
+    add_bench_command(sub)
     return p
 
 

@@ -186,7 +186,12 @@ def cmd_eval(args) -> int:
     settings.update({k: getattr(args, f) for k, f in flags.items() if hasattr(args, f)})
     cfg = RunConfig.from_flat(**settings, seed=base.seed)
     cfg.resolve().validate()  # before loading: --max-windows 0, unknown tasks, ...
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, cfg.dtype))
+    if getattr(args, "backend", "torch") == "triton":  # linears on the W4A4 kernels; refusals before loading
+        from .kernels.backend import load_for_backend
+
+        model, tokenizer = load_for_backend(args.model, "triton", dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    else:
+        model, tokenizer = load_model(args.model, dtype=getattr(torch, cfg.dtype))
     res = evaluate(model, tokenizer, cfg, progress=not args.json)
     if args.json:
         print(json.dumps(res))
@@ -222,5 +227,7 @@ def add_quant_commands(sub) -> None:
     s.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), default=unset,
                    help="default: the run's dtype, else float32")
     s.add_argument("--device", default=unset, help="default: the run's device (cpu without CUDA), else cpu")
+    s.add_argument("--backend", choices=("torch", "triton"), default="torch",
+                   help="triton: the run's linears on the W4A4 kernels (W4 per-channel + A4 per-token runs only)")
     s.add_argument("--json", action="store_true", help="print the metrics object")
     s.set_defaults(func=cmd_eval)

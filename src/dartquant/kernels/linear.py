@@ -16,6 +16,7 @@ QLinear itself computes in the model dtype, so in bf16 the two differ by bf16 GE
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from ..quant.primitives import QuantizedTensor
 from .act_quant import hadamard_quantize_pack
 from .w4a4_gemm import prepare_weight, w4a4_matmul
 
-__all__ = ["W4A4Linear", "convert_qlinears_", "load_w4a4"]
+__all__ = ["W4A4Linear", "convert_qlinears_", "convert_run_", "load_w4a4"]
 
 
 def _check_scheme(q: QLinear, qt: QuantizedTensor, name: str) -> tuple[bool, float]:
@@ -52,6 +53,35 @@ def _check_scheme(q: QLinear, qt: QuantizedTensor, name: str) -> tuple[bool, flo
     return rot is not None, spec.clip_ratio
 
 
+class SharedInput:
+    """The last activation quantization of a group of W4A4Linears that may read one tensor.
+
+    q / k / v read the same hidden states, gate / up too: quantizing once saves two of three (one
+    of two) activation kernels. A hit needs the very same tensor object, still alive, at the same
+    version (an in-place change bumps it), with the same settings. The memo holds the tensor by a
+    weak reference whose callback drops the codes when the tensor dies, so nothing outlives the
+    layer's own temporaries (a strong reference would keep every layer's input alive: GBs at a
+    large prefill). Under CUDA-graph capture the first reader's launch is recorded and the others
+    read its outputs, which every replay rewrites in the same order."""
+
+    def __init__(self):
+        self._ref = None
+        self._settings = None
+        self._act = None
+
+    def quantize(self, x: torch.Tensor, clip_ratio: float, rotate: bool):
+        settings = (x._version, clip_ratio, rotate)
+        if self._ref is not None and self._ref() is x and self._settings == settings:
+            return self._act
+        act = hadamard_quantize_pack(x.reshape(-1, x.shape[-1]), clip_ratio, rotate=rotate)
+        self._ref, self._settings, self._act = weakref.ref(x, self._forget), settings, act
+        return act
+
+    def _forget(self, ref) -> None:
+        if ref is self._ref:
+            self._ref = self._settings = self._act = None
+
+
 class W4A4Linear(nn.Module):
     """Packed 4-bit weight + the Triton activation kernel and GEMM (see the module docstring)."""
 
@@ -65,12 +95,18 @@ class W4A4Linear(nn.Module):
         self.register_buffer("scale", w.scale)
         self.register_buffer("rowsum", w.rowsum)
         self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
+        self.shared_input: SharedInput | None = None  # set by convert_qlinears_ for siblings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .w4a4_gemm import PackedWeight
 
         lead = x.shape[:-1]
-        act = hadamard_quantize_pack(x.reshape(-1, self.in_features), self.clip_ratio, rotate=self.rotate)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"W4A4Linear({self.in_features}) got an input of last dimension {x.shape[-1]}")
+        if self.shared_input is not None:
+            act = self.shared_input.quantize(x, self.clip_ratio, self.rotate)
+        else:
+            act = hadamard_quantize_pack(x.reshape(-1, self.in_features), self.clip_ratio, rotate=self.rotate)
         w = PackedWeight(self.codes, self.scale, self.rowsum, self.in_features)
         # fp32 models get the epilogue's fp32 value; others bf16 (the fast path)
         out = torch.empty(act.codes.shape[0], self.out_features, device=x.device,
@@ -85,34 +121,48 @@ class W4A4Linear(nn.Module):
                 f"A4 asym per-token clip {self.clip_ratio}, hadamard={self.rotate}, backend={self.backend}")
 
 
-def convert_qlinears_(model: nn.Module, qtensors: dict[str, QuantizedTensor], backend: str = "auto") -> list[str]:
+def convert_qlinears_(model: nn.Module, qtensors: dict[str, QuantizedTensor], backend: str = "auto",
+                      share_inputs: bool = True) -> list[str]:
     """Replace every QLinear named in `qtensors` (module name -> weight codes) by a W4A4Linear.
 
-    All QLinears are checked before the first one is replaced.  Returns the converted names."""
+    All QLinears are checked before the first one is replaced.  With `share_inputs`, the linears
+    of one parent module (an attention's q / k / v / o, an MLP's gate / up / down) share a
+    `SharedInput`, so that readers of one tensor quantize it once.  Returns the converted names."""
     targets = {name: m for name, m in model.named_modules() if isinstance(m, QLinear) and name in qtensors}
     missing = sorted(set(qtensors) - set(targets))
     if missing:
         raise ValueError(f"no QLinear named {missing[:5]} in the model")
     new = {name: W4A4Linear(q, qtensors[name], name, backend) for name, q in targets.items()}
+    if share_inputs:
+        groups: dict[str, SharedInput] = {}
+        for name, module in new.items():
+            module.shared_input = groups.setdefault(name.rpartition(".")[0], SharedInput())
     for name, module in new.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
     return sorted(new)
 
 
-def load_w4a4(folder, device="cpu", backend: str = "auto"):
-    """(model, tokenizer) of a quantized output folder with its 4-bit linears on the kernels.
-
-    Loads the folder as `zoo.load_model` does (the fake-quant model: online rotations,
-    quantizers), then swaps every QLinear whose codes are in ``quantized.safetensors`` for a
-    W4A4Linear (all checked first).  Embeddings, norms, attention (K/V stay fake-quantized) and an
-    unquantized lm_head run as before."""
+def convert_run_(model: nn.Module, folder, backend: str = "auto") -> list[str]:
+    """Swap every QLinear of `model` (loaded from run `folder`) whose codes are in the folder's
+    ``quantized.safetensors`` for a W4A4Linear (all checked first). Returns the converted names."""
     from ..quant.checkpoint import read_quantized_state
-    from ..zoo import load_model
 
-    model, tokenizer = load_model(folder, device="cpu")
     state = read_quantized_state(Path(folder))[1]  # one file or shards (a streamed run)
     prefixes = sorted(k[: -len(".qmeta")] for k in state if k.endswith(".qmeta"))
     qtensors = {p: QuantizedTensor.from_state_dict(state, prefix=f"{p}.") for p in prefixes}
-    convert_qlinears_(model, qtensors, backend)
+    return convert_qlinears_(model, qtensors, backend)
+
+
+def load_w4a4(folder, device="cpu", backend: str = "auto", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a quantized output folder with its 4-bit linears on the kernels.
+
+    Loads the folder as `zoo.load_model` does (the fake-quant model: online rotations,
+    quantizers), then `convert_run_`.  Embeddings, norms, attention (K/V stay fake-quantized) and
+    an unquantized lm_head run as before, in `dtype` (float32: the GEMM writes its fp32 epilogue;
+    bfloat16: the fast path).  `backend.load_for_backend` checks the run before calling this."""
+    from ..zoo import load_model
+
+    model, tokenizer = load_model(folder, dtype=dtype, device="cpu")
+    convert_run_(model, folder, backend)
     return model.to(device), tokenizer

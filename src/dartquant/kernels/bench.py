@@ -1,0 +1,377 @@
+"""`dartquant bench RUN`: a run folder on the W4A4 kernels vs the same model in bf16, one harness.
+
+    dartquant bench RUN [--prefill 2048] [--batch 1 8 64] [--context 512] [--json OUT]
+
+Design choices:
+* The two sides come from one load of the run folder (`side_models`), so they have the same
+  architecture and weights: `bf16` is plain transformers (SDPA attention), the run's dequantized
+  weights as `nn.Linear`, no online Hadamard and no quantizer (the cost of the original,
+  unrotated model); `w4a4` is what `--backend triton` runs: every decoder linear a `W4A4Linear`
+  (activation kernel + GEMM; R4 fused into down_proj's activation kernel), bf16 elsewhere.
+* Attention: `--kv plain` (default) runs SDPA on a bf16 cache on both sides (the kernels replace
+  the linears; R3 is dropped, it cancels in Q K^T without a K quantizer); `--kv run` keeps the
+  run's fake-quantized 4-bit K/V on the w4a4 side (torch ops over the whole cache every step).
+* Prefill: one forward of `--prefill` tokens at batch 1, last logits only (as generation does).
+  Decode: one-token steps on a `StaticCache` holding `--context` tokens, batch by batch, the same
+  step replayed (the steady-state step at that context length; the cache is rewound before each
+  call, `_rewind_`). On CUDA the step is also captured in a CUDA graph on both sides (host
+  overhead out; `--no-cuda-graphs`: eager only); the eager time is in the JSON too. A capture
+  that fails is recorded in the JSON and the eager number stands.
+* Times: median of `triton.testing.do_bench` on CUDA; on the CPU (tests, interpreter) a single
+  wall-clock run, meaningless as speed, there to check the plumbing.
+* Weight memory: bytes of the decoder linears (packed codes + scales + row sums + biases vs bf16
+  weights + biases) and of the whole model (embedding and lm_head stay 16-bit on both sides).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+KV_MODES = ("plain", "run")
+
+
+@dataclass
+class BenchSettings:
+    prefill: int = 2048
+    batches: list[int] = field(default_factory=lambda: [1, 8, 64])
+    context: int = 512  # tokens in the KV cache during decode
+    cuda_graphs: bool = True
+    kv: str = "plain"
+    device: str = "cuda"
+    sides: list[str] = field(default_factory=lambda: ["bf16", "w4a4"])
+    rep_ms: int = 200  # do_bench's time budget per measurement
+
+    def validate(self) -> None:
+        if self.prefill < 1 or self.context < 1:
+            raise ValueError("--prefill and --context must be at least 1")
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise ValueError(f"--batch sizes must be positive, got {self.batches}")
+        if self.kv not in KV_MODES:
+            raise ValueError(f"--kv must be one of {KV_MODES}, not {self.kv!r}")
+        if not set(self.sides) <= {"bf16", "w4a4"} or not self.sides:
+            raise ValueError(f"sides must be bf16 and / or w4a4, got {self.sides}")
+
+
+# ---- the two models ------------------------------------------------------------------------
+def _replace_(model: nn.Module, modules: dict) -> None:
+    for name, m in modules.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, m)
+
+
+def _plain_linear(q) -> nn.Linear:
+    """An nn.Linear sharing a QLinear's weight and bias: no rotation, no quantizer."""
+    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+    lin.weight, lin.bias = q.weight, q.bias
+    return lin
+
+
+def side_models(folder, sides, device, kv: str):
+    """Yield ("bf16", model) and / or ("w4a4", model) from ONE load of the run (the slow part at
+    7B: reading and dequantizing the codes on the CPU): the bf16 side is the fake-quant model with
+    its QLinears swapped for plain linears sharing their weights and SDPA attention; then the
+    QLinears go back and are converted to W4A4Linears (their dequantized weights are dropped)."""
+    from ..modules import QLinear
+    from ..zoo import load_model
+    from .linear import convert_run_
+
+    model, _ = load_model(folder, dtype=torch.bfloat16, device="cpu")
+    model.eval()
+    run_attention = model.config._attn_implementation
+    qlinears = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
+    if "bf16" in sides:
+        _replace_(model, {n: _plain_linear(q) for n, q in qlinears.items()})
+        model.set_attn_implementation("sdpa")  # the dartquant attention (R3, K/V quantizers) is bypassed
+        yield "bf16", model.to(device)
+        _replace_(model, qlinears)
+        model.set_attn_implementation(run_attention)
+    if "w4a4" in sides:
+        convert_run_(model, folder)
+        del qlinears
+        if kv == "plain":
+            model.set_attn_implementation("sdpa")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        yield "w4a4", model.to(device)
+
+
+def plain_bf16_model(folder, device) -> nn.Module:
+    """The run's architecture and dequantized weights as plain transformers in bf16 (see side_models)."""
+    return next(side_models(folder, ["bf16"], torch.device(device), "plain"))[1]
+
+
+def weight_bytes(model: nn.Module) -> dict:
+    """Bytes of the decoder linears (what the kernels replace) and of every parameter / buffer."""
+    from .linear import W4A4Linear
+
+    seen, total, linears = set(), 0, 0
+    for name, m in model.named_modules():
+        own = [t for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+               if id(t) not in seen]
+        seen.update(id(t) for t in own)
+        size = sum(t.numel() * t.element_size() for t in own)
+        total += size
+        if isinstance(m, W4A4Linear) or (isinstance(m, nn.Linear) and ".layers." in f".{name}"):
+            linears += size
+    return {"linear_bytes": linears, "model_bytes": total}
+
+
+# ---- timing ----------------------------------------------------------------------------------
+def _time_ms(fn, device, rep_ms: int) -> float:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median"))
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def _forward_kwargs(model) -> dict:
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+@torch.no_grad()
+def time_prefill(model, s: BenchSettings, device) -> dict:
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (1, s.prefill), device=device, generator=torch.Generator(device).manual_seed(0))
+    kw = _forward_kwargs(model)
+    logits = model(ids, use_cache=False, **kw).logits
+    ms = _time_ms(lambda: model(ids, use_cache=False, **kw), device, s.rep_ms)
+    return {"prefill_ms": ms, "prefill_tok_s": s.prefill / ms * 1e3,
+            "finite": bool(torch.isfinite(logits).all().item())}
+
+
+def _rewind_(cache, position: int) -> None:
+    """Set every layer of a transformers StaticCache back to `position` tokens seen.
+
+    transformers 5.x static layers count the tokens written (`cumulative_length`, a tensor, so the
+    count lives on the device and a CUDA graph can replay it) and ignore `cache_position`: a
+    replayed step would write past the cache's end. A device `fill_` rewinds it inside the step,
+    so eager calls and graph replays all time the same step."""
+    for layer in getattr(cache, "layers", []):
+        count = getattr(layer, "cumulative_length", None)
+        if isinstance(count, torch.Tensor):
+            count.fill_(position)
+        elif isinstance(count, int):
+            layer.cumulative_length = position
+        if isinstance(getattr(layer, "cumulative_length_int", None), int):
+            layer.cumulative_length_int = position
+
+
+@torch.no_grad()
+def make_decode_step(model, batch: int, context: int, device):
+    """A function running one decode step: `batch` sequences of `context` random tokens are in a
+    StaticCache; each call feeds the token at position `context` (into the cache's last slot) and
+    returns its logits [batch, 1, vocab]. Every call computes the same step."""
+    from transformers import StaticCache
+
+    config = model.config
+    vocab = config.get_text_config().vocab_size
+    gen = torch.Generator(device).manual_seed(batch)
+    ids = torch.randint(0, vocab, (batch, context + 1), device=device, generator=gen)
+    cache = StaticCache(config=config, max_cache_len=context + 1)
+    kw = _forward_kwargs(model)
+    positions = torch.arange(context + 1, device=device)
+    model(ids[:, :context], past_key_values=cache, use_cache=True, position_ids=positions[None, :context],
+          cache_position=positions[:context], **kw)
+    nxt, pos = ids[:, context:].clone(), positions[context:].clone()
+
+    @torch.no_grad()
+    def step():
+        _rewind_(cache, context)
+        return model(nxt, past_key_values=cache, use_cache=True, position_ids=pos[None], cache_position=pos, **kw).logits
+
+    step.ids = ids  # the whole sequences, for a reference forward (tests)
+    return step
+
+
+@torch.no_grad()
+def time_decode(model, batch: int, s: BenchSettings, device) -> dict:
+    """ms per one-token step with `s.context` tokens cached (eager, and in a CUDA graph)."""
+    step = make_decode_step(model, batch, s.context, device)
+    out = {"eager_ms": _time_ms(step, device, s.rep_ms)}
+    if s.cuda_graphs and device.type == "cuda":
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            out["graph_ms"] = _time_ms(graph.replay, device, s.rep_ms)
+            del graph
+        except Exception as e:  # recorded, not hidden: the eager time stands
+            out["graph_error"] = f"{type(e).__name__}: {e}"[:500]
+    best = out.get("graph_ms", out["eager_ms"])
+    out.update(ms_per_step=best, tok_s=batch / best * 1e3, timed="cuda_graph" if "graph_ms" in out else "eager")
+    return out
+
+
+def measure_side(model, s: BenchSettings, device) -> dict:
+    res = {**weight_bytes(model), **time_prefill(model, s, device)}
+    for b in s.batches:
+        res[f"decode_b{b}"] = time_decode(model, b, s, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def bench_run(folder, s: BenchSettings, progress=print) -> dict:
+    """Both sides, one after the other (never both on the device at once). Returns the result."""
+    from .backend import check_run_for_kernels, check_triton_device
+
+    s.validate()
+    check_run_for_kernels(folder)  # refusals before any weight is read
+    check_triton_device(s.device)
+    device = torch.device(s.device)
+    result = {"run": str(folder), "settings": dataclasses.asdict(s), "machine": _machine(device)}
+    progress(f"loading {folder} (CPU; both sides from one load), timing on {device}")
+    t = time.perf_counter()
+    for side, model in side_models(folder, [x for x in ("bf16", "w4a4") if x in s.sides], device, s.kv):
+        load_s = time.perf_counter() - t
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        result[side] = {"load_s": load_s, **measure_side(model, s, device)}
+        if device.type == "cuda":
+            result[side]["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        progress(f"{side}: {json.dumps({k: v for k, v in result[side].items() if not k.startswith('decode')})}")
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        t = time.perf_counter()
+    if {"bf16", "w4a4"} <= set(result):
+        result["ratios"] = ratios(result)
+    return result
+
+
+def ratios(result: dict) -> dict:
+    """w4a4 speed-up over bf16 (> 1: faster) and memory ratio (w4a4 / bf16)."""
+    b, w = result["bf16"], result["w4a4"]
+    out = {"prefill_speedup": b["prefill_ms"] / w["prefill_ms"],
+           "linear_bytes_ratio": w["linear_bytes"] / b["linear_bytes"],
+           "model_bytes_ratio": w["model_bytes"] / b["model_bytes"]}
+    for key in b:
+        if key.startswith("decode_b"):
+            out[f"{key}_speedup"] = b[key]["ms_per_step"] / w[key]["ms_per_step"]
+    return out
+
+
+def merge_sides(old: dict, new: dict) -> dict:
+    """`new` plus the sides only `old` has (the same run and settings but `sides`): one side per
+    command where a command's time is limited."""
+    same = lambda r: {k: v for k, v in r["settings"].items() if k != "sides"}  # noqa: E731
+    if old.get("run") != new["run"] or same(old) != same(new):
+        raise ValueError("--merge: the JSON holds another run or other settings; write to a new file")
+    merged = {**new, **{side: old[side] for side in ("bf16", "w4a4") if side in old and side not in new}}
+    merged["settings"] = {**new["settings"], "sides": [s for s in ("bf16", "w4a4") if s in merged]}
+    if {"bf16", "w4a4"} <= set(merged):
+        merged["ratios"] = ratios(merged)
+    return merged
+
+
+def _machine(device) -> dict:
+    import platform
+
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import transformers
+        import triton
+
+        info.update(transformers=transformers.__version__, triton=triton.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+def format_table(result: dict) -> str:
+    sides = [s for s in ("bf16", "w4a4") if s in result]
+    rows = [("prefill ms (batch 1, %d tokens)" % result["settings"]["prefill"], "prefill_ms", None)]
+    rows += [(f"decode batch {b}: ms / step (ctx {result['settings']['context']})", f"decode_b{b}", "ms_per_step")
+             for b in result["settings"]["batches"]]
+    rows += [(f"decode batch {b}: tokens / s", f"decode_b{b}", "tok_s") for b in result["settings"]["batches"]]
+    rows += [("decoder linear weights (GB)", "linear_bytes", 1e9), ("all weights (GB)", "model_bytes", 1e9)]
+    head = f"{'':<44}" + "".join(f"{s:>12}" for s in sides) + ("   w4a4 vs bf16" if len(sides) == 2 else "")
+    lines = [head]
+    for label, key, sub in rows:
+        vals = []
+        for s in sides:
+            v = result[s][key]
+            vals.append(v[sub] if isinstance(sub, str) else v / sub if sub else v)
+        line = f"{label:<44}" + "".join(f"{v:>12.3f}" for v in vals)
+        if len(vals) == 2:
+            if key.endswith("bytes"):
+                line += f"   {vals[1] / vals[0]:.3f}x memory"
+            elif sub == "tok_s":
+                line += f"   {vals[1] / vals[0]:.2f}x speed"
+            else:
+                line += f"   {vals[0] / vals[1]:.2f}x speed"
+        lines.append(line)
+    timed = {s: sorted({result[s][f'decode_b{b}']['timed'] for b in result['settings']['batches']}) for s in sides}
+    lines.append(f"decode timed as: {timed}; KV cache: {result['settings']['kv']}")
+    errors = {f"{s} b{b}": result[s][f"decode_b{b}"]["graph_error"] for s in sides
+              for b in result["settings"]["batches"] if "graph_error" in result[s][f"decode_b{b}"]}
+    if errors:
+        lines.append(f"CUDA graph capture failed: {errors}")
+    return "\n".join(lines)
+
+
+# ---- command line --------------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    from ..runs import write_json
+
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    s = BenchSettings(prefill=args.prefill, batches=args.batch, context=args.context,
+                      cuda_graphs=not args.no_cuda_graphs, kv=args.kv, device=args.device or default_device,
+                      sides=args.sides, rep_ms=args.rep_ms)
+    s.validate()
+    if args.json_out:  # the output's folder must exist before the (long) measurement
+        parent = Path(args.json_out).resolve().parent
+        if not parent.is_dir():
+            raise FileNotFoundError(f"--json {args.json_out}: folder {parent} does not exist")
+    old = None
+    if args.merge and args.json_out and Path(args.json_out).is_file():
+        old = json.loads(Path(args.json_out).read_text())
+        merge_sides(old, {"run": str(args.run), "settings": dataclasses.asdict(s)})  # refuses before the work
+    result = bench_run(args.run, s)
+    if old is not None:
+        result = merge_sides(old, result)
+    print(format_table(result))
+    if args.json_out:
+        write_json(Path(args.json_out), result)
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def add_bench_command(subparsers) -> None:
+    """Register `bench` on cli.build_parser's subparsers."""
+    s = subparsers.add_parser("bench", help="prefill and decode speed + weight memory of a run folder on the "
+                                            "W4A4 kernels vs the same model in bf16")
+    s.add_argument("run", help="run folder written by `dartquant quantize --out` (W4 per-channel, A4 per-token)")
+    s.add_argument("--prefill", type=int, default=2048, help="prefill tokens (batch 1)")
+    s.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="decode batch sizes")
+    s.add_argument("--context", type=int, default=512, help="tokens in the KV cache during decode")
+    s.add_argument("--kv", choices=KV_MODES, default="plain",
+                   help="plain: bf16 KV cache on both sides (default); run: the run's fake-quant 4-bit K/V on w4a4")
+    s.add_argument("--no-cuda-graphs", action="store_true", help="time decode eagerly only")
+    s.add_argument("--sides", nargs="+", choices=["bf16", "w4a4"], default=["bf16", "w4a4"])
+    s.add_argument("--device", default=None, help="default: cuda if available (cpu: TRITON_INTERPRET=1, tests only)")
+    s.add_argument("--rep-ms", type=int, default=200, help="time budget of each CUDA measurement (do_bench)")
+    s.add_argument("--json", dest="json_out", metavar="OUT", help="write the result as JSON")
+    s.add_argument("--merge", action="store_true",
+                   help="with --sides: add the measured side to OUT's other side (same run and settings)")
+    s.set_defaults(func=cmd_bench)

@@ -1,0 +1,249 @@
+"""A quantized run folder executed on the W4A4 kernels: `--backend triton`, `dartquant bench`, refusals.
+
+One tiny QuaRot/RTN run folder (Llama, hidden 64, MLP 192 = 12 * 16 so that R4's Hadamard is one
+the kernel fuses, GQA) serves every test; the kernels run through Triton's interpreter.
+"""
+
+import json
+import os
+import shutil
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / the kernels are imported
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dartquant.cli import main as cli_main  # noqa: E402
+from dartquant.kernels.act_quant import hadamard_quantize_pack, hadamard_quantize_pack_reference  # noqa: E402
+from dartquant.kernels.backend import KernelSupportError, check_run_for_kernels, load_for_backend  # noqa: E402
+from dartquant.kernels.linear import W4A4Linear  # noqa: E402
+from dartquant.modules import QLinear  # noqa: E402
+from dartquant.quant.primitives import unpack_int4  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="these tests run the kernels through Triton's interpreter")
+
+
+def _tiny_llama_folder(path, intermediate=192):
+    from tiny import make_char_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=89, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(str(path))
+    make_char_tokenizer(89).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    from dartquant.config import RunConfig
+    from dartquant.pipeline import run_quantize
+
+    base = tmp_path_factory.mktemp("backend")
+    model = _tiny_llama_folder(base / "model")
+    cfg = RunConfig.from_flat(model=str(model), method="quarot", w_quantizer="rtn", calib_samples=2, calib_seqlen=16,
+                              eval_seqlen=16, eval_max_windows=1, guard_windows=0)
+    run_quantize(cfg, base / "run", progress=False, eval_fp=False)
+    return base / "run"
+
+
+def _exact_linear(lin: W4A4Linear, codes, scale, zero, weight_codes, weight_scale):
+    """The fake-quant linear on these codes in float64: (q_a - z_a) s_a @ (q_w s_w)^T + b."""
+    xq = (unpack_int4(codes, lin.in_features, signed=False).double() - zero.double()[:, None]) * scale.double()[:, None]
+    w = weight_codes.double() * weight_scale.double().reshape(-1, 1)
+    y = xq @ w.T
+    return y if lin.bias is None else y + lin.bias.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_linear_codes_and_output(run_folder, dtype):
+    """Per linear of the run: the activations' integer codes equal the fake-quant path's, and the
+    kernel's output is the exact float64 value of those codes up to the epilogue's rounding."""
+    from dartquant.quant.checkpoint import read_quantized_state
+    from dartquant.quant.primitives import QuantizedTensor
+    from dartquant.zoo import load_model
+
+    fake, _ = load_model(run_folder, dtype=dtype)
+    model, _ = load_for_backend(run_folder, "triton", dtype=dtype)
+    assert sum(isinstance(m, W4A4Linear) for m in model.modules()) == 14  # 2 layers x 7 linears
+    seen = {}
+
+    def keep(name):
+        def hook(module, args):  # returns None: the input is left as it is
+            seen[name] = args[0].detach().reshape(-1, args[0].shape[-1]).clone()
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep(n)) for n, m in fake.named_modules() if isinstance(m, QLinear)]
+    ids = torch.randint(0, 89, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fake(ids)
+    for h in hooks:
+        h.remove()
+    state = read_quantized_state(run_folder)[1]
+    kernels = dict(model.named_modules())
+    worst = 0.0
+    for name, x in seen.items():
+        lin = kernels[name]
+        got = hadamard_quantize_pack(x, lin.clip_ratio, rotate=lin.rotate)
+        ref = hadamard_quantize_pack_reference(x, lin.clip_ratio, rotate=lin.rotate)  # = QLinear's own path
+        a, b = unpack_int4(got.codes, lin.in_features, False).int(), unpack_int4(ref.codes, lin.in_features, False).int()
+        if lin.rotate and dtype == torch.float32:  # the Hadamard's summation order may move a value
+            # across a rounding boundary (bf16 rounds the rotated values first: exact there)
+            assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-2, name
+            torch.testing.assert_close(got.scale, ref.scale, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(a, b) and torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero), name
+        qt = QuantizedTensor.from_state_dict(state, prefix=f"{name}.")
+        assert torch.equal(lin.codes, state[f"{name}.codes"])  # the kernel's operand is the checkpoint's bytes
+        with torch.no_grad():
+            y = lin(x).double()
+        y64 = _exact_linear(lin, got.codes, got.scale, got.zero, qt.codes, qt.scale)
+        err = ((y - y64).abs() / (y64.abs() + 1e-6 * y64.abs().max())).max().item()
+        worst = max(worst, err)
+    # fp32: two multiplies (s_a s_w) after the exact integer part (measured 2^-23.1); bf16: the
+    # output's rounding (measured 2^-8.0 = half a bf16 ulp at the bottom of a binade)
+    assert worst < (4 * 2.0**-23 if dtype == torch.float32 else 2.0**-7), worst
+
+
+def test_eval_and_ppl_on_the_kernels_equal_the_fake_quant_path(run_folder, capsys):
+    """`dartquant eval / ppl RUN --backend triton` score what the fake-quant model scores (fp32)."""
+    args = [str(run_folder), "--max-windows", "1", "--seqlen", "16", "--json"]
+    assert cli_main(["eval", *args]) == 0
+    fake = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli_main(["eval", *args, "--backend", "triton"]) == 0
+    kern = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert kern["ppl"]["tokens"] == fake["ppl"]["tokens"] > 0
+    for corpus in ("wiki", "c4"):  # measured: equal to all digits on this model; stated tolerance 1e-5
+        assert abs(kern["ppl"][corpus] - fake["ppl"][corpus]) <= 1e-5 * fake["ppl"][corpus]
+    assert cli_main(["ppl", str(run_folder), "--corpora", "wiki", "--max-windows", "1", "--seqlen", "16",
+                     "--backend", "triton", "--json"]) == 0
+    ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(ppl["wiki"] - fake["ppl"]["wiki"]) <= 1e-5 * fake["ppl"]["wiki"]
+
+
+def _variant(run_folder, tmp_path, name, **scheme):
+    """A copy of the run's metadata alone (no weights: a refusal must not read any) with scheme edits."""
+    out = tmp_path / name
+    out.mkdir()
+    for f in ("config.json", "dartquant.json"):
+        shutil.copy(run_folder / f, out / f)
+    spec = json.loads((out / "dartquant.json").read_text())
+    online = scheme.pop("online", None)
+    spec["scheme"].update(scheme)
+    if online:
+        spec["online"].update(online)
+    (out / "dartquant.json").write_text(json.dumps(spec))
+    return out
+
+
+@pytest.mark.parametrize("edit, named", [
+    ({"w_group_size": 32}, "w_group_size=32"),
+    ({"w_bits": 8}, "w_bits=8"),
+    ({"a_bits_overrides": {"down": 8}}, r"a_bits_overrides\[down\]=8"),
+    ({"a_symmetric": True}, "a_symmetric=True"),
+    ({"o_proj_per_head": True}, "o_proj_per_head=True"),
+    ({"online": {"blocks": ["D1"]}}, "online block rotations"),
+])
+def test_unsupported_runs_are_refused_before_loading(run_folder, tmp_path, edit, named):
+    folder = _variant(run_folder, tmp_path, "v", **dict(edit))
+    assert check_run_for_kernels(run_folder)["scheme"]["w_bits"] == 4  # the real run passes
+    with pytest.raises(KernelSupportError, match=named):
+        load_for_backend(folder, "triton")
+
+
+def test_refusals_for_folders_and_hadamard_sizes(run_folder, tmp_path, capsys):
+    plain = _tiny_llama_folder(tmp_path / "plain")  # an unquantized model folder
+    with pytest.raises(KernelSupportError, match="not a quantized run folder"):
+        check_run_for_kernels(plain)
+    odd = _variant(run_folder, tmp_path, "odd")  # MLP 80 = 20 * 4: R4's power-of-two factor < 16
+    cfg = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 80}))
+    with pytest.raises(KernelSupportError, match="size 80"):
+        check_run_for_kernels(odd)
+    # the CLI: exit status 2 and the setting named, before anything is loaded
+    bad = _variant(run_folder, tmp_path, "grouped", w_group_size=32)
+    assert cli_main(["eval", str(bad), "--backend", "triton", "--json"]) == 2
+    assert "w_group_size=32" in capsys.readouterr().err
+    assert cli_main(["bench", str(bad), "--device", "cpu"]) == 2
+    assert "w_group_size=32" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="float32 .* or bfloat16"):
+        load_for_backend(run_folder, "triton", dtype=torch.float64)
+
+
+def test_cpu_without_the_interpreter_is_refused(run_folder, monkeypatch):
+    from dartquant.kernels.backend import check_triton_device
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        check_triton_device("cpu")
+
+
+def test_bench_prints_and_writes_both_sides(run_folder, tmp_path, capsys):
+    """The plumbing of `dartquant bench` (CPU times mean nothing; the GPU command is in docs/KERNELS.md)."""
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", str(run_folder), "--device", "cpu", "--prefill", "8", "--batch", "3",
+                     "--context", "4", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "prefill ms" in text and "decode batch 3" in text and "memory" in text
+    res = json.loads(out.read_text())
+    for side in ("bf16", "w4a4"):
+        assert res[side]["finite"] and res[side]["prefill_ms"] > 0 and res[side]["decode_b3"]["ms_per_step"] > 0
+    # packed 4-bit codes + fp32 scale and row sum per output channel, vs bf16 weights (no biases here)
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (192, 64), (192, 64), (64, 192)]  # q k v o gate up down
+    assert res["w4a4"]["linear_bytes"] == 2 * sum(n * k // 2 + 8 * n for n, k in shapes)
+    assert res["bf16"]["linear_bytes"] == 2 * sum(2 * n * k for n, k in shapes)
+    assert res["ratios"]["linear_bytes_ratio"] < 0.35
+    # one side per command (--sides X --merge): the halves merge back into the same result
+    from dartquant.kernels.bench import merge_sides
+
+    halves = [{k: v for k, v in res.items() if k not in (other, "ratios")} for other in ("w4a4", "bf16")]
+    assert merge_sides(halves[0], halves[1])["ratios"] == res["ratios"]
+    with pytest.raises(ValueError, match="other settings"):
+        merge_sides(res, {**halves[1], "settings": {**res["settings"], "context": 99}})
+    with pytest.raises(SystemExit):  # bad settings fail in argparse / validate, before loading
+        cli_main(["bench", str(run_folder), "--kv", "fp8"])
+    assert cli_main(["bench", str(run_folder), "--device", "cpu", "--batch", "0"]) == 2
+
+
+def test_the_decode_step_is_a_real_repeatable_decode_step(run_folder):
+    """The timed step (a StaticCache rewound before each call) gives the logits that a full
+    forward of the same sequence gives at its last position, call after call."""
+    from dartquant.kernels.bench import make_decode_step, plain_bf16_model
+
+    model = plain_bf16_model(run_folder, "cpu").float()
+    assert not any(isinstance(m, (QLinear, W4A4Linear)) for m in model.modules())  # plain transformers
+    assert model.config._attn_implementation == "sdpa"
+    step = make_decode_step(model, batch=2, context=5, device=torch.device("cpu"))
+    with torch.no_grad():
+        ref = model(step.ids).logits[:, -1:]
+    for _ in range(3):  # on the GPU do_bench and the graph replay call it hundreds of times
+        torch.testing.assert_close(step(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_siblings_share_one_activation_quantization(run_folder, monkeypatch):
+    """q / k / v (and gate / up) read one tensor: it is quantized once per layer, with the same result."""
+    import dartquant.kernels.linear as linear_mod
+
+    calls = []
+    real = linear_mod.hadamard_quantize_pack
+    monkeypatch.setattr(linear_mod, "hadamard_quantize_pack", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    model, _ = load_for_backend(run_folder, "triton")
+    ids = torch.randint(0, 89, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        shared = model(ids).logits
+    assert len(calls) == 4 * 2  # per layer: q/k/v, o, gate/up, down (2 layers)
+    # the memo dies with its input tensor: no layer keeps its codes after the forward
+    assert all(m.shared_input._act is None for m in model.modules() if isinstance(m, W4A4Linear))
+    for m in model.modules():
+        if isinstance(m, W4A4Linear):
+            m.shared_input = None
+    calls.clear()
+    with torch.no_grad():
+        alone = model(ids).logits
+    assert len(calls) == 7 * 2
+    assert torch.equal(shared, alone)
