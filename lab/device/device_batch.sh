@@ -94,7 +94,11 @@ session7)  # three lanes at once on one H200: Qwen2.5-Coder-1.5B rows (issue 12;
   # lab/gpu_quality.py, 40 + 20 eval windows as in RESULTS §7, no zero-shot), the small-model rows
   # (issues 17, 18) and the random-weight scale benchmarks of lab/device/jobs/session7_scale.sh
   export OMP_NUM_THREADS=2
+  # the kernels' end-to-end harness first, while the GGUF conversions keep only the CPU busy
+  (python3 benchmarks/kernels_e2e.py --out "$RES/kernels_e2e_inmem_h200.json" > "$RES/kern.md" 2> "$RES/kern.log"
+   touch "$RES/DONE-kern") &
   MODELS="smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b gemma3-270m" convert_models
+  for _ in $(seq 30); do [ -f "$RES/DONE-kern" ] && break; sleep 5; done  # at most 150 s more alone
   bash lab/device/jobs/session7_scale.sh > "$RES/scale.log" 2>&1 &
   (SCRIPT=lab/gpu_quality.py TASKS="" PARALLEL=4 run_jobs lab/device/jobs/session7_q15.txt) &
   PARALLEL=4 run_jobs lab/device/jobs/session7_small.txt

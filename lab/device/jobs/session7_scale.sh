@@ -5,6 +5,9 @@
 # Mixtral-8x7B 2 / 4 layers 6.3 / 12.1 GB (+ one run folder each).
 set -u
 RES=${RES:-/tmp/res}
+# DartQuant's capture alone on SmolLM2 (issue 15 target: <= 10 s on the H200), legacy vs batched
+python3 benchmarks/capture_speed.py --model smollm2-135m --device cuda --samples 128 \
+  --out "$RES/capture_speed_h200.json" > "$RES/capture.md" 2> "$RES/capture.log"
 B="python3 benchmarks/whole_job.py --device cuda --stream true"
 # issue 15's target job: Llama-2-7B shape, DartQuant + GPTQ, 128 x 2048 calibration, full held-out wiki
 $B --dir /tmp/wj --out "$RES/whole_job_h200.json" --shapes llama2-7b --methods dartquant --clean \
