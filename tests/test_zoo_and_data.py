@@ -120,3 +120,20 @@ def test_data_split_is_disjoint_and_windows_shapes():
         data.calib_windows(CharTok(), "c4", n=0)
     with pytest.raises(ValueError, match="unknown corpus"):
         data.corpus_text("wikitext")
+
+
+def test_a_converted_tokenizer_without_merges_is_refused():
+    """transformers 5.17 turned Gemma 3's GGUF tokenizer into one splitting words into characters;
+    the conversion must fail on that, not hand out a model scored on the wrong tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dartquant.zoo import TOKENIZER_PROBE, ModelLoadError, check_tokenizer_merges
+    from tiny import make_char_tokenizer
+
+    with pytest.raises(ModelLoadError, match="lost its merges"):
+        check_tokenizer_merges(make_char_tokenizer(), "model.gguf")
+    words = sorted(set(TOKENIZER_PROBE.replace(",", " ,").replace(".", " .").split()))
+    word_level = Tokenizer(models.WordLevel({"<unk>": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    check_tokenizer_merges(PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>"), "model.gguf")

@@ -205,6 +205,27 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         raise ModelLoadError(f"GGUF {gguf} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     plain.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    check_tokenizer_merges(AutoTokenizer.from_pretrained(str(out)), gguf)
+
+
+TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog, and the weather is nice today."
+
+
+def check_tokenizer_merges(tokenizer, source) -> None:
+    """Refuse a converted tokenizer that splits plain English into characters.
+
+    transformers 5.17 converts Gemma 3's GGUF tokenizer into one that loads but applies none of its
+    merges (measured: every word in single characters; the model's perplexity then 2,639 instead of
+    ~32 on wiki windows); 5.24 converts it right. A model evaluated on such tokens looks broken for a
+    reason that is not the model's, so the conversion fails here, saying why."""
+    ids = tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if len(ids) > 0.5 * len(TOKENIZER_PROBE):
+        import transformers
+
+        raise ModelLoadError(
+            f"the tokenizer converted from {source} splits plain English into {len(ids)} tokens for "
+            f"{len(TOKENIZER_PROBE)} characters: transformers {transformers.__version__} lost its merges. "
+            "Upgrade transformers (5.24 converts it right) and load the model again; nothing was kept.")
 
 
 # ---- loading ------------------------------------------------------------------------------
