@@ -40,7 +40,7 @@ BEGIN, END = "<!-- headlines:begin -->", "<!-- headlines:end -->"
 # 6 zero-shot tasks with --limit 100, H200)
 QUALITY = {
     "SmolLM2-135M": ["smollm2_quality_h200.json", "smollm2_e2e_h200_session3.json",
-                     "smollm2_quantloss_gptq_h200.json"],
+                     "smollm2_quantloss_gptq_h200.json", "smollm2_dfrot_duquant_h200_session7.json"],
     # session 6: every Qwen row again with K's bias kept out of the K quantizer (§7, §8); the
     # rows of qwen_quality_h200.json were measured before that fix, which only FP does not touch
     "Qwen2.5-Coder-0.5B": ["qwen_kbiasfix_h200_session6.json"],
