@@ -63,6 +63,9 @@ CASES = {
     "qwen2moe-dartquant-gptq": (lambda: make_moe("qwen2moe-shared"),
                                 dict(method="dartquant", w_quantizer="gptq", dq_epochs=1)),
     "qwen3moe-rtn": (lambda: make_moe("qwen3moe-narrow"), dict(method="rtn")),  # unrotated: no exact norms
+    # true-sequential GPTQ: 4 forwards per block; the routed tokens are those of the experts' last one
+    "mixtral-quarot-gptq-true-sequential": (mixtral_with_an_unreachable_expert,
+                                            dict(method="quarot", w_quantizer="gptq", gptq_true_sequential=True)),
 }
 
 

@@ -110,6 +110,11 @@ class RoutedTokens:
     def _count(self, module, args) -> None:  # RoutedExperts.forward(hidden, top_k_index [T, k], top_k_weights)
         self.seen.add_(torch.bincount(args[1].reshape(-1).cpu(), minlength=self.seen.numel()))
 
+    def reset_(self) -> None:
+        """Forget the counts so far (true-sequential GPTQ runs several forwards: the last one counts)."""
+        if self.handle is not None:
+            self.seen.zero_()
+
     def close(self) -> list[list[int]]:
         if self.handle is None:
             return []

@@ -249,7 +249,13 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                     set_act_quant_enabled_(block, sc.gptq_act_quant)
                     try:
                         forward = runner.forward_fn(block, q_calib, gptq_batch)
-                        unrouted += gptq_block_(block, adapter, forward, sc, commit, names.__getitem__)
+
+                        def counted(update, forward=forward, counter=counter) -> None:
+                            # the experts' Hessians come from GPTQ's last forward (true-sequential: one per step)
+                            counter.reset_()
+                            forward(update)
+
+                        unrouted += gptq_block_(block, adapter, counted, sc, commit, names.__getitem__)
                         routed += counter.close()
                         if i + 1 < n_layers:
                             forward(True)  # the next block's inputs: this quantized block's outputs
