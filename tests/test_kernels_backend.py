@@ -165,6 +165,11 @@ def test_refusals_for_folders_and_hadamard_sizes(run_folder, tmp_path, capsys):
     (odd / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 80}))
     with pytest.raises(KernelSupportError, match="size 80"):
         check_run_for_kernels(odd)
+    narrow = _variant(run_folder, tmp_path, "narrow", online={"r1_online": True})  # hidden 48 = 12 * 4
+    cfg = json.loads((narrow / "config.json").read_text())
+    (narrow / "config.json").write_text(json.dumps({**cfg, "hidden_size": 48}))
+    with pytest.raises(KernelSupportError, match="r1_online=true with an online Hadamard of size 48"):
+        check_run_for_kernels(narrow)
     # the CLI: exit status 2 and the setting named, before anything is loaded
     bad = _variant(run_folder, tmp_path, "grouped", w_group_size=32)
     assert cli_main(["eval", str(bad), "--backend", "triton", "--json"]) == 2

@@ -9,7 +9,8 @@ Design choices:
   `linear._check_scheme` checks each linear again at conversion (a damaged or hand-edited folder).
 * Supported: the papers' W4A4 scheme, weights 4-bit symmetric per output channel (RTN or GPTQ,
   MSE-searched scales are fine: the codes and scales are what the checkpoint stores), inputs
-  4-bit asymmetric per token; online Hadamards (R4) whose power-of-two factor is 16..2^15.
+  4-bit asymmetric per token; online Hadamards (R4; r1_online's on the q/k/v and gate/up inputs)
+  whose power-of-two factor is 16..2^15.
 * Only the linears change. Embeddings, norms, lm_head (unquantized) and attention run as in the
   fake-quant model: the K/V cache stays fake-quantized (4-bit values held in the model dtype), so
   `eval --backend triton` computes the run's own function, W4A4KV4.
@@ -65,14 +66,17 @@ def check_run_for_kernels(folder) -> dict:
     if online.get("blocks"):
         problems.append(f"online block rotations {sorted(online['blocks'])} (DuQuant: the kernels fuse only a "
                         "Hadamard into the activation quantizer)")
-    if online.get("r4"):
+    if online.get("r4") or online.get("r1_online"):  # the online Hadamards the activation kernel fuses
         config = model_config(folder)
         geo = adapter_for(config).geometry(config)
-        for n in sorted(set(geo.mlp_widths)):
+        sizes = {n: "r4" for n in geo.mlp_widths} if online.get("r4") else {}
+        if online.get("r1_online"):  # q/k/v and gate/up inputs
+            sizes.setdefault(geo.hidden, "r1_online")
+        for n, name in sorted(sizes.items()):
             try:
                 stage_sizes(hadamard_factorization(n)[1])
             except ValueError as e:
-                problems.append(f"r4=true with an online Hadamard of size {n}: {e}")
+                problems.append(f"{name}=true with an online Hadamard of size {n}: {e}")
     if problems:
         raise KernelSupportError(f"{folder}: the W4A4 kernels run W4 symmetric per-channel weights with A4 "
                                  "asymmetric per-token inputs; this run has " + "; ".join(problems))
