@@ -175,3 +175,15 @@ def test_online_input_hadamards_are_refused_with_r1_and_on_moe(ids):
     moe = make_tiny_model("mixtral-moe")
     with pytest.raises(ValueError, match="router"):
         rotate_(moe, RotationSet.quarot(adapter_for(moe).geometry(moe.config), seed=0, r1=False, r1_online=True))
+
+
+def test_online_cost_of_r1_online_read_off_the_model_equals_the_geometry():
+    from dartquant.transforms.online import hadamard_flops, online_cost, online_cost_from_geometry
+
+    model = make_tiny_model("gemma3-sandwich")
+    adapter = adapter_for(model)
+    geo = adapter.geometry(model.config)
+    rotate_(model, RotationSet.quarot(geo, seed=0, r1=False, r1_online=True), adapter)
+    cost = online_cost(model, adapter)
+    assert cost["r1_online"]["flops"] == geo.n_layers * 2 * hadamard_flops(geo.hidden) > 0
+    assert cost == online_cost_from_geometry(geo, r3=True, r4=True, r1_online=True)

@@ -162,10 +162,11 @@ def online_cost(model: nn.Module, adapter: ModelAdapter | None = None) -> dict:
 
 
 def online_cost_from_geometry(geo, *, r3: bool, r4: bool, block_size: int | None = None,
-                              permute: bool = True) -> dict:
+                              permute: bool = True, r1_online: bool = False) -> dict:
     """What `online_cost` reads off an installed dense model, from its geometry alone (for models
-    not at hand, e.g. 7B tables): R3 / R4 Hadamards and, with `block_size`, DuQuant's three online
-    block transforms per layer (q/k/v input, gate/up input: hidden; down input: intermediate)."""
+    not at hand, e.g. 7B tables): R3 / R4 Hadamards, r1_online's two input Hadamards per layer and,
+    with `block_size`, DuQuant's three online block transforms per layer (q/k/v input, gate/up
+    input: hidden; down input: intermediate)."""
     from ..block_rotation import block_flops, n_blocks
 
     rot = 1 + permute
@@ -180,6 +181,7 @@ def online_cost_from_geometry(geo, *, r3: bool, r4: bool, block_size: int | None
     linear = 2 * (geo.hidden * (geo.n_heads * geo.head_dim + 2 * kv) + geo.n_heads * geo.head_dim * geo.hidden
                   + 3 * geo.hidden * geo.intermediate)
     out = {"r3": {"flops": geo.n_layers * per_layer_r3}, "r4": {"flops": geo.n_layers * per_layer_r4},
+           "r1_online": {"flops": geo.n_layers * 2 * hadamard_flops(geo.hidden) if r1_online else 0},
            "blocks": {"flops": geo.n_layers * flops, "params": geo.n_layers * params}}
     total = sum(v["flops"] for v in out.values())
     return {**out, "total_flops_per_token": total, "linear_flops_per_token": geo.n_layers * linear,
