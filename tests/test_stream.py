@@ -68,6 +68,7 @@ def run_both(tmp: Path, folder: Path, monkeypatch, **kw) -> dict:
 CASES = {  # (family, dtype of the files, settings)
     # Gemma 3: tied embeddings, a scaled embedding, sliding-window and global layers, sandwich norms
     "gemma3-rtn": ("gemma3-sandwich", torch.float32, dict(method="rtn")),
+    "gemma3-quarot-r1online": ("gemma3-sandwich", torch.float32, dict(method="quarot", r1=False, r1_online=True)),
     "qwen2-quarot-gptq": ("qwen2-bias-gqa", torch.float32, dict(method="quarot", w_quantizer="gptq")),
     "llama-dartquant-gptq-bf16-file": ("llama-tied-gqa", torch.bfloat16,
                                        dict(method="dartquant", w_quantizer="gptq", dq_epochs=1)),
