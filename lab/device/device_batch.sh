@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU batch behind docs/RESULTS.md (run on the lent H200 after lab/device/device_stage.py
 # staging; `source lab/device/device_env.sh` first). Writes JSON + logs to $RES (default /tmp/res).
-# Usage: device_batch.sh cost | costs | quality | all | session3 | session4 | session6 | session7 | jobs FILE
+# Usage: device_batch.sh cost | costs | quality | all | session3 | session4 | session6 | session7 |
+#        session8-scale | session8-spin | jobs FILE
 # Jobs of the parallel modes go round-robin over the visible GPUs (nvidia-h200-x2: two).
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
@@ -108,6 +109,14 @@ session7)  # three lanes at once on one H200: Qwen2.5-Coder-1.5B rows (issue 12;
   (SCRIPT=lab/gpu_quality.py TASKS="" PARALLEL=4 run_jobs lab/device/jobs/session7_q15.txt) &
   PARALLEL=4 run_jobs lab/device/jobs/session7_small.txt
   wait ;;
+session8-scale)  # issue 15 / 18 at scale (lab/device/jobs/session8_scale.sh), launched after a 2-part first pack
+  export OMP_NUM_THREADS=8
+  bash lab/device/jobs/session8_scale.sh > "$RES/scale.log" 2>&1 ;;
+session8-spin)  # issue 12's missing rows: SpinQuant on Qwen2.5-Coder-1.5B, 3 seeds at once (second pack,
+  # WORK=/tmp/work2 so the scale lane's copy stays), folded on the GPU, 40 + 40 windows as in RESULTS §7
+  export OMP_NUM_THREADS=2
+  MODELS="qwen2.5-coder-1.5b" convert_models
+  SCRIPT=lab/gpu_quality.py TASKS="" PARALLEL=3 run_jobs lab/device/jobs/session8_q15.txt ;;
 jobs)  # device_batch.sh jobs FILE: the quality.py jobs listed in FILE (NAME MODEL CONFIG SEED [FP] [args])
   export OMP_NUM_THREADS=2
   run_jobs "$2" ;;

@@ -9,9 +9,12 @@
 # (sdists: `pip wheel --no-deps -w .whl FILE`).
 export PYTHONUNBUFFERED=1
 export DARTQUANT_CACHE=/tmp/dqcache DARTQUANT_NO_INSTALL=1 HF_HUB_OFFLINE=1
-if ls /tmp/dqstage/stage.tar.* >/dev/null 2>&1 && [ ! -f /tmp/dqcache/.staged ]; then
-  mkdir -p /tmp/dqcache && cat /tmp/dqstage/stage.tar.* | tar -x -C /tmp/dqcache && touch /tmp/dqcache/.staged
-fi
+# each pack (device_stage.py pack --name NAME -> NAME.tar.000, ...) is unpacked once, when sourced
+for pack in $(ls /tmp/dqstage/*.tar.* 2>/dev/null | sed 's|.*/||; s|\.tar\.[0-9]*$||' | sort -u); do
+  if [ ! -f "/tmp/dqcache/.staged-$pack" ]; then
+    mkdir -p /tmp/dqcache && cat /tmp/dqstage/"$pack".tar.* | tar -x -C /tmp/dqcache && touch "/tmp/dqcache/.staged-$pack"
+  fi
+done
 if ls .whl/*.whl >/dev/null 2>&1 && [ ! -f /tmp/site/.done ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.done
 fi

