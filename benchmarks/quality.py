@@ -81,7 +81,8 @@ def main() -> None:
             if method == "dartquant" and args.dq_lr_grid and "dq_r1_lr" not in overrides:
                 # each run picks its R1 / R2 lr on its own capture's held-out split (dq_lr_grid)
                 overrides = {**overrides, "dq_lr_grid": args.dq_lr_grid}
-            seeds = args.seeds[:1] if (method == "rtn") else args.seeds  # no randomness without rotation
+            # no randomness without a rotation and without calibration (GPTQ's windows are drawn by seed)
+            seeds = args.seeds[:1] if (method == "rtn" and wq == "rtn") else args.seeds
             for seed in seeds:
                 cfg = RunConfig.from_flat(**{**base, **overrides}, method=method, w_quantizer=wq or None, seed=seed)
                 out = Path(tmp) / f"run-{len(result['runs'])}"
