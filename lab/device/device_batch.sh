@@ -2,7 +2,7 @@
 # The GPU batch behind docs/RESULTS.md (run on the lent H200 after lab/device/device_stage.py
 # staging; `source lab/device/device_env.sh` first). Writes JSON + logs to $RES (default /tmp/res).
 # Usage: device_batch.sh cost | costs | quality | all | session3 | session4 | session6 | session7 |
-#        session8-scale | session8-spin | jobs FILE
+#        session8-scale | session8-spin | jobs-scale | jobs FILE
 # Jobs of the parallel modes go round-robin over the visible GPUs (nvidia-h200-x2: two).
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
@@ -117,6 +117,9 @@ session8-spin)  # issue 12's missing rows: SpinQuant on Qwen2.5-Coder-1.5B, 3 se
   export OMP_NUM_THREADS=2
   MODELS="qwen2.5-coder-1.5b" convert_models
   SCRIPT=lab/gpu_quality.py TASKS="" PARALLEL=3 run_jobs lab/device/jobs/session8_q15.txt ;;
+jobs-scale)  # the whole job at 7B / 70B / 8B alone on the GPU (lab/device/jobs/session9_scale.sh)
+  export OMP_NUM_THREADS=8
+  bash lab/device/jobs/session9_scale.sh > "$RES/scale.log" 2>&1 ;;
 jobs)  # device_batch.sh jobs FILE: the quality.py jobs listed in FILE (NAME MODEL CONFIG SEED [FP] [args])
   export OMP_NUM_THREADS=2
   run_jobs "$2" ;;

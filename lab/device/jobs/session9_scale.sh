@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole job at scale with nothing else on the GPU (issue 15; session 8 showed that sharing hides
+# it, RESULTS §10). Stage only a 2-part SmolLM2 pack (its tokenizer cuts the random models'), then
+#   cp .parts/a.tar.001 /tmp/dqstage/ && bash lab/device/device_launch.sh jobs-scale
+# In order of what the targets need: the 7B DartQuant job (<= 10 min, 16 GB host, 24 GiB GPU), the
+# 70B at 4 and 8 layers (memory flat in depth, time extrapolated), QuaRot and RTN at 7B, Llama-3-8B.
+# Disk: 7B 13.5 + 3.8 GB, then 70B L4 / L8 7.9 / 14.7 + 4.5 GB (one folder at a time, --clean).
+set -u
+RES=${RES:-/tmp/res}
+B="python3 benchmarks/whole_job.py --device cuda --stream true"
+$B --dir /tmp/wj --out "$RES/whole_job_h200.json" --shapes llama2-7b --methods dartquant \
+  > "$RES/wj_7b.md" 2> "$RES/wj_7b.log"
+touch "$RES/DONE-wj7b"
+$B --dir /tmp/wj70 --out "$RES/whole_job_70b_h200.json" --shapes llama2-70b --layers 4 8 --methods dartquant \
+  --eval-max-windows 40 --clean > "$RES/wj_70b.md" 2> "$RES/wj_70b.log"
+touch "$RES/DONE-wj70b"
+$B --dir /tmp/wj --out "$RES/whole_job_h200.json" --shapes llama2-7b --methods quarot rtn --clean \
+  > "$RES/wj_7b_b.md" 2> "$RES/wj_7b_b.log"
+touch "$RES/DONE-wj7b-b"
+$B --dir /tmp/wj8 --out "$RES/whole_job_h200.json" --shapes llama3-8b --methods dartquant --clean \
+  > "$RES/wj_8b.md" 2> "$RES/wj_8b.log"
+touch "$RES/DONE-wj8b"
