@@ -107,3 +107,69 @@ def test_gptq_over_batched_windows_equals_one_window_per_call(true_sequential, m
     for name, qt in out[1].items():
         assert torch.equal(qt.codes, out[2][name].codes), name
         torch.testing.assert_close(qt.scale, out[2][name].scale, rtol=1e-12, atol=0)
+
+
+def test_hessian_passes_keep_shared_inputs_together_and_fit_the_budget():
+    keys = ["q", "k", "v", "o", "experts.0.gate", "experts.0.up", "experts.0.down", "experts.1.gate",
+            "experts.1.up", "experts.1.down"]
+    width = {k: (56 if k.endswith("down") else 40) for k in keys}
+    assert weights._passes(keys, width, float("inf")) == [keys]
+    one_each = weights._passes(keys, width, 1.0)  # a group larger than the budget: a pass of its own
+    assert one_each == [["q", "k", "v"], ["o"], ["experts.0.gate", "experts.0.up"], ["experts.0.down"],
+                        ["experts.1.gate", "experts.1.up"], ["experts.1.down"]]
+    two = weights._passes(keys, width, 4.0 * (40**2 + 40**2))  # attn_in + o, then gate/up + ...
+    assert [k for p in two for k in p] == keys and two[0] == ["q", "k", "v", "o"]
+    assert all(sum(4.0 * width[g[0]] ** 2 for g in _groups(p)) <= 4.0 * (40**2 + 40**2) or len(_groups(p)) == 1
+               for p in two)
+
+
+def _groups(keys):
+    out = {}
+    for k in keys:
+        prefix, _, role = k.rpartition(".")
+        out.setdefault(f"{prefix}.{weights._SHARED_INPUT.get(role, role)}", []).append(k)
+    return list(out.values())
+
+
+@pytest.mark.parametrize("name", ["qwen2-bias-gqa", "mixtral-moe", "qwen2moe-shared"])
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_hessians_in_several_passes_give_the_codes_of_one(name, true_sequential, monkeypatch):
+    """A Hessian budget of one byte (one shared input per forward): more forwards, the same
+    Hessians (every pass sees the block before any result is committed), so the same codes."""
+    forwards, out, real = {}, {}, weights.gptq_block_
+    scheme = RunConfig.from_flat(w_quantizer="gptq", gptq_true_sequential=true_sequential).scheme
+    for budget in (float("inf"), 1.0):
+        monkeypatch.setattr(weights, "_hessian_budget", lambda scheme, device, budget=budget: budget)
+        model = make_tiny_model(name, dtype=torch.float64)
+        calls = []
+
+        def counting(block, adapter, forward, *a, calls=calls):
+            def counted(update=False):
+                calls.append(update)
+                forward(update)
+            return real(block, adapter, counted, *a)
+
+        monkeypatch.setattr(weights, "gptq_block_", counting)
+        out[budget] = weights.quantize_weights_(model, scheme, IDS, progress=False)
+        forwards[budget] = calls.count(False)
+    assert sorted(out[1.0]) == sorted(out[float("inf")])
+    for key, qt in out[float("inf")].items():
+        assert torch.equal(qt.codes, out[1.0][key].codes), key
+        assert torch.equal(qt.scale, out[1.0][key].scale), key
+    # a dense block's true-sequential steps already read one input each: no extra forward there
+    assert forwards[1.0] > forwards[float("inf")] or (true_sequential and name == "qwen2-bias-gqa")
+
+
+def test_hessian_budget_from_the_setting_or_the_device():
+    scheme = RunConfig.from_flat(w_quantizer="gptq", gptq_hessian_mb=3).scheme
+    assert weights._hessian_budget(scheme, torch.device("cpu")) == 3 * 2**20
+    scheme = RunConfig.from_flat(w_quantizer="gptq").scheme
+    assert weights._hessian_budget(scheme, torch.device("cpu")) == float("inf")  # the CPU path: one pass
+
+
+def test_hessian_budget_is_typed_and_positive():
+    assert RunConfig.from_flat(w_quantizer="gptq").scheme.gptq_hessian_mb is None
+    with pytest.raises(ValueError, match="gptq_hessian_mb"):
+        RunConfig.from_flat(gptq_hessian_mb=0).validate()
+    with pytest.raises(ValueError, match="gptq_hessian_mb"):
+        RunConfig.from_flat(gptq_hessian_mb="lots")

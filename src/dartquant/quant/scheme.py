@@ -39,6 +39,10 @@ class QuantScheme:
     # within a block, q/k/v, then o, then gate/up, then down, each from inputs computed with the
     # ones before already quantized (GPTQ's / QuaRot's "true sequential"; one forward per step)
     gptq_true_sequential: bool = False
+    # a block's Hessians are collected in passes holding at most this many MB of them (one forward
+    # per pass; the results do not change). None: all at once, except on a GPU where they would
+    # take more than GPTQ_HESSIAN_SHARE of its free memory (a Mixtral block: 8 experts x 14336^2)
+    gptq_hessian_mb: int | None = None
     # activations
     a_bits: int = 4
     a_symmetric: bool = False
@@ -103,6 +107,8 @@ class QuantScheme:
             raise ValueError("w_mse_min_ratio must be in (0, 1] and w_mse_grid positive")
         if self.gptq_damp <= 0 or self.gptq_blocksize <= 0:
             raise ValueError("gptq_damp and gptq_blocksize must be positive")
+        if self.gptq_hessian_mb is not None and self.gptq_hessian_mb <= 0:
+            raise ValueError(f"gptq_hessian_mb must be positive (or unset: automatic), got {self.gptq_hessian_mb}")
         if self.gptq_act_order and self.w_group_size and not self.gptq_static_groups:
             raise ValueError("act-order with groups needs static groups (gptq_static_groups: true)")
         if geometry is not None:

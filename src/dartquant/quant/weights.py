@@ -17,7 +17,11 @@ once (`_SharedHessians`), so the result is bitwise what separate accumulators gi
 Mixtures of experts: every expert's linears are quantized on their own, GPTQ's Hessian built
 from the tokens routed to that expert only (its QLinear sees nothing else). An expert that no
 calibration token reaches has no Hessian: it falls back to RTN, and its linears are logged
-and listed in `rtn_fallbacks`.
+and listed in `rtn_fallbacks`. A Mixtral block's Hessians take 7 GB (8 experts' down_proj at
+14336^2 in float32): when they would not fit a share of the GPU's free memory (or above
+`gptq_hessian_mb`), a step's Hessians are collected in several forwards, each for a part of its
+linears, and every result is committed after the last: each forward sees the same block, so the
+codes are those of one pass (tested), at the cost of the extra forwards.
 
 Every quantized weight is replaced by `QuantizedTensor.dequantize()`, so what is evaluated is
 bit for bit what the checkpoint's integer codes and scales reload to.
@@ -134,6 +138,10 @@ def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Te
 
 # true-sequential order: the linears of a step read inputs that depend only on earlier steps
 SEQUENTIAL_STEPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+# automatic Hessian budget on a GPU: this share of its free memory (GPTQ's solver needs about two
+# more copies of the largest Hessian, and the block's forward its activations)
+GPTQ_HESSIAN_SHARE = 0.4
+_SHARED_INPUT = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "gate": "mlp_in", "up": "mlp_in"}
 
 
 def _steps(keys: list[str], true_sequential: bool) -> list[list[str]]:
@@ -143,6 +151,34 @@ def _steps(keys: list[str], true_sequential: bool) -> list[list[str]]:
         return [keys]
     steps = [[k for k in keys if k.rsplit(".", 1)[-1] in roles] for roles in SEQUENTIAL_STEPS]
     return [s for s in steps if s]
+
+
+def _hessian_budget(scheme: QuantScheme, device: torch.device) -> float:
+    """Bytes of Hessians one forward may collect (see gptq_hessian_mb)."""
+    if scheme.gptq_hessian_mb is not None:
+        return scheme.gptq_hessian_mb * 2**20
+    if device.type == "cuda":
+        return GPTQ_HESSIAN_SHARE * torch.cuda.mem_get_info(device)[0]
+    return float("inf")
+
+
+def _passes(step: list[str], in_features: dict[str, int], budget: float) -> list[list[str]]:
+    """`step`'s linears split into forwards whose Hessians (float32, in^2 each) fit `budget`
+    bytes; linears reading one input (q/k/v, an expert's gate/up) stay together, since they share
+    one Hessian; a group larger than the budget gets a forward of its own."""
+    groups: dict[str, list[str]] = {}
+    for key in step:
+        prefix, _, role = key.rpartition(".")
+        groups.setdefault(f"{prefix}.{_SHARED_INPUT.get(role, role)}", []).append(key)
+    passes, size = [[]], 0.0
+    for keys in groups.values():
+        need = 4.0 * in_features[keys[0]] ** 2
+        if passes[-1] and size + need > budget:
+            passes.append([])
+            size = 0.0
+        passes[-1] += keys
+        size += need
+    return passes
 
 
 @torch.no_grad()
@@ -158,23 +194,29 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
             adapter.set_linear(block, role, q)
     linears = adapter.layer(block).linears()
     unrouted = []
+    budget = _hessian_budget(scheme, next(iter(linears.values())).weight.device)
+    in_features = {key: q.in_features for key, q in linears.items()}
     for step in _steps(list(linears), scheme.gptq_true_sequential):
-        hessians = _SharedHessians()
-        for role in step:
-            q = linears[role]
-            q.input_observer = hessians.observer(role, q.in_features, q.weight.device)
-        forward(update=False)
-        for role in step:
-            q = linears[role]
-            q.input_observer = None
-            solver = hessians.of_role.get(role)
-            if solver is None or solver.nsamples == 0:  # an expert no calibration token was routed to
-                commit(q, QuantizedTensor.from_float(q.weight.data.float(), spec))
-                unrouted.append(name_of(q))
-                continue
-            qt = solver.quantize(q.weight.data.float(), spec, blocksize=scheme.gptq_blocksize,
-                                 percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
-                                 static_groups=scheme.gptq_static_groups)
-            commit(q, _on_cpu(qt))
-        hessians.free()
+        done = []  # (linear, result), committed once every pass of the step has seen the same block
+        for keys in _passes(step, in_features, budget):
+            hessians = _SharedHessians()
+            for role in keys:
+                q = linears[role]
+                q.input_observer = hessians.observer(role, q.in_features, q.weight.device)
+            forward(update=False)
+            for role in keys:
+                q = linears[role]
+                q.input_observer = None
+                solver = hessians.of_role.get(role)
+                if solver is None or solver.nsamples == 0:  # an expert no calibration token was routed to
+                    done.append((q, QuantizedTensor.from_float(q.weight.data.float(), spec)))
+                    unrouted.append(name_of(q))
+                    continue
+                qt = solver.quantize(q.weight.data.float(), spec, blocksize=scheme.gptq_blocksize,
+                                     percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
+                                     static_groups=scheme.gptq_static_groups)
+                done.append((q, _on_cpu(qt)))
+            hessians.free()
+        for q, qt in done:
+            commit(q, qt)
     return unrouted
