@@ -200,11 +200,17 @@ def run_one(model: Path, method: str, stream: str, args, run_dir: Path) -> dict:
                host_rss_GB=round(peaks.get("cpu_rss", 0) / 1e9, 2),
                gpu_GiB=round(peaks["cuda"] / 2**30, 2) if "cuda" in peaks else None,
                ppl=m.get("ppl"), shards=m.get("stream", {}).get("shards"),
-               unrouted=m.get("gptq_rtn_fallbacks", []))  # MoE: expert linears GPTQ saw no token for (RTN)
+               unrouted=m.get("gptq_rtn_fallbacks", []),  # MoE: expert linears GPTQ saw no token for (RTN)
+               peak_set_by={kind: _top_stage(raised) for kind, raised in m.get("peak_raised_bytes", {}).items()})
     if "moe_routed_tokens" in m:  # MoE: calibration tokens per expert (fewest, most; of calib_tokens x top-k)
         routed = m["moe_routed_tokens"]
         row["routed_tokens"] = {k: routed[k] for k in ("calib_tokens", "min", "max")}
     return row
+
+
+def _top_stage(raised: dict[str, int]) -> str | None:
+    """The stage that raised a peak the most (pipeline stages.StageTimer: `peak_raised_bytes`)."""
+    return max(raised, key=raised.get) if raised else None
 
 
 def main() -> int:
@@ -320,7 +326,9 @@ def format_row(r: dict) -> str:
                f"{r['error'].strip().splitlines()[-1] if r['error'].strip() else ''}"
     s = r["seconds"]
     return (f"{r['shape']} L{r['layers']} {r['method']} stream={r['stream']}: {r['wall_s']} s wall, host RSS "
-            f"{r['host_rss_GB']} GB, GPU {r['gpu_GiB']} GiB; " + ", ".join(f"{k} {s[k]:.1f}" for k in STAGES if k in s)
+            f"{r['host_rss_GB']} GB, GPU {r['gpu_GiB']} GiB"
+            + "".join(f" ({kind} peak set in {stage})" for kind, stage in r.get("peak_set_by", {}).items() if stage)
+            + "; " + ", ".join(f"{k} {s[k]:.1f}" for k in STAGES if k in s)
             + (f"; tokens per expert {r['routed_tokens']['min']}..{r['routed_tokens']['max']} of "
                f"{r['routed_tokens']['calib_tokens']}, unrouted {r['unrouted'] or 'none'}"
                if "routed_tokens" in r else ""))

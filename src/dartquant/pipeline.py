@@ -119,7 +119,7 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
 
         return run_streamed(cfg, out, eval_fp=eval_fp, progress=progress)
     torch.manual_seed(cfg.seed)
-    timer = StageTimer()
+    timer = StageTimer(cfg.device)
     with timer("load"):
         model, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype))
     adapter = adapter_for(model)
@@ -186,6 +186,7 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
                 metrics["quality_check"] = run_guard(model, guard_ref, cfg, rotations)
         metrics["seconds"] = timer.seconds
         metrics["peak_memory_bytes"] = peak_memory_bytes(cfg.device)
+        metrics["peak_raised_bytes"] = timer.peak_raised  # which stages set those peaks
         if timings:
             metrics["calibration_timings"] = timings
         write_json(tmp / "metrics.json", metrics)

@@ -39,7 +39,7 @@ MARKER = ".dartquant-run"
 _MARKER_TEXT = "written by dartquant: `--overwrite` may replace this folder\n"
 _OWNER = ".dartquant-owner"  # inside a temporary folder only: "host pid" of the writing process
 # Keys whose values differ between identical runs (wall time, memory peaks).
-VOLATILE_KEYS = frozenset({"seconds", "seconds_per_step", "stages", "peak_memory_bytes",
+VOLATILE_KEYS = frozenset({"seconds", "seconds_per_step", "stages", "peak_memory_bytes", "peak_raised_bytes",
                            "cuda_peak_so_far_bytes", "cuda_after_bytes", "cpu_rss_peak_so_far_bytes"})
 
 

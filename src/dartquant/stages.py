@@ -27,19 +27,42 @@ def peak_memory_bytes(device) -> dict:
     return out
 
 
-class StageTimer:
-    """timer("stage") is a context manager adding its wall time to seconds["stage"]."""
+def _peaks(cuda: bool) -> dict[str, int]:
+    out = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if cuda:
+        out["cuda"] = torch.cuda.max_memory_allocated()
+    return out
 
-    def __init__(self):
+
+class StageTimer:
+    """timer("stage") is a context manager adding its wall time to seconds["stage"].
+
+    With `device`, it also says which stages set the process's memory peaks: `peak_raised[kind]
+    [stage]` sums, over the stage's occurrences, how far the peak so far (host RSS; CUDA allocated
+    on a GPU) rose while it ran. Peaks are only read, never reset, so `peak_memory_bytes` and any
+    caller's own readings keep their meaning; a nested stage's rise counts in the enclosing one too."""
+
+    def __init__(self, device=None):
         self.seconds: dict[str, float] = {}
+        self._device = device
+        self.peak_raised: dict[str, dict[str, int]] = {}
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
+        track = self._device is not None
+        cuda = track and _cuda(self._device)
+        before = _peaks(cuda) if track else {}
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - t0, 3)
+            if track:
+                for kind, value in _peaks(cuda).items():
+                    rise = value - before[kind]
+                    if rise > 0:
+                        raised = self.peak_raised.setdefault(kind, {})
+                        raised[stage] = raised.get(stage, 0) + rise
 
 
 @contextlib.contextmanager

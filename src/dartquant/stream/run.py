@@ -83,7 +83,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
     from . import guard
 
     torch.manual_seed(cfg.seed)
-    timer = StageTimer()
+    timer = StageTimer(cfg.device)
     device = torch.device(cfg.device)
     sc = cfg.scheme
     with timer("load"):
@@ -319,6 +319,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                              "compute_dtype": cfg.dtype}
         metrics["seconds"] = timer.seconds
         metrics["peak_memory_bytes"] = peak_memory_bytes(cfg.device)
+        metrics["peak_raised_bytes"] = timer.peak_raised  # which stages set those peaks
         if timings:
             metrics["calibration_timings"] = timings
         write_json(tmp / "metrics.json", metrics)
