@@ -112,6 +112,36 @@ def test_streamed_run_equals_in_memory_run(case, tmp_path, monkeypatch, one_thre
     assert evaluate_ppl(mb, tok, seqlen=24, max_windows=2, progress=False)["wiki"] == m_st["ppl"]["wiki"]
 
 
+def test_streamed_zero_shot_equals_in_memory(tmp_path, monkeypatch, one_thread):
+    """Zero-shot on a streamed run (lm-eval's batches recorded on the skeleton, carried through
+    the blocks, replayed): the same accuracies and lambada perplexity as the in-memory run, for
+    the FP and the quantized model."""
+    pytest.importorskip("lm_eval")
+    folder = save_sharded(tmp_path / "model", "qwen2-bias-gqa")
+    runs = run_both(tmp_path, folder, monkeypatch, method="quarot", w_quantizer="rtn",
+                    tasks=["arc_easy", "lambada"], zeroshot_limit=3, eval_seqlen=64)  # character tokens
+    (_, m_mem), (_, m_st) = runs["false"], runs["true"]
+    assert "stream" in m_st and "stream" not in m_mem
+    for which in (lambda m: m["zeroshot"], lambda m: m["fp"]["zeroshot"]):
+        a, b = which(m_mem), which(m_st)
+        assert set(a["tasks"]) == set(b["tasks"]) == {"arc_easy", "lambada"} and a["limit"] == b["limit"] == 3
+        for task in a["tasks"]:
+            for key, value in a["tasks"][task].items():
+                assert b["tasks"][task][key] == (value if value is None else pytest.approx(value, rel=1e-9)), \
+                    (task, key)
+        assert b["avg"] == pytest.approx(a["avg"], rel=1e-9)
+    assert m_st["zeroshot"]["tasks"]["lambada"]["perplexity"] != m_st["fp"]["zeroshot"]["tasks"]["lambada"]["perplexity"]
+
+
+def test_a_replay_that_asks_for_another_batch_fails_loudly():
+    from dartquant.stream.zeroshot import _Replayer
+
+    replay = _Replayer([torch.tensor([[1, 2, 3]])], [torch.zeros(1, 3, 4)], torch.nn.Identity(),
+                       torch.nn.Linear(4, 5), "cpu")
+    with pytest.raises(RuntimeError, match="did not ask for"):
+        replay(torch.tensor([[1, 2, 4]]))
+
+
 def test_streamed_sharded_run_exports(tmp_path, monkeypatch, one_thread):
     """`dartquant export` reads a sharded streamed run like any other."""
     from dartquant.export import export_run
@@ -137,12 +167,9 @@ def test_streamed_sharded_run_exports(tmp_path, monkeypatch, one_thread):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(method="spinquant"), "end to end"),
-    (dict(method="quarot", tasks=["piqa"]), "zero-shot"),
 ])
 def test_runs_that_cannot_stream_are_refused_before_any_work(tmp_path, kw, match):
     folder = save_sharded(tmp_path / "model", "llama-tied-gqa")
-    if "tasks" in kw:
-        pytest.importorskip("lm_eval")
     with pytest.raises(ValueError, match=match):
         run_quantize(RunConfig.from_flat(model=str(folder), stream="true", **kw), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()

@@ -179,8 +179,12 @@ DEFAULT_TASKS: tuple[str, ...] = ("arc_easy", "arc_challenge", "piqa", "winogran
 
 
 def make_lm(model: Any, tokenizer: Any, *, batch_size: int = 8, max_length: int = 2048,
-            progress: bool = True) -> HFLM:
-    """lm-eval's ``HFLM`` around an already-built transformers causal LM (see the module notes)."""
+            progress: bool = True, model_call: Callable | None = None, dtype: torch.dtype | None = None) -> HFLM:
+    """lm-eval's ``HFLM`` around an already-built transformers causal LM (see the module notes).
+
+    ``model_call(inps) -> logits`` replaces the model's forward (HFLM's ``_model_call``; inputs
+    and logits on the CPU): a streamed model's skeleton holds no values (stream/zeroshot.py).
+    ``dtype``: the dtype the model computes in (default: its first parameter's)."""
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
@@ -190,7 +194,7 @@ def make_lm(model: Any, tokenizer: Any, *, batch_size: int = 8, max_length: int 
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit:
         max_length = min(max_length, int(limit))
-    dtype = next(model.parameters()).dtype
+    dtype = dtype or next(model.parameters()).dtype
     lm = HFLM(
         pretrained=model,
         tokenizer=copy.deepcopy(tokenizer),
@@ -201,6 +205,9 @@ def make_lm(model: Any, tokenizer: Any, *, batch_size: int = 8, max_length: int 
     if not progress:
         # HFLM shows a bar unless the caller passes disable_tqdm, which lm-eval's evaluator never does
         lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
+    if model_call is not None:
+        lm._model_call = model_call
+        lm._device = torch.device("cpu")  # where HFLM builds the token tensors it passes to the call
     return lm
 
 
@@ -540,8 +547,11 @@ def evaluate_zeroshot(
     max_length: int = 2048,
     seed: int = 0,
     progress: bool = True,
+    model_call: Callable | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of ``model`` (a transformers causal LM) on ``tasks``, fully offline.
+    ``model_call``, ``dtype``: see :func:`make_lm`.
 
     Returns::
 
@@ -560,7 +570,8 @@ def evaluate_zeroshot(
     from lm_eval.evaluator import evaluate as lm_eval_evaluate
 
     with _quiet_lm_eval():
-        lm = make_lm(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress)
+        lm = make_lm(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress,
+                     model_call=model_call, dtype=dtype)
     built = build_tasks(names)
     all_tasks = {t.task_name: t for ts in built.values() for t in ts}
     with _seeded(seed), torch.no_grad():

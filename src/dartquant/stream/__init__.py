@@ -11,8 +11,8 @@ shards.py). Who streams (`RunConfig.stream`):
            of transients), and the run can stream; otherwise in memory, so small models keep the
            in-memory path and its byte-identical results.
 What cannot stream: methods that train end to end through the whole network (spinquant,
-ostquant: backpropagation over every block at once), zero-shot tasks (lm-eval drives a whole
-model), logit soft-capping heads. Mixtures of experts stream (source.py reads one tensor per
+ostquant: backpropagation over every block at once), logit soft-capping heads. Zero-shot tasks
+stream by recording lm-eval's batches and replaying them (zeroshot.py). Mixtures of experts stream (source.py reads one tensor per
 expert; GPTQ per expert with its routed tokens is quant/weights.gptq_block_, as in memory).
 """
 
@@ -37,8 +37,6 @@ def stream_refusal(cfg, config) -> str | None:
 
         if RotationSet.load(cfg.rotations).blocks:
             return "the rotations carry DuQuant's online block transforms, which streaming does not install yet"
-    if cfg.eval.tasks:
-        return "zero-shot tasks run lm-eval over a whole model; leave --tasks out (perplexity streams)"
     if getattr(config, "final_logit_softcapping", None):
         return "the model soft-caps its logits (Gemma): the streamed head does not"
     return None

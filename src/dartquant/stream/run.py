@@ -107,6 +107,13 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
             windows = {c: eval_windows(tokenizer, c, cfg.eval.seqlen, cfg.eval.max_windows) for c in EVAL_CORPORA}
         g_ids = (guard_windows(tokenizer, cfg.data.corpus, cfg.eval.guard_windows, cfg.data.seqlen)
                  if cfg.eval.guard_windows else None)
+        zs = None
+        if cfg.eval.tasks:  # lm-eval's batches, recorded on the skeleton (zeroshot.py)
+            from .zeroshot import StreamedZeroShot
+
+            with timer("eval"):
+                zs = StreamedZeroShot(model, tokenizer, cfg.eval.tasks, limit=cfg.eval.zeroshot_limit,
+                                      max_length=cfg.eval.seqlen, seed=cfg.seed, dtype=getattr(torch, cfg.dtype))
         untie_embeddings_(model, adapter)
         if cfg.rotated:
             exact_norms_(model, adapter)  # structure only: the values come block by block
@@ -128,6 +135,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 sm.load_(adapter.embed, device)  # on the device: the host keeps no copy of it
             with timer("eval_fp"):  # (the guard's and the capture's few windows too)
                 fp_eval = {c: runner.embed(ids) for c, ids in windows.items()} if eval_fp else None
+                fp_zs = [runner.embed(b) for b in zs.batches] if eval_fp and zs else []
                 fp_guard, cap_hidden = runner.embed(g_ids), runner.embed(calib_ids) if cap else None
             if cap is not None:  # the capture's forwards batched, its states on the device if they fit (forward_plan)
                 cap_batch, resident = forward_plan(geo, *cap_hidden.shape[:2], cap_hidden.dtype, device)
@@ -140,7 +148,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                     block = sm.load_(path, device)
                 if eval_fp:
                     with timer("eval_fp"):
-                        for h in fp_eval.values():
+                        for h in [*fp_eval.values(), *fp_zs]:
                             runner.run_(block, h)
                 if g_ids is not None:
                     with timer("guard"):
@@ -162,12 +170,14 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 if eval_fp:
                     with timer("eval_fp"):
                         metrics["fp"] = {"ppl": ppl_metrics(norm, head, fp_eval, windows, device)}
+                        if zs:
+                            metrics["fp"]["zeroshot"] = zs.results(fp_zs, norm, head, device)
                 if g_ids is not None:  # the guard's FP reference (quant/guard.FPReference)
                     with timer("guard"):
                         ref = guard.fp_reference(norm, head, fp_guard, g_ids, fp_trace, device)
                 sm.release_(adapter.final_norm)
                 sm.release_(adapter.lm_head)
-            del fp_eval, fp_guard
+            del fp_eval, fp_guard, fp_zs
             captured = cap.result() if cap is not None else None
             if captured is not None:
                 captured.r2_fitter = r2_fitter
@@ -215,6 +225,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
             _round_(embed_w, sc.unquantized_dtype, f"{adapter.embed}.weight")
         with timer("eval"):  # (and the guard's windows)
             q_eval = {c: runner.embed(ids) for c, ids in windows.items()}
+            q_zs = [runner.embed(b) for b in zs.batches] if zs else []
             q_guard = runner.embed(g_ids)
         q_trace = guard.GuardTrace(g_ids) if g_ids is not None else None
         with timer("save"):
@@ -262,7 +273,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                     finally:
                         set_act_quant_enabled_(block, True)
             with timer("eval"):
-                for h in q_eval.values():
+                for h in [*q_eval.values(), *q_zs]:
                     runner.run_(block, h)
             if g_ids is not None:
                 with timer("guard"):
@@ -301,7 +312,9 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
         log.info("evaluating the quantized model (streamed)")
         with timer("eval"):
             metrics["ppl"] = ppl_metrics(norm, head, q_eval, windows, device)
-        del q_eval
+            if zs:
+                metrics["zeroshot"] = zs.results(q_zs, norm, head, device)
+        del q_eval, q_zs
         with timer("save"):
             state = _module_state(norm, adapter.final_norm, set())
             if head_q:
