@@ -166,19 +166,21 @@ def _passes(step: list[str], in_features: dict[str, int], budget: float) -> list
     """`step`'s linears split into forwards whose Hessians (float32, in^2 each) fit `budget`
     bytes; linears reading one input (q/k/v, an expert's gate/up) stay together, since they share
     one Hessian; a group larger than the budget gets a forward of its own."""
-    groups: dict[str, list[str]] = {}
+    group_of = {}
     for key in step:
         prefix, _, role = key.rpartition(".")
-        groups.setdefault(f"{prefix}.{_SHARED_INPUT.get(role, role)}", []).append(key)
-    passes, size = [[]], 0.0
-    for keys in groups.values():
-        need = 4.0 * in_features[keys[0]] ** 2
-        if passes[-1] and size + need > budget:
-            passes.append([])
-            size = 0.0
-        passes[-1] += keys
+        group_of[key] = f"{prefix}.{_SHARED_INPUT.get(role, role)}"
+    pass_of, n, size = {}, 0, 0.0
+    for key in step:  # groups in order of first appearance
+        group = group_of[key]
+        if group in pass_of:
+            continue
+        need = 4.0 * in_features[key] ** 2
+        if size and size + need > budget:
+            n, size = n + 1, 0.0
+        pass_of[group] = n
         size += need
-    return passes
+    return [[k for k in step if pass_of[group_of[k]] == i] for i in range(n + 1)]  # each in step's order
 
 
 @torch.no_grad()
@@ -197,7 +199,7 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
     budget = _hessian_budget(scheme, next(iter(linears.values())).weight.device)
     in_features = {key: q.in_features for key, q in linears.items()}
     for step in _steps(list(linears), scheme.gptq_true_sequential):
-        done = []  # (linear, result), committed once every pass of the step has seen the same block
+        done, fallbacks = [], []  # (linear, result), committed once every pass of the step has seen the same block
         for keys in _passes(step, in_features, budget):
             hessians = _SharedHessians()
             for role in keys:
@@ -210,7 +212,7 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
                 solver = hessians.of_role.get(role)
                 if solver is None or solver.nsamples == 0:  # an expert no calibration token was routed to
                     done.append((q, QuantizedTensor.from_float(q.weight.data.float(), spec)))
-                    unrouted.append(name_of(q))
+                    fallbacks.append(q)
                     continue
                 qt = solver.quantize(q.weight.data.float(), spec, blocksize=scheme.gptq_blocksize,
                                      percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
@@ -219,4 +221,5 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
             hessians.free()
         for q, qt in done:
             commit(q, qt)
+        unrouted += [name_of(q) for q in fallbacks]  # after commit, which may learn the wrapped linears' names
     return unrouted
