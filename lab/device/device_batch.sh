@@ -2,7 +2,7 @@
 # The GPU batch behind docs/RESULTS.md (run on the lent H200 after lab/device/device_stage.py
 # staging; `source lab/device/device_env.sh` first). Writes JSON + logs to $RES (default /tmp/res).
 # Usage: device_batch.sh cost | costs | quality | all | session3 | session4 | session6 | session7 |
-#        session8-scale | session8-spin | jobs-scale | jobs FILE
+#        session8-scale | session8-spin | jobs-scale | jobs-after-scale FILE | jobs FILE
 # Jobs of the parallel modes go round-robin over the visible GPUs (nvidia-h200-x2: two).
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
@@ -120,6 +120,15 @@ session8-spin)  # issue 12's missing rows: SpinQuant on Qwen2.5-Coder-1.5B, 3 se
 jobs-scale)  # the whole job at 7B / 70B / 8B alone on the GPU (lab/device/jobs/session9_scale.sh)
   export OMP_NUM_THREADS=8
   bash lab/device/jobs/session9_scale.sh > "$RES/scale.log" 2>&1 ;;
+jobs-after-scale)  # device_batch.sh jobs-after-scale FILE: FILE's quality.py jobs once the jobs-scale lane has
+  # measured the 7B and the 70B alone (its DONE-wj70b; at most 20 min of waiting), 4 at a time. Launch it
+  # with WORK=/tmp/work2 after carrying the models FILE needs (a second pack), e.g. session9_small.txt:
+  # the issue-17 rows still missing (Qwen 0.5B quantization-error DartQuant seeds 1-2, Whip seed 2, RTN,
+  # OSTQuant; SmolLM2 DuQuant seed 2), same protocol as RESULTS §2 / §8
+  export OMP_NUM_THREADS=2
+  for _ in $(seq 240); do [ -f "$RES/DONE-wj70b" ] && break; sleep 5; done
+  MODELS="smollm2-135m qwen2.5-coder-0.5b" convert_models
+  PARALLEL=${PARALLEL:-4} run_jobs "$2" ;;
 jobs)  # device_batch.sh jobs FILE: the quality.py jobs listed in FILE (NAME MODEL CONFIG SEED [FP] [args])
   export OMP_NUM_THREADS=2
   run_jobs "$2" ;;
