@@ -11,7 +11,9 @@ SmolLM2 tokenizer cut to the shape's vocabulary (tokens and merges with ids >= v
 removed; a BPE without them still tokenizes everything, in smaller pieces). Then every
 (method, stream) pair runs as `dartquant quantize ... --json` in a fresh subprocess, and its
 metrics.json gives the stage seconds (`seconds`) and the process's own peaks
-(`peak_memory_bytes`: host RSS, CUDA allocated). spinquant runs in memory only (it cannot
+(`peak_memory_bytes`: host RSS, CUDA allocated; Linux starts a child's peak RSS at its parent's
+resident size when forked, so a host peak below this script's own RSS, ~1-2 GB, reads as that;
+`peak_raised_bytes`: the stage that set each peak). spinquant runs in memory only (it cannot
 stream). Random weights time the work faithfully (nothing depends on the values) but the
 perplexities are meaningless, and the quality guard says so: `--fail-on-collapse false`.
 
