@@ -19,19 +19,16 @@ def _cuda(device) -> bool:
     return str(device).startswith("cuda") and torch.cuda.is_available()
 
 
-def peak_memory_bytes(device) -> dict:
-    """Peak resident memory of this process (CPU) and, on CUDA, peak allocated device memory."""
-    out = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if _cuda(device):
-        out["cuda"] = torch.cuda.max_memory_allocated()
-    return out
-
-
 def _peaks(cuda: bool) -> dict[str, int]:
     out = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if cuda:
         out["cuda"] = torch.cuda.max_memory_allocated()
     return out
+
+
+def peak_memory_bytes(device) -> dict:
+    """Peak resident memory of this process (CPU) and, on CUDA, peak allocated device memory."""
+    return _peaks(_cuda(device))
 
 
 class StageTimer:
