@@ -74,7 +74,9 @@ def measure(device, record: dict):
     finally:
         if cuda:
             torch.cuda.synchronize()
-            record["cuda_peak_so_far_bytes"] = torch.cuda.max_memory_allocated()
+        peaks = _peaks(cuda)
+        if cuda:
+            record["cuda_peak_so_far_bytes"] = peaks["cuda"]
             record["cuda_after_bytes"] = torch.cuda.memory_allocated()
         record["seconds"] = round(time.perf_counter() - t0, 3)
-        record["cpu_rss_peak_so_far_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        record["cpu_rss_peak_so_far_bytes"] = peaks["cpu_rss"]
