@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from dartquant.kernels.act_quant import PackedActivations, hadamard_quantize_pack, hadamard_quantize_pack_reference  # noqa: E402
-from dartquant.kernels.w4a4_gemm import GemmConfig, prepare_weight, w4a4_matmul, w4a4_matmul_reference  # noqa: E402
+from dartquant.kernels.w4a4_gemm import (  # noqa: E402
+    GemmConfig, planar_centered, planar_weight, prepare_weight, w4a4_matmul, w4a4_matmul_reference)
 
 ACT_WIDTHS = [64, 128, 1536, 4096, 4864, 8192, 8960, 11008, 14336, 16384, 28672]
 ACT_VARIANTS = {  # name: (variant, num_warps, rows_per_program); "3d" at widths >= 14336 also tries 16 warps
@@ -57,7 +58,18 @@ GEMV_CONFIGS = [GemmConfig(1, 32, 512, 4, 1), GemmConfig(1, 64, 512, 8, 1), Gemm
                 GemmConfig(1, 16, 512, 4, 1, split_k=8), GemmConfig(1, 32, 256, 4, 1, split_k=8)]  # block_m unused
 PREFILL_CONFIGS = [GemmConfig(128, 128, 128, 8, 4), GemmConfig(128, 256, 128, 8, 3), GemmConfig(256, 128, 128, 8, 3),
                    GemmConfig(128, 128, 256, 8, 3)]
-CHECK_SHAPES = [(4, DECODE_CONFIGS), (515, PREFILL_CONFIGS)]  # M off the tile sizes: row masks
+CHECK_SHAPES = [(4, DECODE_CONFIGS), (515, PREFILL_CONFIGS)]
+# run 6 (--variants): which operand layout limits prefill.  name: (backend, planar centered A,
+# planar 1-byte W, Triton-promoted fp8 accumulation)
+PREFILL_VARIANTS = {
+    "int8 packed": ("int8", False, False, False), "int8 A8": ("int8", True, False, False),
+    "int8 A8 W8": ("int8", True, True, False), "fp8 packed": ("fp8", False, False, False),
+    "fp8 A8": ("fp8", True, False, False), "fp8 A8 promote": ("fp8", True, False, True),
+    "fp8 A8 W8": ("fp8", True, True, False), "fp8 A8 W8 promote": ("fp8", True, True, True),
+}
+VARIANT_CONFIGS = PREFILL_CONFIGS + [GemmConfig(128, 256, 256, 8, 3), GemmConfig(128, 128, 256, 8, 4)]
+VARIANT_LINEARS = ["L2-7B qkvo", "L2-7B gate/up", "L2-7B down", "L2-70B gate/up", "L2-70B down"]
+VARIANT_M = [2048, 8192]  # M off the tile sizes: row masks
 L2_BYTES = 60e6
 ROTATE_BYTES = 4 * L2_BYTES
 
@@ -123,6 +135,9 @@ def _warm(job):
             else:
                 v, nw, rows = ACT_VARIANTS[name]
                 hadamard_quantize_pack(x, 0.9, rotate=rotate, num_warps=nw, variant=v, rows_per_program=rows)
+        elif kind == "gemm8":
+            m, n, k, cfg, variant = args
+            run_variant(*gemm_inputs(m, n, k, dev, 0), variant, cfg)
         else:
             m, n, k, cfg, be = args
             a = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, device=dev)
@@ -302,6 +317,94 @@ def time_gemm(m, n, k, dev, configs, errors):
     return row
 
 
+# ----------------------------------------------------------------------------- run 6: operand variants
+
+
+def variant_operands(a, sa, za, w, variant):
+    """The operands of one PREFILL_VARIANTS entry from the packed ones (conversion untimed)."""
+    be, a8, w8, _ = PREFILL_VARIANTS[variant]
+    dt = torch.float8_e4m3fn if be == "fp8" else torch.int8
+    return (planar_centered(a, za, w.k, dt) if a8 else a, sa, None if a8 else za, w,
+            planar_weight(w, dt) if w8 else None)
+
+
+def run_variant(a, sa, za, w, variant, cfg, out=None, ops=None):
+    be, _, _, promote = PREFILL_VARIANTS[variant]
+    a_op, sa, za_op, w, w_op = ops or variant_operands(a, sa, za, w, variant)
+    if promote:
+        cfg = GemmConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.group_m,
+                         cfg.split_k, promote=cfg.block_k // 2)
+    return w4a4_matmul(a_op, sa, za_op, w, be, cfg, out=out, w_planar=w_op)
+
+
+def check_variant(m, n, k, variant, cfg, dev, seed):
+    """Bit-exact vs the integer reference on random codes; the worst accumulation case exact."""
+    a, sa, za, w = gemm_inputs(m, n, k, dev, seed)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=dev)
+    y = run_variant(a, sa, za, w, variant, cfg, out=out)
+    res = {"bit_exact": bool(torch.equal(y, w4a4_matmul_reference(a, sa, za, w))),
+           "nan_left": int(torch.isnan(y).sum().item())}
+    # a = 15 with zero point 0 (centered 15) against w = -8: the exact fp32 value is -120 K
+    a.fill_(0xFF)
+    w = prepare_weight(torch.full((n, k), -8, dtype=torch.int8, device=dev), torch.ones(n, device=dev))
+    y = run_variant(a, torch.ones_like(sa), torch.zeros_like(za), w, variant, cfg,
+                    out=torch.empty(m, n, dtype=torch.float32, device=dev))
+    res["worst_case_exact"] = bool(torch.all(y == -120.0 * k).item())
+    return res
+
+
+def prefill_variants(dev, errors):
+    rows, checks = [], {}
+    for name in VARIANT_LINEARS:
+        n, k = LINEARS[name]
+        for variant in PREFILL_VARIANTS:
+            for cfg in VARIANT_CONFIGS[:1] + VARIANT_CONFIGS[3:]:
+                if str(("gemm8", (515, n, k, cfg, variant))) in errors:
+                    continue
+                key = f"{name} M=515 {variant} {cfg.block_m}x{cfg.block_n}x{cfg.block_k}"
+                try:
+                    checks[key] = check_variant(515, n, k, variant, cfg, dev, len(checks))
+                except Exception as e:  # noqa: BLE001
+                    checks[key] = {"error": repr(e)[:200]}
+    bad = {k: v for k, v in checks.items() if not (v.get("bit_exact") and v.get("worst_case_exact") and not v.get("nan_left"))}
+    print(f"variant checks: {len(checks)} run, {len(bad)} not exact: {json.dumps(bad)[:1500]}", flush=True)
+    for name in VARIANT_LINEARS:
+        n, k = LINEARS[name]
+        for m in VARIANT_M:
+            row = {"linear": name, "M": m, "N": n, "K": k}
+            _, nxt = rotating(lambda: (torch.randn(m, k, device=dev, dtype=torch.bfloat16),
+                                       torch.randn(n, k, device=dev, dtype=torch.bfloat16)), (m + n) * k * 2)
+            row["bf16_ms"] = bench(lambda: torch.nn.functional.linear(*nxt()))
+            a8 = torch.randn(m, k, device=dev).to(torch.float8_e4m3fn)
+            w8 = torch.randn(n, k, device=dev).to(torch.float8_e4m3fn)
+            sa, sw = torch.rand(m, 1, device=dev), torch.rand(1, n, device=dev)
+            row["scaled_mm_ms"] = bench(lambda: torch._scaled_mm(a8, w8.t(), sa, sw, out_dtype=torch.bfloat16))
+            out = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
+            for variant in PREFILL_VARIANTS:
+                sets, nxt = rotating(lambda: variant_operands(*gemm_inputs(m, n, k, dev, 3), variant), (m + n) * k)
+                best = None
+                for cfg in VARIANT_CONFIGS:
+                    if str(("gemm8", (m, n, k, cfg, variant))) in errors:
+                        continue
+                    try:
+                        t = bench(lambda: run_variant(None, None, None, None, variant, cfg, out=out, ops=nxt()))
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  {variant} {cfg} failed: {e!r}"[:200], flush=True)
+                        continue
+                    row.setdefault("configs", {})[f"{variant} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"] = t
+                    if best is None or t < best[0]:
+                        best = (t, cfg)
+                if best:
+                    row[f"{variant}_ms"], row[f"{variant}_cfg"] = best[0], str(best[1])
+                del sets
+            flops = 2 * m * n * k
+            print(f"variants {name} M={m}: bf16 {row['bf16_ms']:.4f} ms, scaled_mm {row['bf16_ms'] / row['scaled_mm_ms']:.2f}x | "
+                  + ", ".join(f"{v} {row['bf16_ms'] / row[v + '_ms']:.2f}x ({flops / row[v + '_ms'] / 1e9:.0f})"
+                              for v in PREFILL_VARIANTS if row.get(v + "_ms")), flush=True)
+            rows.append(row)
+    return {"checks": checks, "rows": rows}
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -314,9 +417,12 @@ def main():
     ap.add_argument("--decode-only", action="store_true", help="GEMM rows for decode M only")
     ap.add_argument("--act-widths", default="", help="comma list: time only these activation widths")
     ap.add_argument("--profile", action="store_true", help="launch each profiled kernel once (run under ncu)")
+    ap.add_argument("--variants", action="store_true", help="run 6 only: prefill operand variants (planar A / W, fp8 promotion)")
     args = ap.parse_args()
     if args.profile:
         return profile_launches()
+    if args.variants:
+        return variants_main(args)
     global PREFILL_M, ACT_WIDTHS
     if args.decode_only:
         PREFILL_M = []
@@ -448,6 +554,41 @@ def main():
         json.dump(result, f, indent=1, default=str)
     os.replace(tmp, path)
     print_tables(result)
+
+
+def variants_main(args):
+    dev = torch.device("cuda")
+    import triton
+
+    t0 = time.time()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "command": " ".join(sys.argv)}
+    jobs = [("gemm8", (m, LINEARS[nm][0], LINEARS[nm][1], cfg, v)) for nm in VARIANT_LINEARS for m in [515] + VARIANT_M
+            for v in PREFILL_VARIANTS for cfg in VARIANT_CONFIGS]
+    seen, uniq = set(), []
+    for j in jobs:  # what compiles differs only by the constexprs and the divisibility of M / N / K
+        m, n, k, cfg, v = j[1]
+        key = (m % 16 == 0, n % 16 == 0, k % 32 == 0, cfg, v)
+        if key not in seen:
+            seen.add(key)
+            uniq.append(j)
+    errors = compile_all(uniq, args.workers)
+    # a config that failed to compile for one shape fails for all shapes of the same divisibility
+    for j in jobs:
+        m, n, k, cfg, v = j[1]
+        for u in uniq:
+            if str(u) in errors and u[1][3:] == (cfg, v) and (u[1][0] % 16 == 0) == (m % 16 == 0):
+                errors[str(j)] = errors[str(u)]
+    result["compile_errors"] = errors
+    result["ceilings"] = ceilings(dev)
+    print(f"ceilings: {json.dumps({k: round(v, 1) for k, v in result['ceilings'].items()})}", flush=True)
+    result["variants"] = prefill_variants(dev, errors)
+    result["wall_s"] = time.time() - t0
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
 
 
 def profile_launches():

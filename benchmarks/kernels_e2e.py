@@ -109,6 +109,27 @@ def in_memory(args) -> int:
     result["w4a4"] = measure_side(model, s, device)
     result["ratios"] = ratios(result)
     print(format_table(result))
+    # prefill again with the GEMM's activation operand as 1-byte planar codes (w4a4_gemm A8)
+    from dartquant.kernels.bench import time_prefill
+    from dartquant.kernels.linear import W4A4Linear
+
+    ids = torch.randint(0, model.config.vocab_size, (1, s.prefill), device=device,
+                        generator=torch.Generator(device).manual_seed(1))
+    ref_logits = None
+    for operand in args.prefill_operands:
+        for mod in model.modules():
+            if isinstance(mod, W4A4Linear):
+                mod.prefill_operand = operand
+                if args.tiny:  # the tiny prefill is shorter than the planar threshold
+                    mod.planar_min_tokens = 0
+        result.setdefault("prefill_operands", {})[operand] = r = time_prefill(model, s, device)
+        r["speedup_vs_bf16"] = result["bf16"]["prefill_ms"] / r["prefill_ms"]
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits.float()
+        ref_logits = logits if ref_logits is None else ref_logits
+        r["logits_max_abs_diff_vs_first"] = (logits - ref_logits).abs().max().item()
+        print(f"prefill, {operand} activation operand: {r['prefill_ms']:.2f} ms ({r['speedup_vs_bf16']:.2f}x bf16), "
+              f"logits vs {args.prefill_operands[0]}: {r['logits_max_abs_diff_vs_first']:.3g}", flush=True)
     write_json(Path(args.out), result)
     return 0
 
@@ -187,6 +208,8 @@ def main():
     ap.add_argument("--dir", default="/tmp/kb", help="model and run folders (--run-shape)")
     ap.add_argument("--device", default="cuda", help="--run-shape: device of the quantize and bench steps")
     ap.add_argument("--prepare-only", action="store_true", help="--run-shape: steps 1-2 only (the run folder)")
+    ap.add_argument("--prefill-operands", nargs="*", default=[], choices=["packed", "int8", "fp8"],
+                    help="in memory: time prefill again with these GEMM activation operands")
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: more `dartquant bench` flags")
     args = ap.parse_args()
     args.bench_args = [a for a in args.bench_args if a != "--"]

@@ -23,6 +23,8 @@ from dartquant.kernels.act_quant import (  # noqa: E402
 from dartquant.kernels.w4a4_gemm import (  # noqa: E402
     _SPLITK_BUFFERS,
     GemmConfig,
+    planar_centered,
+    planar_weight,
     prepare_weight,
     w4a4_matmul,
     w4a4_matmul_reference,
@@ -201,6 +203,10 @@ def test_w4a4_linear_module_is_the_fake_quant_qlinear():
     w64 = qt.codes.double() * qt.scale.double().reshape(-1, 1)
     y64 = (xq @ w64.T + lin.bias.detach().bfloat16().double()).reshape(2, 3, n_out)
     assert ((y.double() - y64).abs() <= 2.0**-7 * y64.abs() + 1e-3).all()
+    # the planar centered activation operand (prefill) gives the same bits
+    for operand in ("int8", "fp8"):
+        model[1].prefill_operand, model[1].planar_min_tokens = operand, 0
+        assert torch.equal(model(x), y)
     # and the bf16 fake-quant model differs from it only by its own bf16 rounding
     assert (y.double() - y_fake.double()).norm() < 1e-2 * y64.norm()
     # unsupported schemes are refused before anything is replaced
@@ -216,6 +222,45 @@ def test_act_quant_only_any_even_width():
     ref = hadamard_quantize_pack_reference(x, 0.9, rotate=False)
     assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale)
     assert torch.equal(got.zero, ref.zero)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_act_planar_output_is_the_centered_codes(dtype):
+    """planar=: code - zero as one byte per code, even features first: the packed codes re-laid."""
+    for n, variant in ((192, "3d"), (768, "2d")):  # 192 = 12 * 16, 768 = 12 * 64
+        x = _activations(19, n, seed=n)
+        ref = hadamard_quantize_pack(x, 0.9, variant=variant)
+        got = hadamard_quantize_pack(x, 0.9, variant=variant, planar=dtype)
+        assert got.codes.dtype == dtype and got.codes.shape == (19, n)
+        assert torch.equal(got.codes.view(torch.uint8), planar_centered(ref.codes, ref.zero, n, dtype).view(torch.uint8))
+        assert torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero)
+    # the centered values themselves: code - zero, exact in both dtypes
+    centered = planar_centered(ref.codes, ref.zero, n, dtype).float()
+    codes = unpack_int4(ref.codes, n, signed=False).float() - ref.zero[:, None]
+    assert torch.equal(centered, torch.cat((codes[:, 0::2], codes[:, 1::2]), 1))
+
+
+@pytest.mark.parametrize("backend,w8,promote,split_k", [
+    ("int8", False, 0, 1), ("int8", True, 0, 2), ("fp8", False, 0, 1), ("fp8", False, 16, 2), ("fp8", True, 16, 1),
+])
+def test_gemm_planar_operands_bit_exact(backend, w8, promote, split_k):
+    """Planar centered activations (no zero-point term), packed or planar weights: the same bits."""
+    m, n, k = 20, 40, 208
+    dt = torch.float8_e4m3fn if backend == "fp8" else torch.int8
+    cfg = GemmConfig(16, 16, 32, 4, 2, split_k=split_k, promote=promote)
+    a, sa, za, w = _gemm_operands(m, n, k, seed=5)
+    y = w4a4_matmul(planar_centered(a, za, k, dt), sa, None, w, backend, cfg,
+                    w_planar=planar_weight(w, dt) if w8 else None)
+    assert torch.equal(y, w4a4_matmul_reference(a, sa, za, w))
+    # worst accumulation: centered 15 against -8 everywhere, fp32 out: exactly -120 K
+    a15 = torch.full((m, k // 2), 0xFF, dtype=torch.uint8)
+    w_neg = prepare_weight(torch.full((n, k), -8, dtype=torch.int8), torch.ones(n))
+    out = torch.empty(m, n)
+    y = w4a4_matmul(planar_centered(a15, torch.zeros(m), k, dt), torch.ones(m), None, w_neg, backend, cfg, out=out,
+                    w_planar=planar_weight(w_neg, dt) if w8 else None)
+    assert torch.all(y == -120.0 * k)
+    with pytest.raises(TypeError, match="planar"):
+        w4a4_matmul(planar_centered(a, za, k, dt), sa, za, w, backend, cfg)  # a zero point with planar codes
 
 
 @pytest.mark.slow

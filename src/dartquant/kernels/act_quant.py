@@ -172,6 +172,14 @@ if triton is not None:
         return tl.minimum(tl.maximum(r, 0.0), 15.0).to(tl.uint8)
 
     @triton.jit
+    def _centered_byte(q, zero, PLANAR: tl.constexpr):
+        """q - zero (an integer in [-15, 15]) as the byte of an int8 (PLANAR 1) or e4m3 (PLANAR 2)."""
+        c = q.to(tl.float32) - zero
+        if PLANAR == 1:
+            return c.to(tl.int8).to(tl.uint8, bitcast=True)
+        return c.to(tl.float16).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+
+    @triton.jit
     def _prescale(amax):
         """Powers of two (pre, post = 1 / pre) with amax * pre < 1: exact scalings."""
         e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
@@ -200,7 +208,7 @@ if triton is not None:
         M, stride_xm, stride_cm, clip_ratio, inv_sqrt_n,
         R: tl.constexpr, RP: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
         SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
-        USE_RINT: tl.constexpr,
+        USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
     ):
         """One token at a time as a 2D tile X [RP, C] (feature n = r * C + c, rows r >= R padded):
         x @ (L (x) S_C) = L^T X S_C, two plain dots and no permutes (L = H_K, or S_R when N is a
@@ -232,8 +240,12 @@ if triton is not None:
                                          clip_ratio, RECIP)
             q = _codes(y, scale, zero, USE_RINT)
             q_lo, q_hi = tl.split(tl.reshape(q, (RP, C // 2, 2)))
-            tl.store(codes_ptr + row.to(tl.int64) * stride_cm + poffs, q_lo | (q_hi << 4),
-                     mask=(r[:, None] < R) & (row < M))
+            cptr = codes_ptr + row.to(tl.int64) * stride_cm + poffs
+            if PLANAR:  # even features, then odd ones, centered, one byte each (w4a4_gemm A8)
+                tl.store(cptr, _centered_byte(q_lo, zero, PLANAR), mask=(r[:, None] < R) & (row < M))
+                tl.store(cptr + (R * C) // 2, _centered_byte(q_hi, zero, PLANAR), mask=(r[:, None] < R) & (row < M))
+            else:
+                tl.store(cptr, q_lo | (q_hi << 4), mask=(r[:, None] < R) & (row < M))
             tl.store(scale_ptr + row, scale, mask=row < M)
             tl.store(zero_ptr + row, zero, mask=row < M)
 
@@ -245,7 +257,7 @@ if triton is not None:
         F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
         BLOCK_M: tl.constexpr, ROTATE: tl.constexpr, SPLIT_FIRST: tl.constexpr,
         ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
-        USE_RINT: tl.constexpr,
+        USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
     ):
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -297,11 +309,15 @@ if triton is not None:
         q = _codes(y, tl.broadcast_to(scale[:, None, None], y.shape), zero[:, None, None], USE_RINT)
         # pack: element 2i -> low nibble, 2i + 1 -> high nibble (pack_int4)
         q_lo, q_hi = tl.split(tl.reshape(q, (BLOCK_M, KP, P // 2, 2)))
-        packed = q_lo | (q_hi << 4)
         pcol = a[:, None] * (P // 2) + tl.arange(0, P // 2)[None, :]
         pvalid = (rows[:, None, None] < M) & (a[None, :, None] < K) & (pcol[None, :, :] < NCOLS // 2)
-        tl.store(codes_ptr + rows[:, None, None].to(tl.int64) * stride_cm + pcol[None, :, :], packed,
-                 mask=pvalid)
+        cptr = codes_ptr + rows[:, None, None].to(tl.int64) * stride_cm + pcol[None, :, :]
+        if PLANAR:  # even features, then odd ones, centered, one byte each (w4a4_gemm A8)
+            zb = zero[:, None, None]
+            tl.store(cptr, _centered_byte(q_lo, zb, PLANAR), mask=pvalid)
+            tl.store(cptr + NCOLS // 2, _centered_byte(q_hi, zb, PLANAR), mask=pvalid)
+        else:
+            tl.store(cptr, q_lo | (q_hi << 4), mask=pvalid)
         tl.store(scale_ptr + rows, scale, mask=rows < M)
         tl.store(zero_ptr + rows, zero, mask=rows < M)
 
@@ -361,6 +377,7 @@ def hadamard_quantize_pack(
     out: PackedActivations | None = None,
     variant: str = "auto",
     rows_per_program: int = 1,
+    planar: torch.dtype | None = None,
 ) -> PackedActivations:
     """x [..., N] (bf16 / fp16 / fp32) -> per-token 4-bit codes of ``x @ hadamard_matrix(N)``.
 
@@ -371,6 +388,8 @@ def hadamard_quantize_pack(
     dots per token, `layout_2d` sizes), "auto" (`_auto_variant`, which also picks num_warps and
     rows_per_program).  Scale / zero match the torch
     path on x's device (see `_asym4_qparams`).
+    ``planar`` (torch.int8 or torch.float8_e4m3fn): instead of packed nibbles, ``codes`` is the
+    [M, N] operand of `w4a4_gemm.planar_centered` (code - zero, even features then odd ones).
     """
     require_triton()
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -390,19 +409,26 @@ def hadamard_quantize_pack(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    if planar not in (None, torch.int8, torch.float8_e4m3fn):
+        raise TypeError(f"planar must be None, torch.int8 or torch.float8_e4m3fn, got {planar}")
+    width = n if planar is not None else n // 2
     if out is not None:
         codes, scale, zero = out.codes, out.scale, out.zero
-        if codes.shape != (m, n // 2) or scale.shape != (m,) or zero.shape != (m,):
-            raise ValueError("out has the wrong shapes")
+        if codes.shape != (m, width) or scale.shape != (m,) or zero.shape != (m,) or (
+                planar is not None and codes.dtype != planar):
+            raise ValueError("out has the wrong shapes or dtype")
     else:
-        codes = torch.empty(m, n // 2, dtype=torch.uint8, device=x.device)
+        codes = torch.empty(m, width, dtype=planar or torch.uint8, device=x.device)
         scale = torch.empty(m, dtype=torch.float32, device=x.device)
         zero = torch.empty(m, dtype=torch.float32, device=x.device)
+    result = PackedActivations(codes, scale, zero, n)
+    codes = codes.view(torch.uint8)  # the kernels write bytes
     if m == 0:
-        return PackedActivations(codes, scale, zero, n)
+        return result
     common = dict(SPLIT_FIRST=x.dtype == torch.float32, ROUND_BF16=rotate and x.dtype == torch.bfloat16,
                   ROUND_FP16=rotate and x.dtype == torch.float16, RECIP=x.is_cuda,
-                  USE_RINT=os.environ.get("TRITON_INTERPRET") != "1")
+                  USE_RINT=os.environ.get("TRITON_INTERPRET") != "1",
+                  PLANAR={None: 0, torch.int8: 1, torch.float8_e4m3fn: 2}[planar])
     lay = layout_2d(n) if rotate else None
     if variant not in ("auto", "2d", "3d"):
         raise ValueError(f"variant must be auto, 2d or 3d, got {variant!r}")
@@ -420,7 +446,7 @@ def hadamard_quantize_pack(
             1.0 / math.sqrt(n), R=r, RP=rp, C=c, ROWS=rows_per_program, num_warps=nw,
             enable_fp_fusion=False, **common,
         )
-        return PackedActivations(codes, scale, zero, n)
+        return result
     hk, sylv = _factor_tensors(n, x.device) if rotate else (torch.zeros(1, 1, device=x.device), [])
     fs = list(stages) if rotate else []
     while len(fs) < 3:
@@ -435,7 +461,7 @@ def hadamard_quantize_pack(
         K=k, KP=kp, P=p, NCOLS=n, F1=fs[0], F2=fs[1], F3=fs[2],
         BLOCK_M=bm, ROTATE=rotate, num_warps=nw, enable_fp_fusion=False, **common,
     )
-    return PackedActivations(codes, scale, zero, n)
+    return result
 
 
 def hadamard_quantize_pack_reference(x: torch.Tensor, clip_ratio: float = 1.0, rotate: bool = True) -> PackedActivations:

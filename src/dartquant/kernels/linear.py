@@ -27,7 +27,11 @@ from ..quant.primitives import QuantizedTensor
 from .act_quant import hadamard_quantize_pack
 from .w4a4_gemm import prepare_weight, w4a4_matmul
 
-__all__ = ["W4A4Linear", "convert_qlinears_", "convert_run_", "load_w4a4"]
+__all__ = ["W4A4Linear", "convert_qlinears_", "convert_run_", "load_w4a4", "PREFILL_OPERANDS"]
+
+# activation operand of the GEMM at prefill: packed nibbles, or planar centered bytes (w4a4_gemm A8)
+PREFILL_OPERANDS = {"packed": None, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
+PLANAR_MIN_TOKENS = 64  # decode (<= 64 tokens) keeps the packed operand and its own configs
 
 
 def _check_scheme(q: QLinear, qt: QuantizedTensor, name: str) -> tuple[bool, float]:
@@ -69,11 +73,11 @@ class SharedInput:
         self._settings = None
         self._act = None
 
-    def quantize(self, x: torch.Tensor, clip_ratio: float, rotate: bool):
-        settings = (x._version, clip_ratio, rotate)
+    def quantize(self, x: torch.Tensor, clip_ratio: float, rotate: bool, planar: torch.dtype | None = None):
+        settings = (x._version, clip_ratio, rotate, planar)
         if self._ref is not None and self._ref() is x and self._settings == settings:
             return self._act
-        act = hadamard_quantize_pack(x.reshape(-1, x.shape[-1]), clip_ratio, rotate=rotate)
+        act = hadamard_quantize_pack(x.reshape(-1, x.shape[-1]), clip_ratio, rotate=rotate, planar=planar)
         self._ref, self._settings, self._act = weakref.ref(x, self._forget), settings, act
         return act
 
@@ -85,11 +89,18 @@ class SharedInput:
 class W4A4Linear(nn.Module):
     """Packed 4-bit weight + the Triton activation kernel and GEMM (see the module docstring)."""
 
-    def __init__(self, q: QLinear, qt: QuantizedTensor, name: str = "linear", backend: str = "auto"):
+    def __init__(self, q: QLinear, qt: QuantizedTensor, name: str = "linear", backend: str = "auto",
+                 prefill_operand: str = "packed"):
         super().__init__()
         self.rotate, self.clip_ratio = _check_scheme(q, qt, name)
         self.in_features, self.out_features = q.in_features, q.out_features
         self.backend = backend
+        if prefill_operand not in PREFILL_OPERANDS:
+            raise ValueError(f"prefill_operand must be one of {sorted(PREFILL_OPERANDS)}, got {prefill_operand!r}")
+        # more than PLANAR_MIN_TOKENS tokens: the activations as 1-byte planar centered codes
+        # (w4a4_gemm A8: no unpack of A in the GEMM) on the int8 or fp8 tensor cores
+        self.prefill_operand = prefill_operand
+        self.planar_min_tokens = PLANAR_MIN_TOKENS
         w = prepare_weight(qt.codes.to(torch.int8), qt.scale.reshape(-1))
         self.register_buffer("codes", w.codes)
         self.register_buffer("scale", w.scale)
@@ -103,26 +114,33 @@ class W4A4Linear(nn.Module):
         lead = x.shape[:-1]
         if x.shape[-1] != self.in_features:
             raise ValueError(f"W4A4Linear({self.in_features}) got an input of last dimension {x.shape[-1]}")
+        tokens = x.numel() // self.in_features
+        planar = PREFILL_OPERANDS[self.prefill_operand] if tokens > self.planar_min_tokens else None
         if self.shared_input is not None:
-            act = self.shared_input.quantize(x, self.clip_ratio, self.rotate)
+            act = self.shared_input.quantize(x, self.clip_ratio, self.rotate, planar)
         else:
-            act = hadamard_quantize_pack(x.reshape(-1, self.in_features), self.clip_ratio, rotate=self.rotate)
+            act = hadamard_quantize_pack(x.reshape(-1, self.in_features), self.clip_ratio, rotate=self.rotate,
+                                         planar=planar)
         w = PackedWeight(self.codes, self.scale, self.rowsum, self.in_features)
         # fp32 models get the epilogue's fp32 value; others bf16 (the fast path)
-        out = torch.empty(act.codes.shape[0], self.out_features, device=x.device,
+        out = torch.empty(tokens, self.out_features, device=x.device,
                           dtype=torch.float32 if x.dtype in (torch.float32, torch.float64) else torch.bfloat16)
-        y = w4a4_matmul(act.codes, act.scale, act.zero, w, self.backend, out=out)
+        if planar is None:
+            y = w4a4_matmul(act.codes, act.scale, act.zero, w, self.backend, out=out)
+        else:
+            y = w4a4_matmul(act.codes, act.scale, None, w, "fp8" if planar == torch.float8_e4m3fn else "int8", out=out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, W4 sym per-channel, "
-                f"A4 asym per-token clip {self.clip_ratio}, hadamard={self.rotate}, backend={self.backend}")
+                f"A4 asym per-token clip {self.clip_ratio}, hadamard={self.rotate}, backend={self.backend}, "
+                f"prefill_operand={self.prefill_operand}")
 
 
 def convert_qlinears_(model: nn.Module, qtensors: dict[str, QuantizedTensor], backend: str = "auto",
-                      share_inputs: bool = True) -> list[str]:
+                      share_inputs: bool = True, prefill_operand: str = "packed") -> list[str]:
     """Replace every QLinear named in `qtensors` (module name -> weight codes) by a W4A4Linear.
 
     All QLinears are checked before the first one is replaced.  With `share_inputs`, the linears
@@ -132,7 +150,7 @@ def convert_qlinears_(model: nn.Module, qtensors: dict[str, QuantizedTensor], ba
     missing = sorted(set(qtensors) - set(targets))
     if missing:
         raise ValueError(f"no QLinear named {missing[:5]} in the model")
-    new = {name: W4A4Linear(q, qtensors[name], name, backend) for name, q in targets.items()}
+    new = {name: W4A4Linear(q, qtensors[name], name, backend, prefill_operand) for name, q in targets.items()}
     if share_inputs:
         groups: dict[str, SharedInput] = {}
         for name, module in new.items():

@@ -24,6 +24,12 @@ Design choices:
 * **Epilogue in fp32**: ``float(acc - z * rowsum) * s_a * s_w`` (the int is exact in fp32 below
   2^24), then bf16.  Relative to the float64 value of the fake-quant path the error is the two
   fp32 roundings plus the bf16 rounding of the output.
+* **Planar 8-bit operands** (prefill experiments, docs/KERNELS.md run 6): the activation as
+  ``a - z_a`` (in [-15, 15]) in int8 or e4m3, one byte per code, "planar" (per row: the even-k
+  codes, then the odd-k ones, so the low / high nibble halves of a packed weight tile meet two
+  contiguous loads): no unpacking of A and no zero-point term.  The weight may be planar too
+  (1 byte per code: the Triton ceiling, twice the packed weight's bytes).  FP8 accumulation is
+  either promoted by hand per K block or by Triton (``max_num_imprecise_acc``, GemmConfig.promote).
 * **Configs**: prefill uses big tiles (tensor-core bound); decode (M <= 64) is weight-bandwidth
   bound: BLOCK_M = 16 (the smallest dot), narrow BLOCK_N so that N / BLOCK_N programs fill the
   132 SMs, long BLOCK_K and deep pipelining; optionally split-K with an int32 atomic workspace.
@@ -46,7 +52,8 @@ try:
 except ImportError:  # pragma: no cover
     triton = tl = None
 
-__all__ = ["PackedWeight", "GemmConfig", "prepare_weight", "w4a4_matmul", "w4a4_matmul_reference", "default_config"]
+__all__ = ["PackedWeight", "GemmConfig", "prepare_weight", "w4a4_matmul", "w4a4_matmul_reference", "default_config",
+           "planar_centered", "planar_weight"]
 
 
 @dataclass
@@ -68,6 +75,7 @@ class GemmConfig:
     num_stages: int
     group_m: int = 8
     split_k: int = 1
+    promote: int = 0  # fp8: 0 = a fresh dot per K block added by hand; > 0 = Triton's max_num_imprecise_acc
 
 
 def prepare_weight(codes: torch.Tensor, scale: torch.Tensor) -> PackedWeight:
@@ -82,6 +90,30 @@ def prepare_weight(codes: torch.Tensor, scale: torch.Tensor) -> PackedWeight:
         codes.to(torch.int32).sum(1).to(torch.int32).contiguous(),
         codes.shape[1],
     )
+
+
+def _planar(codes: torch.Tensor) -> torch.Tensor:
+    """[..., K] -> [..., K] with the even-k columns first, then the odd-k ones."""
+    return torch.cat((codes[..., 0::2], codes[..., 1::2]), dim=-1).contiguous()
+
+
+def planar_centered(a_codes: torch.Tensor, a_zero: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Packed activation codes + zero point -> ``a - z`` as a planar int8 / e4m3 operand [M, K].
+
+    Every integer in [-15, 15] is exact in both dtypes; the zero point must be an integer (it is:
+    `compute_qparams` rounds it)."""
+    if dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise TypeError(f"planar operands are int8 or float8_e4m3fn, got {dtype}")
+    a = unpack_int4(a_codes, k, signed=False).to(torch.int16) - a_zero.to(torch.int16)[:, None]
+    return _planar(a).to(dtype) if dtype == torch.int8 else _planar(a).to(torch.float32).to(dtype)
+
+
+def planar_weight(weight: "PackedWeight", dtype: torch.dtype) -> torch.Tensor:
+    """The weight's signed codes as a planar int8 / e4m3 operand [N, K] (1 byte per code)."""
+    if dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise TypeError(f"planar operands are int8 or float8_e4m3fn, got {dtype}")
+    w = _planar(unpack_int4(weight.codes, weight.k, signed=True))
+    return w if dtype == torch.int8 else w.to(torch.float32).to(dtype)
 
 
 def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
@@ -100,13 +132,16 @@ if triton is not None:
 
     @triton.jit
     def _epilogue_store(acc_i, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
-                        OUT_F32: tl.constexpr):
-        """y = float(acc - z_a * rowsum(w)) * s_a * s_w -> bf16 or fp32 (the int part exact, see module doc)."""
-        za = tl.load(za_ptr + offs_m, mask=mask_m, other=0.0).to(tl.int32)
-        wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)
+                        OUT_F32: tl.constexpr, HAS_ZERO: tl.constexpr = True):
+        """y = float(acc - z_a * rowsum(w)) * s_a * s_w -> bf16 or fp32 (the int part exact, see module doc).
+        Without HAS_ZERO (planar centered activations) the zero point is already in acc."""
         sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
         sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
-        y = ((acc_i - za[:, None] * wsum[None, :]).to(tl.float32) * sa[:, None]) * sw[None, :]
+        if HAS_ZERO:
+            za = tl.load(za_ptr + offs_m, mask=mask_m, other=0.0).to(tl.int32)
+            wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)
+            acc_i = acc_i - za[:, None] * wsum[None, :]
+        y = (acc_i.to(tl.float32) * sa[:, None]) * sw[None, :]
         ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
         if OUT_F32:
             tl.store(ptrs, y, mask=mask_m[:, None] & mask_n[None, :])
@@ -116,7 +151,7 @@ if triton is not None:
     @triton.jit
     def _splitk_fixup(acc_i, ws_ptr, cnt_ptr, tile, N, SPLIT_K: tl.constexpr,
                       za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
-                      OUT_F32: tl.constexpr):
+                      OUT_F32: tl.constexpr, HAS_ZERO: tl.constexpr = True):
         """Split-K in one launch: int32 partial sums added atomically into a workspace; the last
         program of the tile (per-tile arrival counter) takes the total with an atomic exchange
         against 0 and runs the epilogue, which leaves workspace and counter zeroed for the next
@@ -130,7 +165,7 @@ if triton is not None:
             total = tl.atomic_xchg(ws, tl.zeros_like(acc_i), mask=mask)
             tl.atomic_xchg(cnt_ptr + tile, 0)
             _epilogue_store(total, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
-                            OUT_F32)
+                            OUT_F32, HAS_ZERO)
 
     @triton.jit
     def _w4a4_kernel(
@@ -138,8 +173,10 @@ if triton is not None:
         M, N, KH, per_split, stride_am, stride_wn, stride_ym,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
         GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, FP8: tl.constexpr, STATIC_STEPS: tl.constexpr,
-        OUT_F32: tl.constexpr,
+        OUT_F32: tl.constexpr, A8: tl.constexpr = False, W8: tl.constexpr = False, PROMOTE: tl.constexpr = 0,
     ):
+        """A8: planar centered 1-byte activations (no unpack, no zero point); W8: planar 1-byte
+        weight codes; else packed nibbles.  The planar hi half starts KH columns after the lo half."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -170,18 +207,47 @@ if triton is not None:
         for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else per_split):
             ks = k_first + i  # past the end in the last split: fully masked
             kmask = ks * BLOCK_KH + offs_k < KH
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0)
-            w = tl.load(w_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0)
-            a_lo = (a & 0xF).to(tl.int8)
-            a_hi = (a >> 4).to(tl.int8)
-            w8 = w.to(tl.int8, bitcast=True)
-            w_lo = (w8 << 4) >> 4  # sign-extend the low nibble
-            w_hi = w8 >> 4
-            if FP8:
-                blk = tl.dot(a_lo.to(tl.float16).to(tl.float8e4nv), w_lo.to(tl.float16).to(tl.float8e4nv),
-                             out_dtype=tl.float32)
-                blk = tl.dot(a_hi.to(tl.float16).to(tl.float8e4nv), w_hi.to(tl.float16).to(tl.float8e4nv), blk,
-                             out_dtype=tl.float32)
+            amask = mask_m[:, None] & kmask[None, :]
+            wmask = kmask[:, None] & mask_n[None, :]
+            if A8:  # already centered; e4m3 arrives as its bytes (masked lanes: 0x00 = +0.0)
+                a_lo = tl.load(a_ptrs, mask=amask, other=0)
+                a_hi = tl.load(a_ptrs + KH, mask=amask, other=0)
+                if FP8:
+                    a_lo = a_lo.to(tl.float8e4nv, bitcast=True)
+                    a_hi = a_hi.to(tl.float8e4nv, bitcast=True)
+            else:
+                a = tl.load(a_ptrs, mask=amask, other=0)
+                a_lo = (a & 0xF).to(tl.int8)
+                a_hi = (a >> 4).to(tl.int8)
+                if FP8:
+                    a_lo = a_lo.to(tl.float16).to(tl.float8e4nv)
+                    a_hi = a_hi.to(tl.float16).to(tl.float8e4nv)
+            if W8:
+                w_lo = tl.load(w_ptrs, mask=wmask, other=0)
+                w_hi = tl.load(w_ptrs + KH, mask=wmask, other=0)
+                if FP8:
+                    w_lo = w_lo.to(tl.float8e4nv, bitcast=True)
+                    w_hi = w_hi.to(tl.float8e4nv, bitcast=True)
+            elif FP8 and A8:
+                # nibble -> e4m3 without int -> float conversions: v ^ 8 is the offset-binary
+                # nibble v + 8; fp16 bits 0x6400 | n are 1024 + n, so subtracting 1032 gives v
+                # exactly; fp16 -> e4m3 is one packed conversion
+                wo = tl.load(w_ptrs, mask=wmask, other=0) ^ 0x88
+                w_lo = (((wo & 0xF).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0).to(tl.float8e4nv)
+                w_hi = (((wo >> 4).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0).to(tl.float8e4nv)
+            else:
+                w8 = tl.load(w_ptrs, mask=wmask, other=0).to(tl.int8, bitcast=True)
+                w_lo = (w8 << 4) >> 4  # sign-extend the low nibble
+                w_hi = w8 >> 4
+                if FP8:
+                    w_lo = w_lo.to(tl.float16).to(tl.float8e4nv)
+                    w_hi = w_hi.to(tl.float16).to(tl.float8e4nv)
+            if FP8 and PROMOTE > 0:  # Triton promotes the tensor core's partial sums every PROMOTE k
+                acc = tl.dot(a_lo, w_lo, acc, out_dtype=tl.float32, max_num_imprecise_acc=PROMOTE)
+                acc = tl.dot(a_hi, w_hi, acc, out_dtype=tl.float32, max_num_imprecise_acc=PROMOTE)
+            elif FP8:
+                blk = tl.dot(a_lo, w_lo, out_dtype=tl.float32)
+                blk = tl.dot(a_hi, w_hi, blk, out_dtype=tl.float32)
                 acc += blk  # promote per K block: exact fp32 adds of integers < 2^24
             else:
                 acc = tl.dot(a_lo, w_lo, acc, out_dtype=tl.int32)
@@ -191,10 +257,10 @@ if triton is not None:
         acc_i = acc.to(tl.int32)
         if SPLIT_K > 1:
             _splitk_fixup(acc_i, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
-                          offs_m, offs_n, mask_m, mask_n, OUT_F32)
+                          offs_m, offs_n, mask_m, mask_n, OUT_F32, not A8)
         else:
             _epilogue_store(acc_i, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
-                            OUT_F32)
+                            OUT_F32, not A8)
 
     @triton.jit
     def _w4a4_gemv_kernel(
@@ -270,23 +336,41 @@ def w4a4_matmul(
     backend: str = "auto",
     config: GemmConfig | None = None,
     out: torch.Tensor | None = None,
+    w_planar: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[M, N] = dequant(a) @ dequant(w)^T, computed exactly in integers (see module docstring);
     bf16, or fp32 when ``out`` is an fp32 tensor (the epilogue's value before the bf16 rounding).
 
-    a_codes: uint8 [M, K/2] (asymmetric codes, pack_int4 layout); a_scale / a_zero: fp32 [M].
+    a_codes: uint8 [M, K/2] (asymmetric codes, pack_int4 layout) with a_zero fp32 [M], or the
+    planar centered operand of `planar_centered` (int8 for the int8 backend, e4m3 for fp8) with
+    a_zero None; a_scale: fp32 [M].  w_planar: `planar_weight(weight, dtype)` to read 1-byte weight
+    codes instead of the packed ones (tensor-core backends).
     backend: "int8" (int8 tensor cores, int32 accumulation), "fp8" (e4m3, fp32 per-block promotion)
     "gemv" (CUDA cores, int32; M <= 8; config.block_m unused) or "auto" (gemv for M <= 2, else int8).
     """
     require_triton()
     if backend not in ("auto", "int8", "fp8", "gemv"):
         raise ValueError(f"backend must be 'auto', 'int8', 'fp8' or 'gemv', got {backend!r}")
-    if a_codes.dtype != torch.uint8 or weight.codes.dtype != torch.uint8:
-        raise TypeError("a_codes and weight.codes must be packed uint8")
-    m, kh = a_codes.shape
-    n, kh_w = weight.codes.shape
-    if kh != kh_w:
-        raise ValueError(f"packed K mismatch: activations {kh}, weight {kh_w}")
+    if weight.codes.dtype != torch.uint8:
+        raise TypeError("weight.codes must be packed uint8")
+    a8 = a_codes.dtype != torch.uint8
+    n, kh = weight.codes.shape
+    m = a_codes.shape[0]
+    if a8 or w_planar is not None:
+        if backend == "auto":
+            backend = "fp8" if a_codes.dtype == torch.float8_e4m3fn else "int8"
+        want = torch.float8_e4m3fn if backend == "fp8" else torch.int8
+        if backend == "gemv":
+            raise ValueError("planar 8-bit operands are for the int8 / fp8 backends")
+        if a8 and (a_codes.dtype != want or a_zero is not None or a_codes.shape[1] != 2 * kh):
+            raise TypeError(f"the {backend} backend takes planar {want} activations [M, {2 * kh}] and a_zero=None, "
+                            f"got {a_codes.dtype} {tuple(a_codes.shape)}")
+        if w_planar is not None and (w_planar.dtype != want or w_planar.shape != (n, 2 * kh)):
+            raise TypeError(f"w_planar must be {want} [{n}, {2 * kh}], got {w_planar.dtype} {tuple(w_planar.shape)}")
+    elif a_codes.shape[1] != kh:
+        raise ValueError(f"packed K mismatch: activations {a_codes.shape[1]}, weight {kh}")
+    if not a8 and a_zero is None:
+        raise ValueError("packed activations need their zero points")
     if backend == "auto":  # the CUDA-core GEMV for one or two tokens, else int8 tensor cores
         backend = "gemv" if m <= 2 else "int8"
     cfg = config or default_config(m, n, 2 * kh, backend)
@@ -314,12 +398,16 @@ def w4a4_matmul(
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
     per_split = triton.cdiv(triton.cdiv(kh, cfg.block_k // 2), cfg.split_k)
     ws, cnt = _splitk_buffers(m, n, grid[0], a_codes.device, cfg.split_k)
+    w_op = weight.codes if w_planar is None else w_planar
+    if backend == "fp8":  # e4m3 operands travel as their bytes (bitcast in the kernel)
+        a_codes, w_op = a_codes.view(torch.uint8), w_op.view(torch.uint8)
     _w4a4_kernel[grid](
-        a_codes, weight.codes, a_scale, a_zero, weight.scale, weight.rowsum, out, ws, cnt,
-        m, n, kh, per_split, a_codes.stride(0), weight.codes.stride(0), out.stride(0),
+        a_codes, w_op, a_scale, a_scale if a8 else a_zero, weight.scale, weight.rowsum, out, ws, cnt,
+        m, n, kh, per_split, a_codes.stride(0), w_op.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2,
         GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, FP8=backend == "fp8",
         STATIC_STEPS=per_split if interpret else 0, OUT_F32=out.dtype == torch.float32,
+        A8=a8, W8=w_planar is not None, PROMOTE=cfg.promote if backend == "fp8" else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
     return out
