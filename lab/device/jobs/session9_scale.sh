@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole job at scale with nothing else on the GPU (issue 15; session 8 showed that sharing hides
+# Issue 16's kernel run 6, then the whole job at scale with nothing else on the GPU (issue 15; session 8 showed that sharing hides
 # it, RESULTS §10). Stage only a 2-part SmolLM2 pack (its tokenizer cuts the random models'), then
 #   cp .parts/a.tar.001 /tmp/dqstage/ && bash lab/device/device_launch.sh jobs-scale
 # In order of what the targets need: the 7B DartQuant job (<= 10 min, 16 GB host, 24 GiB GPU), the
@@ -7,6 +7,13 @@
 # Disk: 7B 13.5 + 3.8 GB, then 70B L4 / L8 7.9 / 14.7 + 4.5 GB (one folder at a time, --clean).
 set -u
 RES=${RES:-/tmp/res}
+# issue 16 first (short, and the GPU must be quiet for it): run 6 of the kernels (prefill operand
+# variants per linear), then the model's prefill with each GEMM activation operand (in memory)
+python3 benchmarks/kernel_bench.py --variants --out "$RES/kernels_h200_run6.json" > "$RES/kern_run6.md" 2> "$RES/kern_run6.log"
+touch "$RES/DONE-kern6"
+python3 benchmarks/kernels_e2e.py --out "$RES/kernels_e2e_operands_h200.json" --batch 1 \
+  --prefill-operands packed int8 fp8 > "$RES/kern_e2e.md" 2> "$RES/kern_e2e.log"
+touch "$RES/DONE-kern-e2e"
 B="python3 benchmarks/whole_job.py --device cuda --stream true"
 $B --dir /tmp/wj --out "$RES/whole_job_h200.json" --shapes llama2-7b --methods dartquant \
   > "$RES/wj_7b.md" 2> "$RES/wj_7b.log"
