@@ -120,6 +120,9 @@ session8-spin)  # issue 12's missing rows: SpinQuant on Qwen2.5-Coder-1.5B, 3 se
 jobs-scale)  # the whole job at 7B / 70B / 8B alone on the GPU (lab/device/jobs/session9_scale.sh)
   export OMP_NUM_THREADS=8
   bash lab/device/jobs/session9_scale.sh > "$RES/scale.log" 2>&1 ;;
+jobs-7b-depths)  # the 7B whole job at 8 and 16 layers (lab/device/jobs/session9_7b_depths.sh)
+  export OMP_NUM_THREADS=8
+  bash lab/device/jobs/session9_7b_depths.sh > "$RES/scale.log" 2>&1 ;;
 jobs-after-scale)  # device_batch.sh jobs-after-scale FILE: FILE's quality.py jobs once the jobs-scale lane has
   # measured the 7B and the 70B alone (its DONE-wj70b; at most 20 min of waiting), 4 at a time. Launch it
   # with WORK=/tmp/work2 after carrying the models FILE needs (a second pack), e.g. session9_small.txt:

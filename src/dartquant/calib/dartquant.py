@@ -74,6 +74,7 @@ class DartQuantConfig:
     param: str = "qr"  # qr (QR-Orth) | cayley
     optimizer: str = "sgd"  # sgd | adam
     r2_normalize: str = "none"  # none | rms: the o_proj inputs before the loss
+    loss_run_clip: bool = False  # dq_loss=quant: its quantizer clips as the run's (a_clip), not at 1.0
     lr_grid: list[float] = field(default_factory=list)  # non-empty: fit R1 / R2 at each lr, keep the best held-out
 
     def __post_init__(self):
@@ -94,14 +95,16 @@ class DartQuantConfig:
             raise ValueError(f"dq_lr_grid must be a list of positive learning rates, got {self.lr_grid!r}")
 
 
-def train_config(cfg, which: str) -> RotationTrainConfig:
-    """The trainer's settings for R1 or R2 from a run config (its `dartquant` section)."""
+def train_config(cfg, which: str, spec=None) -> RotationTrainConfig:
+    """The trainer's settings for R1 or R2 from a run config (its `dartquant` section); ``spec``:
+    the activation quantizer the rotation feeds (its clip ratio, with dq_loss_run_clip)."""
     dq = cfg.section("dartquant")
+    clip = spec.clip_ratio if dq.loss_run_clip and spec is not None else 1.0
     return RotationTrainConfig(
         loss=dq.loss, param=dq.param, optimizer=dq.optimizer,
         lr=dq.r1_lr if which == "r1" else dq.r2_lr, epochs=dq.epochs,
         batch_tokens=dq.batch_tokens, normalize="none" if which == "r1" else dq.r2_normalize,
-        seed=cfg.seed + (0 if which == "r1" else 1))
+        seed=cfg.seed + (0 if which == "r1" else 1), quant_clip=clip)
 
 
 # ------------------------------------------------------------------ held-out criterion
@@ -205,9 +208,9 @@ def fit_r1(acts: Captured, geo, cfg, *, progress: bool = True, buffers: str = "a
     x = _placement(acts.r1, device, buffers)
     train, held = split_indices(x.shape[0], cfg.seed)
     init = random_hadamard_matrix(geo.hidden, cfg.seed)
-    r1, hist = train_rotation(x, init, train_config(cfg, "r1"), progress=progress, desc="R1", device=device,
-                              index=train, eval_index=held)
     spec = cfg.scheme.act_spec("q", geo.head_dim)
+    r1, hist = train_rotation(x, init, train_config(cfg, "r1", spec), progress=progress, desc="R1", device=device,
+                              index=train, eval_index=held)
     hist["heldout_quant"] = {"spec": _spec_dict(spec),
                              "init": r1_heldout_quant(x, init, held, spec, device),
                              "final": r1_heldout_quant(x, r1, held, spec, device)}
@@ -236,10 +239,10 @@ def _fit_r2_layers(rows: torch.Tensor, init: torch.Tensor, geo, cfg, *, progress
     x = buf.flatten(0, 1)  # [layers * kv_heads, tokens * groups, d]: a view
     t = x.shape[-2] // geo.kv_groups
     train, held = split_indices(t, cfg.seed, geo.kv_groups)
-    r2, hist = train_rotation(x, init.flatten(0, 1), train_config(cfg, "r2"), progress=progress, desc=desc,
+    spec = cfg.scheme.act_spec("o", geo.head_dim)
+    r2, hist = train_rotation(x, init.flatten(0, 1), train_config(cfg, "r2", spec), progress=progress, desc=desc,
                               device=device, index=train, eval_index=held)
     r2 = r2.view(init.shape)
-    spec = cfg.scheme.act_spec("o", geo.head_dim)
     stats = {"init": _r2_heldout_stats(buf, init, held, geo, spec, device),
              "final": _r2_heldout_stats(buf, r2, held, geo, spec, device)}
     hist["heldout_quant"] = {"spec": _spec_dict(spec)}

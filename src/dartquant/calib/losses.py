@@ -31,7 +31,8 @@ Definitions and choices:
   differentiable at 0; autograd uses sign(0) = 0 there, a null set in
   practice.
 - **quant**: squared error between o and its 4-bit per-token asymmetric
-  min/max fake quantization (clip ratio 1.0), summed over channels.  Rounding
+  min/max fake quantization (clip ratio 1.0, or the run's activation clip with
+  ``dq_loss_run_clip``), summed over channels.  Rounding
   uses a straight-through estimator (STE, identity gradient), the usual choice
   in QAT.  Consequence worth knowing: with STE the *direct* path o -> q(o)
   has gradient 1, so d(o - q(o))/do = 0 along it and the gradient flows only
@@ -115,14 +116,15 @@ def fake_quant_per_token(
 
 
 def quant_error_loss(
-    o: torch.Tensor, reduction: str = "mean", bits: int = 4, ste: bool = True
+    o: torch.Tensor, reduction: str = "mean", bits: int = 4, ste: bool = True, clip_ratio: float = 1.0
 ) -> torch.Tensor:
     """Squared 4-bit fake-quantization error, summed over channels.
 
-    See the module docstring for what the STE does to the gradient.
+    See the module docstring for what the STE does to the gradient.  ``clip_ratio`` < 1 models
+    a clipping quantizer (the run's activation clip, `dq_loss_run_clip`): the clipped error counts.
     """
     _check(o)
-    err = o - fake_quant_per_token(o, bits=bits, clip_ratio=1.0, ste=ste)
+    err = o - fake_quant_per_token(o, bits=bits, clip_ratio=clip_ratio, ste=ste)
     return _reduce((err * err).sum(dim=-1), reduction)
 
 

@@ -51,6 +51,8 @@ Design choices:
 
 from __future__ import annotations
 
+import functools
+
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -83,6 +85,7 @@ class RotationTrainConfig:
     # of groups of at most this many MiB (gradients accumulate; the same update), so that memory
     # does not grow with the number of groups (1024 at 7B: 2 GiB per minibatch copy)
     group_chunk_mib: float = 256.0
+    quant_clip: float = 1.0  # loss="quant": the clip ratio of its fake quantizer
 
 
 def _normalize(xb: torch.Tensor, mode: str) -> torch.Tensor:
@@ -207,6 +210,8 @@ def train_rotation(
     if cfg.schedule not in ("cosine", "constant"):
         raise ValueError(f"unknown schedule {cfg.schedule!r}")
     loss_fn = LOSSES[cfg.loss]
+    if cfg.loss == "quant" and cfg.quant_clip != 1.0:
+        loss_fn = functools.partial(loss_fn, clip_ratio=cfg.quant_clip)
     device = torch.device(device) if device is not None else x.device
     grouped = x.dim() == 3
 
