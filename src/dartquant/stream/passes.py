@@ -1,8 +1,8 @@
 """What a streamed pass does with one block, and the head at the end.
 
 Hidden states of every window set (evaluation corpora, guard windows, calibration windows) live
-on the host in the compute dtype, [n, S, hidden] each; a block on the device runs over them one
-window at a time (as layerwise.iterate_blocks does, with the same explicit position embeddings
+on the host in the compute dtype, [n, S, hidden] each (pinned when the device is a GPU, so that
+copies overlap the computation); a block on the device runs over them one window at a time (as layerwise.iterate_blocks does, with the same explicit position embeddings
 and masks), so device memory is one block plus one window's activations. At the end the final
 norm and lm_head turn each window into logits, and the NLL is summed exactly as eval/ppl.py's
 `perplexity` sums it (cross-entropy in float32 per window, accumulated in float64), so a
@@ -40,10 +40,47 @@ class BlockRunner:
         if hidden is None:
             return
         pos_emb, mask = self._context(block, hidden)
+        if self.device.type == "cuda" and hidden.device.type == "cpu" and hidden.is_pinned():
+            return self._run_overlapped(block, hidden, update, batch, pos_emb, mask)
         for j in range(0, hidden.shape[0], batch):
             out = run_block(block, hidden[j: j + batch].to(self.device), pos_emb, mask)
             if update:
                 hidden[j: j + batch] = out.to(hidden.device, hidden.dtype)
+
+    def _run_overlapped(self, block, hidden, update, batch, pos_emb, mask) -> None:
+        """run_ on a GPU with pinned host states: window j + 1 is copied in and window j - 1's
+        output copied out on side streams while window j computes (the same values, in the same
+        order: only the waiting goes). Windows are distinct slices, so no copy reads what another
+        writes; everything has landed when this returns."""
+        compute = torch.cuda.current_stream(self.device)
+        h2d, d2h = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
+        starts = range(0, hidden.shape[0], batch)
+
+        def fetch(j):
+            with torch.cuda.stream(h2d):
+                x = hidden[j: j + batch].to(self.device, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(h2d)
+            return x, ready
+
+        nxt = fetch(0)
+        for j in starts:
+            x, ready = nxt
+            compute.wait_event(ready)
+            x.record_stream(compute)  # x was allocated on h2d and is used on compute
+            if j + batch < hidden.shape[0]:
+                nxt = fetch(j + batch)
+            out = run_block(block, x, pos_emb, mask)
+            if update:
+                out = out.to(hidden.dtype)
+                done = torch.cuda.Event()
+                done.record(compute)
+                with torch.cuda.stream(d2h):
+                    d2h.wait_event(done)
+                    out.record_stream(d2h)
+                    hidden[j: j + batch].copy_(out, non_blocking=True)
+        d2h.synchronize()
+        compute.synchronize()
 
     def forward_fn(self, block: nn.Module, hidden: torch.Tensor, batch: int = 1):
         """`forward(update)` as iterate_blocks yields it (what gptq_block_ calls)."""
@@ -57,7 +94,8 @@ class BlockRunner:
             return None
         embed = self.adapter.embedding(self.model)
         first = embed(ids[:1].to(embed.weight.device))
-        out = torch.empty(ids.shape[0], *first.shape[1:], dtype=first.dtype)
+        # pinned on a GPU run: the block passes copy windows in and out asynchronously (run_)
+        out = torch.empty(ids.shape[0], *first.shape[1:], dtype=first.dtype, pin_memory=self.device.type == "cuda")
         out[:1] = first.cpu()
         for i in range(1, ids.shape[0]):
             out[i: i + 1] = embed(ids[i: i + 1].to(embed.weight.device)).cpu()
