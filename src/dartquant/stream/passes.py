@@ -94,8 +94,13 @@ class BlockRunner:
             return None
         embed = self.adapter.embedding(self.model)
         first = embed(ids[:1].to(embed.weight.device))
-        # pinned on a GPU run: the block passes copy windows in and out asynchronously (run_)
-        out = torch.empty(ids.shape[0], *first.shape[1:], dtype=first.dtype, pin_memory=self.device.type == "cuda")
+        # pinned on a GPU run: the block passes copy windows in and out asynchronously (run_);
+        # where the host cannot pin that much, pageable memory and synchronous copies
+        shape = (ids.shape[0], *first.shape[1:])
+        try:
+            out = torch.empty(shape, dtype=first.dtype, pin_memory=self.device.type == "cuda")
+        except RuntimeError:
+            out = torch.empty(shape, dtype=first.dtype)
         out[:1] = first.cpu()
         for i in range(1, ids.shape[0]):
             out[i: i + 1] = embed(ids[i: i + 1].to(embed.weight.device)).cpu()
