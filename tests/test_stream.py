@@ -238,7 +238,7 @@ def test_overlapped_block_pass_gives_the_same_bits():
     from dartquant.layerwise import register_attention
     from dartquant.stream.passes import BlockRunner
 
-    model = make_tiny_model("llama").float().eval()
+    model = make_tiny_model("llama-tied-gqa").float().eval()
     model.set_attn_implementation(register_attention())
     adapter = adapter_for(model)
     runner = BlockRunner(model, adapter, "cuda")
