@@ -90,7 +90,7 @@ class W4A4Linear(nn.Module):
     """Packed 4-bit weight + the Triton activation kernel and GEMM (see the module docstring)."""
 
     def __init__(self, q: QLinear, qt: QuantizedTensor, name: str = "linear", backend: str = "auto",
-                 prefill_operand: str = "packed"):
+                 prefill_operand: str = "int8"):
         super().__init__()
         self.rotate, self.clip_ratio = _check_scheme(q, qt, name)
         self.in_features, self.out_features = q.in_features, q.out_features
@@ -98,7 +98,8 @@ class W4A4Linear(nn.Module):
         if prefill_operand not in PREFILL_OPERANDS:
             raise ValueError(f"prefill_operand must be one of {sorted(PREFILL_OPERANDS)}, got {prefill_operand!r}")
         # more than PLANAR_MIN_TOKENS tokens: the activations as 1-byte planar centered codes
-        # (w4a4_gemm A8: no unpack of A in the GEMM) on the int8 or fp8 tensor cores
+        # (w4a4_gemm A8: no unpack of A in the GEMM) on the int8 or fp8 tensor cores; int8 is the
+        # default: 5-10 % faster per linear than packed on the H200, fp8 slower (KERNELS.md run 6)
         self.prefill_operand = prefill_operand
         self.planar_min_tokens = PLANAR_MIN_TOKENS
         w = prepare_weight(qt.codes.to(torch.int8), qt.scale.reshape(-1))
@@ -140,7 +141,7 @@ class W4A4Linear(nn.Module):
 
 
 def convert_qlinears_(model: nn.Module, qtensors: dict[str, QuantizedTensor], backend: str = "auto",
-                      share_inputs: bool = True, prefill_operand: str = "packed") -> list[str]:
+                      share_inputs: bool = True, prefill_operand: str = "int8") -> list[str]:
     """Replace every QLinear named in `qtensors` (module name -> weight codes) by a W4A4Linear.
 
     All QLinears are checked before the first one is replaced.  With `share_inputs`, the linears
