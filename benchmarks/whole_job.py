@@ -255,24 +255,36 @@ def main() -> int:
                     shutil.rmtree(run_dir, ignore_errors=True)  # ours: written by this benchmark's command
                     rows.append(row)
                     print(format_row(row), flush=True)
+                    if args.out:  # after every row: a stopped batch keeps what it measured
+                        save_rows(Path(args.out), rows, args, final=False)
             if args.clean and folder in written:  # before the next shape: the disk holds one model at a time
                 shutil.rmtree(folder)
     print("\n" + table(rows))
-    if args.out:  # rows of earlier invocations are kept (one (shape, depth, method, stream) per run)
-        out = Path(args.out)
-        old = json.loads(out.read_text()) if out.is_file() else {"runs": []}
-        key = ("shape", "layers", "method", "stream")
-        mine = {tuple(r[k] for k in key) for r in rows}
-        kept = [r for r in old.get("rows", []) if tuple(r[k] for k in key) not in mine]
-        result = {"commands": old.get("commands", []) + [" ".join(sys.argv)], "machine": machine(args.device),
-                  "rows": kept + rows}
-        result["full_depth"] = extrapolate(result["rows"])  # from every invocation's rows: one depth per command
+    if args.out:
+        result = save_rows(Path(args.out), rows, args, final=True)
         for e in result["full_depth"]:
             print(format_extrapolated(e))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"\nwrote {out} ({len(result['rows'])} rows)")
+        print(f"\nwrote {args.out} ({len(result['rows'])} rows)")
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def save_rows(out: Path, rows: list[dict], args, final: bool) -> dict:
+    """Merge this invocation's rows into `out` (rows of earlier invocations are kept, one (shape,
+    depth, method, stream) each) and write it atomically; the command is recorded once."""
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    key = ("shape", "layers", "method", "stream")
+    mine = {tuple(r[k] for k in key) for r in rows}
+    kept = [r for r in old.get("rows", []) if tuple(r[k] for k in key) not in mine]
+    command = " ".join(sys.argv)
+    commands = old.get("commands", [])
+    result = {"commands": commands if command in commands else commands + [command], "machine": machine(args.device),
+              "rows": kept + rows, "complete": final}
+    result["full_depth"] = extrapolate(result["rows"])  # from every invocation's rows: one depth per command
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
+    return result
 
 
 def extrapolate(rows: list[dict]) -> list[dict]:

@@ -1,6 +1,7 @@
 """The arithmetic behind the extrapolated cost tables (benchmarks/e2e_cost.py): a line through
 costs measured at reduced depths, and ratios that skip only the costs that did not extrapolate."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -56,3 +57,26 @@ def test_whole_job_full_depth_is_a_line_through_the_cut_depths():
     assert (e["method"], e["layers"], e["from_layers"]) == ("quarot", 32, [2, 4])
     assert e["wall_s"] == 100.0 + 30 * 30 and e["seconds"]["quantize"] == 50.0 + 20 * 30
     assert e["not_extrapolable"] == ["save"] and e["gpu_GiB"] == [30.0, 30.0]
+
+
+def test_whole_job_rows_are_saved_as_they_come(tmp_path):
+    """benchmarks/whole_job.py writes its JSON after every row (a stopped batch keeps its rows) and
+    merges with earlier invocations: same (shape, depth, method, stream) replaced, others kept."""
+    import argparse
+
+    from whole_job import save_rows
+
+    out = tmp_path / "wj.json"
+    args = argparse.Namespace(device="cpu")
+    r = {"shape": "tiny", "layers": 2, "method": "rtn", "stream": "true", "wall_s": 1.0, "seconds": {}}
+    save_rows(out, [r], args, final=False)
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == [r] and saved["complete"] is False and len(saved["commands"]) == 1
+    r2 = {**r, "method": "quarot"}
+    save_rows(out, [r, r2], args, final=True)  # the same invocation: one command, both rows
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == [r, r2] and saved["complete"] and len(saved["commands"]) == 1
+    newer = {**r, "wall_s": 2.0}
+    save_rows(out, [newer], args, final=True)
+    assert json.loads(out.read_text())["rows"] == [r2, newer]
+    assert not list(tmp_path.glob("*.tmp"))
