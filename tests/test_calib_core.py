@@ -167,6 +167,26 @@ def test_quant_loss_ste_gradient_flows_through_range_only():
     assert torch.allclose(o.grad[~is_ext], (2 * err / 4)[~is_ext], atol=1e-12)
 
 
+def test_quant_loss_with_the_runs_clip():
+    """dq_loss_run_clip: the loss's quantizer clips like the run's (a_clip), and counts the clipped error."""
+    from dartquant.calib.dartquant import train_config
+    from dartquant.config import RunConfig
+    from dartquant.quant.primitives import QuantSpec, fake_quantize
+
+    g = torch.Generator().manual_seed(6)
+    o = torch.randn(20, 64, generator=g, dtype=torch.float64)
+    # the same quantizer as the run's activation quantizer at clip 0.9
+    spec = QuantSpec(bits=4, symmetric=False, clip_ratio=0.9)
+    err = o - fake_quantize(o, spec)
+    assert quant_error_loss(o, clip_ratio=0.9).item() == pytest.approx((err**2).sum(-1).mean().item(), rel=1e-9)
+    assert quant_error_loss(o, clip_ratio=0.9).item() != pytest.approx(quant_error_loss(o).item())
+    cfg = RunConfig(model="x", method="dartquant")
+    run_spec = cfg.scheme.act_spec("q", 64)
+    assert train_config(cfg, "r1", run_spec).quant_clip == 1.0  # default: the published loss, unclipped
+    cfg.section("dartquant").loss_run_clip = True
+    assert train_config(cfg, "r1", run_spec).quant_clip == run_spec.clip_ratio == 0.9
+
+
 # ---------------------------------------------------------------- QR-Orth
 
 
