@@ -1,9 +1,10 @@
 """What a streamed pass does with one block, and the head at the end.
 
 Hidden states of every window set (evaluation corpora, guard windows, calibration windows) live
-on the host in the compute dtype, [n, S, hidden] each (pinned when the device is a GPU, so that
-copies overlap the computation); a block on the device runs over them one window at a time (as layerwise.iterate_blocks does, with the same explicit position embeddings
-and masks), so device memory is one block plus one window's activations. At the end the final
+on the host in the compute dtype, [n, S, hidden] each; a block on the device runs over them one
+window at a time (as layerwise.iterate_blocks does, with the same explicit position embeddings
+and masks; on a GPU the copies overlap the compute), so device memory is one block plus one
+window's activations. At the end the final
 norm and lm_head turn each window into logits, and the NLL is summed exactly as eval/ppl.py's
 `perplexity` sums it (cross-entropy in float32 per window, accumulated in float64), so a
 streamed run reports the same numbers as an in-memory one.
@@ -18,14 +19,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layerwise import _sliding_mask, position_embeddings, run_block
+from ..log import log
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Any forward (pre-)hook in the module: GPTQ's Hessians, capture, routing counters."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 class BlockRunner:
-    """Runs decoder blocks over host-resident hidden states; caches position embeddings per length."""
+    """Runs decoder blocks over host-resident hidden states; caches position embeddings per length.
 
-    def __init__(self, model: nn.Module, adapter, device):
+    On a GPU the windows' host <-> device copies overlap the compute (`_run_overlapped`: a small
+    ring of pinned staging buffers, so the host states stay ordinary memory and host memory does not
+    grow); `overlap=False` keeps the synchronous copies. The overlapped path checks itself once
+    against the synchronous one on the first hook-free pass and falls back (with a warning) if the
+    two ever differ."""
+
+    def __init__(self, model: nn.Module, adapter, device, overlap: bool | None = None):
         self.model, self.adapter, self.device = model, adapter, torch.device(device)
         self._pos: dict = {}
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self._overlap_checked = False
 
     def _context(self, block: nn.Module, hidden: torch.Tensor):
         layer_type, window = self.adapter.attention_kind(block)
@@ -40,46 +55,89 @@ class BlockRunner:
         if hidden is None:
             return
         pos_emb, mask = self._context(block, hidden)
-        if self.device.type == "cuda" and hidden.device.type == "cpu" and hidden.is_pinned():
-            return self._run_overlapped(block, hidden, update, batch, pos_emb, mask)
+        if self.overlap and self.device.type == "cuda" and hidden.device.type == "cpu":
+            if not self._overlap_checked and update and not _has_hooks(block):
+                self._check_overlap(block, hidden, batch, pos_emb, mask)
+            if self.overlap:
+                return self._run_overlapped(block, hidden, update, batch, pos_emb, mask)
         for j in range(0, hidden.shape[0], batch):
             out = run_block(block, hidden[j: j + batch].to(self.device), pos_emb, mask)
             if update:
                 hidden[j: j + batch] = out.to(hidden.device, hidden.dtype)
 
+    def _check_overlap(self, block, hidden, batch, pos_emb, mask) -> None:
+        """Both paths on copies of the first windows (enough for every staging slot to be reused):
+        the outputs must be equal bit for bit; if not, the synchronous path is used from now on."""
+        self._overlap_checked = True
+        first = hidden[: 3 * batch]
+        a, b = first.clone(), first.clone()
+        for j in range(0, a.shape[0], batch):
+            a[j: j + batch] = run_block(block, a[j: j + batch].to(self.device), pos_emb, mask).to(a.dtype).cpu()
+        self._run_overlapped(block, b, True, batch, pos_emb, mask)
+        if not torch.equal(a, b):
+            log.warning("overlapped host <-> GPU copies gave different block outputs than synchronous ones; "
+                        "using synchronous copies for this run (slower, same results)")
+            self.overlap = False
+
     def _run_overlapped(self, block, hidden, update, batch, pos_emb, mask) -> None:
-        """run_ on a GPU with pinned host states: window j + 1 is copied in and window j - 1's
-        output copied out on side streams while window j computes (the same values, in the same
-        order: only the waiting goes). Windows are distinct slices, so no copy reads what another
-        writes; everything has landed when this returns."""
+        """run_ with the copies off the critical path: while window k computes, the host copies
+        window k + 1 into a pinned staging buffer and a side stream sends it to the GPU, and a
+        second side stream brings window k's output back into another pinned buffer, which the
+        host copies into `hidden` two windows later. Two buffers each way; every reuse of a buffer
+        waits for the copy that last used it, and the allocator is told which stream uses what."""
         compute = torch.cuda.current_stream(self.device)
         h2d, d2h = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
-        starts = range(0, hidden.shape[0], batch)
+        n = hidden.shape[0]
+        starts = list(range(0, n, batch))
+        shape = (min(batch, n), *hidden.shape[1:])
+        pin_in = [torch.empty(shape, dtype=hidden.dtype, pin_memory=True) for _ in range(2)]
+        pin_out = [torch.empty(shape, dtype=hidden.dtype, pin_memory=True) for _ in range(2)] if update else []
+        in_done: list = [None, None]  # event: the last host -> GPU copy out of pin_in[slot] finished
+        out_pending: list = [None, None]  # (event, first window, count) of the copy into pin_out[slot]
 
-        def fetch(j):
+        def fetch(k: int):
+            slot, j = k % 2, starts[k]
+            m = min(batch, n - j)
+            if in_done[slot] is not None:
+                in_done[slot].synchronize()
+            pin_in[slot][:m].copy_(hidden[j: j + m])
             with torch.cuda.stream(h2d):
-                x = hidden[j: j + batch].to(self.device, non_blocking=True)
+                x = pin_in[slot][:m].to(self.device, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record(h2d)
+            in_done[slot] = ready
             return x, ready
 
+        def drain(slot: int) -> None:
+            if out_pending[slot] is not None:
+                done, j, m = out_pending[slot]
+                done.synchronize()
+                hidden[j: j + m].copy_(pin_out[slot][:m])
+                out_pending[slot] = None
+
         nxt = fetch(0)
-        for j in starts:
+        for k, j in enumerate(starts):
             x, ready = nxt
             compute.wait_event(ready)
-            x.record_stream(compute)  # x was allocated on h2d and is used on compute
-            if j + batch < hidden.shape[0]:
-                nxt = fetch(j + batch)
+            x.record_stream(compute)  # allocated on h2d, used on compute
             out = run_block(block, x, pos_emb, mask)
             if update:
+                slot, m = k % 2, x.shape[0]
+                drain(slot)  # the output two windows back, copied home; its buffer is free
                 out = out.to(hidden.dtype)
-                done = torch.cuda.Event()
-                done.record(compute)
+                produced = torch.cuda.Event()
+                produced.record(compute)
                 with torch.cuda.stream(d2h):
-                    d2h.wait_event(done)
+                    d2h.wait_event(produced)
                     out.record_stream(d2h)
-                    hidden[j: j + batch].copy_(out, non_blocking=True)
-        d2h.synchronize()
+                    pin_out[slot][:m].copy_(out, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(d2h)
+                out_pending[slot] = (copied, j, m)
+            if k + 1 < len(starts):
+                nxt = fetch(k + 1)  # host copy of the next window while the GPU computes this one
+        for slot in range(2):
+            drain(slot)
         compute.synchronize()
 
     def forward_fn(self, block: nn.Module, hidden: torch.Tensor, batch: int = 1):
@@ -94,13 +152,7 @@ class BlockRunner:
             return None
         embed = self.adapter.embedding(self.model)
         first = embed(ids[:1].to(embed.weight.device))
-        # pinned on a GPU run: the block passes copy windows in and out asynchronously (run_);
-        # where the host cannot pin that much, pageable memory and synchronous copies
-        shape = (ids.shape[0], *first.shape[1:])
-        try:
-            out = torch.empty(shape, dtype=first.dtype, pin_memory=self.device.type == "cuda")
-        except RuntimeError:
-            out = torch.empty(shape, dtype=first.dtype)
+        out = torch.empty(ids.shape[0], *first.shape[1:], dtype=first.dtype)
         out[:1] = first.cpu()
         for i in range(1, ids.shape[0]):
             out[i: i + 1] = embed(ids[i: i + 1].to(embed.weight.device)).cpu()
