@@ -9,6 +9,10 @@ set -u
 RES=${RES:-/tmp/res}
 # issue 16 first (short, and the GPU must be quiet for it): run 6 of the kernels (prefill operand
 # variants per linear), then the model's prefill with each GEMM activation operand (in memory)
+# first, 40 s: the shipped overlapped block pass (staging ring) against synchronous copies at a 7B block
+python3 lab/stream_overlap_check.py --shape llama2-7b --windows 24 --out "$RES/stream_overlap_h200.json" \
+  > "$RES/overlap.md" 2> "$RES/overlap.log"
+touch "$RES/DONE-overlap"
 # (measured in session 9: docs/KERNELS.md 2b; KERNELS=1 runs them again)
 if [ "${KERNELS:-0}" = 1 ]; then
   python3 benchmarks/kernel_bench.py --variants --out "$RES/kernels_h200_run6.json" > "$RES/kern_run6.md" 2> "$RES/kern_run6.log"
