@@ -265,6 +265,26 @@ def _check_configs(cfgs):
     return cfgs[:2] + [c for c in cfgs[2:] if c.split_k > 1]
 
 
+def best_config(row, label, configs, run, failed):
+    """Time `run(cfg)` for every config that compiled: each time in row["configs"], the fastest as
+    row[label_ms] / row[label_cfg]."""
+    best = None
+    for cfg in configs:
+        if failed(cfg):
+            continue
+        try:
+            t = bench(lambda: run(cfg))
+        except Exception as e:  # noqa: BLE001
+            print(f"  {label} {cfg} failed: {e!r}"[:200], flush=True)
+            continue
+        key = f"{label} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} sk{cfg.split_k}"
+        row.setdefault("configs", {})[key] = t
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    if best:
+        row[f"{label}_ms"], row[f"{label}_cfg"] = best[0], str(best[1])
+
+
 def time_gemm(m, n, k, dev, configs, errors):
     row = {}
     # bf16 baseline (F.linear): x [M, K], W [N, K]
@@ -299,21 +319,9 @@ def time_gemm(m, n, k, dev, configs, errors):
     for be in ("int8", "fp8", "gemv"):
         if be == "gemv" and m > 8:
             continue
-        best = None
-        for cfg in (GEMV_CONFIGS if be == "gemv" else configs):
-            if str(("gemm", (m, n, k, cfg, be))) in errors:
-                continue
-            try:
-                t = bench(lambda: w4a4_matmul(*nxt(), be, cfg, out=out))
-            except Exception as e:  # noqa: BLE001
-                print(f"  {be} {cfg} failed: {e!r}"[:200], flush=True)
-                continue
-            row.setdefault("configs", {})[f"{be} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} sk{cfg.split_k}"] = t
-            if best is None or t < best[0]:
-                best = (t, cfg)
-        if best:
-            row[f"{be}_ms"] = best[0]
-            row[f"{be}_cfg"] = str(best[1])
+        best_config(row, be, GEMV_CONFIGS if be == "gemv" else configs,
+                    lambda cfg: w4a4_matmul(*nxt(), be, cfg, out=out),
+                    lambda cfg: str(("gemm", (m, n, k, cfg, be))) in errors)
     return row
 
 
@@ -382,20 +390,9 @@ def prefill_variants(dev, errors):
             out = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
             for variant in PREFILL_VARIANTS:
                 sets, nxt = rotating(lambda: variant_operands(*gemm_inputs(m, n, k, dev, 3), variant), (m + n) * k)
-                best = None
-                for cfg in VARIANT_CONFIGS:
-                    if str(("gemm8", (m, n, k, cfg, variant))) in errors:
-                        continue
-                    try:
-                        t = bench(lambda: run_variant(None, None, None, None, variant, cfg, out=out, ops=nxt()))
-                    except Exception as e:  # noqa: BLE001
-                        print(f"  {variant} {cfg} failed: {e!r}"[:200], flush=True)
-                        continue
-                    row.setdefault("configs", {})[f"{variant} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"] = t
-                    if best is None or t < best[0]:
-                        best = (t, cfg)
-                if best:
-                    row[f"{variant}_ms"], row[f"{variant}_cfg"] = best[0], str(best[1])
+                best_config(row, variant, VARIANT_CONFIGS,
+                            lambda cfg: run_variant(None, None, None, None, variant, cfg, out=out, ops=nxt()),
+                            lambda cfg: str(("gemm8", (m, n, k, cfg, variant))) in errors)
                 del sets
             flops = 2 * m * n * k
             print(f"variants {name} M={m}: bf16 {row['bf16_ms']:.4f} ms, scaled_mm {row['bf16_ms'] / row['scaled_mm_ms']:.2f}x | "
