@@ -52,7 +52,7 @@ class BlockRunner:
     @torch.no_grad()
     def run_(self, block: nn.Module, hidden: torch.Tensor | None, update: bool = True, batch: int = 1) -> None:
         """Block over every window of `hidden` (in place when `update`), `batch` windows per call."""
-        if hidden is None:
+        if hidden is None or hidden.shape[0] == 0:
             return
         pos_emb, mask = self._context(block, hidden)
         if self.overlap and self.device.type == "cuda" and hidden.device.type == "cpu":
