@@ -24,11 +24,12 @@ Design choices:
 * **Epilogue in fp32**: ``float(acc - z * rowsum) * s_a * s_w`` (the int is exact in fp32 below
   2^24), then bf16.  Relative to the float64 value of the fake-quant path the error is the two
   fp32 roundings plus the bf16 rounding of the output.
-* **Planar 8-bit operands** (prefill experiments, docs/KERNELS.md run 6): the activation as
+* **Planar 8-bit operands** (docs/KERNELS.md 2b): the activation as
   ``a - z_a`` (in [-15, 15]) in int8 or e4m3, one byte per code, "planar" (per row: the even-k
   codes, then the odd-k ones, so the low / high nibble halves of a packed weight tile meet two
-  contiguous loads): no unpacking of A and no zero-point term.  The weight may be planar too
-  (1 byte per code: the Triton ceiling, twice the packed weight's bytes).  FP8 accumulation is
+  contiguous loads): no unpacking of A and no zero-point term; `W4A4Linear` uses it (int8) at
+  prefill.  The weight may be planar too (1 byte per code, twice the packed weight's bytes: the
+  benchmark's measure of what unpacking costs).  FP8 accumulation is
   either promoted by hand per K block or by Triton (``max_num_imprecise_acc``, GemmConfig.promote).
 * **Configs**: prefill uses big tiles (tensor-core bound); decode (M <= 64) is weight-bandwidth
   bound: BLOCK_M = 16 (the smallest dot), narrow BLOCK_N so that N / BLOCK_N programs fill the
