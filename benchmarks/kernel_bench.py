@@ -66,7 +66,14 @@ PREFILL_VARIANTS = {
     "int8 A8 W8": ("int8", True, True, False), "fp8 packed": ("fp8", False, False, False),
     "fp8 A8": ("fp8", True, False, False), "fp8 A8 promote": ("fp8", True, False, True),
     "fp8 A8 W8": ("fp8", True, True, False), "fp8 A8 W8 promote": ("fp8", True, True, True),
+    # run 7: the packed weight unpacked in registers as the dot's left operand (w4a4_gemm "int8s")
+    "int8s A8": ("int8s", True, False, False),
 }
+# run 7, decode: "int8s" (tokens in the MMA's N: block_m = 16..64 tokens, block_n = weight rows)
+# against the int8 / gemv decode configs of run 3
+SWAP_DECODE_CONFIGS = [GemmConfig(16, 64, 256, 4, 4), GemmConfig(16, 128, 256, 4, 4), GemmConfig(16, 64, 512, 4, 4),
+                       GemmConfig(32, 128, 256, 4, 4), GemmConfig(64, 128, 256, 4, 3)]
+VARIANT_DECODE_M = [1, 4, 16, 64]
 VARIANT_CONFIGS = PREFILL_CONFIGS + [GemmConfig(128, 256, 256, 8, 3), GemmConfig(128, 128, 256, 8, 4)]
 VARIANT_LINEARS = ["L2-7B qkvo", "L2-7B gate/up", "L2-7B down", "L2-70B gate/up", "L2-70B down"]
 VARIANT_M = [2048, 8192]  # M off the tile sizes: row masks
@@ -402,6 +409,34 @@ def prefill_variants(dev, errors):
     return {"checks": checks, "rows": rows}
 
 
+def decode_variants(dev, errors):
+    """Decode rows (weights rotated through HBM): run 3's backends (time_gemm) and "int8s"."""
+    rows, checks = [], {}
+    for name in VARIANT_LINEARS:
+        n, k = LINEARS[name]
+        for m in VARIANT_DECODE_M:
+            for cfg in SWAP_DECODE_CONFIGS[:2]:
+                key = f"{name} M={m} int8s A8 {cfg.block_m}x{cfg.block_n}x{cfg.block_k}"
+                try:
+                    checks[key] = check_variant(m, n, k, "int8s A8", cfg, dev, len(checks))
+                except Exception as e:  # noqa: BLE001
+                    checks[key] = {"error": repr(e)[:200]}
+            row = {"linear": name, "M": m, "N": n, "K": k}
+            row.update(time_gemm(m, n, k, dev, DECODE_CONFIGS, errors))
+            sets, nxt = rotating(lambda: variant_operands(*gemm_inputs(m, n, k, dev, 3), "int8s A8"), m * k + n * k // 2)
+            out = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
+            best_config(row, "int8s A8", SWAP_DECODE_CONFIGS,
+                        lambda cfg: run_variant(None, None, None, None, "int8s A8", cfg, out=out, ops=nxt()),
+                        lambda cfg: str(("gemm8", (m, n, k, cfg, "int8s A8"))) in errors)
+            del sets
+            sp = {b: round(row["bf16_ms"] / row[f"{b}_ms"], 2) for b in ("int8", "gemv", "int8s A8") if row.get(f"{b}_ms")}
+            print(f"decode {name} M={m}: bf16 {row['bf16_ms']:.4f} ms, speedup vs bf16 {sp}", flush=True)
+            rows.append(row)
+    bad = {k: v for k, v in checks.items() if not (v.get("bit_exact") and v.get("worst_case_exact") and not v.get("nan_left"))}
+    print(f"decode variant checks: {len(checks)} run, {len(bad)} not exact: {json.dumps(bad)[:1000]}", flush=True)
+    return {"checks": checks, "rows": rows}
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -414,7 +449,8 @@ def main():
     ap.add_argument("--decode-only", action="store_true", help="GEMM rows for decode M only")
     ap.add_argument("--act-widths", default="", help="comma list: time only these activation widths")
     ap.add_argument("--profile", action="store_true", help="launch each profiled kernel once (run under ncu)")
-    ap.add_argument("--variants", action="store_true", help="run 6 only: prefill operand variants (planar A / W, fp8 promotion)")
+    ap.add_argument("--variants", action="store_true",
+                    help="runs 6-7 only: prefill operand variants (planar A / W, fp8 promotion, int8s), decode int8s")
     args = ap.parse_args()
     if args.profile:
         return profile_launches()
@@ -562,10 +598,16 @@ def variants_main(args):
               "command": " ".join(sys.argv)}
     jobs = [("gemm8", (m, LINEARS[nm][0], LINEARS[nm][1], cfg, v)) for nm in VARIANT_LINEARS for m in [515] + VARIANT_M
             for v in PREFILL_VARIANTS for cfg in VARIANT_CONFIGS]
+    for nm in VARIANT_LINEARS:
+        n, k = LINEARS[nm]
+        for m in VARIANT_DECODE_M:
+            jobs += [("gemm8", (m, n, k, cfg, "int8s A8")) for cfg in SWAP_DECODE_CONFIGS]
+            jobs += [("gemm", (m, n, k, cfg, be)) for cfg in DECODE_CONFIGS for be in ("int8", "fp8")]
+            jobs += [("gemm", (m, n, k, cfg, "gemv")) for cfg in GEMV_CONFIGS if m <= 8]
     seen, uniq = set(), []
     for j in jobs:  # what compiles differs only by the constexprs and the divisibility of M / N / K
-        m, n, k, cfg, v = j[1]
-        key = (m % 16 == 0, n % 16 == 0, k % 32 == 0, cfg, v)
+        m, n, k, cfg, v = j[1]  # (the gemv kernel also by M itself: its M_PAD)
+        key = (m % 16 == 0, n % 16 == 0, k % 32 == 0, cfg, v, m if v == "gemv" else 0)
         if key not in seen:
             seen.add(key)
             uniq.append(j)
@@ -574,12 +616,14 @@ def variants_main(args):
     for j in jobs:
         m, n, k, cfg, v = j[1]
         for u in uniq:
-            if str(u) in errors and u[1][3:] == (cfg, v) and (u[1][0] % 16 == 0) == (m % 16 == 0):
+            if (str(u) in errors and u[0] == j[0] and u[1][3:] == (cfg, v) and (u[1][0] % 16 == 0) == (m % 16 == 0)
+                    and (v != "gemv" or u[1][0] == m)):
                 errors[str(j)] = errors[str(u)]
     result["compile_errors"] = errors
     result["ceilings"] = ceilings(dev)
     print(f"ceilings: {json.dumps({k: round(v, 1) for k, v in result['ceilings'].items()})}", flush=True)
     result["variants"] = prefill_variants(dev, errors)
+    result["decode_variants"] = decode_variants(dev, errors)
     result["wall_s"] = time.time() - t0
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

@@ -242,6 +242,7 @@ def test_act_planar_output_is_the_centered_codes(dtype):
 
 @pytest.mark.parametrize("backend,w8,promote,split_k", [
     ("int8", False, 0, 1), ("int8", True, 0, 2), ("fp8", False, 0, 1), ("fp8", False, 16, 2), ("fp8", True, 16, 1),
+    ("int8s", False, 0, 1),
 ])
 def test_gemm_planar_operands_bit_exact(backend, w8, promote, split_k):
     """Planar centered activations (no zero-point term), packed or planar weights: the same bits."""
@@ -261,6 +262,19 @@ def test_gemm_planar_operands_bit_exact(backend, w8, promote, split_k):
     assert torch.all(y == -120.0 * k)
     with pytest.raises(TypeError, match="planar"):
         w4a4_matmul(planar_centered(a, za, k, dt), sa, za, w, backend, cfg)  # a zero point with planar codes
+
+
+def test_gemm_swapped_operands_small_m():
+    """int8s (weight as the dot's left operand, tokens in the MMA's N): decode-sized M, tiles wider
+    than M, and packed activations refused."""
+    n, k = 40, 208
+    for m in (1, 3, 17):
+        a, sa, za, w = _gemm_operands(m, n, k, seed=m)
+        for cfg in (GemmConfig(16, 16, 32, 4, 2), GemmConfig(16, 32, 64, 4, 2), None):
+            y = w4a4_matmul(planar_centered(a, za, k, torch.int8), sa, None, w, "int8s", cfg)
+            assert torch.equal(y, w4a4_matmul_reference(a, sa, za, w))
+    with pytest.raises(TypeError, match="int8s"):
+        w4a4_matmul(a, sa, za, w, "int8s")
 
 
 @pytest.mark.slow

@@ -122,6 +122,8 @@ def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
     big = n * k >= 1 << 26  # e.g. 8192 x 8192 and up: split K to fill the SMs
     if backend == "gemv":
         return GemmConfig(1, 16, 512, 4, 1, split_k=8)
+    if backend == "int8s":  # block_m: tokens per tile (the MMA's N), not measured yet (run 7)
+        return GemmConfig(min(128, max(16, 1 << (m - 1).bit_length())), 128, 256, 8 if m > 64 else 4, 3)
     if m <= 16:
         return GemmConfig(16, 64, 256, 4, 4, split_k=8) if big else GemmConfig(16, 32, 512, 4, 4)
     if m <= 64:
@@ -264,6 +266,52 @@ if triton is not None:
                             OUT_F32, not A8)
 
     @triton.jit
+    def _w4a4_swap_kernel(
+        a_ptr, w_ptr, sa_ptr, sw_ptr, y_ptr, M, N, KH, stride_am, stride_wn, stride_ym,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, GROUP_N: tl.constexpr,
+        STATIC_STEPS: tl.constexpr, OUT_F32: tl.constexpr,
+    ):
+        """y^T = W A^T on int8 tensor cores ("int8s"): the packed weight, unpacked in registers, is
+        the dot's *left* operand (on Hopper wgmma can take it from registers, no shared-memory round
+        trip), the planar centered int8 activations the right one ([K, M] tiles, K-major, loaded and
+        pipelined straight into shared memory).  Tokens sit in the MMA's N dimension, so a small M
+        (decode) is a narrow tile instead of rows padded to 64.  Exact int32, no zero-point term."""
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BLOCK_N)
+        num_m = tl.cdiv(M, BLOCK_M)
+        # grouped ordering: programs sharing an activation tile run together (L2 reuse)
+        per_group = GROUP_N * num_m
+        first_n = (pid // per_group) * GROUP_N
+        group_size = tl.minimum(num_n - first_n, GROUP_N)
+        pid_n = first_n + (pid % per_group) % group_size
+        pid_m = (pid % per_group) // group_size
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_KH)
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_KH]
+        a_ptrs = a_ptr + offs_m[None, :].to(tl.int64) * stride_am + offs_k[:, None]  # [BLOCK_KH, BLOCK_M]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+        for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else tl.cdiv(KH, BLOCK_KH)):
+            kmask = i * BLOCK_KH + offs_k < KH
+            w8 = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0).to(tl.int8, bitcast=True)
+            a_lo = tl.load(a_ptrs, mask=kmask[:, None] & mask_m[None, :], other=0)
+            a_hi = tl.load(a_ptrs + KH, mask=kmask[:, None] & mask_m[None, :], other=0)
+            acc = tl.dot((w8 << 4) >> 4, a_lo, acc, out_dtype=tl.int32)  # low nibbles, sign-extended
+            acc = tl.dot(w8 >> 4, a_hi, acc, out_dtype=tl.int32)
+            w_ptrs += BLOCK_KH
+            a_ptrs += BLOCK_KH
+        sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
+        sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
+        y = (acc.to(tl.float32) * sa[None, :]) * sw[:, None]  # the same two fp32 products as _epilogue_store
+        ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+        if OUT_F32:
+            tl.store(ptrs, y, mask=mask_n[:, None] & mask_m[None, :])
+        else:
+            tl.store(ptrs, round_to_bf16(y).to(tl.bfloat16), mask=mask_n[:, None] & mask_m[None, :])
+
+    @triton.jit
     def _w4a4_gemv_kernel(
         a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, KH, k_steps, stride_am, stride_wn, stride_ym,
@@ -346,12 +394,13 @@ def w4a4_matmul(
     planar centered operand of `planar_centered` (int8 for the int8 backend, e4m3 for fp8) with
     a_zero None; a_scale: fp32 [M].  w_planar: `planar_weight(weight, dtype)` to read 1-byte weight
     codes instead of the packed ones (tensor-core backends).
-    backend: "int8" (int8 tensor cores, int32 accumulation), "fp8" (e4m3, fp32 per-block promotion)
-    "gemv" (CUDA cores, int32; M <= 8; config.block_m unused) or "auto" (gemv for M <= 2, else int8).
+    backend: "int8" (int8 tensor cores, int32 accumulation), "int8s" (the same with the operands
+    swapped: planar activations only, no split-K), "fp8" (e4m3, fp32 per-block promotion), "gemv"
+    (CUDA cores, int32; M <= 8; config.block_m unused) or "auto" (gemv for M <= 2, else int8).
     """
     require_triton()
-    if backend not in ("auto", "int8", "fp8", "gemv"):
-        raise ValueError(f"backend must be 'auto', 'int8', 'fp8' or 'gemv', got {backend!r}")
+    if backend not in ("auto", "int8", "int8s", "fp8", "gemv"):
+        raise ValueError(f"backend must be 'auto', 'int8', 'int8s', 'fp8' or 'gemv', got {backend!r}")
     if weight.codes.dtype != torch.uint8:
         raise TypeError("weight.codes must be packed uint8")
     a8 = a_codes.dtype != torch.uint8
@@ -362,7 +411,9 @@ def w4a4_matmul(
             backend = "fp8" if a_codes.dtype == torch.float8_e4m3fn else "int8"
         want = torch.float8_e4m3fn if backend == "fp8" else torch.int8
         if backend == "gemv":
-            raise ValueError("planar 8-bit operands are for the int8 / fp8 backends")
+            raise ValueError("planar 8-bit operands are for the int8 / int8s / fp8 backends")
+        if backend == "int8s" and w_planar is not None:
+            raise ValueError("the int8s backend reads the packed weight (w_planar must be None)")
         if a8 and (a_codes.dtype != want or a_zero is not None or a_codes.shape[1] != 2 * kh):
             raise TypeError(f"the {backend} backend takes planar {want} activations [M, {2 * kh}] and a_zero=None, "
                             f"got {a_codes.dtype} {tuple(a_codes.shape)}")
@@ -372,6 +423,8 @@ def w4a4_matmul(
         raise ValueError(f"packed K mismatch: activations {a_codes.shape[1]}, weight {kh}")
     if not a8 and a_zero is None:
         raise ValueError("packed activations need their zero points")
+    if backend == "int8s" and not a8:
+        raise TypeError("the int8s backend takes planar centered int8 activations (planar_centered)")
     if backend == "auto":  # the CUDA-core GEMV for one or two tokens, else int8 tensor cores
         backend = "gemv" if m <= 2 else "int8"
     cfg = config or default_config(m, n, 2 * kh, backend)
@@ -382,6 +435,16 @@ def w4a4_matmul(
     if m == 0:
         return out
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "int8s":  # config: block_m = tokens per tile (MMA N), block_n = weight rows (MMA M)
+        steps = triton.cdiv(kh, cfg.block_k // 2)
+        _w4a4_swap_kernel[(triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m),)](
+            a_codes, weight.codes, a_scale, weight.scale, out, m, n, kh,
+            a_codes.stride(0), weight.codes.stride(0), out.stride(0),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2, GROUP_N=cfg.group_m,
+            STATIC_STEPS=steps if interpret else 0, OUT_F32=out.dtype == torch.float32,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        )
+        return out
     if backend == "gemv":
         m_pad = max(1, 1 << (m - 1).bit_length())
         if m_pad > 8:
