@@ -13,10 +13,14 @@ RES=${RES:-/tmp/res}
 python3 lab/stream_overlap_check.py --shape llama2-7b --windows 24 --out "$RES/stream_overlap_h200.json" \
   > "$RES/overlap.md" 2> "$RES/overlap.log"
 touch "$RES/DONE-overlap"
-# (measured in session 9: docs/KERNELS.md 2b; KERNELS=1 runs them again)
-if [ "${KERNELS:-0}" = 1 ]; then
-  python3 benchmarks/kernel_bench.py --variants --out "$RES/kernels_h200_run6.json" > "$RES/kern_run6.md" 2> "$RES/kern_run6.log"
-  touch "$RES/DONE-kern6"
+# kernel run 7 (~5 min): run 6's operand variants plus "int8s" (the unpacked weight as the dot's
+# register operand) at prefill and decode; KERNELS=0 skips it. (Run 6 and the prefill operands end
+# to end were measured in session 9, docs/KERNELS.md 2b; E2E_OPERANDS=1 repeats the latter.)
+if [ "${KERNELS:-1}" = 1 ]; then
+  python3 benchmarks/kernel_bench.py --variants --out "$RES/kernels_h200_run7.json" > "$RES/kern_run7.md" 2> "$RES/kern_run7.log"
+  touch "$RES/DONE-kern7"
+fi
+if [ "${E2E_OPERANDS:-0}" = 1 ]; then
   python3 benchmarks/kernels_e2e.py --out "$RES/kernels_e2e_operands_h200.json" --batch 1 \
     --prefill-operands packed int8 fp8 > "$RES/kern_e2e.md" 2> "$RES/kern_e2e.log"
   touch "$RES/DONE-kern-e2e"
