@@ -109,9 +109,28 @@ def in_memory(args) -> int:
     result["w4a4"] = measure_side(model, s, device)
     result["ratios"] = ratios(result)
     print(format_table(result))
+    from dartquant.kernels.linear import W4A4Linear
+
+    probe = torch.randint(0, model.config.vocab_size, (1, 96), device=device,
+                          generator=torch.Generator(device).manual_seed(2))
+    with torch.no_grad():
+        ref_logits = model(probe, use_cache=False).logits.float() if args.gemm_backends else None
+    for be in args.gemm_backends:  # the whole w4a4 side again with every linear on another GEMM backend
+        for mod in model.modules():
+            if isinstance(mod, W4A4Linear):
+                mod.backend = be
+        side = measure_side(model, s, device)
+        with torch.no_grad():
+            diff = (model(probe, use_cache=False).logits.float() - ref_logits).abs().max().item()
+        result.setdefault("gemm_backends", {})[be] = {
+            "side": side, "ratios": ratios({"bf16": result["bf16"], "w4a4": side}),
+            "logits_max_abs_diff_vs_auto": diff}
+        print(f"w4a4 with the {be} GEMM: {json.dumps(result['gemm_backends'][be]['ratios'])}", flush=True)
+    for mod in model.modules():
+        if isinstance(mod, W4A4Linear):
+            mod.backend = "auto"
     # prefill again with the GEMM's activation operand as 1-byte planar codes (w4a4_gemm A8)
     from dartquant.kernels.bench import time_prefill
-    from dartquant.kernels.linear import W4A4Linear
 
     ids = torch.randint(0, model.config.vocab_size, (1, s.prefill), device=device,
                         generator=torch.Generator(device).manual_seed(1))
@@ -208,6 +227,8 @@ def main():
     ap.add_argument("--dir", default="/tmp/kb", help="model and run folders (--run-shape)")
     ap.add_argument("--device", default="cuda", help="--run-shape: device of the quantize and bench steps")
     ap.add_argument("--prepare-only", action="store_true", help="--run-shape: steps 1-2 only (the run folder)")
+    ap.add_argument("--gemm-backends", nargs="*", default=[], choices=["int8", "int8s"],
+                    help="in memory: measure the w4a4 side again with every linear on these GEMM backends")
     ap.add_argument("--prefill-operands", nargs="*", default=[], choices=["packed", "int8", "fp8"],
                     help="in memory: time prefill again with these GEMM activation operands")
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: more `dartquant bench` flags")

@@ -207,6 +207,8 @@ def test_w4a4_linear_module_is_the_fake_quant_qlinear():
     for operand in ("int8", "fp8"):
         model[1].prefill_operand, model[1].planar_min_tokens = operand, 0
         assert torch.equal(model(x), y)
+    model[1].backend = "int8s"  # the swapped GEMM (planar int8 at every size)
+    assert torch.equal(model(x), y) and torch.equal(model(x[:1, :1]), y[:1, :1])
     # and the bf16 fake-quant model differs from it only by its own bf16 rounding
     assert (y.double() - y_fake.double()).norm() < 1e-2 * y64.norm()
     # unsupported schemes are refused before anything is replaced

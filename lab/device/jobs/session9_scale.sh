@@ -20,6 +20,12 @@ if [ "${KERNELS:-1}" = 1 ]; then
   python3 benchmarks/kernel_bench.py --variants --out "$RES/kernels_h200_run7.json" > "$RES/kern_run7.md" 2> "$RES/kern_run7.log"
   touch "$RES/DONE-kern7"
 fi
+# the 7B-shape model end to end with every linear on int8s as well (prefill, decode b1/8/64; ~3 min)
+if [ "${E2E_INT8S:-1}" = 1 ]; then
+  python3 benchmarks/kernels_e2e.py --out "$RES/kernels_e2e_int8s_h200.json" --gemm-backends int8s \
+    > "$RES/kern_e2e_int8s.md" 2> "$RES/kern_e2e_int8s.log"
+  touch "$RES/DONE-kern-e2e-int8s"
+fi
 if [ "${E2E_OPERANDS:-0}" = 1 ]; then
   python3 benchmarks/kernels_e2e.py --out "$RES/kernels_e2e_operands_h200.json" --batch 1 \
     --prefill-operands packed int8 fp8 > "$RES/kern_e2e.md" 2> "$RES/kern_e2e.log"

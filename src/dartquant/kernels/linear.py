@@ -116,7 +116,10 @@ class W4A4Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"W4A4Linear({self.in_features}) got an input of last dimension {x.shape[-1]}")
         tokens = x.numel() // self.in_features
-        planar = PREFILL_OPERANDS[self.prefill_operand] if tokens > self.planar_min_tokens else None
+        if self.backend == "int8s":  # the swapped GEMM reads planar int8 activations at every size
+            planar = torch.int8
+        else:
+            planar = PREFILL_OPERANDS[self.prefill_operand] if tokens > self.planar_min_tokens else None
         if self.shared_input is not None:
             act = self.shared_input.quantize(x, self.clip_ratio, self.rotate, planar)
         else:
@@ -129,7 +132,8 @@ class W4A4Linear(nn.Module):
         if planar is None:
             y = w4a4_matmul(act.codes, act.scale, act.zero, w, self.backend, out=out)
         else:
-            y = w4a4_matmul(act.codes, act.scale, None, w, "fp8" if planar == torch.float8_e4m3fn else "int8", out=out)
+            be = "fp8" if planar == torch.float8_e4m3fn else "int8s" if self.backend == "int8s" else "int8"
+            y = w4a4_matmul(act.codes, act.scale, None, w, be, out=out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features).to(x.dtype)
