@@ -134,6 +134,15 @@ def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
 if triton is not None:
 
     @triton.jit
+    def _grouped_tile(pid, num_rows, num_cols, GROUP: tl.constexpr):
+        """(row tile, column tile) of program `pid` in grouped order: GROUP row tiles walk the
+        columns together, so the column tile they share stays in L2."""
+        per_group = GROUP * num_cols
+        first = (pid // per_group) * GROUP
+        group_size = tl.minimum(num_rows - first, GROUP)
+        return first + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+    @triton.jit
     def _epilogue_store(acc_i, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
                         OUT_F32: tl.constexpr, HAS_ZERO: tl.constexpr = True):
         """y = float(acc - z_a * rowsum(w)) * s_a * s_w -> bf16 or fp32 (the int part exact, see module doc).
@@ -182,14 +191,8 @@ if triton is not None:
         weight codes; else packed nibbles.  The planar hi half starts KH columns after the lo half."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        # grouped ordering: programs sharing a weight tile run together (L2 reuse)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_size = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_size
-        pid_n = (pid % per_group) // group_size
+        # programs sharing a weight tile run together (L2 reuse)
+        pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -276,15 +279,8 @@ if triton is not None:
         trip), the planar centered int8 activations the right one ([K, M] tiles, K-major, loaded and
         pipelined straight into shared memory).  Tokens sit in the MMA's N dimension, so a small M
         (decode) is a narrow tile instead of rows padded to 64.  Exact int32, no zero-point term."""
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(N, BLOCK_N)
-        num_m = tl.cdiv(M, BLOCK_M)
-        # grouped ordering: programs sharing an activation tile run together (L2 reuse)
-        per_group = GROUP_N * num_m
-        first_n = (pid // per_group) * GROUP_N
-        group_size = tl.minimum(num_n - first_n, GROUP_N)
-        pid_n = first_n + (pid % per_group) % group_size
-        pid_m = (pid % per_group) // group_size
+        # programs sharing an activation tile run together (L2 reuse)
+        pid_n, pid_m = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_KH)
