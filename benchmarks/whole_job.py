@@ -202,6 +202,7 @@ def run_one(model: Path, method: str, stream: str, args, run_dir: Path) -> dict:
                host_rss_GB=round(peaks.get("cpu_rss", 0) / 1e9, 2),
                gpu_GiB=round(peaks["cuda"] / 2**30, 2) if "cuda" in peaks else None,
                ppl=m.get("ppl"), shards=m.get("stream", {}).get("shards"),
+               copies_overlapped=m.get("stream", {}).get("copies_overlapped"),
                unrouted=m.get("gptq_rtn_fallbacks", []),  # MoE: expert linears GPTQ saw no token for (RTN)
                peak_set_by={kind: _top_stage(raised) for kind, raised in m.get("peak_raised_bytes", {}).items()})
     if "moe_routed_tokens" in m:  # MoE: calibration tokens per expert (fewest, most; of calib_tokens x top-k)

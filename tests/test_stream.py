@@ -221,6 +221,7 @@ def test_cli_stream_flag_and_eval_of_a_sharded_run(tmp_path, monkeypatch, capsys
     assert rc == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["stream"]["shards"] > 1 and set(metrics["seconds"]) >= {"load", "rotate", "quantize", "eval", "save"}
+    assert metrics["stream"]["copies_overlapped"] is False  # a CPU run has no copies to overlap
     assert (tmp_path / "run" / INDEX_FILE).is_file()
     assert main(["eval", str(tmp_path / "run"), "--seqlen", "24", "--max-windows", "2", "--json"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
