@@ -144,7 +144,7 @@ def _warm(job):
                 hadamard_quantize_pack(x, 0.9, rotate=rotate, num_warps=nw, variant=v, rows_per_program=rows)
         elif kind == "gemm8":
             m, n, k, cfg, variant = args
-            run_variant(*gemm_inputs(m, n, k, dev, 0), variant, cfg)
+            run_variant(variant_operands(*gemm_inputs(m, n, k, dev, 0), variant), variant, cfg)
         else:
             m, n, k, cfg, be = args
             a = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, device=dev)
@@ -343,9 +343,10 @@ def variant_operands(a, sa, za, w, variant):
             planar_weight(w, dt) if w8 else None)
 
 
-def run_variant(a, sa, za, w, variant, cfg, out=None, ops=None):
+def run_variant(ops, variant, cfg, out=None):
+    """One GEMM of `variant` on operands from `variant_operands`."""
     be, _, _, promote = PREFILL_VARIANTS[variant]
-    a_op, sa, za_op, w, w_op = ops or variant_operands(a, sa, za, w, variant)
+    a_op, sa, za_op, w, w_op = ops
     if promote:
         cfg = GemmConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.group_m,
                          cfg.split_k, promote=cfg.block_k // 2)
@@ -356,13 +357,13 @@ def check_variant(m, n, k, variant, cfg, dev, seed):
     """Bit-exact vs the integer reference on random codes; the worst accumulation case exact."""
     a, sa, za, w = gemm_inputs(m, n, k, dev, seed)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=dev)
-    y = run_variant(a, sa, za, w, variant, cfg, out=out)
+    y = run_variant(variant_operands(a, sa, za, w, variant), variant, cfg, out=out)
     res = {"bit_exact": bool(torch.equal(y, w4a4_matmul_reference(a, sa, za, w))),
            "nan_left": int(torch.isnan(y).sum().item())}
     # a = 15 with zero point 0 (centered 15) against w = -8: the exact fp32 value is -120 K
     a.fill_(0xFF)
     w = prepare_weight(torch.full((n, k), -8, dtype=torch.int8, device=dev), torch.ones(n, device=dev))
-    y = run_variant(a, torch.ones_like(sa), torch.zeros_like(za), w, variant, cfg,
+    y = run_variant(variant_operands(a, torch.ones_like(sa), torch.zeros_like(za), w, variant), variant, cfg,
                     out=torch.empty(m, n, dtype=torch.float32, device=dev))
     res["worst_case_exact"] = bool(torch.all(y == -120.0 * k).item())
     return res
@@ -398,7 +399,7 @@ def prefill_variants(dev, errors):
             for variant in PREFILL_VARIANTS:
                 sets, nxt = rotating(lambda: variant_operands(*gemm_inputs(m, n, k, dev, 3), variant), (m + n) * k)
                 best_config(row, variant, VARIANT_CONFIGS,
-                            lambda cfg: run_variant(None, None, None, None, variant, cfg, out=out, ops=nxt()),
+                            lambda cfg: run_variant(nxt(), variant, cfg, out=out),
                             lambda cfg: str(("gemm8", (m, n, k, cfg, variant))) in errors)
                 del sets
             flops = 2 * m * n * k
@@ -426,7 +427,7 @@ def decode_variants(dev, errors):
             sets, nxt = rotating(lambda: variant_operands(*gemm_inputs(m, n, k, dev, 3), "int8s A8"), m * k + n * k // 2)
             out = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
             best_config(row, "int8s A8", SWAP_DECODE_CONFIGS,
-                        lambda cfg: run_variant(None, None, None, None, "int8s A8", cfg, out=out, ops=nxt()),
+                        lambda cfg: run_variant(nxt(), "int8s A8", cfg, out=out),
                         lambda cfg: str(("gemm8", (m, n, k, cfg, "int8s A8"))) in errors)
             del sets
             sp = {b: round(row["bf16_ms"] / row[f"{b}_ms"], 2) for b in ("int8", "gemv", "int8s A8") if row.get(f"{b}_ms")}

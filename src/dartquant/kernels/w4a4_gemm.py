@@ -93,28 +93,25 @@ def prepare_weight(codes: torch.Tensor, scale: torch.Tensor) -> PackedWeight:
     )
 
 
-def _planar(codes: torch.Tensor) -> torch.Tensor:
-    """[..., K] -> [..., K] with the even-k columns first, then the odd-k ones."""
-    return torch.cat((codes[..., 0::2], codes[..., 1::2]), dim=-1).contiguous()
+def _planar_operand(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Integer codes [..., K] -> the even-k columns, then the odd-k ones, as int8 or e4m3 (exact
+    for every integer in [-16, 16])."""
+    if dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise TypeError(f"planar operands are int8 or float8_e4m3fn, got {dtype}")
+    planar = torch.cat((codes[..., 0::2], codes[..., 1::2]), dim=-1).contiguous()
+    return planar.to(dtype) if dtype == torch.int8 else planar.to(torch.float32).to(dtype)
 
 
 def planar_centered(a_codes: torch.Tensor, a_zero: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """Packed activation codes + zero point -> ``a - z`` as a planar int8 / e4m3 operand [M, K].
-
-    Every integer in [-15, 15] is exact in both dtypes; the zero point must be an integer (it is:
-    `compute_qparams` rounds it)."""
-    if dtype not in (torch.int8, torch.float8_e4m3fn):
-        raise TypeError(f"planar operands are int8 or float8_e4m3fn, got {dtype}")
-    a = unpack_int4(a_codes, k, signed=False).to(torch.int16) - a_zero.to(torch.int16)[:, None]
-    return _planar(a).to(dtype) if dtype == torch.int8 else _planar(a).to(torch.float32).to(dtype)
+    """Packed activation codes + zero point -> ``a - z`` as a planar int8 / e4m3 operand [M, K]
+    (the zero point is an integer: `compute_qparams` rounds it)."""
+    return _planar_operand(unpack_int4(a_codes, k, signed=False).to(torch.int16)
+                           - a_zero.to(torch.int16)[:, None], dtype)
 
 
 def planar_weight(weight: "PackedWeight", dtype: torch.dtype) -> torch.Tensor:
     """The weight's signed codes as a planar int8 / e4m3 operand [N, K] (1 byte per code)."""
-    if dtype not in (torch.int8, torch.float8_e4m3fn):
-        raise TypeError(f"planar operands are int8 or float8_e4m3fn, got {dtype}")
-    w = _planar(unpack_int4(weight.codes, weight.k, signed=True))
-    return w if dtype == torch.int8 else w.to(torch.float32).to(dtype)
+    return _planar_operand(unpack_int4(weight.codes, weight.k, signed=True), dtype)
 
 
 def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:

@@ -42,6 +42,11 @@ class BlockRunner:
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._overlap_checked = False
 
+    @property
+    def copies_overlapped(self) -> bool:
+        """Whether the overlapped copies ran (and passed their self-check) in this run."""
+        return self.overlap and self._overlap_checked
+
     def _context(self, block: nn.Module, hidden: torch.Tensor):
         layer_type, window = self.adapter.attention_kind(block)
         key = (hidden.shape[1], hidden.dtype, layer_type)

@@ -331,7 +331,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
         metrics["stream"] = {"blocks": n_layers, "shards": len(files), "stored_dtype": sm.stored_dtype(),
                              "compute_dtype": cfg.dtype,
                              # GPU: were the host <-> device copies overlapped (self-check passed)?
-                             "copies_overlapped": bool(runner.overlap and runner._overlap_checked)}
+                             "copies_overlapped": runner.copies_overlapped}
         metrics["seconds"] = timer.seconds
         metrics["peak_memory_bytes"] = peak_memory_bytes(cfg.device)
         metrics["peak_raised_bytes"] = timer.peak_raised  # which stages set those peaks
