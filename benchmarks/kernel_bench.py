@@ -369,11 +369,11 @@ def check_variant(m, n, k, variant, cfg, dev, seed):
     return res
 
 
-def prefill_variants(dev, errors):
+def prefill_variants(dev, errors, names):
     rows, checks = [], {}
     for name in VARIANT_LINEARS:
         n, k = LINEARS[name]
-        for variant in PREFILL_VARIANTS:
+        for variant in names:
             for cfg in VARIANT_CONFIGS[:1] + VARIANT_CONFIGS[3:]:
                 if str(("gemm8", (515, n, k, cfg, variant))) in errors:
                     continue
@@ -396,7 +396,7 @@ def prefill_variants(dev, errors):
             sa, sw = torch.rand(m, 1, device=dev), torch.rand(1, n, device=dev)
             row["scaled_mm_ms"] = bench(lambda: torch._scaled_mm(a8, w8.t(), sa, sw, out_dtype=torch.bfloat16))
             out = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
-            for variant in PREFILL_VARIANTS:
+            for variant in names:
                 sets, nxt = rotating(lambda: variant_operands(*gemm_inputs(m, n, k, dev, 3), variant), (m + n) * k)
                 best_config(row, variant, VARIANT_CONFIGS,
                             lambda cfg: run_variant(nxt(), variant, cfg, out=out),
@@ -405,7 +405,7 @@ def prefill_variants(dev, errors):
             flops = 2 * m * n * k
             print(f"variants {name} M={m}: bf16 {row['bf16_ms']:.4f} ms, scaled_mm {row['bf16_ms'] / row['scaled_mm_ms']:.2f}x | "
                   + ", ".join(f"{v} {row['bf16_ms'] / row[v + '_ms']:.2f}x ({flops / row[v + '_ms'] / 1e9:.0f})"
-                              for v in PREFILL_VARIANTS if row.get(v + "_ms")), flush=True)
+                              for v in names if row.get(v + "_ms")), flush=True)
             rows.append(row)
     return {"checks": checks, "rows": rows}
 
@@ -452,6 +452,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="launch each profiled kernel once (run under ncu)")
     ap.add_argument("--variants", action="store_true",
                     help="runs 6-7 only: prefill operand variants (planar A / W, fp8 promotion, int8s), decode int8s")
+    ap.add_argument("--variant-names", nargs="+", choices=list(PREFILL_VARIANTS), default=None,
+                    help="with --variants: only these prefill variants (default: all)")
     args = ap.parse_args()
     if args.profile:
         return profile_launches()
@@ -597,8 +599,10 @@ def variants_main(args):
     t0 = time.time()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "command": " ".join(sys.argv)}
+    names = args.variant_names or list(PREFILL_VARIANTS)
+    result["prefill_variant_names"] = names
     jobs = [("gemm8", (m, LINEARS[nm][0], LINEARS[nm][1], cfg, v)) for nm in VARIANT_LINEARS for m in [515] + VARIANT_M
-            for v in PREFILL_VARIANTS for cfg in VARIANT_CONFIGS]
+            for v in names for cfg in VARIANT_CONFIGS]
     for nm in VARIANT_LINEARS:
         n, k = LINEARS[nm]
         for m in VARIANT_DECODE_M:
@@ -623,7 +627,7 @@ def variants_main(args):
     result["compile_errors"] = errors
     result["ceilings"] = ceilings(dev)
     print(f"ceilings: {json.dumps({k: round(v, 1) for k, v in result['ceilings'].items()})}", flush=True)
-    result["variants"] = prefill_variants(dev, errors)
+    result["variants"] = prefill_variants(dev, errors, names)
     result["decode_variants"] = decode_variants(dev, errors)
     result["wall_s"] = time.time() - t0
     tmp = args.out + ".tmp"

@@ -314,3 +314,46 @@ def test_linears_reading_one_input_share_one_hessian_bitwise(family, monkeypatch
     assert set(n_shared) == {4} and set(n_separate) == {7}, (n_shared, n_separate)
     for name, qt in shared.items():
         assert torch.equal(qt.codes, separate[name].codes) and torch.equal(qt.scale, separate[name].scale)
+
+
+# ----------------------------------------------------------------------------- the Triton column loop
+
+
+@pytest.mark.skipif(not __import__("dartquant.quant.gptq_triton", fromlist=["x"]).triton_columns_available(),
+                    reason="needs Triton (its interpreter on the CPU)")
+@pytest.mark.parametrize(
+    "group,act_order,static,symmetric,rows,blocksize",
+    [
+        (None, False, False, False, 40, 128),  # the default: per output channel, asymmetric
+        (None, True, False, True, 37, 100),  # rows off the 32-row tile, last block partial (256 = 100+100+56)
+        (-1, False, False, False, 33, 64),  # per tensor
+        (32, True, True, False, 30, 128),  # static groups under act-order: per-column scales
+    ],
+)
+def test_triton_column_loop_gives_the_torch_loops_bits(data, group, act_order, static, symmetric, rows, blocksize):
+    """The kernel runs the same fp32 operations in the same order (gptq_triton's docstring): codes,
+    the written weight and the errors pushed to later columns all equal bit for bit (here in
+    Triton's interpreter; on a GPU `columns="auto"` checks it again on its first block)."""
+    if __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU runs Triton kernels only in its interpreter (TRITON_INTERPRET=1)")
+    X, W, gptq = data
+    W = W[:rows].clone()
+    W[:, 7] = 0.0  # an exactly-zero column: q = z, err = 0
+    spec = QuantSpec(bits=4, symmetric=symmetric, group_size=group)
+    kw = dict(blocksize=blocksize, percdamp=0.01, act_order=act_order, static_groups=static)
+    qt_t, Q_t = gptq._quantize(W, spec, columns="torch", **kw)
+    qt_k, Q_k = gptq._quantize(W, spec, columns="triton", **kw)
+    assert torch.equal(qt_k.codes, qt_t.codes)
+    assert torch.equal(Q_k, Q_t)
+    assert torch.equal(qt_k.dequantize(), Q_k)  # the container still reproduces the loop's weight
+
+
+def test_dynamic_groups_stay_on_the_torch_loop(data):
+    """Dynamic groups take qparams inside the loop: even columns="triton" runs them in torch."""
+    X, W, gptq = data
+    spec = QuantSpec(bits=4, symmetric=False, group_size=32)
+    qt_t = gptq.quantize(W, spec, columns="torch")
+    qt_k = gptq.quantize(W, spec, columns="auto")
+    assert torch.equal(qt_k.codes, qt_t.codes)
+    with pytest.raises(ValueError, match="columns"):
+        gptq.quantize(W, spec, columns="cuda")

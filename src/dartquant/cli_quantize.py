@@ -14,6 +14,7 @@ _HELP = {
     "a_bits_overrides": "per-role activation bits, e.g. down=8 o=8",
     "tasks": "zero-shot tasks (lm-eval), e.g. arc_easy piqa; none by default",
     "eval_max_windows": "score at most this many perplexity windows per corpus",
+    "eval_corpora": "perplexity corpora: wiki and/or c4 (default: both)",
     "w_group_size": "weight group size (default: per output channel)",
     "dq_lr_grid": "DartQuant: fit R1 / R2 at each of these learning rates and keep the lowest held-out "
                   "calibration loss, e.g. 1e-3 1e-2 1e-1 1 10 (default: none, use --dq-r1-lr / --dq-r2-lr)",
@@ -178,10 +179,11 @@ def cmd_eval(args) -> int:
 
     run = run_eval_config(args.model)
     base = run or RunConfig()
-    flags = {"eval_seqlen": "seqlen", "eval_max_windows": "max_windows", "tasks": "tasks",
+    flags = {"eval_seqlen": "seqlen", "eval_max_windows": "max_windows", "eval_corpora": "corpora", "tasks": "tasks",
              "zeroshot_limit": "limit", "device": "device", "dtype": "dtype"}
     ev = base.eval
-    settings = {"eval_seqlen": ev.seqlen, "eval_max_windows": ev.max_windows, "tasks": ev.tasks,
+    settings = {"eval_seqlen": ev.seqlen, "eval_max_windows": ev.max_windows, "eval_corpora": ev.corpora,
+                "tasks": ev.tasks,
                 "zeroshot_limit": ev.zeroshot_limit, "device": base.device, "dtype": base.dtype}
     if run is not None and settings["device"].startswith("cuda") and not torch.cuda.is_available():
         settings["device"] = "cpu"
@@ -227,6 +229,8 @@ def add_quant_commands(sub) -> None:
     s.add_argument("--seqlen", type=int, default=unset, help="default: the run's eval_seqlen, else 2048")
     s.add_argument("--max-windows", type=_optional(int), default=unset,
                    help="windows per corpus ('none': all); default: the run's eval_max_windows, else all")
+    s.add_argument("--corpora", nargs="+", choices=("wiki", "c4"), default=unset,
+                   help="perplexity corpora (default: the run's eval_corpora, else wiki and c4)")
     s.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), default=unset,
                    help="default: the run's dtype, else float32")
     s.add_argument("--device", default=unset, help="default: the run's device (cpu without CUDA), else cpu")

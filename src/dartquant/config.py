@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from .data import EVAL_CORPORA
 from .methods import METHODS, get_method, option_sections
 from .quant.scheme import QuantScheme
 from .typecheck import check_type, check_types
@@ -46,6 +47,7 @@ class DataConfig:
 class EvalConfig:
     seqlen: int = 2048
     max_windows: int | None = None  # perplexity windows per corpus; None = all held-out windows
+    corpora: list[str] = field(default_factory=lambda: ["wiki", "c4"])  # perplexity corpora (wiki, c4)
     tasks: list[str] = field(default_factory=list)  # zero-shot tasks; empty = none
     zeroshot_limit: int | None = None
     # quality guard (quant/guard.py): FP vs quantized on held-out calibration text
@@ -161,6 +163,10 @@ class RunConfig:
             raise ValueError("sequence lengths must be at least 2")
         if self.eval.max_windows is not None and self.eval.max_windows <= 0:
             raise ValueError(f"eval_max_windows must be at least 1 (or null for all), got {self.eval.max_windows}")
+        if not self.eval.corpora or len(set(self.eval.corpora)) != len(self.eval.corpora) or \
+                set(self.eval.corpora) - set(EVAL_CORPORA):
+            raise ValueError(f"eval_corpora must be one or more distinct of {', '.join(EVAL_CORPORA)}, "
+                             f"got {self.eval.corpora}")
         if self.eval.zeroshot_limit is not None and self.eval.zeroshot_limit <= 0:
             raise ValueError(f"zeroshot_limit must be at least 1 (or null for all), got {self.eval.zeroshot_limit}")
         if self.eval.guard_windows < 0 or not self.eval.guard_max_ppl_ratio >= 1:

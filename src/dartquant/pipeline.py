@@ -42,7 +42,7 @@ from .zoo import load_model
 def evaluate(model, tokenizer, cfg: RunConfig, progress: bool) -> dict:
     ev = cfg.eval
     model.to(cfg.device)
-    res = {"ppl": evaluate_ppl(model, tokenizer, seqlen=ev.seqlen, max_windows=ev.max_windows, progress=progress)}
+    res = {"ppl": evaluate_ppl(model, tokenizer, corpora=ev.corpora, seqlen=ev.seqlen, max_windows=ev.max_windows, progress=progress)}
     if ev.tasks:
         from .eval.zeroshot import evaluate_zeroshot
 

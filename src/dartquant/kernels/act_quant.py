@@ -56,7 +56,7 @@ import torch
 from ..hadamard import _base_matrix, fast_hadamard_transform, hadamard_factorization
 from ..quant.primitives import QuantSpec, compute_qparams, pack_int4, quantize
 from . import require_triton
-from ._triton_utils import round_half_even, round_to_bf16
+from ..triton_utils import round_half_even, round_to_bf16
 
 try:
     import triton

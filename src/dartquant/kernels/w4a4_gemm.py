@@ -45,7 +45,7 @@ import torch
 
 from ..quant.primitives import pack_int4, unpack_int4
 from . import require_triton
-from ._triton_utils import round_to_bf16
+from ..triton_utils import round_to_bf16
 
 try:
     import triton

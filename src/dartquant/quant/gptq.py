@@ -44,15 +44,64 @@ Design choices:
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
 
+from .gptq_triton import gptq_columns_, triton_columns_available
 from .primitives import QuantizedTensor, QuantSpec, compute_qparams
 
 __all__ = ["GPTQ", "MAX_DAMP_RETRIES"]
 
 MAX_DAMP_RETRIES = 5
+# "auto" column loop: checked once per process and device type against the torch loop
+_COLUMNS_KERNEL_CHECKED: dict[str, bool] = {}
+_COLUMNS_KERNEL_OK: dict[str, bool] = {}
+
+
+def _use_columns_kernel(columns: str, dev: torch.device) -> bool:
+    if columns == "triton":
+        if not triton_columns_available():
+            raise ImportError("GPTQ columns='triton' needs Triton: pip install 'dartquant[kernels]'")
+        _COLUMNS_KERNEL_CHECKED[dev.type] = True  # asked for explicitly: no check against the torch loop
+        return True
+    return (columns == "auto" and dev.type == "cuda" and triton_columns_available()
+            and os.environ.get("DARTQUANT_GPTQ_COLUMNS", "auto") != "torch" and _COLUMNS_KERNEL_OK.get(dev.type, True))
+
+
+def _columns_torch(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   col_groups: list[int], spec: QuantSpec, g: int | None, dynamic: bool):
+    """One lazy-batch block of the column loop in torch: (Q1, C1, Err1). Dynamic groups get their
+    qparams here (written into scale / zero) from the block's current weights."""
+    lo, hi = spec.code_range
+    sym = spec.symmetric
+    W1 = W1.clone()
+    Q1 = torch.zeros_like(W1)
+    C1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    for i, gi in enumerate(col_groups):
+        if dynamic and i % g == 0:  # block starts are aligned to groups: col % g == i % g
+            # all columns of this group are in W1 (blocks are aligned) and fully updated
+            s_g, z_g = compute_qparams(W1[:, i : i + g], spec)
+            scale[:, gi] = s_g[:, 0]
+            zero[:, gi] = z_g[:, 0]
+        s = scale[:, gi, 0]
+        w = W1[:, i]
+        # the same expressions as primitives.quantize / dequantize (bitwise round trip)
+        if sym:
+            q = torch.round(w / s).clamp_(lo, hi)
+            qw = q * s
+        else:
+            z = zero[:, gi, 0]
+            q = torch.round(w / s + z).clamp_(lo, hi)
+            qw = (q - z) * s
+        Q1[:, i] = qw
+        C1[:, i] = q
+        err = (w - qw) / Hinv1[i, i]
+        W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+        Err1[:, i] = err
+    return Q1, C1, Err1
 
 
 class GPTQ:
@@ -132,15 +181,21 @@ class GPTQ:
         percdamp: float = 0.01,
         act_order: bool = False,
         static_groups: bool = False,
+        columns: str = "auto",
     ) -> QuantizedTensor:
-        """GPTQ-quantize weight [out, in_features]; returns codes + float32 scales on weight's device."""
+        """GPTQ-quantize weight [out, in_features]; returns codes + float32 scales on weight's device.
+
+        columns: how the column loop runs: "torch", "triton" (`gptq_triton`, the same bits), or
+        "auto" (Triton on a GPU when it is installed, after one check against the torch loop)."""
         return self._quantize(
-            weight, spec, blocksize=blocksize, percdamp=percdamp, act_order=act_order, static_groups=static_groups
+            weight, spec, blocksize=blocksize, percdamp=percdamp, act_order=act_order, static_groups=static_groups,
+            columns=columns,
         )[0]
 
     @torch.no_grad()
     def _quantize(
-        self, weight: torch.Tensor, spec: QuantSpec, *, blocksize: int, percdamp: float, act_order: bool, static_groups: bool
+        self, weight: torch.Tensor, spec: QuantSpec, *, blocksize: int, percdamp: float, act_order: bool,
+        static_groups: bool, columns: str = "auto",
     ) -> tuple[QuantizedTensor, torch.Tensor]:
         """`quantize`, also returning the float32 weight the loop wrote (tests check it equals
         the container's dequantize() bitwise)."""
@@ -155,6 +210,8 @@ class GPTQ:
             raise ValueError(f"blocksize must be >= 1, got {blocksize}")
         if percdamp < 0:
             raise ValueError(f"percdamp must be >= 0, got {percdamp}")
+        if columns not in ("auto", "torch", "triton"):
+            raise ValueError(f"columns must be auto, torch or triton, got {columns!r}")
         g = spec.group_size if spec.group_size is not None and spec.group_size > 0 else None
         if act_order and g is not None and not static_groups:
             raise ValueError(
@@ -191,43 +248,32 @@ class GPTQ:
         del H
 
         lo, hi = spec.code_range
-        sym = spec.symmetric
         Q = torch.zeros_like(W)
         C = torch.zeros_like(W)  # codes as floats; converted once at the end
         bs = g * max(1, blocksize // g) if dynamic else blocksize
         col_group_list = col_group.tolist()
+        kernel = not dynamic and _use_columns_kernel(columns, dev)
         for i1 in range(0, n, bs):
             i2 = min(i1 + bs, n)
-            W1 = W[:, i1:i2].clone()
-            Q1 = torch.zeros_like(W1)
-            C1 = torch.zeros_like(W1)
-            Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                gi = col_group_list[col]
-                if dynamic and col % g == 0:
-                    # all columns of this group are in W1 (blocks are aligned) and fully updated
-                    s_g, z_g = compute_qparams(W1[:, i : i + g], spec)
-                    scale[:, gi] = s_g[:, 0]
-                    zero[:, gi] = z_g[:, 0]
-                s = scale[:, gi, 0]
-                w = W1[:, i]
-                # the same expressions as primitives.quantize / dequantize (bitwise round trip)
-                if sym:
-                    q = torch.round(w / s).clamp_(lo, hi)
-                    qw = q * s
-                else:
-                    z = zero[:, gi, 0]
-                    q = torch.round(w / s + z).clamp_(lo, hi)
-                    qw = (q - z) * s
-                Q1[:, i] = qw
-                C1[:, i] = q
-                err = (w - qw) / Hinv1[i, i]
-                W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-                Err1[:, i] = err
-            Q[:, i1:i2] = Q1
-            C[:, i1:i2] = C1
+            if kernel:
+                cg = col_group[i1:i2]
+                S1 = scale[:, cg, 0].expand(n_out, -1).contiguous()
+                Z1 = None if spec.symmetric else zero[:, cg, 0].expand(n_out, -1).contiguous()
+                Err1 = torch.empty(n_out, i2 - i1, device=dev, dtype=torch.float32)
+                gptq_columns_(W[:, i1:i2], Hinv1.contiguous(), S1, Z1, lo, hi, Q[:, i1:i2], C[:, i1:i2], Err1)
+                if not _COLUMNS_KERNEL_CHECKED.get(dev.type, False):  # once per process: against the torch loop
+                    _COLUMNS_KERNEL_CHECKED[dev.type] = True
+                    ref = _columns_torch(W[:, i1:i2], Hinv1, scale, zero, col_group_list[i1:i2], spec, g, dynamic)
+                    if not all(torch.equal(a, b) for a, b in zip(ref, (Q[:, i1:i2], C[:, i1:i2], Err1))):
+                        warnings.warn("GPTQ: the Triton column loop differs from the torch loop; using the torch "
+                                      "loop from now on (slower, same results)", RuntimeWarning, stacklevel=4)
+                        _COLUMNS_KERNEL_OK[dev.type] = False
+                        kernel = False
+                        Q[:, i1:i2], C[:, i1:i2], Err1 = ref
+            else:
+                Q[:, i1:i2], C[:, i1:i2], Err1 = _columns_torch(W[:, i1:i2], Hinv1, scale, zero,
+                                                                 col_group_list[i1:i2], spec, g, dynamic)
             if i2 < n:  # lazy update of all later columns with this block's errors
                 W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
-from ..data import EVAL_CORPORA, calib_windows, eval_windows
+from ..data import calib_windows, eval_windows
 from ..layerwise import forward_plan
 from ..log import log
 from ..methods import MethodContext, calibration_summary
@@ -104,7 +104,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
             calib_ids = (calib_windows(tokenizer, cfg.data.corpus, cfg.data.samples, cfg.data.seqlen, cfg.seed)
                          if gptq or capture_needed else None)
         with timer("eval"):
-            windows = {c: eval_windows(tokenizer, c, cfg.eval.seqlen, cfg.eval.max_windows) for c in EVAL_CORPORA}
+            windows = {c: eval_windows(tokenizer, c, cfg.eval.seqlen, cfg.eval.max_windows) for c in cfg.eval.corpora}
         g_ids = (guard_windows(tokenizer, cfg.data.corpus, cfg.eval.guard_windows, cfg.data.seqlen)
                  if cfg.eval.guard_windows else None)
         zs = None
