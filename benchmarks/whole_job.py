@@ -179,7 +179,7 @@ def write_model(out: Path, shape: str, layers: int | None, init_device: str) -> 
 
 def run_one(model: Path, method: str, stream: str, args, run_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "dartquant.cli", "quantize", "--model", str(model), "--method", method,
-           "--stream", stream, "--device", args.device, "--out", str(run_dir), "--json",
+           "--stream", stream, "--device", args.device, "--out", str(run_dir),
            "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
            "--eval-seqlen", str(args.eval_seqlen), "--fail-on-collapse", "false", "--overwrite"]
     if args.eval_max_windows is not None:
@@ -188,13 +188,16 @@ def run_one(model: Path, method: str, stream: str, args, run_dir: Path) -> dict:
         cmd.append("--skip-fp-eval")
     cmd += args.extra
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    # the job's messages and progress bars go to a log beside the run folder, live (a poll can tail it)
+    log_path = run_dir.with_name(run_dir.name + ".log")
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    with open(log_path, "w") as log_file:
+        p = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env)
     row = {"method": method, "stream": stream, "wall_s": round(time.perf_counter() - t0, 1), "exit": p.returncode,
-           "command": " ".join(cmd)}
+           "command": " ".join(cmd), "log": str(log_path)}
     metrics_file = run_dir / "metrics.json"
     if p.returncode not in (0, 3) or not metrics_file.is_file():
-        row["error"] = (p.stderr or p.stdout)[-2000:]
+        row["error"] = log_path.read_text(errors="replace")[-2000:]
         return row
     m = json.loads(metrics_file.read_text())
     peaks = m.get("peak_memory_bytes", {})

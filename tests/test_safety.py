@@ -136,6 +136,7 @@ def test_two_quantize_runs_same_out(tiny_folder, tmp_path, capsys, monkeypatch):
     ("dq_lr_grid: [0.1, fast]", "setting dq_lr_grid"),
     ("tasks: arc_easy", "setting tasks: 'arc_easy' .*a list of strings"),
     ("eval_max_windows: 0", "eval_max_windows must be at least 1"),
+    ("eval_corpora: [wiki, ptb]", "eval_corpora must be one or more distinct of wiki, c4"),
 ])
 def test_recipe_values_are_typed(tiny_folder, tmp_path, capsys, no_load, line, match):
     import re

@@ -112,6 +112,16 @@ def test_streamed_run_equals_in_memory_run(case, tmp_path, monkeypatch, one_thre
     assert evaluate_ppl(mb, tok, seqlen=24, max_windows=2, progress=False)["wiki"] == m_st["ppl"]["wiki"]
 
 
+def test_eval_corpora_chooses_the_perplexities_in_both_paths(tmp_path, monkeypatch, one_thread):
+    """--eval-corpora c4: only c4 is scored (FP and quantized), streamed and in memory alike."""
+    folder = save_sharded(tmp_path / "model", "llama-tied-gqa", torch.float32)
+    runs = run_both(tmp_path, folder, monkeypatch, method="rtn", eval_corpora=["c4"])
+    (_, m_mem), (_, m_st) = runs["false"], runs["true"]
+    for m in (m_mem, m_st):
+        assert set(m["ppl"]) == set(m["fp"]["ppl"]) == {"c4", "tokens"}
+    assert m_st["ppl"] == m_mem["ppl"] and m_st["fp"] == m_mem["fp"]
+
+
 def test_streamed_zero_shot_equals_in_memory(tmp_path, monkeypatch, one_thread):
     """Zero-shot on a streamed run (lm-eval's batches recorded on the skeleton, carried through
     the blocks, replayed): the same accuracies and lambada perplexity as the in-memory run, for

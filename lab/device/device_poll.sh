@@ -4,7 +4,7 @@
 sleep "${1:-0}"
 ls /tmp/res | head -100
 for f in /tmp/res/batch*.log; do echo "== $f"; tail -n 3 "$f"; done 2>/dev/null
-for f in /tmp/res/*.log; do echo "== $f"; tail -c 400 "$f" | tr '\r' '\n' | tail -n 2; done 2>/dev/null | tail -n 80
+for f in /tmp/res/*.log /tmp/wj*/*.log; do echo "== $f"; tail -c 400 "$f" | tr '\r' '\n' | tail -n 2; done 2>/dev/null | tail -n 80
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 # one archive: the device tool brings back only a few files per call
 if [ -n "${OUT:-}" ]; then (cd /tmp/res && tar czf "$OUT/res.tgz" $(ls | grep -E '\.(json|md|log)$|^DONE') 2>/dev/null); fi
