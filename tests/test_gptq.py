@@ -357,3 +357,33 @@ def test_dynamic_groups_stay_on_the_torch_loop(data):
     assert torch.equal(qt_k.codes, qt_t.codes)
     with pytest.raises(ValueError, match="columns"):
         gptq.quantize(W, spec, columns="cuda")
+
+
+@pytest.mark.parametrize("fault", ["wrong bits", "raises"])
+def test_auto_column_loop_checks_itself_and_falls_back(data, monkeypatch, fault):
+    """columns="auto" (a GPU's default) compares the kernel with the torch loop on its first block;
+    a kernel that disagrees or fails is dropped with a warning, and the result is the torch loop's."""
+    import dartquant.quant.gptq as gptq_mod
+
+    X, W, gptq = data
+    spec = QuantSpec(bits=4, symmetric=False)
+    want = gptq.quantize(W, spec, columns="torch")
+
+    def broken(W1, Hinv1, S1, Z1, lo, hi, Q1, C1, Err1):
+        if fault == "raises":
+            raise RuntimeError("no kernel for this GPU")
+        Q1.zero_(), C1.zero_(), Err1.zero_()
+
+    monkeypatch.setattr(gptq_mod, "_COLUMNS_KERNEL_CHECKED", {})
+    monkeypatch.setattr(gptq_mod, "_COLUMNS_KERNEL_OK", {})
+    monkeypatch.setattr(gptq_mod, "gptq_columns_", broken)
+    monkeypatch.setattr(gptq_mod, "triton_columns_available", lambda: True)
+    monkeypatch.setattr(gptq_mod, "_use_columns_kernel",
+                        lambda columns, dev: columns == "auto" and gptq_mod._COLUMNS_KERNEL_OK.get(dev.type, True))
+    with pytest.warns(RuntimeWarning, match="Triton column loop"):
+        got = gptq.quantize(W, spec, columns="auto")
+    assert torch.equal(got.codes, want.codes)
+    assert gptq_mod._COLUMNS_KERNEL_OK["cpu"] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # dropped for the rest of the process: no second warning
+        assert torch.equal(gptq.quantize(W, spec, columns="auto").codes, want.codes)

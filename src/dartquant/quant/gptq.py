@@ -261,16 +261,25 @@ class GPTQ:
                 S1 = scale[:, cg, 0].expand(n_out, -1).contiguous()
                 Z1 = None if spec.symmetric else zero[:, cg, 0].expand(n_out, -1).contiguous()
                 Err1 = torch.empty(n_out, i2 - i1, device=dev, dtype=torch.float32)
-                gptq_columns_(W[:, i1:i2], Hinv1.contiguous(), S1, Z1, lo, hi, Q[:, i1:i2], C[:, i1:i2], Err1)
-                if not _COLUMNS_KERNEL_CHECKED.get(dev.type, False):  # once per process: against the torch loop
-                    _COLUMNS_KERNEL_CHECKED[dev.type] = True
+                try:
+                    gptq_columns_(W[:, i1:i2], Hinv1.contiguous(), S1, Z1, lo, hi, Q[:, i1:i2], C[:, i1:i2], Err1)
+                    failed = None
+                except Exception as e:  # noqa: BLE001 (auto: e.g. a GPU Triton cannot compile for)
+                    if columns == "triton":
+                        raise
+                    failed = f"failed ({type(e).__name__}: {str(e)[:200]})"
+                if failed is None and not _COLUMNS_KERNEL_CHECKED.get(dev.type, False):
+                    _COLUMNS_KERNEL_CHECKED[dev.type] = True  # once per process: against the torch loop
                     ref = _columns_torch(W[:, i1:i2], Hinv1, scale, zero, col_group_list[i1:i2], spec, g, dynamic)
                     if not all(torch.equal(a, b) for a, b in zip(ref, (Q[:, i1:i2], C[:, i1:i2], Err1))):
-                        warnings.warn("GPTQ: the Triton column loop differs from the torch loop; using the torch "
-                                      "loop from now on (slower, same results)", RuntimeWarning, stacklevel=4)
-                        _COLUMNS_KERNEL_OK[dev.type] = False
-                        kernel = False
-                        Q[:, i1:i2], C[:, i1:i2], Err1 = ref
+                        failed = "differs from the torch loop"
+                if failed is not None:
+                    warnings.warn(f"GPTQ: the Triton column loop {failed}; using the torch loop from now on "
+                                  "(slower, same results)", RuntimeWarning, stacklevel=4)
+                    _COLUMNS_KERNEL_OK[dev.type] = False
+                    kernel = False
+                    Q[:, i1:i2], C[:, i1:i2], Err1 = _columns_torch(W[:, i1:i2], Hinv1, scale, zero,
+                                                                     col_group_list[i1:i2], spec, g, dynamic)
             else:
                 Q[:, i1:i2], C[:, i1:i2], Err1 = _columns_torch(W[:, i1:i2], Hinv1, scale, zero,
                                                                  col_group_list[i1:i2], spec, g, dynamic)
