@@ -229,7 +229,7 @@ def main():
     ap.add_argument("--prepare-only", action="store_true", help="--run-shape: steps 1-2 only (the run folder)")
     ap.add_argument("--gemm-backends", nargs="*", default=[], choices=["int8", "int8s"],
                     help="in memory: measure the w4a4 side again with every linear on these GEMM backends")
-    ap.add_argument("--prefill-operands", nargs="*", default=[], choices=["packed", "int8", "fp8"],
+    ap.add_argument("--prefill-operands", nargs="*", default=[], choices=["packed", "int8", "int8s", "fp8"],
                     help="in memory: time prefill again with these GEMM activation operands")
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: more `dartquant bench` flags")
     args = ap.parse_args()

@@ -204,7 +204,7 @@ def test_w4a4_linear_module_is_the_fake_quant_qlinear():
     y64 = (xq @ w64.T + lin.bias.detach().bfloat16().double()).reshape(2, 3, n_out)
     assert ((y.double() - y64).abs() <= 2.0**-7 * y64.abs() + 1e-3).all()
     # the planar centered activation operand (prefill) gives the same bits
-    for operand in ("int8", "fp8"):
+    for operand in ("int8", "int8s", "fp8"):
         model[1].prefill_operand, model[1].planar_min_tokens = operand, 0
         assert torch.equal(model(x), y)
     model[1].backend = "int8s"  # the swapped GEMM (planar int8 at every size)

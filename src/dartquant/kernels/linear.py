@@ -29,8 +29,12 @@ from .w4a4_gemm import prepare_weight, w4a4_matmul
 
 __all__ = ["W4A4Linear", "convert_qlinears_", "convert_run_", "load_w4a4", "PREFILL_OPERANDS"]
 
-# activation operand of the GEMM at prefill: packed nibbles, or planar centered bytes (w4a4_gemm A8)
-PREFILL_OPERANDS = {"packed": None, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
+# the GEMM at prefill: its activation operand (packed nibbles, or planar centered bytes: w4a4_gemm
+# A8) and backend. "int8s" (planar int8 bytes into the swapped GEMM: the packed weight unpacked in
+# registers as the MMA's left operand) is the default: 12-17 % faster per linear than "int8" at every
+# prefill shape of run 7 (docs/KERNELS.md 2c), same bits.
+PREFILL_OPERANDS = {"packed": None, "int8": torch.int8, "int8s": torch.int8, "fp8": torch.float8_e4m3fn}
+DEFAULT_PREFILL_OPERAND = "int8s"
 PLANAR_MIN_TOKENS = 64  # decode (<= 64 tokens) keeps the packed operand and its own configs
 
 
@@ -90,7 +94,7 @@ class W4A4Linear(nn.Module):
     """Packed 4-bit weight + the Triton activation kernel and GEMM (see the module docstring)."""
 
     def __init__(self, q: QLinear, qt: QuantizedTensor, name: str = "linear", backend: str = "auto",
-                 prefill_operand: str = "int8"):
+                 prefill_operand: str = DEFAULT_PREFILL_OPERAND):
         super().__init__()
         self.rotate, self.clip_ratio = _check_scheme(q, qt, name)
         self.in_features, self.out_features = q.in_features, q.out_features
@@ -98,8 +102,8 @@ class W4A4Linear(nn.Module):
         if prefill_operand not in PREFILL_OPERANDS:
             raise ValueError(f"prefill_operand must be one of {sorted(PREFILL_OPERANDS)}, got {prefill_operand!r}")
         # more than PLANAR_MIN_TOKENS tokens: the activations as 1-byte planar centered codes
-        # (w4a4_gemm A8: no unpack of A in the GEMM) on the int8 or fp8 tensor cores; int8 is the
-        # default: 5-10 % faster per linear than packed on the H200, fp8 slower (KERNELS.md run 6)
+        # (w4a4_gemm A8: no unpack of A in the GEMM) on the int8 or fp8 tensor cores: int8 5-10 %
+        # faster per linear than packed on the H200, fp8 slower (KERNELS.md run 6), int8s faster still (run 7)
         self.prefill_operand = prefill_operand
         self.planar_min_tokens = PLANAR_MIN_TOKENS
         w = prepare_weight(qt.codes.to(torch.int8), qt.scale.reshape(-1))
@@ -132,7 +136,8 @@ class W4A4Linear(nn.Module):
         if planar is None:
             y = w4a4_matmul(act.codes, act.scale, act.zero, w, self.backend, out=out)
         else:
-            be = "fp8" if planar == torch.float8_e4m3fn else "int8s" if self.backend == "int8s" else "int8"
+            be = ("fp8" if planar == torch.float8_e4m3fn
+                  else "int8s" if "int8s" in (self.backend, self.prefill_operand) else "int8")
             y = w4a4_matmul(act.codes, act.scale, None, w, be, out=out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -145,7 +150,7 @@ class W4A4Linear(nn.Module):
 
 
 def convert_qlinears_(model: nn.Module, qtensors: dict[str, QuantizedTensor], backend: str = "auto",
-                      share_inputs: bool = True, prefill_operand: str = "int8") -> list[str]:
+                      share_inputs: bool = True, prefill_operand: str = DEFAULT_PREFILL_OPERAND) -> list[str]:
     """Replace every QLinear named in `qtensors` (module name -> weight codes) by a W4A4Linear.
 
     All QLinears are checked before the first one is replaced.  With `share_inputs`, the linears

@@ -115,12 +115,16 @@ def planar_weight(weight: "PackedWeight", dtype: torch.dtype) -> torch.Tensor:
 
 
 def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
-    """The configs that measured fastest on the H200 (docs/KERNELS.md, runs 2 and 3)."""
+    """The configs that measured fastest on the H200 (docs/KERNELS.md, runs 2, 3 and 7)."""
     big = n * k >= 1 << 26  # e.g. 8192 x 8192 and up: split K to fill the SMs
     if backend == "gemv":
         return GemmConfig(1, 16, 512, 4, 1, split_k=8)
-    if backend == "int8s":  # block_m: tokens per tile (the MMA's N), not measured yet (run 7)
-        return GemmConfig(min(128, max(16, 1 << (m - 1).bit_length())), 128, 256, 8 if m > 64 else 4, 3)
+    if backend == "int8s":  # block_m: tokens per tile (the MMA's N); run 7's fastest (KERNELS.md 2c)
+        if m <= 16:
+            return GemmConfig(16, 64, 256, 4, 4)
+        if m <= 64:
+            return GemmConfig(64, 128, 256, 4, 3)
+        return GemmConfig(256, 128, 128, 8, 3)
     if m <= 16:
         return GemmConfig(16, 64, 256, 4, 4, split_k=8) if big else GemmConfig(16, 32, 512, 4, 4)
     if m <= 64:
