@@ -209,6 +209,19 @@ def test_w4a4_linear_module_is_the_fake_quant_qlinear():
         assert torch.equal(model(x), y)
     model[1].backend = "int8s"  # the swapped GEMM (planar int8 at every size)
     assert torch.equal(model(x), y) and torch.equal(model(x[:1, :1]), y[:1, :1])
+    # the default dispatch: packed operand + decode backend up to 8 tokens, int8s above (run 7)
+    import dartquant.kernels.linear as linear_mod
+
+    model[1].backend, model[1].prefill_operand, model[1].planar_min_tokens = "auto", "int8s", None
+    seen = []
+    real = linear_mod.w4a4_matmul
+    linear_mod.w4a4_matmul = lambda *a, **kw: seen.append(a[4]) or real(*a, **kw)
+    try:
+        x9 = _activations(9, n_in, seed=9)
+        model(x9[:8]), model(x9)
+    finally:
+        linear_mod.w4a4_matmul = real
+    assert seen == ["auto", "int8s"]
     # and the bf16 fake-quant model differs from it only by its own bf16 rounding
     assert (y.double() - y_fake.double()).norm() < 1e-2 * y64.norm()
     # unsupported schemes are refused before anything is replaced

@@ -35,7 +35,10 @@ __all__ = ["W4A4Linear", "convert_qlinears_", "convert_run_", "load_w4a4", "PREF
 # prefill shape of run 7 (docs/KERNELS.md 2c), same bits.
 PREFILL_OPERANDS = {"packed": None, "int8": torch.int8, "int8s": torch.int8, "fp8": torch.float8_e4m3fn}
 DEFAULT_PREFILL_OPERAND = "int8s"
-PLANAR_MIN_TOKENS = 64  # decode (<= 64 tokens) keeps the packed operand and its own configs
+# above this many tokens the planar operand is used; below, the packed one with the decode backends
+# (gemv, int8). int8s: from 9 tokens (run 7: faster than int8 at 16 and 64 tokens on every linear,
+# mixed at 4); int8 / fp8: from 65 (run 6 measured them at prefill only)
+PLANAR_MIN_TOKENS = {"packed": 64, "int8": 64, "int8s": 8, "fp8": 64}
 
 
 def _check_scheme(q: QLinear, qt: QuantizedTensor, name: str) -> tuple[bool, float]:
@@ -105,7 +108,7 @@ class W4A4Linear(nn.Module):
         # (w4a4_gemm A8: no unpack of A in the GEMM) on the int8 or fp8 tensor cores: int8 5-10 %
         # faster per linear than packed on the H200, fp8 slower (KERNELS.md run 6), int8s faster still (run 7)
         self.prefill_operand = prefill_operand
-        self.planar_min_tokens = PLANAR_MIN_TOKENS
+        self.planar_min_tokens: int | None = None  # None: PLANAR_MIN_TOKENS of the operand
         w = prepare_weight(qt.codes.to(torch.int8), qt.scale.reshape(-1))
         self.register_buffer("codes", w.codes)
         self.register_buffer("scale", w.scale)
@@ -123,7 +126,9 @@ class W4A4Linear(nn.Module):
         if self.backend == "int8s":  # the swapped GEMM reads planar int8 activations at every size
             planar = torch.int8
         else:
-            planar = PREFILL_OPERANDS[self.prefill_operand] if tokens > self.planar_min_tokens else None
+            min_tokens = (PLANAR_MIN_TOKENS[self.prefill_operand] if self.planar_min_tokens is None
+                          else self.planar_min_tokens)
+            planar = PREFILL_OPERANDS[self.prefill_operand] if tokens > min_tokens else None
         if self.shared_input is not None:
             act = self.shared_input.quantize(x, self.clip_ratio, self.rotate, planar)
         else:
