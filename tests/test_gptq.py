@@ -325,7 +325,7 @@ def test_linears_reading_one_input_share_one_hessian_bitwise(family, monkeypatch
     "group,act_order,static,symmetric,rows,blocksize",
     [
         (None, False, False, False, 40, 128),  # the default: per output channel, asymmetric
-        (None, True, False, True, 37, 100),  # rows off the 32-row tile, last block partial (256 = 100+100+56)
+        (None, True, False, True, 37, 100),  # rows off the 16-row tile, last block partial (256 = 100+100+56)
         (-1, False, False, False, 33, 64),  # per tensor
         (32, True, True, False, 30, 128),  # static groups under act-order: per-column scales
     ],
@@ -387,3 +387,44 @@ def test_auto_column_loop_checks_itself_and_falls_back(data, monkeypatch, fault)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # dropped for the rest of the process: no second warning
         assert torch.equal(gptq.quantize(W, spec, columns="auto").codes, want.codes)
+
+
+_COMPILE_FOR_HOPPER = """
+import json, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dartquant.quant import gptq_triton
+sig = {name: "*fp32" for name in ("W_ptr", "Q_ptr", "C_ptr", "E_ptr", "H_ptr", "S_ptr", "Z_ptr")}
+sig.update({name: "i32" for name in ("n_rows", "n_cols", "stride_w", "stride_q", "stride_e", "stride_h", "stride_s")})
+sig.update(lo="fp32", hi="fp32", SYM="constexpr", BLOCK_R="constexpr", BLOCK_C="constexpr", USE_RINT="constexpr")
+out = {}
+for sym in (False, True):
+    src = ASTSource(fn=gptq_triton._gptq_columns_kernel, signature=sig,
+                    constexprs={"SYM": sym, "BLOCK_R": gptq_triton.BLOCK_R, "BLOCK_C": 128, "USE_RINT": True})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
+    ptx = k.asm["ptx"]
+    out[str(sym)] = {op: ptx.count(op) for op in ("div.rn.f32", "cvt.rni", "fma.rn.f32")}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not __import__("dartquant.quant.gptq_triton", fromlist=["x"]).triton_columns_available(),
+                    reason="needs Triton")
+def test_triton_column_loop_compiles_for_hopper_without_fma():
+    """Compiled for sm_90 on this machine (Triton's bundled ptxas, no GPU; in a child process, as
+    the interpreter's kernels cannot be compiled): the kernel builds, and its PTX has IEEE divisions,
+    round-to-nearest-even and no fused multiply-adds, which would round differently from the torch
+    loop's separate product and difference."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], capture_output=True, text=True, env=env)
+    if p.returncode and "ptxas" in p.stderr:
+        pytest.skip(f"no usable ptxas in this Triton install: {p.stderr[-300:]}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    for sym, counts in json.loads(p.stdout.strip().splitlines()[-1]).items():
+        assert counts["div.rn.f32"] > 0 and counts["cvt.rni"] > 0, (sym, counts)
+        assert counts["fma.rn.f32"] == 0, (sym, counts)
