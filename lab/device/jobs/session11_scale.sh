@@ -17,15 +17,15 @@ W="--skip-fp-eval -- --eval-corpora wiki"
 $B --dir /tmp/wj --out "$RES/whole_job_h200.json" --shapes llama2-7b --methods dartquant $W \
   > "$RES/wj_7b.md" 2> "$RES/wj_7b.log"
 touch "$RES/DONE-wj7b"
+$B --dir /tmp/wj70 --out "$RES/whole_job_70b_h200.json" --shapes llama2-70b --layers 4 8 --methods dartquant \
+  --eval-max-windows 40 --clean $W > "$RES/wj_70b.md" 2> "$RES/wj_70b.log"
+touch "$RES/DONE-wj70b"
 # the same job computing in the model's own dtype (float16: what GPTQ / QuaRot's reference code runs;
 # the blocks' fp32 compute alone is ~323 s at 32 layers, RESULTS §12); its own JSON (rows are keyed
 # by shape, depth, method and stream, so the fp32 row would be replaced)
 $B --dir /tmp/wj --out "$RES/whole_job_h200_fp16.json" --shapes llama2-7b --methods dartquant $W --dtype float16 \
   > "$RES/wj_7b_fp16.md" 2> "$RES/wj_7b_fp16.log"
 touch "$RES/DONE-wj7b-fp16"
-$B --dir /tmp/wj70 --out "$RES/whole_job_70b_h200.json" --shapes llama2-70b --layers 4 8 --methods dartquant \
-  --eval-max-windows 40 --clean $W > "$RES/wj_70b.md" 2> "$RES/wj_70b.log"
-touch "$RES/DONE-wj70b"
 $B --dir /tmp/wj --out "$RES/whole_job_h200.json" --shapes llama2-7b --methods quarot rtn --clean $W \
   > "$RES/wj_7b_b.md" 2> "$RES/wj_7b_b.log"
 touch "$RES/DONE-wj7b-b"
