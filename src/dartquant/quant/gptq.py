@@ -64,7 +64,6 @@ def _use_columns_kernel(columns: str, dev: torch.device) -> bool:
     if columns == "triton":
         if not triton_columns_available():
             raise ImportError("GPTQ columns='triton' needs Triton: pip install 'dartquant[kernels]'")
-        _COLUMNS_KERNEL_CHECKED[dev.type] = True  # asked for explicitly: no check against the torch loop
         return True
     return (columns == "auto" and dev.type == "cuda" and triton_columns_available()
             and os.environ.get("DARTQUANT_GPTQ_COLUMNS", "auto") != "torch" and _COLUMNS_KERNEL_OK.get(dev.type, True))
@@ -268,7 +267,8 @@ class GPTQ:
                     if columns == "triton":
                         raise
                     failed = f"failed ({type(e).__name__}: {str(e)[:200]})"
-                if failed is None and not _COLUMNS_KERNEL_CHECKED.get(dev.type, False):
+                ref = None
+                if failed is None and columns == "auto" and not _COLUMNS_KERNEL_CHECKED.get(dev.type, False):
                     _COLUMNS_KERNEL_CHECKED[dev.type] = True  # once per process: against the torch loop
                     ref = _columns_torch(W[:, i1:i2], Hinv1, scale, zero, col_group_list[i1:i2], spec, g, dynamic)
                     if not all(torch.equal(a, b) for a, b in zip(ref, (Q[:, i1:i2], C[:, i1:i2], Err1))):
@@ -278,8 +278,8 @@ class GPTQ:
                                   "(slower, same results)", RuntimeWarning, stacklevel=4)
                     _COLUMNS_KERNEL_OK[dev.type] = False
                     kernel = False
-                    Q[:, i1:i2], C[:, i1:i2], Err1 = _columns_torch(W[:, i1:i2], Hinv1, scale, zero,
-                                                                     col_group_list[i1:i2], spec, g, dynamic)
+                    Q[:, i1:i2], C[:, i1:i2], Err1 = ref or _columns_torch(W[:, i1:i2], Hinv1, scale, zero,
+                                                                            col_group_list[i1:i2], spec, g, dynamic)
             else:
                 Q[:, i1:i2], C[:, i1:i2], Err1 = _columns_torch(W[:, i1:i2], Hinv1, scale, zero,
                                                                  col_group_list[i1:i2], spec, g, dynamic)
