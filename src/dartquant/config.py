@@ -47,7 +47,7 @@ class DataConfig:
 class EvalConfig:
     seqlen: int = 2048
     max_windows: int | None = None  # perplexity windows per corpus; None = all held-out windows
-    corpora: list[str] = field(default_factory=lambda: ["wiki", "c4"])  # perplexity corpora (wiki, c4)
+    corpora: list[str] = field(default_factory=lambda: list(EVAL_CORPORA))  # perplexity corpora (wiki, c4)
     tasks: list[str] = field(default_factory=list)  # zero-shot tasks; empty = none
     zeroshot_limit: int | None = None
     # quality guard (quant/guard.py): FP vs quantized on held-out calibration text
