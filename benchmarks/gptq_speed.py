@@ -8,6 +8,13 @@ on the values). Checks that both give the same codes and weights bit for bit.
 Prints a table (seconds per linear and per decoder layer, the speedup) and writes JSON. The
 Hessian is built once per input width and shared, as GPTQ shares one Hessian between the
 linears that read one input (q/k/v, gate/up).
+
+`--factorizations reference lean` compares instead the two factorizations of the inverse Hessian
+(`GPTQ.quantize(factorization=...)`, Triton loop on a GPU): seconds per linear, the GPU memory the
+call adds on top of what is already allocated (its peak minus the allocated before it), and how
+many codes agree (the two are equal to float64 round-off, not bit for bit):
+
+    python benchmarks/gptq_speed.py --shape llama2-70b --factorizations reference lean --out docs/results/gptq_memory_h200.json
 """
 
 from __future__ import annotations
@@ -41,14 +48,80 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
+def _hessian(n_in: int, tokens: int, dev, g) -> GPTQ:
+    gq = GPTQ(n_in, device=dev)
+    for _ in range(max(1, tokens // 2048)):
+        gq.add_batch(torch.randn(2048, n_in, device=dev, generator=g))
+    return gq
+
+
+def _write(out: str, res: dict) -> None:
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, out)
+
+
+def compare_factorizations(args) -> int:
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    spec = QuantSpec(bits=4, symmetric=False, mse_search=True)
+    g = torch.Generator(device=dev).manual_seed(0)
+    rows, seen = [], set()
+    for name, n_out, n_in in layer_linears(args.shape):
+        if n_in in seen:  # the factorization depends on the input width only
+            continue
+        seen.add(n_in)
+        gq = _hessian(n_in, args.tokens, dev, g)
+        w = torch.randn(n_out, n_in, device=dev, generator=g) * 0.02
+        row, codes = {"linear": name, "out": n_out, "in": n_in}, {}
+        for fact in args.factorizations:
+            gq.quantize(w[:64, :], spec, factorization=fact)  # warm up (kernels, cusolver handles)
+            sync(dev)
+            if cuda:
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            qt = gq.quantize(w, spec, factorization=fact)
+            sync(dev)
+            row[f"{fact}_s"] = round(time.perf_counter() - t0, 3)
+            if cuda:
+                row[f"{fact}_added_GiB"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)
+            codes[fact] = qt.codes
+            del qt
+        if len(codes) == 2:
+            a, b = codes.values()
+            row["codes_equal_share"] = round((a == b).float().mean().item(), 6)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print("\n| linear | out x in | " + " | ".join(f"{f} s | {f} added GiB" for f in args.factorizations)
+          + " | codes equal |\n|---|---|" + "---|---|" * len(args.factorizations) + "---|")
+    for r in rows:
+        print(f"| {r['linear']} | {r['out']} x {r['in']} | "
+              + " | ".join(f"{r[f + '_s']} | {r.get(f + '_added_GiB', '-')}" for f in args.factorizations)
+              + f" | {r.get('codes_equal_share', '-')} |")
+    if args.out:
+        _write(args.out, {"shape": args.shape, "device": torch.cuda.get_device_name() if cuda else platform.processor(),
+                          "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows,
+                          "note": "one GPTQ call per input width (the Hessian's size sets the factorization's "
+                                  "memory); added GiB = peak allocated during the call minus allocated before it "
+                                  "(the Hessian, the weight and the call's outputs included in the peak)"})
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tokens", type=int, default=8192, help="calibration rows for the random Hessian")
     ap.add_argument("--skip-torch", action="store_true", help="time only the kernel (the torch loop is slow)")
+    ap.add_argument("--factorizations", nargs="+", choices=("reference", "lean"), default=None,
+                    help="compare these factorizations (time, added GPU memory, codes) instead of the loops")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.factorizations:
+        return compare_factorizations(args)
     dev = torch.device(args.device)
     spec = QuantSpec(bits=4, symmetric=False, mse_search=True)  # the default W4 spec: per channel, MSE clip
     g = torch.Generator(device=dev).manual_seed(0)
@@ -56,10 +129,7 @@ def main() -> int:
     rows = []
     for name, n_out, n_in in layer_linears(args.shape):
         if n_in not in hessians:
-            gq = GPTQ(n_in, device=dev)
-            for _ in range(max(1, args.tokens // 2048)):
-                gq.add_batch(torch.randn(2048, n_in, device=dev, generator=g))
-            hessians[n_in] = gq
+            hessians[n_in] = _hessian(n_in, args.tokens, dev, g)
         gq = hessians[n_in]
         w = torch.randn(n_out, n_in, device=dev, generator=g) * 0.02
         row = {"linear": name, "out": n_out, "in": n_in}
@@ -90,10 +160,7 @@ def main() -> int:
                "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows, "per_layer_s": total,
                "note": "one GPTQ call per linear (q/k/v and gate/up each quantized separately, as gptq_block_ does, "
                        "sharing a Hessian); includes the Cholesky inverse and the MSE clip search of the W4 spec"}
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, args.out)
+        _write(args.out, res)
     return 0
 
 

@@ -207,7 +207,10 @@ def run_one(model: Path, method: str, stream: str, args, run_dir: Path) -> dict:
                ppl=m.get("ppl"), shards=m.get("stream", {}).get("shards"),
                copies_overlapped=m.get("stream", {}).get("copies_overlapped"),
                unrouted=m.get("gptq_rtn_fallbacks", []),  # MoE: expert linears GPTQ saw no token for (RTN)
-               peak_set_by={kind: _top_stage(raised) for kind, raised in m.get("peak_raised_bytes", {}).items()})
+               peak_set_by={kind: _top_stage(raised) for kind, raised in m.get("peak_raised_bytes", {}).items()},
+               # how far each stage raised each peak (GB host, GiB GPU): which stage to slim next
+               peak_raised={kind: {stage: round(v / (2**30 if kind == "cuda" else 1e9), 2) for stage, v in raised.items()}
+                            for kind, raised in m.get("peak_raised_bytes", {}).items()})
     if "moe_routed_tokens" in m:  # MoE: calibration tokens per expert (fewest, most; of calib_tokens x top-k)
         routed = m["moe_routed_tokens"]
         row["routed_tokens"] = {k: routed[k] for k in ("calib_tokens", "min", "max")}

@@ -190,10 +190,12 @@ def test_static_groups_use_the_original_weight_and_original_order(data):
         (32, False, True, 128, False),
     ],
 )
-def test_matches_unblocked_reference(data, group, act_order, static, blocksize, symmetric):
+@pytest.mark.parametrize("factorization", ["reference", "lean"])
+def test_matches_unblocked_reference(data, group, act_order, static, blocksize, symmetric, factorization):
     X, W, gptq = data
     spec = QuantSpec(bits=4, symmetric=symmetric, group_size=group)
-    qt, Q = gptq._quantize(W, spec, blocksize=blocksize, percdamp=0.01, act_order=act_order, static_groups=static)
+    qt, Q = gptq._quantize(W, spec, blocksize=blocksize, percdamp=0.01, act_order=act_order, static_groups=static,
+                           factorization=factorization)
     C_ref, Q_ref = reference_gptq(W, gptq.H, spec, act_order=act_order, static_groups=static)
     # float32 (library) vs float64 (reference) round-off flips a code where w / s is within
     # ~1e-6 of a rounding tie: that happens to 0 or 1 of the 24576 codes in these cases, while
@@ -204,6 +206,48 @@ def test_matches_unblocked_reference(data, group, act_order, static, blocksize, 
     assert clean.sum().item() >= D_OUT - 3
     torch.testing.assert_close(Q.double()[clean], Q_ref[clean], rtol=0, atol=1e-5)
     assert _out_err(X, W, Q) == pytest.approx(_out_err(X, W, Q_ref), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- the lean factorization
+
+
+@pytest.mark.parametrize("n, block", [(37, 8), (64, 64), (100, 512)])
+def test_lower_triangular_inverse_in_place(n, block):
+    from dartquant.quant.gptq import _invert_lower_
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    L = torch.linalg.cholesky(A @ A.T + n * torch.eye(n, dtype=torch.float64))  # what GPTQ inverts
+    expect = torch.linalg.solve_triangular(L, torch.eye(n, dtype=torch.float64), upper=False)
+    _invert_lower_(L, block)
+    torch.testing.assert_close(L, expect, rtol=1e-10, atol=1e-10)
+    assert torch.all(L.triu(1) == 0)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_lean_factorization_gives_the_reference_inverse_cholesky(act_order):
+    """U with U^T U = (H + damp I)^-1, U upper, in the loop's column order, dead inputs included:
+    the reference's float64 result to float32 round-off."""
+    X = _calibration(seed=5, dead=(7, 90))
+    g = GPTQ(D_IN)
+    g.add_batch(X)
+    H = g.H.double().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else None
+    Hp = H if perm is None else H[perm][:, perm]
+    ref = GPTQ._inverse_cholesky(Hp, 0.01)
+    lean = g._lean_inverse_cholesky(dead, perm, 0.01, H.diagonal().mean().item())
+    assert lean.dtype == torch.float32 and torch.all(lean.tril(-1) == 0)
+    torch.testing.assert_close(lean.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+def test_factorization_auto_is_the_reference_on_the_cpu(data):
+    _, W, gptq = data
+    spec = QuantSpec(bits=4, group_size=32)
+    auto = gptq._quantize(W, spec, blocksize=128, percdamp=0.01, act_order=False, static_groups=False)
+    ref = gptq._quantize(W, spec, blocksize=128, percdamp=0.01, act_order=False, static_groups=False,
+                         factorization="reference")
+    assert torch.equal(auto[1], ref[1]) and torch.equal(auto[0].codes, ref[0].codes)
 
 
 # ----------------------------------------------------------------------------- robustness
@@ -224,7 +268,8 @@ def test_dead_inputs_get_zero_weight_columns():
         assert _out_err(X, W, Wq) <= _out_err(X, W, fake_quantize(W, spec))
 
 
-def test_cholesky_failure_retries_with_more_damping():
+@pytest.mark.parametrize("factorization", ["reference", "lean"])
+def test_cholesky_failure_retries_with_more_damping(factorization):
     g = GPTQ(4)
     # indefinite (eigenvalues 3 and -1 per 2x2 block), as float32 round-off can make a Hessian:
     # damping 0.01 and 0.1 fail, 1 leaves it singular, 10 works
@@ -232,13 +277,13 @@ def test_cholesky_failure_retries_with_more_damping():
     g._nsamples = 1
     W = torch.randn(3, 4)
     with pytest.warns(RuntimeWarning, match="Cholesky failed"):
-        qt = g.quantize(W, QuantSpec(bits=4))
+        qt = g.quantize(W, QuantSpec(bits=4), factorization=factorization)
     assert torch.isfinite(qt.dequantize()).all()
 
     g.H = torch.tensor([[1.0, 1e7], [1e7, 1.0]])  # beyond any retry
     g.in_features = 2
     with pytest.raises(RuntimeError, match="Cholesky"):
-        g.quantize(torch.randn(3, 2), QuantSpec(bits=4))
+        g.quantize(torch.randn(3, 2), QuantSpec(bits=4), factorization=factorization)
 
 
 def test_well_conditioned_hessian_does_not_warn(data):
@@ -258,6 +303,8 @@ def test_argument_errors(data):
         gptq.quantize(W, QuantSpec(bits=4, group_size=48))
     with pytest.raises(ValueError, match="bits=16"):
         gptq.quantize(W, QuantSpec(bits=16))
+    with pytest.raises(ValueError, match="factorization"):
+        gptq.quantize(W, QuantSpec(bits=4), factorization="cholesky")
     g = GPTQ(4)
     g.add_batch(torch.tensor([[1.0, float("nan"), 0.0, 1.0]]))
     with pytest.raises(ValueError, match="non-finite"):

@@ -13,6 +13,15 @@ Design choices:
   it is one O(n^3) step per layer, and it is where ill-conditioning (outlier channels whose
   diagonal is orders of magnitude above the rest) costs accuracy. The column loop itself then
   runs in float32 like the weights.
+* Two factorizations give the same ``U = chol((H + damp I)^-1)`` (upper). The **reference** one
+  (`_inverse_cholesky`: Cholesky, ``cholesky_inverse``, Cholesky again; the published code's) runs
+  on the CPU, where its results are the ones recorded in docs/RESULTS.md. On a GPU it held five or
+  more float64 copies of the Hessian at once (``cholesky_inverse`` clones on CUDA): 48 GiB for
+  Llama-2-70B's 28672-wide down_proj. The **lean** one (`_lean_inverse_cholesky`, the default on
+  CUDA) needs two: with J the reversal permutation, ``J H J = L' L'^T`` gives ``H = R R^T`` with
+  ``R = J L' J`` upper triangular, so ``H^-1 = (R^-1)^T R^-1`` and ``U = R^-1 = J L'^-1 J``: one
+  Cholesky of the reversed Hessian and one triangular inverse, done in place by blocks. Equal to
+  the reference to float64 round-off (tested), not bit for bit.
 * Damping: ``percdamp * mean(diag H)`` on the diagonal. If a Cholesky factorization fails
   (indefinite H from float32 round-off, rank deficiency with percdamp=0), the damping is
   multiplied by 10 and retried, up to `MAX_DAMP_RETRIES` times, with a RuntimeWarning.
@@ -103,6 +112,21 @@ def _columns_torch(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, z
     return Q1, C1, Err1
 
 
+def _invert_lower_(L: torch.Tensor, block: int = 512) -> None:
+    """Invert the lower-triangular L in place, `block` rows at a time (temporaries: block x n).
+
+    With the leading s x s block already inverted, rows [s, e) of the inverse are
+    [-C^-1 B A^-1, C^-1] for L's rows [B, C]: one matmul with the inverted block, one small solve."""
+    n = L.shape[0]
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        eye = torch.eye(e - s, dtype=L.dtype, device=L.device)
+        c_inv = torch.linalg.solve_triangular(L[s:e, s:e], eye, upper=False)
+        if s:
+            L[s:e, :s] = -(c_inv @ (L[s:e, :s] @ L[:s, :s]))
+        L[s:e, s:e] = c_inv
+
+
 class GPTQ:
     """Hessian accumulator + GPTQ solver for one linear layer (or several sharing one input)."""
 
@@ -143,6 +167,43 @@ class GPTQ:
         self.H = None
         self._nsamples = 0
 
+    def _lean_inverse_cholesky(self, dead: torch.Tensor, perm: torch.Tensor | None, percdamp: float,
+                               mean_diag: float) -> torch.Tensor:
+        """float32 upper Cholesky factor of (H + damp I)^-1 for the Hessian in the loop's column order
+        (`perm`, dead inputs' diagonal set to 1), with at most two float64 n x n tensors alive: the
+        reversed damped Hessian and its Cholesky factor, then the factor alone, inverted in place.
+        Retries with 10x damping as `_inverse_cholesky` does (the Hessian is rebuilt from self.H)."""
+        n = self.in_features
+        order = perm if perm is not None else torch.arange(n, device=self.H.device)
+        rev = order.flip(0)
+        damp = percdamp * mean_diag
+        first = damp
+        for attempt in range(MAX_DAMP_RETRIES + 1):
+            Hr = self.H[rev][:, rev].to(torch.float64)  # J P^T H P J
+            Hr.diagonal()[dead[rev]] = 1.0
+            Hr.diagonal().add_(damp)
+            L, info = torch.linalg.cholesky_ex(Hr)
+            del Hr
+            if info.item() == 0:
+                _invert_lower_(L)
+                if torch.isfinite(L).all():
+                    if attempt:
+                        warnings.warn(
+                            f"GPTQ: Cholesky failed with damping {first:.3g} (percdamp={percdamp}); "
+                            f"succeeded with damping {damp:.3g} after {attempt} retr{'y' if attempt == 1 else 'ies'}",
+                            RuntimeWarning,
+                            stacklevel=4,
+                        )
+                    U = L.to(torch.float32)
+                    del L
+                    return U.flip(0, 1)  # J L'^-1 J
+            del L
+            damp = damp * 10 if damp > 0 else 0.01 * mean_diag
+        raise RuntimeError(
+            f"GPTQ: Cholesky of the damped Hessian failed even with damping {damp / 10:.3g} "
+            f"(percdamp={percdamp}, mean diag {mean_diag:.3g}); the calibration inputs are degenerate"
+        )
+
     @staticmethod
     def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
         """Upper Cholesky factor of (H + damp I)^-1, retrying with 10x damping on failure."""
@@ -181,20 +242,23 @@ class GPTQ:
         act_order: bool = False,
         static_groups: bool = False,
         columns: str = "auto",
+        factorization: str = "auto",
     ) -> QuantizedTensor:
         """GPTQ-quantize weight [out, in_features]; returns codes + float32 scales on weight's device.
 
         columns: how the column loop runs: "torch", "triton" (`gptq_triton`, the same bits), or
-        "auto" (Triton on a GPU when it is installed, after one check against the torch loop)."""
+        "auto" (Triton on a GPU when it is installed, after one check against the torch loop).
+        factorization: "reference", "lean" (two float64 Hessian copies instead of five or more; see
+        the module's notes), or "auto" (lean on a GPU, reference elsewhere)."""
         return self._quantize(
             weight, spec, blocksize=blocksize, percdamp=percdamp, act_order=act_order, static_groups=static_groups,
-            columns=columns,
+            columns=columns, factorization=factorization,
         )[0]
 
     @torch.no_grad()
     def _quantize(
         self, weight: torch.Tensor, spec: QuantSpec, *, blocksize: int, percdamp: float, act_order: bool,
-        static_groups: bool, columns: str = "auto",
+        static_groups: bool, columns: str = "auto", factorization: str = "auto",
     ) -> tuple[QuantizedTensor, torch.Tensor]:
         """`quantize`, also returning the float32 weight the loop wrote (tests check it equals
         the container's dequantize() bitwise)."""
@@ -211,6 +275,8 @@ class GPTQ:
             raise ValueError(f"percdamp must be >= 0, got {percdamp}")
         if columns not in ("auto", "torch", "triton"):
             raise ValueError(f"columns must be auto, torch or triton, got {columns!r}")
+        if factorization not in ("auto", "reference", "lean"):
+            raise ValueError(f"factorization must be auto, reference or lean, got {factorization!r}")
         g = spec.group_size if spec.group_size is not None and spec.group_size > 0 else None
         if act_order and g is not None and not static_groups:
             raise ValueError(
@@ -220,14 +286,19 @@ class GPTQ:
         dynamic = g is not None and not static_groups
 
         dev = self.H.device
+        lean = factorization == "lean" or (factorization == "auto" and dev.type == "cuda")
+        if not torch.isfinite(self.H).all():
+            raise ValueError("GPTQ: the Hessian has non-finite entries (NaN/inf in the calibration inputs?)")
         W = weight.detach().to(device=dev, dtype=torch.float32).clone()
         n_out, n = W.shape
-        H = self.H.to(torch.float64).clone()
-        if not torch.isfinite(H).all():
-            raise ValueError("GPTQ: the Hessian has non-finite entries (NaN/inf in the calibration inputs?)")
-        dead = torch.diagonal(H) == 0
-        H[dead, dead] = 1.0
+        diag = torch.diagonal(self.H).to(torch.float64)
+        dead = diag == 0
+        diag[dead] = 1.0  # the diagonal of H below
         W[:, dead] = 0.0
+        H = None
+        if not lean:  # the whole Hessian in float64 now (lean: built inside its factorization)
+            H = self.H.to(torch.float64)
+            H[dead, dead] = 1.0
 
         if dynamic:
             scale = torch.empty(n_out, n // g, 1, device=dev, dtype=torch.float32)
@@ -239,12 +310,16 @@ class GPTQ:
 
         perm = None
         if act_order:
-            perm = torch.argsort(torch.diagonal(H), descending=True)
+            perm = torch.argsort(diag, descending=True)
             W = W[:, perm]
-            H = H[perm][:, perm]
             col_group = col_group[perm]
-        Hinv = self._inverse_cholesky(H, percdamp).to(torch.float32)
-        del H
+            if H is not None:
+                H = H[perm][:, perm]
+        if lean:
+            Hinv = self._lean_inverse_cholesky(dead, perm, percdamp, diag.mean().item())
+        else:
+            Hinv = self._inverse_cholesky(H, percdamp).to(torch.float32)
+            del H
 
         lo, hi = spec.code_range
         Q = torch.zeros_like(W)

@@ -206,10 +206,12 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
                 q = linears[role]
                 q.input_observer = hessians.observer(role, q.in_features, q.weight.device)
             forward(update=False)
-            for role in keys:
-                q = linears[role]
+            for q in map(linears.__getitem__, keys):
                 q.input_observer = None
-                solver = hessians.of_role.get(role)
+            left = [hessians.of_role.get(role) for role in keys]  # each role's solver, in quantize order
+            for k, role in enumerate(keys):
+                q = linears[role]
+                solver = left[k]
                 if solver is None or solver.nsamples == 0:  # an expert no calibration token was routed to
                     done.append((q, QuantizedTensor.from_float(q.weight.data.float(), spec)))
                     fallbacks.append(q)
@@ -218,6 +220,8 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
                                      percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
                                      static_groups=scheme.gptq_static_groups)
                 done.append((q, _on_cpu(qt)))
+                if all(s is not solver for s in left[k + 1:]):
+                    solver.free()  # its last role is done: a 70B down_proj needs the memory
             hessians.free()
         for q, qt in done:
             commit(q, qt)
