@@ -117,9 +117,9 @@ session8-spin)  # issue 12's missing rows: SpinQuant on Qwen2.5-Coder-1.5B, 3 se
   export OMP_NUM_THREADS=2
   MODELS="qwen2.5-coder-1.5b" convert_models
   SCRIPT=lab/gpu_quality.py TASKS="" PARALLEL=3 run_jobs lab/device/jobs/session8_q15.txt ;;
-jobs-scale)  # the whole job at 7B / 70B / 8B alone on the GPU (lab/device/jobs/session11_scale.sh; session 10 ran session10_scale.sh)
+jobs-scale)  # the whole job at 70B / 7B / 8B alone on the GPU (lab/device/jobs/session12_scale.sh; earlier sessions ran session1N_scale.sh)
   export OMP_NUM_THREADS=8
-  bash lab/device/jobs/session11_scale.sh > "$RES/scale.log" 2>&1 ;;
+  bash lab/device/jobs/session12_scale.sh > "$RES/scale.log" 2>&1 ;;
 jobs-7b-depths)  # the 7B whole job at 8 and 16 layers (lab/device/jobs/session9_7b_depths.sh)
   export OMP_NUM_THREADS=8
   bash lab/device/jobs/session9_7b_depths.sh > "$RES/scale.log" 2>&1 ;;
