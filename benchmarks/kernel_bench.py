@@ -55,7 +55,11 @@ DECODE_CONFIGS = [GemmConfig(16, 32, 512, 4, 4), GemmConfig(16, 64, 256, 4, 5), 
                   GemmConfig(16, 64, 256, 4, 4, split_k=8)]
 GEMV_CONFIGS = [GemmConfig(1, 32, 512, 4, 1), GemmConfig(1, 64, 512, 8, 1), GemmConfig(1, 32, 256, 4, 1),
                 GemmConfig(1, 32, 512, 4, 1, split_k=4), GemmConfig(1, 64, 512, 8, 1, split_k=4),
-                GemmConfig(1, 16, 512, 4, 1, split_k=8), GemmConfig(1, 32, 256, 4, 1, split_k=8)]  # block_m unused
+                GemmConfig(1, 16, 512, 4, 1, split_k=8), GemmConfig(1, 32, 256, 4, 1, split_k=8),  # block_m unused
+                # run 8: four products per dp4a (w4a4_gemm module notes), on run 3's best gemv shapes
+                GemmConfig(1, 16, 512, 4, 1, split_k=8, dp4a=True), GemmConfig(1, 32, 512, 4, 1, split_k=4, dp4a=True),
+                GemmConfig(1, 32, 512, 4, 1, dp4a=True), GemmConfig(1, 64, 1024, 8, 1, split_k=4, dp4a=True),
+                GemmConfig(1, 32, 1024, 4, 1, split_k=8, dp4a=True)]
 PREFILL_CONFIGS = [GemmConfig(128, 128, 128, 8, 4), GemmConfig(128, 256, 128, 8, 3), GemmConfig(256, 128, 128, 8, 3),
                    GemmConfig(128, 128, 256, 8, 3)]
 CHECK_SHAPES = [(4, DECODE_CONFIGS), (515, PREFILL_CONFIGS)]
@@ -284,7 +288,8 @@ def best_config(row, label, configs, run, failed):
         except Exception as e:  # noqa: BLE001
             print(f"  {label} {cfg} failed: {e!r}"[:200], flush=True)
             continue
-        key = f"{label} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} sk{cfg.split_k}"
+        key = (f"{label} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} sk{cfg.split_k}"
+               + (" dp4a" if cfg.dp4a else ""))
         row.setdefault("configs", {})[key] = t
         if best is None or t < best[0]:
             best = (t, cfg)
@@ -448,6 +453,7 @@ def main():
     ap.add_argument("--workers", type=int, default=14)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: act,gemm")
     ap.add_argument("--decode-only", action="store_true", help="GEMM rows for decode M only")
+    ap.add_argument("--decode-m", type=int, nargs="+", default=None, help="these decode M only (e.g. 1 4)")
     ap.add_argument("--act-widths", default="", help="comma list: time only these activation widths")
     ap.add_argument("--profile", action="store_true", help="launch each profiled kernel once (run under ncu)")
     ap.add_argument("--variants", action="store_true",
@@ -459,14 +465,15 @@ def main():
         return profile_launches()
     if args.variants:
         return variants_main(args)
-    global PREFILL_M, ACT_WIDTHS
+    global PREFILL_M, ACT_WIDTHS, DECODE_M, LINEARS
     if args.decode_only:
         PREFILL_M = []
+    if args.decode_m:
+        DECODE_M = args.decode_m
     if args.act_widths:
         ACT_WIDTHS = [int(v) for v in args.act_widths.split(",")]
     dev = torch.device("cuda")
     skip = set(filter(None, args.skip.split(",")))
-    global LINEARS, DECODE_M
     if args.quick:
         ACT_WIDTHS = [128, 4096, 11008]
         LINEARS = {k: LINEARS[k] for k in ("L2-7B qkvo", "L2-7B down")}

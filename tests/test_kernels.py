@@ -127,6 +127,8 @@ def _gemm_operands(m, n, k, seed):
     ("fp8", GemmConfig(16, 16, 64, 4, 2, split_k=2), 3),
     ("gemv", GemmConfig(1, 16, 64, 4, 1), 1),
     ("gemv", GemmConfig(1, 16, 32, 4, 1, split_k=3), 4),
+    ("gemv", GemmConfig(1, 16, 64, 4, 1, dp4a=True), 1),
+    ("gemv", GemmConfig(1, 16, 32, 4, 1, split_k=3, dp4a=True), 5),
 ])
 def test_gemm_bit_exact(backend, cfg, m):
     n, k = 40, 208  # neither a multiple of the tiles: masks
@@ -139,16 +141,23 @@ def test_gemm_bit_exact(backend, cfg, m):
         assert not torch.as_tensor(buf[0] if isinstance(buf, tuple) else buf).any()
 
 
-@pytest.mark.parametrize("backend", ["int8", "fp8"])
-def test_gemm_extreme_codes(backend):
+@pytest.mark.parametrize("backend,cfg", [("int8", GemmConfig(16, 16, 128, 4, 2)), ("fp8", GemmConfig(16, 16, 128, 4, 2)),
+                                         ("gemv", GemmConfig(1, 16, 128, 4, 1, dp4a=True))])
+def test_gemm_extreme_codes(backend, cfg):
     """a = 15, w = -8 everywhere: the raw dot is -120 K; with zero point 15 the exact result is 0."""
-    m, n, k = 17, 24, 512
+    m, n, k = 17 if backend != "gemv" else 7, 24, 512
     a = torch.full((m, k // 2), 0xFF, dtype=torch.uint8)
     w = prepare_weight(torch.full((n, k), -8, dtype=torch.int8), torch.ones(n))
-    y = w4a4_matmul(a, torch.ones(m), torch.full((m,), 15.0), w, backend, GemmConfig(16, 16, 128, 4, 2))
+    y = w4a4_matmul(a, torch.ones(m), torch.full((m,), 15.0), w, backend, cfg)
     assert torch.equal(y, torch.zeros_like(y))
-    y = w4a4_matmul(a, torch.ones(m), torch.full((m,), 14.0), w, backend, GemmConfig(16, 16, 128, 4, 2))
+    y = w4a4_matmul(a, torch.ones(m), torch.full((m,), 14.0), w, backend, cfg)
     assert torch.all(y.float() == -8.0 * k)
+
+
+def test_dp4a_gemv_needs_k_in_whole_words():
+    a, sa, za, w = _gemm_operands(1, 8, 36, 0)  # K = 36: 18 bytes, not whole 32-bit words
+    with pytest.raises(ValueError, match="multiples of 8"):
+        w4a4_matmul(a, sa, za, w, "gemv", GemmConfig(1, 16, 64, 4, 1, dp4a=True))
 
 
 def test_w4a4_linear_equals_fake_quant_linear():
@@ -316,3 +325,35 @@ def test_run_folder_on_the_kernels(tmp_path):
     # float32 model: same codes, exact integer dots, fp32 epilogue; the fake path's fp32 GEMM rounding
     # can still move an activation across a 4-bit rounding boundary in the next layer, rarely
     assert (a - b).norm() < 1e-3 * a.norm()
+
+
+_COMPILE_DP4A_FOR_HOPPER = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dartquant.kernels import w4a4_gemm
+sig = {"a_ptr": "*i32", "w_ptr": "*i32", "sa_ptr": "*fp32", "za_ptr": "*fp32", "sw_ptr": "*fp32", "wsum_ptr": "*i32",
+       "y_ptr": "*bf16", "ws_ptr": "*i32", "cnt_ptr": "*i32"}
+sig.update({name: "i32" for name in ("M", "N", "KW", "k_steps", "stride_am", "stride_wn", "stride_ym")})
+consts = {"M_PAD": 1, "BLOCK_N": 16, "BLOCK_KW": 64, "SPLIT_K": 8, "STATIC_STEPS": 0, "OUT_F32": False, "ASM": True}
+sig.update({name: "constexpr" for name in consts})
+src = ASTSource(fn=w4a4_gemm._w4a4_gemv_dp4a_kernel, signature=sig, constexprs=consts)
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
+print(json.dumps({"dp4a": k.asm["ptx"].count("dp4a.u32.u32"), "cubin": len(k.asm["cubin"])}))
+"""
+
+
+def test_dp4a_gemv_compiles_for_hopper():
+    """The PTX path (the interpreter runs the shift-and-mask one): compiled for sm_90 with Triton's
+    bundled ptxas in a child process, no GPU needed; its PTX has the dp4a instructions."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", _COMPILE_DP4A_FOR_HOPPER], capture_output=True, text=True, env=env)
+    if p.returncode and "ptxas" in p.stderr:
+        pytest.skip(f"no usable ptxas in this Triton install: {p.stderr[-300:]}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["dp4a"] > 0 and got["cubin"] > 0, got

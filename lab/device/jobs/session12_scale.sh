@@ -21,6 +21,10 @@ touch "$RES/DONE-wj70b"
 python3 benchmarks/kernels_e2e.py --out "$RES/kernels_e2e_int8s_h200.json" \
   --prefill-operands int8 int8s > "$RES/kern_e2e_int8s.md" 2> "$RES/kern_e2e_int8s.log"
 touch "$RES/DONE-kern-e2e-int8s"
+# kernel run 8 (~3-5 min): decode GEMMs at 1 and 4 tokens, the dp4a GEMV against run 3's gemv / int8 (issue 16)
+python3 benchmarks/kernel_bench.py --decode-only --decode-m 1 4 --skip act --out "$RES/kernels_h200_run8.json" \
+  > "$RES/kern_run8.md" 2> "$RES/kern_run8.log"
+touch "$RES/DONE-kern-run8"
 # the 7B job computing in the model's own dtype (float16; session 11 reached layer 11 at 4.6 s / layer)
 $B --dir /tmp/wj --out "$RES/whole_job_h200_fp16.json" --shapes llama2-7b --methods dartquant $W --dtype float16 \
   > "$RES/wj_7b_fp16.md" 2> "$RES/wj_7b_fp16.log"

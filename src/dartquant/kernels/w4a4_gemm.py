@@ -31,6 +31,12 @@ Design choices:
   prefill.  The weight may be planar too (1 byte per code, twice the packed weight's bytes: the
   benchmark's measure of what unpacking costs).  FP8 accumulation is
   either promoted by hand per K block or by Triton (``max_num_imprecise_acc``, GemmConfig.promote).
+* **GEMV with dp4a** (``GemmConfig.dp4a``, gemv backend): the packed bytes read as 32-bit words,
+  nibbles split by masks into four byte lanes, the weight's signed codes made unsigned by flipping
+  bit 3 (two's complement nibble -> ``w + 8``), and four products summed per PTX ``dp4a`` (the
+  plain gemv spends several integer instructions per product, which at decode competes with the
+  weight stream). ``sum a (w + 8) - 8 sum a`` is the same integer, so the output is bit for bit
+  the gemv's. Triton's interpreter runs no PTX: there the same lane sums come from shifts and masks.
 * **Configs**: prefill uses big tiles (tensor-core bound); decode (M <= 64) is weight-bandwidth
   bound: BLOCK_M = 16 (the smallest dot), narrow BLOCK_N so that N / BLOCK_N programs fill the
   132 SMs, long BLOCK_K and deep pipelining; optionally split-K with an int32 atomic workspace.
@@ -77,6 +83,7 @@ class GemmConfig:
     group_m: int = 8
     split_k: int = 1
     promote: int = 0  # fp8: 0 = a fresh dot per K block added by hand; > 0 = Triton's max_num_imprecise_acc
+    dp4a: bool = False  # gemv: four 4-bit products per dp4a instruction (module notes)
 
 
 def prepare_weight(codes: torch.Tensor, scale: torch.Tensor) -> PackedWeight:
@@ -354,6 +361,68 @@ if triton is not None:
                             OUT_F32)
 
 
+    @triton.jit
+    def _dp4a(a, b, c, ASM: tl.constexpr):
+        """c + the dot of the four unsigned bytes of a and b (int32 lanes, each byte < 16 here)."""
+        if ASM:
+            return tl.inline_asm_elementwise("dp4a.u32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:  # the interpreter: the same sum by shifts and masks
+            s = c
+            for i in tl.static_range(4):
+                s += ((a >> (8 * i)) & 0xFF) * ((b >> (8 * i)) & 0xFF)
+            return s
+
+    @triton.jit
+    def _w4a4_gemv_dp4a_kernel(
+        a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, ws_ptr, cnt_ptr,
+        M, N, KW, k_steps, stride_am, stride_wn, stride_ym,
+        M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr,
+        STATIC_STEPS: tl.constexpr, OUT_F32: tl.constexpr, ASM: tl.constexpr,
+    ):
+        """_w4a4_gemv_kernel on 32-bit words (KW = K / 8 per row) with four products per dp4a."""
+        pid = tl.program_id(0)
+        k0 = tl.program_id(1) * k_steps * BLOCK_KW  # this split's first word
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = k0 + tl.arange(0, BLOCK_KW)
+        offs_m = tl.arange(0, M_PAD)
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_KW]
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]  # [M_PAD, BLOCK_KW]
+        acc2 = tl.zeros((M_PAD, BLOCK_N), dtype=tl.int32)
+        asum = tl.zeros((M_PAD,), dtype=tl.int32)
+        ones = tl.full((M_PAD, BLOCK_KW), 0x01010101, tl.int32)
+        kend = tl.minimum(k0 + k_steps * BLOCK_KW, KW)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < kend)[None, :], other=0)
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k < kend)[None, :], other=0)
+        for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else k_steps):
+            w_ptrs += BLOCK_KW
+            a_ptrs += BLOCK_KW
+            kmask = (i + 1) * BLOCK_KW + offs_k < kend
+            w_next = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0)
+            a_next = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0)
+            # offset weight codes w + 8 (bit 3 flipped) of the even / odd k; activations as they are
+            w_lo = tl.broadcast_to(((w & 0x0F0F0F0F) ^ 0x08080808)[None, :, :], (M_PAD, BLOCK_N, BLOCK_KW))
+            w_hi = tl.broadcast_to((((w >> 4) & 0x0F0F0F0F) ^ 0x08080808)[None, :, :], (M_PAD, BLOCK_N, BLOCK_KW))
+            a_lo = a & 0x0F0F0F0F
+            a_hi = (a >> 4) & 0x0F0F0F0F
+            d = _dp4a(tl.broadcast_to(a_lo[:, None, :], (M_PAD, BLOCK_N, BLOCK_KW)), w_lo,
+                      tl.zeros((M_PAD, BLOCK_N, BLOCK_KW), dtype=tl.int32), ASM)
+            d = _dp4a(tl.broadcast_to(a_hi[:, None, :], (M_PAD, BLOCK_N, BLOCK_KW)), w_hi, d, ASM)
+            acc2 += tl.sum(d, axis=2)
+            asum += tl.sum(_dp4a(a_hi, ones, _dp4a(a_lo, ones, tl.zeros_like(a_lo), ASM), ASM), axis=1)
+            w = w_next
+            a = a_next
+        acc2 -= 8 * asum[:, None]  # sum a (w + 8) - 8 sum a = sum a w, exactly
+        if SPLIT_K > 1:
+            _splitk_fixup(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
+                          offs_m, offs_n, mask_m, mask_n, OUT_F32)
+        else:
+            _epilogue_store(acc2, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+                            OUT_F32)
+
+
 _SPLITK_BUFFERS: dict = {}
 
 
@@ -446,8 +515,22 @@ def w4a4_matmul(
         m_pad = max(1, 1 << (m - 1).bit_length())
         if m_pad > 8:
             raise ValueError(f"the gemv backend is for M <= 8, got M={m}")
-        steps = triton.cdiv(triton.cdiv(kh, cfg.block_k // 2), cfg.split_k)  # per split
         ws, cnt = _splitk_buffers(m, n, triton.cdiv(n, cfg.block_n), a_codes.device, cfg.split_k)
+        if cfg.dp4a:
+            if kh % 4 or cfg.block_k % 8:
+                raise ValueError(f"the dp4a gemv needs K and block_k multiples of 8, got K={2 * kh}, "
+                                 f"block_k={cfg.block_k}")
+            a32, w32 = a_codes.contiguous().view(torch.int32), weight.codes.contiguous().view(torch.int32)
+            steps = triton.cdiv(triton.cdiv(kh // 4, cfg.block_k // 8), cfg.split_k)  # per split
+            _w4a4_gemv_dp4a_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
+                a32, w32, a_scale, a_zero, weight.scale, weight.rowsum, out, ws, cnt,
+                m, n, kh // 4, steps, a32.stride(0), w32.stride(0), out.stride(0),
+                M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_k // 8, SPLIT_K=cfg.split_k,
+                STATIC_STEPS=steps if interpret else 0, OUT_F32=out.dtype == torch.float32, ASM=not interpret,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+            )
+            return out
+        steps = triton.cdiv(triton.cdiv(kh, cfg.block_k // 2), cfg.split_k)  # per split
         _w4a4_gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
             a_codes, weight.codes, a_scale, a_zero, weight.scale, weight.rowsum, out, ws, cnt,
             m, n, kh, steps, a_codes.stride(0), weight.codes.stride(0), out.stride(0),
