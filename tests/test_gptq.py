@@ -241,13 +241,28 @@ def test_lean_factorization_gives_the_reference_inverse_cholesky(act_order):
     torch.testing.assert_close(lean.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
 
 
-def test_factorization_auto_is_the_reference_on_the_cpu(data):
+def test_factorization_auto_is_the_reference_on_the_cpu_unless_the_environment_says(data, monkeypatch):
     _, W, gptq = data
     spec = QuantSpec(bits=4, group_size=32)
-    auto = gptq._quantize(W, spec, blocksize=128, percdamp=0.01, act_order=False, static_groups=False)
-    ref = gptq._quantize(W, spec, blocksize=128, percdamp=0.01, act_order=False, static_groups=False,
-                         factorization="reference")
-    assert torch.equal(auto[1], ref[1]) and torch.equal(auto[0].codes, ref[0].codes)
+
+    lean_calls = []
+    real = GPTQ._lean_inverse_cholesky
+    monkeypatch.setattr(GPTQ, "_lean_inverse_cholesky", lambda self, *a: lean_calls.append(1) or real(self, *a))
+
+    def run(factorization="auto") -> str:
+        before = len(lean_calls)
+        gptq._quantize(W, spec, blocksize=128, percdamp=0.01, act_order=False, static_groups=False,
+                       factorization=factorization)
+        return "lean" if len(lean_calls) > before else "reference"
+
+    monkeypatch.delenv("DARTQUANT_GPTQ_FACTORIZATION", raising=False)
+    assert (run("reference"), run("lean"), run()) == ("reference", "lean", "reference")
+    monkeypatch.setenv("DARTQUANT_GPTQ_FACTORIZATION", "lean")
+    assert run() == "lean"
+    assert run("reference") == "reference"  # an explicit choice wins
+    monkeypatch.setenv("DARTQUANT_GPTQ_FACTORIZATION", "cholesky")
+    with pytest.raises(ValueError, match="DARTQUANT_GPTQ_FACTORIZATION"):
+        run()
 
 
 # ----------------------------------------------------------------------------- robustness

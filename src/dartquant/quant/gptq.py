@@ -249,7 +249,8 @@ class GPTQ:
         columns: how the column loop runs: "torch", "triton" (`gptq_triton`, the same bits), or
         "auto" (Triton on a GPU when it is installed, after one check against the torch loop).
         factorization: "reference", "lean" (two float64 Hessian copies instead of five or more; see
-        the module's notes), or "auto" (lean on a GPU, reference elsewhere)."""
+        the module's notes), or "auto" (lean on a GPU, reference elsewhere; the environment variable
+        DARTQUANT_GPTQ_FACTORIZATION=reference|lean overrides it)."""
         return self._quantize(
             weight, spec, blocksize=blocksize, percdamp=percdamp, act_order=act_order, static_groups=static_groups,
             columns=columns, factorization=factorization,
@@ -286,6 +287,10 @@ class GPTQ:
         dynamic = g is not None and not static_groups
 
         dev = self.H.device
+        if factorization == "auto":  # DARTQUANT_GPTQ_FACTORIZATION=reference|lean overrides the device's choice
+            factorization = os.environ.get("DARTQUANT_GPTQ_FACTORIZATION", "auto")
+            if factorization not in ("auto", "reference", "lean"):
+                raise ValueError(f"DARTQUANT_GPTQ_FACTORIZATION must be reference or lean, got {factorization!r}")
         lean = factorization == "lean" or (factorization == "auto" and dev.type == "cuda")
         if not torch.isfinite(self.H).all():
             raise ValueError("GPTQ: the Hessian has non-finite entries (NaN/inf in the calibration inputs?)")
