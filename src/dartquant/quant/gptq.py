@@ -173,14 +173,14 @@ class GPTQ:
         (`perm`, dead inputs' diagonal set to 1), with at most two float64 n x n tensors alive: the
         reversed damped Hessian and its Cholesky factor, then the factor alone, inverted in place.
         Retries with 10x damping as `_inverse_cholesky` does (the Hessian is rebuilt from self.H)."""
-        n = self.in_features
-        order = perm if perm is not None else torch.arange(n, device=self.H.device)
-        rev = order.flip(0)
+        rev = perm.flip(0) if perm is not None else None
         damp = percdamp * mean_diag
         first = damp
         for attempt in range(MAX_DAMP_RETRIES + 1):
-            Hr = self.H[rev][:, rev].to(torch.float64)  # J P^T H P J
-            Hr.diagonal()[dead[rev]] = 1.0
+            # J P^T H P J (one float32 copy without act_order)
+            Hr = (self.H.flip((0, 1)) if rev is None else self.H[rev][:, rev]).to(torch.float64)
+            rev_dead = dead.flip(0) if rev is None else dead[rev]
+            Hr.diagonal()[rev_dead] = 1.0
             Hr.diagonal().add_(damp)
             L, info = torch.linalg.cholesky_ex(Hr)
             del Hr
