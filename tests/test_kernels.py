@@ -334,10 +334,11 @@ from triton.compiler import ASTSource
 from dartquant.kernels import w4a4_gemm
 sig = {"a_ptr": "*i32", "w_ptr": "*i32", "sa_ptr": "*fp32", "za_ptr": "*fp32", "sw_ptr": "*fp32", "wsum_ptr": "*i32",
        "y_ptr": "*bf16", "ws_ptr": "*i32", "cnt_ptr": "*i32"}
-sig.update({name: "i32" for name in ("M", "N", "KW", "k_steps", "stride_am", "stride_wn", "stride_ym")})
-consts = {"M_PAD": 1, "BLOCK_N": 16, "BLOCK_KW": 64, "SPLIT_K": 8, "STATIC_STEPS": 0, "OUT_F32": False, "ASM": True}
+sig.update({name: "i32" for name in ("M", "N", "KH", "k_steps", "stride_am", "stride_wn", "stride_ym")})
+consts = {"M_PAD": 1, "BLOCK_N": 16, "BLOCK_KH": 64, "SPLIT_K": 8, "STATIC_STEPS": 0, "OUT_F32": False,
+          "DP4A": True, "ASM": True}
 sig.update({name: "constexpr" for name in consts})
-src = ASTSource(fn=w4a4_gemm._w4a4_gemv_dp4a_kernel, signature=sig, constexprs=consts)
+src = ASTSource(fn=w4a4_gemm._w4a4_gemv_kernel, signature=sig, constexprs=consts)
 k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
 print(json.dumps({"dp4a": k.asm["ptx"].count("dp4a.u32.u32"), "cubin": len(k.asm["cubin"])}))
 """

@@ -316,52 +316,6 @@ if triton is not None:
             tl.store(ptrs, round_to_bf16(y).to(tl.bfloat16), mask=mask_n[:, None] & mask_m[None, :])
 
     @triton.jit
-    def _w4a4_gemv_kernel(
-        a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, ws_ptr, cnt_ptr,
-        M, N, KH, k_steps, stride_am, stride_wn, stride_ym,
-        M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, SPLIT_K: tl.constexpr,
-        STATIC_STEPS: tl.constexpr, OUT_F32: tl.constexpr,
-    ):
-        """Decode (M <= M_PAD <= 8) on the CUDA cores: weight rows read k-contiguous (16-byte
-        loads), int32 products reduced along k per step, the next step's tiles loaded before
-        this step's arithmetic (by hand: Triton pipelines only loads that feed a dot).  No
-        tensor-core operand layouts, no shared-memory round trip."""
-        pid = tl.program_id(0)
-        k0 = tl.program_id(1) * k_steps * BLOCK_KH  # this split's first packed column
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = k0 + tl.arange(0, BLOCK_KH)
-        offs_m = tl.arange(0, M_PAD)
-        mask_n = offs_n < N
-        mask_m = offs_m < M
-        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_KH]
-        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]  # [M_PAD, BLOCK_KH]
-        acc2 = tl.zeros((M_PAD, BLOCK_N), dtype=tl.int32)
-        kend = tl.minimum(k0 + k_steps * BLOCK_KH, KH)
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < kend)[None, :], other=0)
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k < kend)[None, :], other=0)
-        for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else k_steps):
-            w_ptrs += BLOCK_KH
-            a_ptrs += BLOCK_KH
-            kmask = (i + 1) * BLOCK_KH + offs_k < kend
-            w_next = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0)
-            a_next = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0)
-            w8 = w.to(tl.int8, bitcast=True)
-            w_lo = ((w8 << 4) >> 4).to(tl.int32)
-            w_hi = (w8 >> 4).to(tl.int32)
-            a_lo = (a & 0xF).to(tl.int32)
-            a_hi = (a >> 4).to(tl.int32)
-            acc2 += tl.sum(a_lo[:, None, :] * w_lo[None, :, :] + a_hi[:, None, :] * w_hi[None, :, :], axis=2)
-            w = w_next
-            a = a_next
-        if SPLIT_K > 1:
-            _splitk_fixup(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
-                          offs_m, offs_n, mask_m, mask_n, OUT_F32)
-        else:
-            _epilogue_store(acc2, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
-                            OUT_F32)
-
-
-    @triton.jit
     def _dp4a(a, b, c, ASM: tl.constexpr):
         """c + the dot of the four unsigned bytes of a and b (int32 lanes, each byte < 16 here)."""
         if ASM:
@@ -374,47 +328,61 @@ if triton is not None:
             return s
 
     @triton.jit
-    def _w4a4_gemv_dp4a_kernel(
+    def _w4a4_gemv_kernel(
         a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, ws_ptr, cnt_ptr,
-        M, N, KW, k_steps, stride_am, stride_wn, stride_ym,
-        M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr,
-        STATIC_STEPS: tl.constexpr, OUT_F32: tl.constexpr, ASM: tl.constexpr,
+        M, N, KH, k_steps, stride_am, stride_wn, stride_ym,
+        M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, SPLIT_K: tl.constexpr,
+        STATIC_STEPS: tl.constexpr, OUT_F32: tl.constexpr, DP4A: tl.constexpr = False, ASM: tl.constexpr = False,
     ):
-        """_w4a4_gemv_kernel on 32-bit words (KW = K / 8 per row) with four products per dp4a."""
+        """Decode (M <= M_PAD <= 8) on the CUDA cores: weight rows read k-contiguous (16-byte
+        loads), int32 products reduced along k per step, the next step's tiles loaded before
+        this step's arithmetic (by hand: Triton pipelines only loads that feed a dot).  No
+        tensor-core operand layouts, no shared-memory round trip.  DP4A: the operands are the
+        packed bytes read as int32 words (KH, BLOCK_KH and the strides count words), four
+        products per dp4a (module notes)."""
         pid = tl.program_id(0)
-        k0 = tl.program_id(1) * k_steps * BLOCK_KW  # this split's first word
+        k0 = tl.program_id(1) * k_steps * BLOCK_KH  # this split's first packed column
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = k0 + tl.arange(0, BLOCK_KW)
+        offs_k = k0 + tl.arange(0, BLOCK_KH)
         offs_m = tl.arange(0, M_PAD)
         mask_n = offs_n < N
         mask_m = offs_m < M
-        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_KW]
-        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]  # [M_PAD, BLOCK_KW]
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_KH]
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]  # [M_PAD, BLOCK_KH]
         acc2 = tl.zeros((M_PAD, BLOCK_N), dtype=tl.int32)
-        asum = tl.zeros((M_PAD,), dtype=tl.int32)
-        ones = tl.full((M_PAD, BLOCK_KW), 0x01010101, tl.int32)
-        kend = tl.minimum(k0 + k_steps * BLOCK_KW, KW)
+        asum = tl.zeros((M_PAD,), dtype=tl.int32)  # DP4A: sum of the activation codes
+        kend = tl.minimum(k0 + k_steps * BLOCK_KH, KH)
         w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < kend)[None, :], other=0)
         a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k < kend)[None, :], other=0)
         for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else k_steps):
-            w_ptrs += BLOCK_KW
-            a_ptrs += BLOCK_KW
-            kmask = (i + 1) * BLOCK_KW + offs_k < kend
+            w_ptrs += BLOCK_KH
+            a_ptrs += BLOCK_KH
+            kmask = (i + 1) * BLOCK_KH + offs_k < kend
             w_next = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0)
             a_next = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0)
-            # offset weight codes w + 8 (bit 3 flipped) of the even / odd k; activations as they are
-            w_lo = tl.broadcast_to(((w & 0x0F0F0F0F) ^ 0x08080808)[None, :, :], (M_PAD, BLOCK_N, BLOCK_KW))
-            w_hi = tl.broadcast_to((((w >> 4) & 0x0F0F0F0F) ^ 0x08080808)[None, :, :], (M_PAD, BLOCK_N, BLOCK_KW))
-            a_lo = a & 0x0F0F0F0F
-            a_hi = (a >> 4) & 0x0F0F0F0F
-            d = _dp4a(tl.broadcast_to(a_lo[:, None, :], (M_PAD, BLOCK_N, BLOCK_KW)), w_lo,
-                      tl.zeros((M_PAD, BLOCK_N, BLOCK_KW), dtype=tl.int32), ASM)
-            d = _dp4a(tl.broadcast_to(a_hi[:, None, :], (M_PAD, BLOCK_N, BLOCK_KW)), w_hi, d, ASM)
-            acc2 += tl.sum(d, axis=2)
-            asum += tl.sum(_dp4a(a_hi, ones, _dp4a(a_lo, ones, tl.zeros_like(a_lo), ASM), ASM), axis=1)
+            if DP4A:
+                # offset weight codes w + 8 (bit 3 flipped) of the even / odd k; activations as they are
+                w_lo = tl.broadcast_to(((w & 0x0F0F0F0F) ^ 0x08080808)[None, :, :], (M_PAD, BLOCK_N, BLOCK_KH))
+                w_hi = tl.broadcast_to((((w >> 4) & 0x0F0F0F0F) ^ 0x08080808)[None, :, :], (M_PAD, BLOCK_N, BLOCK_KH))
+                a_lo = a & 0x0F0F0F0F
+                a_hi = (a >> 4) & 0x0F0F0F0F
+                d = _dp4a(tl.broadcast_to(a_lo[:, None, :], (M_PAD, BLOCK_N, BLOCK_KH)), w_lo,
+                          tl.zeros((M_PAD, BLOCK_N, BLOCK_KH), dtype=tl.int32), ASM)
+                d = _dp4a(tl.broadcast_to(a_hi[:, None, :], (M_PAD, BLOCK_N, BLOCK_KH)), w_hi, d, ASM)
+                acc2 += tl.sum(d, axis=2)
+                ones = tl.full((M_PAD, BLOCK_KH), 0x01010101, tl.int32)
+                asum += tl.sum(_dp4a(a_hi, ones, _dp4a(a_lo, ones, tl.zeros_like(a_lo), ASM), ASM), axis=1)
+            else:
+                w8 = w.to(tl.int8, bitcast=True)
+                w_lo = ((w8 << 4) >> 4).to(tl.int32)
+                w_hi = (w8 >> 4).to(tl.int32)
+                a_lo = (a & 0xF).to(tl.int32)
+                a_hi = (a >> 4).to(tl.int32)
+                acc2 += tl.sum(a_lo[:, None, :] * w_lo[None, :, :] + a_hi[:, None, :] * w_hi[None, :, :], axis=2)
             w = w_next
             a = a_next
-        acc2 -= 8 * asum[:, None]  # sum a (w + 8) - 8 sum a = sum a w, exactly
+        if DP4A:
+            acc2 -= 8 * asum[:, None]  # sum a (w + 8) - 8 sum a = sum a w, exactly
         if SPLIT_K > 1:
             _splitk_fixup(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
                           offs_m, offs_n, mask_m, mask_n, OUT_F32)
@@ -516,26 +484,20 @@ def w4a4_matmul(
         if m_pad > 8:
             raise ValueError(f"the gemv backend is for M <= 8, got M={m}")
         ws, cnt = _splitk_buffers(m, n, triton.cdiv(n, cfg.block_n), a_codes.device, cfg.split_k)
-        if cfg.dp4a:
+        a_op, w_op, per = a_codes, weight.codes, 2  # per: codes per element of the operands
+        if cfg.dp4a:  # the same bytes as int32 words
             if kh % 4 or cfg.block_k % 8:
                 raise ValueError(f"the dp4a gemv needs K and block_k multiples of 8, got K={2 * kh}, "
                                  f"block_k={cfg.block_k}")
-            a32, w32 = a_codes.contiguous().view(torch.int32), weight.codes.contiguous().view(torch.int32)
-            steps = triton.cdiv(triton.cdiv(kh // 4, cfg.block_k // 8), cfg.split_k)  # per split
-            _w4a4_gemv_dp4a_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
-                a32, w32, a_scale, a_zero, weight.scale, weight.rowsum, out, ws, cnt,
-                m, n, kh // 4, steps, a32.stride(0), w32.stride(0), out.stride(0),
-                M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_k // 8, SPLIT_K=cfg.split_k,
-                STATIC_STEPS=steps if interpret else 0, OUT_F32=out.dtype == torch.float32, ASM=not interpret,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
-            )
-            return out
-        steps = triton.cdiv(triton.cdiv(kh, cfg.block_k // 2), cfg.split_k)  # per split
+            a_op, w_op, per = a_codes.contiguous().view(torch.int32), weight.codes.contiguous().view(torch.int32), 8
+        kw = 2 * kh // per
+        steps = triton.cdiv(triton.cdiv(kw, cfg.block_k // per), cfg.split_k)  # per split
         _w4a4_gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
-            a_codes, weight.codes, a_scale, a_zero, weight.scale, weight.rowsum, out, ws, cnt,
-            m, n, kh, steps, a_codes.stride(0), weight.codes.stride(0), out.stride(0),
-            M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2, SPLIT_K=cfg.split_k,
+            a_op, w_op, a_scale, a_zero, weight.scale, weight.rowsum, out, ws, cnt,
+            m, n, kw, steps, a_op.stride(0), w_op.stride(0), out.stride(0),
+            M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // per, SPLIT_K=cfg.split_k,
             STATIC_STEPS=steps if interpret else 0, OUT_F32=out.dtype == torch.float32,
+            DP4A=cfg.dp4a, ASM=cfg.dp4a and not interpret,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         )
         return out
