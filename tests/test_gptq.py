@@ -284,6 +284,20 @@ def test_dead_inputs_get_zero_weight_columns():
 
 
 @pytest.mark.parametrize("factorization", ["reference", "lean"])
+def test_quantize_leaves_a_float64_hessian_as_it_was(factorization):
+    """A solver quantizes several linears (q/k/v share one): its Hessian, float64 included (where
+    the float64 copy could be the Hessian itself), must not keep the dead-input fix of the first."""
+    X = _calibration(seed=3, dead=(5, 17))
+    g = GPTQ(D_IN, dtype=torch.float64)
+    g.add_batch(X)
+    H0 = g.H.clone()
+    W = torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(4))
+    first = g.quantize(W, QuantSpec(bits=4), factorization=factorization)
+    assert torch.equal(g.H, H0)
+    assert torch.equal(g.quantize(W, QuantSpec(bits=4), factorization=factorization).codes, first.codes)
+
+
+@pytest.mark.parametrize("factorization", ["reference", "lean"])
 def test_cholesky_failure_retries_with_more_damping(factorization):
     g = GPTQ(4)
     # indefinite (eigenvalues 3 and -1 per 2x2 block), as float32 round-off can make a Hessian:

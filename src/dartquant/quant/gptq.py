@@ -296,13 +296,13 @@ class GPTQ:
             raise ValueError("GPTQ: the Hessian has non-finite entries (NaN/inf in the calibration inputs?)")
         W = weight.detach().to(device=dev, dtype=torch.float32).clone()
         n_out, n = W.shape
-        diag = torch.diagonal(self.H).to(torch.float64)
+        diag = torch.diagonal(self.H).to(torch.float64, copy=True)  # not a view of self.H
         dead = diag == 0
         diag[dead] = 1.0  # the diagonal of H below
         W[:, dead] = 0.0
         H = None
         if not lean:  # the whole Hessian in float64 now (lean: built inside its factorization)
-            H = self.H.to(torch.float64)
+            H = self.H.to(torch.float64, copy=True)  # never self.H itself (a float64 accumulator)
             H[dead, dead] = 1.0
 
         if dynamic:
