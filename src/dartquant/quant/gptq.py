@@ -127,6 +127,30 @@ def _invert_lower_(L: torch.Tensor, block: int = 512) -> None:
         L[s:e, s:e] = c_inv
 
 
+def _with_damping(factor, percdamp: float, mean_diag: float) -> torch.Tensor:
+    """`factor(damp)` (None where the factorization failed) at damping percdamp * mean_diag,
+    retried with 10x the damping up to MAX_DAMP_RETRIES times (with a warning), else an error."""
+    damp = percdamp * mean_diag
+    first = damp
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        U = factor(damp)
+        if U is not None:
+            if attempt:
+                warnings.warn(
+                    f"GPTQ: Cholesky failed with damping {first:.3g} (percdamp={percdamp}); "
+                    f"succeeded with damping {damp:.3g} after {attempt} retr{'y' if attempt == 1 else 'ies'}",
+                    RuntimeWarning,
+                    stacklevel=5,  # the caller of GPTQ.quantize
+                )
+            return U
+        # percdamp = 0 has nothing to multiply: start from 1 % of the mean diagonal
+        damp = damp * 10 if damp > 0 else 0.01 * mean_diag
+    raise RuntimeError(
+        f"GPTQ: Cholesky of the damped Hessian failed even with damping {damp / 10:.3g} "
+        f"(percdamp={percdamp}, mean diag {mean_diag:.3g}); the calibration inputs are degenerate"
+    )
+
+
 class GPTQ:
     """Hessian accumulator + GPTQ solver for one linear layer (or several sharing one input)."""
 
@@ -172,65 +196,41 @@ class GPTQ:
         """float32 upper Cholesky factor of (H + damp I)^-1 for the Hessian in the loop's column order
         (`perm`, dead inputs' diagonal set to 1), with at most two float64 n x n tensors alive: the
         reversed damped Hessian and its Cholesky factor, then the factor alone, inverted in place.
-        Retries with 10x damping as `_inverse_cholesky` does (the Hessian is rebuilt from self.H)."""
+        Each retry (`_with_damping`) rebuilds the Hessian from self.H."""
         rev = perm.flip(0) if perm is not None else None
-        damp = percdamp * mean_diag
-        first = damp
-        for attempt in range(MAX_DAMP_RETRIES + 1):
+
+        def factor(damp: float) -> torch.Tensor | None:
             # J P^T H P J (one float32 copy without act_order)
             Hr = (self.H.flip((0, 1)) if rev is None else self.H[rev][:, rev]).to(torch.float64)
-            rev_dead = dead.flip(0) if rev is None else dead[rev]
-            Hr.diagonal()[rev_dead] = 1.0
+            Hr.diagonal()[dead.flip(0) if rev is None else dead[rev]] = 1.0
             Hr.diagonal().add_(damp)
             L, info = torch.linalg.cholesky_ex(Hr)
             del Hr
-            if info.item() == 0:
-                _invert_lower_(L)
-                if torch.isfinite(L).all():
-                    if attempt:
-                        warnings.warn(
-                            f"GPTQ: Cholesky failed with damping {first:.3g} (percdamp={percdamp}); "
-                            f"succeeded with damping {damp:.3g} after {attempt} retr{'y' if attempt == 1 else 'ies'}",
-                            RuntimeWarning,
-                            stacklevel=4,
-                        )
-                    U = L.to(torch.float32)
-                    del L
-                    return U.flip(0, 1)  # J L'^-1 J
+            if info.item() != 0:
+                return None
+            _invert_lower_(L)
+            if not torch.isfinite(L).all():
+                return None
+            U = L.to(torch.float32)
             del L
-            damp = damp * 10 if damp > 0 else 0.01 * mean_diag
-        raise RuntimeError(
-            f"GPTQ: Cholesky of the damped Hessian failed even with damping {damp / 10:.3g} "
-            f"(percdamp={percdamp}, mean diag {mean_diag:.3g}); the calibration inputs are degenerate"
-        )
+            return U.flip(0, 1)  # J L'^-1 J
+
+        return _with_damping(factor, percdamp, mean_diag)
 
     @staticmethod
     def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
         """Upper Cholesky factor of (H + damp I)^-1, retrying with 10x damping on failure."""
-        mean_diag = torch.diagonal(H).mean().item()
-        damp = percdamp * mean_diag
-        first = damp
-        for attempt in range(MAX_DAMP_RETRIES + 1):
+
+        def factor(damp: float) -> torch.Tensor | None:
             Hd = H.clone()
             Hd.diagonal().add_(damp)
             L, info = torch.linalg.cholesky_ex(Hd)
-            if info.item() == 0:
-                U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-                if info.item() == 0 and torch.isfinite(U).all():
-                    if attempt:
-                        warnings.warn(
-                            f"GPTQ: Cholesky failed with damping {first:.3g} (percdamp={percdamp}); "
-                            f"succeeded with damping {damp:.3g} after {attempt} retr{'y' if attempt == 1 else 'ies'}",
-                            RuntimeWarning,
-                            stacklevel=4,  # the caller of GPTQ.quantize
-                        )
-                    return U
-            # percdamp = 0 has nothing to multiply: start from 1 % of the mean diagonal
-            damp = damp * 10 if damp > 0 else 0.01 * mean_diag
-        raise RuntimeError(
-            f"GPTQ: Cholesky of the damped Hessian failed even with damping {damp / 10:.3g} "
-            f"(percdamp={percdamp}, mean diag {mean_diag:.3g}); the calibration inputs are degenerate"
-        )
+            if info.item() != 0:
+                return None
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            return U if info.item() == 0 and torch.isfinite(U).all() else None
+
+        return _with_damping(factor, percdamp, torch.diagonal(H).mean().item())
 
     def quantize(
         self,
