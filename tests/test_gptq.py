@@ -305,9 +305,10 @@ def test_cholesky_failure_retries_with_more_damping(factorization):
     g.H = torch.tensor([[1.0, 2.0, 0, 0], [2.0, 1.0, 0, 0], [0, 0, 1.0, 2.0], [0, 0, 2.0, 1.0]])
     g._nsamples = 1
     W = torch.randn(3, 4)
-    with pytest.warns(RuntimeWarning, match="Cholesky failed"):
+    with pytest.warns(RuntimeWarning, match="Cholesky failed") as record:
         qt = g.quantize(W, QuantSpec(bits=4), factorization=factorization)
     assert torch.isfinite(qt.dequantize()).all()
+    assert record[0].filename == __file__  # the warning names the caller's line
 
     g.H = torch.tensor([[1.0, 1e7], [1e7, 1.0]])  # beyond any retry
     g.in_features = 2

@@ -140,7 +140,7 @@ def _with_damping(factor, percdamp: float, mean_diag: float) -> torch.Tensor:
                     f"GPTQ: Cholesky failed with damping {first:.3g} (percdamp={percdamp}); "
                     f"succeeded with damping {damp:.3g} after {attempt} retr{'y' if attempt == 1 else 'ies'}",
                     RuntimeWarning,
-                    stacklevel=5,  # the caller of GPTQ.quantize
+                    stacklevel=6,  # the caller of GPTQ.quantize (through _quantize and its no_grad wrapper)
                 )
             return U
         # percdamp = 0 has nothing to multiply: start from 1 % of the mean diagonal
