@@ -2,7 +2,7 @@
 # The GPU batch behind docs/RESULTS.md (run on the lent H200 after lab/device/device_stage.py
 # staging; `source lab/device/device_env.sh` first). Writes JSON + logs to $RES (default /tmp/res).
 # Usage: device_batch.sh cost | costs | quality | all | session3 | session4 | session6 | session7 |
-#        session8-scale | session8-spin | jobs-scale | jobs-after-scale FILE | jobs FILE
+#        session8-scale | session8-spin | session12 | session12-quality | jobs-scale | jobs-after-scale FILE | jobs FILE
 # Jobs of the parallel modes go round-robin over the visible GPUs (nvidia-h200-x2: two).
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
@@ -120,6 +120,20 @@ session8-spin)  # issue 12's missing rows: SpinQuant on Qwen2.5-Coder-1.5B, 3 se
 jobs-scale)  # the whole job at 70B / 7B / 8B alone on the GPU (lab/device/jobs/session12_scale.sh; earlier sessions ran session1N_scale.sh)
   export OMP_NUM_THREADS=8
   bash lab/device/jobs/session12_scale.sh > "$RES/scale.log" 2>&1 ;;
+session12)  # two lanes: kernel run 8 alone, then the 70B memory rows (session12_scale.sh) beside the 8B / 7B
+  # whole-job rows (session12_rows.sh, which waits for run 8)
+  export OMP_NUM_THREADS=8
+  bash lab/device/jobs/session12_rows.sh > "$RES/rows.log" 2>&1 &
+  bash lab/device/jobs/session12_scale.sh > "$RES/scale.log" 2>&1
+  wait ;;
+session12-quality)  # issue 17 (WORK=/tmp/work2, after the Qwen pack): once kernel run 8 is done, the
+  # W4 / A4 / KV4 / per-role A8 decomposition of QuaRot's gap (no zero-shot) beside the missing 3-seed rows
+  export OMP_NUM_THREADS=2
+  for _ in $(seq 60); do [ -f "$RES/DONE-kern-run8" ] && break; sleep 5; done
+  MODELS="smollm2-135m qwen2.5-coder-0.5b" convert_models
+  (TASKS="" PARALLEL=6 run_jobs lab/device/jobs/session12_decomp.txt) &
+  PARALLEL=3 run_jobs lab/device/jobs/session12_q17.txt
+  wait ;;
 jobs-7b-depths)  # the 7B whole job at 8 and 16 layers (lab/device/jobs/session9_7b_depths.sh)
   export OMP_NUM_THREADS=8
   bash lab/device/jobs/session9_7b_depths.sh > "$RES/scale.log" 2>&1 ;;
