@@ -131,7 +131,7 @@ session12-quality)  # issue 17 (WORK=/tmp/work2, after the Qwen pack): once kern
   export OMP_NUM_THREADS=2
   for _ in $(seq 60); do [ -f "$RES/DONE-kern-run8" ] && break; sleep 5; done
   MODELS="smollm2-135m qwen2.5-coder-0.5b" convert_models
-  (TASKS="" PARALLEL=6 run_jobs lab/device/jobs/session12_decomp.txt) &
+  (TASKS="" PARALLEL=${DECOMP_PARALLEL:-6} run_jobs lab/device/jobs/session12_decomp.txt) &
   PARALLEL=3 run_jobs lab/device/jobs/session12_q17.txt
   wait ;;
 jobs-7b-depths)  # the 7B whole job at 8 and 16 layers (lab/device/jobs/session9_7b_depths.sh)
