@@ -40,10 +40,11 @@ BEGIN, END = "<!-- headlines:begin -->", "<!-- headlines:end -->"
 # 6 zero-shot tasks with --limit 100, H200)
 QUALITY = {
     "SmolLM2-135M": ["smollm2_quality_h200.json", "smollm2_e2e_h200_session3.json",
-                     "smollm2_quantloss_gptq_h200.json", "smollm2_dfrot_duquant_h200_session7.json"],
+                     "smollm2_quantloss_gptq_h200.json", "smollm2_dfrot_duquant_h200_session7.json",
+                     "smollm2_duquant_seed2_h200_session12.json"],
     # session 6: every Qwen row again with K's bias kept out of the K quantizer (§7, §8); the
     # rows of qwen_quality_h200.json were measured before that fix, which only FP does not touch
-    "Qwen2.5-Coder-0.5B": ["qwen_kbiasfix_h200_session6.json"],
+    "Qwen2.5-Coder-0.5B": ["qwen_kbiasfix_h200_session6.json", "qwen_quantloss_seeds12_h200_session12.json"],
     # issue 12's model, at its own protocol (§7): at most 40 windows per corpus, no zero-shot
     "Qwen2.5-Coder-1.5B (≤ 40 windows per corpus, §7)": ["qwen15_quality_h200.json"],
 }

@@ -73,6 +73,12 @@ class PackedWeight:
     k: int
 
 
+# "auto" takes the dp4a GEMV up to this many tokens: at 4 tokens kernel run 8 measured its default
+# config at 0.63-0.83x the int8 tensor-core GEMM's time on 10 of 11 7B / 8B / 70B linears (8B gate/up:
+# 0.98x); 5-8 tokens: not measured
+GEMV_MAX_TOKENS = 4
+
+
 @dataclass(frozen=True)
 class GemmConfig:
     block_m: int
@@ -124,8 +130,10 @@ def planar_weight(weight: "PackedWeight", dtype: torch.dtype) -> torch.Tensor:
 def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
     """The configs that measured fastest on the H200 (docs/KERNELS.md, runs 2, 3 and 7)."""
     big = n * k >= 1 << 26  # e.g. 8192 x 8192 and up: split K to fill the SMs
-    if backend == "gemv":
-        return GemmConfig(1, 16, 512, 4, 1, split_k=8)
+    if backend == "gemv":  # dp4a: kernel run 8 (KERNELS.md 3): 0.40-0.73x the plain gemv's time on 17 of 22
+        # (linear, 1 or 4 tokens) rows; slower on 3 rows at 1 token (8B gate/up 1.09x, 70B q/o 1.02x, 8B k/v 2.8x,
+        # the last one likely disturbed: the same config took 9.4 us at 4 tokens against 28 us at 1)
+        return GemmConfig(1, 16, 512, 4, 1, split_k=8, dp4a=k % 8 == 0)
     if backend == "int8s":  # block_m: tokens per tile (the MMA's N); run 7's fastest (KERNELS.md 2c)
         if m <= 16:
             return GemmConfig(16, 64, 256, 4, 4)
@@ -430,7 +438,7 @@ def w4a4_matmul(
     codes instead of the packed ones (tensor-core backends).
     backend: "int8" (int8 tensor cores, int32 accumulation), "int8s" (the same with the operands
     swapped: planar activations only, no split-K), "fp8" (e4m3, fp32 per-block promotion), "gemv"
-    (CUDA cores, int32; M <= 8; config.block_m unused) or "auto" (gemv for M <= 2, else int8).
+    (CUDA cores, int32; M <= 8; config.block_m unused) or "auto" (gemv for M <= GEMV_MAX_TOKENS, else int8).
     """
     require_triton()
     if backend not in ("auto", "int8", "int8s", "fp8", "gemv"):
@@ -459,8 +467,8 @@ def w4a4_matmul(
         raise ValueError("packed activations need their zero points")
     if backend == "int8s" and not a8:
         raise TypeError("the int8s backend takes planar centered int8 activations (planar_centered)")
-    if backend == "auto":  # the CUDA-core GEMV for one or two tokens, else int8 tensor cores
-        backend = "gemv" if m <= 2 else "int8"
+    if backend == "auto":  # the CUDA-core dp4a GEMV up to GEMV_MAX_TOKENS tokens, else int8 tensor cores
+        backend = "gemv" if m <= GEMV_MAX_TOKENS else "int8"
     cfg = config or default_config(m, n, 2 * kh, backend)
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a_codes.device)
