@@ -12,9 +12,12 @@ linears that read one input (q/k/v, gate/up).
 `--factorizations reference lean` compares instead the two factorizations of the inverse Hessian
 (`GPTQ.quantize(factorization=...)`, Triton loop on a GPU): seconds per linear, the GPU memory the
 call adds on top of what is already allocated (its peak minus the allocated before it), and how
-many codes agree (the two are equal to float64 round-off, not bit for bit):
+many codes agree (the two are equal to float64 round-off, not bit for bit). A `-release` suffix
+(`lean-release`) runs the call as the Hessian's last use (`release_hessian=True`, as gptq_block_
+does for a down_proj): on a copy of the Hessian that the call may drop, so "added" can go below 0:
 
     python benchmarks/gptq_speed.py --shape llama2-70b --factorizations reference lean --out docs/results/gptq_memory_h200.json
+    python benchmarks/gptq_speed.py --shape llama2-70b --factorizations lean lean-release --out gptq_memory_release.json
 """
 
 from __future__ import annotations
@@ -76,23 +79,29 @@ def compare_factorizations(args) -> int:
         w = torch.randn(n_out, n_in, device=dev, generator=g) * 0.02
         row, codes = {"linear": name, "out": n_out, "in": n_in}, {}
         for fact in args.factorizations:
-            gq.quantize(w[:64, :], spec, factorization=fact)  # warm up (kernels, cusolver handles)
+            method, release = fact.removesuffix("-release"), fact.endswith("-release")
+            gq.quantize(w[:64, :], spec, factorization=method)  # warm up (kernels, cusolver handles)
+            solver = gq
+            if release:  # the Hessian's last use (as gptq_block_ calls it): a copy the call may drop
+                solver = GPTQ(n_in, dev)
+                solver.H, solver._nsamples = gq.H.clone(), gq.nsamples
             sync(dev)
             if cuda:
                 torch.cuda.empty_cache()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            qt = gq.quantize(w, spec, factorization=fact)
+            qt = solver.quantize(w, spec, factorization=method, release_hessian=release)
+            del solver
             sync(dev)
             row[f"{fact}_s"] = round(time.perf_counter() - t0, 3)
             if cuda:
                 row[f"{fact}_added_GiB"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)
             codes[fact] = qt.codes
             del qt
-        if len(codes) == 2:
-            a, b = codes.values()
-            row["codes_equal_share"] = round((a == b).float().mean().item(), 6)
+        if len(codes) >= 2:  # the first factorization's codes against each other's
+            a, *others = codes.values()
+            row["codes_equal_share"] = min(round((a == b).float().mean().item(), 6) for b in others)
         print(json.dumps(row), flush=True)
         rows.append(row)
     print("\n| linear | out x in | " + " | ".join(f"{f} s | {f} added GiB" for f in args.factorizations)
@@ -116,7 +125,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tokens", type=int, default=8192, help="calibration rows for the random Hessian")
     ap.add_argument("--skip-torch", action="store_true", help="time only the kernel (the torch loop is slow)")
-    ap.add_argument("--factorizations", nargs="+", choices=("reference", "lean"), default=None,
+    ap.add_argument("--factorizations", nargs="+", choices=("reference", "lean", "reference-release", "lean-release"), default=None,
                     help="compare these factorizations (time, added GPU memory, codes) instead of the loops")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+import dartquant.quant.gptq as gptq_mod
 from dartquant.quant import GPTQ, QuantizedTensor, QuantSpec, compute_qparams, fake_quantize
 
 D_IN, D_OUT, N = 256, 96, 4096
@@ -223,8 +224,23 @@ def test_lower_triangular_inverse_in_place(n, block):
     assert torch.all(L.triu(1) == 0)
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_lean_factorization_gives_the_reference_inverse_cholesky(act_order):
+@pytest.mark.parametrize("n, block", [(37, 8), (64, 64), (100, 512), (130, 16)])
+def test_blocked_cholesky_in_place(n, block):
+    from dartquant.quant.gptq import _cholesky_lower_
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    H = A @ A.T + n * torch.eye(n, dtype=torch.float64)
+    work = H.clone()
+    assert _cholesky_lower_(work, block)
+    torch.testing.assert_close(work, torch.linalg.cholesky(H), rtol=1e-10, atol=1e-10)
+    assert torch.all(work.triu(1) == 0)
+    H[n // 2, n // 2] = -1.0  # not positive definite: reported, not factored
+    assert not _cholesky_lower_(H.clone(), block)
+
+
+@pytest.mark.parametrize("act_order, block", [(False, 512), (True, 512), (False, 16), (True, 24)])
+def test_lean_factorization_gives_the_reference_inverse_cholesky(act_order, block, monkeypatch):
+    monkeypatch.setattr(gptq_mod, "_FACTOR_BLOCK", block)  # 16 / 24: several blocks, a ragged last one
     """U with U^T U = (H + damp I)^-1, U upper, in the loop's column order, dead inputs included:
     the reference's float64 result to float32 round-off."""
     X = _calibration(seed=5, dead=(7, 90))
@@ -239,6 +255,20 @@ def test_lean_factorization_gives_the_reference_inverse_cholesky(act_order):
     lean = g._lean_inverse_cholesky(dead, perm, 0.01, H.diagonal().mean().item())
     assert lean.dtype == torch.float32 and torch.all(lean.tril(-1) == 0)
     torch.testing.assert_close(lean.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("factorization", ["reference", "lean"])
+def test_release_hessian_drops_it_and_changes_no_code(data, factorization):
+    """The Hessian's last user may drop it mid-call (the memory of a 70B down_proj): same codes."""
+    X, W, _ = data
+    spec = QuantSpec(bits=4, group_size=32)
+    kept, dropped = GPTQ(D_IN), GPTQ(D_IN)
+    kept.add_batch(X)
+    dropped.add_batch(X)
+    want = kept.quantize(W, spec, factorization=factorization)
+    got = dropped.quantize(W, spec, factorization=factorization, release_hessian=True)
+    assert kept.H is not None and dropped.H is None
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale)
 
 
 def test_factorization_auto_is_the_reference_on_the_cpu_unless_the_environment_says(data, monkeypatch):
@@ -440,7 +470,6 @@ def test_dynamic_groups_stay_on_the_torch_loop(data):
 def test_auto_column_loop_checks_itself_and_falls_back(data, monkeypatch, fault):
     """columns="auto" (a GPU's default) compares the kernel with the torch loop on its first block;
     a kernel that disagrees or fails is dropped with a warning, and the result is the torch loop's."""
-    import dartquant.quant.gptq as gptq_mod
 
     X, W, gptq = data
     spec = QuantSpec(bits=4, symmetric=False)

@@ -18,9 +18,11 @@ Design choices:
   on the CPU, where its results are the ones recorded in docs/RESULTS.md. On a GPU it held five or
   more float64 copies of the Hessian at once (``cholesky_inverse`` clones on CUDA): 48 GiB for
   Llama-2-70B's 28672-wide down_proj. The **lean** one (`_lean_inverse_cholesky`, the default on
-  CUDA) needs two: with J the reversal permutation, ``J H J = L' L'^T`` gives ``H = R R^T`` with
+  CUDA) needs one: with J the reversal permutation, ``J H J = L' L'^T`` gives ``H = R R^T`` with
   ``R = J L' J`` upper triangular, so ``H^-1 = (R^-1)^T R^-1`` and ``U = R^-1 = J L'^-1 J``: one
-  Cholesky of the reversed Hessian and one triangular inverse, done in place by blocks. Equal to
+  Cholesky of the reversed Hessian and one triangular inverse, both in place by blocks
+  (`_cholesky_lower_`, `_invert_lower_`), then the float32 copy; with ``release_hessian`` the
+  float32 Hessian is dropped before that copy. Equal to
   the reference to float64 round-off (tested), not bit for bit.
 * Damping: ``percdamp * mean(diag H)`` on the diagonal. If a Cholesky factorization fails
   (indefinite H from float32 round-off, rank deficiency with percdamp=0), the damping is
@@ -112,6 +114,38 @@ def _columns_torch(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, z
     return Q1, C1, Err1
 
 
+# rows / columns per step of the lean factorization's in-place blocked kernels (temporaries n x 512)
+_FACTOR_BLOCK = 512
+
+
+def _cholesky_lower_(A: torch.Tensor, block: int = 512) -> bool:
+    """Lower Cholesky factor of the symmetric positive definite A, in place (upper triangle zeroed),
+    `block` columns at a time (temporaries: n x block); False if A is not positive definite (A is
+    then partly overwritten). Right-looking: factor the diagonal block, solve the panel below it,
+    subtract the panel's outer product from the lower triangle of the trailing matrix."""
+    n = A.shape[0]
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        lkk, info = torch.linalg.cholesky_ex(A[s:e, s:e])
+        if info.item() != 0:
+            return False
+        A[s:e, s:e] = lkk
+        A[s:e, e:] = 0.0
+        if e == n:
+            break
+        panel = torch.linalg.solve_triangular(lkk.T, A[e:, s:e], upper=True, left=False)  # X lkk^T = A
+        A[e:, s:e] = panel
+        for t in range(e, n, block):  # lower triangle only, one block column at a time
+            u = min(t + block, n)
+            A[t:, t:u].addmm_(panel[t - e:], panel[t - e:u - e].T, alpha=-1.0)
+    return True
+
+
+def _all_finite(A: torch.Tensor, block: int = 4096) -> bool:
+    """torch.isfinite(A).all() without an n x n boolean temporary."""
+    return all(torch.isfinite(A[s:s + block]).all().item() for s in range(0, A.shape[0], block))
+
+
 def _invert_lower_(L: torch.Tensor, block: int = 512) -> None:
     """Invert the lower-triangular L in place, `block` rows at a time (temporaries: block x n).
 
@@ -192,28 +226,36 @@ class GPTQ:
         self._nsamples = 0
 
     def _lean_inverse_cholesky(self, dead: torch.Tensor, perm: torch.Tensor | None, percdamp: float,
-                               mean_diag: float) -> torch.Tensor:
+                               mean_diag: float, release: bool = False) -> torch.Tensor:
         """float32 upper Cholesky factor of (H + damp I)^-1 for the Hessian in the loop's column order
-        (`perm`, dead inputs' diagonal set to 1), with at most two float64 n x n tensors alive: the
-        reversed damped Hessian and its Cholesky factor, then the factor alone, inverted in place.
-        Each retry (`_with_damping`) rebuilds the Hessian from self.H."""
-        rev = perm.flip(0) if perm is not None else None
+        (`perm`, dead inputs' diagonal set to 1) with one float64 n x n tensor: the reversed damped
+        Hessian, built from self.H by row blocks, factored and then inverted in place by blocks, and
+        copied out (reversed) into the float32 result by row blocks. Each retry (`_with_damping`)
+        rebuilds it from self.H; with `release`, self.H is dropped once the factor is final (before
+        the float32 copy is allocated), so the Hessian's last user peaks at 1.5 n^2 x 8 bytes more
+        (float64 factor + float32 result) instead of 2 n^2 x 8 + n^2 x 4."""
+        n = self.in_features
+        rev = perm.flip(0) if perm is not None else torch.arange(n - 1, -1, -1, device=self.H.device)
+        rows = _FACTOR_BLOCK
 
         def factor(damp: float) -> torch.Tensor | None:
-            # J P^T H P J (one float32 copy without act_order)
-            Hr = (self.H.flip((0, 1)) if rev is None else self.H[rev][:, rev]).to(torch.float64)
-            Hr.diagonal()[dead.flip(0) if rev is None else dead[rev]] = 1.0
+            Hr = torch.empty(n, n, dtype=torch.float64, device=self.H.device)  # J P^T H P J
+            for s in range(0, n, rows):
+                Hr[s:s + rows] = self.H[rev[s:s + rows]][:, rev]
+            Hr.diagonal()[dead[rev]] = 1.0
             Hr.diagonal().add_(damp)
-            L, info = torch.linalg.cholesky_ex(Hr)
-            del Hr
-            if info.item() != 0:
+            if not _cholesky_lower_(Hr, rows):
                 return None
-            _invert_lower_(L)
-            if not torch.isfinite(L).all():
+            _invert_lower_(Hr, rows)
+            if not _all_finite(Hr):
                 return None
-            U = L.to(torch.float32)
-            del L
-            return U.flip(0, 1)  # J L'^-1 J
+            if release:
+                self.free()
+            U = torch.empty(n, n, dtype=torch.float32, device=Hr.device)
+            for s in range(0, n, rows):  # U = J L'^-1 J: row s of U is row n-1-s of L'^-1, reversed
+                e = min(s + rows, n)
+                U[s:e] = Hr[n - e:n - s].flip((0, 1))
+            return U
 
         return _with_damping(factor, percdamp, mean_diag)
 
@@ -243,23 +285,26 @@ class GPTQ:
         static_groups: bool = False,
         columns: str = "auto",
         factorization: str = "auto",
+        release_hessian: bool = False,
     ) -> QuantizedTensor:
         """GPTQ-quantize weight [out, in_features]; returns codes + float32 scales on weight's device.
 
         columns: how the column loop runs: "torch", "triton" (`gptq_triton`, the same bits), or
         "auto" (Triton on a GPU when it is installed, after one check against the torch loop).
-        factorization: "reference", "lean" (two float64 Hessian copies instead of five or more; see
+        factorization: "reference", "lean" (one float64 Hessian copy instead of five or more; see
         the module's notes), or "auto" (lean on a GPU, reference elsewhere; the environment variable
-        DARTQUANT_GPTQ_FACTORIZATION=reference|lean overrides it)."""
+        DARTQUANT_GPTQ_FACTORIZATION=reference|lean overrides it).
+        release_hessian: this is the Hessian's last use: drop it (`free`) as soon as the factorization
+        no longer needs it, which lowers the peak (a 70B down_proj's Hessian is 3 GiB in float32)."""
         return self._quantize(
             weight, spec, blocksize=blocksize, percdamp=percdamp, act_order=act_order, static_groups=static_groups,
-            columns=columns, factorization=factorization,
+            columns=columns, factorization=factorization, release_hessian=release_hessian,
         )[0]
 
     @torch.no_grad()
     def _quantize(
         self, weight: torch.Tensor, spec: QuantSpec, *, blocksize: int, percdamp: float, act_order: bool,
-        static_groups: bool, columns: str = "auto", factorization: str = "auto",
+        static_groups: bool, columns: str = "auto", factorization: str = "auto", release_hessian: bool = False,
     ) -> tuple[QuantizedTensor, torch.Tensor]:
         """`quantize`, also returning the float32 weight the loop wrote (tests check it equals
         the container's dequantize() bitwise)."""
@@ -292,7 +337,7 @@ class GPTQ:
             if factorization not in ("auto", "reference", "lean"):
                 raise ValueError(f"DARTQUANT_GPTQ_FACTORIZATION must be reference or lean, got {factorization!r}")
         lean = factorization == "lean" or (factorization == "auto" and dev.type == "cuda")
-        if not torch.isfinite(self.H).all():
+        if not _all_finite(self.H):
             raise ValueError("GPTQ: the Hessian has non-finite entries (NaN/inf in the calibration inputs?)")
         W = weight.detach().to(device=dev, dtype=torch.float32).clone()
         n_out, n = W.shape
@@ -304,6 +349,8 @@ class GPTQ:
         if not lean:  # the whole Hessian in float64 now (lean: built inside its factorization)
             H = self.H.to(torch.float64, copy=True)  # never self.H itself (a float64 accumulator)
             H[dead, dead] = 1.0
+            if release_hessian:
+                self.free()
 
         if dynamic:
             scale = torch.empty(n_out, n // g, 1, device=dev, dtype=torch.float32)
@@ -321,7 +368,7 @@ class GPTQ:
             if H is not None:
                 H = H[perm][:, perm]
         if lean:
-            Hinv = self._lean_inverse_cholesky(dead, perm, percdamp, diag.mean().item())
+            Hinv = self._lean_inverse_cholesky(dead, perm, percdamp, diag.mean().item(), release_hessian)
         else:
             Hinv = self._inverse_cholesky(H, percdamp).to(torch.float32)
             del H
