@@ -9,7 +9,8 @@ down their own) the clip ratio of the per-token quantizer that minimizes
 
     sum over the stream's linears of || (Q_c(x) - x) W^T ||^2      (W: the linear's GPTQ weight)
 
-over a grid; then evaluate perplexity before and after on the same held-out windows (a paired
+over a grid (or one clip per kind of stream, or one for all: `--scopes`); then evaluate perplexity
+before and after on the same held-out windows (a paired
 comparison: same rotations, same GPTQ weights). CPU, minutes on SmolLM2:
 
     python lab/act_clip_search.py --run runs/quickstart --eval-max-windows 8 --out clip.json
@@ -71,8 +72,8 @@ def sample_inputs(model, linears: dict[str, QLinear], windows: torch.Tensor, row
 
 
 @torch.no_grad()
-def choose_clips(linears: dict[str, QLinear], xs: dict, grid: list[float]) -> dict[str, dict]:
-    """stream -> {"clip": best, "err": {clip: relative output error}} (one clip for its linears)."""
+def stream_errors(linears: dict[str, QLinear], xs: dict, grid: list[float]) -> dict[str, dict]:
+    """stream -> {"linears": names, "err": {clip: relative output error of the stream's linears}}."""
     streams: dict[str, list[str]] = {}
     for name in linears:
         streams.setdefault(stream_of(name), []).append(name)
@@ -86,9 +87,23 @@ def choose_clips(linears: dict[str, QLinear], xs: dict, grid: list[float]) -> di
         for c in grid:
             xq = fake_quantize(x, dataclasses.replace(spec, clip_ratio=c))
             errs[c] = sum(((xq @ linears[n].weight.float().T) - r).pow(2).sum().item() for n, r in zip(names, ref)) / norm
-        best = min(errs, key=errs.get)
-        out[stream] = {"linears": names, "clip": best, "err": errs}
+        out[stream] = {"linears": names, "err": errs}
     return out
+
+
+def choose_clips(errors: dict[str, dict], scope: str) -> dict[str, float]:
+    """stream -> clip: each stream its own ("stream"), one per kind of stream across layers ("kind":
+    attn_in / o_in / mlp_in / down_in), or one for all ("global"); the lowest summed relative error."""
+    def key(stream: str) -> str:
+        return {"stream": stream, "kind": stream.split("/")[1], "global": "all"}[scope]
+
+    pooled: dict[str, dict] = {}
+    for stream, info in errors.items():
+        acc = pooled.setdefault(key(stream), {})
+        for c, e in info["err"].items():
+            acc[c] = acc.get(c, 0.0) + e
+    best = {k: min(errs, key=errs.get) for k, errs in pooled.items()}
+    return {stream: best[key(stream)] for stream in errors}
 
 
 def main() -> int:
@@ -98,6 +113,8 @@ def main() -> int:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--rows", type=int, default=2048, help="sampled rows per linear input")
     ap.add_argument("--grid", type=float, nargs="+", default=[1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6])
+    ap.add_argument("--scopes", nargs="+", default=["stream", "global"], choices=["stream", "kind", "global"],
+                    help="one clip per input stream, per kind of stream, or one for the model; each evaluated")
     ap.add_argument("--eval-max-windows", type=int, default=8)
     ap.add_argument("--seed", type=int, default=1234, help="calibration windows / row sampling (not the run's seed)")
     ap.add_argument("--out", required=True)
@@ -113,20 +130,23 @@ def main() -> int:
     print(f"before (clip {sorted(clips0)}): {before}", file=sys.stderr)
     windows = calib_windows(tok, "wiki", n=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
     xs = sample_inputs(model, linears, windows, args.rows, args.seed)
-    chosen = choose_clips(linears, xs, args.grid)
-    for info in chosen.values():
-        for n in info["linears"]:
-            q = linears[n].input_quantizer
-            q.spec = dataclasses.replace(q.spec, clip_ratio=info["clip"])
-    after = evaluate_ppl(model, tok, max_windows=args.eval_max_windows, progress=False)
-    print(f"after: {after}", file=sys.stderr)
-    by_kind: dict[str, list] = {}
-    for stream, info in chosen.items():
-        by_kind.setdefault(stream.split("/")[1], []).append(info["clip"])
-    summary = {k: {"mean_clip": sum(v) / len(v), "min": min(v), "max": max(v)} for k, v in by_kind.items()}
-    print(json.dumps(summary), file=sys.stderr)
+    errors = stream_errors(linears, xs, args.grid)
+    results = {}
+    for scope in args.scopes:
+        clips = choose_clips(errors, scope)
+        for stream, info in errors.items():
+            for n in info["linears"]:
+                q = linears[n].input_quantizer
+                q.spec = dataclasses.replace(q.spec, clip_ratio=clips[stream])
+        after = evaluate_ppl(model, tok, max_windows=args.eval_max_windows, progress=False)
+        by_kind: dict[str, list] = {}
+        for stream, c in clips.items():
+            by_kind.setdefault(stream.split("/")[1], []).append(c)
+        summary = {k: {"mean_clip": round(sum(v) / len(v), 4), "min": min(v), "max": max(v)} for k, v in by_kind.items()}
+        results[scope] = {"ppl": after, "clips_by_kind": summary, "clips": clips}
+        print(f"{scope}: {after} {json.dumps(summary)}", file=sys.stderr)
     Path(args.out).write_text(json.dumps({"args": vars(args), "clip_before": sorted(clips0), "before": before,
-                                          "after": after, "clips_by_stream": summary, "streams": chosen,
+                                          "after": results, "errors": errors,
                                           "seconds": round(time.time() - t0, 1)}, indent=1))
     return 0
 
