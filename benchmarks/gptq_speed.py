@@ -23,6 +23,7 @@ does for a down_proj): on a copy of the Hessian that the call may drop, so "adde
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -83,8 +84,8 @@ def compare_factorizations(args) -> int:
             gq.quantize(w[:64, :], spec, factorization=method)  # warm up (kernels, cusolver handles)
             solver = gq
             if release:  # the Hessian's last use (as gptq_block_ calls it): a copy the call may drop
-                solver = GPTQ(n_in, dev)
-                solver.H, solver._nsamples = gq.H.clone(), gq.nsamples
+                solver = copy.copy(gq)
+                solver.H = gq.H.clone()
             sync(dev)
             if cuda:
                 torch.cuda.empty_cache()

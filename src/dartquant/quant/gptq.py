@@ -118,7 +118,7 @@ def _columns_torch(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, z
 _FACTOR_BLOCK = 512
 
 
-def _cholesky_lower_(A: torch.Tensor, block: int = 512) -> bool:
+def _cholesky_lower_(A: torch.Tensor, block: int = _FACTOR_BLOCK) -> bool:
     """Lower Cholesky factor of the symmetric positive definite A, in place (upper triangle zeroed),
     `block` columns at a time (temporaries: n x block); False if A is not positive definite (A is
     then partly overwritten). Right-looking: factor the diagonal block, solve the panel below it,
@@ -146,7 +146,7 @@ def _all_finite(A: torch.Tensor, block: int = 4096) -> bool:
     return all(torch.isfinite(A[s:s + block]).all().item() for s in range(0, A.shape[0], block))
 
 
-def _invert_lower_(L: torch.Tensor, block: int = 512) -> None:
+def _invert_lower_(L: torch.Tensor, block: int = _FACTOR_BLOCK) -> None:
     """Invert the lower-triangular L in place, `block` rows at a time (temporaries: block x n).
 
     With the leading s x s block already inverted, rows [s, e) of the inverse are

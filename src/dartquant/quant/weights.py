@@ -216,13 +216,12 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
                     done.append((q, QuantizedTensor.from_float(q.weight.data.float(), spec)))
                     fallbacks.append(q)
                     continue
-                last = all(s is not solver for s in left[k + 1:])  # a 70B down_proj needs the memory
+                # its last role drops the Hessian inside the call: a 70B down_proj needs the memory
+                last = all(s is not solver for s in left[k + 1:])
                 qt = solver.quantize(q.weight.data.float(), spec, blocksize=scheme.gptq_blocksize,
                                      percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
                                      static_groups=scheme.gptq_static_groups, release_hessian=last)
                 done.append((q, _on_cpu(qt)))
-                if last:
-                    solver.free()
             hessians.free()
         for q, qt in done:
             commit(q, qt)
