@@ -108,7 +108,10 @@ def check_exportable(cfg, drop_kv_quant: bool = False) -> list[str]:
     if problems:
         raise ExportError("this run cannot be exported to compressed-tensors: " + "; ".join(problems))
     notes = []
-    if cfg.a_bits < 16 and cfg.a_clip != 1.0:
+    if cfg.a_bits < 16 and cfg.a_clip_search:
+        notes.append("the activation clip ratios chosen per input stream (a_clip_search) are not expressible: "
+                     "the export's dynamic activation quantizer uses the full per-token range (clip 1.0)")
+    elif cfg.a_bits < 16 and cfg.a_clip != 1.0:
         notes.append(f"activation clip ratio {cfg.a_clip} is not expressible: the export's dynamic "
                      "activation quantizer uses the full per-token range (clip 1.0)")
     if cfg.kv_bits < 16:

@@ -31,6 +31,7 @@ from .eval.ppl import evaluate_ppl
 from .log import log
 from .methods import MethodContext, calibration_summary
 from .quant.act import install_quantizers_
+from .quant.act_clip import ClipSearchRecord
 from .quant.checkpoint import round_unquantized_, save_quantized, write_run_metadata
 from .quant.weights import quantize_weights_
 from .stages import StageTimer, peak_memory_bytes
@@ -138,7 +139,8 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
             metrics["fp"] = evaluate(model, tokenizer, cfg, progress)
     with atomic_dir(out) as tmp:
         with timer("capture"):
-            needs_data = sc.weight_quantizer == "gptq" or (cfg.method_spec.needs_calib_windows and not cfg.rotations)
+            needs_data = (sc.weight_quantizer == "gptq" or sc.a_clip_search
+                          or (cfg.method_spec.needs_calib_windows and not cfg.rotations))
             calib_ids = (calib_windows(tokenizer, cfg.data.corpus, cfg.data.samples, cfg.data.seqlen, cfg.seed)
                          if needs_data else None)
         untie_embeddings_(model, adapter)
@@ -165,10 +167,13 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
         log.info("quantizing weights (%s, %d bits)", sc.weight_quantizer, sc.w_bits)
         with timer("quantize"):
             unrouted: list[str] = []  # MoE experts no calibration token reached: RTN instead of GPTQ
+            clip_search = ClipSearchRecord()  # the activation clip search's choices (quant/act_clip.py), if on
             qtensors = quantize_weights_(model, sc, calib_ids, adapter, progress, device=cfg.device,
-                                         rtn_fallbacks=unrouted)
+                                         rtn_fallbacks=unrouted, clip_search=clip_search, seed=cfg.seed)
             if unrouted:
                 metrics["gptq_rtn_fallbacks"] = unrouted
+            if sc.a_clip_search:
+                metrics["act_clip_search"] = clip_search.summary(sc.a_clip)
             round_unquantized_(model, qtensors, sc.unquantized_dtype, adapter)  # evaluate what is stored
         log.info("evaluating the quantized model")
         with timer("eval"):
@@ -178,7 +183,7 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
             metrics["zeroshot"] = res["zeroshot"]
         with timer("save"):
             save_quantized(model, qtensors, tmp, sc.unquantized_dtype, adapter)
-            write_run_metadata(tmp, model, tokenizer, cfg, adapter, rotations, timings)
+            write_run_metadata(tmp, model, tokenizer, cfg, adapter, rotations, timings, clip_search.act_clips())
         if guard_ref is not None:  # never hand out a broken model silently (quant/guard.py)
             from .quant.guard import run_guard
 

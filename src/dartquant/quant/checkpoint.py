@@ -7,7 +7,8 @@ Folder layout (written atomically by the pipeline):
                                    (4-bit codes packed two per byte); the embedding and an
                                    unquantized lm_head in `unquantized_dtype` (float16 by
                                    default: the papers keep them 16-bit); norms and biases as is
-  dartquant.json                   online transforms + activation/KV quantizer settings
+  dartquant.json                   online transforms + activation/KV quantizer settings (and the
+                                   per-linear activation clip ratios of a_clip_search: "act_clips")
   rotations.safetensors            the rotation matrices used (reusable with --rotations)
 `round_unquantized_` rounds the embedding and lm_head to that dtype in the model before the
 in-run evaluation, so the stored values are exactly the evaluated ones.
@@ -101,7 +102,8 @@ def read_quantized_state(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     return Path(folder) / WEIGHTS_FILE, state
 
 
-def write_run_metadata(folder: Path, model, tokenizer, cfg, adapter, rotations, timings: dict) -> None:
+def write_run_metadata(folder: Path, model, tokenizer, cfg, adapter, rotations, timings: dict,
+                       act_clips: dict[str, float] | None = None) -> None:
     """Everything of a run folder but the weights: tokenizer, config.json, dartquant.json (online
     transforms, quantizer settings, the run's settings), rotations.safetensors, config.yaml.
     The rotations' volatile metadata (timings) moves to `timings`, for metrics.json."""
@@ -113,6 +115,8 @@ def write_run_metadata(folder: Path, model, tokenizer, cfg, adapter, rotations, 
     spec = online_spec(model, adapter)
     spec["quantization"] = cfg.to_dict()  # the whole run's settings, for the record
     spec["scheme"] = cfg.to_dict()["scheme"]  # what load_model re-installs
+    if act_clips:  # per-linear activation clip ratios a search chose (quant/act_clip.py)
+        spec["act_clips"] = dict(sorted(act_clips.items()))
     if rotations is not None:
         rotations.meta, volatile = split_volatile(rotations.meta)
         if volatile:
@@ -130,6 +134,7 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
     from ..transforms.fuse import split_experts_
     from ..transforms.rotation import install_from_spec_
     from .act import install_quantizers_
+    from .act_clip import apply_act_clips_
     from ..adapters import adapter_for
     from ..modules import register_attention
 
@@ -156,6 +161,7 @@ def load_quantized(folder: Path, spec: dict, dtype: torch.dtype = torch.float32)
     model.eval()
     install_from_spec_(model, spec, folder)
     install_quantizers_(model, scheme_of(spec), adapter)
+    apply_act_clips_(model, spec.get("act_clips"))
     return model
 
 

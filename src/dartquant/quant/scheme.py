@@ -47,6 +47,11 @@ class QuantScheme:
     a_bits: int = 4
     a_symmetric: bool = False
     a_clip: float = 0.9
+    # one clip ratio per input stream, chosen on calibration data once a block's weights are
+    # quantized, on the grid 1.0, 0.95, ... a_clip_search_min (quant/act_clip.py)
+    a_clip_search: bool = False
+    a_clip_search_min: float = 0.6
+    a_clip_search_rows: int = 2048  # rows sampled per stream from the calibration tokens
     a_group_size: int | None = None  # None = per token
     o_proj_per_head: bool = False  # o_proj input quantized in groups of head_dim
     a_bits_overrides: dict[str, int] = field(default_factory=dict)  # role -> bits, e.g. {"down": 8}
@@ -103,6 +108,12 @@ class QuantScheme:
         for name in ("a_clip", "kv_clip"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if not 0 < self.a_clip_search_min <= 1 or self.a_clip_search_rows <= 0:
+            raise ValueError(f"a_clip_search_min must be in (0, 1] (got {self.a_clip_search_min}) and "
+                             f"a_clip_search_rows positive (got {self.a_clip_search_rows})")
+        if self.a_clip_search and self.a_bits >= 16 and not any(b < 16 for b in self.a_bits_overrides.values()):
+            raise ValueError("a_clip_search chooses activation clip ratios, but no activation is quantized "
+                             "(a_bits 16): drop a_clip_search or quantize activations")
         if not 0 < self.w_mse_min_ratio <= 1 or self.w_mse_grid <= 0:
             raise ValueError("w_mse_min_ratio must be in (0, 1] and w_mse_grid positive")
         if self.gptq_damp <= 0 or self.gptq_blocksize <= 0:

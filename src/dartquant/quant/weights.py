@@ -37,6 +37,7 @@ from ..layerwise import forward_plan, iterate_blocks
 from ..log import log
 from ..modules import as_qlinear
 from .act import set_act_quant_enabled_
+from .act_clip import ClipSearchRecord
 from .scheme import QuantScheme
 from .gptq import GPTQ
 from .primitives import QuantizedTensor
@@ -86,45 +87,59 @@ class _SharedHessians:
 @torch.no_grad()
 def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Tensor | None = None,
                       adapter: ModelAdapter | None = None, progress: bool = True,
-                      device: str = "cpu", rtn_fallbacks: list[str] | None = None) -> dict[str, QuantizedTensor]:
+                      device: str = "cpu", rtn_fallbacks: list[str] | None = None,
+                      clip_search: ClipSearchRecord | None = None, seed: int = 0) -> dict[str, QuantizedTensor]:
     """Quantize all decoder linears in place; returns {param name prefix: QuantizedTensor}.
 
     `rtn_fallbacks`, if given, receives the names of GPTQ linears that saw no calibration token
-    (MoE experts nobody was routed to) and were quantized by RTN instead."""
+    (MoE experts nobody was routed to) and were quantized by RTN instead. With
+    `scheme.a_clip_search`, each block's activation clip ratios are chosen right after its weights
+    (quant/act_clip.py, sampled with `seed`), recorded in `clip_search` (a new record if None)."""
     adapter = adapter or adapter_for(model)
     split_experts_(model, adapter)  # MoE: one linear per expert
     spec = scheme.weight_spec()
-    if spec.bits >= 16:
+    quantize = spec.bits < 16
+    if not quantize and not scheme.a_clip_search:
         return {}
     names = {m: n for n, m in model.named_modules()}
     out: dict[str, QuantizedTensor] = {}
 
-    def commit(linear: nn.Module, qt: QuantizedTensor) -> None:
-        if linear not in names:  # wrapped into a QLinear after `names` was built
+    def name_of(module: nn.Module) -> str:
+        if module not in names:  # wrapped into a QLinear after `names` was built
             names.update({m: n for n, m in model.named_modules()})
-        linear.weight.data.copy_(qt.dequantize().to(linear.weight.device, linear.weight.dtype))
-        out[names[linear]] = qt
+        return names[module]
 
-    if scheme.quantize_lm_head:  # RTN: GPTQ on a 49k-150k-row head costs more than it is worth here
+    def commit(linear: nn.Module, qt: QuantizedTensor) -> None:
+        linear.weight.data.copy_(qt.dequantize().to(linear.weight.device, linear.weight.dtype))
+        out[name_of(linear)] = qt
+
+    if scheme.quantize_lm_head and quantize:  # RTN: GPTQ on a 49k-150k-row head costs more than it is worth here
         head = adapter.head(model)
         commit(head, QuantizedTensor.from_float(head.weight.data.float(), spec))
-    if scheme.weight_quantizer == "rtn":
-        for layer in adapter.layers_of(model):
+    clip_search = clip_search if clip_search is not None else ClipSearchRecord()
+    gptq = quantize and scheme.weight_quantizer == "gptq"
+    if not gptq:
+        for layer in adapter.layers_of(model) if quantize else ():
             for linear in layer.linears().values():
                 commit(linear, QuantizedTensor.from_float(linear.weight.data.float(), spec))
-        return out
+        if not scheme.a_clip_search:
+            return out
 
     if calib_ids is None:
-        raise ValueError("GPTQ needs calibration sequences")
+        raise ValueError("GPTQ and the activation clip search need calibration sequences")
     set_act_quant_enabled_(model, scheme.gptq_act_quant)
     unrouted: list[str] = []
     # on a GPU several windows per block call, states kept there if they fit (the CPU: as before)
     batch, resident = forward_plan(adapter.geometry(model.config), *calib_ids.shape,
                                    next(model.parameters()).dtype, device)
     try:
-        for _, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress, desc="GPTQ",
-                                                batch=batch, resident=resident):
-            unrouted += gptq_block_(block, adapter, forward, scheme, commit, lambda q: names[q])
+        for i, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress,
+                                                desc="GPTQ" if gptq else "clip search", batch=batch, resident=resident):
+            if gptq:
+                unrouted += gptq_block_(block, adapter, forward, scheme, commit, name_of)
+            if scheme.a_clip_search:
+                clip_search.search_block_(block, adapter, forward, scheme, name_of, layer=i,
+                                          total_tokens=calib_ids.numel(), seed=seed)
             forward(update=True)
     finally:
         set_act_quant_enabled_(model, True)

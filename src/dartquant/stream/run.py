@@ -44,6 +44,7 @@ from ..log import log
 from ..methods import MethodContext, calibration_summary
 from ..modules import register_attention
 from ..quant.act import install_quantizers_, set_act_quant_enabled_
+from ..quant.act_clip import ClipSearchRecord
 from ..quant.checkpoint import write_run_metadata
 from ..quant.primitives import QuantizedTensor
 from ..quant.weights import gptq_block_
@@ -98,11 +99,12 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
     model.set_attn_implementation(register_attention())  # blocks run without a mask: SDPA is causal
     runner = BlockRunner(model, adapter, device)
     gptq = sc.weight_quantizer == "gptq" and sc.weight_spec().bits < 16
+    calib_pass = gptq or sc.a_clip_search  # the quantize pass carries calibration hidden states
     capture_needed = cfg.method_spec.needs_calib_windows and not cfg.rotations
     with atomic_dir(out) as tmp:
         with timer("capture"):
             calib_ids = (calib_windows(tokenizer, cfg.data.corpus, cfg.data.samples, cfg.data.seqlen, cfg.seed)
-                         if gptq or capture_needed else None)
+                         if calib_pass or capture_needed else None)
         with timer("eval"):
             windows = {c: eval_windows(tokenizer, c, cfg.eval.seqlen, cfg.eval.max_windows) for c in cfg.eval.corpora}
         g_ids = (guard_windows(tokenizer, cfg.data.corpus, cfg.eval.guard_windows, cfg.data.seqlen)
@@ -218,8 +220,9 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
             with timer("rotate"):
                 fold_outer_(model, adapter, values, geo, roles=("embed",))
         with timer("quantize"):
-            q_calib = runner.embed(calib_ids) if gptq else None  # GPTQ sees the unrounded embedding, as in memory
-            gptq_batch, resident = forward_plan(geo, *q_calib.shape[:2], q_calib.dtype, device) if gptq else (1, False)
+            q_calib = runner.embed(calib_ids) if calib_pass else None  # GPTQ sees the unrounded embedding, as in memory
+            gptq_batch, resident = (forward_plan(geo, *q_calib.shape[:2], q_calib.dtype, device) if calib_pass
+                                    else (1, False))
             q_calib = q_calib.to(device) if resident else q_calib
             embed_w = adapter.embedding(model).weight
             _round_(embed_w, sc.unquantized_dtype, f"{adapter.embed}.weight")
@@ -235,6 +238,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
 
         unrouted: list[str] = []
         routed: list[list[int]] = []
+        clip_search = ClipSearchRecord()  # the activation clip search's choices (quant/act_clip.py), if on
         log.info("quantizing weights (%s, %d bits), streamed", sc.weight_quantizer, sc.w_bits)
         for i in tqdm(range(n_layers), desc="quantize pass", disable=not progress, leave=False):
             path = sm.block_path(i)
@@ -255,19 +259,23 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 if spec.bits < 16 and not gptq:
                     for linear in layer.linears().values():
                         commit(linear, QuantizedTensor.from_float(linear.weight.data.float(), spec))
-                elif gptq:
-                    counter = RoutedTokens(block, adapter)  # MoE: each expert's tokens in GPTQ's forward
+                if calib_pass:
                     set_act_quant_enabled_(block, sc.gptq_act_quant)
                     try:
                         forward = runner.forward_fn(block, q_calib, gptq_batch)
+                        if gptq:
+                            counter = RoutedTokens(block, adapter)  # MoE: each expert's tokens in GPTQ's forward
 
-                        def counted(update, forward=forward, counter=counter) -> None:
-                            # the experts' Hessians come from GPTQ's last forward (true-sequential: one per step)
-                            counter.reset_()
-                            forward(update)
+                            def counted(update, forward=forward, counter=counter) -> None:
+                                # the experts' Hessians come from GPTQ's last forward (true-sequential: one per step)
+                                counter.reset_()
+                                forward(update)
 
-                        unrouted += gptq_block_(block, adapter, counted, sc, commit, names.__getitem__)
-                        routed += counter.close()
+                            unrouted += gptq_block_(block, adapter, counted, sc, commit, names.__getitem__)
+                            routed += counter.close()
+                        if sc.a_clip_search:
+                            clip_search.search_block_(block, adapter, forward, sc, names.__getitem__, layer=i,
+                                                      total_tokens=calib_ids.numel(), seed=cfg.seed)
                         if i + 1 < n_layers:
                             forward(True)  # the next block's inputs: this quantized block's outputs
                     finally:
@@ -289,6 +297,8 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
         del q_calib
         if unrouted:
             metrics["gptq_rtn_fallbacks"] = unrouted
+        if sc.a_clip_search:
+            metrics["act_clip_search"] = clip_search.summary(sc.a_clip)
         if routed:  # how the calibration tokens reached the experts (streamed runs only)
             metrics["moe_routed_tokens"] = {"calib_tokens": int(calib_ids.numel()), "min": min(map(min, routed)),
                                             "max": max(map(max, routed)), "per_moe_layer": routed}
@@ -323,7 +333,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 state[f"{adapter.lm_head}.weight"] = head.weight.data.to(getattr(torch, sc.unquantized_dtype))
             writer.add(state)
             files = writer.close()
-            write_run_metadata(tmp, model, tokenizer, cfg, adapter, rotations, timings)
+            write_run_metadata(tmp, model, tokenizer, cfg, adapter, rotations, timings, clip_search.act_clips())
         if g_ids is not None:
             with timer("guard"):
                 metrics["quality_check"] = guard.check(ref, norm, head, q_guard, q_trace, cfg,

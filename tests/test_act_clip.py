@@ -1,0 +1,109 @@
+"""Activation clip ratios chosen per input stream (quant/act_clip.py, `a_clip_search`).
+
+The criterion (a linear's output error over the clip grid) is checked on inputs whose answer is
+known; the search on tiny models: one ratio per stream, recorded in dartquant.json, re-installed
+on load (the reloaded folder gives the perplexity the run reported), the same rows sampled however
+the windows are batched, and a streamed run choosing exactly what an in-memory one chooses.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dartquant.stream.run as stream_run
+from dartquant.config import RunConfig
+from dartquant.pipeline import run_quantize
+from dartquant.quant.act_clip import _RowSampler, clip_grid, stream_errors, stream_of
+from dartquant.quant.checkpoint import read_quantized_state
+from dartquant.quant.primitives import QuantSpec
+from dartquant.zoo import load_model
+from test_stream import save_sharded, tokenize_once  # noqa: F401  (fixture: tokenize each corpus once)
+
+A4 = QuantSpec(bits=4, symmetric=False, clip_ratio=0.9)
+
+
+def test_grid_and_streams():
+    assert clip_grid(0.9, 0.6) == [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6]
+    assert 0.93 in clip_grid(0.93, 0.8) and clip_grid(0.93, 0.8)[0] == 1.0
+    assert [stream_of(k) for k in ("q", "k", "v", "o", "gate", "up", "down")] == \
+        ["attn_in"] * 3 + ["o", "mlp_in", "mlp_in", "down"]
+    assert stream_of("experts.3.up") == stream_of("experts.3.gate") == "experts.3.mlp_in"
+    assert stream_of("experts.3.up") != stream_of("experts.4.up")
+
+
+def test_the_criterion_clips_gaussian_rows_and_spares_an_outlier_the_weights_read():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 256, generator=g)
+    w = torch.randn(64, 256, generator=g)
+    grid = clip_grid(0.9, 0.6)
+    err = stream_errors(x, [w], A4, grid)
+    assert grid[min(range(len(grid)), key=err.__getitem__)] < 1.0  # Gaussian tokens: clipping their tails pays
+    # one massive channel per token that the weights read heavily: clipping it costs more than
+    # the rounding it saves, so the search must keep the full range
+    x2 = x.clone()
+    x2[:, 0] = 40.0
+    w2 = w.clone()
+    w2[:, 0] = 30.0
+    err2 = stream_errors(x2, [w2], A4, grid)
+    assert grid[min(range(len(grid)), key=err2.__getitem__)] == 1.0
+
+
+def test_rows_sampled_are_the_same_however_the_windows_are_batched():
+    x = torch.randn(6, 10, 8)
+    positions = torch.tensor([0, 7, 13, 29, 30, 59])
+    kept = []
+    for batch in (1, 4, 6):
+        s = _RowSampler(positions, 60, 6, torch.Generator().manual_seed(0))
+        for j in range(0, 6, batch):
+            s(None, (x[j: j + batch],))
+        kept.append(s.rows_())
+    assert all(torch.equal(kept[0], k) for k in kept)
+    assert torch.equal(kept[0], x.reshape(60, 8)[positions])
+
+
+@pytest.mark.parametrize("family,dtype,kw", [
+    ("qwen2-bias-gqa", torch.float32, dict(method="quarot", w_quantizer="gptq")),
+    ("llama-tied-gqa", torch.bfloat16, dict(method="quarot", w_quantizer="rtn")),
+])
+def test_search_streamed_equals_in_memory_and_reloads(family, dtype, kw, tmp_path, monkeypatch, one_thread):
+    folder = save_sharded(tmp_path / "model", family, dtype)
+    monkeypatch.setattr(stream_run, "MB", 3000)
+    base = dict(model=str(folder), calib_samples=3, calib_seqlen=24, eval_seqlen=24, eval_max_windows=2,
+                guard_windows=1, shard_mb=1, a_clip_search=True, **kw)
+    runs = {s: (tmp_path / s, run_quantize(RunConfig.from_flat(stream=s, **base), tmp_path / s, progress=False))
+            for s in ("false", "true")}
+    (mem, m_mem), (st, m_st) = runs["false"], runs["true"]
+    search = m_mem["act_clip_search"]
+    n_layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    assert search["streams"] == 4 * n_layers  # attention input, o, MLP input, down per layer
+    assert search["changed"] > 0, "the search kept the default ratio everywhere: nothing was tested"
+    for key in ("streams", "changed", "histogram", "chosen"):
+        assert m_st["act_clip_search"][key] == search[key], key
+    assert m_st["ppl"] == m_mem["ppl"]
+    spec_m, spec_s = (json.loads((r / "dartquant.json").read_text()) for r in (mem, st))
+    clips = spec_m["act_clips"]
+    assert clips == spec_s["act_clips"] and len(clips) == 7 * n_layers
+    for i in range(n_layers):  # one ratio per stream: q/k/v share one, gate/up one
+        p = f"model.layers.{i}"
+        assert clips[f"{p}.self_attn.q_proj"] == clips[f"{p}.self_attn.k_proj"] == clips[f"{p}.self_attn.v_proj"]
+        assert clips[f"{p}.mlp.gate_proj"] == clips[f"{p}.mlp.up_proj"]
+    a, b = read_quantized_state(mem)[1], read_quantized_state(st)[1]
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    # the folder reloads with the chosen ratios installed, to the perplexity the run reported
+    model, tok = load_model(st)
+    installed = {n: m.input_quantizer.spec.clip_ratio for n, m in model.named_modules() if n in clips}
+    assert installed == clips
+    from dartquant.eval.ppl import evaluate_ppl
+
+    assert evaluate_ppl(model, tok, seqlen=24, max_windows=2, progress=False)["wiki"] == m_st["ppl"]["wiki"]
+
+
+def test_search_with_unquantized_activations_is_refused_before_any_work(tmp_path):
+    folder = save_sharded(tmp_path / "model", "llama-tied-gqa")
+    cfg = RunConfig.from_flat(model=str(folder), method="quarot", a_bits=16, a_clip_search=True)
+    with pytest.raises(ValueError, match="no activation is quantized"):
+        run_quantize(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
