@@ -10,13 +10,20 @@ RES=${RES:-/tmp/res}
 B="python3 benchmarks/whole_job.py --device cuda --stream true"
 W="--skip-fp-eval -- --eval-corpora wiki"
 # the 70B target (GPU <= 24 GiB projected at ~22.5 with the one-copy factorization; host <= 32 GB; flat in depth)
-$B --dir /tmp/wj70 --out "$RES/whole_job_70b_h200.json" --shapes llama2-70b --layers 4 8 --methods dartquant \
+# (session 13's second lease had ~21 minutes: 4 layers first, then the e2e run, then 2 layers for the depth
+# check; session 11 measured 4 and 8 layers with the old factorization, RESULTS §13)
+$B --dir /tmp/wj70 --out "$RES/whole_job_70b_h200.json" --shapes llama2-70b --layers ${L70:-4 8} --methods dartquant \
   --eval-max-windows 40 --clean $W > "$RES/wj_70b.md" 2> "$RES/wj_70b.log"
 touch "$RES/DONE-wj70b"
 # the 7B-shape model end to end on the defaults (int8s from 9 tokens, the dp4a GEMV up to 4), prefill on int8 too (~3 min)
 python3 benchmarks/kernels_e2e.py --out "$RES/kernels_e2e_int8s_h200.json" \
   --prefill-operands int8 int8s > "$RES/kern_e2e_int8s.md" 2> "$RES/kern_e2e_int8s.log"
 touch "$RES/DONE-kern-e2e-int8s"
+if [ -n "${L70_AFTER:-}" ]; then
+  $B --dir /tmp/wj70 --out "$RES/whole_job_70b_h200.json" --shapes llama2-70b --layers $L70_AFTER --methods dartquant \
+    --eval-max-windows 40 --clean $W > "$RES/wj_70b_after.md" 2> "$RES/wj_70b_after.log"
+  touch "$RES/DONE-wj70b-after"
+fi
 $B --dir /tmp/wj --out "$RES/whole_job_h200.json" --shapes llama2-7b --methods quarot rtn --clean $W \
   > "$RES/wj_7b_b.md" 2> "$RES/wj_7b_b.log"
 touch "$RES/DONE-wj7b-b"
