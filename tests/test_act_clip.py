@@ -107,3 +107,33 @@ def test_search_with_unquantized_activations_is_refused_before_any_work(tmp_path
     with pytest.raises(ValueError, match="no activation is quantized"):
         run_quantize(cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_search_on_experts_streamed_equals_in_memory(tmp_path, monkeypatch, one_thread):
+    """Experts see only their routed tokens (the sampler's flattened-input branch); an expert no
+    token reaches keeps the default ratio; both paths choose the same."""
+    from test_stream import run_both
+    from test_stream_moe import mixtral_with_an_unreachable_expert, save
+
+    folder = save(mixtral_with_an_unreachable_expert(), tmp_path / "model")
+    runs = run_both(tmp_path, folder, monkeypatch, method="quarot", w_quantizer="gptq", a_clip_search=True)
+    (mem, m_mem), (st, m_st) = runs["false"], runs["true"]
+    assert m_st["act_clip_search"] == {**m_mem["act_clip_search"], "seconds": m_st["act_clip_search"]["seconds"]}
+    assert m_st["ppl"] == m_mem["ppl"]
+    clips = json.loads((st / "dartquant.json").read_text())["act_clips"]
+    assert clips == json.loads((mem / "dartquant.json").read_text())["act_clips"]
+    for i in range(2):
+        p = f"model.layers.{i}.mlp.experts"
+        assert f"{p}.4.up_proj" not in clips  # never routed: no rows, the default stays
+        assert clips[f"{p}.0.gate_proj"] == clips[f"{p}.0.up_proj"] and f"{p}.0.down_proj" in clips
+    model, _ = load_model(st)
+    mods = dict(model.named_modules())
+    assert mods["model.layers.0.mlp.experts.4.up_proj"].input_quantizer.spec.clip_ratio == 0.9
+    assert all(mods[n].input_quantizer.spec.clip_ratio == c for n, c in clips.items())
+
+
+def test_export_says_the_searched_ratios_are_not_expressible():
+    from dartquant.export import check_exportable
+
+    notes = check_exportable(RunConfig.from_flat(kv_bits=16, a_clip_search=True).scheme)
+    assert any("a_clip_search" in n for n in notes)
