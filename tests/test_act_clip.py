@@ -18,7 +18,7 @@ from dartquant.config import RunConfig
 from dartquant.pipeline import run_quantize
 from dartquant.quant.act_clip import _RowSampler, clip_grid, stream_errors, stream_of
 from dartquant.quant.checkpoint import read_quantized_state
-from dartquant.quant.primitives import QuantSpec
+from dartquant.quant.primitives import QuantSpec, fake_quantize
 from dartquant.zoo import load_model
 from test_stream import save_sharded, tokenize_once  # noqa: F401  (fixture: tokenize each corpus once)
 
@@ -137,3 +137,17 @@ def test_export_says_the_searched_ratios_are_not_expressible():
 
     notes = check_exportable(RunConfig.from_flat(kv_bits=16, a_clip_search=True).scheme)
     assert any("a_clip_search" in n for n in notes)
+
+
+@pytest.mark.parametrize("outputs", [(24, 8, 8), (4,)])
+def test_gram_and_direct_errors_agree(outputs):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 16, generator=g) * torch.linspace(0.2, 3, 16)
+    ws = [torch.randn(n, 16, generator=g) for n in outputs]
+    grid = clip_grid(0.9, 0.6)
+    err = stream_errors(x, ws, A4, grid)  # (24, 8, 8): through the Gram matrix; (4,): directly
+    for clip, e in zip(grid, err):
+        d = fake_quantize(x, QuantSpec(bits=4, symmetric=False, clip_ratio=clip)) - x
+        exact = sum(float((d.double() @ w.double().T).square().sum()) for w in ws)
+        ref = sum(float((x.double() @ w.double().T).square().sum()) for w in ws)
+        assert e == pytest.approx(exact / ref, rel=1e-4)

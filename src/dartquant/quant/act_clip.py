@@ -84,13 +84,24 @@ class _RowSampler:
 
 @torch.no_grad()
 def stream_errors(x: torch.Tensor, weights: list[torch.Tensor], spec, grid: list[float]) -> list[float]:
-    """Output error of the stream's linears at each clip ratio of `grid`, relative to their output."""
+    """Output error of the stream's linears at each clip ratio of `grid`, relative to their output.
+
+    sum_i ||e_i W^T||^2 = sum_i e_i (W^T W) e_i^T: when the stream's linears have more outputs than
+    inputs (q/k/v, gate/up), one Gram matrix of the inputs' width is cheaper than the outputs."""
     ws = [w.float() for w in weights]
-    ref = sum(float((x @ w.T).square().sum()) for w in ws) or 1.0
+    if sum(w.shape[0] for w in ws) > x.shape[1]:
+        gram = sum(w.T @ w for w in ws)
+
+        def energy(e: torch.Tensor) -> float:
+            return float(((e @ gram) * e).sum())
+    else:
+        def energy(e: torch.Tensor) -> float:
+            return sum(float((e @ w.T).square().sum()) for w in ws)
+    ref = energy(x) or 1.0
     out = []
     for clip in grid:
         e = fake_quantize(x, dataclasses.replace(spec, clip_ratio=clip)) - x
-        out.append(sum(float((e @ w.T).square().sum()) for w in ws) / ref)
+        out.append(energy(e) / ref)
     return out
 
 
