@@ -48,5 +48,24 @@ for (model, method), seeds in sorted(rows.items()):
     if closed["wiki"]:
         print(f"| {model} | {method} | mean | | | | | {100 * statistics.mean(closed['wiki']):.1f} % | "
               f"{100 * statistics.mean(closed['c4']):.1f} % | |")
+# the yardstick: the share of QuaRot's gap to FP (fixed clip, mean over seeds) each setting closes
+print("\n| model | method | clip | seeds | wiki | c4 | share of QuaRot's wiki gap | c4 gap |")
+print("|---|---|---|---|---|---|---|---|")
+out["means"] = []
+for (model, method), seeds in sorted(rows.items()):
+    ref = rows.get((model, "quarot"), {})
+    ref_mean = {c: statistics.mean(r["false"][c] for r in ref.values() if "false" in r) for c in fp} if ref else None
+    for search, label in (("false", "0.9"), ("true", "searched")):
+        vals = {c: [r[search][c] for r in seeds.values() if search in r] for c in fp}
+        if not vals["wiki"]:
+            continue
+        mean = {c: statistics.mean(v) for c, v in vals.items()}
+        sd = {c: statistics.stdev(v) if len(v) > 1 else 0.0 for c, v in vals.items()}
+        share = {c: (ref_mean[c] - mean[c]) / (ref_mean[c] - fp[c]) for c in fp} if ref_mean else None
+        print(f"| {model} | {method} | {label} | {len(vals['wiki'])} | {mean['wiki']:.3f} ± {sd['wiki']:.3f} | "
+              f"{mean['c4']:.3f} ± {sd['c4']:.3f} | " + (f"{100 * share['wiki']:.1f} % | {100 * share['c4']:.1f} % |"
+                                                          if share else "- | - |"))
+        out["means"].append({"model": model, "method": method, "clip": label, "seeds": len(vals["wiki"]),
+                             "mean": mean, "std": sd, "share_of_quarot_gap": share})
 if a.out:
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
