@@ -127,7 +127,7 @@ def _groups(keys):
     out = {}
     for k in keys:
         prefix, _, role = k.rpartition(".")
-        out.setdefault(f"{prefix}.{weights._SHARED_INPUT.get(role, role)}", []).append(k)
+        out.setdefault(f"{prefix}.{weights.SHARED_INPUT.get(role, role)}", []).append(k)
     return list(out.values())
 
 

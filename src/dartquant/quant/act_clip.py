@@ -29,9 +29,11 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter
+from .act import set_act_quant_enabled_
 from .primitives import fake_quantize
 
-_SHARED_INPUT = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "gate": "mlp_in", "up": "mlp_in"}
+# linears that read one tensor (a layer's, or an expert's): one input stream (GPTQ shares their Hessian too)
+SHARED_INPUT = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "gate": "mlp_in", "up": "mlp_in"}
 CLIP_STEP = 0.05
 
 
@@ -45,7 +47,7 @@ def clip_grid(default: float, lowest: float) -> list[float]:
 def stream_of(key: str) -> str:
     """'experts.3.up' -> 'experts.3.mlp_in', 'q' -> 'attn_in', 'o' -> 'o'."""
     prefix, _, role = key.rpartition(".")
-    stream = _SHARED_INPUT.get(role, role)
+    stream = SHARED_INPUT.get(role, role)
     return f"{prefix}.{stream}" if prefix else stream
 
 
@@ -111,9 +113,8 @@ def search_block_clips_(block: nn.Module, adapter: ModelAdapter, forward, scheme
     """Choose and install one clip ratio per input stream of `block` (module docstring).
 
     `forward(update=False)` runs the block over its calibration inputs (activation quantizers are
-    switched on in the block for it, as at run time); `total_tokens` counts those inputs' tokens. Returns {stream's first module name: {"clip", "linears", "errors"}}."""
-    from .act import set_act_quant_enabled_
-
+    switched on in the block for it, as at run time); `total_tokens` counts those inputs' tokens.
+    Returns {stream's first module name: {"clip", "linears", "errors"}}."""
     linears = {k: q for k, q in adapter.layer(block).linears().items()
                if getattr(q, "input_quantizer", None) is not None}
     streams: dict[str, list[str]] = {}

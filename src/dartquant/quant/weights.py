@@ -37,7 +37,7 @@ from ..layerwise import forward_plan, iterate_blocks
 from ..log import log
 from ..modules import as_qlinear
 from .act import set_act_quant_enabled_
-from .act_clip import ClipSearchRecord
+from .act_clip import SHARED_INPUT, ClipSearchRecord
 from .scheme import QuantScheme
 from .gptq import GPTQ
 from .primitives import QuantizedTensor
@@ -156,7 +156,6 @@ SEQUENTIAL_STEPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 # automatic Hessian budget on a GPU: this share of its free memory (GPTQ's solver needs about two
 # more copies of the largest Hessian, and the block's forward its activations)
 GPTQ_HESSIAN_SHARE = 0.4
-_SHARED_INPUT = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "gate": "mlp_in", "up": "mlp_in"}
 
 
 def _steps(keys: list[str], true_sequential: bool) -> list[list[str]]:
@@ -184,7 +183,7 @@ def _passes(step: list[str], in_features: dict[str, int], budget: float) -> list
     group_of = {}
     for key in step:
         prefix, _, role = key.rpartition(".")
-        group_of[key] = f"{prefix}.{_SHARED_INPUT.get(role, role)}"
+        group_of[key] = f"{prefix}.{SHARED_INPUT.get(role, role)}"
     pass_of, n, size = {}, 0, 0.0
     for key in step:  # groups in order of first appearance
         group = group_of[key]
