@@ -13,6 +13,7 @@ import torch
 from dartquant.adapters import adapter_for
 from dartquant.config import RunConfig
 from dartquant.layerwise import iterate_blocks
+from dartquant.quant.act_clip import SHARED_INPUT
 from dartquant.quant import weights
 from dartquant.quant.weights import SEQUENTIAL_STEPS, _steps
 from tiny import make_tiny_model
@@ -127,7 +128,7 @@ def _groups(keys):
     out = {}
     for k in keys:
         prefix, _, role = k.rpartition(".")
-        out.setdefault(f"{prefix}.{weights.SHARED_INPUT.get(role, role)}", []).append(k)
+        out.setdefault(f"{prefix}.{SHARED_INPUT.get(role, role)}", []).append(k)
     return list(out.values())
 
 

@@ -37,7 +37,7 @@ from ..layerwise import forward_plan, iterate_blocks
 from ..log import log
 from ..modules import as_qlinear
 from .act import set_act_quant_enabled_
-from .act_clip import SHARED_INPUT, ClipSearchRecord
+from .act_clip import ClipSearchRecord, stream_of
 from .scheme import QuantScheme
 from .gptq import GPTQ
 from .primitives import QuantizedTensor
@@ -180,10 +180,7 @@ def _passes(step: list[str], in_features: dict[str, int], budget: float) -> list
     """`step`'s linears split into forwards whose Hessians (float32, in^2 each) fit `budget`
     bytes; linears reading one input (q/k/v, an expert's gate/up) stay together, since they share
     one Hessian; a group larger than the budget gets a forward of its own."""
-    group_of = {}
-    for key in step:
-        prefix, _, role = key.rpartition(".")
-        group_of[key] = f"{prefix}.{SHARED_INPUT.get(role, role)}"
+    group_of = {key: stream_of(key) for key in step}  # the input tensor a linear reads (act_clip.py)
     pass_of, n, size = {}, 0, 0.0
     for key in step:  # groups in order of first appearance
         group = group_of[key]
