@@ -117,9 +117,10 @@ session8-spin)  # issue 12's missing rows: SpinQuant on Qwen2.5-Coder-1.5B, 3 se
   export OMP_NUM_THREADS=2
   MODELS="qwen2.5-coder-1.5b" convert_models
   SCRIPT=lab/gpu_quality.py TASKS="" PARALLEL=3 run_jobs lab/device/jobs/session8_q15.txt ;;
-jobs-scale)  # the whole job at 70B / 7B / 8B alone on the GPU (lab/device/jobs/session13_scale.sh; earlier sessions ran session1N_scale.sh)
+jobs-scale)  # the whole job alone on the GPU: lab/device/jobs/$SCALE_SCRIPT (default session14_scale.sh; earlier
+  # sessions ran session1N_scale.sh)
   export OMP_NUM_THREADS=8
-  bash lab/device/jobs/session13_scale.sh > "$RES/scale.log" 2>&1 ;;
+  bash "lab/device/jobs/${SCALE_SCRIPT:-session14_scale.sh}" > "$RES/scale.log" 2>&1 ;;
 session12)  # two lanes: kernel run 8 alone, then the 70B memory rows (session12_scale.sh) beside the 8B / 7B
   # whole-job rows (session12_rows.sh, which waits for run 8)
   export OMP_NUM_THREADS=8
