@@ -8,10 +8,6 @@ set -u
 RES=${RES:-/tmp/res}
 B="python3 benchmarks/whole_job.py --device cuda"
 W="--skip-fp-eval -- --eval-corpora wiki"
-# SmolLM2 shape: every method, the full held-out wiki (SpinQuant in memory at its default 100 steps)
-$B --dir /tmp/wjs --out "$RES/whole_job_smollm2_h200.json" --shapes smollm2-135m \
-  --methods rtn quarot dartquant spinquant --stream true false --clean $W > "$RES/wj_smol.md" 2> "$RES/wj_smol.log"
-touch "$RES/DONE-wj-smol"
 # Llama-3-8B shape: the DartQuant + GPTQ whole job, streamed (128 x 2048 calibration, full held-out wiki)
 $B --dir /tmp/wj8 --out "$RES/whole_job_8b_h200.json" --shapes llama3-8b --methods dartquant --stream true $W \
   > "$RES/wj_8b.md" 2> "$RES/wj_8b.log"
@@ -30,3 +26,8 @@ touch "$RES/DONE-wj8b-b"
 $B --dir /tmp/wj70 --out "$RES/whole_job_70b_h200.json" --shapes llama2-70b --layers 8 --stream true --methods dartquant \
   --eval-max-windows 40 --clean $W > "$RES/wj_70b.md" 2> "$RES/wj_70b.log"
 touch "$RES/DONE-wj70b"
+# (measured in session 14, RESULTS §16: last)
+# SmolLM2 shape: every method, the full held-out wiki (SpinQuant in memory at its default 100 steps)
+$B --dir /tmp/wjs --out "$RES/whole_job_smollm2_h200.json" --shapes smollm2-135m \
+  --methods rtn quarot dartquant spinquant --stream true false --clean $W > "$RES/wj_smol.md" 2> "$RES/wj_smol.log"
+touch "$RES/DONE-wj-smol"
