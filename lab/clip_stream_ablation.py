@@ -47,8 +47,11 @@ def main() -> int:
     ap.add_argument("--subsets", nargs="+", required=True, help="comma-joined kinds of " + ", ".join(KINDS))
     args = ap.parse_args()
     chosen = json.loads((args.searched / "dartquant.json").read_text())["act_clips"]
-    results = {}
+    record = args.out / "ablation.json"  # subsets already scored are kept, not re-run
+    results = json.loads(record.read_text())["results"] if record.is_file() else {}
     for subset in args.subsets:
+        if subset in results:
+            continue
         kinds = subset.split(",")
         suffixes = tuple(s for k in kinds for s in KINDS[k])
         clips = {n: c for n, c in chosen.items() if n.endswith(suffixes)}
@@ -61,7 +64,7 @@ def main() -> int:
         ppl = json.loads(p.stdout.strip().splitlines()[-1])
         results[subset] = {"streams": len(clips), "wiki": ppl["wiki"], "c4": ppl["c4"]}
         print(f"{subset:>16}: {len(clips):3d} linears  wiki {ppl['wiki']:.3f}  c4 {ppl['c4']:.3f}", flush=True)
-        (args.out / "ablation.json").write_text(json.dumps(
+        record.write_text(json.dumps(
             {"fixed": str(args.fixed), "searched": str(args.searched), "max_windows": args.max_windows,
              "results": results}, indent=1))
     return 0
