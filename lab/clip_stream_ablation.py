@@ -8,7 +8,7 @@ files hard-linked, its dartquant.json given `act_clips` = the subset) and scored
 
     python lab/clip_stream_ablation.py runs/clip13q/qwen2.5-coder-0.5b-quarot-s0-search-false \
         runs/clip13q/qwen2.5-coder-0.5b-quarot-s0-search-true --out runs/clip14q --max-windows 8 \
-        --subsets qkv,o gate,up,down
+        --subsets qkv,o gate,up,down down qkv,o,down
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch
 from dartquant.adapters import adapter_for
 from dartquant.config import RunConfig
 from dartquant.layerwise import iterate_blocks
-from dartquant.quant.act_clip import SHARED_INPUT
+from dartquant.quant.act_clip import stream_of
 from dartquant.quant import weights
 from dartquant.quant.weights import SEQUENTIAL_STEPS, _steps
 from tiny import make_tiny_model
@@ -126,9 +126,8 @@ def test_hessian_passes_keep_shared_inputs_together_and_fit_the_budget():
 
 def _groups(keys):
     out = {}
-    for k in keys:
-        prefix, _, role = k.rpartition(".")
-        out.setdefault(f"{prefix}.{SHARED_INPUT.get(role, role)}", []).append(k)
+    for k in keys:  # linears reading one input tensor (stream_of is tested in test_act_clip.py)
+        out.setdefault(stream_of(k), []).append(k)
     return list(out.values())
 
 
