@@ -44,7 +44,8 @@ QUALITY = {
                      "smollm2_duquant_seed2_h200_session12.json"],
     # session 6: every Qwen row again with K's bias kept out of the K quantizer (§7, §8); the
     # rows of qwen_quality_h200.json were measured before that fix, which only FP does not touch
-    "Qwen2.5-Coder-0.5B": ["qwen_kbiasfix_h200_session6.json", "qwen_quantloss_seeds12_h200_session12.json"],
+    "Qwen2.5-Coder-0.5B": ["qwen_kbiasfix_h200_session6.json", "qwen_quantloss_seeds12_h200_session12.json",
+                           "qwen_rtn_h200_session15.json"],
     # issue 12's model, at its own protocol (§7): at most 40 windows per corpus, no zero-shot
     "Qwen2.5-Coder-1.5B (≤ 40 windows per corpus, §7)": ["qwen15_quality_h200.json"],
 }
@@ -120,11 +121,14 @@ def quality_rows(results: Path, model: str) -> list[dict]:
         if not chosen:
             if config is None:
                 raise SystemExit(f"report: {model}: no FP entry in {QUALITY[model]}")
-            rows.append({"label": label, "seeds": "0", "wiki": [], "c4": [], "zs": [], "protocol": set()})
+            rows.append({"label": label, "seeds": "0", "wiki": [], "c4": [], "zs": [], "calib": [], "protocol": set()})
             continue
         rows.append({"label": label, "seeds": "-" if config is None else str(len(chosen)),
                      "wiki": [r["ppl"]["wiki"] for r in chosen], "c4": [r["ppl"]["c4"] for r in chosen],
                      "zs": [r["zeroshot"]["avg"] for r in chosen if r.get("zeroshot")],
+                     "calib": [calibration_seconds(r) for r in chosen if config is not None],
+                     "grid": {len(((r.get("calibration") or {}).get("lr_selection") or {}).get("r1", {}).get("grid", []))
+                              for r in chosen},
                      "protocol": {_protocol(r) for r in chosen}})
     protocols = set().union(*(row.pop("protocol") for row in rows))
     if len(protocols) != 1:
@@ -132,8 +136,16 @@ def quality_rows(results: Path, model: str) -> list[dict]:
     return rows
 
 
+def calibration_seconds(run: dict) -> float:
+    """A run's calibration: capturing activations and fitting rotations (the `capture` and `calibrate`
+    stages; GPTQ and evaluation are the same work for every method and are not counted)."""
+    s = run["seconds"]
+    return s.get("capture", 0.0) + s.get("calibrate", 0.0)
+
+
 def quality_table(results: Path) -> list[str]:
-    lines = ["| model | method : weights | seeds | wiki ppl | c4 ppl | 0-shot avg |", "|---|---|---|---|---|---|"]
+    lines = ["| model | method : weights | seeds | wiki ppl | c4 ppl | 0-shot avg | calibration s |",
+             "|---|---|---|---|---|---|---|"]
     for model in QUALITY:
         rows = quality_rows(results, model)
         quantized = [r for r in rows if r["seeds"] not in ("-", "0")]
@@ -143,13 +155,15 @@ def quality_table(results: Path) -> list[str]:
                 "zs": max((statistics.mean(r["zs"]) for r in quantized if r["zs"]), default=None)}
         for i, r in enumerate(rows):
             if r["seeds"] == "0":
-                lines.append(f"| {model if i == 0 else ''} | {r['label']} | - | not measured | | |")
+                lines.append(f"| {model if i == 0 else ''} | {r['label']} | - | not measured | | | |")
                 continue
             cells = []
             for col in ("wiki", "c4", "zs"):
                 text = fmt(r[col])
                 bold = r["seeds"] != "-" and r[col] and statistics.mean(r[col]) == best[col]
                 cells.append(f"**{text}**" if bold else text)
+            grid = f" (lr grid of {max(r['grid'])})" if max(r.get("grid") or {0}) else ""
+            cells.append(f"{statistics.mean(r['calib']):.0f}{grid}" if r["calib"] else "-")
             lines.append(f"| {model if i == 0 else ''} | {r['label']} | {r['seeds']} | " + " | ".join(cells) + " |")
     return lines
 
@@ -215,7 +229,10 @@ def render(results: Path = RESULTS_DIR) -> str:
              "**Quality**: W4A4KV4 (weights 4-bit per channel, activations 4-bit per token, KV 4-bit per",
              "group of 64), full held-out wiki / c4 perplexity (lower is better; the 1.5B model: its first",
              "windows, §7), 6 zero-shot tasks with the first 100 examples each (higher is better), mean ± std",
-             "over seeds, H200; best quantized value per model in bold. Protocol: §2. Sources: " + quality_files + ".",
+             "over seeds, H200; best quantized value per model in bold. Calibration s: the mean of the runs'",
+             "capture + calibrate stages (GPTQ and evaluation excluded), measured while 3-8 jobs shared the GPU:",
+             "indicative only, and a run that chose its learning rate on a grid calibrated once per candidate;",
+             "the cost table below measures one calibration alone. Protocol: §2. Sources: " + quality_files + ".",
              "", *quality_table(results), "",
              "**Calibration cost** on one H200 (random weights of the real shapes): time, peak GPU memory, and",
              "for the end-to-end methods (100 steps × 8 × 2048 tokens, extrapolated from 2 timed steps) their",

@@ -142,9 +142,10 @@ jobs-after-scale)  # device_batch.sh jobs-after-scale FILE: FILE's quality.py jo
   # measured the 7B and the 70B alone (its DONE-wj70b; at most 20 min of waiting), 4 at a time. Launch it
   # with WORK=/tmp/work2 after carrying the models FILE needs (a second pack), e.g. session9_small.txt:
   # the issue-17 rows still missing (Qwen 0.5B quantization-error DartQuant seeds 1-2, Whip seed 2, RTN,
-  # OSTQuant; SmolLM2 DuQuant seed 2), same protocol as RESULTS §2 / §8
+  # OSTQuant; SmolLM2 DuQuant seed 2), same protocol as RESULTS §2 / §8. AFTER names another marker to
+  # wait for (session15_scale.sh: AFTER=DONE-wj8b, its one job alone), WAIT_S the most seconds of waiting
   export OMP_NUM_THREADS=2
-  for _ in $(seq 240); do [ -f "$RES/DONE-wj70b" ] && break; sleep 5; done
+  for _ in $(seq $(( ${WAIT_S:-1200} / 5 ))); do [ -f "$RES/${AFTER:-DONE-wj70b}" ] && break; sleep 5; done
   MODELS="smollm2-135m qwen2.5-coder-0.5b" convert_models
   PARALLEL=${PARALLEL:-4} run_jobs "$2" ;;
 jobs)  # device_batch.sh jobs FILE: the quality.py jobs listed in FILE (NAME MODEL CONFIG SEED [FP] [args])
