@@ -322,6 +322,10 @@ def time_gemm(m, n, k, dev, configs, errors):
             a8, w8, sa, sw = nxt()
             return torch._scaled_mm(a8, w8.t(), sa, sw, out_dtype=torch.bfloat16)
         row["scaled_mm_ms"] = bench(sm)
+        # does cuBLAS sum 4-bit codes exactly at this shape (the scaled_mm backend's probe)?
+        from dartquant.kernels.w4a4_gemm import scaled_mm_exact
+
+        row["scaled_mm_exact"] = scaled_mm_exact(m, n, k, dev)
     except Exception as e:
         row["scaled_mm_ms"] = None
         row["scaled_mm_error"] = repr(e)[:120]
@@ -443,6 +447,78 @@ def decode_variants(dev, errors):
     return {"checks": checks, "rows": rows}
 
 
+# ----------------------------------------------------------------------------- run 9: cuBLAS FP8 (scaled_mm)
+SCALED_MM_LINEARS = ["L2-7B qkvo", "L2-7B gate/up", "L2-7B down", "L3-8B k/v", "L3-8B gate/up", "L3-8B down",
+                     "L2-70B q/o", "L2-70B gate/up", "L2-70B down"]
+SCALED_MM_M = [512, 2048, 8192]
+
+
+def scaled_mm_main(args):
+    """The `scaled_mm` prefill backend (w4a4_gemm: both operands as 1-byte e4m3 codes on cuBLAS's FP8
+    GEMM) against bf16 F.linear and today's default (int8s: the packed weight, Triton), per linear:
+    exactness first (the backend's own per-shape probe, the random-code result in fp32 against the
+    integer reference, the worst accumulation case), then time. No config sweep: each backend as the
+    model runs it (default configs)."""
+    dev = torch.device("cuda")
+    from dartquant.kernels.w4a4_gemm import scaled_mm_exact
+
+    t0 = time.time()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
+              "ceilings": ceilings(dev), "rows": []}
+    print(f"ceilings: {json.dumps({k: round(v, 1) for k, v in result['ceilings'].items()})}", flush=True)
+    e4 = torch.float8_e4m3fn
+    print("| linear | M | bf16 ms | int8s x bf16 | scaled_mm x bf16 | scaled_mm TFLOP/s (of FP8 ceiling) | exact |")
+    print("|---|---|---|---|---|---|---|")
+    for name in SCALED_MM_LINEARS:
+        n, k = LINEARS[name]
+        for m in SCALED_MM_M:
+            row = {"linear": name, "M": m, "N": n, "K": k, "probe_exact": scaled_mm_exact(m, n, k, dev)}
+            a, sa, za, w = gemm_inputs(m, n, k, dev, 11)
+            a8, w8 = planar_centered(a, za, k, e4), planar_weight(w, e4)
+            y32 = w4a4_matmul(a8, sa, None, w, "scaled_mm", out=torch.empty(m, n, device=dev), w_planar=w8)
+            ref = w4a4_matmul_reference(a, sa, za, w)
+            row["fp32_path_bit_exact"] = bool(torch.equal(y32.bfloat16(), ref))
+            y16 = w4a4_matmul(a8, sa, None, w, "scaled_mm", w_planar=w8)
+            nz = ref != 0  # cuBLAS's own bf16 epilogue vs the Triton kernels' (fp32 product order)
+            row["bf16_max_rel_diff"] = float(((y16.float() - ref.float()).abs()[nz] / ref.float().abs()[nz]).max())
+            row["bf16_differing_frac"] = float((y16 != ref).float().mean())
+            row["bf16_nonzero_where_exact_zero"] = int((y16[~nz] != 0).sum())
+            w_neg = prepare_weight(torch.full((n, k), -8, dtype=torch.int8, device=dev), torch.ones(n, device=dev))
+            worst = w4a4_matmul(torch.full((m, k), 15.0, device=dev).to(e4), torch.ones(m, device=dev), None, w_neg,
+                                "scaled_mm", out=torch.empty(m, n, device=dev), w_planar=planar_weight(w_neg, e4))
+            row["worst_case_exact"] = bool(torch.all(worst == -120.0 * k))
+            del a8, w8, y32, y16, w_neg, worst
+            _, nxt = rotating(lambda: (torch.randn(m, k, device=dev, dtype=torch.bfloat16),
+                                       torch.randn(n, k, device=dev, dtype=torch.bfloat16)), (m + n) * k * 2)
+            row["bf16_ms"] = bench(lambda: torch.nn.functional.linear(*nxt()))
+            out = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
+
+            def operands(dtype, seed):  # planar centered activations of `dtype`, the packed weight
+                a, sa, za, w = gemm_inputs(m, n, k, dev, seed)
+                return planar_centered(a, za, k, dtype), sa, w
+
+            sets, nxt = rotating(lambda: (*operands(e4, 3), planar_weight(gemm_inputs(m, n, k, dev, 4)[3], e4)),
+                                 (m + n) * k)
+            row["scaled_mm_ms"] = bench(lambda: (lambda o: w4a4_matmul(o[0], o[1], None, o[2], "scaled_mm", out=out,
+                                                                       w_planar=o[3]))(nxt()))
+            sets, nxt = rotating(lambda: operands(torch.int8, 5), m * k + n * k // 2)
+            row["int8s_ms"] = bench(lambda: (lambda o: w4a4_matmul(o[0], o[1], None, o[2], "int8s", out=out))(nxt()))
+            del sets
+            tflops = 2 * m * n * k / row["scaled_mm_ms"] / 1e9
+            row["scaled_mm_TFLOPs"] = tflops
+            ok = row["probe_exact"] and row["fp32_path_bit_exact"] and row["worst_case_exact"]
+            print(f"| {name} | {m} | {row['bf16_ms']:.4f} | {row['bf16_ms'] / row['int8s_ms']:.2f}x | "
+                  f"{row['bf16_ms'] / row['scaled_mm_ms']:.2f}x | {tflops:.0f} "
+                  f"({tflops / result['ceilings']['fp8_scaled_mm_TFLOPs']:.2f}) | {'yes' if ok else 'NO'} |", flush=True)
+            result["rows"].append(row)
+    result["wall_s"] = time.time() - t0
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -456,6 +532,8 @@ def main():
     ap.add_argument("--decode-m", type=int, nargs="+", default=None, help="these decode M only (e.g. 1 4)")
     ap.add_argument("--act-widths", default="", help="comma list: time only these activation widths")
     ap.add_argument("--profile", action="store_true", help="launch each profiled kernel once (run under ncu)")
+    ap.add_argument("--scaled-mm", action="store_true",
+                    help="run 9 only: the scaled_mm backend (cuBLAS FP8 on 1-byte codes) vs bf16 and int8s, exactness first")
     ap.add_argument("--variants", action="store_true",
                     help="runs 6-7 only: prefill operand variants (planar A / W, fp8 promotion, int8s), decode int8s")
     ap.add_argument("--variant-names", nargs="+", choices=list(PREFILL_VARIANTS), default=None,
@@ -465,6 +543,8 @@ def main():
         return profile_launches()
     if args.variants:
         return variants_main(args)
+    if args.scaled_mm:
+        return scaled_mm_main(args)
     global PREFILL_M, ACT_WIDTHS, DECODE_M, LINEARS
     if args.decode_only:
         PREFILL_M = []
@@ -675,7 +755,8 @@ def print_tables(r):
                   f"{a['frac_of_copy_bw']:.2f} | {a['best_warps']} | {ch['codes_differ_frac']:.1e} | "
                   f"{ch['scale_max_rel_diff']:.1e} | {qf} |")
     if "gemm" in r:
-        print("\n| linear | M | bf16 ms | int_mm | scaled_mm | int8 ms | fp8 ms | gemv ms | best x bf16 | TOP/s | weight GB/s |")
+        print("\n| linear | M | bf16 ms | int_mm | scaled_mm (exact on 4-bit codes) | int8 ms | fp8 ms | gemv ms | "
+              "best x bf16 | TOP/s | weight GB/s |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for g in r["gemm"]:
             ours = min((g[k] for k in ("int8_ms", "fp8_ms", "gemv_ms") if g.get(k)), default=None)
@@ -686,7 +767,8 @@ def print_tables(r):
                 extra = f"{g['bf16_ms'] / ours:.2f} | {tops:.0f} | {wbw:.0f}"
             else:
                 extra = "- | - | -"
-            print(f"| {g['linear']} | {g['M']} | {f(g['bf16_ms'])} | {f(g.get('int_mm_ms'))} | {f(g.get('scaled_mm_ms'))} | "
+            exact = {True: " (exact)", False: " (NOT exact)"}.get(g.get("scaled_mm_exact"), "")
+            print(f"| {g['linear']} | {g['M']} | {f(g['bf16_ms'])} | {f(g.get('int_mm_ms'))} | {f(g.get('scaled_mm_ms'))}{exact} | "
                   f"{f(g.get('int8_ms'))} | {f(g.get('fp8_ms'))} | {f(g.get('gemv_ms'))} | {extra} |")
 
 

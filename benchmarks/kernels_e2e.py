@@ -147,6 +147,9 @@ def in_memory(args) -> int:
             logits = model(ids, use_cache=False).logits.float()
         ref_logits = logits if ref_logits is None else ref_logits
         r["logits_max_abs_diff_vs_first"] = (logits - ref_logits).abs().max().item()
+        from dartquant.kernels.bench import weight_bytes
+
+        r.update(weight_bytes(model))  # scaled_mm adds its 1-byte weight copy (made on first use)
         print(f"prefill, {operand} activation operand: {r['prefill_ms']:.2f} ms ({r['speedup_vs_bf16']:.2f}x bf16), "
               f"logits vs {args.prefill_operands[0]}: {r['logits_max_abs_diff_vs_first']:.3g}", flush=True)
     write_json(Path(args.out), result)
@@ -229,7 +232,7 @@ def main():
     ap.add_argument("--prepare-only", action="store_true", help="--run-shape: steps 1-2 only (the run folder)")
     ap.add_argument("--gemm-backends", nargs="*", default=[], choices=["int8", "int8s"],
                     help="in memory: measure the w4a4 side again with every linear on these GEMM backends")
-    ap.add_argument("--prefill-operands", nargs="*", default=[], choices=["packed", "int8", "int8s", "fp8"],
+    ap.add_argument("--prefill-operands", nargs="*", default=[], choices=["packed", "int8", "int8s", "fp8", "scaled_mm"],
                     help="in memory: time prefill again with these GEMM activation operands")
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: more `dartquant bench` flags")
     args = ap.parse_args()

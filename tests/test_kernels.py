@@ -216,6 +216,11 @@ def test_w4a4_linear_module_is_the_fake_quant_qlinear():
     for operand in ("int8", "int8s", "fp8"):
         model[1].prefill_operand, model[1].planar_min_tokens = operand, 0
         assert torch.equal(model(x), y)
+    # cuBLAS's FP8 GEMM (scaled_mm): the same codes and sums, its own bf16 epilogue (one ulp at most)
+    model[1].prefill_operand = "scaled_mm"
+    y_sm = model(x)
+    assert ((y_sm.double() - y.double()).abs() <= 2.0**-8 * y.double().abs() + 1e-6 * y.double().abs().max()).all()
+    assert model[1].codes_fp8 is not None and model[1].codes_fp8.dtype == torch.float8_e4m3fn
     model[1].backend = "int8s"  # the swapped GEMM (planar int8 at every size)
     assert torch.equal(model(x), y) and torch.equal(model(x[:1, :1]), y[:1, :1])
     # the default dispatch: packed operand + decode backend up to 8 tokens, int8s above (run 7)
@@ -286,6 +291,34 @@ def test_gemm_planar_operands_bit_exact(backend, w8, promote, split_k):
     assert torch.all(y == -120.0 * k)
     with pytest.raises(TypeError, match="planar"):
         w4a4_matmul(planar_centered(a, za, k, dt), sa, za, w, backend, cfg)  # a zero point with planar codes
+
+
+def test_gemm_scaled_mm_backend():
+    """cuBLAS's FP8 path (here torch's CPU implementation of the same op): exact integer sums in fp32
+    out, the bf16 epilogue within one ulp of the Triton kernels' order; shapes cuBLAS cannot take
+    (K or N not a multiple of 16) and misused operands go to the Triton fp8 kernel or are refused."""
+    e4 = torch.float8_e4m3fn
+    for m, n, k in ((20, 48, 224), (3, 40, 208)):  # the second: N, K not multiples of 16 -> Triton fp8
+        a, sa, za, w = _gemm_operands(m, n, k, seed=7)
+        a8, w8 = planar_centered(a, za, k, e4), planar_weight(w, e4)
+        ref = w4a4_matmul_reference(a, sa, za, w)
+        y = w4a4_matmul(a8, sa, None, w, "scaled_mm", GemmConfig(16, 16, 32, 4, 2), w_planar=w8)
+        # bf16 out: the op's own epilogue (torch's CPU version scales before it sums: not the exact
+        # path, which the fp32 output below is; on CUDA kernel_bench --scaled-mm measures cuBLAS's)
+        assert y.dtype == torch.bfloat16
+        assert ((y.float() - ref.float()).abs() <= 2.0**-8 * ref.float().abs() + 1e-6 * ref.float().abs().max()).all()
+        out = torch.empty(m, n)
+        y32 = w4a4_matmul(a8, sa, None, w, "scaled_mm", GemmConfig(16, 16, 32, 4, 2), out=out, w_planar=w8)
+        assert y32 is out or torch.equal(y32, out)
+        assert torch.equal(out.bfloat16(), ref)  # fp32: the exact sums and the kernels' epilogue order
+    m, n, k = 16, 32, 512  # the largest sums: centered 15 against -8 everywhere
+    a15 = torch.full((m, k // 2), 0xFF, dtype=torch.uint8)
+    w_neg = prepare_weight(torch.full((n, k), -8, dtype=torch.int8), torch.ones(n))
+    y = w4a4_matmul(planar_centered(a15, torch.zeros(m), k, e4), torch.ones(m), None, w_neg, "scaled_mm",
+                    out=torch.empty(m, n), w_planar=planar_weight(w_neg, e4))
+    assert torch.all(y == -120.0 * k)
+    with pytest.raises(TypeError, match="scaled_mm"):
+        w4a4_matmul(planar_centered(a15, torch.zeros(m), k, e4), torch.ones(m), None, w_neg, "scaled_mm")
 
 
 def test_gemm_swapped_operands_small_m():

@@ -47,6 +47,7 @@ class BenchSettings:
     device: str = "cuda"
     sides: list[str] = field(default_factory=lambda: ["bf16", "w4a4"])
     rep_ms: int = 200  # do_bench's time budget per measurement
+    prefill_operand: str = "int8s"  # linear.PREFILL_OPERANDS: the GEMM above 64 tokens (scaled_mm: cuBLAS FP8)
 
     def validate(self) -> None:
         if self.prefill < 1 or self.context < 1:
@@ -57,6 +58,10 @@ class BenchSettings:
             raise ValueError(f"--kv must be one of {KV_MODES}, not {self.kv!r}")
         if not set(self.sides) <= {"bf16", "w4a4"} or not self.sides:
             raise ValueError(f"sides must be bf16 and / or w4a4, got {self.sides}")
+        from .linear import PREFILL_OPERANDS
+
+        if self.prefill_operand not in PREFILL_OPERANDS:
+            raise ValueError(f"--prefill-operand must be one of {sorted(PREFILL_OPERANDS)}, not {self.prefill_operand!r}")
 
 
 # ---- the two models ------------------------------------------------------------------------
@@ -73,7 +78,7 @@ def _plain_linear(q) -> nn.Linear:
     return lin
 
 
-def side_models(folder, sides, device, kv: str):
+def side_models(folder, sides, device, kv: str, prefill_operand: str = "int8s"):
     """Yield ("bf16", model) and / or ("w4a4", model) from ONE load of the run (the slow part at
     7B: reading and dequantizing the codes on the CPU): the bf16 side is the fake-quant model with
     its QLinears swapped for plain linears sharing their weights and SDPA attention; then the
@@ -93,7 +98,7 @@ def side_models(folder, sides, device, kv: str):
         _replace_(model, qlinears)
         model.set_attn_implementation(run_attention)
     if "w4a4" in sides:
-        convert_run_(model, folder)
+        convert_run_(model, folder, prefill_operand=prefill_operand)
         del qlinears
         if kv == "plain":
             model.set_attn_implementation("sdpa")
@@ -240,7 +245,8 @@ def bench_run(folder, s: BenchSettings, progress=print) -> dict:
     result = {"run": str(folder), "settings": dataclasses.asdict(s), "machine": _machine(device)}
     progress(f"loading {folder} (CPU; both sides from one load), timing on {device}")
     t = time.perf_counter()
-    for side, model in side_models(folder, [x for x in ("bf16", "w4a4") if x in s.sides], device, s.kv):
+    for side, model in side_models(folder, [x for x in ("bf16", "w4a4") if x in s.sides], device, s.kv,
+                                   s.prefill_operand):
         load_s = time.perf_counter() - t
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -337,7 +343,7 @@ def cmd_bench(args) -> int:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     s = BenchSettings(prefill=args.prefill, batches=args.batch, context=args.context,
                       cuda_graphs=not args.no_cuda_graphs, kv=args.kv, device=args.device or default_device,
-                      sides=args.sides, rep_ms=args.rep_ms)
+                      sides=args.sides, rep_ms=args.rep_ms, prefill_operand=args.prefill_operand)
     s.validate()
     if args.json_out:  # the output's folder must exist before the (long) measurement
         parent = Path(args.json_out).resolve().parent
@@ -371,6 +377,9 @@ def add_bench_command(subparsers) -> None:
     s.add_argument("--sides", nargs="+", choices=["bf16", "w4a4"], default=["bf16", "w4a4"])
     s.add_argument("--device", default=None, help="default: cuda if available (cpu: TRITON_INTERPRET=1, tests only)")
     s.add_argument("--rep-ms", type=int, default=200, help="time budget of each CUDA measurement (do_bench)")
+    s.add_argument("--prefill-operand", default="int8s", choices=["int8s", "int8", "fp8", "packed", "scaled_mm"],
+                   help="the GEMM above 64 tokens: int8s (Triton, packed weight; default) or scaled_mm (cuBLAS "
+                        "FP8 on a 1-byte copy of the weight codes, exactness probed per shape)")
     s.add_argument("--json", dest="json_out", metavar="OUT", help="write the result as JSON")
     s.add_argument("--merge", action="store_true",
                    help="with --sides: add the measured side to OUT's other side (same run and settings)")

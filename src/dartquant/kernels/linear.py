@@ -33,12 +33,15 @@ __all__ = ["W4A4Linear", "convert_qlinears_", "convert_run_", "load_w4a4", "PREF
 # A8) and backend. "int8s" (planar int8 bytes into the swapped GEMM: the packed weight unpacked in
 # registers as the MMA's left operand) is the default: 12-17 % faster per linear than "int8" at every
 # prefill shape of run 7 (docs/KERNELS.md 2c), same bits.
-PREFILL_OPERANDS = {"packed": None, "int8": torch.int8, "int8s": torch.int8, "fp8": torch.float8_e4m3fn}
+# "scaled_mm": planar e4m3 activations and a 1-byte e4m3 copy of the weight codes (made on first use:
+# + half of bf16's weight bytes) on cuBLAS's FP8 GEMM (w4a4_gemm: exactness probed per shape).
+PREFILL_OPERANDS = {"packed": None, "int8": torch.int8, "int8s": torch.int8, "fp8": torch.float8_e4m3fn,
+                    "scaled_mm": torch.float8_e4m3fn}
 DEFAULT_PREFILL_OPERAND = "int8s"
 # above this many tokens the planar operand is used; below, the packed one with the decode backends
 # (gemv, int8). int8s: from 9 tokens (run 7: faster than int8 at 16 and 64 tokens on every linear,
 # mixed at 4); int8 / fp8: from 65 (run 6 measured them at prefill only)
-PLANAR_MIN_TOKENS = {"packed": 64, "int8": 64, "int8s": 8, "fp8": 64}
+PLANAR_MIN_TOKENS = {"packed": 64, "int8": 64, "int8s": 8, "fp8": 64, "scaled_mm": 64}
 
 
 def _check_scheme(q: QLinear, qt: QuantizedTensor, name: str) -> tuple[bool, float]:
@@ -115,6 +118,18 @@ class W4A4Linear(nn.Module):
         self.register_buffer("rowsum", w.rowsum)
         self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
         self.shared_input: SharedInput | None = None  # set by convert_qlinears_ for siblings
+        self.register_buffer("codes_fp8", None)  # the scaled_mm operand's weight (made on first use)
+        if prefill_operand == "scaled_mm":  # made now, so that weight memory counts it
+            self.fp8_weight()
+
+    def fp8_weight(self) -> torch.Tensor:
+        """The weight codes as a planar e4m3 operand [N, K] (scaled_mm prefill), kept as a buffer."""
+        if self.codes_fp8 is None or self.codes_fp8.device != self.codes.device:
+            from .w4a4_gemm import PackedWeight, planar_weight
+
+            self.codes_fp8 = planar_weight(PackedWeight(self.codes, self.scale, self.rowsum, self.in_features),
+                                           torch.float8_e4m3fn)
+        return self.codes_fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .w4a4_gemm import PackedWeight
@@ -140,6 +155,8 @@ class W4A4Linear(nn.Module):
                           dtype=torch.float32 if x.dtype in (torch.float32, torch.float64) else torch.bfloat16)
         if planar is None:
             y = w4a4_matmul(act.codes, act.scale, act.zero, w, self.backend, out=out)
+        elif self.prefill_operand == "scaled_mm" and self.backend != "int8s":
+            y = w4a4_matmul(act.codes, act.scale, None, w, "scaled_mm", out=out, w_planar=self.fp8_weight())
         else:
             be = ("fp8" if planar == torch.float8_e4m3fn
                   else "int8s" if "int8s" in (self.backend, self.prefill_operand) else "int8")
@@ -176,7 +193,8 @@ def convert_qlinears_(model: nn.Module, qtensors: dict[str, QuantizedTensor], ba
     return sorted(new)
 
 
-def convert_run_(model: nn.Module, folder, backend: str = "auto") -> list[str]:
+def convert_run_(model: nn.Module, folder, backend: str = "auto",
+                 prefill_operand: str = DEFAULT_PREFILL_OPERAND) -> list[str]:
     """Swap every QLinear of `model` (loaded from run `folder`) whose codes are in the folder's
     ``quantized.safetensors`` for a W4A4Linear (all checked first). Returns the converted names."""
     from ..quant.checkpoint import read_quantized_state
@@ -184,7 +202,7 @@ def convert_run_(model: nn.Module, folder, backend: str = "auto") -> list[str]:
     state = read_quantized_state(Path(folder))[1]  # one file or shards (a streamed run)
     prefixes = sorted(k[: -len(".qmeta")] for k in state if k.endswith(".qmeta"))
     qtensors = {p: QuantizedTensor.from_state_dict(state, prefix=f"{p}.") for p in prefixes}
-    return convert_qlinears_(model, qtensors, backend)
+    return convert_qlinears_(model, qtensors, backend, prefill_operand=prefill_operand)
 
 
 def load_w4a4(folder, device="cpu", backend: str = "auto", dtype: torch.dtype = torch.float32):

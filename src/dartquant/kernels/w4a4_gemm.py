@@ -31,6 +31,15 @@ Design choices:
   prefill.  The weight may be planar too (1 byte per code, twice the packed weight's bytes: the
   benchmark's measure of what unpacking costs).  FP8 accumulation is
   either promoted by hand per K block or by Triton (``max_num_imprecise_acc``, GemmConfig.promote).
+* **cuBLAS FP8** (``scaled_mm`` backend, prefill): both operands as planar e4m3 bytes (the
+  activation's centered codes, the weight's codes: 1 byte per code, half of bf16's bytes), the dot
+  and the per-token x per-channel scales in one ``torch._scaled_mm`` (rowwise scales, bf16 out;
+  ``use_fast_accum=False``: cuBLAS promotes the tensor cores' partial sums into fp32). The H200's
+  FP8 tensor cores accumulate with limited precision, so exactness is not assumed: on CUDA every
+  new (M, N, K) is first checked on codes of the worst magnitude (every product 120) and on random
+  codes against the float64 value (`scaled_mm_exact`), and a shape that fails runs on the Triton
+  fp8 kernel instead, with a warning. The epilogue is cuBLAS's: in bf16 it may round one ulp
+  away from the Triton kernels' (fp32 product order), within the stated 2^-8 tolerance.
 * **GEMV with dp4a** (``GemmConfig.dp4a``, gemv backend): the packed bytes read as 32-bit words,
   nibbles split by masks into four byte lanes, the weight's signed codes made unsigned by flipping
   bit 3 (two's complement nibble -> ``w + 8``), and four products summed per PTX ``dp4a`` (the
@@ -60,7 +69,7 @@ except ImportError:  # pragma: no cover
     triton = tl = None
 
 __all__ = ["PackedWeight", "GemmConfig", "prepare_weight", "w4a4_matmul", "w4a4_matmul_reference", "default_config",
-           "planar_centered", "planar_weight"]
+           "planar_centered", "planar_weight", "scaled_mm_exact"]
 
 
 @dataclass
@@ -419,6 +428,56 @@ def _splitk_buffers(m: int, n: int, tiles: int, device, split_k: int):
     return ws, cnt
 
 
+# (device, M, N, K) -> whether cuBLAS's FP8 GEMM gave exact integer sums there (scaled_mm_exact)
+_SCALED_MM_EXACT: dict = {}
+
+
+def scaled_mm_exact(m: int, n: int, k: int, device) -> bool:
+    """Whether ``torch._scaled_mm`` on e4m3 codes sums exactly at this shape on this device.
+
+    Two probes at the very shape: every product +120 (|a| = 15, |w| = 8: the largest partial sums
+    the W4A4 codes can build, where reduced-precision accumulation would drop bits first), and
+    random codes against their float64 dot. Cached per (device, M, N, K); off CUDA (the CPU's
+    implementation accumulates in fp32) it is exact by construction and not probed."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    key = (str(device), m, n, k)
+    if key not in _SCALED_MM_EXACT:
+        if torch.cuda.is_current_stream_capturing():  # no probe inside a CUDA graph: Triton's fp8 for now
+            return False
+        one = torch.ones((), device=device)
+        g = torch.Generator(device).manual_seed(0)
+        worst_a = torch.full((m, k), -15.0, device=device).to(torch.float8_e4m3fn)
+        worst_w = torch.full((n, k), -8.0, device=device).to(torch.float8_e4m3fn)
+        ok = bool((torch._scaled_mm(worst_a, worst_w.t(), one, one, out_dtype=torch.float32)
+                   == 120.0 * k).all())
+        a = torch.randint(-15, 16, (m, k), device=device, generator=g).to(torch.float32)
+        w = torch.randint(-8, 8, (n, k), device=device, generator=g).to(torch.float32)
+        got = torch._scaled_mm(a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn).t(), one, one,
+                               out_dtype=torch.float32, use_fast_accum=False)
+        ok = ok and torch.equal(got.double(), a.double() @ w.double().T)
+        _SCALED_MM_EXACT[key] = ok
+        if not ok:
+            import warnings
+
+            warnings.warn(f"cuBLAS FP8 GEMM is not exact at M={m}, N={n}, K={k} on {device}: this shape runs on "
+                          "the Triton fp8 kernel instead (w4a4_gemm.scaled_mm_exact)", RuntimeWarning, stacklevel=3)
+    return _SCALED_MM_EXACT[key]
+
+
+def _scaled_mm_into(a8: torch.Tensor, a_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
+                    out: torch.Tensor) -> torch.Tensor:
+    """out = s_a s_w (a8 @ w8^T) on cuBLAS's FP8 path (bf16: its rowwise epilogue; fp32: the exact
+    integer sums, then the Triton kernels' epilogue order)."""
+    if out.dtype == torch.bfloat16:
+        return torch._scaled_mm(a8, w8.t(), scale_a=a_scale.reshape(-1, 1), scale_b=w_scale.reshape(1, -1),
+                                out_dtype=torch.bfloat16, use_fast_accum=False, out=out)
+    one = torch.ones((), device=a8.device)
+    acc = torch._scaled_mm(a8, w8.t(), one, one, out_dtype=torch.float32, use_fast_accum=False)
+    return torch.mul(acc.mul_(a_scale.reshape(-1, 1)), w_scale.reshape(1, -1), out=out)
+
+
 def w4a4_matmul(
     a_codes: torch.Tensor,
     a_scale: torch.Tensor,
@@ -438,11 +497,25 @@ def w4a4_matmul(
     codes instead of the packed ones (tensor-core backends).
     backend: "int8" (int8 tensor cores, int32 accumulation), "int8s" (the same with the operands
     swapped: planar activations only, no split-K), "fp8" (e4m3, fp32 per-block promotion), "gemv"
-    (CUDA cores, int32; M <= 8; config.block_m unused) or "auto" (gemv for M <= GEMV_MAX_TOKENS, else int8).
+    (CUDA cores, int32; M <= 8; config.block_m unused), "scaled_mm" (cuBLAS FP8: planar e4m3
+    activations and `w_planar` e4m3; a shape `scaled_mm_exact` rejects runs on "fp8") or "auto"
+    (gemv for M <= GEMV_MAX_TOKENS, else int8).
     """
+    if backend not in ("auto", "int8", "int8s", "fp8", "gemv", "scaled_mm"):
+        raise ValueError(f"backend must be 'auto', 'int8', 'int8s', 'fp8', 'gemv' or 'scaled_mm', got {backend!r}")
+    if backend == "scaled_mm":
+        n, k, m = weight.codes.shape[0], weight.k, a_codes.shape[0]
+        if (a_codes.dtype != torch.float8_e4m3fn or a_zero is not None or a_codes.shape[1] != k
+                or w_planar is None or w_planar.dtype != torch.float8_e4m3fn or w_planar.shape != (n, k)):
+            raise TypeError(f"the scaled_mm backend takes planar e4m3 activations [M, {k}] with a_zero=None and "
+                            f"w_planar = planar_weight(weight, torch.float8_e4m3fn) [{n}, {k}]")
+        if out is None:
+            out = torch.empty(m, n, dtype=torch.bfloat16, device=a_codes.device)
+        # cuBLAS's FP8 GEMM wants K and N in multiples of 16; elsewhere, and where it is not exact: Triton
+        if m and k % 16 == 0 and n % 16 == 0 and scaled_mm_exact(m, n, k, a_codes.device):
+            return _scaled_mm_into(a_codes, a_scale, w_planar, weight.scale, out)
+        backend = "fp8"
     require_triton()
-    if backend not in ("auto", "int8", "int8s", "fp8", "gemv"):
-        raise ValueError(f"backend must be 'auto', 'int8', 'int8s', 'fp8' or 'gemv', got {backend!r}")
     if weight.codes.dtype != torch.uint8:
         raise TypeError("weight.codes must be packed uint8")
     a8 = a_codes.dtype != torch.uint8
