@@ -29,8 +29,8 @@ def gptq_inputs(model, scheme, monkeypatch) -> dict[str, list[torch.Tensor]]:
     real = weights._SharedHessians
 
     class Recording(real):
-        def observer(self, role, in_features, device):
-            inner = super().observer(role, in_features, device)
+        def observer(self, role, in_features, device, quantizer=None):
+            inner = super().observer(role, in_features, device, quantizer)
 
             def observe(x):
                 seen[role].append(x.detach().clone())

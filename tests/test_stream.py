@@ -70,6 +70,8 @@ CASES = {  # (family, dtype of the files, settings)
     "gemma3-rtn": ("gemma3-sandwich", torch.float32, dict(method="rtn")),
     "gemma3-quarot-r1online": ("gemma3-sandwich", torch.float32, dict(method="quarot", r1=False, r1_online=True)),
     "qwen2-quarot-gptq": ("qwen2-bias-gqa", torch.float32, dict(method="quarot", w_quantizer="gptq")),
+    "qwen2-quarot-gptq-asymmetric": ("qwen2-bias-gqa", torch.float32,
+                                     dict(method="quarot", w_quantizer="gptq", gptq_asymmetric=True)),
     "llama-dartquant-gptq-bf16-file": ("llama-tied-gqa", torch.bfloat16,
                                        dict(method="dartquant", w_quantizer="gptq", dq_epochs=1)),
 }

@@ -28,6 +28,9 @@ _HELP = {
     "e2e_amp": "end-to-end training precision: auto (bf16 autocast on CUDA, fp32 elsewhere), bf16, off",
     "gptq_true_sequential": "GPTQ per block in steps (q/k/v, o, gate/up, down), each from inputs computed with "
                             "the earlier steps quantized; 4 forwards per block (default: false, one)",
+    "gptq_asymmetric": "GPTQ against the unquantized-activation output: Hessians from each linear's 4-bit "
+                       "inputs, target weight W C H^-1, so the weights absorb part of the activation "
+                       "quantizer's error (GPTAQ's asymmetric calibration; default: false)",
     "gptq_hessian_mb": "collect a block's GPTQ Hessians in forwards holding at most this many MB of them "
                        "(same result, more forwards; default: all at once unless they exceed 40%% of a GPU's "
                        "free memory)",

@@ -195,6 +195,7 @@ class GPTQ:
         self.device = torch.device(device) if device is not None else None
         self.dtype = dtype
         self.H: torch.Tensor | None = None  # allocated at the first add_batch (on its device by default)
+        self.C: torch.Tensor | None = None  # with references: 2/N sum x_ref x^T (asymmetric_target)
         self._nsamples = 0
 
     @property
@@ -203,10 +204,16 @@ class GPTQ:
         return self._nsamples
 
     @torch.no_grad()
-    def add_batch(self, inp: torch.Tensor) -> None:
-        """Add inputs [..., in_features] to the running average H = 2/N sum x x^T."""
+    def add_batch(self, inp: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """Add inputs [..., in_features] to the running average H = 2/N sum x x^T.
+
+        `reference`: the inputs the layer's output should have come from (e.g. `inp` before its
+        activation quantizer), accumulated as C = 2/N sum x_ref x^T for `asymmetric_target`; give it
+        on every batch or on none."""
         if inp.shape[-1] != self.in_features:
             raise ValueError(f"GPTQ(in_features={self.in_features}) got an input of last dimension {inp.shape[-1]}")
+        if (reference is not None) != (self.C is not None) and self._nsamples:
+            raise ValueError("GPTQ.add_batch: give a reference with every batch or with none")
         device = self.device if self.device is not None else inp.device
         x = inp.detach().reshape(-1, self.in_features).to(device=device, dtype=self.dtype)
         m = x.shape[0]
@@ -214,15 +221,49 @@ class GPTQ:
             return
         if self.H is None:
             self.H = torch.zeros(self.in_features, self.in_features, device=device, dtype=self.dtype)
+        if reference is not None and self.C is None:
+            self.C = torch.zeros_like(self.H)
         total = self._nsamples + m
         self.H.mul_(self._nsamples / total)
         x = x * math.sqrt(2.0 / total)
         self.H.addmm_(x.T, x)
+        if reference is not None:
+            if reference.shape != inp.shape:
+                raise ValueError(f"GPTQ.add_batch: reference {tuple(reference.shape)} != input {tuple(inp.shape)}")
+            r = reference.detach().reshape(-1, self.in_features).to(device=device, dtype=self.dtype)
+            self.C.mul_(self._nsamples / total)
+            self.C.addmm_((r * math.sqrt(2.0 / total)).T, x)
         self._nsamples = total
+
+    @torch.no_grad()
+    def asymmetric_target(self, weight: torch.Tensor, reldamp: float = 1e-3) -> torch.Tensor:
+        """The weight W* = W C (H + damp I)^-1 that the layer should have on the inputs it gets.
+
+        With H from the inputs x the layer will see (activation-quantized) and C from the inputs it
+        should have seen (`reference`), ||x W_q^T - x_ref W^T||^2 = ||x (W_q - W*)^T||^2 + const:
+        GPTQ on W* with this H minimizes the output error against the reference path, so the weights
+        absorb what they can of the activation quantizer's error (the least-squares, Wiener-filter
+        correction; the "asymmetric calibration" of GPTAQ, Li et al. 2025). float64; damped per
+        channel (H + reldamp diag H): GPTQ's damping by the *mean* diagonal would pull the target of
+        low-energy channels towards zero (by 1/(1 + damp / H_ii)), and the target, unlike GPTQ's
+        error feedback, is kept. float32 out, on the weight's device."""
+        if self.C is None or self.H is None:
+            raise RuntimeError("GPTQ.asymmetric_target needs add_batch(..., reference=...)")
+        H = self.H.to(torch.float64)
+        diag = torch.diagonal(H)
+        dead = diag == 0
+        H = H.clone() if H.data_ptr() == self.H.data_ptr() else H
+        H[dead, dead] = 1.0
+        H.diagonal().mul_(1.0 + reldamp)
+        rhs = self.C.to(torch.float64).T @ weight.to(device=H.device, dtype=torch.float64).T  # C^T W^T
+        target = torch.linalg.solve(H, rhs).T  # W C H^-1 (H symmetric)
+        target[:, dead] = 0.0
+        return target.to(device=weight.device, dtype=torch.float32)
 
     def free(self) -> None:
         """Drop the Hessian (the object can accumulate again afterwards)."""
         self.H = None
+        self.C = None
         self._nsamples = 0
 
     def _lean_inverse_cholesky(self, dead: torch.Tensor, perm: torch.Tensor | None, percdamp: float,

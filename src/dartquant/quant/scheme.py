@@ -39,6 +39,10 @@ class QuantScheme:
     # within a block, q/k/v, then o, then gate/up, then down, each from inputs computed with the
     # ones before already quantized (GPTQ's / QuaRot's "true sequential"; one forward per step)
     gptq_true_sequential: bool = False
+    # GPTQ against the unquantized-activation output: each linear's Hessian from its 4-bit-quantized
+    # inputs and its target weight W C H^-1 (gptq.GPTQ.asymmetric_target), so the weights absorb what
+    # they can of the activation quantizer's error ("asymmetric calibration", GPTAQ)
+    gptq_asymmetric: bool = False
     # a block's Hessians are collected in passes holding at most this many MB of them (one forward
     # per pass; the results do not change). None: all at once, except on a GPU where they would
     # take more than GPTQ_HESSIAN_SHARE of its free memory (a Mixtral block: 8 experts x 14336^2)
@@ -120,6 +124,9 @@ class QuantScheme:
             raise ValueError("gptq_damp and gptq_blocksize must be positive")
         if self.gptq_hessian_mb is not None and self.gptq_hessian_mb <= 0:
             raise ValueError(f"gptq_hessian_mb must be positive (or unset: automatic), got {self.gptq_hessian_mb}")
+        if self.gptq_asymmetric and self.gptq_act_quant:
+            raise ValueError("gptq_asymmetric quantizes each linear's own inputs for its Hessian and needs the "
+                             "unquantized ones as its target: drop gptq_act_quant")
         if self.gptq_act_order and self.w_group_size and not self.gptq_static_groups:
             raise ValueError("act-order with groups needs static groups (gptq_static_groups: true)")
         if geometry is not None:

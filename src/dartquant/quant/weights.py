@@ -40,7 +40,7 @@ from .act import set_act_quant_enabled_
 from .act_clip import ClipSearchRecord, stream_of
 from .scheme import QuantScheme
 from .gptq import GPTQ
-from .primitives import QuantizedTensor
+from .primitives import QuantizedTensor, fake_quantize
 from ..transforms.fuse import split_experts_
 
 
@@ -60,7 +60,9 @@ class _SharedHessians:
         self._last: dict[int, torch.Tensor] = {}  # id(solver) -> last input it took (kept alive)
         self._newest: tuple[torch.Tensor, GPTQ] | None = None
 
-    def observer(self, role: str, in_features: int, device):
+    def observer(self, role: str, in_features: int, device, quantizer=None):
+        """`quantizer` (asymmetric GPTQ): the linear's input quantizer, switched off during the
+        forward; the Hessian then takes its output and the cross term the unquantized input."""
         def observe(x: torch.Tensor) -> None:
             solver = self.of_role.get(role)
             if solver is None:
@@ -71,7 +73,10 @@ class _SharedHessians:
                 self.of_role[role] = solver
             if self._last.get(id(solver)) is x:
                 return
-            solver.add_batch(x)
+            if quantizer is None:
+                solver.add_batch(x)
+            else:
+                solver.add_batch(fake_quantize(x, quantizer.spec), reference=x)
             self._last[id(solver)] = x
             self._newest = (x, solver)
 
@@ -176,8 +181,9 @@ def _hessian_budget(scheme: QuantScheme, device: torch.device) -> float:
     return float("inf")
 
 
-def _passes(step: list[str], in_features: dict[str, int], budget: float) -> list[list[str]]:
-    """`step`'s linears split into forwards whose Hessians (float32, in^2 each) fit `budget`
+def _passes(step: list[str], in_features: dict[str, int], budget: float, matrices: int = 1) -> list[list[str]]:
+    """`step`'s linears split into forwards whose Hessians (float32, in^2 each, `matrices` of them
+    per input: 2 with asymmetric GPTQ's cross term) fit `budget`
     bytes; linears reading one input (q/k/v, an expert's gate/up) stay together, since they share
     one Hessian; a group larger than the budget gets a forward of its own."""
     group_of = {key: stream_of(key) for key in step}  # the input tensor a linear reads (act_clip.py)
@@ -186,7 +192,7 @@ def _passes(step: list[str], in_features: dict[str, int], budget: float) -> list
         group = group_of[key]
         if group in pass_of:
             continue
-        need = 4.0 * in_features[key] ** 2
+        need = 4.0 * matrices * in_features[key] ** 2
         if size and size + need > budget:
             n, size = n + 1, 0.0
         pass_of[group] = n
@@ -211,11 +217,12 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
     in_features = {key: q.in_features for key, q in linears.items()}
     for step in _steps(list(linears), scheme.gptq_true_sequential):
         done, fallbacks = [], []  # (linear, result), committed once every pass of the step has seen the same block
-        for keys in _passes(step, in_features, budget):
+        for keys in _passes(step, in_features, budget, 2 if scheme.gptq_asymmetric else 1):
             hessians = _SharedHessians()
             for role in keys:
                 q = linears[role]
-                q.input_observer = hessians.observer(role, q.in_features, q.weight.device)
+                quantizer = q.input_quantizer if scheme.gptq_asymmetric else None
+                q.input_observer = hessians.observer(role, q.in_features, q.weight.device, quantizer)
             forward(update=False)
             for q in map(linears.__getitem__, keys):
                 q.input_observer = None
@@ -229,7 +236,10 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
                     continue
                 # its last role drops the Hessian inside the call: a 70B down_proj needs the memory
                 last = all(s is not solver for s in left[k + 1:])
-                qt = solver.quantize(q.weight.data.float(), spec, blocksize=scheme.gptq_blocksize,
+                w = q.weight.data.float()
+                if solver.C is not None:  # asymmetric: the weight that undoes the input quantizer's error
+                    w = solver.asymmetric_target(w)
+                qt = solver.quantize(w, spec, blocksize=scheme.gptq_blocksize,
                                      percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
                                      static_groups=scheme.gptq_static_groups, release_hessian=last)
                 done.append((q, _on_cpu(qt)))

@@ -1,0 +1,73 @@
+"""Asymmetric GPTQ (`gptq_asymmetric`): each linear's Hessian from its activation-quantized inputs x~,
+its target weight W* = W C H^-1 (C = x^T x~), so that GPTQ minimizes ||x~ W_q^T - x W^T||."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dartquant.config import RunConfig
+from dartquant.quant.act import ActQuantizer
+from dartquant.quant.gptq import GPTQ
+from dartquant.quant.primitives import QuantSpec, fake_quantize
+from dartquant.quant.weights import _SharedHessians
+
+A4 = QuantSpec(bits=4, symmetric=False, clip_ratio=0.9)
+
+
+def _inputs(seed=0, tokens=2048, n=48):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, n, dtype=torch.float64)
+    x[:, 3] *= 10  # an outlier channel: the 4-bit error is far from white
+    return x
+
+
+def test_target_is_the_least_squares_weight_on_the_quantized_inputs():
+    x = _inputs()
+    xq = fake_quantize(x, A4)
+    w = torch.randn(40, x.shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64) / 8
+    solver = GPTQ(x.shape[1], dtype=torch.float64)
+    for part in (slice(0, 700), slice(700, None)):  # the running averages over two batches
+        solver.add_batch(xq[part], reference=x[part])
+    target = solver.asymmetric_target(w.float(), reldamp=0.0).double()
+    lstsq = torch.linalg.lstsq(xq, x @ w.T).solution.T
+    assert torch.allclose(target, lstsq, rtol=0, atol=1e-5)
+
+    def err(wq):
+        return (xq @ wq.T - x @ w.T).norm()
+
+    # the least-squares weight is the best any real weight can do on these inputs
+    assert err(target) < err(w)
+    # the default per-channel damping moves it by about its own size (1e-3), outlier channel or not
+    damped = solver.asymmetric_target(w.float()).double()
+    assert (damped - target).norm() < 3e-3 * target.norm()
+
+
+def test_observer_takes_the_quantized_input_and_the_cross_term():
+    x = _inputs(seed=2).float()
+    hessians = _SharedHessians()
+    observe = hessians.observer("q", x.shape[1], "cpu", ActQuantizer(A4))
+    observe(x[:1000])
+    observe(x[1000:])
+    solver = hessians.of_role["q"]
+    xq = fake_quantize(x, A4)
+    n = x.shape[0]
+    assert torch.allclose(solver.H, 2 / n * xq.T @ xq, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(solver.C, 2 / n * x.T @ xq, rtol=1e-4, atol=1e-4)
+    plain = _SharedHessians()
+    plain.observer("q", x.shape[1], "cpu")(x)
+    assert plain.of_role["q"].C is None
+
+
+def test_reference_on_every_batch_or_none():
+    solver = GPTQ(8)
+    solver.add_batch(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="every batch or with none"):
+        solver.add_batch(torch.randn(4, 8), reference=torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="reference"):
+        solver.asymmetric_target(torch.randn(3, 8))
+
+
+def test_refused_with_quantized_hessian_inputs():
+    with pytest.raises(ValueError, match="gptq_act_quant"):
+        RunConfig.from_flat(w_quantizer="gptq", gptq_asymmetric=True, gptq_act_quant=True).scheme.validate()
