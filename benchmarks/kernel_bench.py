@@ -85,6 +85,16 @@ L2_BYTES = 60e6
 ROTATE_BYTES = 4 * L2_BYTES
 
 
+def write_result(result: dict, out: str, t0: float) -> None:
+    """The run's JSON, written atomically, with its wall time."""
+    result["wall_s"] = time.time() - t0
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(tmp, out)
+    print(f"wrote {out} ({result['wall_s']:.0f} s)")
+
+
 def bench(fn, rep=40):
     from triton.testing import do_bench
 
@@ -511,12 +521,7 @@ def scaled_mm_main(args):
                   f"{row['bf16_ms'] / row['scaled_mm_ms']:.2f}x | {tflops:.0f} "
                   f"({tflops / result['ceilings']['fp8_scaled_mm_TFLOPs']:.2f}) | {'yes' if ok else 'NO'} |", flush=True)
             result["rows"].append(row)
-    result["wall_s"] = time.time() - t0
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
+    write_result(result, args.out, t0)
 
 
 # ----------------------------------------------------------------------------- main
@@ -670,12 +675,7 @@ def main():
                 print(f"gemm {name} M={m}: {s} speedup vs bf16 {sp} "
                       f"int8 {flops / row.get('int8_ms', float('inf')) / 1e9:.0f} TOP/s", flush=True)
         result["gemm"] = rows
-    result["wall_s"] = time.time() - t0
-    path = args.out
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(tmp, path)
+    write_result(result, args.out, t0)
     print_tables(result)
 
 
@@ -716,12 +716,7 @@ def variants_main(args):
     print(f"ceilings: {json.dumps({k: round(v, 1) for k, v in result['ceilings'].items()})}", flush=True)
     result["variants"] = prefill_variants(dev, errors, names)
     result["decode_variants"] = decode_variants(dev, errors)
-    result["wall_s"] = time.time() - t0
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
+    write_result(result, args.out, t0)
 
 
 def profile_launches():
