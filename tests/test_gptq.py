@@ -403,8 +403,8 @@ def test_linears_reading_one_input_share_one_hessian_bitwise(family, monkeypatch
                 super().free()
 
         class Separate(Counting):  # one accumulator per linear: never reuse the newest
-            def observer(self, role, in_features, device):
-                inner = super().observer(role, in_features, device)
+            def observer(self, role, in_features, device, quantizer=None):
+                inner = super().observer(role, in_features, device, quantizer)
 
                 def observe(x):
                     self._newest = None
