@@ -237,7 +237,7 @@ class GPTQ:
 
     @torch.no_grad()
     def asymmetric_target(self, weight: torch.Tensor, reldamp: float = 1e-3) -> torch.Tensor:
-        """The weight W* = W C (H + damp I)^-1 that the layer should have on the inputs it gets.
+        """The weight W* = W C H^-1 that the layer should have on the inputs it gets.
 
         With H from the inputs x the layer will see (activation-quantized) and C from the inputs it
         should have seen (`reference`), ||x W_q^T - x_ref W^T||^2 = ||x (W_q - W*)^T||^2 + const:
@@ -249,10 +249,8 @@ class GPTQ:
         error feedback, is kept. float32 out, on the weight's device."""
         if self.C is None or self.H is None:
             raise RuntimeError("GPTQ.asymmetric_target needs add_batch(..., reference=...)")
-        H = self.H.to(torch.float64)
-        diag = torch.diagonal(H)
-        dead = diag == 0
-        H = H.clone() if H.data_ptr() == self.H.data_ptr() else H
+        H = self.H.to(torch.float64, copy=True)  # never a view of self.H (GPTQ factors it next)
+        dead = torch.diagonal(H) == 0
         H[dead, dead] = 1.0
         H.diagonal().mul_(1.0 + reldamp)
         rhs = self.C.to(torch.float64).T @ weight.to(device=H.device, dtype=torch.float64).T  # C^T W^T
