@@ -127,8 +127,7 @@ def quality_rows(results: Path, model: str) -> list[dict]:
                      "wiki": [r["ppl"]["wiki"] for r in chosen], "c4": [r["ppl"]["c4"] for r in chosen],
                      "zs": [r["zeroshot"]["avg"] for r in chosen if r.get("zeroshot")],
                      "calib": [calibration_seconds(r) for r in chosen if config is not None],
-                     "grid": {len(((r.get("calibration") or {}).get("lr_selection") or {}).get("r1", {}).get("grid", []))
-                              for r in chosen},
+                     "grid": {lr_grid_size(r) for r in chosen},
                      "protocol": {_protocol(r) for r in chosen}})
     protocols = set().union(*(row.pop("protocol") for row in rows))
     if len(protocols) != 1:
@@ -141,6 +140,12 @@ def calibration_seconds(run: dict) -> float:
     stages; GPTQ and evaluation are the same work for every method and are not counted)."""
     s = run["seconds"]
     return s.get("capture", 0.0) + s.get("calibrate", 0.0)
+
+
+def lr_grid_size(run: dict) -> int:
+    """How many learning rates a run calibrated to choose one (`--dq-lr-grid`; 0: none)."""
+    selection = (run.get("calibration") or {}).get("lr_selection") or {}
+    return len(selection.get("r1", {}).get("grid", []))
 
 
 def quality_table(results: Path) -> list[str]:
@@ -162,7 +167,7 @@ def quality_table(results: Path) -> list[str]:
                 text = fmt(r[col])
                 bold = r["seeds"] != "-" and r[col] and statistics.mean(r[col]) == best[col]
                 cells.append(f"**{text}**" if bold else text)
-            grid = f" (lr grid of {max(r['grid'])})" if max(r.get("grid") or {0}) else ""
+            grid = f" (lr grid of {max(r['grid'])})" if max(r["grid"], default=0) else ""
             cells.append(f"{statistics.mean(r['calib']):.0f}{grid}" if r["calib"] else "-")
             lines.append(f"| {model if i == 0 else ''} | {r['label']} | {r['seeds']} | " + " | ".join(cells) + " |")
     return lines
