@@ -460,7 +460,7 @@ def decode_variants(dev, errors):
 # ----------------------------------------------------------------------------- run 9: cuBLAS FP8 (scaled_mm)
 SCALED_MM_LINEARS = ["L2-7B qkvo", "L2-7B gate/up", "L2-7B down", "L3-8B k/v", "L3-8B gate/up", "L3-8B down",
                      "L2-70B q/o", "L2-70B gate/up", "L2-70B down"]
-SCALED_MM_M = [512, 2048, 8192]
+SCALED_MM_M = [8, 16, 64, 512, 2048, 8192]  # decode batches, then prefill
 
 
 def scaled_mm_main(args):

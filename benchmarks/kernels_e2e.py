@@ -141,7 +141,12 @@ def in_memory(args) -> int:
                 mod.prefill_operand = operand
                 if args.tiny:  # the tiny prefill is shorter than the planar threshold
                     mod.planar_min_tokens = 0
-        result.setdefault("prefill_operands", {})[operand] = r = time_prefill(model, s, device)
+        if operand in args.decode_operands:  # the whole side: prefill and every decode batch
+            r = measure_side(model, s, device)
+            r["ratios"] = ratios({"bf16": result["bf16"], "w4a4": r})
+        else:
+            r = time_prefill(model, s, device)
+        result.setdefault("prefill_operands", {})[operand] = r
         r["speedup_vs_bf16"] = result["bf16"]["prefill_ms"] / r["prefill_ms"]
         with torch.no_grad():
             logits = model(ids, use_cache=False).logits.float()
@@ -152,6 +157,8 @@ def in_memory(args) -> int:
         r.update(weight_bytes(model))  # scaled_mm adds its 1-byte weight copy (made on first use)
         print(f"prefill, {operand} activation operand: {r['prefill_ms']:.2f} ms ({r['speedup_vs_bf16']:.2f}x bf16), "
               f"logits vs {args.prefill_operands[0]}: {r['logits_max_abs_diff_vs_first']:.3g}", flush=True)
+        if "ratios" in r:
+            print(f"  {operand} on every planar-size linear, decode too: {json.dumps(r['ratios'])}", flush=True)
     write_json(Path(args.out), result)
     return 0
 
@@ -234,6 +241,9 @@ def main():
                     help="in memory: measure the w4a4 side again with every linear on these GEMM backends")
     ap.add_argument("--prefill-operands", nargs="*", default=[], choices=["packed", "int8", "int8s", "fp8", "scaled_mm"],
                     help="in memory: time prefill again with these GEMM activation operands")
+    ap.add_argument("--decode-operands", nargs="*", default=[], choices=["int8s", "scaled_mm"],
+                    help="in memory: of --prefill-operands, those to time at the decode batches too (the "
+                         "planar operand above its token threshold, linear.PLANAR_MIN_TOKENS)")
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: more `dartquant bench` flags")
     args = ap.parse_args()
     args.bench_args = [a for a in args.bench_args if a != "--"]

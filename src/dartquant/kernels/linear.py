@@ -25,7 +25,7 @@ from torch import nn
 from ..modules import OnlineHadamard, QLinear
 from ..quant.primitives import QuantizedTensor
 from .act_quant import hadamard_quantize_pack
-from .w4a4_gemm import prepare_weight, w4a4_matmul
+from .w4a4_gemm import GEMV_MAX_TOKENS, prepare_weight, w4a4_matmul
 
 __all__ = ["W4A4Linear", "convert_qlinears_", "convert_run_", "load_w4a4", "PREFILL_OPERANDS"]
 
@@ -40,8 +40,9 @@ PREFILL_OPERANDS = {"packed": None, "int8": torch.int8, "int8s": torch.int8, "fp
 DEFAULT_PREFILL_OPERAND = "int8s"
 # above this many tokens the planar operand is used; below, the packed one with the decode backends
 # (gemv, int8). int8s: from 9 tokens (run 7: faster than int8 at 16 and 64 tokens on every linear,
-# mixed at 4); int8 / fp8: from 65 (run 6 measured them at prefill only)
-PLANAR_MIN_TOKENS = {"packed": 64, "int8": 64, "int8s": 8, "fp8": 64, "scaled_mm": 64}
+# mixed at 4); int8 / fp8: from 65 (run 6 measured them at prefill only); scaled_mm: above the dp4a
+# GEMV's range (cuBLAS's FP8 reads the 1-byte weight, half of bf16's bytes, at decode batches too)
+PLANAR_MIN_TOKENS = {"packed": 64, "int8": 64, "int8s": 8, "fp8": 64, "scaled_mm": GEMV_MAX_TOKENS}
 
 
 def _check_scheme(q: QLinear, qt: QuantizedTensor, name: str) -> tuple[bool, float]:
