@@ -87,6 +87,87 @@ def to_w4a4_(model):
     return convert_qlinears_(model, qtensors)
 
 
+# kernel names -> what they are (the breakdown of `--profile`); first match wins
+KERNEL_CATEGORIES = [
+    ("activation kernel (Hadamard + quantize)", ("_hadamard_quant",)),
+    ("W4A4 GEMM (Triton)", ("_w4a4",)),
+    ("GEMM (cuBLAS: bf16, FP8 scaled_mm)", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_", "matmul")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+    ("copies / fills", ("memcpy", "memset", "copy", "fillfunctor")),
+]
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in KERNEL_CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other (norms, rotary, elementwise)"
+
+
+def kernel_breakdown(fn, reps: int = 3, activity: str = "CUDA") -> dict:
+    """GPU kernel time of one call of `fn` by category (torch.profiler, CUDA activity), against the
+    call's wall time: what the time goes to, and how much of it no kernel runs (launch gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()  # wall time without the profiler, the same calls
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t) * 1e3 / reps
+    with profile(activities=[getattr(ProfilerActivity, activity)]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    cats, kernels = {}, []
+    for e in prof.key_averages():
+        us = e.self_cpu_time_total if activity == "CPU" else getattr(e, "self_device_time_total", None)
+        if us <= 0:
+            continue
+        ms = us / 1e3 / reps
+        cats[kernel_category(e.key)] = cats.get(kernel_category(e.key), 0.0) + ms
+        kernels.append({"kernel": e.key[:90], "ms": ms, "calls": e.count // reps})
+    kernels.sort(key=lambda r: -r["ms"])
+    return {"wall_ms": wall_ms, "kernel_ms": sum(cats.values()),
+            "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "top_kernels": kernels[:12]}
+
+
+def print_breakdown(label: str, b: dict) -> None:
+    print(f"\n{label}: wall {b['wall_ms']:.2f} ms per call (eager), GPU kernels {b['kernel_ms']:.2f} ms")
+    print("| what | ms | share of kernel time |\n|---|---|---|")
+    for cat, ms in b["categories_ms"].items():
+        print(f"| {cat} | {ms:.3f} | {ms / max(b['kernel_ms'], 1e-9):.0%} |")
+    print("| (no kernel running: launch gaps, host) | "
+          f"{max(b['wall_ms'] - b['kernel_ms'], 0):.3f} | - |", flush=True)
+
+
+def profile_model(model, s, device, label: str) -> dict:
+    """Kernel breakdown of the prefill (batch 1, s.prefill tokens) and of one eager decode step at
+    each batch; errors are recorded, never fatal (the timings are already written)."""
+    from dartquant.kernels.bench import _forward_kwargs, make_decode_step
+
+    out = {}
+    try:
+        ids = torch.randint(0, model.config.vocab_size, (1, s.prefill), device=device,
+                            generator=torch.Generator(device).manual_seed(0))
+        kw = _forward_kwargs(model)
+        with torch.no_grad():
+            out["prefill"] = kernel_breakdown(lambda: model(ids, use_cache=False, **kw))
+        print_breakdown(f"{label}, prefill {s.prefill}", out["prefill"])
+        for b in s.batches:
+            step = make_decode_step(model, b, s.context, device)
+            out[f"decode_b{b}"] = kernel_breakdown(step, reps=10)
+            print_breakdown(f"{label}, one eager decode step, batch {b}", out[f"decode_b{b}"])
+            del step
+            torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001 - a profile is extra; its failure is recorded
+        out["error"] = f"{type(e).__name__}: {e}"[:500]
+        print(f"{label}: profile failed: {out['error']}", flush=True)
+    return out
+
+
 def in_memory(args) -> int:
     """bf16 vs the same model converted by hand, timed by `dartquant bench`'s harness (kernels/bench.py)."""
     from dartquant.kernels.bench import BenchSettings, format_table, measure_side, ratios
@@ -101,6 +182,8 @@ def in_memory(args) -> int:
               "settings": {**s.__dict__}}
     result["bf16"] = measure_side(model, s, device)
     print("bf16", json.dumps({k: v for k, v in result["bf16"].items() if not k.startswith("decode")}), flush=True)
+    if args.profile and device.type == "cuda":
+        result.setdefault("profile", {})["bf16"] = profile_model(model, s, device, "bf16")
     t = time.time()
     result["converted_linears"] = len(to_w4a4_(model))
     result["convert_s"] = time.time() - t
@@ -160,6 +243,13 @@ def in_memory(args) -> int:
         if "ratios" in r:
             print(f"  {operand} on every planar-size linear, decode too: {json.dumps(r['ratios'])}", flush=True)
     write_json(Path(args.out), result)
+    if args.profile and device.type == "cuda":  # after the timings are written: a profile only adds
+        for operand in args.prefill_operands or ["default"]:
+            for mod in model.modules():
+                if isinstance(mod, W4A4Linear) and operand != "default":
+                    mod.prefill_operand = operand
+            result.setdefault("profile", {})[f"w4a4 {operand}"] = profile_model(model, s, device, f"w4a4, {operand}")
+        write_json(Path(args.out), result)
     return 0
 
 
@@ -241,6 +331,9 @@ def main():
                     help="in memory: measure the w4a4 side again with every linear on these GEMM backends")
     ap.add_argument("--prefill-operands", nargs="*", default=[], choices=["packed", "int8", "int8s", "fp8", "scaled_mm"],
                     help="in memory: time prefill again with these GEMM activation operands")
+    ap.add_argument("--profile", action="store_true",
+                    help="in memory, CUDA: GPU kernel time by category (prefill, one eager decode step per batch) "
+                         "for bf16 and for the w4a4 side with each prefill operand")
     ap.add_argument("--decode-operands", nargs="*", default=[], choices=["int8s", "scaled_mm"],
                     help="in memory: of --prefill-operands, those to time at the decode batches too (the "
                          "planar operand above its token threshold, linear.PLANAR_MIN_TOKENS)")
