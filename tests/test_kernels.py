@@ -233,9 +233,12 @@ def test_w4a4_linear_module_is_the_fake_quant_qlinear():
     try:
         x9 = _activations(9, n_in, seed=9)
         model(x9[:8]), model(x9)
+        # scaled_mm: the dp4a GEMV's range (GEMV_MAX_TOKENS) on the packed operand, cuBLAS's FP8 above it
+        model[1].prefill_operand = "scaled_mm"
+        model(x9[:4]), model(x9[:5])
     finally:
         linear_mod.w4a4_matmul = real
-    assert seen == ["auto", "int8s"]
+    assert seen == ["auto", "int8s", "auto", "scaled_mm"]
     # and the bf16 fake-quant model differs from it only by its own bf16 rounding
     assert (y.double() - y_fake.double()).norm() < 1e-2 * y64.norm()
     # unsupported schemes are refused before anything is replaced
