@@ -120,10 +120,13 @@ def test_eval_and_ppl_on_the_kernels_equal_the_fake_quant_path(run_folder, capsy
     assert kern["ppl"]["tokens"] == fake["ppl"]["tokens"] > 0
     for corpus in ("wiki", "c4"):  # measured: equal to all digits on this model; stated tolerance 1e-5
         assert abs(kern["ppl"][corpus] - fake["ppl"][corpus]) <= 1e-5 * fake["ppl"][corpus]
+    # ppl with the multi-token GEMM on cuBLAS's FP8 path (torch's CPU implementation here): same sums
     assert cli_main(["ppl", str(run_folder), "--corpora", "wiki", "--max-windows", "1", "--seqlen", "16",
-                     "--backend", "triton", "--json"]) == 0
+                     "--backend", "triton", "--prefill-operand", "scaled_mm", "--json"]) == 0
     ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert abs(ppl["wiki"] - fake["ppl"]["wiki"]) <= 1e-5 * fake["ppl"]["wiki"]
+    with pytest.raises(SystemExit, match="needs --backend triton"):  # not silently ignored
+        cli_main(["ppl", str(run_folder), "--prefill-operand", "scaled_mm"])
 
 
 def _variant(run_folder, tmp_path, name, **scheme):

@@ -91,7 +91,10 @@ def cmd_ppl(args) -> int:
     if args.backend == "triton":  # the run's linears on the W4A4 kernels (kernels/backend.py)
         from .kernels.backend import load_for_backend
 
-        model, tokenizer = load_for_backend(args.model, "triton", dtype=_torch_dtype(args.dtype), device=args.device)
+        model, tokenizer = load_for_backend(args.model, "triton", dtype=_torch_dtype(args.dtype), device=args.device,
+                                            prefill_operand=args.prefill_operand)
+    elif args.prefill_operand is not None:
+        raise SystemExit("error: --prefill-operand chooses a W4A4 kernel: it needs --backend triton")
     else:
         model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
     res = evaluate_ppl(model, tokenizer, corpora=args.corpora, seqlen=args.seqlen, max_windows=args.max_windows,
@@ -151,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--backend", choices=["torch", "triton"], default="torch",
                    help="triton: a run folder's linears on the W4A4 kernels (CUDA; float32 or bfloat16)")
+    s.add_argument("--prefill-operand", choices=["int8s", "int8", "fp8", "packed", "scaled_mm"], default=None,
+                   help="with --backend triton: the GEMM of inputs above a few tokens (default int8s; scaled_mm: "
+                        "cuBLAS FP8 on 1-byte codes, exactness probed per shape: docs/KERNELS.md 2d)")
     s.add_argument("--json", action="store_true", help='print {"wiki": ..., "c4": ..., "tokens": ...}')
     s.set_defaults(func=cmd_ppl)
 

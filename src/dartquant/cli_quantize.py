@@ -197,7 +197,10 @@ def cmd_eval(args) -> int:
     if getattr(args, "backend", "torch") == "triton":  # linears on the W4A4 kernels; refusals before loading
         from .kernels.backend import load_for_backend
 
-        model, tokenizer = load_for_backend(args.model, "triton", dtype=getattr(torch, cfg.dtype), device=cfg.device)
+        model, tokenizer = load_for_backend(args.model, "triton", dtype=getattr(torch, cfg.dtype), device=cfg.device,
+                                            prefill_operand=args.prefill_operand)
+    elif getattr(args, "prefill_operand", None) is not None:
+        raise SystemExit("error: --prefill-operand chooses a W4A4 kernel: it needs --backend triton")
     else:
         model, tokenizer = load_model(args.model, dtype=getattr(torch, cfg.dtype))
     res = evaluate(model, tokenizer, cfg, progress=not args.json)
@@ -239,5 +242,8 @@ def add_quant_commands(sub) -> None:
     s.add_argument("--device", default=unset, help="default: the run's device (cpu without CUDA), else cpu")
     s.add_argument("--backend", choices=("torch", "triton"), default="torch",
                    help="triton: the run's linears on the W4A4 kernels (W4 per-channel + A4 per-token runs only)")
+    s.add_argument("--prefill-operand", choices=["int8s", "int8", "fp8", "packed", "scaled_mm"], default=None,
+                   help="with --backend triton: the GEMM of inputs above a few tokens (default int8s; scaled_mm: "
+                        "cuBLAS FP8 on 1-byte codes, exactness probed per shape: docs/KERNELS.md 2d)")
     s.add_argument("--json", action="store_true", help="print the metrics object")
     s.set_defaults(func=cmd_eval)

@@ -98,22 +98,29 @@ def check_triton_device(device: str) -> None:
                          "(set TRITON_INTERPRET=1; slow, for tests): use a CUDA device")
 
 
-def load_for_backend(spec, backend: str = "torch", *, dtype=None, device: str = "cpu"):
+def load_for_backend(spec, backend: str = "torch", *, dtype=None, device: str = "cpu", prefill_operand: str | None = None):
     """(model, tokenizer): `torch` is `zoo.load_model`; `triton` checks the run and the device
-    first, then `linear.load_w4a4` (the fake-quant model with its linears on the kernels)."""
+    first, then `linear.load_w4a4` (the fake-quant model with its linears on the kernels;
+    `prefill_operand`: linear.PREFILL_OPERANDS, the GEMM of multi-token inputs, default int8s)."""
     import torch
 
     dtype = dtype or torch.float32
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     if backend == "torch":
+        if prefill_operand is not None:
+            raise ValueError("--prefill-operand chooses a W4A4 kernel: it needs --backend triton")
         from ..zoo import load_model
 
         return load_model(spec, dtype=dtype, device=device)
+    from .linear import PREFILL_OPERANDS
+
+    if prefill_operand is not None and prefill_operand not in PREFILL_OPERANDS:
+        raise ValueError(f"prefill_operand must be one of {sorted(PREFILL_OPERANDS)}, not {prefill_operand!r}")
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"--backend triton runs in float32 (exact epilogue) or bfloat16 (the fast path), not {dtype}")
     check_run_for_kernels(spec)
     check_triton_device(device)
-    from .linear import load_w4a4
+    from .linear import DEFAULT_PREFILL_OPERAND, load_w4a4
 
-    return load_w4a4(spec, device=device, dtype=dtype)
+    return load_w4a4(spec, device=device, dtype=dtype, prefill_operand=prefill_operand or DEFAULT_PREFILL_OPERAND)

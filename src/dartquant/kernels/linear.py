@@ -206,7 +206,8 @@ def convert_run_(model: nn.Module, folder, backend: str = "auto",
     return convert_qlinears_(model, qtensors, backend, prefill_operand=prefill_operand)
 
 
-def load_w4a4(folder, device="cpu", backend: str = "auto", dtype: torch.dtype = torch.float32):
+def load_w4a4(folder, device="cpu", backend: str = "auto", dtype: torch.dtype = torch.float32,
+              prefill_operand: str = DEFAULT_PREFILL_OPERAND):
     """(model, tokenizer) of a quantized output folder with its 4-bit linears on the kernels.
 
     Loads the folder as `zoo.load_model` does (the fake-quant model: online rotations,
@@ -216,5 +217,5 @@ def load_w4a4(folder, device="cpu", backend: str = "auto", dtype: torch.dtype = 
     from ..zoo import load_model
 
     model, tokenizer = load_model(folder, dtype=dtype, device="cpu")
-    convert_run_(model, folder, backend)
+    convert_run_(model, folder, backend, prefill_operand)
     return model.to(device), tokenizer
