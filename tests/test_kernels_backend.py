@@ -127,6 +127,11 @@ def test_eval_and_ppl_on_the_kernels_equal_the_fake_quant_path(run_folder, capsy
     assert abs(ppl["wiki"] - fake["ppl"]["wiki"]) <= 1e-5 * fake["ppl"]["wiki"]
     with pytest.raises(SystemExit, match="needs --backend triton"):  # not silently ignored
         cli_main(["ppl", str(run_folder), "--prefill-operand", "scaled_mm"])
+    # the command line's list (no torch import) is the kernels' own
+    from dartquant.kernels.backend import PREFILL_OPERAND_CHOICES
+    from dartquant.kernels.linear import PREFILL_OPERANDS
+
+    assert set(PREFILL_OPERAND_CHOICES) == set(PREFILL_OPERANDS)
 
 
 def _variant(run_folder, tmp_path, name, **scheme):

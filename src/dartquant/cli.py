@@ -19,6 +19,8 @@ import json
 import sys
 import time
 
+from .kernels.backend import PREFILL_OPERAND_CHOICES
+
 DTYPES = {"float32": "float32", "float64": "float64", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--backend", choices=["torch", "triton"], default="torch",
                    help="triton: a run folder's linears on the W4A4 kernels (CUDA; float32 or bfloat16)")
-    s.add_argument("--prefill-operand", choices=["int8s", "int8", "fp8", "packed", "scaled_mm"], default=None,
+    s.add_argument("--prefill-operand", choices=PREFILL_OPERAND_CHOICES, default=None,
                    help="with --backend triton: the GEMM of inputs above a few tokens (default int8s; scaled_mm: "
                         "cuBLAS FP8 on 1-byte codes, exactness probed per shape: docs/KERNELS.md 2d)")
     s.add_argument("--json", action="store_true", help='print {"wiki": ..., "c4": ..., "tokens": ...}')

@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import json
 
+from .kernels.backend import PREFILL_OPERAND_CHOICES
+
 
 _HELP = {
     "method": "rotation method (rtn = no rotation); registered: see `dartquant quantize --help`",
@@ -242,7 +244,7 @@ def add_quant_commands(sub) -> None:
     s.add_argument("--device", default=unset, help="default: the run's device (cpu without CUDA), else cpu")
     s.add_argument("--backend", choices=("torch", "triton"), default="torch",
                    help="triton: the run's linears on the W4A4 kernels (W4 per-channel + A4 per-token runs only)")
-    s.add_argument("--prefill-operand", choices=["int8s", "int8", "fp8", "packed", "scaled_mm"], default=None,
+    s.add_argument("--prefill-operand", choices=PREFILL_OPERAND_CHOICES, default=None,
                    help="with --backend triton: the GEMM of inputs above a few tokens (default int8s; scaled_mm: "
                         "cuBLAS FP8 on 1-byte codes, exactness probed per shape: docs/KERNELS.md 2d)")
     s.add_argument("--json", action="store_true", help="print the metrics object")

@@ -24,6 +24,9 @@ import os
 from pathlib import Path
 
 BACKENDS = ("torch", "triton")
+# the GEMM operands of multi-token inputs (linear.PREFILL_OPERANDS; listed here so that the command
+# line can offer them without importing torch)
+PREFILL_OPERAND_CHOICES = ("int8s", "int8", "fp8", "packed", "scaled_mm")
 
 
 class KernelSupportError(ValueError):

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .backend import PREFILL_OPERAND_CHOICES
+
 KV_MODES = ("plain", "run")
 
 
@@ -392,12 +394,12 @@ def add_bench_command(subparsers) -> None:
     s.add_argument("--context", type=int, default=512, help="tokens in the KV cache during decode")
     s.add_argument("--kv", choices=KV_MODES, default="plain",
                    help="plain: bf16 KV cache on both sides (default); run: the run's fake-quant 4-bit K/V on w4a4")
-    s.add_argument("--no-cuda-graphs", action="store_true", help="time decode eagerly only")
+    s.add_argument("--no-cuda-graphs", action="store_true", help="time prefill and decode eagerly only")
     s.add_argument("--sides", nargs="+", choices=["bf16", "w4a4"], default=["bf16", "w4a4"])
     s.add_argument("--device", default=None, help="default: cuda if available (cpu: TRITON_INTERPRET=1, tests only)")
     s.add_argument("--rep-ms", type=int, default=200, help="time budget of each CUDA measurement (do_bench)")
-    s.add_argument("--prefill-operand", default="int8s", choices=["int8s", "int8", "fp8", "packed", "scaled_mm"],
-                   help="the GEMM above 64 tokens: int8s (Triton, packed weight; default) or scaled_mm (cuBLAS "
+    s.add_argument("--prefill-operand", default="int8s", choices=PREFILL_OPERAND_CHOICES,
+                   help="the GEMM of multi-token inputs: int8s (Triton, packed weight; default) or scaled_mm (cuBLAS "
                         "FP8 on a 1-byte copy of the weight codes, exactness probed per shape)")
     s.add_argument("--json", dest="json_out", metavar="OUT", help="write the result as JSON")
     s.add_argument("--merge", action="store_true",
