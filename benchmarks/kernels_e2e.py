@@ -123,7 +123,7 @@ def kernel_breakdown(fn, reps: int = 3, activity: str = "CUDA") -> dict:
         torch.cuda.synchronize()
     cats, kernels = {}, []
     for e in prof.key_averages():
-        us = e.self_cpu_time_total if activity == "CPU" else getattr(e, "self_device_time_total", None)
+        us = (e.self_cpu_time_total if activity == "CPU" else getattr(e, "self_device_time_total", 0)) or 0
         if us <= 0:
             continue
         ms = us / 1e3 / reps
