@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from dartquant.kernels.backend import PREFILL_OPERAND_CHOICES  # noqa: E402
 from dartquant.kernels.linear import convert_qlinears_  # noqa: E402
 from dartquant.modules import OnlineHadamard, as_qlinear  # noqa: E402
 from dartquant.quant.act import ActQuantizer  # noqa: E402
@@ -105,7 +106,7 @@ def kernel_category(name: str) -> str:
     return "other (norms, rotary, elementwise)"
 
 
-def kernel_breakdown(fn, reps: int = 3, activity: str = "CUDA") -> dict:
+def kernel_breakdown(fn, reps: int = 3) -> dict:
     """GPU kernel time of one call of `fn` by category (torch.profiler, CUDA activity), against the
     call's wall time: what the time goes to, and how much of it no kernel runs (launch gaps)."""
     from torch.profiler import ProfilerActivity, profile
@@ -117,13 +118,13 @@ def kernel_breakdown(fn, reps: int = 3, activity: str = "CUDA") -> dict:
         fn()
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t) * 1e3 / reps
-    with profile(activities=[getattr(ProfilerActivity, activity)]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
     cats, kernels = {}, []
     for e in prof.key_averages():
-        us = (e.self_cpu_time_total if activity == "CPU" else getattr(e, "self_device_time_total", 0)) or 0
+        us = getattr(e, "self_device_time_total", 0) or 0
         if us <= 0:
             continue
         ms = us / 1e3 / reps
@@ -330,12 +331,12 @@ def main():
     ap.add_argument("--prepare-only", action="store_true", help="--run-shape: steps 1-2 only (the run folder)")
     ap.add_argument("--gemm-backends", nargs="*", default=[], choices=["int8", "int8s"],
                     help="in memory: measure the w4a4 side again with every linear on these GEMM backends")
-    ap.add_argument("--prefill-operands", nargs="*", default=[], choices=["packed", "int8", "int8s", "fp8", "scaled_mm"],
+    ap.add_argument("--prefill-operands", nargs="*", default=[], choices=PREFILL_OPERAND_CHOICES,
                     help="in memory: time prefill again with these GEMM activation operands")
     ap.add_argument("--profile", action="store_true",
                     help="in memory, CUDA: GPU kernel time by category (prefill, one eager decode step per batch) "
                          "for bf16 and for the w4a4 side with each prefill operand")
-    ap.add_argument("--decode-operands", nargs="*", default=[], choices=["int8s", "scaled_mm"],
+    ap.add_argument("--decode-operands", nargs="*", default=[], choices=PREFILL_OPERAND_CHOICES,
                     help="in memory: of --prefill-operands, those to time at the decode batches too (the "
                          "planar operand above its token threshold, linear.PLANAR_MIN_TOKENS)")
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: more `dartquant bench` flags")

@@ -83,22 +83,17 @@ def cmd_ppl(args) -> int:
     import torch
 
     from .eval.ppl import evaluate_ppl
-    from .zoo import load_model
 
     if args.seqlen < 2:
         raise SystemExit("error: --seqlen must be at least 2")
     if args.max_windows is not None and args.max_windows < 1:
         raise SystemExit("error: --max-windows must be at least 1")
     torch.manual_seed(0)
-    if args.backend == "triton":  # the run's linears on the W4A4 kernels (kernels/backend.py)
-        from .kernels.backend import load_for_backend
+    from .kernels.backend import load_for_backend
 
-        model, tokenizer = load_for_backend(args.model, "triton", dtype=_torch_dtype(args.dtype), device=args.device,
-                                            prefill_operand=args.prefill_operand)
-    elif args.prefill_operand is not None:
-        raise SystemExit("error: --prefill-operand chooses a W4A4 kernel: it needs --backend triton")
-    else:
-        model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
+    # torch: zoo.load_model; triton: the run's linears on the W4A4 kernels (refusals before loading)
+    model, tokenizer = load_for_backend(args.model, args.backend, dtype=_torch_dtype(args.dtype), device=args.device,
+                                        prefill_operand=args.prefill_operand)
     res = evaluate_ppl(model, tokenizer, corpora=args.corpora, seqlen=args.seqlen, max_windows=args.max_windows,
                        progress=not args.json)
     if args.json:

@@ -180,7 +180,6 @@ def cmd_eval(args) -> int:
 
     from .config import RunConfig
     from .pipeline import evaluate
-    from .zoo import load_model
 
     run = run_eval_config(args.model)
     base = run or RunConfig()
@@ -196,15 +195,14 @@ def cmd_eval(args) -> int:
     settings.update({k: getattr(args, f) for k, f in flags.items() if hasattr(args, f)})
     cfg = RunConfig.from_flat(**settings, seed=base.seed)
     cfg.resolve().validate()  # before loading: --max-windows 0, unknown tasks, ...
-    if getattr(args, "backend", "torch") == "triton":  # linears on the W4A4 kernels; refusals before loading
-        from .kernels.backend import load_for_backend
+    from .kernels.backend import load_for_backend
 
-        model, tokenizer = load_for_backend(args.model, "triton", dtype=getattr(torch, cfg.dtype), device=cfg.device,
-                                            prefill_operand=args.prefill_operand)
-    elif getattr(args, "prefill_operand", None) is not None:
-        raise SystemExit("error: --prefill-operand chooses a W4A4 kernel: it needs --backend triton")
-    else:
-        model, tokenizer = load_model(args.model, dtype=getattr(torch, cfg.dtype))
+    # torch: zoo.load_model on the CPU (evaluate moves it); triton: the run's linears on the W4A4 kernels,
+    # on the run's device (refusals before loading)
+    backend = getattr(args, "backend", "torch")
+    model, tokenizer = load_for_backend(args.model, backend, dtype=getattr(torch, cfg.dtype),
+                                        device=cfg.device if backend == "triton" else "cpu",
+                                        prefill_operand=getattr(args, "prefill_operand", None))
     res = evaluate(model, tokenizer, cfg, progress=not args.json)
     if args.json:
         print(json.dumps(res))
