@@ -40,7 +40,13 @@ ACT_VARIANTS = {  # name: (variant, num_warps, rows_per_program); "3d" at widths
     "3d w4": ("3d", 4, 1), "3d w8": ("3d", 8, 1),
     "2d w4": ("2d", 4, 1), "2d w8": ("2d", 8, 1), "2d w16": ("2d", 16, 1),
     "2d w4 r4": ("2d", 4, 4), "2d w8 r4": ("2d", 8, 4),
+    # run 10: (variant, num_warps, tokens per tile T, tiles per program G)
+    "blk t1 w4": ("blocks", 4, 1, 1), "blk t1 w8": ("blocks", 8, 1, 1), "blk t2 w4": ("blocks", 4, 2, 1),
+    "blk t2 w8": ("blocks", 8, 2, 1), "blk t4 w8": ("blocks", 8, 4, 1), "blk t4 w16": ("blocks", 16, 4, 1),
+    "blk t1 g4 w4": ("blocks", 4, 1, 4), "blk t2 g4 w4": ("blocks", 4, 2, 4), "blk t2 g4 w8": ("blocks", 8, 2, 4),
+    "blk t4 g4 w8": ("blocks", 8, 4, 4),
 }  # run 2 also had "3d w16", "2d w16 r4": never the fastest
+ACT_KW = ("variant", "num_warps", "rows_per_program", "groups")
 LINEARS = {  # name: (N, K) of y = x W^T
     "L2-7B qkvo": (4096, 4096), "L2-7B gate/up": (11008, 4096), "L2-7B down": (4096, 11008),
     "L3-8B q/o": (4096, 4096), "L3-8B k/v": (1024, 4096), "L3-8B gate/up": (14336, 4096), "L3-8B down": (4096, 14336),
@@ -124,11 +130,11 @@ def act_input(m, n, device, seed):
 
 
 def act_variants(n):
-    from dartquant.kernels.act_quant import layout_2d
+    from dartquant.kernels.act_quant import layout_2d, layout_blocks
 
     out = []
-    for name, (v, nw, rows) in ACT_VARIANTS.items():
-        if v == "2d" and layout_2d(n) is None:
+    for name, (v, nw, *_) in ACT_VARIANTS.items():
+        if (v == "2d" and layout_2d(n) is None) or (v == "blocks" and layout_blocks(n) is None):
             continue
         if v == "3d" and nw == 16 and n < 14336:
             continue
@@ -154,8 +160,7 @@ def _warm(job):
             if name is None:
                 hadamard_quantize_pack(x, 0.9, rotate=rotate)
             else:
-                v, nw, rows = ACT_VARIANTS[name]
-                hadamard_quantize_pack(x, 0.9, rotate=rotate, num_warps=nw, variant=v, rows_per_program=rows)
+                hadamard_quantize_pack(x, 0.9, rotate=rotate, **dict(zip(ACT_KW, ACT_VARIANTS[name])))
         elif kind == "gemm8":
             m, n, k, cfg, variant = args
             run_variant(variant_operands(*gemm_inputs(m, n, k, dev, 0), variant), variant, cfg)
@@ -217,7 +222,7 @@ def check_act(n, dev, seed, skip_names=()):
     for name, rotate in cases:
         out = PackedActivations(torch.full((m, n // 2), 0x5A, dtype=torch.uint8, device=dev),
                                 torch.full((m,), float("nan"), device=dev), torch.full((m,), float("nan"), device=dev), n)
-        kw = {} if name is None else dict(zip(("variant", "num_warps", "rows_per_program"), ACT_VARIANTS[name]))
+        kw = {} if name is None else dict(zip(ACT_KW, ACT_VARIANTS[name]))
         got = hadamard_quantize_pack(x, 0.9, rotate=rotate, out=out, **kw)
         ref = hadamard_quantize_pack_reference(x, 0.9, rotate=rotate)
         lo = lambda c: torch.stack(((c & 15).int(), (c >> 4).int()), -1)  # noqa: E731
@@ -238,7 +243,7 @@ def time_act(n, name, dev, rotate=True):
     sets, nxt = rotating(lambda: act_input(m, n, dev, 1), m * n * 2)
     outs = PackedActivations(torch.empty(m, n // 2, dtype=torch.uint8, device=dev), torch.empty(m, device=dev),
                              torch.empty(m, device=dev), n)
-    kw = {} if name is None else dict(zip(("variant", "num_warps", "rows_per_program"), ACT_VARIANTS[name]))
+    kw = {} if name is None else dict(zip(ACT_KW, ACT_VARIANTS[name]))
     t = bench(lambda: hadamard_quantize_pack(nxt(), 0.9, rotate=rotate, out=outs, **kw))
     return m, t, bytes_moved / t / 1e6  # GB/s (t in ms)
 
@@ -722,10 +727,9 @@ def variants_main(args):
 def profile_launches():
     """One launch of each kernel worth a hardware-counter look (ncu -k regex:_hadamard|_w4a4)."""
     dev = torch.device("cuda")
-    for n, name in ((4096, "3d w4"), (4096, "2d w4"), (11008, "2d w8"), (11008, "3d w8")):
+    for n, name in ((4096, "3d w4"), (4096, "2d w4"), (11008, "2d w8"), (11008, "3d w8"), (11008, "blk t2 w8")):
         x = act_input(8192, n, dev, 0)
-        v, nw, rows = ACT_VARIANTS[name]
-        hadamard_quantize_pack(x, 0.9, variant=v, num_warps=nw, rows_per_program=rows)
+        hadamard_quantize_pack(x, 0.9, **dict(zip(ACT_KW, ACT_VARIANTS[name])))
     for m, cfg, be in ((1, DECODE_CONFIGS[0], "int8"), (1, GEMV_CONFIGS[0], "gemv"), (8192, PREFILL_CONFIGS[2], "int8")):
         a, sa, za, w = gemm_inputs(m, 4096, 4096, dev, 0)
         w4a4_matmul(a, sa, za, w, be, cfg)

@@ -244,6 +244,20 @@ def in_memory(args) -> int:
               f"logits vs {args.prefill_operands[0]}: {r['logits_max_abs_diff_vs_first']:.3g}", flush=True)
         if "ratios" in r:
             print(f"  {operand} on every planar-size linear, decode too: {json.dumps(r['ratios'])}", flush=True)
+    for cfg in args.act_configs:  # the same prefill (last operand) with the blocks activation kernel
+        restore = use_blocks_act_kernel(*map(int, cfg.split(",")))
+        try:
+            r = time_prefill(model, s, device)
+            with torch.no_grad():
+                logits = model(ids, use_cache=False).logits.float()
+        finally:
+            restore()
+        r["speedup_vs_bf16"] = result["bf16"]["prefill_ms"] / r["prefill_ms"]
+        r["logits_max_abs_diff_vs_default_act"] = (logits - ref_logits).abs().max().item() if ref_logits is not None else None
+        result.setdefault("act_configs", {})[cfg] = r
+        print(f"prefill, blocks activation kernel T,G,warps = {cfg}: {r['prefill_ms']:.2f} ms "
+              f"({r['speedup_vs_bf16']:.2f}x bf16), logits vs the default kernel: "
+              f"{r['logits_max_abs_diff_vs_default_act']}", flush=True)
     write_json(Path(args.out), result)
     if args.profile and device.type == "cuda":  # after the timings are written: a profile only adds
         for operand in args.prefill_operands or ["default"]:
@@ -253,6 +267,22 @@ def in_memory(args) -> int:
             result.setdefault("profile", {})[f"w4a4 {operand}"] = profile_model(model, s, device, f"w4a4, {operand}")
         write_json(Path(args.out), result)
     return 0
+
+
+def use_blocks_act_kernel(tokens: int, groups: int, warps: int):
+    """Research switch: variant="auto" picks the blocks activation kernel with these parameters
+    wherever it applies (act_quant.layout_blocks). Returns the function that undoes it."""
+    from dartquant.kernels import act_quant
+
+    auto = act_quant._auto_variant
+
+    def patched(n, rotate):
+        if rotate and act_quant.layout_blocks(n) is not None:
+            return dict(variant="blocks", num_warps=warps, rows_per_program=tokens, groups=groups)
+        return auto(n, rotate)
+
+    act_quant._auto_variant = patched
+    return lambda: setattr(act_quant, "_auto_variant", auto)
 
 
 def write_char_tokenizer(out: Path, vocab: int) -> None:
@@ -339,6 +369,9 @@ def main():
     ap.add_argument("--decode-operands", nargs="*", default=[], choices=PREFILL_OPERAND_CHOICES,
                     help="in memory: of --prefill-operands, those to time at the decode batches too (the "
                          "planar operand above its token threshold, linear.PLANAR_MIN_TOKENS)")
+    ap.add_argument("--act-configs", nargs="*", default=[], metavar="T,G,W",
+                    help="in memory: time prefill again (last --prefill-operands) with the blocks activation "
+                         "kernel, T tokens per tile, G tiles per program, W warps, wherever it applies")
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: more `dartquant bench` flags")
     args = ap.parse_args()
     args.bench_args = [a for a in args.bench_args if a != "--"]

@@ -65,21 +65,24 @@ try:
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = tl = libdevice = None
 
-__all__ = ["PackedActivations", "hadamard_quantize_pack", "hadamard_quantize_pack_reference", "stage_sizes"]
+__all__ = ["PackedActivations", "hadamard_quantize_pack", "hadamard_quantize_pack_reference", "layout_2d",
+           "layout_blocks", "stage_sizes"]
 
 _MAX_ELEMS_PER_PROGRAM = 32768
 
 
-def _auto_variant(n: int, lay) -> tuple[str, int | None, int]:
-    """(variant, num_warps, rows_per_program) for variant="auto": the fastest on the H200 (run 3,
-    docs/KERNELS.md): the 2D kernel from 4096 wide, 4 tokens per program except where the padded
-    H_K (256 x 256) leaves no shared memory for that."""
+def _auto_variant(n: int, rotate: bool) -> dict:
+    """hadamard_quantize_pack's keyword arguments for variant="auto": the fastest on the H200
+    (run 3, docs/KERNELS.md): the 2D kernel from 4096 wide, 4 tokens per program except where the
+    padded H_K (256 x 256) leaves no shared memory for that."""
+    lay = layout_2d(n) if rotate else None
     if lay is None or n < 4096:
-        return "3d", None, 1
+        return dict(variant="3d", num_warps=None, rows_per_program=1)
     r, rp, c = lay
     if rp * c >= 16384 and r != rp:  # 8960, 11008: 256 x 64 tiles
-        return "2d", 16, 1
-    return "2d", 4 if rp * c <= 8192 else 8, 4  # padded elements one program holds (registers; 16 warps)
+        return dict(variant="2d", num_warps=16, rows_per_program=1)
+    # padded elements one program holds (registers; 16 warps)
+    return dict(variant="2d", num_warps=4 if rp * c <= 8192 else 8, rows_per_program=4)
 
 
 @dataclass
@@ -250,6 +253,113 @@ if triton is not None:
             tl.store(zero_ptr + row, zero, mask=row < M)
 
     @triton.jit
+    def _load_square_block(ptr, LD: tl.constexpr, R0: tl.constexpr, C0: tl.constexpr, RB: tl.constexpr,
+                           CB: tl.constexpr):
+        i = tl.arange(0, RB)
+        j = tl.arange(0, CB)
+        return tl.load(ptr + (R0 + i)[:, None] * LD + (C0 + j)[None, :])
+
+    @triton.jit
+    def _right_factor(y, rt, post, inv_sqrt_n, RB: tl.constexpr, T: tl.constexpr, C: tl.constexpr,
+                      ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr):
+        """[RB, T * C] (columns token-major) -> [RB, T, C]: each token's C-slice times S_C (split),
+        the row prescale undone, the 1/sqrt(N) normalisation, the model dtype's rounding."""
+        y = _split_dot(tl.reshape(y, (RB * T, C)), rt, tl.zeros((RB * T, C), dtype=tl.float32), True, True)
+        y = tl.reshape(y, (RB, T, C))
+        y = (y * post[None, :, None]) * inv_sqrt_n
+        if ROUND_BF16:
+            y = round_to_bf16(y)
+        if ROUND_FP16:
+            y = y.to(tl.float16).to(tl.float32)
+        return y
+
+    @triton.jit
+    def _store_codes(q, zero, codes_ptr, tok, stride_cm, r0, RB: tl.constexpr, T: tl.constexpr,
+                     C: tl.constexpr, R: tl.constexpr, M, PLANAR: tl.constexpr):
+        """q [RB, T, C] (rows r0 + i of the [R, C] token tile) packed like `pack_int4` (or planar)."""
+        q_lo, q_hi = tl.split(tl.reshape(q, (RB, T, C // 2, 2)))
+        r = r0 + tl.arange(0, RB)
+        c2 = tl.arange(0, C // 2)
+        cptr = (codes_ptr + tok.to(tl.int64)[None, :, None] * stride_cm + r[:, None, None] * (C // 2)
+                + c2[None, None, :])
+        mask = (r[:, None, None] < R) & (tok[None, :, None] < M)
+        if PLANAR:  # even features, then odd ones, centered, one byte each (w4a4_gemm A8)
+            zb = zero[None, :, None]
+            tl.store(cptr, _centered_byte(q_lo, zb, PLANAR), mask=mask)
+            tl.store(cptr + (R * C) // 2, _centered_byte(q_hi, zb, PLANAR), mask=mask)
+        else:
+            tl.store(cptr, q_lo | (q_hi << 4), mask=mask)
+
+    @triton.jit
+    def _hadamard_quant_blocks_kernel(
+        x_ptr, left_ptr, right_ptr, codes_ptr, scale_ptr, zero_ptr,
+        M, stride_xm, stride_cm, clip_ratio, inv_sqrt_n,
+        R: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, C: tl.constexpr, T: tl.constexpr,
+        GROUPS: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr,
+        ROUND_FP16: tl.constexpr, RECIP: tl.constexpr, USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
+    ):
+        """`_hadamard_quant_2d_kernel` with the left factor as a GEMM over T tokens at once and
+        its padding cut (run 10, docs/KERNELS.md section 1):
+
+        * T tokens side by side, ``[L^T X_1 S | ... | L^T X_T S]``: the left dot is
+          ``L^T @ [X_1 | ... | X_T]`` (N = T * C), so L^T is read once per T tokens, not per token
+          (the 2d kernel read a 256 x 256 fp16 H_172 from L2 for every 22 KB token of 11008).
+        * L^T of order R split into power-of-two blocks KA + KB (172 -> 128 + 64, 140 -> 128 + 16,
+          76 -> 64 + 16) instead of one padded to the next power of two (256, 256, 128): 1.8-3.2x
+          fewer tensor-core MACs; rows R.. of the B block are zero (L^T's padding) and masked.
+        GROUPS tile of T tokens per program reuse the loaded L^T blocks."""
+        pid = tl.program_id(0)
+        LD: tl.constexpr = KA + KB
+        laa = _load_square_block(left_ptr, LD, 0, 0, KA, KA)
+        rt = _load_square_block(right_ptr, C, 0, 0, C, C)
+        ta = tl.arange(0, T)
+        ra = tl.arange(0, KA)
+        c = tl.arange(0, C)
+        offs_a = ra[:, None, None] * C + c[None, None, :]  # [KA, 1, C]
+        if KB > 0:
+            lab = _load_square_block(left_ptr, LD, 0, KA, KA, KB)
+            lba = _load_square_block(left_ptr, LD, KA, 0, KB, KA)
+            lbb = _load_square_block(left_ptr, LD, KA, KA, KB, KB)
+            rb = KA + tl.arange(0, KB)
+            offs_b = rb[:, None, None] * C + c[None, None, :]  # [KB, 1, C]
+        for g in range(GROUPS):
+            tok = (pid * GROUPS + g) * T + ta  # [T]
+            base = tok.to(tl.int64)[None, :, None] * stride_xm
+            tmask = tok[None, :, None] < M
+            xa = tl.load(x_ptr + base + offs_a, mask=tmask & (ra[:, None, None] < R), other=0.0).to(tl.float32)
+            amax = tl.max(tl.max(tl.abs(xa), axis=2), axis=0)  # [T]
+            if KB > 0:
+                xb = tl.load(x_ptr + base + offs_b, mask=tmask & (rb[:, None, None] < R), other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.max(tl.max(tl.abs(xb), axis=2), axis=0))
+            pre, post = _prescale(amax)
+            # left factor first, on the (exact in fp16) input, as one GEMM over the T tokens
+            xa2 = tl.reshape(xa * pre[None, :, None], (KA, T * C))
+            ya = _split_dot(laa, xa2, tl.zeros((KA, T * C), dtype=tl.float32), False, SPLIT_FIRST)
+            if KB > 0:
+                xb2 = tl.reshape(xb * pre[None, :, None], (KB, T * C))
+                ya = _split_dot(lab, xb2, ya, False, SPLIT_FIRST)
+                yb = _split_dot(lba, xa2, tl.zeros((KB, T * C), dtype=tl.float32), False, SPLIT_FIRST)
+                yb = _split_dot(lbb, xb2, yb, False, SPLIT_FIRST)
+            ya = _right_factor(ya, rt, post, inv_sqrt_n, KA, T, C, ROUND_BF16, ROUND_FP16)
+            ya = tl.where(ra[:, None, None] < R, ya, 0.0)
+            ymin = tl.min(tl.min(ya, axis=2), axis=0)
+            ymax = tl.max(tl.max(ya, axis=2), axis=0)
+            if KB > 0:
+                yb = _right_factor(yb, rt, post, inv_sqrt_n, KB, T, C, ROUND_BF16, ROUND_FP16)
+                yb = tl.where(rb[:, None, None] < R, yb, 0.0)
+                ymin = tl.minimum(ymin, tl.min(tl.min(yb, axis=2), axis=0))
+                ymax = tl.maximum(ymax, tl.max(tl.max(yb, axis=2), axis=0))
+            scale, zero = _asym4_qparams(ymin, ymax, clip_ratio, RECIP)
+            sb = tl.broadcast_to(scale[None, :, None], ya.shape)
+            q = _codes(ya, sb, zero[None, :, None], USE_RINT)
+            _store_codes(q, zero, codes_ptr, tok, stride_cm, 0, KA, T, C, R, M, PLANAR)
+            if KB > 0:
+                q = _codes(yb, tl.broadcast_to(scale[None, :, None], yb.shape), zero[None, :, None], USE_RINT)
+                _store_codes(q, zero, codes_ptr, tok, stride_cm, KA, KB, T, C, R, M, PLANAR)
+            tl.store(scale_ptr + tok, scale, mask=tok < M)
+            tl.store(zero_ptr + tok, zero, mask=tok < M)
+
+    @triton.jit
     def _hadamard_quant_kernel(
         x_ptr, hk_ptr, s1_ptr, s2_ptr, s3_ptr, codes_ptr, scale_ptr, zero_ptr,
         M, stride_xm, stride_cm, clip_ratio, inv_sqrt_n,
@@ -368,6 +478,43 @@ def _factor_tensors_2d(n: int, device: torch.device):
     return lt.to(device).contiguous(), _sylvester16(c, device)
 
 
+def layout_blocks(n: int) -> tuple[int, int, int, int] | None:
+    """(R, KA, KB, C) of `_hadamard_quant_blocks_kernel` for width n, or None where it does not apply.
+
+    A token is a tile X [R, C] with ``H_N = L (x) S_C``: N = K * P with K > 1 and P >= 16 takes
+    C = min(P, 128) and the dense L = H_K (x) S_(P / C) of order R = K * P / C (14336 = 28 * 512:
+    R = 112); N = 2^m with 8 <= m <= 14 takes R = 2^(m // 2), C = 2^(m - m // 2).  R is covered by
+    power-of-two blocks KA (>= 16) and KB (0 when KA covers R; else >= 16), KA + KB <= 256."""
+    k, p = hadamard_factorization(n)
+    if k > 1:
+        if p < 16:
+            return None
+        c = min(p, 128)
+        r = k * (p // c)
+    else:
+        m = p.bit_length() - 1
+        if not 8 <= m <= 14:
+            return None
+        r, c = 1 << (m // 2), 1 << (m - m // 2)
+    ka = max(16, 1 << (r.bit_length() - 1))
+    kb = 0 if ka >= r else max(16, 1 << (r - ka - 1).bit_length())
+    if ka + kb > 256:
+        return None
+    return r, ka, kb, c
+
+
+@functools.lru_cache(maxsize=64)
+def _factor_tensors_blocks(n: int, device: torch.device):
+    """(L^T padded to [KA + KB]^2, S_C) as fp16 +-1 for `layout_blocks(n)`."""
+    k, p = hadamard_factorization(n)
+    r, ka, kb, c = layout_blocks(n)
+    left = torch.kron(torch.from_numpy(_base_matrix(k).T.astype("float32")).contiguous(),
+                      _sylvester16(r // k, "cpu").float())
+    lt = torch.zeros(ka + kb, ka + kb, dtype=torch.float16)
+    lt[:r, :r] = left  # L = H_K (x) S_q, L^T = H_K^T (x) S_q (Sylvester matrices are symmetric)
+    return lt.to(device).contiguous(), _sylvester16(c, device)
+
+
 def hadamard_quantize_pack(
     x: torch.Tensor,
     clip_ratio: float = 1.0,
@@ -378,6 +525,7 @@ def hadamard_quantize_pack(
     variant: str = "auto",
     rows_per_program: int = 1,
     planar: torch.dtype | None = None,
+    groups: int = 1,
 ) -> PackedActivations:
     """x [..., N] (bf16 / fp16 / fp32) -> per-token 4-bit codes of ``x @ hadamard_matrix(N)``.
 
@@ -385,7 +533,9 @@ def hadamard_quantize_pack(
     to x's dtype before quantizing, as `QLinear` with `OnlineHadamard` does.  Leading dims are
     flattened into tokens.  ``out`` (optional) receives the results (benchmarks poison it).
     ``variant``: "3d" (stages with permutes, any size, several rows per program), "2d" (two plain
-    dots per token, `layout_2d` sizes), "auto" (`_auto_variant`, which also picks num_warps and
+    dots per token, `layout_2d` sizes), "blocks" (the 2d computation with the left factor as one
+    GEMM over ``rows_per_program`` tokens and split into power-of-two blocks, `layout_blocks`
+    sizes; ``groups`` such token tiles per program), "auto" (`_auto_variant`, which also picks num_warps and
     rows_per_program).  Scale / zero match the torch
     path on x's device (see `_asym4_qparams`).
     ``planar`` (torch.int8 or torch.float8_e4m3fn): instead of packed nibbles, ``codes`` is the
@@ -429,14 +579,30 @@ def hadamard_quantize_pack(
                   ROUND_FP16=rotate and x.dtype == torch.float16, RECIP=x.is_cuda,
                   USE_RINT=os.environ.get("TRITON_INTERPRET") != "1",
                   PLANAR={None: 0, torch.int8: 1, torch.float8_e4m3fn: 2}[planar])
+    if variant == "auto":
+        auto = _auto_variant(n, rotate)
+        variant, rows_per_program, groups = auto["variant"], auto["rows_per_program"], auto.get("groups", 1)
+        num_warps = num_warps or auto["num_warps"]
     lay = layout_2d(n) if rotate else None
-    if variant not in ("auto", "2d", "3d"):
-        raise ValueError(f"variant must be auto, 2d or 3d, got {variant!r}")
+    if variant not in ("2d", "3d", "blocks"):
+        raise ValueError(f"variant must be auto, 2d, 3d or blocks, got {variant!r}")
     if variant == "2d" and lay is None:
         raise ValueError(f"the 2d variant does not support width {n}")
-    if variant == "auto":
-        variant, auto_warps, rows_per_program = _auto_variant(n, lay)
-        num_warps = num_warps or auto_warps
+    if variant == "blocks":
+        blay = layout_blocks(n) if rotate else None
+        if blay is None:
+            raise ValueError(f"the blocks variant does not support width {n}" + ("" if rotate else " without rotation"))
+        r, ka, kb, c = blay
+        lt, rt = _factor_tensors_blocks(n, x.device)
+        t = rows_per_program
+        if t < 1 or t & (t - 1):
+            raise ValueError(f"rows_per_program={t} must be a power of two for the blocks variant")
+        _hadamard_quant_blocks_kernel[(triton.cdiv(m, t * groups),)](
+            x2, lt, rt, codes, scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
+            1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, T=t, GROUPS=groups, num_warps=num_warps or 8,
+            enable_fp_fusion=False, **common,
+        )
+        return result
     if variant == "2d":
         r, rp, c = lay
         lt, rt = _factor_tensors_2d(n, x.device)
