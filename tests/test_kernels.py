@@ -18,6 +18,7 @@ from dartquant.kernels.act_quant import (  # noqa: E402
     hadamard_quantize_pack,
     hadamard_quantize_pack_reference,
     layout_2d,
+    layout_blocks,
     stage_sizes,
 )
 from dartquant.kernels.w4a4_gemm import (  # noqa: E402
@@ -56,14 +57,15 @@ def test_stage_sizes():
         stage_sizes(8)
 
 
-# widths: powers of two and K * 2^m with the bases of the supported models (12, 28, 76, 140, 172)
-@pytest.mark.parametrize("n", [64, 256, 192, 896, 1216, 2240, 2752])
-@pytest.mark.parametrize("variant", ["3d", "2d"])
-def test_act_codes_bit_exact(n, variant):
-    if variant == "2d" and layout_2d(n) is None:
-        pytest.skip("no 2D layout for this width")
-    x = _activations(5, n, seed=n)
-    got = hadamard_quantize_pack(x, clip_ratio=0.9, variant=variant, rows_per_program=4)
+# widths: powers of two and K * 2^m with the bases of the supported models (12, 28, 76, 140, 172);
+# 3072 = 12 * 256: the blocks kernel's dense left factor H_12 (x) S_2 (as 14336 = 28 * 512 on a GPU)
+@pytest.mark.parametrize("n", [64, 256, 192, 896, 1216, 2240, 2752, 3072])
+@pytest.mark.parametrize("variant,groups", [("3d", 1), ("2d", 1), ("blocks", 1), ("blocks", 2)])
+def test_act_codes_bit_exact(n, variant, groups):
+    if (variant == "2d" and layout_2d(n) is None) or (variant == "blocks" and layout_blocks(n) is None):
+        pytest.skip(f"no {variant} layout for this width")
+    x = _activations(5, n, seed=n)  # 5 tokens: the last tile of 4 (x 2 groups) is partly masked
+    got = hadamard_quantize_pack(x, clip_ratio=0.9, variant=variant, rows_per_program=4, groups=groups)
     ref = hadamard_quantize_pack_reference(x, clip_ratio=0.9)
     assert torch.equal(got.codes, ref.codes)
     assert torch.equal(got.scale, ref.scale)
@@ -109,6 +111,20 @@ def test_act_rejects_bad_input():
         hadamard_quantize_pack(torch.randn(2, 64).bfloat16(), clip_ratio=0.0)
     with pytest.raises(ValueError, match="2d"):
         hadamard_quantize_pack(torch.randn(2, 64).bfloat16(), variant="2d")
+    with pytest.raises(ValueError, match="blocks"):
+        hadamard_quantize_pack(torch.randn(2, 64).bfloat16(), variant="blocks")
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard_quantize_pack(torch.randn(2, 256).bfloat16(), variant="blocks", rows_per_program=3)
+
+
+def test_layout_blocks():
+    """The blocks kernel's tiles: R rows of C, covered by power-of-two blocks KA + KB (>= 16 each)."""
+    assert layout_blocks(11008) == (172, 128, 64, 64)  # 256 padded rows in the 2d kernel
+    assert layout_blocks(8960) == (140, 128, 16, 64)
+    assert layout_blocks(4864) == (76, 64, 16, 64)
+    assert layout_blocks(14336) == (112, 64, 64, 128)  # 28 * 512: L = H_28 (x) S_4
+    assert layout_blocks(4096) == (64, 64, 0, 64) and layout_blocks(1536) == (12, 16, 0, 128)
+    assert layout_blocks(64) is None and layout_blocks(28 * 8) is None  # too small for tl.dot
 
 
 def _gemm_operands(m, n, k, seed):
@@ -259,7 +275,7 @@ def test_act_quant_only_any_even_width():
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
 def test_act_planar_output_is_the_centered_codes(dtype):
     """planar=: code - zero as one byte per code, even features first: the packed codes re-laid."""
-    for n, variant in ((192, "3d"), (768, "2d")):  # 192 = 12 * 16, 768 = 12 * 64
+    for n, variant in ((192, "3d"), (768, "2d"), (1216, "blocks")):  # 12 * 16, 12 * 64, 76 * 16 (64 + 16 rows)
         x = _activations(19, n, seed=n)
         ref = hadamard_quantize_pack(x, 0.9, variant=variant)
         got = hadamard_quantize_pack(x, 0.9, variant=variant, planar=dtype)
