@@ -47,6 +47,7 @@ ACT_VARIANTS = {  # name: (variant, num_warps, rows_per_program); "3d" at widths
     "blk t4 g4 w8": ("blocks", 8, 4, 4),
 }  # run 2 also had "3d w16", "2d w16 r4": never the fastest
 ACT_KW = ("variant", "num_warps", "rows_per_program", "groups")
+QUANT_ONLY_SWEEP = [(1, 8), (2, 4), (2, 8), (4, 8), (4, 16), (8, 16)]  # (rows per program, warps), no Hadamard
 LINEARS = {  # name: (N, K) of y = x W^T
     "L2-7B qkvo": (4096, 4096), "L2-7B gate/up": (11008, 4096), "L2-7B down": (4096, 11008),
     "L3-8B q/o": (4096, 4096), "L3-8B k/v": (1024, 4096), "L3-8B gate/up": (14336, 4096), "L3-8B down": (4096, 14336),
@@ -161,6 +162,9 @@ def _warm(job):
                 hadamard_quantize_pack(x, 0.9, rotate=rotate)
             else:
                 hadamard_quantize_pack(x, 0.9, rotate=rotate, **dict(zip(ACT_KW, ACT_VARIANTS[name])))
+        elif kind == "actq":
+            n, bm, nw = args
+            hadamard_quantize_pack(act_input(64, n, dev, 0), 0.9, rotate=False, block_m=bm, num_warps=nw)
         elif kind == "gemm8":
             m, n, k, cfg, variant = args
             run_variant(variant_operands(*gemm_inputs(m, n, k, dev, 0), variant), variant, cfg)
@@ -237,13 +241,13 @@ def check_act(n, dev, seed, skip_names=()):
     return res
 
 
-def time_act(n, name, dev, rotate=True):
+def time_act(n, name, dev, rotate=True, **extra):
     m = act_rows(n)
     bytes_moved = m * n * 2 + m * n // 2 + 8 * m
     sets, nxt = rotating(lambda: act_input(m, n, dev, 1), m * n * 2)
     outs = PackedActivations(torch.empty(m, n // 2, dtype=torch.uint8, device=dev), torch.empty(m, device=dev),
                              torch.empty(m, device=dev), n)
-    kw = {} if name is None else dict(zip(ACT_KW, ACT_VARIANTS[name]))
+    kw = dict(extra) if name is None else dict(zip(ACT_KW, ACT_VARIANTS[name]))
     t = bench(lambda: hadamard_quantize_pack(nxt(), 0.9, rotate=rotate, out=outs, **kw))
     return m, t, bytes_moved / t / 1e6  # GB/s (t in ms)
 
@@ -578,6 +582,7 @@ def main():
     if "act" not in skip:
         jobs += [("act", (n, name, True)) for n in ACT_WIDTHS for name in act_variants(n)]
         jobs += [("act", (n, None, False)) for n in ACT_WIDTHS if n & (n - 1) == 0]
+        jobs += [("actq", (n, bm, nw)) for n in ACT_WIDTHS if n & (n - 1) == 0 for bm, nw in QUANT_ONLY_SWEEP]
     if "gemm" not in skip:
         for name, (n, k) in LINEARS.items():
             for m in DECODE_M + PREFILL_M:
@@ -597,7 +602,7 @@ def main():
     # the kernels only differ by constexprs / int specializations: dedupe by what compiles
     seen, uniq = set(), []
     for j in jobs:
-        key = (j[0], j[1][0], j[1][1], j[1][2]) if j[0] == "act" else (
+        key = (j[0], j[1][0], j[1][1], j[1][2]) if j[0] in ("act", "actq") else (
             "gemm", j[1][0] == 1, j[1][0] % 16 == 0, j[1][0] if j[1][4] == "gemv" else 0,
             j[1][1] % 16 == 0, j[1][2] % 32 == 0, j[1][3], j[1][4])
         if key not in seen:
@@ -629,6 +634,13 @@ def main():
             if n & (n - 1) == 0:
                 m, t, bw = time_act(n, None, dev, rotate=False)
                 row["quant_only"] = {"ms": t, "GBps": bw}
+                for bm, nw in QUANT_ONLY_SWEEP:  # run 10: rows per program / warps of the quant-only kernel
+                    try:
+                        _, t, bw = time_act(n, None, dev, rotate=False, block_m=bm, num_warps=nw)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"quant-only {n} bm{bm} w{nw} failed {e!r}"[:200], flush=True)
+                        continue
+                    row.setdefault("quant_only_sweep", {})[f"bm{bm} w{nw}"] = {"ms": t, "GBps": bw}
             if row["warps"]:
                 tc, bwc = time_copy(row["M"], n, dev)
                 best = min(row["warps"].items(), key=lambda kv: kv[1]["ms"])
