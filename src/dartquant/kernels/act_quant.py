@@ -24,7 +24,9 @@ Design choices:
   conversion), so after all stages the order is natural again.  "2d": a token as a 2D tile X,
   ``x @ (L (x) S) = L^T X S``: two plain dots, no permutes (widths `layout_2d` accepts; 1.2-1.7x
   faster on the H200).  H_K (or L) is applied first, on the raw input, so the expensive dense
-  factor runs once (not split, below).
+  factor runs once (not split, below).  "blocks": the 2d computation with the left factor as one
+  GEMM over T tokens side by side (L^T read once per T tokens instead of once per token) and L^T
+  cut into power-of-two blocks (172 -> 128 + 64 instead of 256), `layout_blocks`.
 * **Precision: fp16 hi/lo split with a power-of-two row prescale.**  Entries of H are +-1, so
   the products are exact; only the representation of the operand rounds.  Each row is scaled by
   a power of two so that max|x| < 1 (exact); a bf16 / fp16 input is then exact in fp16 (except
