@@ -45,7 +45,8 @@ QUALITY = {
     # session 6: every Qwen row again with K's bias kept out of the K quantizer (§7, §8); the
     # rows of qwen_quality_h200.json were measured before that fix, which only FP does not touch
     "Qwen2.5-Coder-0.5B": ["qwen_kbiasfix_h200_session6.json", "qwen_quantloss_seeds12_h200_session12.json",
-                           "qwen_rtn_h200_session15.json", "qwen_dqwhip_seed2_h200_session16.json"],
+                           "qwen_rtn_h200_session15.json", "qwen_dqwhip_seed2_h200_session16.json",
+                           "qwen_ostquant_h200_session17.json"],
     # issue 12's model, at its own protocol (§7): at most 40 windows per corpus, no zero-shot
     "Qwen2.5-Coder-1.5B (≤ 40 windows per corpus, §7)": ["qwen15_quality_h200.json"],
 }

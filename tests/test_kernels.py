@@ -115,6 +115,8 @@ def test_act_rejects_bad_input():
         hadamard_quantize_pack(torch.randn(2, 64).bfloat16(), variant="blocks")
     with pytest.raises(ValueError, match="power of two"):
         hadamard_quantize_pack(torch.randn(2, 256).bfloat16(), variant="blocks", rows_per_program=3)
+    with pytest.raises(ValueError, match="16 gave wrong codes"):
+        hadamard_quantize_pack(torch.randn(2, 256).bfloat16(), variant="blocks", num_warps=16)
 
 
 def test_layout_blocks():

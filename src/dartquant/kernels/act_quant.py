@@ -75,13 +75,23 @@ _MAX_ELEMS_PER_PROGRAM = 32768
 
 def _auto_variant(n: int, rotate: bool) -> dict:
     """hadamard_quantize_pack's keyword arguments for variant="auto": the fastest on the H200
-    (run 3, docs/KERNELS.md): the 2D kernel from 4096 wide, 4 tokens per program except where the
-    padded H_K (256 x 256) leaves no shared memory for that."""
+    (runs 3 and 10, docs/KERNELS.md section 1).  Widths whose left factor is not a power of two
+    take the blocks kernel (4864 / 8960 / 11008: 1.5-2.3x the 2d kernel; 1536 = 12 * 128: 1.2x the
+    3d one); powers of two from 4096 the 2d kernel, 4 tokens per program except where the padded
+    tile leaves no registers for that; the rest the 3d kernel (14336 / 28672, where the blocks
+    kernel's dense L = H_28 (x) S_4 / S_8 was 1.2x / 1.1x-3x slower; below 1536: not measured)."""
+    blay = layout_blocks(n) if rotate and n >= 1536 else None
+    if blay is not None and blay[0] == hadamard_factorization(n)[0]:  # L = H_K (P <= 128)
+        r, ka, kb, c = blay
+        if kb > 0:  # R covered by two power-of-two blocks
+            return dict(variant="blocks", num_warps=4, rows_per_program=1)
+        if r < ka:  # R padded within one block (12 -> 16)
+            return dict(variant="blocks", num_warps=8, rows_per_program=2)
     lay = layout_2d(n) if rotate else None
     if lay is None or n < 4096:
         return dict(variant="3d", num_warps=None, rows_per_program=1)
     r, rp, c = lay
-    if rp * c >= 16384 and r != rp:  # 8960, 11008: 256 x 64 tiles
+    if rp * c >= 16384 and r != rp:  # 256 x 64 tiles (not reached: the blocks kernel takes these)
         return dict(variant="2d", num_warps=16, rows_per_program=1)
     # padded elements one program holds (registers; 16 warps)
     return dict(variant="2d", num_warps=4 if rp * c <= 8192 else 8, rows_per_program=4)
@@ -599,6 +609,10 @@ def hadamard_quantize_pack(
         t = rows_per_program
         if t < 1 or t & (t - 1):
             raise ValueError(f"rows_per_program={t} must be a power of two for the blocks variant")
+        if num_warps not in (None, 1, 2, 4, 8):
+            # run 10 (docs/KERNELS.md section 1): 16 warps compiled, and gave wrong codes at 8960 (4 %)
+            raise ValueError(f"num_warps={num_warps}: the blocks variant takes 1, 2, 4 or 8 warps "
+                             "(16 gave wrong codes on the H200 with triton 3.6)")
         _hadamard_quant_blocks_kernel[(triton.cdiv(m, t * groups),)](
             x2, lt, rt, codes, scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
             1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, T=t, GROUPS=groups, num_warps=num_warps or 8,
