@@ -187,7 +187,7 @@ def compile_all(jobs, workers):
         for job, dt, err in pool.map(_warm, jobs):
             if err:
                 errors[str(job)] = err
-                print(f"compile FAIL {job}: {err}", flush=True)
+                print(f"compile FAIL {job}: {str(err)[:300]}", flush=True)  # the whole error: the JSON
     print(f"compiled {len(jobs)} kernels in {time.time() - t:.0f} s ({len(errors)} failed)", flush=True)
     return errors
 
