@@ -119,6 +119,16 @@ def test_act_rejects_bad_input():
         hadamard_quantize_pack(torch.randn(2, 256).bfloat16(), variant="blocks", num_warps=16)
 
 
+@pytest.mark.parametrize("n", [1536, 4864])  # auto's blocks choices: 12 * 128 (t2 w8), 76 * 64 (t1 w4)
+def test_act_auto_variant_bit_exact(n):
+    from dartquant.kernels.act_quant import _auto_variant
+
+    assert _auto_variant(n, True)["variant"] == "blocks"
+    x = _activations(3, n, seed=n)
+    got, ref = hadamard_quantize_pack(x, clip_ratio=0.9), hadamard_quantize_pack_reference(x, clip_ratio=0.9)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero)
+
+
 def test_layout_blocks():
     """The blocks kernel's tiles: R rows of C, covered by power-of-two blocks KA + KB (>= 16 each)."""
     assert layout_blocks(11008) == (172, 128, 64, 64)  # 256 padded rows in the 2d kernel
