@@ -200,6 +200,17 @@ if triton is not None:
         return pre, post
 
     @triton.jit
+    def _unscale_round(y, post, inv_sqrt_n, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr):
+        """Undo the row prescale (``post``, broadcast to y), normalise by 1/sqrt(N), and round to the
+        model dtype as the fake-quant path does with the rotated activations."""
+        y = (y * post) * inv_sqrt_n
+        if ROUND_BF16:
+            y = round_to_bf16(y)
+        if ROUND_FP16:
+            y = y.to(tl.float16).to(tl.float32)
+        return y
+
+    @triton.jit
     def _split_dot(a, b, acc, A_IS_DATA: tl.constexpr, SPLIT: tl.constexpr):
         """acc + a @ b with the fp32 data operand as fp16 hi (+ lo when SPLIT); H operand fp16 +-1."""
         if A_IS_DATA:
@@ -242,11 +253,7 @@ if triton is not None:
             # left factor first, on the (exact in fp16) input; then the right one, split
             y = _split_dot(lt, y, tl.zeros((RP, C), dtype=tl.float32), False, SPLIT_FIRST)
             y = _split_dot(y, rt, tl.zeros((RP, C), dtype=tl.float32), True, True)
-            y = (y * post) * inv_sqrt_n
-            if ROUND_BF16:
-                y = round_to_bf16(y)
-            if ROUND_FP16:
-                y = y.to(tl.float16).to(tl.float32)
+            y = _unscale_round(y, post, inv_sqrt_n, ROUND_BF16, ROUND_FP16)
             y = tl.where(valid, y, 0.0)
             scale, zero = _asym4_qparams(tl.min(tl.min(y, axis=1), axis=0), tl.max(tl.max(y, axis=1), axis=0),
                                          clip_ratio, RECIP)
@@ -274,13 +281,7 @@ if triton is not None:
         """[RB, T * C] (columns token-major) -> [RB, T, C]: each token's C-slice times S_C (split),
         the row prescale undone, the 1/sqrt(N) normalisation, the model dtype's rounding."""
         y = _split_dot(tl.reshape(y, (RB * T, C)), rt, tl.zeros((RB * T, C), dtype=tl.float32), True, True)
-        y = tl.reshape(y, (RB, T, C))
-        y = (y * post[None, :, None]) * inv_sqrt_n
-        if ROUND_BF16:
-            y = round_to_bf16(y)
-        if ROUND_FP16:
-            y = y.to(tl.float16).to(tl.float32)
-        return y
+        return _unscale_round(tl.reshape(y, (RB, T, C)), post[None, :, None], inv_sqrt_n, ROUND_BF16, ROUND_FP16)
 
     @triton.jit
     def _store_codes(q, zero, codes_ptr, tok, stride_cm, r0, RB: tl.constexpr, T: tl.constexpr,
@@ -413,12 +414,7 @@ if triton is not None:
             if F1 > 1:
                 y = _pow2_stage(y, s1_ptr, BLOCK_M * KP, P, F1, True)
             y = tl.reshape(y, (BLOCK_M, KP, P))
-            y = (y * post[:, None, None]) * inv_sqrt_n
-            # the fake-quant path rounds the rotated activations to the model dtype
-            if ROUND_BF16:
-                y = round_to_bf16(y)
-            if ROUND_FP16:
-                y = y.to(tl.float16).to(tl.float32)
+            y = _unscale_round(y, post[:, None, None], inv_sqrt_n, ROUND_BF16, ROUND_FP16)
         else:
             y = x
         y = tl.where(valid, y, 0.0)
