@@ -25,7 +25,9 @@ timed by the same harness as `dartquant bench`):
 
 There the W4A4 model is built the way a QuaRot run folder is (QLinear + 4-bit asymmetric
 per-token input quantizer, clip 0.9; down_proj with the online Hadamard R4; RTN 4-bit symmetric
-per-channel weights), then converted with `kernels.linear.convert_qlinears_`.  Attention, norms,
+per-channel weights), then converted with `kernels.linear.convert_qlinears_`, and each block norm
+fused with its readers' quantization as `dartquant bench` does (`kernels.fused_norms`;
+`--no-fuse-norms`: apart; `--compare-unfused`: both timed).  Attention, the final norm,
 embeddings and lm_head are transformers' own on both sides (bf16 K/V on both sides).  Timing,
 both modes: kernels/bench.py (prefill of `--prefill` tokens at batch 1; decode steps on a static
 cache of `--context` tokens, in a CUDA graph on both sides where capture works).
@@ -46,6 +48,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from dartquant.kernels.backend import PREFILL_OPERAND_CHOICES  # noqa: E402
+from dartquant.kernels.fused_norms import fuse_norm_quant_, verify_fused_norms_  # noqa: E402
 from dartquant.kernels.linear import convert_qlinears_  # noqa: E402
 from dartquant.modules import OnlineHadamard, as_qlinear  # noqa: E402
 from dartquant.quant.act import ActQuantizer  # noqa: E402
@@ -91,6 +94,7 @@ def to_w4a4_(model):
 # kernel names -> what they are (the breakdown of `--profile`); first match wins
 KERNEL_CATEGORIES = [
     ("activation kernel (Hadamard + quantize)", ("_hadamard_quant",)),
+    ("RMSNorm + quantize (fused)", ("_rmsnorm_quant",)),
     ("W4A4 GEMM (Triton)", ("_w4a4",)),
     ("GEMM (cuBLAS: bf16, FP8 scaled_mm)", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_", "matmul")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
@@ -190,6 +194,13 @@ def in_memory(args) -> int:
     result["convert_s"] = time.time() - t
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if args.compare_unfused:  # the same kernels with each block norm and its quantization apart
+        result["w4a4_unfused_norms"] = measure_side(model, s, device)
+        result["ratios_unfused_norms"] = ratios({"bf16": result["bf16"], "w4a4": result["w4a4_unfused_norms"]})
+        print(f"w4a4, norms not fused: {json.dumps(result['ratios_unfused_norms'])}", flush=True)
+    if not args.no_fuse_norms:  # as `dartquant bench` and `--backend triton` run it
+        result["fused_norms"] = fuse_norm_quant_(model)
+        result["fused_norms_verified"] = verify_fused_norms_(model, device)
     result["w4a4"] = measure_side(model, s, device)
     result["ratios"] = ratios(result)
     print(format_table(result))
@@ -372,6 +383,10 @@ def main():
     ap.add_argument("--act-configs", nargs="*", default=[], metavar="T,G,W",
                     help="in memory: time prefill again (last --prefill-operands) with the blocks activation "
                          "kernel, T tokens per tile, G tiles per program, W warps, wherever it applies")
+    ap.add_argument("--no-fuse-norms", action="store_true",
+                    help="in memory: keep each block norm and its readers' activation quantization apart")
+    ap.add_argument("--compare-unfused", action="store_true",
+                    help="in memory: also time the w4a4 side with the norms not fused (before fusing them)")
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: more `dartquant bench` flags")
     args = ap.parse_args()
     args.bench_args = [a for a in args.bench_args if a != "--"]

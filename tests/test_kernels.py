@@ -19,6 +19,8 @@ from dartquant.kernels.act_quant import (  # noqa: E402
     hadamard_quantize_pack_reference,
     layout_2d,
     layout_blocks,
+    rmsnorm_quantize_pack,
+    rmsnorm_quantize_pack_reference,
     stage_sizes,
 )
 from dartquant.kernels.w4a4_gemm import (  # noqa: E402
@@ -282,6 +284,45 @@ def test_act_quant_only_any_even_width():
     ref = hadamard_quantize_pack_reference(x, 0.9, rotate=False)
     assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale)
     assert torch.equal(got.zero, ref.zero)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [64, 576, 896])  # a power of two; SmolLM2's and Qwen 0.5B's hidden sizes
+def test_rmsnorm_quantize_is_the_norm_then_the_quantizer(n, dtype):
+    """The fused kernel computes modules.RMSNorm then the quantizer, up to the fp32 summation order of
+    the mean of squares: the same codes (a code off by one on a rounding boundary at most, rarely)."""
+    from dartquant.modules import RMSNorm
+
+    x = _activations(37, n, seed=n, dtype=dtype) * 3
+    for gain in (None, (torch.rand(n, generator=torch.Generator().manual_seed(1)) + 0.5).to(dtype)):
+        norm = RMSNorm(torch.nn.Parameter(torch.ones(n, dtype=dtype) if gain is None else gain), 1e-5)
+        got = rmsnorm_quantize_pack(x, gain, 1e-5, 0.9)
+        ref = rmsnorm_quantize_pack_reference(x, norm, 0.9)
+        a, b = unpack_int4(got.codes, n, False).int(), unpack_int4(ref.codes, n, False).int()
+        assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3
+        torch.testing.assert_close(got.scale, ref.scale, rtol=1e-6, atol=0)
+        assert (got.zero != ref.zero).float().mean() < 0.05
+        # the unit gain is the same as no gain
+        if gain is None:
+            same = rmsnorm_quantize_pack(x, norm.weight.detach(), 1e-5, 0.9)
+            assert torch.equal(same.codes, got.codes) and torch.equal(same.scale, got.scale)
+        for planar in (torch.int8, torch.float8_e4m3fn):  # the planar operand: the same codes re-laid
+            pl = rmsnorm_quantize_pack(x, gain, 1e-5, 0.9, planar=planar)
+            assert pl.codes.dtype == planar
+            assert torch.equal(pl.codes.view(torch.uint8),
+                               planar_centered(got.codes, got.zero, n, planar).view(torch.uint8))
+
+
+def test_rmsnorm_quantize_rejects_bad_input():
+    x = _activations(3, 64, seed=0)
+    with pytest.raises(ValueError, match="even"):
+        rmsnorm_quantize_pack(x[:, :63], None, 1e-5)
+    with pytest.raises(ValueError, match="gain"):
+        rmsnorm_quantize_pack(x, torch.ones(32, dtype=x.dtype), 1e-5)
+    with pytest.raises(ValueError, match="gain"):
+        rmsnorm_quantize_pack(x, torch.ones(64), 1e-5)  # fp32 gain for a bf16 row
+    with pytest.raises(TypeError):
+        rmsnorm_quantize_pack(x.double(), None, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])

@@ -245,7 +245,7 @@ def test_siblings_share_one_activation_quantization(run_folder, monkeypatch):
     calls = []
     real = linear_mod.hadamard_quantize_pack
     monkeypatch.setattr(linear_mod, "hadamard_quantize_pack", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
-    model, _ = load_for_backend(run_folder, "triton")
+    model, _ = load_for_backend(run_folder, "triton", fuse_norms=False)
     ids = torch.randint(0, 89, (1, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         shared = model(ids).logits
@@ -260,3 +260,59 @@ def test_siblings_share_one_activation_quantization(run_folder, monkeypatch):
         alone = model(ids).logits
     assert len(calls) == 7 * 2
     assert torch.equal(shared, alone)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norms_quantize_once_and_compute_the_same_model(run_folder, monkeypatch, dtype):
+    """Each block norm and its readers' quantization as one kernel (the default): the norm's output
+    is never written, only o_proj and down_proj still run the activation kernel, and the logits
+    are the unfused model's (same codes on this model: the fused mean of squares sums in another
+    order, which could move a code by one on a rounding boundary)."""
+    import dartquant.kernels.linear as linear_mod
+    from dartquant.kernels.fused_norms import NormQuant
+
+    calls = []
+    real = linear_mod.hadamard_quantize_pack
+    monkeypatch.setattr(linear_mod, "hadamard_quantize_pack", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    fused, _ = load_for_backend(run_folder, "triton", dtype=dtype)
+    plain, _ = load_for_backend(run_folder, "triton", dtype=dtype, fuse_norms=False)
+    assert sum(isinstance(m, NormQuant) for m in fused.modules()) == 4  # 2 layers x (input, post-attention)
+    assert not any(isinstance(m, NormQuant) for m in plain.modules())
+    ids = torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        calls.clear()
+        got = fused(ids).logits
+        assert len(calls) == 2 * 2  # per layer: o_proj and down_proj
+        want = plain(ids).logits
+    if dtype == torch.float32:  # scales 1 ulp apart where the mean of squares rounds differently
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(got, want)
+
+
+def test_fused_norms_are_undone_when_something_else_reads_the_norm(run_folder):
+    """A reader of the normalised stream besides the fused linears (here an extra op before the
+    attention) would read the never-written placeholder: the check at load finds it and unfuses."""
+    from dartquant.kernels.fused_norms import NormQuant, fuse_norm_quant_, verify_fused_norms_
+
+    model, _ = load_for_backend(run_folder, "triton", fuse_norms=False)
+    ids = torch.randint(0, 89, (1, 7), generator=torch.Generator().manual_seed(5))
+    attn = model.model.layers[1].self_attn
+    attn.register_forward_pre_hook(lambda mod, args, kw: (args, {**kw, "hidden_states": kw["hidden_states"] * 1.0}),
+                                   with_kwargs=True)
+    with torch.no_grad():
+        want = model(ids).logits
+    assert len(fuse_norm_quant_(model)) == 4
+    assert not verify_fused_norms_(model, "cpu")
+    assert not any(isinstance(m, NormQuant) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+
+
+def test_fused_norm_refuses_readers_with_other_settings(run_folder):
+    """Changing one reader's operand after fusion raises instead of quantizing the placeholder."""
+    model, _ = load_for_backend(run_folder, "triton")
+    model.model.layers[0].self_attn.k_proj.backend = "int8s"  # planar int8 at every size; q / v: packed
+    with pytest.raises(RuntimeError, match="different activation operands"):
+        with torch.no_grad():
+            model(torch.zeros(1, 3, dtype=torch.long))

@@ -68,7 +68,7 @@ except ImportError:  # pragma: no cover - exercised only without triton
     triton = tl = libdevice = None
 
 __all__ = ["PackedActivations", "hadamard_quantize_pack", "hadamard_quantize_pack_reference", "layout_2d",
-           "layout_blocks", "stage_sizes"]
+           "layout_blocks", "rmsnorm_quantize_pack", "rmsnorm_quantize_pack_reference", "stage_sizes"]
 
 _MAX_ELEMS_PER_PROGRAM = 32768
 
@@ -438,6 +438,64 @@ if triton is not None:
         tl.store(scale_ptr + rows, scale, mask=rows < M)
         tl.store(zero_ptr + rows, zero, mask=rows < M)
 
+    @triton.jit
+    def _rmsnorm_quant_kernel(
+        x_ptr, g_ptr, codes_ptr, scale_ptr, zero_ptr,
+        M, stride_xm, stride_cm, clip_ratio, eps,
+        N: tl.constexpr, NP: tl.constexpr, BLOCK_M: tl.constexpr, GAIN: tl.constexpr,
+        ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
+        USE_RINT: tl.constexpr, PLANAR: tl.constexpr,
+    ):
+        """modules.RMSNorm (Llama style: normalise in fp32, round to the model dtype, times the gain
+        in the model dtype) then the 4-bit quantize + pack of `_hadamard_quant_kernel` without the
+        Hadamard: the normalised row is never written."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        col = tl.arange(0, NP)
+        valid = (rows[:, None] < M) & (col[None, :] < N)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + col[None, :], mask=valid,
+                    other=0.0).to(tl.float32)
+        ss = tl.sum(x * x, axis=1)  # fp32, like torch's pow(2).mean(); only the summation order differs
+        if RECIP:  # CUDA's mean multiplies the sum by fp32(1 / N), the CPU's divides
+            var = ss * (1.0 / N)
+        else:
+            var = tl.math.div_rn(ss, tl.full(ss.shape, N, tl.float32))
+        v = var + eps
+        if RECIP:
+            r = tl.math.rsqrt(v)  # CUDA's rsqrtf (libdevice), as torch.rsqrt on the GPU
+        else:
+            r = tl.math.div_rn(tl.full(v.shape, 1.0, tl.float32), tl.math.sqrt_rn(v))  # the CPU's 1 / sqrt
+        y = x * r[:, None]
+        if ROUND_BF16:
+            y = round_to_bf16(y)
+        if ROUND_FP16:
+            y = y.to(tl.float16).to(tl.float32)
+        if GAIN:  # gain * h in the model dtype: the fp32 product of two 16-bit values, rounded once
+            g = tl.load(g_ptr + col, mask=col < N, other=0.0).to(tl.float32)
+            y = y * g[None, :]
+            if ROUND_BF16:
+                y = round_to_bf16(y)
+            if ROUND_FP16:
+                y = y.to(tl.float16).to(tl.float32)
+        y = tl.where(valid, y, 0.0)
+
+        xmin = tl.min(y, axis=1)
+        xmax = tl.max(y, axis=1)
+        scale, zero = _asym4_qparams(xmin, xmax, clip_ratio, RECIP)
+        q = _codes(y, tl.broadcast_to(scale[:, None], y.shape), zero[:, None], USE_RINT)
+        q_lo, q_hi = tl.split(tl.reshape(q, (BLOCK_M, NP // 2, 2)))
+        pcol = tl.arange(0, NP // 2)
+        pvalid = (rows[:, None] < M) & (pcol[None, :] < N // 2)
+        cptr = codes_ptr + rows[:, None].to(tl.int64) * stride_cm + pcol[None, :]
+        if PLANAR:
+            zb = zero[:, None]
+            tl.store(cptr, _centered_byte(q_lo, zb, PLANAR), mask=pvalid)
+            tl.store(cptr + N // 2, _centered_byte(q_hi, zb, PLANAR), mask=pvalid)
+        else:
+            tl.store(cptr, q_lo | (q_hi << 4), mask=pvalid)
+        tl.store(scale_ptr + rows, scale, mask=rows < M)
+        tl.store(zero_ptr + rows, zero, mask=rows < M)
+
 
 def _launch_params(kp: int, p: int, m: int, num_warps: int | None, block_m: int | None):
     elems = kp * p
@@ -639,6 +697,61 @@ def hadamard_quantize_pack(
         BLOCK_M=bm, ROTATE=rotate, num_warps=nw, enable_fp_fusion=False, **common,
     )
     return result
+
+
+def rmsnorm_quantize_pack(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    clip_ratio: float = 1.0,
+    planar: torch.dtype | None = None,
+    num_warps: int | None = None,
+    block_m: int | None = None,
+) -> PackedActivations:
+    """x [..., N] -> per-token 4-bit codes of ``modules.RMSNorm(x)`` (Llama style: gain
+    ``weight`` times the normalised row rounded to x's dtype; None: unit gain), quantized and
+    packed as `hadamard_quantize_pack(..., rotate=False)` does.  One read of x; the normalised
+    tensor is never written.  Equal to the torch composition up to the fp32 summation order of
+    the mean of squares (tests: a code off by one on a rounding boundary, rarely)."""
+    require_triton()
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"rmsnorm_quantize_pack needs a bf16 / fp16 / fp32 tensor, got {x.dtype}")
+    if not 0.0 < clip_ratio <= 1.0:
+        raise ValueError(f"clip_ratio={clip_ratio} must be in (0, 1]")
+    n = x.shape[-1]
+    if n % 2:
+        raise ValueError(f"last dimension {n} must be even to pack two 4-bit codes per byte")
+    if weight is not None and (weight.shape != (n,) or weight.dtype != x.dtype):
+        raise ValueError(f"gain of shape {tuple(weight.shape)} / {weight.dtype} for rows of {n} in {x.dtype}")
+    if planar not in (None, torch.int8, torch.float8_e4m3fn):
+        raise TypeError(f"planar must be None, torch.int8 or torch.float8_e4m3fn, got {planar}")
+    np2 = max(2, 1 << (n - 1).bit_length())
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    codes = torch.empty(m, n if planar is not None else n // 2, dtype=planar or torch.uint8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    zero = torch.empty(m, dtype=torch.float32, device=x.device)
+    result = PackedActivations(codes, scale, zero, n)
+    if m == 0:
+        return result
+    bm, nw = _launch_params(1, np2, m, num_warps, block_m)
+    gain = weight.contiguous() if weight is not None else scale  # (unused pointer without GAIN)
+    _rmsnorm_quant_kernel[(triton.cdiv(m, bm),)](
+        x2, gain, codes.view(torch.uint8), scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
+        float(eps), N=n, NP=np2, BLOCK_M=bm, GAIN=weight is not None,
+        ROUND_BF16=x.dtype == torch.bfloat16, ROUND_FP16=x.dtype == torch.float16, RECIP=x.is_cuda,
+        USE_RINT=os.environ.get("TRITON_INTERPRET") != "1",
+        PLANAR={None: 0, torch.int8: 1, torch.float8_e4m3fn: 2}[planar], num_warps=nw, enable_fp_fusion=False,
+    )
+    return result
+
+
+def rmsnorm_quantize_pack_reference(x: torch.Tensor, norm, clip_ratio: float = 1.0) -> PackedActivations:
+    """The torch composition `rmsnorm_quantize_pack` implements: ``norm`` (a modules.RMSNorm), then
+    `hadamard_quantize_pack_reference` without the Hadamard."""
+    return hadamard_quantize_pack_reference(norm(x), clip_ratio, rotate=False)
 
 
 def hadamard_quantize_pack_reference(x: torch.Tensor, clip_ratio: float = 1.0, rotate: bool = True) -> PackedActivations:

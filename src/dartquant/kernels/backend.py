@@ -101,10 +101,13 @@ def check_triton_device(device: str) -> None:
                          "(set TRITON_INTERPRET=1; slow, for tests): use a CUDA device")
 
 
-def load_for_backend(spec, backend: str = "torch", *, dtype=None, device: str = "cpu", prefill_operand: str | None = None):
+def load_for_backend(spec, backend: str = "torch", *, dtype=None, device: str = "cpu", prefill_operand: str | None = None,
+                     fuse_norms: bool = True):
     """(model, tokenizer): `torch` is `zoo.load_model`; `triton` checks the run and the device
     first, then `linear.load_w4a4` (the fake-quant model with its linears on the kernels;
-    `prefill_operand`: linear.PREFILL_OPERANDS, the GEMM of multi-token inputs, default int8s)."""
+    `prefill_operand`: linear.PREFILL_OPERANDS, the GEMM of multi-token inputs, default int8s) and,
+    with `fuse_norms`, each block norm fused with its readers' quantization where that is safe
+    (`fused_norms`)."""
     import torch
 
     dtype = dtype or torch.float32
@@ -126,4 +129,11 @@ def load_for_backend(spec, backend: str = "torch", *, dtype=None, device: str = 
     check_triton_device(device)
     from .linear import DEFAULT_PREFILL_OPERAND, load_w4a4
 
-    return load_w4a4(spec, device=device, dtype=dtype, prefill_operand=prefill_operand or DEFAULT_PREFILL_OPERAND)
+    model, tokenizer = load_w4a4(spec, device=device, dtype=dtype,
+                                 prefill_operand=prefill_operand or DEFAULT_PREFILL_OPERAND)
+    if fuse_norms:
+        from .fused_norms import fuse_norm_quant_, verify_fused_norms_
+
+        if fuse_norm_quant_(model):
+            verify_fused_norms_(model, device)
+    return model, tokenizer

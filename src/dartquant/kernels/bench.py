@@ -50,6 +50,7 @@ class BenchSettings:
     sides: list[str] = field(default_factory=lambda: ["bf16", "w4a4"])
     rep_ms: int = 200  # do_bench's time budget per measurement
     prefill_operand: str = "int8s"  # linear.PREFILL_OPERANDS: the GEMM above 64 tokens (scaled_mm: cuBLAS FP8)
+    fuse_norms: bool = True  # w4a4: block norms fused with their readers' quantization (kernels.fused_norms)
 
     def validate(self) -> None:
         if self.prefill < 1 or self.context < 1:
@@ -80,7 +81,7 @@ def _plain_linear(q) -> nn.Linear:
     return lin
 
 
-def side_models(folder, sides, device, kv: str, prefill_operand: str = "int8s"):
+def side_models(folder, sides, device, kv: str, prefill_operand: str = "int8s", fuse_norms: bool = True):
     """Yield ("bf16", model) and / or ("w4a4", model) from ONE load of the run (the slow part at
     7B: reading and dequantizing the codes on the CPU): the bf16 side is the fake-quant model with
     its QLinears swapped for plain linears sharing their weights and SDPA attention; then the
@@ -106,7 +107,13 @@ def side_models(folder, sides, device, kv: str, prefill_operand: str = "int8s"):
             model.set_attn_implementation("sdpa")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        yield "w4a4", model.to(device)
+        model.to(device)
+        if fuse_norms:
+            from .fused_norms import fuse_norm_quant_, verify_fused_norms_
+
+            if fuse_norm_quant_(model):
+                verify_fused_norms_(model, device)
+        yield "w4a4", model
 
 
 def plain_bf16_model(folder, device) -> nn.Module:
@@ -244,7 +251,10 @@ def time_decode(model, batch: int, s: BenchSettings, device) -> dict:
 
 
 def measure_side(model, s: BenchSettings, device) -> dict:
-    res = {**weight_bytes(model), **time_prefill(model, s, device)}
+    from .fused_norms import NormQuant
+
+    res = {**weight_bytes(model), **time_prefill(model, s, device),
+           "fused_norms": sum(isinstance(m, NormQuant) for m in model.modules())}
     for b in s.batches:
         res[f"decode_b{b}"] = time_decode(model, b, s, device)
         if device.type == "cuda":
@@ -264,7 +274,7 @@ def bench_run(folder, s: BenchSettings, progress=print) -> dict:
     progress(f"loading {folder} (CPU; both sides from one load), timing on {device}")
     t = time.perf_counter()
     for side, model in side_models(folder, [x for x in ("bf16", "w4a4") if x in s.sides], device, s.kv,
-                                   s.prefill_operand):
+                                   s.prefill_operand, s.fuse_norms):
         load_s = time.perf_counter() - t
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -364,7 +374,8 @@ def cmd_bench(args) -> int:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     s = BenchSettings(prefill=args.prefill, batches=args.batch, context=args.context,
                       cuda_graphs=not args.no_cuda_graphs, kv=args.kv, device=args.device or default_device,
-                      sides=args.sides, rep_ms=args.rep_ms, prefill_operand=args.prefill_operand)
+                      sides=args.sides, rep_ms=args.rep_ms, prefill_operand=args.prefill_operand,
+                      fuse_norms=not args.no_fuse_norms)
     s.validate()
     if args.json_out:  # the output's folder must exist before the (long) measurement
         parent = Path(args.json_out).resolve().parent
@@ -401,6 +412,8 @@ def add_bench_command(subparsers) -> None:
     s.add_argument("--prefill-operand", default="int8s", choices=PREFILL_OPERAND_CHOICES,
                    help="the GEMM of multi-token inputs: int8s (Triton, packed weight; default) or scaled_mm (cuBLAS "
                         "FP8 on a 1-byte copy of the weight codes, exactness probed per shape)")
+    s.add_argument("--no-fuse-norms", action="store_true",
+                   help="w4a4: run each block norm and its readers' activation quantization as separate kernels")
     s.add_argument("--json", dest="json_out", metavar="OUT", help="write the result as JSON")
     s.add_argument("--merge", action="store_true",
                    help="with --sides: add the measured side to OUT's other side (same run and settings)")

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..modules import OnlineHadamard, QLinear
 from ..quant.primitives import QuantizedTensor
-from .act_quant import hadamard_quantize_pack
+from .act_quant import PackedActivations, hadamard_quantize_pack, rmsnorm_quantize_pack
 from .w4a4_gemm import GEMV_MAX_TOKENS, prepare_weight, w4a4_matmul
 
 __all__ = ["W4A4Linear", "convert_qlinears_", "convert_run_", "load_w4a4", "PREFILL_OPERANDS"]
@@ -83,18 +83,32 @@ class SharedInput:
         self._ref = None
         self._settings = None
         self._act = None
+        self._primed = False  # the memo came from `prime` (a fused norm), not from quantizing x
 
     def quantize(self, x: torch.Tensor, clip_ratio: float, rotate: bool, planar: torch.dtype | None = None):
         settings = (x._version, clip_ratio, rotate, planar)
-        if self._ref is not None and self._ref() is x and self._settings == settings:
-            return self._act
+        if self._ref is not None and self._ref() is x:
+            if self._settings == settings:
+                return self._act
+            if self._primed:  # x is a fused norm's placeholder: its values were never written
+                raise RuntimeError(f"a fused norm's output was quantized with {self._settings[1:]}, and is now "
+                                   f"read with {settings[1:]}: unfuse_norm_quant_ before changing settings")
         act = hadamard_quantize_pack(x.reshape(-1, x.shape[-1]), clip_ratio, rotate=rotate, planar=planar)
         self._ref, self._settings, self._act = weakref.ref(x, self._forget), settings, act
+        self._primed = False
         return act
+
+    def prime(self, x: torch.Tensor, act: PackedActivations, clip_ratio: float, rotate: bool,
+              planar: torch.dtype | None) -> None:
+        """Record `act` as the quantization of `x` (made elsewhere: `NormQuant`'s fused kernel)."""
+        settings = (x._version, clip_ratio, rotate, planar)
+        self._ref, self._settings, self._act = weakref.ref(x, self._forget), settings, act
+        self._primed = True
 
     def _forget(self, ref) -> None:
         if ref is self._ref:
             self._ref = self._settings = self._act = None
+            self._primed = False
 
 
 class W4A4Linear(nn.Module):
@@ -132,6 +146,15 @@ class W4A4Linear(nn.Module):
                                            torch.float8_e4m3fn)
         return self.codes_fp8
 
+    def activation_operand(self, tokens: int) -> torch.dtype | None:
+        """The GEMM's activation operand for an input of `tokens` tokens: None (packed nibbles) or
+        the dtype of the planar centered codes."""
+        if self.backend == "int8s":  # the swapped GEMM reads planar int8 activations at every size
+            return torch.int8
+        min_tokens = (PLANAR_MIN_TOKENS[self.prefill_operand] if self.planar_min_tokens is None
+                      else self.planar_min_tokens)
+        return PREFILL_OPERANDS[self.prefill_operand] if tokens > min_tokens else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .w4a4_gemm import PackedWeight
 
@@ -139,12 +162,7 @@ class W4A4Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"W4A4Linear({self.in_features}) got an input of last dimension {x.shape[-1]}")
         tokens = x.numel() // self.in_features
-        if self.backend == "int8s":  # the swapped GEMM reads planar int8 activations at every size
-            planar = torch.int8
-        else:
-            min_tokens = (PLANAR_MIN_TOKENS[self.prefill_operand] if self.planar_min_tokens is None
-                          else self.planar_min_tokens)
-            planar = PREFILL_OPERANDS[self.prefill_operand] if tokens > min_tokens else None
+        planar = self.activation_operand(tokens)
         if self.shared_input is not None:
             act = self.shared_input.quantize(x, self.clip_ratio, self.rotate, planar)
         else:
