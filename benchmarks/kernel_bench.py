@@ -536,6 +536,50 @@ def scaled_mm_main(args):
 # ----------------------------------------------------------------------------- main
 
 
+def norm_quant_main(args):
+    """The block norm + its readers' quantization: transformers-style RMSNorm then the quant-only
+    kernel (what runs unfused) vs `rmsnorm_quantize_pack` (one kernel), bf16 in, planar e4m3 and
+    packed out. Codes of the fused kernel compared with the torch norm + quantizer."""
+    from dartquant.kernels.act_quant import rmsnorm_quantize_pack, rmsnorm_quantize_pack_reference
+    from dartquant.modules import RMSNorm
+
+    dev = torch.device("cuda")
+    t0 = time.time()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    fp8 = torch.float8_e4m3fn
+    print("| N | tokens | torch RMSNorm ms | quant-only ms | unfused sum ms | fused (e4m3) ms | fused (packed) ms |"
+          " fused / unfused | fused GB/s (of copy) | codes != torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n in (2048, 4096, 5120, 8192):
+        for m in (1, 8, 64, 2048, 16384):
+            norm = RMSNorm(torch.nn.Parameter(torch.ones(n, device=dev, dtype=torch.bfloat16)), 1e-5)
+            sets, nxt = rotating(lambda: act_input(m, n, dev, 3), m * n * 2)
+            x = sets[0]
+            got = rmsnorm_quantize_pack(x, None, 1e-5, 0.9)
+            ref = rmsnorm_quantize_pack_reference(x, norm, 0.9)
+            diff = float((got.codes != ref.codes).float().mean())
+            t_norm = bench(lambda: norm(nxt()))
+            xs = [norm(v) for v in sets]
+            state = {"i": 0}
+
+            def normed():
+                state["i"] = (state["i"] + 1) % len(xs)
+                return xs[state["i"]]
+
+            t_q = bench(lambda: hadamard_quantize_pack(normed(), 0.9, rotate=False, planar=fp8))
+            t_f = bench(lambda: rmsnorm_quantize_pack(nxt(), None, 1e-5, 0.9, planar=fp8))
+            t_p = bench(lambda: rmsnorm_quantize_pack(nxt(), None, 1e-5, 0.9))
+            t_copy, copy_gbs = time_copy(m, n, dev)
+            gbs = (m * n * 2 + m * n + 8 * m) / t_f / 1e6
+            row = dict(n=n, tokens=m, torch_norm_ms=t_norm, quant_only_ms=t_q, fused_fp8_ms=t_f, fused_packed_ms=t_p,
+                       copy_ms=t_copy, copy_gbs=copy_gbs, fused_gbs=gbs, codes_differ=diff)
+            result["rows"].append(row)
+            print(f"| {n} | {m} | {t_norm:.4f} | {t_q:.4f} | {t_norm + t_q:.4f} | {t_f:.4f} | {t_p:.4f} | "
+                  f"{t_f / (t_norm + t_q):.2f} | {gbs:.0f} ({gbs / copy_gbs:.2f}) | {diff:.1e} |", flush=True)
+    write_result(result, args.out, t0)
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="kernels_h200.json")
@@ -546,6 +590,8 @@ def main():
     ap.add_argument("--decode-m", type=int, nargs="+", default=None, help="these decode M only (e.g. 1 4)")
     ap.add_argument("--act-widths", default="", help="comma list: time only these activation widths")
     ap.add_argument("--profile", action="store_true", help="launch each profiled kernel once (run under ncu)")
+    ap.add_argument("--norm-quant", action="store_true",
+                    help="only the fused RMSNorm + quantize kernel vs the norm and the quant-only kernel apart")
     ap.add_argument("--scaled-mm", action="store_true",
                     help="run 9 only: the scaled_mm backend (cuBLAS FP8 on 1-byte codes) vs bf16 and int8s, exactness first")
     ap.add_argument("--variants", action="store_true",
@@ -559,6 +605,8 @@ def main():
         return variants_main(args)
     if args.scaled_mm:
         return scaled_mm_main(args)
+    if args.norm_quant:
+        return norm_quant_main(args)
     global PREFILL_M, ACT_WIDTHS, DECODE_M, LINEARS
     if args.decode_only:
         PREFILL_M = []

@@ -48,7 +48,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from dartquant.kernels.backend import PREFILL_OPERAND_CHOICES  # noqa: E402
-from dartquant.kernels.fused_norms import fuse_norm_quant_, verify_fused_norms_  # noqa: E402
+from dartquant.kernels.bench import weight_bytes  # noqa: E402
+from dartquant.kernels.fused_norms import fuse_norm_quant_, unfuse_norm_quant_, verify_fused_norms_  # noqa: E402
 from dartquant.kernels.linear import convert_qlinears_  # noqa: E402
 from dartquant.modules import OnlineHadamard, as_qlinear  # noqa: E402
 from dartquant.quant.act import ActQuantizer  # noqa: E402
@@ -236,6 +237,16 @@ def in_memory(args) -> int:
                 mod.prefill_operand = operand
                 if args.tiny:  # the tiny prefill is shorter than the planar threshold
                     mod.planar_min_tokens = 0
+        if args.compare_unfused and unfuse_norm_quant_(model):  # this operand with the norms apart first
+            u = measure_side(model, s, device) if operand in args.decode_operands else time_prefill(model, s, device)
+            u["speedup_vs_bf16"] = result["bf16"]["prefill_ms"] / u["prefill_ms"]
+            if operand in args.decode_operands:
+                u["ratios"] = ratios({"bf16": result["bf16"], "w4a4": {**u, **weight_bytes(model)}})
+            result.setdefault("prefill_operands_unfused_norms", {})[operand] = u
+            print(f"prefill, {operand}, norms not fused: {u['prefill_ms']:.2f} ms ({u['speedup_vs_bf16']:.2f}x bf16)"
+                  + (f"; {json.dumps(u['ratios'])}" if "ratios" in u else ""), flush=True)
+            fuse_norm_quant_(model)
+            result.setdefault("norms_refused_verified", []).append(verify_fused_norms_(model, device))
         if operand in args.decode_operands:  # the whole side: prefill and every decode batch
             r = measure_side(model, s, device)
         else:
@@ -246,8 +257,6 @@ def in_memory(args) -> int:
             logits = model(ids, use_cache=False).logits.float()
         ref_logits = logits if ref_logits is None else ref_logits
         r["logits_max_abs_diff_vs_first"] = (logits - ref_logits).abs().max().item()
-        from dartquant.kernels.bench import weight_bytes
-
         r.update(weight_bytes(model))  # scaled_mm adds its 1-byte weight copy (made on first use)
         if operand in args.decode_operands:  # after the bytes: the weight copy exists only once used
             r["ratios"] = ratios({"bf16": result["bf16"], "w4a4": r})
