@@ -26,8 +26,9 @@ timed by the same harness as `dartquant bench`):
 There the W4A4 model is built the way a QuaRot run folder is (QLinear + 4-bit asymmetric
 per-token input quantizer, clip 0.9; down_proj with the online Hadamard R4; RTN 4-bit symmetric
 per-channel weights), then converted with `kernels.linear.convert_qlinears_`, and each block norm
-fused with its readers' quantization as `dartquant bench` does (`kernels.fused_norms`;
-`--no-fuse-norms`: apart; `--compare-unfused`: both timed).  Attention, the final norm,
+fused with its readers' quantization and q / k / v, gate / up merged into one GEMM each, as
+`dartquant bench` does (`kernels.fusions`; `--no-fuse-norms`, `--no-merge-siblings`: apart;
+`--compare-unfused`: both timed).  Attention, the final norm,
 embeddings and lm_head are transformers' own on both sides (bf16 K/V on both sides).  Timing,
 both modes: kernels/bench.py (prefill of `--prefill` tokens at batch 1; decode steps on a static
 cache of `--context` tokens, in a CUDA graph on both sides where capture works).
@@ -49,7 +50,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from dartquant.kernels.backend import PREFILL_OPERAND_CHOICES  # noqa: E402
 from dartquant.kernels.bench import weight_bytes  # noqa: E402
-from dartquant.kernels.fused_norms import fuse_norm_quant_, unfuse_norm_quant_, verify_fused_norms_  # noqa: E402
+from dartquant.kernels.fusions import apply_fusions_, fuse_norm_quant_, unfuse_norm_quant_, verify_fused_norms_  # noqa: E402
 from dartquant.kernels.linear import convert_qlinears_  # noqa: E402
 from dartquant.modules import OnlineHadamard, as_qlinear  # noqa: E402
 from dartquant.quant.act import ActQuantizer  # noqa: E402
@@ -195,13 +196,12 @@ def in_memory(args) -> int:
     result["convert_s"] = time.time() - t
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    if args.compare_unfused:  # the same kernels with each block norm and its quantization apart
-        result["w4a4_unfused_norms"] = measure_side(model, s, device)
-        result["ratios_unfused_norms"] = ratios({"bf16": result["bf16"], "w4a4": result["w4a4_unfused_norms"]})
-        print(f"w4a4, norms not fused: {json.dumps(result['ratios_unfused_norms'])}", flush=True)
-    if not args.no_fuse_norms:  # as `dartquant bench` and `--backend triton` run it
-        result["fused_norms"] = fuse_norm_quant_(model)
-        result["fused_norms_verified"] = verify_fused_norms_(model, device)
+    if args.compare_unfused:  # the same kernels, no fusion (norms apart, siblings apart)
+        result["w4a4_no_fusions"] = measure_side(model, s, device)
+        result["ratios_no_fusions"] = ratios({"bf16": result["bf16"], "w4a4": result["w4a4_no_fusions"]})
+        print(f"w4a4, no fusions: {json.dumps(result['ratios_no_fusions'])}", flush=True)
+    # as `dartquant bench` and `--backend triton` run it
+    result["fusions"] = apply_fusions_(model, device, norms=not args.no_fuse_norms, siblings=not args.no_merge_siblings)
     result["w4a4"] = measure_side(model, s, device)
     result["ratios"] = ratios(result)
     print(format_table(result))
@@ -394,8 +394,11 @@ def main():
                          "kernel, T tokens per tile, G tiles per program, W warps, wherever it applies")
     ap.add_argument("--no-fuse-norms", action="store_true",
                     help="in memory: keep each block norm and its readers' activation quantization apart")
+    ap.add_argument("--no-merge-siblings", action="store_true",
+                    help="in memory: q / k / v and gate / up as separate GEMMs")
     ap.add_argument("--compare-unfused", action="store_true",
-                    help="in memory: also time the w4a4 side with the norms not fused (before fusing them)")
+                    help="in memory: also time the w4a4 side with no fusion (before fusing), and each "
+                         "--prefill-operands entry with the norms not fused")
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: more `dartquant bench` flags")
     args = ap.parse_args()
     args.bench_args = [a for a in args.bench_args if a != "--"]

@@ -245,7 +245,7 @@ def test_siblings_share_one_activation_quantization(run_folder, monkeypatch):
     calls = []
     real = linear_mod.hadamard_quantize_pack
     monkeypatch.setattr(linear_mod, "hadamard_quantize_pack", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
-    model, _ = load_for_backend(run_folder, "triton", fuse_norms=False)
+    model, _ = load_for_backend(run_folder, "triton", fuse_norms=False, merge_siblings=False)
     ids = torch.randint(0, 89, (1, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         shared = model(ids).logits
@@ -269,7 +269,7 @@ def test_fused_norms_quantize_once_and_compute_the_same_model(run_folder, monkey
     are the unfused model's (same codes on this model: the fused mean of squares sums in another
     order, which could move a code by one on a rounding boundary)."""
     import dartquant.kernels.linear as linear_mod
-    from dartquant.kernels.fused_norms import NormQuant
+    from dartquant.kernels.fusions import NormQuant
 
     calls = []
     real = linear_mod.hadamard_quantize_pack
@@ -293,7 +293,7 @@ def test_fused_norms_quantize_once_and_compute_the_same_model(run_folder, monkey
 def test_fused_norms_are_undone_when_something_else_reads_the_norm(run_folder):
     """A reader of the normalised stream besides the fused linears (here an extra op before the
     attention) would read the never-written placeholder: the check at load finds it and unfuses."""
-    from dartquant.kernels.fused_norms import NormQuant, fuse_norm_quant_, verify_fused_norms_
+    from dartquant.kernels.fusions import NormQuant, fuse_norm_quant_, verify_fused_norms_
 
     model, _ = load_for_backend(run_folder, "triton", fuse_norms=False)
     ids = torch.randint(0, 89, (1, 7), generator=torch.Generator().manual_seed(5))
@@ -316,3 +316,31 @@ def test_fused_norm_refuses_readers_with_other_settings(run_folder):
     with pytest.raises(RuntimeError, match="different activation operands"):
         with torch.no_grad():
             model(torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("tokens", [3, 9])  # the GEMV (packed codes) and the int8s GEMM (planar)
+def test_merged_siblings_are_one_gemm_with_the_same_output(run_folder, tokens):
+    """q / k / v and gate / up as one GEMM each over the concatenated weights: the same logits bit
+    for bit, the members' buffers views of the merged ones (weight memory unchanged)."""
+    from dartquant.kernels.bench import weight_bytes
+    import dartquant.kernels.linear as linear_mod
+
+    merged, _ = load_for_backend(run_folder, "triton", dtype=torch.bfloat16, fuse_norms=False)
+    plain, _ = load_for_backend(run_folder, "triton", dtype=torch.bfloat16, fuse_norms=False, merge_siblings=False)
+    members = [m for m in merged.modules() if isinstance(m, W4A4Linear) and m.merged is not None]
+    assert len(members) == 2 * 5  # q, k, v, gate, up per layer
+    assert weight_bytes(merged) == weight_bytes(plain)
+    ids = torch.randint(0, 89, (2, tokens), generator=torch.Generator().manual_seed(6))
+    calls = []
+    real = linear_mod.w4a4_matmul
+    linear_mod.w4a4_matmul = lambda *a, **k: calls.append(a[3].scale.shape[0]) or real(*a, **k)
+    try:
+        with torch.no_grad():
+            got = merged(ids).logits
+            gemms_merged = len(calls)
+            want = plain(ids).logits
+    finally:
+        linear_mod.w4a4_matmul = real
+    assert gemms_merged == 2 * 4 and len(calls) - gemms_merged == 2 * 7  # per layer: qkv, o, gate/up, down
+    assert sorted(set(calls[:4])) == [64, 64 + 2 * 32, 2 * 192]  # o / down, q+k+v (GQA), gate+up
+    assert torch.equal(got, want)

@@ -102,12 +102,12 @@ def check_triton_device(device: str) -> None:
 
 
 def load_for_backend(spec, backend: str = "torch", *, dtype=None, device: str = "cpu", prefill_operand: str | None = None,
-                     fuse_norms: bool = True):
+                     fuse_norms: bool = True, merge_siblings: bool = True):
     """(model, tokenizer): `torch` is `zoo.load_model`; `triton` checks the run and the device
     first, then `linear.load_w4a4` (the fake-quant model with its linears on the kernels;
-    `prefill_operand`: linear.PREFILL_OPERANDS, the GEMM of multi-token inputs, default int8s) and,
-    with `fuse_norms`, each block norm fused with its readers' quantization where that is safe
-    (`fused_norms`)."""
+    `prefill_operand`: linear.PREFILL_OPERANDS, the GEMM of multi-token inputs, default int8s) with
+    `fusions.apply_fusions_`: q / k / v and gate / up as one GEMM each (`merge_siblings`), each block
+    norm fused with its readers' quantization (`fuse_norms`), where that is safe."""
     import torch
 
     dtype = dtype or torch.float32
@@ -131,9 +131,7 @@ def load_for_backend(spec, backend: str = "torch", *, dtype=None, device: str = 
 
     model, tokenizer = load_w4a4(spec, device=device, dtype=dtype,
                                  prefill_operand=prefill_operand or DEFAULT_PREFILL_OPERAND)
-    if fuse_norms:
-        from .fused_norms import fuse_norm_quant_, verify_fused_norms_
+    from .fusions import apply_fusions_
 
-        if fuse_norm_quant_(model):
-            verify_fused_norms_(model, device)
+    apply_fusions_(model, device, norms=fuse_norms, siblings=merge_siblings)
     return model, tokenizer

@@ -50,7 +50,8 @@ class BenchSettings:
     sides: list[str] = field(default_factory=lambda: ["bf16", "w4a4"])
     rep_ms: int = 200  # do_bench's time budget per measurement
     prefill_operand: str = "int8s"  # linear.PREFILL_OPERANDS: the GEMM above 64 tokens (scaled_mm: cuBLAS FP8)
-    fuse_norms: bool = True  # w4a4: block norms fused with their readers' quantization (kernels.fused_norms)
+    fuse_norms: bool = True  # w4a4: block norms fused with their readers' quantization (kernels.fusions)
+    merge_siblings: bool = True  # w4a4: q / k / v and gate / up as one GEMM each (kernels.fusions)
 
     def validate(self) -> None:
         if self.prefill < 1 or self.context < 1:
@@ -81,7 +82,8 @@ def _plain_linear(q) -> nn.Linear:
     return lin
 
 
-def side_models(folder, sides, device, kv: str, prefill_operand: str = "int8s", fuse_norms: bool = True):
+def side_models(folder, sides, device, kv: str, prefill_operand: str = "int8s", fuse_norms: bool = True,
+                merge_siblings: bool = True):
     """Yield ("bf16", model) and / or ("w4a4", model) from ONE load of the run (the slow part at
     7B: reading and dequantizing the codes on the CPU): the bf16 side is the fake-quant model with
     its QLinears swapped for plain linears sharing their weights and SDPA attention; then the
@@ -108,11 +110,9 @@ def side_models(folder, sides, device, kv: str, prefill_operand: str = "int8s", 
         if device.type == "cuda":
             torch.cuda.empty_cache()
         model.to(device)
-        if fuse_norms:
-            from .fused_norms import fuse_norm_quant_, verify_fused_norms_
+        from .fusions import apply_fusions_
 
-            if fuse_norm_quant_(model):
-                verify_fused_norms_(model, device)
+        apply_fusions_(model, device, norms=fuse_norms, siblings=merge_siblings)
         yield "w4a4", model
 
 
@@ -127,10 +127,12 @@ def weight_bytes(model: nn.Module) -> dict:
 
     seen, total, linears = set(), 0, 0
     for name, m in model.named_modules():
-        own = [t for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
-               if id(t) not in seen]
-        seen.update(id(t) for t in own)
-        size = sum(t.numel() * t.element_size() for t in own)
+        # by memory range, not by tensor object: tied weights count once, and merged siblings'
+        # buffers (views of one concatenated tensor, kernels.fusions) count their own rows
+        own = {(t.data_ptr(), t.numel() * t.element_size())
+               for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))} - seen
+        seen.update(own)
+        size = sum(nbytes for _, nbytes in own)
         total += size
         if isinstance(m, W4A4Linear) or (isinstance(m, nn.Linear) and ".layers." in f".{name}"):
             linears += size
@@ -251,10 +253,12 @@ def time_decode(model, batch: int, s: BenchSettings, device) -> dict:
 
 
 def measure_side(model, s: BenchSettings, device) -> dict:
-    from .fused_norms import NormQuant
+    from .fusions import NormQuant
+    from .linear import W4A4Linear
 
     res = {**weight_bytes(model), **time_prefill(model, s, device),
-           "fused_norms": sum(isinstance(m, NormQuant) for m in model.modules())}
+           "fused_norms": sum(isinstance(m, NormQuant) for m in model.modules()),
+           "merged_linears": sum(isinstance(m, W4A4Linear) and m.merged is not None for m in model.modules())}
     for b in s.batches:
         res[f"decode_b{b}"] = time_decode(model, b, s, device)
         if device.type == "cuda":
@@ -274,7 +278,7 @@ def bench_run(folder, s: BenchSettings, progress=print) -> dict:
     progress(f"loading {folder} (CPU; both sides from one load), timing on {device}")
     t = time.perf_counter()
     for side, model in side_models(folder, [x for x in ("bf16", "w4a4") if x in s.sides], device, s.kv,
-                                   s.prefill_operand, s.fuse_norms):
+                                   s.prefill_operand, s.fuse_norms, s.merge_siblings):
         load_s = time.perf_counter() - t
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -375,7 +379,7 @@ def cmd_bench(args) -> int:
     s = BenchSettings(prefill=args.prefill, batches=args.batch, context=args.context,
                       cuda_graphs=not args.no_cuda_graphs, kv=args.kv, device=args.device or default_device,
                       sides=args.sides, rep_ms=args.rep_ms, prefill_operand=args.prefill_operand,
-                      fuse_norms=not args.no_fuse_norms)
+                      fuse_norms=not args.no_fuse_norms, merge_siblings=not args.no_merge_siblings)
     s.validate()
     if args.json_out:  # the output's folder must exist before the (long) measurement
         parent = Path(args.json_out).resolve().parent
@@ -414,6 +418,8 @@ def add_bench_command(subparsers) -> None:
                         "FP8 on a 1-byte copy of the weight codes, exactness probed per shape)")
     s.add_argument("--no-fuse-norms", action="store_true",
                    help="w4a4: run each block norm and its readers' activation quantization as separate kernels")
+    s.add_argument("--no-merge-siblings", action="store_true",
+                   help="w4a4: q / k / v and gate / up as separate GEMMs (default: one GEMM each)")
     s.add_argument("--json", dest="json_out", metavar="OUT", help="write the result as JSON")
     s.add_argument("--merge", action="store_true",
                    help="with --sides: add the measured side to OUT's other side (same run and settings)")

@@ -68,6 +68,10 @@ def _check_scheme(q: QLinear, qt: QuantizedTensor, name: str) -> tuple[bool, flo
     return rot is not None, spec.clip_ratio
 
 
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float32, torch.float64) else torch.bfloat16
+
+
 class SharedInput:
     """The last activation quantization of a group of W4A4Linears that may read one tensor.
 
@@ -133,6 +137,7 @@ class W4A4Linear(nn.Module):
         self.register_buffer("rowsum", w.rowsum)
         self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
         self.shared_input: SharedInput | None = None  # set by convert_qlinears_ for siblings
+        self.merged = None  # a MergedSiblings (fusions.merge_siblings_): one GEMM with q / k / v or gate / up
         self.register_buffer("codes_fp8", None)  # the scaled_mm operand's weight (made on first use)
         if prefill_operand == "scaled_mm":  # made now, so that weight memory counts it
             self.fp8_weight()
@@ -155,33 +160,44 @@ class W4A4Linear(nn.Module):
                       else self.planar_min_tokens)
         return PREFILL_OPERANDS[self.prefill_operand] if tokens > min_tokens else None
 
+    def quantize_input(self, x: torch.Tensor, planar: torch.dtype | None) -> PackedActivations:
+        """The activation kernel on x (once per tensor for siblings sharing a `SharedInput`)."""
+        if self.shared_input is not None:
+            return self.shared_input.quantize(x, self.clip_ratio, self.rotate, planar)
+        return hadamard_quantize_pack(x.reshape(-1, self.in_features), self.clip_ratio, rotate=self.rotate,
+                                      planar=planar)
+
+    def gemm(self, act: PackedActivations, planar: torch.dtype | None, weight, fp8_weight, bias,
+             out_dtype: torch.dtype) -> torch.Tensor:
+        """[tokens, N] = the 4-bit GEMM of `act` with `weight` (a PackedWeight: this linear's, or the
+        concatenated one of `MergedSiblings`) on the backend this linear's settings choose, + bias."""
+        tokens, n = act.codes.shape[0], weight.scale.shape[0]
+        out = torch.empty(tokens, n, device=act.codes.device, dtype=out_dtype)
+        if planar is None:
+            y = w4a4_matmul(act.codes, act.scale, act.zero, weight, self.backend, out=out)
+        elif self.prefill_operand == "scaled_mm" and self.backend != "int8s":
+            y = w4a4_matmul(act.codes, act.scale, None, weight, "scaled_mm", out=out, w_planar=fp8_weight())
+        else:
+            be = ("fp8" if planar == torch.float8_e4m3fn
+                  else "int8s" if "int8s" in (self.backend, self.prefill_operand) else "int8")
+            y = w4a4_matmul(act.codes, act.scale, None, weight, be, out=out)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .w4a4_gemm import PackedWeight
 
         lead = x.shape[:-1]
         if x.shape[-1] != self.in_features:
             raise ValueError(f"W4A4Linear({self.in_features}) got an input of last dimension {x.shape[-1]}")
-        tokens = x.numel() // self.in_features
-        planar = self.activation_operand(tokens)
-        if self.shared_input is not None:
-            act = self.shared_input.quantize(x, self.clip_ratio, self.rotate, planar)
-        else:
-            act = hadamard_quantize_pack(x.reshape(-1, self.in_features), self.clip_ratio, rotate=self.rotate,
-                                         planar=planar)
+        if self.merged is not None:  # one GEMM for all siblings, this linear's columns of it
+            return self.merged.output(self, x).reshape(*lead, self.out_features).to(x.dtype)
+        planar = self.activation_operand(x.numel() // self.in_features)
+        act = self.quantize_input(x, planar)
         w = PackedWeight(self.codes, self.scale, self.rowsum, self.in_features)
         # fp32 models get the epilogue's fp32 value; others bf16 (the fast path)
-        out = torch.empty(tokens, self.out_features, device=x.device,
-                          dtype=torch.float32 if x.dtype in (torch.float32, torch.float64) else torch.bfloat16)
-        if planar is None:
-            y = w4a4_matmul(act.codes, act.scale, act.zero, w, self.backend, out=out)
-        elif self.prefill_operand == "scaled_mm" and self.backend != "int8s":
-            y = w4a4_matmul(act.codes, act.scale, None, w, "scaled_mm", out=out, w_planar=self.fp8_weight())
-        else:
-            be = ("fp8" if planar == torch.float8_e4m3fn
-                  else "int8s" if "int8s" in (self.backend, self.prefill_operand) else "int8")
-            y = w4a4_matmul(act.codes, act.scale, None, w, be, out=out)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        y = self.gemm(act, planar, w, self.fp8_weight, self.bias, _out_dtype(x))
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
