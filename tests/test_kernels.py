@@ -463,3 +463,43 @@ def test_dp4a_gemv_compiles_for_hopper():
     assert p.returncode == 0, p.stderr[-2000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["dp4a"] > 0 and got["cubin"] > 0, got
+
+
+def test_merged_siblings_with_and_without_biases():
+    """MergedSiblings (kernels.fusions): three linears reading one input, two with a bias (Qwen's
+    q / k / v have one each; a member without adds zeros), as one GEMM: each member's output is
+    the one it computes alone, at decode and prefill sizes, on every operand."""
+    from torch import nn
+
+    from dartquant.kernels.fusions import MergedSiblings
+    from dartquant.kernels.linear import SharedInput, W4A4Linear
+    from dartquant.modules import QLinear
+    from dartquant.quant.act import ActQuantizer
+
+    torch.manual_seed(0)
+    lins = []
+    for n_out, bias in ((48, True), (16, False), (32, True)):
+        lin = nn.Linear(64, n_out, bias=bias)
+        qt = QuantizedTensor.from_float(lin.weight.detach(), QuantSpec(bits=4, symmetric=True))
+        q = QLinear(lin)
+        q.input_quantizer = ActQuantizer(QuantSpec(bits=4, symmetric=False, clip_ratio=0.9))
+        lins.append(W4A4Linear(q.to(torch.bfloat16), qt))
+    shared = SharedInput()
+    for m in lins:
+        m.shared_input = shared
+    for tokens in (2, 12):
+        x = _activations(tokens, 64, seed=tokens)
+        alone = [m(x) for m in lins]
+        merged = MergedSiblings(lins)
+        assert all(torch.equal(m(x), a) for m, a in zip(lins, alone))
+        for m in lins:  # undo, for the next size (the views keep the values)
+            m.merged = None
+        assert merged.weight.codes.shape == (96, 32)
+        for operand in ("int8", "int8s", "scaled_mm"):
+            for m in lins:
+                m.prefill_operand, m.planar_min_tokens, m.merged = operand, 0, None
+            alone = [m(x) for m in lins]
+            MergedSiblings(lins)
+            assert all(torch.equal(m(x), a) for m, a in zip(lins, alone)), operand
+            for m in lins:
+                m.prefill_operand, m.planar_min_tokens, m.merged = "int8s", None, None
