@@ -191,6 +191,19 @@ def in_memory(args) -> int:
     print("bf16", json.dumps({k: v for k, v in result["bf16"].items() if not k.startswith("decode")}), flush=True)
     if args.profile and device.type == "cuda":
         result.setdefault("profile", {})["bf16"] = profile_model(model, s, device, "bf16")
+    if args.bf16_fused_norms and device.type == "cuda":  # the stricter baseline: bf16 with one-kernel norms
+        undo = swap_norms_(model, OneKernelRMSNorm)
+        with torch.no_grad():
+            probe = torch.randint(0, model.config.vocab_size, (1, 64), device=device)
+            a = model(probe, use_cache=False).logits.float()
+            undo()
+            b = model(probe, use_cache=False).logits.float()
+            swap_norms_(model, OneKernelRMSNorm)
+        result["bf16_fused_norms"] = measure_side(model, s, device)
+        result["bf16_fused_norms"]["logits_max_abs_diff_vs_bf16"] = (a - b).abs().max().item()
+        undo()
+        print("bf16 with one-kernel RMSNorms", json.dumps({k: v for k, v in result["bf16_fused_norms"].items()
+                                                          if not k.startswith("decode")}), flush=True)
     t = time.time()
     result["converted_linears"] = len(to_w4a4_(model))
     result["convert_s"] = time.time() - t
@@ -287,6 +300,56 @@ def in_memory(args) -> int:
             result.setdefault("profile", {})[f"w4a4 {operand}"] = profile_model(model, s, device, f"w4a4, {operand}")
         write_json(Path(args.out), result)
     return 0
+
+
+class OneKernelRMSNorm(torch.nn.Module):
+    """A stricter bf16 baseline (`--bf16-fused-norms`): the RMSNorm as one Triton kernel (one read,
+    one write) instead of transformers' six elementwise kernels with fp32 intermediates, i.e. what
+    a bf16 model gets from a fused norm (torch.compile, vLLM). Same expressions as LlamaRMSNorm."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+        self.eps = getattr(norm, "variance_epsilon", None) or norm.eps
+
+    def forward(self, x):
+        n = x.shape[-1]
+        x2 = x.reshape(-1, n)
+        out = torch.empty_like(x2)
+        _one_kernel_rmsnorm[(x2.shape[0],)](x2, self.norm.weight, out, x2.stride(0), float(self.eps), N=n,
+                                             NP=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8)
+        return out.reshape(x.shape)
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _one_kernel_rmsnorm(x_ptr, w_ptr, out_ptr, stride, eps, N: tl.constexpr, NP: tl.constexpr):
+        row = tl.program_id(0)
+        col = tl.arange(0, NP)
+        x = tl.load(x_ptr + row.to(tl.int64) * stride + col, mask=col < N, other=0.0).to(tl.float32)
+        r = tl.math.rsqrt(tl.sum(x * x, axis=0) * (1.0 / N) + eps)
+        h = (x * r).to(tl.bfloat16).to(tl.float32)  # LlamaRMSNorm: cast, then times the gain in bf16
+        w = tl.load(w_ptr + col, mask=col < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row.to(tl.int64) * stride + col, (w * h).to(tl.bfloat16), mask=col < N)
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+def swap_norms_(model, make):
+    """Replace every module whose class name ends in RMSNorm by make(module). Returns the undo."""
+    swapped = [(name, m) for name, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")]
+    for name, m in swapped:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, make(m))
+
+    def undo():
+        for name, m in swapped:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m)
+    return undo
 
 
 def use_blocks_act_kernel(tokens: int, groups: int, warps: int):
@@ -394,6 +457,9 @@ def main():
                          "kernel, T tokens per tile, G tiles per program, W warps, wherever it applies")
     ap.add_argument("--no-fuse-norms", action="store_true",
                     help="in memory: keep each block norm and its readers' activation quantization apart")
+    ap.add_argument("--bf16-fused-norms", action="store_true",
+                    help="in memory, GPU: also time the bf16 side with each RMSNorm as one Triton kernel "
+                         "(a stricter baseline than transformers' norm)")
     ap.add_argument("--no-merge-siblings", action="store_true",
                     help="in memory: q / k / v and gate / up as separate GEMMs")
     ap.add_argument("--compare-unfused", action="store_true",

@@ -4,6 +4,6 @@
 #   SCALE_SCRIPT=session18_merged.sh bash lab/device/device_launch.sh jobs-scale && bash lab/device/device_poll.sh 60
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
-python3 benchmarks/kernels_e2e.py --compare-unfused --prefill-operands scaled_mm --decode-operands scaled_mm \
+python3 benchmarks/kernels_e2e.py --compare-unfused --bf16-fused-norms --prefill-operands scaled_mm --decode-operands scaled_mm \
   --profile --out "$RES/kernels_e2e_fusions_h200.json" > "$RES/e2e12.md" 2> "$RES/e2e12.log"
 tail -n 40 "$RES/e2e12.md"
