@@ -243,7 +243,7 @@ def in_memory(args) -> int:
 
     ids = torch.randint(0, model.config.vocab_size, (1, s.prefill), device=device,
                         generator=torch.Generator(device).manual_seed(1))
-    ref_logits = None
+    ref_logits = unfused_logits = None
     for operand in args.prefill_operands:
         for mod in model.modules():
             if isinstance(mod, W4A4Linear):
@@ -255,6 +255,8 @@ def in_memory(args) -> int:
             u["speedup_vs_bf16"] = result["bf16"]["prefill_ms"] / u["prefill_ms"]
             if operand in args.decode_operands:
                 u["ratios"] = ratios({"bf16": result["bf16"], "w4a4": {**u, **weight_bytes(model)}})
+            with torch.no_grad():
+                unfused_logits = model(ids, use_cache=False).logits.float()
             result.setdefault("prefill_operands_unfused_norms", {})[operand] = u
             print(f"prefill, {operand}, norms not fused: {u['prefill_ms']:.2f} ms ({u['speedup_vs_bf16']:.2f}x bf16)"
                   + (f"; {json.dumps(u['ratios'])}" if "ratios" in u else ""), flush=True)
@@ -270,6 +272,9 @@ def in_memory(args) -> int:
             logits = model(ids, use_cache=False).logits.float()
         ref_logits = logits if ref_logits is None else ref_logits
         r["logits_max_abs_diff_vs_first"] = (logits - ref_logits).abs().max().item()
+        if args.compare_unfused:  # fused norms vs apart: the same model up to the mean's summation order
+            r["logits_max_abs_diff_vs_unfused_norms"] = (logits - unfused_logits).abs().max().item()
+            r["logits_max_abs"] = logits.abs().max().item()
         r.update(weight_bytes(model))  # scaled_mm adds its 1-byte weight copy (made on first use)
         if operand in args.decode_operands:  # after the bytes: the weight copy exists only once used
             r["ratios"] = ratios({"bf16": result["bf16"], "w4a4": r})
