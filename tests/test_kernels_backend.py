@@ -344,3 +344,13 @@ def test_merged_siblings_are_one_gemm_with_the_same_output(run_folder, tokens):
     assert gemms_merged == 2 * 4 and len(calls) - gemms_merged == 2 * 7  # per layer: qkv, o, gate/up, down
     assert sorted(set(calls[:4])) == [64, 64 + 2 * 32, 2 * 192]  # o / down, q+k+v (GQA), gate+up
     assert torch.equal(got, want)
+    # above MERGED_MAX_TOKENS (prefill) each member runs its own GEMM on its views: the same output
+    calls.clear()
+    linear_mod.w4a4_matmul = lambda *a, **k: calls.append(a[3].scale.shape[0]) or real(*a, **k)
+    old_max, linear_mod.MERGED_MAX_TOKENS = linear_mod.MERGED_MAX_TOKENS, 0
+    try:
+        with torch.no_grad():
+            assert torch.equal(merged(ids).logits, want)
+    finally:
+        linear_mod.w4a4_matmul, linear_mod.MERGED_MAX_TOKENS = real, old_max
+    assert len(calls) == 2 * 7

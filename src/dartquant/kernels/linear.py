@@ -42,6 +42,10 @@ DEFAULT_PREFILL_OPERAND = "int8s"
 # (gemv, int8). int8s: from 9 tokens (run 7: faster than int8 at 16 and 64 tokens on every linear,
 # mixed at 4); int8 / fp8: from 65 (run 6 measured them at prefill only); scaled_mm: above the dp4a
 # GEMV's range (cuBLAS's FP8 reads the 1-byte weight, half of bf16's bytes, at decode batches too)
+# merged siblings (fusions.MergedSiblings) run up to this many tokens; above, each member its own GEMM
+# on its views of the merged buffers. Run 13 (KERNELS.md 4b), A/B in one process: merged 1.09x faster
+# at decode batch 1 and 8, 0.96x at a 2048-token prefill (scaled_mm); batch 64 faster across runs.
+MERGED_MAX_TOKENS = 64
 PLANAR_MIN_TOKENS = {"packed": 64, "int8": 64, "int8s": 8, "fp8": 64, "scaled_mm": GEMV_MAX_TOKENS}
 
 
@@ -191,7 +195,8 @@ class W4A4Linear(nn.Module):
         lead = x.shape[:-1]
         if x.shape[-1] != self.in_features:
             raise ValueError(f"W4A4Linear({self.in_features}) got an input of last dimension {x.shape[-1]}")
-        if self.merged is not None:  # one GEMM for all siblings, this linear's columns of it
+        if self.merged is not None and x.numel() <= MERGED_MAX_TOKENS * self.in_features:
+            # one GEMM for all siblings, this linear's columns of it (decode sizes: fusions.MergedSiblings)
             return self.merged.output(self, x).reshape(*lead, self.out_features).to(x.dtype)
         planar = self.activation_operand(x.numel() // self.in_features)
         act = self.quantize_input(x, planar)
