@@ -93,6 +93,19 @@ def to_w4a4_(model):
     return convert_qlinears_(model, qtensors)
 
 
+def build_w4a4(device, prefill_operand: str = "scaled_mm"):
+    """The Llama-2-7B-shape model converted (to_w4a4_) with every fusion, as `dartquant bench` runs it."""
+    from dartquant.kernels.linear import W4A4Linear
+
+    model = build(False, device)
+    to_w4a4_(model)
+    for m in model.modules():
+        if isinstance(m, W4A4Linear):
+            m.prefill_operand = prefill_operand
+    apply_fusions_(model, device)
+    return model
+
+
 # kernel names -> what they are (the breakdown of `--profile`); first match wins
 KERNEL_CATEGORIES = [
     ("activation kernel (Hadamard + quantize)", ("_hadamard_quant",)),

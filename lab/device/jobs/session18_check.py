@@ -14,17 +14,12 @@ sys.path.insert(0, "benchmarks")
 import kernels_e2e as ke  # noqa: E402
 from dartquant.kernels.act_quant import hadamard_quantize_pack, rmsnorm_quantize_pack  # noqa: E402
 from dartquant.kernels.bench import BenchSettings, time_decode, time_prefill  # noqa: E402
-from dartquant.kernels.fusions import NormQuant, apply_fusions_, merge_siblings_  # noqa: E402
+from dartquant.kernels.fusions import NormQuant, merge_siblings_  # noqa: E402
 from dartquant.kernels.linear import W4A4Linear  # noqa: E402
 
 out = {}
 dev = torch.device("cuda")
-model = ke.build(False, dev)
-ke.to_w4a4_(model)
-for m in model.modules():
-    if isinstance(m, W4A4Linear):
-        m.prefill_operand = "scaled_mm"
-apply_fusions_(model, dev)
+model = ke.build_w4a4(dev, "scaled_mm")
 ids = torch.randint(0, 32000, (1, 2048), device=dev, generator=torch.Generator(dev).manual_seed(1))
 
 # (1) codes on the real residual streams

@@ -11,16 +11,9 @@ import torch
 sys.path.insert(0, "benchmarks")
 import kernels_e2e as ke  # noqa: E402
 import dartquant.kernels.fusions as fusions  # noqa: E402
-from dartquant.kernels.fusions import apply_fusions_  # noqa: E402
-from dartquant.kernels.linear import W4A4Linear  # noqa: E402
 
 dev = torch.device("cuda")
-model = ke.build(False, dev)
-ke.to_w4a4_(model)
-for m in model.modules():
-    if isinstance(m, W4A4Linear):
-        m.prefill_operand = "scaled_mm"
-apply_fusions_(model, dev)
+model = ke.build_w4a4(dev, "scaled_mm")
 ids = torch.randint(0, 32000, (1, 2048), device=dev, generator=torch.Generator(dev).manual_seed(1))
 with torch.no_grad():
     ref = model(ids, use_cache=False).logits.float()

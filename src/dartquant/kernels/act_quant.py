@@ -192,6 +192,16 @@ if triton is not None:
         return c.to(tl.float16).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
 
     @triton.jit
+    def _store_code_pairs(cptr, q_lo, q_hi, zb, HALF: tl.constexpr, mask, PLANAR: tl.constexpr):
+        """Codes of features 2i (q_lo) and 2i + 1 (q_hi): packed into one byte (pack_int4), or PLANAR
+        (w4a4_gemm A8) even features then, HALF bytes on, odd ones, centered, one byte each."""
+        if PLANAR:
+            tl.store(cptr, _centered_byte(q_lo, zb, PLANAR), mask=mask)
+            tl.store(cptr + HALF, _centered_byte(q_hi, zb, PLANAR), mask=mask)
+        else:
+            tl.store(cptr, q_lo | (q_hi << 4), mask=mask)
+
+    @triton.jit
     def _prescale(amax):
         """Powers of two (pre, post = 1 / pre) with amax * pre < 1: exact scalings."""
         e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
@@ -429,12 +439,7 @@ if triton is not None:
         pcol = a[:, None] * (P // 2) + tl.arange(0, P // 2)[None, :]
         pvalid = (rows[:, None, None] < M) & (a[None, :, None] < K) & (pcol[None, :, :] < NCOLS // 2)
         cptr = codes_ptr + rows[:, None, None].to(tl.int64) * stride_cm + pcol[None, :, :]
-        if PLANAR:  # even features, then odd ones, centered, one byte each (w4a4_gemm A8)
-            zb = zero[:, None, None]
-            tl.store(cptr, _centered_byte(q_lo, zb, PLANAR), mask=pvalid)
-            tl.store(cptr + NCOLS // 2, _centered_byte(q_hi, zb, PLANAR), mask=pvalid)
-        else:
-            tl.store(cptr, q_lo | (q_hi << 4), mask=pvalid)
+        _store_code_pairs(cptr, q_lo, q_hi, zero[:, None, None], NCOLS // 2, pvalid, PLANAR)
         tl.store(scale_ptr + rows, scale, mask=rows < M)
         tl.store(zero_ptr + rows, zero, mask=rows < M)
 
@@ -487,12 +492,7 @@ if triton is not None:
         pcol = tl.arange(0, NP // 2)
         pvalid = (rows[:, None] < M) & (pcol[None, :] < N // 2)
         cptr = codes_ptr + rows[:, None].to(tl.int64) * stride_cm + pcol[None, :]
-        if PLANAR:
-            zb = zero[:, None]
-            tl.store(cptr, _centered_byte(q_lo, zb, PLANAR), mask=pvalid)
-            tl.store(cptr + N // 2, _centered_byte(q_hi, zb, PLANAR), mask=pvalid)
-        else:
-            tl.store(cptr, q_lo | (q_hi << 4), mask=pvalid)
+        _store_code_pairs(cptr, q_lo, q_hi, zero[:, None], N // 2, pvalid, PLANAR)
         tl.store(scale_ptr + rows, scale, mask=rows < M)
         tl.store(zero_ptr + rows, zero, mask=rows < M)
 
@@ -580,6 +580,21 @@ def _factor_tensors_blocks(n: int, device: torch.device):
     return lt.to(device).contiguous(), _sylvester16(c, device)
 
 
+def _check_input(x: torch.Tensor, clip_ratio: float, planar, what: str) -> int:
+    """The checks the activation kernels share; returns the row width N."""
+    require_triton()
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"{what} needs a bf16 / fp16 / fp32 tensor, got {x.dtype}")
+    if not 0.0 < clip_ratio <= 1.0:
+        raise ValueError(f"clip_ratio={clip_ratio} must be in (0, 1]")
+    n = x.shape[-1]
+    if n % 2:
+        raise ValueError(f"last dimension {n} must be even to pack two 4-bit codes per byte")
+    if planar not in (None, torch.int8, torch.float8_e4m3fn):
+        raise TypeError(f"planar must be None, torch.int8 or torch.float8_e4m3fn, got {planar}")
+    return n
+
+
 def hadamard_quantize_pack(
     x: torch.Tensor,
     clip_ratio: float = 1.0,
@@ -606,14 +621,7 @@ def hadamard_quantize_pack(
     ``planar`` (torch.int8 or torch.float8_e4m3fn): instead of packed nibbles, ``codes`` is the
     [M, N] operand of `w4a4_gemm.planar_centered` (code - zero, even features then odd ones).
     """
-    require_triton()
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"hadamard_quantize_pack needs a bf16 / fp16 / fp32 tensor, got {x.dtype}")
-    if not 0.0 < clip_ratio <= 1.0:
-        raise ValueError(f"clip_ratio={clip_ratio} must be in (0, 1]")
-    n = x.shape[-1]
-    if n % 2:
-        raise ValueError(f"last dimension {n} must be even to pack two 4-bit codes per byte")
+    n = _check_input(x, clip_ratio, planar, "hadamard_quantize_pack")
     if rotate:
         k, p = hadamard_factorization(n)
         stages = stage_sizes(p)
@@ -624,8 +632,6 @@ def hadamard_quantize_pack(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if planar not in (None, torch.int8, torch.float8_e4m3fn):
-        raise TypeError(f"planar must be None, torch.int8 or torch.float8_e4m3fn, got {planar}")
     width = n if planar is not None else n // 2
     if out is not None:
         codes, scale, zero = out.codes, out.scale, out.zero
@@ -713,18 +719,9 @@ def rmsnorm_quantize_pack(
     packed as `hadamard_quantize_pack(..., rotate=False)` does.  One read of x; the normalised
     tensor is never written.  Equal to the torch composition up to the fp32 summation order of
     the mean of squares (tests: a code off by one on a rounding boundary, rarely)."""
-    require_triton()
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"rmsnorm_quantize_pack needs a bf16 / fp16 / fp32 tensor, got {x.dtype}")
-    if not 0.0 < clip_ratio <= 1.0:
-        raise ValueError(f"clip_ratio={clip_ratio} must be in (0, 1]")
-    n = x.shape[-1]
-    if n % 2:
-        raise ValueError(f"last dimension {n} must be even to pack two 4-bit codes per byte")
+    n = _check_input(x, clip_ratio, planar, "rmsnorm_quantize_pack")
     if weight is not None and (weight.shape != (n,) or weight.dtype != x.dtype):
         raise ValueError(f"gain of shape {tuple(weight.shape)} / {weight.dtype} for rows of {n} in {x.dtype}")
-    if planar not in (None, torch.int8, torch.float8_e4m3fn):
-        raise TypeError(f"planar must be None, torch.int8 or torch.float8_e4m3fn, got {planar}")
     np2 = max(2, 1 << (n - 1).bit_length())
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
