@@ -309,6 +309,20 @@ def test_fused_norms_are_undone_when_something_else_reads_the_norm(run_folder):
         assert torch.equal(model(ids).logits, want)
 
 
+def test_fused_norms_are_undone_when_the_kernel_computes_another_norm(run_folder):
+    """A fused kernel that disagrees with its norm (here: another epsilon, as a wrong gain
+    convention would) is found at load by comparing codes per norm, and every fusion undone."""
+    from dartquant.kernels.fusions import NormQuant, fuse_norm_quant_, verify_fused_norms_
+
+    model, _ = load_for_backend(run_folder, "triton", fuse_norms=False)
+    assert len(fuse_norm_quant_(model)) == 4
+    assert verify_fused_norms_(model, "cpu")  # the right norms pass
+    fused = [m for m in model.modules() if isinstance(m, NormQuant)]
+    fused[2].norm = type(fused[2].norm)(fused[2].norm.weight, 0.5)  # eps 0.5 instead of 1e-6
+    assert not verify_fused_norms_(model, "cpu")
+    assert not any(isinstance(m, NormQuant) for m in model.modules())
+
+
 def test_fused_norm_refuses_readers_with_other_settings(run_folder):
     """Changing one reader's operand after fusion raises instead of quantizing the placeholder."""
     model, _ = load_for_backend(run_folder, "triton")
