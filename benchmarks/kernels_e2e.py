@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from dartquant.kernels.backend import PREFILL_OPERAND_CHOICES  # noqa: E402
 from dartquant.kernels.bench import weight_bytes  # noqa: E402
 from dartquant.kernels.fusions import apply_fusions_, fuse_norm_quant_, unfuse_norm_quant_, verify_fused_norms_  # noqa: E402
-from dartquant.kernels.linear import convert_qlinears_  # noqa: E402
+from dartquant.kernels.linear import convert_qlinears_, replace_modules_  # noqa: E402
 from dartquant.modules import OnlineHadamard, as_qlinear  # noqa: E402
 from dartquant.quant.act import ActQuantizer  # noqa: E402
 from dartquant.quant.primitives import QuantizedTensor, QuantSpec  # noqa: E402
@@ -358,16 +358,9 @@ except ImportError:  # pragma: no cover
 
 def swap_norms_(model, make):
     """Replace every module whose class name ends in RMSNorm by make(module). Returns the undo."""
-    swapped = [(name, m) for name, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")]
-    for name, m in swapped:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, make(m))
-
-    def undo():
-        for name, m in swapped:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, m)
-    return undo
+    swapped = {name: m for name, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")}
+    replace_modules_(model, {name: make(m) for name, m in swapped.items()})
+    return lambda: replace_modules_(model, swapped)
 
 
 def use_blocks_act_kernel(tokens: int, groups: int, warps: int):

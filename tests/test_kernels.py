@@ -301,7 +301,7 @@ def test_rmsnorm_quantize_is_the_norm_then_the_quantizer(n, dtype):
         a, b = unpack_int4(got.codes, n, False).int(), unpack_int4(ref.codes, n, False).int()
         assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3
         torch.testing.assert_close(got.scale, ref.scale, rtol=1e-6, atol=0)
-        assert (got.zero != ref.zero).float().mean() < 0.05
+        assert (got.zero != ref.zero).sum() <= 1  # a row whose extreme value sits on a boundary (measured: none)
         # the unit gain is the same as no gain
         if gain is None:
             same = rmsnorm_quantize_pack(x, norm.weight.detach(), 1e-5, 0.9)

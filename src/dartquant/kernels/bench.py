@@ -69,12 +69,6 @@ class BenchSettings:
 
 
 # ---- the two models ------------------------------------------------------------------------
-def _replace_(model: nn.Module, modules: dict) -> None:
-    for name, m in modules.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, m)
-
-
 def _plain_linear(q) -> nn.Linear:
     """An nn.Linear sharing a QLinear's weight and bias: no rotation, no quantizer."""
     lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
@@ -90,17 +84,17 @@ def side_models(folder, sides, device, kv: str, prefill_operand: str = "int8s", 
     QLinears go back and are converted to W4A4Linears (their dequantized weights are dropped)."""
     from ..modules import QLinear
     from ..zoo import load_model
-    from .linear import convert_run_
+    from .linear import convert_run_, replace_modules_
 
     model, _ = load_model(folder, dtype=torch.bfloat16, device="cpu")
     model.eval()
     run_attention = model.config._attn_implementation
     qlinears = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
     if "bf16" in sides:
-        _replace_(model, {n: _plain_linear(q) for n, q in qlinears.items()})
+        replace_modules_(model, {n: _plain_linear(q) for n, q in qlinears.items()})
         model.set_attn_implementation("sdpa")  # the dartquant attention (R3, K/V quantizers) is bypassed
         yield "bf16", model.to(device)
-        _replace_(model, qlinears)
+        replace_modules_(model, qlinears)
         model.set_attn_implementation(run_attention)
     if "w4a4" in sides:
         convert_run_(model, folder, prefill_operand=prefill_operand)

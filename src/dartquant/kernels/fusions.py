@@ -43,7 +43,7 @@ from torch import nn
 
 from ..modules import RMSNorm
 from .act_quant import hadamard_quantize_pack, rmsnorm_quantize_pack
-from .linear import W4A4Linear, _out_dtype
+from .linear import W4A4Linear, _out_dtype, replace_modules_
 from .w4a4_gemm import PackedWeight, planar_weight
 
 __all__ = ["MergedSiblings", "NormQuant", "apply_fusions_", "fuse_norm_quant_", "merge_siblings_",
@@ -82,19 +82,16 @@ class NormQuant(nn.Module):
         return f"{self.norm.extra_repr()}, fused with the 4-bit quantization of {len(self.readers)} linears"
 
 
-def _fusable_readers(norm: RMSNorm, readers: list) -> list[W4A4Linear] | None:
-    if norm.scale_in_float32:
-        return None
-    if not readers or not all(isinstance(r, W4A4Linear) for r in readers):
-        return None
+def _norm_fusable(norm: RMSNorm, readers: list) -> bool:
+    """Llama-style gain, and readers that are W4A4Linears sharing one unrotated input quantization."""
+    if norm.scale_in_float32 or not readers or not all(isinstance(r, W4A4Linear) for r in readers):
+        return False
     first = readers[0]
     if first.shared_input is None or any(r.rotate for r in readers):
-        return None
+        return False
     same = lambda r: (r.shared_input is first.shared_input and r.clip_ratio == first.clip_ratio  # noqa: E731
                       and r.in_features == first.in_features)
-    if not all(same(r) for r in readers) or norm.weight.shape != (first.in_features,):
-        return None
-    return list(readers)
+    return all(same(r) for r in readers) and norm.weight.shape == (first.in_features,)
 
 
 def fuse_norm_quant_(model: nn.Module) -> list[str]:
@@ -117,21 +114,16 @@ def fuse_norm_quant_(model: nn.Module) -> list[str]:
                 norm = RMSNorm.replacing(original, adapter.norm_offset, adapter.norm_scale_in_float32)
             except TypeError:  # not an RMSNorm
                 continue
-            fusable = _fusable_readers(norm, readers)
-            if fusable is None:
-                continue
-            parent, _, child = path.rpartition(".")
-            setattr(block.get_submodule(parent) if parent else block, child, NormQuant(norm, fusable, original))
-            names.append(f"{adapter.layers}.{i}.{path}")
+            if _norm_fusable(norm, readers):
+                replace_modules_(block, {path: NormQuant(norm, readers, original)})
+                names.append(f"{adapter.layers}.{i}.{path}")
     return names
 
 
 def unfuse_norm_quant_(model: nn.Module) -> int:
     """Put the plain norms back. Returns how many."""
-    fused = [(name, m) for name, m in model.named_modules() if isinstance(m, NormQuant)]
-    for name, m in fused:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, m.original[0])
+    fused = {name: m.original[0] for name, m in model.named_modules() if isinstance(m, NormQuant)}
+    replace_modules_(model, fused)
     return len(fused)
 
 
@@ -184,9 +176,7 @@ def _same_codes_as_the_plain_norms(model: nn.Module, ids: torch.Tensor) -> bool:
     finally:
         for h in hooks:
             h.remove()
-        for name, m in placed.items():
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, m)
+        replace_modules_(model, placed)
     for name, m in placed.items():
         x = inputs.get(name)
         if x is None:
@@ -246,8 +236,7 @@ class MergedSiblings:
     def output(self, member: W4A4Linear, x: torch.Tensor) -> torch.Tensor:
         """`member`'s columns [tokens, N_member] of the merged GEMM of x (computed once per tensor)."""
         lead = self.lead
-        x2 = x.reshape(-1, x.shape[-1])
-        planar = lead.activation_operand(x2.shape[0])
+        planar = lead.activation_operand(x.numel() // x.shape[-1])
         settings = (x._version, planar, lead.backend, lead.prefill_operand, _out_dtype(x))
         if self._ref is None or self._ref() is not x or self._settings != settings:
             if self.weight.codes.device != x.device:

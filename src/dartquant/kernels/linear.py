@@ -72,6 +72,13 @@ def _check_scheme(q: QLinear, qt: QuantizedTensor, name: str) -> tuple[bool, flo
     return rot is not None, spec.clip_ratio
 
 
+def replace_modules_(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Put each module at its dotted name in `model` (name -> module)."""
+    for name, module in modules.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float32, torch.float64) else torch.bfloat16
 
@@ -227,9 +234,7 @@ def convert_qlinears_(model: nn.Module, qtensors: dict[str, QuantizedTensor], ba
         groups: dict[str, SharedInput] = {}
         for name, module in new.items():
             module.shared_input = groups.setdefault(name.rpartition(".")[0], SharedInput())
-    for name, module in new.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module)
+    replace_modules_(model, new)
     return sorted(new)
 
 
