@@ -159,6 +159,9 @@ def _gemm_operands(m, n, k, seed):
     ("gemv", GemmConfig(1, 16, 32, 4, 1, split_k=3), 4),
     ("gemv", GemmConfig(1, 16, 64, 4, 1, dp4a=True), 1),
     ("gemv", GemmConfig(1, 16, 32, 4, 1, split_k=3, dp4a=True), 5),
+    ("gemv", GemmConfig(1, 16, 64, 4, 1, dp4a=True, lanes=True), 1),
+    ("gemv", GemmConfig(1, 8, 32, 4, 1, split_k=3, dp4a=True, lanes=True), 8),
+    ("gemv", GemmConfig(1, 32, 16, 4, 1, split_k=13, dp4a=True, lanes=True), 3),  # K = 13 whole steps: no K mask
 ])
 def test_gemm_bit_exact(backend, cfg, m):
     n, k = 40, 208  # neither a multiple of the tiles: masks
@@ -172,7 +175,8 @@ def test_gemm_bit_exact(backend, cfg, m):
 
 
 @pytest.mark.parametrize("backend,cfg", [("int8", GemmConfig(16, 16, 128, 4, 2)), ("fp8", GemmConfig(16, 16, 128, 4, 2)),
-                                         ("gemv", GemmConfig(1, 16, 128, 4, 1, dp4a=True))])
+                                         ("gemv", GemmConfig(1, 16, 128, 4, 1, dp4a=True)),
+                                         ("gemv", GemmConfig(1, 16, 128, 4, 1, dp4a=True, lanes=True))])
 def test_gemm_extreme_codes(backend, cfg):
     """a = 15, w = -8 everywhere: the raw dot is -120 K; with zero point 15 the exact result is 0."""
     m, n, k = 17 if backend != "gemv" else 7, 24, 512

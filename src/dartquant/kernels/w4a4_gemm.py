@@ -99,6 +99,7 @@ class GemmConfig:
     split_k: int = 1
     promote: int = 0  # fp8: 0 = a fresh dot per K block added by hand; > 0 = Triton's max_num_imprecise_acc
     dp4a: bool = False  # gemv: four 4-bit products per dp4a instruction (module notes)
+    lanes: bool = False  # dp4a gemv: the per-lane kernel (one 2-D accumulator per token, module notes)
 
 
 def prepare_weight(codes: torch.Tensor, scale: torch.Tensor) -> PackedWeight:
@@ -345,6 +346,90 @@ if triton is not None:
             return s
 
     @triton.jit
+    def _dp4a_us(a, b, c, ASM: tl.constexpr):
+        """c + the dot of the four unsigned bytes of a and the four signed bytes of b (int32 lanes)."""
+        if ASM:
+            return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:  # the interpreter: the same sum by shifts and masks
+            s = c
+            for i in tl.static_range(4):
+                s += ((a >> (8 * i)) & 0xFF) * ((((b >> (8 * i)) & 0xFF) ^ 0x80) - 0x80)
+            return s
+
+    @triton.jit
+    def _signed_nibble_bytes(w):
+        """The four nibbles in bits 0-3 of each byte of w (two's complement codes) as signed bytes:
+        n ^ 8 is n + 8 in [0, 15]; + 0x78 keeps every byte below 0x100 (no carry between lanes);
+        ^ 0x80 then gives n + 8 - 8 in two's complement (-0x7F7F7F80 is 0x80808080 as an int32)."""
+        return (((w & 0x0F0F0F0F) ^ 0x08080808) + 0x78787878) ^ -0x7F7F7F80
+
+    @triton.jit
+    def _w4a4_gemv_lanes_kernel(
+        a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, ws_ptr, cnt_ptr,
+        M, N, KW, k_steps, stride_am, stride_wn, stride_ym,
+        M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr,
+        STATIC_STEPS: tl.constexpr, OUT_F32: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr = False,
+    ):
+        """Decode GEMV with dp4a, every tensor in the weight tile's own layout: the packed operands
+        read as int32 words (8 codes each, 16-byte loads), each token's activation words loaded
+        through a pointer tile that repeats them down the rows (L1 serves the repeats), so no
+        layout conversion and no shared memory in the loop.  Each token keeps a [BLOCK_N, BLOCK_KW]
+        int32 accumulator (a tuple, unrolled over M_PAD); lanes are reduced once, after the loop.
+        The weight nibbles become signed bytes (``_signed_nibble_bytes``) once per word and serve
+        every token; dp4a.u32.s32 multiplies them with the unsigned activation codes.  The next
+        step's weight words are loaded before this step's arithmetic (by hand: Triton pipelines
+        only loads that feed a dot).  EVEN_K: every step is whole (no K mask, which keeps the
+        loads vectorised when KW's divisibility is not known)."""
+        pid = tl.program_id(0)
+        k0 = tl.program_id(1) * k_steps * BLOCK_KW  # this split's first word
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = k0 + tl.arange(0, BLOCK_KW)
+        mask_n = offs_n < N
+        kend = tl.minimum(k0 + k_steps * BLOCK_KW, KW)
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_KW]
+        a_ptrs = a_ptr + tl.broadcast_to(offs_k[None, :], (BLOCK_N, BLOCK_KW))  # token 0's words, every row
+        accs = ()
+        for m in tl.static_range(M_PAD):
+            accs = accs + (tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.int32),)
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
+        else:
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < kend)[None, :], other=0)
+        for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else k_steps):
+            if EVEN_K:
+                w_next = tl.load(w_ptrs + BLOCK_KW, mask=mask_n[:, None] & (i + 1 < k_steps), other=0)
+            else:
+                kmask = i * BLOCK_KW + offs_k < kend
+                w_next = tl.load(w_ptrs + BLOCK_KW,
+                                 mask=mask_n[:, None] & ((i + 1) * BLOCK_KW + offs_k < kend)[None, :], other=0)
+            w_lo = _signed_nibble_bytes(w)
+            w_hi = _signed_nibble_bytes(w >> 4)
+            new = ()
+            for m in tl.static_range(M_PAD):
+                if EVEN_K:
+                    a = tl.load(a_ptrs + m * stride_am, mask=m < M, other=0)
+                else:
+                    a = tl.load(a_ptrs + m * stride_am, mask=(m < M) & kmask[None, :], other=0)
+                acc = _dp4a_us(a & 0x0F0F0F0F, w_lo, accs[m], ASM)
+                new = new + (_dp4a_us((a >> 4) & 0x0F0F0F0F, w_hi, acc, ASM),)
+            accs = new
+            w = w_next
+            w_ptrs += BLOCK_KW
+            a_ptrs += BLOCK_KW
+        offs_m = tl.arange(0, M_PAD)
+        mask_m = offs_m < M
+        acc2 = tl.zeros((M_PAD, BLOCK_N), dtype=tl.int32)
+        for m in tl.static_range(M_PAD):
+            acc2 = tl.where(offs_m[:, None] == m, tl.sum(accs[m], axis=1)[None, :], acc2)
+        if SPLIT_K > 1:
+            _splitk_fixup(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
+                          offs_m, offs_n, mask_m, mask_n, OUT_F32)
+        else:
+            _epilogue_store(acc2, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+                            OUT_F32)
+
+    @triton.jit
     def _w4a4_gemv_kernel(
         a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, KH, k_steps, stride_am, stride_wn, stride_ym,
@@ -576,6 +661,17 @@ def w4a4_matmul(
             a_op, w_op, per = a_codes.contiguous().view(torch.int32), weight.codes.contiguous().view(torch.int32), 8
         kw = 2 * kh // per
         steps = triton.cdiv(triton.cdiv(kw, cfg.block_k // per), cfg.split_k)  # per split
+        if cfg.dp4a and cfg.lanes:
+            bkw = cfg.block_k // per
+            _w4a4_gemv_lanes_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
+                a_op, w_op, a_scale, a_zero, weight.scale, weight.rowsum, out, ws, cnt,
+                m, n, kw, steps, a_op.stride(0), w_op.stride(0), out.stride(0),
+                M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_KW=bkw, SPLIT_K=cfg.split_k,
+                STATIC_STEPS=steps if interpret else 0, OUT_F32=out.dtype == torch.float32,
+                EVEN_K=steps * cfg.split_k * bkw == kw, ASM=not interpret,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+            )
+            return out
         _w4a4_gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
             a_op, w_op, a_scale, a_zero, weight.scale, weight.rowsum, out, ws, cnt,
             m, n, kw, steps, a_op.stride(0), w_op.stride(0), out.stride(0),
