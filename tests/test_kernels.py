@@ -269,7 +269,7 @@ def test_w4a4_linear_module_is_the_fake_quant_qlinear():
         model(x9[:8]), model(x9)
         # scaled_mm: the dp4a GEMV's range (GEMV_MAX_TOKENS) on the packed operand, cuBLAS's FP8 above it
         model[1].prefill_operand = "scaled_mm"
-        model(x9[:4]), model(x9[:5])
+        model(x9[:8]), model(x9)
     finally:
         linear_mod.w4a4_matmul = real
     assert seen == ["auto", "int8s", "auto", "scaled_mm"]

@@ -82,10 +82,10 @@ class PackedWeight:
     k: int
 
 
-# "auto" takes the dp4a GEMV up to this many tokens: at 4 tokens kernel run 8 measured its default
-# config at 0.63-0.83x the int8 tensor-core GEMM's time on 10 of 11 7B / 8B / 70B linears (8B gate/up:
-# 0.98x); 5-8 tokens: not measured
-GEMV_MAX_TOKENS = 4
+# "auto" takes the dp4a GEMV up to this many tokens: session 19's sweep (KERNELS.md 3b, one CUDA graph
+# of calls per config) measured the per-lane GEMV at 8 tokens at 0.47-0.81x cuBLAS FP8's time on the
+# 1-byte weight, on all six 7B / 8B / 70B shapes (the tensor-core GEMMs are slower than cuBLAS there)
+GEMV_MAX_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -140,10 +140,14 @@ def planar_weight(weight: "PackedWeight", dtype: torch.dtype) -> torch.Tensor:
 def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
     """The configs that measured fastest on the H200 (docs/KERNELS.md, runs 2, 3 and 7)."""
     big = n * k >= 1 << 26  # e.g. 8192 x 8192 and up: split K to fill the SMs
-    if backend == "gemv":  # dp4a: kernel run 8 (KERNELS.md 3): 0.40-0.73x the plain gemv's time on 17 of 22
-        # (linear, 1 or 4 tokens) rows; slower on 3 rows at 1 token (8B gate/up 1.09x, 70B q/o 1.02x, 8B k/v 2.8x,
-        # the last one likely disturbed: the same config took 9.4 us at 4 tokens against 28 us at 1)
-        return GemmConfig(1, 16, 512, 4, 1, split_k=8, dp4a=k % 8 == 0)
+    if backend == "gemv":  # the per-lane dp4a GEMV (K a multiple of 8), session 19's sweep (KERNELS.md 3b):
+        # per token count the config of the lowest geometric-mean time over six 7B / 8B / 70B shapes, within
+        # 1.13x (1 token), 1.19x (4) and 1.01x (8) of each shape's best; no split-K won anywhere
+        if k % 8:
+            return GemmConfig(1, 16, 512, 4, 1, split_k=8)  # the plain GEMV (run 3)
+        if m == 1:
+            return GemmConfig(1, 8, 2048, 4, 1, dp4a=True, lanes=True)
+        return GemmConfig(1, 4, 1024, 4 if m <= 4 else 2, 1, dp4a=True, lanes=True)
     if backend == "int8s":  # block_m: tokens per tile (the MMA's N); run 7's fastest (KERNELS.md 2c)
         if m <= 16:
             return GemmConfig(16, 64, 256, 4, 4)
