@@ -568,6 +568,12 @@ def layout_blocks(n: int) -> tuple[int, int, int, int] | None:
     return r, ka, kb, c
 
 
+@functools.lru_cache(maxsize=8)
+def _unused_matrix(device: torch.device) -> torch.Tensor:
+    """The matrix argument of a kernel launched without rotation (made once: not a fill per call)."""
+    return torch.zeros(1, 1, device=device)
+
+
 @functools.lru_cache(maxsize=64)
 def _factor_tensors_blocks(n: int, device: torch.device):
     """(L^T padded to [KA + KB]^2, S_C) as fp16 +-1 for `layout_blocks(n)`."""
@@ -688,7 +694,7 @@ def hadamard_quantize_pack(
             enable_fp_fusion=False, **common,
         )
         return result
-    hk, sylv = _factor_tensors(n, x.device) if rotate else (torch.zeros(1, 1, device=x.device), [])
+    hk, sylv = _factor_tensors(n, x.device) if rotate else (_unused_matrix(x.device), [])
     fs = list(stages) if rotate else []
     while len(fs) < 3:
         fs.insert(0, 1)
