@@ -61,7 +61,7 @@ def main(out_path):
     from concurrent.futures import ProcessPoolExecutor
 
     act_jobs = [(n, m, name) for n in ACT_WIDTHS for m in (1, 8) for name in [None] + act_names(n)
-                if name is None or act_kwargs(name)[2] <= m]
+                if name is None or act_kwargs(name).get("rows_per_program", 1) <= m]
     with ProcessPoolExecutor(max_workers=15, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
         act_errors = {str(j): e for j, e in zip(act_jobs, pool.map(_warm_act, act_jobs)) if e}
     print(f"compiled {len(act_jobs)} activation kernels ({len(act_errors)} failed) in {time.time() - t0:.0f} s",
