@@ -370,10 +370,10 @@ def use_blocks_act_kernel(tokens: int, groups: int, warps: int):
 
     auto = act_quant._auto_variant
 
-    def patched(n, rotate):
+    def patched(n, rotate, m=None):
         if rotate and act_quant.layout_blocks(n) is not None:
             return dict(variant="blocks", num_warps=warps, rows_per_program=tokens, groups=groups)
-        return auto(n, rotate)
+        return auto(n, rotate, m)
 
     act_quant._auto_variant = patched
     return lambda: setattr(act_quant, "_auto_variant", auto)

@@ -126,9 +126,13 @@ def test_act_auto_variant_bit_exact(n):
     from dartquant.kernels.act_quant import _auto_variant
 
     assert _auto_variant(n, True)["variant"] == "blocks"
-    x = _activations(3, n, seed=n)
-    got, ref = hadamard_quantize_pack(x, clip_ratio=0.9), hadamard_quantize_pack_reference(x, clip_ratio=0.9)
-    assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero)
+    # 3 tokens: the decode choice (one token per program); 11: the throughput one
+    assert _auto_variant(n, True, 3) == dict(variant="blocks", num_warps=4, rows_per_program=1)
+    assert _auto_variant(n, True, 11) == _auto_variant(n, True)
+    for tokens in (3, 11):
+        x = _activations(tokens, n, seed=n)
+        got, ref = hadamard_quantize_pack(x, clip_ratio=0.9), hadamard_quantize_pack_reference(x, clip_ratio=0.9)
+        assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero)
 
 
 def test_layout_blocks():

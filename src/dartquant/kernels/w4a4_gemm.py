@@ -140,13 +140,16 @@ def planar_weight(weight: "PackedWeight", dtype: torch.dtype) -> torch.Tensor:
 def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
     """The configs that measured fastest on the H200 (docs/KERNELS.md, runs 2, 3 and 7)."""
     big = n * k >= 1 << 26  # e.g. 8192 x 8192 and up: split K to fill the SMs
-    if backend == "gemv":  # the per-lane dp4a GEMV (K a multiple of 8), session 19's sweep (KERNELS.md 3b):
-        # per token count the config of the lowest geometric-mean time over six 7B / 8B / 70B shapes, within
-        # 1.13x (1 token), 1.19x (4) and 1.01x (8) of each shape's best; no split-K won anywhere
+    if backend == "gemv":  # the per-lane dp4a GEMV (K a multiple of 8), session 19's sweeps (KERNELS.md 3b):
+        # 3-8 tokens: run 15's config of the lowest geometric-mean time over six 7B / 8B / 70B shapes (within
+        # 1.19x (4 tokens) and 1.01x (8) of each shape's best; no split-K won anywhere); 1-2 tokens: run 17's
+        # longer K blocks, the lowest summed time over the four 7B decode GEMVs (0.91x / 0.93x run 15's)
         if k % 8:
             return GemmConfig(1, 16, 512, 4, 1, split_k=8)  # the plain GEMV (run 3)
         if m == 1:
-            return GemmConfig(1, 8, 2048, 4, 1, dp4a=True, lanes=True)
+            return GemmConfig(1, 4, 4096, 4, 1, dp4a=True, lanes=True)
+        if m == 2:
+            return GemmConfig(1, 8, 2048, 2, 1, dp4a=True, lanes=True)
         return GemmConfig(1, 4, 1024, 4 if m <= 4 else 2, 1, dp4a=True, lanes=True)
     if backend == "int8s":  # block_m: tokens per tile (the MMA's N); run 7's fastest (KERNELS.md 2c)
         if m <= 16:
