@@ -46,6 +46,16 @@ Design choices:
   plain gemv spends several integer instructions per product, which at decode competes with the
   weight stream). ``sum a (w + 8) - 8 sum a`` is the same integer, so the output is bit for bit
   the gemv's. Triton's interpreter runs no PTX: there the same lane sums come from shifts and masks.
+* **The per-lane dp4a GEMV** (``GemmConfig.lanes``, the default up to 8 tokens since session 19):
+  the first dp4a kernel built a [tokens, rows, words] product and let Triton pick its layout, which
+  cost scalar loads and a shared-memory layout conversion per step.  This one keeps every tensor
+  in the weight tile's [rows, words] layout: each token's activation words are loaded through a
+  pointer tile that repeats them down the rows (L1 serves the repeats), each token keeps its own
+  [rows, words] int32 accumulator (a tuple unrolled over the tokens) reduced once after the loop,
+  and the weight nibbles become signed bytes once per word (``n ^ 8``, ``+ 0x78``, ``^ 0x80`` per
+  byte, no carry between bytes) for ``dp4a.u32.s32`` with the unsigned activation codes, so no
+  ``sum a`` correction.  All loads are 16 bytes wide (tested on the PTX).  Measured at 2.4-3.1
+  TB/s of packed weights at 1 token (docs/KERNELS.md 3b).
 * **Configs**: prefill uses big tiles (tensor-core bound); decode (M <= 64) is weight-bandwidth
   bound: BLOCK_M = 16 (the smallest dot), narrow BLOCK_N so that N / BLOCK_N programs fill the
   132 SMs, long BLOCK_K and deep pipelining; optionally split-K with an int32 atomic workspace.
