@@ -79,19 +79,20 @@ DECODE_TOKENS = 8
 
 def _auto_variant(n: int, rotate: bool, tokens: int | None = None) -> dict:
     """hadamard_quantize_pack's keyword arguments for variant="auto": the fastest on the H200
-    (runs 3 and 10, docs/KERNELS.md section 1; decode, up to DECODE_TOKENS tokens: run 17, section
-    1d: one token per program, 8 warps from 8192 wide, wherever the blocks kernel was auto's choice
-    or the 2d one; 3.4-6.6x faster than the throughput choice at 4096 / 8192, 1.0-1.2x elsewhere).  Widths whose left factor is not a power of two
-    take the blocks kernel (4864 / 8960 / 11008: 1.5-2.3x the 2d kernel; 1536 = 12 * 128: 1.2x the
-    3d one); powers of two from 4096 the 2d kernel, 4 tokens per program except where the padded
-    tile leaves no registers for that; the rest the 3d kernel (14336 / 28672, where the blocks
-    kernel's dense L = H_28 (x) S_4 / S_8 was 1.2x / 1.1x-3x slower; below 1536: not measured)."""
+    (runs 3 and 10, docs/KERNELS.md section 1).  Up to DECODE_TOKENS tokens (run 17, section 1d):
+    one token per program, 8 warps from 8192 wide, wherever the throughput choice below is the
+    blocks or the 2d kernel (3.4-6.6x faster at 4096 / 8192, 1.0-1.2x elsewhere).  Throughput
+    choice (more tokens): widths whose left factor is not a power of two take the blocks kernel
+    (4864 / 8960 / 11008: 1.5-2.3x the 2d kernel; 1536 = 12 * 128: 1.2x the 3d one); powers of two
+    from 4096 the 2d kernel, 4 tokens per program except where the padded tile leaves no registers
+    for that; the rest the 3d kernel (14336 / 28672, where the blocks kernel's dense
+    L = H_28 (x) S_4 / S_8 was 1.2x / 1.1x-3x slower; below 1536: not measured)."""
     if tokens is not None and tokens <= DECODE_TOKENS:
         auto = _auto_variant(n, rotate)
         warps = 8 if n >= 8192 else 4
         if auto["variant"] in ("blocks", "2d") and layout_blocks(n) is not None:
             return dict(variant="blocks", num_warps=warps, rows_per_program=1)
-        if auto["variant"] == "3d" and n > 16384:  # 28672: 8 warps 24.4 us, auto's 27.4 us
+        if rotate and auto["variant"] == "3d" and n > 16384:  # 28672: 8 warps 24.4 us, auto's 27.4 us
             return dict(auto, num_warps=8)
         return auto
     blay = layout_blocks(n) if rotate and n >= 1536 else None

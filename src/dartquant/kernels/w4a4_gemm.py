@@ -54,8 +54,9 @@ Design choices:
   [rows, words] int32 accumulator (a tuple unrolled over the tokens) reduced once after the loop,
   and the weight nibbles become signed bytes once per word (``n ^ 8``, ``+ 0x78``, ``^ 0x80`` per
   byte, no carry between bytes) for ``dp4a.u32.s32`` with the unsigned activation codes, so no
-  ``sum a`` correction.  All loads are 16 bytes wide (tested on the PTX).  Measured at 2.4-3.1
-  TB/s of packed weights at 1 token (docs/KERNELS.md 3b).
+  ``sum a`` correction.  All loads are 16 bytes wide (tested on the PTX).  Measured at one token at
+  2.4-3.3 TB/s of packed weights on the large 7B / 8B / 70B linears (docs/KERNELS.md 3b); the
+  run-8 kernel (``lanes=False``) stays for the benchmarks' comparisons.
 * **Configs**: prefill uses big tiles (tensor-core bound); decode (M <= 64) is weight-bandwidth
   bound: BLOCK_M = 16 (the smallest dot), narrow BLOCK_N so that N / BLOCK_N programs fill the
   132 SMs, long BLOCK_K and deep pipelining; optionally split-K with an int32 atomic workspace.
@@ -92,9 +93,9 @@ class PackedWeight:
     k: int
 
 
-# "auto" takes the dp4a GEMV up to this many tokens: session 19's sweep (KERNELS.md 3b, one CUDA graph
-# of calls per config) measured the per-lane GEMV at 8 tokens at 0.47-0.81x cuBLAS FP8's time on the
-# 1-byte weight, on all six 7B / 8B / 70B shapes (the tensor-core GEMMs are slower than cuBLAS there)
+# "auto" takes the dp4a GEMV up to this many tokens: session 19 (KERNELS.md 3b, one CUDA graph of calls
+# per config) measured the per-lane GEMV at 4-8 tokens at 0.49-0.87x cuBLAS FP8's time on the 1-byte
+# weight at all 11 7B / 8B / 70B linear shapes (run 20; the tensor-core GEMMs are slower than cuBLAS there)
 GEMV_MAX_TOKENS = 8
 
 
