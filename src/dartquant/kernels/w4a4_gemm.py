@@ -64,6 +64,7 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -652,13 +653,19 @@ def w4a4_matmul(
     if backend == "auto":  # the CUDA-core dp4a GEMV up to GEMV_MAX_TOKENS tokens, else int8 tensor cores
         backend = "gemv" if m <= GEMV_MAX_TOKENS else "int8"
     cfg = config or default_config(m, n, 2 * kh, backend)
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if config is None and interpret and cfg.lanes:
+        # the interpreter runs programs one after another, each op in numpy: a few wide programs over
+        # at most the whole K instead of the GPU's many narrow ones (the same integers; the GPU
+        # configs themselves are tested explicitly). 30x faster on the CPU test models.
+        cfg = dataclasses.replace(cfg, block_n=max(cfg.block_n, 64),
+                                  block_k=min(cfg.block_k, max(64, 1 << (2 * kh - 1).bit_length())))
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a_codes.device)
     if out.dtype not in (torch.bfloat16, torch.float32) or out.shape != (m, n) or out.stride(1) != 1:
         raise ValueError(f"out must be a row-major bf16 or fp32 [{m}, {n}] tensor")
     if m == 0:
         return out
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if backend == "int8s":  # config: block_m = tokens per tile (MMA N), block_n = weight rows (MMA M)
         steps = triton.cdiv(kh, cfg.block_k // 2)
         _w4a4_swap_kernel[(triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m),)](
