@@ -440,77 +440,61 @@ def test_run_folder_on_the_kernels(tmp_path):
     assert (a - b).norm() < 1e-3 * a.norm()
 
 
-_COMPILE_DP4A_FOR_HOPPER = """
-import json, triton
+_COMPILE_FOR_HOPPER = r"""
+import json, re, sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from dartquant.kernels import w4a4_gemm
+fn = getattr(w4a4_gemm, sys.argv[1])
+consts = json.loads(sys.argv[2])
+k_name = "KW" if "KW" in fn.arg_names else "KH"
 sig = {"a_ptr": "*i32", "w_ptr": "*i32", "sa_ptr": "*fp32", "za_ptr": "*fp32", "sw_ptr": "*fp32", "wsum_ptr": "*i32",
        "y_ptr": "*bf16", "ws_ptr": "*i32", "cnt_ptr": "*i32"}
-sig.update({name: "i32" for name in ("M", "N", "KH", "k_steps", "stride_am", "stride_wn", "stride_ym")})
-consts = {"M_PAD": 1, "BLOCK_N": 16, "BLOCK_KH": 64, "SPLIT_K": 8, "STATIC_STEPS": 0, "OUT_F32": False,
-          "DP4A": True, "ASM": True}
-sig.update({name: "constexpr" for name in consts})
-src = ASTSource(fn=w4a4_gemm._w4a4_gemv_kernel, signature=sig, constexprs=consts)
-k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
-print(json.dumps({"dp4a": k.asm["ptx"].count("dp4a.u32.u32"), "cubin": len(k.asm["cubin"])}))
-"""
-
-
-_COMPILE_LANES_FOR_HOPPER = r"""
-import json, re, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from dartquant.kernels import w4a4_gemm
-fn = w4a4_gemm._w4a4_gemv_lanes_kernel
-sig = {"a_ptr": "*i32", "w_ptr": "*i32", "sa_ptr": "*fp32", "za_ptr": "*fp32", "sw_ptr": "*fp32", "wsum_ptr": "*i32",
-       "y_ptr": "*bf16", "ws_ptr": "*i32", "cnt_ptr": "*i32"}
-sig.update({name: "i32" for name in ("M", "N", "KW", "k_steps", "stride_am", "stride_wn", "stride_ym")})
-consts = {"M_PAD": 4, "BLOCK_N": 4, "BLOCK_KW": 128, "SPLIT_K": 1, "STATIC_STEPS": 0, "OUT_F32": False,
-          "EVEN_K": False, "ASM": True}
+sig.update({name: "i32" for name in ("M", "N", k_name, "k_steps", "stride_am", "stride_wn", "stride_ym")})
 sig.update({name: "constexpr" for name in consts})
 # what the launcher's specialisation sees at real shapes: 16-byte aligned pointers, K and strides % 16 == 0
-div = [n for n in sig if n.endswith("_ptr")] + ["KW", "stride_am", "stride_wn", "stride_ym"]
+div = [n for n in sig if n.endswith("_ptr")] + [k_name, "stride_am", "stride_wn", "stride_ym"]
 attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
 k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "enable_fp_fusion": False})
 ptx = k.asm["ptx"]
-print(json.dumps({"dp4a": ptx.count("dp4a.u32.s32"), "v4": len(re.findall(r"ld[.]global([.]\w+)*[.]v4", ptx))}))
+print(json.dumps({"dp4a": len(re.findall(r"dp4a[.]u32[.][us]32", ptx)), "cubin": len(k.asm["cubin"]),
+                  "v4": len(re.findall(r"ld[.]global([.]\w+)*[.]v4", ptx))}))
 """
+
+
+def _compile_for_hopper(kernel: str, consts: dict) -> dict:
+    """Compile a GEMV kernel of w4a4_gemm for sm_90 with Triton's bundled ptxas in a child process (no
+    GPU needed): counts of dp4a instructions and 16-byte global loads in its PTX."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, kernel, json.dumps(consts)],
+                       capture_output=True, text=True, env=env)
+    if p.returncode and "ptxas" in p.stderr:
+        pytest.skip(f"no usable ptxas in this Triton install: {p.stderr[-300:]}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_dp4a_gemv_compiles_for_hopper():
+    """The PTX path (the interpreter runs the shift-and-mask one): its PTX has the dp4a instructions."""
+    got = _compile_for_hopper("_w4a4_gemv_kernel", {"M_PAD": 1, "BLOCK_N": 16, "BLOCK_KH": 64, "SPLIT_K": 8,
+                                                    "STATIC_STEPS": 0, "OUT_F32": False, "DP4A": True, "ASM": True})
+    assert got["dp4a"] > 0 and got["cubin"] > 0, got
 
 
 def test_lanes_gemv_compiles_for_hopper():
     """The per-lane GEMV's point is its layout: every load 16 bytes wide (weights and activations
-    in the weight tile's layout), 2 dp4a per word per token. Compiled for sm_90 in a child process."""
-    import json
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", _COMPILE_LANES_FOR_HOPPER], capture_output=True, text=True, env=env)
-    if p.returncode and "ptxas" in p.stderr:
-        pytest.skip(f"no usable ptxas in this Triton install: {p.stderr[-300:]}")
-    assert p.returncode == 0, p.stderr[-2000:]
-    got = json.loads(p.stdout.strip().splitlines()[-1])
+    in the weight tile's layout), 2 dp4a per word per token."""
+    got = _compile_for_hopper("_w4a4_gemv_lanes_kernel", {"M_PAD": 4, "BLOCK_N": 4, "BLOCK_KW": 128, "SPLIT_K": 1,
+                                                          "STATIC_STEPS": 0, "OUT_F32": False, "EVEN_K": False,
+                                                          "ASM": True})
     # [4, 128] words over 128 threads: 4 words (one 16-byte load) per thread per tile; 4 tokens x 2 dp4a x 4 words
     assert got["dp4a"] == 32, got
     assert got["v4"] == 2 + 4, got  # the weight tile (first and prefetched) and 4 tokens' words: 16-byte loads
-
-
-def test_dp4a_gemv_compiles_for_hopper():
-    """The PTX path (the interpreter runs the shift-and-mask one): compiled for sm_90 with Triton's
-    bundled ptxas in a child process, no GPU needed; its PTX has the dp4a instructions."""
-    import json
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", _COMPILE_DP4A_FOR_HOPPER], capture_output=True, text=True, env=env)
-    if p.returncode and "ptxas" in p.stderr:
-        pytest.skip(f"no usable ptxas in this Triton install: {p.stderr[-300:]}")
-    assert p.returncode == 0, p.stderr[-2000:]
-    got = json.loads(p.stdout.strip().splitlines()[-1])
-    assert got["dp4a"] > 0 and got["cubin"] > 0, got
 
 
 def test_merged_siblings_with_and_without_biases():

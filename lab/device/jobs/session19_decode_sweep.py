@@ -8,7 +8,6 @@ Every timed output is first checked equal to the default's.
     PYTHONPATH=src:benchmarks python3 lab/device/jobs/session19_decode_sweep.py OUT.json
 """
 import itertools
-import json
 import os
 import sys
 import time
@@ -16,7 +15,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_bench import ACT_KW, ACT_VARIANTS, act_input, act_variants, compile_all, gemm_inputs  # noqa: E402
+from kernel_bench import ACT_KW, ACT_VARIANTS, act_input, act_variants, compile_all, gemm_inputs, write_result  # noqa: E402
 from session19_gemv import graph_ms  # noqa: E402
 from dartquant.kernels.act_quant import hadamard_quantize_pack  # noqa: E402
 from dartquant.kernels.w4a4_gemm import GemmConfig, default_config, w4a4_matmul  # noqa: E402
@@ -129,12 +128,8 @@ def main(out_path):
         del sets
         torch.cuda.empty_cache()
     out = {"device": torch.cuda.get_device_name(), "act": act_rows, "gemv": gemv_rows, "compile_errors": errors,
-           "act_compile_errors": act_errors,
-           "wall_s": time.time() - t0}
-    with open(out_path + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(out_path + ".tmp", out_path)
-    print(f"wrote {out_path} ({out['wall_s']:.0f} s)")
+           "act_compile_errors": act_errors}
+    write_result(out, out_path, t0)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ tokens, beside bf16 F.linear and cuBLAS FP8 on the 1-byte weight; timed as sessi
 (calls in one CUDA graph, weights rotating through 4x the L2), outputs checked bit-equal first.
     PYTHONPATH=src:benchmarks python3 lab/device/jobs/session19_decode_table.py OUT.json
 """
-import json
 import os
 import sys
 import time
@@ -12,7 +11,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_bench import LINEARS, compile_all, gemm_inputs, planar_weight  # noqa: E402
+from kernel_bench import LINEARS, compile_all, gemm_inputs, planar_weight, write_result  # noqa: E402
 from session19_gemv import graph_ms  # noqa: E402
 from dartquant.kernels.w4a4_gemm import default_config, w4a4_matmul, w4a4_matmul_reference  # noqa: E402
 
@@ -70,11 +69,9 @@ def main(out_path):
     src = [torch.empty(64 << 20, dtype=torch.uint8, device=dev) for _ in range(4)]
     dst = [torch.empty_like(s) for s in src]
     copy_gbs = 2 * (64 << 20) / graph_ms([lambda s=s, d=d: d.copy_(s) for s, d in zip(src, dst)]) / 1e6
-    out = {"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "rows": rows, "wall_s": time.time() - t0}
-    with open(out_path + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(out_path + ".tmp", out_path)
-    print(f"copy {copy_gbs:.0f} GB/s; wrote {out_path} ({out['wall_s']:.0f} s)")
+    out = {"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "rows": rows}
+    print(f"copy {out['copy_gbs']:.0f} GB/s")
+    write_result(out, out_path, t0)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,13 @@ launch gaps are out on every side. Every config is first checked bit-equal to th
     PYTHONPATH=src:benchmarks python3 lab/device/jobs/session19_gemv.py OUT.json
 """
 import itertools
-import json
 import statistics
 import sys
 import time
 
 import torch
 
-from kernel_bench import compile_all, gemm_inputs, planar_weight
+from kernel_bench import compile_all, gemm_inputs, planar_weight, write_result
 from dartquant.kernels.w4a4_gemm import GemmConfig, default_config, w4a4_matmul, w4a4_matmul_reference
 
 dev = torch.device("cuda")
@@ -140,12 +139,9 @@ def main(out_path):
     dst = [torch.empty_like(s) for s in src]
     copy_ms = graph_ms([lambda s=s, d=d: d.copy_(s) for s, d in zip(src, dst)])
     out = {"device": torch.cuda.get_device_name(), "copy_gbs": 2 * (64 << 20) / copy_ms / 1e6, "rows": rows,
-           "compile_errors": errors, "wall_s": time.time() - t0}
-    with open(out_path + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    import os
-    os.replace(out_path + ".tmp", out_path)
-    print(f"copy {out['copy_gbs']:.0f} GB/s; wrote {out_path} ({out['wall_s']:.0f} s)")
+           "compile_errors": errors}
+    print(f"copy {out['copy_gbs']:.0f} GB/s")
+    write_result(out, out_path, t0)
 
 
 if __name__ == "__main__":

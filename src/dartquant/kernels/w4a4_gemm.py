@@ -353,27 +353,22 @@ if triton is not None:
             tl.store(ptrs, round_to_bf16(y).to(tl.bfloat16), mask=mask_n[:, None] & mask_m[None, :])
 
     @triton.jit
-    def _dp4a(a, b, c, ASM: tl.constexpr):
-        """c + the dot of the four unsigned bytes of a and b (int32 lanes, each byte < 16 here)."""
+    def _dp4a(a, b, c, ASM: tl.constexpr, SIGNED_B: tl.constexpr = False):
+        """c + the dot of the four unsigned bytes of a and the four bytes of b, unsigned or (SIGNED_B)
+        two's complement (int32 lanes)."""
         if ASM:
+            if SIGNED_B:
+                return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
             return tl.inline_asm_elementwise("dp4a.u32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
                                              dtype=tl.int32, is_pure=True, pack=1)
         else:  # the interpreter: the same sum by shifts and masks
             s = c
             for i in tl.static_range(4):
-                s += ((a >> (8 * i)) & 0xFF) * ((b >> (8 * i)) & 0xFF)
-            return s
-
-    @triton.jit
-    def _dp4a_us(a, b, c, ASM: tl.constexpr):
-        """c + the dot of the four unsigned bytes of a and the four signed bytes of b (int32 lanes)."""
-        if ASM:
-            return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-        else:  # the interpreter: the same sum by shifts and masks
-            s = c
-            for i in tl.static_range(4):
-                s += ((a >> (8 * i)) & 0xFF) * ((((b >> (8 * i)) & 0xFF) ^ 0x80) - 0x80)
+                b_i = (b >> (8 * i)) & 0xFF
+                if SIGNED_B:
+                    b_i = (b_i ^ 0x80) - 0x80
+                s += ((a >> (8 * i)) & 0xFF) * b_i
             return s
 
     @triton.jit
@@ -430,8 +425,8 @@ if triton is not None:
                     a = tl.load(a_ptrs + m * stride_am, mask=m < M, other=0)
                 else:
                     a = tl.load(a_ptrs + m * stride_am, mask=(m < M) & kmask[None, :], other=0)
-                acc = _dp4a_us(a & 0x0F0F0F0F, w_lo, accs[m], ASM)
-                new = new + (_dp4a_us((a >> 4) & 0x0F0F0F0F, w_hi, acc, ASM),)
+                acc = _dp4a(a & 0x0F0F0F0F, w_lo, accs[m], ASM, SIGNED_B=True)
+                new = new + (_dp4a((a >> 4) & 0x0F0F0F0F, w_hi, acc, ASM, SIGNED_B=True),)
             accs = new
             w = w_next
             w_ptrs += BLOCK_KW
