@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_bench import ACT_KW, ACT_VARIANTS, act_input, act_variants, compile_all, gemm_inputs, write_result  # noqa: E402
-from session19_gemv import graph_ms  # noqa: E402
+from session19_gemv import graph_ms, warm_clocks  # noqa: E402
 from dartquant.kernels.act_quant import hadamard_quantize_pack  # noqa: E402
 from dartquant.kernels.w4a4_gemm import GemmConfig, default_config, w4a4_matmul  # noqa: E402
 
@@ -68,11 +68,7 @@ def main(out_path):
     jobs = [("gemm", (m, n, k, cfg, "gemv")) for (n, k) in GEMV_SHAPES.values() for m in (1, 2)
              for cfg in gemv_configs(m) + [default_config(m, n, k, "gemv")]]
     errors = compile_all(jobs, 15)
-    x = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    t = time.time()
-    while time.time() - t < 5:  # clocks up
-        x @ x
-    torch.cuda.synchronize()
+    warm_clocks()
     act_rows = []
     for n in ACT_WIDTHS:
         names = act_names(n)

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_bench import LINEARS, compile_all, gemm_inputs, planar_weight, write_result  # noqa: E402
-from session19_gemv import graph_ms  # noqa: E402
+from session19_gemv import graph_ms, warm_clocks  # noqa: E402
 from dartquant.kernels.w4a4_gemm import default_config, w4a4_matmul, w4a4_matmul_reference  # noqa: E402
 
 dev = torch.device("cuda")
@@ -24,11 +24,7 @@ def main(out_path):
     t0 = time.time()
     compile_all([("gemm", (m, n, k, default_config(m, n, k, "gemv"), "gemv")) for (n, k) in LINEARS.values()
                  for m in MS], 15)
-    x = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    t = time.time()
-    while time.time() - t < 5:  # clocks up
-        x @ x
-    torch.cuda.synchronize()
+    warm_clocks()
     rows = []
     for name, (n, k) in LINEARS.items():
         nsets = max(2, min(48, int(ROTATE // (n * k // 2))))

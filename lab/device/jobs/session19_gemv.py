@@ -40,6 +40,15 @@ def key(cfg):
     return f"{'lanes' if cfg.lanes else 'dp4a'} {cfg.block_n}x{cfg.block_k} w{cfg.num_warps} sk{cfg.split_k}"
 
 
+def warm_clocks(seconds=5):
+    """bf16 matmuls until the clocks are up, before anything is timed."""
+    x = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    t = time.time()
+    while time.time() - t < seconds:
+        x @ x
+    torch.cuda.synchronize()
+
+
 def graph_ms(calls, reps=15):
     """Median time per call of `calls` (closures), all captured in one CUDA graph."""
     s = torch.cuda.Stream()
@@ -72,12 +81,7 @@ def main(out_path):
     jobs = [("gemm", (m, n, k, cfg, "gemv")) for (n, k) in SHAPES.values() for m in MS
             for cfg in lane_configs(m) + [default_config(m, n, k, "gemv")]]
     errors = compile_all(jobs, 15)
-    # clocks up before anything is timed
-    x = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    t = time.time()
-    while time.time() - t < 5:
-        x @ x
-    torch.cuda.synchronize()
+    warm_clocks()
     rows = []
     for name, (n, k) in SHAPES.items():
         nsets = max(2, min(48, int(ROTATE // (n * k // 2))))

@@ -353,6 +353,17 @@ if triton is not None:
             tl.store(ptrs, round_to_bf16(y).to(tl.bfloat16), mask=mask_n[:, None] & mask_m[None, :])
 
     @triton.jit
+    def _gemv_finish(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K: tl.constexpr, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr,
+                     stride_ym, offs_m, offs_n, mask_m, mask_n, OUT_F32: tl.constexpr):
+        """A GEMV program's [tokens, rows] integer sums -> the epilogue, through split-K's workspace if split."""
+        if SPLIT_K > 1:
+            _splitk_fixup(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
+                          offs_m, offs_n, mask_m, mask_n, OUT_F32)
+        else:
+            _epilogue_store(acc2, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+                            OUT_F32)
+
+    @triton.jit
     def _dp4a(a, b, c, ASM: tl.constexpr, SIGNED_B: tl.constexpr = False):
         """c + the dot of the four unsigned bytes of a and the four bytes of b, unsigned or (SIGNED_B)
         two's complement (int32 lanes)."""
@@ -436,12 +447,8 @@ if triton is not None:
         acc2 = tl.zeros((M_PAD, BLOCK_N), dtype=tl.int32)
         for m in tl.static_range(M_PAD):
             acc2 = tl.where(offs_m[:, None] == m, tl.sum(accs[m], axis=1)[None, :], acc2)
-        if SPLIT_K > 1:
-            _splitk_fixup(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
-                          offs_m, offs_n, mask_m, mask_n, OUT_F32)
-        else:
-            _epilogue_store(acc2, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
-                            OUT_F32)
+        _gemv_finish(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
+                     offs_m, offs_n, mask_m, mask_n, OUT_F32)
 
     @triton.jit
     def _w4a4_gemv_kernel(
@@ -499,12 +506,8 @@ if triton is not None:
             a = a_next
         if DP4A:
             acc2 -= 8 * asum[:, None]  # sum a (w + 8) - 8 sum a = sum a w, exactly
-        if SPLIT_K > 1:
-            _splitk_fixup(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
-                          offs_m, offs_n, mask_m, mask_n, OUT_F32)
-        else:
-            _epilogue_store(acc2, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
-                            OUT_F32)
+        _gemv_finish(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
+                     offs_m, offs_n, mask_m, mask_n, OUT_F32)
 
 
 _SPLITK_BUFFERS: dict = {}
