@@ -66,7 +66,10 @@ GEMV_CONFIGS = [GemmConfig(1, 32, 512, 4, 1), GemmConfig(1, 64, 512, 8, 1), Gemm
                 # run 8: four products per dp4a (w4a4_gemm module notes), on run 3's best gemv shapes
                 GemmConfig(1, 16, 512, 4, 1, split_k=8, dp4a=True), GemmConfig(1, 32, 512, 4, 1, split_k=4, dp4a=True),
                 GemmConfig(1, 32, 512, 4, 1, dp4a=True), GemmConfig(1, 64, 1024, 8, 1, split_k=4, dp4a=True),
-                GemmConfig(1, 32, 1024, 4, 1, split_k=8, dp4a=True)]
+                GemmConfig(1, 32, 1024, 4, 1, split_k=8, dp4a=True),
+                # session 19: the per-lane dp4a GEMV's defaults (KERNELS.md 3b; its sweeps: lab/device/jobs/session19_*)
+                GemmConfig(1, 4, 4096, 4, 1, dp4a=True, lanes=True), GemmConfig(1, 8, 2048, 2, 1, dp4a=True, lanes=True),
+                GemmConfig(1, 4, 1024, 4, 1, dp4a=True, lanes=True), GemmConfig(1, 4, 1024, 2, 1, dp4a=True, lanes=True)]
 PREFILL_CONFIGS = [GemmConfig(128, 128, 128, 8, 4), GemmConfig(128, 256, 128, 8, 3), GemmConfig(256, 128, 128, 8, 3),
                    GemmConfig(128, 128, 256, 8, 3)]
 CHECK_SHAPES = [(4, DECODE_CONFIGS), (515, PREFILL_CONFIGS)]
@@ -292,7 +295,7 @@ def check_gemm(m, n, k, be, cfg, dev, seed):
 
 
 def _check_configs(cfgs):
-    return cfgs[:2] + [c for c in cfgs[2:] if c.split_k > 1]
+    return cfgs[:2] + [c for c in cfgs[2:] if c.split_k > 1 or c.lanes]
 
 
 def best_config(row, label, configs, run, failed):
