@@ -652,11 +652,12 @@ def w4a4_matmul(
         backend = "gemv" if m <= GEMV_MAX_TOKENS else "int8"
     cfg = config or default_config(m, n, 2 * kh, backend)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if config is None and interpret and cfg.lanes:
-        # the interpreter runs programs one after another, each op in numpy: a few wide programs over
-        # at most the whole K instead of the GPU's many narrow ones (the same integers; the GPU
-        # configs themselves are tested explicitly). 30x faster on the CPU test models.
-        cfg = dataclasses.replace(cfg, block_n=max(cfg.block_n, 64),
+    if config is None and cfg.lanes:
+        # a K step no longer than K itself (the defaults were measured at K >= 4096; below, the rest of
+        # a 4096-wide step would be masked lanes); the interpreter runs programs one after another, each
+        # op in numpy, so there also a few wide programs instead of the GPU's many narrow ones (the same
+        # integers; the GPU configs are tested explicitly): 30x faster on the CPU test models
+        cfg = dataclasses.replace(cfg, block_n=max(cfg.block_n, 64) if interpret else cfg.block_n,
                                   block_k=min(cfg.block_k, max(64, 1 << (2 * kh - 1).bit_length())))
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a_codes.device)
