@@ -25,6 +25,8 @@ Design choices:
 
 from __future__ import annotations
 
+import inspect
+
 import dataclasses
 import json
 import time
@@ -145,8 +147,6 @@ def _time_ms(fn, device, rep_ms: int) -> float:
 
 
 def _forward_kwargs(model) -> dict:
-    import inspect
-
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
@@ -215,15 +215,17 @@ def make_decode_step(model, batch: int, context: int, device):
     ids = torch.randint(0, vocab, (batch, context + 1), device=device, generator=gen)
     cache = StaticCache(config=config, max_cache_len=context + 1)
     kw = _forward_kwargs(model)
+    # transformers >= 5.2x names the cache argument `cache` (`past_key_values` goes in 5.40); older: the old name
+    kw[("cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values")] = cache
     positions = torch.arange(context + 1, device=device)
-    model(ids[:, :context], past_key_values=cache, use_cache=True, position_ids=positions[None, :context],
-          cache_position=positions[:context], **kw)
+    model(ids[:, :context], use_cache=True, position_ids=positions[None, :context], cache_position=positions[:context],
+          **kw)
     nxt, pos = ids[:, context:].clone(), positions[context:].clone()
 
     @torch.no_grad()
     def step():
         _rewind_(cache, context)
-        return model(nxt, past_key_values=cache, use_cache=True, position_ids=pos[None], cache_position=pos, **kw).logits
+        return model(nxt, use_cache=True, position_ids=pos[None], cache_position=pos, **kw).logits
 
     step.ids = ids  # the whole sequences, for a reference forward (tests)
     return step
