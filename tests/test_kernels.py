@@ -62,9 +62,9 @@ def test_stage_sizes():
 # widths: powers of two and K * 2^m with the bases of the supported models (12, 28, 76, 140, 172);
 # 3072 = 12 * 256: the blocks kernel's dense left factor H_12 (x) S_2 (as 14336 = 28 * 512 on a GPU)
 @pytest.mark.parametrize("n", [64, 256, 192, 896, 1216, 2240, 2752, 3072])
-@pytest.mark.parametrize("variant,groups", [("3d", 1), ("2d", 1), ("blocks", 1), ("blocks", 2)])
+@pytest.mark.parametrize("variant,groups", [("3d", 1), ("2d", 1), ("blocks", 1), ("blocks", 2), ("split", 1)])
 def test_act_codes_bit_exact(n, variant, groups):
-    if (variant == "2d" and layout_2d(n) is None) or (variant == "blocks" and layout_blocks(n) is None):
+    if (variant == "2d" and layout_2d(n) is None) or (variant in ("blocks", "split") and layout_blocks(n) is None):
         pytest.skip(f"no {variant} layout for this width")
     x = _activations(5, n, seed=n)  # 5 tokens: the last tile of 4 (x 2 groups) is partly masked
     got = hadamard_quantize_pack(x, clip_ratio=0.9, variant=variant, rows_per_program=4, groups=groups)
@@ -72,6 +72,39 @@ def test_act_codes_bit_exact(n, variant, groups):
     assert torch.equal(got.codes, ref.codes)
     assert torch.equal(got.scale, ref.scale)
     assert torch.equal(got.zero, ref.zero)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_act_gated_input_is_silu_times_up(dtype):
+    """gated_up: the codes of ``silu(gate) * up`` as the MLP computes it in the model dtype, read
+    from the two column halves of one merged gate / up output (strided rows), without the product
+    ever written; every variant (those without a gated kernel compute the product in torch)."""
+    n = 1216  # 76 * 16: blocks / split with two row blocks (64 + 16)
+    merged = _activations(6, 2 * n, seed=7, dtype=dtype)
+    gate, up = merged[:, :n], merged[:, n:]
+    want = hadamard_quantize_pack_reference(torch.nn.functional.silu(gate) * up, clip_ratio=0.9)
+    for variant in ("blocks", "split", "3d", "auto"):
+        got = hadamard_quantize_pack(gate, clip_ratio=0.9, variant=variant, gated_up=up)
+        if dtype == torch.float32:  # no rounding to the model dtype: summation order, numpy's exp
+            diff = (unpack_int4(got.codes, n, False).int() - unpack_int4(want.codes, n, False).int()).abs()
+            assert diff.max() <= 1 and diff.float().mean() < 1e-2
+            torch.testing.assert_close(got.scale, want.scale, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale), variant
+            assert torch.equal(got.zero, want.zero)
+    with pytest.raises(ValueError, match="gated_up"):
+        hadamard_quantize_pack(gate, gated_up=up[:, :-2])
+
+
+def test_act_split_planar_and_many_tokens():
+    """The split variant (a token's rows over several programs, then the quantization) writes the
+    planar operand too, and any number of tokens."""
+    x = _activations(11, 2752, seed=3)  # 172 * 16: 11 row blocks of 16
+    ref = hadamard_quantize_pack(x, 0.9, variant="blocks")
+    for planar in (None, torch.int8):
+        got = hadamard_quantize_pack(x, 0.9, variant="split", planar=planar)
+        want = ref if planar is None else hadamard_quantize_pack(x, 0.9, variant="blocks", planar=planar)
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale)
 
 
 def test_act_is_the_fake_quant_path():
@@ -126,8 +159,10 @@ def test_act_auto_variant_bit_exact(n):
     from dartquant.kernels.act_quant import _auto_variant
 
     assert _auto_variant(n, True)["variant"] == "blocks"
-    # 3 tokens: the decode choice (one token per program); 11: the throughput one
-    assert _auto_variant(n, True, 3) == dict(variant="blocks", num_warps=4, rows_per_program=1)
+    # 3 tokens: the decode choice (above 4096 wide a token over several programs, else one token
+    # per program); 11: the throughput one
+    decode = "split" if n > 4096 else "blocks"
+    assert _auto_variant(n, True, 3) == dict(variant=decode, num_warps=4, rows_per_program=1)
     assert _auto_variant(n, True, 11) == _auto_variant(n, True)
     for tokens in (3, 11):
         x = _activations(tokens, n, seed=n)

@@ -79,15 +79,19 @@ DECODE_TOKENS = 8
 
 def _auto_variant(n: int, rotate: bool, tokens: int | None = None) -> dict:
     """hadamard_quantize_pack's keyword arguments for variant="auto": the fastest on the H200
-    (runs 3 and 10, docs/KERNELS.md section 1).  Up to DECODE_TOKENS tokens (run 17, section 1d):
-    one token per program, 8 warps from 8192 wide, wherever the throughput choice below is the
-    blocks or the 2d kernel (3.4-6.6x faster at 4096 / 8192, 1.0-1.2x elsewhere).  Throughput
+    (runs 3 and 10, docs/KERNELS.md section 1).  Up to DECODE_TOKENS tokens: above 4096 wide, the
+    split kernel, a token over several SMs (run 22, section 1d: 5.6-7.7 us a call at 4864-28672
+    wide, where one program per token took 6.5-24 us); else (run 17) one token per program, 8 warps
+    from 8192 wide, wherever the throughput choice below is the blocks or the 2d kernel (3.4-6.6x
+    faster at 4096 / 8192 than that choice).  Throughput
     choice (more tokens): widths whose left factor is not a power of two take the blocks kernel
     (4864 / 8960 / 11008: 1.5-2.3x the 2d kernel; 1536 = 12 * 128: 1.2x the 3d one); powers of two
     from 4096 the 2d kernel, 4 tokens per program except where the padded tile leaves no registers
     for that; the rest the 3d kernel (14336 / 28672, where the blocks kernel's dense
     L = H_28 (x) S_4 / S_8 was 1.2x / 1.1x-3x slower; below 1536: not measured)."""
     if tokens is not None and tokens <= DECODE_TOKENS:
+        if rotate and n > 4096 and layout_blocks(n) is not None:  # run 22: 1.1-3.1x the choices below
+            return dict(variant="split", num_warps=4 if n <= 11008 else 8, rows_per_program=1)
         auto = _auto_variant(n, rotate)
         warps = 8 if n >= 8192 else 4
         if auto["variant"] in ("blocks", "2d") and layout_blocks(n) is not None:
@@ -228,12 +232,34 @@ if triton is not None:
     def _unscale_round(y, post, inv_sqrt_n, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr):
         """Undo the row prescale (``post``, broadcast to y), normalise by 1/sqrt(N), and round to the
         model dtype as the fake-quant path does with the rotated activations."""
-        y = (y * post) * inv_sqrt_n
+        return _round_model((y * post) * inv_sqrt_n, ROUND_BF16, ROUND_FP16)
+
+    @triton.jit
+    def _round_model(y, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr):
+        """fp32 -> the model dtype -> fp32 (bf16 / fp16; fp32 models: unchanged)."""
         if ROUND_BF16:
             y = round_to_bf16(y)
         if ROUND_FP16:
             y = y.to(tl.float16).to(tl.float32)
         return y
+
+    @triton.jit
+    def _load_input(x_ptr, u_ptr, offs, mask, GATED: tl.constexpr, ROUND_BF16: tl.constexpr,
+                    ROUND_FP16: tl.constexpr, LIBDEVICE: tl.constexpr):
+        """The rows to rotate, fp32: x, or with GATED ``silu(x) * u`` as a gated MLP computes it in
+        the model dtype (torch's CUDA silu ``x / (1 + exp(-x))`` in fp32 with expf (LIBDEVICE:
+        compiled; the interpreter has numpy's exp) and an IEEE division, rounded; the product of
+        the two rounded values, rounded)."""
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if GATED:
+            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if LIBDEVICE:
+                e = libdevice.exp(-x)
+            else:
+                e = tl.exp(-x)
+            s = _round_model(tl.math.div_rn(x, 1.0 + e), ROUND_BF16, ROUND_FP16)
+            x = _round_model(s * u, ROUND_BF16, ROUND_FP16)
+        return x
 
     @triton.jit
     def _split_dot(a, b, acc, A_IS_DATA: tl.constexpr, SPLIT: tl.constexpr):
@@ -327,10 +353,10 @@ if triton is not None:
 
     @triton.jit
     def _hadamard_quant_blocks_kernel(
-        x_ptr, left_ptr, right_ptr, codes_ptr, scale_ptr, zero_ptr,
-        M, stride_xm, stride_cm, clip_ratio, inv_sqrt_n,
+        x_ptr, u_ptr, left_ptr, right_ptr, codes_ptr, scale_ptr, zero_ptr,
+        M, stride_xm, stride_um, stride_cm, clip_ratio, inv_sqrt_n,
         R: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, C: tl.constexpr, T: tl.constexpr,
-        GROUPS: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr,
+        GROUPS: tl.constexpr, GATED: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr,
         ROUND_FP16: tl.constexpr, RECIP: tl.constexpr, USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
     ):
         """`_hadamard_quant_2d_kernel` with the left factor as a GEMM over T tokens at once and
@@ -344,7 +370,7 @@ if triton is not None:
           fewer tensor-core MACs; rows R.. of the B block are zero (L^T's padding) and masked.
         GROUPS tiles of T tokens per program reuse the loaded L^T blocks.  Measured (run 10): the
         padding cut is what paid (1.5-2.3x at 4864 / 8960 / 11008); T > 1 and GROUPS > 1 did not
-        (re-reading L^T was not the limit)."""
+        (re-reading L^T was not the limit).  GATED: the input is ``silu(x) * u`` (`_load_input`)."""
         pid = tl.program_id(0)
         LD: tl.constexpr = KA + KB
         laa = _load_square_block(left_ptr, LD, 0, 0, KA, KA)
@@ -361,12 +387,13 @@ if triton is not None:
             offs_b = rb[:, None, None] * C + c[None, None, :]  # [KB, 1, C]
         for g in range(GROUPS):
             tok = (pid * GROUPS + g) * T + ta  # [T]
-            base = tok.to(tl.int64)[None, :, None] * stride_xm
+            xrows = x_ptr + tok.to(tl.int64)[None, :, None] * stride_xm
+            urows = u_ptr + tok.to(tl.int64)[None, :, None] * stride_um
             tmask = tok[None, :, None] < M
-            xa = tl.load(x_ptr + base + offs_a, mask=tmask & (ra[:, None, None] < R), other=0.0).to(tl.float32)
+            xa = _load_input(xrows, urows, offs_a, tmask & (ra[:, None, None] < R), GATED, ROUND_BF16, ROUND_FP16, USE_RINT)
             amax = tl.max(tl.max(tl.abs(xa), axis=2), axis=0)  # [T]
             if KB > 0:
-                xb = tl.load(x_ptr + base + offs_b, mask=tmask & (rb[:, None, None] < R), other=0.0).to(tl.float32)
+                xb = _load_input(xrows, urows, offs_b, tmask & (rb[:, None, None] < R), GATED, ROUND_BF16, ROUND_FP16, USE_RINT)
                 amax = tl.maximum(amax, tl.max(tl.max(tl.abs(xb), axis=2), axis=0))
             pre, post = _prescale(amax)
             # left factor first, on the (exact in fp16) input, as one GEMM over the T tokens
@@ -395,6 +422,78 @@ if triton is not None:
                 _store_codes(q, zero, codes_ptr, tok, stride_cm, KA, KB, T, C, R, M, PLANAR)
             tl.store(scale_ptr + tok, scale, mask=tok < M)
             tl.store(zero_ptr + tok, zero, mask=tok < M)
+
+    @triton.jit
+    def _hadamard_split_kernel(
+        x_ptr, u_ptr, left_ptr, right_ptr, ws_ptr, mm_ptr,
+        stride_xm, stride_um, inv_sqrt_n,
+        R: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, C: tl.constexpr, RB: tl.constexpr,
+        NBP: tl.constexpr, GATED: tl.constexpr, SPLIT_FIRST: tl.constexpr,
+        ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, LIBDEVICE: tl.constexpr,
+    ):
+        """The split variant's first pass (decode: the blocks kernel runs a token on one SM, a
+        latency chain of ~12 us at 11008, docs/KERNELS.md 1d).  Program (token, b) computes rows
+        b * RB .. of the token tile ``L^T X S_C`` of `layout_blocks` (every program reads the
+        whole X, which the left factor mixes) exactly as the blocks kernel does, and writes them
+        (rounded to the model dtype, as fp32) and their min / max to workspaces;
+        `_quantize_split_kernel` then quantizes with the token's min / max."""
+        tok = tl.program_id(0)
+        blk = tl.program_id(1)
+        LD: tl.constexpr = KA + KB
+        c = tl.arange(0, C)
+        ra = tl.arange(0, KA)
+        xrow = x_ptr + tok.to(tl.int64) * stride_xm
+        urow = u_ptr + tok.to(tl.int64) * stride_um
+        xa = _load_input(xrow, urow, ra[:, None] * C + c[None, :], ra[:, None] < R, GATED, ROUND_BF16, ROUND_FP16,
+                         LIBDEVICE)
+        amax = tl.max(tl.max(tl.abs(xa), axis=1), axis=0)
+        if KB > 0:
+            rb = KA + tl.arange(0, KB)
+            xb = _load_input(xrow, urow, rb[:, None] * C + c[None, :], rb[:, None] < R, GATED, ROUND_BF16,
+                             ROUND_FP16, LIBDEVICE)
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(xb), axis=1), axis=0))
+        pre, post = _prescale(amax)
+        i = blk * RB + tl.arange(0, RB)  # this program's rows of L^T
+        la = tl.load(left_ptr + i[:, None] * LD + ra[None, :], mask=i[:, None] < LD, other=0.0)
+        y = _split_dot(la, xa * pre, tl.zeros((RB, C), dtype=tl.float32), False, SPLIT_FIRST)
+        if KB > 0:
+            lb = tl.load(left_ptr + i[:, None] * LD + (KA + tl.arange(0, KB))[None, :], mask=i[:, None] < LD,
+                         other=0.0)
+            y = _split_dot(lb, xb * pre, y, False, SPLIT_FIRST)
+        rt = _load_square_block(right_ptr, C, 0, 0, C, C)
+        y = _split_dot(y, rt, tl.zeros((RB, C), dtype=tl.float32), True, True)
+        y = tl.where(i[:, None] < R, _unscale_round(y, post, inv_sqrt_n, ROUND_BF16, ROUND_FP16), 0.0)
+        tl.store(ws_ptr + tok.to(tl.int64) * (NBP * RB * C) + i[:, None] * C + c[None, :], y)
+        mm = mm_ptr + (tok * NBP + blk) * 2
+        tl.store(mm, tl.min(tl.min(y, axis=1), axis=0))
+        tl.store(mm + 1, tl.max(tl.max(y, axis=1), axis=0))
+
+    @triton.jit
+    def _quantize_split_kernel(
+        ws_ptr, mm_ptr, codes_ptr, scale_ptr, zero_ptr, stride_cm, clip_ratio,
+        R: tl.constexpr, C: tl.constexpr, RB: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
+        RECIP: tl.constexpr, USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
+    ):
+        """The split variant's second pass: program (token, b) quantizes and packs rows b * RB ..
+        of the token's rotated tile with the min / max of all of them (every program computes the
+        same scale and zero point; program 0 stores them)."""
+        tok = tl.program_id(0)
+        blk = tl.program_id(1)
+        j = tl.arange(0, NBP)
+        mm = mm_ptr + (tok * NBP + j) * 2
+        lo = tl.min(tl.load(mm, mask=j < NB, other=0.0), axis=0)  # 0 is in every row's range anyway
+        hi = tl.max(tl.load(mm + 1, mask=j < NB, other=0.0), axis=0)
+        scale, zero = _asym4_qparams(lo, hi, clip_ratio, RECIP)
+        i = blk * RB + tl.arange(0, RB)
+        c = tl.arange(0, C)
+        y = tl.load(ws_ptr + tok.to(tl.int64) * (NBP * RB * C) + i[:, None] * C + c[None, :])
+        q = _codes(y, scale, zero, USE_RINT)
+        q_lo, q_hi = tl.split(tl.reshape(q, (RB, C // 2, 2)))
+        cptr = codes_ptr + tok.to(tl.int64) * stride_cm + i[:, None] * (C // 2) + tl.arange(0, C // 2)[None, :]
+        _store_code_pairs(cptr, q_lo, q_hi, zero, (R * C) // 2, i[:, None] < R, PLANAR)
+        if blk == 0:
+            tl.store(scale_ptr + tok, scale)
+            tl.store(zero_ptr + tok, zero)
 
     @triton.jit
     def _hadamard_quant_kernel(
@@ -601,6 +700,16 @@ def _factor_tensors_blocks(n: int, device: torch.device):
     return lt.to(device).contiguous(), _sylvester16(c, device)
 
 
+# the split variant's rows of the token tile per program (tl.dot's smallest M)
+SPLIT_ROWS = 16
+
+
+def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x as [tokens, n] with unit column stride (a strided row view stays a view)."""
+    x2 = x.reshape(-1, n) if x.dim() != 2 else x
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def _check_input(x: torch.Tensor, clip_ratio: float, planar, what: str) -> int:
     """The checks the activation kernels share; returns the row width N."""
     require_triton()
@@ -627,6 +736,7 @@ def hadamard_quantize_pack(
     rows_per_program: int = 1,
     planar: torch.dtype | None = None,
     groups: int = 1,
+    gated_up: torch.Tensor | None = None,
 ) -> PackedActivations:
     """x [..., N] (bf16 / fp16 / fp32) -> per-token 4-bit codes of ``x @ hadamard_matrix(N)``.
 
@@ -636,22 +746,33 @@ def hadamard_quantize_pack(
     ``variant``: "3d" (stages with permutes, any size, several rows per program), "2d" (two plain
     dots per token, `layout_2d` sizes), "blocks" (the 2d computation with the left factor as one
     GEMM over ``rows_per_program`` tokens and split into power-of-two blocks, `layout_blocks`
-    sizes; ``groups`` such token tiles per program), "auto" (`_auto_variant`, which also picks num_warps and
-    rows_per_program).  Scale / zero match the torch
-    path on x's device (see `_asym4_qparams`).
+    sizes; ``groups`` such token tiles per program), "split" (one token over several programs, the
+    last of which quantizes: decode, `layout_blocks` sizes), "auto" (`_auto_variant`, which also
+    picks num_warps and rows_per_program).  Scale / zero match the torch path on x's device (see
+    `_asym4_qparams`).
+    ``gated_up`` (same shape and dtype as x, rows may be strided: the columns of a merged gate / up
+    GEMM): quantize ``silu(x) * gated_up`` instead of x, as a gated MLP computes it in x's dtype,
+    without writing the product (blocks and split variants; the others compute it in torch first).
     ``planar`` (torch.int8 or torch.float8_e4m3fn): instead of packed nibbles, ``codes`` is the
     [M, N] operand of `w4a4_gemm.planar_centered` (code - zero, even features then odd ones).
     """
     n = _check_input(x, clip_ratio, planar, "hadamard_quantize_pack")
+    if gated_up is not None:
+        if gated_up.shape != x.shape or gated_up.dtype != x.dtype or gated_up.device != x.device:
+            raise ValueError(f"gated_up {tuple(gated_up.shape)} / {gated_up.dtype} must match x {tuple(x.shape)} / {x.dtype}")
+        if variant == "auto":
+            variant = _auto_variant(n, rotate, x.numel() // n)["variant"]
+        if variant not in ("blocks", "split") or not rotate:  # the product in torch, then the kernel
+            return hadamard_quantize_pack(torch.nn.functional.silu(x) * gated_up, clip_ratio, rotate, num_warps,
+                                          block_m, out, variant, rows_per_program, planar, groups)
     if rotate:
         k, p = hadamard_factorization(n)
         stages = stage_sizes(p)
     else:  # quantize-only: view N as [1, N_pad], N_pad the next power of two (masked)
         k, p, stages = 1, max(2, 1 << (n - 1).bit_length()), (1,)
     kp = 1 << (k - 1).bit_length() if k > 1 else 1
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x, n)
+    u2 = x2 if gated_up is None else _rows(gated_up, n)
     m = x2.shape[0]
     width = n if planar is not None else n // 2
     if out is not None:
@@ -676,10 +797,34 @@ def hadamard_quantize_pack(
         variant, rows_per_program, groups = auto["variant"], auto["rows_per_program"], auto.get("groups", 1)
         num_warps = num_warps or auto["num_warps"]
     lay = layout_2d(n) if rotate else None
-    if variant not in ("2d", "3d", "blocks"):
-        raise ValueError(f"variant must be auto, 2d, 3d or blocks, got {variant!r}")
+    if variant not in ("2d", "3d", "blocks", "split"):
+        raise ValueError(f"variant must be auto, 2d, 3d, blocks or split, got {variant!r}")
     if variant == "2d" and lay is None:
         raise ValueError(f"the 2d variant does not support width {n}")
+    if variant == "split":  # two launches: the rotation over several programs per token, then the quantization
+        blay = layout_blocks(n) if rotate else None
+        if blay is None:
+            raise ValueError(f"the split variant does not support width {n}" + ("" if rotate else " without rotation"))
+        r, ka, kb, c = blay
+        lt, rt = _factor_tensors_blocks(n, x.device)
+        nb = triton.cdiv(r, SPLIT_ROWS)
+        nbp = 1 << (nb - 1).bit_length()
+        # the rotated rows (fp32) and each row block's min / max, written before they are read
+        ws = torch.empty(m, nbp * SPLIT_ROWS * c, dtype=torch.float32, device=x.device)
+        mm = torch.empty(m, nbp, 2, dtype=torch.float32, device=x.device)
+        nw = num_warps or (8 if n >= 8192 else 4)
+        _hadamard_split_kernel[(m, nb)](
+            x2, u2, lt, rt, ws, mm, x2.stride(0), u2.stride(0), 1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c,
+            RB=SPLIT_ROWS, NBP=nbp, GATED=gated_up is not None, SPLIT_FIRST=common["SPLIT_FIRST"],
+            ROUND_BF16=common["ROUND_BF16"], ROUND_FP16=common["ROUND_FP16"], LIBDEVICE=common["USE_RINT"],
+            num_warps=nw, enable_fp_fusion=False,
+        )
+        _quantize_split_kernel[(m, nb)](
+            ws, mm, codes, scale, zero, codes.stride(0), float(clip_ratio), R=r, C=c, RB=SPLIT_ROWS, NB=nb, NBP=nbp,
+            RECIP=common["RECIP"], USE_RINT=common["USE_RINT"], PLANAR=common["PLANAR"], num_warps=4,
+            enable_fp_fusion=False,
+        )
+        return result
     if variant == "blocks":
         blay = layout_blocks(n) if rotate else None
         if blay is None:
@@ -694,9 +839,9 @@ def hadamard_quantize_pack(
             raise ValueError(f"num_warps={num_warps}: the blocks variant takes 1, 2, 4 or 8 warps "
                              "(16 gave wrong codes on the H200 with triton 3.6)")
         _hadamard_quant_blocks_kernel[(triton.cdiv(m, t * groups),)](
-            x2, lt, rt, codes, scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
-            1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, T=t, GROUPS=groups, num_warps=num_warps or 8,
-            enable_fp_fusion=False, **common,
+            x2, u2, lt, rt, codes, scale, zero, m, x2.stride(0), u2.stride(0), codes.stride(0), float(clip_ratio),
+            1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, T=t, GROUPS=groups, GATED=gated_up is not None,
+            num_warps=num_warps or 8, enable_fp_fusion=False, **common,
         )
         return result
     if variant == "2d":
