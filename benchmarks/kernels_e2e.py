@@ -108,7 +108,7 @@ def build_w4a4(device, prefill_operand: str = "scaled_mm"):
 
 # kernel names -> what they are (the breakdown of `--profile`); first match wins
 KERNEL_CATEGORIES = [
-    ("activation kernel (Hadamard + quantize)", ("_hadamard_quant",)),
+    ("activation kernel (Hadamard + quantize)", ("_hadamard_quant", "_hadamard_split", "_quantize_split")),
     ("RMSNorm + quantize (fused)", ("_rmsnorm_quant",)),
     ("W4A4 GEMM (Triton)", ("_w4a4",)),
     ("GEMM (cuBLAS: bf16, FP8 scaled_mm)", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_", "matmul")),
