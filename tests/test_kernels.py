@@ -213,6 +213,16 @@ def test_gemm_bit_exact(backend, cfg, m):
         assert not torch.as_tensor(buf[0] if isinstance(buf, tuple) else buf).any()
 
 
+def test_splitk_buffers_grown_out_stay_alive():
+    """A workspace replaced by a larger one is kept: a CUDA graph captured with it still writes there."""
+    from dartquant.kernels.w4a4_gemm import _SPLITK_RETIRED, _splitk_buffers
+
+    old = _splitk_buffers(1, 8, 1, "cpu", 2)
+    grown = _splitk_buffers(64, 1 << 16, 4096, "cpu", 2)
+    assert grown[0].numel() >= 64 << 16 and grown[0] is not old[0]
+    assert any(r[0] is old[0] for r in _SPLITK_RETIRED)
+
+
 @pytest.mark.parametrize("backend,cfg", [("int8", GemmConfig(16, 16, 128, 4, 2)), ("fp8", GemmConfig(16, 16, 128, 4, 2)),
                                          ("gemv", GemmConfig(1, 16, 128, 4, 1, dp4a=True)),
                                          ("gemv", GemmConfig(1, 16, 128, 4, 1, dp4a=True, lanes=True))])

@@ -511,13 +511,16 @@ if triton is not None:
 
 
 _SPLITK_BUFFERS: dict = {}
+_SPLITK_RETIRED: list = []  # grown-out buffers, still referenced by the CUDA graphs captured with them
 
 
 def _splitk_buffers(m: int, n: int, tiles: int, device, split_k: int):
     """Zeroed int32 workspace [>= m * n] and tile counters, kept per device and grown on demand.
 
-    The kernels leave both zeroed, so they are allocated (and cleared) once.  Not safe for
-    concurrent launches on several streams."""
+    The kernels leave both zeroed, so they are allocated (and cleared) once.  A grown pair replaces
+    the old one, which is kept alive: a CUDA graph captured earlier still points at it (freeing it
+    would let a replay write into memory that belongs to something else).  Not safe for concurrent
+    launches on several streams."""
     if split_k == 1:  # unused by the kernel; any int32 tensor will do (made once: a fill kernel per call
         # cost 0.1 ms of a 7B decode step, session 19's profile)
         key = ("dummy", str(device))
@@ -527,6 +530,8 @@ def _splitk_buffers(m: int, n: int, tiles: int, device, split_k: int):
     key = str(device)
     ws, cnt = _SPLITK_BUFFERS.get(key, (None, None))
     if ws is None or ws.numel() < m * n or cnt.numel() < tiles:
+        if ws is not None:
+            _SPLITK_RETIRED.append((ws, cnt))
         ws = torch.zeros(max(m * n, 0 if ws is None else ws.numel()), dtype=torch.int32, device=device)
         cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
         _SPLITK_BUFFERS[key] = (ws, cnt)
