@@ -74,28 +74,6 @@ def test_act_codes_bit_exact(n, variant, groups):
     assert torch.equal(got.zero, ref.zero)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_act_gated_input_is_silu_times_up(dtype):
-    """gated_up: the codes of ``silu(gate) * up`` as the MLP computes it in the model dtype, read
-    from the two column halves of one merged gate / up output (strided rows), without the product
-    ever written; every variant (those without a gated kernel compute the product in torch)."""
-    n = 1216  # 76 * 16: blocks / split with two row blocks (64 + 16)
-    merged = _activations(6, 2 * n, seed=7, dtype=dtype)
-    gate, up = merged[:, :n], merged[:, n:]
-    want = hadamard_quantize_pack_reference(torch.nn.functional.silu(gate) * up, clip_ratio=0.9)
-    for variant in ("blocks", "split", "3d", "auto"):
-        got = hadamard_quantize_pack(gate, clip_ratio=0.9, variant=variant, gated_up=up)
-        if dtype == torch.float32:  # no rounding to the model dtype: summation order, numpy's exp
-            diff = (unpack_int4(got.codes, n, False).int() - unpack_int4(want.codes, n, False).int()).abs()
-            assert diff.max() <= 1 and diff.float().mean() < 1e-2
-            torch.testing.assert_close(got.scale, want.scale, rtol=1e-6, atol=0)
-        else:
-            assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale), variant
-            assert torch.equal(got.zero, want.zero)
-    with pytest.raises(ValueError, match="gated_up"):
-        hadamard_quantize_pack(gate, gated_up=up[:, :-2])
-
-
 def test_act_split_planar_and_many_tokens():
     """The split variant (a token's rows over several programs, then the quantization) writes the
     planar operand too, and any number of tokens."""

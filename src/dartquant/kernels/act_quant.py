@@ -244,24 +244,6 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _load_input(x_ptr, u_ptr, offs, mask, GATED: tl.constexpr, ROUND_BF16: tl.constexpr,
-                    ROUND_FP16: tl.constexpr, LIBDEVICE: tl.constexpr):
-        """The rows to rotate, fp32: x, or with GATED ``silu(x) * u`` as a gated MLP computes it in
-        the model dtype (torch's CUDA silu ``x / (1 + exp(-x))`` in fp32 with expf (LIBDEVICE:
-        compiled; the interpreter has numpy's exp) and an IEEE division, rounded; the product of
-        the two rounded values, rounded)."""
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if GATED:
-            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if LIBDEVICE:
-                e = libdevice.exp(-x)
-            else:
-                e = tl.exp(-x)
-            s = _round_model(tl.math.div_rn(x, 1.0 + e), ROUND_BF16, ROUND_FP16)
-            x = _round_model(s * u, ROUND_BF16, ROUND_FP16)
-        return x
-
-    @triton.jit
     def _split_dot(a, b, acc, A_IS_DATA: tl.constexpr, SPLIT: tl.constexpr):
         """acc + a @ b with the fp32 data operand as fp16 hi (+ lo when SPLIT); H operand fp16 +-1."""
         if A_IS_DATA:
@@ -353,10 +335,10 @@ if triton is not None:
 
     @triton.jit
     def _hadamard_quant_blocks_kernel(
-        x_ptr, u_ptr, left_ptr, right_ptr, codes_ptr, scale_ptr, zero_ptr,
-        M, stride_xm, stride_um, stride_cm, clip_ratio, inv_sqrt_n,
+        x_ptr, left_ptr, right_ptr, codes_ptr, scale_ptr, zero_ptr,
+        M, stride_xm, stride_cm, clip_ratio, inv_sqrt_n,
         R: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, C: tl.constexpr, T: tl.constexpr,
-        GROUPS: tl.constexpr, GATED: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr,
+        GROUPS: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr,
         ROUND_FP16: tl.constexpr, RECIP: tl.constexpr, USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
     ):
         """`_hadamard_quant_2d_kernel` with the left factor as a GEMM over T tokens at once and
@@ -370,7 +352,7 @@ if triton is not None:
           fewer tensor-core MACs; rows R.. of the B block are zero (L^T's padding) and masked.
         GROUPS tiles of T tokens per program reuse the loaded L^T blocks.  Measured (run 10): the
         padding cut is what paid (1.5-2.3x at 4864 / 8960 / 11008); T > 1 and GROUPS > 1 did not
-        (re-reading L^T was not the limit).  GATED: the input is ``silu(x) * u`` (`_load_input`)."""
+        (re-reading L^T was not the limit)."""
         pid = tl.program_id(0)
         LD: tl.constexpr = KA + KB
         laa = _load_square_block(left_ptr, LD, 0, 0, KA, KA)
@@ -387,13 +369,12 @@ if triton is not None:
             offs_b = rb[:, None, None] * C + c[None, None, :]  # [KB, 1, C]
         for g in range(GROUPS):
             tok = (pid * GROUPS + g) * T + ta  # [T]
-            xrows = x_ptr + tok.to(tl.int64)[None, :, None] * stride_xm
-            urows = u_ptr + tok.to(tl.int64)[None, :, None] * stride_um
+            base = tok.to(tl.int64)[None, :, None] * stride_xm
             tmask = tok[None, :, None] < M
-            xa = _load_input(xrows, urows, offs_a, tmask & (ra[:, None, None] < R), GATED, ROUND_BF16, ROUND_FP16, USE_RINT)
+            xa = tl.load(x_ptr + base + offs_a, mask=tmask & (ra[:, None, None] < R), other=0.0).to(tl.float32)
             amax = tl.max(tl.max(tl.abs(xa), axis=2), axis=0)  # [T]
             if KB > 0:
-                xb = _load_input(xrows, urows, offs_b, tmask & (rb[:, None, None] < R), GATED, ROUND_BF16, ROUND_FP16, USE_RINT)
+                xb = tl.load(x_ptr + base + offs_b, mask=tmask & (rb[:, None, None] < R), other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.max(tl.max(tl.abs(xb), axis=2), axis=0))
             pre, post = _prescale(amax)
             # left factor first, on the (exact in fp16) input, as one GEMM over the T tokens
@@ -425,11 +406,9 @@ if triton is not None:
 
     @triton.jit
     def _hadamard_split_kernel(
-        x_ptr, u_ptr, left_ptr, right_ptr, ws_ptr, mm_ptr,
-        stride_xm, stride_um, inv_sqrt_n,
+        x_ptr, left_ptr, right_ptr, ws_ptr, mm_ptr, stride_xm, inv_sqrt_n,
         R: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, C: tl.constexpr, RB: tl.constexpr,
-        NBP: tl.constexpr, GATED: tl.constexpr, SPLIT_FIRST: tl.constexpr,
-        ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, LIBDEVICE: tl.constexpr,
+        NBP: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr,
     ):
         """The split variant's first pass (decode: the blocks kernel runs a token on one SM, a
         latency chain of ~12 us at 11008, docs/KERNELS.md 1d).  Program (token, b) computes rows
@@ -443,14 +422,11 @@ if triton is not None:
         c = tl.arange(0, C)
         ra = tl.arange(0, KA)
         xrow = x_ptr + tok.to(tl.int64) * stride_xm
-        urow = u_ptr + tok.to(tl.int64) * stride_um
-        xa = _load_input(xrow, urow, ra[:, None] * C + c[None, :], ra[:, None] < R, GATED, ROUND_BF16, ROUND_FP16,
-                         LIBDEVICE)
+        xa = tl.load(xrow + ra[:, None] * C + c[None, :], mask=ra[:, None] < R, other=0.0).to(tl.float32)
         amax = tl.max(tl.max(tl.abs(xa), axis=1), axis=0)
         if KB > 0:
             rb = KA + tl.arange(0, KB)
-            xb = _load_input(xrow, urow, rb[:, None] * C + c[None, :], rb[:, None] < R, GATED, ROUND_BF16,
-                             ROUND_FP16, LIBDEVICE)
+            xb = tl.load(xrow + rb[:, None] * C + c[None, :], mask=rb[:, None] < R, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.max(tl.abs(xb), axis=1), axis=0))
         pre, post = _prescale(amax)
         i = blk * RB + tl.arange(0, RB)  # this program's rows of L^T
@@ -713,12 +689,6 @@ def _factor_tensors_blocks(n: int, device: torch.device):
 SPLIT_ROWS = 16
 
 
-def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
-    """x as [tokens, n] with unit column stride (a strided row view stays a view)."""
-    x2 = x.reshape(-1, n) if x.dim() != 2 else x
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def _check_input(x: torch.Tensor, clip_ratio: float, planar, what: str) -> int:
     """The checks the activation kernels share; returns the row width N."""
     require_triton()
@@ -745,7 +715,6 @@ def hadamard_quantize_pack(
     rows_per_program: int = 1,
     planar: torch.dtype | None = None,
     groups: int = 1,
-    gated_up: torch.Tensor | None = None,
 ) -> PackedActivations:
     """x [..., N] (bf16 / fp16 / fp32) -> per-token 4-bit codes of ``x @ hadamard_matrix(N)``.
 
@@ -759,29 +728,19 @@ def hadamard_quantize_pack(
     last of which quantizes: decode, `layout_blocks` sizes), "auto" (`_auto_variant`, which also
     picks num_warps and rows_per_program).  Scale / zero match the torch path on x's device (see
     `_asym4_qparams`).
-    ``gated_up`` (same shape and dtype as x, rows may be strided: the columns of a merged gate / up
-    GEMM): quantize ``silu(x) * gated_up`` instead of x, as a gated MLP computes it in x's dtype,
-    without writing the product (blocks and split variants; the others compute it in torch first).
     ``planar`` (torch.int8 or torch.float8_e4m3fn): instead of packed nibbles, ``codes`` is the
     [M, N] operand of `w4a4_gemm.planar_centered` (code - zero, even features then odd ones).
     """
     n = _check_input(x, clip_ratio, planar, "hadamard_quantize_pack")
-    if gated_up is not None:
-        if gated_up.shape != x.shape or gated_up.dtype != x.dtype or gated_up.device != x.device:
-            raise ValueError(f"gated_up {tuple(gated_up.shape)} / {gated_up.dtype} must match x {tuple(x.shape)} / {x.dtype}")
-        if variant == "auto":
-            variant = _auto_variant(n, rotate, x.numel() // n)["variant"]
-        if variant not in ("blocks", "split") or not rotate:  # the product in torch, then the kernel
-            return hadamard_quantize_pack(torch.nn.functional.silu(x) * gated_up, clip_ratio, rotate, num_warps,
-                                          block_m, out, variant, rows_per_program, planar, groups)
     if rotate:
         k, p = hadamard_factorization(n)
         stages = stage_sizes(p)
     else:  # quantize-only: view N as [1, N_pad], N_pad the next power of two (masked)
         k, p, stages = 1, max(2, 1 << (n - 1).bit_length()), (1,)
     kp = 1 << (k - 1).bit_length() if k > 1 else 1
-    x2 = _rows(x, n)
-    u2 = x2 if gated_up is None else _rows(gated_up, n)
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     m = x2.shape[0]
     width = n if planar is not None else n // 2
     if out is not None:
@@ -823,9 +782,8 @@ def hadamard_quantize_pack(
         mm = torch.empty(m, nbp, 2, dtype=torch.float32, device=x.device)
         nw = num_warps or (8 if n >= 8192 else 4)
         _hadamard_split_kernel[(m, nb)](
-            x2, u2, lt, rt, ws, mm, x2.stride(0), u2.stride(0), 1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c,
-            RB=SPLIT_ROWS, NBP=nbp, GATED=gated_up is not None, SPLIT_FIRST=common["SPLIT_FIRST"],
-            ROUND_BF16=common["ROUND_BF16"], ROUND_FP16=common["ROUND_FP16"], LIBDEVICE=common["USE_RINT"],
+            x2, lt, rt, ws, mm, x2.stride(0), 1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, RB=SPLIT_ROWS, NBP=nbp,
+            SPLIT_FIRST=common["SPLIT_FIRST"], ROUND_BF16=common["ROUND_BF16"], ROUND_FP16=common["ROUND_FP16"],
             num_warps=nw, enable_fp_fusion=False,
         )
         _quantize_split_kernel[(m, nb)](
@@ -848,9 +806,9 @@ def hadamard_quantize_pack(
             raise ValueError(f"num_warps={num_warps}: the blocks variant takes 1, 2, 4 or 8 warps "
                              "(16 gave wrong codes on the H200 with triton 3.6)")
         _hadamard_quant_blocks_kernel[(triton.cdiv(m, t * groups),)](
-            x2, u2, lt, rt, codes, scale, zero, m, x2.stride(0), u2.stride(0), codes.stride(0), float(clip_ratio),
-            1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, T=t, GROUPS=groups, GATED=gated_up is not None,
-            num_warps=num_warps or 8, enable_fp_fusion=False, **common,
+            x2, lt, rt, codes, scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
+            1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, T=t, GROUPS=groups, num_warps=num_warps or 8,
+            enable_fp_fusion=False, **common,
         )
         return result
     if variant == "2d":
