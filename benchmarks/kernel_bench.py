@@ -45,6 +45,8 @@ ACT_VARIANTS = {  # name: (variant, num_warps, rows_per_program); "3d" at widths
     "blk t2 w8": ("blocks", 8, 2, 1), "blk t4 w8": ("blocks", 8, 4, 1),
     "blk t1 g4 w4": ("blocks", 4, 1, 4), "blk t2 g4 w4": ("blocks", 4, 2, 4), "blk t2 g4 w8": ("blocks", 8, 2, 4),
     "blk t4 g4 w8": ("blocks", 8, 4, 4),
+    # session 20 (decode: a token's rows over several programs, then a quantize pass; here at throughput sizes too)
+    "split w4": ("split", 4, 1), "split w8": ("split", 8, 1),
 }  # run 2 also had "3d w16", "2d w16 r4": never the fastest; run 10 "blk t4 w16": wrong codes at 8960 (refused now)
 ACT_KW = ("variant", "num_warps", "rows_per_program", "groups")
 QUANT_ONLY_SWEEP = [(1, 8), (2, 4), (2, 8), (4, 8), (4, 16), (8, 16)]  # (rows per program, warps), no Hadamard
@@ -138,7 +140,7 @@ def act_variants(n):
 
     out = []
     for name, (v, nw, *_) in ACT_VARIANTS.items():
-        if (v == "2d" and layout_2d(n) is None) or (v == "blocks" and layout_blocks(n) is None):
+        if (v == "2d" and layout_2d(n) is None) or (v in ("blocks", "split") and layout_blocks(n) is None):
             continue
         if v == "3d" and nw == 16 and n < 14336:
             continue
