@@ -27,6 +27,11 @@ Design choices:
   factor runs once (not split, below).  "blocks": the 2d computation with the left factor as one
   GEMM over T tokens side by side (L^T read once per T tokens instead of once per token) and L^T
   cut into power-of-two blocks (172 -> 128 + 64 instead of 256), `layout_blocks`.
+* **Decode: a token over several SMs ("split").**  One program per token is a latency chain on one
+  SM (~12 us at 11008).  Up to `DECODE_TOKENS` tokens the token tile is cut into row blocks of 16:
+  each program reads the whole X (the left factor mixes all rows), computes its rows and their
+  min / max; a second launch quantizes each block with the token's min / max (no cross-program
+  waiting inside a launch, which the interpreter and Triton cannot do safely).
 * **Precision: fp16 hi/lo split with a power-of-two row prescale.**  Entries of H are +-1, so
   the products are exact; only the representation of the operand rounds.  Each row is scaled by
   a power of two so that max|x| < 1 (exact); a bf16 / fp16 input is then exact in fp16 (except
@@ -724,8 +729,8 @@ def hadamard_quantize_pack(
     ``variant``: "3d" (stages with permutes, any size, several rows per program), "2d" (two plain
     dots per token, `layout_2d` sizes), "blocks" (the 2d computation with the left factor as one
     GEMM over ``rows_per_program`` tokens and split into power-of-two blocks, `layout_blocks`
-    sizes; ``groups`` such token tiles per program), "split" (one token over several programs, the
-    last of which quantizes: decode, `layout_blocks` sizes), "auto" (`_auto_variant`, which also
+    sizes; ``groups`` such token tiles per program), "split" (decode: one token's rotation over
+    several programs, then a second launch that quantizes; `layout_blocks` sizes), "auto" (`_auto_variant`, which also
     picks num_warps and rows_per_program).  Scale / zero match the torch path on x's device (see
     `_asym4_qparams`).
     ``planar`` (torch.int8 or torch.float8_e4m3fn): instead of packed nibbles, ``codes`` is the
