@@ -354,23 +354,20 @@ if triton is not None:
 
     @triton.jit
     def _gemv_finish(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K: tl.constexpr, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr,
-                     stride_ym, offs_m, offs_n, mask_m, mask_n, OUT_F32: tl.constexpr, HAS_ZERO: tl.constexpr = True):
+                     stride_ym, offs_m, offs_n, mask_m, mask_n, OUT_F32: tl.constexpr):
         """A GEMV program's [tokens, rows] integer sums -> the epilogue, through split-K's workspace if split."""
         if SPLIT_K > 1:
             _splitk_fixup(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
-                          offs_m, offs_n, mask_m, mask_n, OUT_F32, HAS_ZERO)
+                          offs_m, offs_n, mask_m, mask_n, OUT_F32)
         else:
             _epilogue_store(acc2, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
-                            OUT_F32, HAS_ZERO)
+                            OUT_F32)
 
     @triton.jit
-    def _dp4a(a, b, c, ASM: tl.constexpr, SIGNED_B: tl.constexpr = False, SIGNED_A: tl.constexpr = False):
-        """c + the dot of the four bytes of a and the four bytes of b, each unsigned or (SIGNED_A,
-        SIGNED_B) two's complement (int32 lanes)."""
+    def _dp4a(a, b, c, ASM: tl.constexpr, SIGNED_B: tl.constexpr = False):
+        """c + the dot of the four unsigned bytes of a and the four bytes of b, unsigned or (SIGNED_B)
+        two's complement (int32 lanes)."""
         if ASM:
-            if SIGNED_A:
-                return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
-                                                 dtype=tl.int32, is_pure=True, pack=1)
             if SIGNED_B:
                 return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
                                                  dtype=tl.int32, is_pure=True, pack=1)
@@ -379,13 +376,10 @@ if triton is not None:
         else:  # the interpreter: the same sum by shifts and masks
             s = c
             for i in tl.static_range(4):
-                a_i = (a >> (8 * i)) & 0xFF
                 b_i = (b >> (8 * i)) & 0xFF
-                if SIGNED_A:
-                    a_i = (a_i ^ 0x80) - 0x80
                 if SIGNED_B:
                     b_i = (b_i ^ 0x80) - 0x80
-                s += a_i * b_i
+                s += ((a >> (8 * i)) & 0xFF) * b_i
             return s
 
     @triton.jit
@@ -401,7 +395,6 @@ if triton is not None:
         M, N, KW, k_steps, stride_am, stride_wn, stride_ym,
         M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr,
         STATIC_STEPS: tl.constexpr, OUT_F32: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr = False,
-        A8: tl.constexpr = False,
     ):
         """Decode GEMV with dp4a, every tensor in the weight tile's own layout: the packed operands
         read as int32 words (8 codes each, 16-byte loads), each token's activation words loaded
@@ -440,19 +433,11 @@ if triton is not None:
             new = ()
             for m in tl.static_range(M_PAD):
                 if EVEN_K:
-                    a = tl.load(a_ptrs + m * stride_am, mask=m < M)
+                    a = tl.load(a_ptrs + m * stride_am, mask=m < M, other=0)
                 else:
-                    a = tl.load(a_ptrs + m * stride_am, mask=(m < M) & kmask[None, :])
-                if A8:  # the odd plane's word, KW words on
-                    if EVEN_K:
-                        a_odd = tl.load(a_ptrs + KW + m * stride_am, mask=m < M)
-                    else:
-                        a_odd = tl.load(a_ptrs + KW + m * stride_am, mask=(m < M) & kmask[None, :])
-                    acc = _dp4a(a, w_lo, accs[m], ASM, SIGNED_B=True, SIGNED_A=True)
-                    new = new + (_dp4a(a_odd, w_hi, acc, ASM, SIGNED_B=True, SIGNED_A=True),)
-                else:
-                    acc = _dp4a(a & 0x0F0F0F0F, w_lo, accs[m], ASM, SIGNED_B=True)
-                    new = new + (_dp4a((a >> 4) & 0x0F0F0F0F, w_hi, acc, ASM, SIGNED_B=True),)
+                    a = tl.load(a_ptrs + m * stride_am, mask=(m < M) & kmask[None, :], other=0)
+                acc = _dp4a(a & 0x0F0F0F0F, w_lo, accs[m], ASM, SIGNED_B=True)
+                new = new + (_dp4a((a >> 4) & 0x0F0F0F0F, w_hi, acc, ASM, SIGNED_B=True),)
             accs = new
             w = w_next
             w_ptrs += BLOCK_KW
@@ -463,7 +448,7 @@ if triton is not None:
         for m in tl.static_range(M_PAD):
             acc2 = tl.where(offs_m[:, None] == m, tl.sum(accs[m], axis=1)[None, :], acc2)
         _gemv_finish(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
-                     offs_m, offs_n, mask_m, mask_n, OUT_F32, not A8)
+                     offs_m, offs_n, mask_m, mask_n, OUT_F32)
 
     @triton.jit
     def _w4a4_gemv_kernel(
@@ -653,7 +638,7 @@ def w4a4_matmul(
         if backend == "auto":
             backend = "fp8" if a_codes.dtype == torch.float8_e4m3fn else "int8"
         want = torch.float8_e4m3fn if backend == "fp8" else torch.int8
-        if backend == "gemv" and (w_planar is not None or a_codes.dtype != torch.int8):
+        if backend == "gemv":
             raise ValueError("planar 8-bit operands are for the int8 / int8s / fp8 backends")
         if backend == "int8s" and w_planar is not None:
             raise ValueError("the int8s backend reads the packed weight (w_planar must be None)")
@@ -711,11 +696,11 @@ def w4a4_matmul(
         if cfg.dp4a and cfg.lanes:
             bkw = cfg.block_k // per
             _w4a4_gemv_lanes_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
-                a_op, w_op, a_scale, a_scale if a8 else a_zero, weight.scale, weight.rowsum, out, ws, cnt,
+                a_op, w_op, a_scale, a_zero, weight.scale, weight.rowsum, out, ws, cnt,
                 m, n, kw, steps, a_op.stride(0), w_op.stride(0), out.stride(0),
                 M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_KW=bkw, SPLIT_K=cfg.split_k,
                 STATIC_STEPS=steps if interpret else 0, OUT_F32=out.dtype == torch.float32,
-                EVEN_K=steps * cfg.split_k * bkw == kw, ASM=not interpret, A8=a8,
+                EVEN_K=steps * cfg.split_k * bkw == kw, ASM=not interpret,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
             )
             return out
