@@ -130,6 +130,10 @@ def test_act_rejects_bad_input():
         hadamard_quantize_pack(torch.randn(2, 256).bfloat16(), variant="blocks", rows_per_program=3)
     with pytest.raises(ValueError, match="16 gave wrong codes"):
         hadamard_quantize_pack(torch.randn(2, 256).bfloat16(), variant="blocks", num_warps=16)
+    with pytest.raises(ValueError, match="split"):
+        hadamard_quantize_pack(torch.randn(2, 64).bfloat16(), variant="split")
+    with pytest.raises(ValueError, match="16 gave wrong codes"):
+        hadamard_quantize_pack(torch.randn(2, 256).bfloat16(), variant="split", num_warps=16)
 
 
 @pytest.mark.parametrize("n", [1536, 4864])  # auto's blocks choices: 12 * 128 (t2 w8), 76 * 64 (t1 w4)

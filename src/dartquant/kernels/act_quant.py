@@ -730,8 +730,8 @@ def hadamard_quantize_pack(
     dots per token, `layout_2d` sizes), "blocks" (the 2d computation with the left factor as one
     GEMM over ``rows_per_program`` tokens and split into power-of-two blocks, `layout_blocks`
     sizes; ``groups`` such token tiles per program), "split" (decode: one token's rotation over
-    several programs, then a second launch that quantizes; `layout_blocks` sizes), "auto" (`_auto_variant`, which also
-    picks num_warps and rows_per_program).  Scale / zero match the torch path on x's device (see
+    several programs, then a second launch that quantizes; `layout_blocks` sizes), "auto"
+    (`_auto_variant`, which also picks num_warps and rows_per_program).  Scale / zero match the torch path on x's device (see
     `_asym4_qparams`).
     ``planar`` (torch.int8 or torch.float8_e4m3fn): instead of packed nibbles, ``codes`` is the
     [M, N] operand of `w4a4_gemm.planar_centered` (code - zero, even features then odd ones).
@@ -774,6 +774,10 @@ def hadamard_quantize_pack(
         raise ValueError(f"variant must be auto, 2d, 3d, blocks or split, got {variant!r}")
     if variant == "2d" and lay is None:
         raise ValueError(f"the 2d variant does not support width {n}")
+    if variant in ("blocks", "split") and num_warps not in (None, 1, 2, 4, 8):
+        # run 10 (docs/KERNELS.md section 1): 16 warps compiled, and gave wrong codes at 8960 (4 %)
+        raise ValueError(f"num_warps={num_warps}: the {variant} variant takes 1, 2, 4 or 8 warps "
+                         "(16 gave wrong codes on the H200 with triton 3.6)")
     if variant == "split":  # two launches: the rotation over several programs per token, then the quantization
         blay = layout_blocks(n) if rotate else None
         if blay is None:
@@ -806,10 +810,6 @@ def hadamard_quantize_pack(
         t = rows_per_program
         if t < 1 or t & (t - 1):
             raise ValueError(f"rows_per_program={t} must be a power of two for the blocks variant")
-        if num_warps not in (None, 1, 2, 4, 8):
-            # run 10 (docs/KERNELS.md section 1): 16 warps compiled, and gave wrong codes at 8960 (4 %)
-            raise ValueError(f"num_warps={num_warps}: the blocks variant takes 1, 2, 4 or 8 warps "
-                             "(16 gave wrong codes on the H200 with triton 3.6)")
         _hadamard_quant_blocks_kernel[(triton.cdiv(m, t * groups),)](
             x2, lt, rt, codes, scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
             1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, T=t, GROUPS=groups, num_warps=num_warps or 8,
