@@ -10,7 +10,9 @@ Design choices:
   (activation kernel + GEMM; R4 fused into down_proj's activation kernel), bf16 elsewhere.
 * Attention: `--kv plain` (default) runs SDPA on a bf16 cache on both sides (the kernels replace
   the linears; R3 is dropped, it cancels in Q K^T without a K quantizer); `--kv run` keeps the
-  run's fake-quantized 4-bit K/V on the w4a4 side (torch ops over the whole cache every step).
+  run's fake-quantized 4-bit K/V on the w4a4 side (torch ops over the whole cache every step);
+  `--kv kernels` keeps it as 4-bit codes in the cache (`kv_cache.Kv4StaticCache`) and attends with the
+  Triton decode kernel (W4A4KV4 against bf16 with a bf16 cache: the deployment comparison).
 * Prefill: one forward of `--prefill` tokens at batch 1, last logits only (as generation does).
   Decode: one-token steps on a `StaticCache` holding `--context` tokens, batch by batch, the same
   step replayed (the steady-state step at that context length; the cache is rewound before each
@@ -38,7 +40,7 @@ from torch import nn
 
 from .backend import PREFILL_OPERAND_CHOICES
 
-KV_MODES = ("plain", "run")
+KV_MODES = ("plain", "run", "kernels")
 
 
 @dataclass
@@ -103,6 +105,11 @@ def side_models(folder, sides, device, kv: str, prefill_operand: str = "int8s", 
         del qlinears
         if kv == "plain":
             model.set_attn_implementation("sdpa")
+        elif kv == "kernels":
+            from .kv_cache import check_kv4_support, register_kv4_attention
+
+            check_kv4_support(model)
+            model.set_attn_implementation(register_kv4_attention())
         if device.type == "cuda":
             torch.cuda.empty_cache()
         model.to(device)
@@ -209,11 +216,14 @@ def make_decode_step(model, batch: int, context: int, device):
     returns its logits [batch, 1, vocab]. Every call computes the same step."""
     from transformers import StaticCache
 
+    from .kv_cache import ATTN_IMPLEMENTATION, Kv4StaticCache
+
     config = model.config
     vocab = config.get_text_config().vocab_size
     gen = torch.Generator(device).manual_seed(batch)
     ids = torch.randint(0, vocab, (batch, context + 1), device=device, generator=gen)
-    cache = StaticCache(config=config, max_cache_len=context + 1)
+    four_bit = config._attn_implementation == ATTN_IMPLEMENTATION  # --kv kernels: codes in the cache
+    cache = (Kv4StaticCache if four_bit else StaticCache)(config=config, max_cache_len=context + 1)
     kw = _forward_kwargs(model)
     # transformers >= 5.2x names the cache argument `cache` (`past_key_values` goes in 5.40); older: the old name
     kw[("cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values")] = cache
@@ -228,14 +238,28 @@ def make_decode_step(model, batch: int, context: int, device):
         return model(nxt, use_cache=True, position_ids=pos[None], cache_position=pos, **kw).logits
 
     step.ids = ids  # the whole sequences, for a reference forward (tests)
+    step.cache_bytes = _cache_bytes(cache)
     return step
+
+
+def _cache_bytes(cache) -> int:
+    """Bytes the KV cache holds (bf16 K / V tensors, or 4-bit codes with fp32 scale / zero)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "codes"):
+            total += layer.codes.nbytes()
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
 
 
 @torch.no_grad()
 def time_decode(model, batch: int, s: BenchSettings, device) -> dict:
     """ms per one-token step with `s.context` tokens cached (eager, and in a CUDA graph)."""
     step = make_decode_step(model, batch, s.context, device)
-    out = {"eager_ms": _time_ms(step, device, s.rep_ms)}
+    out = {"eager_ms": _time_ms(step, device, s.rep_ms), "kv_cache_bytes": step.cache_bytes}
     if s.cuda_graphs and device.type == "cuda":
         try:
             graph = _capture(step)
@@ -267,7 +291,14 @@ def bench_run(folder, s: BenchSettings, progress=print) -> dict:
     from .backend import check_run_for_kernels, check_triton_device
 
     s.validate()
-    check_run_for_kernels(folder)  # refusals before any weight is read
+    spec = check_run_for_kernels(folder)  # refusals before any weight is read
+    if s.kv == "kernels" and "w4a4" in s.sides:
+        from ..quant.checkpoint import scheme_of
+        from .kv_cache import kv4_scheme_problems
+
+        bad = kv4_scheme_problems(scheme_of(spec))
+        if bad:
+            raise ValueError(f"--kv kernels: {folder} has " + "; ".join(bad))
     check_triton_device(s.device)
     device = torch.device(s.device)
     result = {"run": str(folder), "settings": dataclasses.asdict(s), "machine": _machine(device)}
@@ -404,7 +435,8 @@ def add_bench_command(subparsers) -> None:
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="decode batch sizes")
     s.add_argument("--context", type=int, default=512, help="tokens in the KV cache during decode")
     s.add_argument("--kv", choices=KV_MODES, default="plain",
-                   help="plain: bf16 KV cache on both sides (default); run: the run's fake-quant 4-bit K/V on w4a4")
+                   help="plain: bf16 KV cache on both sides (default); run: the run's fake-quant 4-bit K/V on w4a4; "
+                        "kernels: w4a4 holds the K/V as 4-bit codes and attends with the Triton decode kernel")
     s.add_argument("--no-cuda-graphs", action="store_true", help="time prefill and decode eagerly only")
     s.add_argument("--sides", nargs="+", choices=["bf16", "w4a4"], default=["bf16", "w4a4"])
     s.add_argument("--device", default=None, help="default: cuda if available (cpu: TRITON_INTERPRET=1, tests only)")

@@ -1,0 +1,464 @@
+"""A 4-bit K/V cache on the kernels: codes in a static cache, and a decode attention that reads them.
+
+    model.set_attn_implementation(register_kv4_attention())
+    cache = Kv4StaticCache(model.config, max_cache_len=...)   # in place of transformers' StaticCache
+
+What it computes is the fake-quant model's attention (`modules.AttentionTransform` with 4-bit K and
+V quantizers): K after RoPE, rotated by R3 (a Hadamard of the head dim) when the run has it, and V,
+each quantized per token and head (asymmetric 4-bit, the run's clip ratio), then attention over the
+dequantized values in the model dtype. Here the codes are what the cache holds:
+
+* `kv4_store`: one launch per layer and step writes the new tokens' K and V codes (two per byte,
+  `pack_int4` order) and fp32 scale / zero into the cache, at the position the layer's token count
+  (a device tensor, as transformers' static layers keep it) says: CUDA graphs replay it correctly.
+  K's rotation and the quantization are `act_quant`'s own code (same expressions), so the codes are
+  those of the fake-quant path up to a flip where a rotated value sits on a rounding boundary
+  (the fp32 summation order of the Hadamard; without R3 they are identical).
+* `kv4_decode_attention` (one query token per sequence): flash decoding. A program takes one
+  sequence, one KV head (its GQA group of query heads as the rows of the dots, padded to 16) and
+  one slice of the cache; it dequantizes K and V exactly as the fake path does ((code - zero) *
+  scale in fp32, rounded to the model dtype), so the two differ only by the order of the fp32 sums
+  in Q K^T, the softmax and P V, as SDPA's own backends differ from each other. A second launch
+  merges the slices. The query is rotated by R3 in the kernel.
+* Several query tokens (prefill into the cache, or a forward without a cache): the codes are
+  written by the same store kernel, dequantized in torch and attended by SDPA with the model's mask.
+
+Limits (refused by `check_kv4_support`): unpadded sequences (positions 0..S-1, as the kernels'
+token count assumes), no K bias kept out of the quantizer (Qwen2's `kv_exclude_k_bias`), full
+attention layers only, head dims whose Hadamard `act_quant.stage_sizes` accepts (16..2^14).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from ..hadamard import hadamard_factorization
+from .act_quant import _factor_tensors, stage_sizes
+
+try:
+    import triton
+    import triton.language as tl
+
+    from .act_quant import _asym4_qparams, _codes, _pow2_stage, _prescale, _round_model, _unscale_round
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = tl = None
+
+ATTN_IMPLEMENTATION = "dartquant_kv4"
+BLOCK_S = 64  # cache positions per step of the decode kernel
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rotate_rows(x, s1_ptr, s2_ptr, inv_sqrt_d, R: tl.constexpr, D: tl.constexpr, F1: tl.constexpr,
+                     F2: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr):
+        """x [R, D] fp32 -> x @ hadamard_matrix(D) rounded to the model dtype (act_quant's 3d kernel
+        with K = 1: power-of-two prescale, one or two Sylvester stages on tensor cores)."""
+        pre, post = _prescale(tl.max(tl.abs(x), axis=1))
+        y = x * pre[:, None]
+        y = _pow2_stage(y, s2_ptr, R, D, F2, SPLIT_FIRST)
+        if F1 > 1:
+            y = _pow2_stage(y, s1_ptr, R, D, F1, True)
+        return _unscale_round(y, post[:, None], inv_sqrt_d, ROUND_BF16, ROUND_FP16)
+
+    @triton.jit
+    def _kv4_store_kernel(
+        k_ptr, v_ptr, count_ptr, s1_ptr, s2_ptr,
+        kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
+        ROWS, S_NEW, HKV, SMAX, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, clip_ratio, inv_sqrt_d,
+        D: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, BLOCK_M: tl.constexpr, ROTATE_K: tl.constexpr,
+        SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
+        USE_RINT: tl.constexpr,
+    ):
+        """Program (row block, 0 = K / 1 = V): rows are (sequence, KV head, new token) flattened."""
+        pid = tl.program_id(0)
+        is_v = tl.program_id(1)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        live = rows < ROWS
+        s = rows % S_NEW
+        bh = rows // S_NEW  # sequence * HKV + head
+        b = bh // HKV
+        h = bh % HKV
+        d = tl.arange(0, D)
+        pos = tl.load(count_ptr) - S_NEW + s  # the layer's count already includes the new tokens
+        live = live & (pos < SMAX) & (pos >= 0)
+        if is_v == 0:
+            src = k_ptr + (b.to(tl.int64) * sk_b + h * sk_h + s * sk_s)
+        else:
+            src = v_ptr + (b.to(tl.int64) * sv_b + h * sv_h + s * sv_s)
+        x = tl.load(src[:, None] + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        if ROTATE_K:
+            if is_v == 0:
+                x = _rotate_rows(x, s1_ptr, s2_ptr, inv_sqrt_d, BLOCK_M, D, F1, F2, SPLIT_FIRST, ROUND_BF16,
+                                 ROUND_FP16)
+        x = tl.where(live[:, None], x, 0.0)
+        scale, zero = _asym4_qparams(tl.min(x, axis=1), tl.max(x, axis=1), clip_ratio, RECIP)
+        q = _codes(x, tl.broadcast_to(scale[:, None], x.shape), zero[:, None], USE_RINT)
+        q_lo, q_hi = tl.split(tl.reshape(q, (BLOCK_M, D // 2, 2)))
+        slot = bh.to(tl.int64) * SMAX + pos
+        half = tl.arange(0, D // 2)
+        packed = q_lo | (q_hi << 4)
+        if is_v == 0:
+            tl.store(kc_ptr + slot[:, None] * (D // 2) + half[None, :], packed, mask=live[:, None])
+            tl.store(ks_ptr + slot, scale, mask=live)
+            tl.store(kz_ptr + slot, zero, mask=live)
+        else:
+            tl.store(vc_ptr + slot[:, None] * (D // 2) + half[None, :], packed, mask=live[:, None])
+            tl.store(vs_ptr + slot, scale, mask=live)
+            tl.store(vz_ptr + slot, zero, mask=live)
+
+    @triton.jit
+    def _dequant_tile(c_ptr, sc_ptr, z_ptr, slot, ok, D: tl.constexpr, BS: tl.constexpr,
+                      ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr):
+        """[BS, D] values (code - zero) * scale in fp32, rounded to the model dtype: the fake path's."""
+        half = tl.arange(0, D // 2)
+        c = tl.load(c_ptr + slot[:, None] * (D // 2) + half[None, :], mask=ok[:, None], other=0)
+        q = tl.reshape(tl.join((c & 15).to(tl.float32), (c >> 4).to(tl.float32)), (BS, D))
+        sc = tl.load(sc_ptr + slot, mask=ok, other=1.0)
+        z = tl.load(z_ptr + slot, mask=ok, other=0.0)
+        return _round_model((q - z[:, None]) * sc[:, None], ROUND_BF16, ROUND_FP16)
+
+    @triton.jit
+    def _mm(a, b, LOW: tl.constexpr):
+        """a @ b, fp32 out; operands already hold model-dtype values: LOW 1 bf16 / 2 fp16 tensor
+        cores (exact products), 0 plain fp32 (fp32 models, and the interpreter, which has no bf16 dot)."""
+        if LOW == 1:
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+        elif LOW == 2:
+            return tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+        else:
+            return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
+
+    @triton.jit
+    def _kv4_decode_kernel(
+        q_ptr, count_ptr, s1_ptr, s2_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, po_ptr, pm_ptr,
+        HKV, SMAX, NSPLIT, sq_b, sq_h, sm_scale, inv_sqrt_d,
+        CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+        F1: tl.constexpr, F2: tl.constexpr, ROTATE_Q: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr,
+        LOW: tl.constexpr,
+    ):
+        """Program (sequence x KV head, slice): partial softmax(q K^T) V over its slice of the cache."""
+        bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = bh // HKV
+        hk = bh % HKV
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        qrow = g < G
+        q = tl.load(q_ptr + b.to(tl.int64) * sq_b + (hk * G + g)[:, None] * sq_h + d[None, :], mask=qrow[:, None],
+                    other=0.0).to(tl.float32)
+        if ROTATE_Q:
+            q = _rotate_rows(q, s1_ptr, s2_ptr, inv_sqrt_d, GP, D, F1, F2, SPLIT_FIRST, ROUND_BF16, ROUND_FP16)
+        n = tl.load(count_ptr)
+        lo = sp * CHUNK
+        hi = tl.minimum(lo + CHUNK, n)
+        m_i = tl.full((GP,), float("-inf"), tl.float32)
+        l_i = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, D), tl.float32)
+        for it in range(0, CHUNK // BS):  # a fixed trip count (the interpreter has no tensor bounds)
+            start = lo + it * BS
+            if start < hi:
+                j = start + tl.arange(0, BS)
+                ok = j < hi
+                slot = bh.to(tl.int64) * SMAX + j
+                k = _dequant_tile(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16)
+                s = _mm(q, tl.trans(k), LOW) * sm_scale
+                s = tl.where(ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                v = _dequant_tile(vc_ptr, vs_ptr, vz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16)
+                acc = acc * alpha[:, None] + _mm(_round_model(p, ROUND_BF16, ROUND_FP16), v, LOW)
+                m_i = m_new
+        part = (bh * NSPLIT + sp).to(tl.int64)
+        tl.store(po_ptr + (part * GP + g)[:, None] * D + d[None, :], acc)
+        tl.store(pm_ptr + (part * GP + g) * 2, m_i)
+        tl.store(pm_ptr + (part * GP + g) * 2 + 1, l_i)
+
+    @triton.jit
+    def _kv4_merge_kernel(po_ptr, pm_ptr, out_ptr, HKV, so_b, so_h, NSPLIT: tl.constexpr,
+                          G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+        """Program (sequence x KV head): the slices' partial results, merged (log-sum-exp)."""
+        bh = tl.program_id(0)
+        b = bh // HKV
+        hk = bh % HKV
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        m_i = tl.full((GP,), float("-inf"), tl.float32)
+        l_i = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, D), tl.float32)
+        for sp in range(0, NSPLIT):
+            part = (bh * NSPLIT + sp).to(tl.int64)
+            m = tl.load(pm_ptr + (part * GP + g) * 2)
+            m_new = tl.maximum(m_i, m)
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a slice past the cache's end: nothing
+            a_old = tl.exp(m_i - safe)
+            a_new = tl.exp(m - safe)
+            l_i = l_i * a_old + tl.load(pm_ptr + (part * GP + g) * 2 + 1) * a_new
+            acc = acc * a_old[:, None] + tl.load(po_ptr + (part * GP + g)[:, None] * D + d[None, :]) * a_new[:, None]
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + b.to(tl.int64) * so_b + (hk * G + g)[:, None] * so_h + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
+
+
+# ---- the cache ---------------------------------------------------------------------------------
+class Kv4Codes:
+    """One layer's 4-bit K and V: codes uint8 [B, Hkv, S_max, D / 2], scale / zero fp32 [B, Hkv, S_max]."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, device):
+        if head_dim % 2:
+            raise ValueError(f"head dim {head_dim}: the 4-bit cache packs two codes per byte (even head dims)")
+        self.shape = (batch, heads, max_len, head_dim)
+        kw = dict(device=device)
+        self.k_codes = torch.zeros(batch, heads, max_len, head_dim // 2, dtype=torch.uint8, **kw)
+        self.v_codes = torch.zeros_like(self.k_codes)
+        self.k_scale = torch.zeros(batch, heads, max_len, dtype=torch.float32, **kw)
+        self.k_zero, self.v_scale, self.v_zero = (torch.zeros_like(self.k_scale) for _ in range(3))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k_codes, self.v_codes, self.k_scale, self.k_zero,
+                                                            self.v_scale, self.v_zero))
+
+    def dequantize(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) [B, Hkv, S_max, D] in `dtype`: (code - zero) * scale in fp32, then the cast (the
+        fake-quant path's expressions; slots never written hold 0)."""
+        def one(codes, scale, zero):
+            q = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(*codes.shape[:-1], -1).float()
+            return ((q - zero[..., None]) * scale[..., None]).to(dtype)
+        return one(self.k_codes, self.k_scale, self.k_zero), one(self.v_codes, self.v_scale, self.v_zero)
+
+
+class PendingKV4:
+    """What a `Kv4StaticLayer.update` returns as "keys": the new K / V states, not yet stored (the
+    attention function knows the layer's quantizer settings and stores them, `kv4_store`)."""
+
+    def __init__(self, layer, key_states: torch.Tensor, value_states: torch.Tensor):
+        self.layer, self.key_states, self.value_states = layer, key_states, value_states
+
+
+@functools.lru_cache(maxsize=1)
+def _layer_classes():
+    from transformers.cache_utils import StaticCache, StaticLayer
+
+    class Kv4StaticLayer(StaticLayer):
+        """transformers' static layer with 4-bit codes in place of the K / V tensors."""
+
+        def lazy_initialization(self, key_states, value_states):
+            self.device = key_states.device
+            self.batch_size, self.num_heads = key_states.shape[:2]
+            self.k_head_dim = self.v_head_dim = key_states.shape[-1]
+            if value_states.shape[-1] != key_states.shape[-1]:
+                raise ValueError("the 4-bit cache needs K and V of the same head dim")
+            self.codes = Kv4Codes(self.batch_size, self.num_heads, self.max_cache_len, self.k_head_dim, self.device)
+            self.cumulative_length = self.cumulative_length.to(self.device)
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.cumulative_length.add_(key_states.shape[-2])  # the store kernel writes before this count
+            return PendingKV4(self, key_states, value_states), value_states
+
+    class Kv4StaticCache(StaticCache):
+        """A StaticCache whose layers hold 4-bit codes (`Kv4StaticLayer`); use with the attention
+        implementation `register_kv4_attention()` returns."""
+
+        def __init__(self, config, max_cache_len: int, **kwargs):
+            super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+            for i, layer in enumerate(self.layers):
+                if type(layer) is not StaticLayer:
+                    raise ValueError(f"layer {i} is {type(layer).__name__}: the 4-bit cache holds full-attention "
+                                     "layers only")
+                self.layers[i] = Kv4StaticLayer(max_cache_len=max_cache_len)
+
+    return Kv4StaticLayer, Kv4StaticCache
+
+
+def Kv4StaticCache(config, max_cache_len: int, **kwargs):  # noqa: N802 - a class, built lazily (transformers)
+    return _layer_classes()[1](config, max_cache_len, **kwargs)
+
+
+# ---- launches ------------------------------------------------------------------------------------
+def _stages(head_dim: int, device):
+    k, p = hadamard_factorization(head_dim)
+    if k != 1:
+        raise ValueError(f"head dim {head_dim}: R3 in the kernels needs a power of two")
+    st = stage_sizes(p)
+    if len(st) > 2:
+        raise ValueError(f"head dim {head_dim} is too large for the 4-bit cache kernels")
+    sylv = _factor_tensors(head_dim, device)[1]
+    f1, f2 = (1, st[0]) if len(st) == 1 else st
+    s1, s2 = (sylv[0], sylv[0]) if len(st) == 1 else sylv
+    return f1, f2, s1, s2
+
+
+def _dtype_flags(dtype):
+    return dict(ROUND_BF16=dtype == torch.bfloat16, ROUND_FP16=dtype == torch.float16)
+
+
+def kv4_store(codes: Kv4Codes, count: torch.Tensor, key: torch.Tensor, value: torch.Tensor, clip_ratio: float,
+              rotate_k: bool) -> None:
+    """Quantize key / value [B, Hkv, S, D] into `codes` at positions count - S .. count - 1 (count: the
+    layer's token count, a device tensor that already includes these S tokens)."""
+    b, h, s, d = key.shape
+    if value.shape != key.shape:
+        raise ValueError(f"K {tuple(key.shape)} and V {tuple(value.shape)} differ")
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    if value.stride(-1) != 1:
+        value = value.contiguous()
+    rows = b * h * s
+    if rows == 0:
+        return
+    f1, f2, s1, s2 = _stages(d, key.device)
+    block_m = 16
+    _kv4_store_kernel[(triton.cdiv(rows, block_m), 2)](
+        key, value, count, s1, s2, codes.k_codes, codes.k_scale, codes.k_zero, codes.v_codes, codes.v_scale,
+        codes.v_zero, rows, s, h, codes.shape[2], key.stride(0), key.stride(1), key.stride(2), value.stride(0),
+        value.stride(1), value.stride(2), float(clip_ratio), 1.0 / math.sqrt(d),
+        D=d, F1=f1, F2=f2, BLOCK_M=block_m, ROTATE_K=rotate_k, SPLIT_FIRST=key.dtype == torch.float32,
+        RECIP=key.is_cuda, USE_RINT=os.environ.get("TRITON_INTERPRET") != "1", enable_fp_fusion=False,
+        num_warps=4, **_dtype_flags(key.dtype),
+    )
+
+
+def _splits(bh: int, max_len: int, device) -> int:
+    blocks = triton.cdiv(max_len, BLOCK_S)
+    if device.type != "cuda":
+        return min(blocks, 2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(blocks, triton.cdiv(2 * sms, bh)))
+
+
+def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tensor, scaling: float,
+                         rotate_q: bool) -> torch.Tensor:
+    """query [B, H, 1, D] (after RoPE) -> attention output [B, 1, H, D] over the first `count` cached
+    positions (unmasked: unpadded sequences)."""
+    b, h, sq, d = query.shape
+    _, hkv, smax, _ = codes.shape
+    if sq != 1 or h % hkv:
+        raise ValueError(f"decode attention takes one query token and whole GQA groups, got {tuple(query.shape)}")
+    g = h // hkv
+    gp = max(16, 1 << (g - 1).bit_length())
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    ns = _splits(b * hkv, smax, query.device)
+    chunk = triton.cdiv(triton.cdiv(smax, ns), BLOCK_S) * BLOCK_S
+    po = torch.empty(b * hkv * ns * gp, d, dtype=torch.float32, device=query.device)
+    pm = torch.empty(b * hkv * ns * gp, 2, dtype=torch.float32, device=query.device)
+    f1, f2, s1, s2 = _stages(d, query.device)
+    low = 0 if query.dtype == torch.float32 or not query.is_cuda else (1 if query.dtype == torch.bfloat16 else 2)
+    _kv4_decode_kernel[(b * hkv, ns)](
+        query, count, s1, s2, codes.k_codes, codes.k_scale, codes.k_zero, codes.v_codes, codes.v_scale, codes.v_zero,
+        po, pm, hkv, smax, ns, query.stride(0), query.stride(1), float(scaling), 1.0 / math.sqrt(d),
+        CHUNK=chunk, G=g, GP=gp, D=d, BS=BLOCK_S, F1=f1, F2=f2, ROTATE_Q=rotate_q, SPLIT_FIRST=query.dtype == torch.float32,
+        LOW=low, num_warps=4,
+        enable_fp_fusion=False, **_dtype_flags(query.dtype),
+    )
+    out = torch.empty(b, 1, h, d, dtype=query.dtype, device=query.device)
+    _kv4_merge_kernel[(b * hkv,)](po, pm, out, hkv, out.stride(0), out.stride(2), NSPLIT=ns, G=g, GP=gp, D=d, num_warps=4)
+    return out
+
+
+# ---- the attention implementation ------------------------------------------------------------------
+def _transform_settings(module):
+    """(clip ratio, rotate q / k) of a layer's `AttentionTransform`, or ValueError."""
+    t = getattr(module, "dq_attention", None)
+    kq, vq = getattr(t, "k_quantizer", None), getattr(t, "v_quantizer", None)
+    if kq is None or vq is None:
+        raise ValueError("the 4-bit cache kernels need the run's K and V quantizers (kv_bits 4)")
+    return kq.spec.clip_ratio, t.qk_rotation is not None
+
+
+def _kv4_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    clip, rotate = _transform_settings(module)
+    scaling = kwargs.get("scaling")
+    scaling = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    if isinstance(key, PendingKV4):
+        layer = key.layer
+        kv4_store(layer.codes, layer.cumulative_length, key.key_states, key.value_states, clip, rotate)
+        if query.shape[2] == 1:
+            return kv4_decode_attention(query, layer.codes, layer.cumulative_length, scaling, rotate), None
+        codes = layer.codes
+    else:  # no cache: the same codes, in a cache of this forward's length
+        b, h, s, d = key.shape
+        codes = Kv4Codes(b, h, s, d, key.device)
+        kv4_store(codes, torch.full((), s, dtype=torch.int64, device=key.device), key, value, clip, rotate)
+    k, v = codes.dequantize(query.dtype)
+    if rotate:
+        query = module.dq_attention.qk_rotation(query)
+    # a None mask over a longer static cache is transformers' prefill shortcut (upper-left causal)
+    return sdpa_attention_forward(module, query, k, v, attention_mask, **kwargs)
+
+
+_registered = False
+
+
+def register_kv4_attention() -> str:
+    """Register the "dartquant_kv4" attention implementation with transformers (idempotent)."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        AttentionInterface.register(ATTN_IMPLEMENTATION, _kv4_attention)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        _registered = True
+    return ATTN_IMPLEMENTATION
+
+
+def kv4_scheme_problems(scheme) -> list[str]:
+    """Settings of a QuantScheme's K/V quantizer that the cache kernels do not run (empty: fine);
+    from dartquant.json alone, before any weight is read."""
+    bad = []
+    wants = {"kv_bits": 4, "kv_symmetric": False, "kv_group_size": None}
+    for name, value in wants.items():
+        if getattr(scheme, name) != value:
+            bad.append(f"{name}={getattr(scheme, name)!r} (the 4-bit cache kernels need {value!r})")
+    return bad
+
+
+def check_kv4_support(model) -> None:
+    """ValueError naming what the 4-bit cache kernels cannot run, before any work."""
+    from ..adapters import adapter_for
+
+    adapter = adapter_for(model)
+    config = model.config.get_text_config()
+    problems = []
+    head_dim = adapter.geometry(model.config).head_dim
+    types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if types != {"full_attention"}:
+        problems.append(f"layer types {sorted(types)} (full attention only)")
+    if getattr(config, "attn_logit_softcapping", None):
+        problems.append("attention logit softcapping")
+    for i, block in enumerate(adapter.decoder_layers(model)):
+        attn = adapter.layer(block).attn
+        t = getattr(attn, "dq_attention", None)
+        kq = getattr(t, "k_quantizer", None)
+        vq = getattr(t, "v_quantizer", None)
+        if kq is None or vq is None:
+            problems.append(f"layer {i}: no 4-bit K / V quantizers (a run with kv_bits 4 is needed)")
+            break
+        for name, qz in (("K", kq), ("V", vq)):
+            sp = qz.spec
+            if sp.bits != 4 or sp.symmetric or getattr(sp, "mse_search", False) or sp.group_size not in (None, head_dim):
+                problems.append(f"layer {i}: {name} quantizer {qz.extra_repr()} (the kernels: 4-bit asymmetric)")
+        if t._k_bias_from:
+            problems.append(f"layer {i}: K bias kept out of the K quantizer (kv_exclude_k_bias with a k_proj bias)")
+        if problems:
+            break
+    try:
+        if t is not None and t.qk_rotation is not None:
+            _stages(head_dim, "cpu")
+    except ValueError as e:
+        problems.append(str(e))
+    if problems:
+        raise ValueError("the 4-bit KV cache kernels cannot run this model: " + "; ".join(problems))

@@ -1,0 +1,153 @@
+"""The 4-bit K/V cache kernels (kernels.kv_cache) through Triton's interpreter: the codes they store
+are the fake-quant path's, the decode attention is SDPA over those values, and a model decodes on
+them (`dartquant bench --kv kernels`)."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / the kernels are imported
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dartquant.hadamard import fast_hadamard_transform  # noqa: E402
+from dartquant.kernels.kv_cache import (  # noqa: E402
+    Kv4Codes, kv4_decode_attention, kv4_scheme_problems, kv4_store)
+from dartquant.quant.primitives import QuantSpec, fake_quantize  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="these tests run the kernels through Triton's interpreter")
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _kv(b, h, s, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(b, h, s, d, generator=g) for _ in range(2))
+    k[0, 0, 1] *= 50.0  # a massive key: its row's range is wide
+    k[-1, -1, -1] = 0.0  # a zero row: scale 1, every code the zero point
+    return k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,rotate", [(64, True), (128, True), (256, True), (32, False)])
+def test_stored_codes_are_the_fake_quant_values(dtype, d, rotate):
+    """Written in two calls (a prompt of 5, then one token) at the count's positions: the dequantized
+    cache is bit for bit what AttentionTransform's quantizers give (R3 on K when rotating)."""
+    spec = QuantSpec(bits=4, symmetric=False, clip_ratio=0.9)
+    k, v = _kv(2, 3, 6, d, dtype, seed=d)
+    codes = Kv4Codes(2, 3, 9, d, "cpu")
+    count = torch.tensor(0)
+    for lo, hi in ((0, 5), (5, 6)):
+        count.add_(hi - lo)
+        kv4_store(codes, count, k[:, :, lo:hi], v[:, :, lo:hi], 0.9, rotate)
+    kq, vq = codes.dequantize(dtype)
+    want_k = fake_quantize(fast_hadamard_transform(k) if rotate else k, spec)
+    assert torch.equal(kq[:, :, :6], want_k) and torch.equal(vq[:, :, :6], fake_quantize(v, spec))
+    assert not kq[:, :, 6:].any() and not codes.v_codes[:, :, 6:].any()  # nothing past the count
+
+
+def test_store_reads_strided_inputs_and_never_writes_past_the_end():
+    k, v = _kv(1, 2, 4, 64, torch.bfloat16, seed=1)
+    kt = k.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, S, D] view of a [B, S, H, D] tensor
+    codes = Kv4Codes(1, 2, 3, 64, "cpu")  # room for 3 of the 4 tokens
+    kv4_store(codes, torch.tensor(4), kt, v, 1.0, True)
+    ref = Kv4Codes(1, 2, 4, 64, "cpu")
+    kv4_store(ref, torch.tensor(4), k, v, 1.0, True)
+    # the count says positions 0..3: position 3 does not exist in `codes` and is dropped
+    assert torch.equal(codes.k_codes, ref.k_codes[:, :, :3]) and torch.equal(codes.v_scale, ref.v_scale[:, :, :3])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_heads):
+    """Over two slices of the cache (150 of 200 slots filled, the rest ignored), GQA groups, R3 on
+    the query in the kernel: SDPA over the dequantized cache, to the order of fp32 sums (bf16:
+    the probabilities are rounded to bf16 for P V, as flash attention does)."""
+    d, n, smax = 64, 150, 200
+    k, v = _kv(2, kv_heads, n, d, dtype, seed=heads)
+    codes = Kv4Codes(2, kv_heads, smax, d, "cpu")
+    count = torch.tensor(n)
+    kv4_store(codes, count, k, v, 1.0, True)
+    q = torch.randn(2, heads, 1, d, generator=torch.Generator().manual_seed(7)).to(dtype)
+    out = kv4_decode_attention(q, codes, count, d ** -0.5, rotate_q=True)
+    kq, vq = (t[:, :, :n].float().repeat_interleave(heads // kv_heads, 1) for t in codes.dequantize(dtype))
+    ref = torch.nn.functional.scaled_dot_product_attention(fast_hadamard_transform(q).float(), kq, vq)
+    assert out.shape == (2, 1, heads, d) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.transpose(1, 2), rtol=tol, atol=tol)  # bf16: 1-2 ulps of the output
+
+
+def test_scheme_problems():
+    from dartquant.quant.scheme import QuantScheme
+
+    assert kv4_scheme_problems(QuantScheme()) == []
+    bad = kv4_scheme_problems(QuantScheme(kv_bits=16, kv_symmetric=True))
+    assert any("kv_bits=16" in b for b in bad) and any("kv_symmetric=True" in b for b in bad)
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    from test_kernels_backend import _tiny_llama_folder
+
+    from dartquant.config import RunConfig
+    from dartquant.pipeline import run_quantize
+
+    base = tmp_path_factory.mktemp("kv4")
+    model = _tiny_llama_folder(base / "model")
+    cfg = RunConfig.from_flat(model=str(model), method="quarot", w_quantizer="rtn", calib_samples=2, calib_seqlen=16,
+                              eval_seqlen=16, eval_max_windows=1, guard_windows=0)
+    run_quantize(cfg, base / "run", progress=False, eval_fp=False)
+    return base / "run"
+
+
+def test_a_model_decodes_on_the_4bit_cache(run_folder):
+    """float32, W4A4 linears on the kernels: a decode step over the 4-bit cache (codes written by the
+    prompt's forward, then the step's token) gives the fake-quant model's logits (its K / V
+    quantizers over a bf16 cache), step after step; the cache holds codes, not tensors."""
+    from dartquant.kernels.backend import load_for_backend
+    from dartquant.kernels.bench import make_decode_step
+    from dartquant.kernels.kv_cache import check_kv4_support, register_kv4_attention
+
+    model, _ = load_for_backend(run_folder, "triton", dtype=torch.float32)
+    fake_step = make_decode_step(model, batch=2, context=6, device=torch.device("cpu"))
+    assert model.config._attn_implementation == "dartquant"  # the fake-quant K / V
+    want = fake_step()
+    check_kv4_support(model)
+    model.set_attn_implementation(register_kv4_attention())
+    step = make_decode_step(model, batch=2, context=6, device=torch.device("cpu"))
+    for _ in range(2):
+        torch.testing.assert_close(step(), want, rtol=0, atol=1e-4)
+    assert 0 < step.cache_bytes < fake_step.cache_bytes
+
+
+def test_refused_without_kv_quantizers(run_folder, tmp_path, capsys):
+    from dartquant.kernels.backend import load_for_backend
+    from dartquant.kernels.kv_cache import check_kv4_support
+
+    model, _ = load_for_backend(run_folder, "triton", dtype=torch.float32)
+    for block in model.model.layers:
+        block.self_attn.dq_attention.v_quantizer = None
+    with pytest.raises(ValueError, match="no 4-bit K / V quantizers"):
+        check_kv4_support(model)
+    from test_kernels_backend import _variant
+
+    from dartquant.cli import main as cli_main
+
+    folder = _variant(run_folder, tmp_path, "kv16", kv_bits=16)  # metadata only: refused before any weight
+    assert cli_main(["bench", str(folder), "--device", "cpu", "--kv", "kernels", "--batch", "1"]) == 2
+    assert "kv_bits=16" in capsys.readouterr().err
+
+
+def test_bench_with_the_4bit_cache(run_folder, tmp_path, capsys):
+    from dartquant.cli import main as cli_main
+
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", str(run_folder), "--device", "cpu", "--prefill", "8", "--batch", "2", "--context", "4",
+                     "--kv", "kernels", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["w4a4"]["finite"] and res["settings"]["kv"] == "kernels"
+    assert res["w4a4"]["decode_b2"]["kv_cache_bytes"] < res["bf16"]["decode_b2"]["kv_cache_bytes"]
+    assert "KV cache: kernels" in capsys.readouterr().out
