@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from dartquant.hadamard import fast_hadamard_transform  # noqa: E402
 from dartquant.kernels.kv_cache import (  # noqa: E402
-    Kv4Codes, kv4_decode_attention, kv4_scheme_problems, kv4_store)
+    Kv4Codes, kv4_decode_attention, kv4_fake_quant, kv4_scheme_problems, kv4_store)
 from dartquant.quant.primitives import QuantSpec, fake_quantize  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -50,6 +50,20 @@ def test_stored_codes_are_the_fake_quant_values(dtype, d, rotate):
     assert not kq[:, :, 6:].any() and not codes.v_codes[:, :, 6:].any()  # nothing past the count
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_prompt_without_cache_gets_the_fake_quant_values_in_one_launch(dtype):
+    """kv4_fake_quant (the no-cache forward): K (R3) and V quantized-dequantized and Q rotated, equal
+    to the fake path's; GQA (6 query heads on 2 KV heads)."""
+    spec = QuantSpec(bits=4, symmetric=False, clip_ratio=0.9)
+    k, v = _kv(2, 2, 5, 64, dtype, seed=3)
+    q = torch.randn(2, 6, 5, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
+    kd, vd, qd = kv4_fake_quant(k, v, 0.9, True, q)
+    assert torch.equal(kd, fake_quantize(fast_hadamard_transform(k), spec))
+    assert torch.equal(vd, fake_quantize(v, spec)) and torch.equal(qd, fast_hadamard_transform(q))
+    kd2, vd2, none = kv4_fake_quant(k, v, 0.9, False)
+    assert none is None and torch.equal(kd2, fake_quantize(k, spec)) and torch.equal(vd2, vd)
+
+
 def test_store_reads_strided_inputs_and_never_writes_past_the_end():
     k, v = _kv(1, 2, 4, 64, torch.bfloat16, seed=1)
     kt = k.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, S, D] view of a [B, S, H, D] tensor
@@ -65,8 +79,9 @@ def test_store_reads_strided_inputs_and_never_writes_past_the_end():
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
 def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_heads):
     """Over two slices of the cache (150 of 200 slots filled, the rest ignored), GQA groups, R3 on
-    the query in the kernel: SDPA over the dequantized cache, to the order of fp32 sums (bf16:
-    the probabilities are rounded to bf16 for P V, as flash attention does)."""
+    the query in the kernel: SDPA over the dequantized cache, to the order of fp32 sums and, in
+    bf16, the rounding of the dequantized values (the kernel multiplies the exact code - zero by
+    the scale in fp32) and of the probabilities times V's scale (P V in bf16, as flash attention)."""
     d, n, smax = 64, 150, 200
     k, v = _kv(2, kv_heads, n, d, dtype, seed=heads)
     codes = Kv4Codes(2, kv_heads, smax, d, "cpu")
@@ -142,12 +157,14 @@ def test_refused_without_kv_quantizers(run_folder, tmp_path, capsys):
 
 
 def test_bench_with_the_4bit_cache(run_folder, tmp_path, capsys):
+    """`dartquant bench --kv kernels` runs the w4a4 side on the 4-bit cache and reports its bytes:
+    2 layers x (K + V) x 2 KV heads x 4 slots x (8 bytes of codes + 8 of fp32 scale / zero)."""
     from dartquant.cli import main as cli_main
 
     out = tmp_path / "bench.json"
-    assert cli_main(["bench", str(run_folder), "--device", "cpu", "--prefill", "8", "--batch", "2", "--context", "4",
-                     "--kv", "kernels", "--json", str(out)]) == 0
+    assert cli_main(["bench", str(run_folder), "--device", "cpu", "--prefill", "4", "--batch", "1", "--context", "3",
+                     "--kv", "kernels", "--sides", "w4a4", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["w4a4"]["finite"] and res["settings"]["kv"] == "kernels"
-    assert res["w4a4"]["decode_b2"]["kv_cache_bytes"] < res["bf16"]["decode_b2"]["kv_cache_bytes"]
+    assert res["w4a4"]["decode_b1"]["kv_cache_bytes"] == 2 * 2 * 2 * 4 * (8 + 8)  # bf16 would be 2 * 2 * 2 * 4 * 32
     assert "KV cache: kernels" in capsys.readouterr().out

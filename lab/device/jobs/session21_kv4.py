@@ -85,6 +85,12 @@ def timing(b, h, hkv):
     res["kv4 us"] = graph_ms([lambda i=i: kv4(i) for i in range(LAYERS)]) * 1e3
     res["kv4 attention only us"] = graph_ms([lambda i=i: kv4_decode_attention(q[i], caches[i], count, D ** -0.5, True)
                                              for i in range(LAYERS)]) * 1e3
+    for bs, w in ((64, 8), (128, 4), (128, 8), (32, 4)):  # the default is 64 positions a step, 4 warps
+        try:
+            res[f"kv4 attention bs{bs} w{w} us"] = graph_ms([lambda i=i: kv4_decode_attention(
+                q[i], caches[i], count, D ** -0.5, True, block_s=bs, num_warps=w) for i in range(LAYERS)]) * 1e3
+        except Exception as e:  # recorded
+            res[f"kv4 attention bs{bs} w{w} us"] = repr(e)[:200]
     res["kv4 store only us"] = graph_ms([lambda i=i: kv4_store(caches[i], count, knew[i], vnew[i], 1.0, True)
                                          for i in range(LAYERS)]) * 1e3
     bf16_bytes = b * hkv * smax * D * 2 * 2
@@ -126,6 +132,7 @@ def main(out_path):
         print(f"{r['shape']:6} b{r['batch']:<3} bf16 {r['bf16 sdpa us']:8.1f} us (sdpa {r['bf16 sdpa only us']:7.1f}, "
               f"{r['bf16 sdpa GB/s']:5.0f} GB/s) | kv4 {r['kv4 us']:7.1f} us (attn {r['kv4 attention only us']:6.1f}, "
               f"{r['kv4 attention GB/s']:5.0f} GB/s; store {r['kv4 store only us']:5.1f}) | x{r['bf16 sdpa us'] / r['kv4 us']:.2f}"
+              f" | sweep {[(k.split()[2:4], round(v, 1)) for k, v in r.items() if ' bs' in k and isinstance(v, float)]}"
               f" | k/v values off {r['k_values_differing']:.1e}/{r['v_values_differing']:.1e} attn err {r['attn_max_rel_err']:.1e}")
 
 

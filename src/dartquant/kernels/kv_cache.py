@@ -67,60 +67,80 @@ if triton is not None:
 
     @triton.jit
     def _kv4_store_kernel(
-        k_ptr, v_ptr, count_ptr, s1_ptr, s2_ptr,
-        kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-        ROWS, S_NEW, HKV, SMAX, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, clip_ratio, inv_sqrt_d,
+        k_ptr, v_ptr, q_ptr, count_ptr, s1_ptr, s2_ptr,
+        kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, kd_ptr, vd_ptr, qd_ptr,
+        ROWS, ROWS_Q, S_NEW, HKV, HQ, SMAX, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sq_b, sq_h, sq_s,
+        clip_ratio, inv_sqrt_d,
         D: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, BLOCK_M: tl.constexpr, ROTATE_K: tl.constexpr,
-        SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
-        USE_RINT: tl.constexpr,
+        WRITE_CODES: tl.constexpr, WRITE_VALUES: tl.constexpr, SPLIT_FIRST: tl.constexpr,
+        ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr, USE_RINT: tl.constexpr,
     ):
-        """Program (row block, 0 = K / 1 = V): rows are (sequence, KV head, new token) flattened."""
+        """Program (row block, 0 = K / 1 = V / 2 = Q): rows are (sequence, head, new token) flattened.
+        K / V: 4-bit codes into the cache at the count's positions (WRITE_CODES) and / or the
+        dequantized values, in the model dtype, to [rows, D] (WRITE_VALUES: what SDPA reads when
+        several query tokens attend); Q (only with WRITE_VALUES and ROTATE_K): R3 applied, to [rows, D]."""
         pid = tl.program_id(0)
-        is_v = tl.program_id(1)
+        role = tl.program_id(1)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        live = rows < ROWS
         s = rows % S_NEW
-        bh = rows // S_NEW  # sequence * HKV + head
-        b = bh // HKV
-        h = bh % HKV
+        heads = HKV
+        if role == 2:
+            heads = HQ
+        bh = rows // S_NEW  # sequence * heads + head
+        b = bh // heads
+        h = bh % heads
         d = tl.arange(0, D)
-        pos = tl.load(count_ptr) - S_NEW + s  # the layer's count already includes the new tokens
-        live = live & (pos < SMAX) & (pos >= 0)
-        if is_v == 0:
+        if role == 0:
+            live = rows < ROWS
             src = k_ptr + (b.to(tl.int64) * sk_b + h * sk_h + s * sk_s)
-        else:
+        elif role == 1:
+            live = rows < ROWS
             src = v_ptr + (b.to(tl.int64) * sv_b + h * sv_h + s * sv_s)
+        else:
+            live = rows < ROWS_Q
+            src = q_ptr + (b.to(tl.int64) * sq_b + h * sq_h + s * sq_s)
         x = tl.load(src[:, None] + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
         if ROTATE_K:
-            if is_v == 0:
+            if role != 1:
                 x = _rotate_rows(x, s1_ptr, s2_ptr, inv_sqrt_d, BLOCK_M, D, F1, F2, SPLIT_FIRST, ROUND_BF16,
                                  ROUND_FP16)
         x = tl.where(live[:, None], x, 0.0)
-        scale, zero = _asym4_qparams(tl.min(x, axis=1), tl.max(x, axis=1), clip_ratio, RECIP)
-        q = _codes(x, tl.broadcast_to(scale[:, None], x.shape), zero[:, None], USE_RINT)
-        q_lo, q_hi = tl.split(tl.reshape(q, (BLOCK_M, D // 2, 2)))
-        slot = bh.to(tl.int64) * SMAX + pos
-        half = tl.arange(0, D // 2)
-        packed = q_lo | (q_hi << 4)
-        if is_v == 0:
-            tl.store(kc_ptr + slot[:, None] * (D // 2) + half[None, :], packed, mask=live[:, None])
-            tl.store(ks_ptr + slot, scale, mask=live)
-            tl.store(kz_ptr + slot, zero, mask=live)
+        if role == 2:
+            tl.store(qd_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], x.to(qd_ptr.dtype.element_ty),
+                     mask=live[:, None])
         else:
-            tl.store(vc_ptr + slot[:, None] * (D // 2) + half[None, :], packed, mask=live[:, None])
-            tl.store(vs_ptr + slot, scale, mask=live)
-            tl.store(vz_ptr + slot, zero, mask=live)
+            scale, zero = _asym4_qparams(tl.min(x, axis=1), tl.max(x, axis=1), clip_ratio, RECIP)
+            q = _codes(x, tl.broadcast_to(scale[:, None], x.shape), zero[:, None], USE_RINT)
+            if WRITE_VALUES:  # the fake path's dequantized value: (code - zero) * scale, in the model dtype
+                val = _round_model((q.to(tl.float32) - zero[:, None]) * scale[:, None], ROUND_BF16, ROUND_FP16)
+                vptr = rows.to(tl.int64)[:, None] * D + d[None, :]
+                if role == 0:
+                    tl.store(kd_ptr + vptr, val.to(kd_ptr.dtype.element_ty), mask=live[:, None])
+                else:
+                    tl.store(vd_ptr + vptr, val.to(vd_ptr.dtype.element_ty), mask=live[:, None])
+            if WRITE_CODES:
+                pos = tl.load(count_ptr) - S_NEW + s  # the layer's count already includes the new tokens
+                ok = live & (pos < SMAX) & (pos >= 0)
+                q_lo, q_hi = tl.split(tl.reshape(q, (BLOCK_M, D // 2, 2)))
+                slot = bh.to(tl.int64) * SMAX + pos
+                half = tl.arange(0, D // 2)
+                packed = q_lo | (q_hi << 4)
+                if role == 0:
+                    tl.store(kc_ptr + slot[:, None] * (D // 2) + half[None, :], packed, mask=ok[:, None])
+                    tl.store(ks_ptr + slot, scale, mask=ok)
+                    tl.store(kz_ptr + slot, zero, mask=ok)
+                else:
+                    tl.store(vc_ptr + slot[:, None] * (D // 2) + half[None, :], packed, mask=ok[:, None])
+                    tl.store(vs_ptr + slot, scale, mask=ok)
+                    tl.store(vz_ptr + slot, zero, mask=ok)
 
     @triton.jit
-    def _dequant_tile(c_ptr, sc_ptr, z_ptr, slot, ok, D: tl.constexpr, BS: tl.constexpr,
-                      ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr):
-        """[BS, D] values (code - zero) * scale in fp32, rounded to the model dtype: the fake path's."""
+    def _centered_tile(c_ptr, z_ptr, slot, ok, D: tl.constexpr, BS: tl.constexpr):
+        """[BS, D] code - zero (integers in [-15, 15], exact in fp32 and bf16) of BS cached positions."""
         half = tl.arange(0, D // 2)
         c = tl.load(c_ptr + slot[:, None] * (D // 2) + half[None, :], mask=ok[:, None], other=0)
         q = tl.reshape(tl.join((c & 15).to(tl.float32), (c >> 4).to(tl.float32)), (BS, D))
-        sc = tl.load(sc_ptr + slot, mask=ok, other=1.0)
-        z = tl.load(z_ptr + slot, mask=ok, other=0.0)
-        return _round_model((q - z[:, None]) * sc[:, None], ROUND_BF16, ROUND_FP16)
+        return q - tl.load(z_ptr + slot, mask=ok, other=0.0)[:, None]
 
     @triton.jit
     def _mm(a, b, LOW: tl.constexpr):
@@ -165,15 +185,20 @@ if triton is not None:
                 j = start + tl.arange(0, BS)
                 ok = j < hi
                 slot = bh.to(tl.int64) * SMAX + j
-                k = _dequant_tile(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16)
-                s = _mm(q, tl.trans(k), LOW) * sm_scale
+                # scores = scale_j * (q . (code_j - zero_j)): the integers enter the dot exactly
+                kc = _centered_tile(kc_ptr, kz_ptr, slot, ok, D, BS)
+                ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)
+                s = _mm(q, tl.trans(kc), LOW) * (ks * sm_scale)[None, :]
                 s = tl.where(ok[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 alpha = tl.exp(m_i - m_new)
                 p = tl.exp(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
-                v = _dequant_tile(vc_ptr, vs_ptr, vz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16)
-                acc = acc * alpha[:, None] + _mm(_round_model(p, ROUND_BF16, ROUND_FP16), v, LOW)
+                # P V = (p_j * scale_j) (code_j - zero_j): the weights rounded to the model dtype, as P is
+                vc = _centered_tile(vc_ptr, vz_ptr, slot, ok, D, BS)
+                vs = tl.load(vs_ptr + slot, mask=ok, other=0.0)
+                pv = _round_model(p * vs[None, :], ROUND_BF16, ROUND_FP16)
+                acc = acc * alpha[:, None] + _mm(pv, vc, LOW)
                 m_i = m_new
         part = (bh * NSPLIT + sp).to(tl.int64)
         tl.store(po_ptr + (part * GP + g)[:, None] * D + d[None, :], acc)
@@ -302,34 +327,60 @@ def _dtype_flags(dtype):
     return dict(ROUND_BF16=dtype == torch.bfloat16, ROUND_FP16=dtype == torch.float16)
 
 
-def kv4_store(codes: Kv4Codes, count: torch.Tensor, key: torch.Tensor, value: torch.Tensor, clip_ratio: float,
-              rotate_k: bool) -> None:
-    """Quantize key / value [B, Hkv, S, D] into `codes` at positions count - S .. count - 1 (count: the
-    layer's token count, a device tensor that already includes these S tokens)."""
+def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=None, values=False):
     b, h, s, d = key.shape
     if value.shape != key.shape:
         raise ValueError(f"K {tuple(key.shape)} and V {tuple(value.shape)} differ")
-    if key.stride(-1) != 1:
-        key = key.contiguous()
-    if value.stride(-1) != 1:
-        value = value.contiguous()
+    key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (key, value))
+    kd = torch.empty(b, h, s, d, dtype=key.dtype, device=key.device) if values else None
+    vd = torch.empty_like(kd) if values else None
+    rows_q, hq, qd = 0, 1, None
+    if query is not None:
+        if not (values and rotate) or query.shape[0] != b or query.shape[2:] != (s, d):
+            raise ValueError("the query is rotated here only with values, R3, and K's batch / tokens / head dim")
+        query = query if query.stride(-1) == 1 else query.contiguous()
+        hq = query.shape[1]
+        rows_q = b * hq * s
+        qd = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     rows = b * h * s
     if rows == 0:
-        return
+        return kd, vd, qd
     f1, f2, s1, s2 = _stages(d, key.device)
     block_m = 16
-    _kv4_store_kernel[(triton.cdiv(rows, block_m), 2)](
-        key, value, count, s1, s2, codes.k_codes, codes.k_scale, codes.k_zero, codes.v_codes, codes.v_scale,
-        codes.v_zero, rows, s, h, codes.shape[2], key.stride(0), key.stride(1), key.stride(2), value.stride(0),
-        value.stride(1), value.stride(2), float(clip_ratio), 1.0 / math.sqrt(d),
-        D=d, F1=f1, F2=f2, BLOCK_M=block_m, ROTATE_K=rotate_k, SPLIT_FIRST=key.dtype == torch.float32,
-        RECIP=key.is_cuda, USE_RINT=os.environ.get("TRITON_INTERPRET") != "1", enable_fp_fusion=False,
-        num_warps=4, **_dtype_flags(key.dtype),
+    c = codes
+    cache = (c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero) if c is not None else (key,) * 6
+    qsrc = query if query is not None else key
+    _kv4_store_kernel[(triton.cdiv(max(rows, rows_q), block_m), 3 if query is not None else 2)](
+        key, value, qsrc, count if count is not None else key, s1, s2, *cache,
+        kd if values else key, vd if values else key, qd if qd is not None else key,
+        rows, rows_q, s, h, hq, c.shape[2] if c is not None else 1, *key.stride()[:3], *value.stride()[:3],
+        *qsrc.stride()[:3], float(clip_ratio), 1.0 / math.sqrt(d),
+        D=d, F1=f1, F2=f2, BLOCK_M=block_m, ROTATE_K=rotate, WRITE_CODES=codes is not None, WRITE_VALUES=values,
+        SPLIT_FIRST=key.dtype == torch.float32, RECIP=key.is_cuda,
+        USE_RINT=os.environ.get("TRITON_INTERPRET") != "1", enable_fp_fusion=False, num_warps=4,
+        **_dtype_flags(key.dtype),
     )
+    return kd, vd, qd
 
 
-def _splits(bh: int, max_len: int, device) -> int:
-    blocks = triton.cdiv(max_len, BLOCK_S)
+def kv4_store(codes: Kv4Codes, count: torch.Tensor, key: torch.Tensor, value: torch.Tensor, clip_ratio: float,
+              rotate_k: bool) -> None:
+    """Quantize key / value [B, Hkv, S, D] into `codes` at positions count - S .. count - 1 (count: the
+    layer's token count, a device tensor that already includes these S tokens; positions past the
+    cache's end are not written)."""
+    _store_launch(key, value, clip_ratio, rotate_k, codes=codes, count=count)
+
+
+def kv4_fake_quant(key: torch.Tensor, value: torch.Tensor, clip_ratio: float, rotate: bool,
+                   query: torch.Tensor | None = None):
+    """(K, V, Q) as the fake-quant path attends them, in one launch, nothing cached: K (R3 applied if
+    `rotate`) and V quantized per token and head and dequantized in the model dtype; Q with R3 applied
+    (None without a query)."""
+    return _store_launch(key, value, clip_ratio, rotate, query=query if rotate else None, values=True)
+
+
+def _splits(bh: int, max_len: int, device, block_s: int) -> int:
+    blocks = triton.cdiv(max_len, block_s)
     if device.type != "cuda":
         return min(blocks, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -337,7 +388,7 @@ def _splits(bh: int, max_len: int, device) -> int:
 
 
 def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tensor, scaling: float,
-                         rotate_q: bool) -> torch.Tensor:
+                         rotate_q: bool, block_s: int = BLOCK_S, num_warps: int = 4) -> torch.Tensor:
     """query [B, H, 1, D] (after RoPE) -> attention output [B, 1, H, D] over the first `count` cached
     positions (unmasked: unpadded sequences)."""
     b, h, sq, d = query.shape
@@ -348,8 +399,8 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     gp = max(16, 1 << (g - 1).bit_length())
     if query.stride(-1) != 1:
         query = query.contiguous()
-    ns = _splits(b * hkv, smax, query.device)
-    chunk = triton.cdiv(triton.cdiv(smax, ns), BLOCK_S) * BLOCK_S
+    ns = _splits(b * hkv, smax, query.device, block_s)
+    chunk = triton.cdiv(triton.cdiv(smax, ns), block_s) * block_s
     po = torch.empty(b * hkv * ns * gp, d, dtype=torch.float32, device=query.device)
     pm = torch.empty(b * hkv * ns * gp, 2, dtype=torch.float32, device=query.device)
     f1, f2, s1, s2 = _stages(d, query.device)
@@ -357,8 +408,8 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     _kv4_decode_kernel[(b * hkv, ns)](
         query, count, s1, s2, codes.k_codes, codes.k_scale, codes.k_zero, codes.v_codes, codes.v_scale, codes.v_zero,
         po, pm, hkv, smax, ns, query.stride(0), query.stride(1), float(scaling), 1.0 / math.sqrt(d),
-        CHUNK=chunk, G=g, GP=gp, D=d, BS=BLOCK_S, F1=f1, F2=f2, ROTATE_Q=rotate_q, SPLIT_FIRST=query.dtype == torch.float32,
-        LOW=low, num_warps=4,
+        CHUNK=chunk, G=g, GP=gp, D=d, BS=block_s, F1=f1, F2=f2, ROTATE_Q=rotate_q, SPLIT_FIRST=query.dtype == torch.float32,
+        LOW=low, num_warps=num_warps,
         enable_fp_fusion=False, **_dtype_flags(query.dtype),
     )
     out = torch.empty(b, 1, h, d, dtype=query.dtype, device=query.device)
@@ -387,14 +438,13 @@ def _kv4_attention(module, query, key, value, attention_mask, **kwargs):
         kv4_store(layer.codes, layer.cumulative_length, key.key_states, key.value_states, clip, rotate)
         if query.shape[2] == 1:
             return kv4_decode_attention(query, layer.codes, layer.cumulative_length, scaling, rotate), None
-        codes = layer.codes
-    else:  # no cache: the same codes, in a cache of this forward's length
-        b, h, s, d = key.shape
-        codes = Kv4Codes(b, h, s, d, key.device)
-        kv4_store(codes, torch.full((), s, dtype=torch.int64, device=key.device), key, value, clip, rotate)
-    k, v = codes.dequantize(query.dtype)
-    if rotate:
-        query = module.dq_attention.qk_rotation(query)
+        k, v = layer.codes.dequantize(query.dtype)  # every cached position (a prompt after earlier tokens too)
+        if rotate:
+            query = module.dq_attention.qk_rotation(query)
+    else:  # no cache (a prompt's forward): the fake-quant K / V and the rotated Q in one launch
+        k, v, q = kv4_fake_quant(key, value, clip, rotate, query if query.shape[2] == key.shape[2] else None)
+        if rotate:
+            query = q if q is not None else module.dq_attention.qk_rotation(query)
     # a None mask over a longer static cache is transformers' prefill shortcut (upper-left causal)
     return sdpa_attention_forward(module, query, k, v, attention_mask, **kwargs)
 
