@@ -157,11 +157,13 @@ if triton is not None:
     def _kv4_decode_kernel(
         q_ptr, count_ptr, s1_ptr, s2_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, po_ptr, pm_ptr,
         HKV, SMAX, NSPLIT, sq_b, sq_h, sm_scale, inv_sqrt_d,
-        CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-        F1: tl.constexpr, F2: tl.constexpr, ROTATE_Q: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr,
+        CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, D: tl.constexpr,
+        BS: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROTATE_Q: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr,
         LOW: tl.constexpr,
     ):
-        """Program (sequence x KV head, slice): partial softmax(q K^T) V over its slice of the cache."""
+        """Program (sequence x KV head, slice): partial softmax(q K^T) V over its slice of the cache.
+        GP: the GQA group padded to 16 (the rows of the dots); GR: rows of the running state (1
+        without GQA: one query row, dot products on the CUDA cores, no padded rows)."""
         bh = tl.program_id(0)
         sp = tl.program_id(1)
         b = bh // HKV
@@ -173,22 +175,27 @@ if triton is not None:
                     other=0.0).to(tl.float32)
         if ROTATE_Q:
             q = _rotate_rows(q, s1_ptr, s2_ptr, inv_sqrt_d, GP, D, F1, F2, SPLIT_FIRST, ROUND_BF16, ROUND_FP16)
+        if G == 1:
+            qv = tl.sum(q, axis=0)  # the one real row
         n = tl.load(count_ptr)
         lo = sp * CHUNK
         hi = tl.minimum(lo + CHUNK, n)
-        m_i = tl.full((GP,), float("-inf"), tl.float32)
-        l_i = tl.zeros((GP,), tl.float32)
-        acc = tl.zeros((GP, D), tl.float32)
-        for it in range(0, CHUNK // BS):  # a fixed trip count (the interpreter has no tensor bounds)
-            start = lo + it * BS
-            if start < hi:
-                j = start + tl.arange(0, BS)
+        m_i = tl.full((GR,), float("-inf"), tl.float32)
+        l_i = tl.zeros((GR,), tl.float32)
+        acc = tl.zeros((GR, D), tl.float32)
+        if lo < hi:  # a slice past the cache's end does nothing
+            # a fixed trip count (pipelined; the interpreter has no tensor bounds), the tail masked
+            for it in range(0, CHUNK // BS):
+                j = lo + it * BS + tl.arange(0, BS)
                 ok = j < hi
                 slot = bh.to(tl.int64) * SMAX + j
-                # scores = scale_j * (q . (code_j - zero_j)): the integers enter the dot exactly
-                kc = _centered_tile(kc_ptr, kz_ptr, slot, ok, D, BS)
+                # K as the fake path holds it: (code - zero) * scale in fp32, rounded to the model dtype
                 ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)
-                s = _mm(q, tl.trans(kc), LOW) * (ks * sm_scale)[None, :]
+                k = _round_model(_centered_tile(kc_ptr, kz_ptr, slot, ok, D, BS) * ks[:, None], ROUND_BF16, ROUND_FP16)
+                if G == 1:  # one query row: a dot product per position on the CUDA cores
+                    s = tl.sum(k * qv[None, :], axis=1)[None, :] * sm_scale
+                else:
+                    s = _mm(q, tl.trans(k), LOW) * sm_scale
                 s = tl.where(ok[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 alpha = tl.exp(m_i - m_new)
@@ -198,12 +205,16 @@ if triton is not None:
                 vc = _centered_tile(vc_ptr, vz_ptr, slot, ok, D, BS)
                 vs = tl.load(vs_ptr + slot, mask=ok, other=0.0)
                 pv = _round_model(p * vs[None, :], ROUND_BF16, ROUND_FP16)
-                acc = acc * alpha[:, None] + _mm(pv, vc, LOW)
+                if G == 1:
+                    acc = acc * alpha[:, None] + tl.sum(tl.sum(pv, axis=0)[:, None] * vc, axis=0)[None, :]
+                else:
+                    acc = acc * alpha[:, None] + _mm(pv, vc, LOW)
                 m_i = m_new
         part = (bh * NSPLIT + sp).to(tl.int64)
-        tl.store(po_ptr + (part * GP + g)[:, None] * D + d[None, :], acc)
-        tl.store(pm_ptr + (part * GP + g) * 2, m_i)
-        tl.store(pm_ptr + (part * GP + g) * 2 + 1, l_i)
+        r = tl.arange(0, GR)
+        tl.store(po_ptr + (part * GR + r)[:, None] * D + d[None, :], acc)
+        tl.store(pm_ptr + (part * GR + r) * 2, m_i)
+        tl.store(pm_ptr + (part * GR + r) * 2 + 1, l_i)
 
     @triton.jit
     def _kv4_merge_kernel(po_ptr, pm_ptr, out_ptr, HKV, so_b, so_h, NSPLIT: tl.constexpr,
@@ -401,19 +412,20 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
         query = query.contiguous()
     ns = _splits(b * hkv, smax, query.device, block_s)
     chunk = triton.cdiv(triton.cdiv(smax, ns), block_s) * block_s
-    po = torch.empty(b * hkv * ns * gp, d, dtype=torch.float32, device=query.device)
-    pm = torch.empty(b * hkv * ns * gp, 2, dtype=torch.float32, device=query.device)
+    gr = 1 if g == 1 else gp
+    po = torch.empty(b * hkv * ns * gr, d, dtype=torch.float32, device=query.device)
+    pm = torch.empty(b * hkv * ns * gr, 2, dtype=torch.float32, device=query.device)
     f1, f2, s1, s2 = _stages(d, query.device)
     low = 0 if query.dtype == torch.float32 or not query.is_cuda else (1 if query.dtype == torch.bfloat16 else 2)
     _kv4_decode_kernel[(b * hkv, ns)](
         query, count, s1, s2, codes.k_codes, codes.k_scale, codes.k_zero, codes.v_codes, codes.v_scale, codes.v_zero,
         po, pm, hkv, smax, ns, query.stride(0), query.stride(1), float(scaling), 1.0 / math.sqrt(d),
-        CHUNK=chunk, G=g, GP=gp, D=d, BS=block_s, F1=f1, F2=f2, ROTATE_Q=rotate_q, SPLIT_FIRST=query.dtype == torch.float32,
+        CHUNK=chunk, G=g, GP=gp, GR=gr, D=d, BS=block_s, F1=f1, F2=f2, ROTATE_Q=rotate_q, SPLIT_FIRST=query.dtype == torch.float32,
         LOW=low, num_warps=num_warps,
         enable_fp_fusion=False, **_dtype_flags(query.dtype),
     )
     out = torch.empty(b, 1, h, d, dtype=query.dtype, device=query.device)
-    _kv4_merge_kernel[(b * hkv,)](po, pm, out, hkv, out.stride(0), out.stride(2), NSPLIT=ns, G=g, GP=gp, D=d, num_warps=4)
+    _kv4_merge_kernel[(b * hkv,)](po, pm, out, hkv, out.stride(0), out.stride(2), NSPLIT=ns, G=g, GP=gr, D=d, num_warps=4)
     return out
 
 
