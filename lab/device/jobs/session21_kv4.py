@@ -85,10 +85,13 @@ def timing(b, h, hkv):
     res["kv4 us"] = graph_ms([lambda i=i: kv4(i) for i in range(LAYERS)]) * 1e3
     res["kv4 attention only us"] = graph_ms([lambda i=i: kv4_decode_attention(q[i], caches[i], count, D ** -0.5, True)
                                              for i in range(LAYERS)]) * 1e3
-    for bs, w in ((64, 8), (128, 4), (128, 8), (32, 4)):  # the default is 64 positions a step, 4 warps
+    sweep = [(64, 8, False), (128, 4, False), (128, 8, False), (32, 4, False)]  # the default: 64, 4 warps, dots
+    sweep += [(64, 4, True), (128, 4, True)] if h == hkv else []
+    for bs, w, cc in sweep:
         try:
-            res[f"kv4 attention bs{bs} w{w} us"] = graph_ms([lambda i=i: kv4_decode_attention(
-                q[i], caches[i], count, D ** -0.5, True, block_s=bs, num_warps=w) for i in range(LAYERS)]) * 1e3
+            res[f"kv4 attention bs{bs} w{w}{' cc' if cc else ''} us"] = graph_ms([lambda i=i: kv4_decode_attention(
+                q[i], caches[i], count, D ** -0.5, True, block_s=bs, num_warps=w, cuda_cores=cc)
+                for i in range(LAYERS)]) * 1e3
         except Exception as e:  # recorded
             res[f"kv4 attention bs{bs} w{w} us"] = repr(e)[:200]
     res["kv4 store only us"] = graph_ms([lambda i=i: kv4_store(caches[i], count, knew[i], vnew[i], 1.0, True)

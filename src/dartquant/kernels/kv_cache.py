@@ -158,12 +158,12 @@ if triton is not None:
         q_ptr, count_ptr, s1_ptr, s2_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, po_ptr, pm_ptr,
         HKV, SMAX, NSPLIT, sq_b, sq_h, sm_scale, inv_sqrt_d,
         CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, D: tl.constexpr,
-        BS: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROTATE_Q: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr,
+        BS: tl.constexpr, CC: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROTATE_Q: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr,
         LOW: tl.constexpr,
     ):
         """Program (sequence x KV head, slice): partial softmax(q K^T) V over its slice of the cache.
-        GP: the GQA group padded to 16 (the rows of the dots); GR: rows of the running state (1
-        without GQA: one query row, dot products on the CUDA cores, no padded rows)."""
+        GP: the GQA group padded to 16 (the rows of the dots); GR: rows of the running state (CC: one
+        query row without GQA, dot products on the CUDA cores, no padded rows: measured slower)."""
         bh = tl.program_id(0)
         sp = tl.program_id(1)
         b = bh // HKV
@@ -175,7 +175,7 @@ if triton is not None:
                     other=0.0).to(tl.float32)
         if ROTATE_Q:
             q = _rotate_rows(q, s1_ptr, s2_ptr, inv_sqrt_d, GP, D, F1, F2, SPLIT_FIRST, ROUND_BF16, ROUND_FP16)
-        if G == 1:
+        if CC:
             qv = tl.sum(q, axis=0)  # the one real row
         n = tl.load(count_ptr)
         lo = sp * CHUNK
@@ -192,7 +192,7 @@ if triton is not None:
                 # K as the fake path holds it: (code - zero) * scale in fp32, rounded to the model dtype
                 ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)
                 k = _round_model(_centered_tile(kc_ptr, kz_ptr, slot, ok, D, BS) * ks[:, None], ROUND_BF16, ROUND_FP16)
-                if G == 1:  # one query row: a dot product per position on the CUDA cores
+                if CC:  # one query row: a dot product per position on the CUDA cores
                     s = tl.sum(k * qv[None, :], axis=1)[None, :] * sm_scale
                 else:
                     s = _mm(q, tl.trans(k), LOW) * sm_scale
@@ -205,7 +205,7 @@ if triton is not None:
                 vc = _centered_tile(vc_ptr, vz_ptr, slot, ok, D, BS)
                 vs = tl.load(vs_ptr + slot, mask=ok, other=0.0)
                 pv = _round_model(p * vs[None, :], ROUND_BF16, ROUND_FP16)
-                if G == 1:
+                if CC:
                     acc = acc * alpha[:, None] + tl.sum(tl.sum(pv, axis=0)[:, None] * vc, axis=0)[None, :]
                 else:
                     acc = acc * alpha[:, None] + _mm(pv, vc, LOW)
@@ -399,7 +399,8 @@ def _splits(bh: int, max_len: int, device, block_s: int) -> int:
 
 
 def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tensor, scaling: float,
-                         rotate_q: bool, block_s: int = BLOCK_S, num_warps: int = 4) -> torch.Tensor:
+                         rotate_q: bool, block_s: int = BLOCK_S, num_warps: int = 4,
+                         cuda_cores: bool = False) -> torch.Tensor:
     """query [B, H, 1, D] (after RoPE) -> attention output [B, 1, H, D] over the first `count` cached
     positions (unmasked: unpadded sequences)."""
     b, h, sq, d = query.shape
@@ -412,7 +413,9 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
         query = query.contiguous()
     ns = _splits(b * hkv, smax, query.device, block_s)
     chunk = triton.cdiv(triton.cdiv(smax, ns), block_s) * block_s
-    gr = 1 if g == 1 else gp
+    if cuda_cores and g != 1:
+        raise ValueError("the CUDA-core path takes one query row per KV head (no GQA)")
+    gr = 1 if cuda_cores else gp
     po = torch.empty(b * hkv * ns * gr, d, dtype=torch.float32, device=query.device)
     pm = torch.empty(b * hkv * ns * gr, 2, dtype=torch.float32, device=query.device)
     f1, f2, s1, s2 = _stages(d, query.device)
@@ -420,7 +423,7 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     _kv4_decode_kernel[(b * hkv, ns)](
         query, count, s1, s2, codes.k_codes, codes.k_scale, codes.k_zero, codes.v_codes, codes.v_scale, codes.v_zero,
         po, pm, hkv, smax, ns, query.stride(0), query.stride(1), float(scaling), 1.0 / math.sqrt(d),
-        CHUNK=chunk, G=g, GP=gp, GR=gr, D=d, BS=block_s, F1=f1, F2=f2, ROTATE_Q=rotate_q, SPLIT_FIRST=query.dtype == torch.float32,
+        CHUNK=chunk, G=g, GP=gp, GR=gr, D=d, BS=block_s, CC=cuda_cores, F1=f1, F2=f2, ROTATE_Q=rotate_q, SPLIT_FIRST=query.dtype == torch.float32,
         LOW=low, num_warps=num_warps,
         enable_fp_fusion=False, **_dtype_flags(query.dtype),
     )
