@@ -15,11 +15,14 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
   those of the fake-quant path up to a flip where a rotated value sits on a rounding boundary
   (the fp32 summation order of the Hadamard; without R3 they are identical).
 * `kv4_decode_attention` (one query token per sequence): flash decoding. A program takes one
-  sequence, one KV head (its GQA group of query heads as the rows of the dots, padded to 16) and
-  one slice of the cache; it dequantizes K and V exactly as the fake path does ((code - zero) *
-  scale in fp32, rounded to the model dtype), so the two differ only by the order of the fp32 sums
-  in Q K^T, the softmax and P V, as SDPA's own backends differ from each other. A second launch
-  merges the slices. The query is rotated by R3 in the kernel.
+  sequence, one KV head (its GQA group of query heads as the rows of the dots, padded to 16; or,
+  without GQA at small batch, one row on the CUDA cores) and one slice of the cache, in steps of
+  `BLOCK_S` positions with a fixed trip count (Triton pipelines it; the tail is masked). K is
+  dequantized as the fake path holds it ((code - zero) * scale in fp32, rounded to the model
+  dtype); P V is computed as (p_j * scale_j) (code_j - zero_j), the integers exact and the weight
+  rounded to the model dtype as flash attention rounds P. So the kernel differs from SDPA over the
+  fake path's values only by fp32 summation order and that one rounding (tests: within 2^-7 in
+  bf16, 1e-5 in fp32). A second launch merges the slices. The query is rotated by R3 in the kernel.
 * Several query tokens (prefill into the cache, or a forward without a cache): the codes are
   written by the same store kernel, dequantized in torch and attended by SDPA with the model's mask.
 
@@ -400,9 +403,11 @@ def _splits(bh: int, max_len: int, device, block_s: int) -> int:
 
 def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tensor, scaling: float,
                          rotate_q: bool, block_s: int = BLOCK_S, num_warps: int = 4,
-                         cuda_cores: bool = False) -> torch.Tensor:
+                         cuda_cores: bool | None = None) -> torch.Tensor:
     """query [B, H, 1, D] (after RoPE) -> attention output [B, 1, H, D] over the first `count` cached
-    positions (unmasked: unpadded sequences)."""
+    positions (unmasked: unpadded sequences). ``block_s`` cache positions per step, ``num_warps``;
+    ``cuda_cores``: one query row per KV head (no GQA) as dot products on the CUDA cores instead of
+    tensor-core dots with the row padded to 16 (None: the measured choice, see the code)."""
     b, h, sq, d = query.shape
     _, hkv, smax, _ = codes.shape
     if sq != 1 or h % hkv:
@@ -413,6 +418,8 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
         query = query.contiguous()
     ns = _splits(b * hkv, smax, query.device, block_s)
     chunk = triton.cdiv(triton.cdiv(smax, ns), block_s) * block_s
+    if cuda_cores is None:  # run 33 (docs/KERNELS.md 4e): the CUDA cores for one sequence without GQA, else dots
+        cuda_cores = g == 1 and b * hkv <= 32
     if cuda_cores and g != 1:
         raise ValueError("the CUDA-core path takes one query row per KV head (no GQA)")
     gr = 1 if cuda_cores else gp
