@@ -68,7 +68,8 @@ def timing(b, h, hkv):
     res["bf16 sdpa us"] = graph_ms([lambda i=i: bf16(i) for i in range(LAYERS)]) * 1e3
     res["bf16 sdpa only us"] = graph_ms([lambda i=i: F.scaled_dot_product_attention(
         q[i], kc[i], vc[i], enable_gqa=h != hkv) for i in range(LAYERS)]) * 1e3
-    del kc, vc
+    kc.clear()  # the bf16 caches go before the 4-bit ones are made
+    vc.clear()
     torch.cuda.empty_cache()
     caches = []
     for i in range(LAYERS):
