@@ -27,3 +27,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def kernel_run(tmp_path_factory):
+    """A tiny QuaRot / RTN W4A4KV4 run folder (tiny.save_kernel_llama_folder) for the kernel tests."""
+    from dartquant.config import RunConfig
+    from dartquant.pipeline import run_quantize
+    from tiny import save_kernel_llama_folder
+
+    base = tmp_path_factory.mktemp("kernel_run")
+    model = save_kernel_llama_folder(base / "model")
+    cfg = RunConfig.from_flat(model=str(model), method="quarot", w_quantizer="rtn", calib_samples=2, calib_seqlen=16,
+                              eval_seqlen=16, eval_max_windows=1, guard_windows=0)
+    run_quantize(cfg, base / "run", progress=False, eval_fp=False)
+    return base / "run"

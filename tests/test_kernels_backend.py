@@ -21,35 +21,10 @@ from dartquant.kernels.backend import KernelSupportError, check_run_for_kernels,
 from dartquant.kernels.linear import W4A4Linear  # noqa: E402
 from dartquant.modules import QLinear  # noqa: E402
 from dartquant.quant.primitives import unpack_int4  # noqa: E402
+from tiny import save_kernel_llama_folder  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="these tests run the kernels through Triton's interpreter")
-
-
-def _tiny_llama_folder(path, intermediate=192):
-    from tiny import make_char_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, vocab_size=89, max_position_embeddings=128,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(str(path))
-    make_char_tokenizer(89).save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def run_folder(tmp_path_factory):
-    from dartquant.config import RunConfig
-    from dartquant.pipeline import run_quantize
-
-    base = tmp_path_factory.mktemp("backend")
-    model = _tiny_llama_folder(base / "model")
-    cfg = RunConfig.from_flat(model=str(model), method="quarot", w_quantizer="rtn", calib_samples=2, calib_seqlen=16,
-                              eval_seqlen=16, eval_max_windows=1, guard_windows=0)
-    run_quantize(cfg, base / "run", progress=False, eval_fp=False)
-    return base / "run"
 
 
 def _exact_linear(lin: W4A4Linear, codes, scale, zero, weight_codes, weight_scale):
@@ -61,15 +36,15 @@ def _exact_linear(lin: W4A4Linear, codes, scale, zero, weight_codes, weight_scal
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_linear_codes_and_output(run_folder, dtype):
+def test_every_linear_codes_and_output(kernel_run, dtype):
     """Per linear of the run: the activations' integer codes equal the fake-quant path's, and the
     kernel's output is the exact float64 value of those codes up to the epilogue's rounding."""
     from dartquant.quant.checkpoint import read_quantized_state
     from dartquant.quant.primitives import QuantizedTensor
     from dartquant.zoo import load_model
 
-    fake, _ = load_model(run_folder, dtype=dtype)
-    model, _ = load_for_backend(run_folder, "triton", dtype=dtype)
+    fake, _ = load_model(kernel_run, dtype=dtype)
+    model, _ = load_for_backend(kernel_run, "triton", dtype=dtype)
     assert sum(isinstance(m, W4A4Linear) for m in model.modules()) == 14  # 2 layers x 7 linears
     seen = {}
 
@@ -84,7 +59,7 @@ def test_every_linear_codes_and_output(run_folder, dtype):
         fake(ids)
     for h in hooks:
         h.remove()
-    state = read_quantized_state(run_folder)[1]
+    state = read_quantized_state(kernel_run)[1]
     kernels = dict(model.named_modules())
     worst = 0.0
     for name, x in seen.items():
@@ -110,9 +85,9 @@ def test_every_linear_codes_and_output(run_folder, dtype):
     assert worst < (4 * 2.0**-23 if dtype == torch.float32 else 2.0**-7), worst
 
 
-def test_eval_and_ppl_on_the_kernels_equal_the_fake_quant_path(run_folder, capsys):
+def test_eval_and_ppl_on_the_kernels_equal_the_fake_quant_path(kernel_run, capsys):
     """`dartquant eval / ppl RUN --backend triton` score what the fake-quant model scores (fp32)."""
-    args = [str(run_folder), "--max-windows", "1", "--seqlen", "16", "--json"]
+    args = [str(kernel_run), "--max-windows", "1", "--seqlen", "16", "--json"]
     assert cli_main(["eval", *args]) == 0
     fake = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert cli_main(["eval", *args, "--backend", "triton"]) == 0
@@ -121,11 +96,11 @@ def test_eval_and_ppl_on_the_kernels_equal_the_fake_quant_path(run_folder, capsy
     for corpus in ("wiki", "c4"):  # measured: equal to all digits on this model; stated tolerance 1e-5
         assert abs(kern["ppl"][corpus] - fake["ppl"][corpus]) <= 1e-5 * fake["ppl"][corpus]
     # ppl with the multi-token GEMM on cuBLAS's FP8 path (torch's CPU implementation here): same sums
-    assert cli_main(["ppl", str(run_folder), "--corpora", "wiki", "--max-windows", "1", "--seqlen", "16",
+    assert cli_main(["ppl", str(kernel_run), "--corpora", "wiki", "--max-windows", "1", "--seqlen", "16",
                      "--backend", "triton", "--prefill-operand", "scaled_mm", "--json"]) == 0
     ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert abs(ppl["wiki"] - fake["ppl"]["wiki"]) <= 1e-5 * fake["ppl"]["wiki"]
-    assert cli_main(["ppl", str(run_folder), "--prefill-operand", "scaled_mm"]) == 2  # not silently ignored
+    assert cli_main(["ppl", str(kernel_run), "--prefill-operand", "scaled_mm"]) == 2  # not silently ignored
     assert "needs --backend triton" in capsys.readouterr().err
     # the command line's list (no torch import) is the kernels' own
     from dartquant.kernels.backend import PREFILL_OPERAND_CHOICES
@@ -134,12 +109,12 @@ def test_eval_and_ppl_on_the_kernels_equal_the_fake_quant_path(run_folder, capsy
     assert set(PREFILL_OPERAND_CHOICES) == set(PREFILL_OPERANDS)
 
 
-def _variant(run_folder, tmp_path, name, **scheme):
+def _variant(kernel_run, tmp_path, name, **scheme):
     """A copy of the run's metadata alone (no weights: a refusal must not read any) with scheme edits."""
     out = tmp_path / name
     out.mkdir()
     for f in ("config.json", "dartquant.json"):
-        shutil.copy(run_folder / f, out / f)
+        shutil.copy(kernel_run / f, out / f)
     spec = json.loads((out / "dartquant.json").read_text())
     online = scheme.pop("online", None)
     spec["scheme"].update(scheme)
@@ -157,38 +132,38 @@ def _variant(run_folder, tmp_path, name, **scheme):
     ({"o_proj_per_head": True}, "o_proj_per_head=True"),
     ({"online": {"blocks": ["D1"]}}, "online block rotations"),
 ])
-def test_unsupported_runs_are_refused_before_loading(run_folder, tmp_path, edit, named):
-    folder = _variant(run_folder, tmp_path, "v", **dict(edit))
-    assert check_run_for_kernels(run_folder)["scheme"]["w_bits"] == 4  # the real run passes
+def test_unsupported_runs_are_refused_before_loading(kernel_run, tmp_path, edit, named):
+    folder = _variant(kernel_run, tmp_path, "v", **dict(edit))
+    assert check_run_for_kernels(kernel_run)["scheme"]["w_bits"] == 4  # the real run passes
     with pytest.raises(KernelSupportError, match=named):
         load_for_backend(folder, "triton")
 
 
-def test_refusals_for_folders_and_hadamard_sizes(run_folder, tmp_path, capsys):
-    plain = _tiny_llama_folder(tmp_path / "plain")  # an unquantized model folder
+def test_refusals_for_folders_and_hadamard_sizes(kernel_run, tmp_path, capsys):
+    plain = save_kernel_llama_folder(tmp_path / "plain")  # an unquantized model folder
     with pytest.raises(KernelSupportError, match="not a quantized run folder"):
         check_run_for_kernels(plain)
-    odd = _variant(run_folder, tmp_path, "odd")  # MLP 80 = 20 * 4: R4's power-of-two factor < 16
+    odd = _variant(kernel_run, tmp_path, "odd")  # MLP 80 = 20 * 4: R4's power-of-two factor < 16
     cfg = json.loads((odd / "config.json").read_text())
     (odd / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 80}))
     with pytest.raises(KernelSupportError, match="size 80"):
         check_run_for_kernels(odd)
-    narrow = _variant(run_folder, tmp_path, "narrow", online={"r1_online": True})  # hidden 48 = 12 * 4
+    narrow = _variant(kernel_run, tmp_path, "narrow", online={"r1_online": True})  # hidden 48 = 12 * 4
     cfg = json.loads((narrow / "config.json").read_text())
     (narrow / "config.json").write_text(json.dumps({**cfg, "hidden_size": 48}))
     with pytest.raises(KernelSupportError, match="r1_online=true with an online Hadamard of size 48"):
         check_run_for_kernels(narrow)
     # the CLI: exit status 2 and the setting named, before anything is loaded
-    bad = _variant(run_folder, tmp_path, "grouped", w_group_size=32)
+    bad = _variant(kernel_run, tmp_path, "grouped", w_group_size=32)
     assert cli_main(["eval", str(bad), "--backend", "triton", "--json"]) == 2
     assert "w_group_size=32" in capsys.readouterr().err
     assert cli_main(["bench", str(bad), "--device", "cpu"]) == 2
     assert "w_group_size=32" in capsys.readouterr().err
     with pytest.raises(ValueError, match="float32 .* or bfloat16"):
-        load_for_backend(run_folder, "triton", dtype=torch.float64)
+        load_for_backend(kernel_run, "triton", dtype=torch.float64)
 
 
-def test_cpu_without_the_interpreter_is_refused(run_folder, monkeypatch):
+def test_cpu_without_the_interpreter_is_refused(kernel_run, monkeypatch):
     from dartquant.kernels.backend import check_triton_device
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -196,10 +171,10 @@ def test_cpu_without_the_interpreter_is_refused(run_folder, monkeypatch):
         check_triton_device("cpu")
 
 
-def test_bench_prints_and_writes_both_sides(run_folder, tmp_path, capsys):
+def test_bench_prints_and_writes_both_sides(kernel_run, tmp_path, capsys):
     """The plumbing of `dartquant bench` (CPU times mean nothing; the GPU command is in docs/KERNELS.md)."""
     out = tmp_path / "bench.json"
-    assert cli_main(["bench", str(run_folder), "--device", "cpu", "--prefill", "8", "--batch", "3",
+    assert cli_main(["bench", str(kernel_run), "--device", "cpu", "--prefill", "8", "--batch", "3",
                      "--context", "4", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "prefill ms" in text and "decode batch 3" in text and "memory" in text
@@ -219,16 +194,16 @@ def test_bench_prints_and_writes_both_sides(run_folder, tmp_path, capsys):
     with pytest.raises(ValueError, match="other settings"):
         merge_sides(res, {**halves[1], "settings": {**res["settings"], "context": 99}})
     with pytest.raises(SystemExit):  # bad settings fail in argparse / validate, before loading
-        cli_main(["bench", str(run_folder), "--kv", "fp8"])
-    assert cli_main(["bench", str(run_folder), "--device", "cpu", "--batch", "0"]) == 2
+        cli_main(["bench", str(kernel_run), "--kv", "fp8"])
+    assert cli_main(["bench", str(kernel_run), "--device", "cpu", "--batch", "0"]) == 2
 
 
-def test_the_decode_step_is_a_real_repeatable_decode_step(run_folder):
+def test_the_decode_step_is_a_real_repeatable_decode_step(kernel_run):
     """The timed step (a StaticCache rewound before each call) gives the logits that a full
     forward of the same sequence gives at its last position, call after call."""
     from dartquant.kernels.bench import make_decode_step, plain_bf16_model
 
-    model = plain_bf16_model(run_folder, "cpu").float()
+    model = plain_bf16_model(kernel_run, "cpu").float()
     assert not any(isinstance(m, (QLinear, W4A4Linear)) for m in model.modules())  # plain transformers
     assert model.config._attn_implementation == "sdpa"
     step = make_decode_step(model, batch=2, context=5, device=torch.device("cpu"))
@@ -238,14 +213,14 @@ def test_the_decode_step_is_a_real_repeatable_decode_step(run_folder):
         torch.testing.assert_close(step(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_siblings_share_one_activation_quantization(run_folder, monkeypatch):
+def test_siblings_share_one_activation_quantization(kernel_run, monkeypatch):
     """q / k / v (and gate / up) read one tensor: it is quantized once per layer, with the same result."""
     import dartquant.kernels.linear as linear_mod
 
     calls = []
     real = linear_mod.hadamard_quantize_pack
     monkeypatch.setattr(linear_mod, "hadamard_quantize_pack", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
-    model, _ = load_for_backend(run_folder, "triton", fuse_norms=False, merge_siblings=False)
+    model, _ = load_for_backend(kernel_run, "triton", fuse_norms=False, merge_siblings=False)
     ids = torch.randint(0, 89, (1, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         shared = model(ids).logits
@@ -263,7 +238,7 @@ def test_siblings_share_one_activation_quantization(run_folder, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_norms_quantize_once_and_compute_the_same_model(run_folder, monkeypatch, dtype):
+def test_fused_norms_quantize_once_and_compute_the_same_model(kernel_run, monkeypatch, dtype):
     """Each block norm and its readers' quantization as one kernel (the default): the norm's output
     is never written, only o_proj and down_proj still run the activation kernel, and the logits
     are the unfused model's (same codes on this model: the fused mean of squares sums in another
@@ -274,8 +249,8 @@ def test_fused_norms_quantize_once_and_compute_the_same_model(run_folder, monkey
     calls = []
     real = linear_mod.hadamard_quantize_pack
     monkeypatch.setattr(linear_mod, "hadamard_quantize_pack", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
-    fused, _ = load_for_backend(run_folder, "triton", dtype=dtype)
-    plain, _ = load_for_backend(run_folder, "triton", dtype=dtype, fuse_norms=False)
+    fused, _ = load_for_backend(kernel_run, "triton", dtype=dtype)
+    plain, _ = load_for_backend(kernel_run, "triton", dtype=dtype, fuse_norms=False)
     assert sum(isinstance(m, NormQuant) for m in fused.modules()) == 4  # 2 layers x (input, post-attention)
     assert not any(isinstance(m, NormQuant) for m in plain.modules())
     ids = torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(4))
@@ -290,12 +265,12 @@ def test_fused_norms_quantize_once_and_compute_the_same_model(run_folder, monkey
         assert torch.equal(got, want)
 
 
-def test_fused_norms_are_undone_when_something_else_reads_the_norm(run_folder):
+def test_fused_norms_are_undone_when_something_else_reads_the_norm(kernel_run):
     """A reader of the normalised stream besides the fused linears (here an extra op before the
     attention) would read the never-written placeholder: the check at load finds it and unfuses."""
     from dartquant.kernels.fusions import NormQuant, fuse_norm_quant_, verify_fused_norms_
 
-    model, _ = load_for_backend(run_folder, "triton", fuse_norms=False)
+    model, _ = load_for_backend(kernel_run, "triton", fuse_norms=False)
     ids = torch.randint(0, 89, (1, 7), generator=torch.Generator().manual_seed(5))
     attn = model.model.layers[1].self_attn
     attn.register_forward_pre_hook(lambda mod, args, kw: (args, {**kw, "hidden_states": kw["hidden_states"] * 1.0}),
@@ -309,12 +284,12 @@ def test_fused_norms_are_undone_when_something_else_reads_the_norm(run_folder):
         assert torch.equal(model(ids).logits, want)
 
 
-def test_fused_norms_are_undone_when_the_kernel_computes_another_norm(run_folder):
+def test_fused_norms_are_undone_when_the_kernel_computes_another_norm(kernel_run):
     """A fused kernel that disagrees with its norm (here: another epsilon, as a wrong gain
     convention would) is found at load by comparing codes per norm, and every fusion undone."""
     from dartquant.kernels.fusions import NormQuant, fuse_norm_quant_, verify_fused_norms_
 
-    model, _ = load_for_backend(run_folder, "triton", fuse_norms=False)
+    model, _ = load_for_backend(kernel_run, "triton", fuse_norms=False)
     assert len(fuse_norm_quant_(model)) == 4
     assert verify_fused_norms_(model, "cpu")  # the right norms pass
     fused = [m for m in model.modules() if isinstance(m, NormQuant)]
@@ -323,9 +298,9 @@ def test_fused_norms_are_undone_when_the_kernel_computes_another_norm(run_folder
     assert not any(isinstance(m, NormQuant) for m in model.modules())
 
 
-def test_fused_norm_refuses_readers_with_other_settings(run_folder):
+def test_fused_norm_refuses_readers_with_other_settings(kernel_run):
     """Changing one reader's operand after fusion raises instead of quantizing the placeholder."""
-    model, _ = load_for_backend(run_folder, "triton")
+    model, _ = load_for_backend(kernel_run, "triton")
     model.model.layers[0].self_attn.k_proj.backend = "int8s"  # planar int8 at every size; q / v: packed
     with pytest.raises(RuntimeError, match="different activation operands"):
         with torch.no_grad():
@@ -333,14 +308,14 @@ def test_fused_norm_refuses_readers_with_other_settings(run_folder):
 
 
 @pytest.mark.parametrize("tokens", [3, 9])  # the GEMV (packed codes) and the int8s GEMM (planar)
-def test_merged_siblings_are_one_gemm_with_the_same_output(run_folder, tokens):
+def test_merged_siblings_are_one_gemm_with_the_same_output(kernel_run, tokens):
     """q / k / v and gate / up as one GEMM each over the concatenated weights: the same logits bit
     for bit, the members' buffers views of the merged ones (weight memory unchanged)."""
     from dartquant.kernels.bench import weight_bytes
     import dartquant.kernels.linear as linear_mod
 
-    merged, _ = load_for_backend(run_folder, "triton", dtype=torch.bfloat16, fuse_norms=False)
-    plain, _ = load_for_backend(run_folder, "triton", dtype=torch.bfloat16, fuse_norms=False, merge_siblings=False)
+    merged, _ = load_for_backend(kernel_run, "triton", dtype=torch.bfloat16, fuse_norms=False)
+    plain, _ = load_for_backend(kernel_run, "triton", dtype=torch.bfloat16, fuse_norms=False, merge_siblings=False)
     members = [m for m in merged.modules() if isinstance(m, W4A4Linear) and m.merged is not None]
     assert len(members) == 2 * 5  # q, k, v, gate, up per layer
     assert weight_bytes(merged) == weight_bytes(plain)

@@ -4,8 +4,6 @@ them (`dartquant bench --kv kernels`)."""
 
 import json
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / the kernels are imported
 
@@ -21,7 +19,6 @@ from dartquant.quant.primitives import QuantSpec, fake_quantize  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="these tests run the kernels through Triton's interpreter")
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 def _kv(b, h, s, d, dtype, seed):
@@ -109,22 +106,7 @@ def test_scheme_problems():
     assert any("kv_bits=16" in b for b in bad) and any("kv_symmetric=True" in b for b in bad)
 
 
-@pytest.fixture(scope="module")
-def run_folder(tmp_path_factory):
-    from test_kernels_backend import _tiny_llama_folder
-
-    from dartquant.config import RunConfig
-    from dartquant.pipeline import run_quantize
-
-    base = tmp_path_factory.mktemp("kv4")
-    model = _tiny_llama_folder(base / "model")
-    cfg = RunConfig.from_flat(model=str(model), method="quarot", w_quantizer="rtn", calib_samples=2, calib_seqlen=16,
-                              eval_seqlen=16, eval_max_windows=1, guard_windows=0)
-    run_quantize(cfg, base / "run", progress=False, eval_fp=False)
-    return base / "run"
-
-
-def test_a_model_decodes_on_the_4bit_cache(run_folder):
+def test_a_model_decodes_on_the_4bit_cache(kernel_run):
     """float32, W4A4 linears on the kernels: a decode step over the 4-bit cache (codes written by the
     prompt's forward, then the step's token) gives the fake-quant model's logits (its K / V
     quantizers over a bf16 cache), step after step; the cache holds codes, not tensors."""
@@ -132,7 +114,7 @@ def test_a_model_decodes_on_the_4bit_cache(run_folder):
     from dartquant.kernels.bench import make_decode_step
     from dartquant.kernels.kv_cache import check_kv4_support, register_kv4_attention
 
-    model, _ = load_for_backend(run_folder, "triton", dtype=torch.float32)
+    model, _ = load_for_backend(kernel_run, "triton", dtype=torch.float32)
     fake_step = make_decode_step(model, batch=2, context=6, device=torch.device("cpu"))
     assert model.config._attn_implementation == "dartquant"  # the fake-quant K / V
     want = fake_step()
@@ -144,11 +126,11 @@ def test_a_model_decodes_on_the_4bit_cache(run_folder):
     assert 0 < step.cache_bytes < fake_step.cache_bytes
 
 
-def test_refused_without_kv_quantizers(run_folder, tmp_path, capsys):
+def test_refused_without_kv_quantizers(kernel_run, tmp_path, capsys):
     from dartquant.kernels.backend import load_for_backend
     from dartquant.kernels.kv_cache import check_kv4_support
 
-    model, _ = load_for_backend(run_folder, "triton", dtype=torch.float32)
+    model, _ = load_for_backend(kernel_run, "triton", dtype=torch.float32)
     for block in model.model.layers:
         block.self_attn.dq_attention.v_quantizer = None
     with pytest.raises(ValueError, match="no 4-bit K / V quantizers"):
@@ -157,18 +139,18 @@ def test_refused_without_kv_quantizers(run_folder, tmp_path, capsys):
 
     from dartquant.cli import main as cli_main
 
-    folder = _variant(run_folder, tmp_path, "kv16", kv_bits=16)  # metadata only: refused before any weight
+    folder = _variant(kernel_run, tmp_path, "kv16", kv_bits=16)  # metadata only: refused before any weight
     assert cli_main(["bench", str(folder), "--device", "cpu", "--kv", "kernels", "--batch", "1"]) == 2
     assert "kv_bits=16" in capsys.readouterr().err
 
 
-def test_bench_with_the_4bit_cache(run_folder, tmp_path, capsys):
+def test_bench_with_the_4bit_cache(kernel_run, tmp_path, capsys):
     """`dartquant bench --kv kernels` runs the w4a4 side on the 4-bit cache and reports its bytes:
     2 layers x (K + V) x 2 KV heads x 4 slots x (8 bytes of codes + 8 of fp32 scale / zero)."""
     from dartquant.cli import main as cli_main
 
     out = tmp_path / "bench.json"
-    assert cli_main(["bench", str(run_folder), "--device", "cpu", "--prefill", "4", "--batch", "1", "--context", "3",
+    assert cli_main(["bench", str(kernel_run), "--device", "cpu", "--prefill", "4", "--batch", "1", "--context", "3",
                      "--kv", "kernels", "--sides", "w4a4", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["w4a4"]["finite"] and res["settings"]["kv"] == "kernels"

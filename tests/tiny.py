@@ -128,3 +128,17 @@ def module_inputs(model, ids) -> dict:
     for h in hooks:
         h.remove()
     return {k: torch.cat(v) for k, v in seen.items()}
+
+
+def save_kernel_llama_folder(path, intermediate: int = 192):
+    """The kernel tests' Llama folder: hidden 64, MLP `intermediate` (192 = 12 * 16, a Hadamard size
+    the activation kernel fuses), 4 query / 2 KV heads of 16, 2 layers, untied, char tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=89, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(str(path))
+    make_char_tokenizer(89).save_pretrained(str(path))
+    return path

@@ -285,17 +285,21 @@ def _dartquant_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-_registered = False
+_registered: set[str] = set()
+
+
+def register_attention_function(name: str, fn) -> str:
+    """Register attention implementation `name` (SDPA's masks) with transformers, once per name."""
+    if name not in _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        _registered.add(name)
+    return name
 
 
 def register_attention() -> str:
     """Register the "dartquant" attention implementation with transformers (idempotent)."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-        AttentionInterface.register(ATTN_IMPLEMENTATION, _dartquant_attention)
-        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-        _registered = True
-    return ATTN_IMPLEMENTATION
+    return register_attention_function(ATTN_IMPLEMENTATION, _dartquant_attention)

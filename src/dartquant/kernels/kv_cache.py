@@ -471,20 +471,11 @@ def _kv4_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, k, v, attention_mask, **kwargs)
 
 
-_registered = False
-
-
 def register_kv4_attention() -> str:
     """Register the "dartquant_kv4" attention implementation with transformers (idempotent)."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from ..modules import register_attention_function
 
-        AttentionInterface.register(ATTN_IMPLEMENTATION, _kv4_attention)
-        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-        _registered = True
-    return ATTN_IMPLEMENTATION
+    return register_attention_function(ATTN_IMPLEMENTATION, _kv4_attention)
 
 
 def kv4_scheme_problems(scheme) -> list[str]:
