@@ -28,13 +28,16 @@ from dartquant.zoo import load_model  # noqa: E402
 def teacher_forced(model, ids, prompt, cache):
     """Logits [T - prompt + 1, vocab] of the positions prompt-1 .. T-1: the prompt through the cache,
     then each true token alone."""
+    import inspect
+
     n = ids.shape[1]
     pos = torch.arange(n)
-    out = [model(ids[:, :prompt], cache=cache, use_cache=True, position_ids=pos[None, :prompt],
+    kw = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    out = [model(ids[:, :prompt], **kw, use_cache=True, position_ids=pos[None, :prompt],
                  cache_position=pos[:prompt]).logits[0, -1]]
     for t in range(prompt, n - 1):
         p = pos[t:t + 1]
-        out.append(model(ids[:, t:t + 1], cache=cache, use_cache=True, position_ids=p[None], cache_position=p).logits[0, -1])
+        out.append(model(ids[:, t:t + 1], **kw, use_cache=True, position_ids=p[None], cache_position=p).logits[0, -1])
     return torch.stack(out).double()
 
 

@@ -124,6 +124,20 @@ def test_a_model_decodes_on_the_4bit_cache(kernel_run):
     for _ in range(2):
         torch.testing.assert_close(step(), want, rtol=0, atol=1e-4)
     assert 0 < step.cache_bytes < fake_step.cache_bytes
+    from dartquant.kernels.kv_cache import Kv4StaticCache
+
+    cache = Kv4StaticCache(model.config, max_cache_len=4)  # reset (transformers' generate reuses caches)
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        model(step.ids[:, :3], use_cache=True, **{name: cache})
+    layer = cache.layers[0]
+    assert int(layer.cumulative_length) == 3 and layer.codes.k_codes.any()
+    cache.reset()
+    assert int(layer.cumulative_length) == 0 and not layer.codes.k_codes.any() and not layer.codes.v_scale.any()
+    with pytest.raises(NotImplementedError, match="beam search"):
+        layer.reorder_cache(torch.tensor([0, 1]))
 
 
 def test_refused_without_kv_quantizers(kernel_run, tmp_path, capsys):

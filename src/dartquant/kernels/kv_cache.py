@@ -23,8 +23,10 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
   rounded to the model dtype as flash attention rounds P. So the kernel differs from SDPA over the
   fake path's values only by fp32 summation order and that one rounding (tests: within 2^-7 in
   bf16, 1e-5 in fp32). A second launch merges the slices. The query is rotated by R3 in the kernel.
-* Several query tokens (prefill into the cache, or a forward without a cache): the codes are
-  written by the same store kernel, dequantized in torch and attended by SDPA with the model's mask.
+* Several query tokens: into the cache (a prompt), the codes are written by the same store kernel,
+  the whole cache dequantized in torch and attended by SDPA with the model's mask; without a cache
+  (`ppl`, `bench`'s prefill), `kv4_fake_quant` gives the fake-quant K / V and the rotated Q in one
+  launch, then SDPA.
 
 Limits (refused by `check_kv4_support`): unpadded sequences (positions 0..S-1, as the kernels'
 token count assumes), no K bias kept out of the quantizer (Qwen2's `kv_exclude_k_bias`), full
@@ -297,6 +299,19 @@ def _layer_classes():
             self.codes = Kv4Codes(self.batch_size, self.num_heads, self.max_cache_len, self.k_head_dim, self.device)
             self.cumulative_length = self.cumulative_length.to(self.device)
             self.is_initialized = True
+
+        def reset(self) -> None:  # transformers' reset zeroes `keys` / `values`, which this layer has not
+            if self.is_initialized:
+                for t in vars(self.codes).values():
+                    if isinstance(t, torch.Tensor):
+                        t.zero_()
+            self.cumulative_length.zero_()
+
+        def reorder_cache(self, beam_idx) -> None:
+            raise NotImplementedError("the 4-bit cache does not reorder for beam search; use greedy or sampling")
+
+        def offload(self) -> None:
+            raise NotImplementedError("the 4-bit cache is not offloaded (it is 0.28x of a bf16 cache)")
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
