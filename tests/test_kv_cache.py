@@ -104,6 +104,8 @@ def test_scheme_problems():
     assert kv4_scheme_problems(QuantScheme()) == []
     bad = kv4_scheme_problems(QuantScheme(kv_bits=16, kv_symmetric=True))
     assert any("kv_bits=16" in b for b in bad) and any("kv_symmetric=True" in b for b in bad)
+    assert kv4_scheme_problems(QuantScheme(kv_group_size=64), head_dim=64) == []  # one group per head
+    assert "kv_group_size=32" in kv4_scheme_problems(QuantScheme(kv_group_size=32), head_dim=64)[0]
 
 
 def test_a_model_decodes_on_the_4bit_cache(kernel_run):

@@ -293,10 +293,13 @@ def bench_run(folder, s: BenchSettings, progress=print) -> dict:
     s.validate()
     spec = check_run_for_kernels(folder)  # refusals before any weight is read
     if s.kv == "kernels" and "w4a4" in s.sides:
+        from ..adapters import adapter_for
+        from ..pipeline import model_config
         from ..quant.checkpoint import scheme_of
         from .kv_cache import kv4_scheme_problems
 
-        bad = kv4_scheme_problems(scheme_of(spec))
+        config = model_config(folder)
+        bad = kv4_scheme_problems(scheme_of(spec), adapter_for(config).geometry(config).head_dim)
         if bad:
             raise ValueError(f"--kv kernels: {folder} has " + "; ".join(bad))
     check_triton_device(s.device)

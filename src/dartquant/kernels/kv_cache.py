@@ -163,8 +163,8 @@ if triton is not None:
         q_ptr, count_ptr, s1_ptr, s2_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, po_ptr, pm_ptr,
         HKV, SMAX, NSPLIT, sq_b, sq_h, sm_scale, inv_sqrt_d,
         CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, D: tl.constexpr,
-        BS: tl.constexpr, CC: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROTATE_Q: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr,
-        LOW: tl.constexpr,
+        BS: tl.constexpr, CC: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROTATE_Q: tl.constexpr,
+        SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, LOW: tl.constexpr,
     ):
         """Program (sequence x KV head, slice): partial softmax(q K^T) V over its slice of the cache.
         GP: the GQA group padded to 16 (the rows of the dots); GR: rows of the running state (CC: one
@@ -445,12 +445,13 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     _kv4_decode_kernel[(b * hkv, ns)](
         query, count, s1, s2, codes.k_codes, codes.k_scale, codes.k_zero, codes.v_codes, codes.v_scale, codes.v_zero,
         po, pm, hkv, smax, ns, query.stride(0), query.stride(1), float(scaling), 1.0 / math.sqrt(d),
-        CHUNK=chunk, G=g, GP=gp, GR=gr, D=d, BS=block_s, CC=cuda_cores, F1=f1, F2=f2, ROTATE_Q=rotate_q, SPLIT_FIRST=query.dtype == torch.float32,
-        LOW=low, num_warps=num_warps,
-        enable_fp_fusion=False, **_dtype_flags(query.dtype),
+        CHUNK=chunk, G=g, GP=gp, GR=gr, D=d, BS=block_s, CC=cuda_cores, F1=f1, F2=f2, ROTATE_Q=rotate_q,
+        SPLIT_FIRST=query.dtype == torch.float32, LOW=low, num_warps=num_warps, enable_fp_fusion=False,
+        **_dtype_flags(query.dtype),
     )
     out = torch.empty(b, 1, h, d, dtype=query.dtype, device=query.device)
-    _kv4_merge_kernel[(b * hkv,)](po, pm, out, hkv, out.stride(0), out.stride(2), NSPLIT=ns, G=g, GP=gr, D=d, num_warps=4)
+    _kv4_merge_kernel[(b * hkv,)](po, pm, out, hkv, out.stride(0), out.stride(2), NSPLIT=ns, G=g, GP=gr, D=d,
+                                  num_warps=4)
     return out
 
 
@@ -493,14 +494,13 @@ def register_kv4_attention() -> str:
     return register_attention_function(ATTN_IMPLEMENTATION, _kv4_attention)
 
 
-def kv4_scheme_problems(scheme) -> list[str]:
+def kv4_scheme_problems(scheme, head_dim: int | None = None) -> list[str]:
     """Settings of a QuantScheme's K/V quantizer that the cache kernels do not run (empty: fine);
-    from dartquant.json alone, before any weight is read."""
-    bad = []
-    wants = {"kv_bits": 4, "kv_symmetric": False, "kv_group_size": None}
-    for name, value in wants.items():
-        if getattr(scheme, name) != value:
-            bad.append(f"{name}={getattr(scheme, name)!r} (the 4-bit cache kernels need {value!r})")
+    from dartquant.json (and the head dim of config.json) alone, before any weight is read."""
+    bad = [f"{name}={getattr(scheme, name)!r} (the 4-bit cache kernels need {value!r})"
+           for name, value in (("kv_bits", 4), ("kv_symmetric", False)) if getattr(scheme, name) != value]
+    if scheme.kv_group_size not in (None, head_dim):  # one group per head is the default
+        bad.append(f"kv_group_size={scheme.kv_group_size} (the 4-bit cache kernels need one scale per head)")
     return bad
 
 
@@ -527,7 +527,8 @@ def check_kv4_support(model) -> None:
             break
         for name, qz in (("K", kq), ("V", vq)):
             sp = qz.spec
-            if sp.bits != 4 or sp.symmetric or getattr(sp, "mse_search", False) or sp.group_size not in (None, head_dim):
+            grouped = sp.group_size not in (None, head_dim)
+            if sp.bits != 4 or sp.symmetric or getattr(sp, "mse_search", False) or grouped:
                 problems.append(f"layer {i}: {name} quantizer {qz.extra_repr()} (the kernels: 4-bit asymmetric)")
         if t._k_bias_from:
             problems.append(f"layer {i}: K bias kept out of the K quantizer (kv_exclude_k_bias with a k_proj bias)")
