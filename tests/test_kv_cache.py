@@ -73,8 +73,8 @@ def test_store_reads_strided_inputs_and_never_writes_past_the_end():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)])
-@pytest.mark.parametrize("heads,kv_heads,cuda_cores", [(4, 4, True), (4, 4, False), (6, 2, None)])
-def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_heads, cuda_cores):
+@pytest.mark.parametrize("heads,kv_heads,cuda_cores,block_s", [(4, 4, True, None), (4, 4, False, 32), (6, 2, None, None)])
+def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_heads, cuda_cores, block_s):
     """Over two slices of the cache (100 of 130 slots filled, the rest ignored), GQA groups, R3 on
     the query in the kernel: SDPA over the dequantized cache, to the order of fp32 sums and, in
     bf16, the rounding of the dequantized values (the kernel multiplies the exact code - zero by
@@ -85,7 +85,7 @@ def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_h
     count = torch.tensor(n)
     kv4_store(codes, count, k, v, 1.0, True)
     q = torch.randn(2, heads, 1, d, generator=torch.Generator().manual_seed(7)).to(dtype)
-    out = kv4_decode_attention(q, codes, count, d ** -0.5, rotate_q=True, cuda_cores=cuda_cores)
+    out = kv4_decode_attention(q, codes, count, d ** -0.5, rotate_q=True, cuda_cores=cuda_cores, block_s=block_s)
     kq, vq = (t[:, :, :n].float().repeat_interleave(heads // kv_heads, 1) for t in codes.dequantize(dtype))
     ref = torch.nn.functional.scaled_dot_product_attention(fast_hadamard_transform(q).float(), kq, vq)
     assert out.shape == (2, 1, heads, d) and out.dtype == dtype

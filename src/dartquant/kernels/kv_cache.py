@@ -17,7 +17,7 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
 * `kv4_decode_attention` (one query token per sequence): flash decoding. A program takes one
   sequence, one KV head (its GQA group of query heads as the rows of the dots, padded to 16; or,
   without GQA at small batch, one row on the CUDA cores) and one slice of the cache, in steps of
-  `BLOCK_S` positions with a fixed trip count (Triton pipelines it; the tail is masked). K is
+  32 or 64 positions with a fixed trip count (Triton pipelines it; the tail is masked). K is
   dequantized as the fake path holds it ((code - zero) * scale in fp32, rounded to the model
   dtype); P V is computed as (p_j * scale_j) (code_j - zero_j), the integers exact and the weight
   rounded to the model dtype as flash attention rounds P. So the kernel differs from SDPA over the
@@ -53,7 +53,6 @@ except ImportError:  # pragma: no cover - exercised only without triton
     triton = tl = None
 
 ATTN_IMPLEMENTATION = "dartquant_kv4"
-BLOCK_S = 64  # cache positions per step of the decode kernel
 
 
 if triton is not None:
@@ -140,12 +139,14 @@ if triton is not None:
                     tl.store(vz_ptr + slot, zero, mask=ok)
 
     @triton.jit
-    def _centered_tile(c_ptr, z_ptr, slot, ok, D: tl.constexpr, BS: tl.constexpr):
-        """[BS, D] code - zero (integers in [-15, 15], exact in fp32 and bf16) of BS cached positions."""
+    def _centered_halves(c_ptr, z_ptr, slot, ok, D: tl.constexpr, BS: tl.constexpr):
+        """code - zero (integers in [-15, 15], exact in fp32 and bf16) of BS cached positions, as two
+        [BS, D / 2] tiles: the even dims (low nibbles) and the odd ones (high nibbles), never
+        interleaved in registers (run 34: 0.90x run 33's attention time at Llama-2-7B batch 64)."""
         half = tl.arange(0, D // 2)
         c = tl.load(c_ptr + slot[:, None] * (D // 2) + half[None, :], mask=ok[:, None], other=0)
-        q = tl.reshape(tl.join((c & 15).to(tl.float32), (c >> 4).to(tl.float32)), (BS, D))
-        return q - tl.load(z_ptr + slot, mask=ok, other=0.0)[:, None]
+        z = tl.load(z_ptr + slot, mask=ok, other=0.0)[:, None]
+        return (c & 15).to(tl.float32) - z, (c >> 4).to(tl.float32) - z
 
     @triton.jit
     def _mm(a, b, LOW: tl.constexpr):
@@ -180,14 +181,18 @@ if triton is not None:
                     other=0.0).to(tl.float32)
         if ROTATE_Q:
             q = _rotate_rows(q, s1_ptr, s2_ptr, inv_sqrt_d, GP, D, F1, F2, SPLIT_FIRST, ROUND_BF16, ROUND_FP16)
+        # even and odd dims apart (a byte holds dims 2i and 2i + 1): the loop never interleaves nibbles
+        qe, qo = tl.split(tl.reshape(q, (GP, D // 2, 2)))
         if CC:
-            qv = tl.sum(q, axis=0)  # the one real row
+            qve = tl.sum(qe, axis=0)  # the one real row
+            qvo = tl.sum(qo, axis=0)
         n = tl.load(count_ptr)
         lo = sp * CHUNK
         hi = tl.minimum(lo + CHUNK, n)
         m_i = tl.full((GR,), float("-inf"), tl.float32)
         l_i = tl.zeros((GR,), tl.float32)
-        acc = tl.zeros((GR, D), tl.float32)
+        acc_e = tl.zeros((GR, D // 2), tl.float32)
+        acc_o = tl.zeros((GR, D // 2), tl.float32)
         if lo < hi:  # a slice past the cache's end does nothing
             # a fixed trip count (pipelined; the interpreter has no tensor bounds), the tail masked
             for it in range(0, CHUNK // BS):
@@ -195,29 +200,37 @@ if triton is not None:
                 ok = j < hi
                 slot = bh.to(tl.int64) * SMAX + j
                 # K as the fake path holds it: (code - zero) * scale in fp32, rounded to the model dtype
-                ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)
-                k = _round_model(_centered_tile(kc_ptr, kz_ptr, slot, ok, D, BS) * ks[:, None], ROUND_BF16, ROUND_FP16)
+                ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)[:, None]
+                ke, ko = _centered_halves(kc_ptr, kz_ptr, slot, ok, D, BS)
+                ke = _round_model(ke * ks, ROUND_BF16, ROUND_FP16)
+                ko = _round_model(ko * ks, ROUND_BF16, ROUND_FP16)
                 if CC:  # one query row: a dot product per position on the CUDA cores
-                    s = tl.sum(k * qv[None, :], axis=1)[None, :] * sm_scale
+                    s = tl.sum(ke * qve[None, :] + ko * qvo[None, :], axis=1)[None, :] * sm_scale
                 else:
-                    s = _mm(q, tl.trans(k), LOW) * sm_scale
+                    s = (_mm(qe, tl.trans(ke), LOW) + _mm(qo, tl.trans(ko), LOW)) * sm_scale
                 s = tl.where(ok[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 alpha = tl.exp(m_i - m_new)
                 p = tl.exp(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 # P V = (p_j * scale_j) (code_j - zero_j): the weights rounded to the model dtype, as P is
-                vc = _centered_tile(vc_ptr, vz_ptr, slot, ok, D, BS)
+                ve, vo = _centered_halves(vc_ptr, vz_ptr, slot, ok, D, BS)
                 vs = tl.load(vs_ptr + slot, mask=ok, other=0.0)
                 pv = _round_model(p * vs[None, :], ROUND_BF16, ROUND_FP16)
                 if CC:
-                    acc = acc * alpha[:, None] + tl.sum(tl.sum(pv, axis=0)[:, None] * vc, axis=0)[None, :]
+                    w = tl.sum(pv, axis=0)[:, None]
+                    acc_e = acc_e * alpha[:, None] + tl.sum(w * ve, axis=0)[None, :]
+                    acc_o = acc_o * alpha[:, None] + tl.sum(w * vo, axis=0)[None, :]
                 else:
-                    acc = acc * alpha[:, None] + _mm(pv, vc, LOW)
+                    acc_e = acc_e * alpha[:, None] + _mm(pv, ve, LOW)
+                    acc_o = acc_o * alpha[:, None] + _mm(pv, vo, LOW)
                 m_i = m_new
+        # partial rows: the even dims, then the odd ones (the merge puts them back in place)
         part = (bh * NSPLIT + sp).to(tl.int64)
         r = tl.arange(0, GR)
-        tl.store(po_ptr + (part * GR + r)[:, None] * D + d[None, :], acc)
+        e = tl.arange(0, D // 2)
+        tl.store(po_ptr + (part * GR + r)[:, None] * D + e[None, :], acc_e)
+        tl.store(po_ptr + (part * GR + r)[:, None] * D + (D // 2 + e)[None, :], acc_o)
         tl.store(pm_ptr + (part * GR + r) * 2, m_i)
         tl.store(pm_ptr + (part * GR + r) * 2 + 1, l_i)
 
@@ -244,7 +257,8 @@ if triton is not None:
             acc = acc * a_old[:, None] + tl.load(po_ptr + (part * GP + g)[:, None] * D + d[None, :]) * a_new[:, None]
             m_i = m_new
         out = acc / l_i[:, None]
-        tl.store(out_ptr + b.to(tl.int64) * so_b + (hk * G + g)[:, None] * so_h + d[None, :],
+        dim = tl.where(d < D // 2, 2 * d, 2 * (d - D // 2) + 1)  # the partials hold even dims, then odd
+        tl.store(out_ptr + b.to(tl.int64) * so_b + (hk * G + g)[:, None] * so_h + dim[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
 
 
@@ -417,10 +431,11 @@ def _splits(bh: int, max_len: int, device, block_s: int) -> int:
 
 
 def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tensor, scaling: float,
-                         rotate_q: bool, block_s: int = BLOCK_S, num_warps: int = 4,
+                         rotate_q: bool, block_s: int | None = None, num_warps: int = 4,
                          cuda_cores: bool | None = None) -> torch.Tensor:
     """query [B, H, 1, D] (after RoPE) -> attention output [B, 1, H, D] over the first `count` cached
-    positions (unmasked: unpadded sequences). ``block_s`` cache positions per step, ``num_warps``;
+    positions (unmasked: unpadded sequences). ``block_s`` cache positions per step (None: the measured
+    choice), ``num_warps``;
     ``cuda_cores``: one query row per KV head (no GQA) as dot products on the CUDA cores instead of
     tensor-core dots with the row padded to 16 (None: the measured choice, see the code)."""
     b, h, sq, d = query.shape
@@ -431,12 +446,16 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     gp = max(16, 1 << (g - 1).bit_length())
     if query.stride(-1) != 1:
         query = query.contiguous()
+    if block_s is None:  # run 34 (docs/KERNELS.md 4e): smaller steps once there are many programs
+        block_s = 32 if b * hkv >= 64 else 64
     ns = _splits(b * hkv, smax, query.device, block_s)
     chunk = triton.cdiv(triton.cdiv(smax, ns), block_s) * block_s
     if cuda_cores is None:  # run 33 (docs/KERNELS.md 4e): the CUDA cores for one sequence without GQA, else dots
         cuda_cores = g == 1 and b * hkv <= 32
     if cuda_cores and g != 1:
         raise ValueError("the CUDA-core path takes one query row per KV head (no GQA)")
+    if query.is_cuda and not cuda_cores and d < 32:
+        raise ValueError(f"head dim {d}: the decode kernel's tensor-core dots need a head dim of at least 32")
     gr = 1 if cuda_cores else gp
     po = torch.empty(b * hkv * ns * gr, d, dtype=torch.float32, device=query.device)
     pm = torch.empty(b * hkv * ns * gr, 2, dtype=torch.float32, device=query.device)
@@ -512,6 +531,8 @@ def check_kv4_support(model) -> None:
     config = model.config.get_text_config()
     problems = []
     head_dim = adapter.geometry(model.config).head_dim
+    if head_dim < 32 and next(model.parameters()).is_cuda:
+        problems.append(f"head dim {head_dim} (the decode kernel's dots on the GPU need at least 32)")
     types = set(getattr(config, "layer_types", None) or ["full_attention"])
     if types != {"full_attention"}:
         problems.append(f"layer types {sorted(types)} (full attention only)")
