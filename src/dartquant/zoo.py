@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .adapters import adapter_for
-from .packages import Carrier, MissingPackageError, cache_root
+from .packages import Carrier, MissingPackageError, cache_lock, cache_root
 # dartquant.json, written by `dartquant rotate` / `quantize`: which online transforms a folder needs
 from .quant.checkpoint import TRANSFORM_FILE
 
@@ -146,6 +146,13 @@ def _ensure_converted(target: Path, gguf_files: list[Path]) -> Path:
     """Convert a GGUF (possibly split into raw parts) into a float32 HF folder at `target`, atomically."""
     if (target / _DONE).exists():
         return target
+    with cache_lock(target.name):  # another process may be converting it: wait, then it is done
+        if (target / _DONE).exists():
+            return target
+        return _convert_into(target, gguf_files)
+
+
+def _convert_into(target: Path, gguf_files: list[Path]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
