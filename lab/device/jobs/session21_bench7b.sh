@@ -1,19 +1,7 @@
 #!/usr/bin/env bash
-# Issue 16, session 21: the 4-bit K/V cache kernels, first alone (session21_kv4.py: codes checked, then
-# timed against bf16 SDPA at Llama-2-7B / Llama-3-8B attention shapes), then `dartquant bench --kv kernels`
-# on a quantized Llama-2-7B-shape run folder (random weights; quarot / rtn, streamed): default operands,
-# then the w4a4 side again with --prefill-operand scaled_mm. Direct call, carry [".kb_data"]:
+# Issue 16, session 21: the 4-bit K/V cache kernels alone (session21_kv4.py: codes checked, then timed
+# against bf16 SDPA at Llama-2-7B / Llama-3-8B attention shapes), then `dartquant bench --kv kernels` on
+# a quantized Llama-2-7B-shape run folder: session22_bench7b.sh with session 21's kernel job.
+# Direct call, carry [".kb_data"]:
 #   RES=$OUT bash lab/device/jobs/session21_bench7b.sh
-set -u
-RES=${RES:-/tmp/res}; mkdir -p "$RES"
-export PYTHONUNBUFFERED=1
-PYTHONPATH=src:benchmarks timeout 200 python3 lab/device/jobs/session21_kv4.py "$RES/kv4_h200_session21.json" \
-  > "$RES/kv4.txt" 2>&1; tail -n 14 "$RES/kv4.txt"
-rm -rf /tmp/kbdata && cp -r .kb_data /tmp/kbdata
-export DARTQUANT_CACHE=/tmp/kbdata DARTQUANT_NO_INSTALL=1
-python3 benchmarks/kernels_e2e.py --run-shape llama2-7b --dir /tmp/kb --out "$RES/kernels_bench_kv4_h200.json" \
-  -- --kv kernels > "$RES/bench_kv4.md" 2> "$RES/bench_kv4.log"
-tail -n 14 "$RES/bench_kv4.md"; tail -n 3 "$RES/bench_kv4.log"
-PYTHONPATH=src python3 -m dartquant.cli bench /tmp/kb/run-llama2-7b-quarot-rtn --kv kernels --prefill-operand scaled_mm \
-  --json "$RES/kernels_bench_kv4_scaled_mm_h200.json" > "$RES/bench_kv4_smm.md" 2> "$RES/bench_kv4_smm.log"
-tail -n 14 "$RES/bench_kv4_smm.md"; tail -n 3 "$RES/bench_kv4_smm.log"
+KV4_JOB=session21_kv4 exec bash "$(dirname "$0")/session22_bench7b.sh"

@@ -106,24 +106,30 @@ def timing(b, h, hkv):
     return res
 
 
-def main(out_path):
-    t0 = time.time()
-    warm_clocks()
-    x = torch.empty(512 * 2**20, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    copy_us = graph_ms([lambda: y.copy_(x)] * 8) * 1e3
+def shape_rows(timing_fn):
+    """One row per (shape, batch): the GPU checks, then `timing_fn(batch, heads, kv_heads)`."""
     rows = []
     for name, h, hkv in SHAPES:
         for b in (1, 8, 64):
             row = {"shape": name, "heads": h, "kv_heads": hkv, "batch": b, "context": CTX + 1}
             try:
                 row.update(check(b, h, hkv))
-                row.update(timing(b, h, hkv))
+                row.update(timing_fn(b, h, hkv))
             except Exception as e:  # recorded
                 row["error"] = repr(e)[:500]
             rows.append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
+    return rows
+
+
+def main(out_path):
+    t0 = time.time()
+    warm_clocks()
+    x = torch.empty(512 * 2**20, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    copy_us = graph_ms([lambda: y.copy_(x)] * 8) * 1e3
+    rows = shape_rows(timing)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "copy_GBps": 2 * x.numel() / copy_us / 1e3, "rows": rows, "seconds": time.time() - t0}
     with open(out_path, "w") as f:

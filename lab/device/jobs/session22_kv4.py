@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from session19_gemv import graph_ms, warm_clocks  # noqa: E402
-from session21_kv4 import CTX, D, LAYERS, SHAPES, check  # noqa: E402
+from session21_kv4 import CTX, D, LAYERS, shape_rows  # noqa: E402
 from dartquant.kernels.kv_cache import Kv4Codes, kv4_decode_attention, kv4_store  # noqa: E402
 
 dev = torch.device("cuda")
@@ -69,18 +69,7 @@ def timing(b, h, hkv):
 def main(out_path):
     t0 = time.time()
     warm_clocks()
-    rows = []
-    for name, h, hkv in SHAPES:
-        for b in (1, 8, 64):
-            row = {"shape": name, "heads": h, "kv_heads": hkv, "batch": b, "context": CTX + 1}
-            try:
-                row.update(check(b, h, hkv))
-                row.update(timing(b, h, hkv))
-            except Exception as e:  # recorded
-                row["error"] = repr(e)[:500]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            torch.cuda.empty_cache()
+    rows = shape_rows(timing)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
            "seconds": time.time() - t0}
     with open(out_path, "w") as f:
