@@ -48,6 +48,17 @@ def check(b, h, hkv):
     return {"k_values_differing": k_off, "v_values_differing": v_off, "attn_max_rel_err": err}
 
 
+def filled_caches(b, hkv, smax, n, g):
+    """LAYERS 4-bit caches of `smax` slots, the first `n` holding random bf16 K / V."""
+    caches = []
+    for _ in range(LAYERS):
+        c = Kv4Codes(b, hkv, smax, D, dev)
+        kv4_store(c, torch.tensor(n, device=dev), torch.randn(b, hkv, n, D, device=dev, generator=g).bfloat16(),
+                  torch.randn(b, hkv, n, D, device=dev, generator=g).bfloat16(), 1.0, True)
+        caches.append(c)
+    return caches
+
+
 def timing(b, h, hkv):
     g = torch.Generator(dev).manual_seed(0)
     smax = CTX + 1
@@ -71,12 +82,7 @@ def timing(b, h, hkv):
     kc.clear()  # the bf16 caches go before the 4-bit ones are made
     vc.clear()
     torch.cuda.empty_cache()
-    caches = []
-    for i in range(LAYERS):
-        c = Kv4Codes(b, hkv, smax, D, dev)
-        kv4_store(c, torch.tensor(CTX, device=dev), torch.randn(b, hkv, CTX, D, device=dev, generator=g).bfloat16(),
-                  torch.randn(b, hkv, CTX, D, device=dev, generator=g).bfloat16(), 1.0, True)
-        caches.append(c)
+    caches = filled_caches(b, hkv, smax, CTX, g)
     count = torch.tensor(smax, device=dev)
 
     def kv4(i):

@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from session19_gemv import graph_ms, warm_clocks  # noqa: E402
-from session21_kv4 import CTX, D, LAYERS, shape_rows  # noqa: E402
-from dartquant.kernels.kv_cache import Kv4Codes, kv4_decode_attention, kv4_store  # noqa: E402
+from session21_kv4 import CTX, D, LAYERS, filled_caches, shape_rows  # noqa: E402
+from dartquant.kernels.kv_cache import kv4_decode_attention  # noqa: E402
 
 dev = torch.device("cuda")
 F = torch.nn.functional
@@ -38,12 +38,7 @@ def timing(b, h, hkv):
     kc.clear()
     vc.clear()
     torch.cuda.empty_cache()
-    caches = []
-    for i in range(LAYERS):
-        c = Kv4Codes(b, hkv, smax, D, dev)
-        kv4_store(c, torch.tensor(smax, device=dev), torch.randn(b, hkv, smax, D, device=dev, generator=g).bfloat16(),
-                  torch.randn(b, hkv, smax, D, device=dev, generator=g).bfloat16(), 1.0, True)
-        caches.append(c)
+    caches = filled_caches(b, hkv, smax, smax, g)
     count = torch.tensor(smax, device=dev)
     res["kv4 attention (default) us"] = graph_ms([lambda i=i: kv4_decode_attention(
         q[i], caches[i], count, D ** -0.5, True) for i in range(LAYERS)]) * 1e3
