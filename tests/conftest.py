@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from tiny import TINY_CONFIGS
 
-# Under pytest-xdist (README's test command runs a worker per core) each worker computes on one
+# Under pytest-xdist (README's test command runs two workers, `-n 2`) each worker computes on one
 # thread: two workers of two intra-op threads each on two cores only wait on each other.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
