@@ -41,12 +41,14 @@ BEGIN, END = "<!-- headlines:begin -->", "<!-- headlines:end -->"
 QUALITY = {
     "SmolLM2-135M": ["smollm2_quality_h200.json", "smollm2_e2e_h200_session3.json",
                      "smollm2_quantloss_gptq_h200.json", "smollm2_dfrot_duquant_h200_session7.json",
-                     "smollm2_duquant_seed2_h200_session12.json", "smollm2_clip_search_h200_session22.json"],
+                     "smollm2_duquant_seed2_h200_session12.json", "smollm2_clip_search_h200_session22.json",
+                     "smollm2_gptq_options_h200_session24.json"],
     # session 6: every Qwen row again with K's bias kept out of the K quantizer (§7, §8); the
     # rows of qwen_quality_h200.json were measured before that fix, which only FP does not touch
     "Qwen2.5-Coder-0.5B": ["qwen_kbiasfix_h200_session6.json", "qwen_quantloss_seeds12_h200_session12.json",
                            "qwen_rtn_h200_session15.json", "qwen_dqwhip_seed2_h200_session16.json",
-                           "qwen_ostquant_h200_session17.json", "qwen_clip_search_h200_session22.json"],
+                           "qwen_ostquant_h200_session17.json", "qwen_clip_search_h200_session22.json",
+                           "qwen_gptq_options_h200_session24.json"],
     # issue 12's model, at its own protocol (§7): at most 40 windows per corpus, no zero-shot
     "Qwen2.5-Coder-1.5B (≤ 40 windows per corpus, §7)": ["qwen15_quality_h200.json"],
 }
@@ -66,6 +68,10 @@ METHODS = {
     # activation clip ratios searched per input stream on calibration data (`--a-clip-search`, §24)
     "QuaRot, clip search : GPTQ": "quarot:gptq:a_clip_search=true",
     "DuQuant, clip search : GPTQ": "duquant:gptq:a_clip_search=true",
+    # GPTQ's own options on top (§25): act-order + true-sequential; asymmetric (GPTAQ's target)
+    "DuQuant, clip search : GPTQ act-order, true-sequential":
+        "duquant:gptq:a_clip_search=true,gptq_act_order=true,gptq_true_sequential=true",
+    "DuQuant, clip search : GPTQ asymmetric": "duquant:gptq:a_clip_search=true,gptq_asymmetric=true",
 }
 SHAPES = {"llama2-7b": "Llama-2-7B", "llama3-8b": "Llama-3-8B", "llama2-70b": "Llama-2-70B"}
 # (shape, method) -> (file, how to find the row). DartQuant at 7B / 8B comes from
