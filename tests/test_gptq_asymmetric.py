@@ -71,3 +71,32 @@ def test_reference_on_every_batch_or_none():
 def test_refused_with_quantized_hessian_inputs():
     with pytest.raises(ValueError, match="gptq_act_quant"):
         RunConfig.from_flat(w_quantizer="gptq", gptq_asymmetric=True, gptq_act_quant=True).scheme.validate()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_qkv_left_out_keeps_plain_gptq_for_them_only():
+    """`gptq_asymmetric_qkv: false`: the first block's q/k/v (same inputs either way) get plain GPTQ's
+    codes bitwise, its o/gate/up/down the asymmetric ones; with it true q/k/v change too."""
+    from dartquant.adapters import adapter_for
+    from dartquant.quant import weights
+    from dartquant.quant.act import install_quantizers_
+    from tiny import make_tiny_model
+
+    ids = torch.randint(0, 97, (3, 24), generator=torch.Generator().manual_seed(0))
+
+    def run(**flags):
+        scheme = RunConfig.from_flat(w_quantizer="gptq", **flags).scheme
+        model = make_tiny_model("qwen2-bias-gqa", dtype=torch.float32)
+        install_quantizers_(model, scheme, adapter_for(model))
+        return weights.quantize_weights_(model, scheme, ids, progress=False)
+
+    plain = run()
+    no_qkv = run(gptq_asymmetric=True, gptq_asymmetric_qkv=False)
+    every = run(gptq_asymmetric=True)
+    first = [n for n in plain if ".layers.0." in n]
+    qkv = [n for n in first if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")]
+    assert len(qkv) == 3 and len(first) == 7, first
+    for name in first:
+        same_as_plain = torch.equal(no_qkv[name].codes, plain[name].codes)
+        assert same_as_plain == (name in qkv), name
+    assert not any(torch.equal(every[n].codes, plain[n].codes) for n in qkv)

@@ -33,6 +33,8 @@ _HELP = {
     "gptq_asymmetric": "GPTQ against the unquantized-activation output: Hessians from each linear's 4-bit "
                        "inputs, target weight W C H^-1, so the weights absorb part of the activation "
                        "quantizer's error (GPTAQ's asymmetric calibration; default: false)",
+    "gptq_asymmetric_qkv": "with gptq_asymmetric: false keeps plain GPTQ for q/k/v, whose outputs the 4-bit "
+                           "K/V quantizer reads (default: true)",
     "gptq_hessian_mb": "collect a block's GPTQ Hessians in forwards holding at most this many MB of them "
                        "(same result, more forwards; default: all at once unless they exceed 40%% of a GPU's "
                        "free memory)",

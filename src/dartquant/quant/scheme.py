@@ -43,6 +43,9 @@ class QuantScheme:
     # inputs and its target weight W C H^-1 (gptq.GPTQ.asymmetric_target), so the weights absorb what
     # they can of the activation quantizer's error ("asymmetric calibration", GPTAQ)
     gptq_asymmetric: bool = False
+    # false: q/k/v keep plain GPTQ under gptq_asymmetric. Their outputs go on to the 4-bit K/V
+    # quantizer, which the target does not see (RESULTS §25a: Qwen collapses with it on q/k/v)
+    gptq_asymmetric_qkv: bool = True
     # a block's Hessians are collected in passes holding at most this many MB of them (one forward
     # per pass; the results do not change). None: all at once, except on a GPU where they would
     # take more than GPTQ_HESSIAN_SHARE of its free memory (a Mixtral block: 8 experts x 14336^2)

@@ -221,7 +221,8 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
             hessians = _SharedHessians()
             for role in keys:
                 q = linears[role]
-                quantizer = q.input_quantizer if scheme.gptq_asymmetric else None
+                asymmetric = scheme.gptq_asymmetric and (scheme.gptq_asymmetric_qkv or stream_of(role) != "attn_in")
+                quantizer = q.input_quantizer if asymmetric else None
                 q.input_observer = hessians.observer(role, q.in_features, q.weight.device, quantizer)
             forward(update=False)
             for q in map(linears.__getitem__, keys):
