@@ -44,7 +44,7 @@ class QuantScheme:
     # they can of the activation quantizer's error ("asymmetric calibration", GPTAQ)
     gptq_asymmetric: bool = False
     # false: q/k/v keep plain GPTQ under gptq_asymmetric. Their outputs go on to the 4-bit K/V
-    # quantizer, which the target does not see (RESULTS §25a: Qwen collapses with it on q/k/v)
+    # quantizer, which the target does not see (RESULTS §25a: not why Qwen collapses with it)
     gptq_asymmetric_qkv: bool = True
     # a block's Hessians are collected in passes holding at most this many MB of them (one forward
     # per pass; the results do not change). None: all at once, except on a GPU where they would
