@@ -190,16 +190,21 @@ def dual_transform(x: torch.Tensor, cfg: DuQuantConfig, g: torch.Generator) -> t
 # ---- capture --------------------------------------------------------------------------------
 class _Observer:
     """Per-channel max |x| over every token, and a row sample for the greedy rotations: the
-    `k_out` rows with the largest max |x| seen so far plus `k_rand` random rows per sequence."""
+    `k_out` rows with the largest max |x| seen so far plus `k_rand` random rows per sequence.
+
+    Everything is reduced where x lives: only the kept rows leave the device (a Qwen2.5-0.5B
+    block's four inputs are ~2 GB of float32 at 32 x 2048 tokens; copying them to the host and
+    reducing there made the capture CPU-bound). The random rows' indices are drawn on the CPU by
+    the seeded generator, as before, so the sample does not depend on the device."""
 
     def __init__(self, k_out: int, k_rand: int, g: torch.Generator):
         self.k_out, self.k_rand, self.g = k_out, k_rand, g
         self.amax = None
-        self.outliers = None  # [<= k_out, n] float32
+        self.outliers = None  # [<= k_out, n] float32, on x's device
         self.random: list[torch.Tensor] = []
 
     def __call__(self, x: torch.Tensor) -> None:
-        rows = x.reshape(-1, x.shape[-1]).detach().float().cpu()
+        rows = x.reshape(-1, x.shape[-1]).detach().float()
         a = rows.abs().amax(dim=0)
         self.amax = a if self.amax is None else torch.maximum(self.amax, a)
         if self.k_out:
@@ -207,10 +212,11 @@ class _Observer:
             top = pool.abs().amax(dim=1).topk(min(self.k_out, pool.shape[0])).indices
             self.outliers = pool[top]
         if self.k_rand:
-            self.random.append(rows[torch.randperm(rows.shape[0], generator=self.g)[: self.k_rand]])
+            pick = torch.randperm(rows.shape[0], generator=self.g)[: self.k_rand]
+            self.random.append(rows[pick.to(rows.device)].cpu())
 
     def rows(self) -> torch.Tensor:
-        parts = ([] if self.outliers is None else [self.outliers]) + self.random
+        parts = ([] if self.outliers is None else [self.outliers.cpu()]) + self.random
         return torch.cat(parts) if parts else torch.empty(0, self.amax.shape[0])
 
 
@@ -266,7 +272,7 @@ def calibrate_duquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, progre
                                                    ("DQ_mlp", "up", (layer.gate, layer.up), "mlp_norm"),
                                                    ("DQ_down", "down", (layer.down,), "up")):
                 ob = observers[role]
-                lam = smoothing_scales(ob.amax, _w_amax(*readers), opts.alpha)
+                lam = smoothing_scales(ob.amax.cpu(), _w_amax(*readers), opts.alpha)
                 scales[scale_name].append(1.0 / lam)  # the placement scales the stream by t = 1 / lambda
                 x = ob.rows().to(cfg.device, torch.float64) / lam.to(cfg.device)
                 r1, perm, r2 = dual_transform(x, opts, g)
@@ -274,7 +280,7 @@ def calibrate_duquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, progre
                 stat(key, x, apply_blocks(x, r1.to(x.device), perm, None if r2 is None else r2.to(x.device)))
             # o_proj: one lambda per KV-head channel (max over its query heads), one rotation per KV head
             ob = observers["o"]
-            x_amax = ob.amax.double().view(kv, groups, d).amax(dim=1)
+            x_amax = ob.amax.cpu().double().view(kv, groups, d).amax(dim=1)
             w_amax = _w_amax(layer.o).view(kv, groups, d).amax(dim=1)
             lam = smoothing_scales(x_amax, w_amax, opts.alpha)  # [kv, d]
             scales["v"].append(1.0 / lam.reshape(-1))
