@@ -71,6 +71,8 @@ def test_reference_on_every_batch_or_none():
 def test_refused_with_quantized_hessian_inputs():
     with pytest.raises(ValueError, match="gptq_act_quant"):
         RunConfig.from_flat(w_quantizer="gptq", gptq_asymmetric=True, gptq_act_quant=True).scheme.validate()
+    with pytest.raises(ValueError, match="only applies with gptq_asymmetric"):
+        RunConfig.from_flat(w_quantizer="gptq", gptq_asymmetric_qkv=False).scheme.validate()
 
 
 @pytest.mark.usefixtures("one_thread")

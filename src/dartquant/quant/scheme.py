@@ -127,6 +127,9 @@ class QuantScheme:
             raise ValueError("gptq_damp and gptq_blocksize must be positive")
         if self.gptq_hessian_mb is not None and self.gptq_hessian_mb <= 0:
             raise ValueError(f"gptq_hessian_mb must be positive (or unset: automatic), got {self.gptq_hessian_mb}")
+        if not self.gptq_asymmetric_qkv and not self.gptq_asymmetric:
+            raise ValueError("gptq_asymmetric_qkv: false only applies with gptq_asymmetric: true "
+                             "(set both, or drop gptq_asymmetric_qkv)")
         if self.gptq_asymmetric and self.gptq_act_quant:
             raise ValueError("gptq_asymmetric quantizes each linear's own inputs for its Hessian and needs the "
                              "unquantized ones as its target: drop gptq_act_quant")
