@@ -67,6 +67,8 @@ def test_rows_sampled_are_the_same_however_the_windows_are_batched():
 @pytest.mark.parametrize("family,dtype,kw", [
     ("qwen2-bias-gqa", torch.float32, dict(method="quarot", w_quantizer="gptq")),
     ("llama-tied-gqa", torch.bfloat16, dict(method="quarot", w_quantizer="rtn")),
+    # the search before GPTQ (weights.clip_search_first), streamed as in memory
+    ("qwen2-bias-gqa", torch.float32, dict(method="quarot", w_quantizer="gptq", gptq_asymmetric=True)),
 ])
 def test_search_streamed_equals_in_memory_and_reloads(family, dtype, kw, tmp_path, monkeypatch, one_thread):
     folder = save_sharded(tmp_path / "model", family, dtype)

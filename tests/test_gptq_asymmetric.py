@@ -102,3 +102,33 @@ def test_qkv_left_out_keeps_plain_gptq_for_them_only():
         same_as_plain = torch.equal(no_qkv[name].codes, plain[name].codes)
         assert same_as_plain == (name in qkv), name
     assert not any(torch.equal(every[n].codes, plain[n].codes) for n in qkv)
+
+
+def test_clip_search_runs_first_and_gptq_fits_the_ratios_it_chose(monkeypatch):
+    """Under asymmetric GPTQ a block's clip search runs before its GPTQ (weights.clip_search_first):
+    the codes are bitwise those of asymmetric GPTQ with the chosen ratios installed from the start.
+    With the search after GPTQ (the default order), they are not: the weights were fitted to 0.9."""
+    from dartquant.adapters import adapter_for
+    from dartquant.quant import weights
+    from dartquant.quant.act import install_quantizers_
+    from dartquant.quant.act_clip import ClipSearchRecord, apply_act_clips_
+    from tiny import make_tiny_model
+
+    ids = torch.randint(0, 97, (3, 24), generator=torch.Generator().manual_seed(0))
+
+    def run(clips=None, **flags):
+        scheme = RunConfig.from_flat(w_quantizer="gptq", gptq_asymmetric=True, **flags).scheme
+        model = make_tiny_model("qwen2-bias-gqa", dtype=torch.float32)
+        install_quantizers_(model, scheme, adapter_for(model))
+        apply_act_clips_(model, clips)
+        record = ClipSearchRecord()
+        return weights.quantize_weights_(model, scheme, ids, progress=False, clip_search=record), record.act_clips()
+
+    searched, clips = run(a_clip_search=True)
+    assert any(c != 0.9 for c in clips.values()), "every ratio stayed 0.9: nothing was tested"
+    preset, _ = run(clips)
+    assert searched.keys() == preset.keys()
+    assert all(torch.equal(searched[n].codes, preset[n].codes) for n in searched)
+    monkeypatch.setattr(weights, "clip_search_first", lambda scheme: False)
+    after, _ = run(a_clip_search=True)
+    assert not all(torch.equal(after[n].codes, preset[n].codes) for n in after)

@@ -4,7 +4,8 @@ The per-token activation quantizer clips each token's range by one ratio (`a_cli
 default: QuaRot's choice, the same for every linear). Some inputs want more clipping and a few
 want none (RESULTS §14e: SmolLM2's down_proj inputs in layers 2, 11 and 28 triple their output
 error at 0.85), so one ratio for all cannot serve them. With `a_clip_search`, each block, right
-after its weights are quantized, runs its calibration inputs once more (the same inputs GPTQ
+after its weights are quantized (before, under asymmetric GPTQ, whose weights are fitted to the
+ratio they see: weights.clip_search_first), runs its calibration inputs once more (the same inputs GPTQ
 saw), samples `a_clip_search_rows` rows of what every input quantizer receives (seeded, the
 same tokens whatever the batching), and gives each *input stream* the ratio on the grid
 {1.0, 0.95, ..., a_clip_search_min} (which always holds `a_clip`) that minimizes the output error

@@ -99,7 +99,7 @@ def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Te
     `rtn_fallbacks`, if given, receives the names of GPTQ linears that saw no calibration token
     (MoE experts nobody was routed to) and were quantized by RTN instead. With
     `scheme.a_clip_search`, each block's activation clip ratios are chosen right after its weights
-    (quant/act_clip.py, sampled with `seed`), recorded in `clip_search` (a new record if None)."""
+    (before them under gptq_asymmetric: clip_search_first; quant/act_clip.py, sampled with `seed`), recorded in `clip_search` (a new record if None)."""
     adapter = adapter or adapter_for(model)
     split_experts_(model, adapter)  # MoE: one linear per expert
     spec = scheme.weight_spec()
@@ -140,11 +140,8 @@ def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Te
     try:
         for i, block, forward in iterate_blocks(model, adapter, calib_ids, device, progress,
                                                 desc="GPTQ" if gptq else "clip search", batch=batch, resident=resident):
-            if gptq:
-                unrouted += gptq_block_(block, adapter, forward, scheme, commit, name_of)
-            if scheme.a_clip_search:
-                clip_search.search_block_(block, adapter, forward, scheme, name_of, layer=i,
-                                          total_tokens=calib_ids.numel(), seed=seed)
+            unrouted += quantize_block_(block, adapter, forward, scheme, commit, name_of, gptq=gptq,
+                                        clip_search=clip_search, layer=i, total_tokens=calib_ids.numel(), seed=seed)
             forward(update=True)
     finally:
         set_act_quant_enabled_(model, True)
@@ -198,6 +195,38 @@ def _passes(step: list[str], in_features: dict[str, int], budget: float, matrice
         pass_of[group] = n
         size += need
     return [[k for k in step if pass_of[group_of[k]] == i] for i in range(n + 1)]  # each in step's order
+
+
+def clip_search_first(scheme: QuantScheme) -> bool:
+    """Whether a block's activation clip search runs before its GPTQ rather than after.
+
+    After, by default: each stream's ratio is chosen for the quantized weights that will read it.
+    Before, under `gptq_asymmetric`: its weights are fitted to the activation quantizer's error at
+    the ratio the quantizer has during GPTQ, so a ratio changed afterwards voids the fit (and the
+    search, which scores ||(Q_c(x) - x) W_q^T||, takes x W_q^T for the output to keep, where the fit
+    aimed at x W^T). The search then scores the block's unquantized weights and GPTQ fits the
+    quantizer it chose."""
+    return scheme.a_clip_search and scheme.gptq_asymmetric
+
+
+def quantize_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantScheme, commit, name_of, *,
+                    gptq: bool, clip_search: ClipSearchRecord, layer: int, total_tokens: int, seed: int,
+                    gptq_forward=None) -> list[str]:
+    """One block's GPTQ (if `gptq`) and activation clip search (if the scheme's), in the order
+    `clip_search_first` gives; `gptq_forward` (default `forward`) is the forward GPTQ collects its
+    Hessians with. Returns gptq_block_'s RTN fallbacks. Shared by the in-memory and streamed paths."""
+    first = clip_search_first(scheme)
+
+    def search() -> None:
+        clip_search.search_block_(block, adapter, forward, scheme, name_of, layer=layer,
+                                  total_tokens=total_tokens, seed=seed)
+
+    if first:
+        search()
+    unrouted = gptq_block_(block, adapter, gptq_forward or forward, scheme, commit, name_of) if gptq else []
+    if scheme.a_clip_search and not first:
+        search()
+    return unrouted
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@
                          perplexity and the quality guard (ratio and KL against the FP pass)
 
 Every step per module is the in-memory pipeline's own code (fuse_layer_norms_, fold_layer_,
-gptq_block_, ActivationCapture), applied in the same order, so a streamed run computes the same
+quantize_block_, ActivationCapture), applied in the same order, so a streamed run computes the same
 tensors as an in-memory one (tests/test_stream.py holds them equal). Host memory: the
 embedding while it is used, one block, the hidden states of the window sets (compute dtype),
 one output shard; the device: one block in float64 while folding, one window's activations.
@@ -47,7 +47,7 @@ from ..quant.act import install_quantizers_, set_act_quant_enabled_
 from ..quant.act_clip import ClipSearchRecord
 from ..quant.checkpoint import write_run_metadata
 from ..quant.primitives import QuantizedTensor
-from ..quant.weights import gptq_block_
+from ..quant.weights import quantize_block_
 from ..runs import atomic_dir, move_volatile_json_, write_json
 from ..stages import StageTimer, peak_memory_bytes
 from ..transforms import RotationSet, untie_embeddings_
@@ -263,19 +263,18 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                     set_act_quant_enabled_(block, sc.gptq_act_quant)
                     try:
                         forward = runner.forward_fn(block, q_calib, gptq_batch)
-                        if gptq:
-                            counter = RoutedTokens(block, adapter)  # MoE: each expert's tokens in GPTQ's forward
+                        counter = RoutedTokens(block, adapter) if gptq else None  # MoE: each expert's tokens in GPTQ's forward
 
-                            def counted(update, forward=forward, counter=counter) -> None:
-                                # the experts' Hessians come from GPTQ's last forward (true-sequential: one per step)
-                                counter.reset_()
-                                forward(update)
+                        def counted(update, forward=forward, counter=counter) -> None:
+                            # the experts' Hessians come from GPTQ's last forward (true-sequential: one per step)
+                            counter.reset_()
+                            forward(update)
 
-                            unrouted += gptq_block_(block, adapter, counted, sc, commit, names.__getitem__)
+                        unrouted += quantize_block_(block, adapter, forward, sc, commit, names.__getitem__, gptq=gptq,
+                                                    clip_search=clip_search, layer=i, total_tokens=calib_ids.numel(),
+                                                    seed=cfg.seed, gptq_forward=counted)
+                        if counter is not None:
                             routed += counter.close()
-                        if sc.a_clip_search:
-                            clip_search.search_block_(block, adapter, forward, sc, names.__getitem__, layer=i,
-                                                      total_tokens=calib_ids.numel(), seed=cfg.seed)
                         if i + 1 < n_layers:
                             forward(True)  # the next block's inputs: this quantized block's outputs
                     finally:
