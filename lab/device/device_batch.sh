@@ -2,7 +2,8 @@
 # The GPU batch behind docs/RESULTS.md (run on the lent H200 after lab/device/device_stage.py
 # staging; `source lab/device/device_env.sh` first). Writes JSON + logs to $RES (default /tmp/res).
 # Usage: device_batch.sh cost | costs | quality | all | session3 | session4 | session6 | session7 |
-#        session8-scale | session8-spin | session12 | session12-quality | jobs-scale | jobs-after-scale FILE | jobs FILE
+#        session8-scale | session8-spin | session12 | session12-quality | jobs-scale | jobs-after-scale FILE | jobs FILE |
+#        alone-then ALONE_FILE [FILE]
 # Jobs of the parallel modes go round-robin over the visible GPUs (nvidia-h200-x2: two).
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
@@ -148,6 +149,11 @@ jobs-after-scale)  # device_batch.sh jobs-after-scale FILE: FILE's quality.py jo
   for _ in $(seq $(( ${WAIT_S:-1200} / 5 ))); do [ -f "$RES/${AFTER:-DONE-wj70b}" ] && break; sleep 5; done
   MODELS="smollm2-135m qwen2.5-coder-0.5b" convert_models
   PARALLEL=${PARALLEL:-4} run_jobs "$2" ;;
+alone-then)  # device_batch.sh alone-then ALONE_FILE [FILE]: ALONE_FILE's jobs one at a time, each with the GPU
+  # to itself (calibration costs), then DONE-alone, then FILE's jobs $PARALLEL at a time (session 25)
+  export OMP_NUM_THREADS=2
+  PARALLEL=1 run_jobs "$2"; touch "$RES/DONE-alone"
+  [ -z "${3:-}" ] || run_jobs "$3" ;;
 jobs)  # device_batch.sh jobs FILE: the quality.py jobs listed in FILE (NAME MODEL CONFIG SEED [FP] [args])
   export OMP_NUM_THREADS=2
   run_jobs "$2" ;;
