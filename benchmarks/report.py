@@ -71,8 +71,12 @@ METHODS = {
     # GPTQ's own options on top (§25): act-order + true-sequential; asymmetric (GPTAQ's target)
     "DuQuant, clip search : GPTQ act-order, true-sequential":
         "duquant:gptq:a_clip_search=true,gptq_act_order=true,gptq_true_sequential=true",
-    "DuQuant, clip search : GPTQ asymmetric": "duquant:gptq:a_clip_search=true,gptq_asymmetric=true",
+    # measured with session 24's code, the search after GPTQ; since session 25 it runs first (§26)
+    "DuQuant, clip search after GPTQ : GPTQ asymmetric": "duquant:gptq:a_clip_search=true,gptq_asymmetric=true",
 }
+# model label -> quality.py jobs run one at a time with the GPU to itself (§26): their calibration time
+ALONE = {"SmolLM2-135M": "smollm2_calibration_alone_h200_session25.json",
+         "Qwen2.5-Coder-0.5B": "qwen_calibration_alone_h200_session25.json"}
 SHAPES = {"llama2-7b": "Llama-2-7B", "llama3-8b": "Llama-3-8B", "llama2-70b": "Llama-2-70B"}
 # (shape, method) -> (file, how to find the row). DartQuant at 7B / 8B comes from
 # dartquant_cost.py: e2e_cost_7b_h200.json's DartQuant row predates counting every stage's peak.
@@ -183,6 +187,26 @@ def quality_table(results: Path) -> list[str]:
     return lines
 
 
+def alone_table(results: Path) -> list[str]:
+    """Calibration (capture + calibrate stages) of one run per method, each alone on the GPU, and its
+    ratio to SpinQuant's on the same model (issue 17's bound: at most 1/5)."""
+    label_of = {config: label for label, config in METHODS.items() if config}
+    lines = ["| model | method : weights | capture s | calibrate s | calibration s | / SpinQuant's | peak GPU, whole run |",
+             "|---|---|---|---|---|---|---|"]
+    for model, name in ALONE.items():
+        runs = _load(results, name)["runs"]
+        spin = [calibration_seconds(r) for r in runs if r["config"] == "spinquant:gptq"]
+        if len(spin) != 1:
+            raise SystemExit(f"report: {name}: expected one SpinQuant run, found {len(spin)}")
+        for i, r in enumerate(runs):
+            s = r["seconds"]
+            label = label_of.get(r["config"], r["config"])
+            lines.append(f"| {model if i == 0 else ''} | {label} | {s.get('capture', 0):.1f} | {s.get('calibrate', 0):.1f} | "
+                         f"{calibration_seconds(r):.1f} | {calibration_seconds(r) / spin[0]:.2f} | "
+                         f"{_gib(r['peak_memory_bytes']['cuda'] / 2**30)} |")
+    return lines
+
+
 def _cost_row(results: Path, name: str, match: dict) -> dict:
     rows = [r for r in _load(results, name)["rows"] if all(r.get(k) == v for k, v in match.items())]
     if len(rows) != 1:
@@ -249,6 +273,11 @@ def render(results: Path = RESULTS_DIR) -> str:
              "indicative only, and a run that chose its learning rate on a grid calibrated once per candidate;",
              "the cost table below measures one calibration alone. Protocol: §2. Sources: " + quality_files + ".",
              "", *quality_table(results), "",
+             "**Calibration alone** on the bundled models: one seed-0 job per method with the H200 to itself,",
+             "the same capture + calibrate stages (SpinQuant at its published 100 steps of 8 × 2048 tokens, all 8",
+             "sequences per forward), and the ratio to SpinQuant's (§26). Sources: " +
+             ", ".join(f"`{f}`" for f in ALONE.values()) + ".",
+             "", *alone_table(results), "",
              "**Calibration cost** on one H200 (random weights of the real shapes): time, peak GPU memory, and",
              "for the end-to-end methods (100 steps × 8 × 2048 tokens, extrapolated from 2 timed steps) their",
              "time / memory over DartQuant's. At Llama-2-7B and -3-8B DartQuant's cell is `dartquant_cost.py`'s",

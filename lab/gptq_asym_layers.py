@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Issue 17 probe: where asymmetric GPTQ goes wrong, linear by linear (RESULTS §26).
+
+`--gptq-asymmetric` fits each linear's weight to W* = W C H~^-1 on its 4-bit inputs (quant/gptq.py)
+and collapses Qwen2.5-Coder-0.5B (wiki 12.6 -> 20.9) but not SmolLM2. This probe holds out every
+second calibration window of every linear's input (the solver sees the others), and for each linear
+prints the output error against the unquantized-activation path,
+
+    e(V) = ||x~ V^T - x W^T||^2 / ||x W^T||^2        (x~: the 4-bit input, x: the unquantized one)
+
+on the windows it was fitted on ("fit") and on the held-out ones ("held"), for V = W (the activation
+quantizer's error alone), W* (the target), GPTQ(W*) (what the run keeps) and plain GPTQ(W) with the
+unquantized inputs' Hessian (the default). Also |W* - W| / |W| and the largest token's share of the
+fit's Hessian trace (massive-activation tokens dominating the least squares). Runs `dartquant
+quantize` in this process with the given arguments (which must include --gptq-asymmetric true), e.g.
+    python lab/gptq_asym_layers.py --json OUT.json --linears 28 -- --model qwen2.5-coder-0.5b --method duquant \
+        --seed 0 --calib-samples 32 --calib-seqlen 512 --eval-max-windows 4 --skip-fp-eval \
+        --gptq-asymmetric true --fail-on-collapse false --out RUN
+The run itself then fits on half of its windows: its perplexity is not a headline number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from dartquant.quant import gptq  # noqa: E402
+from dartquant.quant import weights  # noqa: E402
+
+_add, _target, _quantize = gptq.GPTQ.add_batch, gptq.GPTQ.asymmetric_target, gptq.GPTQ.quantize
+ROWS: list[dict] = []
+STOP_AFTER = 0  # --linears N: stop the run after N linears (the first blocks are what the probe is for)
+
+
+class _Enough(Exception):
+    pass
+
+
+class _Moments:
+    """Running 2/N sums of x~^T x~, x^T x~, x^T x over some windows (float64) and the largest
+    single token's share of trace(x~^T x~)."""
+
+    def __init__(self, n: int):
+        self.H = torch.zeros(n, n, dtype=torch.float64)
+        self.C = torch.zeros_like(self.H)
+        self.R = torch.zeros_like(self.H)
+        self.rows, self.top, self.trace = 0, 0.0, 0.0
+
+    def add(self, xq: torch.Tensor, x: torch.Tensor) -> None:
+        xq, x = xq.reshape(-1, xq.shape[-1]).double().cpu(), x.reshape(-1, x.shape[-1]).double().cpu()
+        self.H += xq.T @ xq
+        self.C += x.T @ xq
+        self.R += x.T @ x
+        energy = xq.square().sum(1)
+        self.top, self.trace, self.rows = max(self.top, float(energy.max())), self.trace + float(energy.sum()), self.rows + len(x)
+
+    def error(self, v: torch.Tensor, w: torch.Tensor) -> float:
+        v, w = v.double().cpu(), w.double().cpu()
+        num = (v @ self.H * v).sum() - 2 * (w @ self.C * v).sum() + (w @ self.R * w).sum()
+        return float(num / (w @ self.R * w).sum())
+
+
+@torch.no_grad()
+def add_batch(self, inp, reference=None):
+    if reference is None:
+        return _add(self, inp, reference)
+    if not hasattr(self, "probe"):
+        self.probe = {"fit": _Moments(self.in_features), "held": _Moments(self.in_features), "calls": 0}
+    p = self.probe
+    for i in range(inp.shape[0] if inp.dim() == 3 else 1):  # one window at a time, alternately
+        xi, ri = (inp[i], reference[i]) if inp.dim() == 3 else (inp, reference)
+        part = "fit" if p["calls"] % 2 == 0 else "held"
+        p["calls"] += 1
+        p[part].add(xi, ri)
+        if part == "fit":
+            _add(self, xi, ri)
+
+
+@torch.no_grad()
+def asymmetric_target(self, weight, reldamp=1e-3):
+    out = _target(self, weight, reldamp)
+    self.probe_w, self.probe_target = weight.detach().double().cpu(), out.detach().double().cpu()
+    return out
+
+
+@torch.no_grad()
+def quantize(self, w, spec, **kw):
+    probe = getattr(self, "probe", None)
+    w_orig, target = getattr(self, "probe_w", None), getattr(self, "probe_target", None)
+    qt = _quantize(self, w, spec, **kw)
+    if probe is None or w_orig is None:
+        return qt
+    fit, held = probe["fit"], probe["held"]
+    plain = gptq.GPTQ(self.in_features, dtype=torch.float32)  # default GPTQ: the unquantized inputs' Hessian
+    plain.H, plain._nsamples = (fit.R * (2.0 / fit.rows)).float(), fit.rows
+    q_plain = plain.quantize(w_orig.float(), spec, **{k: v for k, v in kw.items() if k != "release_hessian"})
+    row = {"n": len(ROWS), "shape": list(w_orig.shape),
+           "target_rel_change": float((target - w_orig).norm() / w_orig.norm()),
+           "top_token_share": fit.top / max(fit.trace, 1e-30)}
+    for name, v in (("w", w_orig), ("target", target), ("gptq_asym", qt.dequantize()), ("gptq_plain", q_plain.dequantize())):
+        row[name] = {"fit": fit.error(v, w_orig), "held": held.error(v, w_orig)}
+    ROWS.append(row)
+    print(f"[probe] {row['n']:3d} {str(row['shape']):12s} |W*-W|/|W| {row['target_rel_change']:.3f} "
+          f"top {row['top_token_share']:.3f} | " + " ".join(
+              f"{k} {row[k]['fit']:.4f}/{row[k]['held']:.4f}" for k in ("w", "target", "gptq_asym", "gptq_plain")),
+          file=sys.stderr, flush=True)
+    del self.probe_w, self.probe_target
+    if STOP_AFTER and len(ROWS) >= STOP_AFTER:
+        raise _Enough
+    return qt
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    out = None
+    global STOP_AFTER
+    if args[:1] == ["--json"]:
+        out, args = args[1], args[2:]
+    if args[:1] == ["--linears"]:
+        STOP_AFTER, args = int(args[1]), args[2:]
+    if args[:1] == ["--"]:
+        args = args[1:]
+    gptq.GPTQ.add_batch, gptq.GPTQ.asymmetric_target, gptq.GPTQ.quantize = add_batch, asymmetric_target, quantize
+    from dartquant.cli import main as cli_main
+
+    try:
+        cli_main(["quantize", *args])
+    except _Enough:
+        print(f"[probe] stopped after {STOP_AFTER} linears", file=sys.stderr)
+    finally:
+        if out:
+            Path(out).write_text(json.dumps({"args": args, "linears": ROWS}, indent=1))
+
+
+if __name__ == "__main__":
+    assert weights  # the observer (weights._SharedHessians) calls add_batch with reference=x
+    main()
