@@ -9,8 +9,10 @@ prints the output error against the unquantized-activation path,
     e(V) = ||x~ V^T - x W^T||^2 / ||x W^T||^2        (x~: the 4-bit input, x: the unquantized one)
 
 on the windows it was fitted on ("fit") and on the held-out ones ("held"), for V = W (the activation
-quantizer's error alone), W* (the target), GPTQ(W*) (what the run keeps) and plain GPTQ(W) with the
-unquantized inputs' Hessian (the default). Also |W* - W| / |W| and the largest token's share of the
+quantizer's error alone), W* (the target), GPTQ(W*) (what the run keeps), plain GPTQ(W) with the
+unquantized inputs' Hessian (the default), and GPTQ of the target shrunk towards W by the ridge
+strength the held-out windows prefer (l*: an oracle on those windows, to see what shrinkage could
+give; a product version would choose it on a split of the calibration windows). Also |W* - W| / |W| and the largest token's share of the
 fit's Hessian trace (massive-activation tokens dominating the least squares). Runs `dartquant
 quantize` in this process with the given arguments (which must include --gptq-asymmetric true), e.g.
     python lab/gptq_asym_layers.py --json OUT.json --linears 28 -- --model qwen2.5-coder-0.5b --method duquant \
@@ -35,6 +37,7 @@ from dartquant.quant import weights  # noqa: E402
 
 _add, _target, _quantize = gptq.GPTQ.add_batch, gptq.GPTQ.asymmetric_target, gptq.GPTQ.quantize
 ROWS: list[dict] = []
+LAMBDAS = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)  # 1e-3: the product's W*; large: towards W
 STOP_AFTER = 0  # --linears N: stop the run after N linears (the first blocks are what the probe is for)
 
 
@@ -43,17 +46,18 @@ class _Enough(Exception):
 
 
 class _Moments:
-    """Running 2/N sums of x~^T x~, x^T x~, x^T x over some windows (float64) and the largest
-    single token's share of trace(x~^T x~)."""
+    """Running sums of x~^T x~, x^T x~, x^T x over some windows (float32: the errors are ~1e-2 of
+    the output energy, far above its rounding) and the largest single token's share of
+    trace(x~^T x~); float64 for the solves."""
 
     def __init__(self, n: int):
-        self.H = torch.zeros(n, n, dtype=torch.float64)
+        self.H = torch.zeros(n, n, dtype=torch.float32)
         self.C = torch.zeros_like(self.H)
         self.R = torch.zeros_like(self.H)
         self.rows, self.top, self.trace = 0, 0.0, 0.0
 
     def add(self, xq: torch.Tensor, x: torch.Tensor) -> None:
-        xq, x = xq.reshape(-1, xq.shape[-1]).double().cpu(), x.reshape(-1, x.shape[-1]).double().cpu()
+        xq, x = xq.reshape(-1, xq.shape[-1]).float().cpu(), x.reshape(-1, x.shape[-1]).float().cpu()
         self.H += xq.T @ xq
         self.C += x.T @ xq
         self.R += x.T @ x
@@ -62,8 +66,9 @@ class _Moments:
 
     def error(self, v: torch.Tensor, w: torch.Tensor) -> float:
         v, w = v.double().cpu(), w.double().cpu()
-        num = (v @ self.H * v).sum() - 2 * (w @ self.C * v).sum() + (w @ self.R * w).sum()
-        return float(num / (w @ self.R * w).sum())
+        H, C, R = self.H.double(), self.C.double(), self.R.double()
+        num = (v @ H * v).sum() - 2 * (w @ C * v).sum() + (w @ R * w).sum()
+        return float(num / (w @ R * w).sum())
 
 
 @torch.no_grad()
@@ -98,17 +103,33 @@ def quantize(self, w, spec, **kw):
         return qt
     fit, held = probe["fit"], probe["held"]
     plain = gptq.GPTQ(self.in_features, dtype=torch.float32)  # default GPTQ: the unquantized inputs' Hessian
-    plain.H, plain._nsamples = (fit.R * (2.0 / fit.rows)).float(), fit.rows
+    plain.H, plain._nsamples = (fit.R.double() * (2.0 / fit.rows)).float(), fit.rows
     q_plain = plain.quantize(w_orig.float(), spec, **{k: v for k, v in kw.items() if k != "release_hessian"})
     row = {"n": len(ROWS), "shape": list(w_orig.shape),
            "target_rel_change": float((target - w_orig).norm() / w_orig.norm()),
            "top_token_share": fit.top / max(fit.trace, 1e-30)}
     for name, v in (("w", w_orig), ("target", target), ("gptq_asym", qt.dequantize()), ("gptq_plain", q_plain.dequantize())):
         row[name] = {"fit": fit.error(v, w_orig), "held": held.error(v, w_orig)}
+    # the target shrunk towards W, W (C + l D)(H~ + l D)^-1 (D = diag H~), fitted on the fit windows:
+    # which l would the held-out windows choose, and what does GPTQ of that target give there
+    fH, fC = fit.H.double(), fit.C.double()
+    d = torch.diag(torch.diagonal(fH))
+    ridge = {}
+    for lam in LAMBDAS:
+        v = torch.linalg.solve(fH + lam * d, (fC + lam * d).T @ w_orig.T).T
+        ridge[lam] = (held.error(v, w_orig), v)
+    best = min(ridge, key=lambda k: ridge[k][0])
+    shrunk = gptq.GPTQ(self.in_features, dtype=torch.float32)
+    shrunk.H, shrunk._nsamples = (fit.H.double() * (2.0 / fit.rows)).float(), fit.rows
+    q_shrunk = shrunk.quantize(ridge[best][1].float(), spec, **{k: v for k, v in kw.items() if k != "release_hessian"})
+    row["ridge_held"] = {str(k): v[0] for k, v in ridge.items()}
+    row["ridge_best"] = best
+    row["gptq_ridge_best"] = {"fit": fit.error(q_shrunk.dequantize(), w_orig), "held": held.error(q_shrunk.dequantize(), w_orig)}
     ROWS.append(row)
     print(f"[probe] {row['n']:3d} {str(row['shape']):12s} |W*-W|/|W| {row['target_rel_change']:.3f} "
           f"top {row['top_token_share']:.3f} | " + " ".join(
-              f"{k} {row[k]['fit']:.4f}/{row[k]['held']:.4f}" for k in ("w", "target", "gptq_asym", "gptq_plain")),
+              f"{k} {row[k]['fit']:.4f}/{row[k]['held']:.4f}" for k in ("w", "target", "gptq_asym", "gptq_plain",
+                                                                       "gptq_ridge_best")) + f" l* {best:g}",
           file=sys.stderr, flush=True)
     del self.probe_w, self.probe_target
     if STOP_AFTER and len(ROWS) >= STOP_AFTER:

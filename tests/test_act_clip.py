@@ -69,6 +69,9 @@ def test_rows_sampled_are_the_same_however_the_windows_are_batched():
     ("llama-tied-gqa", torch.bfloat16, dict(method="quarot", w_quantizer="rtn")),
     # the search before GPTQ (weights.clip_search_first), streamed as in memory
     ("qwen2-bias-gqa", torch.float32, dict(method="quarot", w_quantizer="gptq", gptq_asymmetric=True)),
+    # and its cross-validated shrinkage: the held-out windows are the same however a path batches them
+    ("qwen2-bias-gqa", torch.float32, dict(method="quarot", w_quantizer="gptq", gptq_asymmetric=True,
+                                           gptq_asymmetric_holdout=True)),
 ])
 def test_search_streamed_equals_in_memory_and_reloads(family, dtype, kw, tmp_path, monkeypatch, one_thread):
     folder = save_sharded(tmp_path / "model", family, dtype)

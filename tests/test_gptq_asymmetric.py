@@ -132,3 +132,60 @@ def test_clip_search_runs_first_and_gptq_fits_the_ratios_it_chose(monkeypatch):
     monkeypatch.setattr(weights, "clip_search_first", lambda scheme: False)
     after, _ = run(a_clip_search=True)
     assert not all(torch.equal(after[n].codes, preset[n].codes) for n in after)
+
+
+def _fold_data(tokens, seed=0, n=48, out=24):
+    """Inputs whose 4-bit error the weights could partly undo, and a weight to fit."""
+    x = _inputs(seed=seed, tokens=tokens, n=n)
+    w = torch.randn(out, n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) / 8
+    return x, fake_quantize(x, A4), w
+
+
+def _shrunk(x, xq, w, windows):
+    solver = GPTQ(x.shape[1], dtype=torch.float64, holdout=True)
+    solver.add_batch(xq.reshape(windows, -1, x.shape[1]), reference=x.reshape(windows, -1, x.shape[1]))
+    return solver, solver.asymmetric_target(w.float()).double()
+
+
+def test_holdout_shrinks_an_overfitted_target_and_keeps_a_well_posed_one():
+    """Few tokens per input channel: the least-squares target fits the calibration rows' noise and
+    does worse than W on fresh rows; the cross-validated shrinkage picks a strong ridge and does
+    better there. Many tokens per channel: it keeps a light one, near the plain target."""
+    fresh_x, fresh_q, _ = _fold_data(8192, seed=9)
+
+    def err(v, w):
+        return float((fresh_q @ v.T - fresh_x @ w.T).norm())
+
+    x, xq, w = _fold_data(64)  # 64 rows for 48 channels
+    plain = GPTQ(x.shape[1], dtype=torch.float64)
+    plain.add_batch(xq, reference=x)
+    solver, shrunk = _shrunk(x, xq, w, windows=4)
+    assert solver.shrink >= 0.3, solver.shrink
+    assert err(shrunk, w) < err(plain.asymmetric_target(w.float()).double(), w)
+    x, xq, w = _fold_data(16384)
+    solver, shrunk = _shrunk(x, xq, w, windows=8)
+    assert solver.shrink <= 0.03, solver.shrink
+    assert err(shrunk, w) < err(w, w)  # still undoes part of the quantizer's error
+
+
+def test_holdout_windows_do_not_depend_on_the_batching():
+    x, xq, _ = _fold_data(6 * 40)
+    one = GPTQ(x.shape[1], dtype=torch.float64, holdout=True)
+    one.add_batch(xq.reshape(6, 40, -1), reference=x.reshape(6, 40, -1))
+    split = GPTQ(x.shape[1], dtype=torch.float64, holdout=True)
+    for part in (slice(0, 1), slice(1, 4), slice(4, 6)):
+        split.add_batch(xq.reshape(6, 40, -1)[part], reference=x.reshape(6, 40, -1)[part])
+    odd = xq.reshape(6, 40, -1)[1::2].reshape(-1, x.shape[1])
+    assert one._held_rows == split._held_rows == 120
+    assert torch.allclose(one._held[0], odd.T @ odd) and torch.allclose(split._held[0], odd.T @ odd)
+    assert torch.allclose(split._held[1], x.reshape(6, 40, -1)[1::2].reshape(-1, x.shape[1]).T @ odd)
+
+
+def test_holdout_needs_asymmetric_and_two_windows():
+    with pytest.raises(ValueError, match="gptq_asymmetric_holdout only applies"):
+        RunConfig.from_flat(w_quantizer="gptq", gptq_asymmetric_holdout=True).scheme.validate()
+    x, xq, w = _fold_data(64)
+    solver = GPTQ(x.shape[1], dtype=torch.float64, holdout=True)
+    solver.add_batch(xq[None], reference=x[None])  # one window: nothing to hold out
+    with pytest.raises(RuntimeError, match="at least two calibration windows"):
+        solver.asymmetric_target(w.float())

@@ -35,6 +35,9 @@ _HELP = {
                        "quantizer's error (GPTAQ's asymmetric calibration; default: false)",
     "gptq_asymmetric_qkv": "with gptq_asymmetric: false keeps plain GPTQ for q/k/v, whose outputs the 4-bit "
                            "K/V quantizer reads (default: true)",
+    "gptq_asymmetric_holdout": "with gptq_asymmetric: shrink each linear's target towards its weight by the "
+                               "strength two-fold cross-validation over the calibration windows picks "
+                               "(default: false)",
     "gptq_hessian_mb": "collect a block's GPTQ Hessians in forwards holding at most this many MB of them "
                        "(same result, more forwards; default: all at once unless they exceed 40%% of a GPU's "
                        "free memory)",

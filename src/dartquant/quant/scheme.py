@@ -46,6 +46,9 @@ class QuantScheme:
     # false: q/k/v keep plain GPTQ under gptq_asymmetric. Their outputs go on to the 4-bit K/V
     # quantizer, which the target does not see (RESULTS §25a: not why Qwen collapses with it)
     gptq_asymmetric_qkv: bool = True
+    # with gptq_asymmetric: shrink each target towards W by the ridge strength that two-fold
+    # cross-validation over the calibration windows picks (gptq.GPTQ._shrunk_target; RESULTS §26c)
+    gptq_asymmetric_holdout: bool = False
     # a block's Hessians are collected in passes holding at most this many MB of them (one forward
     # per pass; the results do not change). None: all at once, except on a GPU where they would
     # take more than GPTQ_HESSIAN_SHARE of its free memory (a Mixtral block: 8 experts x 14336^2)
@@ -127,6 +130,8 @@ class QuantScheme:
             raise ValueError("gptq_damp and gptq_blocksize must be positive")
         if self.gptq_hessian_mb is not None and self.gptq_hessian_mb <= 0:
             raise ValueError(f"gptq_hessian_mb must be positive (or unset: automatic), got {self.gptq_hessian_mb}")
+        if self.gptq_asymmetric_holdout and not self.gptq_asymmetric:
+            raise ValueError("gptq_asymmetric_holdout only applies with gptq_asymmetric: true (set both, or drop it)")
         if not self.gptq_asymmetric_qkv and not self.gptq_asymmetric:
             raise ValueError("gptq_asymmetric_qkv: false only applies with gptq_asymmetric: true "
                              "(set both, or drop gptq_asymmetric_qkv)")

@@ -55,7 +55,8 @@ class _SharedHessians:
     very tensor object (q after the attention norm, then k and v on the same tensor), else a new
     one. A role that shares skips the add for a tensor its accumulator has already taken."""
 
-    def __init__(self):
+    def __init__(self, holdout: bool = False):
+        self.holdout = holdout  # asymmetric targets: keep every second window apart (GPTQ holdout)
         self.of_role: dict[str, GPTQ] = {}
         self._last: dict[int, torch.Tensor] = {}  # id(solver) -> last input it took (kept alive)
         self._newest: tuple[torch.Tensor, GPTQ] | None = None
@@ -69,7 +70,7 @@ class _SharedHessians:
                 if self._newest is not None and self._newest[0] is x:
                     solver = self._newest[1]
                 else:
-                    solver = GPTQ(in_features, device=device)
+                    solver = GPTQ(in_features, device=device, holdout=self.holdout and quantizer is not None)
                 self.of_role[role] = solver
             if self._last.get(id(solver)) is x:
                 return
@@ -180,7 +181,7 @@ def _hessian_budget(scheme: QuantScheme, device: torch.device) -> float:
 
 def _passes(step: list[str], in_features: dict[str, int], budget: float, matrices: int = 1) -> list[list[str]]:
     """`step`'s linears split into forwards whose Hessians (float32, in^2 each, `matrices` of them
-    per input: 2 with asymmetric GPTQ's cross term) fit `budget`
+    per input: 2 with asymmetric GPTQ's cross term, 4 with its holdout) fit `budget`
     bytes; linears reading one input (q/k/v, an expert's gate/up) stay together, since they share
     one Hessian; a group larger than the budget gets a forward of its own."""
     group_of = {key: stream_of(key) for key in step}  # the input tensor a linear reads (act_clip.py)
@@ -246,8 +247,9 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
     in_features = {key: q.in_features for key, q in linears.items()}
     for step in _steps(list(linears), scheme.gptq_true_sequential):
         done, fallbacks = [], []  # (linear, result), committed once every pass of the step has seen the same block
-        for keys in _passes(step, in_features, budget, 2 if scheme.gptq_asymmetric else 1):
-            hessians = _SharedHessians()
+        matrices = (4 if scheme.gptq_asymmetric_holdout else 2) if scheme.gptq_asymmetric else 1
+        for keys in _passes(step, in_features, budget, matrices):
+            hessians = _SharedHessians(holdout=scheme.gptq_asymmetric_holdout)
             for role in keys:
                 q = linears[role]
                 asymmetric = scheme.gptq_asymmetric and (scheme.gptq_asymmetric_qkv or stream_of(role) != "attn_in")
@@ -269,6 +271,8 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
                 w = q.weight.data.float()
                 if solver.C is not None:  # asymmetric: the weight that undoes the input quantizer's error
                     w = solver.asymmetric_target(w)
+                    if solver.holdout:
+                        log.debug("GPTQ %s: asymmetric target shrunk by %g", name_of(q), solver.shrink)
                 qt = solver.quantize(w, spec, blocksize=scheme.gptq_blocksize,
                                      percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
                                      static_groups=scheme.gptq_static_groups, release_hessian=last)
