@@ -100,7 +100,8 @@ def quantize_weights_(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Te
     `rtn_fallbacks`, if given, receives the names of GPTQ linears that saw no calibration token
     (MoE experts nobody was routed to) and were quantized by RTN instead. With
     `scheme.a_clip_search`, each block's activation clip ratios are chosen right after its weights
-    (before them under gptq_asymmetric: clip_search_first; quant/act_clip.py, sampled with `seed`), recorded in `clip_search` (a new record if None)."""
+    (before them under gptq_asymmetric: clip_search_first; quant/act_clip.py, sampled with `seed`),
+    recorded in `clip_search` (a new record if None)."""
     adapter = adapter or adapter_for(model)
     split_experts_(model, adapter)  # MoE: one linear per expert
     spec = scheme.weight_spec()
