@@ -259,7 +259,7 @@ class GPTQ:
         if not held:
             return
         if self._held is None:
-            self._held = (torch.zeros(n, n, device=device, dtype=self.dtype), torch.zeros(n, n, device=device, dtype=self.dtype))
+            self._held = tuple(torch.zeros(n, n, device=device, dtype=self.dtype) for _ in range(2))
         sel = (lambda t: t[held]) if inp.dim() == 3 else (lambda t: t)
         x = sel(inp.detach()).reshape(-1, n).to(device=device, dtype=self.dtype)
         r = sel(reference.detach()).reshape(-1, n).to(device=device, dtype=self.dtype)

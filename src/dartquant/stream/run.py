@@ -263,7 +263,8 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                     set_act_quant_enabled_(block, sc.gptq_act_quant)
                     try:
                         forward = runner.forward_fn(block, q_calib, gptq_batch)
-                        counter = RoutedTokens(block, adapter) if gptq else None  # MoE: each expert's tokens in GPTQ's forward
+                        # MoE: each expert's tokens in GPTQ's forward
+                        counter = RoutedTokens(block, adapter) if gptq else None
 
                         def counted(update, forward=forward, counter=counter) -> None:
                             # the experts' Hessians come from GPTQ's last forward (true-sequential: one per step)
