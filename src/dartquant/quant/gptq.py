@@ -209,6 +209,7 @@ class GPTQ:
         self._held: tuple[torch.Tensor, torch.Tensor] | None = None
         self._held_rows = 0
         self._windows = 0
+        self.shrink: float | None = None  # the ridge strength the last holdout target chose (for the log)
 
     @property
     def nsamples(self) -> int:
