@@ -189,3 +189,23 @@ def test_holdout_needs_asymmetric_and_two_windows():
     solver.add_batch(xq[None], reference=x[None])  # one window: nothing to hold out
     with pytest.raises(RuntimeError, match="at least two calibration windows"):
         solver.asymmetric_target(w.float())
+
+
+@pytest.mark.parametrize("holdout", [False, True])
+def test_shared_input_targets_equal_one_at_a_time(holdout):
+    """q / k / v (gate / up) share one input: their targets come from one set of solves, each
+    linear's shrinkage still chosen on its own rows (equal to asking for each target alone)."""
+    x, xq, w_few = _fold_data(64)
+    w_other = torch.randn(5, x.shape[1], generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    solver = GPTQ(x.shape[1], dtype=torch.float64, holdout=holdout)
+    solver.add_batch(xq.reshape(4, -1, x.shape[1]), reference=x.reshape(4, -1, x.shape[1]))
+    alone = []
+    for w in (w_few, w_other):
+        alone.append(solver.asymmetric_target(w.float()))
+        if holdout:
+            alone.append(solver.shrink)
+    together = solver.asymmetric_targets([w_few.float(), w_other.float()])
+    assert torch.allclose(together[0], alone[0], rtol=1e-6, atol=1e-6)
+    assert torch.allclose(together[1], alone[2 if holdout else 1], rtol=1e-6, atol=1e-6)
+    if holdout:
+        assert solver.shrink == [alone[1], alone[3]] or alone[1] == alone[3] == solver.shrink

@@ -209,7 +209,7 @@ class GPTQ:
         self._held: tuple[torch.Tensor, torch.Tensor] | None = None
         self._held_rows = 0
         self._windows = 0
-        self.shrink: float | None = None  # the ridge strength the last holdout target chose (for the log)
+        self.shrink: float | list | None = None  # the ridge strength(s) the last holdout targets chose (for the log)
 
     @property
     def nsamples(self) -> int:
@@ -280,37 +280,43 @@ class GPTQ:
         channel (H + reldamp diag H): GPTQ's damping by the *mean* diagonal would pull the target of
         low-energy channels towards zero (by 1/(1 + damp / H_ii)), and the target, unlike GPTQ's
         error feedback, is kept. float32 out, on the weight's device."""
-        if self.C is None or self.H is None:
-            raise RuntimeError("GPTQ.asymmetric_target needs add_batch(..., reference=...)")
-        if self.holdout:
-            return self._shrunk_target(weight)
-        H = self.H.to(torch.float64, copy=True)  # never a view of self.H (GPTQ factors it next)
-        dead = torch.diagonal(H) == 0
-        H[dead, dead] = 1.0
-        H.diagonal().mul_(1.0 + reldamp)
-        rhs = self.C.to(torch.float64).T @ weight.to(device=H.device, dtype=torch.float64).T  # C^T W^T
-        target = torch.linalg.solve(H, rhs).T  # W C H^-1 (H symmetric)
-        target[:, dead] = 0.0
-        return target.to(device=weight.device, dtype=torch.float32)
+        return self.asymmetric_targets([weight], reldamp)[0]
 
     @torch.no_grad()
-    def _shrunk_target(self, weight: torch.Tensor) -> torch.Tensor:
+    def asymmetric_targets(self, weights: list[torch.Tensor], reldamp: float = 1e-3) -> list[torch.Tensor]:
+        """`asymmetric_target` of each weight of the linears sharing this input (q / k / v, gate /
+        up), with one set of solves for all of them (the holdout's cross-validation is 17 of them)."""
+        if self.C is None or self.H is None:
+            raise RuntimeError("GPTQ.asymmetric_target needs add_batch(..., reference=...)")
+        w = torch.cat([v.to(device=self.H.device, dtype=torch.float64) for v in weights])
+        if self.holdout:
+            out = self._shrunk_target(w, [v.shape[0] for v in weights])
+        else:
+            H = self.H.to(torch.float64, copy=True)  # never a view of self.H (GPTQ factors it next)
+            dead = torch.diagonal(H) == 0
+            H[dead, dead] = 1.0
+            H.diagonal().mul_(1.0 + reldamp)
+            out = torch.linalg.solve(H, self.C.to(torch.float64).T @ w.T).T  # W C H^-1 (H symmetric)
+            out[:, dead] = 0.0
+        return [t.to(device=v.device, dtype=torch.float32) for t, v in zip(out.split([v.shape[0] for v in weights]), weights)]
+
+    @torch.no_grad()
+    def _shrunk_target(self, w: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """W(l) = W (C + l D)(H + l D)^-1 (D = diag H: the least-squares target shrunk towards W by a
         ridge penalty l ||(V - W) D^1/2||^2), with l from SHRINK_GRID chosen by two-fold
         cross-validation over the calibration windows (fit on the even ones, score the output error
-        on the odd ones, and the reverse). The target is a regression with one unknown per input
-        channel and output: on a wide input with few tokens per channel (Qwen2.5-0.5B's 4864-wide
-        down_proj) the plain least squares fits the calibration windows' noise (RESULTS §26c)."""
+        on the odd ones, and the reverse), separately for each linear (`rows`: their output counts in
+        the stacked float64 `w`). The target is a regression with one unknown per input channel and
+        output: on a wide input with few tokens per channel (Qwen2.5-0.5B's 4864-wide down_proj) the
+        plain least squares fits the calibration windows' noise (RESULTS §26c)."""
         if self._held is None or not 0 < self._held_rows < self._nsamples:
             raise RuntimeError("GPTQ: the asymmetric target's holdout needs at least two calibration windows")
-        dev = self.H.device
-        w = weight.to(device=dev, dtype=torch.float64)
         total = (self.H.double() * (self._nsamples / 2.0), self.C.double() * (self._nsamples / 2.0))
         held = (self._held[0].double(), self._held[1].double())
         fit = (total[0] - held[0], total[1] - held[1])
         dead = torch.diagonal(total[0]) == 0
 
-        def target(S: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
+        def target(S: torch.Tensor, C: torch.Tensor, lam: float, w: torch.Tensor) -> torch.Tensor:
             d = torch.diagonal(S).clone()
             d[dead | (d <= 0)] = 1.0  # a channel zero on one fold: the penalty still pins it to W
             A = S.clone()
@@ -320,15 +326,22 @@ class GPTQ:
             B.diagonal().add_(lam * d)
             return torch.linalg.solve(A, B @ w.T).T  # W (C + l D) (S + l D)^-1
 
-        def error(v: torch.Tensor, S: torch.Tensor, C: torch.Tensor) -> float:  # ||x~ v^T - x w^T||^2 - const
-            return float((v @ S * v).sum() - 2 * (w @ C * v).sum())
+        def error(v: torch.Tensor, S: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+            # per linear: ||x~ v^T - x w^T||^2 - const
+            per_row = (v @ S * v).sum(dim=1) - 2 * (w @ C * v).sum(dim=1)
+            return torch.stack([r.sum() for r in per_row.split(rows)])
 
-        scores = [sum(error(target(*a, lam), *b) for a, b in ((fit, held), (held, fit))) for lam in SHRINK_GRID]
-        best = SHRINK_GRID[min(range(len(scores)), key=scores.__getitem__)]
-        self.shrink = best
-        out = target(*total, best)
+        scores = torch.stack([sum(error(target(*a, lam, w), *b) for a, b in ((fit, held), (held, fit)))
+                              for lam in SHRINK_GRID])  # [grid, linears]
+        best = [SHRINK_GRID[k] for k in scores.argmin(dim=0).tolist()]
+        self.shrink = best[0] if len(set(best)) == 1 else best
+        out = torch.empty_like(w)
+        starts = [sum(rows[:k]) for k in range(len(rows))]
+        for lam in set(best):
+            sel = torch.cat([torch.arange(s, s + r) for s, r, b in zip(starts, rows, best) if b == lam]).to(w.device)
+            out[sel] = target(*total, lam, w[sel])
         out[:, dead] = 0.0
-        return out.to(device=weight.device, dtype=torch.float32)
+        return out
 
     def free(self) -> None:
         """Drop the Hessian (the object can accumulate again afterwards)."""

@@ -260,6 +260,7 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
             for q in map(linears.__getitem__, keys):
                 q.input_observer = None
             left = [hessians.of_role.get(role) for role in keys]  # each role's solver, in quantize order
+            targets: dict[str, torch.Tensor] = {}  # asymmetric: the targets of a shared input's later linears
             for k, role in enumerate(keys):
                 q = linears[role]
                 solver = left[k]
@@ -271,9 +272,13 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
                 last = all(s is not solver for s in left[k + 1:])
                 w = q.weight.data.float()
                 if solver.C is not None:  # asymmetric: the weight that undoes the input quantizer's error
-                    w = solver.asymmetric_target(w)
-                    if solver.holdout:
-                        log.debug("GPTQ %s: asymmetric target shrunk by %g", name_of(q), solver.shrink)
+                    if role not in targets:  # every linear of this input at once: one set of solves
+                        group = [r for r, s in zip(keys, left) if s is solver and r not in targets]
+                        targets.update(zip(group, solver.asymmetric_targets(
+                            [linears[r].weight.data.float() for r in group])))
+                        if solver.holdout:
+                            log.debug("GPTQ %s: asymmetric targets shrunk by %s", group, solver.shrink)
+                    w = targets.pop(role)
                 qt = solver.quantize(w, spec, blocksize=scheme.gptq_blocksize,
                                      percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
                                      static_groups=scheme.gptq_static_groups, release_hessian=last)
