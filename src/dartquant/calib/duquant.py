@@ -34,8 +34,8 @@ Design choices:
   largest max |x| over all tokens (the ones that set the 4-bit range) plus `sample_tokens`
   seeded random ones.
 * Sizes the block size does not divide: the last block is ragged (block_rotation.py).
-* Seeded (cfg.seed): the random rotations of the greedy steps (drawn on the CPU) and the token
-  sample. The greedy searches run in float64 on cfg.device (a GPU's float64 is ample for blocks
+* Seeded (cfg.seed): the random rotations of the greedy steps (drawn on cfg.device: a GPU run
+  draws other rotations than a CPU run of the same seed, each reproducible) and the token sample. The greedy searches run in float64 on cfg.device (a GPU's float64 is ample for blocks
   of 128); the results are kept on the host.
 """
 
@@ -99,12 +99,19 @@ def _householder_to_uniform(b: int, dtype=torch.float64, device=None) -> torch.T
 
 
 def _random_orthogonal(n: int, b: int, g: torch.Generator, steps: int = 1, device=None) -> torch.Tensor:
-    """[steps, n, b, b] Haar-random orthogonal matrices (QR of a Gaussian, signs fixed). The
-    Gaussians are drawn on the CPU by the seeded generator, one [n, b, b] draw per step in order, so
-    they do not depend on the device; the QR (most of DuQuant's calibration time on a CPU, RESULTS
-    §26a) runs on `device`, all steps in one batched call."""
-    a = torch.stack([torch.randn(n, b, b, generator=g, dtype=torch.float64) for _ in range(steps)])
-    q, r = torch.linalg.qr(a.to(device) if device is not None else a)
+    """[steps, n, b, b] Haar-random orthogonal matrices (QR of a Gaussian, signs fixed), all steps in
+    one batched call. On the CPU the Gaussians come from the seeded generator `g` itself. On a GPU
+    they are drawn there, by a generator seeded from `g`: drawing them on the host was most of
+    DuQuant's calibration time (RESULTS §26a: 27 M Gaussians a Qwen2.5-0.5B layer). So a GPU run
+    draws other (equally random) rotations than a CPU run of the same seed; each is reproducible."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cpu":
+        a = torch.stack([torch.randn(n, b, b, generator=g, dtype=torch.float64) for _ in range(steps)])
+    else:
+        seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        a = torch.randn(steps, n, b, b, dtype=torch.float64, device=device,
+                        generator=torch.Generator(device=device).manual_seed(seed))
+    q, r = torch.linalg.qr(a)
     return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
 
 
