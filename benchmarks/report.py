@@ -42,13 +42,13 @@ QUALITY = {
     "SmolLM2-135M": ["smollm2_quality_h200.json", "smollm2_e2e_h200_session3.json",
                      "smollm2_quantloss_gptq_h200.json", "smollm2_dfrot_duquant_h200_session7.json",
                      "smollm2_duquant_seed2_h200_session12.json", "smollm2_clip_search_h200_session22.json",
-                     "smollm2_gptq_options_h200_session24.json"],
+                     "smollm2_gptq_options_h200_session24.json", "smollm2_asym_holdout_h200_session26.json"],
     # session 6: every Qwen row again with K's bias kept out of the K quantizer (§7, §8); the
     # rows of qwen_quality_h200.json were measured before that fix, which only FP does not touch
     "Qwen2.5-Coder-0.5B": ["qwen_kbiasfix_h200_session6.json", "qwen_quantloss_seeds12_h200_session12.json",
                            "qwen_rtn_h200_session15.json", "qwen_dqwhip_seed2_h200_session16.json",
                            "qwen_ostquant_h200_session17.json", "qwen_clip_search_h200_session22.json",
-                           "qwen_gptq_options_h200_session24.json"],
+                           "qwen_gptq_options_h200_session24.json", "qwen_asym_holdout_h200_session26.json"],
     # issue 12's model, at its own protocol (§7): at most 40 windows per corpus, no zero-shot
     "Qwen2.5-Coder-1.5B (≤ 40 windows per corpus, §7)": ["qwen15_quality_h200.json"],
 }
@@ -73,10 +73,16 @@ METHODS = {
         "duquant:gptq:a_clip_search=true,gptq_act_order=true,gptq_true_sequential=true",
     # measured with session 24's code, the search after GPTQ; since session 25 it runs first (§26)
     "DuQuant, clip search after GPTQ : GPTQ asymmetric": "duquant:gptq:a_clip_search=true,gptq_asymmetric=true",
+    # session 26 (§27): the search first, the target shrunk by cross-validation (gptq_asymmetric_holdout)
+    "DuQuant, clip search : GPTQ asymmetric, holdout":
+        "duquant:gptq:a_clip_search=true,gptq_asymmetric=true,gptq_asymmetric_holdout=true",
 }
-# model label -> quality.py jobs run one at a time with the GPU to itself (§26): their calibration time
-ALONE = {"SmolLM2-135M": "smollm2_calibration_alone_h200_session25.json",
-         "Qwen2.5-Coder-0.5B": "qwen_calibration_alone_h200_session25.json"}
+# model label -> (file, what differs) of quality.py jobs run one at a time with the GPU to itself (§26,
+# §27): their calibration time. Session 26's code draws DuQuant's random rotations on the GPU.
+ALONE = {"SmolLM2-135M": [("smollm2_calibration_alone_h200_session25.json", ""),
+                          ("smollm2_calibration_alone_h200_session26.json", "rotations drawn on the GPU")],
+         "Qwen2.5-Coder-0.5B": [("qwen_calibration_alone_h200_session25.json", ""),
+                                ("qwen_calibration_alone_h200_session26.json", "rotations drawn on the GPU")]}
 SHAPES = {"llama2-7b": "Llama-2-7B", "llama3-8b": "Llama-3-8B", "llama2-70b": "Llama-2-70B"}
 # (shape, method) -> (file, how to find the row). DartQuant at 7B / 8B comes from
 # dartquant_cost.py: e2e_cost_7b_h200.json's DartQuant row predates counting every stage's peak.
@@ -193,14 +199,14 @@ def alone_table(results: Path) -> list[str]:
     label_of = {config: label for label, config in METHODS.items() if config}
     lines = ["| model | method : weights | capture s | calibrate s | calibration s | / SpinQuant's | peak GPU, whole run |",
              "|---|---|---|---|---|---|---|"]
-    for model, name in ALONE.items():
-        runs = _load(results, name)["runs"]
-        spin = [calibration_seconds(r) for r in runs if r["config"] == "spinquant:gptq"]
+    for model, files in ALONE.items():
+        runs = [(r, note) for name, note in files for r in _load(results, name)["runs"]]
+        spin = [calibration_seconds(r) for r, _ in runs if r["config"] == "spinquant:gptq"]
         if len(spin) != 1:
-            raise SystemExit(f"report: {name}: expected one SpinQuant run, found {len(spin)}")
-        for i, r in enumerate(runs):
+            raise SystemExit(f"report: {files}: expected one SpinQuant run, found {len(spin)}")
+        for i, (r, note) in enumerate(runs):
             s = r["seconds"]
-            label = label_of.get(r["config"], r["config"])
+            label = label_of.get(r["config"], r["config"]) + (f" ({note})" if note else "")
             lines.append(f"| {model if i == 0 else ''} | {label} | {s.get('capture', 0):.1f} | {s.get('calibrate', 0):.1f} | "
                          f"{calibration_seconds(r):.1f} | {calibration_seconds(r) / spin[0]:.2f} | "
                          f"{_gib(r['peak_memory_bytes']['cuda'] / 2**30)} |")
@@ -275,8 +281,8 @@ def render(results: Path = RESULTS_DIR) -> str:
              "", *quality_table(results), "",
              "**Calibration alone** on the bundled models: one seed-0 job per method with the H200 to itself,",
              "the same capture + calibrate stages (SpinQuant at its published 100 steps of 8 × 2048 tokens, all 8",
-             "sequences per forward), and the ratio to SpinQuant's (§26). Sources: " +
-             ", ".join(f"`{f}`" for f in ALONE.values()) + ".",
+             "sequences per forward), and the ratio to SpinQuant's (§26, §27). Sources: " +
+             ", ".join(f"`{name}`" for files in ALONE.values() for name, _ in files) + ".",
              "", *alone_table(results), "",
              "**Calibration cost** on one H200 (random weights of the real shapes): time, peak GPU memory, and",
              "for the end-to-end methods (100 steps × 8 × 2048 tokens, extrapolated from 2 timed steps) their",
