@@ -107,12 +107,33 @@ def _random_orthogonal(n: int, b: int, g: torch.Generator, steps: int = 1, devic
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cpu":
         a = torch.stack([torch.randn(n, b, b, generator=g, dtype=torch.float64) for _ in range(steps)])
-    else:
-        seed = int(torch.randint(0, 2**62, (1,), generator=g))
-        a = torch.randn(steps, n, b, b, dtype=torch.float64, device=device,
-                        generator=torch.Generator(device=device).manual_seed(seed))
-    q, r = torch.linalg.qr(a)
-    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+        q, r = torch.linalg.qr(a)
+        return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    seed = int(torch.randint(0, 2**62, (1,), generator=g))
+    a = torch.randn(steps, n, b, b, dtype=torch.float64, device=device,
+                    generator=torch.Generator(device=device).manual_seed(seed))
+    return _cholesky_qr2(a.flatten(0, 1)).view(steps, n, b, b)
+
+
+def _cholesky_qr2(a: torch.Tensor) -> torch.Tensor:
+    """The Q of a = QR with R's diagonal positive, for a batch of square float64 matrices, by
+    Cholesky QR applied twice (the second pass restores orthogonality to rounding). A GPU runs it
+    as batched GEMMs and batched Cholesky, where Householder QR takes one launch sequence per matrix
+    (most of DuQuant's calibration there). Matrices whose Gram matrix is too ill-conditioned for
+    Cholesky fall back to Householder QR."""
+    q = a
+    bad = torch.zeros(a.shape[0], dtype=torch.bool, device=a.device)
+    for _ in range(2):
+        chol, info = torch.linalg.cholesky_ex(q.mT @ q)  # L, with L L^T = q^T q, so R = L^T
+        bad |= info != 0
+        chol[bad] = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)  # replaced below
+        q = torch.linalg.solve_triangular(chol, q.mT, upper=False).mT  # q R^-1 = (L^-1 q^T)^T
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    bad |= (q.mT @ q - eye).abs().amax(dim=(1, 2)) > 1e-12  # Cholesky passed, but too ill-conditioned
+    if bad.any():
+        hq, hr = torch.linalg.qr(a[bad])
+        q[bad] = hq * torch.sign(torch.diagonal(hr, dim1=-2, dim2=-1)).unsqueeze(-2)
+    return q
 
 
 @torch.no_grad()
