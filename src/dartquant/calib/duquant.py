@@ -35,8 +35,9 @@ Design choices:
   seeded random ones.
 * Sizes the block size does not divide: the last block is ragged (block_rotation.py).
 * Seeded (cfg.seed): the random rotations of the greedy steps (drawn on cfg.device: a GPU run
-  draws other rotations than a CPU run of the same seed, each reproducible) and the token sample. The greedy searches run in float64 on cfg.device (a GPU's float64 is ample for blocks
-  of 128); the results are kept on the host.
+  draws other rotations than a CPU run of the same seed, each reproducible) and the token sample.
+  The greedy searches run in float64 on cfg.device (a GPU's float64 is ample for blocks of 128);
+  the results are kept on the host.
 """
 
 from __future__ import annotations
