@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dartquant.quant import gptq  # noqa: E402
 from dartquant.quant import weights  # noqa: E402
 
-_add, _target, _quantize = gptq.GPTQ.add_batch, gptq.GPTQ.asymmetric_target, gptq.GPTQ.quantize
+_add, _targets, _quantize = gptq.GPTQ.add_batch, gptq.GPTQ.asymmetric_targets, gptq.GPTQ.quantize
 ROWS: list[dict] = []
 LAMBDAS = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)  # 1e-3: the product's W*; large: towards W
 STOP_AFTER = 0  # --linears N: stop the run after N linears (the first blocks are what the probe is for)
@@ -88,16 +88,20 @@ def add_batch(self, inp, reference=None):
 
 
 @torch.no_grad()
-def asymmetric_target(self, weight, reldamp=1e-3):
-    out = _target(self, weight, reldamp)
-    self.probe_w, self.probe_target = weight.detach().double().cpu(), out.detach().double().cpu()
-    return out
+def asymmetric_targets(self, weights, reldamp=1e-3):
+    """The targets of every linear of one input at once (weights.gptq_block_): remembered by the
+    identity of the tensor that quantize() then receives."""
+    outs = _targets(self, weights, reldamp)
+    pairs = self.__dict__.setdefault("probe_pairs", {})
+    for w, out in zip(weights, outs):
+        pairs[id(out)] = (w.detach().double().cpu(), out.detach().double().cpu())
+    return outs
 
 
 @torch.no_grad()
 def quantize(self, w, spec, **kw):
     probe = getattr(self, "probe", None)
-    w_orig, target = getattr(self, "probe_w", None), getattr(self, "probe_target", None)
+    w_orig, target = self.__dict__.get("probe_pairs", {}).pop(id(w), (None, None))
     qt = _quantize(self, w, spec, **kw)
     if probe is None or w_orig is None:
         return qt
@@ -131,7 +135,6 @@ def quantize(self, w, spec, **kw):
               f"{k} {row[k]['fit']:.4f}/{row[k]['held']:.4f}" for k in ("w", "target", "gptq_asym", "gptq_plain",
                                                                        "gptq_ridge_best")) + f" l* {best:g}",
           file=sys.stderr, flush=True)
-    del self.probe_w, self.probe_target
     if STOP_AFTER and len(ROWS) >= STOP_AFTER:
         raise _Enough
     return qt
@@ -147,7 +150,7 @@ def main() -> None:
         STOP_AFTER, args = int(args[1]), args[2:]
     if args[:1] == ["--"]:
         args = args[1:]
-    gptq.GPTQ.add_batch, gptq.GPTQ.asymmetric_target, gptq.GPTQ.quantize = add_batch, asymmetric_target, quantize
+    gptq.GPTQ.add_batch, gptq.GPTQ.asymmetric_targets, gptq.GPTQ.quantize = add_batch, asymmetric_targets, quantize
     from dartquant.cli import main as cli_main
 
     try:
