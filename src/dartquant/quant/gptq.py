@@ -288,9 +288,10 @@ class GPTQ:
         up), with one set of solves for all of them (the holdout's cross-validation is 17 of them)."""
         if self.C is None or self.H is None:
             raise RuntimeError("GPTQ.asymmetric_target needs add_batch(..., reference=...)")
+        rows = [v.shape[0] for v in weights]
         w = torch.cat([v.to(device=self.H.device, dtype=torch.float64) for v in weights])
         if self.holdout:
-            out = self._shrunk_target(w, [v.shape[0] for v in weights])
+            out = self._shrunk_target(w, rows)
         else:
             H = self.H.to(torch.float64, copy=True)  # never a view of self.H (GPTQ factors it next)
             dead = torch.diagonal(H) == 0
@@ -298,7 +299,7 @@ class GPTQ:
             H.diagonal().mul_(1.0 + reldamp)
             out = torch.linalg.solve(H, self.C.to(torch.float64).T @ w.T).T  # W C H^-1 (H symmetric)
             out[:, dead] = 0.0
-        return [t.to(device=v.device, dtype=torch.float32) for t, v in zip(out.split([v.shape[0] for v in weights]), weights)]
+        return [t.to(device=v.device, dtype=torch.float32) for t, v in zip(out.split(rows), weights)]
 
     @torch.no_grad()
     def _shrunk_target(self, w: torch.Tensor, rows: list[int]) -> torch.Tensor:
