@@ -16,13 +16,8 @@ import dartquant.calib.duquant as duq
 from dartquant.config import RunConfig
 
 
-def householder(a: torch.Tensor) -> torch.Tensor:
-    q, r = torch.linalg.qr(a)
-    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-
-
 def run(mode: str) -> dict:
-    duq._cholesky_qr2 = {"householder": householder, "cholesky_qr2": cholesky_qr2}[mode]
+    duq._cholesky_qr2 = {"householder": duq.householder_q, "cholesky_qr2": cholesky_qr2}[mode]
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,

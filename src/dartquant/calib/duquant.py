@@ -100,20 +100,25 @@ def _householder_to_uniform(b: int, dtype=torch.float64, device=None) -> torch.T
 
 
 def _random_orthogonal(n: int, b: int, g: torch.Generator, steps: int = 1, device=None) -> torch.Tensor:
-    """[steps, n, b, b] Haar-random orthogonal matrices (QR of a Gaussian, signs fixed), all steps in
-    one batched call. On the CPU the Gaussians come from the seeded generator `g` itself. On a GPU
-    they are drawn there, by a generator seeded from `g`: drawing them on the host was most of
-    DuQuant's calibration time (RESULTS §26a: 27 M Gaussians a Qwen2.5-0.5B layer). So a GPU run
-    draws other (equally random) rotations than a CPU run of the same seed; each is reproducible."""
+    """[steps, n, b, b] Haar-random orthogonal matrices (QR of a Gaussian, signs fixed). On the CPU
+    the Gaussians come from the seeded generator `g` itself, bit for bit the rotations of earlier
+    versions. On a GPU they are drawn there, by a generator seeded from `g`: drawing them on the
+    host was most of DuQuant's calibration time (RESULTS §26a: 27 M Gaussians a Qwen2.5-0.5B layer).
+    So a GPU run draws other (equally random) rotations than a CPU run of the same seed; each is
+    reproducible."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cpu":
-        a = torch.stack([torch.randn(n, b, b, generator=g, dtype=torch.float64) for _ in range(steps)])
-        q, r = torch.linalg.qr(a)
-        return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    if device.type == "cpu":  # one QR call per step, as before: a batch over steps rounds differently
+        return torch.stack([householder_q(torch.randn(n, b, b, generator=g, dtype=torch.float64)) for _ in range(steps)])
     seed = int(torch.randint(0, 2**62, (1,), generator=g))
     a = torch.randn(steps, n, b, b, dtype=torch.float64, device=device,
                     generator=torch.Generator(device=device).manual_seed(seed))
     return _cholesky_qr2(a.flatten(0, 1)).view(steps, n, b, b)
+
+
+def householder_q(a: torch.Tensor) -> torch.Tensor:
+    """The Q of a = QR (a batch of square matrices) with R's diagonal made positive: Householder QR."""
+    q, r = torch.linalg.qr(a)
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
 
 
 def _cholesky_qr2(a: torch.Tensor) -> torch.Tensor:
@@ -132,8 +137,7 @@ def _cholesky_qr2(a: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     bad |= (q.mT @ q - eye).abs().amax(dim=(1, 2)) > 1e-12  # Cholesky passed, but too ill-conditioned
     if bad.any():
-        hq, hr = torch.linalg.qr(a[bad])
-        q[bad] = hq * torch.sign(torch.diagonal(hr, dim1=-2, dim2=-1)).unsqueeze(-2)
+        q[bad] = householder_q(a[bad])
     return q
 
 
