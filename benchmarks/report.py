@@ -78,11 +78,14 @@ METHODS = {
         "duquant:gptq:a_clip_search=true,gptq_asymmetric=true,gptq_asymmetric_holdout=true",
 }
 # model label -> (file, what differs) of quality.py jobs run one at a time with the GPU to itself (§26,
-# §27): their calibration time. Session 26's code draws DuQuant's random rotations on the GPU.
+# §27, §28): their calibration time. Session 26's code draws DuQuant's random rotations on the GPU; session
+# 27 measured its Cholesky QR.
 ALONE = {"SmolLM2-135M": [("smollm2_calibration_alone_h200_session25.json", ""),
-                          ("smollm2_calibration_alone_h200_session26.json", "rotations drawn on the GPU")],
+                          ("smollm2_calibration_alone_h200_session26.json", "rotations drawn on the GPU"),
+                          ("smollm2_calibration_alone_h200_session27.json", "drawn on the GPU, Cholesky QR")],
          "Qwen2.5-Coder-0.5B": [("qwen_calibration_alone_h200_session25.json", ""),
-                                ("qwen_calibration_alone_h200_session26.json", "rotations drawn on the GPU")]}
+                                ("qwen_calibration_alone_h200_session26.json", "rotations drawn on the GPU"),
+                                ("qwen_calibration_alone_h200_session27.json", "drawn on the GPU, Cholesky QR")]}
 SHAPES = {"llama2-7b": "Llama-2-7B", "llama3-8b": "Llama-3-8B", "llama2-70b": "Llama-2-70B"}
 # (shape, method) -> (file, how to find the row). DartQuant at 7B / 8B comes from
 # dartquant_cost.py: e2e_cost_7b_h200.json's DartQuant row predates counting every stage's peak.

@@ -248,3 +248,21 @@ def test_cholesky_qr2_is_householder_qr_with_positive_r_and_falls_back_when_ill_
     keep = torch.arange(40) != 3
     assert torch.allclose(q[keep], hq[keep], atol=1e-11)
     assert torch.equal(q[3], householder_q(a[3:4])[0])  # the fallback's own Q
+
+
+def test_observer_sample_does_not_depend_on_windows_per_call():
+    """A GPU capture forwards several windows per block call ([B, S, n]); the observer must keep the
+    same max |x|, the same outlier rows and the same per-window random rows as one window per call."""
+    from dartquant.calib.duquant import _Observer
+
+    x = torch.randn(6, 11, 7, generator=torch.Generator().manual_seed(3))
+    x[2, 5, 4] = 40.0  # an outlier row inside a batched call
+    one, batched = _Observer(3, 2, torch.Generator().manual_seed(9)), _Observer(3, 2, torch.Generator().manual_seed(9))
+    for j in range(6):
+        one(x[j: j + 1])
+    batched(x[:4])
+    batched(x[4:])
+    assert torch.equal(one.amax, batched.amax)
+    assert torch.equal(one.rows(), batched.rows())
+    assert one.rows().shape == (3 + 6 * 2, 7)
+    assert torch.equal(one.rows()[0], x[2, 5])

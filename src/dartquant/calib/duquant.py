@@ -49,7 +49,7 @@ import torch
 
 from ..adapters import adapter_for
 from ..block_rotation import apply_blocks, block_sizes, pad_block
-from ..layerwise import iterate_blocks
+from ..layerwise import forward_plan, iterate_blocks
 from ..log import log
 from ..modules import as_qlinear
 from ..transforms import RotationSet
@@ -229,19 +229,22 @@ class _Observer:
     """Per-channel max |x| over every token, and a row sample for the greedy rotations: the
     `k_out` rows with the largest max |x| seen so far plus `k_rand` random rows per sequence.
 
-    Everything is reduced where x lives: only the kept rows leave the device (a Qwen2.5-0.5B
-    block's four inputs are ~2 GB of float32 at 32 x 2048 tokens; copying them to the host and
-    reducing there made the capture CPU-bound). The random rows' indices are drawn on the CPU by
-    the seeded generator, as before, so the sample does not depend on the device."""
+    Everything is reduced where x lives: only the kept rows leave the device, once, in `rows()` (a
+    Qwen2.5-0.5B block's four inputs are ~2 GB of float32 at 32 x 2048 tokens; copying them to the
+    host and reducing there made the capture CPU-bound, and a copy per call made it wait on the
+    device once per sequence). A call may carry several sequences ([B, S, n]: the block forwards
+    several windows at once on a GPU); the random rows are still drawn per sequence, in order, by
+    the seeded generator on the CPU, so the sample depends neither on the device nor on B."""
 
     def __init__(self, k_out: int, k_rand: int, g: torch.Generator):
         self.k_out, self.k_rand, self.g = k_out, k_rand, g
         self.amax = None
         self.outliers = None  # [<= k_out, n] float32, on x's device
-        self.random: list[torch.Tensor] = []
+        self.random: list[torch.Tensor] = []  # on x's device
 
     def __call__(self, x: torch.Tensor) -> None:
-        rows = x.reshape(-1, x.shape[-1]).detach().float()
+        seqs = x.detach().reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.detach()[None]
+        rows = seqs.reshape(-1, x.shape[-1]).float()
         a = rows.abs().amax(dim=0)
         self.amax = a if self.amax is None else torch.maximum(self.amax, a)
         if self.k_out:
@@ -249,12 +252,13 @@ class _Observer:
             top = pool.abs().amax(dim=1).topk(min(self.k_out, pool.shape[0])).indices
             self.outliers = pool[top]
         if self.k_rand:
-            pick = torch.randperm(rows.shape[0], generator=self.g)[: self.k_rand]
-            self.random.append(rows[pick.to(rows.device)].cpu())
+            for seq in seqs:
+                pick = torch.randperm(seq.shape[0], generator=self.g)[: self.k_rand]
+                self.random.append(seq[pick.to(seq.device)].float())
 
     def rows(self) -> torch.Tensor:
-        parts = ([] if self.outliers is None else [self.outliers.cpu()]) + self.random
-        return torch.cat(parts) if parts else torch.empty(0, self.amax.shape[0])
+        parts = ([] if self.outliers is None else [self.outliers]) + self.random
+        return torch.cat(parts).cpu() if parts else torch.empty(0, self.amax.shape[0])
 
 
 def _w_amax(*linears) -> torch.Tensor:
@@ -291,7 +295,11 @@ def calibrate_duquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, progre
     def stat(name, x_before, x_after):
         before_after.setdefault(name, []).append((x_before.abs().max().item(), x_after.abs().max().item()))
 
-    for i, block, forward in iterate_blocks(model, adapter, calib_ids, cfg.device, progress, desc="duquant"):
+    # on a GPU several windows per block call and the hidden states kept there (the capture was a host
+    # round trip per window and block); on the CPU one window per call, as before
+    batch, resident = forward_plan(geo, *calib_ids.shape, next(model.parameters()).dtype, cfg.device)
+    for i, block, forward in iterate_blocks(model, adapter, calib_ids, cfg.device, progress, desc="duquant",
+                                            batch=batch, resident=resident):
         layer = adapter.layer(block)
         observers = {}
         with timer("capture"):
