@@ -288,7 +288,7 @@ def test_w4a4_linear_module_is_the_fake_quant_qlinear():
     assert model[1].codes_fp8 is not None and model[1].codes_fp8.dtype == torch.float8_e4m3fn
     model[1].backend = "int8s"  # the swapped GEMM (planar int8 at every size)
     assert torch.equal(model(x), y) and torch.equal(model(x[:1, :1]), y[:1, :1])
-    # the default dispatch: packed operand + decode backend up to 8 tokens, int8s above (run 7)
+    # the default dispatch: packed operand + decode backend (the GEMV) up to 2 tokens, int8s above (session 27)
     import dartquant.kernels.linear as linear_mod
 
     model[1].backend, model[1].prefill_operand, model[1].planar_min_tokens = "auto", "int8s", None
@@ -296,14 +296,17 @@ def test_w4a4_linear_module_is_the_fake_quant_qlinear():
     real = linear_mod.w4a4_matmul
     linear_mod.w4a4_matmul = lambda *a, **kw: seen.append(a[4]) or real(*a, **kw)
     try:
-        x9 = _activations(9, n_in, seed=9)
-        model(x9[:8]), model(x9)
-        # scaled_mm: the dp4a GEMV's range (GEMV_MAX_TOKENS) on the packed operand, cuBLAS's FP8 above it
+        x65 = _activations(65, n_in, seed=9)
+        model(x65[:2]), model(x65[:3]), model(x65)
+        # scaled_mm: the GEMV up to 2 tokens, int8s at decode batches (3-64 tokens), cuBLAS's FP8 above
         model[1].prefill_operand = "scaled_mm"
-        model(x9[:8]), model(x9)
+        y3, y_64tokens = model(x65[:3]), model(x65[:64])
+        model(x65[:2]), model(x65)
     finally:
         linear_mod.w4a4_matmul = real
-    assert seen == ["auto", "int8s", "auto", "scaled_mm"]
+    assert seen == ["auto", "int8s", "int8s", "int8s", "int8s", "auto", "scaled_mm"]
+    model[1].prefill_operand = "int8s"
+    assert torch.equal(y3, model(x65[:3])) and torch.equal(y_64tokens, model(x65[:64]))
     # and the bf16 fake-quant model differs from it only by its own bf16 rounding
     assert (y.double() - y_fake.double()).norm() < 1e-2 * y64.norm()
     # unsupported schemes are refused before anything is replaced
@@ -434,9 +437,16 @@ def test_gemm_swapped_operands_small_m():
     n, k = 40, 208
     for m in (1, 3, 17):
         a, sa, za, w = _gemm_operands(m, n, k, seed=m)
-        for cfg in (GemmConfig(16, 16, 32, 4, 2), GemmConfig(16, 32, 64, 4, 2), None):
+        # split-K (K = 208: 104 packed columns): 2 splits of 2 x 32 columns, 3 splits of up to 2 x 32 (the
+        # third sums nothing), 8 splits of one 16-column step (the seventh ragged, the eighth empty)
+        for cfg in (GemmConfig(16, 16, 32, 4, 2), GemmConfig(16, 32, 64, 4, 2), None,
+                    GemmConfig(16, 16, 64, 4, 2, split_k=2), GemmConfig(16, 32, 64, 4, 2, split_k=3),
+                    GemmConfig(16, 16, 32, 4, 2, split_k=8)):
             y = w4a4_matmul(planar_centered(a, za, k, torch.int8), sa, None, w, "int8s", cfg)
-            assert torch.equal(y, w4a4_matmul_reference(a, sa, za, w))
+            assert torch.equal(y, w4a4_matmul_reference(a, sa, za, w)), cfg
+            out = torch.empty(m, n)  # fp32 out: the exact sums through the split-K workspace
+            w4a4_matmul(planar_centered(a, za, k, torch.int8), sa, None, w, "int8s", cfg, out=out)
+            assert torch.equal(out.bfloat16(), w4a4_matmul_reference(a, sa, za, w)), cfg
     with pytest.raises(TypeError, match="int8s"):
         w4a4_matmul(a, sa, za, w, "int8s")
 
@@ -475,10 +485,10 @@ from dartquant.kernels import w4a4_gemm
 fn = getattr(w4a4_gemm, sys.argv[1])
 consts = json.loads(sys.argv[2])
 k_name = "KW" if "KW" in fn.arg_names else "KH"
-sig = {"a_ptr": "*i32", "w_ptr": "*i32", "sa_ptr": "*fp32", "za_ptr": "*fp32", "sw_ptr": "*fp32", "wsum_ptr": "*i32",
+ptr = {"a_ptr": "*i32", "w_ptr": "*i32", "sa_ptr": "*fp32", "za_ptr": "*fp32", "sw_ptr": "*fp32", "wsum_ptr": "*i32",
        "y_ptr": "*bf16", "ws_ptr": "*i32", "cnt_ptr": "*i32"}
-sig.update({name: "i32" for name in ("M", "N", k_name, "k_steps", "stride_am", "stride_wn", "stride_ym")})
-sig.update({name: "constexpr" for name in consts})
+ptr.update(json.loads(sys.argv[3]))
+sig = {name: "constexpr" if name in consts else ptr.get(name, "i32") for name in fn.arg_names}
 # what the launcher's specialisation sees at real shapes: 16-byte aligned pointers, K and strides % 16 == 0
 div = [n for n in sig if n.endswith("_ptr")] + [k_name, "stride_am", "stride_wn", "stride_ym"]
 attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
@@ -486,19 +496,21 @@ k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attr
                    options={"num_warps": 4, "enable_fp_fusion": False})
 ptx = k.asm["ptx"]
 print(json.dumps({"dp4a": len(re.findall(r"dp4a[.]u32[.][us]32", ptx)), "cubin": len(k.asm["cubin"]),
-                  "v4": len(re.findall(r"ld[.]global([.]\w+)*[.]v4", ptx))}))
+                  "v4": len(re.findall(r"ld[.]global([.]\w+)*[.]v4", ptx)),
+                  "nibble_words": ptx.count("0x80808080"), "wgmma": len(re.findall(r"wgmma[.]mma_async", ptx))}))
 """
 
 
-def _compile_for_hopper(kernel: str, consts: dict) -> dict:
-    """Compile a GEMV kernel of w4a4_gemm for sm_90 with Triton's bundled ptxas in a child process (no
-    GPU needed): counts of dp4a instructions and 16-byte global loads in its PTX."""
+def _compile_for_hopper(kernel: str, consts: dict, pointers: dict | None = None) -> dict:
+    """Compile a GEMM / GEMV kernel of w4a4_gemm for sm_90 with Triton's bundled ptxas in a child process
+    (no GPU needed): counts of dp4a, wgmma, the nibble split's word ops and 16-byte global loads in its
+    PTX. `pointers`: element types of pointer arguments other than the GEMVs' int32 words."""
     import json
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, kernel, json.dumps(consts)],
+    p = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, kernel, json.dumps(consts), json.dumps(pointers or {})],
                        capture_output=True, text=True, env=env)
     if p.returncode and "ptxas" in p.stderr:
         pytest.skip(f"no usable ptxas in this Triton install: {p.stderr[-300:]}")
@@ -522,6 +534,20 @@ def test_lanes_gemv_compiles_for_hopper():
     # [4, 128] words over 128 threads: 4 words (one 16-byte load) per thread per tile; 4 tokens x 2 dp4a x 4 words
     assert got["dp4a"] == 32, got
     assert got["v4"] == 2 + 4, got  # the weight tile (first and prefetched) and 4 tokens' words: 16-byte loads
+
+
+def test_swap_gemm_unpacks_four_bytes_per_word_op_for_hopper():
+    """The int8s GEMM's PTX path (the interpreter runs the int8 shifts): wgmma with the weight from
+    registers, its nibbles split by word ops (one 0x80808080 xor per four bytes and nibble half), and
+    split-K compiled in."""
+    consts = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_KH": 256, "GROUP_N": 8, "SPLIT_K": 4, "STATIC_STEPS": 0,
+              "OUT_F32": False}
+    pointers = {"a_ptr": "*i8", "w_ptr": "*u8"}
+    got = _compile_for_hopper("_w4a4_swap_kernel", {**consts, "ASM": True}, pointers)
+    plain = _compile_for_hopper("_w4a4_swap_kernel", {**consts, "ASM": False}, pointers)
+    assert got["wgmma"] > 0 and got["cubin"] > 0, got
+    assert got["nibble_words"] > 0 and plain["nibble_words"] == 0, (got, plain)
+    assert got["cubin"] < plain["cubin"], (got, plain)  # the byte-wise unpack is the larger kernel
 
 
 def test_merged_siblings_with_and_without_biases():

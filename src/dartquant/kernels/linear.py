@@ -39,14 +39,16 @@ PREFILL_OPERANDS = {"packed": None, "int8": torch.int8, "int8s": torch.int8, "fp
                     "scaled_mm": torch.float8_e4m3fn}
 DEFAULT_PREFILL_OPERAND = "int8s"
 # above this many tokens the planar operand is used; below, the packed one with the decode backends
-# (gemv, int8). int8s: from 9 tokens (run 7: faster than int8 at 16 and 64 tokens on every linear,
-# mixed at 4); int8 / fp8: from 65 (run 6 measured them at prefill only); scaled_mm: above the dp4a
-# GEMV's range (cuBLAS's FP8 reads the 1-byte weight, half of bf16's bytes, at decode batches too)
+# (gemv, int8). int8s: from 3 tokens (session 27, KERNELS.md 2e: with the word-op nibble split it beats the
+# per-lane GEMV from 3 tokens on the 7B decode linears, 0.80x its summed time at 3, and loses at 1-2);
+# int8 / fp8: from 65 (run 6 measured them at prefill only); scaled_mm: from 65, and int8s from 3 to 64
+# tokens (INT8S_DECODE_TOKENS: there the int8s GEMM took 0.45-0.85x cuBLAS FP8's time on every 7B linear)
 # merged siblings (fusions.MergedSiblings) run up to this many tokens; above, each member its own GEMM
 # on its views of the merged buffers. Run 13 (KERNELS.md 4b), A/B in one process: merged 1.09x faster
 # at decode batch 1 and 8, 0.96x at a 2048-token prefill (scaled_mm); batch 64 faster across runs.
 MERGED_MAX_TOKENS = 64
-PLANAR_MIN_TOKENS = {"packed": 64, "int8": 64, "int8s": 8, "fp8": 64, "scaled_mm": GEMV_MAX_TOKENS}
+PLANAR_MIN_TOKENS = {"packed": 64, "int8": 64, "int8s": 2, "fp8": 64, "scaled_mm": 2}
+INT8S_DECODE_TOKENS = 64  # the scaled_mm operand takes the int8s GEMM up to this many tokens
 
 
 def _check_scheme(q: QLinear, qt: QuantizedTensor, name: str) -> tuple[bool, float]:
@@ -169,7 +171,11 @@ class W4A4Linear(nn.Module):
             return torch.int8
         min_tokens = (PLANAR_MIN_TOKENS[self.prefill_operand] if self.planar_min_tokens is None
                       else self.planar_min_tokens)
-        return PREFILL_OPERANDS[self.prefill_operand] if tokens > min_tokens else None
+        if tokens <= min_tokens:
+            return None
+        if self.prefill_operand == "scaled_mm" and tokens <= INT8S_DECODE_TOKENS and self.planar_min_tokens is None:
+            return torch.int8  # decode batches: the int8s GEMM on the packed weight beats cuBLAS FP8 there
+        return PREFILL_OPERANDS[self.prefill_operand]
 
     def quantize_input(self, x: torch.Tensor, planar: torch.dtype | None) -> PackedActivations:
         """The activation kernel on x (once per tensor for siblings sharing a `SharedInput`)."""
@@ -186,11 +192,12 @@ class W4A4Linear(nn.Module):
         out = torch.empty(tokens, n, device=act.codes.device, dtype=out_dtype)
         if planar is None:
             y = w4a4_matmul(act.codes, act.scale, act.zero, weight, self.backend, out=out)
-        elif self.prefill_operand == "scaled_mm" and self.backend != "int8s":
+        elif self.prefill_operand == "scaled_mm" and self.backend != "int8s" and planar == torch.float8_e4m3fn:
             y = w4a4_matmul(act.codes, act.scale, None, weight, "scaled_mm", out=out, w_planar=fp8_weight())
         else:
             be = ("fp8" if planar == torch.float8_e4m3fn
-                  else "int8s" if "int8s" in (self.backend, self.prefill_operand) else "int8")
+                  else "int8s" if "int8s" in (self.backend, self.prefill_operand) or self.prefill_operand == "scaled_mm"
+                  else "int8")
             y = w4a4_matmul(act.codes, act.scale, None, weight, be, out=out)
         if bias is not None:
             y = y + bias.to(y.dtype)

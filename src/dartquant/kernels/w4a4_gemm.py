@@ -112,6 +112,7 @@ class GemmConfig:
     promote: int = 0  # fp8: 0 = a fresh dot per K block added by hand; > 0 = Triton's max_num_imprecise_acc
     dp4a: bool = False  # gemv: four 4-bit products per dp4a instruction (module notes)
     lanes: bool = False  # dp4a gemv: the per-lane kernel (one 2-D accumulator per token, module notes)
+    asm_unpack: bool = False  # int8s: the weight's nibbles split four bytes per PTX word op (module notes)
 
 
 def prepare_weight(codes: torch.Tensor, scale: torch.Tensor) -> PackedWeight:
@@ -163,12 +164,15 @@ def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
         if m == 2:
             return GemmConfig(1, 8, 2048, 2, 1, dp4a=True, lanes=True)
         return GemmConfig(1, 4, 1024, 4 if m <= 4 else 2, 1, dp4a=True, lanes=True)
-    if backend == "int8s":  # block_m: tokens per tile (the MMA's N); run 7's fastest (KERNELS.md 2c)
+    if backend == "int8s":  # block_m: tokens per tile (the MMA's N); session 27's sweeps with the word-op
+        # nibble split (KERNELS.md 2e): within 1.15x of each 7B / 8B / 70B shape's best at 4-16 tokens (K steps
+        # of 1024 where K > N, the down projections), the best at 32 / 64 / 2048 / 8192 tokens on the 7B shapes
         if m <= 16:
-            return GemmConfig(16, 64, 256, 4, 4)
+            return GemmConfig(16, 64, 1024 if k > n else 512, 4, 3, asm_unpack=True)
         if m <= 64:
-            return GemmConfig(64, 128, 256, 4, 3)
-        return GemmConfig(256, 128, 128, 8, 3)
+            return GemmConfig(64, 128, 256, 4, 3, asm_unpack=True) if m > 32 and n >= 2 * k else \
+                GemmConfig(32, 64, 512, 4, 3, asm_unpack=True)
+        return GemmConfig(128, 128, 128, 4, 3, asm_unpack=True)
     if m <= 16:
         return GemmConfig(16, 64, 256, 4, 4, split_k=8) if big else GemmConfig(16, 32, 512, 4, 4)
     if m <= 64:
@@ -314,43 +318,73 @@ if triton is not None:
                             OUT_F32, not A8)
 
     @triton.jit
+    def _nibbles_as_int8(w8, HIGH: tl.constexpr, ASM: tl.constexpr):
+        """The low (HIGH=False) or high nibble of each int8 of w8, sign-extended. On the GPU four bytes
+        per 32-bit register at once (``_signed_nibble_bytes``' byte-lane arithmetic in PTX: 4-5
+        instructions per 4 bytes; as int8 shifts the compiler takes each byte apart); the interpreter
+        runs no PTX, so there the same values come from int8 shifts."""
+        if ASM:
+            if HIGH:
+                return tl.inline_asm_elementwise(
+                    "{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 t, t, 0x0F0F0F0F; xor.b32 t, t, 0x08080808; "
+                    "add.u32 t, t, 0x78787878; xor.b32 $0, t, 0x80808080; }",
+                    "=r,r", [w8], dtype=tl.int8, is_pure=True, pack=4)
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t; and.b32 t, $1, 0x0F0F0F0F; xor.b32 t, t, 0x08080808; "
+                "add.u32 t, t, 0x78787878; xor.b32 $0, t, 0x80808080; }",
+                "=r,r", [w8], dtype=tl.int8, is_pure=True, pack=4)
+        if HIGH:
+            return w8 >> 4
+        return (w8 << 4) >> 4
+
+    @triton.jit
     def _w4a4_swap_kernel(
-        a_ptr, w_ptr, sa_ptr, sw_ptr, y_ptr, M, N, KH, stride_am, stride_wn, stride_ym,
+        a_ptr, w_ptr, sa_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, KH, per_split, stride_am, stride_wn, stride_ym,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, GROUP_N: tl.constexpr,
-        STATIC_STEPS: tl.constexpr, OUT_F32: tl.constexpr,
+        SPLIT_K: tl.constexpr, STATIC_STEPS: tl.constexpr, OUT_F32: tl.constexpr, ASM: tl.constexpr = False,
     ):
         """y^T = W A^T on int8 tensor cores ("int8s"): the packed weight, unpacked in registers, is
         the dot's *left* operand (on Hopper wgmma can take it from registers, no shared-memory round
         trip), the planar centered int8 activations the right one ([K, M] tiles, K-major, loaded and
         pipelined straight into shared memory).  Tokens sit in the MMA's N dimension, so a small M
-        (decode) is a narrow tile instead of rows padded to 64.  Exact int32, no zero-point term."""
+        (decode) is a narrow tile instead of rows padded to 64.  Exact int32, no zero-point term.
+        SPLIT_K > 1: program (tile, s) sums `per_split` K steps from s * per_split and the tile's last
+        program runs the epilogue (`_splitk_fixup`), which decode needs to fill the SMs (N / BLOCK_N
+        tiles alone are 64-344 programs at 7B-70B shapes)."""
         # programs sharing an activation tile run together (L2 reuse)
-        pid_n, pid_m = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
+        pid = tl.program_id(0)
+        pid_n, pid_m = _grouped_tile(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
+        k0 = tl.program_id(1) * per_split * BLOCK_KH  # this split's first packed column
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_KH)
         mask_n = offs_n < N
         mask_m = offs_m < M
-        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_KH]
-        a_ptrs = a_ptr + offs_m[None, :].to(tl.int64) * stride_am + offs_k[:, None]  # [BLOCK_KH, BLOCK_M]
+        kend = tl.minimum(k0 + per_split * BLOCK_KH, KH)
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k0 + offs_k)[None, :]  # [BLOCK_N, BLOCK_KH]
+        a_ptrs = a_ptr + offs_m[None, :].to(tl.int64) * stride_am + (k0 + offs_k)[:, None]  # [BLOCK_KH, BLOCK_M]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-        for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else tl.cdiv(KH, BLOCK_KH)):
-            kmask = i * BLOCK_KH + offs_k < KH
+        for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else tl.cdiv(kend - k0, BLOCK_KH)):
+            kmask = k0 + i * BLOCK_KH + offs_k < kend
             w8 = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0).to(tl.int8, bitcast=True)
             a_lo = tl.load(a_ptrs, mask=kmask[:, None] & mask_m[None, :], other=0)
             a_hi = tl.load(a_ptrs + KH, mask=kmask[:, None] & mask_m[None, :], other=0)
-            acc = tl.dot((w8 << 4) >> 4, a_lo, acc, out_dtype=tl.int32)  # low nibbles, sign-extended
-            acc = tl.dot(w8 >> 4, a_hi, acc, out_dtype=tl.int32)
+            acc = tl.dot(_nibbles_as_int8(w8, False, ASM), a_lo, acc, out_dtype=tl.int32)  # low nibbles: even k
+            acc = tl.dot(_nibbles_as_int8(w8, True, ASM), a_hi, acc, out_dtype=tl.int32)
             w_ptrs += BLOCK_KH
             a_ptrs += BLOCK_KH
-        sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
-        sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
-        y = (acc.to(tl.float32) * sa[None, :]) * sw[:, None]  # the same two fp32 products as _epilogue_store
-        ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
-        if OUT_F32:
-            tl.store(ptrs, y, mask=mask_n[:, None] & mask_m[None, :])
+        if SPLIT_K > 1:  # the shared fixup works on [tokens, rows]
+            _splitk_fixup(tl.trans(acc), ws_ptr, cnt_ptr, pid, N, SPLIT_K, sa_ptr, sa_ptr, sa_ptr, sw_ptr, y_ptr,
+                          stride_ym, offs_m, offs_n, mask_m, mask_n, OUT_F32, HAS_ZERO=False)
         else:
-            tl.store(ptrs, round_to_bf16(y).to(tl.bfloat16), mask=mask_n[:, None] & mask_m[None, :])
+            sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
+            sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
+            y = (acc.to(tl.float32) * sa[None, :]) * sw[:, None]  # the same two fp32 products as _epilogue_store
+            ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+            if OUT_F32:
+                tl.store(ptrs, y, mask=mask_n[:, None] & mask_m[None, :])
+            else:
+                tl.store(ptrs, round_to_bf16(y).to(tl.bfloat16), mask=mask_n[:, None] & mask_m[None, :])
 
     @triton.jit
     def _gemv_finish(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K: tl.constexpr, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr,
@@ -609,7 +643,7 @@ def w4a4_matmul(
     a_zero None; a_scale: fp32 [M].  w_planar: `planar_weight(weight, dtype)` to read 1-byte weight
     codes instead of the packed ones (tensor-core backends).
     backend: "int8" (int8 tensor cores, int32 accumulation), "int8s" (the same with the operands
-    swapped: planar activations only, no split-K), "fp8" (e4m3, fp32 per-block promotion), "gemv"
+    swapped: planar activations only), "fp8" (e4m3, fp32 per-block promotion), "gemv"
     (CUDA cores, int32; M <= 8; config.block_m unused), "scaled_mm" (cuBLAS FP8: planar e4m3
     activations and `w_planar` e4m3; a shape `scaled_mm_exact` rejects runs on "fp8") or "auto"
     (gemv for M <= GEMV_MAX_TOKENS, else int8).
@@ -671,12 +705,15 @@ def w4a4_matmul(
     if m == 0:
         return out
     if backend == "int8s":  # config: block_m = tokens per tile (MMA N), block_n = weight rows (MMA M)
-        steps = triton.cdiv(kh, cfg.block_k // 2)
-        _w4a4_swap_kernel[(triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m),)](
-            a_codes, weight.codes, a_scale, weight.scale, out, m, n, kh,
+        tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+        per_split = triton.cdiv(triton.cdiv(kh, cfg.block_k // 2), cfg.split_k)
+        ws, cnt = _splitk_buffers(m, n, tiles, a_codes.device, cfg.split_k)
+        _w4a4_swap_kernel[(tiles, cfg.split_k)](
+            a_codes, weight.codes, a_scale, weight.scale, out, ws, cnt, m, n, kh, per_split,
             a_codes.stride(0), weight.codes.stride(0), out.stride(0),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2, GROUP_N=cfg.group_m,
-            STATIC_STEPS=steps if interpret else 0, OUT_F32=out.dtype == torch.float32,
+            SPLIT_K=cfg.split_k, STATIC_STEPS=per_split if interpret else 0, OUT_F32=out.dtype == torch.float32,
+            ASM=cfg.asm_unpack and not interpret,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         )
         return out

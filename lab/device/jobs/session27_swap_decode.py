@@ -1,0 +1,92 @@
+"""Session 27 (GPU, one-off): the swapped int8 tensor-core GEMM ("int8s") at decode sizes, 4-16 tokens,
+with split-K and the weight's nibbles split four bytes per PTX word op (GemmConfig.asm_unpack), against
+bf16 F.linear, cuBLAS FP8 on the 1-byte weight and the per-lane dp4a GEMV (up to 8 tokens). Timed as
+session19_gemv.py times (calls in one CUDA graph, weights rotating through 4x the L2); every config's
+output is first checked bit-equal to the integer reference at 12 and 16 tokens.
+    PYTHONPATH=src:benchmarks python3 lab/device/jobs/session27_swap_decode.py OUT.json
+"""
+import itertools
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_bench import compile_all, gemm_inputs, planar_weight, write_result  # noqa: E402
+from session19_gemv import graph_ms, warm_clocks  # noqa: E402
+from dartquant.kernels.w4a4_gemm import (GemmConfig, default_config, planar_centered, w4a4_matmul,  # noqa: E402
+                                         w4a4_matmul_reference)
+
+dev = torch.device("cuda")
+MS = (4, 8, 12, 16)
+ROTATE = 240e6
+SHAPES = {"L2-7B q+k+v": (12288, 4096), "L2-7B o": (4096, 4096), "L2-7B gate+up": (22016, 4096),
+          "L2-7B down": (4096, 11008), "L3-8B down": (4096, 14336), "L2-70B gate/up": (28672, 8192),
+          "L2-70B down": (8192, 28672)}
+OLD = GemmConfig(16, 64, 256, 4, 4)  # int8s's decode default until now (run 7)
+CONFIGS = [OLD, GemmConfig(16, 64, 256, 4, 4, asm_unpack=True)] + [
+    GemmConfig(16, bn, bk, 4, st, split_k=sk, asm_unpack=True)
+    for bn, bk, sk, st in itertools.product((64, 128), (512, 1024), (1, 2, 4, 8), (3, 4))]
+
+
+def name(cfg):
+    return f"{cfg.block_n}x{cfg.block_k} s{cfg.num_stages} sk{cfg.split_k}{' asm' if cfg.asm_unpack else ''}"
+
+
+def main(out_path):
+    t0 = time.time()
+    errors = compile_all([("gemm", (16, 4096, 4096, c, "int8s")) for c in CONFIGS], 15)
+    configs = [c for c in CONFIGS if str(("gemm", (16, 4096, 4096, c, "int8s"))) not in errors]
+    warm_clocks()
+    rows = []
+    for sname, (n, k) in SHAPES.items():
+        nsets = max(2, min(48, int(ROTATE // (n * k // 2))))
+        sets = [gemm_inputs(16, n, k, dev, s) for s in range(nsets)]
+        planar = [planar_centered(a, za, k, torch.int8) for (a, _, za, _) in sets]
+        bf16_w = [torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+                  for _ in range(max(2, min(48, int(ROTATE // (n * k * 2)) + 1)))]
+        fp8_w = [planar_weight(w, torch.float8_e4m3fn) for (_, _, _, w) in sets[:max(2, min(48, int(ROTATE // (n * k)) + 1))]]
+        a0, sa0, za0, w0 = sets[0]
+        refs = {m: w4a4_matmul_reference(a0[:m], sa0[:m], za0[:m], w0) for m in (12, 16)}
+        exact = {name(cfg): all(torch.equal(w4a4_matmul(planar[0][:m], sa0[:m], None, w0, "int8s", cfg), refs[m])
+                                for m in refs) for cfg in configs}
+        for m in MS:
+            row = {"linear": sname, "n": n, "k": k, "m": m, "int8s_us": {}, "exact": exact}
+            xb = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            row["bf16_us"] = graph_ms([lambda w=w: torch.nn.functional.linear(xb, w) for w in bf16_w]) * 1e3
+            xa = torch.randint(-8, 8, (m, k), device=dev).to(torch.float32).to(torch.float8_e4m3fn)
+            sa, sw = torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
+            row["scaled_mm_us"] = graph_ms([lambda w=w: torch._scaled_mm(xa, w.t(), sa, sw, out_dtype=torch.bfloat16)
+                                            for w in fp8_w]) * 1e3
+            outb = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
+            if m <= 8:
+                cfg = default_config(m, n, k, "gemv")
+                row["gemv_us"] = graph_ms([lambda s=s: w4a4_matmul(s[0][:m], s[1][:m], s[2][:m], s[3], "gemv", cfg,
+                                                                   out=outb) for s in sets]) * 1e3
+            for cfg in configs:
+                row["int8s_us"][name(cfg)] = graph_ms(
+                    [lambda s=s, p=p: w4a4_matmul(p[:m], s[1][:m], None, s[3], "int8s", cfg, out=outb)
+                     for s, p in zip(sets, planar)]) * 1e3
+            best = min(row["int8s_us"], key=row["int8s_us"].get)
+            row["best"], row["best_us"] = best, row["int8s_us"][best]
+            rows.append(row)
+            print(f"| {sname} ({n}x{k}) | {m} | {row['bf16_us']:.1f} | {row['scaled_mm_us']:.1f} | "
+                  f"{row.get('gemv_us', float('nan')):.1f} | {row['int8s_us'][name(OLD)]:.1f} | "
+                  f"{row['int8s_us'][name(CONFIGS[1])]:.1f} | {best} {row['best_us']:.1f} | "
+                  f"{row['bf16_us'] / row['best_us']:.2f}x | {n * k / 2 / row['best_us'] / 1e3:.0f} | "
+                  f"{all(exact.values())} |", flush=True)
+            write_result({"device": torch.cuda.get_device_name(), "rows": rows, "compile_errors": errors},
+                         out_path, t0)
+        del sets, planar, bf16_w, fp8_w
+        torch.cuda.empty_cache()
+    src = [torch.empty(64 << 20, dtype=torch.uint8, device=dev) for _ in range(4)]
+    dst = [torch.empty_like(s) for s in src]
+    copy_gbs = 2 * (64 << 20) / graph_ms([lambda s=s, d=d: d.copy_(s) for s, d in zip(src, dst)]) / 1e6
+    print(f"copy {copy_gbs:.0f} GB/s")
+    write_result({"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "rows": rows,
+                  "compile_errors": errors}, out_path, t0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
