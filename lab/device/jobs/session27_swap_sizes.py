@@ -4,7 +4,9 @@ split (GemmConfig.asm_unpack) at the sizes that run lacked: 1-3 tokens (against 
 against scaled_mm and the int8s prefill config without the word ops), on the four Llama-2-7B decode
 linears (q / k / v and gate / up merged). Timing and checks as session27_swap_decode.py.
     PYTHONPATH=src:benchmarks python3 lab/device/jobs/session27_swap_sizes.py OUT.json
+With --prefill-sweep: 48 int8s tile configs (all with the word-op split) at 2048 / 8192 tokens only.
 """
+import itertools
 import os
 import sys
 import time
@@ -32,6 +34,10 @@ CONFIGS = {  # tokens -> int8s candidates
                 G(256, 128, 256, 8, 3, asm_unpack=True), G(128, 128, 256, 4, 3, asm_unpack=True)],
 }
 MS = {1: "small", 2: "small", 3: "small", 32: "batch", 64: "batch", 2048: "prefill", 8192: "prefill"}
+if "--prefill-sweep" in sys.argv:
+    CONFIGS = {"sweep": [G(bm, bn, bk, w, st, asm_unpack=True) for bm, bn, bk, w, st in
+                         itertools.product((128, 256), (64, 128, 256), (128, 256), (4, 8), (3, 4))]}
+    MS = {2048: "sweep", 8192: "sweep"}
 
 
 def name(cfg):
