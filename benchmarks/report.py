@@ -82,10 +82,14 @@ METHODS = {
 # 27 measured its Cholesky QR.
 ALONE = {"SmolLM2-135M": [("smollm2_calibration_alone_h200_session25.json", ""),
                           ("smollm2_calibration_alone_h200_session26.json", "rotations drawn on the GPU"),
-                          ("smollm2_calibration_alone_h200_session27.json", "drawn on the GPU, Cholesky QR")],
+                          ("smollm2_calibration_alone_h200_session27.json", "drawn on the GPU, Cholesky QR"),
+                          ("smollm2_calibration_alone_batched_capture_h200_session27.json",
+                           "drawn on the GPU, Cholesky QR, capture of 8 windows per call")],
          "Qwen2.5-Coder-0.5B": [("qwen_calibration_alone_h200_session25.json", ""),
                                 ("qwen_calibration_alone_h200_session26.json", "rotations drawn on the GPU"),
-                                ("qwen_calibration_alone_h200_session27.json", "drawn on the GPU, Cholesky QR")]}
+                                ("qwen_calibration_alone_h200_session27.json", "drawn on the GPU, Cholesky QR"),
+                                ("qwen_calibration_alone_batched_capture_h200_session27.json",
+                                 "drawn on the GPU, Cholesky QR, capture of 8 windows per call")]}
 SHAPES = {"llama2-7b": "Llama-2-7B", "llama3-8b": "Llama-3-8B", "llama2-70b": "Llama-2-70B"}
 # (shape, method) -> (file, how to find the row). DartQuant at 7B / 8B comes from
 # dartquant_cost.py: e2e_cost_7b_h200.json's DartQuant row predates counting every stage's peak.
@@ -284,7 +288,7 @@ def render(results: Path = RESULTS_DIR) -> str:
              "", *quality_table(results), "",
              "**Calibration alone** on the bundled models: one seed-0 job per method with the H200 to itself,",
              "the same capture + calibrate stages (SpinQuant at its published 100 steps of 8 × 2048 tokens, all 8",
-             "sequences per forward), and the ratio to SpinQuant's (§26, §27). Sources: " +
+             "sequences per forward), and the ratio to SpinQuant's (§26-§28). Sources: " +
              ", ".join(f"`{name}`" for files in ALONE.values() for name, _ in files) + ".",
              "", *alone_table(results), "",
              "**Calibration cost** on one H200 (random weights of the real shapes): time, peak GPU memory, and",
