@@ -249,7 +249,7 @@ def add_quant_commands(sub) -> None:
     s.add_argument("--backend", choices=("torch", "triton"), default="torch",
                    help="triton: the run's linears on the W4A4 kernels (W4 per-channel + A4 per-token runs only)")
     s.add_argument("--prefill-operand", choices=PREFILL_OPERAND_CHOICES, default=None,
-                   help="with --backend triton: the GEMM of inputs above a few tokens (default int8s; scaled_mm: "
+                   help="with --backend triton: the GEMM of inputs above a few tokens (default int8s; scaled_mm: above 64 tokens "
                         "cuBLAS FP8 on 1-byte codes, exactness probed per shape: docs/KERNELS.md 2d)")
     s.add_argument("--json", action="store_true", help="print the metrics object")
     s.set_defaults(func=cmd_eval)

@@ -46,7 +46,7 @@ Design choices:
   plain gemv spends several integer instructions per product, which at decode competes with the
   weight stream). ``sum a (w + 8) - 8 sum a`` is the same integer, so the output is bit for bit
   the gemv's. Triton's interpreter runs no PTX: there the same lane sums come from shifts and masks.
-* **The per-lane dp4a GEMV** (``GemmConfig.lanes``, the default up to 8 tokens since session 19):
+* **The per-lane dp4a GEMV** (``GemmConfig.lanes``, the default up to 8 tokens from session 19, up to 2 since session 27):
   the first dp4a kernel built a [tokens, rows, words] product and let Triton pick its layout, which
   cost scalar loads and a shared-memory layout conversion per step.  This one keeps every tensor
   in the weight tile's [rows, words] layout: each token's activation words are loaded through a
