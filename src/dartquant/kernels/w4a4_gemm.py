@@ -57,6 +57,12 @@ Design choices:
   ``sum a`` correction.  All loads are 16 bytes wide (tested on the PTX).  Measured at one token at
   2.4-3.3 TB/s of packed weights on the large 7B / 8B / 70B linears (docs/KERNELS.md 3b); the
   run-8 kernel (``lanes=False``) stays for the benchmarks' comparisons.
+* **The int8s unpack by word ops** (``GemmConfig.asm_unpack``, session 27): the swapped GEMM's weight
+  nibbles become the wgmma's int8 register operand through ``_nibbles_as_int8``, an elementwise PTX
+  asm that takes four packed bytes per 32-bit register (``pack=4``) and applies
+  ``_signed_nibble_bytes``' byte-lane arithmetic: int8 shifts had the compiler take each byte apart
+  (the K loop 3.4x longer in SASS, docs/KERNELS.md 2e).  Byte lanes cannot carry into each other, so
+  any grouping of four elements gives the same bytes as the shifts the interpreter runs.
 * **Configs**: prefill uses big tiles (tensor-core bound); decode (M <= 64) is weight-bandwidth
   bound: BLOCK_M = 16 (the smallest dot), narrow BLOCK_N so that N / BLOCK_N programs fill the
   132 SMs, long BLOCK_K and deep pipelining; optionally split-K with an int32 atomic workspace.
