@@ -30,6 +30,24 @@ CONFIGS = [OLD, GemmConfig(16, 64, 256, 4, 4, asm_unpack=True)] + [
     for bn, bk, sk, st in itertools.product((64, 128), (512, 1024), (1, 2, 4, 8), (3, 4))]
 
 
+def baselines(m, n, k, sets, bf16_w, fp8_w) -> dict:
+    """µs per call of bf16 F.linear, cuBLAS FP8 on the 1-byte weight (from 2 tokens) and the default
+    per-lane GEMV (up to 8 tokens) on the first m rows of `sets` (gemm_inputs tuples)."""
+    out = {}
+    xb = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    out["bf16_us"] = graph_ms([lambda w=w: torch.nn.functional.linear(xb, w) for w in bf16_w]) * 1e3
+    if m > 1:
+        xa = torch.randint(-8, 8, (m, k), device=dev).to(torch.float32).to(torch.float8_e4m3fn)
+        sa, sw = torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
+        out["scaled_mm_us"] = graph_ms([lambda w=w: torch._scaled_mm(xa, w.t(), sa, sw, out_dtype=torch.bfloat16)
+                                        for w in fp8_w]) * 1e3
+    if m <= 8:
+        cfg, outb = default_config(m, n, k, "gemv"), torch.empty(m, n, dtype=torch.bfloat16, device=dev)
+        out["gemv_us"] = graph_ms([lambda s=s: w4a4_matmul(s[0][:m], s[1][:m], s[2][:m], s[3], "gemv", cfg, out=outb)
+                                   for s in sets]) * 1e3
+    return out
+
+
 def name(cfg):
     return f"{cfg.block_n}x{cfg.block_k} s{cfg.num_stages} sk{cfg.split_k}{' asm' if cfg.asm_unpack else ''}"
 
@@ -52,18 +70,9 @@ def main(out_path):
         exact = {name(cfg): all(torch.equal(w4a4_matmul(planar[0][:m], sa0[:m], None, w0, "int8s", cfg), refs[m])
                                 for m in refs) for cfg in configs}
         for m in MS:
-            row = {"linear": sname, "n": n, "k": k, "m": m, "int8s_us": {}, "exact": exact}
-            xb = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            row["bf16_us"] = graph_ms([lambda w=w: torch.nn.functional.linear(xb, w) for w in bf16_w]) * 1e3
-            xa = torch.randint(-8, 8, (m, k), device=dev).to(torch.float32).to(torch.float8_e4m3fn)
-            sa, sw = torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
-            row["scaled_mm_us"] = graph_ms([lambda w=w: torch._scaled_mm(xa, w.t(), sa, sw, out_dtype=torch.bfloat16)
-                                            for w in fp8_w]) * 1e3
+            row = {"linear": sname, "n": n, "k": k, "m": m, "int8s_us": {}, "exact": exact,
+                   **baselines(m, n, k, sets, bf16_w, fp8_w)}
             outb = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
-            if m <= 8:
-                cfg = default_config(m, n, k, "gemv")
-                row["gemv_us"] = graph_ms([lambda s=s: w4a4_matmul(s[0][:m], s[1][:m], s[2][:m], s[3], "gemv", cfg,
-                                                                   out=outb) for s in sets]) * 1e3
             for cfg in configs:
                 row["int8s_us"][name(cfg)] = graph_ms(
                     [lambda s=s, p=p: w4a4_matmul(p[:m], s[1][:m], None, s[3], "int8s", cfg, out=outb)

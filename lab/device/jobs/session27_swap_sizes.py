@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_bench import compile_all, gemm_inputs, planar_weight, write_result  # noqa: E402
 from session19_gemv import graph_ms, warm_clocks  # noqa: E402
-from dartquant.kernels.w4a4_gemm import (GemmConfig, default_config, planar_centered, w4a4_matmul,  # noqa: E402
-                                         w4a4_matmul_reference)
+from session27_swap_decode import baselines  # noqa: E402
+from dartquant.kernels.w4a4_gemm import GemmConfig, planar_centered, w4a4_matmul, w4a4_matmul_reference  # noqa: E402
 
 dev = torch.device("cuda")
 ROTATE = 240e6
@@ -63,19 +63,9 @@ def main(out_path):
             a0, sa0, za0, w0 = sets[0]
             c = min(m, 256)  # the float64 reference on the first rows only (prefill: seconds otherwise)
             ref = w4a4_matmul_reference(a0[:c], sa0[:c], za0[:c], w0)
-            row = {"linear": sname, "n": n, "k": k, "m": m, "int8s_us": {}, "exact": {}}
-            xb = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            row["bf16_us"] = graph_ms([lambda w=w: torch.nn.functional.linear(xb, w) for w in bf16_w]) * 1e3
-            if m > 1:
-                xa = torch.randint(-8, 8, (m, k), device=dev).to(torch.float32).to(torch.float8_e4m3fn)
-                sa, sw = torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
-                row["scaled_mm_us"] = graph_ms([lambda w=w: torch._scaled_mm(xa, w.t(), sa, sw, out_dtype=torch.bfloat16)
-                                                for w in fp8_w]) * 1e3
+            row = {"linear": sname, "n": n, "k": k, "m": m, "int8s_us": {}, "exact": {},
+                   **baselines(m, n, k, sets, bf16_w, fp8_w)}
             outb = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
-            if m <= 8:
-                cfg = default_config(m, n, k, "gemv")
-                row["gemv_us"] = graph_ms([lambda s=s: w4a4_matmul(s[0], s[1], s[2], s[3], "gemv", cfg, out=outb)
-                                           for s in sets]) * 1e3
             for cfg in CONFIGS[kind]:
                 if name(cfg) in bad:
                     continue
