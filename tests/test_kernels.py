@@ -536,6 +536,32 @@ def test_lanes_gemv_compiles_for_hopper():
     assert got["v4"] == 2 + 4, got  # the weight tile (first and prefetched) and 4 tokens' words: 16-byte loads
 
 
+def test_swap_gemm_word_op_unpack_equals_the_shifts():
+    """The PTX of `_nibbles_as_int8` (not run by the interpreter) replayed on int32 words in torch, for
+    every byte in every lane: the same signed nibbles as the int8 shifts the interpreter runs."""
+    import inspect
+    import re
+
+    from dartquant.kernels import w4a4_gemm
+
+    src = inspect.getsource(w4a4_gemm._nibbles_as_int8.fn)
+    asms = re.findall(r'"([^"]*and\.b32[^"]*)"\s*"([^"]*)"', src)
+    assert len(asms) == 2, src  # the high and the low nibble's asm, each split over two string literals
+    byte = torch.arange(256, dtype=torch.int64)
+    words = (byte[:, None] << torch.tensor([0, 8, 16, 24])).sum(1)  # the byte in all four lanes
+    words = words ^ (torch.randint(0, 256, (256, 4), generator=torch.Generator().manual_seed(0))
+                     << torch.tensor([0, 8, 16, 24]))[:, 1:].sum(1)  # other bytes beside lane 0
+    for (a, b), want in zip(asms, ((byte.to(torch.int8) >> 4), ((byte.to(torch.int8) << 4) >> 4))):
+        t, ops = words, re.findall(r"(shr|and|xor|add)\.\w+ \S+, \S+, (\w+);", a + b)
+        assert len(ops) == 4 + ("shr" in a), ops
+        for op, arg in ops:
+            val = int(arg, 0)
+            t = {"shr": lambda t: t >> val, "and": lambda t: t & val, "xor": lambda t: t ^ val,
+                 "add": lambda t: (t + val) & 0xFFFFFFFF}[op](t)
+        lane0 = (t & 0xFF).to(torch.uint8).view(torch.int8)
+        assert torch.equal(lane0, want), (a, b)
+
+
 def test_swap_gemm_unpacks_four_bytes_per_word_op_for_hopper():
     """The int8s GEMM's PTX path (the interpreter runs the int8 shifts): wgmma with the weight from
     registers, its nibbles split by word ops (one 0x80808080 xor per four bytes and nibble half), and
