@@ -449,6 +449,9 @@ def test_gemm_swapped_operands_small_m():
             assert torch.equal(out.bfloat16(), w4a4_matmul_reference(a, sa, za, w)), cfg
     with pytest.raises(TypeError, match="int8s"):
         w4a4_matmul(a, sa, za, w, "int8s")
+    with pytest.raises(ValueError, match="asm_unpack"):  # too small a tile for four bytes per thread register
+        w4a4_matmul(planar_centered(a, za, k, torch.int8), sa, None, w, "int8s",
+                    GemmConfig(16, 16, 32, 4, 2, asm_unpack=True))
 
 
 @pytest.mark.slow

@@ -711,6 +711,9 @@ def w4a4_matmul(
     if m == 0:
         return out
     if backend == "int8s":  # config: block_m = tokens per tile (MMA N), block_n = weight rows (MMA M)
+        if cfg.asm_unpack and cfg.block_n * (cfg.block_k // 2) < 4 * 32 * cfg.num_warps:
+            raise ValueError(f"asm_unpack packs four weight bytes per thread register: block_n * block_k / 2 must be "
+                             f">= 128 * num_warps, got {cfg.block_n} x {cfg.block_k // 2} with {cfg.num_warps} warps")
         tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
         per_split = triton.cdiv(triton.cdiv(kh, cfg.block_k // 2), cfg.split_k)
         ws, cnt = _splitk_buffers(m, n, tiles, a_codes.device, cfg.split_k)
