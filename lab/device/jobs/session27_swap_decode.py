@@ -3,7 +3,7 @@ with split-K and the weight's nibbles split four bytes per PTX word op (GemmConf
 bf16 F.linear, cuBLAS FP8 on the 1-byte weight and the per-lane dp4a GEMV (up to 8 tokens). Timed as
 session19_gemv.py times (calls in one CUDA graph, weights rotating through 4x the L2); every config's
 output is first checked bit-equal to the integer reference at 12 and 16 tokens.
-    PYTHONPATH=src:benchmarks python3 lab/device/jobs/session27_swap_decode.py OUT.json
+    PYTHONPATH=src:benchmarks python3 lab/device/jobs/session27_swap_decode.py OUT.json [--small-tiles]
 """
 import itertools
 import os
@@ -29,6 +29,15 @@ CONFIGS = [OLD, GemmConfig(16, 64, 256, 4, 4, asm_unpack=True)] + [
     GemmConfig(16, bn, bk, 4, st, split_k=sk, asm_unpack=True)
     for bn, bk, sk, st in itertools.product((64, 128), (512, 1024), (1, 2, 4, 8), (3, 4))]
 
+if "--small-tiles" in sys.argv:  # queued (not run): narrower row tiles (mma.sync m16n8k32 instead of wgmma, so
+    # 2-4x the programs on the 4096-row linears, whose 64 tiles of 64 rows leave half the SMs idle)
+    MS = (3, 8, 16)
+    SHAPES = {k: v for k, v in SHAPES.items() if k.startswith("L2-7B") or k == "L3-8B down"}
+    CONFIGS = [GemmConfig(16, 64, 512, 4, 3, asm_unpack=True), GemmConfig(16, 64, 1024, 4, 3, asm_unpack=True)] + [
+        GemmConfig(16, bn, bk, w, st, split_k=sk, asm_unpack=True)
+        for bn, w, bk, st, sk in itertools.product((16, 32), (1, 2, 4), (512, 1024, 2048), (3, 4), (1, 2))
+        if bn * bk // 2 >= 128 * w]
+
 
 def baselines(m, n, k, sets, bf16_w, fp8_w) -> dict:
     """µs per call of bf16 F.linear, cuBLAS FP8 on the 1-byte weight (from 2 tokens) and the default
@@ -48,8 +57,9 @@ def baselines(m, n, k, sets, bf16_w, fp8_w) -> dict:
     return out
 
 
-def name(cfg):
-    return f"{cfg.block_n}x{cfg.block_k} s{cfg.num_stages} sk{cfg.split_k}{' asm' if cfg.asm_unpack else ''}"
+def name(cfg):  # run 36's names (4 warps everywhere) carry no warp count
+    warps = "" if cfg.num_warps == 4 else f" w{cfg.num_warps}"
+    return f"{cfg.block_n}x{cfg.block_k}{warps} s{cfg.num_stages} sk{cfg.split_k}{' asm' if cfg.asm_unpack else ''}"
 
 
 def main(out_path):
@@ -81,8 +91,8 @@ def main(out_path):
             row["best"], row["best_us"] = best, row["int8s_us"][best]
             rows.append(row)
             print(f"| {sname} ({n}x{k}) | {m} | {row['bf16_us']:.1f} | {row['scaled_mm_us']:.1f} | "
-                  f"{row.get('gemv_us', float('nan')):.1f} | {row['int8s_us'][name(OLD)]:.1f} | "
-                  f"{row['int8s_us'][name(CONFIGS[1])]:.1f} | {best} {row['best_us']:.1f} | "
+                  f"{row.get('gemv_us', float('nan')):.1f} | {row['int8s_us'].get(name(OLD), float('nan')):.1f} | "
+                  f"{row['int8s_us'].get(name(CONFIGS[1]), float('nan')):.1f} | {best} {row['best_us']:.1f} | "
                   f"{row['bf16_us'] / row['best_us']:.2f}x | {n * k / 2 / row['best_us'] / 1e3:.0f} | "
                   f"{all(exact.values())} |", flush=True)
             write_result({"device": torch.cuda.get_device_name(), "rows": rows, "compile_errors": errors},
