@@ -25,7 +25,7 @@ from torch import nn
 from ..modules import OnlineHadamard, QLinear
 from ..quant.primitives import QuantizedTensor
 from .act_quant import PackedActivations, hadamard_quantize_pack
-from .w4a4_gemm import GEMV_MAX_TOKENS, prepare_weight, w4a4_matmul
+from .w4a4_gemm import prepare_weight, w4a4_matmul
 
 __all__ = ["W4A4Linear", "convert_qlinears_", "convert_run_", "load_w4a4", "PREFILL_OPERANDS"]
 
