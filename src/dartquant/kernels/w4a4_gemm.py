@@ -379,7 +379,7 @@ if triton is not None:
             acc = tl.dot(_nibbles_as_int8(w8, True, ASM), a_hi, acc, out_dtype=tl.int32)
             w_ptrs += BLOCK_KH
             a_ptrs += BLOCK_KH
-        if SPLIT_K > 1:  # the shared fixup works on [tokens, rows]
+        if SPLIT_K > 1:  # the shared fixup works on [tokens, rows]; no zero-point term (za / wsum unused)
             _splitk_fixup(tl.trans(acc), ws_ptr, cnt_ptr, pid, N, SPLIT_K, sa_ptr, sa_ptr, sa_ptr, sw_ptr, y_ptr,
                           stride_ym, offs_m, offs_n, mask_m, mask_n, OUT_F32, HAS_ZERO=False)
         else:
