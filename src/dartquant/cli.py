@@ -19,7 +19,7 @@ import json
 import sys
 import time
 
-from .kernels.backend import PREFILL_OPERAND_CHOICES
+from .kernels.backend import PREFILL_OPERAND_CHOICES, PREFILL_OPERAND_HELP
 
 DTYPES = {"float32": "float32", "float64": "float64", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -152,8 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=["torch", "triton"], default="torch",
                    help="triton: a run folder's linears on the W4A4 kernels (CUDA; float32 or bfloat16)")
     s.add_argument("--prefill-operand", choices=PREFILL_OPERAND_CHOICES, default=None,
-                   help="with --backend triton: the GEMM of inputs above a few tokens (default int8s; scaled_mm: above 64 tokens "
-                        "cuBLAS FP8 on 1-byte codes, exactness probed per shape: docs/KERNELS.md 2d)")
+                   help=PREFILL_OPERAND_HELP)
     s.add_argument("--json", action="store_true", help='print {"wiki": ..., "c4": ..., "tokens": ...}')
     s.set_defaults(func=cmd_ppl)
 

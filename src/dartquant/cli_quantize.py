@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 
-from .kernels.backend import PREFILL_OPERAND_CHOICES
+from .kernels.backend import PREFILL_OPERAND_CHOICES, PREFILL_OPERAND_HELP
 
 
 _HELP = {
@@ -249,7 +249,6 @@ def add_quant_commands(sub) -> None:
     s.add_argument("--backend", choices=("torch", "triton"), default="torch",
                    help="triton: the run's linears on the W4A4 kernels (W4 per-channel + A4 per-token runs only)")
     s.add_argument("--prefill-operand", choices=PREFILL_OPERAND_CHOICES, default=None,
-                   help="with --backend triton: the GEMM of inputs above a few tokens (default int8s; scaled_mm: above 64 tokens "
-                        "cuBLAS FP8 on 1-byte codes, exactness probed per shape: docs/KERNELS.md 2d)")
+                   help=PREFILL_OPERAND_HELP)
     s.add_argument("--json", action="store_true", help="print the metrics object")
     s.set_defaults(func=cmd_eval)

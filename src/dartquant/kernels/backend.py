@@ -27,6 +27,8 @@ BACKENDS = ("torch", "triton")
 # the GEMM operands of multi-token inputs (linear.PREFILL_OPERANDS; listed here so that the command
 # line can offer them without importing torch)
 PREFILL_OPERAND_CHOICES = ("int8s", "int8", "fp8", "packed", "scaled_mm")
+PREFILL_OPERAND_HELP = ("with --backend triton: the GEMM of inputs above a few tokens (default int8s; scaled_mm: above 64 "
+                        "tokens, cuBLAS FP8 on 1-byte codes, exactness probed per shape: docs/KERNELS.md 2d)")
 
 
 class KernelSupportError(ValueError):

@@ -192,12 +192,11 @@ class W4A4Linear(nn.Module):
         out = torch.empty(tokens, n, device=act.codes.device, dtype=out_dtype)
         if planar is None:
             y = w4a4_matmul(act.codes, act.scale, act.zero, weight, self.backend, out=out)
-        elif self.prefill_operand == "scaled_mm" and self.backend != "int8s" and planar == torch.float8_e4m3fn:
+        elif self.prefill_operand == "scaled_mm" and planar == torch.float8_e4m3fn:
             y = w4a4_matmul(act.codes, act.scale, None, weight, "scaled_mm", out=out, w_planar=fp8_weight())
-        else:
+        else:  # planar int8 goes to int8s, except on the "int8" operand (kept for comparisons)
             be = ("fp8" if planar == torch.float8_e4m3fn
-                  else "int8s" if "int8s" in (self.backend, self.prefill_operand) or self.prefill_operand == "scaled_mm"
-                  else "int8")
+                  else "int8" if self.prefill_operand == "int8" and self.backend != "int8s" else "int8s")
             y = w4a4_matmul(act.codes, act.scale, None, weight, be, out=out)
         if bias is not None:
             y = y + bias.to(y.dtype)
