@@ -3,7 +3,8 @@ with split-K and the weight's nibbles split four bytes per PTX word op (GemmConf
 bf16 F.linear, cuBLAS FP8 on the 1-byte weight and the per-lane dp4a GEMV (up to 8 tokens). Timed as
 session19_gemv.py times (calls in one CUDA graph, weights rotating through 4x the L2); every config's
 output is first checked bit-equal to the integer reference at 12 and 16 tokens.
-    PYTHONPATH=src:benchmarks python3 lab/device/jobs/session27_swap_decode.py OUT.json [--small-tiles]
+    PYTHONPATH=src:benchmarks python3 lab/device/jobs/session27_swap_decode.py OUT.json [--small-tiles] [--shapes A,B]
+(--shapes: only these SHAPES names; session 28's run 43 took the down projections of --small-tiles)
 """
 import itertools
 import os
@@ -24,12 +25,13 @@ ROTATE = 240e6
 SHAPES = {"L2-7B q+k+v": (12288, 4096), "L2-7B o": (4096, 4096), "L2-7B gate+up": (22016, 4096),
           "L2-7B down": (4096, 11008), "L3-8B down": (4096, 14336), "L2-70B gate/up": (28672, 8192),
           "L2-70B down": (8192, 28672)}
+ALL_SHAPES = dict(SHAPES)
 OLD = GemmConfig(16, 64, 256, 4, 4)  # int8s's decode default until now (run 7)
 CONFIGS = [OLD, GemmConfig(16, 64, 256, 4, 4, asm_unpack=True)] + [
     GemmConfig(16, bn, bk, 4, st, split_k=sk, asm_unpack=True)
     for bn, bk, sk, st in itertools.product((64, 128), (512, 1024), (1, 2, 4, 8), (3, 4))]
 
-if "--small-tiles" in sys.argv:  # queued (not run): narrower row tiles (mma.sync m16n8k32 instead of wgmma, so
+if "--small-tiles" in sys.argv:  # session 28, runs 41 / 43: narrower row tiles (mma.sync m16n8k32 instead of wgmma, so
     # 2-4x the programs on the 4096-row linears, whose 64 tiles of 64 rows leave half the SMs idle)
     MS = (3, 8, 16)
     SHAPES = {k: v for k, v in SHAPES.items() if k.startswith("L2-7B") or k == "L3-8B down"}
@@ -37,6 +39,10 @@ if "--small-tiles" in sys.argv:  # queued (not run): narrower row tiles (mma.syn
         GemmConfig(16, bn, bk, w, st, split_k=sk, asm_unpack=True)
         for bn, w, bk, st, sk in itertools.product((16, 32), (1, 2, 4), (512, 1024, 2048), (3, 4), (1, 2))
         if bn * bk // 2 >= 128 * w]
+
+if "--shapes" in sys.argv:
+    _only = sys.argv[sys.argv.index("--shapes") + 1].split(",")
+    SHAPES = {k: v for k, v in ALL_SHAPES.items() if k in _only}
 
 
 def baselines(m, n, k, sets, bf16_w, fp8_w) -> dict:
@@ -64,8 +70,11 @@ def name(cfg):  # run 36's names (4 warps everywhere) carry no warp count
 
 def main(out_path):
     t0 = time.time()
-    errors = compile_all([("gemm", (16, 4096, 4096, c, "int8s")) for c in CONFIGS], 15)
-    configs = [c for c in CONFIGS if str(("gemm", (16, 4096, 4096, c, "int8s"))) not in errors]
+    # every shape's K: Triton specialises on K's divisibility, and 70 configs compiled one by one at first
+    # use cost run 42 its time limit
+    jobs = {(n, k): [("gemm", (16, n, k, c, "int8s")) for c in CONFIGS] for n, k in SHAPES.values()}
+    errors = compile_all([j for js in jobs.values() for j in js], 15)
+    configs = [c for i, c in enumerate(CONFIGS) if not any(str(js[i]) in errors for js in jobs.values())]
     warm_clocks()
     rows = []
     for sname, (n, k) in SHAPES.items():

@@ -81,6 +81,15 @@ _MAX_ELEMS_PER_PROGRAM = 32768
 # up to this many tokens (decode) "auto" picks for latency, not throughput (run 17, below)
 DECODE_TOKENS = 8
 
+# `_quotient`'s reciprocal + FMA division, bit-equal to the IEEE one: None = wherever the kernels are
+# compiled (the interpreter's fma rounds twice); True / False force it (tests that give the
+# interpreter an exact fma, the lab's A/B timings)
+FMA_DIVISION: bool | None = None
+
+
+def _fma_division() -> bool:
+    return os.environ.get("TRITON_INTERPRET") != "1" if FMA_DIVISION is None else FMA_DIVISION
+
 
 def _auto_variant(n: int, rotate: bool, tokens: int | None = None) -> dict:
     """hadamard_quantize_pack's keyword arguments for variant="auto": the fastest on the H200
@@ -196,16 +205,44 @@ if triton is not None:
         return scale, zero
 
     @triton.jit
-    def _codes(y, scale, zero, USE_RINT: tl.constexpr):
-        """round(y / scale + zero) half to even, clamped to [0, 15], uint8 (broadcast scale / zero).
+    def _quotient(y, scale, FMA_DIV: tl.constexpr):
+        """y / scale rounded once (IEEE, as torch divides); scale one value per row (positive),
+        broadcastable to y.
 
-        USE_RINT: one cvt.rni instruction (compiled); else the exact floor-based helper (interpreter)."""
-        v = tl.math.div_rn(y, scale) + zero
-        if USE_RINT:
-            r = libdevice.rint(v)
-        else:
-            r = round_half_even(v)
-        return tl.minimum(tl.maximum(r, 0.0), 15.0).to(tl.uint8)
+        FMA_DIV (compiled only: the interpreter's fma rounds twice): Markstein's division by a
+        reciprocal, per row sigma = the power of two that brings the scale to s1 in [1, 2) and rho =
+        RN(1 / s1), per element y1 = y * sigma (exact: |y| <= 15 * scale / clip), q0 = RN(y1 * rho),
+        the remainder y1 - q0 * s1 (exact in an FMA), q0 + remainder * rho rounded once = RN(y1 / s1) =
+        RN(y / scale).  Four instructions where `div.rn.f32` is a subroutine of about ten with a
+        slow-path branch, and the kernels are instruction-bound (docs/KERNELS.md 1f).  Scaling every
+        row keeps the remainder clear of underflow without a branch (a per-tile branch to the
+        unscaled three-instruction form cost registers: 84 against 52 at 16384 wide, half the
+        occupancy).  Quotients below 2^-20, where the remainder of a subnormal y can round, give the
+        code of 0 either way.  Non-finite scales (inf / NaN inputs) give codes as meaningless as
+        torch's, not the same ones."""
+        if FMA_DIV:
+            e = tl.minimum(tl.maximum((scale.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)
+            sigma = ((254 - e) << 23).to(tl.float32, bitcast=True)  # 2^(127 - e)
+            s1 = scale * sigma
+            rho = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), s1)
+            q0 = (y * tl.broadcast_to(sigma, y.shape)) * rho
+            # -s1 per row, not -q0 per element: a negation is an instruction of its own (0 - x)
+            r = tl.fma(q0, tl.broadcast_to(-s1, y.shape), y * tl.broadcast_to(sigma, y.shape))
+            return tl.fma(r, tl.broadcast_to(rho, y.shape), q0)
+        return tl.math.div_rn(y, tl.broadcast_to(scale, y.shape))
+
+    @triton.jit
+    def _codes(y, scale, zero, USE_RINT: tl.constexpr, FMA_DIV: tl.constexpr = False):
+        """round(y / scale + zero) half to even, clamped to [0, 15], uint32 (packed in 32-bit lanes, cast
+        to bytes when stored; scale / zero one value per row, broadcastable to y).
+
+        USE_RINT: one cvt.rni instruction (compiled); else the exact floor-based helper (interpreter).
+        FMA_DIV: the division by `_quotient`'s reciprocal and FMA correction (same bits)."""
+        v = _quotient(y, scale, FMA_DIV) + zero
+        if USE_RINT:  # cvt.rni.u32: half to even, and negatives / NaN to 0 (a clamp for free)
+            return tl.minimum(libdevice.float2uint_rn(v), tl.full((1,), 15, tl.uint32))  # unsigned min
+        r = round_half_even(v)
+        return tl.minimum(tl.maximum(r, 0.0), 15.0).to(tl.uint32)
 
     @triton.jit
     def _centered_byte(q, zero, PLANAR: tl.constexpr):
@@ -223,7 +260,7 @@ if triton is not None:
             tl.store(cptr, _centered_byte(q_lo, zb, PLANAR), mask=mask)
             tl.store(cptr + HALF, _centered_byte(q_hi, zb, PLANAR), mask=mask)
         else:
-            tl.store(cptr, q_lo | (q_hi << 4), mask=mask)
+            tl.store(cptr, q_lo + q_hi * 16, mask=mask)
 
     @triton.jit
     def _prescale(amax):
@@ -270,6 +307,7 @@ if triton is not None:
         R: tl.constexpr, RP: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
         SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
         USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
+        FMA_DIV: tl.constexpr = False,
     ):
         """One token at a time as a 2D tile X [RP, C] (feature n = r * C + c, rows r >= R padded):
         x @ (L (x) S_C) = L^T X S_C, two plain dots and no permutes (L = H_K, or S_R when N is a
@@ -295,14 +333,14 @@ if triton is not None:
             y = tl.where(valid, y, 0.0)
             scale, zero = _asym4_qparams(tl.min(tl.min(y, axis=1), axis=0), tl.max(tl.max(y, axis=1), axis=0),
                                          clip_ratio, RECIP)
-            q = _codes(y, scale, zero, USE_RINT)
+            q = _codes(y, scale, zero, USE_RINT, FMA_DIV)
             q_lo, q_hi = tl.split(tl.reshape(q, (RP, C // 2, 2)))
             cptr = codes_ptr + row.to(tl.int64) * stride_cm + poffs
             if PLANAR:  # even features, then odd ones, centered, one byte each (w4a4_gemm A8)
                 tl.store(cptr, _centered_byte(q_lo, zero, PLANAR), mask=(r[:, None] < R) & (row < M))
                 tl.store(cptr + (R * C) // 2, _centered_byte(q_hi, zero, PLANAR), mask=(r[:, None] < R) & (row < M))
             else:
-                tl.store(cptr, q_lo | (q_hi << 4), mask=(r[:, None] < R) & (row < M))
+                tl.store(cptr, q_lo + q_hi * 16, mask=(r[:, None] < R) & (row < M))
             tl.store(scale_ptr + row, scale, mask=row < M)
             tl.store(zero_ptr + row, zero, mask=row < M)
 
@@ -336,7 +374,7 @@ if triton is not None:
             tl.store(cptr, _centered_byte(q_lo, zb, PLANAR), mask=mask)
             tl.store(cptr + (R * C) // 2, _centered_byte(q_hi, zb, PLANAR), mask=mask)
         else:
-            tl.store(cptr, q_lo | (q_hi << 4), mask=mask)
+            tl.store(cptr, q_lo + q_hi * 16, mask=mask)
 
     @triton.jit
     def _hadamard_quant_blocks_kernel(
@@ -345,6 +383,7 @@ if triton is not None:
         R: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, C: tl.constexpr, T: tl.constexpr,
         GROUPS: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr,
         ROUND_FP16: tl.constexpr, RECIP: tl.constexpr, USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
+        FMA_DIV: tl.constexpr = False,
     ):
         """`_hadamard_quant_2d_kernel` with the left factor as a GEMM over T tokens at once and
         its padding cut (run 10, docs/KERNELS.md section 1):
@@ -400,11 +439,10 @@ if triton is not None:
                 ymin = tl.minimum(ymin, tl.min(tl.min(yb, axis=2), axis=0))
                 ymax = tl.maximum(ymax, tl.max(tl.max(yb, axis=2), axis=0))
             scale, zero = _asym4_qparams(ymin, ymax, clip_ratio, RECIP)
-            sb = tl.broadcast_to(scale[None, :, None], ya.shape)
-            q = _codes(ya, sb, zero[None, :, None], USE_RINT)
+            q = _codes(ya, scale[None, :, None], zero[None, :, None], USE_RINT, FMA_DIV)
             _store_codes(q, zero, codes_ptr, tok, stride_cm, 0, KA, T, C, R, M, PLANAR)
             if KB > 0:
-                q = _codes(yb, tl.broadcast_to(scale[None, :, None], yb.shape), zero[None, :, None], USE_RINT)
+                q = _codes(yb, scale[None, :, None], zero[None, :, None], USE_RINT, FMA_DIV)
                 _store_codes(q, zero, codes_ptr, tok, stride_cm, KA, KB, T, C, R, M, PLANAR)
             tl.store(scale_ptr + tok, scale, mask=tok < M)
             tl.store(zero_ptr + tok, zero, mask=tok < M)
@@ -454,6 +492,7 @@ if triton is not None:
         ws_ptr, mm_ptr, codes_ptr, scale_ptr, zero_ptr, stride_cm, clip_ratio,
         R: tl.constexpr, C: tl.constexpr, RB: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
         RECIP: tl.constexpr, USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
+        FMA_DIV: tl.constexpr = False,
     ):
         """The split variant's second pass: program (token, b) quantizes and packs rows b * RB ..
         of the token's rotated tile with the min / max of all of them (every program computes the
@@ -468,7 +507,7 @@ if triton is not None:
         i = blk * RB + tl.arange(0, RB)
         c = tl.arange(0, C)
         y = tl.load(ws_ptr + tok.to(tl.int64) * (NBP * RB * C) + i[:, None] * C + c[None, :])
-        q = _codes(y, scale, zero, USE_RINT)
+        q = _codes(y, scale, zero, USE_RINT, FMA_DIV)
         q_lo, q_hi = tl.split(tl.reshape(q, (RB, C // 2, 2)))
         cptr = codes_ptr + tok.to(tl.int64) * stride_cm + i[:, None] * (C // 2) + tl.arange(0, C // 2)[None, :]
         _store_code_pairs(cptr, q_lo, q_hi, zero, (R * C) // 2, i[:, None] < R, PLANAR)
@@ -485,6 +524,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, ROTATE: tl.constexpr, SPLIT_FIRST: tl.constexpr,
         ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
         USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
+        FMA_DIV: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -520,15 +560,15 @@ if triton is not None:
                 y = _pow2_stage(y, s1_ptr, BLOCK_M * KP, P, F1, True)
             y = tl.reshape(y, (BLOCK_M, KP, P))
             y = _unscale_round(y, post[:, None, None], inv_sqrt_n, ROUND_BF16, ROUND_FP16)
+            y = tl.where(valid, y, 0.0)
         else:
-            y = x
-        y = tl.where(valid, y, 0.0)
+            y = x  # masked lanes were loaded as 0
 
         xmin = tl.min(tl.min(y, axis=2), axis=1)
         xmax = tl.max(tl.max(y, axis=2), axis=1)
         scale, zero = _asym4_qparams(xmin, xmax, clip_ratio, RECIP)
 
-        q = _codes(y, tl.broadcast_to(scale[:, None, None], y.shape), zero[:, None, None], USE_RINT)
+        q = _codes(y, scale[:, None, None], zero[:, None, None], USE_RINT, FMA_DIV)
         # pack: element 2i -> low nibble, 2i + 1 -> high nibble (pack_int4)
         q_lo, q_hi = tl.split(tl.reshape(q, (BLOCK_M, KP, P // 2, 2)))
         pcol = a[:, None] * (P // 2) + tl.arange(0, P // 2)[None, :]
@@ -544,7 +584,7 @@ if triton is not None:
         M, stride_xm, stride_cm, clip_ratio, eps,
         N: tl.constexpr, NP: tl.constexpr, BLOCK_M: tl.constexpr, GAIN: tl.constexpr,
         ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
-        USE_RINT: tl.constexpr, PLANAR: tl.constexpr,
+        USE_RINT: tl.constexpr, PLANAR: tl.constexpr, FMA_DIV: tl.constexpr = False,
     ):
         """modules.RMSNorm (Llama style: normalise in fp32, round to the model dtype, times the gain
         in the model dtype) then the 4-bit quantize + pack of `_hadamard_quant_kernel` without the
@@ -582,7 +622,7 @@ if triton is not None:
         xmin = tl.min(y, axis=1)
         xmax = tl.max(y, axis=1)
         scale, zero = _asym4_qparams(xmin, xmax, clip_ratio, RECIP)
-        q = _codes(y, tl.broadcast_to(scale[:, None], y.shape), zero[:, None], USE_RINT)
+        q = _codes(y, scale[:, None], zero[:, None], USE_RINT, FMA_DIV)
         q_lo, q_hi = tl.split(tl.reshape(q, (BLOCK_M, NP // 2, 2)))
         pcol = tl.arange(0, NP // 2)
         pvalid = (rows[:, None] < M) & (pcol[None, :] < N // 2)
@@ -764,7 +804,7 @@ def hadamard_quantize_pack(
     common = dict(SPLIT_FIRST=x.dtype == torch.float32, ROUND_BF16=rotate and x.dtype == torch.bfloat16,
                   ROUND_FP16=rotate and x.dtype == torch.float16, RECIP=x.is_cuda,
                   USE_RINT=os.environ.get("TRITON_INTERPRET") != "1",
-                  PLANAR={None: 0, torch.int8: 1, torch.float8_e4m3fn: 2}[planar])
+                  PLANAR={None: 0, torch.int8: 1, torch.float8_e4m3fn: 2}[planar], FMA_DIV=_fma_division())
     if variant == "auto":
         auto = _auto_variant(n, rotate, m)
         variant, rows_per_program, groups = auto["variant"], auto["rows_per_program"], auto.get("groups", 1)
@@ -797,7 +837,8 @@ def hadamard_quantize_pack(
         )
         _quantize_split_kernel[(m, nb)](
             ws, mm, codes, scale, zero, codes.stride(0), float(clip_ratio), R=r, C=c, RB=SPLIT_ROWS, NB=nb, NBP=nbp,
-            RECIP=common["RECIP"], USE_RINT=common["USE_RINT"], PLANAR=common["PLANAR"], num_warps=4,
+            RECIP=common["RECIP"], USE_RINT=common["USE_RINT"], PLANAR=common["PLANAR"], FMA_DIV=common["FMA_DIV"],
+            num_warps=4,
             enable_fp_fusion=False,
         )
         return result
@@ -878,7 +919,8 @@ def rmsnorm_quantize_pack(
         float(eps), N=n, NP=np2, BLOCK_M=bm, GAIN=weight is not None,
         ROUND_BF16=x.dtype == torch.bfloat16, ROUND_FP16=x.dtype == torch.float16, RECIP=x.is_cuda,
         USE_RINT=os.environ.get("TRITON_INTERPRET") != "1",
-        PLANAR={None: 0, torch.int8: 1, torch.float8_e4m3fn: 2}[planar], num_warps=nw, enable_fp_fusion=False,
+        PLANAR={None: 0, torch.int8: 1, torch.float8_e4m3fn: 2}[planar], FMA_DIV=_fma_division(), num_warps=nw,
+        enable_fp_fusion=False,
     )
     return result
 

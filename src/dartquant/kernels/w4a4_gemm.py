@@ -172,9 +172,13 @@ def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
         return GemmConfig(1, 4, 1024, 4 if m <= 4 else 2, 1, dp4a=True, lanes=True)
     if backend == "int8s":  # block_m: tokens per tile (the MMA's N); session 27's sweeps with the word-op
         # nibble split (KERNELS.md 2e): within 1.15x of each 7B / 8B / 70B shape's best at 4-16 tokens (K steps
-        # of 1024 where K > N, the down projections), the best at 32 / 64 / 2048 / 8192 tokens on the 7B shapes
+        # of 1024 where K > N, the down projections), the best at 32 / 64 / 2048 / 8192 tokens on the 7B shapes;
+        # session 28 (runs 41 / 43): 32 weight rows per tile on two warps (twice the tiles) where 64-row tiles
+        # leave SMs idle or a ragged last wave (N <= 16384: at most 2 waves over 132 SMs): 7B / 8B down 0.84-0.86x
+        # the time, o 0.88-0.90x, q+k+v 0.94-0.98x; gate+up (22016 rows, 2.6 waves) gained nothing
         if m <= 16:
-            return GemmConfig(16, 64, 1024 if k > n else 512, 4, 3, asm_unpack=True)
+            return GemmConfig(16, 32 if n <= 16384 else 64, 1024 if k > n else 512, 2 if n <= 16384 else 4, 3,
+                              asm_unpack=True)
         if m <= 64:
             return GemmConfig(64, 128, 256, 4, 3, asm_unpack=True) if m > 32 and n >= 2 * k else \
                 GemmConfig(32, 64, 512, 4, 3, asm_unpack=True)
