@@ -144,6 +144,8 @@ def act_variants(n):
             continue
         if v == "3d" and nw == 16 and n < 14336:
             continue
+        if v == "3d" and n > 16384 and nw < 8:  # refused: more than THREE_D_ELEMENTS_PER_THREAD per thread (run 48)
+            continue
         out.append(name)
     return out
 

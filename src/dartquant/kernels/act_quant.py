@@ -733,6 +733,10 @@ def _factor_tensors_blocks(n: int, device: torch.device):
 # the split variant's rows of the token tile per program (tl.dot's smallest M)
 SPLIT_ROWS = 16
 
+# the 3d variant's padded elements per thread, at most (run 48: 256 compiled at 28672 on 4 warps and wrote
+# 0.6 % of the codes wrong, scales off by up to 3 %, with triton 3.6; 128 and fewer were exact everywhere)
+THREE_D_ELEMENTS_PER_THREAD = 128
+
 
 def _check_input(x: torch.Tensor, clip_ratio: float, planar, what: str) -> int:
     """The checks the activation kernels share; returns the row width N."""
@@ -874,6 +878,11 @@ def hadamard_quantize_pack(
     mats = [None] * (3 - len(sylv)) + list(sylv)
     mats = [t if t is not None else hk for t in mats]
     bm, nw = _launch_params(kp, p, m, num_warps if rotate else _unrotated_warps(n, m, num_warps), block_m)
+    if rotate and bm * kp * p > THREE_D_ELEMENTS_PER_THREAD * 32 * nw:
+        # run 48 (docs/KERNELS.md 1f): 256 per thread (28672 wide on 4 warps) compiled and gave wrong codes
+        raise ValueError(f"the 3d variant holds at most {THREE_D_ELEMENTS_PER_THREAD} padded elements per thread: "
+                         f"{bm} row(s) of {kp * p} on {nw} warps is {bm * kp * p // (32 * nw)}; take more warps "
+                         "(or leave num_warps and block_m to the launcher)")
     grid = (triton.cdiv(m, bm),)
     _hadamard_quant_kernel[grid](
         x2, hk, mats[0], mats[1], mats[2], codes, scale, zero,
