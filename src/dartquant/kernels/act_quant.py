@@ -93,16 +93,16 @@ def _fma_division() -> bool:
 
 def _auto_variant(n: int, rotate: bool, tokens: int | None = None) -> dict:
     """hadamard_quantize_pack's keyword arguments for variant="auto": the fastest on the H200
-    (runs 3 and 10, docs/KERNELS.md section 1).  Up to DECODE_TOKENS tokens: above 4096 wide, the
-    split kernel, a token over several SMs (run 22, section 1d: 5.6-7.7 us a call at 4864-28672
-    wide, where one program per token took 6.5-24 us); else (run 17) one token per program, 8 warps
-    from 8192 wide, wherever the throughput choice below is the blocks or the 2d kernel (3.4-6.6x
-    faster at 4096 / 8192 than that choice).  Throughput
-    choice (more tokens): widths whose left factor is not a power of two take the blocks kernel
-    (4864 / 8960 / 11008: 1.5-2.3x the 2d kernel; 1536 = 12 * 128: 1.2x the 3d one); powers of two
-    from 4096 the 2d kernel, 4 tokens per program except where the padded tile leaves no registers
-    for that; the rest the 3d kernel (14336 / 28672, where the blocks kernel's dense
-    L = H_28 (x) S_4 / S_8 was 1.2x / 1.1x-3x slower; below 1536: not measured)."""
+    (docs/KERNELS.md section 1).  Up to DECODE_TOKENS tokens: above 4096 wide, the split kernel, a
+    token over several SMs (run 22, section 1d: 5.6-7.7 us a call at 4864-28672 wide, where one
+    program per token took 6.5-24 us); else (run 17) one token per program, 8 warps from 8192 wide,
+    wherever the throughput choice below is the blocks or the 2d kernel (3.4-6.6x faster at 4096 /
+    8192 than that choice).  Throughput choice (more tokens; run 48, with section 1f's division):
+    the blocks kernel wherever `layout_blocks` applies from 1536 wide, its token tile [KA + KB, C]
+    deciding the rest: up to 8192 elements four tiles per program (1536: two tokens a tile), up to
+    16384 one tile on 4 warps, above on 8 (1.04-1.84x run 48's previous choices: 14336 / 28672 1.4x /
+    1.4x the 3d kernel, 16384 1.07x the 2d one); the 3d kernel where no layout applies (below 1536:
+    not measured)."""
     if tokens is not None and tokens <= DECODE_TOKENS:
         if rotate and n > 4096 and layout_blocks(n) is not None:  # run 22: 1.1-3.1x the choices below
             return dict(variant="split", num_warps=4 if n <= 11008 else 8, rows_per_program=1)
@@ -114,12 +114,14 @@ def _auto_variant(n: int, rotate: bool, tokens: int | None = None) -> dict:
             return dict(auto, num_warps=8)
         return auto
     blay = layout_blocks(n) if rotate and n >= 1536 else None
-    if blay is not None and blay[0] == hadamard_factorization(n)[0]:  # L = H_K (P <= 128)
+    if blay is not None:  # run 48: the blocks kernel at every width it supports, by the size of its token tile
         r, ka, kb, c = blay
-        if kb > 0:  # R covered by two power-of-two blocks
-            return dict(variant="blocks", num_warps=4, rows_per_program=1)
-        if r < ka:  # R padded within one block (12 -> 16)
-            return dict(variant="blocks", num_warps=8, rows_per_program=2)
+        tile = (ka + kb) * c
+        if tile <= 2048:  # 1536 = 12 * 128
+            return dict(variant="blocks", num_warps=4, rows_per_program=2, groups=4)
+        if tile <= 8192:  # 4096, 4864, 8192: small tiles share a program
+            return dict(variant="blocks", num_warps=4, rows_per_program=1, groups=4)
+        return dict(variant="blocks", num_warps=4 if tile <= 16384 else 8, rows_per_program=1)
     lay = layout_2d(n) if rotate else None
     if lay is None or n < 4096:
         return dict(variant="3d", num_warps=None, rows_per_program=1)
