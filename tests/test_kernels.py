@@ -500,9 +500,13 @@ attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
 k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "enable_fp_fusion": False})
 ptx = k.asm["ptx"]
+lines = ptx.splitlines()
+first_load = next((i for i, l in enumerate(lines) if re.search(r"ld[.]global|cp[.]async", l)), -1)
+wait = [i for i, l in enumerate(lines) if "griddepcontrol.wait" in l]
 print(json.dumps({"dp4a": len(re.findall(r"dp4a[.]u32[.][us]32", ptx)), "cubin": len(k.asm["cubin"]),
                   "v4": len(re.findall(r"ld[.]global([.]\w+)*[.]v4", ptx)),
-                  "nibble_words": ptx.count("0x80808080"), "wgmma": len(re.findall(r"wgmma[.]mma_async", ptx))}))
+                  "nibble_words": ptx.count("0x80808080"), "wgmma": len(re.findall(r"wgmma[.]mma_async", ptx)),
+                  "gdc_wait": len(wait), "gdc_wait_line": wait[0] if wait else -1, "first_load_line": first_load}))
 """
 
 
@@ -579,6 +583,22 @@ def test_swap_gemm_unpacks_four_bytes_per_word_op_for_hopper():
     assert got["wgmma"] > 0 and got["cubin"] > 0, got
     assert got["nibble_words"] > 0 and plain["nibble_words"] == 0, (got, plain)
     assert got["cubin"] < plain["cubin"], (got, plain)  # the byte-wise unpack is the larger kernel
+
+
+def test_pdl_waits_before_any_global_load_for_hopper():
+    """Programmatic dependent launch (kernels.pdl_launch, opt-in): the compiled int8s GEMM waits for
+    the grid before it (griddepcontrol.wait) before its first global load, and only with PDL; off, the
+    instruction is not compiled in."""
+    consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_KH": 256, "GROUP_N": 8, "SPLIT_K": 1, "STATIC_STEPS": 0,
+              "OUT_F32": False, "ASM": True}
+    pointers = {"a_ptr": "*i8", "w_ptr": "*u8"}
+    on = _compile_for_hopper("_w4a4_swap_kernel", {**consts, "PDL": True}, pointers)
+    off = _compile_for_hopper("_w4a4_swap_kernel", {**consts, "PDL": False}, pointers)
+    assert on["gdc_wait"] == 1 and on["gdc_wait_line"] < on["first_load_line"], on
+    assert off["gdc_wait"] == 0, off
+    from dartquant import kernels
+
+    assert not kernels.pdl_launch(8, "cpu")  # never off the GPU, nor in the interpreter
 
 
 def test_merged_siblings_with_and_without_biases():

@@ -4,10 +4,20 @@ and under the interpreter (whose fp32 -> bf16 cast truncates instead of rounding
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover
     triton = tl = None
 
 if triton is not None:
+
+    @triton.jit
+    def wait_for_prior_grid(PDL: tl.constexpr):
+        # programmatic dependent launch (kernels.pdl_launch): a kernel's first instructions, before any
+        # global memory access: wait until the grid before it has finished (its writes visible), then let
+        # the next one launch. Nothing without PDL (the interpreter runs no PTX).
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
 
     @triton.jit
     def round_to_bf16(y):

@@ -18,8 +18,29 @@ Triton's interpreter (TRITON_INTERPRET=1), which is how the tests check them on 
 from __future__ import annotations
 
 import importlib.util
+import os
 
-__all__ = ["triton_available", "require_triton"]
+__all__ = ["triton_available", "require_triton", "pdl_launch"]
+
+# Programmatic dependent launch (Hopper): a decode-size kernel is launched while the one before it runs
+# and waits (griddepcontrol.wait) at its first instruction until that one has finished and its writes
+# are visible; it saves the launch gap between two of our kernels. None: DARTQUANT_PDL=1 turns it on;
+# True / False force it. Opt-in: run 51 (docs/KERNELS.md 2g) measured a 7B decode step 0.978x / 0.984x
+# the time at batch 1 / 8, logits bit-equal; at batch 64 it was 1.03x slower, hence the token limit.
+PDL: bool | None = None
+PDL_MAX_TOKENS = 16  # decode sizes only: at prefill a waiting grid would hold SMs the running one needs
+
+
+def pdl_launch(tokens: int, device) -> bool:
+    """Whether kernels over `tokens` rows on `device` are launched with programmatic dependent launch
+    (compiled, CUDA, compute capability >= 9, decode sizes, and switched on)."""
+    on = os.environ.get("DARTQUANT_PDL") == "1" if PDL is None else PDL
+    if not on or tokens > PDL_MAX_TOKENS or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    import torch
+
+    dev = torch.device(device)
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
 
 
 def triton_available() -> bool:

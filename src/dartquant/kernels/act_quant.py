@@ -62,8 +62,8 @@ import torch
 
 from ..hadamard import _base_matrix, fast_hadamard_transform, hadamard_factorization
 from ..quant.primitives import QuantSpec, compute_qparams, pack_int4, quantize
-from . import require_triton
-from ..triton_utils import round_half_even, round_to_bf16
+from . import pdl_launch, require_triton
+from ..triton_utils import round_half_even, round_to_bf16, wait_for_prior_grid
 
 try:
     import triton
@@ -309,11 +309,12 @@ if triton is not None:
         R: tl.constexpr, RP: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
         SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
         USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
-        FMA_DIV: tl.constexpr = False,
+        FMA_DIV: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
         """One token at a time as a 2D tile X [RP, C] (feature n = r * C + c, rows r >= R padded):
         x @ (L (x) S_C) = L^T X S_C, two plain dots and no permutes (L = H_K, or S_R when N is a
         power of two).  `left_ptr` holds L^T padded to [RP, RP]; ROWS tokens per program."""
+        wait_for_prior_grid(PDL)
         pid = tl.program_id(0)
         r = tl.arange(0, RP)
         c = tl.arange(0, C)
@@ -385,7 +386,7 @@ if triton is not None:
         R: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, C: tl.constexpr, T: tl.constexpr,
         GROUPS: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr,
         ROUND_FP16: tl.constexpr, RECIP: tl.constexpr, USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
-        FMA_DIV: tl.constexpr = False,
+        FMA_DIV: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
         """`_hadamard_quant_2d_kernel` with the left factor as a GEMM over T tokens at once and
         its padding cut (run 10, docs/KERNELS.md section 1):
@@ -399,6 +400,7 @@ if triton is not None:
         GROUPS tiles of T tokens per program reuse the loaded L^T blocks.  Measured (run 10): the
         padding cut is what paid (1.5-2.3x at 4864 / 8960 / 11008); T > 1 and GROUPS > 1 did not
         (re-reading L^T was not the limit)."""
+        wait_for_prior_grid(PDL)
         pid = tl.program_id(0)
         LD: tl.constexpr = KA + KB
         laa = _load_square_block(left_ptr, LD, 0, 0, KA, KA)
@@ -454,6 +456,7 @@ if triton is not None:
         x_ptr, left_ptr, right_ptr, ws_ptr, mm_ptr, stride_xm, inv_sqrt_n,
         R: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, C: tl.constexpr, RB: tl.constexpr,
         NBP: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """The split variant's first pass (decode: the blocks kernel runs a token on one SM, a
         latency chain of ~12 us at 11008, docs/KERNELS.md 1d).  Program (token, b) computes rows
@@ -461,6 +464,7 @@ if triton is not None:
         whole X, which the left factor mixes) exactly as the blocks kernel does, and writes them
         (rounded to the model dtype, as fp32) and their min / max to workspaces;
         `_quantize_split_kernel` then quantizes with the token's min / max."""
+        wait_for_prior_grid(PDL)
         tok = tl.program_id(0)
         blk = tl.program_id(1)
         LD: tl.constexpr = KA + KB
@@ -494,11 +498,12 @@ if triton is not None:
         ws_ptr, mm_ptr, codes_ptr, scale_ptr, zero_ptr, stride_cm, clip_ratio,
         R: tl.constexpr, C: tl.constexpr, RB: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
         RECIP: tl.constexpr, USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
-        FMA_DIV: tl.constexpr = False,
+        FMA_DIV: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
         """The split variant's second pass: program (token, b) quantizes and packs rows b * RB ..
         of the token's rotated tile with the min / max of all of them (every program computes the
         same scale and zero point; program 0 stores them)."""
+        wait_for_prior_grid(PDL)
         tok = tl.program_id(0)
         blk = tl.program_id(1)
         j = tl.arange(0, NBP)
@@ -526,8 +531,9 @@ if triton is not None:
         BLOCK_M: tl.constexpr, ROTATE: tl.constexpr, SPLIT_FIRST: tl.constexpr,
         ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
         USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
-        FMA_DIV: tl.constexpr = False,
+        FMA_DIV: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
+        wait_for_prior_grid(PDL)
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         a = tl.arange(0, KP)
@@ -586,11 +592,12 @@ if triton is not None:
         M, stride_xm, stride_cm, clip_ratio, eps,
         N: tl.constexpr, NP: tl.constexpr, BLOCK_M: tl.constexpr, GAIN: tl.constexpr,
         ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr,
-        USE_RINT: tl.constexpr, PLANAR: tl.constexpr, FMA_DIV: tl.constexpr = False,
+        USE_RINT: tl.constexpr, PLANAR: tl.constexpr, FMA_DIV: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
         """modules.RMSNorm (Llama style: normalise in fp32, round to the model dtype, times the gain
         in the model dtype) then the 4-bit quantize + pack of `_hadamard_quant_kernel` without the
         Hadamard: the normalised row is never written."""
+        wait_for_prior_grid(PDL)
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         col = tl.arange(0, NP)
@@ -811,6 +818,7 @@ def hadamard_quantize_pack(
                   ROUND_FP16=rotate and x.dtype == torch.float16, RECIP=x.is_cuda,
                   USE_RINT=os.environ.get("TRITON_INTERPRET") != "1",
                   PLANAR={None: 0, torch.int8: 1, torch.float8_e4m3fn: 2}[planar], FMA_DIV=_fma_division())
+    pdl = dict(PDL=True, launch_pdl=True) if pdl_launch(m, x.device) else {}  # kernels.pdl_launch
     if variant == "auto":
         auto = _auto_variant(n, rotate, m)
         variant, rows_per_program, groups = auto["variant"], auto["rows_per_program"], auto.get("groups", 1)
@@ -839,12 +847,12 @@ def hadamard_quantize_pack(
         _hadamard_split_kernel[(m, nb)](
             x2, lt, rt, ws, mm, x2.stride(0), 1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, RB=SPLIT_ROWS, NBP=nbp,
             SPLIT_FIRST=common["SPLIT_FIRST"], ROUND_BF16=common["ROUND_BF16"], ROUND_FP16=common["ROUND_FP16"],
-            num_warps=nw, enable_fp_fusion=False,
+            num_warps=nw, enable_fp_fusion=False, **pdl,
         )
         _quantize_split_kernel[(m, nb)](
             ws, mm, codes, scale, zero, codes.stride(0), float(clip_ratio), R=r, C=c, RB=SPLIT_ROWS, NB=nb, NBP=nbp,
             RECIP=common["RECIP"], USE_RINT=common["USE_RINT"], PLANAR=common["PLANAR"], FMA_DIV=common["FMA_DIV"],
-            num_warps=4,
+            num_warps=4, **pdl,
             enable_fp_fusion=False,
         )
         return result
@@ -860,7 +868,7 @@ def hadamard_quantize_pack(
         _hadamard_quant_blocks_kernel[(triton.cdiv(m, t * groups),)](
             x2, lt, rt, codes, scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
             1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, T=t, GROUPS=groups, num_warps=num_warps or 8,
-            enable_fp_fusion=False, **common,
+            enable_fp_fusion=False, **common, **pdl,
         )
         return result
     if variant == "2d":
@@ -870,7 +878,7 @@ def hadamard_quantize_pack(
         _hadamard_quant_2d_kernel[(triton.cdiv(m, rows_per_program),)](
             x2, lt, rt, codes, scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
             1.0 / math.sqrt(n), R=r, RP=rp, C=c, ROWS=rows_per_program, num_warps=nw,
-            enable_fp_fusion=False, **common,
+            enable_fp_fusion=False, **common, **pdl,
         )
         return result
     hk, sylv = _factor_tensors(n, x.device) if rotate else (_unused_matrix(x.device), [])
@@ -890,7 +898,7 @@ def hadamard_quantize_pack(
         x2, hk, mats[0], mats[1], mats[2], codes, scale, zero,
         m, x2.stride(0), codes.stride(0), float(clip_ratio), 1.0 / math.sqrt(n),
         K=k, KP=kp, P=p, NCOLS=n, F1=fs[0], F2=fs[1], F3=fs[2],
-        BLOCK_M=bm, ROTATE=rotate, num_warps=nw, enable_fp_fusion=False, **common,
+        BLOCK_M=bm, ROTATE=rotate, num_warps=nw, enable_fp_fusion=False, **common, **pdl,
     )
     return result
 
@@ -931,7 +939,7 @@ def rmsnorm_quantize_pack(
         ROUND_BF16=x.dtype == torch.bfloat16, ROUND_FP16=x.dtype == torch.float16, RECIP=x.is_cuda,
         USE_RINT=os.environ.get("TRITON_INTERPRET") != "1",
         PLANAR={None: 0, torch.int8: 1, torch.float8_e4m3fn: 2}[planar], FMA_DIV=_fma_division(), num_warps=nw,
-        enable_fp_fusion=False,
+        enable_fp_fusion=False, **(dict(PDL=True, launch_pdl=True) if pdl_launch(m, x.device) else {}),
     )
     return result
 

@@ -77,8 +77,8 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.primitives import pack_int4, unpack_int4
-from . import require_triton
-from ..triton_utils import round_to_bf16
+from . import pdl_launch, require_triton
+from ..triton_utils import round_to_bf16, wait_for_prior_grid
 
 try:
     import triton
@@ -352,6 +352,7 @@ if triton is not None:
         a_ptr, w_ptr, sa_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, KH, per_split, stride_am, stride_wn, stride_ym,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, GROUP_N: tl.constexpr,
         SPLIT_K: tl.constexpr, STATIC_STEPS: tl.constexpr, OUT_F32: tl.constexpr, ASM: tl.constexpr = False,
+        PDL: tl.constexpr = False,
     ):
         """y^T = W A^T on int8 tensor cores ("int8s"): the packed weight, unpacked in registers, is
         the dot's *left* operand (on Hopper wgmma can take it from registers, no shared-memory round
@@ -361,6 +362,7 @@ if triton is not None:
         SPLIT_K > 1: program (tile, s) sums `per_split` K steps from s * per_split and the tile's last
         program runs the epilogue (`_splitk_fixup`), which decode needs to fill the SMs (N / BLOCK_N
         tiles alone are 64-344 programs at 7B-70B shapes)."""
+        wait_for_prior_grid(PDL)
         # programs sharing an activation tile run together (L2 reuse)
         pid = tl.program_id(0)
         pid_n, pid_m = _grouped_tile(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
@@ -439,6 +441,7 @@ if triton is not None:
         M, N, KW, k_steps, stride_am, stride_wn, stride_ym,
         M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr,
         STATIC_STEPS: tl.constexpr, OUT_F32: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr = False,
+        PDL: tl.constexpr = False,
     ):
         """Decode GEMV with dp4a, every tensor in the weight tile's own layout: the packed operands
         read as int32 words (8 codes each, 16-byte loads), each token's activation words loaded
@@ -465,6 +468,9 @@ if triton is not None:
             w = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
         else:
             w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < kend)[None, :], other=0)
+        # PDL: the first weight words (no other kernel writes them) are on their way while the grid
+        # before this one finishes; the activations are read only after it has
+        wait_for_prior_grid(PDL)
         for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else k_steps):
             if EVEN_K:
                 w_next = tl.load(w_ptrs + BLOCK_KW, mask=mask_n[:, None] & (i + 1 < k_steps), other=0)
@@ -726,7 +732,7 @@ def w4a4_matmul(
             a_codes.stride(0), weight.codes.stride(0), out.stride(0),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2, GROUP_N=cfg.group_m,
             SPLIT_K=cfg.split_k, STATIC_STEPS=per_split if interpret else 0, OUT_F32=out.dtype == torch.float32,
-            ASM=cfg.asm_unpack and not interpret,
+            ASM=cfg.asm_unpack and not interpret, **_pdl_kwargs(m, a_codes.device),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         )
         return out
@@ -750,7 +756,7 @@ def w4a4_matmul(
                 m, n, kw, steps, a_op.stride(0), w_op.stride(0), out.stride(0),
                 M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_KW=bkw, SPLIT_K=cfg.split_k,
                 STATIC_STEPS=steps if interpret else 0, OUT_F32=out.dtype == torch.float32,
-                EVEN_K=steps * cfg.split_k * bkw == kw, ASM=not interpret,
+                EVEN_K=steps * cfg.split_k * bkw == kw, ASM=not interpret, **_pdl_kwargs(m, a_codes.device),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
             )
             return out
@@ -779,6 +785,11 @@ def w4a4_matmul(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
     return out
+
+
+def _pdl_kwargs(tokens: int, device) -> dict:
+    """The PDL constexpr and launch option of a kernel launch (`kernels.pdl_launch`)."""
+    return dict(PDL=True, launch_pdl=True) if pdl_launch(tokens, device) else {}
 
 
 def w4a4_matmul_reference(a_codes, a_scale, a_zero, weight: PackedWeight) -> torch.Tensor:
