@@ -16,23 +16,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from kernels_e2e import build_w4a4  # noqa: E402
 from dartquant import kernels  # noqa: E402
-from dartquant.kernels.bench import _time_ms, make_decode_step  # noqa: E402
+from dartquant.kernels.bench import _time_ms, capture_with_output, make_decode_step  # noqa: E402
 
 dev = torch.device("cuda")
-
-
-def graph_of(step):
-    """(CUDA graph of step, its static output), warmed up on a side stream first."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = step()
-    return g, out
 
 
 def main(out_path):
@@ -48,7 +34,7 @@ def main(out_path):
             kernels.PDL = pdl
             step = make_decode_step(model, batch, 512, dev)
             eager = step().float().clone()
-            g, static = graph_of(step)
+            g, static = capture_with_output(step)
             g.replay()
             torch.cuda.synchronize()
             replay = static.float().clone()

@@ -180,6 +180,11 @@ def time_prefill(model, s: BenchSettings, device) -> dict:
 
 def _capture(fn):
     """A CUDA graph of `fn` (warmed up on a side stream first, as capture requires)."""
+    return capture_with_output(fn)[0]
+
+
+def capture_with_output(fn):
+    """(CUDA graph of `fn`, the output tensor(s) its replays write), warmed up on a side stream first."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -188,8 +193,8 @@ def _capture(fn):
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph
+        out = fn()
+    return graph, out
 
 
 def _rewind_(cache, position: int) -> None:
