@@ -60,15 +60,24 @@ ROLES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def build(tiny: bool, device):
+# the in-memory shapes (`--shape`): Llama-2-7B (MHA, down_proj's Hadamard 11008 = 172 * 64) and Llama-3-8B
+# (GQA with 8 KV heads, 14336 = 28 * 512, a 128k vocabulary)
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+}
+
+
+def build(tiny: bool, device, shape: str = "llama2-7b"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if tiny:
         cfg = LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=4, vocab_size=128, max_position_embeddings=512)
-    else:  # Llama-2-7B
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    else:
+        cfg = LlamaConfig(**SHAPES[shape])
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
@@ -196,8 +205,8 @@ def in_memory(args) -> int:
     device = torch.device("cpu" if args.tiny else "cuda")
     s = BenchSettings(prefill=8 if args.tiny else args.prefill, batches=[3] if args.tiny else args.batch,
                       context=4 if args.tiny else args.context, device=str(device))
-    model = build(args.tiny, device)
-    result = {"run": "in memory: " + ("tiny" if args.tiny else "Llama-2-7B shape, random weights, RTN, "
+    model = build(args.tiny, device, args.shape)
+    result = {"run": "in memory: " + ("tiny" if args.tiny else f"{args.shape} shape, random weights, RTN, "
                                       "R4 on down_proj, no R1 / R2 folded (same cost)"),
               "settings": {**s.__dict__}}
     result["bf16"] = measure_side(model, s, device)
@@ -444,6 +453,7 @@ def via_run_folder(args) -> int:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES), help="in memory: the model's shape")
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--out", default="kernels_e2e.json")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="decode batch sizes (in memory)")
