@@ -138,7 +138,38 @@ def test_act_rejects_bad_input():
         hadamard_quantize_pack(torch.randn(2, 256).bfloat16(), variant="split", num_warps=16)
 
 
-@pytest.mark.parametrize("n", [1536, 4864])  # auto's blocks choices: 12 * 128 (t2 w8), 76 * 64 (t1 w4)
+def test_act_auto_variant_throughput_rule():
+    """Run 48's throughput rule (docs/KERNELS.md 1f): the blocks kernel wherever its layout applies from
+    1536 wide, by the size of its token tile [KA + KB, C]; 3d elsewhere; decode sizes split above 4096."""
+    from dartquant.kernels.act_quant import _auto_variant
+
+    def blocks(t, g, w):
+        return dict(variant="blocks", num_warps=w, rows_per_program=t, **({"groups": g} if g > 1 else {}))
+
+    want = {1536: blocks(2, 4, 4), 4096: blocks(1, 4, 4), 4864: blocks(1, 4, 4), 8192: blocks(1, 4, 4),
+            8960: blocks(1, 1, 4), 11008: blocks(1, 1, 4), 14336: blocks(1, 1, 4), 16384: blocks(1, 1, 4),
+            28672: blocks(1, 1, 8)}
+    for n, w in want.items():
+        assert _auto_variant(n, True) == w, n
+        assert _auto_variant(n, True, 8)["variant"] == ("split" if n > 4096 else "blocks"), n
+    assert _auto_variant(1024, True)["variant"] == "3d"  # below 1536: not measured
+    assert _auto_variant(4096, False)["variant"] == "3d"  # no Hadamard: the quantize-only kernel
+
+
+def test_int8s_decode_tiles():
+    """default_config's int8s decode tiles (runs 36-46): 32 weight rows on 2 warps up to N = 16384 (two
+    waves of 64-row tiles over 132 SMs), 64 rows on 4 above; K steps of 1024 where K > N."""
+    from dartquant.kernels.w4a4_gemm import default_config
+
+    for (n, k), (rows, bk, warps) in {(4096, 4096): (32, 512, 2), (12288, 4096): (32, 512, 2),
+                                      (4096, 11008): (32, 1024, 2), (8192, 28672): (32, 1024, 2),
+                                      (22016, 4096): (64, 512, 4), (28672, 8192): (64, 512, 4)}.items():
+        for m in (3, 8, 16):
+            cfg = default_config(m, n, k, "int8s")
+            assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.block_m, cfg.asm_unpack) == (rows, bk, warps, 16, True)
+
+
+@pytest.mark.parametrize("n", [1536, 4864])  # auto's blocks choices: 12 * 128 (t2 g4 w4), 76 * 64 (t1 g4 w4)
 def test_act_auto_variant_bit_exact(n):
     from dartquant.kernels.act_quant import _auto_variant
 
