@@ -4,9 +4,12 @@ and under the interpreter (whose fp32 -> bf16 cast truncates instead of rounding
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover
     triton = tl = None
+try:  # Hopper's grid dependency control (PDL); only compiled in where a launch asks for it
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    gdc_launch_dependents = gdc_wait = None
 
 if triton is not None:
 

@@ -42,13 +42,14 @@ Design choices:
   rate; the interpreter cannot run bf16 dots at all.)
 * **Quantization is bit-exact with `primitives`.**  Same expressions in the same order (fp32):
   ``lo = min(x, 0) * clip; scale = (max(x, 0) * clip - lo) / 15``, zero point rounded half up,
-  ``round(x / scale + zero)`` half to even, IEEE division (`div_rn`) and no FMA contraction
-  (``enable_fp_fusion=False``); ``/ 15`` as PyTorch computes it on x's device (`_asym4_qparams`).  Given the same rotated values the codes are identical; the
+  ``round(x / scale + zero)`` half to even, the IEEE quotient (compiled: a reciprocal and two FMAs
+  that give its bits, `_quotient`) and no FMA contraction elsewhere (``enable_fp_fusion=False``);
+  ``/ 15`` as PyTorch computes it on x's device (`_asym4_qparams`).  Given the same rotated values the codes are identical; the
   Hadamard itself differs from the torch one only by fp32 summation order, which can flip a
   code by one where a value sits on a rounding boundary (measured in the tests / benchmark).
 * Codes are packed like `pack_int4` (element 2i in the low nibble), scale / zero are fp32 [M].
-* Speed on the H200 (docs/KERNELS.md): 6-37 % of copy bandwidth, instruction-bound; the quantize
-  + pack part alone reaches about half of copy bandwidth.
+* Speed on the H200 (docs/KERNELS.md 1f): with the Hadamard 15-35 % of copy bandwidth (its small
+  per-token dots); without it (quantize + pack only) 77-83 %.
 """
 
 from __future__ import annotations
