@@ -228,9 +228,10 @@ if triton is not None:
             sigma = ((254 - e) << 23).to(tl.float32, bitcast=True)  # 2^(127 - e)
             s1 = scale * sigma
             rho = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), s1)
-            q0 = (y * tl.broadcast_to(sigma, y.shape)) * rho
+            y1 = y * tl.broadcast_to(sigma, y.shape)
+            q0 = y1 * rho
             # -s1 per row, not -q0 per element: a negation is an instruction of its own (0 - x)
-            r = tl.fma(q0, tl.broadcast_to(-s1, y.shape), y * tl.broadcast_to(sigma, y.shape))
+            r = tl.fma(q0, tl.broadcast_to(-s1, y.shape), y1)
             return tl.fma(r, tl.broadcast_to(rho, y.shape), q0)
         return tl.math.div_rn(y, tl.broadcast_to(scale, y.shape))
 
