@@ -136,10 +136,14 @@ def act_input(m, n, device, seed):
 
 
 def act_variants(n):
-    from dartquant.kernels.act_quant import layout_2d, layout_blocks
+    from dartquant.kernels.act_quant import BLOCKS_ELEMENTS_PER_THREAD, layout_2d, layout_blocks
 
     out = []
-    for name, (v, nw, *_) in ACT_VARIANTS.items():
+    for name, (v, nw, *rest) in ACT_VARIANTS.items():
+        if v == "blocks" and layout_blocks(n) is not None:  # refused above the cap (act_quant)
+            r, ka, kb, c = layout_blocks(n)
+            if (ka + kb) * c * rest[0] > BLOCKS_ELEMENTS_PER_THREAD * 32 * nw:
+                continue
         if (v == "2d" and layout_2d(n) is None) or (v in ("blocks", "split") and layout_blocks(n) is None):
             continue
         if v == "3d" and nw == 16 and n < 14336:

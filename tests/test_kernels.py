@@ -134,6 +134,8 @@ def test_act_rejects_bad_input():
         hadamard_quantize_pack(torch.randn(2, 64).bfloat16(), variant="split")
     with pytest.raises(ValueError, match="elements per thread"):  # 28 * 1024 padded to 32768 on 4 warps: 256
         hadamard_quantize_pack(torch.randn(2, 28672).bfloat16(), variant="3d", num_warps=4)
+    with pytest.raises(ValueError, match="elements per thread"):  # two tokens of 256 x 128 on 4 warps: 512
+        hadamard_quantize_pack(torch.randn(2, 28672).bfloat16(), variant="blocks", rows_per_program=2, num_warps=4)
     with pytest.raises(ValueError, match="16 gave wrong codes"):
         hadamard_quantize_pack(torch.randn(2, 256).bfloat16(), variant="split", num_warps=16)
 

@@ -747,6 +747,9 @@ SPLIT_ROWS = 16
 # the 3d variant's padded elements per thread, at most (run 48: 256 compiled at 28672 on 4 warps and wrote
 # 0.6 % of the codes wrong, scales off by up to 3 %, with triton 3.6; 128 and fewer were exact everywhere)
 THREE_D_ELEMENTS_PER_THREAD = 128
+# the blocks variant's, at most: the largest tile verified exact on the H200 (runs 10 and 48: 256 a thread
+# at 16384 and 28672 wide); larger ones are refused rather than trusted, after the 3d variant's miscompile
+BLOCKS_ELEMENTS_PER_THREAD = 256
 
 
 def _check_input(x: torch.Tensor, clip_ratio: float, planar, what: str) -> int:
@@ -867,9 +870,14 @@ def hadamard_quantize_pack(
         t = rows_per_program
         if t < 1 or t & (t - 1):
             raise ValueError(f"rows_per_program={t} must be a power of two for the blocks variant")
+        nw = num_warps or 8
+        if (ka + kb) * c * t > BLOCKS_ELEMENTS_PER_THREAD * 32 * nw:
+            raise ValueError(f"the blocks variant holds at most {BLOCKS_ELEMENTS_PER_THREAD} padded elements per "
+                             f"thread: {t} token(s) of {(ka + kb) * c} on {nw} warps is {(ka + kb) * c * t // (32 * nw)}; "
+                             "take fewer tokens per program or more warps")
         _hadamard_quant_blocks_kernel[(triton.cdiv(m, t * groups),)](
             x2, lt, rt, codes, scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
-            1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, T=t, GROUPS=groups, num_warps=num_warps or 8,
+            1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, T=t, GROUPS=groups, num_warps=nw,
             enable_fp_fusion=False, **common, **pdl,
         )
         return result
