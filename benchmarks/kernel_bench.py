@@ -136,19 +136,24 @@ def act_input(m, n, device, seed):
 
 
 def act_variants(n):
-    from dartquant.kernels.act_quant import BLOCKS_ELEMENTS_PER_THREAD, layout_2d, layout_blocks
+    from dartquant.hadamard import hadamard_factorization
+    from dartquant.kernels.act_quant import _check_elements_per_thread, layout_2d, layout_blocks, stage_sizes
 
     out = []
     for name, (v, nw, *rest) in ACT_VARIANTS.items():
-        if v == "blocks" and layout_blocks(n) is not None:  # refused above the cap (act_quant)
-            r, ka, kb, c = layout_blocks(n)
-            if (ka + kb) * c * rest[0] > BLOCKS_ELEMENTS_PER_THREAD * 32 * nw:
-                continue
         if (v == "2d" and layout_2d(n) is None) or (v in ("blocks", "split") and layout_blocks(n) is None):
             continue
         if v == "3d" and nw == 16 and n < 14336:
             continue
-        if v == "3d" and n > 16384 and nw < 8:  # refused: more than THREE_D_ELEMENTS_PER_THREAD per thread (run 48)
+        try:  # what the launcher refuses (too many padded elements a thread, run 48), before compiling it
+            if v == "blocks":
+                r, ka, kb, c = layout_blocks(n)
+                _check_elements_per_thread("blocks", rest[0], (ka + kb) * c, nw)
+            elif v == "3d":
+                k, p = hadamard_factorization(n)
+                stage_sizes(p)
+                _check_elements_per_thread("3d", 1, (1 << (k - 1).bit_length() if k > 1 else 1) * p, nw)
+        except ValueError:
             continue
         out.append(name)
     return out

@@ -13,6 +13,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from tiny import outlier_activations  # noqa: E402
+
 from dartquant.hadamard import HadamardError, fast_hadamard_transform  # noqa: E402
 from dartquant.kernels.act_quant import (  # noqa: E402
     hadamard_quantize_pack,
@@ -38,11 +40,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="these tests run the kernels through Triton's interpreter")
 
 
-def _activations(rows, n, seed, dtype=torch.bfloat16):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, n, generator=g)
-    x[:, torch.randint(0, n, (2,), generator=g)] *= 25  # outlier channels, as real activations have
-    return x.to(dtype)
+_activations = outlier_activations
 
 
 def _dequant(p):

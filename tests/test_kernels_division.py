@@ -19,6 +19,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from tiny import outlier_activations  # noqa: E402
+
 from dartquant.kernels import act_quant  # noqa: E402
 from dartquant.kernels.act_quant import (  # noqa: E402
     hadamard_quantize_pack,
@@ -129,11 +131,7 @@ def exact_fma_division(monkeypatch):
     monkeypatch.setattr(act_quant, "FMA_DIVISION", True)
 
 
-def _activations(rows, n, seed, dtype=torch.bfloat16):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, n, generator=g)
-    x[:, torch.randint(0, n, (2,), generator=g)] *= 25
-    return x.to(dtype)
+_activations = outlier_activations
 
 
 def _both(fn, monkeypatch):

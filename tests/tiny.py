@@ -142,3 +142,11 @@ def save_kernel_llama_folder(path, intermediate: int = 192):
     LlamaForCausalLM(cfg).save_pretrained(str(path))
     make_char_tokenizer(89).save_pretrained(str(path))
     return path
+
+
+def outlier_activations(rows: int, n: int, seed: int, dtype=torch.bfloat16) -> torch.Tensor:
+    """Random activations [rows, n] with two outlier channels (x25), as real ones have: the kernels' tests."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g)
+    x[:, torch.randint(0, n, (2,), generator=g)] *= 25  # outlier channels, as real activations have
+    return x.to(dtype)

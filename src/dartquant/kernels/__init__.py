@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["triton_available", "require_triton", "pdl_launch"]
+__all__ = ["triton_available", "require_triton", "pdl_launch", "pdl_kwargs"]
 
 # Programmatic dependent launch (Hopper): a decode-size kernel is launched while the one before it runs
 # and waits (griddepcontrol.wait) at its first instruction until that one has finished and its writes
@@ -41,6 +41,11 @@ def pdl_launch(tokens: int, device) -> bool:
 
     dev = torch.device(device)
     return dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+
+
+def pdl_kwargs(tokens: int, device) -> dict:
+    """A kernel launch's PDL constexpr and launch option (empty when `pdl_launch` says no)."""
+    return dict(PDL=True, launch_pdl=True) if pdl_launch(tokens, device) else {}
 
 
 def triton_available() -> bool:

@@ -63,7 +63,7 @@ import torch
 
 from ..hadamard import _base_matrix, fast_hadamard_transform, hadamard_factorization
 from ..quant.primitives import QuantSpec, compute_qparams, pack_int4, quantize
-from . import pdl_launch, require_triton
+from . import pdl_kwargs, require_triton
 from ..triton_utils import round_half_even, round_to_bf16, wait_for_prior_grid
 
 try:
@@ -752,6 +752,17 @@ THREE_D_ELEMENTS_PER_THREAD = 128
 BLOCKS_ELEMENTS_PER_THREAD = 256
 
 
+def _check_elements_per_thread(variant: str, rows: int, row_elements: int, num_warps: int) -> None:
+    """Refuse a tile of `rows` padded rows (tokens) of `row_elements` on `num_warps` warps that holds more
+    elements a thread than the variant's cap (THREE_D_ / BLOCKS_ELEMENTS_PER_THREAD)."""
+    cap = {"3d": THREE_D_ELEMENTS_PER_THREAD, "blocks": BLOCKS_ELEMENTS_PER_THREAD}[variant]
+    per_thread = rows * row_elements // (32 * num_warps)
+    if per_thread > cap:
+        raise ValueError(f"the {variant} variant holds at most {cap} padded elements per thread: {rows} row(s) of "
+                         f"{row_elements} on {num_warps} warps is {per_thread}; take fewer rows per program or "
+                         "more warps (or leave them to the launcher)")
+
+
 def _check_input(x: torch.Tensor, clip_ratio: float, planar, what: str) -> int:
     """The checks the activation kernels share; returns the row width N."""
     require_triton()
@@ -823,7 +834,7 @@ def hadamard_quantize_pack(
                   ROUND_FP16=rotate and x.dtype == torch.float16, RECIP=x.is_cuda,
                   USE_RINT=os.environ.get("TRITON_INTERPRET") != "1",
                   PLANAR={None: 0, torch.int8: 1, torch.float8_e4m3fn: 2}[planar], FMA_DIV=_fma_division())
-    pdl = dict(PDL=True, launch_pdl=True) if pdl_launch(m, x.device) else {}  # kernels.pdl_launch
+    pdl = pdl_kwargs(m, x.device)  # kernels.pdl_launch
     if variant == "auto":
         auto = _auto_variant(n, rotate, m)
         variant, rows_per_program, groups = auto["variant"], auto["rows_per_program"], auto.get("groups", 1)
@@ -871,10 +882,7 @@ def hadamard_quantize_pack(
         if t < 1 or t & (t - 1):
             raise ValueError(f"rows_per_program={t} must be a power of two for the blocks variant")
         nw = num_warps or 8
-        if (ka + kb) * c * t > BLOCKS_ELEMENTS_PER_THREAD * 32 * nw:
-            raise ValueError(f"the blocks variant holds at most {BLOCKS_ELEMENTS_PER_THREAD} padded elements per "
-                             f"thread: {t} token(s) of {(ka + kb) * c} on {nw} warps is {(ka + kb) * c * t // (32 * nw)}; "
-                             "take fewer tokens per program or more warps")
+        _check_elements_per_thread("blocks", t, (ka + kb) * c, nw)
         _hadamard_quant_blocks_kernel[(triton.cdiv(m, t * groups),)](
             x2, lt, rt, codes, scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
             1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, T=t, GROUPS=groups, num_warps=nw,
@@ -898,11 +906,8 @@ def hadamard_quantize_pack(
     mats = [None] * (3 - len(sylv)) + list(sylv)
     mats = [t if t is not None else hk for t in mats]
     bm, nw = _launch_params(kp, p, m, num_warps if rotate else _unrotated_warps(n, m, num_warps), block_m)
-    if rotate and bm * kp * p > THREE_D_ELEMENTS_PER_THREAD * 32 * nw:
-        # run 48 (docs/KERNELS.md 1f): 256 per thread (28672 wide on 4 warps) compiled and gave wrong codes
-        raise ValueError(f"the 3d variant holds at most {THREE_D_ELEMENTS_PER_THREAD} padded elements per thread: "
-                         f"{bm} row(s) of {kp * p} on {nw} warps is {bm * kp * p // (32 * nw)}; take more warps "
-                         "(or leave num_warps and block_m to the launcher)")
+    if rotate:
+        _check_elements_per_thread("3d", bm, kp * p, nw)
     grid = (triton.cdiv(m, bm),)
     _hadamard_quant_kernel[grid](
         x2, hk, mats[0], mats[1], mats[2], codes, scale, zero,
@@ -949,7 +954,7 @@ def rmsnorm_quantize_pack(
         ROUND_BF16=x.dtype == torch.bfloat16, ROUND_FP16=x.dtype == torch.float16, RECIP=x.is_cuda,
         USE_RINT=os.environ.get("TRITON_INTERPRET") != "1",
         PLANAR={None: 0, torch.int8: 1, torch.float8_e4m3fn: 2}[planar], FMA_DIV=_fma_division(), num_warps=nw,
-        enable_fp_fusion=False, **(dict(PDL=True, launch_pdl=True) if pdl_launch(m, x.device) else {}),
+        enable_fp_fusion=False, **pdl_kwargs(m, x.device),
     )
     return result
 

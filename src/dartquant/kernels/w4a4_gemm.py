@@ -77,7 +77,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.primitives import pack_int4, unpack_int4
-from . import pdl_launch, require_triton
+from . import pdl_kwargs, require_triton
 from ..triton_utils import round_to_bf16, wait_for_prior_grid
 
 try:
@@ -732,7 +732,7 @@ def w4a4_matmul(
             a_codes.stride(0), weight.codes.stride(0), out.stride(0),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2, GROUP_N=cfg.group_m,
             SPLIT_K=cfg.split_k, STATIC_STEPS=per_split if interpret else 0, OUT_F32=out.dtype == torch.float32,
-            ASM=cfg.asm_unpack and not interpret, **_pdl_kwargs(m, a_codes.device),
+            ASM=cfg.asm_unpack and not interpret, **pdl_kwargs(m, a_codes.device),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         )
         return out
@@ -756,7 +756,7 @@ def w4a4_matmul(
                 m, n, kw, steps, a_op.stride(0), w_op.stride(0), out.stride(0),
                 M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_KW=bkw, SPLIT_K=cfg.split_k,
                 STATIC_STEPS=steps if interpret else 0, OUT_F32=out.dtype == torch.float32,
-                EVEN_K=steps * cfg.split_k * bkw == kw, ASM=not interpret, **_pdl_kwargs(m, a_codes.device),
+                EVEN_K=steps * cfg.split_k * bkw == kw, ASM=not interpret, **pdl_kwargs(m, a_codes.device),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
             )
             return out
@@ -785,11 +785,6 @@ def w4a4_matmul(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
     return out
-
-
-def _pdl_kwargs(tokens: int, device) -> dict:
-    """The PDL constexpr and launch option of a kernel launch (`kernels.pdl_launch`)."""
-    return dict(PDL=True, launch_pdl=True) if pdl_launch(tokens, device) else {}
 
 
 def w4a4_matmul_reference(a_codes, a_scale, a_zero, weight: PackedWeight) -> torch.Tensor:
