@@ -18,6 +18,9 @@ _HELP = {
     "eval_max_windows": "score at most this many perplexity windows per corpus",
     "eval_corpora": "perplexity corpora: wiki and/or c4 (default: both)",
     "w_group_size": "weight group size (default: per output channel)",
+    "kv_sink_tokens": "keep the K/V of the first N positions of every sequence unquantized (the attention "
+                      "sink; IntactKV). Not in the papers' W4A4KV4 protocol, and not run by --kv kernels "
+                      "(default: 0)",
     "dq_lr_grid": "DartQuant: fit R1 / R2 at each of these learning rates and keep the lowest held-out "
                   "calibration loss, e.g. 1e-3 1e-2 1e-1 1 10 (default: none, use --dq-r1-lr / --dq-r2-lr)",
     "stream": "layer streaming: auto (stream when the float32 model exceeds a third of host memory), true, false",

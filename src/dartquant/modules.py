@@ -239,6 +239,9 @@ class AttentionTransform(nn.Module):
     same codes and adds the position-only term when it dequantizes. Positions come from the
     attention call's position_ids; keys read from a cache (more keys than position_ids) are
     taken at positions 0..S-1, i.e. unpadded sequences.
+
+    `sink_tokens` > 0 passes the K/V of positions below it through unquantized (the attention sink;
+    QuantScheme.kv_sink_tokens), by the same positions.
     """
 
     def __init__(self, head_dim: int, rotate_qk: bool = False):
@@ -247,6 +250,7 @@ class AttentionTransform(nn.Module):
         self.qk_rotation = OnlineHadamard(head_dim) if rotate_qk else None
         self.k_quantizer: nn.Module | None = None
         self.v_quantizer: nn.Module | None = None
+        self.sink_tokens = 0  # K/V of positions below this stay unquantized (QuantScheme.kv_sink_tokens)
         self._k_bias_from: tuple = ()  # (k_proj, rotary module): plain references, not submodules
 
     def keep_k_bias_(self, k_linear: nn.Module | None, rotary: nn.Module | None = None) -> None:
@@ -266,6 +270,7 @@ class AttentionTransform(nn.Module):
     def forward(self, q, k, v, position_ids=None):  # [B, H, S, D], [B, Hkv, S, D], [B, Hkv, S, D]
         if self.qk_rotation is not None:
             q, k = self.qk_rotation(q), self.qk_rotation(k)
+        k_in, v_in = k, v
         if self.k_quantizer is not None and self._k_bias_from:
             off = self._k_offset(k, position_ids)
             k = self.k_quantizer(k - off) + off
@@ -273,7 +278,16 @@ class AttentionTransform(nn.Module):
             k = self.k_quantizer(k)
         if self.v_quantizer is not None:
             v = self.v_quantizer(v)
+        if self.sink_tokens:
+            keep = self._sink_mask(k, position_ids)
+            k, v = torch.where(keep, k_in, k), torch.where(keep, v_in, v)
         return q, k, v
+
+    def _sink_mask(self, k: torch.Tensor, position_ids) -> torch.Tensor:  # [B|1, 1, S, 1]: position < sink_tokens
+        s = k.shape[-2]
+        if position_ids is None or position_ids.shape[-1] != s:  # no positions given: 0..S-1
+            position_ids = torch.arange(s, device=k.device).unsqueeze(0)
+        return (position_ids.to(k.device) < self.sink_tokens)[:, None, :, None]
 
 
 def _dartquant_attention(module, query, key, value, attention_mask, **kwargs):

@@ -520,6 +520,9 @@ def kv4_scheme_problems(scheme, head_dim: int | None = None) -> list[str]:
            for name, value in (("kv_bits", 4), ("kv_symmetric", False)) if getattr(scheme, name) != value]
     if scheme.kv_group_size not in (None, head_dim):  # one group per head is the default
         bad.append(f"kv_group_size={scheme.kv_group_size} (the 4-bit cache kernels need one scale per head)")
+    if getattr(scheme, "kv_sink_tokens", 0):
+        bad.append(f"kv_sink_tokens={scheme.kv_sink_tokens} (the 4-bit cache kernels quantize every position; "
+                   "run with --kv fake)")
     return bad
 
 
@@ -553,6 +556,9 @@ def check_kv4_support(model) -> None:
                 problems.append(f"layer {i}: {name} quantizer {qz.extra_repr()} (the kernels: 4-bit asymmetric)")
         if t._k_bias_from:
             problems.append(f"layer {i}: K bias kept out of the K quantizer (kv_exclude_k_bias with a k_proj bias)")
+        if getattr(t, "sink_tokens", 0):
+            problems.append(f"layer {i}: the K/V of the first {t.sink_tokens} positions kept unquantized "
+                            "(kv_sink_tokens)")
         if problems:
             break
     try:

@@ -56,6 +56,7 @@ def install_quantizers_(model: nn.Module, scheme: QuantScheme, adapter: ModelAda
         transform.keep_k_bias_(layer.attn.get_submodule(adapter.k) if scheme.kv_exclude_k_bias else None,
                                adapter.rotary_embedding(model))
         transform.v_quantizer = ActQuantizer(kv) if kv.bits < 16 else None
+        transform.sink_tokens = scheme.kv_sink_tokens if kv.bits < 16 else 0
     if scheme.quantize_lm_head:  # off by default: the papers keep lm_head in 16 bits
         head = as_qlinear(adapter.head(model))
         spec = scheme.act_spec("lm_head", geo.head_dim)

@@ -73,6 +73,11 @@ class QuantScheme:
     # quantize K minus its RoPE'd k_proj bias, added back exactly (modules.AttentionTransform): a
     # large bias (Qwen2.5-1.5B layer 0: |b| 354) otherwise takes the whole 4-bit range (RESULTS §7)
     kv_exclude_k_bias: bool = True
+    # keep the K/V of the first N positions of every sequence unquantized (IntactKV's "pivot tokens").
+    # Position 0 is the attention sink, where these models put their massive activations (residual
+    # norm ~1000 against ~20 elsewhere on Qwen2.5-0.5B); its 4-bit K/V alone costs ~12 % of QuaRot's
+    # W4A4KV4 perplexity gap there (RESULTS §30). Off by default: the papers' protocol quantizes it.
+    kv_sink_tokens: int = 0
     quantize_lm_head: bool = False  # lm_head weights (RTN) and its input at a_bits, if true
     # embeddings and the unquantized lm_head, stored (and evaluated) in this dtype; the papers keep
     # them 16-bit; float16 (10 mantissa bits) is 8x finer than bfloat16 at their small magnitudes
@@ -115,6 +120,11 @@ class QuantScheme:
                 raise ValueError(f"a_bits_overrides[{role}]={bits} is not supported; use one of {SUPPORTED_BITS}")
         if self.unquantized_dtype not in UNQUANTIZED_DTYPES:
             raise ValueError(f"unquantized_dtype must be one of {UNQUANTIZED_DTYPES}, not {self.unquantized_dtype!r}")
+        if self.kv_sink_tokens < 0:
+            raise ValueError(f"kv_sink_tokens must be >= 0 (0: quantize every position), got {self.kv_sink_tokens}")
+        if self.kv_sink_tokens and self.kv_bits >= 16:
+            raise ValueError("kv_sink_tokens keeps positions out of the K/V quantizer, but the K/V cache is not "
+                             "quantized (kv_bits 16): drop kv_sink_tokens or quantize the cache")
         for name in ("a_clip", "kv_clip"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
