@@ -7,6 +7,11 @@ unquantized, the rest as the run does. Per-token quantizers treat tokens indepen
 those positions change. It also prints, per layer, the largest residual-stream norm at position 0
 against the median position (how "massive" the sink is).
     PYTHONPATH=src python lab/prefix_tokens_probe.py RUN --windows 4 --json OUT
+With --kv-sink-only, for each run folder given: as run, then with the product's `kv_sink_tokens`,
+`a_sink_tokens` and both set to each --prefix value: a paired comparison on the same weights (plain
+GPTQ collects its Hessians with the activation and K/V quantizers off, so for QuaRot + GPTQ runs this is
+exactly what a run with the flags gives; the clip search of a recipe run saw them quantized).
+    PYTHONPATH=src python lab/prefix_tokens_probe.py RUN [RUN ...] --kv-sink-only --prefix 1 --windows 8 --json OUT
 """
 import argparse
 import json
@@ -59,14 +64,48 @@ def sink_norms(model, ids):
     return rows
 
 
+def kv_sink_only(args):
+    """Per run folder: as run, then the product's kv_sink_tokens, a_sink_tokens and both at each --prefix."""
+    from dartquant.adapters import adapter_for
+    from dartquant.quant.act import _install_sink_hook_
+
+    out = []
+    for run in args.runs:
+        model, tok = load_model(run, dtype=torch.float32)
+        model.eval()
+        adapter = adapter_for(model)
+        blocks = list(adapter.decoder_layers(model))
+        transforms = [m for m in model.modules() if hasattr(m, "sink_tokens")]
+        data = {c: eval_windows(tok, c, seqlen=2048, max_windows=args.windows) for c in ("wiki", "c4")}
+        settings = [(0, 0)] + [s for n in args.prefix for s in ((0, n), (n, 0), (n, n))]
+        for a_sink, kv_sink in settings:
+            for t in transforms:
+                t.sink_tokens = kv_sink
+            for b in blocks:
+                _install_sink_hook_(b, adapter.layer(b), a_sink)
+            row = {"run": run, "a_sink_tokens": a_sink, "kv_sink_tokens": kv_sink, "windows": args.windows}
+            for c, w in data.items():
+                row[c] = perplexity(model, w, progress=False)["ppl"]
+            print(f"{run:32s} a_sink {a_sink} kv_sink {kv_sink}: wiki {row['wiki']:.3f}  c4 {row['c4']:.3f}",
+                  flush=True)
+            out.append(row)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"rows": out}, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("run")
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--kv-sink-only", action="store_true")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--prefix", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
+    if args.kv_sink_only:
+        return kv_sink_only(args)
+    args.run, = args.runs
     model, tok = load_model(args.run, dtype=torch.float32)
     model.eval()
     acts, kvs = wrap(model)

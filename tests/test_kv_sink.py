@@ -1,4 +1,5 @@
-"""`kv_sink_tokens`: the K/V of the first positions of every sequence kept out of the 4-bit quantizer."""
+"""`kv_sink_tokens` / `a_sink_tokens`: the K/V, and the decoder linears' inputs, of the first positions
+of every sequence kept out of the 4-bit quantizers (the attention sink)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from dartquant.adapters import adapter_for
 from dartquant.config import RunConfig
 from dartquant.kernels.kv_cache import kv4_scheme_problems
-from dartquant.quant.act import install_quantizers_
+from dartquant.quant.act import ActQuantizer, install_quantizers_
 from dartquant.quant.scheme import QuantScheme
 from tiny import make_tiny_model, save_tiny_folder
 
@@ -84,3 +85,100 @@ def test_sink_setting_is_checked_saved_and_refused_by_the_cache_kernels(tmp_path
     assert json.loads((tmp_path / "run" / TRANSFORM_FILE).read_text())["scheme"]["kv_sink_tokens"] == 1
     model, _ = load_model(tmp_path / "run")
     assert all(l.attn.dq_attention.sink_tokens == 1 for l in adapter_for(model).layers_of(model))
+
+
+def _acts_only(model, sink: int):
+    install_quantizers_(model, RunConfig.from_flat(a_bits=4, kv_bits=16, a_sink_tokens=sink).scheme)
+    return model
+
+
+class _Rows(torch.nn.Module):
+    """Records what a quantizer returns."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.out = inner, []
+
+    def forward(self, x):
+        y = self.inner(x)
+        self.out.append((x.detach().clone(), y.detach().clone()))
+        return y
+
+
+@pytest.mark.parametrize("family", ["llama-tied-gqa", "qwen2-bias-gqa"])
+def test_activation_sink_rows_unquantized_the_rest_unchanged(family):
+    """With a_sink_tokens 2, every linear input's first two rows of each sequence pass through and the
+    others are quantized: position 0 of a decode step (positions given) is quantized as usual."""
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(2))
+    m = _acts_only(make_tiny_model(family), sink=2)
+    layers = adapter_for(m).layers_of(m)
+    rec = {}
+    for i, layer in enumerate(layers):
+        for role, q in layer.linears().items():
+            rec[i, role] = q.input_quantizer
+    seen = {}
+
+    def hook(mod, args, out):
+        seen[mod] = (args[0].detach().clone(), out.detach().clone())
+
+    handles = [q.register_forward_hook(hook) for q in rec.values()]
+    m(ids)
+    for h in handles:
+        h.remove()
+    assert len(seen) == len(rec)
+    for x, y in seen.values():
+        assert torch.equal(y[:, :2], x[:, :2])
+        assert not torch.equal(y[:, 2:], x[:, 2:])
+        ref = ActQuantizer(next(iter(rec.values())).spec)(x)
+        assert torch.equal(y[:, 2:], ref[:, 2:])
+    assert all(q.sink_rows is None for q in rec.values())  # forgotten after the block
+    # a decode step at position 5: quantized
+    x = torch.randn(1, 1, m.config.hidden_size, dtype=torch.float64)
+    layer0 = layers[0]
+    q = layer0.linears()["q"].input_quantizer
+    out = {}
+
+    def keep(mod, a, o):
+        out["x"] = (a[0].detach().clone(), o.detach().clone())
+
+    h = q.register_forward_hook(keep)
+    block = adapter_for(m).decoder_layers(m)[0]
+    pos = torch.tensor([[5]])
+    block(x, position_ids=pos, position_embeddings=adapter_for(m).rotary_embedding(m)(x, pos))
+    h.remove()
+    assert torch.equal(out["x"][1], ActQuantizer(q.spec)(out["x"][0]))
+
+
+def test_activation_sink_helps_a_massive_first_token_and_is_checked():
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(3))
+    fp_model = make_tiny_model("llama-tied-gqa")
+    with torch.no_grad():
+        fp_model.get_input_embeddings().weight[ids[0, 0]] *= 60
+    fp = fp_model(ids).logits
+
+    def err(sink):
+        m = make_tiny_model("llama-tied-gqa")
+        m.load_state_dict(fp_model.state_dict())
+        return (_acts_only(m, sink)(ids).logits - fp).abs().mean().item()
+
+    assert err(1) < err(0)
+    with pytest.raises(ValueError, match="a_sink_tokens must be >= 0"):
+        QuantScheme(a_sink_tokens=-1).validate()
+    moe = make_tiny_model("mixtral-moe")
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        QuantScheme(a_sink_tokens=1).validate(adapter_for(moe).geometry(moe.config))
+    from dartquant.kernels.backend import _scheme_problems
+    assert any("a_sink_tokens=1" in p for p in _scheme_problems(QuantScheme(a_sink_tokens=1)))
+    # a second install replaces the hooks instead of stacking them
+    m = _acts_only(make_tiny_model("llama-tied-gqa"), sink=1)
+    _acts_only(m, sink=0)
+    block = adapter_for(m).decoder_layers(m)[0]
+    assert block._dq_sink_hooks == () and not block._forward_pre_hooks
+
+
+def test_export_says_it_quantizes_the_sink():
+    from dartquant.export import check_exportable
+
+    notes = check_exportable(QuantScheme(a_sink_tokens=1, kv_bits=16))
+    assert any("a_sink_tokens=1" in n for n in notes)
+    assert not any("a_sink_tokens" in n for n in check_exportable(QuantScheme(kv_bits=16)))

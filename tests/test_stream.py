@@ -72,6 +72,10 @@ CASES = {  # (family, dtype of the files, settings)
     "qwen2-quarot-gptq": ("qwen2-bias-gqa", torch.float32, dict(method="quarot", w_quantizer="gptq")),
     "qwen2-quarot-gptq-asymmetric": ("qwen2-bias-gqa", torch.float32,
                                      dict(method="quarot", w_quantizer="gptq", gptq_asymmetric=True)),
+    # the first position's activations and K/V unquantized, with the clip search that sees them
+    "llama-quarot-gptq-sinks": ("llama-tied-gqa", torch.float32,
+                                dict(method="quarot", w_quantizer="gptq", a_sink_tokens=1, kv_sink_tokens=1,
+                                     a_clip_search=True)),
     "llama-dartquant-gptq-bf16-file": ("llama-tied-gqa", torch.bfloat16,
                                        dict(method="dartquant", w_quantizer="gptq", dq_epochs=1)),
 }

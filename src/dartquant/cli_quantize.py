@@ -18,6 +18,9 @@ _HELP = {
     "eval_max_windows": "score at most this many perplexity windows per corpus",
     "eval_corpora": "perplexity corpora: wiki and/or c4 (default: both)",
     "w_group_size": "weight group size (default: per output channel)",
+    "a_sink_tokens": "the first N positions of every sequence skip the decoder linears' 4-bit input quantizers "
+                     "(the attention sink's massive activations). Not in the papers' W4A4KV4 protocol, not run by "
+                     "--backend triton, quantized in an export (default: 0)",
     "kv_sink_tokens": "keep the K/V of the first N positions of every sequence unquantized (the attention "
                       "sink; IntactKV). Not in the papers' W4A4KV4 protocol, and not run by --kv kernels "
                       "(default: 0)",

@@ -114,6 +114,9 @@ def check_exportable(cfg, drop_kv_quant: bool = False) -> list[str]:
     elif cfg.a_bits < 16 and cfg.a_clip != 1.0:
         notes.append(f"activation clip ratio {cfg.a_clip} is not expressible: the export's dynamic "
                      "activation quantizer uses the full per-token range (clip 1.0)")
+    if cfg.a_bits < 16 and getattr(cfg, "a_sink_tokens", 0):
+        notes.append(f"a_sink_tokens={cfg.a_sink_tokens} is not expressible: the export quantizes the activations "
+                     "of every position, the first ones too")
     if cfg.kv_bits < 16:
         notes.append(f"{cfg.kv_bits}-bit KV cache quantization dropped (--drop-kv-quant); R3 dropped with it")
     if cfg.a_bits < 16 and cfg.a_symmetric:

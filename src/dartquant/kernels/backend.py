@@ -43,6 +43,8 @@ def _scheme_problems(scheme) -> list[str]:
     for name, value in wants.items():
         if getattr(scheme, name) != value:
             bad.append(f"{name}={getattr(scheme, name)!r} (the kernels need {value!r})")
+    if getattr(scheme, "a_sink_tokens", 0):
+        bad.append(f"a_sink_tokens={scheme.a_sink_tokens} (the activation kernels quantize every position)")
     for role, bits in sorted(scheme.a_bits_overrides.items()):
         if bits != 4:
             bad.append(f"a_bits_overrides[{role}]={bits} (every linear input must be 4-bit)")

@@ -18,17 +18,27 @@ from .primitives import QuantSpec, fake_quantize
 
 
 class ActQuantizer(nn.Module):
-    """x -> fake_quantize(x, spec) (dynamic: scales from each token / group at run time)."""
+    """x -> fake_quantize(x, spec) (dynamic: scales from each token / group at run time).
+
+    `sink_rows` ([B, S] bool, set by its block's pre-hook under QuantScheme.a_sink_tokens): the rows
+    of an input [B, S, D] that pass through unquantized."""
 
     def __init__(self, spec: QuantSpec):
         super().__init__()
         self.spec = spec
         self.enabled = True
+        self.sink_rows: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        return fake_quantize(x, self.spec)
+        y = fake_quantize(x, self.spec)
+        if self.sink_rows is not None:
+            if tuple(self.sink_rows.shape) != tuple(x.shape[:-1]):
+                raise RuntimeError(f"a_sink_tokens: a block input of rows {tuple(self.sink_rows.shape)} reached a "
+                                   f"linear input of rows {tuple(x.shape[:-1])}")
+            y = torch.where(self.sink_rows.unsqueeze(-1), x, y)
+        return y
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -57,6 +67,7 @@ def install_quantizers_(model: nn.Module, scheme: QuantScheme, adapter: ModelAda
                                adapter.rotary_embedding(model))
         transform.v_quantizer = ActQuantizer(kv) if kv.bits < 16 else None
         transform.sink_tokens = scheme.kv_sink_tokens if kv.bits < 16 else 0
+        _install_sink_hook_(block, adapter.layer(block), scheme.a_sink_tokens)  # the layer's QLinears
     if scheme.quantize_lm_head:  # off by default: the papers keep lm_head in 16 bits
         head = as_qlinear(adapter.head(model))
         spec = scheme.act_spec("lm_head", geo.head_dim)
@@ -64,6 +75,41 @@ def install_quantizers_(model: nn.Module, scheme: QuantScheme, adapter: ModelAda
         parent, _, name = adapter.lm_head.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, head)
     model.set_attn_implementation(register_attention())
+
+
+def _install_sink_hook_(block: nn.Module, layer, n: int) -> None:
+    """Under a_sink_tokens = n > 0: before each call of `block`, tell its linears' input quantizers
+    which rows are positions < n (from the call's position_ids; none given: 0..S-1, a whole
+    sequence), and forget them after. Replaces the hook of an earlier install."""
+    for handle in getattr(block, "_dq_sink_hooks", ()):
+        handle.remove()
+    block._dq_sink_hooks = ()
+    if not n:
+        return
+    if layer.is_moe:
+        raise ValueError("a_sink_tokens is not supported for mixture-of-experts blocks (their experts see "
+                         "routed tokens, not positions): drop it")
+    quantizers = [q.input_quantizer for q in layer.linears().values()
+                  if isinstance(getattr(q, "input_quantizer", None), ActQuantizer)]
+    if not quantizers:
+        return
+
+    def mark(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        b, s = hidden.shape[:2]
+        pos = kwargs.get("position_ids")
+        if pos is None or pos.shape[-1] != s:
+            pos = torch.arange(s, device=hidden.device).unsqueeze(0)
+        rows = (pos.to(hidden.device) < n).expand(b, s)
+        for q in quantizers:
+            q.sink_rows = rows
+
+    def forget(module, args, kwargs, output):
+        for q in quantizers:
+            q.sink_rows = None
+
+    block._dq_sink_hooks = (block.register_forward_pre_hook(mark, with_kwargs=True),
+                            block.register_forward_hook(forget, with_kwargs=True))
 
 
 def set_act_quant_enabled_(model: nn.Module, enabled: bool) -> None:

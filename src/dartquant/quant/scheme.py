@@ -63,6 +63,9 @@ class QuantScheme:
     a_clip_search_min: float = 0.6
     a_clip_search_rows: int = 2048  # rows sampled per stream from the calibration tokens
     a_group_size: int | None = None  # None = per token
+    # the first N positions of every sequence skip the decoder linears' input quantizers (the attention
+    # sink's massive activations; RESULTS §30). Off by default: the papers' protocol quantizes them.
+    a_sink_tokens: int = 0
     o_proj_per_head: bool = False  # o_proj input quantized in groups of head_dim
     a_bits_overrides: dict[str, int] = field(default_factory=dict)  # role -> bits, e.g. {"down": 8}
     # KV cache
@@ -120,6 +123,8 @@ class QuantScheme:
                 raise ValueError(f"a_bits_overrides[{role}]={bits} is not supported; use one of {SUPPORTED_BITS}")
         if self.unquantized_dtype not in UNQUANTIZED_DTYPES:
             raise ValueError(f"unquantized_dtype must be one of {UNQUANTIZED_DTYPES}, not {self.unquantized_dtype!r}")
+        if self.a_sink_tokens < 0:
+            raise ValueError(f"a_sink_tokens must be >= 0 (0: quantize every position), got {self.a_sink_tokens}")
         if self.kv_sink_tokens < 0:
             raise ValueError(f"kv_sink_tokens must be >= 0 (0: quantize every position), got {self.kv_sink_tokens}")
         if self.kv_sink_tokens and self.kv_bits >= 16:
@@ -152,6 +157,9 @@ class QuantScheme:
             raise ValueError("act-order with groups needs static groups (gptq_static_groups: true)")
         if geometry is not None:
             g = geometry
+            if self.a_sink_tokens and g.moe_widths:
+                raise ValueError("a_sink_tokens is not supported for mixture-of-experts models (their experts see "
+                                 "routed tokens, not positions): drop it")
             inputs = [g.hidden, *g.mlp_widths, g.n_heads * g.head_dim]  # every linear's input width
             dims = {"w_group_size": (self.w_group_size, inputs),
                     "a_group_size": (self.a_group_size, inputs),

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Session 29 (CPU, no GPU lent): kv_sink_tokens / a_sink_tokens paired on the same run folders, 3 seeds,
+# both bundled models, QuaRot + GPTQ at README's quickstart calibration (16 x 512), and the DuQuant recipe
+# on SmolLM2; FP on the same windows. Results: $OUT/*.json (lab/prefix_tokens_probe.py --kv-sink-only).
+# A run folder that has its metrics.json already is kept (a batch started again resumes).
+#   OUT=/tmp/s29 bash lab/kv_sink_cpu_batch.sh
+set -eu
+OUT=${OUT:-/tmp/s29}; mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src"
+PY=${PY:-.venv/bin/python}
+DQ=${DQ:-.venv/bin/dartquant}
+common="--calib-samples 16 --calib-seqlen 512 --eval-max-windows 1 --skip-fp-eval --overwrite"
+for s in 0 1 2; do
+  [ -f "$OUT/sm_quarot_$s/metrics.json" ] || \
+  $DQ quantize --model smollm2-135m --method quarot --seed $s $common --out "$OUT/sm_quarot_$s" > "$OUT/sm_quarot_$s.log" 2>&1
+done
+$PY lab/prefix_tokens_probe.py "$OUT"/sm_quarot_{0,1,2} --kv-sink-only --prefix 1 --windows 8 --json "$OUT/sink_sm_quarot.json"
+$DQ eval smollm2-135m --eval-max-windows 8 --json > "$OUT/fp_sm_8.json" 2> "$OUT/fp_sm_8.log"
+for s in 1 2; do
+  [ -f "$OUT/qw_quarot_$s/metrics.json" ] || \
+  $DQ quantize --model qwen2.5-coder-0.5b --method quarot --seed $s $common --out "$OUT/qw_quarot_$s" > "$OUT/qw_quarot_$s.log" 2>&1
+done
+$PY lab/prefix_tokens_probe.py "$OUT"/qw_quarot "$OUT"/qw_quarot_{1,2} --kv-sink-only --prefix 1 --windows 4 --json "$OUT/sink_qw_quarot.json"
+$DQ eval qwen2.5-coder-0.5b --eval-max-windows 4 --json > "$OUT/fp_qw_4.json" 2> "$OUT/fp_qw_4.log"
+for s in 0 1 2; do
+  [ -f "$OUT/sm_recipe_$s/metrics.json" ] || \
+  $DQ quantize --model smollm2-135m --recipe recipes/duquant-clip-search.yaml --seed $s $common --out "$OUT/sm_recipe_$s" > "$OUT/sm_recipe_$s.log" 2>&1
+done
+$PY lab/prefix_tokens_probe.py "$OUT"/sm_recipe_{0,1,2} --kv-sink-only --prefix 1 --windows 8 --json "$OUT/sink_sm_recipe.json"
+echo DONE > "$OUT/DONE"
