@@ -10,21 +10,17 @@ export PYTHONPATH="$PWD/src"
 PY=${PY:-.venv/bin/python}
 DQ=${DQ:-.venv/bin/dartquant}
 common="--calib-samples 16 --calib-seqlen 512 --eval-max-windows 1 --skip-fp-eval --overwrite"
-for s in 0 1 2; do
-  [ -f "$OUT/sm_quarot_$s/metrics.json" ] || \
-  $DQ quantize --model smollm2-135m --method quarot --seed $s $common --out "$OUT/sm_quarot_$s" > "$OUT/sm_quarot_$s.log" 2>&1
-done
-$PY lab/prefix_tokens_probe.py "$OUT"/sm_quarot_{0,1,2} --kv-sink-only --prefix 1 --windows 8 --json "$OUT/sink_sm_quarot.json"
+run() {  # NAME ARGS...: one quantize run into $OUT/NAME unless it finished before
+  name=$1; shift
+  [ -f "$OUT/$name/metrics.json" ] || $DQ quantize "$@" --seed "${name##*_}" $common --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+}
+for s in 0 1 2; do run sm_quarot_$s --model smollm2-135m --method quarot; done
+for s in 0 1 2; do run sm_recipe_$s --model smollm2-135m --recipe recipes/duquant-clip-search.yaml; done
+$PY lab/prefix_tokens_probe.py "$OUT"/sm_quarot_{0,1,2} --sinks --prefix 1 --windows 8 --json "$OUT/sink_sm_quarot.json"
+$PY lab/prefix_tokens_probe.py "$OUT"/sm_recipe_{0,1,2} --sinks --prefix 1 --windows 8 --json "$OUT/sink_sm_recipe.json"
 $DQ eval smollm2-135m --eval-max-windows 8 --json > "$OUT/fp_sm_8.json" 2> "$OUT/fp_sm_8.log"
-for s in 1 2; do
-  [ -f "$OUT/qw_quarot_$s/metrics.json" ] || \
-  $DQ quantize --model qwen2.5-coder-0.5b --method quarot --seed $s $common --out "$OUT/qw_quarot_$s" > "$OUT/qw_quarot_$s.log" 2>&1
-done
-$PY lab/prefix_tokens_probe.py "$OUT"/qw_quarot "$OUT"/qw_quarot_{1,2} --kv-sink-only --prefix 1 --windows 4 --json "$OUT/sink_qw_quarot.json"
+[ -f "$OUT/qw_quarot_0/metrics.json" ] || { [ -d "$OUT/qw_quarot" ] && mv "$OUT/qw_quarot" "$OUT/qw_quarot_0"; }
+for s in 0 1 2; do run qw_quarot_$s --model qwen2.5-coder-0.5b --method quarot; done
 $DQ eval qwen2.5-coder-0.5b --eval-max-windows 4 --json > "$OUT/fp_qw_4.json" 2> "$OUT/fp_qw_4.log"
-for s in 0 1 2; do
-  [ -f "$OUT/sm_recipe_$s/metrics.json" ] || \
-  $DQ quantize --model smollm2-135m --recipe recipes/duquant-clip-search.yaml --seed $s $common --out "$OUT/sm_recipe_$s" > "$OUT/sm_recipe_$s.log" 2>&1
-done
-$PY lab/prefix_tokens_probe.py "$OUT"/sm_recipe_{0,1,2} --kv-sink-only --prefix 1 --windows 8 --json "$OUT/sink_sm_recipe.json"
+$PY lab/prefix_tokens_probe.py "$OUT"/qw_quarot_{0,1,2} --sinks --prefix 1 --windows 4 --json "$OUT/sink_qw_quarot.json"
 echo DONE > "$OUT/DONE"

@@ -7,11 +7,11 @@ unquantized, the rest as the run does. Per-token quantizers treat tokens indepen
 those positions change. It also prints, per layer, the largest residual-stream norm at position 0
 against the median position (how "massive" the sink is).
     PYTHONPATH=src python lab/prefix_tokens_probe.py RUN --windows 4 --json OUT
-With --kv-sink-only, for each run folder given: as run, then with the product's `kv_sink_tokens`,
+With --sinks, for each run folder given: as run, then with the product's `kv_sink_tokens`,
 `a_sink_tokens` and both set to each --prefix value: a paired comparison on the same weights (plain
 GPTQ collects its Hessians with the activation and K/V quantizers off, so for QuaRot + GPTQ runs this is
 exactly what a run with the flags gives; the clip search of a recipe run saw them quantized).
-    PYTHONPATH=src python lab/prefix_tokens_probe.py RUN [RUN ...] --kv-sink-only --prefix 1 --windows 8 --json OUT
+    PYTHONPATH=src python lab/prefix_tokens_probe.py RUN [RUN ...] --sinks --prefix 1 --windows 8 --json OUT
 """
 import argparse
 import json
@@ -64,7 +64,7 @@ def sink_norms(model, ids):
     return rows
 
 
-def kv_sink_only(args):
+def sinks(args):
     """Per run folder: as run, then the product's kv_sink_tokens, a_sink_tokens and both at each --prefix."""
     from dartquant.adapters import adapter_for
     from dartquant.quant.act import _install_sink_hook_
@@ -97,14 +97,14 @@ def kv_sink_only(args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+")
-    ap.add_argument("--kv-sink-only", action="store_true")
+    ap.add_argument("--sinks", action="store_true")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--prefix", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    if args.kv_sink_only:
-        return kv_sink_only(args)
+    if args.sinks:
+        return sinks(args)
     args.run, = args.runs
     model, tok = load_model(args.run, dtype=torch.float32)
     model.eval()

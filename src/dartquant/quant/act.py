@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for, role_of
-from ..modules import AttentionTransform, as_qlinear, register_attention
+from ..modules import AttentionTransform, QLinear, as_qlinear, register_attention
 from .scheme import QuantScheme
 from .primitives import QuantSpec, fake_quantize
 
@@ -89,10 +89,10 @@ def _install_sink_hook_(block: nn.Module, layer, n: int) -> None:
     if layer.is_moe:
         raise ValueError("a_sink_tokens is not supported for mixture-of-experts blocks (their experts see "
                          "routed tokens, not positions): drop it")
-    quantizers = [q.input_quantizer for q in layer.linears().values()
-                  if isinstance(getattr(q, "input_quantizer", None), ActQuantizer)]
-    if not quantizers:
-        return
+
+    def quantizers():  # looked up at each call: a quantizer installed later (a clip search's) is seen
+        return [m.input_quantizer for m in block.modules()
+                if isinstance(m, QLinear) and isinstance(m.input_quantizer, ActQuantizer)]
 
     def mark(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -101,11 +101,11 @@ def _install_sink_hook_(block: nn.Module, layer, n: int) -> None:
         if pos is None or pos.shape[-1] != s:
             pos = torch.arange(s, device=hidden.device).unsqueeze(0)
         rows = (pos.to(hidden.device) < n).expand(b, s)
-        for q in quantizers:
+        for q in quantizers():
             q.sink_rows = rows
 
     def forget(module, args, kwargs, output):
-        for q in quantizers:
+        for q in quantizers():
             q.sink_rows = None
 
     block._dq_sink_hooks = (block.register_forward_pre_hook(mark, with_kwargs=True),
