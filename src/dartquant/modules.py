@@ -223,6 +223,14 @@ def as_qlinear(module: nn.Module) -> QLinear:
     return QLinear(module)
 
 
+def sequence_positions(position_ids, s: int, device) -> torch.Tensor:
+    """[B|1, S] positions of a call's S tokens: its position_ids, or 0..S-1 where none fit (keys read
+    from a cache, a block called on whole sequences): unpadded sequences."""
+    if position_ids is None or position_ids.shape[-1] != s:
+        return torch.arange(s, device=device).unsqueeze(0)
+    return position_ids.to(device)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
@@ -260,10 +268,7 @@ class AttentionTransform(nn.Module):
     def _k_offset(self, k: torch.Tensor, position_ids) -> torch.Tensor:  # R3(RoPE_t(b)): [B|1, Hkv, S, D]
         k_linear, rotary = self._k_bias_from
         b = k_linear.bias.to(k.dtype).view(1, k.shape[1], 1, self.head_dim)
-        s = k.shape[-2]
-        if position_ids is None or position_ids.shape[-1] != s:  # keys of a cache: positions 0..S-1
-            position_ids = torch.arange(s, device=k.device).unsqueeze(0)
-        cos, sin = rotary(k, position_ids.to(k.device))
+        cos, sin = rotary(k, sequence_positions(position_ids, k.shape[-2], k.device))
         off = b * cos.unsqueeze(1).to(k.dtype) + _rotate_half(b) * sin.unsqueeze(1).to(k.dtype)
         return self.qk_rotation(off) if self.qk_rotation is not None else off
 
@@ -284,10 +289,7 @@ class AttentionTransform(nn.Module):
         return q, k, v
 
     def _sink_mask(self, k: torch.Tensor, position_ids) -> torch.Tensor:  # [B|1, 1, S, 1]: position < sink_tokens
-        s = k.shape[-2]
-        if position_ids is None or position_ids.shape[-1] != s:  # no positions given: 0..S-1
-            position_ids = torch.arange(s, device=k.device).unsqueeze(0)
-        return (position_ids.to(k.device) < self.sink_tokens)[:, None, :, None]
+        return (sequence_positions(position_ids, k.shape[-2], k.device) < self.sink_tokens)[:, None, :, None]
 
 
 def _dartquant_attention(module, query, key, value, attention_mask, **kwargs):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for, role_of
-from ..modules import AttentionTransform, QLinear, as_qlinear, register_attention
+from ..modules import AttentionTransform, QLinear, as_qlinear, register_attention, sequence_positions
 from .scheme import QuantScheme
 from .primitives import QuantSpec, fake_quantize
 
@@ -97,10 +97,7 @@ def _install_sink_hook_(block: nn.Module, layer, n: int) -> None:
     def mark(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         b, s = hidden.shape[:2]
-        pos = kwargs.get("position_ids")
-        if pos is None or pos.shape[-1] != s:
-            pos = torch.arange(s, device=hidden.device).unsqueeze(0)
-        rows = (pos.to(hidden.device) < n).expand(b, s)
+        rows = (sequence_positions(kwargs.get("position_ids"), s, hidden.device) < n).expand(b, s)
         for q in quantizers():
             q.sink_rows = rows
 
