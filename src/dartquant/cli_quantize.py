@@ -26,9 +26,6 @@ _HELP = {
                       "(default: 0)",
     "dq_lr_grid": "DartQuant: fit R1 / R2 at each of these learning rates and keep the lowest held-out "
                   "calibration loss, e.g. 1e-3 1e-2 1e-1 1 10 (default: none, use --dq-r1-lr / --dq-r2-lr)",
-    "duq_alpha_grid": "DuQuant: choose the smoothing strength per layer and input stream from these values, by "
-                      "the stream's output error with its 4-bit activation and (RTN) weight quantizers, e.g. "
-                      "0.3 0.45 0.6 0.75 (default: none, --duq-alpha for all); calibration cost x the grid size",
     "stream": "layer streaming: auto (stream when the float32 model exceeds a third of host memory), true, false",
     "shard_mb": "a streamed run's checkpoint is split into shards of about this many MB (default 2048)",
     "r1": "rotate the residual stream (R1); false for families that cannot carry it (Gemma 3: quarot only)",
