@@ -28,12 +28,15 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def parse_config(config: str) -> tuple[str, str, dict]:
-    """METHOD[:WEIGHT_QUANTIZER[:key=value,key=value]] -> (method, wq, RunConfig overrides)."""
+    """METHOD[:WEIGHT_QUANTIZER[:key=value,key=value]] -> (method, wq, RunConfig overrides); a list
+    value as [a,b,c] (its commas are not separators)."""
+    import re
+
     import yaml
 
     method, _, rest = config.partition(":")
     wq, _, extra = rest.partition(":")
-    overrides = {k: yaml.safe_load(v) for k, _, v in (kv.partition("=") for kv in extra.split(",") if kv)}
+    overrides = {k: yaml.safe_load(v) for k, _, v in (kv.partition("=") for kv in re.split(r",(?![^\[]*\])", extra) if kv)}
     return method, wq, overrides
 
 

@@ -59,38 +59,6 @@ def test_duquant_preserves_logits_in_float64(name, permute, one_thread):
     assert getattr(layer.o, "input_rotation", None) is None, "o_proj's transform is folded, nothing online"
 
 
-@pytest.mark.parametrize("name", ["qwen2-bias-gqa", "llama-tied-gqa"])
-def test_alpha_grid_keeps_the_function_and_the_smallest_error(name, one_thread):
-    """With duq_alpha_grid every stream of every layer gets the grid's alpha with the smallest output
-    error (recorded in the meta), and the transform stays exact in float64."""
-    grid = [0.0, 0.5, 0.9]
-    model, ref, ids, rot = _calibrated(name, duq_alpha_grid=grid)
-    meta = rot.meta
-    n_layers = len(adapter_for(model).layers_of(model))
-    assert set(meta["alpha_chosen"]) == {"DQ_attn", "DQ_mlp", "DQ_down", "DQ_o"}
-    for key, alphas in meta["alpha_chosen"].items():
-        assert len(alphas) == n_layers
-        for alpha, errors in zip(alphas, meta["alpha_errors"][key]):
-            assert set(errors) == {str(a) for a in grid}
-            assert errors[str(alpha)] == min(errors.values())
-    rotate_(model, rot)
-    with torch.no_grad():
-        assert rel_err(ref, model(ids).logits) < TOL
-
-
-def test_alpha_grid_of_one_value_smooths_as_that_alpha(one_thread):
-    """A grid of one value gives every stream the smoothing of that alpha set directly (the rotations
-    differ: the search draws them from its own seed); values outside [0, 1] are refused."""
-    _, _, _, plain = _calibrated("qwen2-bias-gqa", duq_alpha=0.3)
-    _, _, _, grid = _calibrated("qwen2-bias-gqa", duq_alpha_grid=[0.3])
-    assert all(a == 0.3 for v in grid.meta["alpha_chosen"].values() for a in v)
-    assert plain.scales.keys() == grid.scales.keys()
-    for k in plain.scales:
-        assert torch.equal(plain.scales[k], grid.scales[k]), k
-    with pytest.raises(ValueError, match="alpha_grid"):
-        RunConfig.from_flat(method="duquant", duq_alpha_grid=[1.5]).section("duquant").validate()
-
-
 def test_block_size_larger_than_the_input_and_one_channel_blocks(one_thread):
     """block 128 > every tiny width: one ragged block (padded) per input; still exact."""
     model, ref, ids, rot = _calibrated("qwen2-bias-gqa", block=128)

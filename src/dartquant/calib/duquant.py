@@ -43,7 +43,7 @@ Design choices:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -52,7 +52,6 @@ from ..block_rotation import apply_blocks, block_sizes, pad_block
 from ..layerwise import forward_plan, iterate_blocks
 from ..log import log
 from ..modules import as_qlinear
-from ..quant.primitives import fake_quantize
 from ..transforms import RotationSet
 from ..typecheck import check_types
 
@@ -67,9 +66,6 @@ class DuQuantConfig:
     permute: bool = True  # zigzag permutation + second block rotation (off: one block rotation)
     sample_tokens: int = 2048  # random token rows per layer for the greedy rotations
     outlier_tokens: int = 256  # plus the rows with the largest max |x| (over all calibration tokens)
-    # non-empty: alpha chosen per layer and input stream from these values, by the output error of the
-    # stream's linears with both their quantizers (RTN weights as GPTQ's proxy); `alpha` is then unused
-    alpha_grid: list[float] = field(default_factory=list)
 
     def __post_init__(self):
         check_types(self)
@@ -79,8 +75,6 @@ class DuQuantConfig:
             raise ValueError(f"duquant block_size must be at least 2, got {self.block_size}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"duquant alpha must be in [0, 1], got {self.alpha}")
-        if not all(0 <= a <= 1 for a in self.alpha_grid):
-            raise ValueError(f"duquant alpha_grid values must be in [0, 1], got {self.alpha_grid!r}")
         if self.steps < 0 or self.sample_tokens < 0 or self.outlier_tokens < 0:
             raise ValueError("duquant steps, sample_tokens and outlier_tokens must be >= 0")
         if self.sample_tokens + self.outlier_tokens == 0 and self.steps > 0:
@@ -230,96 +224,6 @@ def dual_transform(x: torch.Tensor, cfg: DuQuantConfig, g: torch.Generator) -> t
     return r1.cpu(), perm, r2.cpu()
 
 
-# ---- the smoothing strength per stream (alpha_grid) -----------------------------------------
-def _output_error(rows: torch.Tensor, weights, rows_t: torch.Tensor, weights_t, a_spec, w_spec) -> float:
-    """sum_W ||Q_a(x T) Q_w(W T)^T - x W^T||^2 / sum_W ||x W^T||^2: the stream's relative output error
-    with both quantizers, x the sampled rows, T the stream's (smoothing and rotation) transform."""
-    xq = fake_quantize(rows_t, a_spec)
-    err = ref = 0.0
-    for w, wt in zip(weights, weights_t):
-        y = rows @ w.T
-        err += (xq @ fake_quantize(wt, w_spec).T - y).square().sum().item()
-        ref += y.square().sum().item()
-    return err / max(ref, 1e-30)
-
-
-def _search_alpha(rows, amax, readers, opts: DuQuantConfig, g, a_spec, w_spec, transform):
-    """(alpha, lambda, transform's result, errors) for the alpha of opts.alpha_grid whose stream
-    output error (_output_error) is smallest. `transform(x, gen)` builds the rotations of the
-    smoothed rows x and `transform.apply(t, parts)` applies them to [..., n] rows (activations or
-    weights). Every candidate draws the same random rotations (one seed from g), so they differ
-    only by their smoothing."""
-    weights = [m.weight.detach().to(rows.device, torch.float64) for m in readers]
-    w_amax = _w_amax(*readers)
-    seed = int(torch.randint(0, 2**62, (1,), generator=g))
-    best, errors = None, {}
-    for alpha in opts.alpha_grid:
-        lam = transform.scales(amax, w_amax, alpha)
-        gen = torch.Generator().manual_seed(seed)
-        lam_dev = lam.to(rows.device)
-        parts = transform(transform.smooth(rows, lam_dev), gen)
-        rows_t = transform.apply(transform.smooth(rows, lam_dev), parts)
-        weights_t = [transform.apply(transform.unsmooth(w, lam_dev), parts) for w in weights]
-        errors[alpha] = _output_error(rows, weights, rows_t, weights_t, a_spec, w_spec)
-        if best is None or errors[alpha] < errors[best[0]]:
-            best = (alpha, lam, parts)
-    return (*best, errors)
-
-
-class _StreamTransform:
-    """DuQuant's transform of a q/k/v, gate/up or down_proj input: x / lambda, then R1 P R2."""
-
-    def __init__(self, opts):
-        self.opts = opts
-
-    scales = staticmethod(smoothing_scales)
-
-    @staticmethod
-    def smooth(x, lam):
-        return x / lam
-
-    @staticmethod
-    def unsmooth(w, lam):
-        return w * lam
-
-    def __call__(self, x, gen):
-        return dual_transform(x, self.opts, gen)
-
-    @staticmethod
-    def apply(t, parts):
-        r1, perm, r2 = parts
-        return apply_blocks(t, r1.to(t.device), perm, None if r2 is None else r2.to(t.device))
-
-
-class _HeadTransform:
-    """DuQuant's transform of the o_proj input: one lambda per KV-head channel (shared by the query
-    heads of its group), then one greedy rotation per KV head."""
-
-    def __init__(self, opts, kv: int, groups: int, d: int):
-        self.opts, self.kv, self.groups, self.d = opts, kv, groups, d
-
-    def scales(self, amax, w_amax, alpha):
-        kv, groups, d = self.kv, self.groups, self.d
-        return smoothing_scales(amax.double().view(kv, groups, d).amax(dim=1),
-                                w_amax.view(kv, groups, d).amax(dim=1), alpha)  # [kv, d]
-
-    def _heads(self, t):
-        return t.reshape(*t.shape[:-1], self.kv, self.groups, self.d)
-
-    def smooth(self, x, lam):
-        return (self._heads(x) / lam[:, None, :]).flatten(-3)
-
-    def unsmooth(self, w, lam):
-        return (self._heads(w) * lam[:, None, :]).flatten(-3)
-
-    def __call__(self, x, gen):
-        per_head = self._heads(x).movedim(-3, 0).reshape(self.kv, -1, self.d)  # [kv, tokens * groups, d]
-        return greedy_rotation(per_head, self.opts.steps, gen)
-
-    def apply(self, t, rot):
-        return torch.einsum("...kgd,kde->...kge", self._heads(t), rot.to(t.device, t.dtype)).flatten(-3)
-
-
 # ---- capture --------------------------------------------------------------------------------
 class _Observer:
     """Per-channel max |x| over every token, and a row sample for the greedy rotations: the
@@ -394,11 +298,6 @@ def calibrate_duquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, progre
     # on a GPU several windows per block call and the hidden states kept there (the capture was a host
     # round trip per window and block); on the CPU one window per call, as before
     batch, resident = forward_plan(geo, *calib_ids.shape, next(model.parameters()).dtype, cfg.device)
-    stream_transform, head_transform = _StreamTransform(opts), _HeadTransform(opts, kv, groups, d)
-    chosen: dict[str, list] = {}  # alpha_grid: per stream, per layer, the alpha kept and every candidate's error
-    if opts.alpha_grid:
-        a_specs = {role: cfg.scheme.act_spec(role, d) for role in ("q", "up", "down", "o")}
-        w_spec = cfg.scheme.weight_spec()
     for i, block, forward in iterate_blocks(model, adapter, calib_ids, cfg.device, progress, desc="duquant",
                                             batch=batch, resident=resident):
         layer = adapter.layer(block)
@@ -418,44 +317,27 @@ def calibrate_duquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, progre
                                                    ("DQ_mlp", "up", (layer.gate, layer.up), "mlp_norm"),
                                                    ("DQ_down", "down", (layer.down,), "up")):
                 ob = observers[role]
-                rows = ob.rows().to(cfg.device, torch.float64)
-                if opts.alpha_grid:
-                    alpha, lam, (r1, perm, r2), errors = _search_alpha(
-                        rows, ob.amax.cpu(), readers, opts, g, a_specs[role], w_spec, stream_transform)
-                    chosen.setdefault(key, []).append({"alpha": alpha, "errors": errors})
-                else:
-                    lam = smoothing_scales(ob.amax.cpu(), _w_amax(*readers), opts.alpha)
-                    r1, perm, r2 = dual_transform(rows / lam.to(cfg.device), opts, g)
+                lam = smoothing_scales(ob.amax.cpu(), _w_amax(*readers), opts.alpha)
                 scales[scale_name].append(1.0 / lam)  # the placement scales the stream by t = 1 / lambda
-                x = rows / lam.to(cfg.device)
+                x = ob.rows().to(cfg.device, torch.float64) / lam.to(cfg.device)
+                r1, perm, r2 = dual_transform(x, opts, g)
                 record(key, r1, perm, r2)
                 stat(key, x, apply_blocks(x, r1.to(x.device), perm, None if r2 is None else r2.to(x.device)))
             # o_proj: one lambda per KV-head channel (max over its query heads), one rotation per KV head
             ob = observers["o"]
-            rows = ob.rows().to(cfg.device, torch.float64)
-            if opts.alpha_grid:
-                alpha, lam, rot, errors = _search_alpha(rows, ob.amax.cpu(), (layer.o,), opts, g, a_specs["o"],
-                                                        w_spec, head_transform)
-                chosen.setdefault("DQ_o", []).append({"alpha": alpha, "errors": errors})
-            else:
-                lam = head_transform.scales(ob.amax.cpu(), _w_amax(layer.o), opts.alpha)  # [kv, d]
-                rot = head_transform(head_transform.smooth(rows, lam.to(cfg.device)), g)
+            x_amax = ob.amax.cpu().double().view(kv, groups, d).amax(dim=1)
+            w_amax = _w_amax(layer.o).view(kv, groups, d).amax(dim=1)
+            lam = smoothing_scales(x_amax, w_amax, opts.alpha)  # [kv, d]
             scales["v"].append(1.0 / lam.reshape(-1))
-            x = head_transform.smooth(rows, lam.to(cfg.device))
+            rows = ob.rows().to(cfg.device, torch.float64).view(-1, kv, groups, d) / lam.to(cfg.device)[None, :, None, :]
+            per_head = rows.permute(1, 0, 2, 3).reshape(kv, -1, d)  # [kv, tokens * groups, d]
+            rot = greedy_rotation(per_head, opts.steps, g)
             mats.setdefault("DQ_o", []).append(rot.cpu())
-            per_head = x.view(-1, kv, groups, d).permute(1, 0, 2, 3).reshape(kv, -1, d)
-            stat("DQ_o", per_head, per_head @ rot.to(x.device))
+            stat("DQ_o", per_head, per_head @ rot)
     blocks = {k: torch.stack(v) for k, v in mats.items()}
     summary = {name: {"max_abs_before": round(sum(b for b, _ in v) / len(v), 4),
                       "max_abs_after": round(sum(a for _, a in v) / len(v), 4)} for name, v in before_after.items()}
     meta = {"method": "duquant", "seed": cfg.seed, "block_size": opts.block_size, "alpha": opts.alpha,
             "steps": opts.steps, "permute": opts.permute, "r1_layer_mean_max_abs": summary}
-    if opts.alpha_grid:
-        meta["alpha_grid"] = list(opts.alpha_grid)
-        meta["alpha_chosen"] = {k: [c["alpha"] for c in v] for k, v in chosen.items()}
-        meta["alpha_errors"] = {k: [{str(a): round(e, 6) for a, e in c["errors"].items()} for c in v]
-                                for k, v in chosen.items()}
-        log.info("duquant alpha per stream (mean over layers): %s",
-                 ", ".join(f"{k} {sum(c['alpha'] for c in v) / len(v):.2f}" for k, v in chosen.items()))
     return RotationSet(r3=cfg.r3, r4=False, meta=meta,
                        scales={k: torch.stack(v) for k, v in scales.items()}, blocks=blocks)
