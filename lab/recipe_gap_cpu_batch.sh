@@ -7,6 +7,7 @@
 #   KV4 only  weights and activations 16-bit
 # Usage: OUT=/tmp/s30 MODEL=smollm2-135m TAG=sm WINDOWS=8 SEEDS="0 1 2" RECIPE_RUNS=/tmp/s29/sm_recipe \
 #        bash lab/recipe_gap_cpu_batch.sh       (RECIPE_RUNS_$seed/rotations.safetensors must exist)
+# QuaRot's parts on the same protocol: METHOD_ARGS="--method quarot" TAG=sm_quarot RECIPE_RUNS=/tmp/s29/sm_quarot
 set -eu
 OUT=${OUT:-/tmp/s30}; mkdir -p "$OUT"
 DQ=${DQ:-.venv/bin/dartquant}
@@ -20,7 +21,7 @@ for s in ${SEEDS:-0}; do
       kv4) args="--w-bits 16 --a-bits 16 --a-clip-search false" ;;
     esac
     name=${TAG}_gap_${part}_$s
-    [ -f "$OUT/$name/metrics.json" ] || $DQ quantize --model "$MODEL" --recipe recipes/duquant-clip-search.yaml \
+    [ -f "$OUT/$name/metrics.json" ] || $DQ quantize --model "$MODEL" ${METHOD_ARGS:---recipe recipes/duquant-clip-search.yaml} \
       --rotations "$rot" --seed $s $common $args --out "$OUT/$name" > "$OUT/$name.log" 2>&1 || echo "FAILED $name"
   done
 done
