@@ -80,3 +80,12 @@ def test_whole_job_rows_are_saved_as_they_come(tmp_path):
     save_rows(out, [newer], args, final=True)
     assert json.loads(out.read_text())["rows"] == [r2, newer]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_quality_config_strings_take_list_values():
+    """benchmarks/quality.py --configs: key=value pairs split on commas, except inside [a,b] lists."""
+    from quality import parse_config
+
+    assert parse_config("quarot:gptq") == ("quarot", "gptq", {})
+    assert parse_config("duquant:gptq:a_clip_search=true,dq_lr_grid=[0.01,0.1],seed_x=3") == (
+        "duquant", "gptq", {"a_clip_search": True, "dq_lr_grid": [0.01, 0.1], "seed_x": 3})
