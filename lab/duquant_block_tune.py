@@ -153,26 +153,21 @@ def main() -> None:
         with torch.no_grad():
             after = float(loss_on(scored))
             keep = after < before  # never keep a tuning that made the block worse on its own data
-            for key, online, readers, a_param, mask in params:
-                q = (rotation(a_param, mask) if keep else torch.eye(block_size, dtype=torch.float64).expand_as(mask)).cpu()
-                last = f"{key}.r2" if f"{key}.r2" in rot.blocks else f"{key}.r1"
-                rot.blocks[last][i] = (rot.blocks[last][i].double() @ q).to(rot.blocks[last].dtype)
-                del online.forward  # back to the class's forward
             for lin, w0 in patched:
-                del lin.forward
-            # the model continues with the tuned transform folded (weights and online rotation)
+                del lin.forward  # back to the class's forward
             for key, online, readers, a_param, mask in params:
-                q = rotation(a_param, mask) if keep else None
-                if q is None:
+                del online.forward
+                if not keep:
                     continue
+                q = rotation(a_param, mask)  # folded into the stored R2 (R1 without one) and, for the
+                last = f"{key}.r2" if f"{key}.r2" in rot.blocks else f"{key}.r1"  # chain, the model
+                rot.blocks[last][i] = (rot.blocks[last][i].double() @ q.cpu()).to(rot.blocks[last].dtype)
                 attr = "r2" if online.r2 is not None else "r1"
                 setattr(online, attr, (getattr(online, attr).double() @ q).to(getattr(online, attr).dtype))
                 for role in readers:
                     lin = getattr(layer, role)
                     lin.weight.copy_(apply_blocks(lin.weight.double(), q).to(lin.weight.dtype))
-            set_act_quant_enabled_(block, False)
             h_fp = y_fp
-            set_act_quant_enabled_(block, True)
             h_q = torch.cat([run_block(block, h_q[j: j + 1], pos) for j in range(n_seq)])
         log.append({"layer": i, "before": before, "after": after, "kept": keep, "seconds": round(time.time() - t0, 1)})
         print(f"layer {i}: relative block output error {before:.5f} -> {after:.5f}{'' if keep else ' (not kept)'} "
