@@ -9,7 +9,7 @@ source lab/device/device_env.sh  # joins the staged pieces, installs the carried
 # WORK: a second batch started while the first runs needs its own copy (WORK=/tmp/work2)
 WORK=${WORK:-/tmp/work}
 rm -rf "$WORK" && mkdir -p "$WORK" /tmp/res
-cp -r "$repo/src" "$repo/benchmarks" "$repo/lab" "$WORK/"
+cp -r "$repo/src" "$repo/benchmarks" "$repo/lab" "$repo/recipes" "$WORK/"
 cd "$WORK"
 export PYTHONPATH="$WORK/src:/tmp/site"
 setsid nohup bash lab/device/device_batch.sh "$@" > "/tmp/res/batch-$(basename "$WORK").log" 2>&1 < /dev/null &

@@ -12,6 +12,8 @@ RES=${RES:-/tmp/res}; mkdir -p "$RES" /tmp/bt
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=2
 MODELS=${MODELS:-"qwen2.5-coder-0.5b:qw smollm2-135m:sm"}
 SEEDS=${SEEDS:-"0 1 2"}
+STEPS=${STEPS:-200}  # Adam steps per block (the H200 took ~117 s a Qwen layer at 200 with three fits sharing it)
+BASE=${BASE:-1}      # 0: only the tuned lanes (the base runs are done)
 common="--calib-samples 32 --calib-seqlen 2048 --skip-fp-eval --device cuda --overwrite"
 recipe="--recipe recipes/duquant-clip-search.yaml"
 base() {  # MODEL TAG SEED
@@ -21,11 +23,12 @@ base() {  # MODEL TAG SEED
 }
 tuned() {  # MODEL TAG SEED
   m=$1 t=$2 s=$3
-  python3 -m dartquant.cli quantize --model $m $recipe --seed $s $common --w-bits 16 --a-bits 16 --kv-bits 16 \
-    --w-quantizer rtn --a-clip-search false --eval-max-windows 1 --out /tmp/bt/${t}_rot_$s > "$RES/bt_${t}_rot_$s.log" 2>&1
+  [ -f /tmp/bt/${t}_rot_$s/rotations.safetensors ] || python3 -m dartquant.cli quantize --model $m $recipe --seed $s $common \
+    --w-bits 16 --a-bits 16 --kv-bits 16 --w-quantizer rtn --a-clip-search false --eval-max-windows 1 \
+    --out /tmp/bt/${t}_rot_$s > "$RES/bt_${t}_rot_$s.log" 2>&1
   t0=$(date +%s)
   python3 lab/duquant_block_tune.py --model $m --rotations /tmp/bt/${t}_rot_$s/rotations.safetensors --seed $s \
-    --calib-samples 32 --calib-seqlen 2048 --device cuda --out /tmp/bt/${t}_tuned_$s.safetensors \
+    --calib-samples 32 --calib-seqlen 2048 --device cuda --steps $STEPS --out /tmp/bt/${t}_tuned_$s.safetensors \
     --json "$RES/bt_${t}_tune_$s.json" > "$RES/bt_${t}_tune_$s.log" 2>&1
   echo "tune wall s: $(( $(date +%s) - t0 ))" >> "$RES/bt_${t}_tune_$s.log"
   python3 -m dartquant.cli quantize --model $m $recipe --seed $s $common --rotations /tmp/bt/${t}_tuned_$s.safetensors \
@@ -36,7 +39,7 @@ for s in $SEEDS; do
   for mt in $MODELS; do
     m=${mt%%:*} t=${mt##*:}
     tuned $m $t $s &
-    base $m $t $s &
+    [ "$BASE" = 0 ] || base $m $t $s &
   done
 done
 wait
