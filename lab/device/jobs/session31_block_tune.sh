@@ -43,6 +43,6 @@ for s in $SEEDS; do
   done
 done
 wait
-sha256sum /tmp/bt/*_{rot,recipe}_?/rotations.safetensors > "$RES/bt_rot_hashes_$(echo $MODELS | tr -c 'a-z0-9\n' _).txt"
+sha256sum /tmp/bt/*_{rot,recipe}_?/rotations.safetensors > "$RES/bt_rot_hashes_$(echo $MODELS | tr -c 'a-z0-9\n' _).log"  # .log: device_poll.sh brings it back
 grep -h "W4A4KV4 " "$RES"/bt_*_{recipe,tuned}_?.log
 touch "$RES/DONE-bt-$(echo $MODELS | cut -c1-4)"
