@@ -398,6 +398,17 @@ def test_mse_search_helps_on_gaussian_rows_and_honours_the_norm():
     assert torch.all(l24(s24) <= l24(searched) * (1 + 1e-5))
 
 
+
+def test_scheme_passes_the_weight_search_norm_and_refuses_a_bad_one():
+    from dartquant.quant.scheme import QuantScheme
+
+    spec = QuantScheme(w_mse_norm=2.4, w_mse_grid=100, w_mse_min_ratio=0.2).weight_spec()
+    assert (spec.mse_norm, spec.mse_grid, spec.mse_min_ratio) == (2.4, 100, 0.2)
+    assert QuantScheme().weight_spec().mse_norm == 2.0
+    with pytest.raises(ValueError, match="w_mse_norm"):
+        QuantScheme(w_mse_norm=0.0).validate()
+
+
 # ----------------------------------------------------------------------------- packing / container
 
 

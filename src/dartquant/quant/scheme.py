@@ -31,6 +31,7 @@ class QuantScheme:
     w_mse_search: bool = True
     w_mse_grid: int = 20  # clip ratios tried, evenly from 1.0 down to w_mse_min_ratio
     w_mse_min_ratio: float = 0.5
+    w_mse_norm: float = 2.0  # the search minimises sum |w - w_hat|^norm: 2 = MSE; 2.4 = GPTQ's / QuaRot's search
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
     gptq_static_groups: bool = False
@@ -97,7 +98,8 @@ class QuantScheme:
 
     def weight_spec(self) -> QuantSpec:
         return QuantSpec(bits=self.w_bits, symmetric=self.w_symmetric, group_size=self.w_group_size,
-                         mse_search=self.w_mse_search, mse_grid=self.w_mse_grid, mse_min_ratio=self.w_mse_min_ratio)
+                         mse_search=self.w_mse_search, mse_grid=self.w_mse_grid, mse_min_ratio=self.w_mse_min_ratio,
+                         mse_norm=self.w_mse_norm)
 
     def act_spec(self, role: str, head_dim: int) -> QuantSpec:
         bits = int(self.a_bits_overrides.get(role, self.a_bits))
@@ -139,8 +141,8 @@ class QuantScheme:
         if self.a_clip_search and self.a_bits >= 16 and not any(b < 16 for b in self.a_bits_overrides.values()):
             raise ValueError("a_clip_search chooses activation clip ratios, but no activation is quantized "
                              "(a_bits 16): drop a_clip_search or quantize activations")
-        if not 0 < self.w_mse_min_ratio <= 1 or self.w_mse_grid <= 0:
-            raise ValueError("w_mse_min_ratio must be in (0, 1] and w_mse_grid positive")
+        if not 0 < self.w_mse_min_ratio <= 1 or self.w_mse_grid <= 0 or not self.w_mse_norm > 0:
+            raise ValueError("w_mse_min_ratio must be in (0, 1], w_mse_grid and w_mse_norm positive")
         if self.gptq_damp <= 0 or self.gptq_blocksize <= 0:
             raise ValueError("gptq_damp and gptq_blocksize must be positive")
         if self.gptq_hessian_mb is not None and self.gptq_hessian_mb <= 0:
