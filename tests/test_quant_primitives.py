@@ -398,7 +398,6 @@ def test_mse_search_helps_on_gaussian_rows_and_honours_the_norm():
     assert torch.all(l24(s24) <= l24(searched) * (1 + 1e-5))
 
 
-
 def test_scheme_passes_the_weight_search_norm_and_refuses_a_bad_one():
     from dartquant.quant.scheme import QuantScheme
 

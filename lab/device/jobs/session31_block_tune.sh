@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17 (session 31): session30_block_tune.sh made shorter for one lease. Per model and seed, two
+# Issue 17 (sessions 30-31): the block-tune job, made to fit one lease. Per model and seed, two
 # lanes at once:
 #   base:  the recipe at the full protocol (32 x 2048 calibration, full held-out wiki / c4);
 #   tuned: a 16-bit run of the same recipe, only for its rotations (identical to the recipe's: checked
