@@ -156,6 +156,37 @@ def test_gptq_with_mse_clip_search_beats_rtn_with_it(data):
     assert _out_err(X, W, qt.dequantize()) <= _out_err(X, W, fake_quantize(W, spec))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_output_objective_picks_each_rows_clip_by_its_output_error(data, symmetric):
+    X, W, gptq = data
+    spec = QuantSpec(bits=4, symmetric=symmetric, mse_search=True, mse_grid=20, mse_min_ratio=0.5)
+    qt = gptq.quantize(W, spec, clip_objective="output")
+    H = gptq.H.double()
+
+    def row_output_error(scale, zero):  # (w - w_hat) H (w - w_hat)^T of RTN at these qparams, per row
+        d = (W.double() - (torch.round(W / scale[:, 0] + zero[:, 0]).clamp(*spec.code_range) - zero[:, 0])
+             * scale[:, 0].double())
+        return ((d @ H) * d).sum(-1)
+
+    by_weight = compute_qparams(W, spec)
+    e_out, e_weight = row_output_error(qt.scale, qt.zero), row_output_error(*by_weight)
+    # the same grid, so never worse per row; the outlier channels make the two objectives disagree
+    assert torch.all(e_out <= e_weight * (1 + 1e-5))
+    assert (e_out < e_weight * (1 - 1e-3)).sum() >= D_OUT // 4
+    # every other candidate on the grid is no better for its row
+    for r in (1.0 - i * 0.5 / 19 for i in (0, 7, 19)):
+        s, z = compute_qparams(W, QuantSpec(bits=4, symmetric=symmetric, clip_ratio=r))
+        assert torch.all(e_out <= row_output_error(s, z) * (1 + 1e-5))
+    # the default objective is the weight norm, unchanged
+    assert torch.equal(gptq.quantize(W, spec).scale, by_weight[0])
+    # the end result: a smaller output error than GPTQ with the weight search, on these inputs
+    assert _out_err(X, W, qt.dequantize()) < _out_err(X, W, gptq.quantize(W, spec).dequantize())
+    with pytest.raises(ValueError, match="one clip ratio per row"):
+        gptq.quantize(W, QuantSpec(bits=4, group_size=32, mse_search=True), clip_objective="output")
+    with pytest.raises(ValueError, match="clip_objective"):
+        gptq.quantize(W, spec, clip_objective="hessian")
+
+
 def test_gptq_result_survives_a_state_dict_round_trip(data):
     _, W, gptq = data
     for spec in (QuantSpec(bits=4, group_size=32), QuantSpec(bits=4, symmetric=False), QuantSpec(bits=3, group_size=64)):

@@ -412,6 +412,7 @@ class GPTQ:
         columns: str = "auto",
         factorization: str = "auto",
         release_hessian: bool = False,
+        clip_objective: str = "weight",
     ) -> QuantizedTensor:
         """GPTQ-quantize weight [out, in_features]; returns codes + float32 scales on weight's device.
 
@@ -421,16 +422,21 @@ class GPTQ:
         the module's notes), or "auto" (lean on a GPU, reference elsewhere; the environment variable
         DARTQUANT_GPTQ_FACTORIZATION=reference|lean overrides it).
         release_hessian: this is the Hessian's last use: drop it (`free`) as soon as the factorization
-        no longer needs it, which lowers the peak (a 70B down_proj's Hessian is 3 GiB in float32)."""
+        no longer needs it, which lowers the peak (a 70B down_proj's Hessian is 3 GiB in float32).
+        clip_objective: with spec.mse_search, what the per-row clip search minimises: "weight"
+        (the spec's sum |w - w_hat|^mse_norm) or "output" (the row's output error on the calibration
+        inputs, (w - w_hat) H (w - w_hat)^T; one scale per row only)."""
         return self._quantize(
             weight, spec, blocksize=blocksize, percdamp=percdamp, act_order=act_order, static_groups=static_groups,
             columns=columns, factorization=factorization, release_hessian=release_hessian,
+            clip_objective=clip_objective,
         )[0]
 
     @torch.no_grad()
     def _quantize(
         self, weight: torch.Tensor, spec: QuantSpec, *, blocksize: int, percdamp: float, act_order: bool,
         static_groups: bool, columns: str = "auto", factorization: str = "auto", release_hessian: bool = False,
+        clip_objective: str = "weight",
     ) -> tuple[QuantizedTensor, torch.Tensor]:
         """`quantize`, also returning the float32 weight the loop wrote (tests check it equals
         the container's dequantize() bitwise)."""
@@ -449,6 +455,11 @@ class GPTQ:
             raise ValueError(f"columns must be auto, torch or triton, got {columns!r}")
         if factorization not in ("auto", "reference", "lean"):
             raise ValueError(f"factorization must be auto, reference or lean, got {factorization!r}")
+        if clip_objective not in ("weight", "output"):
+            raise ValueError(f"clip_objective must be weight or output, got {clip_objective!r}")
+        output_search = clip_objective == "output" and spec.mse_search
+        if output_search and spec.group_size is not None:
+            raise ValueError("clip_objective output searches one clip ratio per row: use group_size None")
         g = spec.group_size if spec.group_size is not None and spec.group_size > 0 else None
         if act_order and g is not None and not static_groups:
             raise ValueError(
@@ -471,6 +482,14 @@ class GPTQ:
         dead = diag == 0
         diag[dead] = 1.0  # the diagonal of H below
         W[:, dead] = 0.0
+        search_error = None
+        if output_search:  # before the Hessian can be released; float32 keeps the n_out x n x n products cheap
+            Hs = self.H.to(torch.float32, copy=True)
+            Hs[dead, dead] = 1.0
+
+            def search_error(diff: torch.Tensor) -> torch.Tensor:  # diff: [n_out, 1, n] -> [n_out, 1, 1]
+                d = diff[:, 0]
+                return ((d @ Hs) * d).sum(dim=-1, keepdim=True).unsqueeze(-1)
         H = None
         if not lean:  # the whole Hessian in float64 now (lean: built inside its factorization)
             H = self.H.to(torch.float64, copy=True)  # never self.H itself (a float64 accumulator)
@@ -482,7 +501,8 @@ class GPTQ:
             scale = torch.empty(n_out, n // g, 1, device=dev, dtype=torch.float32)
             zero = torch.zeros_like(scale)
         else:  # per row / per tensor / static groups: all qparams from the (dead-zeroed) weight now
-            scale, zero = compute_qparams(W, spec)
+            scale, zero = compute_qparams(W, spec, search_error)
+            search_error = Hs = None
         # column -> group index into scale[:, group, 0] (per row / per tensor: group 0)
         col_group = torch.arange(n, device=dev) // g if g is not None else torch.zeros(n, dtype=torch.long, device=dev)
 

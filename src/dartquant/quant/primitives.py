@@ -216,7 +216,7 @@ def _fq_grouped(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec:
     return q.sub_(zero).mul_(scale)
 
 
-def _qparams_grouped(xg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _qparams_grouped(xg: torch.Tensor, spec: QuantSpec, search_error=None) -> tuple[torch.Tensor, torch.Tensor]:
     stats = _range_stats(xg, spec)
     if not spec.mse_search:
         return _qparams_from_stats(stats, spec.clip_ratio, spec)
@@ -229,9 +229,11 @@ def _qparams_grouped(xg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, t
     for r in ratios:
         scale, zero = _qparams_from_stats(stats, r, spec)
         diff = _fq_grouped(xg, scale, zero, spec) - xg
-        # square() is several times faster than abs().pow(2.0) on CPU
-        diff = diff.square_() if spec.mse_norm == 2 else diff.abs_().pow_(spec.mse_norm)
-        err = diff.sum(dim=dims, keepdim=True)
+        if search_error is not None:
+            err = search_error(diff)
+        else:  # square() is several times faster than abs().pow(2.0) on CPU
+            diff = diff.square_() if spec.mse_norm == 2 else diff.abs_().pow_(spec.mse_norm)
+            err = diff.sum(dim=dims, keepdim=True)
         if best_err is None:
             best_scale, best_zero, best_err = scale, zero, err
             continue
@@ -253,17 +255,21 @@ def _check(x: torch.Tensor, spec: QuantSpec) -> None:
 # ----------------------------------------------------------------------------- public API
 
 
-def compute_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_qparams(x: torch.Tensor, spec: QuantSpec, search_error=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) for x, shaped to broadcast over x viewed as [..., n_groups, group_len].
 
     Shapes: [..., n_groups, 1] for group_size None (n_groups = 1) or k; all ones for -1.
     dtype: promote(x.dtype, float32). `zero` holds integer values (all 0 when symmetric).
     Computed without gradient.
+    search_error: with spec.mse_search, the cost the search minimises instead of
+    sum |x - x_hat|^mse_norm: a function of the error x_hat - x in the grouped view
+    [..., n_groups, group_len] returning one cost per group, shaped like the scale
+    (e.g. a weight row's output error on calibration inputs; gptq.GPTQ.quantize).
     """
     _check(x, spec)
     with torch.no_grad():
         xg = _grouped(x.detach().to(_compute_dtype(x.dtype)), spec)
-        return _qparams_grouped(xg, spec)
+        return _qparams_grouped(xg, spec, search_error)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

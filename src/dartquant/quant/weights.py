@@ -281,7 +281,8 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
                     w = targets.pop(role)
                 qt = solver.quantize(w, spec, blocksize=scheme.gptq_blocksize,
                                      percdamp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
-                                     static_groups=scheme.gptq_static_groups, release_hessian=last)
+                                     static_groups=scheme.gptq_static_groups, release_hessian=last,
+                                     clip_objective=scheme.w_mse_objective)
                 done.append((q, _on_cpu(qt)))
             hessians.free()
         for q, qt in done:
