@@ -187,6 +187,37 @@ def test_output_objective_picks_each_rows_clip_by_its_output_error(data, symmetr
         gptq.quantize(W, spec, clip_objective="hessian")
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_objective_keeps_each_rows_best_gptq_result(data, symmetric, act_order, monkeypatch):
+    X, W, gptq = data
+    spec = QuantSpec(bits=4, symmetric=symmetric, mse_search=True, mse_grid=6, mse_min_ratio=0.5)
+    monkeypatch.setattr(gptq_mod, "_CANDIDATE_BYTES", 4 * 4 * D_OUT * D_IN * 4)  # 4 at a time: two chunks
+    qt, Q = gptq._quantize(W, spec, blocksize=128, percdamp=0.01, act_order=act_order, static_groups=False,
+                           clip_objective="gptq")
+    assert torch.equal(qt.dequantize(), Q)
+    H = gptq.H.double()
+    Hd = H + 0.01 * H.diagonal().mean() * torch.eye(D_IN, dtype=H.dtype)  # the damped H the loop minimises
+
+    def row_error(Wq):
+        d = W.double() - Wq.double()
+        return ((d @ Hd) * d).sum(-1)
+
+    e_best = row_error(Q)
+    # each row's result is that of plain GPTQ at one of the candidate ratios, the best of them per row
+    per_ratio = []
+    for i in range(6):
+        r = 1.0 - i * 0.5 / 5
+        one = gptq.quantize(W, QuantSpec(bits=4, symmetric=symmetric, clip_ratio=r), act_order=act_order)
+        per_ratio.append(row_error(one.dequantize()))
+    per_ratio = torch.stack(per_ratio)
+    torch.testing.assert_close(e_best, per_ratio.min(dim=0).values, rtol=1e-4, atol=0)
+    assert len(set(per_ratio.argmin(dim=0).tolist())) > 1  # rows do choose different ratios
+    # so it is never worse per row than the weight objective's choice, and better in all
+    e_weight = row_error(gptq.quantize(W, spec, act_order=act_order).dequantize())
+    assert torch.all(e_best <= e_weight * (1 + 1e-4)) and e_best.sum() < e_weight.sum()
+
+
 def test_gptq_result_survives_a_state_dict_round_trip(data):
     _, W, gptq = data
     for spec in (QuantSpec(bits=4, group_size=32), QuantSpec(bits=4, symmetric=False), QuantSpec(bits=3, group_size=64)):

@@ -163,6 +163,10 @@ def test_typed_values_that_are_fine(tmp_path):
         QuantScheme(w_bits=4.0)  # the Python API goes through the same checker
     with pytest.raises(ValueError, match="setting r4: 1 "):
         RunConfig(r4=1)
+    # a clip search weighed by GPTQ's Hessian, with a method whose weights default to RTN
+    with pytest.raises(ValueError, match="quantizes weights by RTN: add --w-quantizer gptq"):
+        RunConfig.from_dict({"method": "rtn", "w_mse_objective": "gptq"}).validate()
+    RunConfig.from_dict({"method": "quarot", "w_mse_objective": "gptq"}).validate()
 
 
 def test_nested_and_flat_keys_are_checked_alike():

@@ -61,11 +61,16 @@ import warnings
 import torch
 
 from .gptq_triton import gptq_columns_, triton_columns_available
-from .primitives import QuantizedTensor, QuantSpec, compute_qparams
+from .primitives import QuantizedTensor, QuantSpec, candidate_qparams, compute_qparams
 
-__all__ = ["GPTQ", "MAX_DAMP_RETRIES"]
+__all__ = ["GPTQ", "MAX_DAMP_RETRIES", "CLIP_OBJECTIVES"]
 
 MAX_DAMP_RETRIES = 5
+# what a per-row clip search minimises (GPTQ.quantize's clip_objective): the weight's own error, the
+# output error of RTN at each candidate, or the output error of GPTQ's result at each candidate
+CLIP_OBJECTIVES = ("weight", "output", "gptq")
+# clip_objective "gptq": float32 working memory of the candidates run at once (W, Q, C and Err per candidate)
+_CANDIDATE_BYTES = 1 << 30
 # "auto" column loop: checked once per process and device type against the torch loop
 _COLUMNS_KERNEL_CHECKED: dict[str, bool] = {}
 _COLUMNS_KERNEL_OK: dict[str, bool] = {}
@@ -424,13 +429,91 @@ class GPTQ:
         release_hessian: this is the Hessian's last use: drop it (`free`) as soon as the factorization
         no longer needs it, which lowers the peak (a 70B down_proj's Hessian is 3 GiB in float32).
         clip_objective: with spec.mse_search, what the per-row clip search minimises: "weight"
-        (the spec's sum |w - w_hat|^mse_norm) or "output" (the row's output error on the calibration
-        inputs, (w - w_hat) H (w - w_hat)^T; one scale per row only)."""
+        (the spec's sum |w - w_hat|^mse_norm), "output" (the row's output error on the calibration
+        inputs, (w - w_hat) H (w - w_hat)^T, of RTN at each candidate) or "gptq" (that error of
+        GPTQ's own result at each candidate: one column loop per candidate). One scale per row only."""
         return self._quantize(
             weight, spec, blocksize=blocksize, percdamp=percdamp, act_order=act_order, static_groups=static_groups,
             columns=columns, factorization=factorization, release_hessian=release_hessian,
             clip_objective=clip_objective,
         )[0]
+
+    @staticmethod
+    def _column_loop(W: torch.Tensor, Hinv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                     col_group: torch.Tensor, spec: QuantSpec, g: int | None, dynamic: bool, bs: int,
+                     columns: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The column loop over lazy-batch blocks (W is updated in place): the written weight Q, the
+        codes C (as floats) and each row's output error sum_j err_j^2, which is (w - q) H (w - q)^T
+        for the damped H (err_j = (w'_j - q_j) / U_jj with U = chol(H^-1), upper)."""
+        n_out, n = W.shape
+        dev = W.device
+        lo, hi = spec.code_range
+        Q = torch.zeros_like(W)
+        C = torch.zeros_like(W)  # codes as floats; converted once at the end
+        loss = torch.zeros(n_out, device=dev, dtype=torch.float32)
+        col_group_list = col_group.tolist()
+        kernel = not dynamic and _use_columns_kernel(columns, dev)
+        for i1 in range(0, n, bs):
+            i2 = min(i1 + bs, n)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            if kernel:
+                cg = col_group[i1:i2]
+                S1 = scale[:, cg, 0].expand(n_out, -1).contiguous()
+                Z1 = None if spec.symmetric else zero[:, cg, 0].expand(n_out, -1).contiguous()
+                Err1 = torch.empty(n_out, i2 - i1, device=dev, dtype=torch.float32)
+                try:
+                    gptq_columns_(W[:, i1:i2], Hinv1.contiguous(), S1, Z1, lo, hi, Q[:, i1:i2], C[:, i1:i2], Err1)
+                    failed = None
+                except Exception as e:  # noqa: BLE001 (auto: e.g. a GPU Triton cannot compile for)
+                    if columns == "triton":
+                        raise
+                    failed = f"failed ({type(e).__name__}: {str(e)[:200]})"
+                ref = None
+                if failed is None and columns == "auto" and not _COLUMNS_KERNEL_CHECKED.get(dev.type, False):
+                    _COLUMNS_KERNEL_CHECKED[dev.type] = True  # once per process: against the torch loop
+                    ref = _columns_torch(W[:, i1:i2], Hinv1, scale, zero, col_group_list[i1:i2], spec, g, dynamic)
+                    if not all(torch.equal(a, b) for a, b in zip(ref, (Q[:, i1:i2], C[:, i1:i2], Err1))):
+                        failed = "differs from the torch loop"
+                if failed is not None:
+                    warnings.warn(f"GPTQ: the Triton column loop {failed}; using the torch loop from now on "
+                                  "(slower, same results)", RuntimeWarning, stacklevel=4)
+                    _COLUMNS_KERNEL_OK[dev.type] = False
+                    kernel = False
+                    Q[:, i1:i2], C[:, i1:i2], Err1 = ref or _columns_torch(W[:, i1:i2], Hinv1, scale, zero,
+                                                                            col_group_list[i1:i2], spec, g, dynamic)
+            else:
+                Q[:, i1:i2], C[:, i1:i2], Err1 = _columns_torch(W[:, i1:i2], Hinv1, scale, zero,
+                                                                 col_group_list[i1:i2], spec, g, dynamic)
+            loss += Err1.square().sum(dim=1)
+            if i2 < n:  # lazy update of all later columns with this block's errors
+                W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+        return Q, C, loss
+
+    def _best_of_candidates(self, W: torch.Tensor, Hinv: torch.Tensor, candidates, col_group: torch.Tensor,
+                            spec: QuantSpec, bs: int, columns: str):
+        """GPTQ of W under each candidate (scale, zero) of one scale per row; per row, the candidate
+        whose GPTQ result has the smallest output error. GPTQ treats rows independently, so this
+        is the exact best of the candidates for the layer's calibration objective. Candidates run
+        a few at a time, rows stacked, within _CANDIDATE_BYTES of float32 working copies."""
+        n_out, n = W.shape
+        per = max(1, min(len(candidates), _CANDIDATE_BYTES // (4 * 4 * n_out * n)))
+        best = None
+        for c0 in range(0, len(candidates), per):
+            chunk = candidates[c0:c0 + per]
+            k = len(chunk)
+            S = torch.cat([s for s, _ in chunk])
+            Z = torch.cat([z for _, z in chunk])
+            Q, C, loss = self._column_loop(W.repeat(k, 1), Hinv, S, Z, col_group, spec, None, False, bs, columns)
+            loss, pick = loss.view(k, n_out).min(dim=0)  # ties: the earlier (larger) clip ratio
+            rows = pick * n_out + torch.arange(n_out, device=W.device)
+            found = (loss, Q[rows], C[rows], S[rows], Z[rows])
+            if best is None:
+                best = found
+                continue
+            better = found[0] < best[0]  # strict: ties keep the earlier chunk's (larger) ratio
+            best = tuple(torch.where(better.view(-1, *[1] * (a.ndim - 1)), a, b) for a, b in zip(found, best))
+        return best[1], best[2], best[3], best[4]
 
     @torch.no_grad()
     def _quantize(
@@ -455,11 +538,11 @@ class GPTQ:
             raise ValueError(f"columns must be auto, torch or triton, got {columns!r}")
         if factorization not in ("auto", "reference", "lean"):
             raise ValueError(f"factorization must be auto, reference or lean, got {factorization!r}")
-        if clip_objective not in ("weight", "output"):
-            raise ValueError(f"clip_objective must be weight or output, got {clip_objective!r}")
+        if clip_objective not in CLIP_OBJECTIVES:
+            raise ValueError(f"clip_objective must be one of {CLIP_OBJECTIVES}, got {clip_objective!r}")
         output_search = clip_objective == "output" and spec.mse_search
-        if output_search and spec.group_size is not None:
-            raise ValueError("clip_objective output searches one clip ratio per row: use group_size None")
+        if clip_objective != "weight" and spec.mse_search and spec.group_size is not None:
+            raise ValueError(f"clip_objective {clip_objective} searches one clip ratio per row: use group_size None")
         g = spec.group_size if spec.group_size is not None and spec.group_size > 0 else None
         if act_order and g is not None and not static_groups:
             raise ValueError(
@@ -497,9 +580,12 @@ class GPTQ:
             if release_hessian:
                 self.free()
 
+        candidates = None
         if dynamic:
             scale = torch.empty(n_out, n // g, 1, device=dev, dtype=torch.float32)
             zero = torch.zeros_like(scale)
+        elif clip_objective == "gptq" and spec.mse_search:  # each row's scale is chosen after the column loops
+            candidates = candidate_qparams(W, spec)
         else:  # per row / per tensor / static groups: all qparams from the (dead-zeroed) weight now
             scale, zero = compute_qparams(W, spec, search_error)
             search_error = Hs = None
@@ -519,45 +605,11 @@ class GPTQ:
             Hinv = self._inverse_cholesky(H, percdamp).to(torch.float32)
             del H
 
-        lo, hi = spec.code_range
-        Q = torch.zeros_like(W)
-        C = torch.zeros_like(W)  # codes as floats; converted once at the end
         bs = g * max(1, blocksize // g) if dynamic else blocksize
-        col_group_list = col_group.tolist()
-        kernel = not dynamic and _use_columns_kernel(columns, dev)
-        for i1 in range(0, n, bs):
-            i2 = min(i1 + bs, n)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            if kernel:
-                cg = col_group[i1:i2]
-                S1 = scale[:, cg, 0].expand(n_out, -1).contiguous()
-                Z1 = None if spec.symmetric else zero[:, cg, 0].expand(n_out, -1).contiguous()
-                Err1 = torch.empty(n_out, i2 - i1, device=dev, dtype=torch.float32)
-                try:
-                    gptq_columns_(W[:, i1:i2], Hinv1.contiguous(), S1, Z1, lo, hi, Q[:, i1:i2], C[:, i1:i2], Err1)
-                    failed = None
-                except Exception as e:  # noqa: BLE001 (auto: e.g. a GPU Triton cannot compile for)
-                    if columns == "triton":
-                        raise
-                    failed = f"failed ({type(e).__name__}: {str(e)[:200]})"
-                ref = None
-                if failed is None and columns == "auto" and not _COLUMNS_KERNEL_CHECKED.get(dev.type, False):
-                    _COLUMNS_KERNEL_CHECKED[dev.type] = True  # once per process: against the torch loop
-                    ref = _columns_torch(W[:, i1:i2], Hinv1, scale, zero, col_group_list[i1:i2], spec, g, dynamic)
-                    if not all(torch.equal(a, b) for a, b in zip(ref, (Q[:, i1:i2], C[:, i1:i2], Err1))):
-                        failed = "differs from the torch loop"
-                if failed is not None:
-                    warnings.warn(f"GPTQ: the Triton column loop {failed}; using the torch loop from now on "
-                                  "(slower, same results)", RuntimeWarning, stacklevel=4)
-                    _COLUMNS_KERNEL_OK[dev.type] = False
-                    kernel = False
-                    Q[:, i1:i2], C[:, i1:i2], Err1 = ref or _columns_torch(W[:, i1:i2], Hinv1, scale, zero,
-                                                                            col_group_list[i1:i2], spec, g, dynamic)
-            else:
-                Q[:, i1:i2], C[:, i1:i2], Err1 = _columns_torch(W[:, i1:i2], Hinv1, scale, zero,
-                                                                 col_group_list[i1:i2], spec, g, dynamic)
-            if i2 < n:  # lazy update of all later columns with this block's errors
-                W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        if candidates is None:
+            Q, C, _ = self._column_loop(W, Hinv, scale, zero, col_group, spec, g, dynamic, bs, columns)
+        else:  # GPTQ once per candidate clip (rows stacked), each row keeps its smallest output error
+            Q, C, scale, zero = self._best_of_candidates(W, Hinv, candidates, col_group, spec, bs, columns)
 
         if perm is not None:
             inv = torch.argsort(perm)

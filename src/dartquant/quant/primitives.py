@@ -63,6 +63,7 @@ __all__ = [
     "QuantSpec",
     "QuantizedTensor",
     "compute_qparams",
+    "candidate_qparams",
     "quantize",
     "dequantize",
     "fake_quantize",
@@ -216,17 +217,20 @@ def _fq_grouped(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec:
     return q.sub_(zero).mul_(scale)
 
 
+def _search_ratios(spec: QuantSpec) -> list[float]:
+    """The clip ratios the MSE search tries: mse_grid of them, evenly from clip_ratio down to
+    mse_min_ratio, as python floats, the first one exactly clip_ratio (see _qparams_from_stats)."""
+    n, top, bottom = spec.mse_grid, spec.clip_ratio, spec.mse_min_ratio
+    return [top - i * (top - bottom) / (n - 1) for i in range(n)] if n > 1 else [top]
+
+
 def _qparams_grouped(xg: torch.Tensor, spec: QuantSpec, search_error=None) -> tuple[torch.Tensor, torch.Tensor]:
     stats = _range_stats(xg, spec)
     if not spec.mse_search:
         return _qparams_from_stats(stats, spec.clip_ratio, spec)
-    n = spec.mse_grid
-    top, bottom = spec.clip_ratio, spec.mse_min_ratio
-    # python floats, first one exactly clip_ratio (see _qparams_from_stats)
-    ratios = [top - i * (top - bottom) / (n - 1) for i in range(n)] if n > 1 else [top]
     dims = _reduce_dims(xg, spec)
     best_scale = best_zero = best_err = None
-    for r in ratios:
+    for r in _search_ratios(spec):
         scale, zero = _qparams_from_stats(stats, r, spec)
         diff = _fq_grouped(xg, scale, zero, spec) - xg
         if search_error is not None:
@@ -270,6 +274,19 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec, search_error=None) -> tupl
     with torch.no_grad():
         xg = _grouped(x.detach().to(_compute_dtype(x.dtype)), spec)
         return _qparams_grouped(xg, spec, search_error)
+
+
+def candidate_qparams(x: torch.Tensor, spec: QuantSpec) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(scale, zero) of every clip ratio the spec's MSE search would try, in its order (largest
+    ratio first), shaped as `compute_qparams` returns them; for a caller that judges the
+    candidates by its own measure (gptq.GPTQ.quantize with clip_objective "gptq")."""
+    _check(x, spec)
+    if not spec.mse_search:
+        raise ValueError("candidate_qparams: the spec has no clip search (mse_search=False)")
+    with torch.no_grad():
+        xg = _grouped(x.detach().to(_compute_dtype(x.dtype)), spec)
+        stats = _range_stats(xg, spec)
+        return [_qparams_from_stats(stats, r, spec) for r in _search_ratios(spec)]
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -17,7 +17,7 @@ from ..typecheck import check_types
 from .primitives import QuantSpec
 
 WEIGHT_QUANTIZERS = ("rtn", "gptq")
-W_MSE_OBJECTIVES = ("weight", "output")
+W_MSE_OBJECTIVES = ("weight", "output", "gptq")
 UNQUANTIZED_DTYPES = ("float16", "bfloat16", "float32")
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 
@@ -33,9 +33,10 @@ class QuantScheme:
     w_mse_grid: int = 20  # clip ratios tried, evenly from 1.0 down to w_mse_min_ratio
     w_mse_min_ratio: float = 0.5
     w_mse_norm: float = 2.0  # the search minimises sum |w - w_hat|^norm: 2 = MSE; 2.4 = GPTQ's / QuaRot's search
-    # what the per-row clip search minimises: "weight" (sum |w - w_hat|^w_mse_norm) or "output" (the row's
-    # output error on the calibration inputs, (w - w_hat) H (w - w_hat)^T with GPTQ's Hessian H, as AWQ's
-    # clip search; needs GPTQ and one scale per row)
+    # what the per-row clip search minimises: "weight" (sum |w - w_hat|^w_mse_norm), "output" (the row's
+    # output error on the calibration inputs, (w - w_hat) H (w - w_hat)^T with GPTQ's Hessian H, of RTN at
+    # each candidate, as AWQ's clip search) or "gptq" (that error of GPTQ's own result at each candidate:
+    # one column loop per candidate). The last two need GPTQ and one scale per row.
     w_mse_objective: str = "weight"
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
@@ -150,13 +151,13 @@ class QuantScheme:
             raise ValueError("w_mse_min_ratio must be in (0, 1], w_mse_grid and w_mse_norm positive")
         if self.w_mse_objective not in W_MSE_OBJECTIVES:
             raise ValueError(f"w_mse_objective must be one of {W_MSE_OBJECTIVES}, not {self.w_mse_objective!r}")
-        if self.w_mse_objective == "output":
+        if self.w_mse_objective != "weight":
             if self.w_quantizer == "rtn":
-                raise ValueError("w_mse_objective: output weighs the clip search by GPTQ's Hessian, but w_quantizer "
-                                 "is rtn: use w_quantizer gptq, or w_mse_objective weight")
+                raise ValueError(f"w_mse_objective: {self.w_mse_objective} weighs the clip search by GPTQ's Hessian, "
+                                 "but w_quantizer is rtn: use w_quantizer gptq, or w_mse_objective weight")
             if self.w_group_size is not None or not self.w_mse_search:
-                raise ValueError("w_mse_objective: output searches one clip ratio per weight row: it needs "
-                                 "w_mse_search true and w_group_size unset (per output channel)")
+                raise ValueError(f"w_mse_objective: {self.w_mse_objective} searches one clip ratio per weight row: "
+                                 "it needs w_mse_search true and w_group_size unset (per output channel)")
         if self.gptq_damp <= 0 or self.gptq_blocksize <= 0:
             raise ValueError("gptq_damp and gptq_blocksize must be positive")
         if self.gptq_hessian_mb is not None and self.gptq_hessian_mb <= 0:
