@@ -164,8 +164,10 @@ def test_typed_values_that_are_fine(tmp_path):
     with pytest.raises(ValueError, match="setting r4: 1 "):
         RunConfig(r4=1)
     # a clip search weighed by GPTQ's Hessian, with a method whose weights default to RTN
-    with pytest.raises(ValueError, match="quantizes weights by RTN: add --w-quantizer gptq"):
+    with pytest.raises(ValueError, match=r"quantized by RTN \(method rtn's default\): use --w-quantizer gptq"):
         RunConfig.from_dict({"method": "rtn", "w_mse_objective": "gptq"}).validate()
+    with pytest.raises(ValueError, match=r"quantized by RTN \(--w-quantizer rtn\)"):
+        RunConfig.from_dict({"method": "quarot", "w_quantizer": "rtn", "w_mse_objective": "output"}).validate()
     RunConfig.from_dict({"method": "quarot", "w_mse_objective": "gptq"}).validate()
 
 

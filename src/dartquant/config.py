@@ -157,8 +157,9 @@ class RunConfig:
                 section.validate()
         quantizer = self.scheme.w_quantizer or ("gptq" if self.method_spec.rotates else "rtn")
         if quantizer == "rtn" and self.scheme.w_mse_objective != "weight":
-            raise ValueError(f"w_mse_objective: {self.scheme.w_mse_objective} weighs the clip search by GPTQ's Hessian, but method "
-                             f"{self.method} quantizes weights by RTN: add --w-quantizer gptq, or drop it")
+            how = "--w-quantizer rtn" if self.scheme.w_quantizer else f"method {self.method}'s default"
+            raise ValueError(f"w_mse_objective: {self.scheme.w_mse_objective} weighs the clip search by GPTQ's Hessian, but "
+                             f"the weights are quantized by RTN ({how}): use --w-quantizer gptq, or drop it")
         needs_data = quantizer == "gptq" or (self.method_spec.needs_calib_windows and not self.rotations)
         if self.data.samples <= 0 and needs_data:
             raise ValueError("calib_samples must be positive: GPTQ and DartQuant need calibration data")

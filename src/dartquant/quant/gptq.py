@@ -476,7 +476,7 @@ class GPTQ:
                         failed = "differs from the torch loop"
                 if failed is not None:
                     warnings.warn(f"GPTQ: the Triton column loop {failed}; using the torch loop from now on "
-                                  "(slower, same results)", RuntimeWarning, stacklevel=4)
+                                  "(slower, same results)", RuntimeWarning, stacklevel=5)
                     _COLUMNS_KERNEL_OK[dev.type] = False
                     kernel = False
                     Q[:, i1:i2], C[:, i1:i2], Err1 = ref or _columns_torch(W[:, i1:i2], Hinv1, scale, zero,

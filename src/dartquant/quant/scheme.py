@@ -151,13 +151,10 @@ class QuantScheme:
             raise ValueError("w_mse_min_ratio must be in (0, 1], w_mse_grid and w_mse_norm positive")
         if self.w_mse_objective not in W_MSE_OBJECTIVES:
             raise ValueError(f"w_mse_objective must be one of {W_MSE_OBJECTIVES}, not {self.w_mse_objective!r}")
-        if self.w_mse_objective != "weight":
-            if self.w_quantizer == "rtn":
-                raise ValueError(f"w_mse_objective: {self.w_mse_objective} weighs the clip search by GPTQ's Hessian, "
-                                 "but w_quantizer is rtn: use w_quantizer gptq, or w_mse_objective weight")
-            if self.w_group_size is not None or not self.w_mse_search:
-                raise ValueError(f"w_mse_objective: {self.w_mse_objective} searches one clip ratio per weight row: "
-                                 "it needs w_mse_search true and w_group_size unset (per output channel)")
+        # (that it needs GPTQ is checked by RunConfig.validate, which knows the method's default quantizer)
+        if self.w_mse_objective != "weight" and (self.w_group_size is not None or not self.w_mse_search):
+            raise ValueError(f"w_mse_objective: {self.w_mse_objective} searches one clip ratio per weight row: "
+                             "it needs w_mse_search true and w_group_size unset (per output channel)")
         if self.gptq_damp <= 0 or self.gptq_blocksize <= 0:
             raise ValueError("gptq_damp and gptq_blocksize must be positive")
         if self.gptq_hessian_mb is not None and self.gptq_hessian_mb <= 0:
