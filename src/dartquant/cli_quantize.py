@@ -33,6 +33,9 @@ _HELP = {
                  "applied online (R1's job where R1 cannot be folded; Gemma 3)",
     "r4": "online Hadamard on the down_proj input (default: true; false for duquant, whose own online "
           "transform takes its place)",
+    "qk_balance": "scale q_proj's and k_proj's output channels (RoPE pairs tied; q . k unchanged) so that q and k "
+                  "carry the same energy per channel pair, from calibration statistics: less error from the 4-bit "
+                  "K cache, nothing online (default: false)",
     "e2e_amp": "end-to-end training precision: auto (bf16 autocast on CUDA, fp32 elsewhere), bf16, off",
     "gptq_true_sequential": "GPTQ per block in steps (q/k/v, o, gate/up, down), each from inputs computed with "
                             "the earlier steps quantized; 4 forwards per block (default: false, one)",

@@ -1,7 +1,8 @@
 """The run configuration: nested, typed, and checked once, before any model work.
 
     RunConfig
-      model, method, rotations, seed, r1, r3, r4, device, dtype   what, and where it runs
+      model, method, rotations, seed, r1, r3, r4, qk_balance,
+      device, dtype                                               what, and where it runs
       stream, shard_mb                                            layer streaming (stream/)
       scheme: QuantScheme     weights / activations / KV cache            (quant/scheme.py)
       data:   DataConfig      calibration text
@@ -63,7 +64,8 @@ class EvalConfig:
 _FIXED_SECTIONS = {"scheme": (QuantScheme, ""), "data": (DataConfig, "calib"), "eval": (EvalConfig, "eval")}
 _FLAT_EXCEPTIONS = {("eval", name): name for name in ("tasks", "zeroshot_limit", "guard_windows",
                                                       "guard_max_ppl_ratio", "fail_on_collapse")}
-_TOP = ("model", "method", "rotations", "seed", "r1", "r1_online", "r3", "r4", "device", "dtype", "stream", "shard_mb")
+_TOP = ("model", "method", "rotations", "seed", "r1", "r1_online", "r3", "r4", "qk_balance", "device", "dtype", "stream",
+        "shard_mb")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -88,6 +90,9 @@ class RunConfig:
     r1_online: bool = False  # with r1 false: Hadamards on the q/k/v and gate/up inputs, online (R1's job, unfolded)
     r3: bool = True  # online Hadamard on Q/K (for the K cache)
     r4: bool | None = None  # online Hadamard on the down_proj input; None: the method's default (True but for duquant)
+    # a diagonal Q/K scaling (RoPE pairs tied) from calibration statistics that gives q and k the same energy per
+    # channel pair, so the 4-bit K cache loses less (calib/qk_balance.py); folded into q_proj / k_proj
+    qk_balance: bool = False
     device: str = "cpu"
     dtype: str = "float32"
     stream: str = "auto"  # layer streaming (stream/): auto | true | false; auto streams a model too big for memory
@@ -152,6 +157,8 @@ class RunConfig:
         if self.r1_online and (self.r1 or not self.method_spec.r1_optional) and not self.rotations:
             raise ValueError("r1_online (online Hadamards on the q/k/v and gate/up inputs) stands in for R1: use it "
                              "with r1: false (--r1 false) and a method that runs without R1 (quarot)")
+        if self.qk_balance:
+            self._check_qk_balance(geometry)
         for section in self.options.values():
             if hasattr(section, "validate"):
                 section.validate()
@@ -160,7 +167,8 @@ class RunConfig:
             how = "--w-quantizer rtn" if self.scheme.w_quantizer else f"method {self.method}'s default"
             raise ValueError(f"w_mse_objective: {self.scheme.w_mse_objective} weighs the clip search by GPTQ's Hessian, but "
                              f"the weights are quantized by RTN ({how}): use --w-quantizer gptq, or drop it")
-        needs_data = quantizer == "gptq" or (self.method_spec.needs_calib_windows and not self.rotations)
+        needs_data = (quantizer == "gptq" or self.qk_balance
+                      or (self.method_spec.needs_calib_windows and not self.rotations))
         if self.data.samples <= 0 and needs_data:
             raise ValueError("calib_samples must be positive: GPTQ and DartQuant need calibration data")
         if self.data.seqlen < 2 or self.eval.seqlen < 2:
@@ -186,6 +194,18 @@ class RunConfig:
             unknown = [t for t in self.eval.tasks if t not in SUPPORTED_TASKS]
             if unknown:
                 raise ValueError(f"unknown zero-shot task(s) {unknown}; supported: {', '.join(SUPPORTED_TASKS)}")
+
+    def _check_qk_balance(self, geometry) -> None:
+        if self.scheme.kv_bits >= 16:
+            raise ValueError("qk_balance evens out what the 4-bit K cache sees, but the K/V cache is not quantized "
+                             "(kv_bits 16): drop qk_balance or quantize the cache")
+        if not self.method_spec.rotates and not self.rotations:
+            raise ValueError(f"qk_balance is folded with a method's transforms; method {self.method} has none: use a "
+                             "rotating method (e.g. quarot)")
+        if self.method_spec.trains_scalings and not self.rotations:
+            raise ValueError(f"qk_balance: method {self.method} trains its own Q/K scaling end to end; drop qk_balance")
+        if geometry is not None and geometry.head_dim % 2:
+            raise ValueError(f"qk_balance ties the two channels of each RoPE pair: head_dim {geometry.head_dim} is odd")
 
     # ---- I/O -----------------------------------------------------------------------------
     def to_dict(self) -> dict:

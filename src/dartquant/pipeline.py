@@ -63,6 +63,23 @@ def compute_rotations(model, cfg: RunConfig, ctx: MethodContext) -> RotationSet 
     return cfg.method_spec.produce(model, cfg, ctx)
 
 
+def add_qk_balance_(model, rotations: RotationSet, cfg: RunConfig, calib_ids, timer, progress: bool) -> None:
+    """Add the Q/K balance (calib/qk_balance.py) to the run's transforms, from the model as the method
+    left it (norm-fused, unrotated: q_proj's and k_proj's outputs are the ones the rotated model makes)."""
+    from .calib.qk_balance import qk_balance
+
+    if rotations is None:
+        raise ValueError(f"qk_balance: method {cfg.method} produced no transforms to add it to")
+    head_dim = adapter_for(model).geometry(model.config).head_dim
+    with timer("calibrate"):
+        scales, meta = qk_balance(model, calib_ids, kv_spec=cfg.scheme.kv_spec(head_dim), r3=rotations.r3,
+                                  exclude_k_bias=cfg.scheme.kv_exclude_k_bias, device=cfg.device, progress=progress)
+    rotations.scales["qk"] = scales
+    rotations.meta.update(meta)
+    log.info("Q/K balance: strengths %s; the K cache's attention-output error x%.2f on calibration windows",
+             meta["qk_balance_alpha"], meta["qk_balance_attention_error_ratio"])
+
+
 def model_config(spec):
     """The model's Hugging Face config alone (no weights), for checks before loading."""
     from transformers import AutoConfig
@@ -100,8 +117,14 @@ def check_before_load(cfg: RunConfig, out, overwrite: bool):
         should_stream(cfg, config)
     if cfg.rotated and not cfg.rotations and cfg.r1:  # rotating methods make an R1: refuse before calibrating
         check_transforms(adapter, ["R1"])
+    if cfg.qk_balance:
+        check_transforms(adapter, ["qk"])  # QK-norm families would undo it
     if cfg.rotations:
-        RotationSet.load(cfg.rotations).validate(geo)
+        given = RotationSet.load(cfg.rotations)
+        given.validate(geo)
+        if cfg.qk_balance and "qk" in given.scales:
+            raise ValueError(f"qk_balance: the rotations file {cfg.rotations} carries a Q/K scaling already; drop "
+                             "qk_balance")
     elif cfg.method_spec.rotates:
         for n in (geo.hidden, geo.head_dim):  # R1 / R2 start from (random) Hadamard matrices
             hadamard_factorization(n)
@@ -139,7 +162,7 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
             metrics["fp"] = evaluate(model, tokenizer, cfg, progress)
     with atomic_dir(out) as tmp:
         with timer("capture"):
-            needs_data = (sc.weight_quantizer == "gptq" or sc.a_clip_search
+            needs_data = (sc.weight_quantizer == "gptq" or sc.a_clip_search or cfg.qk_balance
                           or (cfg.method_spec.needs_calib_windows and not cfg.rotations))
             calib_ids = (calib_windows(tokenizer, cfg.data.corpus, cfg.data.samples, cfg.data.seqlen, cfg.seed)
                          if needs_data else None)
@@ -149,6 +172,8 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
             fuse_norms_(model, adapter)
         ctx = MethodContext(calib_ids=calib_ids, tokenizer=tokenizer, timer=timer, out_dir=tmp, progress=progress)
         rotations = compute_rotations(model, cfg, ctx)
+        if cfg.qk_balance:
+            add_qk_balance_(model, rotations, cfg, calib_ids, timer, progress)
         # the calibration's own files (loss curves) are the only JSON in tmp yet: their timings
         # move to metrics.json, so that identical runs give byte-identical artifacts
         timings = move_volatile_json_(tmp)

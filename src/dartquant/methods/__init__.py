@@ -45,6 +45,7 @@ class Method:
     default_r4: bool = True  # the run's r4 when not given (duquant: its own online transform replaces R4)
     check: Callable | None = None  # (cfg, adapter, geometry) -> None; raises before the model is loaded
     export_refusal: str | None = None  # why `dartquant export` cannot write this method's runs
+    trains_scalings: bool = False  # it trains the diagonal scalings ("qk" among them): no qk_balance on top
 
 
 _MODULES = ("rtn", "quarot", "dartquant", "spinquant", "ostquant", "dfrot", "duquant")  # the registry: one line per method
@@ -65,7 +66,7 @@ def calibration_summary(meta: dict) -> dict:
     """What a calibration chose and its held-out numbers (learning rates, held-out loss / SQNR
     before and after), from a RotationSet's metadata: metrics.json's "calibration", so that a
     sweep's JSON says how every row was tuned."""
-    return {k: v for k, v in meta.items() if k.startswith(("eval_loss", "r1_", "r2_", "lr", "amp", "steps"))}
+    return {k: v for k, v in meta.items() if k.startswith(("eval_loss", "r1_", "r2_", "lr", "amp", "steps", "qk_balance"))}
 
 
 def get_method(name: str) -> Method:

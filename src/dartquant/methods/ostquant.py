@@ -7,4 +7,4 @@ from . import Method
 from .spinquant import train_end_to_end
 
 METHOD = Method("ostquant", "rotations + scalings trained end to end (KL-Top)", train_end_to_end,
-                section="e2e", options=E2EConfig, flag_prefix="e2e")
+                section="e2e", options=E2EConfig, flag_prefix="e2e", trains_scalings=True)
