@@ -10,9 +10,14 @@ finished run folder this is exact for its 4-bit weights: scaling a whole output 
 quantized weight scales its row scale and leaves its codes alone, and K's bias (kept out of the K
 quantizer) scales with it. So each alpha is a paired comparison on the same weights.
     PYTHONPATH=src python lab/qk_rescale_probe.py RUN [RUN ...] --alpha 0.5 1 --windows 4 --json OUT
+With --scored, also the product's `qk_balance` (calib/qk_balance.py: the strength chosen per layer by the
+K cache's attention-output error) computed on the run's own calibration windows (16 x 512, its seed)
+through the quantized model: what `--qk-balance true` would give, but for statistics taken from the
+4-bit model instead of the FP one.
 """
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -80,10 +85,11 @@ def apply_(layers, s_list, originals, n_heads, n_kv, head_dim):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+")
-    ap.add_argument("--alpha", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--alpha", type=float, nargs="*", default=[1.0])
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--calib", type=int, default=4, help="calibration windows of 512 tokens for the statistics")
     ap.add_argument("--skip-as-run", action="store_true")
+    ap.add_argument("--scored", action="store_true", help="also the product's qk_balance (strength per layer)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -118,14 +124,26 @@ def main():
             setattr(m, n, q)
         print(f"rescale with the {len(off)} quantizers off: relative max logit change {exact:.1e}", flush=True)
         ref = model(probe).logits
-        for alpha in ([] if args.skip_as_run else [0.0]) + args.alpha:
-            apply_(layers, scales(stats, alpha), originals, g.n_heads, g.n_kv_heads, g.head_dim)
+        settings = [(a, None) for a in ([] if args.skip_as_run else [0.0]) + args.alpha]
+        if args.scored:
+            from dartquant.calib.qk_balance import qk_balance
+            from dartquant.config import RunConfig
+
+            seed = json.loads((Path(run) / "metrics.json").read_text())["seed"]
+            s_prod, meta = qk_balance(model, calib_windows(tok, "wiki", n=16, seqlen=512, seed=seed),
+                                      kv_spec=RunConfig().scheme.kv_spec(g.head_dim), r3=True)
+            print(f"{run}: scored strengths {meta['qk_balance_alpha']}, attention error x"
+                  f"{meta['qk_balance_attention_error_ratio']}", flush=True)
+            settings.append(("scored", [x.view(g.n_kv_heads, g.head_dim) for x in s_prod.double()]))
+        for alpha, given in settings:
+            apply_(layers, given if given is not None else scales(stats, alpha), originals, g.n_heads, g.n_kv_heads,
+                   g.head_dim)
             # the rescale itself is exact: only the K quantizer's input changes (logits differ by its rounding)
             row = {"run": run, "alpha": alpha, "windows": args.windows, "rescale_exact_rel": exact,
                    "logit_max_abs_diff_128_tokens": float((model(probe).logits - ref).abs().max())}
             for c, w in data.items():
                 row[c] = perplexity(model, w, progress=False)["ppl"]
-            print(f"{run:28s} alpha {alpha:.2f}: wiki {row['wiki']:.3f}  c4 {row['c4']:.3f}", flush=True)
+            print(f"{run:28s} alpha {alpha}: wiki {row['wiki']:.3f}  c4 {row['c4']:.3f}", flush=True)
             rows.append(row)
             if args.json:
                 with open(args.json, "w") as f:

@@ -109,7 +109,7 @@ def quantize_tiny(tmp: Path, family: str, **kw) -> Path:
 
 FAMILIES = {
     "llama-tied-gqa": {},
-    "qwen2-bias-gqa": dict(w_quantizer="gptq", w_group_size=8),
+    "qwen2-bias-gqa": dict(w_quantizer="gptq", w_group_size=8, qk_balance=True),  # its Q/K scaling rides in the weights
     "mistral-mha": dict(a_bits=8),
 }
 IDS = torch.randint(1, 80, (2, 24), generator=torch.Generator().manual_seed(0))
