@@ -127,7 +127,6 @@ def test_run_folds_it_records_it_and_reloads_to_the_same_numbers(tiny_folder, tm
     (dict(kv_bits=16), "not quantized"),
     (dict(method="rtn"), "has none"),
     (dict(method="ostquant"), "trains its own Q/K scaling"),
-    (dict(stream="true"), "streamed pass does not collect"),
 ])
 def test_settings_it_cannot_serve_are_refused_before_any_work(tiny_folder, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):

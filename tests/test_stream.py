@@ -72,6 +72,8 @@ CASES = {  # (family, dtype of the files, settings)
     "qwen2-quarot-gptq": ("qwen2-bias-gqa", torch.float32, dict(method="quarot", w_quantizer="gptq")),
     "qwen2-quarot-gptq-asymmetric": ("qwen2-bias-gqa", torch.float32,
                                      dict(method="quarot", w_quantizer="gptq", gptq_asymmetric=True)),
+    # the Q/K balance's statistics and strengths from the FP pass (K's bias kept out)
+    "qwen2-quarot-rtn-qk-balance": ("qwen2-bias-gqa", torch.float32, dict(method="quarot", qk_balance=True)),
     # the first position's activations and K/V unquantized, with the clip search that sees them
     "llama-quarot-gptq-sinks": ("llama-tied-gqa", torch.float32,
                                 dict(method="quarot", w_quantizer="gptq", a_sink_tokens=1, kv_sink_tokens=1,
@@ -95,6 +97,8 @@ def test_streamed_run_equals_in_memory_run(case, tmp_path, monkeypatch, one_thre
     for key in ("value", "kl", "ppl_fp", "ppl_q"):
         assert m_st["quality_check"][key] == pytest.approx(m_mem["quality_check"][key], rel=1e-9), key
     assert m_st["ppl"]["wiki"] != m_st["fp"]["ppl"]["wiki"], "quantization changed nothing?"
+    if kw.get("qk_balance"):  # both paths chose the same strengths from their own statistics
+        assert m_st["calibration"]["qk_balance_alpha"] == m_mem["calibration"]["qk_balance_alpha"]
     # every stored tensor, bit for bit
     a, b = read_quantized_state(mem)[1], read_quantized_state(st)[1]
     assert sorted(a) == sorted(b)

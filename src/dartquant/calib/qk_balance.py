@@ -58,6 +58,58 @@ def _pair_rms(mean_sq: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (mean_sq[..., :h] + mean_sq[..., h:]).sqrt()
 
 
+class QKCollector:
+    """Accumulates QKStatistics one block at a time: `attach(i, layer)`, run the block over the first
+    MAX_WINDOWS calibration windows, `finish()`. In memory (qk_statistics) and in the streamed FP pass."""
+
+    def __init__(self, geo, rotary: nn.Module, *, kv_spec: QuantSpec | None = None, r3: bool = True,
+                 exclude_k_bias: bool = True):
+        self.geo, self.rotary, self.r3, self.exclude_k_bias = geo, rotary, r3, exclude_k_bias
+        self.kv_spec = kv_spec if kv_spec is not None and kv_spec.bits < 16 else None
+        self.q_rms = torch.zeros(geo.n_layers, geo.n_kv_heads, geo.head_dim // 2, dtype=torch.float64)
+        self.k_rms = torch.zeros_like(self.q_rms)
+        self.errors = torch.zeros(geo.n_layers, len(ALPHAS), dtype=torch.float64) if self.kv_spec else None
+        self._layer = None
+
+    def attach(self, i: int, layer) -> None:
+        self._i, self._layer, self._tokens = i, layer, 0
+        self._sums: dict[str, torch.Tensor] = {}
+        self._kept: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "v": []}
+        self._handles = [self._observe("q", layer.q, False), self._observe("k", layer.k, self.exclude_k_bias),
+                         self._observe("v", layer.v, False)]
+
+    def _observe(self, name: str, linear: nn.Module, minus_bias: bool):
+        def hook(module, args, out):
+            y = out - linear.bias if (minus_bias and linear.bias is not None) else out
+            if name == "q":
+                self._tokens += out.shape[0] * out.shape[1]
+            if name != "v":
+                flat = y.reshape(-1, y.shape[-1]).double()
+                self._sums[name] = self._sums.get(name, 0) + (flat * flat).sum(0).cpu()
+            room = SCORE_WINDOWS - sum(t.shape[0] for t in self._kept[name])
+            if self.kv_spec is not None and room > 0:
+                self._kept[name].append((out if name == "q" else y)[:room].detach())
+        return linear.register_forward_hook(hook)
+
+    def finish(self) -> None:
+        for h in self._handles:
+            h.remove()
+        geo, i, layer = self.geo, self._i, self._layer
+        q_ms = (self._sums["q"] / self._tokens).view(geo.n_kv_heads, geo.kv_groups, geo.head_dim).mean(1)
+        k_ms = (self._sums["k"] / self._tokens).view(geo.n_kv_heads, geo.head_dim)
+        self.q_rms[i], self.k_rms[i] = _pair_rms(q_ms, geo.head_dim), _pair_rms(k_ms, geo.head_dim)
+        if self.kv_spec is not None:
+            q, k, v = (torch.cat(self._kept[n]) for n in ("q", "k", "v"))
+            k_bias = layer.k.bias if (self.exclude_k_bias and layer.k.bias is not None) else None
+            self.errors[i] = _score_strengths(q, k, v, k_bias, self.q_rms[i], self.k_rms[i], geo, self.rotary,
+                                              self.kv_spec, self.r3)
+        self._layer = self._kept = self._sums = None
+
+    def result(self) -> QKStatistics:
+        alpha = None if self.errors is None else torch.tensor(ALPHAS, dtype=torch.float64)[self.errors.argmin(1)]
+        return QKStatistics(self.q_rms, self.k_rms, alpha, self.errors)
+
+
 @torch.no_grad()
 def qk_statistics(model: nn.Module, calib_ids: torch.Tensor, *, kv_spec: QuantSpec | None = None, r3: bool = True,
                   exclude_k_bias: bool = True, device="cpu", adapter: ModelAdapter | None = None,
@@ -68,47 +120,16 @@ def qk_statistics(model: nn.Module, calib_ids: torch.Tensor, *, kv_spec: QuantSp
     adapter = adapter or adapter_for(model)
     geo = adapter.geometry(model.config)
     ids = calib_ids[:MAX_WINDOWS]
-    n_seq, seqlen = ids.shape
-    q_rms = torch.zeros(geo.n_layers, geo.n_kv_heads, geo.head_dim // 2, dtype=torch.float64)
-    k_rms = torch.zeros_like(q_rms)
-    score = kv_spec is not None and kv_spec.bits < 16
-    errors = torch.zeros(geo.n_layers, len(ALPHAS), dtype=torch.float64) if score else None
-    rotary = adapter.rotary_embedding(model)
-    batch, resident = forward_plan(geo, n_seq, seqlen, next(model.parameters()).dtype, device)
+    collector = QKCollector(geo, adapter.rotary_embedding(model), kv_spec=kv_spec, r3=r3, exclude_k_bias=exclude_k_bias)
+    batch, resident = forward_plan(geo, *ids.shape, next(model.parameters()).dtype, device)
     for i, block, forward in iterate_blocks(model, adapter, ids, device, progress, desc="Q/K statistics",
                                             batch=batch, resident=resident):
-        layer = adapter.layer(block)
-        sums: dict[str, torch.Tensor] = {}
-        kept: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "v": []}
-
-        def observe(name, linear, minus_bias):
-            def hook(module, args, out):
-                y = out - linear.bias if (minus_bias and linear.bias is not None) else out
-                if name != "v":
-                    flat = y.reshape(-1, y.shape[-1]).double()
-                    sums[name] = sums.get(name, 0) + (flat * flat).sum(0).cpu()
-                if score:
-                    room = SCORE_WINDOWS - sum(t.shape[0] for t in kept[name])
-                    if room > 0:
-                        kept[name].append((out if name == "q" else y)[:room].detach())
-            return linear.register_forward_hook(hook)
-
-        handles = [observe("q", layer.q, False), observe("k", layer.k, exclude_k_bias), observe("v", layer.v, False)]
+        collector.attach(i, adapter.layer(block))
         try:
             forward(update=True)
         finally:
-            for h in handles:
-                h.remove()
-        tokens = n_seq * seqlen
-        q_ms = (sums["q"] / tokens).view(geo.n_kv_heads, geo.kv_groups, geo.head_dim).mean(1)
-        k_ms = (sums["k"] / tokens).view(geo.n_kv_heads, geo.head_dim)
-        q_rms[i], k_rms[i] = _pair_rms(q_ms, geo.head_dim), _pair_rms(k_ms, geo.head_dim)
-        if score:
-            q, k, v = (torch.cat(kept[n]) for n in ("q", "k", "v"))
-            k_bias = layer.k.bias if (exclude_k_bias and layer.k.bias is not None) else None
-            errors[i] = _score_strengths(q, k, v, k_bias, q_rms[i], k_rms[i], geo, rotary, kv_spec, r3)
-    alpha = None if errors is None else torch.tensor(ALPHAS, dtype=torch.float64)[errors.argmin(1)]
-    return QKStatistics(q_rms, k_rms, alpha, errors)
+            collector.finish()
+    return collector.result()
 
 
 def _score_strengths(q, k, v, k_bias, q_rms, k_rms, geo, rotary, kv_spec: QuantSpec, r3: bool) -> torch.Tensor:
@@ -120,8 +141,9 @@ def _score_strengths(q, k, v, k_bias, q_rms, k_rms, geo, rotary, kv_spec: QuantS
     added to the whole key, as modules.AttentionTransform does. One window at a time, in float64."""
     n, d = q.shape[1], geo.head_dim
     dev = q.device
-    cos, sin = rotary(v[:1], torch.arange(n, device=dev).unsqueeze(0))
-    cos, sin = cos.double().unsqueeze(1), sin.double().unsqueeze(1)  # [1, 1, S, d]
+    home = next(iter(rotary.buffers())).device  # the rotary module stays where the model lives (the host)
+    cos, sin = rotary(v[:1].to(home), torch.arange(n, device=home).unsqueeze(0))
+    cos, sin = cos.to(dev, torch.float64).unsqueeze(1), sin.to(dev, torch.float64).unsqueeze(1)  # [1, 1, S, d]
     h3 = hadamard_matrix(d, device=dev) if r3 else None
 
     def rope(t):  # [1, h, S, d]
@@ -174,9 +196,14 @@ def qk_balance(model: nn.Module, calib_ids: torch.Tensor, *, kv_spec: QuantSpec 
     without it) and what it chose and expects (metadata for the run)."""
     st = qk_statistics(model, calib_ids, kv_spec=kv_spec, r3=r3, exclude_k_bias=exclude_k_bias, device=device,
                        adapter=adapter, progress=progress)
+    return scaling_from(st, windows=min(len(calib_ids), MAX_WINDOWS))
+
+
+def scaling_from(st: QKStatistics, windows: int) -> tuple[torch.Tensor, dict]:
+    """The "qk" scaling [n_layers, kv_heads * head_dim] of collected statistics, and the run's metadata."""
     alpha = st.alpha if st.alpha is not None else torch.ones(st.q_rms.shape[0], dtype=torch.float64)
     factor = k_error_factor(st.q_rms, st.k_rms)
-    meta = {"qk_balance_windows": int(min(len(calib_ids), MAX_WINDOWS)),
+    meta = {"qk_balance_windows": int(windows),
             "qk_balance_k_error_factor": round(float(factor.mean()), 4),
             "qk_balance_alpha": [float(a) for a in alpha]}
     if st.errors is not None:  # the chosen strengths' attention-output error over no scaling's

@@ -37,8 +37,6 @@ def stream_refusal(cfg, config) -> str | None:
 
         if RotationSet.load(cfg.rotations).blocks:
             return "the rotations carry DuQuant's online block transforms, which streaming does not install yet"
-    if cfg.qk_balance:
-        return "qk_balance is computed on the model in memory; the streamed pass does not collect its statistics yet"
     if getattr(config, "final_logit_softcapping", None):
         return "the model soft-caps its logits (Gemma): the streamed head does not"
     return None

@@ -101,10 +101,17 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
     gptq = sc.weight_quantizer == "gptq" and sc.weight_spec().bits < 16
     calib_pass = gptq or sc.a_clip_search  # the quantize pass carries calibration hidden states
     capture_needed = cfg.method_spec.needs_calib_windows and not cfg.rotations
+    qk = None  # calib/qk_balance.QKCollector: the Q/K balance's statistics, taken in the FP pass
+    if cfg.qk_balance:
+        from ..calib.qk_balance import QKCollector
+
+        r3 = RotationSet.load(cfg.rotations).r3 if cfg.rotations else cfg.r3
+        qk = QKCollector(geo, adapter.rotary_embedding(model), kv_spec=sc.kv_spec(geo.head_dim), r3=r3,
+                         exclude_k_bias=sc.kv_exclude_k_bias)
     with atomic_dir(out) as tmp:
         with timer("capture"):
             calib_ids = (calib_windows(tokenizer, cfg.data.corpus, cfg.data.samples, cfg.data.seqlen, cfg.seed)
-                         if calib_pass or capture_needed else None)
+                         if calib_pass or capture_needed or qk is not None else None)
         with timer("eval"):
             windows = {c: eval_windows(tokenizer, c, cfg.eval.seqlen, cfg.eval.max_windows) for c in cfg.eval.corpora}
         g_ids = (guard_windows(tokenizer, cfg.data.corpus, cfg.eval.guard_windows, cfg.data.seqlen)
@@ -122,7 +129,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
 
         # ---- FP pass: FP perplexity, the guard's FP reference, DartQuant's capture -------------
         captured = ref = None
-        if eval_fp or g_ids is not None or capture_needed:
+        if eval_fp or g_ids is not None or capture_needed or qk is not None:
             cap = r2_fitter = None
             if capture_needed:
                 from ..calib.capture import ActivationCapture
@@ -139,6 +146,11 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                 fp_eval = {c: runner.embed(ids) for c, ids in windows.items()} if eval_fp else None
                 fp_zs = [runner.embed(b) for b in zs.batches] if eval_fp and zs else []
                 fp_guard, cap_hidden = runner.embed(g_ids), runner.embed(calib_ids) if cap else None
+                if qk is not None:
+                    from ..calib.qk_balance import MAX_WINDOWS
+
+                    qk_hidden = runner.embed(calib_ids[:MAX_WINDOWS])
+                    qk_batch = forward_plan(geo, *qk_hidden.shape[:2], qk_hidden.dtype, device)[0]
             if cap is not None:  # the capture's forwards batched, its states on the device if they fit (forward_plan)
                 cap_batch, resident = forward_plan(geo, *cap_hidden.shape[:2], cap_hidden.dtype, device)
                 cap_hidden = cap_hidden.to(device) if resident else cap_hidden
@@ -156,6 +168,14 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                     with timer("guard"):
                         runner.run_(block, fp_guard)
                         fp_trace.record(fp_guard)
+                if qk is not None:
+                    with timer("calibrate"):
+                        fuse_layer_norms_(adapter.layer(block))  # as in memory: the norm-fused, unrotated block
+                        qk.attach(i, adapter.layer(block))
+                        try:
+                            runner.run_(block, qk_hidden, batch=qk_batch)
+                        finally:
+                            qk.finish()
                 if cap is not None:
                     with timer("capture"):
                         fuse_layer_norms_(adapter.layer(block))  # capture sees the norm-fused, unrotated block
@@ -194,6 +214,12 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
         else:
             rotations = cfg.method_spec.produce(model, cfg, ctx)
         del captured, ctx
+        if qk is not None:  # as pipeline.add_qk_balance_
+            from ..calib.qk_balance import MAX_WINDOWS, scaling_from
+
+            rotations.scales["qk"], meta = scaling_from(qk.result(), windows=min(len(calib_ids), MAX_WINDOWS))
+            rotations.meta.update(meta)
+            del qk_hidden
         timings = move_volatile_json_(tmp)
         values = None
         if rotations is not None:
