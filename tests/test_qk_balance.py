@@ -141,13 +141,13 @@ def test_qk_norm_families_are_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("family", ["qwen2-bias-gqa", "llama-tied-gqa"])
-def test_strength_score_is_the_models_own_k_cache_error(family):
-    """At strength 0 the score is exactly what the model's 4-bit K cache (R3's Hadamard, K's bias kept out)
-    changes in layer 0's attention output, and that is what the alternatives are compared against."""
+@pytest.mark.parametrize("family,sink", [("qwen2-bias-gqa", 0), ("llama-tied-gqa", 0), ("qwen2-bias-gqa", 1)])
+def test_strength_score_is_the_models_own_k_cache_error(family, sink):
+    """At strength 0 the score is exactly what the model's 4-bit K cache (R3's Hadamard, K's bias kept out,
+    the sink's K unquantized) changes in layer 0's attention output: what the alternatives are compared against."""
     model = _prepared(make_tiny_model(family))
     rotate_(model, RotationSet(r3=True), adapter_for(model))
-    scheme = RunConfig.from_flat(a_bits=16, kv_bits=4).scheme
+    scheme = RunConfig.from_flat(a_bits=16, kv_bits=4, kv_sink_tokens=sink).scheme
     install_quantizers_(model, scheme)
     layer0 = adapter_for(model).layers_of(model)[0]
     ids = _ids(model.config.vocab_size, n=2, seqlen=20, seed=4)
@@ -162,7 +162,7 @@ def test_strength_score_is_the_models_own_k_cache_error(family):
         transform.k_quantizer = kq
     hook.remove()
     err_model = float(((seen[0] - seen[1]) ** 2).sum())
-    st = qk_statistics(model, ids, kv_spec=scheme.kv_spec(transform.head_dim), r3=True)
+    st = qk_statistics(model, ids, kv_spec=scheme.kv_spec(transform.head_dim), r3=True, sink_tokens=sink)
     assert err_model > 0
     assert abs(float(st.errors[0, 0]) - err_model) <= 1e-9 * err_model
     assert st.errors.shape == (model.config.num_hidden_layers, len(ALPHAS))

@@ -170,7 +170,7 @@ class RunConfig:
         needs_data = (quantizer == "gptq" or self.qk_balance
                       or (self.method_spec.needs_calib_windows and not self.rotations))
         if self.data.samples <= 0 and needs_data:
-            raise ValueError("calib_samples must be positive: GPTQ and DartQuant need calibration data")
+            raise ValueError("calib_samples must be positive: GPTQ, DartQuant and the Q/K balance need calibration data")
         if self.data.seqlen < 2 or self.eval.seqlen < 2:
             raise ValueError("sequence lengths must be at least 2")
         if self.eval.max_windows is not None and self.eval.max_windows <= 0:

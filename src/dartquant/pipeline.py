@@ -73,7 +73,8 @@ def add_qk_balance_(model, rotations: RotationSet, cfg: RunConfig, calib_ids, ti
     head_dim = adapter_for(model).geometry(model.config).head_dim
     with timer("calibrate"):
         scales, meta = qk_balance(model, calib_ids, kv_spec=cfg.scheme.kv_spec(head_dim), r3=rotations.r3,
-                                  exclude_k_bias=cfg.scheme.kv_exclude_k_bias, device=cfg.device, progress=progress)
+                                  exclude_k_bias=cfg.scheme.kv_exclude_k_bias, sink_tokens=cfg.scheme.kv_sink_tokens,
+                                  device=cfg.device, progress=progress)
     rotations.scales["qk"] = scales
     rotations.meta.update(meta)
     log.info("Q/K balance: strengths %s; the K cache's attention-output error x%.2f on calibration windows",

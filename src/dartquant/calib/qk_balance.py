@@ -63,8 +63,9 @@ class QKCollector:
     MAX_WINDOWS calibration windows, `finish()`. In memory (qk_statistics) and in the streamed FP pass."""
 
     def __init__(self, geo, rotary: nn.Module, *, kv_spec: QuantSpec | None = None, r3: bool = True,
-                 exclude_k_bias: bool = True):
+                 exclude_k_bias: bool = True, sink_tokens: int = 0):
         self.geo, self.rotary, self.r3, self.exclude_k_bias = geo, rotary, r3, exclude_k_bias
+        self.sink_tokens = sink_tokens  # the K of the first positions stays unquantized (kv_sink_tokens)
         self.kv_spec = kv_spec if kv_spec is not None and kv_spec.bits < 16 else None
         self.q_rms = torch.zeros(geo.n_layers, geo.n_kv_heads, geo.head_dim // 2, dtype=torch.float64)
         self.k_rms = torch.zeros_like(self.q_rms)
@@ -102,7 +103,7 @@ class QKCollector:
             q, k, v = (torch.cat(self._kept[n]) for n in ("q", "k", "v"))
             k_bias = layer.k.bias if (self.exclude_k_bias and layer.k.bias is not None) else None
             self.errors[i] = _score_strengths(q, k, v, k_bias, self.q_rms[i], self.k_rms[i], geo, self.rotary,
-                                              self.kv_spec, self.r3)
+                                              self.kv_spec, self.r3, self.sink_tokens)
         self._layer = self._kept = self._sums = None
 
     def result(self) -> QKStatistics:
@@ -112,7 +113,7 @@ class QKCollector:
 
 @torch.no_grad()
 def qk_statistics(model: nn.Module, calib_ids: torch.Tensor, *, kv_spec: QuantSpec | None = None, r3: bool = True,
-                  exclude_k_bias: bool = True, device="cpu", adapter: ModelAdapter | None = None,
+                  exclude_k_bias: bool = True, sink_tokens: int = 0, device="cpu", adapter: ModelAdapter | None = None,
                   progress: bool = False) -> QKStatistics:
     """Pair RMS of q and k per layer and KV head, from the first MAX_WINDOWS calibration windows
     through the model (norm-fused or not, rotated or not: R1, R2 and the smoothings leave q_proj's and
@@ -120,7 +121,8 @@ def qk_statistics(model: nn.Module, calib_ids: torch.Tensor, *, kv_spec: QuantSp
     adapter = adapter or adapter_for(model)
     geo = adapter.geometry(model.config)
     ids = calib_ids[:MAX_WINDOWS]
-    collector = QKCollector(geo, adapter.rotary_embedding(model), kv_spec=kv_spec, r3=r3, exclude_k_bias=exclude_k_bias)
+    collector = QKCollector(geo, adapter.rotary_embedding(model), kv_spec=kv_spec, r3=r3, exclude_k_bias=exclude_k_bias,
+                            sink_tokens=sink_tokens)
     batch, resident = forward_plan(geo, *ids.shape, next(model.parameters()).dtype, device)
     for i, block, forward in iterate_blocks(model, adapter, ids, device, progress, desc="Q/K statistics",
                                             batch=batch, resident=resident):
@@ -132,7 +134,8 @@ def qk_statistics(model: nn.Module, calib_ids: torch.Tensor, *, kv_spec: QuantSp
     return collector.result()
 
 
-def _score_strengths(q, k, v, k_bias, q_rms, k_rms, geo, rotary, kv_spec: QuantSpec, r3: bool) -> torch.Tensor:
+def _score_strengths(q, k, v, k_bias, q_rms, k_rms, geo, rotary, kv_spec: QuantSpec, r3: bool,
+                     sink_tokens: int = 0) -> torch.Tensor:
     """The layer's attention-output error from its 4-bit K cache at each strength of ALPHAS.
 
     q [W, S, heads * d] (with its bias), k [W, S, kv_heads * d] (the part the K quantizer sees), v;
@@ -163,8 +166,9 @@ def _score_strengths(q, k, v, k_bias, q_rms, k_rms, geo, rotary, kv_spec: QuantS
             content = rope(kw / s)
             keys = rope(full / s)
             ref = F.scaled_dot_product_attention(qs, keys, vw, is_causal=True, enable_gqa=True)
-            got = F.scaled_dot_product_attention(qs, keys + fake_quantize(content, kv_spec) - content, vw,
-                                                 is_causal=True, enable_gqa=True)
+            error = fake_quantize(content, kv_spec) - content
+            error[..., :sink_tokens, :] = 0
+            got = F.scaled_dot_product_attention(qs, keys + error, vw, is_causal=True, enable_gqa=True)
             err[j] += float(((got - ref) ** 2).sum())
     return err
 
@@ -190,12 +194,12 @@ def k_error_factor(q_rms: torch.Tensor, k_rms: torch.Tensor) -> torch.Tensor:
 
 
 def qk_balance(model: nn.Module, calib_ids: torch.Tensor, *, kv_spec: QuantSpec | None = None, r3: bool = True,
-               exclude_k_bias: bool = True, device="cpu", adapter: ModelAdapter | None = None,
+               exclude_k_bias: bool = True, sink_tokens: int = 0, device="cpu", adapter: ModelAdapter | None = None,
                progress: bool = False) -> tuple[torch.Tensor, dict]:
     """The "qk" scaling for `model` (each layer's strength scored against `kv_spec`'s K quantizer, or 1
     without it) and what it chose and expects (metadata for the run)."""
-    st = qk_statistics(model, calib_ids, kv_spec=kv_spec, r3=r3, exclude_k_bias=exclude_k_bias, device=device,
-                       adapter=adapter, progress=progress)
+    st = qk_statistics(model, calib_ids, kv_spec=kv_spec, r3=r3, exclude_k_bias=exclude_k_bias,
+                       sink_tokens=sink_tokens, device=device, adapter=adapter, progress=progress)
     return scaling_from(st, windows=min(len(calib_ids), MAX_WINDOWS))
 
 

@@ -107,7 +107,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
 
         r3 = RotationSet.load(cfg.rotations).r3 if cfg.rotations else cfg.r3
         qk = QKCollector(geo, adapter.rotary_embedding(model), kv_spec=sc.kv_spec(geo.head_dim), r3=r3,
-                         exclude_k_bias=sc.kv_exclude_k_bias)
+                         exclude_k_bias=sc.kv_exclude_k_bias, sink_tokens=sc.kv_sink_tokens)
     with atomic_dir(out) as tmp:
         with timer("capture"):
             calib_ids = (calib_windows(tokenizer, cfg.data.corpus, cfg.data.samples, cfg.data.seqlen, cfg.seed)
