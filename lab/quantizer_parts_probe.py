@@ -55,6 +55,7 @@ def main():
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--skip-as-run", action="store_true", help="the run's own row is in its metrics.json already")
+    ap.add_argument("--only", choices=[name for name, _, _ in SETTINGS], help="this setting alone")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -66,6 +67,8 @@ def main():
         print(f"{run}: {len(acts)} activation and {len(kvs)} K/V quantizers", flush=True)
         data = {c: eval_windows(tok, c, seqlen=2048, max_windows=args.windows) for c in ("wiki", "c4")}
         for name, acts_off, kv_off in SETTINGS[1 if args.skip_as_run else 0:]:
+            if args.only and name != args.only:
+                continue
             for q in acts:
                 q.off = acts_off
             for q in kvs:
