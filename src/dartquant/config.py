@@ -64,8 +64,8 @@ class EvalConfig:
 _FIXED_SECTIONS = {"scheme": (QuantScheme, ""), "data": (DataConfig, "calib"), "eval": (EvalConfig, "eval")}
 _FLAT_EXCEPTIONS = {("eval", name): name for name in ("tasks", "zeroshot_limit", "guard_windows",
                                                       "guard_max_ppl_ratio", "fail_on_collapse")}
-_TOP = ("model", "method", "rotations", "seed", "r1", "r1_online", "r3", "r4", "qk_balance", "device", "dtype", "stream",
-        "shard_mb")
+_TOP = ("model", "method", "rotations", "seed", "r1", "r1_online", "r3", "r4", "qk_balance", "device", "dtype",
+        "stream", "shard_mb")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -170,7 +170,8 @@ class RunConfig:
         needs_data = (quantizer == "gptq" or self.qk_balance
                       or (self.method_spec.needs_calib_windows and not self.rotations))
         if self.data.samples <= 0 and needs_data:
-            raise ValueError("calib_samples must be positive: GPTQ, DartQuant and the Q/K balance need calibration data")
+            raise ValueError("calib_samples must be positive: GPTQ, DartQuant and the Q/K balance need "
+                             "calibration data")
         if self.data.seqlen < 2 or self.eval.seqlen < 2:
             raise ValueError("sequence lengths must be at least 2")
         if self.eval.max_windows is not None and self.eval.max_windows <= 0:

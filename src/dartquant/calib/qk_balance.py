@@ -9,16 +9,17 @@ rotary pair p, with a_p, b_p the root mean squares of q and of k over the calibr
 the KV head's query heads), s_p = (b_p / a_p)^(1/2) minimises it to (sum_p a_p b_p)^2, against
 (sum_p a_p^2)(sum_p b_p^2) unscaled: it gives each pair the same energy in q and in k (QServe's
 SmoothAttention does this by maxima, without a Hadamard). Nothing runs online; the scaling is folded
-into q_proj's and k_proj's rows (and biases), so it costs nothing at inference and any export carries it.
+into q_proj's and k_proj's rows (and biases), so it costs nothing at inference and the export carries it.
 
 On Qwen2.5-Coder-0.5B that factor is 0.12-0.91 per layer (0.61 over the model); on SmolLM2-135M
-0.83-0.97: its q and k already put their energy in the same pairs (docs/RESULTS.md §35).
+0.82-0.98: its q and k already put their energy in the same pairs (docs/RESULTS.md §35).
 
-The proxy's minimum assumes an isotropic error; a real attention weighs the pairs unequally (RoPE's
-slow pairs carry the content matching). So the strength is chosen per layer: s_p^alpha for alpha on
-ALPHAS, keeping the one whose 4-bit K cache (R3's Hadamard and the run's K quantizer applied as the run
-will) changes the layer's attention output, softmax(q k^T) v, least on calibration windows. alpha 0
-(no scaling) is on the grid, so a layer the balance would not help keeps its function untouched.
+The proxy's minimum assumes an isotropic error and weighs every score alike; a softmax does not (on
+Qwen seed 0 half strength did better than full, RESULTS §35). So the strength is chosen per layer:
+s_p^alpha for alpha on ALPHAS, keeping the one whose 4-bit K cache (R3's Hadamard and the run's K
+quantizer applied as the run will) changes the layer's attention output, softmax(q k^T) v, least on
+calibration windows. alpha 0 (no scaling) is on the grid, so a layer the balance would not help keeps its
+K cache as it was.
 
 With the K bias kept out of the K quantizer (the default), k's statistics leave it out too: the
 quantizer never sees it.
