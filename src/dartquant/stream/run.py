@@ -2,9 +2,10 @@
 
     skeleton on meta (source.py); untie, exact norms: structure only
     FP pass (if needed)  embed -> per block: load raw -> eval / guard windows through it (the FP
-                         reference) -> fuse its norms -> DartQuant capture over calibration
-                         windows, that layer's R2 fitted at once (one layer's samples held) ->
-                         release; then the raw final norm + head: FP perplexity
+                         reference) -> fuse its norms -> qk_balance's statistics over the first
+                         calibration windows (calib/qk_balance.QKCollector) -> DartQuant capture over
+                         calibration windows, that layer's R2 fitted at once (one layer's samples
+                         held) -> release; then the raw final norm + head: FP perplexity
     rotations            the method's producer (QuaRot from the geometry; DartQuant fits R1 on the
                          captured samples, as in memory, and takes the R2s fitted in the pass),
                          or the --rotations file
