@@ -66,7 +66,8 @@ def calibration_summary(meta: dict) -> dict:
     """What a calibration chose and its held-out numbers (learning rates, held-out loss / SQNR
     before and after), from a RotationSet's metadata: metrics.json's "calibration", so that a
     sweep's JSON says how every row was tuned."""
-    return {k: v for k, v in meta.items() if k.startswith(("eval_loss", "r1_", "r2_", "lr", "amp", "steps", "qk_balance"))}
+    kept = ("eval_loss", "r1_", "r2_", "lr", "amp", "steps", "qk_balance")
+    return {k: v for k, v in meta.items() if k.startswith(kept)}
 
 
 def get_method(name: str) -> Method:
