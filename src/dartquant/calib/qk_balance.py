@@ -36,6 +36,7 @@ from torch import nn
 from ..adapters import ModelAdapter, adapter_for
 from ..hadamard import hadamard_matrix
 from ..layerwise import forward_plan, iterate_blocks
+from ..modules import _rotate_half
 from ..quant.primitives import QuantSpec, fake_quantize
 from ..transforms.placements import expand_rope_pairs
 
@@ -151,22 +152,24 @@ def _score_strengths(q, k, v, k_bias, q_rms, k_rms, geo, rotary, kv_spec: QuantS
     h3 = hadamard_matrix(d, device=dev) if r3 else None
 
     def rope(t):  # [1, h, S, d]
-        t = t * cos + torch.cat((-t[..., d // 2:], t[..., : d // 2]), -1) * sin
+        t = t * cos + _rotate_half(t) * sin
         return t @ h3 if h3 is not None else t
 
     def heads(t, h):  # [S, h * d] -> [1, h, S, d]
         return t.double().view(1, n, h, d).transpose(1, 2)
 
+    # q . k does not depend on the strength: one unquantized reference per window, one scaling per strength
+    scales = [balance_scales(q_rms.unsqueeze(0), k_rms.unsqueeze(0), a).double().to(dev).view(1, -1, 1, d)
+              for a in ALPHAS]
     err = torch.zeros(len(ALPHAS), dtype=torch.float64)
     for w in range(q.shape[0]):
         qw, kw, vw = heads(q[w], geo.n_heads), heads(k[w], geo.n_kv_heads), heads(v[w], geo.n_kv_heads)
         full = kw if k_bias is None else kw + heads(k_bias.expand(n, -1), geo.n_kv_heads)
-        for j, alpha in enumerate(ALPHAS):
-            s = balance_scales(q_rms.unsqueeze(0), k_rms.unsqueeze(0), alpha).double().to(dev).view(1, -1, 1, d)
+        ref = F.scaled_dot_product_attention(rope(qw), rope(full), vw, is_causal=True, enable_gqa=True)
+        for j, s in enumerate(scales):
             qs = rope(qw * s.repeat_interleave(geo.kv_groups, 1))
             content = rope(kw / s)
             keys = rope(full / s)
-            ref = F.scaled_dot_product_attention(qs, keys, vw, is_causal=True, enable_gqa=True)
             error = fake_quantize(content, kv_spec) - content
             error[..., :sink_tokens, :] = 0
             got = F.scaled_dot_product_attention(qs, keys + error, vw, is_causal=True, enable_gqa=True)
