@@ -37,18 +37,20 @@ RESULTS_DIR = ROOT / "docs" / "results"
 BEGIN, END = "<!-- headlines:begin -->", "<!-- headlines:end -->"
 
 # model label -> the quality.py JSON files whose runs make its rows (full held-out wiki / c4,
-# 6 zero-shot tasks with --limit 100, H200)
+# 6 zero-shot tasks with --limit 100, H200; session 34's files an H100, the same GH100 chip)
 QUALITY = {
     "SmolLM2-135M": ["smollm2_quality_h200.json", "smollm2_e2e_h200_session3.json",
                      "smollm2_quantloss_gptq_h200.json", "smollm2_dfrot_duquant_h200_session7.json",
                      "smollm2_duquant_seed2_h200_session12.json", "smollm2_clip_search_h200_session22.json",
-                     "smollm2_gptq_options_h200_session24.json", "smollm2_asym_holdout_h200_session26.json"],
+                     "smollm2_gptq_options_h200_session24.json", "smollm2_asym_holdout_h200_session26.json",
+                     "smollm2_qk_balance_w_mse_gptq_h100_session34.json"],
     # session 6: every Qwen row again with K's bias kept out of the K quantizer (§7, §8); the
     # rows of qwen_quality_h200.json were measured before that fix, which only FP does not touch
     "Qwen2.5-Coder-0.5B": ["qwen_kbiasfix_h200_session6.json", "qwen_quantloss_seeds12_h200_session12.json",
                            "qwen_rtn_h200_session15.json", "qwen_dqwhip_seed2_h200_session16.json",
                            "qwen_ostquant_h200_session17.json", "qwen_clip_search_h200_session22.json",
-                           "qwen_gptq_options_h200_session24.json", "qwen_asym_holdout_h200_session26.json"],
+                           "qwen_gptq_options_h200_session24.json", "qwen_asym_holdout_h200_session26.json",
+                           "qwen_qk_balance_w_mse_gptq_h100_session34.json"],
     # issue 12's model, at its own protocol (§7): at most 40 windows per corpus, no zero-shot
     "Qwen2.5-Coder-1.5B (≤ 40 windows per corpus, §7)": ["qwen15_quality_h200.json"],
 }
@@ -76,6 +78,15 @@ METHODS = {
     # session 26 (§27): the search first, the target shrunk by cross-validation (gptq_asymmetric_holdout)
     "DuQuant, clip search : GPTQ asymmetric, holdout":
         "duquant:gptq:a_clip_search=true,gptq_asymmetric=true,gptq_asymmetric_holdout=true",
+    # session 34 (§36, an H100): the weights' clip judged by GPTQ's output error (§34), Q and K balanced (§35)
+    "DuQuant, clip search : GPTQ act-order, true-sequential, clip by output":
+        "duquant:gptq:a_clip_search=true,gptq_act_order=true,gptq_true_sequential=true,w_mse_objective=gptq",
+    "DuQuant, clip search, Q/K balance : GPTQ act-order, true-sequential":
+        "duquant:gptq:a_clip_search=true,gptq_act_order=true,gptq_true_sequential=true,qk_balance=true",
+    "DuQuant, clip search, Q/K balance : GPTQ act-order, true-sequential, clip by output":
+        "duquant:gptq:a_clip_search=true,gptq_act_order=true,gptq_true_sequential=true,qk_balance=true,"
+        "w_mse_objective=gptq",
+    "QuaRot, Q/K balance : GPTQ": "quarot:gptq:qk_balance=true",
 }
 # model label -> (file, what differs) of quality.py jobs run one at a time with the GPU to itself (§26,
 # §27, §28): their calibration time. Session 26's code draws DuQuant's random rotations on the GPU; session
@@ -281,8 +292,9 @@ def render(results: Path = RESULTS_DIR) -> str:
              "**Quality**: W4A4KV4 (weights 4-bit per channel, activations 4-bit per token, KV 4-bit per",
              "group of 64), full held-out wiki / c4 perplexity (lower is better; the 1.5B model: its first",
              "windows, §7), 6 zero-shot tasks with the first 100 examples each (higher is better), mean ± std",
-             "over seeds, H200; best quantized value per model in bold. Calibration s: the mean of the runs'",
-             "capture + calibrate stages (GPTQ and evaluation excluded), measured while 3-8 jobs shared the GPU:",
+             "over seeds, H200 (the `_h100_` files: an H100, the same GH100 chip); best quantized value per model",
+             "in bold. Calibration s: the mean of the runs' capture + calibrate stages (GPTQ and evaluation",
+             "excluded), measured while 3-14 jobs shared the GPU:",
              "indicative only, and a run that chose its learning rate on a grid calibrated once per candidate;",
              "the cost table below measures one calibration alone. Protocol: §2. Sources: " + quality_files + ".",
              "", *quality_table(results), "",
