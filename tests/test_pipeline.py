@@ -110,6 +110,8 @@ def test_cli_quantize_json_and_recipe(tiny_folder, tmp_path, capsys):
     assert rc == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["ppl"] == metrics["ppl"], "dartquant eval must reproduce the run's perplexity exactly"
+    assert main(["eval", str(tmp_path / "run"), "--seqlen", "32", "--max-windows", "2"]) == 0
+    assert "quarot W4A8KV4" in capsys.readouterr().out  # the run's method and bits name its row
     rc = main(["quantize", "--recipe", str(recipe), "--w-group-size", "5", "--out", str(tmp_path / "run2")])
     assert rc == 2 and "does not divide" in capsys.readouterr().err
 

@@ -161,7 +161,9 @@ def print_summary(metrics: dict) -> None:
     rows = []
     if "fp" in metrics:
         rows.append(("FP", metrics["fp"]["ppl"], metrics["fp"].get("zeroshot", {}).get("avg")))
-    label = f"{metrics['method']} W{metrics['w_bits']}A{metrics['a_bits']}KV{metrics['kv_bits']}"
+    label = metrics["method"]
+    if "w_bits" in metrics:  # a quantized model (a model evaluated as loaded has no scheme to name)
+        label += f" W{metrics['w_bits']}A{metrics['a_bits']}KV{metrics['kv_bits']}"
     rows.append((label, metrics["ppl"], metrics.get("zeroshot", {}).get("avg")))
     corpora = [k for k in metrics["ppl"] if k != "tokens"]
     print(f"\n{'model':<24}" + "".join(f"{c + ' ppl':>12}" for c in corpora) + f"{'0-shot avg':>12}")
@@ -222,7 +224,11 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(res))
     else:
-        print_summary({"method": args.model, "w_bits": "?", "a_bits": "?", "kv_bits": "?", **res})
+        # a quantize run's folder: its method and bits name the row; any other model: its name alone
+        scheme = run.scheme if run is not None else None
+        named = ({"method": run.method, "w_bits": scheme.w_bits, "a_bits": scheme.a_bits, "kv_bits": scheme.kv_bits}
+                 if run is not None else {"method": args.model})
+        print_summary({**named, **res})
         if run is not None:
             print(f"settings from {args.model}/config.yaml: seqlen {cfg.eval.seqlen}, max windows "
                   f"{cfg.eval.max_windows}, tasks {cfg.eval.tasks or 'none'}, {cfg.dtype} on {cfg.device}")
