@@ -225,9 +225,10 @@ def cmd_eval(args) -> int:
         print(json.dumps(res))
     else:
         # a quantize run's folder: its method and bits name the row; any other model: its name alone
-        scheme = run.scheme if run is not None else None
-        named = ({"method": run.method, "w_bits": scheme.w_bits, "a_bits": scheme.a_bits, "kv_bits": scheme.kv_bits}
-                 if run is not None else {"method": args.model})
+        named = {"method": args.model}
+        if run is not None:
+            named = {"method": run.method, "w_bits": run.scheme.w_bits, "a_bits": run.scheme.a_bits,
+                     "kv_bits": run.scheme.kv_bits}
         print_summary({**named, **res})
         if run is not None:
             print(f"settings from {args.model}/config.yaml: seqlen {cfg.eval.seqlen}, max windows "
