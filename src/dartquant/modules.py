@@ -231,7 +231,8 @@ def sequence_positions(position_ids, s: int, device) -> torch.Tensor:
     return position_ids.to(device)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE's pairing (transformers' rotate_half): channel j pairs with j + d/2; shared with calib/qk_balance."""
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
@@ -269,7 +270,7 @@ class AttentionTransform(nn.Module):
         k_linear, rotary = self._k_bias_from
         b = k_linear.bias.to(k.dtype).view(1, k.shape[1], 1, self.head_dim)
         cos, sin = rotary(k, sequence_positions(position_ids, k.shape[-2], k.device))
-        off = b * cos.unsqueeze(1).to(k.dtype) + _rotate_half(b) * sin.unsqueeze(1).to(k.dtype)
+        off = b * cos.unsqueeze(1).to(k.dtype) + rotate_half(b) * sin.unsqueeze(1).to(k.dtype)
         return self.qk_rotation(off) if self.qk_rotation is not None else off
 
     def forward(self, q, k, v, position_ids=None):  # [B, H, S, D], [B, Hkv, S, D], [B, Hkv, S, D]

@@ -38,7 +38,7 @@ from torch import nn
 from ..adapters import ModelAdapter, adapter_for
 from ..hadamard import hadamard_matrix
 from ..layerwise import forward_plan, iterate_blocks
-from ..modules import _rotate_half
+from ..modules import rotate_half
 from ..quant.primitives import QuantSpec, fake_quantize
 from ..transforms.placements import expand_rope_pairs
 
@@ -154,7 +154,7 @@ def _score_strengths(q, k, v, k_bias, q_rms, k_rms, geo, rotary, kv_spec: QuantS
     h3 = hadamard_matrix(d, device=dev) if r3 else None
 
     def rope(t):  # [1, h, S, d]
-        t = t * cos + _rotate_half(t) * sin
+        t = t * cos + rotate_half(t) * sin
         return t @ h3 if h3 is not None else t
 
     def heads(t, h):  # [S, h * d] -> [1, h, S, d]
