@@ -37,7 +37,7 @@ RESULTS_DIR = ROOT / "docs" / "results"
 BEGIN, END = "<!-- headlines:begin -->", "<!-- headlines:end -->"
 
 # model label -> the quality.py JSON files whose runs make its rows (full held-out wiki / c4,
-# 6 zero-shot tasks with --limit 100, H200; session 34's files an H100, the same GH100 chip)
+# 6 zero-shot tasks with --limit 100, H200; sessions 34-35's files an H100, the same GH100 chip)
 QUALITY = {
     "SmolLM2-135M": ["smollm2_quality_h200.json", "smollm2_e2e_h200_session3.json",
                      "smollm2_quantloss_gptq_h200.json", "smollm2_dfrot_duquant_h200_session7.json",
@@ -50,7 +50,7 @@ QUALITY = {
                            "qwen_rtn_h200_session15.json", "qwen_dqwhip_seed2_h200_session16.json",
                            "qwen_ostquant_h200_session17.json", "qwen_clip_search_h200_session22.json",
                            "qwen_gptq_options_h200_session24.json", "qwen_asym_holdout_h200_session26.json",
-                           "qwen_qk_balance_w_mse_gptq_h100_session34.json"],
+                           "qwen_qk_balance_w_mse_gptq_h100_session34.json", "qwen_sinks_h100_session35.json"],
     # issue 12's model, at its own protocol (§7): at most 40 windows per corpus, no zero-shot
     "Qwen2.5-Coder-1.5B (≤ 40 windows per corpus, §7)": ["qwen15_quality_h200.json"],
 }
@@ -87,6 +87,17 @@ METHODS = {
         "duquant:gptq:a_clip_search=true,gptq_act_order=true,gptq_true_sequential=true,qk_balance=true,"
         "w_mse_objective=gptq",
     "QuaRot, Q/K balance : GPTQ": "quarot:gptq:qk_balance=true",
+    # session 35 (§37, an H100): the sinks (§30) keep position 0's K/V (and its linears' inputs) at 16 bits
+    "DuQuant, clip search, K/V sink (token 0's K/V 16-bit) : GPTQ act-order, true-sequential":
+        "duquant:gptq:a_clip_search=true,gptq_act_order=true,gptq_true_sequential=true,kv_sink_tokens=1",
+    "DuQuant, clip search, Q/K balance, K/V sink (token 0's K/V 16-bit) : GPTQ act-order, true-sequential, "
+    "clip by output":
+        "duquant:gptq:a_clip_search=true,gptq_act_order=true,gptq_true_sequential=true,qk_balance=true,"
+        "w_mse_objective=gptq,kv_sink_tokens=1",
+    "DuQuant, clip search, Q/K balance, both sinks (token 0 16-bit) : GPTQ act-order, true-sequential, "
+    "clip by output":
+        "duquant:gptq:a_clip_search=true,gptq_act_order=true,gptq_true_sequential=true,qk_balance=true,"
+        "w_mse_objective=gptq,a_sink_tokens=1,kv_sink_tokens=1",
 }
 # model label -> (file, what differs) of quality.py jobs run one at a time with the GPU to itself (§26,
 # §27, §28): their calibration time. Session 26's code draws DuQuant's random rotations on the GPU; session
@@ -293,7 +304,8 @@ def render(results: Path = RESULTS_DIR) -> str:
              "group of 64), full held-out wiki / c4 perplexity (lower is better; the 1.5B model: its first",
              "windows, §7), 6 zero-shot tasks with the first 100 examples each (higher is better), mean ± std",
              "over seeds, H200 (the `_h100_` files: an H100, the same GH100 chip); best quantized value per model",
-             "in bold. Calibration s: the mean of the runs' capture + calibrate stages (GPTQ and evaluation",
+             "in bold; the rows named \"sink\" keep position 0's K/V (\"both sinks\": and its linears' inputs) at",
+             "16 bits, outside the strict W4A4KV4 protocol (§30, §37). Calibration s: the mean of the runs' capture + calibrate stages (GPTQ and evaluation",
              "excluded), measured while 3-14 jobs shared the GPU:",
              "indicative only, and a run that chose its learning rate on a grid calibrated once per candidate;",
              "the cost table below measures one calibration alone. Protocol: §2. Sources: " + quality_files + ".",
