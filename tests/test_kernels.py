@@ -12,11 +12,14 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from tiny import outlier_activations  # noqa: E402
 
 from dartquant.hadamard import HadamardError, fast_hadamard_transform  # noqa: E402
 from dartquant.kernels.act_quant import (  # noqa: E402
+    _butterfly,
     hadamard_quantize_pack,
     hadamard_quantize_pack_reference,
     layout_2d,
@@ -60,16 +63,52 @@ def test_stage_sizes():
 # widths: powers of two and K * 2^m with the bases of the supported models (12, 28, 76, 140, 172);
 # 3072 = 12 * 256: the blocks kernel's dense left factor H_12 (x) S_2 (as 14336 = 28 * 512 on a GPU)
 @pytest.mark.parametrize("n", [64, 256, 192, 896, 1216, 2240, 2752, 3072])
-@pytest.mark.parametrize("variant,groups", [("3d", 1), ("2d", 1), ("blocks", 1), ("blocks", 2), ("split", 1)])
-def test_act_codes_bit_exact(n, variant, groups):
+@pytest.mark.parametrize("variant,groups,butterfly", [("3d", 1, None), ("2d", 1, None), ("blocks", 1, False),
+                                                      ("blocks", 2, False), ("blocks", 1, True), ("blocks", 2, True),
+                                                      ("split", 1, None)])
+def test_act_codes_bit_exact(n, variant, groups, butterfly):
     if (variant == "2d" and layout_2d(n) is None) or (variant in ("blocks", "split") and layout_blocks(n) is None):
         pytest.skip(f"no {variant} layout for this width")
     x = _activations(5, n, seed=n)  # 5 tokens: the last tile of 4 (x 2 groups) is partly masked
-    got = hadamard_quantize_pack(x, clip_ratio=0.9, variant=variant, rows_per_program=4, groups=groups)
+    got = hadamard_quantize_pack(x, clip_ratio=0.9, variant=variant, rows_per_program=4, groups=groups,
+                                 butterfly=butterfly)
     ref = hadamard_quantize_pack_reference(x, clip_ratio=0.9)
     assert torch.equal(got.codes, ref.codes)
     assert torch.equal(got.scale, ref.scale)
     assert torch.equal(got.zero, ref.zero)
+
+
+@triton.jit
+def _butterfly_kernel(x_ptr, y_ptr, ROWS: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr):
+    offs = tl.arange(0, ROWS)[:, None] * C + tl.arange(0, C)[None, :]
+    tl.store(y_ptr + offs, _butterfly(tl.load(x_ptr + offs), ROWS, C, LOG_C))
+
+
+def test_butterfly_is_the_sylvester_product():
+    """`_butterfly`'s perfect-shuffle stages are x @ S_C in natural order (fp32, exact on small integers), so
+    a wrong stage order or sign would show here before any rounding could hide it."""
+    for c in (2, 16, 64):
+        x = torch.randint(-8, 8, (4, c)).float()
+        y = torch.empty_like(x)
+        _butterfly_kernel[(1,)](x, y, ROWS=4, C=c, LOG_C=c.bit_length() - 1)
+        s = torch.ones(1, 1)
+        while s.shape[0] < c:
+            s = torch.cat([torch.cat([s, s], 1), torch.cat([s, -s], 1)], 0)
+        assert torch.equal(y, x @ s)
+
+
+def test_auto_takes_the_butterfly_at_throughput_sizes():
+    """auto's throughput configs use the butterfly (section 1g) and give the reference's codes; decode sizes keep
+    their own kernels."""
+    from dartquant.kernels.act_quant import _auto_variant
+
+    for n in (1536, 3072, 4864):
+        assert _auto_variant(n, True).get("butterfly") is True
+        assert not _auto_variant(n, True, tokens=1).get("butterfly")
+    x = _activations(12, 3072, seed=4)
+    got = hadamard_quantize_pack(x, clip_ratio=0.9)
+    ref = hadamard_quantize_pack_reference(x, clip_ratio=0.9)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale)
 
 
 def test_act_split_planar_and_many_tokens():
@@ -139,15 +178,16 @@ def test_act_rejects_bad_input():
 
 
 def test_act_auto_variant_throughput_rule():
-    """Run 48's throughput rule (docs/KERNELS.md 1f): the blocks kernel wherever its layout applies from
-    1536 wide, by the size of its token tile [KA + KB, C]; 3d elsewhere; decode sizes split above 4096."""
+    """The throughput rule (docs/KERNELS.md 1f, 1g): the blocks kernel with its butterfly right factor wherever
+    its layout applies from 1536 wide, the launch config by the size of its token tile [KA + KB, C]; 3d
+    elsewhere; decode sizes split above 4096."""
     from dartquant.kernels.act_quant import _auto_variant
 
     def blocks(t, g, w):
-        return dict(variant="blocks", num_warps=w, rows_per_program=t, **({"groups": g} if g > 1 else {}))
+        return dict(variant="blocks", butterfly=True, num_warps=w, rows_per_program=t, groups=g)
 
-    want = {1536: blocks(2, 4, 4), 4096: blocks(1, 4, 4), 4864: blocks(1, 4, 4), 8192: blocks(1, 4, 4),
-            8960: blocks(1, 1, 4), 11008: blocks(1, 1, 4), 14336: blocks(1, 1, 4), 16384: blocks(1, 1, 4),
+    want = {1536: blocks(1, 1, 2), 4096: blocks(1, 4, 4), 4864: blocks(1, 1, 4), 8192: blocks(1, 4, 4),
+            8960: blocks(2, 1, 4), 11008: blocks(2, 1, 4), 14336: blocks(1, 1, 4), 16384: blocks(1, 1, 8),
             28672: blocks(1, 1, 8)}
     for n, w in want.items():
         assert _auto_variant(n, True) == w, n

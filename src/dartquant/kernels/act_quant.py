@@ -49,7 +49,9 @@ Design choices:
   code by one where a value sits on a rounding boundary (measured in the tests / benchmark).
 * Codes are packed like `pack_int4` (element 2i in the low nibble), scale / zero are fp32 [M].
 * Speed on the H200 (docs/KERNELS.md 1f): with the Hadamard 15-35 % of copy bandwidth (its small
-  per-token dots); without it (quantize + pack only) 77-83 %.
+  per-token dots); without it (quantize + pack only) 77-83 %.  Section 1g (session 35, an H100): the
+  blocks kernel's right factor as fp32 butterflies in registers (`_butterfly`) instead of a split dot,
+  1.1-2.1x faster at 1536-28672 wide except 4096 (equal).
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ DECODE_TOKENS = 8
 # interpreter an exact fma, the lab's A/B timings)
 FMA_DIVISION: bool | None = None
 
+# the blocks kernel's right factor S_C: None = the call's choice (`_auto_variant`: the butterfly at
+# throughput sizes); True / False force `_butterfly` (log2(C) stages of fp32 adds in registers) or the split
+# fp16 dot on tensor cores, for A/B timings (lab/device/jobs/session35_butterfly*.py)
+RIGHT_BUTTERFLY: bool | None = None
+
 
 def _fma_division() -> bool:
     return os.environ.get("TRITON_INTERPRET") != "1" if FMA_DIVISION is None else FMA_DIVISION
@@ -98,12 +105,11 @@ def _auto_variant(n: int, rotate: bool, tokens: int | None = None) -> dict:
     token over several SMs (run 22, section 1d: 5.6-7.7 us a call at 4864-28672 wide, where one
     program per token took 6.5-24 us); else (run 17) one token per program, 8 warps from 8192 wide,
     wherever the throughput choice below is the blocks or the 2d kernel (3.4-6.6x faster at 4096 /
-    8192 than that choice).  Throughput choice (more tokens; run 48, with section 1f's division):
-    the blocks kernel wherever `layout_blocks` applies from 1536 wide, its token tile [KA + KB, C]
-    deciding the rest: up to 8192 elements four tiles per program (1536: two tokens a tile), up to
-    16384 one tile on 4 warps, above on 8 (1.04-1.84x run 48's previous choices: 14336 / 28672 1.4x /
-    1.4x the 3d kernel, 16384 1.07x the 2d one); the 3d kernel where no layout applies (below 1536:
-    not measured)."""
+    8192 than that choice).  Throughput choice (more tokens): the blocks kernel wherever `layout_blocks`
+    applies from 1536 wide (run 48, with section 1f's division: 1.04-1.84x the choices before), since
+    session 35 with its right factor as a butterfly (section 1g, H100: 1.1-2.1x the split dot, equal at
+    4096); its token tile [KA + KB, C] picks the launch config, each its tile's fastest in section 1g's
+    sweep; the 3d kernel where no layout applies (below 1536: not measured)."""
     if tokens is not None and tokens <= DECODE_TOKENS:
         if rotate and n > 4096 and layout_blocks(n) is not None:  # run 22: 1.1-3.1x the choices below
             return dict(variant="split", num_warps=4 if n <= 11008 else 8, rows_per_program=1)
@@ -118,11 +124,18 @@ def _auto_variant(n: int, rotate: bool, tokens: int | None = None) -> dict:
     if blay is not None:  # run 48: the blocks kernel at every width it supports, by the size of its token tile
         r, ka, kb, c = blay
         tile = (ka + kb) * c
+        # session 35 (KERNELS.md 1g, an H100): the right factor as a butterfly, 1.1-2.1x the split dot
+        # with these launch configs (equal at 4096); each config is its tile's fastest in that sweep
+        bf = dict(variant="blocks", butterfly=True)
         if tile <= 2048:  # 1536 = 12 * 128
-            return dict(variant="blocks", num_warps=4, rows_per_program=2, groups=4)
-        if tile <= 8192:  # 4096, 4864, 8192: small tiles share a program
-            return dict(variant="blocks", num_warps=4, rows_per_program=1, groups=4)
-        return dict(variant="blocks", num_warps=4 if tile <= 16384 else 8, rows_per_program=1)
+            return dict(bf, num_warps=2, rows_per_program=1, groups=1)
+        if tile <= 8192:  # 4096, 8192: four tiles a program; 4864 (76 * 64): one
+            return dict(bf, num_warps=4, rows_per_program=1, groups=4 if kb == 0 else 1)
+        if tile <= 12288:  # 8960, 11008: two tokens a tile
+            return dict(bf, num_warps=4, rows_per_program=2, groups=1)
+        if tile <= 16384:  # 16384 (128 x 128) on 8 warps, 14336 (64 + 64 rows) on 4
+            return dict(bf, num_warps=8 if kb == 0 else 4, rows_per_program=1, groups=1)
+        return dict(bf, num_warps=8, rows_per_program=1, groups=1)
     lay = layout_2d(n) if rotate else None
     if lay is None or n < 4096:
         return dict(variant="3d", num_warps=None, rows_per_program=1)
@@ -357,11 +370,27 @@ if triton is not None:
         return tl.load(ptr + (R0 + i)[:, None] * LD + (C0 + j)[None, :])
 
     @triton.jit
+    def _butterfly(y, ROWS: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr):
+        """y [ROWS, C] fp32 times the Sylvester S_C (entries +-1) as LOG_C radix-2 stages of fp32 adds:
+        each stage takes the top index bit, adds and subtracts the two halves, and joins the result back
+        as the lowest bit (a perfect shuffle), so after LOG_C stages the order is natural again.  No
+        tensor cores and no fp16 hi / lo split: one add per element a stage, each rounded once in fp32
+        (the split dot keeps 22 bits of each partial sum; the codes agree but for rounding ties)."""
+        for _ in tl.static_range(LOG_C):
+            a, b = tl.split(tl.permute(tl.reshape(y, (ROWS, 2, C // 2)), (0, 2, 1)))
+            y = tl.reshape(tl.join(a + b, a - b), (ROWS, C))
+        return y
+
+    @triton.jit
     def _right_factor(y, rt, post, inv_sqrt_n, RB: tl.constexpr, T: tl.constexpr, C: tl.constexpr,
-                      ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr):
-        """[RB, T * C] (columns token-major) -> [RB, T, C]: each token's C-slice times S_C (split),
-        the row prescale undone, the 1/sqrt(N) normalisation, the model dtype's rounding."""
-        y = _split_dot(tl.reshape(y, (RB * T, C)), rt, tl.zeros((RB * T, C), dtype=tl.float32), True, True)
+                      ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, LOG_C: tl.constexpr = 0):
+        """[RB, T * C] (columns token-major) -> [RB, T, C]: each token's C-slice times S_C (a split dot,
+        or with LOG_C > 0 `_butterfly`), the row prescale undone, the 1/sqrt(N) normalisation, the model
+        dtype's rounding."""
+        if LOG_C > 0:
+            y = _butterfly(tl.reshape(y, (RB * T, C)), RB * T, C, LOG_C)
+        else:
+            y = _split_dot(tl.reshape(y, (RB * T, C)), rt, tl.zeros((RB * T, C), dtype=tl.float32), True, True)
         return _unscale_round(tl.reshape(y, (RB, T, C)), post[None, :, None], inv_sqrt_n, ROUND_BF16, ROUND_FP16)
 
     @triton.jit
@@ -388,7 +417,7 @@ if triton is not None:
         R: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, C: tl.constexpr, T: tl.constexpr,
         GROUPS: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr,
         ROUND_FP16: tl.constexpr, RECIP: tl.constexpr, USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
-        FMA_DIV: tl.constexpr = False, PDL: tl.constexpr = False,
+        FMA_DIV: tl.constexpr = False, PDL: tl.constexpr = False, LOG_C: tl.constexpr = 0,
     ):
         """`_hadamard_quant_2d_kernel` with the left factor as a GEMM over T tokens at once and
         its padding cut (run 10, docs/KERNELS.md section 1):
@@ -435,12 +464,12 @@ if triton is not None:
                 ya = _split_dot(lab, xb2, ya, False, SPLIT_FIRST)
                 yb = _split_dot(lba, xa2, tl.zeros((KB, T * C), dtype=tl.float32), False, SPLIT_FIRST)
                 yb = _split_dot(lbb, xb2, yb, False, SPLIT_FIRST)
-            ya = _right_factor(ya, rt, post, inv_sqrt_n, KA, T, C, ROUND_BF16, ROUND_FP16)
+            ya = _right_factor(ya, rt, post, inv_sqrt_n, KA, T, C, ROUND_BF16, ROUND_FP16, LOG_C)
             ya = tl.where(ra[:, None, None] < R, ya, 0.0)
             ymin = tl.min(tl.min(ya, axis=2), axis=0)
             ymax = tl.max(tl.max(ya, axis=2), axis=0)
             if KB > 0:
-                yb = _right_factor(yb, rt, post, inv_sqrt_n, KB, T, C, ROUND_BF16, ROUND_FP16)
+                yb = _right_factor(yb, rt, post, inv_sqrt_n, KB, T, C, ROUND_BF16, ROUND_FP16, LOG_C)
                 yb = tl.where(rb[:, None, None] < R, yb, 0.0)
                 ymin = tl.minimum(ymin, tl.min(tl.min(yb, axis=2), axis=0))
                 ymax = tl.maximum(ymax, tl.max(tl.max(yb, axis=2), axis=0))
@@ -789,6 +818,7 @@ def hadamard_quantize_pack(
     rows_per_program: int = 1,
     planar: torch.dtype | None = None,
     groups: int = 1,
+    butterfly: bool | None = None,
 ) -> PackedActivations:
     """x [..., N] (bf16 / fp16 / fp32) -> per-token 4-bit codes of ``x @ hadamard_matrix(N)``.
 
@@ -801,7 +831,8 @@ def hadamard_quantize_pack(
     sizes; ``groups`` such token tiles per program), "split" (decode: one token's rotation over
     several programs, then a second launch that quantizes; `layout_blocks` sizes), "auto"
     (`_auto_variant`, which also picks num_warps and rows_per_program).  Scale / zero match the torch path on x's device (see
-    `_asym4_qparams`).
+    `_asym4_qparams`).  ``butterfly`` (blocks variant): the right factor S_C as fp32 butterflies in registers
+    instead of a split fp16 dot (None: auto's choice, else the dot; `RIGHT_BUTTERFLY` overrides both).
     ``planar`` (torch.int8 or torch.float8_e4m3fn): instead of packed nibbles, ``codes`` is the
     [M, N] operand of `w4a4_gemm.planar_centered` (code - zero, even features then odd ones).
     """
@@ -839,6 +870,9 @@ def hadamard_quantize_pack(
         auto = _auto_variant(n, rotate, m)
         variant, rows_per_program, groups = auto["variant"], auto["rows_per_program"], auto.get("groups", 1)
         num_warps = num_warps or auto["num_warps"]
+        butterfly = auto.get("butterfly", False) if butterfly is None else butterfly
+    if RIGHT_BUTTERFLY is not None:
+        butterfly = RIGHT_BUTTERFLY
     lay = layout_2d(n) if rotate else None
     if variant not in ("2d", "3d", "blocks", "split"):
         raise ValueError(f"variant must be auto, 2d, 3d, blocks or split, got {variant!r}")
@@ -886,7 +920,7 @@ def hadamard_quantize_pack(
         _hadamard_quant_blocks_kernel[(triton.cdiv(m, t * groups),)](
             x2, lt, rt, codes, scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
             1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, T=t, GROUPS=groups, num_warps=nw,
-            enable_fp_fusion=False, **common, **pdl,
+            LOG_C=c.bit_length() - 1 if butterfly else 0, enable_fp_fusion=False, **common, **pdl,
         )
         return result
     if variant == "2d":
