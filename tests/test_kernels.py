@@ -65,7 +65,7 @@ def test_stage_sizes():
 @pytest.mark.parametrize("n", [64, 256, 192, 896, 1216, 2240, 2752, 3072])
 @pytest.mark.parametrize("variant,groups,butterfly", [("3d", 1, None), ("2d", 1, None), ("blocks", 1, False),
                                                       ("blocks", 2, False), ("blocks", 1, True), ("blocks", 2, True),
-                                                      ("split", 1, None)])
+                                                      ("split", 1, None), ("split", 1, True)])
 def test_act_codes_bit_exact(n, variant, groups, butterfly):
     if (variant == "2d" and layout_2d(n) is None) or (variant in ("blocks", "split") and layout_blocks(n) is None):
         pytest.skip(f"no {variant} layout for this width")

@@ -487,7 +487,7 @@ if triton is not None:
         x_ptr, left_ptr, right_ptr, ws_ptr, mm_ptr, stride_xm, inv_sqrt_n,
         R: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, C: tl.constexpr, RB: tl.constexpr,
         NBP: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, LOG_C: tl.constexpr = 0,
     ):
         """The split variant's first pass (decode: the blocks kernel runs a token on one SM, a
         latency chain of ~12 us at 11008, docs/KERNELS.md 1d).  Program (token, b) computes rows
@@ -516,8 +516,11 @@ if triton is not None:
             lb = tl.load(left_ptr + i[:, None] * LD + (KA + tl.arange(0, KB))[None, :], mask=i[:, None] < LD,
                          other=0.0)
             y = _split_dot(lb, xb * pre, y, False, SPLIT_FIRST)
-        rt = _load_square_block(right_ptr, C, 0, 0, C, C)
-        y = _split_dot(y, rt, tl.zeros((RB, C), dtype=tl.float32), True, True)
+        if LOG_C > 0:  # the right factor as `_butterfly` (opt-in here: not timed at decode sizes yet)
+            y = _butterfly(y, RB, C, LOG_C)
+        else:
+            rt = _load_square_block(right_ptr, C, 0, 0, C, C)
+            y = _split_dot(y, rt, tl.zeros((RB, C), dtype=tl.float32), True, True)
         y = tl.where(i[:, None] < R, _unscale_round(y, post, inv_sqrt_n, ROUND_BF16, ROUND_FP16), 0.0)
         tl.store(ws_ptr + tok.to(tl.int64) * (NBP * RB * C) + i[:, None] * C + c[None, :], y)
         mm = mm_ptr + (tok * NBP + blk) * 2
@@ -832,7 +835,8 @@ def hadamard_quantize_pack(
     several programs, then a second launch that quantizes; `layout_blocks` sizes), "auto"
     (`_auto_variant`, which also picks num_warps and rows_per_program).  Scale / zero match the torch path on x's device (see
     `_asym4_qparams`).  ``butterfly`` (blocks variant): the right factor S_C as fp32 butterflies in registers
-    instead of a split fp16 dot (None: auto's choice, else the dot; `RIGHT_BUTTERFLY` overrides both).
+    instead of a split fp16 dot (None: auto's choice, else the dot; `RIGHT_BUTTERFLY` overrides both); the split
+    variant takes it too, though auto never asks it there (not timed at decode sizes).
     ``planar`` (torch.int8 or torch.float8_e4m3fn): instead of packed nibbles, ``codes`` is the
     [M, N] operand of `w4a4_gemm.planar_centered` (code - zero, even features then odd ones).
     """
@@ -897,7 +901,7 @@ def hadamard_quantize_pack(
         _hadamard_split_kernel[(m, nb)](
             x2, lt, rt, ws, mm, x2.stride(0), 1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, RB=SPLIT_ROWS, NBP=nbp,
             SPLIT_FIRST=common["SPLIT_FIRST"], ROUND_BF16=common["ROUND_BF16"], ROUND_FP16=common["ROUND_FP16"],
-            num_warps=nw, enable_fp_fusion=False, **pdl,
+            LOG_C=c.bit_length() - 1 if butterfly else 0, num_warps=nw, enable_fp_fusion=False, **pdl,
         )
         _quantize_split_kernel[(m, nb)](
             ws, mm, codes, scale, zero, codes.stride(0), float(clip_ratio), R=r, C=c, RB=SPLIT_ROWS, NB=nb, NBP=nbp,
