@@ -208,7 +208,10 @@ def in_memory(args) -> int:
     model = build(args.tiny, device, args.shape)
     result = {"run": "in memory: " + ("tiny" if args.tiny else f"{args.shape} shape, random weights, RTN, "
                                       "R4 on down_proj, no R1 / R2 folded (same cost)"),
-              "settings": {**s.__dict__}}
+              "settings": {**s.__dict__},
+              # which card gave the numbers: an H100 and an H200 differ in bandwidth, so ratios too
+              "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                          "torch": torch.__version__}}
     result["bf16"] = measure_side(model, s, device)
     print("bf16", json.dumps({k: v for k, v in result["bf16"].items() if not k.startswith("decode")}), flush=True)
     if args.profile and device.type == "cuda":

@@ -6,11 +6,13 @@
 #   RES=$OUT bash lab/device/jobs/session35_kernels_next.sh
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
+# files named by the card the lease gave (session 36 asked for an H200 and got an H100)
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1 | grep -o 'H[0-9]\+' | head -n1 | tr H h); GPU=${GPU:-gpu}
 export PYTHONUNBUFFERED=1 PYTHONPATH=src:benchmarks
-timeout 200 python3 lab/device/jobs/session35_butterfly.py "$RES/act_butterfly_h200.json" 2>&1 | grep "^|"
-timeout 120 python3 lab/device/jobs/session35_split_butterfly.py "$RES/act_split_butterfly_h200.json" 2>&1 | grep "^|"
+timeout 200 python3 lab/device/jobs/session35_butterfly.py "$RES/act_butterfly_${GPU}.json" 2>&1 | grep "^|"
+timeout 120 python3 lab/device/jobs/session35_split_butterfly.py "$RES/act_split_butterfly_${GPU}.json" 2>&1 | grep "^|"
 for side in on off; do
-  timeout 240 python3 - "$side" "$RES/kernels_e2e_butterfly_${side}_h200.json" <<'PY' 2>&1 | tail -n 14
+  timeout 240 python3 - "$side" "$RES/kernels_e2e_butterfly_${side}_${GPU}.json" <<'PY' 2>&1 | tail -n 14
 import runpy, sys
 from dartquant.kernels import act_quant
 side, out = sys.argv[1], sys.argv[2]
