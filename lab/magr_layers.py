@@ -8,7 +8,9 @@ unquantized one,
     e(V) = (w - v) R (w - v)^T / w R w^T        (R = x^T x of the fit or of the held windows)
 
 for V = GPTQ(W) (what the run keeps) and V = GPTQ(MagR(W, alpha)) at each alpha of --alphas, and the
-mean largest row magnitude before and after MagR. Runs `dartquant quantize` in this process, e.g.
+mean largest row magnitude before and after MagR. Also plain GPTQ at other dampings (--damps D ...) and from
+only the first k fit windows (--fit-counts k ...: how the held-out error falls with the calibration's size).
+Runs `dartquant quantize` in this process, e.g.
     python lab/magr_layers.py --json OUT.json --linears 28 --alphas 0.005 0.02 -- --model smollm2-135m \
         --method duquant --seed 0 --calib-samples 32 --calib-seqlen 512 --eval-max-windows 4 --skip-fp-eval \
         --a-clip-search true --gptq-act-order true --gptq-true-sequential true --out RUN
@@ -34,6 +36,7 @@ _add, _quantize = gptq.GPTQ.add_batch, gptq.GPTQ.quantize
 ROWS: list[dict] = []
 ALPHAS = [0.005, 0.02]
 DAMPS: list[float] = []  # --damps: plain GPTQ at these dampings too (the run keeps its own)
+FIT_COUNTS: list[int] = []  # --fit-counts: plain GPTQ from only the first k fit windows too (calibration size)
 ITERS = 200
 STOP_AFTER = 0
 
@@ -57,6 +60,9 @@ def add_batch(self, inp, reference=None):
         p[part] += x.T @ x
         if part == "fit":
             _add(self, xi, None)
+            k = (p["calls"] + 1) // 2  # fit windows so far
+            if k in FIT_COUNTS:
+                p.setdefault("snap", {})[k] = (self.H.clone(), self._nsamples)
 
 
 def _err(R: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> float:
@@ -80,6 +86,14 @@ def quantize(self, w, spec, **kw):
         q = _quantize(self, v.to(w.device, w.dtype), spec, **kw_keep).dequantize().float().cpu()
         row[f"magr_{a:g}"] = {"fit": _err(fit, w0, q), "held": _err(held, w0, q), "linf": float(v.abs().amax(1).mean()),
                               "pre_fit": _err(fit, w0, v), "pre_held": _err(held, w0, v), "seconds": secs}
+    for k, (H, rows) in sorted(probe.get("snap", {}).items()):
+        keep = self.H, self._nsamples
+        self.H, self._nsamples = H, rows
+        try:
+            q = _quantize(self, w, spec, **kw_keep).dequantize().float().cpu()
+        finally:
+            self.H, self._nsamples = keep
+        row[f"fit_{k}"] = {"fit": _err(fit, w0, q), "held": _err(held, w0, q), "tokens": rows}
     for d in DAMPS:
         q = _quantize(self, w, spec, **{**kw_keep, "percdamp": d}).dequantize().float().cpu()
         row[f"damp_{d:g}"] = {"fit": _err(fit, w0, q), "held": _err(held, w0, q)}
@@ -92,7 +106,8 @@ def quantize(self, w, spec, **kw):
         f"a{a:g} {row[f'magr_{a:g}']['fit']:.5f}/{row[f'magr_{a:g}']['held']:.5f} "
         f"(linf {row['linf']:.3g}->{row[f'magr_{a:g}']['linf']:.3g}, pre {row[f'magr_{a:g}']['pre_held']:.1e}, "
         f"{row[f'magr_{a:g}']['seconds']:.0f}s)" for a in ALPHAS) + " ".join(
-        f" d{d:g} {row[f'damp_{d:g}']['fit']:.5f}/{row[f'damp_{d:g}']['held']:.5f}" for d in DAMPS),
+        f" d{d:g} {row[f'damp_{d:g}']['fit']:.5f}/{row[f'damp_{d:g}']['held']:.5f}" for d in DAMPS) + " ".join(
+        f" k{k} {row[f'fit_{k}']['held']:.5f}" for k in sorted(probe.get("snap", {}))),
         file=sys.stderr, flush=True)
     if STOP_AFTER and len(ROWS) >= STOP_AFTER:
         raise _Enough
@@ -100,7 +115,7 @@ def quantize(self, w, spec, **kw):
 
 
 def main() -> None:
-    global STOP_AFTER, ALPHAS, ITERS, DAMPS
+    global STOP_AFTER, ALPHAS, ITERS, DAMPS, FIT_COUNTS
     args = sys.argv[1:]
     out = None
     while args and args[0] != "--":
@@ -111,6 +126,9 @@ def main() -> None:
             STOP_AFTER = int(args.pop(0))
         elif flag == "--iters":
             ITERS = int(args.pop(0))
+        elif flag == "--fit-counts":
+            while args and not args[0].startswith("--"):
+                FIT_COUNTS.append(int(args.pop(0)))
         elif flag in ("--alphas", "--damps"):
             values = []
             while args and not args[0].startswith("--"):
@@ -131,7 +149,7 @@ def main() -> None:
         print(f"[magr] stopped after {STOP_AFTER} linears", file=sys.stderr)
     finally:
         if out:
-            Path(out).write_text(json.dumps({"args": args, "alphas": ALPHAS, "damps": DAMPS, "iters": ITERS,
+            Path(out).write_text(json.dumps({"args": args, "alphas": ALPHAS, "damps": DAMPS, "fit_counts": FIT_COUNTS, "iters": ITERS,
                                              "linears": ROWS}, indent=1))
 
 
