@@ -120,6 +120,9 @@ def main() -> None:
     out = None
     while args and args[0] != "--":
         flag = args.pop(0)
+        if flag in ("-h", "--help"):
+            print(__doc__)
+            return
         if flag == "--json":
             out = args.pop(0)
         elif flag == "--linears":
