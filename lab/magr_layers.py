@@ -93,6 +93,7 @@ def quantize(self, w, spec, **kw):
             q = _quantize(self, w, spec, **kw_keep).dequantize().float().cpu()
         finally:
             self.H, self._nsamples = keep
+        # "fit" here is the error on all the fit windows, of which GPTQ saw the first k
         row[f"fit_{k}"] = {"fit": _err(fit, w0, q), "held": _err(held, w0, q), "tokens": rows}
     for d in DAMPS:
         q = _quantize(self, w, spec, **{**kw_keep, "percdamp": d}).dequantize().float().cpu()
