@@ -23,7 +23,6 @@ The run itself then fits on half of its windows: its perplexity is not a headlin
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -31,18 +30,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dartquant.quant import gptq  # noqa: E402
 from dartquant.quant import weights  # noqa: E402
+from quantize_probe import Enough, run_quantize  # noqa: E402
 
 _add, _targets, _quantize = gptq.GPTQ.add_batch, gptq.GPTQ.asymmetric_targets, gptq.GPTQ.quantize
 ROWS: list[dict] = []
 LAMBDAS = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)  # 1e-3: the product's W*; large: towards W
 STOP_AFTER = 0  # --linears N: stop the run after N linears (the first blocks are what the probe is for)
-
-
-class _Enough(Exception):
-    pass
 
 
 class _Moments:
@@ -136,7 +133,7 @@ def quantize(self, w, spec, **kw):
                                                                        "gptq_ridge_best")) + f" l* {best:g}",
           file=sys.stderr, flush=True)
     if STOP_AFTER and len(ROWS) >= STOP_AFTER:
-        raise _Enough
+        raise Enough
     return qt
 
 
@@ -151,15 +148,7 @@ def main() -> None:
     if args[:1] == ["--"]:
         args = args[1:]
     gptq.GPTQ.add_batch, gptq.GPTQ.asymmetric_targets, gptq.GPTQ.quantize = add_batch, asymmetric_targets, quantize
-    from dartquant.cli import main as cli_main
-
-    try:
-        cli_main(["quantize", *args])
-    except _Enough:
-        print(f"[probe] stopped after {STOP_AFTER} linears", file=sys.stderr)
-    finally:
-        if out:
-            Path(out).write_text(json.dumps({"args": args, "linears": ROWS}, indent=1))
+    run_quantize(args, out, lambda: {"args": args, "linears": ROWS}, "probe", STOP_AFTER)
 
 
 if __name__ == "__main__":

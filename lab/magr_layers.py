@@ -19,7 +19,6 @@ The run itself then fits on half of its windows: its perplexity is not a headlin
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dartquant.quant import gptq  # noqa: E402
 from magr import magnitude_reduce  # noqa: E402
+from quantize_probe import Enough, run_quantize  # noqa: E402
 
 _add, _quantize = gptq.GPTQ.add_batch, gptq.GPTQ.quantize
 ROWS: list[dict] = []
@@ -39,10 +39,6 @@ DAMPS: list[float] = []  # --damps: plain GPTQ at these dampings too (the run ke
 FIT_COUNTS: list[int] = []  # --fit-counts: plain GPTQ from only the first k fit windows too (calibration size)
 ITERS = 200
 STOP_AFTER = 0
-
-
-class _Enough(Exception):
-    pass
 
 
 @torch.no_grad()
@@ -111,7 +107,7 @@ def quantize(self, w, spec, **kw):
         f" k{k} {row[f'fit_{k}']['held']:.5f}" for k in sorted(probe.get("snap", {}))),
         file=sys.stderr, flush=True)
     if STOP_AFTER and len(ROWS) >= STOP_AFTER:
-        raise _Enough
+        raise Enough
     return qt
 
 
@@ -145,16 +141,8 @@ def main() -> None:
             raise SystemExit(f"unknown flag {flag}")
     args = args[1:]
     gptq.GPTQ.add_batch, gptq.GPTQ.quantize = add_batch, quantize
-    from dartquant.cli import main as cli_main
-
-    try:
-        cli_main(["quantize", *args])
-    except _Enough:
-        print(f"[magr] stopped after {STOP_AFTER} linears", file=sys.stderr)
-    finally:
-        if out:
-            Path(out).write_text(json.dumps({"args": args, "alphas": ALPHAS, "damps": DAMPS, "fit_counts": FIT_COUNTS, "iters": ITERS,
-                                             "linears": ROWS}, indent=1))
+    run_quantize(args, out, lambda: {"args": args, "alphas": ALPHAS, "damps": DAMPS, "fit_counts": FIT_COUNTS,
+                                     "iters": ITERS, "linears": ROWS}, "magr", STOP_AFTER)
 
 
 if __name__ == "__main__":
