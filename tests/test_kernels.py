@@ -78,6 +78,31 @@ def test_act_codes_bit_exact(n, variant, groups, butterfly):
     assert torch.equal(got.zero, ref.zero)
 
 
+@pytest.mark.parametrize("n,right", [(3072, 64), (3072, 256), (1024, 16), (1024, 64), (7168, 256)])
+@pytest.mark.parametrize("tokens,groups", [(1, 1), (4, 2)])
+def test_act_wide_right_factor_bit_exact(n, right, tokens, groups):
+    """The blocks kernel with a right factor wider than layout_blocks' own C (`right_width`, KERNELS.md 1h):
+    7168 = 28 * 256 as H_28 alone on the left (as 14336 = 28 * 512 on a GPU), 3072 = 12 * 256 as H_12, 1024 as
+    S_16 (x) S_64; the reference's codes, scales and zero points."""
+    x = _activations(5, n, seed=n + right)
+    got = hadamard_quantize_pack(x, clip_ratio=0.9, variant="blocks", butterfly=True, right_width=right,
+                                 rows_per_program=tokens, groups=groups)
+    ref = hadamard_quantize_pack_reference(x, clip_ratio=0.9)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero)
+
+
+def test_act_wide_right_factor_refusals():
+    assert layout_blocks(14336, 512) == (28, 16, 16, 512) and layout_blocks(28672, 1024) == (28, 16, 16, 1024)
+    assert layout_blocks(4096, 256) == (16, 16, 0, 256)
+    for n, right in [(4096, 512), (14336, 1024), (14336, 8), (14336, 96), (11008, 128)]:
+        assert layout_blocks(n, right) is None, (n, right)  # fewer than 16 left rows, not a power of two, > P
+    x = _activations(2, 3072, seed=1)
+    with pytest.raises(ValueError, match="right_width needs the blocks variant"):
+        hadamard_quantize_pack(x, variant="blocks", butterfly=False, right_width=256)
+    with pytest.raises(ValueError, match="right_width=512"):
+        hadamard_quantize_pack(x, variant="blocks", butterfly=True, right_width=512)
+
+
 @triton.jit
 def _butterfly_kernel(x_ptr, y_ptr, ROWS: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr):
     offs = tl.arange(0, ROWS)[:, None] * C + tl.arange(0, C)[None, :]

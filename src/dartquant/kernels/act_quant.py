@@ -435,7 +435,10 @@ if triton is not None:
         pid = tl.program_id(0)
         LD: tl.constexpr = KA + KB
         laa = _load_square_block(left_ptr, LD, 0, 0, KA, KA)
-        rt = _load_square_block(right_ptr, C, 0, 0, C, C)
+        if LOG_C > 0:
+            rt = 0.0  # the butterflies need no S_C (which is a 1 x 1 stand-in for a wide right factor)
+        else:
+            rt = _load_square_block(right_ptr, C, 0, 0, C, C)
         ta = tl.arange(0, T)
         ra = tl.arange(0, KA)
         c = tl.arange(0, C)
@@ -730,15 +733,23 @@ def _factor_tensors_2d(n: int, device: torch.device):
     return lt.to(device).contiguous(), _sylvester16(c, device)
 
 
-def layout_blocks(n: int) -> tuple[int, int, int, int] | None:
+def layout_blocks(n: int, right: int | None = None) -> tuple[int, int, int, int] | None:
     """(R, KA, KB, C) of `_hadamard_quant_blocks_kernel` for width n, or None where it does not apply.
 
     A token is a tile X [R, C] with ``H_N = L (x) S_C``: N = K * P with K > 1 and P >= 16 takes
     C = min(P, 128) and the dense L = H_K (x) S_(P / C) of order R = K * P / C (14336 = 28 * 512:
     R = 112); N = 2^m with 8 <= m <= 14 takes R = 2^(m // 2), C = 2^(m - m // 2).  R is covered by
-    power-of-two blocks KA (>= 16) and KB (0 when KA covers R; else >= 16), KA + KB <= 256."""
+    power-of-two blocks KA (>= 16) and KB (0 when KA covers R; else >= 16), KA + KB <= 256.
+
+    ``right`` (a power of two, 16 <= right <= P, R >= 1 left): that C instead, for a right factor
+    computed as butterflies, which need no C x C matrix (section 1h: 14336 as R = 28, C = 512 leaves the
+    dense left factor H_28 alone, 32 padded MACs an element instead of 128)."""
     k, p = hadamard_factorization(n)
-    if k > 1:
+    if right is not None:
+        if right < 16 or right & (right - 1) or right > p or (k == 1 and right > p // 16):
+            return None  # tl.dot needs >= 16 rows of the left factor too
+        r, c = k * (p // right), right
+    elif k > 1:
         if p < 16:
             return None
         c = min(p, 128)
@@ -762,15 +773,16 @@ def _unused_matrix(device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _factor_tensors_blocks(n: int, device: torch.device):
-    """(L^T padded to [KA + KB]^2, S_C) as fp16 +-1 for `layout_blocks(n)`."""
+def _factor_tensors_blocks(n: int, device: torch.device, right: int | None = None):
+    """(L^T padded to [KA + KB]^2, S_C) as fp16 +-1 for `layout_blocks(n, right)`; S_C is a 1 x 1 stand-in
+    when ``right`` is given (the butterflies need no matrix)."""
     k, p = hadamard_factorization(n)
-    r, ka, kb, c = layout_blocks(n)
+    r, ka, kb, c = layout_blocks(n, right)
     left = torch.kron(torch.from_numpy(_base_matrix(k).T.astype("float32")).contiguous(),
                       _sylvester16(r // k, "cpu").float())
     lt = torch.zeros(ka + kb, ka + kb, dtype=torch.float16)
     lt[:r, :r] = left  # L = H_K (x) S_q, L^T = H_K^T (x) S_q (Sylvester matrices are symmetric)
-    return lt.to(device).contiguous(), _sylvester16(c, device)
+    return lt.to(device).contiguous(), _sylvester16(1 if right is not None else c, device)
 
 
 # the split variant's rows of the token tile per program (tl.dot's smallest M)
@@ -822,6 +834,7 @@ def hadamard_quantize_pack(
     planar: torch.dtype | None = None,
     groups: int = 1,
     butterfly: bool | None = None,
+    right_width: int | None = None,
 ) -> PackedActivations:
     """x [..., N] (bf16 / fp16 / fp32) -> per-token 4-bit codes of ``x @ hadamard_matrix(N)``.
 
@@ -837,6 +850,8 @@ def hadamard_quantize_pack(
     `_asym4_qparams`).  ``butterfly`` (blocks variant): the right factor S_C as fp32 butterflies in registers
     instead of a split fp16 dot (None: auto's choice, else the dot; `RIGHT_BUTTERFLY` overrides both); the split
     variant takes it too, though auto never asks it there (not timed at decode sizes).
+    ``right_width`` (blocks variant with the butterfly): the right factor's width C, a power of two up to N's
+    power-of-two factor (`layout_blocks(n, right)`; None: auto's choice, else `layout_blocks(n)`'s C).
     ``planar`` (torch.int8 or torch.float8_e4m3fn): instead of packed nibbles, ``codes`` is the
     [M, N] operand of `w4a4_gemm.planar_centered` (code - zero, even features then odd ones).
     """
@@ -875,8 +890,14 @@ def hadamard_quantize_pack(
         variant, rows_per_program, groups = auto["variant"], auto["rows_per_program"], auto.get("groups", 1)
         num_warps = num_warps or auto["num_warps"]
         butterfly = auto.get("butterfly", False) if butterfly is None else butterfly
+        right_width = auto.get("right_width") if right_width is None else right_width
     if RIGHT_BUTTERFLY is not None:
         butterfly = RIGHT_BUTTERFLY
+        if not butterfly:
+            right_width = None  # the dot's S_C is at most 128 x 128: layout_blocks' own C
+    if right_width is not None and (variant != "blocks" or not butterfly):
+        raise ValueError("right_width needs the blocks variant with butterfly=True (the dot's S_C is layout_blocks' "
+                         "own C, at most 128)")
     lay = layout_2d(n) if rotate else None
     if variant not in ("2d", "3d", "blocks", "split"):
         raise ValueError(f"variant must be auto, 2d, 3d, blocks or split, got {variant!r}")
@@ -911,11 +932,12 @@ def hadamard_quantize_pack(
         )
         return result
     if variant == "blocks":
-        blay = layout_blocks(n) if rotate else None
+        blay = layout_blocks(n, right_width) if rotate else None
         if blay is None:
-            raise ValueError(f"the blocks variant does not support width {n}" + ("" if rotate else " without rotation"))
+            raise ValueError(f"the blocks variant does not support width {n}" + ("" if rotate else " without rotation")
+                             + (f" with right_width={right_width}" if right_width is not None else ""))
         r, ka, kb, c = blay
-        lt, rt = _factor_tensors_blocks(n, x.device)
+        lt, rt = _factor_tensors_blocks(n, x.device, right_width)
         t = rows_per_program
         if t < 1 or t & (t - 1):
             raise ValueError(f"rows_per_program={t} must be a power of two for the blocks variant")
