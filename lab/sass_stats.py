@@ -1,9 +1,11 @@
-"""Compile the blocks activation kernel for sm_90 on the CPU (no GPU): registers, shared memory and static SASS
-counts (instructions, barriers, MMA kinds, shared-memory loads / stores, shuffles, fp32 adds) per launch config.
-Triton's wheel carries ptxas and cuobjdump. docs/KERNELS.md 1g-1h quote these counts.
+"""Compile a kernel for sm_90 on the CPU (no GPU): registers, shared memory and static SASS counts (instructions,
+barriers, MMA kinds, shared-memory loads / stores, shuffles, fp32 adds, MUFU) per launch config. Triton's wheel
+carries ptxas and cuobjdump. docs/KERNELS.md 1g-1h and 4f quote these counts.
 
-    PYTHONPATH=src python lab/sass_stats.py N,RIGHT,WARPS,TOKENS,GROUPS ...
+    PYTHONPATH=src python lab/sass_stats.py N,RIGHT,WARPS,TOKENS,GROUPS ...    # the blocks activation kernel
     PYTHONPATH=src python lab/sass_stats.py 14336,x,4,1,1 14336,512,4,1,2     # x: layout_blocks' own C
+    PYTHONPATH=src python lab/sass_stats.py kv4,G,BS,WARPS,PATH ...           # the 4-bit K/V decode attention,
+    PYTHONPATH=src python lab/sass_stats.py kv4,1,32,4,dots kv4,1,32,4,slots  # head dim 128, bf16; PATH dots|cc|slots
 
 Each config takes 10-60 s to compile on one core. Static counts say what the code contains, not how often it
 runs (a program's loop over GROUPS tiles counts once).
@@ -38,6 +40,30 @@ def compile_blocks(n: int, right: int | None, warps: int, tokens: int, groups: i
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, enable_fp_fusion=False))
 
 
+def compile_kv4(g: int, block_s: int, warps: int, path: str):
+    """`kv_cache._kv4_decode_kernel` as `kv4_decode_attention` launches it for bf16, head dim 128, 513 positions
+    in one slice."""
+    from dartquant.kernels import kv_cache
+
+    kernel = kv_cache._kv4_decode_kernel
+    f1, f2, _, _ = kv_cache._stages(128, "cpu")
+    gp = max(16, 1 << (g - 1).bit_length())
+    one_row = path in ("cc", "slots")
+    ptrs = ["q_ptr", "count_ptr", "s1_ptr", "s2_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vz_ptr",
+            "po_ptr", "pm_ptr"]
+    types = ["*bf16", "*i64", "*fp16", "*fp16", "*u8", "*fp32", "*fp32", "*u8", "*fp32", "*fp32", "*fp32", "*fp32"]
+    sig = dict(zip(ptrs, types))
+    sig.update({k: "i32" for k in ("HKV", "SMAX", "NSPLIT", "sq_b", "sq_h")})
+    sig.update(sm_scale="fp32", inv_sqrt_d="fp32")
+    chunk = -(-513 // block_s) * block_s
+    consts = dict(CHUNK=chunk, G=g, GP=gp, GR=1 if one_row else gp, D=128, BS=block_s, CC=path == "cc", F1=f1, F2=f2,
+                  ROTATE_Q=True, SPLIT_FIRST=False, ROUND_BF16=True, ROUND_FP16=False, LOW=1, SLOTS=path == "slots")
+    sig.update({k: "constexpr" for k in consts})
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig,
+                                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, enable_fp_fusion=False))
+
+
 def sass_stats(compiled) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -53,11 +79,15 @@ def sass_stats(compiled) -> dict:
 
     return dict(regs=int(regs.group(1)), local_bytes=int(local.group(1)), dynamic_shared=compiled.metadata.shared,
                 instructions=len(ins), barriers=count("BAR"), hgmma=count("HGMMA"), hmma=count("HMMA"),
-                lds=count("LDS"), sts=count("STS"), shfl=count("SHFL"), fadd=count("FADD"))
+                lds=count("LDS"), sts=count("STS"), shfl=count("SHFL"), fadd=count("FADD"), mufu=count("MUFU"))
 
 
 def main(specs):
     for spec in specs:
+        if spec.startswith("kv4,"):
+            _, g, bs, w, path = spec.split(",")
+            print(spec, sass_stats(compile_kv4(int(g), int(bs), int(w), path)), flush=True)
+            continue
         n, right, w, t, g = [None if v == "x" else int(v) for v in spec.split(",")]
         print(spec, act_quant.layout_blocks(n, right), sass_stats(compile_blocks(n, right, w, t, g)), flush=True)
 

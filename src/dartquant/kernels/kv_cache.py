@@ -160,16 +160,58 @@ if triton is not None:
             return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
 
     @triton.jit
+    def _slots_loop(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sm_scale,
+                    CHUNK: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, ROUND_BF16: tl.constexpr,
+                    ROUND_FP16: tl.constexpr):
+        """One query row (no GQA) over positions lo..hi with no reduction across positions inside the loop:
+        slot i of the BS-wide step keeps its own online softmax (max, sum, P V) over positions lo + i,
+        lo + i + BS, ...; the BS slots are merged once at the end (log-sum-exp).  Per step only the score's
+        sum over the head dims crosses threads; the tensor-core path pads the row to 16 and converts each
+        tile into dot operands.  K and P V are rounded as the dot path rounds them.
+        Returns the merged (max [1], sum [1], even-dim P V [1, D / 2], odd-dim [1, D / 2])."""
+        m_s = tl.full((BS,), float("-inf"), tl.float32)
+        l_s = tl.zeros((BS,), tl.float32)
+        acc_e = tl.zeros((BS, D // 2), tl.float32)
+        acc_o = tl.zeros((BS, D // 2), tl.float32)
+        for it in range(0, CHUNK // BS):
+            j = lo + it * BS + tl.arange(0, BS)
+            ok = j < hi
+            slot = bh.to(tl.int64) * SMAX + j
+            ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)[:, None]
+            ke, ko = _centered_halves(kc_ptr, kz_ptr, slot, ok, D, BS)
+            ke = _round_model(ke * ks, ROUND_BF16, ROUND_FP16)
+            ko = _round_model(ko * ks, ROUND_BF16, ROUND_FP16)
+            s = tl.sum(ke * qve[None, :] + ko * qvo[None, :], axis=1) * sm_scale
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_s, s)
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a slot with no position yet: nothing
+            alpha = tl.exp(m_s - safe)
+            p = tl.exp(s - safe)
+            l_s = l_s * alpha + p
+            ve, vo = _centered_halves(vc_ptr, vz_ptr, slot, ok, D, BS)
+            pv = _round_model(p * tl.load(vs_ptr + slot, mask=ok, other=0.0), ROUND_BF16, ROUND_FP16)
+            acc_e = acc_e * alpha[:, None] + pv[:, None] * ve
+            acc_o = acc_o * alpha[:, None] + pv[:, None] * vo
+            m_s = m_new
+        m = tl.max(m_s, axis=0)  # finite: the caller's slice holds a position
+        w = tl.exp(m_s - m)
+        zero = tl.zeros((1,), tl.float32)
+        return (zero + m, zero + tl.sum(l_s * w, axis=0), tl.sum(acc_e * w[:, None], axis=0)[None, :],
+                tl.sum(acc_o * w[:, None], axis=0)[None, :])
+
+    @triton.jit
     def _kv4_decode_kernel(
         q_ptr, count_ptr, s1_ptr, s2_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, po_ptr, pm_ptr,
         HKV, SMAX, NSPLIT, sq_b, sq_h, sm_scale, inv_sqrt_d,
         CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, CC: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROTATE_Q: tl.constexpr,
         SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, LOW: tl.constexpr,
+        SLOTS: tl.constexpr = False,
     ):
         """Program (sequence x KV head, slice): partial softmax(q K^T) V over its slice of the cache.
         GP: the GQA group padded to 16 (the rows of the dots); GR: rows of the running state (CC: one
-        query row without GQA, dot products on the CUDA cores, no padded rows: measured slower)."""
+        query row without GQA, dot products on the CUDA cores, no padded rows: measured slower; SLOTS:
+        one query row, `_slots_loop`)."""
         bh = tl.program_id(0)
         sp = tl.program_id(1)
         b = bh // HKV
@@ -183,7 +225,7 @@ if triton is not None:
             q = _rotate_rows(q, s1_ptr, s2_ptr, inv_sqrt_d, GP, D, F1, F2, SPLIT_FIRST, ROUND_BF16, ROUND_FP16)
         # even and odd dims apart (a byte holds dims 2i and 2i + 1): the loop never interleaves nibbles
         qe, qo = tl.split(tl.reshape(q, (GP, D // 2, 2)))
-        if CC:
+        if CC or SLOTS:
             qve = tl.sum(qe, axis=0)  # the one real row
             qvo = tl.sum(qo, axis=0)
         n = tl.load(count_ptr)
@@ -193,38 +235,43 @@ if triton is not None:
         l_i = tl.zeros((GR,), tl.float32)
         acc_e = tl.zeros((GR, D // 2), tl.float32)
         acc_o = tl.zeros((GR, D // 2), tl.float32)
-        if lo < hi:  # a slice past the cache's end does nothing
-            # a fixed trip count (pipelined; the interpreter has no tensor bounds), the tail masked
-            for it in range(0, CHUNK // BS):
-                j = lo + it * BS + tl.arange(0, BS)
-                ok = j < hi
-                slot = bh.to(tl.int64) * SMAX + j
-                # K as the fake path holds it: (code - zero) * scale in fp32, rounded to the model dtype
-                ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)[:, None]
-                ke, ko = _centered_halves(kc_ptr, kz_ptr, slot, ok, D, BS)
-                ke = _round_model(ke * ks, ROUND_BF16, ROUND_FP16)
-                ko = _round_model(ko * ks, ROUND_BF16, ROUND_FP16)
-                if CC:  # one query row: a dot product per position on the CUDA cores
-                    s = tl.sum(ke * qve[None, :] + ko * qvo[None, :], axis=1)[None, :] * sm_scale
-                else:
-                    s = (_mm(qe, tl.trans(ke), LOW) + _mm(qo, tl.trans(ko), LOW)) * sm_scale
-                s = tl.where(ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                # P V = (p_j * scale_j) (code_j - zero_j): the weights rounded to the model dtype, as P is
-                ve, vo = _centered_halves(vc_ptr, vz_ptr, slot, ok, D, BS)
-                vs = tl.load(vs_ptr + slot, mask=ok, other=0.0)
-                pv = _round_model(p * vs[None, :], ROUND_BF16, ROUND_FP16)
-                if CC:
-                    w = tl.sum(pv, axis=0)[:, None]
-                    acc_e = acc_e * alpha[:, None] + tl.sum(w * ve, axis=0)[None, :]
-                    acc_o = acc_o * alpha[:, None] + tl.sum(w * vo, axis=0)[None, :]
-                else:
-                    acc_e = acc_e * alpha[:, None] + _mm(pv, ve, LOW)
-                    acc_o = acc_o * alpha[:, None] + _mm(pv, vo, LOW)
-                m_i = m_new
+        if SLOTS:
+            if lo < hi:  # a slice past the cache's end does nothing
+                m_i, l_i, acc_e, acc_o = _slots_loop(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr,
+                                                     vs_ptr, vz_ptr, sm_scale, CHUNK, D, BS, ROUND_BF16, ROUND_FP16)
+        else:
+            if lo < hi:  # a slice past the cache's end does nothing
+                # a fixed trip count (pipelined; the interpreter has no tensor bounds), the tail masked
+                for it in range(0, CHUNK // BS):
+                    j = lo + it * BS + tl.arange(0, BS)
+                    ok = j < hi
+                    slot = bh.to(tl.int64) * SMAX + j
+                    # K as the fake path holds it: (code - zero) * scale in fp32, rounded to the model dtype
+                    ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)[:, None]
+                    ke, ko = _centered_halves(kc_ptr, kz_ptr, slot, ok, D, BS)
+                    ke = _round_model(ke * ks, ROUND_BF16, ROUND_FP16)
+                    ko = _round_model(ko * ks, ROUND_BF16, ROUND_FP16)
+                    if CC:  # one query row: a dot product per position on the CUDA cores
+                        s = tl.sum(ke * qve[None, :] + ko * qvo[None, :], axis=1)[None, :] * sm_scale
+                    else:
+                        s = (_mm(qe, tl.trans(ke), LOW) + _mm(qo, tl.trans(ko), LOW)) * sm_scale
+                    s = tl.where(ok[None, :], s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                    alpha = tl.exp(m_i - m_new)
+                    p = tl.exp(s - m_new[:, None])
+                    l_i = l_i * alpha + tl.sum(p, axis=1)
+                    # P V = (p_j * scale_j) (code_j - zero_j): the weights rounded to the model dtype, as P is
+                    ve, vo = _centered_halves(vc_ptr, vz_ptr, slot, ok, D, BS)
+                    vs = tl.load(vs_ptr + slot, mask=ok, other=0.0)
+                    pv = _round_model(p * vs[None, :], ROUND_BF16, ROUND_FP16)
+                    if CC:
+                        w = tl.sum(pv, axis=0)[:, None]
+                        acc_e = acc_e * alpha[:, None] + tl.sum(w * ve, axis=0)[None, :]
+                        acc_o = acc_o * alpha[:, None] + tl.sum(w * vo, axis=0)[None, :]
+                    else:
+                        acc_e = acc_e * alpha[:, None] + _mm(pv, ve, LOW)
+                        acc_o = acc_o * alpha[:, None] + _mm(pv, vo, LOW)
+                    m_i = m_new
         # partial rows: the even dims, then the odd ones (the merge puts them back in place)
         part = (bh * NSPLIT + sp).to(tl.int64)
         r = tl.arange(0, GR)
@@ -432,12 +479,14 @@ def _splits(bh: int, max_len: int, device, block_s: int) -> int:
 
 def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tensor, scaling: float,
                          rotate_q: bool, block_s: int | None = None, num_warps: int = 4,
-                         cuda_cores: bool | None = None) -> torch.Tensor:
+                         cuda_cores: bool | None = None, slots: bool = False) -> torch.Tensor:
     """query [B, H, 1, D] (after RoPE) -> attention output [B, 1, H, D] over the first `count` cached
     positions (unmasked: unpadded sequences). ``block_s`` cache positions per step (None: the measured
     choice), ``num_warps``;
     ``cuda_cores``: one query row per KV head (no GQA) as dot products on the CUDA cores instead of
-    tensor-core dots with the row padded to 16 (None: the measured choice, see the code)."""
+    tensor-core dots with the row padded to 16 (None: the measured choice, see the code);
+    ``slots``: one query row per KV head, each of the step's ``block_s`` positions its own online softmax,
+    merged once at the end (`_slots_loop`; no GQA; opt-in: not timed yet, docs/KERNELS.md 4f)."""
     b, h, sq, d = query.shape
     _, hkv, smax, _ = codes.shape
     if sq != 1 or h % hkv:
@@ -452,11 +501,15 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     chunk = triton.cdiv(triton.cdiv(smax, ns), block_s) * block_s
     if cuda_cores is None:  # run 33 (docs/KERNELS.md 4e): the CUDA cores for one sequence without GQA, else dots
         cuda_cores = g == 1 and b * hkv <= 32
+    if slots:
+        if g != 1:
+            raise ValueError("the slots path takes one query row per KV head (no GQA)")
+        cuda_cores = False
     if cuda_cores and g != 1:
         raise ValueError("the CUDA-core path takes one query row per KV head (no GQA)")
-    if query.is_cuda and not cuda_cores and d < 32:
+    if query.is_cuda and not (cuda_cores or slots) and d < 32:
         raise ValueError(f"head dim {d}: the decode kernel's tensor-core dots need a head dim of at least 32")
-    gr = 1 if cuda_cores else gp
+    gr = 1 if cuda_cores or slots else gp
     po = torch.empty(b * hkv * ns * gr, d, dtype=torch.float32, device=query.device)
     pm = torch.empty(b * hkv * ns * gr, 2, dtype=torch.float32, device=query.device)
     f1, f2, s1, s2 = _stages(d, query.device)
@@ -465,7 +518,7 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
         query, count, s1, s2, codes.k_codes, codes.k_scale, codes.k_zero, codes.v_codes, codes.v_scale, codes.v_zero,
         po, pm, hkv, smax, ns, query.stride(0), query.stride(1), float(scaling), 1.0 / math.sqrt(d),
         CHUNK=chunk, G=g, GP=gp, GR=gr, D=d, BS=block_s, CC=cuda_cores, F1=f1, F2=f2, ROTATE_Q=rotate_q,
-        SPLIT_FIRST=query.dtype == torch.float32, LOW=low, num_warps=num_warps, enable_fp_fusion=False,
+        SPLIT_FIRST=query.dtype == torch.float32, LOW=low, SLOTS=slots, num_warps=num_warps, enable_fp_fusion=False,
         **_dtype_flags(query.dtype),
     )
     out = torch.empty(b, 1, h, d, dtype=query.dtype, device=query.device)
