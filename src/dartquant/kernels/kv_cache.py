@@ -149,6 +149,15 @@ if triton is not None:
         return (c & 15).to(tl.float32) - z, (c >> 4).to(tl.float32) - z
 
     @triton.jit
+    def _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D: tl.constexpr, BS: tl.constexpr, ROUND_BF16: tl.constexpr,
+                   ROUND_FP16: tl.constexpr):
+        """K of BS cached positions as the fake path holds it: (code - zero) * scale in fp32, rounded to the
+        model dtype; the even dims and the odd ones (`_centered_halves`)."""
+        ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)[:, None]
+        ke, ko = _centered_halves(kc_ptr, kz_ptr, slot, ok, D, BS)
+        return _round_model(ke * ks, ROUND_BF16, ROUND_FP16), _round_model(ko * ks, ROUND_BF16, ROUND_FP16)
+
+    @triton.jit
     def _mm(a, b, LOW: tl.constexpr):
         """a @ b, fp32 out; operands already hold model-dtype values: LOW 1 bf16 / 2 fp16 tensor
         cores (exact products), 0 plain fp32 (fp32 models, and the interpreter, which has no bf16 dot)."""
@@ -177,10 +186,7 @@ if triton is not None:
             j = lo + it * BS + tl.arange(0, BS)
             ok = j < hi
             slot = bh.to(tl.int64) * SMAX + j
-            ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)[:, None]
-            ke, ko = _centered_halves(kc_ptr, kz_ptr, slot, ok, D, BS)
-            ke = _round_model(ke * ks, ROUND_BF16, ROUND_FP16)
-            ko = _round_model(ko * ks, ROUND_BF16, ROUND_FP16)
+            ke, ko = _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16)
             s = tl.sum(ke * qve[None, :] + ko * qvo[None, :], axis=1) * sm_scale
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_s, s)
@@ -246,11 +252,7 @@ if triton is not None:
                     j = lo + it * BS + tl.arange(0, BS)
                     ok = j < hi
                     slot = bh.to(tl.int64) * SMAX + j
-                    # K as the fake path holds it: (code - zero) * scale in fp32, rounded to the model dtype
-                    ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)[:, None]
-                    ke, ko = _centered_halves(kc_ptr, kz_ptr, slot, ok, D, BS)
-                    ke = _round_model(ke * ks, ROUND_BF16, ROUND_FP16)
-                    ko = _round_model(ko * ks, ROUND_BF16, ROUND_FP16)
+                    ke, ko = _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16)
                     if CC:  # one query row: a dot product per position on the CUDA cores
                         s = tl.sum(ke * qve[None, :] + ko * qvo[None, :], axis=1)[None, :] * sm_scale
                     else:
