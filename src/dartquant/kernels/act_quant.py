@@ -741,7 +741,7 @@ def layout_blocks(n: int, right: int | None = None) -> tuple[int, int, int, int]
     R = 112); N = 2^m with 8 <= m <= 14 takes R = 2^(m // 2), C = 2^(m - m // 2).  R is covered by
     power-of-two blocks KA (>= 16) and KB (0 when KA covers R; else >= 16), KA + KB <= 256.
 
-    ``right`` (a power of two, 16 <= right <= P, R >= 1 left): that C instead, for a right factor
+    ``right`` (a power of two, 16 <= right <= P; at N = 2^m also R = N / right >= 16): that C instead, for a right factor
     computed as butterflies, which need no C x C matrix (section 1h: 14336 as R = 28, C = 512 leaves the
     dense left factor H_28 alone, 32 padded MACs an element instead of 128)."""
     k, p = hadamard_factorization(n)
