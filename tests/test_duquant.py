@@ -257,7 +257,8 @@ def test_observer_sample_does_not_depend_on_windows_per_call():
 
     x = torch.randn(6, 11, 7, generator=torch.Generator().manual_seed(3))
     x[2, 5, 4] = 40.0  # an outlier row inside a batched call
-    one, batched = _Observer(3, 2, torch.Generator().manual_seed(9)), _Observer(3, 2, torch.Generator().manual_seed(9))
+    picks = torch.stack([torch.randperm(11, generator=torch.Generator().manual_seed(j))[:2] for j in range(6)])
+    one, batched = _Observer(3, picks), _Observer(3, picks)
     for j in range(6):
         one(x[j: j + 1])
     batched(x[:4])
@@ -266,3 +267,28 @@ def test_observer_sample_does_not_depend_on_windows_per_call():
     assert torch.equal(one.rows(), batched.rows())
     assert one.rows().shape == (3 + 6 * 2, 7)
     assert torch.equal(one.rows()[0], x[2, 5])
+    assert torch.equal(one.rows()[3:5], x[0, picks[0]])
+
+
+@pytest.mark.parametrize("batch", [2, 4])
+def test_calibration_does_not_depend_on_windows_per_call(batch, monkeypatch, one_thread):
+    """The whole calibration at several windows per block call (as on a GPU) against one per call (the CPU's):
+    the same rotations, permutations and scales. The four observers of a block draw their random rows from one
+    generator; until session 37 they drew them as the calls came, so a batched pass sampled other rows than a
+    per-window one (permutations differed by up to 52 positions on this model)."""
+    from dartquant.calib import duquant as dq
+
+    def calibrate(windows):
+        monkeypatch.setattr(dq, "forward_plan", lambda *a, **k: (windows, False))
+        model = make_tiny_model("qwen2-bias-gqa")
+        fuse_norms_(model)
+        cfg = RunConfig.from_flat(method="duquant", duq_block_size=16, duq_steps=4, duq_sample_tokens=8,
+                                  duq_outlier_tokens=3)  # 2 random rows of each 19-token window
+        return dq.calibrate_duquant(model, cfg, _ids(), progress=False)
+
+    one, many = calibrate(1), calibrate(batch)
+    assert one.blocks.keys() == many.blocks.keys() and one.scales.keys() == many.scales.keys()
+    for k in one.blocks:
+        torch.testing.assert_close(many.blocks[k], one.blocks[k], rtol=0, atol=1e-12)
+    for k in one.scales:
+        torch.testing.assert_close(many.scales[k], one.scales[k], rtol=0, atol=1e-12)

@@ -49,6 +49,7 @@ import torch
 
 from ..adapters import adapter_for
 from ..block_rotation import apply_blocks, block_sizes, pad_block
+from .capture import forward_order
 from ..layerwise import forward_plan, iterate_blocks
 from ..log import log
 from ..modules import as_qlinear
@@ -227,20 +228,21 @@ def dual_transform(x: torch.Tensor, cfg: DuQuantConfig, g: torch.Generator) -> t
 # ---- capture --------------------------------------------------------------------------------
 class _Observer:
     """Per-channel max |x| over every token, and a row sample for the greedy rotations: the
-    `k_out` rows with the largest max |x| seen so far plus `k_rand` random rows per sequence.
+    `k_out` rows with the largest max |x| seen so far plus the rows `picks[j]` of calibration sequence j.
 
     Everything is reduced where x lives: only the kept rows leave the device, once, in `rows()` (a
     Qwen2.5-0.5B block's four inputs are ~2 GB of float32 at 32 x 2048 tokens; copying them to the
     host and reducing there made the capture CPU-bound, and a copy per call made it wait on the
     device once per sequence). A call may carry several sequences ([B, S, n]: the block forwards
-    several windows at once on a GPU); the random rows are still drawn per sequence, in order, by
-    the seeded generator on the CPU, so the sample depends neither on the device nor on B."""
+    several windows at once on a GPU). The random rows are drawn in advance (`_draw_picks`) in the
+    order a one-window-per-call pass drew them, so the sample depends neither on the device nor on B."""
 
-    def __init__(self, k_out: int, k_rand: int, g: torch.Generator):
-        self.k_out, self.k_rand, self.g = k_out, k_rand, g
+    def __init__(self, k_out: int, picks: torch.Tensor | None):
+        self.k_out, self.picks = k_out, picks
         self.amax = None
         self.outliers = None  # [<= k_out, n] float32, on x's device
         self.random: list[torch.Tensor] = []  # on x's device
+        self.seen = 0  # sequences so far
 
     def __call__(self, x: torch.Tensor) -> None:
         seqs = x.detach().reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.detach()[None]
@@ -251,14 +253,27 @@ class _Observer:
             pool = rows if self.outliers is None else torch.cat([self.outliers, rows])
             top = pool.abs().amax(dim=1).topk(min(self.k_out, pool.shape[0])).indices
             self.outliers = pool[top]
-        if self.k_rand:
+        if self.picks is not None:
             for seq in seqs:
-                pick = torch.randperm(seq.shape[0], generator=self.g)[: self.k_rand]
-                self.random.append(seq[pick.to(seq.device)].float())
+                self.random.append(seq[self.picks[self.seen].to(seq.device)].float())
+                self.seen += 1
 
     def rows(self) -> torch.Tensor:
         parts = ([] if self.outliers is None else [self.outliers]) + self.random
         return torch.cat(parts).cpu() if parts else torch.empty(0, self.amax.shape[0])
+
+
+def _draw_picks(roles, n_seq: int, seqlen: int, k_rand: int, g: torch.Generator) -> dict[str, torch.Tensor | None]:
+    """Each observed role's random rows [n_seq, k_rand], drawn sequence by sequence and, within a sequence, in
+    the order a block's forward calls the roles: the draws that observers sharing `g` made at one window per
+    call (so CPU runs keep their samples), whatever the windows per call."""
+    if not k_rand:
+        return {role: None for role in roles}
+    picks = {role: torch.empty(n_seq, min(k_rand, seqlen), dtype=torch.long) for role in roles}
+    for j in range(n_seq):
+        for role in forward_order(roles):
+            picks[role][j] = torch.randperm(seqlen, generator=g)[:k_rand]
+    return picks
 
 
 def _w_amax(*linears) -> torch.Tensor:
@@ -303,10 +318,11 @@ def calibrate_duquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, progre
         layer = adapter.layer(block)
         observers = {}
         with timer("capture"):
+            picks = _draw_picks(("q", "up", "o", "down"), n_seq, calib_ids.shape[1], k_rand, g)
             for role in ("q", "up", "o", "down"):
                 q = as_qlinear(getattr(layer, role))
                 adapter.set_linear(block, role, q)
-                q.input_observer = observers[role] = _Observer(opts.outlier_tokens, k_rand, g)
+                q.input_observer = observers[role] = _Observer(opts.outlier_tokens, picks[role])
                 log.debug("observing %s of layer %d", role, i)
             forward(update=True)
             layer = adapter.layer(block)
