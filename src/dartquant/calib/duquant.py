@@ -49,12 +49,12 @@ import torch
 
 from ..adapters import adapter_for
 from ..block_rotation import apply_blocks, block_sizes, pad_block
-from .capture import forward_order
 from ..layerwise import forward_plan, iterate_blocks
 from ..log import log
 from ..modules import as_qlinear
 from ..transforms import RotationSet
 from ..typecheck import check_types
+from .capture import forward_order
 
 
 @dataclass

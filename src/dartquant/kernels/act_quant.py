@@ -851,7 +851,8 @@ def hadamard_quantize_pack(
     instead of a split fp16 dot (None: auto's choice, else the dot; `RIGHT_BUTTERFLY` overrides both); the split
     variant takes it too, though auto never asks it there (not timed at decode sizes).
     ``right_width`` (blocks variant with the butterfly): the right factor's width C, a power of two up to N's
-    power-of-two factor (`layout_blocks(n, right)`; None: auto's choice, else `layout_blocks(n)`'s C).
+    power-of-two factor (`layout_blocks(n, right)`; None: `layout_blocks(n)`'s C, which auto always takes:
+    wider measured slower, docs/KERNELS.md 1h).
     ``planar`` (torch.int8 or torch.float8_e4m3fn): instead of packed nibbles, ``codes`` is the
     [M, N] operand of `w4a4_gemm.planar_centered` (code - zero, even features then odd ones).
     """
@@ -890,11 +891,8 @@ def hadamard_quantize_pack(
         variant, rows_per_program, groups = auto["variant"], auto["rows_per_program"], auto.get("groups", 1)
         num_warps = num_warps or auto["num_warps"]
         butterfly = auto.get("butterfly", False) if butterfly is None else butterfly
-        right_width = auto.get("right_width") if right_width is None else right_width
     if RIGHT_BUTTERFLY is not None:
         butterfly = RIGHT_BUTTERFLY
-        if not butterfly:
-            right_width = None  # the dot's S_C is at most 128 x 128: layout_blocks' own C
     if right_width is not None and (variant != "blocks" or not butterfly):
         raise ValueError("right_width needs the blocks variant with butterfly=True (the dot's S_C is layout_blocks' "
                          "own C, at most 128)")
