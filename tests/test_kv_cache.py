@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from dartquant.hadamard import fast_hadamard_transform  # noqa: E402
 from dartquant.kernels.kv_cache import (  # noqa: E402
-    Kv4Codes, kv4_decode_attention, kv4_fake_quant, kv4_scheme_problems, kv4_store)
+    Kv4Codes, decode_path, kv4_decode_attention, kv4_fake_quant, kv4_scheme_problems, kv4_store)
 from dartquant.quant.primitives import QuantSpec, fake_quantize  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -75,7 +75,7 @@ def test_store_reads_strided_inputs_and_never_writes_past_the_end():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)])
 @pytest.mark.parametrize("heads,kv_heads,cuda_cores,block_s,slots", [
     (4, 4, True, None, False), (4, 4, False, 32, False), (6, 2, None, None, False),
-    (4, 4, None, 16, True), (4, 4, None, 64, True)])
+    (4, 4, None, 16, True), (4, 4, None, 64, True), (4, 4, None, None, None), (6, 2, None, None, None)])
 def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_heads, cuda_cores, block_s, slots):
     """Over two slices of the cache (100 of 130 slots filled, the rest ignored), GQA groups, R3 on
     the query in the kernel: SDPA over the dequantized cache, to the order of fp32 sums and, in
@@ -95,6 +95,22 @@ def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_h
     ref = torch.nn.functional.scaled_dot_product_attention(fast_hadamard_transform(q).float(), kq, vq)
     assert out.shape == (2, 1, heads, d) and out.dtype == dtype
     torch.testing.assert_close(out.float(), ref.transpose(1, 2), rtol=tol, atol=tol)  # bf16: 1-2 ulps of the output
+
+
+def test_decode_path_choice():
+    """The measured choice (docs/KERNELS.md 4f): slots for every decode without GQA, 64 positions a step below 256
+    programs; GQA keeps the tensor-core dots; an explicit path is kept, and two one-row paths at once refused."""
+    assert decode_path(32, 1, None, None, None) == (True, False, 64)  # Llama-2-7B, batch 1
+    assert decode_path(128, 1, None, None, None) == (True, False, 64)  # batch 4
+    assert decode_path(256, 1, None, None, None) == (True, False, 32)  # batch 8
+    assert decode_path(8, 4, None, None, None) == (False, False, 64)  # Llama-3-8B, batch 1
+    assert decode_path(64, 4, None, None, None) == (False, False, 32)
+    assert decode_path(32, 1, None, True, None) == (False, True, 64)  # the CUDA cores when asked
+    assert decode_path(256, 1, None, False, None) == (False, False, 32)  # the dots when asked
+    assert decode_path(256, 1, False, None, None) == (False, False, 32)
+    assert decode_path(16, 1, False, None, None) == (False, True, 64)  # run 33's batch-1 rule without slots
+    with pytest.raises(ValueError, match="two paths"):
+        decode_path(32, 1, True, True, None)
 
 
 def test_cuda_cores_path_refuses_gqa():

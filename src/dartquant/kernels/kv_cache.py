@@ -479,16 +479,37 @@ def _splits(bh: int, max_len: int, device, block_s: int) -> int:
     return max(1, min(blocks, triton.cdiv(2 * sms, bh)))
 
 
+def decode_path(programs: int, group: int, slots: bool | None, cuda_cores: bool | None,
+                block_s: int | None) -> tuple[bool, bool, int]:
+    """(slots, cuda_cores, block_s) of the decode attention for `programs` (sequence, KV head) pairs and a GQA
+    group of `group` query rows; None: the measured choice. Refuses a one-row path under GQA."""
+    if slots is None:  # session 38 (docs/KERNELS.md 4f, H100): without GQA the slots beat the dots and the CUDA
+        slots = group == 1 and cuda_cores is None  # cores at batch 2-64 and at 2049 positions, tie at batch 1 / 513
+    if block_s is None:  # run 34 and session 38: smaller steps once there are many programs
+        block_s = 32 if programs >= (256 if slots else 64) else 64
+    if cuda_cores is None:  # run 33 (docs/KERNELS.md 4e): the CUDA cores for one sequence without GQA, else dots
+        cuda_cores = group == 1 and programs <= 32 and not slots
+    if slots:
+        if group != 1:
+            raise ValueError("the slots path takes one query row per KV head (no GQA)")
+        if cuda_cores:
+            raise ValueError("slots and cuda_cores are two paths: ask for one")
+    if cuda_cores and group != 1:
+        raise ValueError("the CUDA-core path takes one query row per KV head (no GQA)")
+    return slots, cuda_cores, block_s
+
+
 def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tensor, scaling: float,
                          rotate_q: bool, block_s: int | None = None, num_warps: int = 4,
-                         cuda_cores: bool | None = None, slots: bool = False) -> torch.Tensor:
+                         cuda_cores: bool | None = None, slots: bool | None = None) -> torch.Tensor:
     """query [B, H, 1, D] (after RoPE) -> attention output [B, 1, H, D] over the first `count` cached
     positions (unmasked: unpadded sequences). ``block_s`` cache positions per step (None: the measured
     choice), ``num_warps``;
     ``cuda_cores``: one query row per KV head (no GQA) as dot products on the CUDA cores instead of
     tensor-core dots with the row padded to 16 (None: the measured choice, see the code);
     ``slots``: one query row per KV head, each of the step's ``block_s`` positions its own online softmax,
-    merged once at the end (`_slots_loop`; no GQA; opt-in: not timed yet, docs/KERNELS.md 4f)."""
+    merged once at the end (`_slots_loop`; no GQA). None: the measured choice, slots for every MHA decode
+    unless ``cuda_cores`` is given (docs/KERNELS.md 4f)."""
     b, h, sq, d = query.shape
     _, hkv, smax, _ = codes.shape
     if sq != 1 or h % hkv:
@@ -497,18 +518,9 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     gp = max(16, 1 << (g - 1).bit_length())
     if query.stride(-1) != 1:
         query = query.contiguous()
-    if block_s is None:  # run 34 (docs/KERNELS.md 4e): smaller steps once there are many programs
-        block_s = 32 if b * hkv >= 64 else 64
+    slots, cuda_cores, block_s = decode_path(b * hkv, g, slots, cuda_cores, block_s)
     ns = _splits(b * hkv, smax, query.device, block_s)
     chunk = triton.cdiv(triton.cdiv(smax, ns), block_s) * block_s
-    if cuda_cores is None:  # run 33 (docs/KERNELS.md 4e): the CUDA cores for one sequence without GQA, else dots
-        cuda_cores = g == 1 and b * hkv <= 32
-    if slots:
-        if g != 1:
-            raise ValueError("the slots path takes one query row per KV head (no GQA)")
-        cuda_cores = False
-    if cuda_cores and g != 1:
-        raise ValueError("the CUDA-core path takes one query row per KV head (no GQA)")
     if query.is_cuda and not (cuda_cores or slots) and d < 32:
         raise ValueError(f"head dim {d}: the decode kernel's tensor-core dots need a head dim of at least 32")
     gr = 1 if cuda_cores or slots else gp
