@@ -6,6 +6,7 @@ carries ptxas and cuobjdump. docs/KERNELS.md 1g-1h and 4f quote these counts.
     PYTHONPATH=src python lab/sass_stats.py 14336,x,4,1,1 14336,512,4,1,2     # x: layout_blocks' own C
     PYTHONPATH=src python lab/sass_stats.py kv4,G,BS,WARPS,PATH ...           # the 4-bit K/V decode attention,
     PYTHONPATH=src python lab/sass_stats.py kv4,1,32,4,dots kv4,1,32,4,slots  # head dim 128, bf16; PATH dots|cc|slots
+    MAXNREG=128 PYTHONPATH=src python lab/sass_stats.py 14336,x,4,1,1        # registers capped (spills: local_bytes)
 
 Each config takes 10-60 s to compile on one core. Static counts say what the code contains, not how often it
 runs (a program's loop over GROUPS tiles counts once).
@@ -37,7 +38,15 @@ def compile_blocks(n: int, right: int | None, warps: int, tokens: int, groups: i
     sig.update({k: "constexpr" for k in consts})
     src = triton.compiler.ASTSource(fn=KERNEL, signature=sig,
                                     constexprs={(KERNEL.arg_names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, enable_fp_fusion=False))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=_options(warps))
+
+
+def _options(warps: int) -> dict:
+    """Compile options; MAXNREG=K in the environment caps the registers a thread (ptxas spills the rest)."""
+    opts = dict(num_warps=warps, enable_fp_fusion=False)
+    if os.environ.get("MAXNREG"):
+        opts["maxnreg"] = int(os.environ["MAXNREG"])
+    return opts
 
 
 def compile_kv4(g: int, block_s: int, warps: int, path: str):
@@ -61,7 +70,7 @@ def compile_kv4(g: int, block_s: int, warps: int, path: str):
     sig.update({k: "constexpr" for k in consts})
     src = triton.compiler.ASTSource(fn=kernel, signature=sig,
                                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, enable_fp_fusion=False))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=_options(warps))
 
 
 def sass_stats(compiled) -> dict:

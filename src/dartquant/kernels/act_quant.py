@@ -835,6 +835,7 @@ def hadamard_quantize_pack(
     groups: int = 1,
     butterfly: bool | None = None,
     right_width: int | None = None,
+    max_registers: int | None = None,
 ) -> PackedActivations:
     """x [..., N] (bf16 / fp16 / fp32) -> per-token 4-bit codes of ``x @ hadamard_matrix(N)``.
 
@@ -853,6 +854,8 @@ def hadamard_quantize_pack(
     ``right_width`` (blocks variant with the butterfly): the right factor's width C, a power of two up to N's
     power-of-two factor (`layout_blocks(n, right)`; None: `layout_blocks(n)`'s C, which auto always takes:
     wider measured slower, docs/KERNELS.md 1h).
+    ``max_registers`` (blocks variant): a cap on the registers a thread (ptxas' maxnreg; None: the compiler's
+    choice). The kernel is latency-bound at one-eighth occupancy from 11008 wide (docs/KERNELS.md 1i).
     ``planar`` (torch.int8 or torch.float8_e4m3fn): instead of packed nibbles, ``codes`` is the
     [M, N] operand of `w4a4_gemm.planar_centered` (code - zero, even features then odd ones).
     """
@@ -896,6 +899,8 @@ def hadamard_quantize_pack(
     if right_width is not None and (variant != "blocks" or not butterfly):
         raise ValueError("right_width needs the blocks variant with butterfly=True (the dot's S_C is layout_blocks' "
                          "own C, at most 128)")
+    if max_registers is not None and (variant != "blocks" or max_registers < 24):
+        raise ValueError(f"max_registers={max_registers} needs the blocks variant and at least 24 registers")
     lay = layout_2d(n) if rotate else None
     if variant not in ("2d", "3d", "blocks", "split"):
         raise ValueError(f"variant must be auto, 2d, 3d, blocks or split, got {variant!r}")
@@ -945,6 +950,7 @@ def hadamard_quantize_pack(
             x2, lt, rt, codes, scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
             1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, T=t, GROUPS=groups, num_warps=nw,
             LOG_C=c.bit_length() - 1 if butterfly else 0, enable_fp_fusion=False, **common, **pdl,
+            **({"maxnreg": max_registers} if max_registers else {}),
         )
         return result
     if variant == "2d":
