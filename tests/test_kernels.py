@@ -103,6 +103,18 @@ def test_act_wide_right_factor_refusals():
         hadamard_quantize_pack(x, variant="blocks", butterfly=True, right_width=512)
 
 
+def test_act_register_cap():
+    """`max_registers` (KERNELS.md 1i) is a compile option only: the interpreter gives the reference's codes with it;
+    other variants and caps ptxas cannot take are refused."""
+    x = _activations(3, 1536, seed=2)
+    got = hadamard_quantize_pack(x, clip_ratio=0.9, variant="blocks", butterfly=True, max_registers=128)
+    ref = hadamard_quantize_pack_reference(x, clip_ratio=0.9)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero)
+    for kwargs in (dict(variant="3d", max_registers=128), dict(variant="blocks", max_registers=16)):
+        with pytest.raises(ValueError, match="max_registers"):
+            hadamard_quantize_pack(x, **kwargs)
+
+
 @triton.jit
 def _butterfly_kernel(x_ptr, y_ptr, ROWS: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr):
     offs = tl.arange(0, ROWS)[:, None] * C + tl.arange(0, C)[None, :]
