@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from dartquant.eval.ppl import evaluate_ppl
 from dartquant.config import RunConfig
@@ -71,11 +72,31 @@ def test_same_seed_same_numbers_other_seed_differs(tiny_folder, tmp_path):
     assert a["ppl"] != c["ppl"]
 
 
+def test_quantize_samples_feed_the_quantize_stage_only(tiny_folder, tmp_path):
+    """`--calib-quantize-samples`: GPTQ (and the activation clip search) see more windows, the rotations'
+    calibration the same first `calib_samples` of one draw, so its rotations are bit-identical."""
+    from dartquant.data import calib_windows
+    from dartquant.zoo import load_model as load
+
+    _, tok = load(tiny_folder)
+    assert torch.equal(calib_windows(tok, n=4, seqlen=32, seed=3), calib_windows(tok, n=9, seqlen=32, seed=3)[:4])
+    kw = dict(method="dartquant", w_quantizer="gptq", dq_epochs=1)
+    a = run_quantize(small_cfg(tiny_folder, **kw), tmp_path / "a", progress=False, eval_fp=False)
+    b = run_quantize(small_cfg(tiny_folder, calib_quantize_samples=9, **kw), tmp_path / "b", progress=False,
+                     eval_fp=False)
+    c = run_quantize(small_cfg(tiny_folder, calib_quantize_samples=4, **kw), tmp_path / "c", progress=False,
+                     eval_fp=False)
+    assert (tmp_path / "a" / "rotations.safetensors").read_bytes() == (tmp_path / "b" / "rotations.safetensors").read_bytes()
+    assert a["ppl"] == c["ppl"]  # quantize_samples == calib_samples: today's run
+    assert a["ppl"] != b["ppl"], "GPTQ saw the same windows?"
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(w_bits=1), "w_bits=1 is not supported"),
     (dict(a_clip=1.5), "a_clip"),
     (dict(w_group_size=7), "does not divide"),
     (dict(calib_samples=0), "calib_samples must be positive"),
+    (dict(calib_quantize_samples=0), "calib_quantize_samples must be positive"),
     (dict(method="spinquantum"), "unknown method"),
     (dict(a_bits_overrides={"mlp": 8}), "unknown role"),
     (dict(tasks=["wikitext"]), "unknown zero-shot task"),

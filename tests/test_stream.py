@@ -80,6 +80,10 @@ CASES = {  # (family, dtype of the files, settings)
                                      a_clip_search=True)),
     "llama-dartquant-gptq-bf16-file": ("llama-tied-gqa", torch.bfloat16,
                                        dict(method="dartquant", w_quantizer="gptq", dq_epochs=1)),
+    # GPTQ and the clip search on more windows than the rotations' calibration (one draw, two prefixes)
+    "llama-dartquant-gptq-quantize-samples": ("llama-tied-gqa", torch.float32,
+                                              dict(method="dartquant", w_quantizer="gptq", dq_epochs=1,
+                                                   a_clip_search=True, calib_quantize_samples=5)),
 }
 
 

@@ -37,11 +37,23 @@ from .typecheck import check_type, check_types
 @dataclass
 class DataConfig:
     corpus: str = "wiki"  # calibration text: wiki | c4 (first half of each corpus; evaluation uses the second)
-    samples: int = 32
+    samples: int = 32  # windows the rotations' calibration and the Q/K balance see
     seqlen: int = 2048
+    # windows the quantize stage sees (GPTQ's Hessians, the activation clip search); None = samples. The
+    # calibration's windows are the first `samples` of the same draw, so they do not change with it.
+    quantize_samples: int | None = None
 
     def __post_init__(self):
         check_types(self)
+
+    @property
+    def windows(self) -> int:
+        """How many calibration windows a run draws: enough for both uses."""
+        return max(self.samples, self.quantize_samples or 0)
+
+    @property
+    def quantize_windows(self) -> int:
+        return self.samples if self.quantize_samples is None else self.quantize_samples
 
 
 @dataclass
@@ -172,6 +184,9 @@ class RunConfig:
         if self.data.samples <= 0 and needs_data:
             raise ValueError("calib_samples must be positive: GPTQ, DartQuant and the Q/K balance need "
                              "calibration data")
+        if self.data.quantize_samples is not None and self.data.quantize_samples <= 0:
+            raise ValueError(f"calib_quantize_samples must be positive (or null: calib_samples), got "
+                             f"{self.data.quantize_samples}")
         if self.data.seqlen < 2 or self.eval.seqlen < 2:
             raise ValueError("sequence lengths must be at least 2")
         if self.eval.max_windows is not None and self.eval.max_windows <= 0:

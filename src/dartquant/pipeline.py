@@ -181,8 +181,11 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
         with timer("capture"):
             needs_data = (sc.weight_quantizer == "gptq" or sc.a_clip_search or cfg.qk_balance
                           or (cfg.method_spec.needs_calib_windows and not cfg.rotations))
-            calib_ids = (calib_windows(tokenizer, cfg.data.corpus, cfg.data.samples, cfg.data.seqlen, cfg.seed)
-                         if needs_data else None)
+            drawn = (calib_windows(tokenizer, cfg.data.corpus, cfg.data.windows, cfg.data.seqlen, cfg.seed)
+                     if needs_data else None)
+            # the calibration's windows and the quantize stage's: two prefixes of one draw (DataConfig)
+            calib_ids = drawn[:cfg.data.samples] if drawn is not None else None
+            quantize_ids = drawn[:cfg.data.quantize_windows] if drawn is not None else None
         untie_embeddings_(model, adapter)
         split_experts_(model, adapter)  # MoE: one module per expert linear (a no-op for dense models)
         if cfg.rotated:  # once, for every method: producers see the norm-fused, unrotated model
@@ -210,7 +213,7 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
         with timer("quantize"):
             unrouted: list[str] = []  # MoE experts no calibration token reached: RTN instead of GPTQ
             clip_search = ClipSearchRecord()  # the activation clip search's choices (quant/act_clip.py), if on
-            qtensors = quantize_weights_(model, sc, calib_ids, adapter, progress, device=cfg.device,
+            qtensors = quantize_weights_(model, sc, quantize_ids, adapter, progress, device=cfg.device,
                                          rtn_fallbacks=unrouted, clip_search=clip_search, seed=cfg.seed)
             if unrouted:
                 metrics["gptq_rtn_fallbacks"] = unrouted

@@ -111,8 +111,11 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                          exclude_k_bias=sc.kv_exclude_k_bias, sink_tokens=sc.kv_sink_tokens)
     with atomic_dir(out) as tmp:
         with timer("capture"):
-            calib_ids = (calib_windows(tokenizer, cfg.data.corpus, cfg.data.samples, cfg.data.seqlen, cfg.seed)
-                         if calib_pass or capture_needed or qk is not None else None)
+            drawn = (calib_windows(tokenizer, cfg.data.corpus, cfg.data.windows, cfg.data.seqlen, cfg.seed)
+                     if calib_pass or capture_needed or qk is not None else None)
+            # the calibration's windows and the quantize pass's: two prefixes of one draw (DataConfig)
+            calib_ids = drawn[:cfg.data.samples] if drawn is not None else None
+            quantize_ids = drawn[:cfg.data.quantize_windows] if drawn is not None else None
         with timer("eval"):
             windows = {c: eval_windows(tokenizer, c, cfg.eval.seqlen, cfg.eval.max_windows) for c in cfg.eval.corpora}
         g_ids = (guard_windows(tokenizer, cfg.data.corpus, cfg.eval.guard_windows, cfg.data.seqlen)
@@ -247,7 +250,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
             with timer("rotate"):
                 fold_outer_(model, adapter, values, geo, roles=("embed",))
         with timer("quantize"):
-            q_calib = runner.embed(calib_ids) if calib_pass else None  # GPTQ sees the unrounded embedding, as in memory
+            q_calib = runner.embed(quantize_ids) if calib_pass else None  # GPTQ sees the unrounded embedding, as in memory
             gptq_batch, resident = (forward_plan(geo, *q_calib.shape[:2], q_calib.dtype, device) if calib_pass
                                     else (1, False))
             q_calib = q_calib.to(device) if resident else q_calib
@@ -299,7 +302,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                             forward(update)
 
                         unrouted += quantize_block_(block, adapter, forward, sc, commit, names.__getitem__, gptq=gptq,
-                                                    clip_search=clip_search, layer=i, total_tokens=calib_ids.numel(),
+                                                    clip_search=clip_search, layer=i, total_tokens=quantize_ids.numel(),
                                                     seed=cfg.seed, gptq_forward=counted)
                         if counter is not None:
                             routed += counter.close()
@@ -327,7 +330,7 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
         if sc.a_clip_search:
             metrics["act_clip_search"] = clip_search.summary(sc.a_clip)
         if routed:  # how the calibration tokens reached the experts (streamed runs only)
-            metrics["moe_routed_tokens"] = {"calib_tokens": int(calib_ids.numel()), "min": min(map(min, routed)),
+            metrics["moe_routed_tokens"] = {"calib_tokens": int(quantize_ids.numel()), "min": min(map(min, routed)),
                                             "max": max(map(max, routed)), "per_moe_layer": routed}
 
         # ---- head: final norm, lm_head, perplexity, guard ------------------------------------------
