@@ -97,6 +97,7 @@ def test_quantize_samples_feed_the_quantize_stage_only(tiny_folder, tmp_path):
     (dict(w_group_size=7), "does not divide"),
     (dict(calib_samples=0), "calib_samples must be positive"),
     (dict(calib_quantize_samples=0), "calib_quantize_samples must be positive"),
+    (dict(calib_quantize_samples=64, w_quantizer="rtn"), "uses neither"),
     (dict(method="spinquantum"), "unknown method"),
     (dict(a_bits_overrides={"mlp": 8}), "unknown role"),
     (dict(tasks=["wikitext"]), "unknown zero-shot task"),

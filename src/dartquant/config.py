@@ -187,6 +187,9 @@ class RunConfig:
         if self.data.quantize_samples is not None and self.data.quantize_samples <= 0:
             raise ValueError(f"calib_quantize_samples must be positive (or null: calib_samples), got "
                              f"{self.data.quantize_samples}")
+        if self.data.quantize_samples is not None and quantizer != "gptq" and not self.scheme.a_clip_search:
+            raise ValueError("calib_quantize_samples sets the windows of GPTQ and the activation clip search, and this "
+                             "run uses neither: use --w-quantizer gptq or --a-clip-search true, or drop it")
         if self.data.seqlen < 2 or self.eval.seqlen < 2:
             raise ValueError("sequence lengths must be at least 2")
         if self.eval.max_windows is not None and self.eval.max_windows <= 0:
