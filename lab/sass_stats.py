@@ -34,7 +34,7 @@ def compile_blocks(n: int, right: int | None, warps: int, tokens: int, groups: i
            "inv_sqrt_n": "fp32"}
     consts = dict(R=r, KA=ka, KB=kb, C=c, T=tokens, GROUPS=groups, SPLIT_FIRST=False, ROUND_BF16=True,
                   ROUND_FP16=False, RECIP=True, USE_RINT=True, PLANAR=0, FMA_DIV=True, PDL=False,
-                  LOG_C=c.bit_length() - 1)
+                  LOG_C=c.bit_length() - 1, LATE_LEFT=os.environ.get("LATE_LEFT") == "1")
     sig.update({k: "constexpr" for k in consts})
     src = triton.compiler.ASTSource(fn=KERNEL, signature=sig,
                                     constexprs={(KERNEL.arg_names.index(k),): v for k, v in consts.items()})

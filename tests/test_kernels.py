@@ -103,15 +103,20 @@ def test_act_wide_right_factor_refusals():
         hadamard_quantize_pack(x, variant="blocks", butterfly=True, right_width=512)
 
 
-def test_act_register_cap():
-    """`max_registers` (KERNELS.md 1i) is a compile option only: the interpreter gives the reference's codes with it;
-    other variants and caps ptxas cannot take are refused."""
-    x = _activations(3, 1536, seed=2)
-    got = hadamard_quantize_pack(x, clip_ratio=0.9, variant="blocks", butterfly=True, max_registers=128)
+@pytest.mark.parametrize("n,tokens,groups", [(1536, 1, 1), (4864, 1, 2), (11008, 2, 1)])
+def test_act_register_cap_and_late_left(n, tokens, groups):
+    """`max_registers` and `late_left` (KERNELS.md 1i) change what is live, not the math: the reference's codes,
+    scales and zero points in the interpreter, with the left factor's two blocks (KB > 0: 4864 = 76 x 64,
+    11008 = 172 x 64) and over two tile groups; other variants and caps ptxas cannot take are refused."""
+    x = _activations(3, n, seed=2)
+    got = hadamard_quantize_pack(x, clip_ratio=0.9, variant="blocks", butterfly=True, max_registers=128,
+                                 late_left=True, rows_per_program=tokens, groups=groups)
     ref = hadamard_quantize_pack_reference(x, clip_ratio=0.9)
     assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero)
-    for kwargs in (dict(variant="3d", max_registers=128), dict(variant="blocks", max_registers=16)):
-        with pytest.raises(ValueError, match="max_registers"):
+    for kwargs, match in ((dict(variant="3d", max_registers=128), "max_registers"),
+                          (dict(variant="blocks", max_registers=16), "max_registers"),
+                          (dict(variant="3d", late_left=True), "late_left")):
+        with pytest.raises(ValueError, match=match):
             hadamard_quantize_pack(x, **kwargs)
 
 

@@ -1,8 +1,9 @@
 """Session 38 (GPU, one-off): the blocks activation kernel with its registers capped (`hadamard_quantize_pack(...,
-max_registers=K)`, ptxas' maxnreg). Nsight Compute (docs/KERNELS.md 1i) found it latency-bound at 12.5 % occupancy
+max_registers=K)`, ptxas' maxnreg) and its left factor's blocks loaded where used (`late_left=True`: less shared
+memory a program, offline 11008 / 14336 / 28672: 66 / 41 / 98 KB instead of 107 / 57 / 164). Nsight Compute (docs/KERNELS.md 1i) found it latency-bound at 12.5 % occupancy
 from 11008 wide, limited by registers (177-255 a thread) and shared memory; the offline sm_90 compile
 (`MAXNREG=128 lab/sass_stats.py`) caps 11008 / 14336 / 28672 at 128 registers with no spill. Per width: auto's
-config, the same with the cap, other tiles with it (where shared memory allowed more programs an SM), auto again
+config, the same with the cap and / or the late left factor, other tiles with both, auto again
 (drift); codes / scales / zero points against the torch reference; 32768 tokens. Harness as session37_wide_right.py.
     PYTHONPATH=src:benchmarks python3 lab/device/jobs/session38_maxnreg.py OUT.json
 """
@@ -33,8 +34,11 @@ def main(out_path):
         base = dict(variant="blocks", butterfly=True, num_warps=auto["num_warps"],
                     rows_per_program=auto["rows_per_program"], groups=auto.get("groups", 1))
         cfgs = [("auto", base)] + [(f"auto cap {k}", dict(base, max_registers=k)) for k in (128, 168)]
-        cfgs += [(f"w{w} t{t} g{g} cap {k}", dict(variant="blocks", butterfly=True, num_warps=w, rows_per_program=t,
-                                                  groups=g, max_registers=k)) for w, t, g, k in OTHERS.get(n, [])]
+        cfgs += [("auto late", dict(base, late_left=True))]
+        cfgs += [(f"auto late cap {k}", dict(base, late_left=True, max_registers=k)) for k in (128, 168)]
+        cfgs += [(f"w{w} t{t} g{g} late cap {k}", dict(variant="blocks", butterfly=True, num_warps=w,
+                                                       rows_per_program=t, groups=g, max_registers=k, late_left=True))
+                 for w, t, g, k in OTHERS.get(n, [])]
         cfgs.append(("auto again", base))
         x = act_input(272, n, dev, n)
         ref = hadamard_quantize_pack_reference(x, 0.9)

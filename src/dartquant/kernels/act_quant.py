@@ -418,6 +418,7 @@ if triton is not None:
         GROUPS: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr,
         ROUND_FP16: tl.constexpr, RECIP: tl.constexpr, USE_RINT: tl.constexpr, PLANAR: tl.constexpr = 0,
         FMA_DIV: tl.constexpr = False, PDL: tl.constexpr = False, LOG_C: tl.constexpr = 0,
+        LATE_LEFT: tl.constexpr = False,
     ):
         """`_hadamard_quant_2d_kernel` with the left factor as a GEMM over T tokens at once and
         its padding cut (run 10, docs/KERNELS.md section 1):
@@ -434,7 +435,8 @@ if triton is not None:
         wait_for_prior_grid(PDL)
         pid = tl.program_id(0)
         LD: tl.constexpr = KA + KB
-        laa = _load_square_block(left_ptr, LD, 0, 0, KA, KA)
+        if not LATE_LEFT:
+            laa = _load_square_block(left_ptr, LD, 0, 0, KA, KA)
         if LOG_C > 0:
             rt = 0.0  # the butterflies need no S_C (which is a 1 x 1 stand-in for a wide right factor)
         else:
@@ -444,9 +446,10 @@ if triton is not None:
         c = tl.arange(0, C)
         offs_a = ra[:, None, None] * C + c[None, None, :]  # [KA, 1, C]
         if KB > 0:
-            lab = _load_square_block(left_ptr, LD, 0, KA, KA, KB)
-            lba = _load_square_block(left_ptr, LD, KA, 0, KB, KA)
-            lbb = _load_square_block(left_ptr, LD, KA, KA, KB, KB)
+            if not LATE_LEFT:
+                lab = _load_square_block(left_ptr, LD, 0, KA, KA, KB)
+                lba = _load_square_block(left_ptr, LD, KA, 0, KB, KA)
+                lbb = _load_square_block(left_ptr, LD, KA, KA, KB, KB)
             rb = KA + tl.arange(0, KB)
             offs_b = rb[:, None, None] * C + c[None, None, :]  # [KB, 1, C]
         for g in range(GROUPS):
@@ -461,11 +464,19 @@ if triton is not None:
             pre, post = _prescale(amax)
             # left factor first, on the (exact in fp16) input, as one GEMM over the T tokens
             xa2 = tl.reshape(xa * pre[None, :, None], (KA, T * C))
+            if LATE_LEFT:  # each block of L^T loaded where it is used, so no two are live at once
+                laa = _load_square_block(left_ptr, LD, 0, 0, KA, KA)
             ya = _split_dot(laa, xa2, tl.zeros((KA, T * C), dtype=tl.float32), False, SPLIT_FIRST)
             if KB > 0:
                 xb2 = tl.reshape(xb * pre[None, :, None], (KB, T * C))
+                if LATE_LEFT:
+                    lab = _load_square_block(left_ptr, LD, 0, KA, KA, KB)
                 ya = _split_dot(lab, xb2, ya, False, SPLIT_FIRST)
+                if LATE_LEFT:
+                    lba = _load_square_block(left_ptr, LD, KA, 0, KB, KA)
                 yb = _split_dot(lba, xa2, tl.zeros((KB, T * C), dtype=tl.float32), False, SPLIT_FIRST)
+                if LATE_LEFT:
+                    lbb = _load_square_block(left_ptr, LD, KA, KA, KB, KB)
                 yb = _split_dot(lbb, xb2, yb, False, SPLIT_FIRST)
             ya = _right_factor(ya, rt, post, inv_sqrt_n, KA, T, C, ROUND_BF16, ROUND_FP16, LOG_C)
             ya = tl.where(ra[:, None, None] < R, ya, 0.0)
@@ -836,6 +847,7 @@ def hadamard_quantize_pack(
     butterfly: bool | None = None,
     right_width: int | None = None,
     max_registers: int | None = None,
+    late_left: bool = False,
 ) -> PackedActivations:
     """x [..., N] (bf16 / fp16 / fp32) -> per-token 4-bit codes of ``x @ hadamard_matrix(N)``.
 
@@ -856,6 +868,9 @@ def hadamard_quantize_pack(
     wider measured slower, docs/KERNELS.md 1h).
     ``max_registers`` (blocks variant): a cap on the registers a thread (ptxas' maxnreg; None: the compiler's
     choice). The kernel is latency-bound at one-eighth occupancy from 11008 wide (docs/KERNELS.md 1i).
+    ``late_left`` (blocks variant): each block of the left factor loaded where its dot uses it, not all four
+    before the tile, so fewer are live at once (offline sm_90: 11008 / 14336 / 28672 need 66 / 41 / 98 KB of
+    shared memory a program instead of 107 / 57 / 164); the same codes. Opt-in: not timed yet.
     ``planar`` (torch.int8 or torch.float8_e4m3fn): instead of packed nibbles, ``codes`` is the
     [M, N] operand of `w4a4_gemm.planar_centered` (code - zero, even features then odd ones).
     """
@@ -901,6 +916,8 @@ def hadamard_quantize_pack(
                          "own C, at most 128)")
     if max_registers is not None and (variant != "blocks" or max_registers < 24):
         raise ValueError(f"max_registers={max_registers} needs the blocks variant and at least 24 registers")
+    if late_left and variant != "blocks":
+        raise ValueError("late_left needs the blocks variant")
     lay = layout_2d(n) if rotate else None
     if variant not in ("2d", "3d", "blocks", "split"):
         raise ValueError(f"variant must be auto, 2d, 3d, blocks or split, got {variant!r}")
@@ -949,7 +966,7 @@ def hadamard_quantize_pack(
         _hadamard_quant_blocks_kernel[(triton.cdiv(m, t * groups),)](
             x2, lt, rt, codes, scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
             1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, T=t, GROUPS=groups, num_warps=nw,
-            LOG_C=c.bit_length() - 1 if butterfly else 0, enable_fp_fusion=False, **common, **pdl,
+            LOG_C=c.bit_length() - 1 if butterfly else 0, LATE_LEFT=late_left, enable_fp_fusion=False, **common, **pdl,
             **({"maxnreg": max_registers} if max_registers else {}),
         )
         return result
