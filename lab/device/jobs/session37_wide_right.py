@@ -30,6 +30,32 @@ CANDIDATES = {
 }
 
 
+def time_configs(n: int, cfgs: list[tuple[str, dict]], rows: list, m: int = 32768) -> None:
+    """Each (name, hadamard_quantize_pack kwargs) at width n: codes / scales / zero points against the torch
+    reference (272 bf16 tokens with outlier channels), then the time at m tokens (inputs rotating through more
+    than the L2) and the ratio to a device copy; a row each in `rows`, printed as a table line."""
+    x = act_input(272, n, dev, n)
+    ref = hadamard_quantize_pack_reference(x, 0.9)
+    sets, nxt = rotating(lambda: act_input(m, n, dev, 1), m * n * 2)
+    t_copy, copy_gbs = time_copy(m, n, dev)
+    for name, cfg in cfgs:
+        try:
+            got = hadamard_quantize_pack(x, 0.9, **cfg)
+            diff = [int((got.codes != ref.codes).sum()), int((got.scale != ref.scale).sum()),
+                    int((got.zero != ref.zero).sum())]
+            ms = bench(lambda: hadamard_quantize_pack(nxt(), 0.9, **cfg))
+        except Exception as e:  # noqa: BLE001 - refused or out of resources: recorded
+            rows.append(dict(n=n, name=name, cfg=cfg, error=repr(e)[:300]))
+            print(f"| {n} | {name} | error | {repr(e)[:120]} |", flush=True)
+            continue
+        gbs = (m * n * 2.5 + 8 * m) / ms / 1e6
+        rows.append(dict(n=n, name=name, cfg=cfg, tokens=m, ms=ms, copy_ms=t_copy, copy_gbs=copy_gbs, gbs=gbs,
+                         of_copy=gbs / copy_gbs, differ=diff))
+        print(f"| {n} | {name} | {ms:.4f} | {gbs / copy_gbs:.3f} | {diff} |", flush=True)
+    del sets
+    torch.cuda.empty_cache()
+
+
 def main(out_path):
     t0 = time.time()
     rows = []
@@ -42,27 +68,7 @@ def main(out_path):
         cfgs = [("auto", base)] + [(f"right {c} w{w} t{t} g{g}", dict(variant="blocks", butterfly=True, right_width=c,
                                     num_warps=w, rows_per_program=t, groups=g)) for c, w, t, g in cands]
         cfgs.append(("auto again", base))
-        x = act_input(272, n, dev, n)
-        ref = hadamard_quantize_pack_reference(x, 0.9)
-        m = 32768
-        sets, nxt = rotating(lambda: act_input(m, n, dev, 1), m * n * 2)
-        t_copy, copy_gbs = time_copy(m, n, dev)
-        for name, cfg in cfgs:
-            try:
-                got = hadamard_quantize_pack(x, 0.9, **cfg)
-                diff = [int((got.codes != ref.codes).sum()), int((got.scale != ref.scale).sum()),
-                        int((got.zero != ref.zero).sum())]
-                ms = bench(lambda: hadamard_quantize_pack(nxt(), 0.9, **cfg))
-            except Exception as e:  # noqa: BLE001 - refused or out of resources: recorded
-                rows.append(dict(n=n, name=name, cfg=cfg, error=repr(e)[:300]))
-                print(f"| {n} | {name} | error | {repr(e)[:120]} |", flush=True)
-                continue
-            gbs = (m * n * 2.5 + 8 * m) / ms / 1e6
-            rows.append(dict(n=n, name=name, cfg=cfg, tokens=m, ms=ms, copy_ms=t_copy, copy_gbs=copy_gbs, gbs=gbs,
-                             of_copy=gbs / copy_gbs, differ=diff))
-            print(f"| {n} | {name} | {ms:.4f} | {gbs / copy_gbs:.3f} | {diff} |", flush=True)
-        del sets
-        torch.cuda.empty_cache()
+        time_configs(n, cfgs, rows)
     write_result({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, out_path, t0)
 
 

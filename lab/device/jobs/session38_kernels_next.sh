@@ -5,9 +5,7 @@
 #     offline, a cap of 128 spills nothing); (2) the 4-bit attention's slots A/B again, now with "auto" (the choice
 #     since session 38); (3) on an H200 only, session 35's butterfly lane and session 37's kernel lane.
 set -u
-RES=${RES:-/tmp/res}; mkdir -p "$RES"
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1 | grep -o 'H[0-9]\+' | head -n1 | tr H h); GPU=${GPU:-gpu}
-export PYTHONUNBUFFERED=1 PYTHONPATH=src:benchmarks
+source "$(dirname "$0")/gpu_env.sh"
 timeout 240 python3 lab/device/jobs/session38_maxnreg.py "$RES/act_maxnreg_${GPU}.json" 2>&1 | grep "^|\|wrote\|Error"
 timeout 120 python3 lab/device/jobs/session38_kv4_slots_ab.py "$RES/kv4_slots_ab_run2_${GPU}.json" 2>&1 | grep "^|\|wrote\|Error"
 [ "$GPU" = h200 ] && RES=$RES bash lab/device/jobs/session37_kernels_next.sh

@@ -8,7 +8,6 @@ the choice without GQA) adds "auto", the choice as the code makes it. SDPA over 
 fits in 24 GB. Each path is checked against fp32 SDPA over the dequantized cache first.
     PYTHONPATH=src:benchmarks python3 lab/device/jobs/session38_kv4_slots_ab.py OUT.json
 """
-import json
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from kernel_bench import write_result  # noqa: E402
 from session19_gemv import graph_ms  # noqa: E402
 from session21_kv4 import D, LAYERS, filled_caches  # noqa: E402
 from dartquant.hadamard import fast_hadamard_transform  # noqa: E402
@@ -74,13 +74,7 @@ def main(out):
                       f"{errs[name]:.2e} |", flush=True)
             del caches
             torch.cuda.empty_cache()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
-              "wall_s": time.time() - t0}
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out)
-    print(f"wrote {out} ({result['wall_s']:.0f} s)")
+    write_result({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, out, t0)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ memory a program, offline 11008 / 14336 / 28672: 66 / 41 / 98 KB instead of 107 
 from 11008 wide, limited by registers (177-255 a thread) and shared memory; the offline sm_90 compile
 (`MAXNREG=128 lab/sass_stats.py`) caps 11008 / 14336 / 28672 at 128 registers with no spill. Per width: auto's
 config, the same with the cap and / or the late left factor, other tiles with both, auto again
-(drift); codes / scales / zero points against the torch reference; 32768 tokens. Harness as session37_wide_right.py.
+(drift); codes / scales / zero points against the torch reference; 32768 tokens (session37_wide_right.time_configs).
     PYTHONPATH=src:benchmarks python3 lab/device/jobs/session38_maxnreg.py OUT.json
 """
 import os
@@ -14,10 +14,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_bench import act_input, bench, rotating, time_copy, write_result  # noqa: E402
-from dartquant.kernels.act_quant import _auto_variant, hadamard_quantize_pack, hadamard_quantize_pack_reference  # noqa: E402
+from kernel_bench import write_result  # noqa: E402
+from session37_wide_right import time_configs  # noqa: E402
+from dartquant.kernels.act_quant import _auto_variant  # noqa: E402
 
-dev = torch.device("cuda")
 # width: [(warps, tokens a tile, tiles a program, register cap)] beside auto with caps 128 / 168
 OTHERS = {11008: [(4, 1, 1, None), (4, 1, 1, 128), (4, 1, 1, 96)], 8960: [(4, 1, 1, 128)],
           28672: [(8, 1, 1, 96)], 16384: [(4, 1, 1, 128)], 14336: [(4, 1, 1, 96), (8, 1, 1, 64)]}
@@ -40,27 +40,7 @@ def main(out_path):
                                                        rows_per_program=t, groups=g, max_registers=k, late_left=True))
                  for w, t, g, k in OTHERS.get(n, [])]
         cfgs.append(("auto again", base))
-        x = act_input(272, n, dev, n)
-        ref = hadamard_quantize_pack_reference(x, 0.9)
-        m = 32768
-        sets, nxt = rotating(lambda: act_input(m, n, dev, 1), m * n * 2)
-        t_copy, copy_gbs = time_copy(m, n, dev)
-        for name, cfg in cfgs:
-            try:
-                got = hadamard_quantize_pack(x, 0.9, **cfg)
-                diff = [int((got.codes != ref.codes).sum()), int((got.scale != ref.scale).sum()),
-                        int((got.zero != ref.zero).sum())]
-                ms = bench(lambda: hadamard_quantize_pack(nxt(), 0.9, **cfg))
-            except Exception as e:  # noqa: BLE001 - refused or out of resources: recorded
-                rows.append(dict(n=n, name=name, cfg=cfg, error=repr(e)[:300]))
-                print(f"| {n} | {name} | error | {repr(e)[:120]} |", flush=True)
-                continue
-            gbs = (m * n * 2.5 + 8 * m) / ms / 1e6
-            rows.append(dict(n=n, name=name, cfg=cfg, tokens=m, ms=ms, copy_ms=t_copy, copy_gbs=copy_gbs, gbs=gbs,
-                             of_copy=gbs / copy_gbs, differ=diff))
-            print(f"| {n} | {name} | {ms:.4f} | {gbs / copy_gbs:.3f} | {diff} |", flush=True)
-        del sets
-        torch.cuda.empty_cache()
+        time_configs(n, cfgs, rows)
     write_result({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, out_path, t0)
 
 
