@@ -26,27 +26,24 @@ PATHS = [("auto", {}), ("split w4", dict(variant="split", num_warps=4)), ("split
 
 
 def main(out_path):
-    t0 = time.time()
+    t0, rows = time.time(), []
     warm_clocks()
-    rows = []
-    print("| N | tokens | path | us per call | codes != ref |")
-    print("|---|---|---|---|---|")
-    for n in WIDTHS:
-        for m in TOKENS:
-            xs = [act_input(m, n, dev, i) for i in range(4)]
-            ref = hadamard_quantize_pack_reference(xs[0], 0.9)
-            for name, kw in PATHS:
-                try:
-                    got = hadamard_quantize_pack(xs[0], 0.9, **kw)
-                    bad = int((got.codes != ref.codes).sum())
-                    us = 1000 * graph_ms([lambda x=xs[i % 4]: hadamard_quantize_pack(x, 0.9, **kw) for i in range(32)])
-                except Exception as e:  # noqa: BLE001 - refused or out of resources: recorded
-                    rows.append(dict(n=n, tokens=m, path=name, error=repr(e)[:300]))
-                    print(f"| {n} | {m} | {name} | error | {repr(e)[:100]} |", flush=True)
-                    continue
-                cfg = _auto_variant(n, True, m) if name == "auto" else kw
-                rows.append(dict(n=n, tokens=m, path=name, cfg=cfg, us=us, codes_differ=bad))
-                print(f"| {n} | {m} | {name} | {us:.2f} | {bad} |", flush=True)
+    print("| N | tokens | path | us per call | codes != ref |\n|---|---|---|---|---|")
+    for n, m in [(n, m) for n in WIDTHS for m in TOKENS]:
+        xs = [act_input(m, n, dev, i) for i in range(4)]  # four inputs in turn: 32 calls a graph, as a decode step
+        ref = hadamard_quantize_pack_reference(xs[0], 0.9)
+        for name, kw in PATHS:
+            try:
+                got = hadamard_quantize_pack(xs[0], 0.9, **kw)
+                bad = int((got.codes != ref.codes).sum())
+                us = 1000 * graph_ms([lambda x=xs[i % 4]: hadamard_quantize_pack(x, 0.9, **kw) for i in range(32)])
+            except Exception as e:  # noqa: BLE001 - refused or out of resources: recorded
+                rows.append(dict(n=n, tokens=m, path=name, error=repr(e)[:300]))
+                print(f"| {n} | {m} | {name} | error | {repr(e)[:100]} |", flush=True)
+                continue
+            cfg = _auto_variant(n, True, m) if name == "auto" else kw
+            rows.append(dict(n=n, tokens=m, path=name, cfg=cfg, us=us, codes_differ=bad))
+            print(f"| {n} | {m} | {name} | {us:.2f} | {bad} |", flush=True)
     write_result({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, out_path, t0)
 
 
