@@ -173,3 +173,35 @@ def test_hessian_budget_is_typed_and_positive():
         RunConfig.from_flat(gptq_hessian_mb=0).validate()
     with pytest.raises(ValueError, match="gptq_hessian_mb"):
         RunConfig.from_flat(gptq_hessian_mb="lots")
+
+
+@pytest.mark.parametrize("name", ["qwen2-bias-gqa", "llama-tied-gqa", "mixtral-moe", "qwen2moe-shared"])
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_hessian_forwards_that_stop_early_give_the_same_codes(name, true_sequential, monkeypatch):
+    """GPTQ_STOP_EARLY ends a Hessian forward's block call once the pass's linears have seen their inputs
+    (weights._StopAfterInputs): the same inputs, so the same codes and scales bit for bit (float32, where a
+    different order of work would show); the next block's inputs still come from whole forwards. And it does
+    stop: with true-sequential GPTQ on a dense block, fewer linears run their matmul."""
+    scheme = RunConfig.from_flat(w_quantizer="gptq", gptq_true_sequential=true_sequential,
+                                 gptq_asymmetric=name == "llama-tied-gqa").scheme
+    out, matmuls = {}, {}
+    for early in (False, True):
+        monkeypatch.setattr(weights, "GPTQ_STOP_EARLY", early)
+        model = make_tiny_model(name, dtype=torch.float32)
+        count = [0]
+        real_linear = torch.nn.functional.linear
+
+        def counting(*a, **k):
+            count[0] += 1
+            return real_linear(*a, **k)
+
+        monkeypatch.setattr(torch.nn.functional, "linear", counting)
+        out[early] = weights.quantize_weights_(model, scheme, IDS, progress=False)
+        monkeypatch.setattr(torch.nn.functional, "linear", real_linear)
+        matmuls[early] = count[0]
+    assert sorted(out[True]) == sorted(out[False])
+    for key, qt in out[False].items():
+        assert torch.equal(qt.codes, out[True][key].codes), key
+        assert torch.equal(qt.scale, out[True][key].scale), key
+    if true_sequential and name in ("qwen2-bias-gqa", "llama-tied-gqa"):
+        assert matmuls[True] < matmuls[False] * 0.75, matmuls

@@ -85,9 +85,18 @@ def _sliding_mask(seqlen: int, window: int | None, device) -> torch.Tensor | Non
     return ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window))[None, None]
 
 
-def run_block(block: nn.Module, hidden: torch.Tensor, pos_emb: tuple, mask: torch.Tensor | None = None) -> torch.Tensor:
+class StopBlock(Exception):
+    """Raised inside a block call by a hook that has seen all it needs of this call (GPTQ's Hessian forwards,
+    quant/weights.py): `run_block` then returns None, and no caller may use that output."""
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, pos_emb: tuple,
+              mask: torch.Tensor | None = None) -> torch.Tensor | None:
     cos, sin, pos = pos_emb
-    out = block(hidden, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin))
+    try:
+        out = block(hidden, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin))
+    except StopBlock:
+        return None
     return out[0] if isinstance(out, tuple) else out
 
 

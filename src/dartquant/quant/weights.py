@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
-from ..layerwise import forward_plan, iterate_blocks
+from ..layerwise import StopBlock, forward_plan, iterate_blocks
 from ..log import log
 from ..modules import as_qlinear
 from .act import set_act_quant_enabled_
@@ -160,6 +160,35 @@ SEQUENTIAL_STEPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 # automatic Hessian budget on a GPU: this share of its free memory (GPTQ's solver needs about two
 # more copies of the largest Hessian, and the block's forward its activations)
 GPTQ_HESSIAN_SHARE = 0.4
+# a Hessian forward ends once the step's linears have seen their inputs (_StopAfterInputs); False: whole blocks
+GPTQ_STOP_EARLY = True
+
+
+class _StopAfterInputs:
+    """Ends each block call of a GPTQ Hessian forward (layerwise.StopBlock) once every linear of the pass has
+    observed its input in that call: what the block computes after the pass's last input is discarded anyway
+    (the forward does not update the stored states). True-sequential GPTQ runs four such forwards a block; its
+    q / k / v step then stops at their input, o's before the MLP. A call in which some linear sees nothing (an
+    expert no token was routed to) runs to the end. Same inputs, same Hessians, bit for bit."""
+
+    def __init__(self, block: nn.Module, roles: list[str]):
+        self.roles, self.pending = set(roles), set(roles)
+        self.handle = block.register_forward_pre_hook(self._new_call)
+
+    def _new_call(self, _module, _args) -> None:
+        self.pending = set(self.roles)
+
+    def wrap(self, role: str, observe):
+        def observed(x: torch.Tensor) -> None:
+            observe(x)
+            self.pending.discard(role)
+            if not self.pending:
+                raise StopBlock
+
+        return observed
+
+    def close(self) -> None:
+        self.handle.remove()
 
 
 def _steps(keys: list[str], true_sequential: bool) -> list[list[str]]:
@@ -251,14 +280,20 @@ def gptq_block_(block: nn.Module, adapter: ModelAdapter, forward, scheme: QuantS
         matrices = (4 if scheme.gptq_asymmetric_holdout else 2) if scheme.gptq_asymmetric else 1
         for keys in _passes(step, in_features, budget, matrices):
             hessians = _SharedHessians(holdout=scheme.gptq_asymmetric_holdout)
+            stop = _StopAfterInputs(block, keys) if GPTQ_STOP_EARLY else None
             for role in keys:
                 q = linears[role]
                 asymmetric = scheme.gptq_asymmetric and (scheme.gptq_asymmetric_qkv or stream_of(role) != "attn_in")
                 quantizer = q.input_quantizer if asymmetric else None
-                q.input_observer = hessians.observer(role, q.in_features, q.weight.device, quantizer)
-            forward(update=False)
-            for q in map(linears.__getitem__, keys):
-                q.input_observer = None
+                observe = hessians.observer(role, q.in_features, q.weight.device, quantizer)
+                q.input_observer = stop.wrap(role, observe) if stop else observe
+            try:
+                forward(update=False)
+            finally:
+                if stop:
+                    stop.close()
+                for q in map(linears.__getitem__, keys):
+                    q.input_observer = None
             left = [hessians.of_role.get(role) for role in keys]  # each role's solver, in quantize order
             targets: dict[str, torch.Tensor] = {}  # asymmetric: the targets of a shared input's later linears
             for k, role in enumerate(keys):
