@@ -8,7 +8,9 @@ either way, each block's inputs are the outputs of the already-quantized blocks 
 By default all linears of a block are quantized from one pass, which takes a quarter of the
 calibration forwards; `gptq_true_sequential` quantizes them in SEQUENTIAL_STEPS instead (q/k/v,
 then o, then gate/up, then down), each step's Hessians collected by a forward in which the
-earlier steps' linears are already quantized, as the GPTQ paper and QuaRot do. On a GPU the
+earlier steps' linears are already quantized, as the GPTQ paper and QuaRot do. A Hessian forward stops each block
+call once the pass's linears have seen their inputs (`GPTQ_STOP_EARLY`): the q/k/v step never runs attention, the
+o step never runs the MLP, so the four steps cost about one block's forward, not four. On a GPU the
 calibration windows go through a block several per call (layerwise.forward_plan; the Hessian is
 a token average, so only roundoff changes; the CPU path is unchanged). Linears that read the very same input tensor (q/k/v, gate/up, when
 no per-linear quantizer or rotation sits in between) share one Hessian: the same matrix, built
