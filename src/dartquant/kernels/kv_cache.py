@@ -241,12 +241,11 @@ if triton is not None:
         l_i = tl.zeros((GR,), tl.float32)
         acc_e = tl.zeros((GR, D // 2), tl.float32)
         acc_o = tl.zeros((GR, D // 2), tl.float32)
-        if SLOTS:
-            if lo < hi:  # a slice past the cache's end does nothing
+        if lo < hi:  # a slice past the cache's end does nothing
+            if SLOTS:
                 m_i, l_i, acc_e, acc_o = _slots_loop(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr,
                                                      vs_ptr, vz_ptr, sm_scale, CHUNK, D, BS, ROUND_BF16, ROUND_FP16)
-        else:
-            if lo < hi:  # a slice past the cache's end does nothing
+            else:
                 # a fixed trip count (pipelined; the interpreter has no tensor bounds), the tail masked
                 for it in range(0, CHUNK // BS):
                     j = lo + it * BS + tl.arange(0, BS)
