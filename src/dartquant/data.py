@@ -82,6 +82,13 @@ def eval_windows(tokenizer, corpus: str, seqlen: int = 2048, max_windows: int | 
     return stream[: n * seqlen].view(n, seqlen)
 
 
+def run_windows(tokenizer, data, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the rotations' calibration windows, the quantize stage's) of a run whose `data` is a config.DataConfig:
+    two prefixes of one draw of `data.windows` windows, so the first do not change with `quantize_samples`."""
+    drawn = calib_windows(tokenizer, data.corpus, data.windows, data.seqlen, seed)
+    return drawn[:data.samples], drawn[:data.quantize_windows]
+
+
 def calib_windows(tokenizer, corpus: str = "wiki", n: int = 128, seqlen: int = 2048, seed: int = 0,
                   span: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """[n, seqlen] windows at seeded random offsets in the calibration half.

@@ -26,7 +26,7 @@ import torch
 
 from .adapters import adapter_for, check_transforms
 from .config import RunConfig
-from .data import calib_windows
+from .data import run_windows
 from .eval.ppl import evaluate_ppl
 from .log import log
 from .methods import MethodContext, calibration_summary
@@ -181,11 +181,7 @@ def run_quantize(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, ev
         with timer("capture"):
             needs_data = (sc.weight_quantizer == "gptq" or sc.a_clip_search or cfg.qk_balance
                           or (cfg.method_spec.needs_calib_windows and not cfg.rotations))
-            drawn = (calib_windows(tokenizer, cfg.data.corpus, cfg.data.windows, cfg.data.seqlen, cfg.seed)
-                     if needs_data else None)
-            # the calibration's windows and the quantize stage's: two prefixes of one draw (DataConfig)
-            calib_ids = drawn[:cfg.data.samples] if drawn is not None else None
-            quantize_ids = drawn[:cfg.data.quantize_windows] if drawn is not None else None
+            calib_ids, quantize_ids = run_windows(tokenizer, cfg.data, cfg.seed) if needs_data else (None, None)
         untie_embeddings_(model, adapter)
         split_experts_(model, adapter)  # MoE: one module per expert linear (a no-op for dense models)
         if cfg.rotated:  # once, for every method: producers see the norm-fused, unrotated model

@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
-from ..data import calib_windows, eval_windows
+from ..data import eval_windows, run_windows
 from ..layerwise import forward_plan
 from ..log import log
 from ..methods import MethodContext, calibration_summary
@@ -111,11 +111,8 @@ def run_streamed(cfg: RunConfig, out: Path, *, eval_fp: bool = True, progress: b
                          exclude_k_bias=sc.kv_exclude_k_bias, sink_tokens=sc.kv_sink_tokens)
     with atomic_dir(out) as tmp:
         with timer("capture"):
-            drawn = (calib_windows(tokenizer, cfg.data.corpus, cfg.data.windows, cfg.data.seqlen, cfg.seed)
-                     if calib_pass or capture_needed or qk is not None else None)
-            # the calibration's windows and the quantize pass's: two prefixes of one draw (DataConfig)
-            calib_ids = drawn[:cfg.data.samples] if drawn is not None else None
-            quantize_ids = drawn[:cfg.data.quantize_windows] if drawn is not None else None
+            calib_ids, quantize_ids = (run_windows(tokenizer, cfg.data, cfg.seed)
+                                       if calib_pass or capture_needed or qk is not None else (None, None))
         with timer("eval"):
             windows = {c: eval_windows(tokenizer, c, cfg.eval.seqlen, cfg.eval.max_windows) for c in cfg.eval.corpora}
         g_ids = (guard_windows(tokenizer, cfg.data.corpus, cfg.eval.guard_windows, cfg.data.seqlen)
