@@ -18,7 +18,9 @@ export DARTQUANT_CACHE=/tmp/kbdata
   > "$RES/prepare_$SHAPE.log" 2>&1 || { tail -n 20 "$RES/prepare_$SHAPE.log"; exit 1; }
 [ "${PREPARE_ONLY:-0}" = 1 ] && { echo "prepared $RUN"; exit 0; }
 for side in slots dots; do
-  SIDE=$side RUN=$RUN OUTJ="$RES/bench_kv4_${side}_$SHAPE.json" DEVICE=$DEVICE BENCH=${BENCH:-} python3 - <<'PY'
+  # the bf16 side once (with the slots); the dots side times the w4a4 model only
+  extra=""; [ "$side" = dots ] && extra="--sides w4a4"
+  SIDE=$side RUN=$RUN OUTJ="$RES/bench_kv4_${side}_$SHAPE.json" DEVICE=$DEVICE BENCH="${BENCH:-} $extra" python3 - <<'PY'
 import os
 import runpy
 import sys
