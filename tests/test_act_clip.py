@@ -64,6 +64,23 @@ def test_rows_sampled_are_the_same_however_the_windows_are_batched():
     assert torch.equal(kept[0], x.reshape(60, 8)[positions])
 
 
+def test_routed_rows_sampled_are_the_same_however_the_calls_split_them():
+    # MoE experts see only their routed tokens, flattened: no position to go by, so the rows are
+    # chosen by a seeded hash of their values (a draw per call changed with the batching)
+    x = torch.randn(3000, 24)
+    kept = []
+    for splits in ([3000], [1000, 2000], [7, 993, 1500, 500]):
+        s = _RowSampler(torch.tensor([]), 30000, 3000, torch.Generator().manual_seed(0))
+        for chunk in x.split(splits):
+            s(None, (chunk,))
+        kept.append(s.rows_())
+    assert all(torch.equal(kept[0], k) for k in kept)
+    assert 200 < kept[0].shape[0] < 400  # about 3000 * 3000 / 30000 rows
+    other = _RowSampler(torch.tensor([]), 30000, 3000, torch.Generator().manual_seed(1))
+    other(None, (x,))
+    assert not torch.equal(other.rows_(), kept[0])  # the seed chooses the rows
+
+
 @pytest.mark.parametrize("family,dtype,kw", [
     ("qwen2-bias-gqa", torch.float32, dict(method="quarot", w_quantizer="gptq")),
     ("llama-tied-gqa", torch.bfloat16, dict(method="quarot", w_quantizer="rtn")),

@@ -57,13 +57,30 @@ class _RowSampler:
 
     Dense inputs ([windows, seq, d], the windows in order over the calls) keep the same
     `positions` (flat token indices over all calibration windows) however the windows are
-    batched. Inputs of another shape (MoE experts: only the routed tokens, flattened) keep a
-    seeded share proportional to their size."""
+    batched. Inputs of another shape (MoE experts: only the routed tokens, flattened, with no
+    position to go by) keep each row whose seeded hash of its values falls under
+    rows / total_tokens: the same rows, in the same order, however the calls split them (a
+    draw per call would depend on the batching: the GPU's capture batches 8 windows a call)."""
+
+    HASH_COLUMNS = 256  # the hash reads at most this many of a row's values (evenly spaced)
+    PRIME = 2_147_483_647  # 2^31 - 1; multipliers < 2^28 and 16-bit halves keep every sum in int64
 
     def __init__(self, positions: torch.Tensor, total_tokens: int, rows: int, generator: torch.Generator):
-        self.positions, self.total, self.rows, self.g = positions, total_tokens, rows, generator
+        self.positions, self.total, self.rows = positions, total_tokens, rows
+        self.hash_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         self.seen = 0  # dense: windows seen so far
         self.kept: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []  # non-dense: each kept row's hash, to order them
+
+    def row_hash(self, x2: torch.Tensor) -> torch.Tensor:
+        """A value in [0, 1) per row, from the float32 bits of up to HASH_COLUMNS of its values."""
+        d = x2.shape[1]
+        cols = torch.linspace(0, d - 1, min(d, self.HASH_COLUMNS)).round().long().unique()
+        bits = x2[:, cols.to(x2.device)].float().cpu().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        halves = torch.cat([bits & 0xFFFF, bits >> 16], dim=1)
+        g = torch.Generator().manual_seed(self.hash_seed)
+        mult = torch.randint(1, 2**28, (halves.shape[1],), generator=g, dtype=torch.int64)
+        return ((halves * mult).sum(1) % self.PRIME).double() / self.PRIME
 
     def __call__(self, _module, args) -> None:
         x = args[0]
@@ -76,13 +93,21 @@ class _RowSampler:
                 self.kept.append(x.reshape(b * s, -1)[idx.to(x.device)].float())
             return
         x2 = x.reshape(-1, x.shape[-1])
-        take = min(x2.shape[0], math.ceil(self.rows * x2.shape[0] / self.total))
-        if take:
-            idx = torch.randperm(x2.shape[0], generator=self.g)[:take]
-            self.kept.append(x2[idx.to(x.device)].float())
+        if not x2.shape[0]:
+            return
+        u = self.row_hash(x2)
+        keep = torch.nonzero(u < self.rows / self.total).flatten()
+        if keep.numel():
+            self.kept.append(x2[keep.to(x.device)].float())
+            self.keys.append(u[keep])
 
     def rows_(self) -> torch.Tensor | None:
-        return torch.cat(self.kept) if self.kept else None
+        if not self.kept:
+            return None
+        rows = torch.cat(self.kept)
+        if self.keys:  # non-dense: in hash order, not in the order the calls brought them
+            rows = rows[torch.cat(self.keys).argsort(stable=True).to(rows.device)]
+        return rows
 
 
 @torch.no_grad()
