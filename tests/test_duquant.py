@@ -100,6 +100,19 @@ def test_greedy_rotation_lowers_the_block_maximum():
     assert greedy_rotation(x, 0, g).equal(torch.eye(32, dtype=torch.float64)[None])
 
 
+def test_greedy_scores_each_keep_their_own_best_of_the_same_candidates():
+    """`score` changes only which product of the same seeded steps is kept: each kept product is the
+    best of the candidates by its own score, and on heavy-tailed rows they differ."""
+    from dartquant.calib.duquant import GREEDY_SCORES
+
+    x = torch.randn(4, 256, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) ** 3  # heavy tails
+    kept = {s: greedy_rotation(x, 12, torch.Generator().manual_seed(7), s) for s in GREEDY_SCORES}
+    for s, f in GREEDY_SCORES.items():
+        for other in kept.values():
+            assert (f((x @ kept[s]).float()) <= f((x @ other).float()) + 1e-6).all()
+    assert not torch.equal(kept["max"], kept["token_max"])
+
+
 def test_zigzag_deals_outliers_evenly():
     score = torch.tensor([9.0, 1, 8, 2, 7, 3, 6, 4, 0.5, 0.4])  # 10 channels, blocks 4, 4, 2
     perm = zigzag_permutation(score, 4)
@@ -215,6 +228,8 @@ def test_duquant_refusals_before_any_work(tiny_folder, tmp_path):
         run_quantize(_cfg(tiny_folder, r4=True), tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="block_size"):
         run_quantize(_cfg(tiny_folder, duq_block_size=1), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="score"):
+        run_quantize(_cfg(tiny_folder, duq_score="range"), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 

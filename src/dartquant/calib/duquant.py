@@ -67,6 +67,10 @@ class DuQuantConfig:
     permute: bool = True  # zigzag permutation + second block rotation (off: one block rotation)
     sample_tokens: int = 2048  # random token rows per layer for the greedy rotations
     outlier_tokens: int = 256  # plus the rows with the largest max |x| (over all calibration tokens)
+    # what the greedy steps keep: "max", the paper's (the block's largest |value| over all sampled rows), or
+    # "token_max" (the mean over the rows of each row's largest |value| in the block, squared: a per-token
+    # quantizer's step is set by its own row, not by the worst row)
+    score: str = "max"
 
     def __post_init__(self):
         check_types(self)
@@ -78,11 +82,20 @@ class DuQuantConfig:
             raise ValueError(f"duquant alpha must be in [0, 1], got {self.alpha}")
         if self.steps < 0 or self.sample_tokens < 0 or self.outlier_tokens < 0:
             raise ValueError("duquant steps, sample_tokens and outlier_tokens must be >= 0")
+        if self.score not in GREEDY_SCORES:
+            raise ValueError(f"duquant score must be one of {sorted(GREEDY_SCORES)}, got {self.score!r}")
         if self.sample_tokens + self.outlier_tokens == 0 and self.steps > 0:
             raise ValueError("duquant needs sample_tokens or outlier_tokens > 0 for its greedy rotations")
 
 
 # ---- the construction (pure functions) ----------------------------------------------------
+# a greedy step's score of rotated rows y [nb, tokens, B], one value per block (lower is better)
+GREEDY_SCORES = {
+    "max": lambda y: y.abs().amax(dim=(1, 2)),
+    "token_max": lambda y: y.abs().amax(dim=2).square().mean(dim=1),
+}
+
+
 def smoothing_scales(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
     """lambda = max|x|^alpha / max|W|^(1-alpha), per channel (both maxima floored at 1e-5)."""
     if alpha == 0:
@@ -143,7 +156,7 @@ def _cholesky_qr2(a: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_rotation(x: torch.Tensor, steps: int, g: torch.Generator) -> torch.Tensor:
+def greedy_rotation(x: torch.Tensor, steps: int, g: torch.Generator, score: str = "max") -> torch.Tensor:
     """Block rotations [nb, B, B] for x [nb, tokens, B], one independent greedy search per block.
 
     Each step: j = the channel with the largest |value|; step = E_j diag(1, Q) H (E_j swaps
@@ -152,11 +165,12 @@ def greedy_rotation(x: torch.Tensor, steps: int, g: torch.Generator) -> torch.Te
     the rest is mixed at random, so the next step meets new structure. (Q after H, as a literal
     reading of the paper's E R~ Q would have it, re-concentrates the spread channel: measured
     here, a lone outlier of 100 in a block of 32 ended at 41 instead of 100 / sqrt(32) = 17.7.)
-    The product with the smallest max |x R| (identity included) is kept."""
+    The product with the smallest score (GREEDY_SCORES; the paper's: max |x R|; identity included) is kept."""
     nb, _, b = x.shape
     dev = x.device
+    scored = GREEDY_SCORES[score]
     rot = torch.eye(b, dtype=torch.float64, device=dev).expand(nb, b, b).clone()
-    best, best_max = rot.clone(), x.abs().amax(dim=(1, 2)).float()
+    best, best_max = rot.clone(), scored(x.float())
     if b == 1 or steps == 0 or x.shape[1] == 0:
         return best
     house = _householder_to_uniform(b, device=dev)
@@ -174,13 +188,13 @@ def greedy_rotation(x: torch.Tensor, steps: int, g: torch.Generator) -> torch.Te
         idx[rows, 0], idx[rows, j] = j, 0  # E_j as an index swap
         step = torch.gather(step, 1, idx[:, :, None].expand(nb, b, b))  # rows: E_j step
         y, rot = y @ step.float(), rot @ step
-        m = y.abs().amax(dim=(1, 2))
+        m = scored(y)
         better = m < best_max
         best[better], best_max = rot[better], torch.minimum(m, best_max)
     return best
 
 
-def block_rotation(x: torch.Tensor, block: int, steps: int, g: torch.Generator) -> torch.Tensor:
+def block_rotation(x: torch.Tensor, block: int, steps: int, g: torch.Generator, score: str = "max") -> torch.Tensor:
     """Greedy rotations of the blocks of x [tokens, n]: [ceil(n / block), block, block], the ragged
     last block (if any) padded with the identity."""
     n = x.shape[-1]
@@ -188,9 +202,9 @@ def block_rotation(x: torch.Tensor, block: int, steps: int, g: torch.Generator) 
     full = len(sizes) - (sizes[-1] != block)
     parts = []
     if full:
-        parts.append(greedy_rotation(x[:, : full * block].reshape(-1, full, block).transpose(0, 1), steps, g))
+        parts.append(greedy_rotation(x[:, : full * block].reshape(-1, full, block).transpose(0, 1), steps, g, score))
     if full < len(sizes):
-        parts.append(pad_block(greedy_rotation(x[:, full * block:].unsqueeze(0), steps, g)[0], block)[None])
+        parts.append(pad_block(greedy_rotation(x[:, full * block:].unsqueeze(0), steps, g, score)[0], block)[None])
     return torch.cat(parts)
 
 
@@ -216,12 +230,12 @@ def zigzag_permutation(score: torch.Tensor, block: int) -> torch.Tensor:
 def dual_transform(x: torch.Tensor, cfg: DuQuantConfig, g: torch.Generator) -> tuple:
     """(r1, perm, r2) of smoothed activation rows x [tokens, n]; perm / r2 None without permutation.
     `x` here: the token sample; the permutation's channel scores come from it too, after R1."""
-    r1 = block_rotation(x, cfg.block_size, cfg.steps, g)
+    r1 = block_rotation(x, cfg.block_size, cfg.steps, g, cfg.score)
     if not cfg.permute:
         return r1.cpu(), None, None
     y = apply_blocks(x.double(), r1)
     perm = zigzag_permutation(y.abs().amax(dim=0).cpu(), cfg.block_size)
-    r2 = block_rotation(y[:, perm.to(y.device)], cfg.block_size, cfg.steps, g)
+    r2 = block_rotation(y[:, perm.to(y.device)], cfg.block_size, cfg.steps, g, cfg.score)
     return r1.cpu(), perm, r2.cpu()
 
 
@@ -347,13 +361,13 @@ def calibrate_duquant(model, cfg, calib_ids: torch.Tensor, *, timer=None, progre
             scales["v"].append(1.0 / lam.reshape(-1))
             rows = ob.rows().to(cfg.device, torch.float64).view(-1, kv, groups, d) / lam.to(cfg.device)[None, :, None, :]
             per_head = rows.permute(1, 0, 2, 3).reshape(kv, -1, d)  # [kv, tokens * groups, d]
-            rot = greedy_rotation(per_head, opts.steps, g)
+            rot = greedy_rotation(per_head, opts.steps, g, opts.score)
             mats.setdefault("DQ_o", []).append(rot.cpu())
             stat("DQ_o", per_head, per_head @ rot)
     blocks = {k: torch.stack(v) for k, v in mats.items()}
     summary = {name: {"max_abs_before": round(sum(b for b, _ in v) / len(v), 4),
                       "max_abs_after": round(sum(a for _, a in v) / len(v), 4)} for name, v in before_after.items()}
     meta = {"method": "duquant", "seed": cfg.seed, "block_size": opts.block_size, "alpha": opts.alpha,
-            "steps": opts.steps, "permute": opts.permute, "r1_layer_mean_max_abs": summary}
+            "steps": opts.steps, "permute": opts.permute, "score": opts.score, "r1_layer_mean_max_abs": summary}
     return RotationSet(r3=cfg.r3, r4=False, meta=meta,
                        scales={k: torch.stack(v) for k, v in scales.items()}, blocks=blocks)
