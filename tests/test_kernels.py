@@ -233,6 +233,11 @@ def test_act_auto_variant_throughput_rule():
     for n, w in want.items():
         assert _auto_variant(n, True) == w, n
         assert _auto_variant(n, True, 8)["variant"] == ("split" if n > 4096 else "blocks"), n
+        # small batches (session 39): one token a program up to 128 tokens, the split kernel up to 16 above 8192
+        assert _auto_variant(n, True, 16) == (dict(variant="split", num_warps=4, rows_per_program=1) if n > 8192
+                                              else dict(w, rows_per_program=1, groups=1)), n
+        assert _auto_variant(n, True, 128) == dict(w, rows_per_program=1, groups=1), n
+        assert _auto_variant(n, True, 129) == w, n
     assert _auto_variant(1024, True)["variant"] == "3d"  # below 1536: not measured
     assert _auto_variant(4096, False)["variant"] == "3d"  # no Hadamard: the quantize-only kernel
 
@@ -256,10 +261,10 @@ def test_act_auto_variant_bit_exact(n):
 
     assert _auto_variant(n, True)["variant"] == "blocks"
     # 3 tokens: the decode choice (above 4096 wide a token over several programs, else one token
-    # per program); 11: the throughput one
+    # per program); 11: the throughput one, one token a program (SMALL_BATCH_TOKENS)
     decode = "split" if n > 4096 else "blocks"
     assert _auto_variant(n, True, 3) == dict(variant=decode, num_warps=4, rows_per_program=1)
-    assert _auto_variant(n, True, 11) == _auto_variant(n, True)
+    assert _auto_variant(n, True, 11) == dict(_auto_variant(n, True), rows_per_program=1, groups=1)
     for tokens in (3, 11):
         x = _activations(tokens, n, seed=n)
         got, ref = hadamard_quantize_pack(x, clip_ratio=0.9), hadamard_quantize_pack_reference(x, clip_ratio=0.9)

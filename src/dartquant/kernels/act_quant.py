@@ -83,6 +83,10 @@ _MAX_ELEMS_PER_PROGRAM = 32768
 
 # up to this many tokens (decode) "auto" picks for latency, not throughput (run 17, below)
 DECODE_TOKENS = 8
+# above DECODE_TOKENS and up to this many, "auto" keeps one token a program (session 39, an H100, 16-128 tokens:
+# the throughput configs' 2-4 tokens a program left most of the SMs idle and took 1.5-2.9x the time; above 128
+# not measured, so the throughput configs stand there)
+SMALL_BATCH_TOKENS = 128
 
 # `_quotient`'s reciprocal + FMA division, bit-equal to the IEEE one: None = wherever the kernels are
 # compiled (the interpreter's fma rounds twice); True / False force it (tests that give the
@@ -105,7 +109,8 @@ def _auto_variant(n: int, rotate: bool, tokens: int | None = None) -> dict:
     token over several SMs (run 22, section 1d: 5.6-7.7 us a call at 4864-28672 wide, where one
     program per token took 6.5-24 us); else (run 17) one token per program, 8 warps from 8192 wide,
     wherever the throughput choice below is the blocks or the 2d kernel (3.4-6.6x faster at 4096 /
-    8192 than that choice).  Throughput choice (more tokens): the blocks kernel wherever `layout_blocks`
+    8192 than that choice).  Up to SMALL_BATCH_TOKENS (session 39): the throughput choice with one token a
+    program, or the split kernel up to 16 tokens above 8192 wide.  Throughput choice (more tokens): the blocks kernel wherever `layout_blocks`
     applies from 1536 wide (run 48, with section 1f's division: 1.04-1.84x the choices before), since
     session 35 with its right factor as a butterfly (section 1g, H100: 1.1-2.1x the split dot, equal at
     4096); its token tile [KA + KB, C] picks the launch config, each its tile's fastest in section 1g's
@@ -120,6 +125,13 @@ def _auto_variant(n: int, rotate: bool, tokens: int | None = None) -> dict:
         if rotate and auto["variant"] == "3d" and n > 16384:  # 28672: 8 warps 24.4 us, auto's 27.4 us
             return dict(auto, num_warps=8)
         return auto
+    if tokens is not None and tokens <= SMALL_BATCH_TOKENS:
+        if rotate and n > 8192 and tokens <= 16 and layout_blocks(n) is not None:
+            # session 39 (H100, 16 tokens): the split kernel 0.78-0.87x one token a program's time at 11008 /
+            # 14336 / 28672; equal at 32; at 4096 / 8192 one token a program wins at every count
+            return dict(variant="split", num_warps=4, rows_per_program=1)
+        auto = _auto_variant(n, rotate)
+        return dict(auto, rows_per_program=1, groups=1) if auto["variant"] == "blocks" else auto
     blay = layout_blocks(n) if rotate and n >= 1536 else None
     if blay is not None:  # run 48: the blocks kernel at every width it supports, by the size of its token tile
         r, ka, kb, c = blay
