@@ -110,10 +110,10 @@ def _auto_variant(n: int, rotate: bool, tokens: int | None = None) -> dict:
     program per token took 6.5-24 us); else (run 17) one token per program, 8 warps from 8192 wide,
     wherever the throughput choice below is the blocks or the 2d kernel (3.4-6.6x faster at 4096 /
     8192 than that choice).  Up to SMALL_BATCH_TOKENS (session 39): the throughput choice with one token a
-    program, or the split kernel up to 16 tokens above 8192 wide.  Throughput choice (more tokens): the blocks kernel wherever `layout_blocks`
-    applies from 1536 wide (run 48, with section 1f's division: 1.04-1.84x the choices before), since
-    session 35 with its right factor as a butterfly (section 1g, H100: 1.1-2.1x the split dot, equal at
-    4096); its token tile [KA + KB, C] picks the launch config, each its tile's fastest in section 1g's
+    program, or the split kernel up to 16 tokens above 8192 wide.  Throughput choice (more tokens): the blocks
+    kernel wherever `layout_blocks` applies from 1536 wide (run 48, with section 1f's division: 1.04-1.84x
+    the choices before), since session 35 with its right factor as a butterfly (section 1g, H100: 1.1-2.1x
+    the split dot, equal at 4096); its token tile [KA + KB, C] picks the launch config, each its tile's fastest in section 1g's
     sweep; the 3d kernel where no layout applies (below 1536: not measured)."""
     if tokens is not None and tokens <= DECODE_TOKENS:
         if rotate and n > 4096 and layout_blocks(n) is not None:  # run 22: 1.1-3.1x the choices below
