@@ -113,8 +113,8 @@ def _auto_variant(n: int, rotate: bool, tokens: int | None = None) -> dict:
     program, or the split kernel up to 16 tokens above 8192 wide.  Throughput choice (more tokens): the blocks
     kernel wherever `layout_blocks` applies from 1536 wide (run 48, with section 1f's division: 1.04-1.84x
     the choices before), since session 35 with its right factor as a butterfly (section 1g, H100: 1.1-2.1x
-    the split dot, equal at 4096); its token tile [KA + KB, C] picks the launch config, each its tile's fastest in section 1g's
-    sweep; the 3d kernel where no layout applies (below 1536: not measured)."""
+    the split dot, equal at 4096); its token tile [KA + KB, C] picks the launch config, each its tile's
+    fastest in section 1g's sweep; the 3d kernel where no layout applies (below 1536: not measured)."""
     if tokens is not None and tokens <= DECODE_TOKENS:
         if rotate and n > 4096 and layout_blocks(n) is not None:  # run 22: 1.1-3.1x the choices below
             return dict(variant="split", num_warps=4 if n <= 11008 else 8, rows_per_program=1)
