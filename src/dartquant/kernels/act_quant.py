@@ -879,10 +879,11 @@ def hadamard_quantize_pack(
     power-of-two factor (`layout_blocks(n, right)`; None: `layout_blocks(n)`'s C, which auto always takes:
     wider measured slower, docs/KERNELS.md 1h).
     ``max_registers`` (blocks variant): a cap on the registers a thread (ptxas' maxnreg; None: the compiler's
-    choice). The kernel is latency-bound at one-eighth occupancy from 11008 wide (docs/KERNELS.md 1i).
+    choice). The kernel is latency-bound at one-eighth occupancy from 11008 wide (docs/KERNELS.md 1i); a cap
+    made it 1.3-2.7x slower there on an H100 (1j): kept for A/B timings, auto never sets it.
     ``late_left`` (blocks variant): each block of the left factor loaded where its dot uses it, not all four
     before the tile, so fewer are live at once (offline sm_90: 11008 / 14336 / 28672 need 66 / 41 / 98 KB of
-    shared memory a program instead of 107 / 57 / 164); the same codes. Opt-in: not timed yet.
+    shared memory a program instead of 107 / 57 / 164); the same codes. Timed (1j): 1.00-1.07x auto's time.
     ``planar`` (torch.int8 or torch.float8_e4m3fn): instead of packed nibbles, ``codes`` is the
     [M, N] operand of `w4a4_gemm.planar_centered` (code - zero, even features then odd ones).
     """
@@ -978,7 +979,8 @@ def hadamard_quantize_pack(
         _hadamard_quant_blocks_kernel[(triton.cdiv(m, t * groups),)](
             x2, lt, rt, codes, scale, zero, m, x2.stride(0), codes.stride(0), float(clip_ratio),
             1.0 / math.sqrt(n), R=r, KA=ka, KB=kb, C=c, T=t, GROUPS=groups, num_warps=nw,
-            LOG_C=c.bit_length() - 1 if butterfly else 0, LATE_LEFT=late_left, enable_fp_fusion=False, **common, **pdl,
+            LOG_C=c.bit_length() - 1 if butterfly else 0, LATE_LEFT=late_left, enable_fp_fusion=False,
+            **common, **pdl,
             **({"maxnreg": max_registers} if max_registers else {}),
         )
         return result

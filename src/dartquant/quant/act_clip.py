@@ -71,16 +71,19 @@ class _RowSampler:
         self.seen = 0  # dense: windows seen so far
         self.kept: list[torch.Tensor] = []
         self.keys: list[torch.Tensor] = []  # non-dense: each kept row's hash, to order them
+        self.hash_cols: torch.Tensor | None = None  # the columns the hash reads and their multipliers, drawn
+        self.hash_mult: torch.Tensor | None = None  # at the first call (one input width a sampler)
 
     def row_hash(self, x2: torch.Tensor) -> torch.Tensor:
         """A value in [0, 1) per row, from the float32 bits of up to HASH_COLUMNS of its values."""
-        d = x2.shape[1]
-        cols = torch.linspace(0, d - 1, min(d, self.HASH_COLUMNS)).round().long().unique()
-        bits = x2[:, cols.to(x2.device)].float().cpu().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        if self.hash_cols is None:
+            d = x2.shape[1]
+            self.hash_cols = torch.linspace(0, d - 1, min(d, self.HASH_COLUMNS)).round().long().unique()
+            g = torch.Generator().manual_seed(self.hash_seed)
+            self.hash_mult = torch.randint(1, 2**28, (2 * len(self.hash_cols),), generator=g, dtype=torch.int64)
+        bits = x2[:, self.hash_cols.to(x2.device)].float().cpu().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         halves = torch.cat([bits & 0xFFFF, bits >> 16], dim=1)
-        g = torch.Generator().manual_seed(self.hash_seed)
-        mult = torch.randint(1, 2**28, (halves.shape[1],), generator=g, dtype=torch.int64)
-        return ((halves * mult).sum(1) % self.PRIME).double() / self.PRIME
+        return ((halves * self.hash_mult).sum(1) % self.PRIME).double() / self.PRIME
 
     def __call__(self, _module, args) -> None:
         x = args[0]
