@@ -1,0 +1,96 @@
+"""Issue 17, item 1 (CPU probe, one-off): which layers carry a W4A4KV4 run's activation and K/V cost.
+
+Loads a quantized run folder and evaluates held-out perplexity with the activation quantizers (every decoder
+linear's input) and the K/V quantizers of one group of layers bypassed at a time, the weights staying 4-bit.
+Paired on the same weights (no run-to-run round-off): the rows "as run" (all quantizers on) and "W4 only" (every
+activation and K/V quantizer off) bound the A4 + KV4 cost; each group's row says how much of it that group's
+quantizers hold, alone (the parts need not add up: the errors compound).
+    PYTHONPATH=src python lab/layer_gap_probe.py RUN --groups 0 1 2-3 4-7 --windows 4 [--parts a kv] --json OUT
+"""
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quantizer_parts_probe import Bypass  # noqa: E402
+
+from dartquant.data import eval_windows  # noqa: E402
+from dartquant.eval.ppl import perplexity  # noqa: E402
+from dartquant.zoo import load_model  # noqa: E402
+
+LAYER = re.compile(r"\blayers\.(\d+)\.")
+
+
+def wrap_by_layer(model):
+    """{layer index: {"a": [Bypass, ...], "kv": [Bypass, ...]}} over every decoder layer's quantizers."""
+    found = {}
+    for name, m in model.named_modules():
+        hit = LAYER.search(name + ".")
+        if hit is None:
+            continue
+        slot = found.setdefault(int(hit.group(1)), {"a": [], "kv": []})
+        q = getattr(m, "input_quantizer", None)
+        if isinstance(q, torch.nn.Module) and not isinstance(q, Bypass):
+            m.input_quantizer = Bypass(q)
+            slot["a"].append(m.input_quantizer)
+        for attr in ("k_quantizer", "v_quantizer"):
+            q = getattr(m, attr, None)
+            if isinstance(q, torch.nn.Module) and not isinstance(q, Bypass):
+                setattr(m, attr, Bypass(q))
+                slot["kv"].append(getattr(m, attr))
+    return found
+
+
+def parse_group(text: str) -> list[int]:
+    lo, _, hi = text.partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run")
+    ap.add_argument("--groups", nargs="+", required=True, help="layer groups, e.g. 0 1 2-5 (inclusive)")
+    ap.add_argument("--parts", nargs="+", choices=["a", "kv", "a+kv"], default=["a+kv"],
+                    help="what to bypass in a group: its activation quantizers, its K/V ones, or both")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    model, tok = load_model(args.run, dtype=torch.float32)
+    model.eval()
+    layers = wrap_by_layer(model)
+    every = [q for slot in layers.values() for q in slot["a"] + slot["kv"]]
+    print(f"{args.run}: {len(layers)} layers, {len(every)} quantizers", flush=True)
+    data = {c: eval_windows(tok, c, seqlen=2048, max_windows=args.windows) for c in ("wiki", "c4")}
+    settings = [("as run", []), ("W4 only (A16 KV16)", every)]
+    for part in args.parts:
+        for g in args.groups:
+            idx = parse_group(g)
+            off = [q for i in idx for kind in part.split("+") for q in layers[i][kind]]
+            settings.append((f"{part} 16-bit in layers {g}", off))
+    rows = []
+    for name, off in settings:
+        for q in every:
+            q.off = False
+        for q in off:
+            q.off = True
+        row = {"setting": name, "quantizers_off": len(off), "windows": args.windows}
+        for c, w in data.items():
+            row[c] = perplexity(model, w, progress=False)["ppl"]
+        if len(rows) >= 2:  # share of the run's A4 + KV4 cost this group's quantizers hold alone
+            for c in data:
+                full, w4 = rows[0][c], rows[1][c]
+                row[f"{c}_share"] = (full - row[c]) / (full - w4) if full != w4 else None
+        rows.append(row)
+        share = "" if "wiki_share" not in row else f"   share {row['wiki_share']:.1%} / {row['c4_share']:.1%}"
+        print(f"{name:32s} wiki {row['wiki']:.3f}  c4 {row['c4']:.3f}{share}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"run": args.run, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
