@@ -6,6 +6,7 @@ Paired on the same weights (no run-to-run round-off): the rows "as run" (all qua
 activation and K/V quantizer off) bound the A4 + KV4 cost; each group's row says how much of it that group's
 quantizers hold, alone (the parts need not add up: the errors compound).
     PYTHONPATH=src python lab/layer_gap_probe.py RUN --groups 0 1 2-3 4-7 --windows 4 [--parts a kv] --json OUT
+    (--baselines PRIOR.json reuses a previous run's two reference rows)
 """
 import argparse
 import json
@@ -57,6 +58,8 @@ def main():
     ap.add_argument("--parts", nargs="+", choices=["a", "kv", "a+kv"], default=["a+kv"],
                     help="what to bypass in a group: its activation quantizers, its K/V ones, or both")
     ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--baselines", help="a previous JSON of this probe on the same run and windows: its first two "
+                    "rows (as run, W4 only) are reused instead of evaluated again")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -73,6 +76,10 @@ def main():
             off = [q for i in idx for kind in part.split("+") for q in layers[i][kind]]
             settings.append((f"{part} 16-bit in layers {g}", off))
     rows = []
+    if args.baselines:
+        prior = json.loads(Path(args.baselines).read_text())
+        assert prior["run"] == args.run and prior["rows"][0]["windows"] == args.windows, "baselines of another run"
+        rows, settings = prior["rows"][:2], settings[2:]
     for name, off in settings:
         for q in every:
             q.off = False
