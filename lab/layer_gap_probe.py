@@ -93,7 +93,8 @@ def main():
                 full, w4 = rows[0][c], rows[1][c]
                 row[f"{c}_share"] = (full - row[c]) / (full - w4) if full != w4 else None
         rows.append(row)
-        share = "" if "wiki_share" not in row else f"   share {row['wiki_share']:.1%} / {row['c4_share']:.1%}"
+        share = "" if row.get("wiki_share") is None or row.get("c4_share") is None else \
+            f"   share {row['wiki_share']:.1%} / {row['c4_share']:.1%}"
         print(f"{name:32s} wiki {row['wiki']:.3f}  c4 {row['c4']:.3f}{share}", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"run": args.run, "rows": rows}, indent=1))
