@@ -5,7 +5,7 @@ linear's input) and the K/V quantizers of one group of layers bypassed at a time
 Paired on the same weights (no run-to-run round-off): the rows "as run" (all quantizers on) and "W4 only" (every
 activation and K/V quantizer off) bound the A4 + KV4 cost; each group's row says how much of it that group's
 quantizers hold, alone (the parts need not add up: the errors compound).
-    PYTHONPATH=src python lab/layer_gap_probe.py RUN --groups 0 1 2-3 4-7 --windows 4 [--parts a kv] --json OUT
+    PYTHONPATH=src python lab/layer_gap_probe.py RUN --groups 0 1 2-3,23 --windows 4 [--parts a kv down] --json OUT
     (--baselines PRIOR.json reuses a previous run's two reference rows)
 """
 import argparse
@@ -21,23 +21,27 @@ from quantizer_parts_probe import Bypass  # noqa: E402
 
 from dartquant.data import eval_windows  # noqa: E402
 from dartquant.eval.ppl import perplexity  # noqa: E402
+from dartquant.quant.act_clip import stream_of  # noqa: E402
 from dartquant.zoo import load_model  # noqa: E402
 
 LAYER = re.compile(r"\blayers\.(\d+)\.")
+STREAMS = ("attn_in", "o", "mlp_in", "down")
 
 
 def wrap_by_layer(model):
-    """{layer index: {"a": [Bypass, ...], "kv": [Bypass, ...]}} over every decoder layer's quantizers."""
+    """{layer index: {"a": [...], "kv": [...], stream: [...]}} of Bypass wrappers over every decoder layer's
+    quantizers; the streams (act_clip's: attn_in = q/k/v, o, mlp_in = gate/up, down) split "a"."""
     found = {}
     for name, m in model.named_modules():
         hit = LAYER.search(name + ".")
         if hit is None:
             continue
-        slot = found.setdefault(int(hit.group(1)), {"a": [], "kv": []})
+        slot = found.setdefault(int(hit.group(1)), {"a": [], "kv": [], **{s: [] for s in STREAMS}})
         q = getattr(m, "input_quantizer", None)
         if isinstance(q, torch.nn.Module) and not isinstance(q, Bypass):
             m.input_quantizer = Bypass(q)
             slot["a"].append(m.input_quantizer)
+            slot[stream_of(name.rsplit(".", 1)[-1].removesuffix("_proj"))].append(m.input_quantizer)
         for attr in ("k_quantizer", "v_quantizer"):
             q = getattr(m, attr, None)
             if isinstance(q, torch.nn.Module) and not isinstance(q, Bypass):
@@ -47,16 +51,21 @@ def wrap_by_layer(model):
 
 
 def parse_group(text: str) -> list[int]:
-    lo, _, hi = text.partition("-")
-    return list(range(int(lo), int(hi or lo) + 1))
+    """'2-5,23' -> [2, 3, 4, 5, 23]"""
+    out = []
+    for piece in text.split(","):
+        lo, _, hi = piece.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
     ap.add_argument("--groups", nargs="+", required=True, help="layer groups, e.g. 0 1 2-5 (inclusive)")
-    ap.add_argument("--parts", nargs="+", choices=["a", "kv", "a+kv"], default=["a+kv"],
-                    help="what to bypass in a group: its activation quantizers, its K/V ones, or both")
+    ap.add_argument("--parts", nargs="+", choices=["a", "kv", "a+kv", *STREAMS], default=["a+kv"],
+                    help="what to bypass in a group: its activation quantizers, its K/V ones, both, or one input "
+                    "stream's activation quantizers")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--baselines", help="a previous JSON of this probe on the same run and windows: its first two "
                     "rows (as run, W4 only) are reused instead of evaluated again")
