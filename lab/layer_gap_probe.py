@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quantizer_parts_probe import Bypass  # noqa: E402
+from quantizer_parts_probe import Bypass, wrap  # noqa: E402
 
 from dartquant.data import eval_windows  # noqa: E402
 from dartquant.eval.ppl import perplexity  # noqa: E402
@@ -29,8 +29,10 @@ STREAMS = ("attn_in", "o", "mlp_in", "down")
 
 
 def wrap_by_layer(model):
-    """{layer index: {"a": [...], "kv": [...], stream: [...]}} of Bypass wrappers over every decoder layer's
-    quantizers; the streams (act_clip's: attn_in = q/k/v, o, mlp_in = gate/up, down) split "a"."""
+    """{layer index: {"a": [...], "kv": [...], stream: [...]}} of the Bypass wrappers `quantizer_parts_probe.wrap`
+    puts on every quantizer, by decoder layer; the streams (act_clip's: attn_in = q/k/v, o, mlp_in = gate/up,
+    down) split "a"."""
+    wrap(model)
     found = {}
     for name, m in model.named_modules():
         hit = LAYER.search(name + ".")
@@ -38,15 +40,11 @@ def wrap_by_layer(model):
             continue
         slot = found.setdefault(int(hit.group(1)), {"a": [], "kv": [], **{s: [] for s in STREAMS}})
         q = getattr(m, "input_quantizer", None)
-        if isinstance(q, torch.nn.Module) and not isinstance(q, Bypass):
-            m.input_quantizer = Bypass(q)
-            slot["a"].append(m.input_quantizer)
-            slot[stream_of(name.rsplit(".", 1)[-1].removesuffix("_proj"))].append(m.input_quantizer)
-        for attr in ("k_quantizer", "v_quantizer"):
-            q = getattr(m, attr, None)
-            if isinstance(q, torch.nn.Module) and not isinstance(q, Bypass):
-                setattr(m, attr, Bypass(q))
-                slot["kv"].append(getattr(m, attr))
+        if isinstance(q, Bypass):
+            slot["a"].append(q)
+            slot[stream_of(name.rsplit(".", 1)[-1].removesuffix("_proj"))].append(q)
+        slot["kv"] += [q for q in (getattr(m, "k_quantizer", None), getattr(m, "v_quantizer", None))
+                       if isinstance(q, Bypass)]
     return found
 
 
@@ -87,7 +85,9 @@ def main():
     rows = []
     if args.baselines:
         prior = json.loads(Path(args.baselines).read_text())
-        assert prior["run"] == args.run and prior["rows"][0]["windows"] == args.windows, "baselines of another run"
+        if prior["run"] != args.run or prior["rows"][0]["windows"] != args.windows:
+            raise SystemExit(f"--baselines: {args.baselines} is of {prior['run']} on {prior['rows'][0]['windows']} "
+                             f"windows, not {args.run} on {args.windows}")
         rows, settings = prior["rows"][:2], settings[2:]
     for name, off in settings:
         for q in every:
