@@ -1,0 +1,99 @@
+"""Issue 17, item 1 (CPU probe, one-off): is a run's 4-bit activation error at the floor a rotation can reach?
+
+RESULTS §54 found the recipe's activation cost in Qwen's layers 2-5 and 23 spread evenly over the tokens. This
+asks whether a further rotation would lower that error: at each chosen input quantizer, on held-out windows, the
+mean squared relative error of the quantizer as run, and of the same quantizer after one more Haar-random
+rotation of the whole width (x Q: a full mixing, where the run's transform may be block-diagonal), and the rows'
+crest factor (max |x| / rms x, which sets a per-token quantizer's step) and excess kurtosis before and after. A
+Gaussian row of the same width is the reference a random rotation tends to (its crest and 4-bit error are printed
+too). Forward passes only; no perplexity.
+    PYTHONPATH=src python lab/rotation_floor_probe.py RUN --groups 0-23 --parts attn_in o mlp_in down --windows 1 --json OUT
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from layer_gap_probe import STREAMS, parse_group, wrap_by_layer  # noqa: E402
+
+from dartquant.data import eval_windows  # noqa: E402
+from dartquant.zoo import load_model  # noqa: E402
+
+
+def row_stats(x: torch.Tensor, y: torch.Tensor) -> dict:
+    x, y = x.double(), y.double()
+    rms = x.pow(2).mean(-1).sqrt().clamp_min(1e-30)
+    z = x / rms.unsqueeze(-1)
+    return {"rel_sq_err": ((y - x).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-30)).mean().item(),
+            "crest": (x.abs().amax(-1) / rms).mean().item(),
+            "excess_kurtosis": (z.pow(4).mean(-1) - 3).mean().item()}
+
+
+class Probe(torch.nn.Module):
+    """Around a Bypass-wrapped quantizer: accumulates the row statistics as run and after x Q."""
+
+    def __init__(self, inner, width: int, g: torch.Generator):
+        super().__init__()
+        self.inner = inner
+        self.q = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))[0].float()
+        self.sums, self.calls = {}, 0
+
+    def forward(self, x):
+        y = self.inner(x)
+        x2, y2 = x.flatten(0, -2), y.flatten(0, -2)
+        xr = x2 @ self.q
+        yr = self.inner(xr.reshape(x.shape)).flatten(0, -2)
+        g = torch.randn_like(x2)
+        yg = self.inner(g.reshape(x.shape)).flatten(0, -2)
+        for tag, (a, b) in {"as_run": (x2, y2), "full_rotation": (xr, yr), "gaussian": (g, yg)}.items():
+            for k, v in row_stats(a, b).items():
+                self.sums[f"{tag}.{k}"] = self.sums.get(f"{tag}.{k}", 0.0) + v
+        self.calls += 1
+        return y
+
+    def means(self):
+        return {k: v / self.calls for k, v in self.sums.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run")
+    ap.add_argument("--groups", nargs="+", required=True)
+    ap.add_argument("--parts", nargs="+", choices=STREAMS, default=list(STREAMS))
+    ap.add_argument("--windows", type=int, default=1)
+    ap.add_argument("--corpus", default="wiki")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    model, tok = load_model(args.run, dtype=torch.float32)
+    model.eval()
+    layers = wrap_by_layer(model)
+    g = torch.Generator().manual_seed(args.seed)
+    probes = {}
+    for grp in args.groups:
+        for i in parse_group(grp):
+            for part in args.parts:
+                b = layers[i][part][0]  # the streams' linears share one input: its first quantizer stands for it
+                owner = next(m for m in model.modules() if getattr(m, "input_quantizer", None) is b)
+                owner.input_quantizer = probes[f"{i}.{part}"] = Probe(b, owner.in_features, g)
+    for ids in eval_windows(tok, args.corpus, seqlen=2048, max_windows=args.windows):
+        model(ids[None])
+    out = {"run": args.run, "corpus": args.corpus, "windows": args.windows, "streams": {}}
+    print(f"{'stream':10s} {'4-bit rel. sq. error: as run':>28s} {'+ full rotation':>16s} {'gaussian':>9s}"
+          f" | crest as run / rotated / gaussian | excess kurtosis as run / rotated", flush=True)
+    for key, p in probes.items():
+        m = out["streams"][key] = p.means()
+        print(f"{key:10s} {m['as_run.rel_sq_err']:28.5f} {m['full_rotation.rel_sq_err']:16.5f} "
+              f"{m['gaussian.rel_sq_err']:9.5f} | {m['as_run.crest']:5.2f} / {m['full_rotation.crest']:5.2f} / "
+              f"{m['gaussian.crest']:5.2f} | {m['as_run.excess_kurtosis']:6.2f} / "
+              f"{m['full_rotation.excess_kurtosis']:6.2f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
