@@ -6,7 +6,8 @@ mean squared relative error of the quantizer as run, and of the same quantizer a
 rotation of the whole width (x Q: a full mixing, where the run's transform may be block-diagonal), and the rows'
 crest factor (max |x| / rms x, which sets a per-token quantizer's step) and excess kurtosis before and after. A
 Gaussian row of the same width is the reference a random rotation tends to (its crest and 4-bit error are printed
-too). Forward passes only; no perplexity.
+too). And what the reader sees: the error after the reader's weight (W e against W x), as run and rotated (W the
+first reader's weight in the quantizer's basis, 4-bit as run). Forward passes only; no perplexity.
     PYTHONPATH=src python lab/rotation_floor_probe.py RUN --groups 0-23 --parts attn_in o mlp_in down --windows 1 --json OUT
 """
 import argparse
@@ -35,9 +36,10 @@ def row_stats(x: torch.Tensor, y: torch.Tensor) -> dict:
 class Probe(torch.nn.Module):
     """Around a Bypass-wrapped quantizer: accumulates the row statistics as run and after x Q."""
 
-    def __init__(self, inner, width: int, g: torch.Generator):
+    def __init__(self, inner, weight: torch.Tensor, g: torch.Generator):
         super().__init__()
-        self.inner = inner
+        self.inner, self.weight = inner, weight  # the reader's weight [out, in], in the quantizer's basis
+        width = weight.shape[1]
         self.q = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))[0].float()
         self.sums, self.calls = {}, 0
 
@@ -51,6 +53,12 @@ class Probe(torch.nn.Module):
         for tag, (a, b) in {"as_run": (x2, y2), "full_rotation": (xr, yr), "gaussian": (g, yg)}.items():
             for k, v in row_stats(a, b).items():
                 self.sums[f"{tag}.{k}"] = self.sums.get(f"{tag}.{k}", 0.0) + v
+        # what the reader sees: the error after its weight, relative to its output (W e against W x)
+        w = self.weight.double()
+        signal = (x2.double() @ w.T).pow(2).sum()
+        for tag, err in {"as_run": y2 - x2, "full_rotation": (yr - xr) @ self.q.T}.items():
+            self.sums[f"{tag}.out_rel_sq_err"] = self.sums.get(f"{tag}.out_rel_sq_err", 0.0) + \
+                ((err.double() @ w.T).pow(2).sum() / signal).item()
         self.calls += 1
         return y
 
@@ -79,18 +87,20 @@ def main():
             for part in args.parts:
                 b = layers[i][part][0]  # the streams' linears share one input: its first quantizer stands for it
                 owner = next(m for m in model.modules() if getattr(m, "input_quantizer", None) is b)
-                owner.input_quantizer = probes[f"{i}.{part}"] = Probe(b, owner.in_features, g)
+                owner.input_quantizer = probes[f"{i}.{part}"] = Probe(b, owner.weight.detach(), g)
     for ids in eval_windows(tok, args.corpus, seqlen=2048, max_windows=args.windows):
         model(ids[None])
     out = {"run": args.run, "corpus": args.corpus, "windows": args.windows, "streams": {}}
     print(f"{'stream':10s} {'4-bit rel. sq. error: as run':>28s} {'+ full rotation':>16s} {'gaussian':>9s}"
-          f" | crest as run / rotated / gaussian | excess kurtosis as run / rotated", flush=True)
+          f" | crest as run / rotated / gaussian | excess kurtosis as run / rotated"
+          f" | after the weight: as run / rotated", flush=True)
     for key, p in probes.items():
         m = out["streams"][key] = p.means()
         print(f"{key:10s} {m['as_run.rel_sq_err']:28.5f} {m['full_rotation.rel_sq_err']:16.5f} "
               f"{m['gaussian.rel_sq_err']:9.5f} | {m['as_run.crest']:5.2f} / {m['full_rotation.crest']:5.2f} / "
               f"{m['gaussian.crest']:5.2f} | {m['as_run.excess_kurtosis']:6.2f} / "
-              f"{m['full_rotation.excess_kurtosis']:6.2f}", flush=True)
+              f"{m['full_rotation.excess_kurtosis']:6.2f} | {m['as_run.out_rel_sq_err']:.5f} / "
+              f"{m['full_rotation.out_rel_sq_err']:.5f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
