@@ -47,11 +47,17 @@ def main():
     ap.add_argument("--groups", nargs="+", default=["0-23"])
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--baselines", required=True, help="a layer_gap_probe JSON of the same run and windows")
+    ap.add_argument("--baselines", help="a layer_gap_probe JSON of the same run and windows (as run, W4 only: the "
+                    "shares of the A4 + KV4 cost); without it, the run's own metrics.json (as run alone)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    prior = json.loads(Path(args.baselines).read_text())
+    if args.baselines:
+        prior = json.loads(Path(args.baselines).read_text())
+    else:  # the run's own score, on the same first windows as `eval_windows` gives (check its count)
+        m = json.loads((Path(args.run) / "metrics.json").read_text())
+        windows = m["ppl"]["tokens"] // 2 // 2047
+        prior = {"run": args.run, "rows": [{"setting": "as run", "windows": windows, **m["ppl"]}]}
     if prior["run"] != args.run or prior["rows"][0]["windows"] != args.windows:
         raise SystemExit(f"--baselines: {args.baselines} is of {prior['run']} on {prior['rows'][0]['windows']} "
                          f"windows, not {args.run} on {args.windows}")
@@ -67,7 +73,7 @@ def main():
             owner.input_quantizer = m = Mixed(b, owner.in_features, g)
             mixers.append(m)
     data = {c: eval_windows(tok, c, seqlen=2048, max_windows=args.windows) for c in ("wiki", "c4")}
-    full, w4 = prior["rows"][0], prior["rows"][1]
+    full, w4 = prior["rows"][0], (prior["rows"][1:] or [None])[0]
     out = {"run": args.run, "groups": args.groups, "windows": args.windows, "rows": prior["rows"][:2]}
     for mode in args.mix:
         for m in mixers:
@@ -76,10 +82,13 @@ def main():
                "windows": args.windows}
         for c, w in data.items():
             row[c] = perplexity(model, w, progress=False)["ppl"]
-            row[f"{c}_share"] = (full[c] - row[c]) / (full[c] - w4[c])
+            row[f"{c}_vs_run"] = row[c] - full[c]
+            if w4 is not None:
+                row[f"{c}_share"] = (full[c] - row[c]) / (full[c] - w4[c])
         out["rows"].append(row)
-        print(f"{row['setting']:60s} wiki {row['wiki']:.3f}  c4 {row['c4']:.3f}   share of A4 + KV4 "
-              f"{row['wiki_share']:.1%} / {row['c4_share']:.1%}", flush=True)
+        share = "" if w4 is None else f"   share of A4 + KV4 {row['wiki_share']:.1%} / {row['c4_share']:.1%}"
+        print(f"{row['setting']:60s} wiki {row['wiki']:.3f}  c4 {row['c4']:.3f}   against the run "
+              f"{row['wiki_vs_run']:+.3f} / {row['c4_vs_run']:+.3f}{share}", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -56,9 +56,14 @@ class Probe(torch.nn.Module):
         # what the reader sees: the error after its weight, relative to its output (W e against W x)
         w = self.weight.double()
         signal = (x2.double() @ w.T).pow(2).sum()
+        seq = x.shape[-2]
         for tag, err in {"as_run": y2 - x2, "full_rotation": (yr - xr) @ self.q.T}.items():
+            out_err = (err.double() @ w.T).pow(2).sum(-1)
             self.sums[f"{tag}.out_rel_sq_err"] = self.sums.get(f"{tag}.out_rel_sq_err", 0.0) + \
-                ((err.double() @ w.T).pow(2).sum() / signal).item()
+                (out_err.sum() / signal).item()
+            # position 0 of each window (the attention sink) apart: its output error against the run's signal
+            self.sums[f"{tag}.out_rel_sq_err_pos0"] = self.sums.get(f"{tag}.out_rel_sq_err_pos0", 0.0) + \
+                (out_err[::seq].sum() / signal).item()
         self.calls += 1
         return y
 
@@ -100,7 +105,8 @@ def main():
               f"{m['gaussian.rel_sq_err']:9.5f} | {m['as_run.crest']:5.2f} / {m['full_rotation.crest']:5.2f} / "
               f"{m['gaussian.crest']:5.2f} | {m['as_run.excess_kurtosis']:6.2f} / "
               f"{m['full_rotation.excess_kurtosis']:6.2f} | {m['as_run.out_rel_sq_err']:.5f} / "
-              f"{m['full_rotation.out_rel_sq_err']:.5f}", flush=True)
+              f"{m['full_rotation.out_rel_sq_err']:.5f} (position 0: {m['as_run.out_rel_sq_err_pos0']:.5f} / "
+              f"{m['full_rotation.out_rel_sq_err_pos0']:.5f})", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
