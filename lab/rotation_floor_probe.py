@@ -7,7 +7,9 @@ rotation of the whole width (x Q: a full mixing, where the run's transform may b
 crest factor (max |x| / rms x, which sets a per-token quantizer's step) and excess kurtosis before and after. A
 Gaussian row of the same width is the reference a random rotation tends to (its crest and 4-bit error are printed
 too). And what the reader sees: the error after the reader's weight (W e against W x), as run and rotated (W the
-first reader's weight in the quantizer's basis, 4-bit as run). Forward passes only; no perplexity.
+first reader's weight in the quantizer's basis, 4-bit as run). With --pca, also a transform that is not random:
+the stream's principal axes (fitted on the first window) sent to a Hadamard's rows, so that a dominant direction
+becomes a flat row (scored on the later windows). Forward passes only; no perplexity.
     PYTHONPATH=src python lab/rotation_floor_probe.py RUN --groups 0-23 --parts attn_in o mlp_in down --windows 1 --json OUT
 """
 import argparse
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from layer_gap_probe import STREAMS, parse_group, wrap_by_layer  # noqa: E402
 
 from dartquant.data import eval_windows  # noqa: E402
+from dartquant.hadamard import fast_hadamard_transform, hadamard_transform_T  # noqa: E402
 from dartquant.zoo import load_model  # noqa: E402
 
 
@@ -36,28 +39,44 @@ def row_stats(x: torch.Tensor, y: torch.Tensor) -> dict:
 class Probe(torch.nn.Module):
     """Around a Bypass-wrapped quantizer: accumulates the row statistics as run and after x Q."""
 
-    def __init__(self, inner, weight: torch.Tensor, g: torch.Generator):
+    def __init__(self, inner, weight: torch.Tensor, g: torch.Generator, pca: bool = False):
         super().__init__()
         self.inner, self.weight = inner, weight  # the reader's weight [out, in], in the quantizer's basis
         width = weight.shape[1]
         self.q = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))[0].float()
         self.sums, self.calls = {}, 0
+        self.pca, self.u = pca, None
 
     def forward(self, x):
         y = self.inner(x)
         x2, y2 = x.flatten(0, -2), y.flatten(0, -2)
+        if self.pca and self.u is None:
+            # the first window fits the principal axes; the later ones are scored (held out)
+            evals, evecs = torch.linalg.eigh(x2.double().T @ x2.double())
+            self.u = evecs.flip(-1).float()  # descending variance
+            energy = evals.flip(-1).clamp_min(0)
+            self.sums["pc1_energy"] = (energy[0] / energy.sum()).item()
+            self.sums["pc8_energy"] = (energy[:8].sum() / energy.sum()).item()
+            return y
         xr = x2 @ self.q
         yr = self.inner(xr.reshape(x.shape)).flatten(0, -2)
         g = torch.randn_like(x2)
         yg = self.inner(g.reshape(x.shape)).flatten(0, -2)
-        for tag, (a, b) in {"as_run": (x2, y2), "full_rotation": (xr, yr), "gaussian": (g, yg)}.items():
+        modes = {"as_run": (x2, y2), "full_rotation": (xr, yr), "gaussian": (g, yg)}
+        if self.pca:  # the principal axes sent to the Hadamard's rows: a dominant direction becomes a flat row
+            xp = fast_hadamard_transform(x2 @ self.u)
+            modes["pca_hadamard"] = (xp, self.inner(xp.reshape(x.shape)).flatten(0, -2))
+        for tag, (a, b) in modes.items():
             for k, v in row_stats(a, b).items():
                 self.sums[f"{tag}.{k}"] = self.sums.get(f"{tag}.{k}", 0.0) + v
         # what the reader sees: the error after its weight, relative to its output (W e against W x)
         w = self.weight.double()
         signal = (x2.double() @ w.T).pow(2).sum()
         seq = x.shape[-2]
-        for tag, err in {"as_run": y2 - x2, "full_rotation": (yr - xr) @ self.q.T}.items():
+        errs = {"as_run": y2 - x2, "full_rotation": (yr - xr) @ self.q.T}
+        if self.pca:
+            errs["pca_hadamard"] = hadamard_transform_T(modes["pca_hadamard"][1] - modes["pca_hadamard"][0]) @ self.u.T
+        for tag, err in errs.items():
             out_err = (err.double() @ w.T).pow(2).sum(-1)
             self.sums[f"{tag}.out_rel_sq_err"] = self.sums.get(f"{tag}.out_rel_sq_err", 0.0) + \
                 (out_err.sum() / signal).item()
@@ -68,7 +87,7 @@ class Probe(torch.nn.Module):
         return y
 
     def means(self):
-        return {k: v / self.calls for k, v in self.sums.items()}
+        return {k: v if k.startswith("pc") else v / self.calls for k, v in self.sums.items()}
 
 
 def main():
@@ -79,6 +98,8 @@ def main():
     ap.add_argument("--windows", type=int, default=1)
     ap.add_argument("--corpus", default="wiki")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pca", action="store_true", help="also: the principal axes (fitted on the first window, "
+                    "scored on the others) sent to a Hadamard's rows; needs --windows 2 or more")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -92,7 +113,7 @@ def main():
             for part in args.parts:
                 b = layers[i][part][0]  # the streams' linears share one input: its first quantizer stands for it
                 owner = next(m for m in model.modules() if getattr(m, "input_quantizer", None) is b)
-                owner.input_quantizer = probes[f"{i}.{part}"] = Probe(b, owner.weight.detach(), g)
+                owner.input_quantizer = probes[f"{i}.{part}"] = Probe(b, owner.weight.detach(), g, args.pca)
     for ids in eval_windows(tok, args.corpus, seqlen=2048, max_windows=args.windows):
         model(ids[None])
     out = {"run": args.run, "corpus": args.corpus, "windows": args.windows, "streams": {}}
@@ -107,6 +128,11 @@ def main():
               f"{m['full_rotation.excess_kurtosis']:6.2f} | {m['as_run.out_rel_sq_err']:.5f} / "
               f"{m['full_rotation.out_rel_sq_err']:.5f} (position 0: {m['as_run.out_rel_sq_err_pos0']:.5f} / "
               f"{m['full_rotation.out_rel_sq_err_pos0']:.5f})", flush=True)
+        if args.pca:
+            print(f"{'':10s} principal axes -> Hadamard: rel. sq. error {m['pca_hadamard.rel_sq_err']:.5f}, crest "
+                  f"{m['pca_hadamard.crest']:.2f}, kurtosis {m['pca_hadamard.excess_kurtosis']:.2f}, after the weight "
+                  f"{m['pca_hadamard.out_rel_sq_err']:.5f}; energy in PC1 {m['pc1_energy']:.1%}, PC1-8 "
+                  f"{m['pc8_energy']:.1%}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
