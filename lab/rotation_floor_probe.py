@@ -36,6 +36,21 @@ def row_stats(x: torch.Tensor, y: torch.Tensor) -> dict:
             "excess_kurtosis": (z.pow(4).mean(-1) - 3).mean().item()}
 
 
+class Pool:
+    """The pooled second moment of several streams' first-window rows; its axes, once the first window is done."""
+
+    def __init__(self):
+        self.moment, self.members, self._u = None, 0, None
+
+    @property
+    def u(self):
+        return self._u
+
+    def fit(self):
+        evals, evecs = torch.linalg.eigh(self.moment)
+        self._u = evecs.flip(-1).float()
+
+
 class Probe(torch.nn.Module):
     """Around a Bypass-wrapped quantizer: accumulates the row statistics as run and after x Q."""
 
@@ -46,18 +61,29 @@ class Probe(torch.nn.Module):
         self.q = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))[0].float()
         self.sums, self.calls = {}, 0
         self.pca, self.u = pca, None
+        self.pool = None  # a Pool shared by the streams whose axes are fitted together (--pca global)
 
     def forward(self, x):
         y = self.inner(x)
         x2, y2 = x.flatten(0, -2), y.flatten(0, -2)
         if self.pca and self.u is None:
             # the first window fits the principal axes; the later ones are scored (held out)
-            evals, evecs = torch.linalg.eigh(x2.double().T @ x2.double())
-            self.u = evecs.flip(-1).float()  # descending variance
+            moment = x2.double().T @ x2.double()
+            if self.pool is not None:  # one set of axes for every stream in the pool (a global R1's view)
+                if self.pool.u is None:
+                    self.pool.moment = moment if self.pool.moment is None else self.pool.moment + moment
+                    self.pool.members += 1
+                    return y
+                self.u, moment = self.pool.u, self.pool.moment
+            evals, evecs = torch.linalg.eigh(moment)
+            if self.pool is None:
+                self.u = evecs.flip(-1).float()  # descending variance
             energy = evals.flip(-1).clamp_min(0)
             self.sums["pc1_energy"] = (energy[0] / energy.sum()).item()
             self.sums["pc8_energy"] = (energy[:8].sum() / energy.sum()).item()
-            return y
+            if self.pool is None:
+                return y
+            # with a pool, this call is the second window's: scored below
         xr = x2 @ self.q
         yr = self.inner(xr.reshape(x.shape)).flatten(0, -2)
         g = torch.randn_like(x2)
@@ -98,8 +124,10 @@ def main():
     ap.add_argument("--windows", type=int, default=1)
     ap.add_argument("--corpus", default="wiki")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pca", action="store_true", help="also: the principal axes (fitted on the first window, "
-                    "scored on the others) sent to a Hadamard's rows; needs --windows 2 or more")
+    ap.add_argument("--pca", nargs="?", const="stream", choices=["stream", "global"],
+                    help="also: the principal axes (fitted on the first window, scored on the others) sent to a "
+                    "Hadamard's rows, per stream, or one set for all q/k/v and gate/up inputs ('global': what one R1 "
+                    "could do; meaningful where those inputs share a basis, e.g. QuaRot's); needs --windows 2+")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -113,9 +141,16 @@ def main():
             for part in args.parts:
                 b = layers[i][part][0]  # the streams' linears share one input: its first quantizer stands for it
                 owner = next(m for m in model.modules() if getattr(m, "input_quantizer", None) is b)
-                owner.input_quantizer = probes[f"{i}.{part}"] = Probe(b, owner.weight.detach(), g, args.pca)
-    for ids in eval_windows(tok, args.corpus, seqlen=2048, max_windows=args.windows):
+                owner.input_quantizer = probes[f"{i}.{part}"] = Probe(b, owner.weight.detach(), g, bool(args.pca))
+    if args.pca == "global":
+        pool = Pool()
+        for key, p in probes.items():
+            if key.endswith((".attn_in", ".mlp_in")):
+                p.pool = pool
+    for n, ids in enumerate(eval_windows(tok, args.corpus, seqlen=2048, max_windows=args.windows)):
         model(ids[None])
+        if n == 0 and args.pca == "global":
+            pool.fit()
     out = {"run": args.run, "corpus": args.corpus, "windows": args.windows, "streams": {}}
     print(f"{'stream':10s} {'4-bit rel. sq. error: as run':>28s} {'+ full rotation':>16s} {'gaussian':>9s}"
           f" | crest as run / rotated / gaussian | excess kurtosis as run / rotated"

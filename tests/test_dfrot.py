@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dartquant.adapters import adapter_for
-from dartquant.calib.dfrot import (DFRotConfig, calibrate_dfrot, massive_tokens, procrustes, quant_pass,
-                                   refine_rotation, surrogate)
+from dartquant.calib.dfrot import (DFRotConfig, calibrate_dfrot, massive_tokens, principal_axes_init, procrustes,
+                                   quant_pass, refine_rotation, surrogate)
 from dartquant.config import RunConfig
 from dartquant.hadamard import random_hadamard_matrix
 from dartquant.pipeline import run_quantize
@@ -87,10 +87,28 @@ def test_refine_never_raises_the_surrogate_and_keeps_the_best_iterate():
 
 def test_dfrot_config_is_checked():
     for kw in (dict(dfrot_iterations=-1), dict(dfrot_ma_ratio=1.0), dict(dfrot_ma_weight=0.5),
-               dict(dfrot_token_fraction=0.0)):
+               dict(dfrot_token_fraction=0.0), dict(dfrot_init="pca")):
         with pytest.raises(ValueError, match="dfrot_"):
             RunConfig.from_flat(method="dfrot", **kw).validate()
     assert RunConfig.from_flat(method="dfrot").section("dfrot") == DFRotConfig()
+
+
+def test_principal_axes_init_sends_the_dominant_direction_to_a_flat_row():
+    g = torch.Generator().manual_seed(3)
+    n = 48
+    axis = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0][:, 0]
+    # tokens dominated by one direction (not a coordinate axis), plus a little isotropic noise
+    x = 5.0 * torch.randn(400, 1, generator=g, dtype=torch.float64) * axis + 0.2 * torch.randn(
+        400, n, generator=g, dtype=torch.float64)
+    h = random_hadamard_matrix(n, 0)
+    r = principal_axes_init(x, h, index=torch.arange(300), chunk=64)
+    assert (r @ r.T - torch.eye(n, dtype=torch.float64)).abs().max() < 1e-12
+    flat = axis @ r  # the dominant direction after R: +-1/sqrt(n) everywhere (up to the axis' estimation error)
+    assert (flat.abs() * n ** 0.5 - 1).abs().max() < 0.05
+    # so the 4-bit error of the held-out tokens drops below a random Hadamard's
+    held = x[300:]
+    err = {name: (held @ m - fake_quantize(held @ m, SPEC)).pow(2).sum().item() for name, m in (("h", h), ("pa", r))}
+    assert err["pa"] < 0.7 * err["h"]
 
 
 @torch.no_grad()
@@ -107,8 +125,17 @@ def test_dfrot_rotations_fold_exactly_in_float64(name):
     assert rot.r1.dtype == torch.float64
     assert (rot.r1 @ rot.r1.T - torch.eye(geo.hidden, dtype=torch.float64)).abs().max() < 1e-12
     assert not torch.allclose(rot.r1, quarot.r1) and torch.equal(rot.r2, quarot.r2)
+    # the principal-axes start, alone (no alternation), is a different R1 that folds as exactly
+    pa = calibrate_dfrot(model, RunConfig.from_flat(method="dfrot", dfrot_iterations=0, dfrot_token_fraction=0.5,
+                                                    dfrot_init="principal_axes"), ids, progress=False)
+    assert pa.meta["r1_init"] == "principal_axes" and pa.meta["r1_best_iteration"] == 0
+    assert not torch.allclose(pa.r1, quarot.r1) and not torch.allclose(pa.r1, rot.r1)
     rot.validate(geo)
     rotate_(model, rot)
+    assert rel_err(ref, model(ids).logits) < 1e-9
+    model = make_tiny_model(name)
+    exact_norms_(model)
+    rotate_(model, pa)
     assert rel_err(ref, model(ids).logits) < 1e-9
 
 

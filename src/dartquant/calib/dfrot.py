@@ -29,6 +29,9 @@ Choices (defaults follow the paper and its public code where they say something)
     X^T W Q). (A public fork scales the massive rows by gamma instead, a weight of gamma^2 on the
     squared error; `--dfrot-ma-weight 10000` reproduces that.)
   * R2: Hadamard per head, R3 / R4 online Hadamards, as QuaRot.
+  * init (ours, not the paper's): "hadamard" starts from QuaRot's R1 (the paper); "principal_axes" from
+    U H, U the training tokens' principal axes and H that Hadamard, so that the dominant directions of the
+    stream land on flat rows (RESULTS §54-§55). The held-out report compares with QuaRot's R1 either way.
 Everything runs in float64 on `cfg.device`, in chunks of tokens (one pass per iteration gives
 both E(R_k) and X^T W Q_k); the result is orthogonal to float64 precision. Deterministic per
 seed: the capture, the held-out split and the Hadamard signs are seeded; the solver has no
@@ -57,6 +60,7 @@ from .capture import capture_activations
 from .dartquant import _placement, _spec_dict, r1_heldout_quant, split_indices
 
 CHUNK_TOKENS = 16_384  # rows per float64 pass: bounds the solver's working memory
+INITS = ("hadamard", "principal_axes")
 
 
 @dataclass
@@ -67,6 +71,11 @@ class DFRotConfig:
     ma_ratio: float = 100.0  # massive token: max |x_c| > ma_ratio * median |x_c| within the token
     ma_weight: float = 100.0  # weight of a massive token's squared error (paper's gamma)
     token_fraction: float = 0.1  # fraction of each sequence's tokens captured (as DartQuant)
+    # where the alternation starts: "hadamard" (QuaRot's R1, the paper's), or "principal_axes": the R1 inputs'
+    # principal axes (on the training tokens) sent to that Hadamard's rows, so that the dominant directions
+    # become flat rows, which a per-token 4-bit quantizer handles better than a random mix (RESULTS §54).
+    # With iterations 0 that start is the R1.
+    init: str = "hadamard"
 
     def __post_init__(self):
         check_types(self)
@@ -80,6 +89,8 @@ class DFRotConfig:
             raise ValueError(f"dfrot_ma_weight must be a finite number >= 1, got {self.ma_weight}")
         if not 0 < self.token_fraction <= 1:
             raise ValueError(f"dfrot_token_fraction must be in (0, 1], got {self.token_fraction}")
+        if self.init not in INITS:
+            raise ValueError(f"dfrot_init must be one of {', '.join(INITS)}, not {self.init!r}")
 
 
 def massive_tokens(x: torch.Tensor, ma_ratio: float, chunk: int = CHUNK_TOKENS) -> torch.Tensor:
@@ -89,6 +100,22 @@ def massive_tokens(x: torch.Tensor, ma_ratio: float, chunk: int = CHUNK_TOKENS) 
         a = x[i: i + chunk].float().abs()
         out[i: i + chunk] = (a.amax(-1) > ma_ratio * a.median(-1).values).cpu()
     return out
+
+
+@torch.no_grad()
+def principal_axes_init(x: torch.Tensor, hadamard: torch.Tensor, index: torch.Tensor | None = None,
+                        device="cpu", chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """U @ hadamard, U [n, n] the principal axes of the (indexed) rows of x (eigenvectors of sum x^T x, largest
+    first): x U H sends the i-th axis to the Hadamard's row i, a vector of equal-magnitude entries, so a token
+    dominated by a few axes becomes a nearly flat row (float64, on the CPU)."""
+    rows = torch.arange(x.shape[0]) if index is None else index
+    n = x.shape[1]
+    moment = torch.zeros(n, n, dtype=torch.float64, device=device)
+    for i in range(0, rows.numel(), chunk):
+        xb = x.index_select(0, rows[i: i + chunk].to(x.device)).to(device=device, dtype=torch.float64)
+        moment += xb.T @ xb
+    _, vecs = torch.linalg.eigh(moment)
+    return vecs.flip(-1).cpu() @ hadamard.to(torch.float64).cpu()
 
 
 def procrustes(m: torch.Tensor) -> torch.Tensor:
@@ -183,7 +210,8 @@ def calibrate_dfrot(model, cfg, calib_ids: torch.Tensor, *, timer=None, out_dir:
         weights = torch.where(massive, opts.ma_weight, 1.0).double()
         spec = cfg.scheme.act_spec("q", geo.head_dim)  # the run's quantizer of q_proj / up_proj inputs
         base = RotationSet.quarot(geo, seed=cfg.seed, r3=cfg.r3, r4=cfg.r4)
-        r1, hist = refine_rotation(x, base.r1, spec, weights, opts.iterations, index=train, device=cfg.device,
+        init = base.r1 if opts.init == "hadamard" else principal_axes_init(x, base.r1, train, cfg.device)
+        r1, hist = refine_rotation(x, init, spec, weights, opts.iterations, index=train, device=cfg.device,
                                    progress=progress)
         held_ma = held[massive[held]]
         report = {"spec": _spec_dict(spec)}
@@ -201,8 +229,8 @@ def calibrate_dfrot(model, cfg, calib_ids: torch.Tensor, *, timer=None, out_dir:
         "r1_tokens": {"train": int(train.numel()), "held_out": int(held.numel())},
         "r1_massive_tokens": {"train": int(massive[train].sum()), "held_out": int(held_ma.numel())},
         "r1_token_fraction": acts.fraction_r1,
-        "r1_iterations": opts.iterations, "r1_best_iteration": hist["best_iteration"],
-        # weighted 4-bit error on the training tokens, [Hadamard, kept iterate]
+        "r1_init": opts.init, "r1_iterations": opts.iterations, "r1_best_iteration": hist["best_iteration"],
+        # weighted 4-bit error on the training tokens, [the start (init), kept iterate]
         "r1_train_weighted_error": [hist["error"][0], hist["error"][hist["best_iteration"]]],
         # held-out 4-bit SQNR (dB) of the rotated inputs, [Hadamard, DFRot]: all tokens / massive ones
         "r1_heldout_sqnr_db": pair("all"), "r1_heldout_sqnr_db_massive": pair("massive"),
