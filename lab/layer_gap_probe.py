@@ -48,6 +48,29 @@ def wrap_by_layer(model):
     return found
 
 
+def load_wrapped(run: str):
+    """(model in float32 and eval mode, tokenizer, `wrap_by_layer`'s dict) of a run folder."""
+    model, tok = load_model(run, dtype=torch.float32)
+    model.eval()
+    return model, tok, wrap_by_layer(model)
+
+
+def rewrap(model, quantizer, make):
+    """Put make(quantizer, owner) where `quantizer` sits (its linear's input_quantizer); returns it."""
+    owner = next(m for m in model.modules() if getattr(m, "input_quantizer", None) is quantizer)
+    owner.input_quantizer = new = make(quantizer, owner)
+    return new
+
+
+def read_baselines(path: str, run: str, windows: int) -> list[dict]:
+    """The first two rows (as run, W4 only) of a previous layer_gap_probe JSON on the same run and windows."""
+    prior = json.loads(Path(path).read_text())
+    if prior["run"] != run or prior["rows"][0]["windows"] != windows:
+        raise SystemExit(f"--baselines: {path} is of {prior['run']} on {prior['rows'][0]['windows']} windows, "
+                         f"not {run} on {windows}")
+    return prior["rows"][:2]
+
+
 def parse_group(text: str) -> list[int]:
     """'2-5,23' -> [2, 3, 4, 5, 23]"""
     out = []
@@ -70,9 +93,7 @@ def main():
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    model, tok = load_model(args.run, dtype=torch.float32)
-    model.eval()
-    layers = wrap_by_layer(model)
+    model, tok, layers = load_wrapped(args.run)
     every = [q for slot in layers.values() for q in slot["a"] + slot["kv"]]
     print(f"{args.run}: {len(layers)} layers, {len(every)} quantizers", flush=True)
     data = {c: eval_windows(tok, c, seqlen=2048, max_windows=args.windows) for c in ("wiki", "c4")}
@@ -84,11 +105,7 @@ def main():
             settings.append((f"{part} 16-bit in layers {g}", off))
     rows = []
     if args.baselines:
-        prior = json.loads(Path(args.baselines).read_text())
-        if prior["run"] != args.run or prior["rows"][0]["windows"] != args.windows:
-            raise SystemExit(f"--baselines: {args.baselines} is of {prior['run']} on {prior['rows'][0]['windows']} "
-                             f"windows, not {args.run} on {args.windows}")
-        rows, settings = prior["rows"][:2], settings[2:]
+        rows, settings = read_baselines(args.baselines, args.run, args.windows), settings[2:]
     for name, off in settings:
         for q in every:
             q.off = False

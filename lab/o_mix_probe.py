@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from layer_gap_probe import parse_group, wrap_by_layer  # noqa: E402
+from layer_gap_probe import load_wrapped, parse_group, read_baselines, rewrap  # noqa: E402
 
 from dartquant.data import eval_windows  # noqa: E402
 from dartquant.eval.ppl import perplexity  # noqa: E402
 from dartquant.hadamard import fast_hadamard_transform, hadamard_transform_T  # noqa: E402
-from dartquant.zoo import load_model  # noqa: E402
 
 
 class Mixed(torch.nn.Module):
@@ -53,28 +52,22 @@ def main():
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     if args.baselines:
-        prior = json.loads(Path(args.baselines).read_text())
+        prior = read_baselines(args.baselines, args.run, args.windows)
     else:  # the run's own score, on the same first windows as `eval_windows` gives (check its count)
         m = json.loads((Path(args.run) / "metrics.json").read_text())
-        windows = m["ppl"]["tokens"] // 2 // 2047
-        prior = {"run": args.run, "rows": [{"setting": "as run", "windows": windows, **m["ppl"]}]}
-    if prior["run"] != args.run or prior["rows"][0]["windows"] != args.windows:
-        raise SystemExit(f"--baselines: {args.baselines} is of {prior['run']} on {prior['rows'][0]['windows']} "
-                         f"windows, not {args.run} on {args.windows}")
-    model, tok = load_model(args.run, dtype=torch.float32)
-    model.eval()
-    layers = wrap_by_layer(model)
+        if m["ppl"]["tokens"] // 2 // 2047 != args.windows:
+            raise SystemExit(f"--windows {args.windows}: {args.run} was scored on {m['ppl']['tokens'] // 2 // 2047}")
+        prior = [{"setting": "as run", "windows": args.windows, **m["ppl"]}]
+    model, tok, layers = load_wrapped(args.run)
     g = torch.Generator().manual_seed(args.seed)
     mixers = []
     for grp in args.groups:
         for i in parse_group(grp):
             (b,) = layers[i]["o"]
-            owner = next(m for m in model.modules() if getattr(m, "input_quantizer", None) is b)
-            owner.input_quantizer = m = Mixed(b, owner.in_features, g)
-            mixers.append(m)
+            mixers.append(rewrap(model, b, lambda q, owner: Mixed(q, owner.in_features, g)))
     data = {c: eval_windows(tok, c, seqlen=2048, max_windows=args.windows) for c in ("wiki", "c4")}
-    full, w4 = prior["rows"][0], (prior["rows"][1:] or [None])[0]
-    out = {"run": args.run, "groups": args.groups, "windows": args.windows, "rows": prior["rows"][:2]}
+    full, w4 = prior[0], (prior[1:] or [None])[0]
+    out = {"run": args.run, "groups": args.groups, "windows": args.windows, "rows": prior}
     for mode in args.mix:
         for m in mixers:
             m.mode = mode

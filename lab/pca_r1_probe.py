@@ -17,12 +17,11 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from layer_gap_probe import wrap_by_layer  # noqa: E402
+from layer_gap_probe import load_wrapped, rewrap  # noqa: E402
 
 from dartquant.data import calib_windows, eval_windows  # noqa: E402
 from dartquant.eval.ppl import perplexity  # noqa: E402
 from dartquant.hadamard import fast_hadamard_transform, hadamard_transform_T  # noqa: E402
-from dartquant.zoo import load_model  # noqa: E402
 
 
 class Rotated(torch.nn.Module):
@@ -48,20 +47,14 @@ def main():
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    model, tok = load_model(args.run, dtype=torch.float32)
-    model.eval()
     metrics = json.loads((Path(args.run) / "metrics.json").read_text())
     if metrics["ppl"]["tokens"] // 2 // 2047 != args.windows:
         raise SystemExit(f"--windows {args.windows}: the run was scored on {metrics['ppl']['tokens'] // 2 // 2047}")
     if metrics["method"] == "duquant":
         raise SystemExit("pca_r1_probe: DuQuant has no shared residual-stream basis (its transforms are per layer)")
-    layers = wrap_by_layer(model)
-    wrapped = []
-    for slot in layers.values():
-        for b in slot["attn_in"] + slot["mlp_in"]:
-            owner = next(m for m in model.modules() if getattr(m, "input_quantizer", None) is b)
-            owner.input_quantizer = r = Rotated(b)
-            wrapped.append(r)
+    model, tok, layers = load_wrapped(args.run)
+    wrapped = [rewrap(model, b, lambda q, _: Rotated(q)) for slot in layers.values()
+               for b in slot["attn_in"] + slot["mlp_in"]]
     # the run's own calibration windows (its seed and sizes, from its config)
     conf = yaml.safe_load((Path(args.run) / "config.yaml").read_text())
     n, seqlen = int(conf["data"]["samples"]), int(conf["data"]["seqlen"])

@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from layer_gap_probe import STREAMS, parse_group, wrap_by_layer  # noqa: E402
+from layer_gap_probe import STREAMS, load_wrapped, parse_group, rewrap  # noqa: E402
 
 from dartquant.data import eval_windows  # noqa: E402
 from dartquant.hadamard import fast_hadamard_transform, hadamard_transform_T  # noqa: E402
-from dartquant.zoo import load_model  # noqa: E402
 
 
 def row_stats(x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -131,17 +130,15 @@ def main():
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    model, tok = load_model(args.run, dtype=torch.float32)
-    model.eval()
-    layers = wrap_by_layer(model)
+    model, tok, layers = load_wrapped(args.run)
     g = torch.Generator().manual_seed(args.seed)
     probes = {}
     for grp in args.groups:
         for i in parse_group(grp):
             for part in args.parts:
                 b = layers[i][part][0]  # the streams' linears share one input: its first quantizer stands for it
-                owner = next(m for m in model.modules() if getattr(m, "input_quantizer", None) is b)
-                owner.input_quantizer = probes[f"{i}.{part}"] = Probe(b, owner.weight.detach(), g, bool(args.pca))
+                probes[f"{i}.{part}"] = rewrap(model, b, lambda q, owner: Probe(q, owner.weight.detach(), g,
+                                                                                bool(args.pca)))
     if args.pca == "global":
         pool = Pool()
         for key, p in probes.items():

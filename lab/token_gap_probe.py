@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from layer_gap_probe import STREAMS, parse_group, wrap_by_layer  # noqa: E402
+from layer_gap_probe import STREAMS, load_wrapped, parse_group, read_baselines, rewrap  # noqa: E402
 
 from dartquant.adapters import adapter_for  # noqa: E402
 from dartquant.data import eval_windows  # noqa: E402
 from dartquant.eval.ppl import perplexity  # noqa: E402
-from dartquant.zoo import load_model  # noqa: E402
 
 
 def top_rows(score: torch.Tensor, frac: float) -> torch.Tensor:
@@ -137,9 +136,9 @@ def main():
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    model, tok = load_model(args.run, dtype=torch.float32)
-    model.eval()
-    layers = wrap_by_layer(model)
+    if not args.baselines:
+        raise SystemExit("--baselines: run layer_gap_probe.py on this run first (its as-run and W4-only rows)")
+    model, tok, layers = load_wrapped(args.run)
     res = Residuals(model)
     # a RowBypass around each wrapped activation quantizer of the chosen layers and streams
     chosen = {}
@@ -147,19 +146,10 @@ def main():
         for i in parse_group(g):
             for part in args.parts:
                 for b in layers[i][part]:
-                    owner = next(m for m in model.modules() if getattr(m, "input_quantizer", None) is b)
-                    owner.input_quantizer = rb = RowBypass(b)
-                    chosen.setdefault((i, part), []).append(rb)
+                    chosen.setdefault((i, part), []).append(rewrap(model, b, lambda q, _: RowBypass(q)))
     data = {c: eval_windows(tok, c, seqlen=2048, max_windows=args.windows) for c in ("wiki", "c4")}
-    out = {"run": args.run, "groups": args.groups, "parts": args.parts, "windows": args.windows, "rows": []}
-    if args.baselines:
-        prior = json.loads(Path(args.baselines).read_text())
-        if prior["run"] != args.run or prior["rows"][0]["windows"] != args.windows:
-            raise SystemExit(f"--baselines: {args.baselines} is of {prior['run']} on {prior['rows'][0]['windows']} "
-                             f"windows, not {args.run} on {args.windows}")
-        out["rows"] = prior["rows"][:2]
-    else:
-        raise SystemExit("--baselines: run layer_gap_probe.py on this run first (its as-run and W4-only rows)")
+    out = {"run": args.run, "groups": args.groups, "parts": args.parts, "windows": args.windows,
+           "rows": read_baselines(args.baselines, args.run, args.windows)}
     if args.stats:
         stats = Stats()
         for (i, part), rbs in chosen.items():
