@@ -15,7 +15,7 @@ Step (b) never increases the surrogate J(R, Q) = sum_t w_t ||x_t R - q_t||^2 at 
 its exact minimizer). E itself is not guaranteed to decrease: quant() re-derives its scale and
 zero point from the new x R, and min/max rounding is not the closest 4-bit grid point over all
 grids. So every iterate's E is recorded and the best one (on the *training* tokens) is kept,
-starting with the Hadamard itself: the result is never worse than QuaRot's R1 on them.
+the start included: the result is never worse than the start on them (QuaRot's R1 by default).
 
 Choices (defaults follow the paper and its public code where they say something):
   * iterations = 100: the public code's number of alternations.
