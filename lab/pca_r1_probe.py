@@ -18,6 +18,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from layer_gap_probe import load_wrapped, rewrap  # noqa: E402
+from rotation_floor_probe import Pool  # noqa: E402
 
 from dartquant.data import calib_windows, eval_windows  # noqa: E402
 from dartquant.eval.ppl import perplexity  # noqa: E402
@@ -25,19 +26,19 @@ from dartquant.hadamard import fast_hadamard_transform, hadamard_transform_T  # 
 
 
 class Rotated(torch.nn.Module):
-    """x -> inner(x U H) (U H)^T once `u` is set; while `moment` is a list, adds x^T x to its first item."""
+    """x -> inner(x U H) (U H)^T once `pool` is fitted (U its axes); before, x feeds the pool if `feeds`."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, pool: Pool, feeds: bool):
         super().__init__()
-        self.inner, self.u, self.moment = inner, None, None
+        self.inner, self.pool, self.feeds = inner, pool, feeds
 
     def forward(self, x):
-        if self.moment is not None:
-            x2 = x.flatten(0, -2).double()
-            self.moment[0] = self.moment[0] + x2.T @ x2
-        if self.u is None:
+        u = self.pool.u
+        if u is None:
+            if self.feeds:
+                self.pool.add(x.flatten(0, -2))
             return self.inner(x)
-        return hadamard_transform_T(self.inner(fast_hadamard_transform(x @ self.u))) @ self.u.T
+        return hadamard_transform_T(self.inner(fast_hadamard_transform(x @ u))) @ u.T
 
 
 def main():
@@ -53,26 +54,23 @@ def main():
     if metrics["method"] == "duquant":
         raise SystemExit("pca_r1_probe: DuQuant has no shared residual-stream basis (its transforms are per layer)")
     model, tok, layers = load_wrapped(args.run)
-    wrapped = [rewrap(model, b, lambda q, _: Rotated(q)) for slot in layers.values()
-               for b in slot["attn_in"] + slot["mlp_in"]]
+    # every reader of a stream is wrapped; only its first feeds the pool (one copy of each stream's rows, as
+    # DFRot's capture keeps one for q/k/v and one for gate/up)
+    pool = Pool()
+    for slot in layers.values():
+        for stream in ("attn_in", "mlp_in"):
+            for j, b in enumerate(slot[stream]):
+                rewrap(model, b, lambda q, _: Rotated(q, pool, feeds=j == 0))
     # the run's own calibration windows (its seed and sizes, from its config)
     conf = yaml.safe_load((Path(args.run) / "config.yaml").read_text())
     n, seqlen = int(conf["data"]["samples"]), int(conf["data"]["seqlen"])
     calib = calib_windows(tok, conf["data"]["corpus"], n=n, seqlen=seqlen, seed=int(conf["seed"]))
-    moment = [torch.zeros(())]
-    for r in wrapped:
-        r.moment = moment
     for ids in calib:
         model(ids[None])
-    evals, evecs = torch.linalg.eigh(moment[0])
-    u = evecs.flip(-1).float()
-    energy = evals.flip(-1).clamp_min(0)
-    for r in wrapped:
-        r.moment, r.u = None, u
+    pool.fit()
     data = {c: eval_windows(tok, c, seqlen=2048, max_windows=args.windows) for c in ("wiki", "c4")}
     row = {"setting": "q/k/v and gate/up inputs quantized as Q(x U H) (U H)^T, U the calibration's principal axes",
-           "windows": args.windows, "calib": [n, seqlen], "pc1_energy": (energy[0] / energy.sum()).item(),
-           "pc8_energy": (energy[:8].sum() / energy.sum()).item()}
+           "windows": args.windows, "calib": [n, seqlen], **pool.energy}
     for c, w in data.items():
         row[c] = perplexity(model, w, progress=False)["ppl"]
         row[f"{c}_vs_run"] = row[c] - metrics["ppl"][c]

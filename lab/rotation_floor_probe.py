@@ -36,60 +36,49 @@ def row_stats(x: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 class Pool:
-    """The pooled second moment of several streams' first-window rows; its axes, once the first window is done."""
+    """The second moment of one or several streams' first-window rows; `fit` gives its principal axes (largest
+    first) and the energy share of the first one and first eight."""
 
     def __init__(self):
-        self.moment, self.members, self._u = None, 0, None
+        self.moment, self.u, self.energy = None, None, {}
 
-    @property
-    def u(self):
-        return self._u
+    def add(self, x2: torch.Tensor) -> None:
+        m = x2.double().T @ x2.double()
+        self.moment = m if self.moment is None else self.moment + m
 
-    def fit(self):
+    def fit(self) -> None:
         evals, evecs = torch.linalg.eigh(self.moment)
-        self._u = evecs.flip(-1).float()
+        self.u = evecs.flip(-1).float()
+        energy = evals.flip(-1).clamp_min(0)
+        self.energy = {"pc1_energy": (energy[0] / energy.sum()).item(),
+                       "pc8_energy": (energy[:8].sum() / energy.sum()).item()}
 
 
 class Probe(torch.nn.Module):
-    """Around a Bypass-wrapped quantizer: accumulates the row statistics as run and after x Q."""
+    """Around a Bypass-wrapped quantizer: accumulates the row statistics as run and after x Q; with a `pool`,
+    the first window only feeds the pool (its axes), and the later windows are scored (held out)."""
 
-    def __init__(self, inner, weight: torch.Tensor, g: torch.Generator, pca: bool = False):
+    def __init__(self, inner, weight: torch.Tensor, g: torch.Generator):
         super().__init__()
         self.inner, self.weight = inner, weight  # the reader's weight [out, in], in the quantizer's basis
         width = weight.shape[1]
         self.q = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))[0].float()
         self.sums, self.calls = {}, 0
-        self.pca, self.u = pca, None
-        self.pool = None  # a Pool shared by the streams whose axes are fitted together (--pca global)
+        self.pool: Pool | None = None  # its own, or shared by the streams fitted together (--pca global)
 
     def forward(self, x):
         y = self.inner(x)
         x2, y2 = x.flatten(0, -2), y.flatten(0, -2)
-        if self.pca and self.u is None:
-            # the first window fits the principal axes; the later ones are scored (held out)
-            moment = x2.double().T @ x2.double()
-            if self.pool is not None:  # one set of axes for every stream in the pool (a global R1's view)
-                if self.pool.u is None:
-                    self.pool.moment = moment if self.pool.moment is None else self.pool.moment + moment
-                    self.pool.members += 1
-                    return y
-                self.u, moment = self.pool.u, self.pool.moment
-            evals, evecs = torch.linalg.eigh(moment)
-            if self.pool is None:
-                self.u = evecs.flip(-1).float()  # descending variance
-            energy = evals.flip(-1).clamp_min(0)
-            self.sums["pc1_energy"] = (energy[0] / energy.sum()).item()
-            self.sums["pc8_energy"] = (energy[:8].sum() / energy.sum()).item()
-            if self.pool is None:
-                return y
-            # with a pool, this call is the second window's: scored below
+        if self.pool is not None and self.pool.u is None:
+            self.pool.add(x2)
+            return y
         xr = x2 @ self.q
         yr = self.inner(xr.reshape(x.shape)).flatten(0, -2)
         g = torch.randn_like(x2)
         yg = self.inner(g.reshape(x.shape)).flatten(0, -2)
         modes = {"as_run": (x2, y2), "full_rotation": (xr, yr), "gaussian": (g, yg)}
-        if self.pca:  # the principal axes sent to the Hadamard's rows: a dominant direction becomes a flat row
-            xp = fast_hadamard_transform(x2 @ self.u)
+        if self.pool is not None:  # the principal axes sent to the Hadamard's rows: a dominant direction -> a flat row
+            xp = fast_hadamard_transform(x2 @ self.pool.u)
             modes["pca_hadamard"] = (xp, self.inner(xp.reshape(x.shape)).flatten(0, -2))
         for tag, (a, b) in modes.items():
             for k, v in row_stats(a, b).items():
@@ -99,8 +88,9 @@ class Probe(torch.nn.Module):
         signal = (x2.double() @ w.T).pow(2).sum()
         seq = x.shape[-2]
         errs = {"as_run": y2 - x2, "full_rotation": (yr - xr) @ self.q.T}
-        if self.pca:
-            errs["pca_hadamard"] = hadamard_transform_T(modes["pca_hadamard"][1] - modes["pca_hadamard"][0]) @ self.u.T
+        if self.pool is not None:
+            errs["pca_hadamard"] = hadamard_transform_T(modes["pca_hadamard"][1] - modes["pca_hadamard"][0]) @ \
+                self.pool.u.T
         for tag, err in errs.items():
             out_err = (err.double() @ w.T).pow(2).sum(-1)
             self.sums[f"{tag}.out_rel_sq_err"] = self.sums.get(f"{tag}.out_rel_sq_err", 0.0) + \
@@ -112,7 +102,7 @@ class Probe(torch.nn.Module):
         return y
 
     def means(self):
-        return {k: v if k.startswith("pc") else v / self.calls for k, v in self.sums.items()}
+        return {**{k: v / self.calls for k, v in self.sums.items()}, **(self.pool.energy if self.pool else {})}
 
 
 def main():
@@ -129,6 +119,8 @@ def main():
                     "could do; meaningful where those inputs share a basis, e.g. QuaRot's); needs --windows 2+")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.pca and args.windows < 2:
+        raise SystemExit("--pca fits on the first window and scores the others: give --windows 2 or more")
     torch.set_grad_enabled(False)
     model, tok, layers = load_wrapped(args.run)
     g = torch.Generator().manual_seed(args.seed)
@@ -137,17 +129,16 @@ def main():
         for i in parse_group(grp):
             for part in args.parts:
                 b = layers[i][part][0]  # the streams' linears share one input: its first quantizer stands for it
-                probes[f"{i}.{part}"] = rewrap(model, b, lambda q, owner: Probe(q, owner.weight.detach(), g,
-                                                                                bool(args.pca)))
-    if args.pca == "global":
-        pool = Pool()
+                probes[f"{i}.{part}"] = rewrap(model, b, lambda q, owner: Probe(q, owner.weight.detach(), g))
+    if args.pca:
+        shared = Pool()
         for key, p in probes.items():
-            if key.endswith((".attn_in", ".mlp_in")):
-                p.pool = pool
+            p.pool = shared if args.pca == "global" and key.endswith((".attn_in", ".mlp_in")) else Pool()
     for n, ids in enumerate(eval_windows(tok, args.corpus, seqlen=2048, max_windows=args.windows)):
         model(ids[None])
-        if n == 0 and args.pca == "global":
-            pool.fit()
+        if n == 0 and args.pca:  # each distinct pool once
+            for pool in {id(p.pool): p.pool for p in probes.values()}.values():
+                pool.fit()
     out = {"run": args.run, "corpus": args.corpus, "windows": args.windows, "streams": {}}
     print(f"{'stream':10s} {'4-bit rel. sq. error: as run':>28s} {'+ full rotation':>16s} {'gaussian':>9s}"
           f" | crest as run / rotated / gaussian | excess kurtosis as run / rotated"

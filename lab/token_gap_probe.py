@@ -30,7 +30,7 @@ from dartquant.eval.ppl import perplexity  # noqa: E402
 
 
 def top_rows(score: torch.Tensor, frac: float) -> torch.Tensor:
-    """bool mask of the ceil(frac * n) highest of `score` [rows]."""
+    """bool mask of the round(frac * n) (at least 1) highest of `score` [rows]."""
     k = max(1, int(round(frac * score.numel())))
     mask = torch.zeros_like(score, dtype=torch.bool)
     mask[score.topk(k).indices] = True
