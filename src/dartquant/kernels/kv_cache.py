@@ -139,22 +139,33 @@ if triton is not None:
                     tl.store(vz_ptr + slot, zero, mask=ok)
 
     @triton.jit
-    def _centered_halves(c_ptr, z_ptr, slot, ok, D: tl.constexpr, BS: tl.constexpr):
+    def _centered_halves(c_ptr, z_ptr, slot, ok, D: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr = True):
         """code - zero (integers in [-15, 15], exact in fp32 and bf16) of BS cached positions, as two
         [BS, D / 2] tiles: the even dims (low nibbles) and the odd ones (high nibbles), never
-        interleaved in registers (run 34: 0.90x run 33's attention time at Llama-2-7B batch 64)."""
+        interleaved in registers (run 34: 0.90x run 33's attention time at Llama-2-7B batch 64).
+        BITS: each nibble made a float by its bits, 2^23 + code (an OR into 0x4B000000's mantissa), and
+        2^23 + zero taken off in one subtraction, both exact (zero points are integers in [0, 15], as
+        `_asym4_qparams` makes them): full-rate integer and fp32 instructions instead of an int -> float
+        conversion per element, which runs at a fraction of the fp32 rate (session 42's profile: the
+        attention at batch 64 read the cache at 0.9 TB/s). Else: the conversion."""
         half = tl.arange(0, D // 2)
         c = tl.load(c_ptr + slot[:, None] * (D // 2) + half[None, :], mask=ok[:, None], other=0)
         z = tl.load(z_ptr + slot, mask=ok, other=0.0)[:, None]
+        if BITS:
+            c = c.to(tl.int32)
+            zz = z + 8388608.0
+            lo = ((c & 15) | 0x4B000000).to(tl.float32, bitcast=True) - zz
+            hi = ((c >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - zz
+            return lo, hi
         return (c & 15).to(tl.float32) - z, (c >> 4).to(tl.float32) - z
 
     @triton.jit
     def _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D: tl.constexpr, BS: tl.constexpr, ROUND_BF16: tl.constexpr,
-                   ROUND_FP16: tl.constexpr):
+                   ROUND_FP16: tl.constexpr, BITS: tl.constexpr = True):
         """K of BS cached positions as the fake path holds it: (code - zero) * scale in fp32, rounded to the
         model dtype; the even dims and the odd ones (`_centered_halves`)."""
         ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)[:, None]
-        ke, ko = _centered_halves(kc_ptr, kz_ptr, slot, ok, D, BS)
+        ke, ko = _centered_halves(kc_ptr, kz_ptr, slot, ok, D, BS, BITS)
         return _round_model(ke * ks, ROUND_BF16, ROUND_FP16), _round_model(ko * ks, ROUND_BF16, ROUND_FP16)
 
     @triton.jit
@@ -171,7 +182,7 @@ if triton is not None:
     @triton.jit
     def _slots_loop(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sm_scale,
                     CHUNK: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, ROUND_BF16: tl.constexpr,
-                    ROUND_FP16: tl.constexpr):
+                    ROUND_FP16: tl.constexpr, BITS: tl.constexpr = True):
         """One query row (no GQA) over positions lo..hi with no reduction across positions inside the loop:
         slot i of the BS-wide step keeps its own online softmax (max, sum, P V) over positions lo + i,
         lo + i + BS, ...; the BS slots are merged once at the end (log-sum-exp).  Per step only the score's
@@ -186,7 +197,7 @@ if triton is not None:
             j = lo + it * BS + tl.arange(0, BS)
             ok = j < hi
             slot = bh.to(tl.int64) * SMAX + j
-            ke, ko = _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16)
+            ke, ko = _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16, BITS)
             s = tl.sum(ke * qve[None, :] + ko * qvo[None, :], axis=1) * sm_scale
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_s, s)
@@ -194,7 +205,7 @@ if triton is not None:
             alpha = tl.exp(m_s - safe)
             p = tl.exp(s - safe)
             l_s = l_s * alpha + p
-            ve, vo = _centered_halves(vc_ptr, vz_ptr, slot, ok, D, BS)
+            ve, vo = _centered_halves(vc_ptr, vz_ptr, slot, ok, D, BS, BITS)
             pv = _round_model(p * tl.load(vs_ptr + slot, mask=ok, other=0.0), ROUND_BF16, ROUND_FP16)
             acc_e = acc_e * alpha[:, None] + pv[:, None] * ve
             acc_o = acc_o * alpha[:, None] + pv[:, None] * vo
@@ -206,13 +217,74 @@ if triton is not None:
                 tl.sum(acc_o * w[:, None], axis=0)[None, :])
 
     @triton.jit
+    def _unit_halves(c_ptr, slot, ok, D: tl.constexpr):
+        """1 + code / 16 of BS cached positions (exact in fp32), the even dims and the odd ones: each nibble
+        ORed into the mantissa of 1.0 by its bits, a shift and a mask, no int -> float conversion and no
+        zero point (the factored loop takes the zeros out per position)."""
+        half = tl.arange(0, D // 2)
+        c = tl.load(c_ptr + slot[:, None] * (D // 2) + half[None, :], mask=ok[:, None], other=0).to(tl.int32)
+        lo = ((c << 19) & 0x780000) | 0x3F800000  # the low nibble to mantissa bits 19-22
+        hi = ((c << 15) & 0x780000) | 0x3F800000  # the high nibble there
+        return lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _slots_loop_factored(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sm_scale,
+                             CHUNK: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, ROUND_BF16: tl.constexpr,
+                             ROUND_FP16: tl.constexpr):
+        """`_slots_loop` with the scales and zero points taken out of the per-element work. With x = 1 + c / 16
+        (`_unit_halves`) and q's sum Sq over the head dims:
+            q . k_j = ks_j * (q . (c_j - z_j)) = ks_j * (16 * (q . x_j) - (16 + z_j) * Sq)
+            sum_j pv_j (c_j - z_j) = 16 * (sum_j pv_j x_j - sum_j pv_j) - sum_j pv_j z_j
+        so an element costs a shift, a mask and one FMA for K and for V (and V's rescale), not a conversion,
+        a subtraction, a scale and a rounding. K is then the exact (c - z) * scale, not its rounding to the
+        model dtype as the fake path holds it: a relative 2^-9 (bf16) per element, inside the kernel's
+        tolerance; P V's weights are rounded as before. Same returns as `_slots_loop`."""
+        sq = tl.sum(qve, axis=0) + tl.sum(qvo, axis=0)
+        m_s = tl.full((BS,), float("-inf"), tl.float32)
+        l_s = tl.zeros((BS,), tl.float32)
+        pv_s = tl.zeros((BS,), tl.float32)  # sum of the V weights, per slot
+        pvz_s = tl.zeros((BS,), tl.float32)  # sum of the V weights times V's zero points
+        acc_e = tl.zeros((BS, D // 2), tl.float32)
+        acc_o = tl.zeros((BS, D // 2), tl.float32)
+        for it in range(0, CHUNK // BS):
+            j = lo + it * BS + tl.arange(0, BS)
+            ok = j < hi
+            slot = bh.to(tl.int64) * SMAX + j
+            xe, xo = _unit_halves(kc_ptr, slot, ok, D)
+            t = tl.sum(xe * qve[None, :] + xo * qvo[None, :], axis=1)
+            ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)
+            kz = tl.load(kz_ptr + slot, mask=ok, other=0.0)
+            s = ks * (16.0 * t - (16.0 + kz) * sq) * sm_scale
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_s, s)
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a slot with no position yet: nothing
+            alpha = tl.exp(m_s - safe)
+            p = tl.exp(s - safe)
+            l_s = l_s * alpha + p
+            ve, vo = _unit_halves(vc_ptr, slot, ok, D)
+            pv = _round_model(p * tl.load(vs_ptr + slot, mask=ok, other=0.0), ROUND_BF16, ROUND_FP16)
+            pv_s = pv_s * alpha + pv
+            pvz_s = pvz_s * alpha + pv * tl.load(vz_ptr + slot, mask=ok, other=0.0)
+            acc_e = acc_e * alpha[:, None] + pv[:, None] * ve
+            acc_o = acc_o * alpha[:, None] + pv[:, None] * vo
+            m_s = m_new
+        m = tl.max(m_s, axis=0)  # finite: the caller's slice holds a position
+        w = tl.exp(m_s - m)
+        spv = tl.sum(pv_s * w, axis=0)
+        spvz = tl.sum(pvz_s * w, axis=0)
+        zero = tl.zeros((1,), tl.float32)
+        out_e = 16.0 * (tl.sum(acc_e * w[:, None], axis=0) - spv) - spvz
+        out_o = 16.0 * (tl.sum(acc_o * w[:, None], axis=0) - spv) - spvz
+        return zero + m, zero + tl.sum(l_s * w, axis=0), out_e[None, :], out_o[None, :]
+
+    @triton.jit
     def _kv4_decode_kernel(
         q_ptr, count_ptr, s1_ptr, s2_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, po_ptr, pm_ptr,
         HKV, SMAX, NSPLIT, sq_b, sq_h, sm_scale, inv_sqrt_d,
         CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, CC: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROTATE_Q: tl.constexpr,
         SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, LOW: tl.constexpr,
-        SLOTS: tl.constexpr = False,
+        SLOTS: tl.constexpr = False, BITS: tl.constexpr = True, FACTORED: tl.constexpr = False,
     ):
         """Program (sequence x KV head, slice): partial softmax(q K^T) V over its slice of the cache.
         GP: the GQA group padded to 16 (the rows of the dots); GR: rows of the running state (CC: one
@@ -242,16 +314,21 @@ if triton is not None:
         acc_e = tl.zeros((GR, D // 2), tl.float32)
         acc_o = tl.zeros((GR, D // 2), tl.float32)
         if lo < hi:  # a slice past the cache's end does nothing
-            if SLOTS:
+            if SLOTS and FACTORED:
+                m_i, l_i, acc_e, acc_o = _slots_loop_factored(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr,
+                                                              vc_ptr, vs_ptr, vz_ptr, sm_scale, CHUNK, D, BS,
+                                                              ROUND_BF16, ROUND_FP16)
+            elif SLOTS:
                 m_i, l_i, acc_e, acc_o = _slots_loop(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr,
-                                                     vs_ptr, vz_ptr, sm_scale, CHUNK, D, BS, ROUND_BF16, ROUND_FP16)
+                                                     vs_ptr, vz_ptr, sm_scale, CHUNK, D, BS, ROUND_BF16, ROUND_FP16,
+                                                     BITS)
             else:
                 # a fixed trip count (pipelined; the interpreter has no tensor bounds), the tail masked
                 for it in range(0, CHUNK // BS):
                     j = lo + it * BS + tl.arange(0, BS)
                     ok = j < hi
                     slot = bh.to(tl.int64) * SMAX + j
-                    ke, ko = _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16)
+                    ke, ko = _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16, BITS)
                     if CC:  # one query row: a dot product per position on the CUDA cores
                         s = tl.sum(ke * qve[None, :] + ko * qvo[None, :], axis=1)[None, :] * sm_scale
                     else:
@@ -262,7 +339,7 @@ if triton is not None:
                     p = tl.exp(s - m_new[:, None])
                     l_i = l_i * alpha + tl.sum(p, axis=1)
                     # P V = (p_j * scale_j) (code_j - zero_j): the weights rounded to the model dtype, as P is
-                    ve, vo = _centered_halves(vc_ptr, vz_ptr, slot, ok, D, BS)
+                    ve, vo = _centered_halves(vc_ptr, vz_ptr, slot, ok, D, BS, BITS)
                     vs = tl.load(vs_ptr + slot, mask=ok, other=0.0)
                     pv = _round_model(p * vs[None, :], ROUND_BF16, ROUND_FP16)
                     if CC:
@@ -500,7 +577,8 @@ def decode_path(programs: int, group: int, slots: bool | None, cuda_cores: bool 
 
 def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tensor, scaling: float,
                          rotate_q: bool, block_s: int | None = None, num_warps: int = 4,
-                         cuda_cores: bool | None = None, slots: bool | None = None) -> torch.Tensor:
+                         cuda_cores: bool | None = None, slots: bool | None = None,
+                         nibble_bits: bool = True, factored: bool = False) -> torch.Tensor:
     """query [B, H, 1, D] (after RoPE) -> attention output [B, 1, H, D] over the first `count` cached
     positions (unmasked: unpadded sequences). ``block_s`` cache positions per step (None: the measured
     choice), ``num_warps``;
@@ -508,7 +586,8 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     tensor-core dots with the row padded to 16 (None: the measured choice, see the code);
     ``slots``: one query row per KV head, each of the step's ``block_s`` positions its own online softmax,
     merged once at the end (`_slots_loop`; no GQA). None: the measured choice, slots for every MHA decode
-    unless ``cuda_cores`` is given (docs/KERNELS.md 4f)."""
+    unless ``cuda_cores`` is given (docs/KERNELS.md 4f); ``nibble_bits``: codes made floats by their bits
+    (`_centered_halves`), False: by a conversion (the path before session 42, for A/B timing)."""
     b, h, sq, d = query.shape
     _, hkv, smax, _ = codes.shape
     if sq != 1 or h % hkv:
@@ -531,7 +610,9 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
         query, count, s1, s2, codes.k_codes, codes.k_scale, codes.k_zero, codes.v_codes, codes.v_scale, codes.v_zero,
         po, pm, hkv, smax, ns, query.stride(0), query.stride(1), float(scaling), 1.0 / math.sqrt(d),
         CHUNK=chunk, G=g, GP=gp, GR=gr, D=d, BS=block_s, CC=cuda_cores, F1=f1, F2=f2, ROTATE_Q=rotate_q,
-        SPLIT_FIRST=query.dtype == torch.float32, LOW=low, SLOTS=slots, num_warps=num_warps, enable_fp_fusion=False,
+        SPLIT_FIRST=query.dtype == torch.float32, LOW=low, SLOTS=slots, BITS=nibble_bits, FACTORED=factored,
+        num_warps=num_warps,
+        enable_fp_fusion=False,
         **_dtype_flags(query.dtype),
     )
     out = torch.empty(b, 1, h, d, dtype=query.dtype, device=query.device)
