@@ -76,18 +76,19 @@ def test_store_reads_strided_inputs_and_never_writes_past_the_end():
 @pytest.mark.parametrize("heads,kv_heads,cuda_cores,block_s,slots", [
     (4, 4, True, None, False), (4, 4, False, 32, False), (6, 2, None, None, False),
     (4, 4, None, 16, True), (4, 4, None, 64, True), (4, 4, None, None, None), (6, 2, None, None, None),
-    (4, 4, None, 16, "factored"), (4, 4, None, 64, "factored"), (4, 4, None, None, "converted")])
+    (4, 4, None, 16, "none"), (4, 4, None, 32, "v"), (4, 4, None, None, "converted")])
 def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_heads, cuda_cores, block_s, slots):
     """Over two slices of the cache (100 of 130 slots filled, the rest ignored), GQA groups, R3 on
     the query in the kernel: SDPA over the dequantized cache, to the order of fp32 sums and, in
     bf16, the rounding of the dequantized values (the kernel multiplies the exact code - zero by
     the scale in fp32) and of the probabilities times V's scale (P V in bf16, as flash attention).
     The slots path (one softmax per step position, merged at the end): slots of 16 leave the second
-    slice's last step partly empty, slots of 64 leave some slots with no position at all. "factored": the
-    slots path with the scales and zeros out of the per-element work (K then unrounded); "converted": the
+    slice's last step partly empty, slots of 64 leave some slots with no position at all. The slots path takes
+    the scales and zeros out of K's and V's per-element work by default, so its K is the exact one, not K
+    rounded to the dtype ("v": V's alone, "none": neither, the path before session 42); "converted": the
     codes made floats by a conversion (before session 42)."""
-    extra = dict(factored=True) if slots == "factored" else dict(nibble_bits=False) if slots == "converted" else {}
-    slots = True if slots == "factored" else None if slots == "converted" else slots
+    extra = dict(factored=slots) if slots in ("v", "none") else dict(nibble_bits=False) if slots == "converted" else {}
+    slots = True if slots in ("v", "none") else None if slots == "converted" else slots
     d, n, smax = 32, 100, 130
     k, v = _kv(2, kv_heads, n, d, dtype, seed=heads)
     codes = Kv4Codes(2, kv_heads, smax, d, "cpu")
@@ -97,6 +98,9 @@ def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_h
     out = kv4_decode_attention(q, codes, count, d ** -0.5, rotate_q=True, cuda_cores=cuda_cores, block_s=block_s,
                                slots=slots, **extra)
     kq, vq = (t[:, :, :n].float().repeat_interleave(heads // kv_heads, 1) for t in codes.dequantize(dtype))
+    if extra.get("factored", "kv") == "kv" and slots in (True, None) and heads == kv_heads and cuda_cores is None:
+        # the factored loop (the slots path's default) attends over the exact K, not K rounded to the dtype
+        kq = codes.dequantize(torch.float32)[0][:, :, :n].repeat_interleave(heads // kv_heads, 1)
     ref = torch.nn.functional.scaled_dot_product_attention(fast_hadamard_transform(q).float(), kq, vq)
     assert out.shape == (2, 1, heads, d) and out.dtype == dtype
     torch.testing.assert_close(out.float(), ref.transpose(1, 2), rtol=tol, atol=tol)  # bf16: 1-2 ulps of the output

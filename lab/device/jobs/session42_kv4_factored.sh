@@ -22,7 +22,7 @@ import sys
 from dartquant.kernels import kv_cache
 
 if os.environ["SIDE"] == "factored":
-    kv_cache.kv4_decode_attention = functools.partial(kv_cache.kv4_decode_attention, factored=True)
+    kv_cache.kv4_decode_attention = functools.partial(kv_cache.kv4_decode_attention, factored=os.environ.get("FACTOR", "kv"))
 sys.argv = ["dartquant", "bench", "/tmp/kb/run-llama2-7b-quarot-rtn", "--kv", "kernels", "--device", "cuda",
             "--json", os.environ["OUTJ"], "--sides", *os.environ["SIDES"].split()]
 runpy.run_module("dartquant.cli", run_name="__main__")

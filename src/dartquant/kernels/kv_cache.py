@@ -230,7 +230,7 @@ if triton is not None:
     @triton.jit
     def _slots_loop_factored(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sm_scale,
                              CHUNK: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, ROUND_BF16: tl.constexpr,
-                             ROUND_FP16: tl.constexpr):
+                             ROUND_FP16: tl.constexpr, FACTOR_K: tl.constexpr = True):
         """`_slots_loop` with the scales and zero points taken out of the per-element work. With x = 1 + c / 16
         (`_unit_halves`) and q's sum Sq over the head dims:
             q . k_j = ks_j * (q . (c_j - z_j)) = ks_j * (16 * (q . x_j) - (16 + z_j) * Sq)
@@ -250,11 +250,15 @@ if triton is not None:
             j = lo + it * BS + tl.arange(0, BS)
             ok = j < hi
             slot = bh.to(tl.int64) * SMAX + j
-            xe, xo = _unit_halves(kc_ptr, slot, ok, D)
-            t = tl.sum(xe * qve[None, :] + xo * qvo[None, :], axis=1)
-            ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)
-            kz = tl.load(kz_ptr + slot, mask=ok, other=0.0)
-            s = ks * (16.0 * t - (16.0 + kz) * sq) * sm_scale
+            if FACTOR_K:
+                xe, xo = _unit_halves(kc_ptr, slot, ok, D)
+                t = tl.sum(xe * qve[None, :] + xo * qvo[None, :], axis=1)
+                ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)
+                kz = tl.load(kz_ptr + slot, mask=ok, other=0.0)
+                s = ks * (16.0 * t - (16.0 + kz) * sq) * sm_scale
+            else:  # K as the fake path holds it (rounded to the model dtype), V factored alone
+                ke, ko = _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16)
+                s = tl.sum(ke * qve[None, :] + ko * qvo[None, :], axis=1) * sm_scale
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_s, s)
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a slot with no position yet: nothing
@@ -284,7 +288,7 @@ if triton is not None:
         CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, CC: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROTATE_Q: tl.constexpr,
         SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, LOW: tl.constexpr,
-        SLOTS: tl.constexpr = False, BITS: tl.constexpr = True, FACTORED: tl.constexpr = False,
+        SLOTS: tl.constexpr = False, BITS: tl.constexpr = True, FACTORED: tl.constexpr = 0,
     ):
         """Program (sequence x KV head, slice): partial softmax(q K^T) V over its slice of the cache.
         GP: the GQA group padded to 16 (the rows of the dots); GR: rows of the running state (CC: one
@@ -314,10 +318,10 @@ if triton is not None:
         acc_e = tl.zeros((GR, D // 2), tl.float32)
         acc_o = tl.zeros((GR, D // 2), tl.float32)
         if lo < hi:  # a slice past the cache's end does nothing
-            if SLOTS and FACTORED:
+            if SLOTS and FACTORED > 0:
                 m_i, l_i, acc_e, acc_o = _slots_loop_factored(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr,
                                                               vc_ptr, vs_ptr, vz_ptr, sm_scale, CHUNK, D, BS,
-                                                              ROUND_BF16, ROUND_FP16)
+                                                              ROUND_BF16, ROUND_FP16, FACTORED == 2)
             elif SLOTS:
                 m_i, l_i, acc_e, acc_o = _slots_loop(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr,
                                                      vs_ptr, vz_ptr, sm_scale, CHUNK, D, BS, ROUND_BF16, ROUND_FP16,
@@ -575,10 +579,13 @@ def decode_path(programs: int, group: int, slots: bool | None, cuda_cores: bool 
     return slots, cuda_cores, block_s
 
 
+FACTORINGS = ("none", "v", "kv")  # the slots loop's factored forms (`_slots_loop_factored`): none, V alone, K and V
+
+
 def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tensor, scaling: float,
-                         rotate_q: bool, block_s: int | None = None, num_warps: int = 4,
+                         rotate_q: bool, block_s: int | None = None, num_warps: int | None = None,
                          cuda_cores: bool | None = None, slots: bool | None = None,
-                         nibble_bits: bool = True, factored: bool = False) -> torch.Tensor:
+                         nibble_bits: bool = True, factored: str = "kv") -> torch.Tensor:
     """query [B, H, 1, D] (after RoPE) -> attention output [B, 1, H, D] over the first `count` cached
     positions (unmasked: unpadded sequences). ``block_s`` cache positions per step (None: the measured
     choice), ``num_warps``;
@@ -587,7 +594,12 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     ``slots``: one query row per KV head, each of the step's ``block_s`` positions its own online softmax,
     merged once at the end (`_slots_loop`; no GQA). None: the measured choice, slots for every MHA decode
     unless ``cuda_cores`` is given (docs/KERNELS.md 4f); ``nibble_bits``: codes made floats by their bits
-    (`_centered_halves`), False: by a conversion (the path before session 42, for A/B timing)."""
+    (`_centered_halves`), False: by a conversion (the path before session 42, for A/B timing);
+    ``factored`` (slots path only): "kv" (default since session 42, docs/KERNELS.md 4g: 0.68-0.76x the
+    attention's time at batch 8-64 on an H100) takes K's and V's scales and zeros out of the per-element
+    work, so K is the exact (code - zero) * scale rather than its rounding to the model dtype; "v": V alone
+    (K as the fake path holds it); "none": neither. ``num_warps`` None: 2 on the slots path (session 42),
+    else 4."""
     b, h, sq, d = query.shape
     _, hkv, smax, _ = codes.shape
     if sq != 1 or h % hkv:
@@ -597,6 +609,9 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     if query.stride(-1) != 1:
         query = query.contiguous()
     slots, cuda_cores, block_s = decode_path(b * hkv, g, slots, cuda_cores, block_s)
+    if factored not in FACTORINGS:
+        raise ValueError(f"factored must be one of {FACTORINGS}, not {factored!r}")
+    num_warps = num_warps or (2 if slots else 4)
     ns = _splits(b * hkv, smax, query.device, block_s)
     chunk = triton.cdiv(triton.cdiv(smax, ns), block_s) * block_s
     if query.is_cuda and not (cuda_cores or slots) and d < 32:
@@ -610,7 +625,7 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
         query, count, s1, s2, codes.k_codes, codes.k_scale, codes.k_zero, codes.v_codes, codes.v_scale, codes.v_zero,
         po, pm, hkv, smax, ns, query.stride(0), query.stride(1), float(scaling), 1.0 / math.sqrt(d),
         CHUNK=chunk, G=g, GP=gp, GR=gr, D=d, BS=block_s, CC=cuda_cores, F1=f1, F2=f2, ROTATE_Q=rotate_q,
-        SPLIT_FIRST=query.dtype == torch.float32, LOW=low, SLOTS=slots, BITS=nibble_bits, FACTORED=factored,
+        SPLIT_FIRST=query.dtype == torch.float32, LOW=low, SLOTS=slots, BITS=nibble_bits, FACTORED=FACTORINGS.index(factored),
         num_warps=num_warps,
         enable_fp_fusion=False,
         **_dtype_flags(query.dtype),
