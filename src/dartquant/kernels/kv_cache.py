@@ -17,12 +17,16 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
 * `kv4_decode_attention` (one query token per sequence): flash decoding. A program takes one
   sequence, one KV head (its GQA group of query heads as the rows of the dots, padded to 16; or,
   without GQA at small batch, one row on the CUDA cores) and one slice of the cache, in steps of
-  32 or 64 positions with a fixed trip count (Triton pipelines it; the tail is masked). K is
-  dequantized as the fake path holds it ((code - zero) * scale in fp32, rounded to the model
-  dtype); P V is computed as (p_j * scale_j) (code_j - zero_j), the integers exact and the weight
-  rounded to the model dtype as flash attention rounds P. So the kernel differs from SDPA over the
-  fake path's values only by fp32 summation order and that one rounding (tests: within 2^-7 in
-  bf16, 1e-5 in fp32). A second launch merges the slices. The query is rotated by R3 in the kernel.
+  32 or 64 positions with a fixed trip count (Triton pipelines it; the tail is masked). On the
+  dots and CUDA-core paths K is dequantized as the fake path holds it ((code - zero) * scale in
+  fp32, rounded to the model dtype); P V is computed as (p_j * scale_j) (code_j - zero_j), the
+  integers exact and the weight rounded to the model dtype as flash attention rounds P. So those
+  differ from SDPA over the fake path's values only by fp32 summation order and that one rounding
+  (tests: within 2^-7 in bf16, 1e-5 in fp32). The slots path (MHA, the default there) takes the
+  scales and zero points out of the per-element work (`_slots_loop_factored`), so it attends over
+  the exact (code - zero) * scale, unrounded: within 2^-7 of SDPA over that exact K, about 1e-2 of
+  the largest output from the fake path where logits are large (docs/KERNELS.md 4g). A second
+  launch merges the slices. The query is rotated by R3 in the kernel.
 * Several query tokens: into the cache (a prompt), the codes are written by the same store kernel,
   the whole cache dequantized in torch and attended by SDPA with the model's mask; without a cache
   (`ppl`, `bench`'s prefill), `kv4_fake_quant` gives the fake-quant K / V and the rotated Q in one
