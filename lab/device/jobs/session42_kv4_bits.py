@@ -1,11 +1,13 @@
-"""Session 42 (GPU, one-off): the 4-bit decode attention with its nibbles made floats by their bits (`nibble_bits`,
-`kv_cache._centered_halves`) against the int -> float conversion before it, and (FACTORED=1) the slots loop with the
-scales and zeros out of the per-element work (`factored`, `kv_cache._slots_loop_factored`), at the Llama-2-7B shape (32 heads, no
-GQA, head dim 128, 513 cached positions, 32 layers' caches in one CUDA graph), batch 1 / 8 / 64, each path at
-today's choice and at its neighbours, in two orders. Checked against fp32 SDPA over the dequantized cache, and the
-two paths' outputs against each other (they should be equal: both subtractions are exact).
-    PYTHONPATH=src:benchmarks python3 lab/device/jobs/session42_kv4_bits.py OUT.json
+"""Session 42 (GPU, one-off; docs/KERNELS.md 4g): the 4-bit decode attention's variants timed against each other at
+the Llama-2-7B shape (32 heads, no GQA, head dim 128, 513 cached positions, 32 layers' caches in one CUDA graph),
+each path at today's choice and at its neighbours, every variant in two orders.
+  --compare bits:     nibbles made floats by their bits (`nibble_bits`) against the int -> float conversion
+  --compare factored: the slots loop with K's and V's scales and zeros out of the per-element work
+                      (`factored="kv"`), V's alone ("v"), and neither ("none")
+Checked against fp32 SDPA over the bf16-dequantized cache, and the first variant against the last.
+    PYTHONPATH=src:benchmarks python3 lab/device/jobs/session42_kv4_bits.py OUT.json [--compare factored]
 """
+import argparse
 import json
 import os
 import sys
@@ -22,21 +24,26 @@ from dartquant.kernels.kv_cache import kv4_decode_attention  # noqa: E402
 dev = torch.device("cuda")
 F = torch.nn.functional
 H = 32
-if os.environ.get("FACTORED") == "1":  # variant pairs: (today's, factored) at the same block / warps
-    PATHS = [("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
-                                 for bs, w in ((32, 2), (64, 2), (32, 4), (64, 4))]
-    VARIANTS = ("factored kv", dict(factored="kv")), ("factored v", dict(factored="v")), ("today", {})
-else:
-    VARIANTS = ("bits", dict(nibble_bits=True)), ("convert", dict(nibble_bits=False))
-PATHS = PATHS if os.environ.get("FACTORED") == "1" else [("default", {}), ("slots bs32 w8", dict(block_s=32, num_warps=8, slots=True)),
-         ("slots bs16 w4", dict(block_s=16, num_warps=4, slots=True)), ("slots bs64 w8", dict(block_s=64, num_warps=8, slots=True))]
+COMPARISONS = {
+    "bits": dict(
+        variants=(("bits", dict(nibble_bits=True, factored="none")), ("convert", dict(nibble_bits=False, factored="none"))),
+        paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
+                                   for bs, w in ((32, 8), (16, 4), (64, 8))],
+        batches=(64, 8, 1)),
+    "factored": dict(
+        variants=(("factored kv", dict(factored="kv")), ("factored v", dict(factored="v")), ("none", dict(factored="none"))),
+        paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
+                                   for bs, w in ((32, 2), (64, 2), (32, 4), (64, 4))],
+        batches=(64, 8)),
+}
 
 
-def main(out):
+def main(out, compare):
+    cmp = COMPARISONS[compare]
     t0, rows = time.time(), []
-    print("| batch | path | nibbles | us per layer | GB/s of codes + scales | max rel. error | != other path |")
+    print("| batch | path | variant | us per layer | GB/s of codes + scales | max rel. error | first vs last variant |")
     print("|---|---|---|---|---|---|---|")
-    for b in ((64, 8) if os.environ.get("FACTORED") == "1" else (64, 8, 1)):
+    for b in cmp["batches"]:
         g = torch.Generator(dev).manual_seed(b)
         smax = CTX + 1
         q = [torch.randn(b, H, 1, D, device=dev, generator=g).bfloat16() for _ in range(LAYERS)]
@@ -46,30 +53,28 @@ def main(out):
         ref = F.scaled_dot_product_attention(fast_hadamard_transform(q[0]).float(), kq.float(), vq.float()).transpose(1, 2)
         kv4_bytes = b * H * smax * (D + 16)
         for order in (0, 1):
-            for name, kw in PATHS:
+            for name, kw in cmp["paths"]:
                 outs = {}
-                for bits, vkw in (VARIANTS if order == 0 else VARIANTS[::-1]):
-                    kwb = dict(kw, **vkw)
+                for label, vkw in (cmp["variants"] if order == 0 else cmp["variants"][::-1]):
+                    kwv = dict(kw, **vkw)
                     try:
-                        outs[bits] = kv4_decode_attention(q[0], caches[0], count, D ** -0.5, True, **kwb)
-                        err = ((outs[bits].float() - ref).abs().max() / ref.abs().max()).item()
-                        us = graph_ms([lambda i=i: kv4_decode_attention(q[i], caches[i], count, D ** -0.5, True, **kwb)
+                        outs[label] = kv4_decode_attention(q[0], caches[0], count, D ** -0.5, True, **kwv)
+                        err = ((outs[label].float() - ref).abs().max() / ref.abs().max()).item()
+                        us = graph_ms([lambda i=i: kv4_decode_attention(q[i], caches[i], count, D ** -0.5, True, **kwv)
                                        for i in range(LAYERS)]) * 1e3
                     except Exception as e:  # noqa: BLE001 - recorded (refused, out of resources)
-                        rows.append(dict(batch=b, path=name, bits=bits, error=repr(e)[:300]))
-                        print(f"| {b} | {name} | {bits} | error | {repr(e)[:100]} | | |", flush=True)
+                        rows.append(dict(batch=b, path=name, variant=label, error=repr(e)[:300]))
+                        print(f"| {b} | {name} | {label} | error | {repr(e)[:100]} | | |", flush=True)
                         continue
                     o = list(outs.values())
-                    diff = (o[0] != o[-1]).sum().item() if len(o) >= 2 else None
-                    if diff is not None and os.environ.get("FACTORED") == "1":  # not equal: how far apart
-                        diff = ((o[-1].float() - o[0].float()).abs().max() / ref.abs().max()).item()
-                    rows.append(dict(batch=b, path=name, kwargs=kw, bits=bits, order=order, us=us,
-                                     gbs=kv4_bytes / us / 1e3, max_rel_err=err, differing_outputs=diff))
-                    print(f"| {b} | {name} | {bits} | {us:.1f} | {kv4_bytes / us / 1e3:.0f} | "
-                          f"{err:.2e} | {'' if diff is None else diff} |", flush=True)
+                    diff = ((o[-1].float() - o[0].float()).abs().max() / ref.abs().max()).item() if len(o) >= 2 else None
+                    rows.append(dict(batch=b, path=name, kwargs=kw, variant=label, order=order, us=us,
+                                     gbs=kv4_bytes / us / 1e3, max_rel_err=err, vs_first_variant=diff))
+                    print(f"| {b} | {name} | {label} | {us:.1f} | {kv4_bytes / us / 1e3:.0f} | {err:.2e} | "
+                          f"{'' if diff is None else f'{diff:.2e}'} |", flush=True)
         del caches
         torch.cuda.empty_cache()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "compare": compare, "rows": rows,
               "wall_s": time.time() - t0}
     with open(out + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
@@ -78,4 +83,8 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--compare", choices=sorted(COMPARISONS), default="bits")
+    args = ap.parse_args()
+    main(args.out, args.compare)
