@@ -241,8 +241,10 @@ if triton is not None:
             sum_j pv_j (c_j - z_j) = 16 * (sum_j pv_j x_j - sum_j pv_j) - sum_j pv_j z_j
         so an element costs a shift, a mask and one FMA for K and for V (and V's rescale), not a conversion,
         a subtraction, a scale and a rounding. K is then the exact (c - z) * scale, not its rounding to the
-        model dtype as the fake path holds it: a relative 2^-9 (bf16) per element, inside the kernel's
-        tolerance; P V's weights are rounded as before. Same returns as `_slots_loop`."""
+        model dtype as the fake path holds it (2^-9 relative per element in bf16; with large logits the
+        outputs move up to ~1e-2 of the largest, docs/KERNELS.md 4g); P V's weights are rounded as before.
+        The subtractions 16 * (...) - ... cancel at most a few bits of fp32 (x in [1, 2)). Same returns as
+        `_slots_loop`."""
         sq = tl.sum(qve, axis=0) + tl.sum(qvo, axis=0)
         m_s = tl.full((BS,), float("-inf"), tl.float32)
         l_s = tl.zeros((BS,), tl.float32)
