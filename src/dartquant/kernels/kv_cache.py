@@ -184,6 +184,17 @@ if triton is not None:
             return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
 
     @triton.jit
+    def _slot_softmax_step(s, ok, m_s, l_s):
+        """One step of the slots' online softmax: scores s [BS] (masked where not ok) into the running max m_s
+        and sum l_s. Returns (new max, the factor that rescales what was accumulated, the weights p, new sum)."""
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_s, s)
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a slot with no position yet: nothing
+        alpha = tl.exp(m_s - safe)
+        p = tl.exp(s - safe)
+        return m_new, alpha, p, l_s * alpha + p
+
+    @triton.jit
     def _slots_loop(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sm_scale,
                     CHUNK: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, ROUND_BF16: tl.constexpr,
                     ROUND_FP16: tl.constexpr, BITS: tl.constexpr = True):
@@ -203,12 +214,7 @@ if triton is not None:
             slot = bh.to(tl.int64) * SMAX + j
             ke, ko = _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16, BITS)
             s = tl.sum(ke * qve[None, :] + ko * qvo[None, :], axis=1) * sm_scale
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_s, s)
-            safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a slot with no position yet: nothing
-            alpha = tl.exp(m_s - safe)
-            p = tl.exp(s - safe)
-            l_s = l_s * alpha + p
+            m_new, alpha, p, l_s = _slot_softmax_step(s, ok, m_s, l_s)
             ve, vo = _centered_halves(vc_ptr, vz_ptr, slot, ok, D, BS, BITS)
             pv = _round_model(p * tl.load(vs_ptr + slot, mask=ok, other=0.0), ROUND_BF16, ROUND_FP16)
             acc_e = acc_e * alpha[:, None] + pv[:, None] * ve
@@ -265,12 +271,7 @@ if triton is not None:
             else:  # K as the fake path holds it (rounded to the model dtype), V factored alone
                 ke, ko = _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16)
                 s = tl.sum(ke * qve[None, :] + ko * qvo[None, :], axis=1) * sm_scale
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_s, s)
-            safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a slot with no position yet: nothing
-            alpha = tl.exp(m_s - safe)
-            p = tl.exp(s - safe)
-            l_s = l_s * alpha + p
+            m_new, alpha, p, l_s = _slot_softmax_step(s, ok, m_s, l_s)
             ve, vo = _unit_halves(vc_ptr, slot, ok, D)
             pv = _round_model(p * tl.load(vs_ptr + slot, mask=ok, other=0.0), ROUND_BF16, ROUND_FP16)
             pv_s = pv_s * alpha + pv
