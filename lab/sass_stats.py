@@ -6,6 +6,8 @@ carries ptxas and cuobjdump. docs/KERNELS.md 1g-1h and 4f quote these counts.
     PYTHONPATH=src python lab/sass_stats.py 14336,x,4,1,1 14336,512,4,1,2     # x: layout_blocks' own C
     PYTHONPATH=src python lab/sass_stats.py kv4,G,BS,WARPS,PATH ...           # the 4-bit K/V decode attention,
     PYTHONPATH=src python lab/sass_stats.py kv4,1,32,4,dots kv4,1,32,4,slots  # head dim 128, bf16; PATH dots|cc|slots
+    PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-none kv4,1,32,2,slots-kv   # the slots loop's factorings
+    OPCODES=1 ...                                                            # and each kernel's opcode histogram
     MAXNREG=128 PYTHONPATH=src python lab/sass_stats.py 14336,x,4,1,1        # registers capped (spills: local_bytes)
 
 Each config takes 10-60 s to compile on one core. Static counts say what the code contains, not how often it
@@ -43,7 +45,7 @@ def compile_blocks(n: int, right: int | None, warps: int, tokens: int, groups: i
 
 def _options(warps: int) -> dict:
     """Compile options; MAXNREG=K in the environment caps the registers a thread (ptxas spills the rest)."""
-    opts = dict(num_warps=warps, enable_fp_fusion=False)
+    opts = dict(num_warps=warps, enable_fp_fusion=os.environ.get("FP_FUSION") == "1")  # FP_FUSION=1: FMA contraction
     if os.environ.get("MAXNREG"):
         opts["maxnreg"] = int(os.environ["MAXNREG"])
     return opts
@@ -57,6 +59,7 @@ def compile_kv4(g: int, block_s: int, warps: int, path: str):
     kernel = kv_cache._kv4_decode_kernel
     f1, f2, _, _ = kv_cache._stages(128, "cpu")
     gp = max(16, 1 << (g - 1).bit_length())
+    path, _, factored = path.partition("-")  # slots-none | slots-v | slots-kv: `factored` (default kv)
     one_row = path in ("cc", "slots")
     ptrs = ["q_ptr", "count_ptr", "s1_ptr", "s2_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vz_ptr",
             "po_ptr", "pm_ptr"]
@@ -66,7 +69,8 @@ def compile_kv4(g: int, block_s: int, warps: int, path: str):
     sig.update(sm_scale="fp32", inv_sqrt_d="fp32")
     chunk = -(-513 // block_s) * block_s
     consts = dict(CHUNK=chunk, G=g, GP=gp, GR=1 if one_row else gp, D=128, BS=block_s, CC=path == "cc", F1=f1, F2=f2,
-                  ROTATE_Q=True, SPLIT_FIRST=False, ROUND_BF16=True, ROUND_FP16=False, LOW=1, SLOTS=path == "slots")
+                  ROTATE_Q=True, SPLIT_FIRST=False, ROUND_BF16=True, ROUND_FP16=False, LOW=1, SLOTS=path == "slots",
+                  FACTORED=kv_cache.FACTORINGS.index(factored or "kv") if path == "slots" else 0)
     sig.update({k: "constexpr" for k in consts})
     src = triton.compiler.ASTSource(fn=kernel, signature=sig,
                                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
@@ -86,9 +90,17 @@ def sass_stats(compiled) -> dict:
     def count(op):
         return sum(1 for line in ins if re.search(r"\s" + op + r"[\s.]", line))
 
-    return dict(regs=int(regs.group(1)), local_bytes=int(local.group(1)), dynamic_shared=compiled.metadata.shared,
-                instructions=len(ins), barriers=count("BAR"), hgmma=count("HGMMA"), hmma=count("HMMA"),
-                lds=count("LDS"), sts=count("STS"), shfl=count("SHFL"), fadd=count("FADD"), mufu=count("MUFU"))
+    out = dict(regs=int(regs.group(1)), local_bytes=int(local.group(1)), dynamic_shared=compiled.metadata.shared,
+               instructions=len(ins), barriers=count("BAR"), hgmma=count("HGMMA"), hmma=count("HMMA"),
+               lds=count("LDS"), sts=count("STS"), shfl=count("SHFL"), fadd=count("FADD"), mufu=count("MUFU"))
+    if os.environ.get("OPCODES") == "1":  # every opcode's static count, most frequent first
+        ops = {}
+        for line in ins:
+            m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+            if m:
+                ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+        out["opcodes"] = dict(sorted(ops.items(), key=lambda kv: -kv[1]))
+    return out
 
 
 def main(specs):

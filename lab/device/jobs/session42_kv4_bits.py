@@ -4,6 +4,7 @@ each path at today's choice and at its neighbours, every variant in two orders.
   --compare bits:     nibbles made floats by their bits (`nibble_bits`) against the int -> float conversion
   --compare factored: the slots loop with K's and V's scales and zeros out of the per-element work
                       (`factored="kv"`), V's alone ("v"), and neither ("none")
+  --compare fusion:   FMA contraction (`fp_fusion`) on and off (queued, not run yet)
 Checked against fp32 SDPA over the bf16-dequantized cache, and the first variant against the last.
     PYTHONPATH=src:benchmarks python3 lab/device/jobs/session42_kv4_bits.py OUT.json [--compare factored]
 """
@@ -35,6 +36,11 @@ COMPARISONS = {
         paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
                                    for bs, w in ((32, 2), (64, 2), (32, 4), (64, 4))],
         batches=(64, 8)),
+    "fusion": dict(  # queued (session 42): FMA contraction in the decode kernel, off since it was written
+        variants=(("fp fusion", dict(fp_fusion=True)), ("no fusion", dict(fp_fusion=False))),
+        paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
+                                   for bs, w in ((16, 2), (32, 4), (64, 4))],
+        batches=(64, 8, 1)),
 }
 
 
