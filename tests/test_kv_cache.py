@@ -206,3 +206,26 @@ def test_bench_with_the_4bit_cache(kernel_run, tmp_path, capsys):
     assert res["w4a4"]["finite"] and res["settings"]["kv"] == "kernels"
     assert res["w4a4"]["decode_b1"]["kv_cache_bytes"] == 2 * 2 * 2 * 4 * (8 + 8)  # bf16 would be 2 * 2 * 2 * 4 * 32
     assert "KV cache: kernels" in capsys.readouterr().out
+
+
+def test_default_decode_attention_stays_near_the_fake_path_with_large_logits():
+    """The slots path's default (factored) loop attends over the exact K, not K rounded to bf16 as the fake path
+    holds it (docs/KERNELS.md 4g). With large logits (a key 20x the others, the query x8) that moves the output
+    by about 1e-2 of the largest one from the fake path: the stated tolerance, checked at 2e-2. The loop before
+    (factored="none") keeps the fake path's K and stays within 2^-7."""
+    torch.manual_seed(0)
+    b, h, n, d = 2, 4, 129, 128
+    k, v = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    k[:, :, 0] *= 20
+    codes, count = Kv4Codes(b, h, n, d, "cpu"), torch.tensor(n)
+    kv4_store(codes, count, k.bfloat16(), v.bfloat16(), 1.0, True)
+    q = (torch.randn(b, h, 1, d) * 8).bfloat16()
+    kb, vb = codes.dequantize(torch.bfloat16)
+    fake = torch.nn.functional.scaled_dot_product_attention(fast_hadamard_transform(q).float(), kb.float(),
+                                                            vb.float()).transpose(1, 2)
+    top = fake.abs().max()
+    default = kv4_decode_attention(q, codes, count, d ** -0.5, True).float()
+    before = kv4_decode_attention(q, codes, count, d ** -0.5, True, factored="none").float()
+    print(((default - fake).abs().max() / top).item(), ((before - fake).abs().max() / top).item())
+    assert ((default - fake).abs().max() / top) < 2e-2
+    assert ((before - fake).abs().max() / top) < 2e-2

@@ -24,7 +24,7 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
   differ from SDPA over the fake path's values only by fp32 summation order and that one rounding
   (tests: within 2^-7 in bf16, 1e-5 in fp32). The slots path (MHA, the default there) takes the
   scales and zero points out of the per-element work (`_slots_loop_factored`), so it attends over
-  the exact (code - zero) * scale, unrounded: within 2^-7 of SDPA over that exact K, about 1e-2 of
+  the exact (code - zero) * scale, unrounded: within 2^-7 of SDPA over that exact K, within 2e-2 of
   the largest output from the fake path where logits are large (docs/KERNELS.md 4g). A second
   launch merges the slices. The query is rotated by R3 in the kernel.
 * Several query tokens: into the cache (a prompt), the codes are written by the same store kernel,
@@ -248,7 +248,7 @@ if triton is not None:
         so an element costs a shift, a mask and one FMA for K and for V (and V's rescale), not a conversion,
         a subtraction, a scale and a rounding. K is then the exact (c - z) * scale, not its rounding to the
         model dtype as the fake path holds it (2^-9 relative per element in bf16; with large logits the
-        outputs move up to ~1e-2 of the largest, docs/KERNELS.md 4g); P V's weights are rounded as before.
+        outputs move up to ~1.5e-2 of the largest, docs/KERNELS.md 4g); P V's weights are rounded as before.
         The subtractions 16 * (...) - ... cancel at most a few bits of fp32 (x in [1, 2)). Same returns as
         `_slots_loop`."""
         sq = tl.sum(qve, axis=0) + tl.sum(qvo, axis=0)
