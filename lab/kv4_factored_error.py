@@ -11,7 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 from dartquant.hadamard import fast_hadamard_transform  # noqa: E402
-from dartquant.kernels.kv_cache import FACTORINGS, Kv4Codes, kv4_decode_attention, kv4_store  # noqa: E402
+from dartquant.kernels.kv_cache import Kv4Codes, kv4_decode_attention, kv4_store  # noqa: E402
 
 
 def main(b=2, h=4, n=257, d=128):
@@ -30,9 +30,9 @@ def main(b=2, h=4, n=257, d=128):
         fake = sdpa(qr, kb.float(), vb.float()).transpose(1, 2)
         top = exact.abs().max()
         print(f"| x{scale_q:g} | the fake path itself | {((fake - exact).abs().max() / top).item():.2e} | - |")
-        for f in FACTORINGS:
-            out = kv4_decode_attention(q, codes, count, d ** -0.5, True, slots=True, factored=f).float()
-            print(f"| x{scale_q:g} | factored={f} | {((out - exact).abs().max() / top).item():.2e} | "
+        for exact_k in (True, False):  # the factored loop (the default) and the loop before, K as held
+            out = kv4_decode_attention(q, codes, count, d ** -0.5, True, slots=True, exact_k=exact_k).float()
+            print(f"| x{scale_q:g} | exact_k={exact_k} | {((out - exact).abs().max() / top).item():.2e} | "
                   f"{((out - fake).abs().max() / top).item():.2e} |")
 
 

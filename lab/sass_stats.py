@@ -6,7 +6,7 @@ carries ptxas and cuobjdump. docs/KERNELS.md 1g-1h and 4f quote these counts.
     PYTHONPATH=src python lab/sass_stats.py 14336,x,4,1,1 14336,512,4,1,2     # x: layout_blocks' own C
     PYTHONPATH=src python lab/sass_stats.py kv4,G,BS,WARPS,PATH ...           # the 4-bit K/V decode attention,
     PYTHONPATH=src python lab/sass_stats.py kv4,1,32,4,dots kv4,1,32,4,slots  # head dim 128, bf16; PATH dots|cc|slots
-    PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-none kv4,1,32,2,slots-kv   # the slots loop's factorings
+    PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-held kv4,1,32,2,slots  # slots: exact K (default), -held: not
     OPCODES=1 ...                                                            # and each kernel's opcode histogram
     MAXNREG=128 PYTHONPATH=src python lab/sass_stats.py 14336,x,4,1,1        # registers capped (spills: local_bytes)
 
@@ -59,7 +59,7 @@ def compile_kv4(g: int, block_s: int, warps: int, path: str):
     kernel = kv_cache._kv4_decode_kernel
     f1, f2, _, _ = kv_cache._stages(128, "cpu")
     gp = max(16, 1 << (g - 1).bit_length())
-    path, _, factored = path.partition("-")  # slots-none | slots-v | slots-kv: `factored` (default kv)
+    path, _, held = path.partition("-")  # slots-held: `exact_k=False`
     one_row = path in ("cc", "slots")
     ptrs = ["q_ptr", "count_ptr", "s1_ptr", "s2_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vz_ptr",
             "po_ptr", "pm_ptr"]
@@ -70,7 +70,7 @@ def compile_kv4(g: int, block_s: int, warps: int, path: str):
     chunk = -(-513 // block_s) * block_s
     consts = dict(CHUNK=chunk, G=g, GP=gp, GR=1 if one_row else gp, D=128, BS=block_s, CC=path == "cc", F1=f1, F2=f2,
                   ROTATE_Q=True, SPLIT_FIRST=False, ROUND_BF16=True, ROUND_FP16=False, LOW=1, SLOTS=path == "slots",
-                  FACTORED=kv_cache.FACTORINGS.index(factored or "kv") if path == "slots" else 0)
+                  EXACT_K=path == "slots" and not held)
     sig.update({k: "constexpr" for k in consts})
     src = triton.compiler.ASTSource(fn=kernel, signature=sig,
                                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})

@@ -76,7 +76,7 @@ def test_store_reads_strided_inputs_and_never_writes_past_the_end():
 @pytest.mark.parametrize("heads,kv_heads,cuda_cores,block_s,slots", [
     (4, 4, True, None, False), (4, 4, False, 32, False), (6, 2, None, None, False),
     (4, 4, None, 16, True), (4, 4, None, 64, True), (4, 4, None, None, None), (6, 2, None, None, None),
-    (4, 4, None, 16, "none"), (4, 4, None, 32, "v"), (4, 4, None, None, "converted")])
+    (4, 4, None, 16, "held k"), (4, 4, None, 64, "held k")])
 def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_heads, cuda_cores, block_s, slots):
     """Over two slices of the cache (100 of 130 slots filled, the rest ignored), GQA groups, R3 on
     the query in the kernel: SDPA over the dequantized cache, to the order of fp32 sums and, in
@@ -85,10 +85,9 @@ def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_h
     The slots path (one softmax per step position, merged at the end): slots of 16 leave the second
     slice's last step partly empty, slots of 64 leave some slots with no position at all. The slots path takes
     the scales and zeros out of K's and V's per-element work by default, so its K is the exact one, not K
-    rounded to the dtype ("v": V's alone, "none": neither, the path before session 42); "converted": the
-    codes made floats by a conversion (before session 42)."""
-    extra = dict(factored=slots) if slots in ("v", "none") else dict(nibble_bits=False) if slots == "converted" else {}
-    slots = True if slots in ("v", "none") else None if slots == "converted" else slots
+    rounded to the dtype ("held k": exact_k=False, the loop before session 42, K as the fake path holds it)."""
+    extra = dict(exact_k=False) if slots == "held k" else {}
+    slots = True if slots == "held k" else slots
     d, n, smax = 32, 100, 130
     k, v = _kv(2, kv_heads, n, d, dtype, seed=heads)
     codes = Kv4Codes(2, kv_heads, smax, d, "cpu")
@@ -98,7 +97,7 @@ def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_h
     out = kv4_decode_attention(q, codes, count, d ** -0.5, rotate_q=True, cuda_cores=cuda_cores, block_s=block_s,
                                slots=slots, **extra)
     kq, vq = (t[:, :, :n].float().repeat_interleave(heads // kv_heads, 1) for t in codes.dequantize(dtype))
-    if extra.get("factored", "kv") == "kv" and slots in (True, None) and heads == kv_heads and cuda_cores is None:
+    if extra.get("exact_k", True) and slots in (True, None) and heads == kv_heads and cuda_cores is None:
         # the factored loop (the slots path's default) attends over the exact K, not K rounded to the dtype
         kq = codes.dequantize(torch.float32)[0][:, :, :n].repeat_interleave(heads // kv_heads, 1)
     ref = torch.nn.functional.scaled_dot_product_attention(fast_hadamard_transform(q).float(), kq, vq)
@@ -212,7 +211,7 @@ def test_default_decode_attention_stays_near_the_fake_path_with_large_logits():
     """The slots path's default (factored) loop attends over the exact K, not K rounded to bf16 as the fake path
     holds it (docs/KERNELS.md 4g). With large logits (a key 20x the others, the query x8) that moves the output
     by about 1e-2 of the largest one from the fake path: the stated tolerance, checked at 2e-2. The loop before
-    (factored="none") keeps the fake path's K and stays within 2^-7."""
+    (exact_k=False) keeps the fake path's K and stays within 2^-7."""
     torch.manual_seed(0)
     b, h, n, d = 2, 4, 129, 128
     k, v = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
@@ -225,7 +224,7 @@ def test_default_decode_attention_stays_near_the_fake_path_with_large_logits():
                                                             vb.float()).transpose(1, 2)
     top = fake.abs().max()
     default = kv4_decode_attention(q, codes, count, d ** -0.5, True).float()
-    before = kv4_decode_attention(q, codes, count, d ** -0.5, True, factored="none").float()
+    before = kv4_decode_attention(q, codes, count, d ** -0.5, True, exact_k=False).float()
     print(((default - fake).abs().max() / top).item(), ((before - fake).abs().max() / top).item())
     assert ((default - fake).abs().max() / top) < 2e-2
     assert ((before - fake).abs().max() / top) < 2e-2

@@ -1,10 +1,10 @@
 """Session 42 (GPU, one-off; docs/KERNELS.md 4g): the 4-bit decode attention's variants timed against each other at
 the Llama-2-7B shape (32 heads, no GQA, head dim 128, 513 cached positions, 32 layers' caches in one CUDA graph),
 each path at today's choice and at its neighbours, every variant in two orders.
-  --compare bits:     nibbles made floats by their bits (`nibble_bits`) against the int -> float conversion
-  --compare factored: the slots loop with K's and V's scales and zeros out of the per-element work
-                      (`factored="kv"`), V's alone ("v"), and neither ("none")
+  --compare exact_k:  the slots loop with K's and V's scales and zeros out of the per-element work (`exact_k`,
+                      the default) against the loop before it (K as the fake path holds it)
   --compare fusion:   FMA contraction (`fp_fusion`) on and off (queued, not run yet)
+(Session 42's runs, at commit 7779162, also compared `nibble_bits` and a V-only factoring; those knobs are gone.)
 Checked against fp32 SDPA over the bf16-dequantized cache, and the first variant against the last.
     PYTHONPATH=src:benchmarks python3 lab/device/jobs/session42_kv4_bits.py OUT.json [--compare factored]
 """
@@ -25,17 +25,12 @@ from dartquant.kernels.kv_cache import kv4_decode_attention  # noqa: E402
 dev = torch.device("cuda")
 F = torch.nn.functional
 H = 32
-COMPARISONS = {
-    "bits": dict(
-        variants=(("bits", dict(nibble_bits=True, factored="none")), ("convert", dict(nibble_bits=False, factored="none"))),
-        paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
-                                   for bs, w in ((32, 8), (16, 4), (64, 8))],
-        batches=(64, 8, 1)),
-    "factored": dict(
-        variants=(("factored kv", dict(factored="kv")), ("factored v", dict(factored="v")), ("none", dict(factored="none"))),
+COMPARISONS = {  # session 42 also timed `nibble_bits` and a V-only factoring (removed after it; KERNELS 4g)
+    "exact_k": dict(
+        variants=(("exact K", dict(exact_k=True)), ("held K", dict(exact_k=False))),
         paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
                                    for bs, w in ((32, 2), (64, 2), (32, 4), (64, 4))],
-        batches=(64, 8)),
+        batches=(64, 8, 1)),
     "fusion": dict(  # queued (session 42): FMA contraction in the decode kernel, off since it was written
         variants=(("fp fusion", dict(fp_fusion=True)), ("no fusion", dict(fp_fusion=False))),
         paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
@@ -91,6 +86,6 @@ def main(out, compare):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--compare", choices=sorted(COMPARISONS), default="bits")
+    ap.add_argument("--compare", choices=sorted(COMPARISONS), default="exact_k")
     args = ap.parse_args()
     main(args.out, args.compare)

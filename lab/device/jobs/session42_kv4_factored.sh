@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Session 42 (issue 16; docs/KERNELS.md 4g): the 4-bit decode attention's factored slots loop (`factored="kv"`, the
-# default since), first alone against the loops before it (session42_kv4_bits.py --compare factored), then end to
+# Session 42 (issue 16; docs/KERNELS.md 4g): the 4-bit decode attention's factored slots loop (`exact_k`, the
+# default since), first alone against the loops before it (session42_kv4_bits.py --compare exact_k), then end to
 # end: `dartquant bench --kv kernels` on a quantized Llama-2-7B-shape run folder as it is (both sides), and with the
-# loop before forced (`factored="none"`, the w4a4 side) on the same folder.
+# loop before forced (`exact_k=False`, the w4a4 side) on the same folder.
 #   RES=$OUT bash lab/device/jobs/session42_kv4_factored.sh        # carry [".kb_data"]
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1 | grep -o 'H[0-9]\+' | head -n1 | tr H h); GPU=${GPU:-gpu}
-PYTHONPATH=src:benchmarks timeout 240 python3 lab/device/jobs/session42_kv4_bits.py "$RES/kv4_factored_$GPU.json" --compare factored \
+PYTHONPATH=src:benchmarks timeout 240 python3 lab/device/jobs/session42_kv4_bits.py "$RES/kv4_factored_$GPU.json" --compare exact_k \
   2>&1 | grep "^|\|wrote\|Error"
 [ "${ALONE_ONLY:-0}" = 1 ] && exit 0
 RES=$RES STEP=prepare bash lab/device/jobs/session42_h200_e2e.sh || exit 1
@@ -23,7 +23,7 @@ import sys
 from dartquant.kernels import kv_cache
 
 if os.environ["SIDE"] == "none":
-    kv_cache.kv4_decode_attention = functools.partial(kv_cache.kv4_decode_attention, factored="none")
+    kv_cache.kv4_decode_attention = functools.partial(kv_cache.kv4_decode_attention, exact_k=False)
 sys.argv = ["dartquant", "bench", "/tmp/kb/run-llama2-7b-quarot-rtn", "--kv", "kernels", "--device", "cuda",
             "--json", os.environ["OUTJ"], "--sides", *os.environ["SIDES"].split()]
 runpy.run_module("dartquant.cli", run_name="__main__")

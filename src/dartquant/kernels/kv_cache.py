@@ -143,33 +143,28 @@ if triton is not None:
                     tl.store(vz_ptr + slot, zero, mask=ok)
 
     @triton.jit
-    def _centered_halves(c_ptr, z_ptr, slot, ok, D: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr = True):
+    def _centered_halves(c_ptr, z_ptr, slot, ok, D: tl.constexpr, BS: tl.constexpr):
         """code - zero (integers in [-15, 15], exact in fp32 and bf16) of BS cached positions, as two
         [BS, D / 2] tiles: the even dims (low nibbles) and the odd ones (high nibbles), never
         interleaved in registers (run 34: 0.90x run 33's attention time at Llama-2-7B batch 64).
-        BITS: each nibble made a float by its bits, 2^23 + code (an OR into 0x4B000000's mantissa), and
-        2^23 + zero taken off in one subtraction, both exact (zero points are integers in [0, 15], as
-        `_asym4_qparams` makes them): full-rate integer and fp32 instructions instead of an int -> float
-        conversion per element, which runs at a fraction of the fp32 rate (session 42's profile: the
-        attention at batch 64 read the cache at 0.9 TB/s). Else: the conversion."""
+        Each nibble is made a float by its bits, 2^23 + code (an OR into 0x4B000000's mantissa), and
+        2^23 + zero is taken off in one subtraction, both exact (zero points are integers in [0, 15], as
+        `_asym4_qparams` makes them): no int -> float conversion per element (session 42: 0.96-0.99x the
+        conversion's time at batch 64, outputs bit-identical; docs/KERNELS.md 4g)."""
         half = tl.arange(0, D // 2)
-        c = tl.load(c_ptr + slot[:, None] * (D // 2) + half[None, :], mask=ok[:, None], other=0)
-        z = tl.load(z_ptr + slot, mask=ok, other=0.0)[:, None]
-        if BITS:
-            c = c.to(tl.int32)
-            zz = z + 8388608.0
-            lo = ((c & 15) | 0x4B000000).to(tl.float32, bitcast=True) - zz
-            hi = ((c >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - zz
-            return lo, hi
-        return (c & 15).to(tl.float32) - z, (c >> 4).to(tl.float32) - z
+        c = tl.load(c_ptr + slot[:, None] * (D // 2) + half[None, :], mask=ok[:, None], other=0).to(tl.int32)
+        zz = tl.load(z_ptr + slot, mask=ok, other=0.0)[:, None] + 8388608.0
+        lo = ((c & 15) | 0x4B000000).to(tl.float32, bitcast=True) - zz
+        hi = ((c >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - zz
+        return lo, hi
 
     @triton.jit
     def _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D: tl.constexpr, BS: tl.constexpr, ROUND_BF16: tl.constexpr,
-                   ROUND_FP16: tl.constexpr, BITS: tl.constexpr = True):
+                   ROUND_FP16: tl.constexpr):
         """K of BS cached positions as the fake path holds it: (code - zero) * scale in fp32, rounded to the
         model dtype; the even dims and the odd ones (`_centered_halves`)."""
         ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)[:, None]
-        ke, ko = _centered_halves(kc_ptr, kz_ptr, slot, ok, D, BS, BITS)
+        ke, ko = _centered_halves(kc_ptr, kz_ptr, slot, ok, D, BS)
         return _round_model(ke * ks, ROUND_BF16, ROUND_FP16), _round_model(ko * ks, ROUND_BF16, ROUND_FP16)
 
     @triton.jit
@@ -197,7 +192,7 @@ if triton is not None:
     @triton.jit
     def _slots_loop(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sm_scale,
                     CHUNK: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, ROUND_BF16: tl.constexpr,
-                    ROUND_FP16: tl.constexpr, BITS: tl.constexpr = True):
+                    ROUND_FP16: tl.constexpr):
         """One query row (no GQA) over positions lo..hi with no reduction across positions inside the loop:
         slot i of the BS-wide step keeps its own online softmax (max, sum, P V) over positions lo + i,
         lo + i + BS, ...; the BS slots are merged once at the end (log-sum-exp).  Per step only the score's
@@ -212,10 +207,10 @@ if triton is not None:
             j = lo + it * BS + tl.arange(0, BS)
             ok = j < hi
             slot = bh.to(tl.int64) * SMAX + j
-            ke, ko = _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16, BITS)
+            ke, ko = _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16)
             s = tl.sum(ke * qve[None, :] + ko * qvo[None, :], axis=1) * sm_scale
             m_new, alpha, p, l_s = _slot_softmax_step(s, ok, m_s, l_s)
-            ve, vo = _centered_halves(vc_ptr, vz_ptr, slot, ok, D, BS, BITS)
+            ve, vo = _centered_halves(vc_ptr, vz_ptr, slot, ok, D, BS)
             pv = _round_model(p * tl.load(vs_ptr + slot, mask=ok, other=0.0), ROUND_BF16, ROUND_FP16)
             acc_e = acc_e * alpha[:, None] + pv[:, None] * ve
             acc_o = acc_o * alpha[:, None] + pv[:, None] * vo
@@ -240,7 +235,7 @@ if triton is not None:
     @triton.jit
     def _slots_loop_factored(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sm_scale,
                              CHUNK: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, ROUND_BF16: tl.constexpr,
-                             ROUND_FP16: tl.constexpr, FACTOR_K: tl.constexpr = True):
+                             ROUND_FP16: tl.constexpr):
         """`_slots_loop` with the scales and zero points taken out of the per-element work. With x = 1 + c / 16
         (`_unit_halves`) and q's sum Sq over the head dims:
             q . k_j = ks_j * (q . (c_j - z_j)) = ks_j * (16 * (q . x_j) - (16 + z_j) * Sq)
@@ -262,15 +257,11 @@ if triton is not None:
             j = lo + it * BS + tl.arange(0, BS)
             ok = j < hi
             slot = bh.to(tl.int64) * SMAX + j
-            if FACTOR_K:
-                xe, xo = _unit_halves(kc_ptr, slot, ok, D)
-                t = tl.sum(xe * qve[None, :] + xo * qvo[None, :], axis=1)
-                ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)
-                kz = tl.load(kz_ptr + slot, mask=ok, other=0.0)
-                s = ks * (16.0 * t - (16.0 + kz) * sq) * sm_scale
-            else:  # K as the fake path holds it (rounded to the model dtype), V factored alone
-                ke, ko = _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16)
-                s = tl.sum(ke * qve[None, :] + ko * qvo[None, :], axis=1) * sm_scale
+            xe, xo = _unit_halves(kc_ptr, slot, ok, D)
+            t = tl.sum(xe * qve[None, :] + xo * qvo[None, :], axis=1)
+            ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)
+            kz = tl.load(kz_ptr + slot, mask=ok, other=0.0)
+            s = ks * (16.0 * t - (16.0 + kz) * sq) * sm_scale
             m_new, alpha, p, l_s = _slot_softmax_step(s, ok, m_s, l_s)
             ve, vo = _unit_halves(vc_ptr, slot, ok, D)
             pv = _round_model(p * tl.load(vs_ptr + slot, mask=ok, other=0.0), ROUND_BF16, ROUND_FP16)
@@ -295,7 +286,7 @@ if triton is not None:
         CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, CC: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROTATE_Q: tl.constexpr,
         SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, LOW: tl.constexpr,
-        SLOTS: tl.constexpr = False, BITS: tl.constexpr = True, FACTORED: tl.constexpr = 0,
+        SLOTS: tl.constexpr = False, EXACT_K: tl.constexpr = False,
     ):
         """Program (sequence x KV head, slice): partial softmax(q K^T) V over its slice of the cache.
         GP: the GQA group padded to 16 (the rows of the dots); GR: rows of the running state (CC: one
@@ -325,21 +316,20 @@ if triton is not None:
         acc_e = tl.zeros((GR, D // 2), tl.float32)
         acc_o = tl.zeros((GR, D // 2), tl.float32)
         if lo < hi:  # a slice past the cache's end does nothing
-            if SLOTS and FACTORED > 0:
+            if SLOTS and EXACT_K:
                 m_i, l_i, acc_e, acc_o = _slots_loop_factored(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr,
                                                               vc_ptr, vs_ptr, vz_ptr, sm_scale, CHUNK, D, BS,
-                                                              ROUND_BF16, ROUND_FP16, FACTORED == 2)
+                                                              ROUND_BF16, ROUND_FP16)
             elif SLOTS:
                 m_i, l_i, acc_e, acc_o = _slots_loop(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr,
-                                                     vs_ptr, vz_ptr, sm_scale, CHUNK, D, BS, ROUND_BF16, ROUND_FP16,
-                                                     BITS)
+                                                     vs_ptr, vz_ptr, sm_scale, CHUNK, D, BS, ROUND_BF16, ROUND_FP16)
             else:
                 # a fixed trip count (pipelined; the interpreter has no tensor bounds), the tail masked
                 for it in range(0, CHUNK // BS):
                     j = lo + it * BS + tl.arange(0, BS)
                     ok = j < hi
                     slot = bh.to(tl.int64) * SMAX + j
-                    ke, ko = _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16, BITS)
+                    ke, ko = _k_as_held(kc_ptr, ks_ptr, kz_ptr, slot, ok, D, BS, ROUND_BF16, ROUND_FP16)
                     if CC:  # one query row: a dot product per position on the CUDA cores
                         s = tl.sum(ke * qve[None, :] + ko * qvo[None, :], axis=1)[None, :] * sm_scale
                     else:
@@ -350,7 +340,7 @@ if triton is not None:
                     p = tl.exp(s - m_new[:, None])
                     l_i = l_i * alpha + tl.sum(p, axis=1)
                     # P V = (p_j * scale_j) (code_j - zero_j): the weights rounded to the model dtype, as P is
-                    ve, vo = _centered_halves(vc_ptr, vz_ptr, slot, ok, D, BS, BITS)
+                    ve, vo = _centered_halves(vc_ptr, vz_ptr, slot, ok, D, BS)
                     vs = tl.load(vs_ptr + slot, mask=ok, other=0.0)
                     pv = _round_model(p * vs[None, :], ROUND_BF16, ROUND_FP16)
                     if CC:
@@ -586,13 +576,10 @@ def decode_path(programs: int, group: int, slots: bool | None, cuda_cores: bool 
     return slots, cuda_cores, block_s
 
 
-FACTORINGS = ("none", "v", "kv")  # the slots loop's factored forms (`_slots_loop_factored`): none, V alone, K and V
-
-
 def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tensor, scaling: float,
                          rotate_q: bool, block_s: int | None = None, num_warps: int | None = None,
                          cuda_cores: bool | None = None, slots: bool | None = None,
-                         nibble_bits: bool = True, factored: str = "kv", fp_fusion: bool = False) -> torch.Tensor:
+                         exact_k: bool = True, fp_fusion: bool = False) -> torch.Tensor:
     """query [B, H, 1, D] (after RoPE) -> attention output [B, 1, H, D] over the first `count` cached
     positions (unmasked: unpadded sequences). ``block_s`` cache positions per step (None: the measured
     choice), ``num_warps``;
@@ -600,12 +587,11 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     tensor-core dots with the row padded to 16 (None: the measured choice, see the code);
     ``slots``: one query row per KV head, each of the step's ``block_s`` positions its own online softmax,
     merged once at the end (`_slots_loop`; no GQA). None: the measured choice, slots for every MHA decode
-    unless ``cuda_cores`` is given (docs/KERNELS.md 4f); ``nibble_bits``: codes made floats by their bits
-    (`_centered_halves`), False: by a conversion (the path before session 42, for A/B timing);
-    ``factored`` (slots path only): "kv" (default since session 42, docs/KERNELS.md 4g: 0.68-0.76x the
-    attention's time at batch 8-64 on an H100) takes K's and V's scales and zeros out of the per-element
-    work, so K is the exact (code - zero) * scale rather than its rounding to the model dtype; "v": V alone
-    (K as the fake path holds it); "none": neither. ``num_warps`` None: 2 on the slots path (session 42),
+    unless ``cuda_cores`` is given (docs/KERNELS.md 4f); ``exact_k`` (slots path only; default since
+    session 42, docs/KERNELS.md 4g: 0.68-0.76x the attention's time at batch 8-64 on an H100):
+    `_slots_loop_factored`, K's and V's scales and zeros out of the per-element work, so K is the exact
+    (code - zero) * scale rather than its rounding to the model dtype; False: `_slots_loop`, K as the
+    fake path holds it. ``num_warps`` None: 2 on the slots path (session 42),
     else 4. ``fp_fusion``: let the compiler contract a * b + c into FMAs (off: the rounding of each step
     as written; session 42's offline sm_90 compile: 6 % fewer instructions, half the FADDs; not timed)."""
     b, h, sq, d = query.shape
@@ -617,8 +603,6 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     if query.stride(-1) != 1:
         query = query.contiguous()
     slots, cuda_cores, block_s = decode_path(b * hkv, g, slots, cuda_cores, block_s)
-    if factored not in FACTORINGS:
-        raise ValueError(f"factored must be one of {FACTORINGS}, not {factored!r}")
     num_warps = num_warps or (2 if slots else 4)
     ns = _splits(b * hkv, smax, query.device, block_s)
     chunk = triton.cdiv(triton.cdiv(smax, ns), block_s) * block_s
@@ -633,8 +617,8 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
         query, count, s1, s2, codes.k_codes, codes.k_scale, codes.k_zero, codes.v_codes, codes.v_scale, codes.v_zero,
         po, pm, hkv, smax, ns, query.stride(0), query.stride(1), float(scaling), 1.0 / math.sqrt(d),
         CHUNK=chunk, G=g, GP=gp, GR=gr, D=d, BS=block_s, CC=cuda_cores, F1=f1, F2=f2, ROTATE_Q=rotate_q,
-        SPLIT_FIRST=query.dtype == torch.float32, LOW=low, SLOTS=slots, BITS=nibble_bits,
-        FACTORED=FACTORINGS.index(factored), num_warps=num_warps, enable_fp_fusion=fp_fusion,
+        SPLIT_FIRST=query.dtype == torch.float32, LOW=low, SLOTS=slots, EXACT_K=exact_k,
+        num_warps=num_warps, enable_fp_fusion=fp_fusion,
         **_dtype_flags(query.dtype),
     )
     out = torch.empty(b, 1, h, d, dtype=query.dtype, device=query.device)
