@@ -1,5 +1,5 @@
-"""How far the 4-bit decode attention's loops are from exact attention and from the fake path (session 42,
-docs/KERNELS.md 4g), on the CPU through Triton's interpreter: bf16, head dim 128, 257 positions, one key 20x the
+"""How far the 4-bit decode attention's loops are from exact attention and from the fake path (sessions 42-43,
+docs/KERNELS.md 4g-4h), on the CPU through Triton's interpreter: bf16, head dim 128, 257 positions, one key 20x the
 others, the query at two sizes. "exact": fp32 attention over K and V dequantized in fp32; "fake path": K and V
 dequantized to bf16 (what the fake-quant model holds). Errors as a fraction of the largest output.
     TRITON_INTERPRET=1 PYTHONPATH=src python lab/kv4_factored_error.py
@@ -30,9 +30,10 @@ def main(b=2, h=4, n=257, d=128):
         fake = sdpa(qr, kb.float(), vb.float()).transpose(1, 2)
         top = exact.abs().max()
         print(f"| x{scale_q:g} | the fake path itself | {((fake - exact).abs().max() / top).item():.2e} | - |")
-        for exact_k in (True, False):  # the factored loop (the default) and the loop before, K as held
-            out = kv4_decode_attention(q, codes, count, d ** -0.5, True, slots=True, exact_k=exact_k).float()
-            print(f"| x{scale_q:g} | exact_k={exact_k} | {((out - exact).abs().max() / top).item():.2e} | "
+        # the words loop (the default since session 43), the factored loop byte by byte, the loop before (K as held)
+        for name, kw in (("words (default)", {}), ("bytes", dict(words=False)), ("exact_k=False", dict(exact_k=False))):
+            out = kv4_decode_attention(q, codes, count, d ** -0.5, True, slots=True, **kw).float()
+            print(f"| x{scale_q:g} | {name} | {((out - exact).abs().max() / top).item():.2e} | "
                   f"{((out - fake).abs().max() / top).item():.2e} |")
 
 

@@ -7,7 +7,9 @@ carries ptxas and cuobjdump. docs/KERNELS.md 1g-1h and 4f quote these counts.
     PYTHONPATH=src python lab/sass_stats.py kv4,G,BS,WARPS,PATH ...           # the 4-bit K/V decode attention,
     PYTHONPATH=src python lab/sass_stats.py kv4,1,32,4,dots kv4,1,32,4,slots  # head dim 128, bf16; PATH dots|cc|slots
     PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-held kv4,1,32,2,slots  # slots: exact K (default), -held: not
+    PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-lazy kv4,1,32,2,slots-words  # lazy rescale; words
     OPCODES=1 ...                                                            # and each kernel's opcode histogram
+    SASS_OUT=FILE ...                                                        # and the (last) kernel's SASS listing
     MAXNREG=128 PYTHONPATH=src python lab/sass_stats.py 14336,x,4,1,1        # registers capped (spills: local_bytes)
 
 Each config takes 10-60 s to compile on one core. Static counts say what the code contains, not how often it
@@ -59,20 +61,25 @@ def compile_kv4(g: int, block_s: int, warps: int, path: str):
     kernel = kv_cache._kv4_decode_kernel
     f1, f2, _, _ = kv_cache._stages(128, "cpu")
     gp = max(16, 1 << (g - 1).bit_length())
-    path, _, held = path.partition("-")  # slots-held: `exact_k=False`
+    path, _, variant = path.partition("-")  # slots-held: `exact_k=False`; -lazy: `lazy_rescale`; -words, -wordslazy
     one_row = path in ("cc", "slots")
     ptrs = ["q_ptr", "count_ptr", "s1_ptr", "s2_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vz_ptr",
             "po_ptr", "pm_ptr"]
-    types = ["*bf16", "*i64", "*fp16", "*fp16", "*u8", "*fp32", "*fp32", "*u8", "*fp32", "*fp32", "*fp32", "*fp32"]
+    code = "*i32" if "words" in variant else "*u8"
+    types = ["*bf16", "*i64", "*fp16", "*fp16", code, "*fp32", "*fp32", code, "*fp32", "*fp32", "*fp32", "*fp32"]
     sig = dict(zip(ptrs, types))
     sig.update({k: "i32" for k in ("HKV", "SMAX", "NSPLIT", "sq_b", "sq_h")})
     sig.update(sm_scale="fp32", inv_sqrt_d="fp32")
     chunk = -(-513 // block_s) * block_s
     consts = dict(CHUNK=chunk, G=g, GP=gp, GR=1 if one_row else gp, D=128, BS=block_s, CC=path == "cc", F1=f1, F2=f2,
                   ROTATE_Q=True, SPLIT_FIRST=False, ROUND_BF16=True, ROUND_FP16=False, LOW=1, SLOTS=path == "slots",
-                  EXACT_K=path == "slots" and not held)
+                  EXACT_K=path == "slots" and variant != "held", LAZY="lazy" in variant, WORDS="words" in variant,
+                  PREFETCH="prefetch" in variant)
     sig.update({k: "constexpr" for k in consts})
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig,
+    # as the launch specializes them (Llama-2-7B, batch 64): pointers 16-byte aligned, HKV = 32, q's strides 4096 / 128
+    aligned = ptrs + ["HKV", "sq_b", "sq_h"]
+    attrs = {(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, attrs=attrs,
                                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=_options(warps))
 
@@ -83,6 +90,9 @@ def sass_stats(compiled) -> dict:
         f.flush()
         usage = subprocess.run([BIN, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([BIN, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    if os.environ.get("SASS_OUT"):  # SASS_OUT=FILE: the whole listing, to read the loops
+        with open(os.environ["SASS_OUT"], "w") as f:
+            f.write(sass)
     regs = re.search(r"REG:(\d+)", usage)
     local = re.search(r"LOCAL:(\d+)", usage)
     ins = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
@@ -93,6 +103,14 @@ def sass_stats(compiled) -> dict:
     out = dict(regs=int(regs.group(1)), local_bytes=int(local.group(1)), dynamic_shared=compiled.metadata.shared,
                instructions=len(ins), barriers=count("BAR"), hgmma=count("HGMMA"), hmma=count("HMMA"),
                lds=count("LDS"), sts=count("STS"), shfl=count("SHFL"), fadd=count("FADD"), mufu=count("MUFU"))
+    # the innermost loop: the instructions from a backward branch's target to the branch (static: once per trip)
+    addr = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", line).group(1), 16) for line in ins]
+    loops = []
+    for a, line in zip(addr, ins):
+        m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|0x)([0-9a-f]+)", line)
+        if m and int(m.group(1), 16) < a:
+            loops.append(sum(1 for b in addr if int(m.group(1), 16) <= b <= a))
+    out["loop_instructions"] = min(loops) if loops else None
     if os.environ.get("OPCODES") == "1":  # every opcode's static count, most frequent first
         ops = {}
         for line in ins:

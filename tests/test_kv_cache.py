@@ -76,7 +76,8 @@ def test_store_reads_strided_inputs_and_never_writes_past_the_end():
 @pytest.mark.parametrize("heads,kv_heads,cuda_cores,block_s,slots", [
     (4, 4, True, None, False), (4, 4, False, 32, False), (6, 2, None, None, False),
     (4, 4, None, 16, True), (4, 4, None, 64, True), (4, 4, None, None, None), (6, 2, None, None, None),
-    (4, 4, None, 16, "held k"), (4, 4, None, 64, "held k")])
+    (4, 4, None, 16, "held k"), (4, 4, None, 64, "held k"), (4, 4, None, 16, "bytes"), (4, 4, None, 64, "bytes"),
+    (4, 4, None, 16, "no prefetch"), (4, 4, None, 64, "no prefetch")])
 def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_heads, cuda_cores, block_s, slots):
     """Over two slices of the cache (100 of 130 slots filled, the rest ignored), GQA groups, R3 on
     the query in the kernel: SDPA over the dequantized cache, to the order of fp32 sums and, in
@@ -85,9 +86,11 @@ def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_h
     The slots path (one softmax per step position, merged at the end): slots of 16 leave the second
     slice's last step partly empty, slots of 64 leave some slots with no position at all. The slots path takes
     the scales and zeros out of K's and V's per-element work by default, so its K is the exact one, not K
-    rounded to the dtype ("held k": exact_k=False, the loop before session 42, K as the fake path holds it)."""
+    rounded to the dtype ("held k": exact_k=False, the loop before session 42, K as the fake path holds it). Its
+    default reads the codes as words (session 43); "bytes" is the factored loop byte by byte."""
     extra = dict(exact_k=False) if slots == "held k" else {}
-    slots = True if slots == "held k" else slots
+    extra.update({"bytes": dict(words=False), "no prefetch": dict(prefetch=False)}.get(slots, {}))
+    slots = True if isinstance(slots, str) else slots
     d, n, smax = 32, 100, 130
     k, v = _kv(2, kv_heads, n, d, dtype, seed=heads)
     codes = Kv4Codes(2, kv_heads, smax, d, "cpu")
@@ -228,3 +231,30 @@ def test_default_decode_attention_stays_near_the_fake_path_with_large_logits():
     print(((default - fake).abs().max() / top).item(), ((before - fake).abs().max() / top).item())
     assert ((default - fake).abs().max() / top) < 2e-2
     assert ((before - fake).abs().max() / top) < 2e-2
+
+
+def test_words_is_refused_where_it_does_not_apply():
+    codes = Kv4Codes(1, 2, 4, 16, "cpu")
+    with pytest.raises(ValueError, match="words is a choice"):
+        kv4_decode_attention(torch.zeros(1, 2, 1, 16), codes, torch.tensor(1), 0.25, False, exact_k=False, words=True)
+    with pytest.raises(ValueError, match="prefetch is a choice"):
+        kv4_decode_attention(torch.zeros(1, 2, 1, 16), codes, torch.tensor(1), 0.25, False, words=False,
+                             prefetch=True)
+    codes = Kv4Codes(1, 2, 4, 12, "cpu")
+    with pytest.raises(ValueError, match="head dim 12"):
+        kv4_decode_attention(torch.zeros(1, 2, 1, 12), codes, torch.tensor(1), 0.25, False, words=True)
+
+
+def test_store_rotates_the_query_as_the_decode_kernel_does():
+    """The model's decode rotates the query in `kv4_store`'s launch and asks the attention for no R3: the same
+    output, bit for bit, as R3 in the attention kernel."""
+    torch.manual_seed(3)
+    k, v = _kv(2, 4, 9, 64, torch.bfloat16, seed=3)
+    q = torch.randn(2, 4, 1, 64).bfloat16()
+    codes, count = Kv4Codes(2, 4, 9, 64, "cpu"), torch.tensor(8)
+    kv4_store(codes, count, k[:, :, :8], v[:, :, :8], 1.0, True)
+    count += 1
+    qr = kv4_store(codes, count, k[:, :, 8:], v[:, :, 8:], 1.0, True, query=q)
+    assert qr.shape == q.shape and qr.dtype == q.dtype and not torch.equal(qr, q)
+    assert torch.equal(kv4_decode_attention(qr, codes, count, 0.125, False),
+                       kv4_decode_attention(q, codes, count, 0.125, True))

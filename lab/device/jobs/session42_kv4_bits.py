@@ -3,7 +3,10 @@ the Llama-2-7B shape (32 heads, no GQA, head dim 128, 513 cached positions, 32 l
 each path at today's choice and at its neighbours, every variant in two orders.
   --compare exact_k:  the slots loop with K's and V's scales and zeros out of the per-element work (`exact_k`,
                       the default) against the loop before it (K as the fake path holds it)
-  --compare fusion:   FMA contraction (`fp_fusion`) on and off (queued, not run yet)
+  --compare fusion:   FMA contraction (`fp_fusion`) on and off
+  --compare rotate:   session 43: the decode kernel with and without the query's R3 (its prologue's cost)
+  --compare words:    session 43: today's default, with FMA contraction, with the lazy rescale, and the codes
+                      read as int32 words (`words`), alone and with both
 (Session 42's runs, at commit 7779162, also compared `nibble_bits` and a V-only factoring; those knobs are gone.)
 Checked against fp32 SDPA over the bf16-dequantized cache, and the first variant against the last.
     PYTHONPATH=src:benchmarks python3 lab/device/jobs/session42_kv4_bits.py OUT.json [--compare factored]
@@ -36,6 +39,19 @@ COMPARISONS = {  # session 42 also timed `nibble_bits` and a V-only factoring (r
         paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
                                    for bs, w in ((16, 2), (32, 4), (64, 4))],
         batches=(64, 8, 1)),
+    "words": dict(  # session 43 (KERNELS 4h); the lazy rescale was timed in its first run, slower, and dropped here
+        variants=(("default", {}), ("fusion", dict(fp_fusion=True)),
+                  ("words fusion", dict(words=True, fp_fusion=True)),
+                  ("words fusion prefetch", dict(words=True, fp_fusion=True, prefetch=True))),
+        paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
+                                   for bs, w in ((32, 4), (16, 4), (64, 4))],
+        batches=(64, 8, 1)),
+    "rotate": dict(  # session 43: what the in-kernel R3 of the query costs (rotate_q=False: not the same result)
+        variants=(("words prefetch, R3 in kernel", dict(words=True, fp_fusion=True, prefetch=True)),
+                  ("words prefetch, no R3", dict(words=True, fp_fusion=True, prefetch=True, rotate_q=False)),
+                  ("default, no R3", dict(rotate_q=False)), ("default, R3 in kernel", {})),
+        paths=[("default", {}), ("slots bs32 w4", dict(block_s=32, num_warps=4, slots=True))],
+        batches=(64, 8)),
 }
 
 
@@ -58,10 +74,11 @@ def main(out, compare):
                 outs = {}
                 for label, vkw in (cmp["variants"] if order == 0 else cmp["variants"][::-1]):
                     kwv = dict(kw, **vkw)
+                    rot = kwv.pop("rotate_q", True)
                     try:
-                        outs[label] = kv4_decode_attention(q[0], caches[0], count, D ** -0.5, True, **kwv)
+                        outs[label] = kv4_decode_attention(q[0], caches[0], count, D ** -0.5, rot, **kwv)
                         err = ((outs[label].float() - ref).abs().max() / ref.abs().max()).item()
-                        us = graph_ms([lambda i=i: kv4_decode_attention(q[i], caches[i], count, D ** -0.5, True, **kwv)
+                        us = graph_ms([lambda i=i: kv4_decode_attention(q[i], caches[i], count, D ** -0.5, rot, **kwv)
                                        for i in range(LAYERS)]) * 1e3
                     except Exception as e:  # noqa: BLE001 - recorded (refused, out of resources)
                         rows.append(dict(batch=b, path=name, variant=label, error=repr(e)[:300]))

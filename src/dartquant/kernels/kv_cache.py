@@ -86,7 +86,7 @@ if triton is not None:
         """Program (row block, 0 = K / 1 = V / 2 = Q): rows are (sequence, head, new token) flattened.
         K / V: 4-bit codes into the cache at the count's positions (WRITE_CODES) and / or the
         dequantized values, in the model dtype, to [rows, D] (WRITE_VALUES: what SDPA reads when
-        several query tokens attend); Q (only with WRITE_VALUES and ROTATE_K): R3 applied, to [rows, D]."""
+        several query tokens attend); Q (only with ROTATE_K): R3 applied, to [rows, D]."""
         pid = tl.program_id(0)
         role = tl.program_id(1)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -245,7 +245,7 @@ if triton is not None:
         model dtype as the fake path holds it (2^-9 relative per element in bf16; with large logits the
         outputs move up to ~1.5e-2 of the largest, docs/KERNELS.md 4g); P V's weights are rounded as before.
         The subtractions 16 * (...) - ... cancel at most a few bits of fp32 (x in [1, 2)). Same returns as
-        `_slots_loop`."""
+        `_slots_loop`. (`_slots_loop_words` is this loop on words, the choice where the head dim allows.)"""
         sq = tl.sum(qve, axis=0) + tl.sum(qvo, axis=0)
         m_s = tl.full((BS,), float("-inf"), tl.float32)
         l_s = tl.zeros((BS,), tl.float32)
@@ -280,13 +280,137 @@ if triton is not None:
         return zero + m, zero + tl.sum(l_s * w, axis=0), out_e[None, :], out_o[None, :]
 
     @triton.jit
+    def _load_words(c_ptr, slot, ok, D: tl.constexpr):
+        """BS cached positions' codes as int32 words [BS, D / 8]: dim 8 i + k is nibble k of word i (little-endian)."""
+        wi = tl.arange(0, D // 8)
+        return tl.load(c_ptr + slot[:, None] * (D // 8) + wi[None, :], mask=ok[:, None], other=0)
+
+    @triton.jit
+    def _load_step(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, slot, ok, D: tl.constexpr):
+        """One step's loads: K's and V's words, K's scale and zero, V's scale and zero."""
+        return (_load_words(kc_ptr, slot, ok, D), _load_words(vc_ptr, slot, ok, D),
+                tl.load(ks_ptr + slot, mask=ok, other=0.0), tl.load(kz_ptr + slot, mask=ok, other=0.0),
+                tl.load(vs_ptr + slot, mask=ok, other=0.0), tl.load(vz_ptr + slot, mask=ok, other=0.0))
+
+    @triton.jit
+    def _word_codes(w):
+        """Words [BS, D / 8] -> 8 tiles: each nibble c masked where it sits and the word read as a float, a
+        subnormal c * 2^(p_k - 149) exactly (p_k: the nibble's lowest bit, see `_eighths`); nibbles 5-7 shifted
+        down 12 bits first, off the exponent. One mask a nibble and one shift a word: no byte extraction, no
+        int -> float conversion. (fp32 subnormals: the kernels are compiled without flush-to-zero.)"""
+        u = w >> 12
+        return ((w & 0xF).to(tl.float32, bitcast=True), (w & 0xF0).to(tl.float32, bitcast=True),
+                (w & 0xF00).to(tl.float32, bitcast=True), (w & 0xF000).to(tl.float32, bitcast=True),
+                (w & 0xF0000).to(tl.float32, bitcast=True), (u & 0xF00).to(tl.float32, bitcast=True),
+                (u & 0xF000).to(tl.float32, bitcast=True), (u & 0xF0000).to(tl.float32, bitcast=True))
+
+    @triton.jit
+    def _eighths(q, GP: tl.constexpr, D: tl.constexpr):
+        """The one real row of q [GP, D] as 8 vectors [D / 8], q_k[i] = q[8 i + k], each times its nibble's
+        2^(85 - p_k) (`_word_codes`): q'_k . x_k = q_k . c_k * 2^-64, exact products, normal floats."""
+        z0, z1 = tl.split(tl.reshape(q, (GP, D // 8, 2, 2, 2)))  # d = 8 i + 4 a + 2 b + c: c, then b, then a
+        b00, b01 = tl.split(z0)
+        b10, b11 = tl.split(z1)
+        q0, q4 = tl.split(b00)
+        q2, q6 = tl.split(b01)
+        q1, q5 = tl.split(b10)
+        q3, q7 = tl.split(b11)
+        return (tl.sum(q0, axis=0) * 3.8685626227668134e+25, tl.sum(q1, axis=0) * 2.4178516392292583e+24,
+                tl.sum(q2, axis=0) * 1.5111572745182865e+23, tl.sum(q3, axis=0) * 9.444732965739290e+21,
+                tl.sum(q4, axis=0) * 5.902958103587057e+20, tl.sum(q5, axis=0) * 1.5111572745182865e+23,
+                tl.sum(q6, axis=0) * 9.444732965739290e+21, tl.sum(q7, axis=0) * 5.902958103587057e+20)
+
+    @triton.jit
+    def _interleave4(a, b, c, d):
+        """[n] x 4 -> [4 n]: a[0], b[0], c[0], d[0], a[1], ..."""
+        return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), (4 * a.shape[0],))
+
+    @triton.jit
+    def _slots_loop_words(q, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sm_scale,
+                          CHUNK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                          ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, PREFETCH: tl.constexpr):
+        """`_slots_loop_factored` on codes read as int32 words, each nibble a subnormal float by a mask
+        (`_word_codes`): an element of K or V costs about 1.1 integer ops and one FMA, where the byte path's
+        extraction, shift and two masks cost about 3.5. With q's eighths and V's weights scaled by 2^(85 - p_k):
+            q . (c_j - z_j) = 2^64 * sum_k q'_k . x_jk - z_j * Sq
+            sum_j w_j (c_jd - z_j) = 2^64 * sum_j w'_jd x_jd - sum_j w_j z_j
+        Every product is exact and no sum carries an offset to cancel (the factored loop's 1 + c / 16 does), so
+        this is at least as close to the exact attention as `_slots_loop_factored`. Weights below ~2^-62 of
+        their slot's running maximum lose bits to subnormals (they weigh nothing next to it). Returns `_slots_loop`'s (max, sum, even-dim P V, odd-dim P V)."""
+        q0, q1, q2, q3, q4, q5, q6, q7 = _eighths(q, GP, D)
+        sq = tl.sum(tl.sum(q, axis=0), axis=0)
+        m_s = tl.full((BS,), float("-inf"), tl.float32)
+        l_s = tl.zeros((BS,), tl.float32)
+        pvz_s = tl.zeros((BS,), tl.float32)  # sum of the V weights times V's zero points, per slot
+        a0 = tl.zeros((BS, D // 8), tl.float32)
+        a1 = tl.zeros((BS, D // 8), tl.float32)
+        a2 = tl.zeros((BS, D // 8), tl.float32)
+        a3 = tl.zeros((BS, D // 8), tl.float32)
+        a4 = tl.zeros((BS, D // 8), tl.float32)
+        a5 = tl.zeros((BS, D // 8), tl.float32)
+        a6 = tl.zeros((BS, D // 8), tl.float32)
+        a7 = tl.zeros((BS, D // 8), tl.float32)
+        j = lo + tl.arange(0, BS)
+        ok = j < hi
+        slot = bh.to(tl.int64) * SMAX + j
+        wk, wv, ks, kz, vs, vz = _load_step(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, slot, ok, D)
+        # PREFETCH: a step's loads are issued two steps ahead, so a whole step's arithmetic hides their latency
+        # (ptxas sinks a load to the end of the step that issues it: one step ahead hides little; session 43,
+        # docs/KERNELS.md 4h). Past the slice they are masked (no traffic).
+        okn = j + BS < hi
+        wk_n, wv_n, ks_n, kz_n, vs_n, vz_n = _load_step(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, slot + BS,
+                                                        okn & PREFETCH, D)
+        for it in range(0, CHUNK // BS):
+            if PREFETCH:
+                wk_2, wv_2, ks_2, kz_2, vs_2, vz_2 = _load_step(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
+                                                                slot + 2 * BS, j + 2 * BS < hi, D)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _word_codes(wk)
+            t = tl.sum(x0 * q0[None, :] + x1 * q1[None, :] + x2 * q2[None, :] + x3 * q3[None, :] + x4 * q4[None, :]
+                       + x5 * q5[None, :] + x6 * q6[None, :] + x7 * q7[None, :], axis=1)
+            s = tl.where(ok, ks * (t * 1.8446744073709552e+19 - kz * sq) * sm_scale, float("-inf"))
+            m_s, alpha, p, l_s = _slot_softmax_step(s, ok, m_s, l_s)
+            pv = _round_model(p * vs, ROUND_BF16, ROUND_FP16)
+            pvz_s = pvz_s * alpha + pv * vz
+            w0 = (pv * 3.8685626227668134e+25)[:, None]  # 2^(85 - p_k): p_k = 0, 4, 8, 12, 16
+            w1 = (pv * 2.4178516392292583e+24)[:, None]
+            w2 = (pv * 1.5111572745182865e+23)[:, None]
+            w3 = (pv * 9.444732965739290e+21)[:, None]
+            w4 = (pv * 5.902958103587057e+20)[:, None]
+            v0, v1, v2, v3, v4, v5, v6, v7 = _word_codes(wv)
+            al = alpha[:, None]
+            a0 = a0 * al + w0 * v0
+            a1 = a1 * al + w1 * v1
+            a2 = a2 * al + w2 * v2
+            a3 = a3 * al + w3 * v3
+            a4 = a4 * al + w4 * v4
+            a5 = a5 * al + w2 * v5  # nibbles 5-7 shifted down 12 bits: p = 8, 12, 16
+            a6 = a6 * al + w3 * v6
+            a7 = a7 * al + w4 * v7
+            j, ok, slot = j + BS, j + BS < hi, slot + BS
+            if PREFETCH:
+                wk, wv, ks, kz, vs, vz = wk_n, wv_n, ks_n, kz_n, vs_n, vz_n
+                wk_n, wv_n, ks_n, kz_n, vs_n, vz_n = wk_2, wv_2, ks_2, kz_2, vs_2, vz_2
+            else:
+                wk, wv, ks, kz, vs, vz = _load_step(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, slot, ok, D)
+        m = tl.max(m_s, axis=0)  # finite: the caller's slice holds a position
+        wt = tl.exp(m_s - m)[:, None]
+        spvz = tl.sum(pvz_s * tl.exp(m_s - m), axis=0)
+        zero = tl.zeros((1,), tl.float32)  # the even dims (nibbles 0, 2, 4, 6 of each word) in order, then the odd
+        return (zero + m, zero + tl.sum(l_s * tl.exp(m_s - m), axis=0),
+                _interleave4(tl.sum(a0 * wt, axis=0), tl.sum(a2 * wt, axis=0), tl.sum(a4 * wt, axis=0),
+                             tl.sum(a6 * wt, axis=0))[None, :] * 1.8446744073709552e+19 - spvz,
+                _interleave4(tl.sum(a1 * wt, axis=0), tl.sum(a3 * wt, axis=0), tl.sum(a5 * wt, axis=0),
+                             tl.sum(a7 * wt, axis=0))[None, :] * 1.8446744073709552e+19 - spvz)
+
+    @triton.jit
     def _kv4_decode_kernel(
         q_ptr, count_ptr, s1_ptr, s2_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, po_ptr, pm_ptr,
         HKV, SMAX, NSPLIT, sq_b, sq_h, sm_scale, inv_sqrt_d,
         CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, CC: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROTATE_Q: tl.constexpr,
         SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, LOW: tl.constexpr,
-        SLOTS: tl.constexpr = False, EXACT_K: tl.constexpr = False,
+        SLOTS: tl.constexpr = False, EXACT_K: tl.constexpr = False, WORDS: tl.constexpr = False,
+        PREFETCH: tl.constexpr = False,
     ):
         """Program (sequence x KV head, slice): partial softmax(q K^T) V over its slice of the cache.
         GP: the GQA group padded to 16 (the rows of the dots); GR: rows of the running state (CC: one
@@ -316,7 +440,11 @@ if triton is not None:
         acc_e = tl.zeros((GR, D // 2), tl.float32)
         acc_o = tl.zeros((GR, D // 2), tl.float32)
         if lo < hi:  # a slice past the cache's end does nothing
-            if SLOTS and EXACT_K:
+            if SLOTS and WORDS:  # kc_ptr / vc_ptr: the codes as int32 words
+                m_i, l_i, acc_e, acc_o = _slots_loop_words(q, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
+                                                           vz_ptr, sm_scale, CHUNK, GP, D, BS, ROUND_BF16, ROUND_FP16,
+                                                           PREFETCH)
+            elif SLOTS and EXACT_K:
                 m_i, l_i, acc_e, acc_o = _slots_loop_factored(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr,
                                                               vc_ptr, vs_ptr, vz_ptr, sm_scale, CHUNK, D, BS,
                                                               ROUND_BF16, ROUND_FP16)
@@ -505,8 +633,8 @@ def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=
     vd = torch.empty_like(kd) if values else None
     rows_q, hq, qd = 0, 1, None
     if query is not None:
-        if not (values and rotate) or query.shape[0] != b or query.shape[2:] != (s, d):
-            raise ValueError("the query is rotated here only with values, R3, and K's batch / tokens / head dim")
+        if not rotate or query.shape[0] != b or query.shape[2:] != (s, d):
+            raise ValueError("the query is rotated here only with R3, and K's batch / tokens / head dim")
         query = query if query.stride(-1) == 1 else query.contiguous()
         hq = query.shape[1]
         rows_q = b * hq * s
@@ -533,11 +661,13 @@ def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=
 
 
 def kv4_store(codes: Kv4Codes, count: torch.Tensor, key: torch.Tensor, value: torch.Tensor, clip_ratio: float,
-              rotate_k: bool) -> None:
+              rotate_k: bool, query: torch.Tensor | None = None) -> torch.Tensor | None:
     """Quantize key / value [B, Hkv, S, D] into `codes` at positions count - S .. count - 1 (count: the
     layer's token count, a device tensor that already includes these S tokens; positions past the
-    cache's end are not written)."""
-    _store_launch(key, value, clip_ratio, rotate_k, codes=codes, count=count)
+    cache's end are not written). With `query` [B, H, S, D] and `rotate_k`: returns the query with R3
+    applied, in the same launch (the decode attention then takes it with rotate_q=False: session 43, the
+    in-kernel rotation was 13 % of its time at batch 64; docs/KERNELS.md 4h)."""
+    return _store_launch(key, value, clip_ratio, rotate_k, codes=codes, count=count, query=query)[2]
 
 
 def kv4_fake_quant(key: torch.Tensor, value: torch.Tensor, clip_ratio: float, rotate: bool,
@@ -579,21 +709,25 @@ def decode_path(programs: int, group: int, slots: bool | None, cuda_cores: bool 
 def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tensor, scaling: float,
                          rotate_q: bool, block_s: int | None = None, num_warps: int | None = None,
                          cuda_cores: bool | None = None, slots: bool | None = None,
-                         exact_k: bool = True, fp_fusion: bool = False) -> torch.Tensor:
+                         exact_k: bool = True, words: bool | None = None, prefetch: bool | None = None,
+                         fp_fusion: bool | None = None) -> torch.Tensor:
     """query [B, H, 1, D] (after RoPE) -> attention output [B, 1, H, D] over the first `count` cached
-    positions (unmasked: unpadded sequences). ``block_s`` cache positions per step (None: the measured
-    choice), ``num_warps``;
+    positions (unmasked: unpadded sequences). ``rotate_q``: apply R3 to the query here (the model's
+    attention rotates it in `kv4_store`'s launch instead: session 43, 13 % of this kernel's time at batch 64).
+    ``block_s`` cache positions per step (None: the measured choice), ``num_warps``;
     ``cuda_cores``: one query row per KV head (no GQA) as dot products on the CUDA cores instead of
     tensor-core dots with the row padded to 16 (None: the measured choice, see the code);
     ``slots``: one query row per KV head, each of the step's ``block_s`` positions its own online softmax,
     merged once at the end (`_slots_loop`; no GQA). None: the measured choice, slots for every MHA decode
     unless ``cuda_cores`` is given (docs/KERNELS.md 4f); ``exact_k`` (slots path only; default since
-    session 42, docs/KERNELS.md 4g: 0.68-0.76x the attention's time at batch 8-64 on an H100):
-    `_slots_loop_factored`, K's and V's scales and zeros out of the per-element work, so K is the exact
-    (code - zero) * scale rather than its rounding to the model dtype; False: `_slots_loop`, K as the
-    fake path holds it. ``num_warps`` None: 2 on the slots path (session 42),
-    else 4. ``fp_fusion``: let the compiler contract a * b + c into FMAs (off: the rounding of each step
-    as written; session 42's offline sm_90 compile: 6 % fewer instructions, half the FADDs; not timed)."""
+    session 42, docs/KERNELS.md 4g): K's and V's scales and zeros out of the per-element work, so K is the
+    exact (code - zero) * scale rather than its rounding to the model dtype; False: `_slots_loop`, K as the
+    fake path holds it. ``words`` (with exact_k, head dims divisible by 8; None: wherever it applies,
+    session 43, docs/KERNELS.md 4h): the codes read as int32 words, each nibble a float by one mask
+    (`_slots_loop_words`); False: `_slots_loop_factored`, byte by byte. ``prefetch`` (words only; None: on):
+    each step's loads issued two steps ahead. ``fp_fusion``: let the compiler contract a * b + c into FMAs
+    (None: on the words loop, where it was timed, off elsewhere: the rounding of each step as written).
+    ``num_warps`` None: 2 on the slots path (session 42), else 4."""
     b, h, sq, d = query.shape
     _, hkv, smax, _ = codes.shape
     if sq != 1 or h % hkv:
@@ -603,6 +737,16 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     if query.stride(-1) != 1:
         query = query.contiguous()
     slots, cuda_cores, block_s = decode_path(b * hkv, g, slots, cuda_cores, block_s)
+    if words is None:
+        words = bool(slots and exact_k and d % 8 == 0)
+    if words and not (slots and exact_k):
+        raise ValueError("words is a choice of the factored slots loop (slots without GQA, exact_k=True)")
+    if words and d % 8:
+        raise ValueError(f"head dim {d}: words reads 8 codes a word (head dims divisible by 8)")
+    if prefetch and not words:
+        raise ValueError("prefetch is a choice of the words loop (words=True)")
+    prefetch = words if prefetch is None else prefetch
+    fp_fusion = words if fp_fusion is None else fp_fusion
     num_warps = num_warps or (2 if slots else 4)
     ns = _splits(b * hkv, smax, query.device, block_s)
     chunk = triton.cdiv(triton.cdiv(smax, ns), block_s) * block_s
@@ -613,11 +757,13 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     pm = torch.empty(b * hkv * ns * gr, 2, dtype=torch.float32, device=query.device)
     f1, f2, s1, s2 = _stages(d, query.device)
     low = 0 if query.dtype == torch.float32 or not query.is_cuda else (1 if query.dtype == torch.bfloat16 else 2)
+    kc, vc = (codes.k_codes.view(torch.int32), codes.v_codes.view(torch.int32)) if words else (codes.k_codes,
+                                                                                                  codes.v_codes)
     _kv4_decode_kernel[(b * hkv, ns)](
-        query, count, s1, s2, codes.k_codes, codes.k_scale, codes.k_zero, codes.v_codes, codes.v_scale, codes.v_zero,
+        query, count, s1, s2, kc, codes.k_scale, codes.k_zero, vc, codes.v_scale, codes.v_zero,
         po, pm, hkv, smax, ns, query.stride(0), query.stride(1), float(scaling), 1.0 / math.sqrt(d),
         CHUNK=chunk, G=g, GP=gp, GR=gr, D=d, BS=block_s, CC=cuda_cores, F1=f1, F2=f2, ROTATE_Q=rotate_q,
-        SPLIT_FIRST=query.dtype == torch.float32, LOW=low, SLOTS=slots, EXACT_K=exact_k,
+        SPLIT_FIRST=query.dtype == torch.float32, LOW=low, SLOTS=slots, EXACT_K=exact_k, WORDS=words, PREFETCH=prefetch,
         num_warps=num_warps, enable_fp_fusion=fp_fusion,
         **_dtype_flags(query.dtype),
     )
@@ -645,9 +791,12 @@ def _kv4_attention(module, query, key, value, attention_mask, **kwargs):
     scaling = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     if isinstance(key, PendingKV4):
         layer = key.layer
-        kv4_store(layer.codes, layer.cumulative_length, key.key_states, key.value_states, clip, rotate)
-        if query.shape[2] == 1:
-            return kv4_decode_attention(query, layer.codes, layer.cumulative_length, scaling, rotate), None
+        one = query.shape[2] == 1
+        q = kv4_store(layer.codes, layer.cumulative_length, key.key_states, key.value_states, clip, rotate,
+                      query=query if one and rotate else None)  # R3 of the query in the store's launch
+        if one:
+            return kv4_decode_attention(q if rotate else query, layer.codes, layer.cumulative_length, scaling,
+                                        False), None
         k, v = layer.codes.dequantize(query.dtype)  # every cached position (a prompt after earlier tokens too)
         if rotate:
             query = module.dq_attention.qk_rotation(query)
