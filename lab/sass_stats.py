@@ -7,9 +7,10 @@ carries ptxas and cuobjdump. docs/KERNELS.md 1g-1h and 4f quote these counts.
     PYTHONPATH=src python lab/sass_stats.py kv4,G,BS,WARPS,PATH ...           # the 4-bit K/V decode attention,
     PYTHONPATH=src python lab/sass_stats.py kv4,1,32,4,dots kv4,1,32,4,slots  # head dim 128, bf16; PATH dots|cc|slots
     PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-held kv4,1,32,2,slots  # slots: exact K (default), -held: not
-    PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-lazy kv4,1,32,2,slots-words  # lazy rescale; words
+    PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-words kv4,1,32,2,slots-wordsprefetch  # words (4h)
     OPCODES=1 ...                                                            # and each kernel's opcode histogram
     SASS_OUT=FILE ...                                                        # and the (last) kernel's SASS listing
+    ROTATE_Q=0 ...                                                           # kv4: the query's R3 not in the kernel
     MAXNREG=128 PYTHONPATH=src python lab/sass_stats.py 14336,x,4,1,1        # registers capped (spills: local_bytes)
 
 Each config takes 10-60 s to compile on one core. Static counts say what the code contains, not how often it
@@ -61,23 +62,24 @@ def compile_kv4(g: int, block_s: int, warps: int, path: str):
     kernel = kv_cache._kv4_decode_kernel
     f1, f2, _, _ = kv_cache._stages(128, "cpu")
     gp = max(16, 1 << (g - 1).bit_length())
-    path, _, variant = path.partition("-")  # slots-held: `exact_k=False`; -lazy: `lazy_rescale`; -words, -wordslazy
+    path, _, variant = path.partition("-")  # slots-held: `exact_k=False`; -words, -wordsprefetch
     one_row = path in ("cc", "slots")
     ptrs = ["q_ptr", "count_ptr", "s1_ptr", "s2_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vz_ptr",
-            "po_ptr", "pm_ptr"]
+            "po_ptr", "pm_ptr", "out_ptr"]
     code = "*i32" if "words" in variant else "*u8"
-    types = ["*bf16", "*i64", "*fp16", "*fp16", code, "*fp32", "*fp32", code, "*fp32", "*fp32", "*fp32", "*fp32"]
+    types = ["*bf16", "*i64", "*fp16", "*fp16", code, "*fp32", "*fp32", code, "*fp32", "*fp32", "*fp32", "*fp32",
+             "*bf16"]
     sig = dict(zip(ptrs, types))
-    sig.update({k: "i32" for k in ("HKV", "SMAX", "NSPLIT", "sq_b", "sq_h")})
+    sig.update({k: "i32" for k in ("HKV", "SMAX", "NSPLIT", "sq_b", "sq_h", "so_b", "so_h")})
     sig.update(sm_scale="fp32", inv_sqrt_d="fp32")
     chunk = -(-513 // block_s) * block_s
     consts = dict(CHUNK=chunk, G=g, GP=gp, GR=1 if one_row else gp, D=128, BS=block_s, CC=path == "cc", F1=f1, F2=f2,
-                  ROTATE_Q=True, SPLIT_FIRST=False, ROUND_BF16=True, ROUND_FP16=False, LOW=1, SLOTS=path == "slots",
-                  EXACT_K=path == "slots" and variant != "held", LAZY="lazy" in variant, WORDS="words" in variant,
-                  PREFETCH="prefetch" in variant)
+                  ROTATE_Q=os.environ.get("ROTATE_Q", "1") == "1", SPLIT_FIRST=False, ROUND_BF16=True, ROUND_FP16=False, LOW=1, SLOTS=path == "slots",
+                  EXACT_K=path == "slots" and variant != "held", WORDS="words" in variant,
+                  PREFETCH="prefetch" in variant, DIRECT=True)
     sig.update({k: "constexpr" for k in consts})
     # as the launch specializes them (Llama-2-7B, batch 64): pointers 16-byte aligned, HKV = 32, q's strides 4096 / 128
-    aligned = ptrs + ["HKV", "sq_b", "sq_h"]
+    aligned = ptrs + ["HKV", "sq_b", "sq_h", "so_b", "so_h"]
     attrs = {(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned}
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, attrs=attrs,
                                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})

@@ -258,3 +258,19 @@ def test_store_rotates_the_query_as_the_decode_kernel_does():
     assert qr.shape == q.shape and qr.dtype == q.dtype and not torch.equal(qr, q)
     assert torch.equal(kv4_decode_attention(qr, codes, count, 0.125, False),
                        kv4_decode_attention(q, codes, count, 0.125, True))
+
+
+@pytest.mark.parametrize("heads,kv_heads,path", [(4, 4, {}), (4, 4, dict(words=False)), (4, 4, dict(slots=False)),
+                                                 (6, 2, {})])
+def test_one_slice_writes_the_output_itself(heads, kv_heads, path):
+    """A cache no longer than one slice (one program per sequence and KV head): the kernel normalizes and writes
+    the output in place of partials and a merge launch; still SDPA over the cached values (fp32)."""
+    d, n, smax = 32, 50, 60
+    k, v = _kv(2, kv_heads, n, d, torch.float32, seed=5)
+    codes, count = Kv4Codes(2, kv_heads, smax, d, "cpu"), torch.tensor(n)
+    kv4_store(codes, count, k, v, 1.0, True)
+    q = torch.randn(2, heads, 1, d, generator=torch.Generator().manual_seed(8))
+    out = kv4_decode_attention(q, codes, count, d ** -0.5, True, block_s=64, **path)
+    kq, vq = (t[:, :, :n].repeat_interleave(heads // kv_heads, 1) for t in codes.dequantize(torch.float32))
+    ref = torch.nn.functional.scaled_dot_product_attention(fast_hadamard_transform(q), kq, vq).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

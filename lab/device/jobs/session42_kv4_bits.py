@@ -5,6 +5,7 @@ each path at today's choice and at its neighbours, every variant in two orders.
                       the default) against the loop before it (K as the fake path holds it)
   --compare fusion:   FMA contraction (`fp_fusion`) on and off
   --compare rotate:   session 43: the decode kernel with and without the query's R3 (its prologue's cost)
+  --compare config:   session 43: the words loop as the model runs it, at several slot widths and warps
   --compare words:    session 43: today's default, with FMA contraction, with the lazy rescale, and the codes
                       read as int32 words (`words`), alone and with both
 (Session 42's runs, at commit 7779162, also compared `nibble_bits` and a V-only factoring; those knobs are gone.)
@@ -52,6 +53,12 @@ COMPARISONS = {  # session 42 also timed `nibble_bits` and a V-only factoring (r
                   ("default, no R3", dict(rotate_q=False)), ("default, R3 in kernel", {})),
         paths=[("default", {}), ("slots bs32 w4", dict(block_s=32, num_warps=4, slots=True))],
         batches=(64, 8)),
+    "config": dict(  # session 43: the words loop as the model runs it (R3 in the store's launch), its configs
+        variants=(("words prefetch", dict(rotate_q=False)), ("words", dict(rotate_q=False, prefetch=False)),
+                  ("session 42", dict(words=False, fp_fusion=False))),
+        paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
+                                   for bs, w in ((32, 4), (16, 2), (16, 4), (64, 4))],
+        batches=(64, 8, 1)),
 }
 
 

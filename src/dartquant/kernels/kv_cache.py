@@ -404,13 +404,13 @@ if triton is not None:
 
     @triton.jit
     def _kv4_decode_kernel(
-        q_ptr, count_ptr, s1_ptr, s2_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, po_ptr, pm_ptr,
-        HKV, SMAX, NSPLIT, sq_b, sq_h, sm_scale, inv_sqrt_d,
+        q_ptr, count_ptr, s1_ptr, s2_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, po_ptr, pm_ptr, out_ptr,
+        HKV, SMAX, NSPLIT, sq_b, sq_h, so_b, so_h, sm_scale, inv_sqrt_d,
         CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, CC: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROTATE_Q: tl.constexpr,
         SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, LOW: tl.constexpr,
         SLOTS: tl.constexpr = False, EXACT_K: tl.constexpr = False, WORDS: tl.constexpr = False,
-        PREFETCH: tl.constexpr = False,
+        PREFETCH: tl.constexpr = False, DIRECT: tl.constexpr = False,
     ):
         """Program (sequence x KV head, slice): partial softmax(q K^T) V over its slice of the cache.
         GP: the GQA group padded to 16 (the rows of the dots); GR: rows of the running state (CC: one
@@ -479,14 +479,19 @@ if triton is not None:
                         acc_e = acc_e * alpha[:, None] + _mm(pv, ve, LOW)
                         acc_o = acc_o * alpha[:, None] + _mm(pv, vo, LOW)
                     m_i = m_new
-        # partial rows: the even dims, then the odd ones (the merge puts them back in place)
-        part = (bh * NSPLIT + sp).to(tl.int64)
         r = tl.arange(0, GR)
         e = tl.arange(0, D // 2)
-        tl.store(po_ptr + (part * GR + r)[:, None] * D + e[None, :], acc_e)
-        tl.store(po_ptr + (part * GR + r)[:, None] * D + (D // 2 + e)[None, :], acc_o)
-        tl.store(pm_ptr + (part * GR + r) * 2, m_i)
-        tl.store(pm_ptr + (part * GR + r) * 2 + 1, l_i)
+        if DIRECT:  # one slice: the output itself, no merge launch (session 43: a launch a layer at batch 64)
+            dst = out_ptr + b.to(tl.int64) * so_b + (hk * G + r)[:, None] * so_h + 2 * e[None, :]
+            live = (r < G)[:, None]
+            tl.store(dst, (acc_e / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=live)
+            tl.store(dst + 1, (acc_o / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=live)
+        else:  # partial rows: the even dims, then the odd ones (the merge puts them back in place)
+            part = (bh * NSPLIT + sp).to(tl.int64)
+            tl.store(po_ptr + (part * GR + r)[:, None] * D + e[None, :], acc_e)
+            tl.store(po_ptr + (part * GR + r)[:, None] * D + (D // 2 + e)[None, :], acc_o)
+            tl.store(pm_ptr + (part * GR + r) * 2, m_i)
+            tl.store(pm_ptr + (part * GR + r) * 2 + 1, l_i)
 
     @triton.jit
     def _kv4_merge_kernel(po_ptr, pm_ptr, out_ptr, HKV, so_b, so_h, NSPLIT: tl.constexpr,
@@ -753,23 +758,27 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     if query.is_cuda and not (cuda_cores or slots) and d < 32:
         raise ValueError(f"head dim {d}: the decode kernel's tensor-core dots need a head dim of at least 32")
     gr = 1 if cuda_cores or slots else gp
-    po = torch.empty(b * hkv * ns * gr, d, dtype=torch.float32, device=query.device)
-    pm = torch.empty(b * hkv * ns * gr, 2, dtype=torch.float32, device=query.device)
+    out = torch.empty(b, 1, h, d, dtype=query.dtype, device=query.device)
+    direct = ns == 1  # one slice a program: the kernel writes the output, no partials and no merge
+    po = out if direct else torch.empty(b * hkv * ns * gr, d, dtype=torch.float32, device=query.device)
+    pm = out if direct else torch.empty(b * hkv * ns * gr, 2, dtype=torch.float32, device=query.device)
     f1, f2, s1, s2 = _stages(d, query.device)
     low = 0 if query.dtype == torch.float32 or not query.is_cuda else (1 if query.dtype == torch.bfloat16 else 2)
     kc, vc = (codes.k_codes.view(torch.int32), codes.v_codes.view(torch.int32)) if words else (codes.k_codes,
                                                                                                   codes.v_codes)
     _kv4_decode_kernel[(b * hkv, ns)](
         query, count, s1, s2, kc, codes.k_scale, codes.k_zero, vc, codes.v_scale, codes.v_zero,
-        po, pm, hkv, smax, ns, query.stride(0), query.stride(1), float(scaling), 1.0 / math.sqrt(d),
+        po, pm, out, hkv, smax, ns, query.stride(0), query.stride(1), out.stride(0), out.stride(2), float(scaling),
+        1.0 / math.sqrt(d),
         CHUNK=chunk, G=g, GP=gp, GR=gr, D=d, BS=block_s, CC=cuda_cores, F1=f1, F2=f2, ROTATE_Q=rotate_q,
         SPLIT_FIRST=query.dtype == torch.float32, LOW=low, SLOTS=slots, EXACT_K=exact_k, WORDS=words, PREFETCH=prefetch,
+        DIRECT=direct,
         num_warps=num_warps, enable_fp_fusion=fp_fusion,
         **_dtype_flags(query.dtype),
     )
-    out = torch.empty(b, 1, h, d, dtype=query.dtype, device=query.device)
-    _kv4_merge_kernel[(b * hkv,)](po, pm, out, hkv, out.stride(0), out.stride(2), NSPLIT=ns, G=g, GP=gr, D=d,
-                                  num_warps=4)
+    if not direct:
+        _kv4_merge_kernel[(b * hkv,)](po, pm, out, hkv, out.stride(0), out.stride(2), NSPLIT=ns, G=g, GP=gr, D=d,
+                                      num_warps=4)
     return out
 
 
