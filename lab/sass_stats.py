@@ -7,7 +7,7 @@ carries ptxas and cuobjdump. docs/KERNELS.md 1g-1h and 4f quote these counts.
     PYTHONPATH=src python lab/sass_stats.py kv4,G,BS,WARPS,PATH ...           # the 4-bit K/V decode attention,
     PYTHONPATH=src python lab/sass_stats.py kv4,1,32,4,dots kv4,1,32,4,slots  # head dim 128, bf16; PATH dots|cc|slots
     PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-held kv4,1,32,2,slots  # slots: exact K (default), -held: not
-    PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-words kv4,1,32,2,slots-wordsprefetch  # words (4h)
+    PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-bytes kv4,1,32,2,slots-words  # bytes / words (4h)
     OPCODES=1 ...                                                            # and each kernel's opcode histogram
     SASS_OUT=FILE ...                                                        # and the (last) kernel's SASS listing
     ROTATE_Q=0 ...                                                           # kv4: the query's R3 not in the kernel
@@ -62,7 +62,7 @@ def compile_kv4(g: int, block_s: int, warps: int, path: str):
     kernel = kv_cache._kv4_decode_kernel
     f1, f2, _, _ = kv_cache._stages(128, "cpu")
     gp = max(16, 1 << (g - 1).bit_length())
-    path, _, variant = path.partition("-")  # slots-held: `exact_k=False`; -words, -wordsprefetch
+    path, _, variant = path.partition("-")  # slots-held: `exact_k=False`; -words: `words`
     one_row = path in ("cc", "slots")
     ptrs = ["q_ptr", "count_ptr", "s1_ptr", "s2_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vz_ptr",
             "po_ptr", "pm_ptr", "out_ptr"]
@@ -75,8 +75,7 @@ def compile_kv4(g: int, block_s: int, warps: int, path: str):
     chunk = -(-513 // block_s) * block_s
     consts = dict(CHUNK=chunk, G=g, GP=gp, GR=1 if one_row else gp, D=128, BS=block_s, CC=path == "cc", F1=f1, F2=f2,
                   ROTATE_Q=os.environ.get("ROTATE_Q", "1") == "1", SPLIT_FIRST=False, ROUND_BF16=True, ROUND_FP16=False, LOW=1, SLOTS=path == "slots",
-                  EXACT_K=path == "slots" and variant != "held", WORDS="words" in variant,
-                  PREFETCH="prefetch" in variant, DIRECT=True)
+                  EXACT_K=path == "slots" and variant != "held", WORDS="words" in variant, DIRECT=True)
     sig.update({k: "constexpr" for k in consts})
     # as the launch specializes them (Llama-2-7B, batch 64): pointers 16-byte aligned, HKV = 32, q's strides 4096 / 128
     aligned = ptrs + ["HKV", "sq_b", "sq_h", "so_b", "so_h"]

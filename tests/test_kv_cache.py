@@ -76,8 +76,7 @@ def test_store_reads_strided_inputs_and_never_writes_past_the_end():
 @pytest.mark.parametrize("heads,kv_heads,cuda_cores,block_s,slots", [
     (4, 4, True, None, False), (4, 4, False, 32, False), (6, 2, None, None, False),
     (4, 4, None, 16, True), (4, 4, None, 64, True), (4, 4, None, None, None), (6, 2, None, None, None),
-    (4, 4, None, 16, "held k"), (4, 4, None, 64, "held k"), (4, 4, None, 16, "bytes"), (4, 4, None, 64, "bytes"),
-    (4, 4, None, 16, "no prefetch"), (4, 4, None, 64, "no prefetch")])
+    (4, 4, None, 16, "held k"), (4, 4, None, 64, "held k"), (4, 4, None, 16, "bytes"), (4, 4, None, 64, "bytes")])
 def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_heads, cuda_cores, block_s, slots):
     """Over two slices of the cache (100 of 130 slots filled, the rest ignored), GQA groups, R3 on
     the query in the kernel: SDPA over the dequantized cache, to the order of fp32 sums and, in
@@ -89,7 +88,7 @@ def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_h
     rounded to the dtype ("held k": exact_k=False, the loop before session 42, K as the fake path holds it). Its
     default reads the codes as words (session 43); "bytes" is the factored loop byte by byte."""
     extra = dict(exact_k=False) if slots == "held k" else {}
-    extra.update({"bytes": dict(words=False), "no prefetch": dict(prefetch=False)}.get(slots, {}))
+    extra.update({"bytes": dict(words=False)}.get(slots, {}))
     slots = True if isinstance(slots, str) else slots
     d, n, smax = 32, 100, 130
     k, v = _kv(2, kv_heads, n, d, dtype, seed=heads)
@@ -109,11 +108,12 @@ def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_h
 
 
 def test_decode_path_choice():
-    """The measured choice (docs/KERNELS.md 4f): slots for every decode without GQA, 64 positions a step below 256
-    programs; GQA keeps the tensor-core dots; an explicit path is kept, and two one-row paths at once refused."""
+    """The measured choice (docs/KERNELS.md 4f, 4h): slots for every decode without GQA, 64 positions a step below 256
+    programs, 16 from 1024; GQA keeps the tensor-core dots; an explicit path is kept, and two one-row paths at once refused."""
     assert decode_path(32, 1, None, None, None) == (True, False, 64)  # Llama-2-7B, batch 1
     assert decode_path(128, 1, None, None, None) == (True, False, 64)  # batch 4
     assert decode_path(256, 1, None, None, None) == (True, False, 32)  # batch 8
+    assert decode_path(2048, 1, None, None, None) == (True, False, 16)  # batch 64 (session 43)
     assert decode_path(8, 4, None, None, None) == (False, False, 64)  # Llama-3-8B, batch 1
     assert decode_path(64, 4, None, None, None) == (False, False, 32)
     assert decode_path(32, 1, None, True, None) == (False, True, 64)  # the CUDA cores when asked
@@ -237,9 +237,6 @@ def test_words_is_refused_where_it_does_not_apply():
     codes = Kv4Codes(1, 2, 4, 16, "cpu")
     with pytest.raises(ValueError, match="words is a choice"):
         kv4_decode_attention(torch.zeros(1, 2, 1, 16), codes, torch.tensor(1), 0.25, False, exact_k=False, words=True)
-    with pytest.raises(ValueError, match="prefetch is a choice"):
-        kv4_decode_attention(torch.zeros(1, 2, 1, 16), codes, torch.tensor(1), 0.25, False, words=False,
-                             prefetch=True)
     codes = Kv4Codes(1, 2, 4, 12, "cpu")
     with pytest.raises(ValueError, match="head dim 12"):
         kv4_decode_attention(torch.zeros(1, 2, 1, 12), codes, torch.tensor(1), 0.25, False, words=True)

@@ -6,7 +6,7 @@ each path at today's choice and at its neighbours, every variant in two orders.
   --compare fusion:   FMA contraction (`fp_fusion`) on and off
   --compare rotate:   session 43: the decode kernel with and without the query's R3 (its prologue's cost)
   --compare config:   session 43: the words loop as the model runs it, at several slot widths and warps
-  --compare words:    session 43: today's default, with FMA contraction, with the lazy rescale, and the codes
+  --compare words:    session 43: today's default, with FMA contraction, and the codes
                       read as int32 words (`words`), alone and with both
 (Session 42's runs, at commit 7779162, also compared `nibble_bits` and a V-only factoring; those knobs are gone.)
 Checked against fp32 SDPA over the bf16-dequantized cache, and the first variant against the last.
@@ -40,22 +40,22 @@ COMPARISONS = {  # session 42 also timed `nibble_bits` and a V-only factoring (r
         paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
                                    for bs, w in ((16, 2), (32, 4), (64, 4))],
         batches=(64, 8, 1)),
-    "words": dict(  # session 43 (KERNELS 4h); the lazy rescale was timed in its first run, slower, and dropped here
+    "words": dict(  # session 43 (KERNELS 4h); a lazy rescale and a two-step prefetch were timed too (in runs with
+        # them; both slower or even once R3 left the kernel) and removed
         variants=(("default", {}), ("fusion", dict(fp_fusion=True)),
                   ("words fusion", dict(words=True, fp_fusion=True)),
-                  ("words fusion prefetch", dict(words=True, fp_fusion=True, prefetch=True))),
+                  ("words fusion bs32 w2", dict(words=True, fp_fusion=True, block_s=32, num_warps=2))),
         paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
                                    for bs, w in ((32, 4), (16, 4), (64, 4))],
         batches=(64, 8, 1)),
     "rotate": dict(  # session 43: what the in-kernel R3 of the query costs (rotate_q=False: not the same result)
-        variants=(("words prefetch, R3 in kernel", dict(words=True, fp_fusion=True, prefetch=True)),
-                  ("words prefetch, no R3", dict(words=True, fp_fusion=True, prefetch=True, rotate_q=False)),
+        variants=(("words, R3 in kernel", dict(words=True, fp_fusion=True)),
+                  ("words, no R3", dict(words=True, fp_fusion=True, rotate_q=False)),
                   ("default, no R3", dict(rotate_q=False)), ("default, R3 in kernel", {})),
         paths=[("default", {}), ("slots bs32 w4", dict(block_s=32, num_warps=4, slots=True))],
         batches=(64, 8)),
     "config": dict(  # session 43: the words loop as the model runs it (R3 in the store's launch), its configs
-        variants=(("words prefetch", dict(rotate_q=False)), ("words", dict(rotate_q=False, prefetch=False)),
-                  ("session 42", dict(words=False, fp_fusion=False))),
+        variants=(("words", dict(rotate_q=False)), ("session 42", dict(words=False, fp_fusion=False))),
         paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
                                    for bs, w in ((32, 4), (16, 2), (16, 4), (64, 4))],
         batches=(64, 8, 1)),

@@ -286,13 +286,6 @@ if triton is not None:
         return tl.load(c_ptr + slot[:, None] * (D // 8) + wi[None, :], mask=ok[:, None], other=0)
 
     @triton.jit
-    def _load_step(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, slot, ok, D: tl.constexpr):
-        """One step's loads: K's and V's words, K's scale and zero, V's scale and zero."""
-        return (_load_words(kc_ptr, slot, ok, D), _load_words(vc_ptr, slot, ok, D),
-                tl.load(ks_ptr + slot, mask=ok, other=0.0), tl.load(kz_ptr + slot, mask=ok, other=0.0),
-                tl.load(vs_ptr + slot, mask=ok, other=0.0), tl.load(vz_ptr + slot, mask=ok, other=0.0))
-
-    @triton.jit
     def _word_codes(w):
         """Words [BS, D / 8] -> 8 tiles: each nibble c masked where it sits and the word read as a float, a
         subnormal c * 2^(p_k - 149) exactly (p_k: the nibble's lowest bit, see `_eighths`); nibbles 5-7 shifted
@@ -328,7 +321,7 @@ if triton is not None:
     @triton.jit
     def _slots_loop_words(q, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sm_scale,
                           CHUNK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                          ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, PREFETCH: tl.constexpr):
+                          ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr):
         """`_slots_loop_factored` on codes read as int32 words, each nibble a subnormal float by a mask
         (`_word_codes`): an element of K or V costs about 1.1 integer ops and one FMA, where the byte path's
         extraction, shift and two masks cost about 3.5. With q's eighths and V's weights scaled by 2^(85 - p_k):
@@ -350,33 +343,25 @@ if triton is not None:
         a5 = tl.zeros((BS, D // 8), tl.float32)
         a6 = tl.zeros((BS, D // 8), tl.float32)
         a7 = tl.zeros((BS, D // 8), tl.float32)
-        j = lo + tl.arange(0, BS)
-        ok = j < hi
-        slot = bh.to(tl.int64) * SMAX + j
-        wk, wv, ks, kz, vs, vz = _load_step(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, slot, ok, D)
-        # PREFETCH: a step's loads are issued two steps ahead, so a whole step's arithmetic hides their latency
-        # (ptxas sinks a load to the end of the step that issues it: one step ahead hides little; session 43,
-        # docs/KERNELS.md 4h). Past the slice they are masked (no traffic).
-        okn = j + BS < hi
-        wk_n, wv_n, ks_n, kz_n, vs_n, vz_n = _load_step(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, slot + BS,
-                                                        okn & PREFETCH, D)
         for it in range(0, CHUNK // BS):
-            if PREFETCH:
-                wk_2, wv_2, ks_2, kz_2, vs_2, vz_2 = _load_step(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-                                                                slot + 2 * BS, j + 2 * BS < hi, D)
-            x0, x1, x2, x3, x4, x5, x6, x7 = _word_codes(wk)
+            j = lo + it * BS + tl.arange(0, BS)
+            ok = j < hi
+            slot = bh.to(tl.int64) * SMAX + j
+            x0, x1, x2, x3, x4, x5, x6, x7 = _word_codes(_load_words(kc_ptr, slot, ok, D))
             t = tl.sum(x0 * q0[None, :] + x1 * q1[None, :] + x2 * q2[None, :] + x3 * q3[None, :] + x4 * q4[None, :]
                        + x5 * q5[None, :] + x6 * q6[None, :] + x7 * q7[None, :], axis=1)
+            ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)
+            kz = tl.load(kz_ptr + slot, mask=ok, other=0.0)
             s = tl.where(ok, ks * (t * 1.8446744073709552e+19 - kz * sq) * sm_scale, float("-inf"))
             m_s, alpha, p, l_s = _slot_softmax_step(s, ok, m_s, l_s)
-            pv = _round_model(p * vs, ROUND_BF16, ROUND_FP16)
-            pvz_s = pvz_s * alpha + pv * vz
+            pv = _round_model(p * tl.load(vs_ptr + slot, mask=ok, other=0.0), ROUND_BF16, ROUND_FP16)
+            pvz_s = pvz_s * alpha + pv * tl.load(vz_ptr + slot, mask=ok, other=0.0)
             w0 = (pv * 3.8685626227668134e+25)[:, None]  # 2^(85 - p_k): p_k = 0, 4, 8, 12, 16
             w1 = (pv * 2.4178516392292583e+24)[:, None]
             w2 = (pv * 1.5111572745182865e+23)[:, None]
             w3 = (pv * 9.444732965739290e+21)[:, None]
             w4 = (pv * 5.902958103587057e+20)[:, None]
-            v0, v1, v2, v3, v4, v5, v6, v7 = _word_codes(wv)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _word_codes(_load_words(vc_ptr, slot, ok, D))
             al = alpha[:, None]
             a0 = a0 * al + w0 * v0
             a1 = a1 * al + w1 * v1
@@ -386,12 +371,6 @@ if triton is not None:
             a5 = a5 * al + w2 * v5  # nibbles 5-7 shifted down 12 bits: p = 8, 12, 16
             a6 = a6 * al + w3 * v6
             a7 = a7 * al + w4 * v7
-            j, ok, slot = j + BS, j + BS < hi, slot + BS
-            if PREFETCH:
-                wk, wv, ks, kz, vs, vz = wk_n, wv_n, ks_n, kz_n, vs_n, vz_n
-                wk_n, wv_n, ks_n, kz_n, vs_n, vz_n = wk_2, wv_2, ks_2, kz_2, vs_2, vz_2
-            else:
-                wk, wv, ks, kz, vs, vz = _load_step(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, slot, ok, D)
         m = tl.max(m_s, axis=0)  # finite: the caller's slice holds a position
         wt = tl.exp(m_s - m)[:, None]
         spvz = tl.sum(pvz_s * tl.exp(m_s - m), axis=0)
@@ -410,7 +389,7 @@ if triton is not None:
         BS: tl.constexpr, CC: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROTATE_Q: tl.constexpr,
         SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, LOW: tl.constexpr,
         SLOTS: tl.constexpr = False, EXACT_K: tl.constexpr = False, WORDS: tl.constexpr = False,
-        PREFETCH: tl.constexpr = False, DIRECT: tl.constexpr = False,
+        DIRECT: tl.constexpr = False,
     ):
         """Program (sequence x KV head, slice): partial softmax(q K^T) V over its slice of the cache.
         GP: the GQA group padded to 16 (the rows of the dots); GR: rows of the running state (CC: one
@@ -442,8 +421,7 @@ if triton is not None:
         if lo < hi:  # a slice past the cache's end does nothing
             if SLOTS and WORDS:  # kc_ptr / vc_ptr: the codes as int32 words
                 m_i, l_i, acc_e, acc_o = _slots_loop_words(q, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
-                                                           vz_ptr, sm_scale, CHUNK, GP, D, BS, ROUND_BF16, ROUND_FP16,
-                                                           PREFETCH)
+                                                           vz_ptr, sm_scale, CHUNK, GP, D, BS, ROUND_BF16, ROUND_FP16)
             elif SLOTS and EXACT_K:
                 m_i, l_i, acc_e, acc_o = _slots_loop_factored(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr,
                                                               vc_ptr, vs_ptr, vz_ptr, sm_scale, CHUNK, D, BS,
@@ -697,8 +675,10 @@ def decode_path(programs: int, group: int, slots: bool | None, cuda_cores: bool 
     group of `group` query rows; None: the measured choice. Refuses a one-row path under GQA."""
     if slots is None:  # session 38 (docs/KERNELS.md 4f, H100): without GQA the slots beat the dots and the CUDA
         slots = group == 1 and cuda_cores is None  # cores at batch 2-64 and at 2049 positions, tie at batch 1 / 513
-    if block_s is None:  # run 34 and session 38: smaller steps once there are many programs
+    if block_s is None:  # run 34, sessions 38 and 43: smaller steps once there are many programs
         block_s = 32 if programs >= (256 if slots else 64) else 64
+        if slots and programs >= 1024:  # session 43, the words loop: 16 a step at 2048 programs, 32 at 256
+            block_s = 16
     if cuda_cores is None:  # run 33 (docs/KERNELS.md 4e): the CUDA cores for one sequence without GQA, else dots
         cuda_cores = group == 1 and programs <= 32 and not slots
     if slots:
@@ -714,7 +694,7 @@ def decode_path(programs: int, group: int, slots: bool | None, cuda_cores: bool 
 def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tensor, scaling: float,
                          rotate_q: bool, block_s: int | None = None, num_warps: int | None = None,
                          cuda_cores: bool | None = None, slots: bool | None = None,
-                         exact_k: bool = True, words: bool | None = None, prefetch: bool | None = None,
+                         exact_k: bool = True, words: bool | None = None,
                          fp_fusion: bool | None = None) -> torch.Tensor:
     """query [B, H, 1, D] (after RoPE) -> attention output [B, 1, H, D] over the first `count` cached
     positions (unmasked: unpadded sequences). ``rotate_q``: apply R3 to the query here (the model's
@@ -729,8 +709,7 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     exact (code - zero) * scale rather than its rounding to the model dtype; False: `_slots_loop`, K as the
     fake path holds it. ``words`` (with exact_k, head dims divisible by 8; None: wherever it applies,
     session 43, docs/KERNELS.md 4h): the codes read as int32 words, each nibble a float by one mask
-    (`_slots_loop_words`); False: `_slots_loop_factored`, byte by byte. ``prefetch`` (words only; None: on):
-    each step's loads issued two steps ahead. ``fp_fusion``: let the compiler contract a * b + c into FMAs
+    (`_slots_loop_words`); False: `_slots_loop_factored`, byte by byte. ``fp_fusion``: let the compiler contract a * b + c into FMAs
     (None: on the words loop, where it was timed, off elsewhere: the rounding of each step as written).
     ``num_warps`` None: 2 on the slots path (session 42), else 4."""
     b, h, sq, d = query.shape
@@ -748,9 +727,6 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
         raise ValueError("words is a choice of the factored slots loop (slots without GQA, exact_k=True)")
     if words and d % 8:
         raise ValueError(f"head dim {d}: words reads 8 codes a word (head dims divisible by 8)")
-    if prefetch and not words:
-        raise ValueError("prefetch is a choice of the words loop (words=True)")
-    prefetch = words if prefetch is None else prefetch
     fp_fusion = words if fp_fusion is None else fp_fusion
     num_warps = num_warps or (2 if slots else 4)
     ns = _splits(b * hkv, smax, query.device, block_s)
@@ -771,8 +747,7 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
         po, pm, out, hkv, smax, ns, query.stride(0), query.stride(1), out.stride(0), out.stride(2), float(scaling),
         1.0 / math.sqrt(d),
         CHUNK=chunk, G=g, GP=gp, GR=gr, D=d, BS=block_s, CC=cuda_cores, F1=f1, F2=f2, ROTATE_Q=rotate_q,
-        SPLIT_FIRST=query.dtype == torch.float32, LOW=low, SLOTS=slots, EXACT_K=exact_k, WORDS=words, PREFETCH=prefetch,
-        DIRECT=direct,
+        SPLIT_FIRST=query.dtype == torch.float32, LOW=low, SLOTS=slots, EXACT_K=exact_k, WORDS=words, DIRECT=direct,
         num_warps=num_warps, enable_fp_fusion=fp_fusion,
         **_dtype_flags(query.dtype),
     )
