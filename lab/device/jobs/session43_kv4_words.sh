@@ -2,7 +2,7 @@
 # Session 43 (issue 16; docs/KERNELS.md 4h): the 4-bit decode attention on words (the default since), end to end:
 # `dartquant bench --kv kernels` on a quantized Llama-2-7B-shape run folder as it is (both sides), then the w4a4
 # side again on the same load with session 42's attention forced (bytes, no FMA contraction, R3 of the query in
-# the attention kernel rather than in the store's launch).
+# the attention kernel rather than in the store's launch, its slot widths; a merge launch only where it splits).
 #   RES=$OUT bash lab/device/jobs/session43_kv4_words.sh        # carry [".kb_data"]
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
@@ -26,8 +26,10 @@ if os.environ["SIDE"] == "before":  # session 42's decode attention: bytes, no c
             kv_cache.kv4_store(layer.codes, layer.cumulative_length, key.key_states, key.value_states, clip, rotate)
             scaling = kwargs.get("scaling")
             scaling = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+            programs = query.shape[0] * layer.codes.shape[1]  # session 42's slot widths: 32 from 256 programs
             return kv_cache.kv4_decode_attention(query, layer.codes, layer.cumulative_length, scaling, rotate,
-                                                 words=False, fp_fusion=False), None
+                                                 words=False, fp_fusion=False,
+                                                 block_s=32 if programs >= 256 else 64), None
         return today(module, query, key, value, attention_mask, **kwargs)
     today = kv_cache._kv4_attention
     kv_cache._kv4_attention = before
