@@ -41,7 +41,11 @@ def compile_blocks(n: int, right: int | None, warps: int, tokens: int, groups: i
                   ROUND_FP16=False, RECIP=True, USE_RINT=True, PLANAR=0, FMA_DIV=True, PDL=False,
                   LOG_C=c.bit_length() - 1, LATE_LEFT=os.environ.get("LATE_LEFT") == "1")
     sig.update({k: "constexpr" for k in consts})
-    src = triton.compiler.ASTSource(fn=KERNEL, signature=sig,
+    # as the launch specializes them: 16-byte aligned pointers, row strides divisible by 16 (every supported width;
+    # before session 43 this compile had no such hints, and its register counts were not the launch's)
+    aligned = [k for k, v in sig.items() if v.startswith("*")] + ["stride_xm", "stride_cm"]
+    attrs = {(KERNEL.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned}
+    src = triton.compiler.ASTSource(fn=KERNEL, signature=sig, attrs=attrs,
                                     constexprs={(KERNEL.arg_names.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=_options(warps))
 

@@ -5,6 +5,7 @@ each path at today's choice and at its neighbours, every variant in two orders.
                       the default) against the loop before it (K as the fake path holds it)
   --compare fusion:   FMA contraction (`fp_fusion`) on and off
   --compare rotate:   session 43: the decode kernel with and without the query's R3 (its prologue's cost)
+  --compare ahead:    session 43: the words loop's loads at the top of a step or one step ahead (`ahead`, since removed)
   --compare config:   session 43: the words loop as the model runs it, at several slot widths and warps
   --compare words:    session 43: today's default, with FMA contraction, and the codes
                       read as int32 words (`words`), alone and with both
@@ -58,6 +59,12 @@ COMPARISONS = {  # session 42 also timed `nibble_bits` and a V-only factoring (r
         variants=(("words", dict(rotate_q=False)), ("session 42", dict(words=False, fp_fusion=False))),
         paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
                                    for bs, w in ((32, 4), (16, 2), (16, 4), (64, 4))],
+        batches=(64, 8, 1)),
+    "ahead": dict(  # session 43: the words loop's codes loaded at the top of each step, or at the end of the one before
+        # (`ahead`, removed after this run: within 1.5 % at the default configs)
+        variants=(("top", dict(rotate_q=False)), ("ahead", dict(rotate_q=False, ahead=True))),
+        paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
+                                   for bs, w in ((32, 2), (16, 4))],
         batches=(64, 8, 1)),
 }
 
