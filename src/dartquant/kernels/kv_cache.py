@@ -23,10 +23,12 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
   integers exact and the weight rounded to the model dtype as flash attention rounds P. So those
   differ from SDPA over the fake path's values only by fp32 summation order and that one rounding
   (tests: within 2^-7 in bf16, 1e-5 in fp32). The slots path (MHA, the default there) takes the
-  scales and zero points out of the per-element work (`_slots_loop_factored`), so it attends over
-  the exact (code - zero) * scale, unrounded: within 2^-7 of SDPA over that exact K, within 2e-2 of
-  the largest output from the fake path where logits are large (docs/KERNELS.md 4g). A second
-  launch merges the slices. The query is rotated by R3 in the kernel.
+  scales and zero points out of the per-element work and reads the codes as int32 words
+  (`_slots_loop_words`; `_slots_loop_factored` byte by byte), so it attends over the exact
+  (code - zero) * scale, unrounded: within 2^-7 of SDPA over that exact K, within 2e-2 of the
+  largest output from the fake path where logits are large (docs/KERNELS.md 4g-4h). A second
+  launch merges the slices where there are several. The model's attention has the store's launch
+  apply R3 to the query (`kv4_store(..., query=)`); the kernel can apply it itself (`rotate_q`).
 * Several query tokens: into the cache (a prompt), the codes are written by the same store kernel,
   the whole cache dequantized in torch and attended by SDPA with the model's mask; without a cache
   (`ppl`, `bench`'s prefill), `kv4_fake_quant` gives the fake-quant K / V and the rotated Q in one
