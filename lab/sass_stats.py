@@ -78,7 +78,8 @@ def compile_kv4(g: int, block_s: int, warps: int, path: str):
     sig.update(sm_scale="fp32", inv_sqrt_d="fp32")
     chunk = -(-513 // block_s) * block_s
     consts = dict(CHUNK=chunk, G=g, GP=gp, GR=1 if one_row else gp, D=128, BS=block_s, CC=path == "cc", F1=f1, F2=f2,
-                  ROTATE_Q=os.environ.get("ROTATE_Q", "1") == "1", SPLIT_FIRST=False, ROUND_BF16=True, ROUND_FP16=False, LOW=1, SLOTS=path == "slots",
+                  ROTATE_Q=os.environ.get("ROTATE_Q", "1") == "1", SPLIT_FIRST=False, ROUND_BF16=True, ROUND_FP16=False,
+                  LOW=1, SLOTS=path == "slots",
                   EXACT_K=path == "slots" and variant != "held", WORDS="words" in variant, DIRECT=True)
     sig.update({k: "constexpr" for k in consts})
     # as the launch specializes them (Llama-2-7B, batch 64): pointers 16-byte aligned, HKV = 32, q's strides 4096 / 128

@@ -109,7 +109,8 @@ def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_h
 
 def test_decode_path_choice():
     """The measured choice (docs/KERNELS.md 4f, 4h): slots for every decode without GQA, 64 positions a step below 256
-    programs, 16 from 1024; GQA keeps the tensor-core dots; an explicit path is kept, and two one-row paths at once refused."""
+    programs, 16 from 1024; GQA keeps the tensor-core dots; an explicit path is kept, and two one-row paths at once
+    refused."""
     assert decode_path(32, 1, None, None, None) == (True, False, 64)  # Llama-2-7B, batch 1
     assert decode_path(128, 1, None, None, None) == (True, False, 64)  # batch 4
     assert decode_path(256, 1, None, None, None) == (True, False, 32)  # batch 8

@@ -331,7 +331,8 @@ if triton is not None:
             sum_j w_j (c_jd - z_j) = 2^64 * sum_j w'_jd x_jd - sum_j w_j z_j
         Every product is exact and no sum carries an offset to cancel (the factored loop's 1 + c / 16 does), so
         this is at least as close to the exact attention as `_slots_loop_factored`. Weights below ~2^-62 of
-        their slot's running maximum lose bits to subnormals (they weigh nothing next to it). Returns `_slots_loop`'s (max, sum, even-dim P V, odd-dim P V)."""
+        their slot's running maximum lose bits to subnormals (they weigh nothing next to it).
+        Returns `_slots_loop`'s (max, sum, even-dim P V, odd-dim P V)."""
         q0, q1, q2, q3, q4, q5, q6, q7 = _eighths(q, GP, D)
         sq = tl.sum(tl.sum(q, axis=0), axis=0)
         m_s = tl.full((BS,), float("-inf"), tl.float32)
@@ -711,8 +712,9 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     exact (code - zero) * scale rather than its rounding to the model dtype; False: `_slots_loop`, K as the
     fake path holds it. ``words`` (with exact_k, head dims divisible by 8; None: wherever it applies,
     session 43, docs/KERNELS.md 4h): the codes read as int32 words, each nibble a float by one mask
-    (`_slots_loop_words`); False: `_slots_loop_factored`, byte by byte. ``fp_fusion``: let the compiler contract a * b + c into FMAs
-    (None: on the words loop, where it was timed, off elsewhere: the rounding of each step as written).
+    (`_slots_loop_words`); False: `_slots_loop_factored`, byte by byte. ``fp_fusion``: let the compiler
+    contract a * b + c into FMAs (None: on the words loop, where it was timed, off elsewhere: the rounding
+    of each step as written).
     ``num_warps`` None: 2 on the slots path (session 42), else 4."""
     b, h, sq, d = query.shape
     _, hkv, smax, _ = codes.shape
