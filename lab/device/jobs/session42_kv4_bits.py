@@ -6,6 +6,7 @@ each path at today's choice and at its neighbours, every variant in two orders.
   --compare fusion:   FMA contraction (`fp_fusion`) on and off
   --compare rotate:   session 43: the decode kernel with and without the query's R3 (its prologue's cost)
   --compare ahead:    session 43: the words loop's loads at the top of a step or one step ahead (`ahead`, since removed)
+  --compare width:    session 43: 8 / 16 / 32 positions a step on 1 / 2 warps (occupancy by registers)
   --compare config:   session 43: the words loop as the model runs it, at several slot widths and warps
   --compare words:    session 43: today's default, with FMA contraction, and the codes
                       read as int32 words (`words`), alone and with both
@@ -66,6 +67,11 @@ COMPARISONS = {  # session 42 also timed `nibble_bits` and a V-only factoring (r
         paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
                                    for bs, w in ((32, 2), (16, 4))],
         batches=(64, 8, 1)),
+    "width": dict(  # session 43, after Nsight Compute (25 % occupancy by registers at batch 64): narrower steps
+        variants=(("words", dict(rotate_q=False)),),
+        paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
+                                   for bs, w in ((8, 2), (8, 1), (16, 1), (16, 2), (32, 2))],
+        batches=(64, 8)),
 }
 
 
