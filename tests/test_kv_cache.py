@@ -75,7 +75,7 @@ def test_store_reads_strided_inputs_and_never_writes_past_the_end():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)])
 @pytest.mark.parametrize("heads,kv_heads,cuda_cores,block_s,slots", [
     (4, 4, True, None, False), (4, 4, False, 32, False), (6, 2, None, None, False),
-    (4, 4, None, 16, True), (4, 4, None, 64, True), (4, 4, None, None, None), (6, 2, None, None, None),
+    (4, 4, None, 8, True), (4, 4, None, 16, True), (4, 4, None, 64, True), (4, 4, None, None, None), (6, 2, None, None, None),
     (4, 4, None, 16, "held k"), (4, 4, None, 64, "held k"), (4, 4, None, 16, "bytes"), (4, 4, None, 64, "bytes")])
 def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_heads, cuda_cores, block_s, slots):
     """Over two slices of the cache (100 of 130 slots filled, the rest ignored), GQA groups, R3 on
@@ -109,12 +109,12 @@ def test_decode_attention_is_sdpa_over_the_cached_values(dtype, tol, heads, kv_h
 
 def test_decode_path_choice():
     """The measured choice (docs/KERNELS.md 4f, 4h): slots for every decode without GQA, 64 positions a step below 256
-    programs, 16 from 1024; GQA keeps the tensor-core dots; an explicit path is kept, and two one-row paths at once
+    programs, 8 from 1024; GQA keeps the tensor-core dots; an explicit path is kept, and two one-row paths at once
     refused."""
     assert decode_path(32, 1, None, None, None) == (True, False, 64)  # Llama-2-7B, batch 1
     assert decode_path(128, 1, None, None, None) == (True, False, 64)  # batch 4
     assert decode_path(256, 1, None, None, None) == (True, False, 32)  # batch 8
-    assert decode_path(2048, 1, None, None, None) == (True, False, 16)  # batch 64 (session 43)
+    assert decode_path(2048, 1, None, None, None) == (True, False, 8)  # batch 64 (session 43; on 1 warp)
     assert decode_path(8, 4, None, None, None) == (False, False, 64)  # Llama-3-8B, batch 1
     assert decode_path(64, 4, None, None, None) == (False, False, 32)
     assert decode_path(32, 1, None, True, None) == (False, True, 64)  # the CUDA cores when asked

@@ -680,8 +680,8 @@ def decode_path(programs: int, group: int, slots: bool | None, cuda_cores: bool 
         slots = group == 1 and cuda_cores is None  # cores at batch 2-64 and at 2049 positions, tie at batch 1 / 513
     if block_s is None:  # run 34, sessions 38 and 43: smaller steps once there are many programs
         block_s = 32 if programs >= (256 if slots else 64) else 64
-        if slots and programs >= 1024:  # session 43, the words loop: 16 a step at 2048 programs, 32 at 256
-            block_s = 16
+        if slots and programs >= 1024:  # session 43, the words loop: 8 a step (on 1 warp) at 2048 programs, 32 at 256
+            block_s = 8
     if cuda_cores is None:  # run 33 (docs/KERNELS.md 4e): the CUDA cores for one sequence without GQA, else dots
         cuda_cores = group == 1 and programs <= 32 and not slots
     if slots:
@@ -715,7 +715,7 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     (`_slots_loop_words`); False: `_slots_loop_factored`, byte by byte. ``fp_fusion``: let the compiler
     contract a * b + c into FMAs (None: on the words loop, where it was timed, off elsewhere: the rounding
     of each step as written).
-    ``num_warps`` None: 2 on the slots path (session 42), else 4."""
+    ``num_warps`` None: on the slots path 2 (session 42), 1 at 8 positions a step (session 43), else 4."""
     b, h, sq, d = query.shape
     _, hkv, smax, _ = codes.shape
     if sq != 1 or h % hkv:
@@ -732,7 +732,7 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     if words and d % 8:
         raise ValueError(f"head dim {d}: words reads 8 codes a word (head dims divisible by 8)")
     fp_fusion = words if fp_fusion is None else fp_fusion
-    num_warps = num_warps or (2 if slots else 4)
+    num_warps = num_warps or ((1 if block_s <= 8 else 2) if slots else 4)  # session 43: 8 a step on 1 warp
     ns = _splits(b * hkv, smax, query.device, block_s)
     chunk = triton.cdiv(triton.cdiv(smax, ns), block_s) * block_s
     if query.is_cuda and not (cuda_cores or slots) and d < 32:
