@@ -5,12 +5,13 @@ each path at today's choice and at its neighbours, every variant in two orders.
                       the default) against the loop before it (K as the fake path holds it)
   --compare fusion:   FMA contraction (`fp_fusion`) on and off
   --compare rotate:   session 43: the decode kernel with and without the query's R3 (its prologue's cost)
-  --compare ahead:    session 43: the words loop's loads at the top of a step or one step ahead (`ahead`, since removed)
   --compare width:    session 43: 8 / 16 / 32 positions a step on 1 / 2 warps (occupancy by registers)
   --compare config:   session 43: the words loop as the model runs it, at several slot widths and warps
   --compare words:    session 43: today's default, with FMA contraction, and the codes
                       read as int32 words (`words`), alone and with both
-(Session 42's runs, at commit 7779162, also compared `nibble_bits` and a V-only factoring; those knobs are gone.)
+(Session 42's runs, at commit 7779162, also compared `nibble_bits` and a V-only factoring; session 43's compared a
+lazy rescale, a prefetch and loads one step ahead (kv4_ahead_h100_session43.json, from a switch that was timed and
+removed before it was committed); those knobs are gone.)
 Checked against fp32 SDPA over the bf16-dequantized cache, and the first variant against the last.
     PYTHONPATH=src:benchmarks python3 lab/device/jobs/session42_kv4_bits.py OUT.json [--compare factored]
 """
@@ -60,12 +61,6 @@ COMPARISONS = {  # session 42 also timed `nibble_bits` and a V-only factoring (r
         variants=(("words", dict(rotate_q=False)), ("session 42", dict(words=False, fp_fusion=False))),
         paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
                                    for bs, w in ((32, 4), (16, 2), (16, 4), (64, 4))],
-        batches=(64, 8, 1)),
-    "ahead": dict(  # session 43: the words loop's codes loaded at the top of each step, or at the end of the one before
-        # (`ahead`, removed after this run: within 1.5 % at the default configs)
-        variants=(("top", dict(rotate_q=False)), ("ahead", dict(rotate_q=False, ahead=True))),
-        paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
-                                   for bs, w in ((32, 2), (16, 4))],
         batches=(64, 8, 1)),
     "width": dict(  # session 43, after Nsight Compute (25 % occupancy by registers at batch 64): narrower steps
         variants=(("words", dict(rotate_q=False)),),

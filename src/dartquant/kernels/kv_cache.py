@@ -17,7 +17,7 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
 * `kv4_decode_attention` (one query token per sequence): flash decoding. A program takes one
   sequence, one KV head (its GQA group of query heads as the rows of the dots, padded to 16; or,
   without GQA at small batch, one row on the CUDA cores) and one slice of the cache, in steps of
-  32 or 64 positions with a fixed trip count (Triton pipelines it; the tail is masked). On the
+  8 to 64 positions with a fixed trip count (Triton pipelines it; the tail is masked). On the
   dots and CUDA-core paths K is dequantized as the fake path holds it ((code - zero) * scale in
   fp32, rounded to the model dtype); P V is computed as (p_j * scale_j) (code_j - zero_j), the
   integers exact and the weight rounded to the model dtype as flash attention rounds P. So those
@@ -375,10 +375,11 @@ if triton is not None:
             a6 = a6 * al + w3 * v6
             a7 = a7 * al + w4 * v7
         m = tl.max(m_s, axis=0)  # finite: the caller's slice holds a position
-        wt = tl.exp(m_s - m)[:, None]
-        spvz = tl.sum(pvz_s * tl.exp(m_s - m), axis=0)
+        w = tl.exp(m_s - m)
+        wt = w[:, None]
+        spvz = tl.sum(pvz_s * w, axis=0)
         zero = tl.zeros((1,), tl.float32)  # the even dims (nibbles 0, 2, 4, 6 of each word) in order, then the odd
-        return (zero + m, zero + tl.sum(l_s * tl.exp(m_s - m), axis=0),
+        return (zero + m, zero + tl.sum(l_s * w, axis=0),
                 _interleave4(tl.sum(a0 * wt, axis=0), tl.sum(a2 * wt, axis=0), tl.sum(a4 * wt, axis=0),
                              tl.sum(a6 * wt, axis=0))[None, :] * 1.8446744073709552e+19 - spvz,
                 _interleave4(tl.sum(a1 * wt, axis=0), tl.sum(a3 * wt, axis=0), tl.sum(a5 * wt, axis=0),
