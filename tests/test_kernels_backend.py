@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from dartquant.cli import main as cli_main  # noqa: E402
 from dartquant.kernels.act_quant import hadamard_quantize_pack, hadamard_quantize_pack_reference  # noqa: E402
+from dartquant.kernels.bench import PACKED_SDPA  # noqa: E402
 from dartquant.kernels.backend import KernelSupportError, check_run_for_kernels, load_for_backend  # noqa: E402
 from dartquant.kernels.linear import W4A4Linear  # noqa: E402
 from dartquant.modules import QLinear  # noqa: E402
@@ -205,12 +206,40 @@ def test_the_decode_step_is_a_real_repeatable_decode_step(kernel_run):
 
     model = plain_bf16_model(kernel_run, "cpu").float()
     assert not any(isinstance(m, (QLinear, W4A4Linear)) for m in model.modules())  # plain transformers
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == PACKED_SDPA
     step = make_decode_step(model, batch=2, context=5, device=torch.device("cpu"))
     with torch.no_grad():
         ref = model(step.ids).logits[:, -1:]
     for _ in range(3):  # on the GPU do_bench and the graph replay call it hundreds of times
         torch.testing.assert_close(step(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_bf16_side_attends_gqa_decode_on_the_kv_heads(kernel_run, monkeypatch):
+    """The baseline's decode attention takes the GQA group as query rows of the KV heads (no K / V repeated
+    per step), with the logits of K / V repeated per query head, in float64."""
+    from dartquant.kernels.bench import make_decode_step, plain_bf16_model
+
+    model = plain_bf16_model(kernel_run, "cpu").double()
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    assert groups > 1  # the tiny run is GQA
+    step = make_decode_step(model, batch=3, context=6, device=torch.device("cpu"))
+    shapes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: shapes.append((tuple(q.shape), tuple(k.shape))) or sdpa(q, k, v, **kw))
+    packed = step()
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    kv = (3, model.config.num_key_value_heads, 7, head_dim)
+    assert shapes and all(s == ((3, model.config.num_key_value_heads, groups, head_dim), kv) for s in shapes)
+
+    def repeated(module, q, k, v, mask, **kw):  # the reference: K / V repeated per query head
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return sdpa(q, k, v, attn_mask=mask, scale=kw.get("scaling")).transpose(1, 2).contiguous(), None
+
+    from dartquant.modules import register_attention_function
+
+    model.set_attn_implementation(register_attention_function("test_repeated_kv", repeated))
+    torch.testing.assert_close(packed, step(), rtol=1e-12, atol=1e-12)
 
 
 def test_siblings_share_one_activation_quantization(kernel_run, monkeypatch):
