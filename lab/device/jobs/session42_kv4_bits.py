@@ -9,6 +9,8 @@ each path at today's choice and at its neighbours, every variant in two orders.
   --compare config:   session 43: the words loop as the model runs it, at several slot widths and warps
   --compare words:    session 43: today's default, with FMA contraction, and the codes
                       read as int32 words (`words`), alone and with both
+  --compare gqa:      session 44: the Llama-3-8B shape (8 KV heads, groups of 4): the tensor-core dots on words
+                      (the default since) against the dots with K as held, at several steps and warps
 (Session 42's runs, at commit 7779162, also compared `nibble_bits` and a V-only factoring; session 43's compared a
 lazy rescale, a prefetch and loads one step ahead (kv4_ahead_h100_session43.json, from a switch that was timed and
 removed before it was committed); those knobs are gone.)
@@ -62,6 +64,12 @@ COMPARISONS = {  # session 42 also timed `nibble_bits` and a V-only factoring (r
         paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
                                    for bs, w in ((32, 4), (16, 2), (16, 4), (64, 4))],
         batches=(64, 8, 1)),
+    "gqa": dict(  # session 44: the GQA group on the tensor cores with the codes as words (bf16 numbers by a mask)
+        hkv=8,
+        variants=(("dots words", dict(rotate_q=False)), ("dots held", dict(rotate_q=False, words=False, exact_k=False))),
+        paths=[("default", {})] + [(f"dots bs{bs} w{w}", dict(block_s=bs, num_warps=w))
+                                   for bs, w in ((16, 2), (32, 2), (16, 4), (64, 4))],
+        batches=(64, 8, 1)),
     "width": dict(  # session 43, after Nsight Compute (25 % occupancy by registers at batch 64): narrower steps
         variants=(("words", dict(rotate_q=False)),),
         paths=[("default", {})] + [(f"slots bs{bs} w{w}", dict(block_s=bs, num_warps=w, slots=True))
@@ -79,21 +87,25 @@ def main(out, compare):
         g = torch.Generator(dev).manual_seed(b)
         smax = CTX + 1
         q = [torch.randn(b, H, 1, D, device=dev, generator=g).bfloat16() for _ in range(LAYERS)]
-        caches = filled_caches(b, H, smax, smax, g)
+        q_r3 = [fast_hadamard_transform(x) for x in q]  # rotate_q=False: the query as the store's launch leaves it
+        hkv = cmp.get("hkv", H)
+        caches = filled_caches(b, hkv, smax, smax, g)
         count = torch.tensor(smax, device=dev)
         kq, vq = caches[0].dequantize(torch.bfloat16)
+        kq, vq = (t.repeat_interleave(H // hkv, 1) for t in (kq, vq))
         ref = F.scaled_dot_product_attention(fast_hadamard_transform(q[0]).float(), kq.float(), vq.float()).transpose(1, 2)
-        kv4_bytes = b * H * smax * (D + 16)
+        kv4_bytes = b * hkv * smax * (D + 16)
         for order in (0, 1):
             for name, kw in cmp["paths"]:
                 outs = {}
                 for label, vkw in (cmp["variants"] if order == 0 else cmp["variants"][::-1]):
                     kwv = dict(kw, **vkw)
                     rot = kwv.pop("rotate_q", True)
+                    qs = q if rot else q_r3
                     try:
-                        outs[label] = kv4_decode_attention(q[0], caches[0], count, D ** -0.5, rot, **kwv)
+                        outs[label] = kv4_decode_attention(qs[0], caches[0], count, D ** -0.5, rot, **kwv)
                         err = ((outs[label].float() - ref).abs().max() / ref.abs().max()).item()
-                        us = graph_ms([lambda i=i: kv4_decode_attention(q[i], caches[i], count, D ** -0.5, rot, **kwv)
+                        us = graph_ms([lambda i=i: kv4_decode_attention(qs[i], caches[i], count, D ** -0.5, rot, **kwv)
                                        for i in range(LAYERS)]) * 1e3
                     except Exception as e:  # noqa: BLE001 - recorded (refused, out of resources)
                         rows.append(dict(batch=b, path=name, variant=label, error=repr(e)[:300]))

@@ -25,8 +25,10 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
   (tests: within 2^-7 in bf16, 1e-5 in fp32). The slots path (MHA, the default there) takes the
   scales and zero points out of the per-element work and reads the codes as int32 words
   (`_slots_loop_words`; `_slots_loop_factored` byte by byte), so it attends over the exact
-  (code - zero) * scale, unrounded: within 2^-7 of SDPA over that exact K, within 2e-2 of the
-  largest output from the fake path where logits are large (docs/KERNELS.md 4g-4h). A second
+  (code - zero) * scale, unrounded: within 2^-7 of SDPA over that exact K, within 3e-2 of the
+  largest output from the fake path where logits are large (docs/KERNELS.md 4g-4i). So does the dots
+  path (GQA) on words (`_gqa_loop_words`, bf16 / fp32 queries, head dims from 64: each nibble masked
+  where it sits is a bf16 number for the tensor cores; 4i). A second
   launch merges the slices where there are several. The model's attention has the store's launch
   apply R3 to the query (`kv4_store(..., query=)`); the kernel can apply it itself (`rotate_q`).
 * Several query tokens: into the cache (a prompt), the codes are written by the same store kernel,
@@ -386,6 +388,100 @@ if triton is not None:
                              tl.sum(a7 * wt, axis=0))[None, :] * 1.8446744073709552e+19 - spvz)
 
     @triton.jit
+    def _pair_values(t, LOW: tl.constexpr):
+        """int32 [R, C], each word two 16-bit bf16 patterns -> [R, 2 C] (the low half first): bf16 (LOW 1), else
+        the same values in fp32 (a bf16 pattern is the top half of the fp32 one)."""
+        if LOW == 1:
+            lo = t.to(tl.int16).to(tl.bfloat16, bitcast=True)
+            hi = (t >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            lo = (t << 16).to(tl.float32, bitcast=True)
+            hi = (t & -65536).to(tl.float32, bitcast=True)
+        return tl.reshape(tl.join(lo, hi), (t.shape[0], 2 * t.shape[1]))
+
+    @triton.jit
+    def _pair_codes(w, LOW: tl.constexpr):
+        """Words [BS, D / 8] (dim 8 i + k: nibble k of word i) -> 4 tiles [BS, D / 4], tile j's column 2 i + h
+        holding dim 8 i + 4 h + j as the bf16 number its bits make where the nibble sits: c * 2^-133 (nibbles
+        0, 4 and, shifted down a byte, 2, 6) or c * 2^-129 (1, 5 / 3, 7), exact (subnormal, or the first
+        normal binade, whose spacing is the subnormals'). One mask a tile and one shift a word."""
+        u = w >> 8
+        return (_pair_values(w & 0x000F000F, LOW), _pair_values(w & 0x00F000F0, LOW),
+                _pair_values(u & 0x000F000F, LOW), _pair_values(u & 0x00F000F0, LOW))
+
+    @triton.jit
+    def _pair_columns(x, GP: tl.constexpr, D: tl.constexpr):
+        """x [GP, D] -> 4 tiles [GP, D / 4] in `_pair_codes`' column order (tile j, column 2 i + h: dim 8 i + 4 h + j)."""
+        z0, z1 = tl.split(tl.reshape(x, (GP, D // 8, 2, 2, 2)))  # d = 8 i + 4 h + 2 j1 + j0: j0, then j1
+        x0, x2 = tl.split(z0)
+        x1, x3 = tl.split(z1)
+        return (tl.reshape(x0, (GP, D // 4)), tl.reshape(x1, (GP, D // 4)), tl.reshape(x2, (GP, D // 4)),
+                tl.reshape(x3, (GP, D // 4)))
+
+    @triton.jit
+    def _dims_from_pairs(a0, a1, a2, a3, GP: tl.constexpr, D: tl.constexpr):
+        """`_pair_columns` undone for an output: 4 tiles [GP, D / 4] -> (even dims, odd dims) [GP, D / 2]."""
+        ev = tl.join(tl.reshape(a0, (GP, D // 8, 2)), tl.reshape(a2, (GP, D // 8, 2)))  # [GP, D / 8, h, j1]
+        od = tl.join(tl.reshape(a1, (GP, D // 8, 2)), tl.reshape(a3, (GP, D // 8, 2)))
+        return tl.reshape(ev, (GP, D // 2)), tl.reshape(od, (GP, D // 2))
+
+    @triton.jit
+    def _gqa_loop_words(q, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sm_scale,
+                        CHUNK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, LOW: tl.constexpr,
+                        ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr):
+        """The GQA group's rows on the tensor cores with the codes read as words (session 44): each nibble masked
+        where it sits is a bf16 number, c * 2^-133 or c * 2^-129 (`_pair_codes`), so a code costs about 0.6
+        integer ops and no conversion, scale, zero point or rounding. With q's columns and P's weights scaled by
+        2^64 / 2^60 (exact powers of two) every product is (q c) * 2^-69 or (w c) * 2^-69, a normal fp32:
+            q . (c_j - z_j) = 2^69 * sum_t q'_t . x_jt - z_j * Sq
+            sum_j w_j (c_jd - z_j) = 2^69 * sum_j w'_jd x_jd - sum_j w_j z_j
+        K is the exact (c - z) * scale (as on the slots path, `exact_k`), P's weights rounded to the model dtype
+        as before. q must hold model-dtype values (bf16: the scaled copies are exact). Returns (max, sum, even-dim
+        P V, odd-dim P V) per row, as the dots loop."""
+        q0, q1, q2, q3 = _pair_columns(q, GP, D)
+        q0 = q0 * 1.8446744073709552e+19  # 2^64 against c * 2^-133
+        q1 = q1 * 1.152921504606847e+18  # 2^60 against c * 2^-129
+        q2 = q2 * 1.8446744073709552e+19
+        q3 = q3 * 1.152921504606847e+18
+        sq = tl.sum(q, axis=1)
+        m_i = tl.full((GP,), float("-inf"), tl.float32)
+        l_i = tl.zeros((GP,), tl.float32)
+        pvz = tl.zeros((GP,), tl.float32)  # sum of the V weights times V's zero points
+        a0 = tl.zeros((GP, D // 4), tl.float32)
+        a1 = tl.zeros((GP, D // 4), tl.float32)
+        a2 = tl.zeros((GP, D // 4), tl.float32)
+        a3 = tl.zeros((GP, D // 4), tl.float32)
+        for it in range(0, CHUNK // BS):
+            j = lo + it * BS + tl.arange(0, BS)
+            ok = j < hi
+            slot = bh.to(tl.int64) * SMAX + j
+            x0, x1, x2, x3 = _pair_codes(_load_words(kc_ptr, slot, ok, D), LOW)
+            t = _mm(q0, tl.trans(x0), LOW) + _mm(q1, tl.trans(x1), LOW)
+            t += _mm(q2, tl.trans(x2), LOW) + _mm(q3, tl.trans(x3), LOW)
+            ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)
+            kz = tl.load(kz_ptr + slot, mask=ok, other=0.0)
+            s = ks[None, :] * (t * 5.902958103587057e+20 - kz[None, :] * sq[:, None]) * sm_scale  # 2^69
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            pv = _round_model(p * tl.load(vs_ptr + slot, mask=ok, other=0.0)[None, :], ROUND_BF16, ROUND_FP16)
+            pvz = pvz * alpha + tl.sum(pv * tl.load(vz_ptr + slot, mask=ok, other=0.0)[None, :], axis=1)
+            we = pv * 1.8446744073709552e+19
+            wo = pv * 1.152921504606847e+18
+            v0, v1, v2, v3 = _pair_codes(_load_words(vc_ptr, slot, ok, D), LOW)
+            al = alpha[:, None]
+            a0 = a0 * al + _mm(we, v0, LOW)
+            a1 = a1 * al + _mm(wo, v1, LOW)
+            a2 = a2 * al + _mm(we, v2, LOW)
+            a3 = a3 * al + _mm(wo, v3, LOW)
+            m_i = m_new
+        acc_e, acc_o = _dims_from_pairs(a0, a1, a2, a3, GP, D)
+        return (m_i, l_i, acc_e * 5.902958103587057e+20 - pvz[:, None],
+                acc_o * 5.902958103587057e+20 - pvz[:, None])
+
+    @triton.jit
     def _kv4_decode_kernel(
         q_ptr, count_ptr, s1_ptr, s2_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, po_ptr, pm_ptr, out_ptr,
         HKV, SMAX, NSPLIT, sq_b, sq_h, so_b, so_h, sm_scale, inv_sqrt_d,
@@ -426,6 +522,10 @@ if triton is not None:
             if SLOTS and WORDS:  # kc_ptr / vc_ptr: the codes as int32 words
                 m_i, l_i, acc_e, acc_o = _slots_loop_words(q, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
                                                            vz_ptr, sm_scale, CHUNK, GP, D, BS, ROUND_BF16, ROUND_FP16)
+            elif WORDS:  # the GQA group on the tensor cores, codes as words
+                m_i, l_i, acc_e, acc_o = _gqa_loop_words(q, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
+                                                         vz_ptr, sm_scale, CHUNK, GP, D, BS, LOW, ROUND_BF16,
+                                                         ROUND_FP16)
             elif SLOTS and EXACT_K:
                 m_i, l_i, acc_e, acc_o = _slots_loop_factored(qve, qvo, lo, hi, bh, SMAX, kc_ptr, ks_ptr, kz_ptr,
                                                               vc_ptr, vs_ptr, vz_ptr, sm_scale, CHUNK, D, BS,
@@ -695,6 +795,13 @@ def decode_path(programs: int, group: int, slots: bool | None, cuda_cores: bool 
     return slots, cuda_cores, block_s
 
 
+def dots_words_step(programs: int) -> tuple[int, int]:
+    """(positions a step, warps) of the dots on words for `programs` (sequence, KV head) pairs: session 44 on an
+    H100 (docs/KERNELS.md 4i; Llama-3-8B's groups of 4, timed at 8, 64 and 512 programs): 64 on 4 warps below
+    256, 32 on 2 warps from 256."""
+    return (32, 2) if programs >= 256 else (64, 4)
+
+
 def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tensor, scaling: float,
                          rotate_q: bool, block_s: int | None = None, num_warps: int | None = None,
                          cuda_cores: bool | None = None, slots: bool | None = None,
@@ -708,15 +815,18 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     tensor-core dots with the row padded to 16 (None: the measured choice, see the code);
     ``slots``: one query row per KV head, each of the step's ``block_s`` positions its own online softmax,
     merged once at the end (`_slots_loop`; no GQA). None: the measured choice, slots for every MHA decode
-    unless ``cuda_cores`` is given (docs/KERNELS.md 4f); ``exact_k`` (slots path only; default since
-    session 42, docs/KERNELS.md 4g): K's and V's scales and zeros out of the per-element work, so K is the
-    exact (code - zero) * scale rather than its rounding to the model dtype; False: `_slots_loop`, K as the
-    fake path holds it. ``words`` (with exact_k, head dims divisible by 8; None: wherever it applies,
-    session 43, docs/KERNELS.md 4h): the codes read as int32 words, each nibble a float by one mask
-    (`_slots_loop_words`); False: `_slots_loop_factored`, byte by byte. ``fp_fusion``: let the compiler
-    contract a * b + c into FMAs (None: on the words loop, where it was timed, off elsewhere: the rounding
-    of each step as written).
-    ``num_warps`` None: on the slots path 2 (session 42), 1 at 8 positions a step (session 43), else 4."""
+    unless ``cuda_cores`` is given (docs/KERNELS.md 4f); ``exact_k`` (default since session 42,
+    docs/KERNELS.md 4g; the slots path, and the dots with ``words``): K's and V's scales and zeros out of the
+    per-element work, so K is the exact (code - zero) * scale rather than its rounding to the model dtype;
+    False: K as the fake path holds it (`_slots_loop`, or the dots on bytes). ``words`` (with exact_k, head
+    dims divisible by 8; None: wherever it applies): the codes read as int32 words, on the slots path each
+    nibble an fp32 by one mask (`_slots_loop_words`, session 43, 4h; False: `_slots_loop_factored`, byte by
+    byte), on the dots (GQA) each nibble a bf16 number by one mask, head dims from 64, bf16 or fp32 queries
+    (`_gqa_loop_words`, session 44, 4i; False: the dots on bytes with K as held). ``fp_fusion``: let the
+    compiler contract a * b + c into FMAs (None: on the words loops, where it was timed, off elsewhere: the
+    rounding of each step as written).
+    ``num_warps`` None: on the slots path 2 (session 42), 1 at 8 positions a step (session 43); on the dots on
+    words `dots_words_step`'s (session 44); else 4."""
     b, h, sq, d = query.shape
     _, hkv, smax, _ = codes.shape
     if sq != 1 or h % hkv:
@@ -725,15 +835,25 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     gp = max(16, 1 << (g - 1).bit_length())
     if query.stride(-1) != 1:
         query = query.contiguous()
+    chosen = block_s is None
     slots, cuda_cores, block_s = decode_path(b * hkv, g, slots, cuda_cores, block_s)
+    # the dots path on words: bf16 numbers from the codes' bits (fp16 has no room for them), 16-deep dots
+    dots_words = not (slots or cuda_cores) and d % 8 == 0 and d >= 64 and query.dtype != torch.float16
     if words is None:
-        words = bool(slots and exact_k and d % 8 == 0)
-    if words and not (slots and exact_k):
-        raise ValueError("words is a choice of the factored slots loop (slots without GQA, exact_k=True)")
+        words = bool(exact_k and d % 8 == 0 and (slots or dots_words))
+    if words and not exact_k:
+        raise ValueError("words attends over the exact K (exact_k=True)")
     if words and d % 8:
         raise ValueError(f"head dim {d}: words reads 8 codes a word (head dims divisible by 8)")
+    if words and not (slots or dots_words):
+        raise ValueError("words runs on the slots path or on the dots with a head dim of at least 64 in bf16 / fp32 "
+                         "(not the CUDA-core path, not fp16)")
     fp_fusion = words if fp_fusion is None else fp_fusion
-    num_warps = num_warps or ((1 if block_s <= 8 else 2) if slots else 4)  # session 43: 8 a step on 1 warp
+    if words and not slots and chosen:
+        block_s, warps = dots_words_step(b * hkv)
+        num_warps = num_warps or warps
+    if not num_warps:
+        num_warps = (1 if block_s <= 8 else 2) if slots else 4  # session 43: 8 a step on 1 warp
     ns = _splits(b * hkv, smax, query.device, block_s)
     chunk = triton.cdiv(triton.cdiv(smax, ns), block_s) * block_s
     if query.is_cuda and not (cuda_cores or slots) and d < 32:
