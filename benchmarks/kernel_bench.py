@@ -13,6 +13,7 @@ One script, one call (see docs/KERNELS.md):
    Llama-2-70B linear shapes, prefill and decode, vs bf16 torch.matmul, torch._int_mm and
    rowwise-scaled FP8 torch._scaled_mm.  Weights and inputs rotate among copies that together
    exceed the L2 (60 MB), so decode reads HBM, on both sides.
+(`--kv4`: the 4-bit K/V cache's decode attention instead, every path checked against fp32 SDPA.)
 Kernels are compiled first in a process pool (Triton's on-disk cache), so compile time stays
 out of the device budget's critical path.  Timing: triton.testing.do_bench, median.
 """
@@ -599,6 +600,62 @@ def norm_quant_main(args):
     return 0
 
 
+# ----------------------------------------------------------------------------- the 4-bit K/V cache's decode attention
+# (batch, query heads, KV heads, head dim, cached positions, cache slots): one slice and several (merge), MHA and
+# GQA (groups of 4 and 7), head dims 64 and 128
+KV4_SHAPES = [(4, 32, 32, 128, 300, 320), (64, 32, 32, 128, 513, 513), (4, 32, 8, 128, 300, 320),
+              (64, 32, 8, 128, 513, 513), (3, 28, 4, 128, 200, 256), (2, 16, 4, 64, 100, 130), (2, 8, 8, 64, 77, 90)]
+KV4_PATHS = {  # name: (kwargs, whether K is exact (else as the fake path holds it), MHA only)
+    "default": ({}, True, False), "bytes (slots)": (dict(words=False), True, True),
+    "held K": (dict(words=False, exact_k=False), False, False),
+    "dots on words": (dict(slots=False, cuda_cores=False), True, True),
+    "CUDA cores": (dict(slots=False, cuda_cores=True), False, True)}
+
+
+def kv4_main(args):
+    """`kv4_decode_attention` on the GPU, every path at several shapes: against fp32 SDPA over the cache (exact K on
+    the paths that attend over it, else K as the fake path holds it in bf16), a query rotated as the model's
+    store leaves it and scaled x1 and x8 (large logits). The bound is the CPU tests' 2^-7 of the largest output
+    (on random data: x1)."""
+    from dartquant.hadamard import fast_hadamard_transform
+    from dartquant.kernels.kv_cache import Kv4Codes, kv4_decode_attention, kv4_store
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: under TRITON_INTERPRET=1
+    t0, rows = time.time(), []
+    print("| batch | heads / KV | D | path | query x | max error / max output | within 2^-7 |\n|---|---|---|---|---|---|---|")
+    for b, h, hkv, d, n, smax in KV4_SHAPES:
+        g = torch.Generator(dev).manual_seed(b * h + d)
+        k, v = (torch.randn(b, hkv, n, d, device=dev, generator=g) for _ in range(2))
+        k[0, 0, 1] *= 50.0  # a massive key
+        codes, count = Kv4Codes(b, hkv, smax, d, dev), torch.tensor(n, device=dev)
+        kv4_store(codes, count, k.bfloat16(), v.bfloat16(), 0.9, True)
+        exact_k = codes.dequantize(torch.float32)[0][:, :, :n].repeat_interleave(h // hkv, 1)
+        held_k, vq = (t[:, :, :n].float().repeat_interleave(h // hkv, 1) for t in codes.dequantize(torch.bfloat16))
+        for mult in (1.0, 8.0):
+            q = fast_hadamard_transform((torch.randn(b, h, 1, d, device=dev, generator=g) * mult).bfloat16())
+            for name, (kw, exact, mha_only) in KV4_PATHS.items():
+                if mha_only and h != hkv:
+                    continue
+                ref = torch.nn.functional.scaled_dot_product_attention(q.float(), exact_k if exact else held_k,
+                                                                       vq).transpose(1, 2)
+                try:
+                    out = kv4_decode_attention(q, codes, count, d ** -0.5, False, **kw).float()
+                    err = ((out - ref).abs().max() / ref.abs().max()).item()
+                except Exception as e:  # noqa: BLE001 - recorded
+                    rows.append(dict(batch=b, heads=h, kv_heads=hkv, d=d, path=name, query_x=mult, error=repr(e)[:300]))
+                    print(f"| {b} | {h} / {hkv} | {d} | {name} | {mult:g} | error: {repr(e)[:80]} | no |", flush=True)
+                    continue
+                ok = err <= 2 ** -7 or mult > 1
+                rows.append(dict(batch=b, heads=h, kv_heads=hkv, d=d, path=name, query_x=mult, max_rel_err=err, ok=ok))
+                print(f"| {b} | {h} / {hkv} | {d} | {name} | {mult:g} | {err:.2e} | {'yes' if err <= 2 ** -7 else 'no'} |",
+                      flush=True)
+    result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+              "kv4_checks": rows,
+              "all_ok": all(r.get("ok", False) for r in rows)}
+    write_result(result, args.out, t0)
+    return 0 if result["all_ok"] else 1
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="kernels_h200.json")
@@ -617,7 +674,11 @@ def main():
                     help="runs 6-7 only: prefill operand variants (planar A / W, fp8 promotion, int8s), decode int8s")
     ap.add_argument("--variant-names", nargs="+", choices=list(PREFILL_VARIANTS), default=None,
                     help="with --variants: only these prefill variants (default: all)")
+    ap.add_argument("--kv4", action="store_true",
+                    help="only the 4-bit K/V cache's decode attention: every path against fp32 SDPA, several shapes")
     args = ap.parse_args()
+    if args.kv4:
+        return kv4_main(args)
     if args.profile:
         return profile_launches()
     if args.variants:
@@ -851,4 +912,4 @@ def print_tables(r):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
