@@ -183,16 +183,6 @@ if triton is not None:
             return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
 
     @triton.jit
-    def _mm_acc(a, b, acc, LOW: tl.constexpr):
-        """acc + a @ b in one chain of MMAs (`_mm` with an accumulator: no separate sum and no register moves)."""
-        if LOW == 1:
-            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, out_dtype=tl.float32)
-        elif LOW == 2:
-            return tl.dot(a.to(tl.float16), b.to(tl.float16), acc, out_dtype=tl.float32)
-        else:
-            return tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
-
-    @triton.jit
     def _slot_softmax_step(s, ok, m_s, l_s):
         """One step of the slots' online softmax: scores s [BS] (masked where not ok) into the running max m_s
         and sum l_s. Returns (new max, the factor that rescales what was accumulated, the weights p, new sum)."""
@@ -466,8 +456,8 @@ if triton is not None:
             ok = j < hi
             slot = bh.to(tl.int64) * SMAX + j
             x0, x1, x2, x3 = _pair_codes(_load_words(kc_ptr, slot, ok, D), LOW)
-            t = _mm_acc(q1, tl.trans(x1), _mm(q0, tl.trans(x0), LOW), LOW)
-            t = _mm_acc(q3, tl.trans(x3), _mm_acc(q2, tl.trans(x2), t, LOW), LOW)
+            t = _mm(q0, tl.trans(x0), LOW) + _mm(q1, tl.trans(x1), LOW)
+            t += _mm(q2, tl.trans(x2), LOW) + _mm(q3, tl.trans(x3), LOW)
             ks = tl.load(ks_ptr + slot, mask=ok, other=0.0)
             kz = tl.load(kz_ptr + slot, mask=ok, other=0.0)
             s = ks[None, :] * (t * 5.902958103587057e+20 - kz[None, :] * sq[:, None]) * sm_scale  # 2^69
@@ -482,10 +472,10 @@ if triton is not None:
             wo = pv * 1.152921504606847e+18
             v0, v1, v2, v3 = _pair_codes(_load_words(vc_ptr, slot, ok, D), LOW)
             al = alpha[:, None]
-            a0 = _mm_acc(we, v0, a0 * al, LOW)
-            a1 = _mm_acc(wo, v1, a1 * al, LOW)
-            a2 = _mm_acc(we, v2, a2 * al, LOW)
-            a3 = _mm_acc(wo, v3, a3 * al, LOW)
+            a0 = a0 * al + _mm(we, v0, LOW)
+            a1 = a1 * al + _mm(wo, v1, LOW)
+            a2 = a2 * al + _mm(we, v2, LOW)
+            a3 = a3 * al + _mm(wo, v3, LOW)
             m_i = m_new
         acc_e, acc_o = _dims_from_pairs(a0, a1, a2, a3, GP, D)
         return (m_i, l_i, acc_e * 5.902958103587057e+20 - pvz[:, None],
