@@ -179,6 +179,7 @@ def test_bench_prints_and_writes_both_sides(kernel_run, tmp_path, capsys):
                      "--context", "4", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "prefill ms" in text and "decode batch 3" in text and "memory" in text
+    assert "attention: {'bf16': 'dartquant_sdpa_packed_gqa', 'w4a4': 'dartquant_sdpa_packed_gqa'}" in text
     res = json.loads(out.read_text())
     for side in ("bf16", "w4a4"):
         assert res[side]["finite"] and res[side]["prefill_ms"] > 0 and res[side]["decode_b3"]["ms_per_step"] > 0

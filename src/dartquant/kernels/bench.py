@@ -428,6 +428,9 @@ def format_table(result: dict) -> str:
     timed = {s: sorted({result[s][f'decode_b{b}']['timed'] for b in result['settings']['batches']}) for s in sides}
     prefill_timed = {s: result[s].get("prefill_timed", "eager") for s in sides}
     lines.append(f"prefill timed as: {prefill_timed}; decode timed as: {timed}; KV cache: {result['settings']['kv']}")
+    attention = {s: result[s]["attention"] for s in sides if "attention" in result[s]}  # results before session 44: none
+    if attention:
+        lines.append(f"attention: {attention}")
     errors = {f"{s} b{b}": result[s][f"decode_b{b}"]["graph_error"] for s in sides
               for b in result["settings"]["batches"] if "graph_error" in result[s][f"decode_b{b}"]}
     if errors:
