@@ -313,3 +313,20 @@ def test_one_slice_writes_the_output_itself(heads, kv_heads, path):
     kq, vq = (t[:, :, :n].repeat_interleave(heads // kv_heads, 1) for t in codes.dequantize(torch.float32))
     ref = torch.nn.functional.scaled_dot_product_attention(fast_hadamard_transform(q), kq, vq).transpose(1, 2)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_device_check_runs_every_path(tmp_path, monkeypatch):
+    """`benchmarks/kernel_bench.py --kv4` (the GPU's check of every decode-attention path against fp32 SDPA), on two
+    small shapes through the interpreter: every path runs and passes, so the device script does not rot."""
+    import sys
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import kernel_bench
+
+    monkeypatch.setattr(kernel_bench, "KV4_SHAPES", [(2, 8, 8, 64, 40, 50), (2, 16, 4, 64, 40, 50)])
+    monkeypatch.setattr(sys, "argv", ["kernel_bench.py", "--kv4", "--out", str(tmp_path / "kv4.json")])
+    assert kernel_bench.main() == 0
+    rows = json.loads((tmp_path / "kv4.json").read_text())["kv4_checks"]
+    assert {r["path"] for r in rows if r["heads"] == r["kv_heads"]} == set(kernel_bench.KV4_PATHS)
+    assert {r["path"] for r in rows if r["heads"] != r["kv_heads"]} == {"default", "held K"}
+    assert len(rows) == 2 * (5 + 2) and all(r["ok"] and r["max_rel_err"] <= 2 ** -7 for r in rows)
