@@ -8,6 +8,7 @@ carries ptxas and cuobjdump. docs/KERNELS.md 1g-1h and 4f quote these counts.
     PYTHONPATH=src python lab/sass_stats.py kv4,1,32,4,dots kv4,1,32,4,slots  # head dim 128, bf16; PATH dots|cc|slots
     PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-held kv4,1,32,2,slots  # slots: exact K (default), -held: not
     PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-bytes kv4,1,32,2,slots-words  # bytes / words (4h)
+    PYTHONPATH=src python lab/sass_stats.py kv4,4,32,4,dots kv4,4,32,2,dots-words         # GQA: bytes / words (4i)
     OPCODES=1 ...                                                            # and each kernel's opcode histogram
     SASS_OUT=FILE ...                                                        # and the (last) kernel's SASS listing
     ROTATE_Q=0 ...                                                           # kv4: the query's R3 not in the kernel
