@@ -615,14 +615,14 @@ KV4_PATHS = {  # name: (kwargs, whether K is exact (else as the fake path holds 
 def kv4_main(args):
     """`kv4_decode_attention` on the GPU, every path at several shapes: against fp32 SDPA over the cache (exact K on
     the paths that attend over it, else K as the fake path holds it in bf16), a query rotated as the model's
-    store leaves it and scaled x1 and x8 (large logits). The bound is the CPU tests' 2^-7 of the largest output
-    (on random data: x1)."""
+    store leaves it and scaled x1 and x8 (large logits). The bounds are the CPU tests': 2^-7 of the largest output
+    at x1, 1e-2 at x8 (docs/KERNELS.md, Correctness)."""
     from dartquant.hadamard import fast_hadamard_transform
     from dartquant.kernels.kv_cache import Kv4Codes, kv4_decode_attention, kv4_store
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: under TRITON_INTERPRET=1
     t0, rows = time.time(), []
-    print("| batch | heads / KV | D | path | query x | max error / max output | within 2^-7 |\n|---|---|---|---|---|---|---|")
+    print("| batch | heads / KV | D | path | query x | max error / max output | within the bound |\n|---|---|---|---|---|---|---|")
     for b, h, hkv, d, n, smax in KV4_SHAPES:
         g = torch.Generator(dev).manual_seed(b * h + d)
         k, v = (torch.randn(b, hkv, n, d, device=dev, generator=g) for _ in range(2))
@@ -645,9 +645,9 @@ def kv4_main(args):
                     rows.append(dict(batch=b, heads=h, kv_heads=hkv, d=d, path=name, query_x=mult, error=repr(e)[:300]))
                     print(f"| {b} | {h} / {hkv} | {d} | {name} | {mult:g} | error: {repr(e)[:80]} | no |", flush=True)
                     continue
-                ok = err <= 2 ** -7 or mult > 1
+                ok = err <= (2 ** -7 if mult == 1 else 1e-2)
                 rows.append(dict(batch=b, heads=h, kv_heads=hkv, d=d, path=name, query_x=mult, max_rel_err=err, ok=ok))
-                print(f"| {b} | {h} / {hkv} | {d} | {name} | {mult:g} | {err:.2e} | {'yes' if err <= 2 ** -7 else 'no'} |",
+                print(f"| {b} | {h} / {hkv} | {d} | {name} | {mult:g} | {err:.2e} | {'yes' if ok else 'no'} |",
                       flush=True)
     result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
               "kv4_checks": rows,
