@@ -56,7 +56,8 @@ try:
     import triton
     import triton.language as tl
 
-    from .act_quant import _asym4_qparams, _codes, _pow2_stage, _prescale, _round_model, _unscale_round
+    from .act_quant import (_asym4_qparams, _butterfly, _codes, _pow2_stage, _prescale, _round_model,
+                            _unscale_round)
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = tl = None
 
@@ -67,15 +68,21 @@ if triton is not None:
 
     @triton.jit
     def _rotate_rows(x, s1_ptr, s2_ptr, inv_sqrt_d, R: tl.constexpr, D: tl.constexpr, F1: tl.constexpr,
-                     F2: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr):
+                     F2: tl.constexpr, SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr,
+                     LOG_D: tl.constexpr = 0):
         """x [R, D] fp32 -> x @ hadamard_matrix(D) rounded to the model dtype (act_quant's 3d kernel
-        with K = 1: power-of-two prescale, one or two Sylvester stages on tensor cores)."""
-        pre, post = _prescale(tl.max(tl.abs(x), axis=1))
-        y = x * pre[:, None]
-        y = _pow2_stage(y, s2_ptr, R, D, F2, SPLIT_FIRST)
-        if F1 > 1:
-            y = _pow2_stage(y, s1_ptr, R, D, F1, True)
-        return _unscale_round(y, post[:, None], inv_sqrt_d, ROUND_BF16, ROUND_FP16)
+        with K = 1: power-of-two prescale, one or two Sylvester stages on tensor cores; or, LOG_D > 0,
+        log2(D) fp32 butterfly stages in registers, no matrix loaded: `_butterfly`)."""
+        if LOG_D > 0:
+            y = _round_model(_butterfly(x, R, D, LOG_D) * inv_sqrt_d, ROUND_BF16, ROUND_FP16)
+        else:
+            pre, post = _prescale(tl.max(tl.abs(x), axis=1))
+            y = x * pre[:, None]
+            y = _pow2_stage(y, s2_ptr, R, D, F2, SPLIT_FIRST)
+            if F1 > 1:
+                y = _pow2_stage(y, s1_ptr, R, D, F1, True)
+            y = _unscale_round(y, post[:, None], inv_sqrt_d, ROUND_BF16, ROUND_FP16)
+        return y
 
     @triton.jit
     def _kv4_store_kernel(
@@ -86,6 +93,7 @@ if triton is not None:
         D: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, BLOCK_M: tl.constexpr, ROTATE_K: tl.constexpr,
         WRITE_CODES: tl.constexpr, WRITE_VALUES: tl.constexpr, SPLIT_FIRST: tl.constexpr,
         ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr, USE_RINT: tl.constexpr,
+        LOG_D: tl.constexpr,
     ):
         """Program (row block, 0 = K / 1 = V / 2 = Q): rows are (sequence, head, new token) flattened.
         K / V: 4-bit codes into the cache at the count's positions (WRITE_CODES) and / or the
@@ -115,7 +123,7 @@ if triton is not None:
         if ROTATE_K:
             if role != 1:
                 x = _rotate_rows(x, s1_ptr, s2_ptr, inv_sqrt_d, BLOCK_M, D, F1, F2, SPLIT_FIRST, ROUND_BF16,
-                                 ROUND_FP16)
+                                 ROUND_FP16, LOG_D)
         x = tl.where(live[:, None], x, 0.0)
         if role == 2:
             tl.store(qd_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], x.to(qd_ptr.dtype.element_ty),
@@ -711,7 +719,21 @@ def _dtype_flags(dtype):
     return dict(ROUND_BF16=dtype == torch.bfloat16, ROUND_FP16=dtype == torch.float16)
 
 
-def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=None, values=False):
+STORE_MANY_ROWS = 8192  # from here (a prompt: 2048 tokens x 32 heads is 65536) the launch takes bigger programs
+
+
+def store_config(rows: int) -> tuple[int, int, bool]:
+    """(rows a program, warps, R3 as butterflies) of the store / fake-quant launch for `rows` (sequence, head,
+    token) rows of its largest role. A decode step writes a few rows: 16 a program, R3 as a tensor-core dot
+    (the measured choice). A prompt's rows: 64 a program and R3 as fp32 butterflies, so no program loads the
+    D x D Sylvester matrix (32 KB at D = 128) for 4 KB of data (session 45, docs/KERNELS.md 4j)."""
+    if rows >= STORE_MANY_ROWS:
+        return 64, 4, True
+    return 16, 4, False
+
+
+def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=None, values=False,
+                  config: tuple[int, int, bool] | None = None):
     b, h, s, d = key.shape
     if value.shape != key.shape:
         raise ValueError(f"K {tuple(key.shape)} and V {tuple(value.shape)} differ")
@@ -730,7 +752,7 @@ def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=
     if rows == 0:
         return kd, vd, qd
     f1, f2, s1, s2 = _stages(d, key.device)
-    block_m = 16
+    block_m, warps, butterfly = config or store_config(max(rows, rows_q))
     c = codes
     cache = (c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero) if c is not None else (key,) * 6
     qsrc = query if query is not None else key
@@ -741,28 +763,30 @@ def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=
         *qsrc.stride()[:3], float(clip_ratio), 1.0 / math.sqrt(d),
         D=d, F1=f1, F2=f2, BLOCK_M=block_m, ROTATE_K=rotate, WRITE_CODES=codes is not None, WRITE_VALUES=values,
         SPLIT_FIRST=key.dtype == torch.float32, RECIP=key.is_cuda,
-        USE_RINT=os.environ.get("TRITON_INTERPRET") != "1", enable_fp_fusion=False, num_warps=4,
+        USE_RINT=os.environ.get("TRITON_INTERPRET") != "1", LOG_D=d.bit_length() - 1 if butterfly else 0,
+        enable_fp_fusion=False, num_warps=warps,
         **_dtype_flags(key.dtype),
     )
     return kd, vd, qd
 
 
 def kv4_store(codes: Kv4Codes, count: torch.Tensor, key: torch.Tensor, value: torch.Tensor, clip_ratio: float,
-              rotate_k: bool, query: torch.Tensor | None = None) -> torch.Tensor | None:
+              rotate_k: bool, query: torch.Tensor | None = None,
+              config: tuple[int, int, bool] | None = None) -> torch.Tensor | None:
     """Quantize key / value [B, Hkv, S, D] into `codes` at positions count - S .. count - 1 (count: the
     layer's token count, a device tensor that already includes these S tokens; positions past the
     cache's end are not written). With `query` [B, H, S, D] and `rotate_k`: returns the query with R3
     applied, in the same launch (the decode attention then takes it with rotate_q=False: session 43, the
     in-kernel rotation was 13 % of its time at batch 64; docs/KERNELS.md 4h)."""
-    return _store_launch(key, value, clip_ratio, rotate_k, codes=codes, count=count, query=query)[2]
+    return _store_launch(key, value, clip_ratio, rotate_k, codes=codes, count=count, query=query, config=config)[2]
 
 
 def kv4_fake_quant(key: torch.Tensor, value: torch.Tensor, clip_ratio: float, rotate: bool,
-                   query: torch.Tensor | None = None):
+                   query: torch.Tensor | None = None, config: tuple[int, int, bool] | None = None):
     """(K, V, Q) as the fake-quant path attends them, in one launch, nothing cached: K (R3 applied if
     `rotate`) and V quantized per token and head and dequantized in the model dtype; Q with R3 applied
     (None without a query)."""
-    return _store_launch(key, value, clip_ratio, rotate, query=query if rotate else None, values=True)
+    return _store_launch(key, value, clip_ratio, rotate, query=query if rotate else None, values=True, config=config)
 
 
 def _splits(bh: int, max_len: int, device, block_s: int) -> int:
