@@ -14,7 +14,8 @@ pytest.importorskip("triton")
 
 from dartquant.hadamard import fast_hadamard_transform  # noqa: E402
 from dartquant.kernels.kv_cache import (  # noqa: E402
-    Kv4Codes, decode_path, dots_words_step, kv4_decode_attention, kv4_fake_quant, kv4_scheme_problems, kv4_store)
+    STORE_MANY_ROWS, Kv4Codes, decode_path, dots_words_step, kv4_decode_attention, kv4_fake_quant, kv4_scheme_problems,
+    kv4_store, store_config)
 from dartquant.quant.primitives import QuantSpec, fake_quantize  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -29,18 +30,23 @@ def _kv(b, h, s, d, dtype, seed):
     return k.to(dtype), v.to(dtype)
 
 
+STORE_CONFIGS = [None, (64, 4, True), (32, 2, False)]  # the rule's (decode here), a prompt's, one other
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d,rotate", [(64, True), (128, True), (256, True), (32, False)])
-def test_stored_codes_are_the_fake_quant_values(dtype, d, rotate):
+@pytest.mark.parametrize("config", STORE_CONFIGS)
+def test_stored_codes_are_the_fake_quant_values(dtype, d, rotate, config):
     """Written in two calls (a prompt of 5, then one token) at the count's positions: the dequantized
-    cache is bit for bit what AttentionTransform's quantizers give (R3 on K when rotating)."""
+    cache is bit for bit what AttentionTransform's quantizers give (R3 on K when rotating; as a tensor-core
+    dot or as butterflies, whatever the rows a program)."""
     spec = QuantSpec(bits=4, symmetric=False, clip_ratio=0.9)
     k, v = _kv(2, 3, 6, d, dtype, seed=d)
     codes = Kv4Codes(2, 3, 9, d, "cpu")
     count = torch.tensor(0)
     for lo, hi in ((0, 5), (5, 6)):
         count.add_(hi - lo)
-        kv4_store(codes, count, k[:, :, lo:hi], v[:, :, lo:hi], 0.9, rotate)
+        kv4_store(codes, count, k[:, :, lo:hi], v[:, :, lo:hi], 0.9, rotate, config=config)
     kq, vq = codes.dequantize(dtype)
     want_k = fake_quantize(fast_hadamard_transform(k) if rotate else k, spec)
     assert torch.equal(kq[:, :, :6], want_k) and torch.equal(vq[:, :, :6], fake_quantize(v, spec))
@@ -48,17 +54,25 @@ def test_stored_codes_are_the_fake_quant_values(dtype, d, rotate):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_prompt_without_cache_gets_the_fake_quant_values_in_one_launch(dtype):
+@pytest.mark.parametrize("config", STORE_CONFIGS)
+def test_a_prompt_without_cache_gets_the_fake_quant_values_in_one_launch(dtype, config):
     """kv4_fake_quant (the no-cache forward): K (R3) and V quantized-dequantized and Q rotated, equal
-    to the fake path's; GQA (6 query heads on 2 KV heads)."""
+    to the fake path's; GQA (6 query heads on 2 KV heads); 37 tokens, so a program's rows span heads and
+    the last program is partly masked."""
     spec = QuantSpec(bits=4, symmetric=False, clip_ratio=0.9)
-    k, v = _kv(2, 2, 5, 64, dtype, seed=3)
-    q = torch.randn(2, 6, 5, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
-    kd, vd, qd = kv4_fake_quant(k, v, 0.9, True, q)
+    k, v = _kv(2, 2, 37, 64, dtype, seed=3)
+    q = torch.randn(2, 6, 37, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
+    kd, vd, qd = kv4_fake_quant(k, v, 0.9, True, q, config=config)
     assert torch.equal(kd, fake_quantize(fast_hadamard_transform(k), spec))
     assert torch.equal(vd, fake_quantize(v, spec)) and torch.equal(qd, fast_hadamard_transform(q))
-    kd2, vd2, none = kv4_fake_quant(k, v, 0.9, False)
+    kd2, vd2, none = kv4_fake_quant(k, v, 0.9, False, config=config)
     assert none is None and torch.equal(kd2, fake_quantize(k, spec)) and torch.equal(vd2, vd)
+
+
+def test_store_config_rule():
+    """A decode step's few rows keep 16 a program and the dot; a prompt's rows take 64 and butterflies."""
+    assert store_config(64 * 32) == (16, 4, False)
+    assert store_config(STORE_MANY_ROWS) == store_config(2048 * 32) == (64, 4, True)
 
 
 def test_store_reads_strided_inputs_and_never_writes_past_the_end():
