@@ -84,6 +84,7 @@ class BenchSettings:
     prefill_operand: str = "int8s"  # linear.PREFILL_OPERANDS: the GEMM above 64 tokens (scaled_mm: cuBLAS FP8)
     fuse_norms: bool = True  # w4a4: block norms fused with their readers' quantization (kernels.fusions)
     merge_siblings: bool = True  # w4a4: q / k / v and gate / up as one GEMM each (kernels.fusions)
+    fuse_rope: bool = True  # w4a4, --kv kernels: the rotary embedding in the K / V launch (kv_cache.fuse_rope_)
 
     def validate(self) -> None:
         if self.prefill < 1 or self.context < 1:
@@ -109,7 +110,7 @@ def _plain_linear(q) -> nn.Linear:
 
 
 def side_models(folder, sides, device, kv: str, prefill_operand: str = "int8s", fuse_norms: bool = True,
-                merge_siblings: bool = True):
+                merge_siblings: bool = True, fuse_rope: bool = True):
     """Yield ("bf16", model) and / or ("w4a4", model) from ONE load of the run (the slow part at
     7B: reading and dequantizing the codes on the CPU): the bf16 side is the fake-quant model with
     its QLinears swapped for plain linears sharing their weights and SDPA attention; then the
@@ -144,6 +145,10 @@ def side_models(folder, sides, device, kv: str, prefill_operand: str = "int8s", 
         from .fusions import apply_fusions_
 
         apply_fusions_(model, device, norms=fuse_norms, siblings=merge_siblings)
+        if kv == "kernels" and fuse_rope:
+            from .kv_cache import fuse_rope_
+
+            fuse_rope_(model)
         yield "w4a4", model
 
 
@@ -341,11 +346,12 @@ def bench_run(folder, s: BenchSettings, progress=print) -> dict:
     progress(f"loading {folder} (CPU; both sides from one load), timing on {device}")
     t = time.perf_counter()
     for side, model in side_models(folder, [x for x in ("bf16", "w4a4") if x in s.sides], device, s.kv,
-                                   s.prefill_operand, s.fuse_norms, s.merge_siblings):
+                                   s.prefill_operand, s.fuse_norms, s.merge_siblings, s.fuse_rope):
         load_s = time.perf_counter() - t
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         result[side] = {"load_s": load_s, "attention": model.config._attn_implementation,
+                        "rope_in_kv_launch": sum("dq_unfused_forward" in vars(m) for m in model.modules()),
                         **measure_side(model, s, device)}
         if device.type == "cuda":
             result[side]["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
@@ -430,7 +436,8 @@ def format_table(result: dict) -> str:
     lines.append(f"prefill timed as: {prefill_timed}; decode timed as: {timed}; KV cache: {result['settings']['kv']}")
     attention = {s: result[s]["attention"] for s in sides if "attention" in result[s]}  # results before session 44: none
     if attention:
-        lines.append(f"attention: {attention}")
+        rope = {s: result[s]["rope_in_kv_launch"] for s in sides if result[s].get("rope_in_kv_launch")}
+        lines.append(f"attention: {attention}" + (f"; RoPE in the K / V launch (layers): {rope}" if rope else ""))
     errors = {f"{s} b{b}": result[s][f"decode_b{b}"]["graph_error"] for s in sides
               for b in result["settings"]["batches"] if "graph_error" in result[s][f"decode_b{b}"]}
     if errors:
@@ -446,7 +453,8 @@ def cmd_bench(args) -> int:
     s = BenchSettings(prefill=args.prefill, batches=args.batch, context=args.context,
                       cuda_graphs=not args.no_cuda_graphs, kv=args.kv, device=args.device or default_device,
                       sides=args.sides, rep_ms=args.rep_ms, prefill_operand=args.prefill_operand,
-                      fuse_norms=not args.no_fuse_norms, merge_siblings=not args.no_merge_siblings)
+                      fuse_norms=not args.no_fuse_norms, merge_siblings=not args.no_merge_siblings,
+                      fuse_rope=not args.no_fuse_rope)
     s.validate()
     if args.json_out:  # the output's folder must exist before the (long) measurement
         parent = Path(args.json_out).resolve().parent
@@ -488,6 +496,9 @@ def add_bench_command(subparsers) -> None:
                    help="w4a4: run each block norm and its readers' activation quantization as separate kernels")
     s.add_argument("--no-merge-siblings", action="store_true",
                    help="w4a4: q / k / v and gate / up as separate GEMMs (default: one GEMM each)")
+    s.add_argument("--no-fuse-rope", action="store_true",
+                   help="w4a4 with --kv kernels: apply the rotary embedding as transformers does (default: in the "
+                        "4-bit K / V launch, checked by running)")
     s.add_argument("--json", dest="json_out", metavar="OUT", help="write the result as JSON")
     s.add_argument("--merge", action="store_true",
                    help="with --sides: add the measured side to OUT's other side (same run and settings)")

@@ -44,8 +44,10 @@ attention layers only, head dims whose Hadamard `act_quant.stage_sizes` accepts 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
+import types
 
 import torch
 
@@ -62,6 +64,7 @@ except ImportError:  # pragma: no cover - exercised only without triton
     triton = tl = None
 
 ATTN_IMPLEMENTATION = "dartquant_kv4"
+log = logging.getLogger(__name__)
 
 
 if triton is not None:
@@ -85,20 +88,36 @@ if triton is not None:
         return y
 
     @triton.jit
+    def _rope_rows(x, src, live, cos_ptr, sin_ptr, b, s, sc_b, sc_s, D: tl.constexpr, ROUND_BF16: tl.constexpr,
+                   ROUND_FP16: tl.constexpr):
+        """x [R, D] (rows loaded from `src`) -> transformers' apply_rotary_pos_emb, op for op and rounded as it
+        rounds: x * cos + rotate_half(x) * sin, each product and the sum in the model dtype. rotate_half's
+        partner column (d + D/2 mod D) is loaded again rather than shuffled in registers."""
+        d = tl.arange(0, D)
+        xp = tl.load(src[:, None] + ((d + D // 2) % D)[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        xp = tl.where(d[None, :] < D // 2, -xp, xp)
+        at = (b.to(tl.int64) * sc_b + s * sc_s)[:, None] + d[None, :]
+        c = tl.load(cos_ptr + at, mask=live[:, None], other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + at, mask=live[:, None], other=0.0).to(tl.float32)
+        return _round_model(_round_model(x * c, ROUND_BF16, ROUND_FP16) + _round_model(xp * sn, ROUND_BF16, ROUND_FP16),
+                            ROUND_BF16, ROUND_FP16)
+
+    @triton.jit
     def _kv4_store_kernel(
-        k_ptr, v_ptr, q_ptr, count_ptr, s1_ptr, s2_ptr,
+        k_ptr, v_ptr, q_ptr, count_ptr, s1_ptr, s2_ptr, cos_ptr, sin_ptr,
         kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, kd_ptr, vd_ptr, qd_ptr,
-        ROWS, ROWS_Q, S_NEW, HKV, HQ, SMAX, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sq_b, sq_h, sq_s,
+        ROWS, ROWS_Q, S_NEW, HKV, HQ, SMAX, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sq_b, sq_h, sq_s, sc_b, sc_s,
         clip_ratio, inv_sqrt_d,
         D: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, BLOCK_M: tl.constexpr, ROTATE_K: tl.constexpr,
         WRITE_CODES: tl.constexpr, WRITE_VALUES: tl.constexpr, SPLIT_FIRST: tl.constexpr,
         ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr, USE_RINT: tl.constexpr,
-        LOG_D: tl.constexpr,
+        LOG_D: tl.constexpr, ROPE: tl.constexpr,
     ):
         """Program (row block, 0 = K / 1 = V / 2 = Q): rows are (sequence, head, new token) flattened.
         K / V: 4-bit codes into the cache at the count's positions (WRITE_CODES) and / or the
         dequantized values, in the model dtype, to [rows, D] (WRITE_VALUES: what SDPA reads when
-        several query tokens attend); Q (only with ROTATE_K): R3 applied, to [rows, D]."""
+        several query tokens attend); Q: R3 applied (ROTATE_K), to [rows, D]. ROPE: K and Q come before the
+        rotary embedding, applied here first (cos / sin [B or 1, S_NEW, D] at strides sc_b, sc_s)."""
         pid = tl.program_id(0)
         role = tl.program_id(1)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -120,6 +139,9 @@ if triton is not None:
             live = rows < ROWS_Q
             src = q_ptr + (b.to(tl.int64) * sq_b + h * sq_h + s * sq_s)
         x = tl.load(src[:, None] + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        if ROPE:
+            if role != 1:
+                x = _rope_rows(x, src, live, cos_ptr, sin_ptr, b, s, sc_b, sc_s, D, ROUND_BF16, ROUND_FP16)
         if ROTATE_K:
             if role != 1:
                 x = _rotate_rows(x, s1_ptr, s2_ptr, inv_sqrt_d, BLOCK_M, D, F1, F2, SPLIT_FIRST, ROUND_BF16,
@@ -732,18 +754,35 @@ def store_config(rows: int) -> tuple[int, int, bool]:
     return 16, 4, False
 
 
+def _rope_tables(rope, b: int, s: int, d: int, dtype):
+    """(cos, sin) as [B, S, D] views (a batch of 1 broadcast at stride 0), or ValueError."""
+    cos, sin = rope
+    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] not in (1, b) or cos.shape[1:] != (s, d):
+        raise ValueError(f"rotary cos / sin {tuple(cos.shape)} / {tuple(sin.shape)}: [B or 1, S, D] = [{b}, {s}, {d}] "
+                         "expected")
+    if cos.dtype != dtype or sin.dtype != dtype:
+        raise ValueError(f"rotary cos / sin in {cos.dtype} for a {dtype} model: transformers rounds them to the model "
+                         "dtype")
+    cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos.expand(b, s, d), sin.expand(b, s, d)
+
+
 def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=None, values=False,
-                  config: tuple[int, int, bool] | None = None):
+                  config: tuple[int, int, bool] | None = None, rope=None):
     b, h, s, d = key.shape
     if value.shape != key.shape:
         raise ValueError(f"K {tuple(key.shape)} and V {tuple(value.shape)} differ")
     key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (key, value))
     kd = torch.empty(b, h, s, d, dtype=key.dtype, device=key.device) if values else None
     vd = torch.empty_like(kd) if values else None
+    cos, sin = _rope_tables(rope, b, s, d, key.dtype) if rope is not None else (key, key)
     rows_q, hq, qd = 0, 1, None
     if query is not None:
-        if not rotate or query.shape[0] != b or query.shape[2:] != (s, d):
-            raise ValueError("the query is rotated here only with R3, and K's batch / tokens / head dim")
+        if not (rotate or rope is not None) or query.shape[0] != b or query.shape[2:] != (s, d):
+            raise ValueError("the query goes through this launch only for R3 or the rotary embedding, with K's "
+                             "batch / tokens / head dim")
         query = query if query.stride(-1) == 1 else query.contiguous()
         hq = query.shape[1]
         rows_q = b * hq * s
@@ -757,14 +796,14 @@ def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=
     cache = (c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero) if c is not None else (key,) * 6
     qsrc = query if query is not None else key
     _kv4_store_kernel[(triton.cdiv(max(rows, rows_q), block_m), 3 if query is not None else 2)](
-        key, value, qsrc, count if count is not None else key, s1, s2, *cache,
+        key, value, qsrc, count if count is not None else key, s1, s2, cos, sin, *cache,
         kd if values else key, vd if values else key, qd if qd is not None else key,
         rows, rows_q, s, h, hq, c.shape[2] if c is not None else 1, *key.stride()[:3], *value.stride()[:3],
-        *qsrc.stride()[:3], float(clip_ratio), 1.0 / math.sqrt(d),
+        *qsrc.stride()[:3], *(cos.stride()[:2] if rope is not None else (0, 0)), float(clip_ratio), 1.0 / math.sqrt(d),
         D=d, F1=f1, F2=f2, BLOCK_M=block_m, ROTATE_K=rotate, WRITE_CODES=codes is not None, WRITE_VALUES=values,
         SPLIT_FIRST=key.dtype == torch.float32, RECIP=key.is_cuda,
         USE_RINT=os.environ.get("TRITON_INTERPRET") != "1", LOG_D=d.bit_length() - 1 if butterfly else 0,
-        enable_fp_fusion=False, num_warps=warps,
+        ROPE=rope is not None, enable_fp_fusion=False, num_warps=warps,
         **_dtype_flags(key.dtype),
     )
     return kd, vd, qd
@@ -772,21 +811,25 @@ def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=
 
 def kv4_store(codes: Kv4Codes, count: torch.Tensor, key: torch.Tensor, value: torch.Tensor, clip_ratio: float,
               rotate_k: bool, query: torch.Tensor | None = None,
-              config: tuple[int, int, bool] | None = None) -> torch.Tensor | None:
+              config: tuple[int, int, bool] | None = None, rope=None) -> torch.Tensor | None:
     """Quantize key / value [B, Hkv, S, D] into `codes` at positions count - S .. count - 1 (count: the
     layer's token count, a device tensor that already includes these S tokens; positions past the
     cache's end are not written). With `query` [B, H, S, D] and `rotate_k`: returns the query with R3
     applied, in the same launch (the decode attention then takes it with rotate_q=False: session 43, the
-    in-kernel rotation was 13 % of its time at batch 64; docs/KERNELS.md 4h)."""
-    return _store_launch(key, value, clip_ratio, rotate_k, codes=codes, count=count, query=query, config=config)[2]
+    in-kernel rotation was 13 % of its time at batch 64; docs/KERNELS.md 4h). With `rope` (cos, sin), K and the
+    query arrive before the rotary embedding and get it here first, as transformers would (fusions.RopeKv4)."""
+    return _store_launch(key, value, clip_ratio, rotate_k, codes=codes, count=count, query=query, config=config,
+                         rope=rope)[2]
 
 
 def kv4_fake_quant(key: torch.Tensor, value: torch.Tensor, clip_ratio: float, rotate: bool,
-                   query: torch.Tensor | None = None, config: tuple[int, int, bool] | None = None):
+                   query: torch.Tensor | None = None, config: tuple[int, int, bool] | None = None, rope=None):
     """(K, V, Q) as the fake-quant path attends them, in one launch, nothing cached: K (R3 applied if
     `rotate`) and V quantized per token and head and dequantized in the model dtype; Q with R3 applied
-    (None without a query)."""
-    return _store_launch(key, value, clip_ratio, rotate, query=query if rotate else None, values=True, config=config)
+    (None without a query, or with neither R3 nor `rope`). With `rope` (cos, sin): K and the query before the
+    rotary embedding, applied here first."""
+    q = query if rotate or rope is not None else None
+    return _store_launch(key, value, clip_ratio, rotate, query=q, values=True, config=config, rope=rope)
 
 
 def _splits(bh: int, max_len: int, device, block_s: int) -> int:
@@ -916,7 +959,9 @@ def _transform_settings(module):
     return kq.spec.clip_ratio, t.qk_rotation is not None
 
 
-def _kv4_attention(module, query, key, value, attention_mask, **kwargs):
+def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwargs):
+    """The "dartquant_kv4" attention. `rope` (cos, sin): query and key arrive before the rotary embedding, which
+    the store's launch applies (`_rope_kv4_forward`); without it they arrive as transformers' forward leaves them."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     clip, rotate = _transform_settings(module)
@@ -925,20 +970,90 @@ def _kv4_attention(module, query, key, value, attention_mask, **kwargs):
     if isinstance(key, PendingKV4):
         layer = key.layer
         one = query.shape[2] == 1
+        through = rope is not None or (one and rotate)  # the query's R3 / RoPE in the store's launch
         q = kv4_store(layer.codes, layer.cumulative_length, key.key_states, key.value_states, clip, rotate,
-                      query=query if one and rotate else None)  # R3 of the query in the store's launch
+                      query=query if through else None, rope=rope)
+        query = q if through else query
         if one:
-            return kv4_decode_attention(q if rotate else query, layer.codes, layer.cumulative_length, scaling,
-                                        False), None
+            return kv4_decode_attention(query, layer.codes, layer.cumulative_length, scaling, False), None
         k, v = layer.codes.dequantize(query.dtype)  # every cached position (a prompt after earlier tokens too)
-        if rotate:
+        if rotate and not through:
             query = module.dq_attention.qk_rotation(query)
     else:  # no cache (a prompt's forward): the fake-quant K / V and the rotated Q in one launch
-        k, v, q = kv4_fake_quant(key, value, clip, rotate, query if query.shape[2] == key.shape[2] else None)
-        if rotate:
-            query = q if q is not None else module.dq_attention.qk_rotation(query)
+        same = query.shape[2] == key.shape[2]
+        if rope is not None and not same:
+            raise ValueError("the rotary embedding in the K / V launch needs as many query tokens as key tokens")
+        k, v, q = kv4_fake_quant(key, value, clip, rotate, query if same else None, rope=rope)
+        if q is not None:
+            query = q
+        elif rotate:
+            query = module.dq_attention.qk_rotation(query)
     # a None mask over a longer static cache is transformers' prefill shortcut (upper-left causal)
     return sdpa_attention_forward(module, query, k, v, attention_mask, **kwargs)
+
+
+# ---- the rotary embedding in the K / V launch -----------------------------------------------------------
+ROPE_FAMILIES = ("llama", "mistral", "qwen2")  # adapters.ADAPTERS whose attention forward is transformers' Llama
+# template: q / k / v projections, apply_rotary_pos_emb (rotate_half), cache.update, the attention function, o_proj
+
+
+def _rope_kv4_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    """transformers' Llama-template attention forward with its rotary embedding moved into the 4-bit K / V launch
+    (`_kv4_attention(..., rope=)`): the ~10 elementwise kernels a layer that apply it to q and k (a third of a
+    prompt's "other" kernels on the W4A4 side) become loads in a launch that reads q and k anyway. Any cache
+    other than the 4-bit one (it would store keys before the embedding) runs the original forward."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    layers = getattr(cache, "layers", ())
+    four_bit = self.layer_idx < len(layers) and isinstance(layers[self.layer_idx], _layer_classes()[0])
+    if position_embeddings is None or (cache is not None and not four_bit):
+        return self.dq_unfused_forward(hidden_states, position_embeddings=position_embeddings,
+                                       attention_mask=attention_mask, **kwargs)
+    shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+    q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    if cache is not None:
+        k, v = cache.update(k, v, self.layer_idx)
+    rest = {n: x for n, x in kwargs.items() if n not in ("cache", "past_key_values")}
+    out, weights = _kv4_attention(self, q, k, v, attention_mask, rope=position_embeddings, dropout=0.0,
+                                  scaling=self.scaling, **rest)
+    return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+def _unfuse_rope(attns) -> None:
+    for a in attns:
+        if "dq_unfused_forward" in vars(a):
+            del a.forward, a.dq_unfused_forward
+
+
+@torch.no_grad()
+def fuse_rope_(model, tokens: int = 16) -> int:
+    """Install `_rope_kv4_forward` on every attention of a model on the "dartquant_kv4" attention whose family is
+    in ROPE_FAMILIES, then check it by running: a forward of `tokens` tokens must give the unfused logits
+    (within 1e-3 of the largest; the kernel rounds as transformers does, so they are equal unless a transformers
+    version's forward differs), else it is undone (logged). Returns how many attentions run it."""
+    from ..adapters import adapter_for
+
+    adapter = adapter_for(model)
+    if adapter.family not in ROPE_FAMILIES or model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        return 0
+    attns = [adapter.layer(b).attn for b in adapter.decoder_layers(model)]
+    device = next(model.parameters()).device
+    ids = torch.arange(tokens, device=device).remainder(model.config.get_text_config().vocab_size)[None]
+    want = model(ids, use_cache=False).logits.float()
+    for a in attns:
+        a.dq_unfused_forward = a.forward
+        a.forward = types.MethodType(_rope_kv4_forward, a)
+    try:
+        got = model(ids, use_cache=False).logits.float()
+        err = float((got - want).abs().max())
+        ok = bool(torch.isfinite(want).all()) and err <= 1e-3 * float(want.abs().max())
+    except Exception as e:  # a transformers whose attention forward does not fit the template
+        ok, err = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        _unfuse_rope(attns)
+        log.warning("the rotary embedding in the 4-bit K / V launch undone: its logits differ from the unfused "
+                    "forward's (%s)", err)
+        return 0
+    return len(attns)
 
 
 def register_kv4_attention() -> str:
