@@ -344,3 +344,66 @@ def test_the_device_check_runs_every_path(tmp_path, monkeypatch):
     assert {r["path"] for r in rows if r["heads"] == r["kv_heads"]} == set(kernel_bench.KV4_PATHS)
     assert {r["path"] for r in rows if r["heads"] != r["kv_heads"]} == {"default", "held K"}
     assert len(rows) == 2 * (5 + 2) and all(r["ok"] and r["max_rel_err"] <= 2 ** -7 for r in rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rotate,config", [(False, None), (True, None), (True, (64, 4, True))])
+def test_rope_in_the_launch_is_transformers_rope(dtype, rotate, config):
+    """K and Q before the rotary embedding, cos / sin of a batch of 1 for 2 sequences: the launch applies it as
+    transformers' apply_rotary_pos_emb does, rounding for rounding (without R3 every value equal, fp32 included),
+    then R3 and the quantizer as without it; the cache store's codes too."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    spec = QuantSpec(bits=4, symmetric=False, clip_ratio=0.9)
+    g = torch.Generator().manual_seed(5)
+    k, v = _kv(2, 2, 21, 64, dtype, seed=6)
+    q = torch.randn(2, 6, 21, 64, generator=g).to(dtype)
+    angle = torch.rand(1, 21, 32, generator=g) * 100
+    cos, sin = (f(torch.cat([angle, angle], -1)).to(dtype) for f in (torch.cos, torch.sin))
+    qr, kr = apply_rotary_pos_emb(q, k, cos, sin)
+    kd, vd, qd = kv4_fake_quant(k, v, 0.9, rotate, q, config=config, rope=(cos, sin))
+    r3 = fast_hadamard_transform if rotate else (lambda t: t)
+    want_q = r3(qr)
+    if dtype == torch.float32 and rotate:  # fp32 R3 differs from torch's by summation order only
+        torch.testing.assert_close(qd, want_q, rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(qd, want_q) or (rotate and (qd != want_q).float().mean() < 1e-3)
+        assert torch.equal(kd, fake_quantize(r3(kr), spec))
+    assert torch.equal(vd, fake_quantize(v, spec))
+    codes, ref = Kv4Codes(2, 2, 21, 64, "cpu"), Kv4Codes(2, 2, 21, 64, "cpu")
+    kv4_store(codes, torch.tensor(21), k, v, 0.9, rotate, query=q, rope=(cos, sin), config=config)
+    kv4_store(ref, torch.tensor(21), kr, v, 0.9, rotate, config=config)
+    assert torch.equal(codes.k_codes, ref.k_codes) and torch.equal(codes.k_scale, ref.k_scale)
+    with pytest.raises(ValueError, match="rotary cos / sin"):
+        kv4_fake_quant(k, v, 0.9, rotate, q, rope=(cos[:, :3], sin[:, :3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_fusion_gives_the_unfused_model(kernel_run, dtype):
+    """fuse_rope_ on the run's model (fake-quant linears; the attention on the 4-bit cache): a prompt without cache
+    and decode steps over the 4-bit cache give the unfused logits exactly, through the fused forward; another
+    cache (transformers' dynamic one) runs the original forward, also exactly."""
+    from dartquant.kernels.bench import make_decode_step
+    from dartquant.kernels.kv_cache import check_kv4_support, fuse_rope_, register_kv4_attention
+    from dartquant.zoo import load_model
+
+    model, _ = load_model(kernel_run, dtype=dtype)
+    check_kv4_support(model)
+    model.set_attn_implementation(register_kv4_attention())
+    ids = torch.arange(7)[None]
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+    step = make_decode_step(model, batch=2, context=6, device=torch.device("cpu"))
+    want_steps = [step(), step()]
+    assert fuse_rope_(model) == len(model.model.layers)
+    attn = model.model.layers[0].self_attn
+    unfused = attn.dq_unfused_forward
+    calls = []
+    attn.dq_unfused_forward = lambda *a, **kw: calls.append(1) or unfused(*a, **kw)
+    with torch.no_grad():
+        assert torch.equal(model(ids, use_cache=False).logits, want)
+    step = make_decode_step(model, batch=2, context=6, device=torch.device("cpu"))
+    assert torch.equal(step(), want_steps[0]) and torch.equal(step(), want_steps[1])
+    assert not calls  # the fused forward ran every time
+    with torch.no_grad():  # transformers' own cache: the original forward
+        assert torch.equal(model(ids, use_cache=True).logits, want) and calls
