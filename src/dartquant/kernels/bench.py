@@ -12,7 +12,9 @@ Design choices:
   the linears; R3 is dropped, it cancels in Q K^T without a K quantizer); `--kv run` keeps the
   run's fake-quantized 4-bit K/V on the w4a4 side (torch ops over the whole cache every step);
   `--kv kernels` keeps it as 4-bit codes in the cache (`kv_cache.Kv4StaticCache`) and attends with the
-  Triton decode kernel (W4A4KV4 against bf16 with a bf16 cache: the deployment comparison).
+  Triton decode kernel (W4A4KV4 against bf16 with a bf16 cache: the deployment comparison). There the
+  w4a4 side's rotary embedding runs inside the K / V launch (`kv_cache.fuse_rope_`, checked by running;
+  `--no-fuse-rope`: as transformers applies it); the bf16 side keeps transformers' own.
   SDPA on a bf16 cache is `PACKED_SDPA`: a one-token GQA query runs on the KV heads, its group as
   query rows, as transformers >= 5.2x does, whatever transformers is installed (5.17 repeats K and V
   group-fold every step: 18 of 33 ms of a Llama-3-8B batch-64 step on an H100, a straw baseline).

@@ -36,6 +36,13 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
   (`ppl`, `bench`'s prefill), `kv4_fake_quant` gives the fake-quant K / V and the rotated Q in one
   launch, then SDPA.
 
+* The rotary embedding in the same launch (`fuse_rope_`, families of transformers' Llama attention
+  template): the attention's forward hands q and k over before RoPE and the store / fake-quant launch
+  applies it, rounding as transformers does (bit for bit), instead of ~10 elementwise kernels a layer.
+  Checked by running at install; any cache but this one runs the original forward.
+* A prompt's launch takes 64 rows a program with R3 as fp32 butterflies; a decode step's few rows 16 a
+  program with R3 as one tensor-core dot (`store_config`).
+
 Limits (refused by `check_kv4_support`): unpadded sequences (positions 0..S-1, as the kernels'
 token count assumes), no K bias kept out of the quantizer (Qwen2's `kv_exclude_k_bias`), full
 attention layers only, head dims whose Hadamard `act_quant.stage_sizes` accepts (16..2^14).
