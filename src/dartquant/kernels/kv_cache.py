@@ -40,8 +40,8 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
   template): the attention's forward hands q and k over before RoPE and the store / fake-quant launch
   applies it, rounding as transformers does (bit for bit), instead of ~10 elementwise kernels a layer.
   Checked by running at install; any cache but this one runs the original forward.
-* A prompt's launch takes 64 rows a program with R3 as fp32 butterflies; a decode step's few rows 16 a
-  program with R3 as one tensor-core dot (`store_config`).
+* The launch takes 16 rows a program with R3 as fp32 butterflies (`store_config`): a tensor-core dot would load
+  the D x D Sylvester matrix into every program (32 KB for 4 KB of data at D = 128).
 
 Limits (refused by `check_kv4_support`): unpadded sequences (positions 0..S-1, as the kernels'
 token count assumes), no K bias kept out of the quantizer (Qwen2's `kv_exclude_k_bias`), full
@@ -748,17 +748,13 @@ def _dtype_flags(dtype):
     return dict(ROUND_BF16=dtype == torch.bfloat16, ROUND_FP16=dtype == torch.float16)
 
 
-STORE_MANY_ROWS = 8192  # from here (a prompt: 2048 tokens x 32 heads is 65536) the launch takes bigger programs
-
-
 def store_config(rows: int) -> tuple[int, int, bool]:
     """(rows a program, warps, R3 as butterflies) of the store / fake-quant launch for `rows` (sequence, head,
-    token) rows of its largest role. A decode step writes a few rows: 16 a program, R3 as a tensor-core dot
-    (the measured choice). A prompt's rows: 64 a program and R3 as fp32 butterflies, so no program loads the
-    D x D Sylvester matrix (32 KB at D = 128) for 4 KB of data (session 45, docs/KERNELS.md 4j)."""
-    if rows >= STORE_MANY_ROWS:
-        return 64, 4, True
-    return 16, 4, False
+    token) rows of its largest role. 16 rows a program with R3 as fp32 butterflies at every size: fastest of the
+    10 configs timed at a 2048-token prompt (52 against 91 µs a layer at the Llama-2-7B shape, where each program
+    had loaded the 32 KB Sylvester matrix of the tensor-core dot for 4 KB of data) and of 5 at decode batches
+    1-64 (0.74-0.84x the dot's time; session 45, H100, docs/KERNELS.md 4j). `rows` is kept for a rule by size."""
+    return 16, 4, True
 
 
 def _rope_tables(rope, b: int, s: int, d: int, dtype):
