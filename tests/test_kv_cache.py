@@ -377,16 +377,33 @@ def test_rope_in_the_launch_is_transformers_rope(dtype, rotate, config):
         kv4_fake_quant(k, v, 0.9, rotate, q, rope=(cos[:, :3], sin[:, :3]))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_fusion_gives_the_unfused_model(kernel_run, dtype):
+@pytest.fixture(scope="module")
+def qwen3_kernel_run(tmp_path_factory):
+    """kernel_run's recipe on a Qwen3 (QK-norm) twin of the kernel Llama."""
+    from dartquant.config import RunConfig
+    from dartquant.pipeline import run_quantize
+    from tiny import save_kernel_qwen3_folder
+
+    base = tmp_path_factory.mktemp("qwen3_kernel_run")
+    model = save_kernel_qwen3_folder(base / "model")
+    cfg = RunConfig.from_flat(model=str(model), method="quarot", w_quantizer="rtn", calib_samples=2, calib_seqlen=16,
+                              eval_seqlen=16, eval_max_windows=1, guard_windows=0)
+    run_quantize(cfg, base / "run", progress=False, eval_fp=False)
+    return base / "run"
+
+
+@pytest.mark.parametrize("family,dtype", [("llama", torch.float32), ("llama", torch.bfloat16),
+                                          ("qwen3", torch.bfloat16)])
+def test_rope_fusion_gives_the_unfused_model(request, family, dtype):
     """fuse_rope_ on the run's model (fake-quant linears; the attention on the 4-bit cache): a prompt without cache
-    and decode steps over the 4-bit cache give the unfused logits exactly, through the fused forward; another
-    cache (transformers' dynamic one) runs the original forward, also exactly."""
+    and decode steps over the 4-bit cache give the unfused logits exactly, through the fused forward (Qwen3: its
+    QK-norms before RoPE); another cache (transformers' dynamic one) runs the original forward, also exactly."""
     from dartquant.kernels.bench import make_decode_step
     from dartquant.kernels.kv_cache import check_kv4_support, fuse_rope_, register_kv4_attention
     from dartquant.zoo import load_model
 
-    model, _ = load_model(kernel_run, dtype=dtype)
+    run = request.getfixturevalue("kernel_run" if family == "llama" else "qwen3_kernel_run")
+    model, _ = load_model(run, dtype=dtype)
     check_kv4_support(model)
     model.set_attn_implementation(register_kv4_attention())
     ids = torch.arange(7)[None]

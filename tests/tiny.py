@@ -144,6 +144,25 @@ def save_kernel_llama_folder(path, intermediate: int = 192):
     return path
 
 
+def save_kernel_qwen3_folder(path):
+    """A Qwen3 twin of the kernel Llama (per-head QK-norm before RoPE; no biases, as Qwen3 has): hidden 64, MLP
+    192, 4 query / 2 KV heads of 16, 2 layers."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=89, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg)
+    with torch.no_grad():  # QK-norm gains away from 1, so applying them or not shows
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.uniform_(0.5, 1.5)
+    model.save_pretrained(str(path))
+    make_char_tokenizer(89).save_pretrained(str(path))
+    return path
+
+
 def outlier_activations(rows: int, n: int, seed: int, dtype=torch.bfloat16) -> torch.Tensor:
     """Random activations [rows, n] with two outlier channels (x25), as real ones have: the kernels' tests."""
     g = torch.Generator().manual_seed(seed)

@@ -996,8 +996,9 @@ def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwarg
 
 
 # ---- the rotary embedding in the K / V launch -----------------------------------------------------------
-ROPE_FAMILIES = ("llama", "mistral", "qwen2")  # adapters.ADAPTERS whose attention forward is transformers' Llama
-# template: q / k / v projections, apply_rotary_pos_emb (rotate_half), cache.update, the attention function, o_proj
+ROPE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # adapters.ADAPTERS whose attention forward is transformers'
+# Llama template: q / k / v projections (Qwen3: then its per-head q_norm / k_norm), apply_rotary_pos_emb (rotate_half),
+# cache.update, the attention function, o_proj
 
 
 def _rope_kv4_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
@@ -1012,7 +1013,10 @@ def _rope_kv4_forward(self, hidden_states, position_embeddings=None, attention_m
         return self.dq_unfused_forward(hidden_states, position_embeddings=position_embeddings,
                                        attention_mask=attention_mask, **kwargs)
     shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-    q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    q, k, v = (proj(hidden_states).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    if self.dq_rope_qk_norms:  # Qwen3: the per-head norms before RoPE, as its forward has them
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx)
     rest = {n: x for n, x in kwargs.items() if n not in ("cache", "past_key_values")}
@@ -1024,7 +1028,7 @@ def _rope_kv4_forward(self, hidden_states, position_embeddings=None, attention_m
 def _unfuse_rope(attns) -> None:
     for a in attns:
         if "dq_unfused_forward" in vars(a):
-            del a.forward, a.dq_unfused_forward
+            del a.forward, a.dq_unfused_forward, a.dq_rope_qk_norms
 
 
 @torch.no_grad()
@@ -1042,8 +1046,11 @@ def fuse_rope_(model, tokens: int = 16) -> int:
     device = next(model.parameters()).device
     ids = torch.arange(tokens, device=device).remainder(model.config.get_text_config().vocab_size)[None]
     want = model(ids, use_cache=False).logits.float()
+    if adapter.qk_norms not in (None, ("q_norm", "k_norm")):
+        return 0  # the forward calls them by transformers' names
     for a in attns:
         a.dq_unfused_forward = a.forward
+        a.dq_rope_qk_norms = adapter.qk_norms is not None
         a.forward = types.MethodType(_rope_kv4_forward, a)
     try:
         got = model(ids, use_cache=False).logits.float()
