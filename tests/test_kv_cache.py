@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from dartquant.hadamard import fast_hadamard_transform  # noqa: E402
 from dartquant.kernels.kv_cache import (  # noqa: E402
     Kv4Codes, decode_path, dots_words_step, kv4_decode_attention, kv4_fake_quant, kv4_scheme_problems,
-    kv4_store, store_config)
+    kv4_store)
 from dartquant.quant.primitives import QuantSpec, fake_quantize  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -30,7 +30,7 @@ def _kv(b, h, s, d, dtype, seed):
     return k.to(dtype), v.to(dtype)
 
 
-STORE_CONFIGS = [None, (64, 4, True), (16, 4, False)]  # the rule's (butterflies), more rows, the tensor-core dot
+STORE_CONFIGS = [None, (64, 4, True), (16, 4, False)]  # the default (butterflies), more rows, the tensor-core dot
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -67,11 +67,6 @@ def test_a_prompt_without_cache_gets_the_fake_quant_values_in_one_launch(dtype, 
     assert torch.equal(vd, fake_quantize(v, spec)) and torch.equal(qd, fast_hadamard_transform(q))
     kd2, vd2, none = kv4_fake_quant(k, v, 0.9, False, config=config)
     assert none is None and torch.equal(kd2, fake_quantize(k, spec)) and torch.equal(vd2, vd)
-
-
-def test_store_config_rule():
-    """16 rows a program and R3 as butterflies, a decode step's rows or a prompt's (the measured choice)."""
-    assert store_config(64 * 32) == store_config(2048 * 32) == (16, 4, True)
 
 
 def test_store_reads_strided_inputs_and_never_writes_past_the_end():
@@ -412,6 +407,8 @@ def test_rope_fusion_gives_the_unfused_model(request, family, dtype):
     step = make_decode_step(model, batch=2, context=6, device=torch.device("cpu"))
     want_steps = [step(), step()]
     assert fuse_rope_(model) == len(model.model.layers)
+    with pytest.raises(ValueError, match="already"):
+        fuse_rope_(model)
     attn = model.model.layers[0].self_attn
     unfused = attn.dq_unfused_forward
     calls = []

@@ -40,7 +40,7 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
   template): the attention's forward hands q and k over before RoPE and the store / fake-quant launch
   applies it, rounding as transformers does (bit for bit), instead of ~10 elementwise kernels a layer.
   Checked by running at install; any cache but this one runs the original forward.
-* The launch takes 16 rows a program with R3 as fp32 butterflies (`store_config`): a tensor-core dot would load
+* The launch takes 16 rows a program with R3 as fp32 butterflies (`STORE_CONFIG`): a tensor-core dot would load
   the D x D Sylvester matrix into every program (32 KB for 4 KB of data at D = 128).
 
 Limits (refused by `check_kv4_support`): unpadded sequences (positions 0..S-1, as the kernels'
@@ -748,13 +748,11 @@ def _dtype_flags(dtype):
     return dict(ROUND_BF16=dtype == torch.bfloat16, ROUND_FP16=dtype == torch.float16)
 
 
-def store_config(rows: int) -> tuple[int, int, bool]:
-    """(rows a program, warps, R3 as butterflies) of the store / fake-quant launch for `rows` (sequence, head,
-    token) rows of its largest role. 16 rows a program with R3 as fp32 butterflies at every size: fastest of the
-    10 configs timed at a 2048-token prompt (52 against 91 µs a layer at the Llama-2-7B shape, where each program
-    had loaded the 32 KB Sylvester matrix of the tensor-core dot for 4 KB of data) and of 5 at decode batches
-    1-64 (0.74-0.84x the dot's time; session 45, H100, docs/KERNELS.md 4j). `rows` is kept for a rule by size."""
-    return 16, 4, True
+# (rows a program, warps, R3 as fp32 butterflies) of the store / fake-quant launch, at every size: the fastest of the
+# 10 configs timed at a 2048-token prompt (52 against 91 µs a layer at the Llama-2-7B shape, where each program of the
+# tensor-core dot had loaded the 32 KB Sylvester matrix for 4 KB of data) and of 5 at decode batches 1-64 (0.74-0.84x
+# the dot's time); session 45, H100, docs/KERNELS.md 4j.
+STORE_CONFIG = (16, 4, True)
 
 
 def _rope_tables(rope, b: int, s: int, d: int, dtype):
@@ -794,7 +792,7 @@ def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=
     if rows == 0:
         return kd, vd, qd
     f1, f2, s1, s2 = _stages(d, key.device)
-    block_m, warps, butterfly = config or store_config(max(rows, rows_q))
+    block_m, warps, butterfly = config or STORE_CONFIG
     c = codes
     cache = (c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero) if c is not None else (key,) * 6
     qsrc = query if query is not None else key
@@ -820,7 +818,7 @@ def kv4_store(codes: Kv4Codes, count: torch.Tensor, key: torch.Tensor, value: to
     cache's end are not written). With `query` [B, H, S, D] and `rotate_k`: returns the query with R3
     applied, in the same launch (the decode attention then takes it with rotate_q=False: session 43, the
     in-kernel rotation was 13 % of its time at batch 64; docs/KERNELS.md 4h). With `rope` (cos, sin), K and the
-    query arrive before the rotary embedding and get it here first, as transformers would (fusions.RopeKv4)."""
+    query arrive before the rotary embedding and get it here first, as transformers would (`fuse_rope_`)."""
     return _store_launch(key, value, clip_ratio, rotate_k, codes=codes, count=count, query=query, config=config,
                          rope=rope)[2]
 
@@ -1003,8 +1001,8 @@ ROPE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # adapters.ADAPTERS whos
 
 def _rope_kv4_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
     """transformers' Llama-template attention forward with its rotary embedding moved into the 4-bit K / V launch
-    (`_kv4_attention(..., rope=)`): the ~10 elementwise kernels a layer that apply it to q and k (a third of a
-    prompt's "other" kernels on the W4A4 side) become loads in a launch that reads q and k anyway. Any cache
+    (`_kv4_attention(..., rope=)`): the ~10 elementwise kernels a layer that apply it to q and k (7.6 ms of a 2048-token
+    Llama-2-7B prompt on an H100, docs/KERNELS.md 4j) become loads in a launch that reads q and k anyway. Any cache
     other than the 4-bit one (it would store keys before the embedding) runs the original forward."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     layers = getattr(cache, "layers", ())
@@ -1040,14 +1038,15 @@ def fuse_rope_(model, tokens: int = 16) -> int:
     from ..adapters import adapter_for
 
     adapter = adapter_for(model)
-    if adapter.family not in ROPE_FAMILIES or model.config._attn_implementation != ATTN_IMPLEMENTATION:
+    if (adapter.family not in ROPE_FAMILIES or model.config._attn_implementation != ATTN_IMPLEMENTATION
+            or adapter.qk_norms not in (None, ("q_norm", "k_norm"))):  # the forward calls them by these names
         return 0
     attns = [adapter.layer(b).attn for b in adapter.decoder_layers(model)]
+    if any("dq_unfused_forward" in vars(a) for a in attns):
+        raise ValueError("fuse_rope_: the model's attentions already run the fused forward")
     device = next(model.parameters()).device
     ids = torch.arange(tokens, device=device).remainder(model.config.get_text_config().vocab_size)[None]
     want = model(ids, use_cache=False).logits.float()
-    if adapter.qk_norms not in (None, ("q_norm", "k_norm")):
-        return 0  # the forward calls them by transformers' names
     for a in attns:
         a.dq_unfused_forward = a.forward
         a.dq_rope_qk_norms = adapter.qk_norms is not None
