@@ -232,6 +232,29 @@ def test_refused_without_kv_quantizers(kernel_run, tmp_path, capsys):
     assert "kv_bits=16" in capsys.readouterr().err
 
 
+def test_sliding_window_is_refused_before_any_weight(kernel_run, tmp_path, capsys):
+    """The kernels attend over every cached position: a model with a sliding window (Mistral-7B-v0.1's 4096, set
+    for every layer without layer types) is refused from config.json alone, by the library check and by `bench`."""
+    from transformers import MistralConfig, Qwen2Config
+    from test_kernels_backend import _variant
+
+    from dartquant.cli import main as cli_main
+    from dartquant.kernels.kv_cache import kv4_config_problems
+
+    assert kv4_config_problems(MistralConfig(sliding_window=4096)) == [
+        "a sliding window of 4096 tokens (full attention only)"]
+    assert kv4_config_problems(MistralConfig(sliding_window=None)) == []
+    assert kv4_config_problems(Qwen2Config(sliding_window=4096)) == []  # use_sliding_window off: no window
+    mixed = kv4_config_problems(Qwen2Config(sliding_window=64, use_sliding_window=True, max_window_layers=1,
+                                            num_hidden_layers=2))
+    assert len(mixed) == 1 and "layer types" in mixed[0]
+    folder = _variant(kernel_run, tmp_path, "windowed")  # metadata only: refused before any weight is read
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "sliding_window": 4096}))
+    assert cli_main(["bench", str(folder), "--device", "cpu", "--kv", "kernels", "--batch", "1"]) == 2
+    assert "sliding window of 4096 tokens" in capsys.readouterr().err
+
+
 def test_bench_with_the_4bit_cache(kernel_run, tmp_path, capsys):
     """`dartquant bench --kv kernels` runs the w4a4 side on the 4-bit cache and reports its bytes:
     2 layers x (K + V) x 2 KV heads x 4 slots x (8 bytes of codes + 8 of fp32 scale / zero)."""

@@ -336,10 +336,11 @@ def bench_run(folder, s: BenchSettings, progress=print) -> dict:
         from ..adapters import adapter_for
         from ..pipeline import model_config
         from ..quant.checkpoint import scheme_of
-        from .kv_cache import kv4_scheme_problems
+        from .kv_cache import kv4_config_problems, kv4_scheme_problems
 
         config = model_config(folder)
         bad = kv4_scheme_problems(scheme_of(spec), adapter_for(config).geometry(config).head_dim)
+        bad += kv4_config_problems(config)
         if bad:
             raise ValueError(f"--kv kernels: {folder} has " + "; ".join(bad))
     check_triton_device(s.device)

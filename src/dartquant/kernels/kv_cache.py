@@ -1085,21 +1085,31 @@ def kv4_scheme_problems(scheme, head_dim: int | None = None) -> list[str]:
     return bad
 
 
+def kv4_config_problems(config) -> list[str]:
+    """What the cache kernels do not run, from config.json alone (before any weight is read): they attend over every
+    cached position with plain softmax."""
+    config = config.get_text_config()
+    problems = []
+    types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if types != {"full_attention"}:
+        problems.append(f"layer types {sorted(types)} (full attention only)")
+    window = getattr(config, "sliding_window", None)  # Mistral-7B-v0.1: 4096, every layer, no layer_types
+    if window is not None and "sliding_attention" not in types:
+        problems.append(f"a sliding window of {window} tokens (full attention only)")
+    if getattr(config, "attn_logit_softcapping", None):
+        problems.append("attention logit softcapping")
+    return problems
+
+
 def check_kv4_support(model) -> None:
     """ValueError naming what the 4-bit cache kernels cannot run, before any work."""
     from ..adapters import adapter_for
 
     adapter = adapter_for(model)
-    config = model.config.get_text_config()
-    problems = []
+    problems = kv4_config_problems(model.config)
     head_dim = adapter.geometry(model.config).head_dim
     if head_dim < 32 and next(model.parameters()).is_cuda:
         problems.append(f"head dim {head_dim} (the decode kernel's dots on the GPU need at least 32)")
-    types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if types != {"full_attention"}:
-        problems.append(f"layer types {sorted(types)} (full attention only)")
-    if getattr(config, "attn_logit_softcapping", None):
-        problems.append("attention logit softcapping")
     for i, block in enumerate(adapter.decoder_layers(model)):
         attn = adapter.layer(block).attn
         t = getattr(attn, "dq_attention", None)
