@@ -37,13 +37,6 @@ def one_thread():
 @pytest.fixture(scope="session")
 def kernel_run(tmp_path_factory):
     """A tiny QuaRot / RTN W4A4KV4 run folder (tiny.save_kernel_llama_folder) for the kernel tests."""
-    from dartquant.config import RunConfig
-    from dartquant.pipeline import run_quantize
-    from tiny import save_kernel_llama_folder
+    from tiny import quantized_kernel_run, save_kernel_llama_folder
 
-    base = tmp_path_factory.mktemp("kernel_run")
-    model = save_kernel_llama_folder(base / "model")
-    cfg = RunConfig.from_flat(model=str(model), method="quarot", w_quantizer="rtn", calib_samples=2, calib_seqlen=16,
-                              eval_seqlen=16, eval_max_windows=1, guard_windows=0)
-    run_quantize(cfg, base / "run", progress=False, eval_fp=False)
-    return base / "run"
+    return quantized_kernel_run(tmp_path_factory.mktemp("kernel_run"), save_kernel_llama_folder)

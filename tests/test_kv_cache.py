@@ -398,16 +398,9 @@ def test_rope_in_the_launch_is_transformers_rope(dtype, rotate, config):
 @pytest.fixture(scope="module")
 def qwen3_kernel_run(tmp_path_factory):
     """kernel_run's recipe on a Qwen3 (QK-norm) twin of the kernel Llama."""
-    from dartquant.config import RunConfig
-    from dartquant.pipeline import run_quantize
-    from tiny import save_kernel_qwen3_folder
+    from tiny import quantized_kernel_run, save_kernel_qwen3_folder
 
-    base = tmp_path_factory.mktemp("qwen3_kernel_run")
-    model = save_kernel_qwen3_folder(base / "model")
-    cfg = RunConfig.from_flat(model=str(model), method="quarot", w_quantizer="rtn", calib_samples=2, calib_seqlen=16,
-                              eval_seqlen=16, eval_max_windows=1, guard_windows=0)
-    run_quantize(cfg, base / "run", progress=False, eval_fp=False)
-    return base / "run"
+    return quantized_kernel_run(tmp_path_factory.mktemp("qwen3_kernel_run"), save_kernel_qwen3_folder)
 
 
 @pytest.mark.parametrize("family,dtype", [("llama", torch.float32), ("llama", torch.bfloat16),

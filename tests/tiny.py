@@ -144,6 +144,18 @@ def save_kernel_llama_folder(path, intermediate: int = 192):
     return path
 
 
+def quantized_kernel_run(base, save_model):
+    """A tiny QuaRot / RTN W4A4KV4 run folder under `base` of the model `save_model(folder)` writes."""
+    from dartquant.config import RunConfig
+    from dartquant.pipeline import run_quantize
+
+    model = save_model(base / "model")
+    cfg = RunConfig.from_flat(model=str(model), method="quarot", w_quantizer="rtn", calib_samples=2, calib_seqlen=16,
+                              eval_seqlen=16, eval_max_windows=1, guard_windows=0)
+    run_quantize(cfg, base / "run", progress=False, eval_fp=False)
+    return base / "run"
+
+
 def save_kernel_qwen3_folder(path):
     """A Qwen3 twin of the kernel Llama (per-head QK-norm before RoPE; no biases, as Qwen3 has): hidden 64, MLP
     192, 4 query / 2 KV heads of 16, 2 layers."""
