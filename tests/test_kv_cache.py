@@ -436,3 +436,30 @@ def test_rope_fusion_gives_the_unfused_model(request, family, dtype):
     assert not calls  # the fused forward ran every time
     with torch.no_grad():  # transformers' own cache: the original forward
         assert torch.equal(model(ids, use_cache=True).logits, want) and calls
+
+
+def test_generate_on_the_4bit_cache_with_rope_fused(kernel_run):
+    """transformers' generate (greedy) with a Kv4StaticCache: the same tokens with the RoPE fusion as without, and
+    the fused forward is what ran (the prompt into the cache, then the decode steps)."""
+    from dartquant.kernels.kv_cache import Kv4StaticCache, check_kv4_support, fuse_rope_, register_kv4_attention
+    from dartquant.zoo import load_model
+
+    model, _ = load_model(kernel_run, dtype=torch.bfloat16)
+    check_kv4_support(model)
+    model.set_attn_implementation(register_kv4_attention())
+    ids = torch.arange(3, 9)[None].repeat(2, 1)
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5.2x
+
+    def generate():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                              **{name: Kv4StaticCache(model.config, max_cache_len=16)})
+
+    want = generate()
+    assert fuse_rope_(model) == len(model.model.layers)
+    calls = []
+    for block in model.model.layers:
+        unfused = block.self_attn.dq_unfused_forward
+        block.self_attn.dq_unfused_forward = lambda *a, f=unfused, **kw: calls.append(1) or f(*a, **kw)
+    assert torch.equal(generate(), want) and not calls
