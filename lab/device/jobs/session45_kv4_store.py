@@ -17,7 +17,8 @@ from dartquant.kernels.kv_cache import STORE_CONFIG, Kv4Codes, kv4_fake_quant, k
 from kernel_bench import write_result
 
 CONFIGS = [(16, 4, False), (16, 4, True), (32, 4, False), (32, 4, True), (64, 4, False), (64, 4, True),
-           (64, 8, False), (64, 8, True), (128, 8, False), (128, 8, True)]
+           (64, 8, False), (64, 8, True), (128, 8, False), (128, 8, True),
+           (16, 4, True, True), (32, 4, True, True)]  # the compact grid (4th: each role only its own row blocks)
 SHAPES = {"llama2-7b": (32, 32), "llama3-8b": (32, 8)}  # (query heads, KV heads), head dim 128
 
 
@@ -84,7 +85,7 @@ def main(out):
             vn = torch.randn(b, 1, hkv, d, device=dev, generator=g).bfloat16().transpose(1, 2)
             qn = torch.randn(b, 1, hq, d, device=dev, generator=g).bfloat16().transpose(1, 2)
             drow = {"default_config": STORE_CONFIG}
-            for cfg in [(16, 4, False), (16, 4, True), (16, 2, True), (32, 4, True), (64, 4, True)]:
+            for cfg in [(16, 4, False), (16, 4, True), (16, 2, True), (32, 4, True), (64, 4, True), (16, 4, True, True)]:
                 us = graph_us(lambda: kv4_store(codes, count, kn, vn, 0.9, True, query=qn, config=cfg))
                 drow[str(cfg)] = us  # µs a call in a graph of 32
             print(f"{name} decode store b{b}: " + ", ".join(f"{c} {u:.1f}" for c, u in drow.items()

@@ -118,15 +118,23 @@ if triton is not None:
         D: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, BLOCK_M: tl.constexpr, ROTATE_K: tl.constexpr,
         WRITE_CODES: tl.constexpr, WRITE_VALUES: tl.constexpr, SPLIT_FIRST: tl.constexpr,
         ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, RECIP: tl.constexpr, USE_RINT: tl.constexpr,
-        LOG_D: tl.constexpr, ROPE: tl.constexpr,
+        LOG_D: tl.constexpr, ROPE: tl.constexpr, COMPACT: tl.constexpr = False,
     ):
         """Program (row block, 0 = K / 1 = V / 2 = Q): rows are (sequence, head, new token) flattened.
+        COMPACT: one grid axis holding K's, then V's, then Q's row blocks, each role as many as it has rows (a 2-D
+        grid gives every role the largest role's count: with GQA, K / V programs with no row at all).
         K / V: 4-bit codes into the cache at the count's positions (WRITE_CODES) and / or the
         dequantized values, in the model dtype, to [rows, D] (WRITE_VALUES: what SDPA reads when
         several query tokens attend); Q: R3 applied (ROTATE_K), to [rows, D]. ROPE: K and Q come before the
         rotary embedding, applied here first (cos / sin [B or 1, S_NEW, D] at strides sc_b, sc_s)."""
-        pid = tl.program_id(0)
-        role = tl.program_id(1)
+        if COMPACT:
+            nk = tl.cdiv(ROWS, BLOCK_M)
+            pid = tl.program_id(0)
+            role = (pid >= nk).to(tl.int32) + (pid >= 2 * nk).to(tl.int32)
+            pid -= role * nk
+        else:
+            pid = tl.program_id(0)
+            role = tl.program_id(1)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         s = rows % S_NEW
         heads = HKV
@@ -771,7 +779,7 @@ def _rope_tables(rope, b: int, s: int, d: int, dtype):
 
 
 def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=None, values=False,
-                  config: tuple[int, int, bool] | None = None, rope=None):
+                  config: tuple | None = None, rope=None):
     b, h, s, d = key.shape
     if value.shape != key.shape:
         raise ValueError(f"K {tuple(key.shape)} and V {tuple(value.shape)} differ")
@@ -792,11 +800,14 @@ def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=
     if rows == 0:
         return kd, vd, qd
     f1, f2, s1, s2 = _stages(d, key.device)
-    block_m, warps, butterfly = config or STORE_CONFIG
+    block_m, warps, butterfly, *rest = config or STORE_CONFIG
+    compact = bool(rest and rest[0])  # session 45's untimed candidate (docs/KERNELS.md 4j), for the sweep only
     c = codes
     cache = (c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero) if c is not None else (key,) * 6
     qsrc = query if query is not None else key
-    _kv4_store_kernel[(triton.cdiv(max(rows, rows_q), block_m), 3 if query is not None else 2)](
+    nk, nq = triton.cdiv(rows, block_m), triton.cdiv(rows_q, block_m)
+    grid = (2 * nk + nq,) if compact else (max(nk, nq), 3 if query is not None else 2)
+    _kv4_store_kernel[grid](
         key, value, qsrc, count if count is not None else key, s1, s2, cos, sin, *cache,
         kd if values else key, vd if values else key, qd if qd is not None else key,
         rows, rows_q, s, h, hq, c.shape[2] if c is not None else 1, *key.stride()[:3], *value.stride()[:3],
@@ -804,7 +815,7 @@ def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=
         D=d, F1=f1, F2=f2, BLOCK_M=block_m, ROTATE_K=rotate, WRITE_CODES=codes is not None, WRITE_VALUES=values,
         SPLIT_FIRST=key.dtype == torch.float32, RECIP=key.is_cuda,
         USE_RINT=os.environ.get("TRITON_INTERPRET") != "1", LOG_D=d.bit_length() - 1 if butterfly else 0,
-        ROPE=rope is not None, enable_fp_fusion=False, num_warps=warps,
+        ROPE=rope is not None, COMPACT=compact, enable_fp_fusion=False, num_warps=warps,
         **_dtype_flags(key.dtype),
     )
     return kd, vd, qd
@@ -812,7 +823,7 @@ def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=
 
 def kv4_store(codes: Kv4Codes, count: torch.Tensor, key: torch.Tensor, value: torch.Tensor, clip_ratio: float,
               rotate_k: bool, query: torch.Tensor | None = None,
-              config: tuple[int, int, bool] | None = None, rope=None) -> torch.Tensor | None:
+              config: tuple | None = None, rope=None) -> torch.Tensor | None:
     """Quantize key / value [B, Hkv, S, D] into `codes` at positions count - S .. count - 1 (count: the
     layer's token count, a device tensor that already includes these S tokens; positions past the
     cache's end are not written). With `query` [B, H, S, D] and `rotate_k`: returns the query with R3
@@ -824,7 +835,7 @@ def kv4_store(codes: Kv4Codes, count: torch.Tensor, key: torch.Tensor, value: to
 
 
 def kv4_fake_quant(key: torch.Tensor, value: torch.Tensor, clip_ratio: float, rotate: bool,
-                   query: torch.Tensor | None = None, config: tuple[int, int, bool] | None = None, rope=None):
+                   query: torch.Tensor | None = None, config: tuple | None = None, rope=None):
     """(K, V, Q) as the fake-quant path attends them, in one launch, nothing cached: K (R3 applied if
     `rotate`) and V quantized per token and head and dequantized in the model dtype; Q with R3 applied
     (None without a query, or with neither R3 nor `rope`). With `rope` (cos, sin): K and the query before the
