@@ -348,13 +348,15 @@ def bench_run(folder, s: BenchSettings, progress=print) -> dict:
     result = {"run": str(folder), "settings": dataclasses.asdict(s), "machine": _machine(device)}
     progress(f"loading {folder} (CPU; both sides from one load), timing on {device}")
     t = time.perf_counter()
+    from .kv_cache import rope_fused_layers
+
     for side, model in side_models(folder, [x for x in ("bf16", "w4a4") if x in s.sides], device, s.kv,
                                    s.prefill_operand, s.fuse_norms, s.merge_siblings, s.fuse_rope):
         load_s = time.perf_counter() - t
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         result[side] = {"load_s": load_s, "attention": model.config._attn_implementation,
-                        "rope_in_kv_launch": sum("dq_unfused_forward" in vars(m) for m in model.modules()),
+                        "rope_in_kv_launch": rope_fused_layers(model),
                         **measure_side(model, s, device)}
         if device.type == "cuda":
             result[side]["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()

@@ -1034,9 +1034,19 @@ def _rope_kv4_forward(self, hidden_states, position_embeddings=None, attention_m
     return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 
+def _rope_fused(module) -> bool:
+    """Whether `fuse_rope_` installed its forward on this module (the original is kept beside it)."""
+    return "dq_unfused_forward" in vars(module)
+
+
+def rope_fused_layers(model) -> int:
+    """How many attentions of `model` run the rotary embedding in the K / V launch."""
+    return sum(_rope_fused(m) for m in model.modules())
+
+
 def _unfuse_rope(attns) -> None:
     for a in attns:
-        if "dq_unfused_forward" in vars(a):
+        if _rope_fused(a):
             del a.forward, a.dq_unfused_forward, a.dq_rope_qk_norms
 
 
@@ -1053,7 +1063,7 @@ def fuse_rope_(model, tokens: int = 16) -> int:
             or adapter.qk_norms not in (None, ("q_norm", "k_norm"))):  # the forward calls them by these names
         return 0
     attns = [adapter.layer(b).attn for b in adapter.decoder_layers(model)]
-    if any("dq_unfused_forward" in vars(a) for a in attns):
+    if any(_rope_fused(a) for a in attns):
         raise ValueError("fuse_rope_: the model's attentions already run the fused forward")
     device = next(model.parameters()).device
     ids = torch.arange(tokens, device=device).remainder(model.config.get_text_config().vocab_size)[None]
