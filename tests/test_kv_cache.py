@@ -215,6 +215,42 @@ def test_a_model_decodes_on_the_4bit_cache(kernel_run):
         layer.reorder_cache(torch.tensor([0, 1]))
 
 
+def test_a_prompt_into_an_empty_cache_attends_over_its_own_values(kernel_run, monkeypatch):
+    """A generation's prompt into an empty Kv4StaticCache (transformers passes no mask) takes one launch that
+    stores the codes and hands back their values: the logits equal the no-cache forward's bit for bit, the codes
+    equal kv4_store's, and the whole static cache is never dequantized. A second prompt after it (a mask) still
+    attends over the dequantized cache and gives the no-cache forward's logits of the whole sequence."""
+    import inspect
+
+    from dartquant.kernels.kv_cache import Kv4Codes, Kv4StaticCache, check_kv4_support, register_kv4_attention
+    from dartquant.zoo import load_model
+
+    model, _ = load_model(kernel_run, dtype=torch.float32)
+    check_kv4_support(model)
+    model.set_attn_implementation(register_kv4_attention())
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ids = torch.arange(3, 12)[None].repeat(2, 1)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+    dequantized = []
+    real = Kv4Codes.dequantize
+    monkeypatch.setattr(Kv4Codes, "dequantize", lambda self, dt: dequantized.append(1) or real(self, dt))
+    cache = Kv4StaticCache(model.config, max_cache_len=32)
+    with torch.no_grad():
+        got = model(ids[:, :6], use_cache=True, **{name: cache}).logits
+    assert torch.equal(got, want[:, :6]) and not dequantized
+    # the same codes as the store kernel writes: a decode step over them gives the no-cache logits of 7 tokens
+    layer = cache.layers[0]
+    assert int(layer.cumulative_length) == 6 and layer.codes.k_codes[:, :, :6].any()
+    assert not layer.codes.k_codes[:, :, 6:].any()
+    with torch.no_grad():
+        step = model(ids[:, 6:7], use_cache=True, **{name: cache}).logits
+        torch.testing.assert_close(step[:, 0], want[:, 6], rtol=0, atol=1e-4)
+        more = model(ids[:, 7:], use_cache=True, **{name: cache}).logits  # two tokens after seven: a mask
+    assert dequantized
+    torch.testing.assert_close(more, want[:, 7:], rtol=0, atol=1e-4)
+
+
 def test_refused_without_kv_quantizers(kernel_run, tmp_path, capsys):
     from dartquant.kernels.backend import load_for_backend
     from dartquant.kernels.kv_cache import check_kv4_support

@@ -31,10 +31,11 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
   where it sits is a bf16 number for the tensor cores; 4i). A second
   launch merges the slices where there are several. The model's attention has the store's launch
   apply R3 to the query (`kv4_store(..., query=)`); the kernel can apply it itself (`rotate_q`).
-* Several query tokens: into the cache (a prompt), the codes are written by the same store kernel,
-  the whole cache dequantized in torch and attended by SDPA with the model's mask; without a cache
-  (`ppl`, `bench`'s prefill), `kv4_fake_quant` gives the fake-quant K / V and the rotated Q in one
-  launch, then SDPA.
+* Several query tokens: without a cache (`ppl`, `bench`'s prefill) or into an empty one (a generation's
+  prompt: transformers then passes no mask), `kv4_fake_quant` gives the fake-quant K / V and the rotated
+  Q in one launch (storing the codes too where there is a cache), then SDPA over the prompt alone; after
+  earlier tokens (a mask), the store kernel writes the codes and the whole cache is dequantized in torch
+  and attended by SDPA with the model's mask.
 
 * The rotary embedding in the same launch (`fuse_rope_`, families of transformers' Llama attention
   template): the attention's forward hands q and k over before RoPE and the store / fake-quant launch
@@ -835,13 +836,18 @@ def kv4_store(codes: Kv4Codes, count: torch.Tensor, key: torch.Tensor, value: to
 
 
 def kv4_fake_quant(key: torch.Tensor, value: torch.Tensor, clip_ratio: float, rotate: bool,
-                   query: torch.Tensor | None = None, config: tuple | None = None, rope=None):
-    """(K, V, Q) as the fake-quant path attends them, in one launch, nothing cached: K (R3 applied if
-    `rotate`) and V quantized per token and head and dequantized in the model dtype; Q with R3 applied
-    (None without a query, or with neither R3 nor `rope`). With `rope` (cos, sin): K and the query before the
-    rotary embedding, applied here first."""
+                   query: torch.Tensor | None = None, config: tuple | None = None, rope=None,
+                   codes: Kv4Codes | None = None, count: torch.Tensor | None = None):
+    """(K, V, Q) as the fake-quant path attends them, in one launch: K (R3 applied if `rotate`) and V quantized
+    per token and head and dequantized in the model dtype; Q with R3 applied (None without a query, or with
+    neither R3 nor `rope`). With `rope` (cos, sin): K and the query before the rotary embedding, applied here
+    first. With `codes` / `count` (as `kv4_store` takes them), the same launch also stores the codes: a prompt
+    into an empty cache attends over these values, equal to the stored codes dequantized."""
+    if (codes is None) != (count is None):
+        raise ValueError("kv4_fake_quant stores codes only with both `codes` and `count`")
     q = query if rotate or rope is not None else None
-    return _store_launch(key, value, clip_ratio, rotate, query=q, values=True, config=config, rope=rope)
+    return _store_launch(key, value, clip_ratio, rotate, codes=codes, count=count, query=q, values=True,
+                         config=config, rope=rope)
 
 
 def _splits(bh: int, max_len: int, device, block_s: int) -> int:
@@ -979,28 +985,36 @@ def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwarg
     clip, rotate = _transform_settings(module)
     scaling = kwargs.get("scaling")
     scaling = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    store = {}
     if isinstance(key, PendingKV4):
         layer = key.layer
         one = query.shape[2] == 1
-        through = rope is not None or (one and rotate)  # the query's R3 / RoPE in the store's launch
-        q = kv4_store(layer.codes, layer.cumulative_length, key.key_states, key.value_states, clip, rotate,
-                      query=query if through else None, rope=rope)
-        query = q if through else query
-        if one:
-            return kv4_decode_attention(query, layer.codes, layer.cumulative_length, scaling, False), None
-        k, v = layer.codes.dequantize(query.dtype)  # every cached position (a prompt after earlier tokens too)
-        if rotate and not through:
-            query = module.dq_attention.qk_rotation(query)
-    else:  # no cache (a prompt's forward): the fake-quant K / V and the rotated Q in one launch
-        same = query.shape[2] == key.shape[2]
-        if rope is not None and not same:
-            raise ValueError("the rotary embedding in the K / V launch needs as many query tokens as key tokens")
-        k, v, q = kv4_fake_quant(key, value, clip, rotate, query if same else None, rope=rope)
-        if q is not None:
-            query = q
-        elif rotate:
-            query = module.dq_attention.qk_rotation(query)
-    # a None mask over a longer static cache is transformers' prefill shortcut (upper-left causal)
+        # transformers hands a prompt no mask only when the cache held nothing before it (its q_offset 0) and no
+        # token is padding (its SDPA shortcut, upper-left causal): then the prompt attends over its own values,
+        # and those go the no-cache way below, storing the codes in the same launch
+        if one or attention_mask is not None:
+            through = rope is not None or (one and rotate)  # the query's R3 / RoPE in the store's launch
+            q = kv4_store(layer.codes, layer.cumulative_length, key.key_states, key.value_states, clip, rotate,
+                          query=query if through else None, rope=rope)
+            query = q if through else query
+            if one:
+                return kv4_decode_attention(query, layer.codes, layer.cumulative_length, scaling, False), None
+            k, v = layer.codes.dequantize(query.dtype)  # every cached position: a prompt after earlier tokens
+            if rotate and not through:
+                query = module.dq_attention.qk_rotation(query)
+            return sdpa_attention_forward(module, query, k, v, attention_mask, **kwargs)
+        store = dict(codes=layer.codes, count=layer.cumulative_length)
+        key, value = key.key_states, key.value_states
+    # a prompt that attends only to itself (no cache, or an empty one): the fake-quant K / V and the rotated Q in
+    # one launch, with the codes stored too when there is a cache
+    same = query.shape[2] == key.shape[2]
+    if rope is not None and not same:
+        raise ValueError("the rotary embedding in the K / V launch needs as many query tokens as key tokens")
+    k, v, q = kv4_fake_quant(key, value, clip, rotate, query if same else None, rope=rope, **store)
+    if q is not None:
+        query = q
+    elif rotate:
+        query = module.dq_attention.qk_rotation(query)
     return sdpa_attention_forward(module, query, k, v, attention_mask, **kwargs)
 
 
