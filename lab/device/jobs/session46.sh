@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Session 46 (issue 16). On an H200 (never given in sessions 40-45): `dartquant bench RUN --kv kernels` end to end at
 # the Llama-2-7B shape first (the owed H200 numbers), then the decode floor (session46_decode_floor.py), then the
-# Llama-3-8B shape if time is left. On an H100: the decode floor, then the K / V store sweep with the compact grid
-# (session45_kv4_store.py; the compact grid was built but never timed). One call, carry [".kb_data"]:
+# Llama-3-8B shape if time is left. On an H100: the decode floor, a prompt into an empty 4-bit cache before / now
+# (session46_prompt_cache.py), then the K / V store sweep with the compact grid (session45_kv4_store.py; the compact
+# grid was built but never timed). One call, carry [".kb_data"]:
 #   RES=$OUT bash lab/device/jobs/session46.sh
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
@@ -19,7 +20,10 @@ if [ "$GPU" = h200 ]; then
   floor 180
   if [ "$SECONDS" -lt 330 ]; then RES=$RES SHAPE=llama3-8b timeout $((585 - SECONDS)) bash lab/device/jobs/session44_e2e.sh; fi
 else
-  floor 300
+  floor 280
+  PYTHONPATH=src:benchmarks timeout 90 python3 lab/device/jobs/session46_prompt_cache.py "$RES/prompt_cache_$GPU.json" \
+    2>&1 | grep -v '^\s*$' | tail -n 6
+  echo "[$SECONDS s] prompt into the cache done"
   PYTHONPATH=src:benchmarks timeout $((580 - SECONDS)) python3 lab/device/jobs/session45_kv4_store.py \
     "$RES/kv4_store_compact_$GPU.json" 2>&1 | grep -v '^\s*$' | tail -n 40
 fi
