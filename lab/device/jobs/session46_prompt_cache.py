@@ -38,10 +38,39 @@ def _before(module, query, pending, rope):  # 09a9fb5's prompt into the cache (R
     return sdpa_attention_forward(module, q, k, v, None, dropout=0.0, scaling=D ** -0.5)[0]
 
 
+def empty_cache_prompt_gets_no_mask(dev) -> bool:
+    """Whether this transformers hands a prompt into an empty static cache no mask (its SDPA shortcut), which is
+    what sends the prompt down the new path: a tiny random Llama, an attention that records the masks it gets."""
+    import transformers
+    from transformers.cache_utils import StaticCache
+
+    from dartquant.modules import register_attention_function
+
+    seen = []
+
+    def probe(module, query, key, value, attention_mask, **kwargs):
+        seen.append(attention_mask is None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100)
+    model = transformers.LlamaForCausalLM(cfg).to(dev)
+    model.set_attn_implementation(register_attention_function("session46_probe", probe))
+    with torch.no_grad():
+        model(torch.arange(8, device=dev)[None], use_cache=True,
+              past_key_values=StaticCache(config=cfg, max_cache_len=32))
+    return bool(seen) and all(seen)
+
+
 def main(out):
     t0, dev = time.time(), torch.device("cpu" if SMOKE else "cuda")
+    import transformers
+
     res = {"device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__,
-           "prompt": S, "max_cache_len": MAX_LEN, "rows": []}
+           "transformers": transformers.__version__, "prompt": S, "max_cache_len": MAX_LEN, "rows": [],
+           "empty_cache_prompt_gets_no_mask": empty_cache_prompt_gets_no_mask(dev)}
+    print(f"transformers {transformers.__version__}: a prompt into an empty static cache gets no mask: "
+          f"{res['empty_cache_prompt_gets_no_mask']}", flush=True)
     g = torch.Generator(dev).manual_seed(0)
     layer_cls = _layer_classes()[0]
     for name, (hq, hkv) in SHAPES.items():
