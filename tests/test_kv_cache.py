@@ -70,6 +70,25 @@ def test_a_prompt_without_cache_gets_the_fake_quant_values_in_one_launch(dtype, 
     assert none is None and torch.equal(kd2, fake_quantize(k, spec)) and torch.equal(vd2, vd)
 
 
+@pytest.mark.parametrize("config", STORE_CONFIGS)
+def test_a_prompt_into_a_cache_stores_and_returns_values_in_one_launch(config):
+    """kv4_fake_quant with codes / count (a prompt into an empty cache): the values it returns are the fake-quant
+    ones, and the codes it stores are kv4_store's, so the cache dequantizes to what the prompt attended."""
+    k, v = _kv(2, 2, 37, 64, torch.bfloat16, seed=5)
+    q = torch.randn(2, 6, 37, 64, generator=torch.Generator().manual_seed(6)).bfloat16()
+    codes, ref = Kv4Codes(2, 2, 40, 64, "cpu"), Kv4Codes(2, 2, 40, 64, "cpu")
+    count = torch.tensor(37)
+    kd, vd, qd = kv4_fake_quant(k, v, 0.9, True, q, config=config, codes=codes, count=count)
+    want = kv4_fake_quant(k, v, 0.9, True, q, config=config)
+    assert all(torch.equal(a, b) for a, b in zip((kd, vd, qd), want))
+    kv4_store(ref, count, k, v, 0.9, True, config=config)
+    assert all(torch.equal(getattr(codes, f), getattr(ref, f)) for f in vars(ref) if f != "shape")
+    kq, vq = codes.dequantize(torch.bfloat16)
+    assert torch.equal(kq[:, :, :37], kd) and torch.equal(vq[:, :, :37], vd)
+    with pytest.raises(ValueError, match="both"):
+        kv4_fake_quant(k, v, 0.9, True, codes=codes)
+
+
 def test_store_reads_strided_inputs_and_never_writes_past_the_end():
     k, v = _kv(1, 2, 4, 64, torch.bfloat16, seed=1)
     kt = k.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, S, D] view of a [B, S, H, D] tensor
