@@ -4,7 +4,8 @@ bf16 F.linear, cuBLAS FP8 on the 1-byte weight and the per-lane dp4a GEMV (up to
 session19_gemv.py times (calls in one CUDA graph, weights rotating through 4x the L2); every config's
 output is first checked bit-equal to the integer reference at 12 and 16 tokens.
     PYTHONPATH=src:benchmarks python3 lab/device/jobs/session27_swap_decode.py OUT.json [--small-tiles] [--shapes A,B]
-(--shapes: only these SHAPES names; session 28's run 43 took the down projections of --small-tiles)
+(--shapes: only these SHAPES names; session 28's run 43 took the down projections of --small-tiles;
+--split4: session 46, split-K 2 / 4 on 16 / 32-row tiles, the 7B / 8B shapes)
 """
 import itertools
 import os
@@ -40,6 +41,15 @@ if "--small-tiles" in sys.argv:  # session 28, runs 41 / 43: narrower row tiles 
         for bn, w, bk, st, sk in itertools.product((16, 32), (1, 2, 4), (512, 1024, 2048), (3, 4), (1, 2))
         if bn * bk // 2 >= 128 * w]
 
+if "--split4" in sys.argv:  # session 46: the decode floor (session46_decode_floor.py) read the 7B / 8B weights
+    # fastest with split-K 4 on 16 / 32-row programs (o: 4.7 against 7.0 µs without a split); run 41 stopped at split 2
+    MS = (8, 16)  # both compiled in the pool (8 specializes apart from 16)
+    SHAPES = {k: v for k, v in ALL_SHAPES.items() if not k.startswith("L2-70B")}
+    SHAPES["L3-8B q+k+v"], SHAPES["L3-8B gate+up"] = (6144, 4096), (28672, 4096)
+    CONFIGS = [default_config(16, n, k, "int8s") for n, k in ((4096, 4096), (4096, 11008), (22016, 4096))] + [
+        GemmConfig(16, bn, bk, 2, 3, split_k=sk, asm_unpack=True)
+        for bn, bk, sk in itertools.product((16, 32), (1024, 2048), (2, 4))]
+
 if "--shapes" in sys.argv:
     _only = sys.argv[sys.argv.index("--shapes") + 1].split(",")
     SHAPES = {k: v for k, v in ALL_SHAPES.items() if k in _only}
@@ -72,9 +82,11 @@ def main(out_path):
     t0 = time.time()
     # every shape's K: Triton specialises on K's divisibility, and 70 configs compiled one by one at first
     # use cost run 42 its time limit
-    jobs = {(n, k): [("gemm", (16, n, k, c, "int8s")) for c in CONFIGS] for n, k in SHAPES.values()}
+    jobs = {(n, k): [("gemm", (m, n, k, c, "int8s")) for c in CONFIGS for m in sorted({16, *MS} if "--split4" in sys.argv
+                                                                                    else {16})]
+            for n, k in SHAPES.values()}
     errors = compile_all([j for js in jobs.values() for j in js], 15)
-    configs = [c for i, c in enumerate(CONFIGS) if not any(str(js[i]) in errors for js in jobs.values())]
+    configs = [c for c in CONFIGS if not any(str(j) in errors for js in jobs.values() for j in js if j[1][3] == c)]
     warm_clocks()
     rows = []
     for sname, (n, k) in SHAPES.items():
@@ -98,6 +110,12 @@ def main(out_path):
                      for s, p in zip(sets, planar)]) * 1e3
             best = min(row["int8s_us"], key=row["int8s_us"].get)
             row["best"], row["best_us"] = best, row["int8s_us"][best]
+            row["default"] = name(default_config(m, n, k, "int8s"))
+            if "--split4" in sys.argv:
+                d = row["int8s_us"].get(row["default"], float("nan"))
+                print(f"| {sname} | {m} | bf16 {row['bf16_us']:.1f} | default {row['default']} {d:.2f} | best {best} "
+                      f"{row['best_us']:.2f} | bf16 / default {row['bf16_us'] / d:.2f}x, / best "
+                      f"{row['bf16_us'] / row['best_us']:.2f}x | exact {all(exact.values())} |", flush=True)
             rows.append(row)
             print(f"| {sname} ({n}x{k}) | {m} | {row['bf16_us']:.1f} | {row['scaled_mm_us']:.1f} | "
                   f"{row.get('gemv_us', float('nan')):.1f} | {row['int8s_us'].get(name(OLD), float('nan')):.1f} | "
