@@ -30,8 +30,9 @@ def _kv(b, h, s, d, dtype, seed):
     return k.to(dtype), v.to(dtype)
 
 
-STORE_CONFIGS = [None, (64, 4, True), (16, 4, False), (16, 4, True, True)]  # the default (butterflies), more rows,
-# the tensor-core dot, the compact grid (each role only its own row blocks; a sweep candidate, untimed)
+STORE_CONFIGS = [None, (64, 4, True), (16, 4, False), (16, 4, True, True), (16, 4, True, False)]  # the default
+# (butterflies; the compact grid, each role only its own row blocks, where the query has more rows), more rows, the
+# tensor-core dot, the compact grid and the 2-D grid forced
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

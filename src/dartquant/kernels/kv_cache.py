@@ -760,7 +760,8 @@ def _dtype_flags(dtype):
 # (rows a program, warps, R3 as fp32 butterflies) of the store / fake-quant launch, at every size: the fastest of the
 # 10 configs timed at a 2048-token prompt (52 against 91 µs a layer at the Llama-2-7B shape, where each program of the
 # tensor-core dot had loaded the 32 KB Sylvester matrix for 4 KB of data) and of 5 at decode batches 1-64 (0.74-0.84x
-# the dot's time); session 45, H100, docs/KERNELS.md 4j.
+# the dot's time); session 45, H100, docs/KERNELS.md 4j. An optional 4th field forces the grid's shape (compact or not;
+# by default compact under GQA, `_store_launch`).
 STORE_CONFIG = (16, 4, True)
 
 
@@ -802,7 +803,10 @@ def _store_launch(key, value, clip_ratio, rotate, codes=None, count=None, query=
         return kd, vd, qd
     f1, f2, s1, s2 = _stages(d, key.device)
     block_m, warps, butterfly, *rest = config or STORE_CONFIG
-    compact = bool(rest and rest[0])  # session 45's untimed candidate (docs/KERNELS.md 4j), for the sweep only
+    # one grid axis with each role's own row blocks where the query has more rows than K / V (GQA): a 2-D grid would
+    # give K and V the query's block count, most of them fully masked (8B prompt: 28 against 66 µs a layer; session
+    # 46, docs/KERNELS.md 4k); an explicit 4th config field decides it for the sweeps
+    compact = bool(rest[0]) if rest else rows_q > rows
     c = codes
     cache = (c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero) if c is not None else (key,) * 6
     qsrc = query if query is not None else key
