@@ -9,6 +9,7 @@ carries ptxas and cuobjdump. docs/KERNELS.md 1g-1h and 4f quote these counts.
     PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-held kv4,1,32,2,slots  # slots: exact K (default), -held: not
     PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-bytes kv4,1,32,2,slots-words  # bytes / words (4h)
     PYTHONPATH=src python lab/sass_stats.py kv4,4,32,4,dots kv4,4,32,2,dots-words         # GQA: bytes / words (4i)
+    PYTHONPATH=src python lab/sass_stats.py int8s,32,512,2,3,1 int8s,16,1024,2,3,2   # the int8s GEMM (BN,BK,W,ST,SK)
     OPCODES=1 ...                                                            # and each kernel's opcode histogram
     SASS_OUT=FILE ...                                                        # and the (last) kernel's SASS listing
     ROTATE_Q=0 ...                                                           # kv4: the query's R3 not in the kernel
@@ -91,6 +92,27 @@ def compile_kv4(g: int, block_s: int, warps: int, path: str):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=_options(warps))
 
 
+def compile_int8s(block_n: int, block_k: int, warps: int, stages: int, split_k: int):
+    """`w4a4_gemm._w4a4_swap_kernel` as `w4a4_matmul(..., "int8s")` launches it at 16 tokens on a 4096 x 4096 linear
+    (the 7B o projection; session 46 found its split-K 1.3-9x slower than no split at these narrow tiles)."""
+    from dartquant.kernels import w4a4_gemm
+
+    kernel = w4a4_gemm._w4a4_swap_kernel
+    ptrs = dict(a_ptr="*i8", w_ptr="*u8", sa_ptr="*fp32", sw_ptr="*fp32", y_ptr="*bf16", ws_ptr="*i32", cnt_ptr="*i32")
+    ints = ["M", "N", "KH", "per_split", "stride_am", "stride_wn", "stride_ym"]
+    sig = {**ptrs, **{k: "i32" for k in ints}}
+    consts = dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_KH=block_k // 2, GROUP_N=8, SPLIT_K=split_k, STATIC_STEPS=0,
+                  OUT_F32=False, ASM=True, PDL=False)
+    sig.update({k: "constexpr" for k in consts})
+    aligned = list(ptrs) + ["M", "N", "KH", "stride_am", "stride_wn", "stride_ym"]  # per_split: a few steps, unaligned
+    attrs = {(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, attrs=attrs,
+                                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    opts = _options(warps)
+    opts["num_stages"] = stages
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
 def sass_stats(compiled) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -130,6 +152,10 @@ def sass_stats(compiled) -> dict:
 
 def main(specs):
     for spec in specs:
+        if spec.startswith("int8s,"):
+            bn, bk, w, st, sk = (int(v) for v in spec.split(",")[1:])
+            print(spec, sass_stats(compile_int8s(bn, bk, w, st, sk)), flush=True)
+            continue
         if spec.startswith("kv4,"):
             _, g, bs, w, path = spec.split(",")
             print(spec, sass_stats(compile_kv4(int(g), int(bs), int(w), path)), flush=True)
