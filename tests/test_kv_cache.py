@@ -238,8 +238,9 @@ def test_a_model_decodes_on_the_4bit_cache(kernel_run):
 def test_a_prompt_into_an_empty_cache_attends_over_its_own_values(kernel_run, monkeypatch):
     """A generation's prompt into an empty Kv4StaticCache (transformers passes no mask) takes one launch that
     stores the codes and hands back their values: the logits equal the no-cache forward's bit for bit, the codes
-    equal kv4_store's, and the whole static cache is never dequantized. A second prompt after it (a mask) still
-    attends over the dequantized cache and gives the no-cache forward's logits of the whole sequence."""
+    equal kv4_store's, and the cache is never dequantized. A second prompt after it (a mask) attends over the
+    positions written so far, dequantized (not the whole static cache), and gives the no-cache forward's logits of
+    the whole sequence. A left-padded batch's prompt (a mask) into an empty cache takes the one launch too."""
     import inspect
 
     from dartquant.kernels.kv_cache import Kv4Codes, Kv4StaticCache, check_kv4_support, register_kv4_attention
@@ -254,7 +255,8 @@ def test_a_prompt_into_an_empty_cache_attends_over_its_own_values(kernel_run, mo
         want = model(ids, use_cache=False).logits
     dequantized = []
     real = Kv4Codes.dequantize
-    monkeypatch.setattr(Kv4Codes, "dequantize", lambda self, dt: dequantized.append(1) or real(self, dt))
+    monkeypatch.setattr(Kv4Codes, "dequantize",
+                        lambda self, dt, length=None: dequantized.append(length) or real(self, dt, length))
     cache = Kv4StaticCache(model.config, max_cache_len=32)
     with torch.no_grad():
         got = model(ids[:, :6], use_cache=True, **{name: cache}).logits
@@ -267,8 +269,16 @@ def test_a_prompt_into_an_empty_cache_attends_over_its_own_values(kernel_run, mo
         step = model(ids[:, 6:7], use_cache=True, **{name: cache}).logits
         torch.testing.assert_close(step[:, 0], want[:, 6], rtol=0, atol=1e-4)
         more = model(ids[:, 7:], use_cache=True, **{name: cache}).logits  # two tokens after seven: a mask
-    assert dequantized
+    assert dequantized and set(dequantized) == {9}  # the nine positions written, not the cache's 32
     torch.testing.assert_close(more, want[:, 7:], rtol=0, atol=1e-4)
+    dequantized.clear()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # the first sequence left-padded by three tokens
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, use_cache=False).logits
+        got = model(ids, attention_mask=mask, use_cache=True,
+                    **{name: Kv4StaticCache(model.config, max_cache_len=32)}).logits
+    assert torch.equal(got, want) and not dequantized
 
 
 def test_refused_without_kv_quantizers(kernel_run, tmp_path, capsys):

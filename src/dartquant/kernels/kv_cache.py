@@ -32,10 +32,11 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
   launch merges the slices where there are several. The model's attention has the store's launch
   apply R3 to the query (`kv4_store(..., query=)`); the kernel can apply it itself (`rotate_q`).
 * Several query tokens: without a cache (`ppl`, `bench`'s prefill) or into an empty one (a generation's
-  prompt: transformers then passes no mask), `kv4_fake_quant` gives the fake-quant K / V and the rotated
-  Q in one launch (storing the codes too where there is a cache), then SDPA over the prompt alone; after
-  earlier tokens (a mask), the store kernel writes the codes and the whole cache is dequantized in torch
-  and attended by SDPA with the model's mask.
+  prompt: transformers passes no mask, or one with padding), `kv4_fake_quant` gives the fake-quant K / V and
+  the rotated Q in one launch (storing the codes too where there is a cache), then SDPA over the prompt alone;
+  after earlier tokens, the store kernel writes the codes, and the positions written so far are dequantized
+  in torch and attended by SDPA with the model's mask (every position of the static cache where the count
+  cannot be read on the host: inside a CUDA graph capture or torch.compile).
 
 * The rotary embedding in the same launch (`fuse_rope_`, families of transformers' Llama attention
   template): the attention's forward hands q and k over before RoPE and the store / fake-quant launch
@@ -667,10 +668,11 @@ class Kv4Codes:
         return sum(t.numel() * t.element_size() for t in (self.k_codes, self.v_codes, self.k_scale, self.k_zero,
                                                             self.v_scale, self.v_zero))
 
-    def dequantize(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, V) [B, Hkv, S_max, D] in `dtype`: (code - zero) * scale in fp32, then the cast (the
+    def dequantize(self, dtype, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) [B, Hkv, length or S_max, D] in `dtype`: (code - zero) * scale in fp32, then the cast (the
         fake-quant path's expressions; slots never written hold 0)."""
         def one(codes, scale, zero):
+            codes, scale, zero = codes[:, :, :length], scale[:, :, :length], zero[:, :, :length]
             q = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(*codes.shape[:-1], -1).float()
             return ((q - zero[..., None]) * scale[..., None]).to(dtype)
         return one(self.k_codes, self.k_scale, self.k_zero), one(self.v_codes, self.v_scale, self.v_zero)
@@ -981,6 +983,17 @@ def _transform_settings(module):
     return kq.spec.clip_ratio, t.qk_rotation is not None
 
 
+def _held_length(layer, attention_mask) -> int | None:
+    """How many positions a layer's cache holds (this prompt's included), read on the host, where a prompt comes with
+    a mask over the whole static cache: None without a mask, while a CUDA graph captures or torch.compile traces
+    (no host read there), or for a mask of another shape. One device-to-host read a layer, for prompts only."""
+    if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-1] != layer.codes.shape[2]:
+        return None
+    if torch.compiler.is_compiling() or (attention_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    return min(int(layer.cumulative_length), layer.codes.shape[2])
+
+
 def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwargs):
     """The "dartquant_kv4" attention. `rope` (cos, sin): query and key arrive before the rotary embedding, which
     the store's launch applies (`_rope_kv4_forward`); without it they arrive as transformers' forward leaves them."""
@@ -992,23 +1005,29 @@ def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwarg
     store = {}
     if isinstance(key, PendingKV4):
         layer = key.layer
-        one = query.shape[2] == 1
-        # transformers hands a prompt no mask only when the cache held nothing before it (its q_offset 0) and no
-        # token is padding (its SDPA shortcut, upper-left causal): then the prompt attends over its own values,
-        # and those go the no-cache way below, storing the codes in the same launch
-        if one or attention_mask is not None:
+        one, s_new = query.shape[2] == 1, query.shape[2]
+        held = None if one else _held_length(layer, attention_mask)
+        # a prompt into an empty cache attends over its own values, which go the no-cache way below (the codes stored
+        # in the same launch). Transformers hands it no mask when no token is padding (its SDPA shortcut, q_offset 0);
+        # with padding, the mask's first columns
+        if not one and (attention_mask is None or held == s_new):
+            store = dict(codes=layer.codes, count=layer.cumulative_length)
+            key, value = key.key_states, key.value_states
+            attention_mask = None if attention_mask is None else attention_mask[..., :s_new]
+        else:
             through = rope is not None or (one and rotate)  # the query's R3 / RoPE in the store's launch
             q = kv4_store(layer.codes, layer.cumulative_length, key.key_states, key.value_states, clip, rotate,
                           query=query if through else None, rope=rope)
             query = q if through else query
             if one:
                 return kv4_decode_attention(query, layer.codes, layer.cumulative_length, scaling, False), None
-            k, v = layer.codes.dequantize(query.dtype)  # every cached position: a prompt after earlier tokens
+            # a prompt after earlier tokens: the positions written so far (where the count can be read on the host),
+            # else every position of the static cache, dequantized; the mask hides the unwritten ones
+            k, v = layer.codes.dequantize(query.dtype, held)
+            attention_mask = attention_mask if held is None else attention_mask[..., :held]
             if rotate and not through:
                 query = module.dq_attention.qk_rotation(query)
             return sdpa_attention_forward(module, query, k, v, attention_mask, **kwargs)
-        store = dict(codes=layer.codes, count=layer.cumulative_length)
-        key, value = key.key_states, key.value_states
     # a prompt that attends only to itself (no cache, or an empty one): the fake-quant K / V and the rotated Q in
     # one launch, with the codes stored too when there is a cache
     same = query.shape[2] == key.shape[2]
