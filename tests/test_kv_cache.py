@@ -281,6 +281,23 @@ def test_a_prompt_into_an_empty_cache_attends_over_its_own_values(kernel_run, mo
     assert torch.equal(got, want) and not dequantized
 
 
+def test_the_held_length_is_read_only_where_the_host_may_read_it(monkeypatch):
+    """_held_length: the layer's count (clamped to the cache) for a 4-D mask over the whole static cache; None without
+    a mask, for another mask shape, or while torch.compile traces (where a host read would break the graph)."""
+    from types import SimpleNamespace
+
+    from dartquant.kernels.kv_cache import _held_length
+
+    layer = SimpleNamespace(codes=Kv4Codes(1, 2, 8, 4, "cpu"), cumulative_length=torch.tensor(5))
+    mask = torch.ones(1, 1, 3, 8, dtype=torch.bool)
+    assert _held_length(layer, mask) == 5 and _held_length(layer, None) is None
+    assert _held_length(layer, mask[..., :6]) is None and _held_length(layer, mask[0]) is None
+    layer.cumulative_length = torch.tensor(11)  # past the end: the store writes nothing there
+    assert _held_length(layer, mask) == 8
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _held_length(layer, mask) is None
+
+
 def test_refused_without_kv_quantizers(kernel_run, tmp_path, capsys):
     from dartquant.kernels.backend import load_for_backend
     from dartquant.kernels.kv_cache import check_kv4_support
