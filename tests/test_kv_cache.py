@@ -235,20 +235,25 @@ def test_a_model_decodes_on_the_4bit_cache(kernel_run):
         layer.reorder_cache(torch.tensor([0, 1]))
 
 
-def test_a_prompt_into_an_empty_cache_attends_over_its_own_values(kernel_run, monkeypatch):
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a_prompt_into_an_empty_cache_attends_over_its_own_values(kernel_run, monkeypatch, fuse):
     """A generation's prompt into an empty Kv4StaticCache (transformers passes no mask) takes one launch that
     stores the codes and hands back their values: the logits equal the no-cache forward's bit for bit, the codes
     equal kv4_store's, and the cache is never dequantized. A second prompt after it (a mask) attends over the
     positions written so far, dequantized (not the whole static cache), and gives the no-cache forward's logits of
-    the whole sequence. A left-padded batch's prompt (a mask) into an empty cache takes the one launch too."""
+    the whole sequence. A left-padded batch's prompt (a mask) into an empty cache takes the one launch too. With the
+    RoPE in the launch (`fuse`) as without."""
     import inspect
 
-    from dartquant.kernels.kv_cache import Kv4Codes, Kv4StaticCache, check_kv4_support, register_kv4_attention
+    from dartquant.kernels.kv_cache import (Kv4Codes, Kv4StaticCache, check_kv4_support, fuse_rope_,
+                                            register_kv4_attention)
     from dartquant.zoo import load_model
 
     model, _ = load_model(kernel_run, dtype=torch.float32)
     check_kv4_support(model)
     model.set_attn_implementation(register_kv4_attention())
+    if fuse:
+        assert fuse_rope_(model) == len(model.model.layers)
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     ids = torch.arange(3, 12)[None].repeat(2, 1)
     with torch.no_grad():
