@@ -43,7 +43,8 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
   applies it, rounding as transformers does (bit for bit), instead of ~10 elementwise kernels a layer.
   Checked by running at install; any cache but this one runs the original forward.
 * The launch takes 16 rows a program with R3 as fp32 butterflies (`STORE_CONFIG`): a tensor-core dot would load
-  the D x D Sylvester matrix into every program (32 KB for 4 KB of data at D = 128).
+  the D x D Sylvester matrix into every program (32 KB for 4 KB of data at D = 128). Under GQA its grid gives each
+  role (K, V, Q) only its own row blocks (a 2-D grid would leave most K / V programs without a row).
 
 Limits (refused by `check_kv4_support`): unpadded sequences (positions 0..S-1, as the kernels'
 token count assumes), no K bias kept out of the quantizer (Qwen2's `kv_exclude_k_bias`), full
