@@ -241,7 +241,7 @@ def test_a_prompt_into_an_empty_cache_attends_over_its_own_values(kernel_run, mo
     stores the codes and hands back their values: the logits equal the no-cache forward's bit for bit, the codes
     equal kv4_store's, and the cache is never dequantized. A second prompt after it (a mask) attends over the
     positions written so far, dequantized (not the whole static cache), and gives the no-cache forward's logits of
-    the whole sequence. A left-padded batch's prompt (a mask) into an empty cache takes the one launch too. With the
+    the whole sequence. A left-padded batch is refused at its prompt (the decode kernels attend unmasked). With the
     RoPE in the launch (`fuse`) as without."""
     import inspect
 
@@ -278,17 +278,15 @@ def test_a_prompt_into_an_empty_cache_attends_over_its_own_values(kernel_run, mo
     torch.testing.assert_close(more, want[:, 7:], rtol=0, atol=1e-4)
     dequantized.clear()
     mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # the first sequence left-padded by three tokens
-    with torch.no_grad():
-        want = model(ids, attention_mask=mask, use_cache=False).logits
-        got = model(ids, attention_mask=mask, use_cache=True,
-                    **{name: Kv4StaticCache(model.config, max_cache_len=32)}).logits
-    assert torch.equal(got, want) and not dequantized
+    mask[0, :3] = 0  # the first sequence left-padded by three tokens: the decode kernels would attend to its pads
+    with torch.no_grad(), pytest.raises(ValueError, match="padding"):
+        model(ids, attention_mask=mask, use_cache=True, **{name: Kv4StaticCache(model.config, max_cache_len=32)})
 
 
 def test_the_held_length_is_read_only_where_the_host_may_read_it(monkeypatch):
     """_held_length: the layer's count (clamped to the cache) for a 4-D mask over the whole static cache; None without
-    a mask, for another mask shape, or while torch.compile traces (where a host read would break the graph)."""
+    a mask, for another mask shape, or while torch.compile traces (where a host read would break the graph); a
+    ValueError where the mask hides a held position from the last token (bool or additive masks)."""
     from types import SimpleNamespace
 
     from dartquant.kernels.kv_cache import _held_length
@@ -299,6 +297,13 @@ def test_the_held_length_is_read_only_where_the_host_may_read_it(monkeypatch):
     assert _held_length(layer, mask[..., :6]) is None and _held_length(layer, mask[0]) is None
     layer.cumulative_length = torch.tensor(11)  # past the end: the store writes nothing there
     assert _held_length(layer, mask) == 8
+    assert _held_length(layer, torch.zeros(1, 1, 3, 8)) == 8  # an additive mask: 0 where visible
+    hidden = mask.clone()
+    hidden[..., 1] = False  # a pad position
+    with pytest.raises(ValueError, match="padding"):
+        _held_length(layer, hidden)
+    with pytest.raises(ValueError, match="padding"):
+        _held_length(layer, torch.zeros(1, 1, 3, 8).masked_fill(~hidden, float("-inf")))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert _held_length(layer, mask) is None
 

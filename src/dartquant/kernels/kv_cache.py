@@ -32,7 +32,7 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
   launch merges the slices where there are several. The model's attention has the store's launch
   apply R3 to the query (`kv4_store(..., query=)`); the kernel can apply it itself (`rotate_q`).
 * Several query tokens: without a cache (`ppl`, `bench`'s prefill) or into an empty one (a generation's
-  prompt: transformers passes no mask, or one with padding), `kv4_fake_quant` gives the fake-quant K / V and
+  prompt: transformers passes no mask, or a causal one), `kv4_fake_quant` gives the fake-quant K / V and
   the rotated Q in one launch (storing the codes too where there is a cache), then SDPA over the prompt alone;
   after earlier tokens, the store kernel writes the codes, and the positions written so far are dequantized
   in torch and attended by SDPA with the model's mask (every position of the static cache where the count
@@ -46,8 +46,8 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
   the D x D Sylvester matrix into every program (32 KB for 4 KB of data at D = 128). Under GQA its grid gives each
   role (K, V, Q) only its own row blocks (a 2-D grid would leave most K / V programs without a row).
 
-Limits (refused by `check_kv4_support`): unpadded sequences (positions 0..S-1, as the kernels'
-token count assumes), no K bias kept out of the quantizer (Qwen2's `kv_exclude_k_bias`), full
+Limits (refused by `check_kv4_support`; padding when a prompt's mask shows it): unpadded sequences (positions
+0..S-1, as the kernels' token count assumes), no K bias kept out of the quantizer (Qwen2's `kv_exclude_k_bias`), full
 attention layers only, head dims whose Hadamard `act_quant.stage_sizes` accepts (16..2^14).
 """
 
@@ -987,12 +987,19 @@ def _transform_settings(module):
 def _held_length(layer, attention_mask) -> int | None:
     """How many positions a layer's cache holds (this prompt's included), read on the host, where a prompt comes with
     a mask over the whole static cache: None without a mask, while a CUDA graph captures or torch.compile traces
-    (no host read there), or for a mask of another shape. One device-to-host read a layer, for prompts only."""
+    (no host read there), or for a mask of another shape. ValueError where the mask hides a held position from the
+    prompt's last token (padding: the decode kernels attend unmasked). Two device-to-host reads a layer, prompts only."""
     if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-1] != layer.codes.shape[2]:
         return None
     if torch.compiler.is_compiling() or (attention_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
-    return min(int(layer.cumulative_length), layer.codes.shape[2])
+    held = min(int(layer.cumulative_length), layer.codes.shape[2])
+    last = attention_mask[:, :, -1, :held]  # the prompt's last token sees every position held, unless padding hides some
+    if not bool((last if last.dtype == torch.bool else last == 0).all()):
+        raise ValueError("the 4-bit cache kernels attend over every cached position when decoding, so a batch with "
+                         "padding (or a custom mask) would attend to its pad tokens: generate without padding (one "
+                         "sequence at a time, or sequences of one length), or use transformers' own cache")
+    return held
 
 
 def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwargs):
@@ -1010,7 +1017,7 @@ def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwarg
         held = None if one else _held_length(layer, attention_mask)
         # a prompt into an empty cache attends over its own values, which go the no-cache way below (the codes stored
         # in the same launch). Transformers hands it no mask when no token is padding (its SDPA shortcut, q_offset 0);
-        # with padding, the mask's first columns
+        # else (torch.compile, older versions) the mask's first columns
         if not one and (attention_mask is None or held == s_new):
             store = dict(codes=layer.codes, count=layer.cumulative_length)
             key, value = key.key_states, key.value_states
