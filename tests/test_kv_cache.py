@@ -241,8 +241,7 @@ def test_a_prompt_into_an_empty_cache_attends_over_its_own_values(kernel_run, mo
     stores the codes and hands back their values: the logits equal the no-cache forward's bit for bit, the codes
     equal kv4_store's, and the cache is never dequantized. A second prompt after it (a mask) attends over the
     positions written so far, dequantized (not the whole static cache), and gives the no-cache forward's logits of
-    the whole sequence. A left-padded batch is refused at its prompt (the decode kernels attend unmasked). With the
-    RoPE in the launch (`fuse`) as without."""
+    the whole sequence. With the RoPE in the launch (`fuse`) as without."""
     import inspect
 
     from dartquant.kernels.kv_cache import (Kv4Codes, Kv4StaticCache, check_kv4_support, fuse_rope_,
@@ -276,36 +275,67 @@ def test_a_prompt_into_an_empty_cache_attends_over_its_own_values(kernel_run, mo
         more = model(ids[:, 7:], use_cache=True, **{name: cache}).logits  # two tokens after seven: a mask
     assert dequantized and set(dequantized) == {9}  # the nine positions written, not the cache's 32
     torch.testing.assert_close(more, want[:, 7:], rtol=0, atol=1e-4)
-    dequantized.clear()
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a_left_padded_batch_generates_as_the_fake_path(kernel_run, fuse):
+    """transformers' generate (greedy) on a left-padded batch of two: with a Kv4StaticCache (the decode kernels skip
+    each sequence's pads) the logits of every step are the fake-quant attention's over transformers' own cache,
+    and so are the tokens; the pads are recorded at the prompt and cleared by a reset."""
+    import inspect
+
+    from dartquant.kernels.kv_cache import Kv4StaticCache, check_kv4_support, fuse_rope_, register_kv4_attention
+    from dartquant.zoo import load_model
+
+    model, _ = load_model(kernel_run, dtype=torch.float32)
+    ids = torch.arange(3, 11)[None].repeat(2, 1)
     mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # the first sequence left-padded by three tokens: the decode kernels would attend to its pads
-    with torch.no_grad(), pytest.raises(ValueError, match="padding"):
-        model(ids, attention_mask=mask, use_cache=True, **{name: Kv4StaticCache(model.config, max_cache_len=32)})
+    mask[1, :3] = 0  # the second sequence: three pad tokens on the left
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    want = model.generate(ids, **kw)  # the fake-quant K / V over transformers' dynamic cache
+    check_kv4_support(model)
+    model.set_attn_implementation(register_kv4_attention())
+    if fuse:
+        assert fuse_rope_(model) == len(model.model.layers)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = Kv4StaticCache(model.config, max_cache_len=16)
+    got = model.generate(ids, **kw, **{name: cache})
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    layer = cache.layers[0]
+    assert layer.padded and layer.starts.tolist() == [0, 3]
+    cache.reset()
+    assert not layer.padded and not layer.starts.any()
 
 
 def test_the_held_length_is_read_only_where_the_host_may_read_it(monkeypatch):
-    """_held_length: the layer's count (clamped to the cache) for a 4-D mask over the whole static cache; None without
-    a mask, for another mask shape, or while torch.compile traces (where a host read would break the graph); a
-    ValueError where the mask hides a held position from the last token (bool or additive masks)."""
+    """_held_length: (the layer's count clamped to the cache, each sequence's left padding or None) for a 4-D mask
+    over the whole static cache, bool or additive; (None, None) without a mask, for another mask shape, or while
+    torch.compile traces (where a host read would break the graph); a ValueError where the mask hides other positions
+    than a left padding from the last token."""
     from types import SimpleNamespace
 
     from dartquant.kernels.kv_cache import _held_length
 
-    layer = SimpleNamespace(codes=Kv4Codes(1, 2, 8, 4, "cpu"), cumulative_length=torch.tensor(5))
-    mask = torch.ones(1, 1, 3, 8, dtype=torch.bool)
-    assert _held_length(layer, mask) == 5 and _held_length(layer, None) is None
-    assert _held_length(layer, mask[..., :6]) is None and _held_length(layer, mask[0]) is None
+    layer = SimpleNamespace(codes=Kv4Codes(2, 2, 8, 4, "cpu"), cumulative_length=torch.tensor(5))
+    mask = torch.ones(2, 1, 3, 8, dtype=torch.bool)
+    assert _held_length(layer, mask) == (5, None) and _held_length(layer, None) == (None, None)
+    assert _held_length(layer, mask[..., :6]) == (None, None) and _held_length(layer, mask[0]) == (None, None)
     layer.cumulative_length = torch.tensor(11)  # past the end: the store writes nothing there
-    assert _held_length(layer, mask) == 8
-    assert _held_length(layer, torch.zeros(1, 1, 3, 8)) == 8  # an additive mask: 0 where visible
-    hidden = mask.clone()
-    hidden[..., 1] = False  # a pad position
-    with pytest.raises(ValueError, match="padding"):
-        _held_length(layer, hidden)
-    with pytest.raises(ValueError, match="padding"):
-        _held_length(layer, torch.zeros(1, 1, 3, 8).masked_fill(~hidden, float("-inf")))
+    assert _held_length(layer, mask) == (8, None)
+    assert _held_length(layer, torch.zeros(2, 1, 3, 8)) == (8, None)  # an additive mask: 0 where visible
+    left = mask.clone()
+    left[1, ..., :2] = False  # the second sequence left-padded by two
+    for m in (left, torch.zeros(2, 1, 3, 8).masked_fill(~left, float("-inf"))):
+        held, pads = _held_length(layer, m)
+        assert held == 8 and pads.dtype == torch.int32 and pads.tolist() == [0, 2]
+    hole = mask.clone()
+    hole[0, ..., 3] = False  # a hidden position after a seen one: not a left padding
+    with pytest.raises(ValueError, match="left padding"):
+        _held_length(layer, hole)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert _held_length(layer, mask) is None
+    assert _held_length(layer, left) == (None, None)
 
 
 def test_refused_without_kv_quantizers(kernel_run, tmp_path, capsys):

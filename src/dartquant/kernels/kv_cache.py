@@ -531,18 +531,19 @@ if triton is not None:
 
     @triton.jit
     def _kv4_decode_kernel(
-        q_ptr, count_ptr, s1_ptr, s2_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, po_ptr, pm_ptr, out_ptr,
-        HKV, SMAX, NSPLIT, sq_b, sq_h, so_b, so_h, sm_scale, inv_sqrt_d,
+        q_ptr, count_ptr, start_ptr, s1_ptr, s2_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, po_ptr, pm_ptr,
+        out_ptr, HKV, SMAX, NSPLIT, sq_b, sq_h, so_b, so_h, sm_scale, inv_sqrt_d,
         CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, CC: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, ROTATE_Q: tl.constexpr,
         SPLIT_FIRST: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, LOW: tl.constexpr,
         SLOTS: tl.constexpr = False, EXACT_K: tl.constexpr = False, WORDS: tl.constexpr = False,
-        DIRECT: tl.constexpr = False,
+        DIRECT: tl.constexpr = False, STARTS: tl.constexpr = False,
     ):
         """Program (sequence x KV head, slice): partial softmax(q K^T) V over its slice of the cache.
         GP: the GQA group padded to 16 (the rows of the dots); GR: rows of the running state (CC: one
         query row without GQA, dot products on the CUDA cores, no padded rows: measured slower; SLOTS:
-        one query row, `_slots_loop`)."""
+        one query row, `_slots_loop`). STARTS: each sequence's first position to attend (int32 [B] at
+        start_ptr: a left-padded batch's pad tokens come before it)."""
         bh = tl.program_id(0)
         sp = tl.program_id(1)
         b = bh // HKV
@@ -562,6 +563,8 @@ if triton is not None:
         n = tl.load(count_ptr)
         lo = sp * CHUNK
         hi = tl.minimum(lo + CHUNK, n)
+        if STARTS:  # the slice's positions before the sequence's first are its padding: skipped
+            lo = tl.maximum(lo, tl.load(start_ptr + b))
         m_i = tl.full((GR,), float("-inf"), tl.float32)
         l_i = tl.zeros((GR,), tl.float32)
         acc_e = tl.zeros((GR, D // 2), tl.float32)
@@ -702,13 +705,29 @@ def _layer_classes():
                 raise ValueError("the 4-bit cache needs K and V of the same head dim")
             self.codes = Kv4Codes(self.batch_size, self.num_heads, self.max_cache_len, self.k_head_dim, self.device)
             self.cumulative_length = self.cumulative_length.to(self.device)
+            # each sequence's first real position (a left-padded batch); updated in place, so a captured decode
+            # graph reads the current padding
+            self.starts = torch.zeros(self.batch_size, dtype=torch.int32, device=self.device)
+            self.padded = False
             self.is_initialized = True
+
+        def set_padding(self, pads, fresh: bool) -> None:
+            """A prompt's left padding (int32 [B] or None): recorded by the prompt into an empty cache (`fresh`); a
+            later prompt must show the same."""
+            if fresh:
+                self.padded = pads is not None
+                self.starts.copy_(pads) if pads is not None else self.starts.zero_()
+            elif pads is not None and not (self.padded and torch.equal(pads, self.starts)):
+                raise ValueError("a later prompt's mask pads the batch differently from its first prompt: the 4-bit "
+                                 "cache keeps each sequence's left padding from the first prompt only")
 
         def reset(self) -> None:  # transformers' reset zeroes `keys` / `values`, which this layer has not
             if self.is_initialized:
                 for t in vars(self.codes).values():
                     if isinstance(t, torch.Tensor):
                         t.zero_()
+                self.starts.zero_()
+                self.padded = False
             self.cumulative_length.zero_()
 
         def reorder_cache(self, beam_idx) -> None:
@@ -898,9 +917,10 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
                          rotate_q: bool, block_s: int | None = None, num_warps: int | None = None,
                          cuda_cores: bool | None = None, slots: bool | None = None,
                          exact_k: bool = True, words: bool | None = None,
-                         fp_fusion: bool | None = None) -> torch.Tensor:
+                         fp_fusion: bool | None = None, starts: torch.Tensor | None = None) -> torch.Tensor:
     """query [B, H, 1, D] (after RoPE) -> attention output [B, 1, H, D] over the first `count` cached
-    positions (unmasked: unpadded sequences). ``rotate_q``: apply R3 to the query here (the model's
+    positions, from each sequence's `starts` (int32 [B], a left-padded batch's first real position; None: 0).
+    ``rotate_q``: apply R3 to the query here (the model's
     attention rotates it in `kv4_store`'s launch instead: session 43, 13 % of this kernel's time at batch 64).
     ``block_s`` cache positions per step (None: the measured choice), ``num_warps``;
     ``cuda_cores``: one query row per KV head (no GQA) as dot products on the CUDA cores instead of
@@ -959,13 +979,15 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     low = 0 if query.dtype == torch.float32 or not query.is_cuda else (1 if query.dtype == torch.bfloat16 else 2)
     kc, vc = (codes.k_codes.view(torch.int32), codes.v_codes.view(torch.int32)) if words else (codes.k_codes,
                                                                                                   codes.v_codes)
+    if starts is not None and (starts.shape != (b,) or starts.dtype != torch.int32):
+        raise ValueError(f"starts: int32 [{b}] expected, got {starts.dtype} {tuple(starts.shape)}")
     _kv4_decode_kernel[(b * hkv, ns)](
-        query, count, s1, s2, kc, codes.k_scale, codes.k_zero, vc, codes.v_scale, codes.v_zero,
+        query, count, count if starts is None else starts, s1, s2, kc, codes.k_scale, codes.k_zero, vc, codes.v_scale, codes.v_zero,
         po, pm, out, hkv, smax, ns, query.stride(0), query.stride(1), out.stride(0), out.stride(2), float(scaling),
         1.0 / math.sqrt(d),
         CHUNK=chunk, G=g, GP=gp, GR=gr, D=d, BS=block_s, CC=cuda_cores, F1=f1, F2=f2, ROTATE_Q=rotate_q,
         SPLIT_FIRST=query.dtype == torch.float32, LOW=low, SLOTS=slots, EXACT_K=exact_k, WORDS=words, DIRECT=direct,
-        num_warps=num_warps, enable_fp_fusion=fp_fusion,
+        STARTS=starts is not None, num_warps=num_warps, enable_fp_fusion=fp_fusion,
         **_dtype_flags(query.dtype),
     )
     if not direct:
@@ -984,22 +1006,24 @@ def _transform_settings(module):
     return kq.spec.clip_ratio, t.qk_rotation is not None
 
 
-def _held_length(layer, attention_mask) -> int | None:
-    """How many positions a layer's cache holds (this prompt's included), read on the host, where a prompt comes with
-    a mask over the whole static cache: None without a mask, while a CUDA graph captures or torch.compile traces
-    (no host read there), or for a mask of another shape. ValueError where the mask hides a held position from the
-    prompt's last token (padding: the decode kernels attend unmasked). Two device-to-host reads a layer, prompts only."""
+def _held_length(layer, attention_mask) -> tuple[int | None, torch.Tensor | None]:
+    """(positions the layer's cache holds, this prompt's included; each sequence's leading pad positions or None
+    without padding), read on the host, where a prompt comes with a mask over the whole static cache. (None, None)
+    without a mask, while a CUDA graph captures or torch.compile traces (no host read there), or for a mask of
+    another shape. ValueError where the mask hides other positions than a left padding from the prompt's last token
+    (the decode kernels skip only a prefix of each sequence). A few device-to-host reads a layer, prompts only."""
     if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-1] != layer.codes.shape[2]:
-        return None
+        return None, None
     if torch.compiler.is_compiling() or (attention_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return None
+        return None, None
     held = min(int(layer.cumulative_length), layer.codes.shape[2])
-    last = attention_mask[:, :, -1, :held]  # the prompt's last token sees every position held, unless padding hides some
-    if not bool((last if last.dtype == torch.bool else last == 0).all()):
-        raise ValueError("the 4-bit cache kernels attend over every cached position when decoding, so a batch with "
-                         "padding (or a custom mask) would attend to its pad tokens: generate without padding (one "
-                         "sequence at a time, or sequences of one length), or use transformers' own cache")
-    return held
+    last = attention_mask[:, 0, -1, :held]  # what the prompt's last token sees: every held position but the padding
+    seen = last if last.dtype == torch.bool else last == 0
+    pads = (seen.int().cumsum(-1) == 0).sum(-1)  # a sequence's positions before its first seen one
+    if not bool((seen.sum(-1) == held - pads).all()):
+        raise ValueError("the 4-bit cache kernels skip only a left padding when decoding; this mask hides other "
+                         "positions (right padding, or a custom mask): pad on the left, or use transformers' own cache")
+    return held, (pads.to(torch.int32) if bool(pads.any()) else None)
 
 
 def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwargs):
@@ -1014,10 +1038,12 @@ def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwarg
     if isinstance(key, PendingKV4):
         layer = key.layer
         one, s_new = query.shape[2] == 1, query.shape[2]
-        held = None if one else _held_length(layer, attention_mask)
+        held, pads = (None, None) if one else _held_length(layer, attention_mask)
+        if not one:  # a left-padded batch: the decode kernels start each sequence after its pads
+            layer.set_padding(pads, fresh=attention_mask is None or held == s_new)
         # a prompt into an empty cache attends over its own values, which go the no-cache way below (the codes stored
         # in the same launch). Transformers hands it no mask when no token is padding (its SDPA shortcut, q_offset 0);
-        # else (torch.compile, older versions) the mask's first columns
+        # else (padding, torch.compile, older versions) the mask's first columns
         if not one and (attention_mask is None or held == s_new):
             store = dict(codes=layer.codes, count=layer.cumulative_length)
             key, value = key.key_states, key.value_states
@@ -1028,7 +1054,8 @@ def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwarg
                           query=query if through else None, rope=rope)
             query = q if through else query
             if one:
-                return kv4_decode_attention(query, layer.codes, layer.cumulative_length, scaling, False), None
+                return kv4_decode_attention(query, layer.codes, layer.cumulative_length, scaling, False,
+                                            starts=layer.starts if layer.padded else None), None
             # a prompt after earlier tokens: the positions written so far (where the count can be read on the host),
             # else every position of the static cache, dequantized; the mask hides the unwritten ones
             k, v = layer.codes.dequantize(query.dtype, held)
