@@ -162,6 +162,31 @@ def test_gqa_decode_on_words_is_sdpa_over_the_exact_cache(dtype, tol, heads, kv_
         assert not torch.equal(out, held)
 
 
+@pytest.mark.parametrize("heads,kv_heads,path", [
+    (4, 4, dict(cuda_cores=True, slots=False)), (4, 4, dict(cuda_cores=False, slots=False, block_s=32)),
+    (4, 4, dict(slots=True, block_s=16)), (4, 4, dict(slots=True, block_s=16, words=False)),
+    (4, 4, dict(slots=True, block_s=16, exact_k=False)), (8, 2, dict(slots=False, cuda_cores=False, block_s=16))])
+@pytest.mark.parametrize("start", [57, 80])
+def test_decode_attention_skips_each_sequences_left_padding(heads, kv_heads, path, start):
+    """`starts` (a left-padded batch): each sequence attends from its own first position, on every path. Two slices
+    of the cache (100 of 130 slots filled); the second sequence starts at 57 (inside the first slice) or 80 (the
+    whole first slice is its padding: an empty partial for the merge). SDPA over each sequence's own positions."""
+    d, n, smax = 64, 100, 130
+    k, v = _kv(2, kv_heads, n, d, torch.float32, seed=start)
+    codes, count = Kv4Codes(2, kv_heads, smax, d, "cpu"), torch.tensor(n)
+    kv4_store(codes, count, k, v, 1.0, True)
+    q = torch.randn(2, heads, 1, d, generator=torch.Generator().manual_seed(11))
+    starts = torch.tensor([0, start], dtype=torch.int32)
+    out = kv4_decode_attention(q, codes, count, d ** -0.5, True, starts=starts, **path)
+    kq, vq = (t.repeat_interleave(heads // kv_heads, 1) for t in codes.dequantize(torch.float32))  # fp32: K exact
+    qr = fast_hadamard_transform(q)
+    for b, lo in enumerate((0, start)):
+        ref = torch.nn.functional.scaled_dot_product_attention(qr[b:b + 1], kq[b:b + 1, :, lo:n], vq[b:b + 1, :, lo:n])
+        torch.testing.assert_close(out[b:b + 1], ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="int32"):
+        kv4_decode_attention(q, codes, count, d ** -0.5, True, starts=starts.long(), **path)
+
+
 def test_decode_path_choice():
     """The measured choice (docs/KERNELS.md 4f, 4h): slots for every decode without GQA, 64 positions a step below 256
     programs, 8 from 1024; GQA keeps the tensor-core dots; an explicit path is kept, and two one-row paths at once
