@@ -46,8 +46,11 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
   the D x D Sylvester matrix into every program (32 KB for 4 KB of data at D = 128). Under GQA its grid gives each
   role (K, V, Q) only its own row blocks (a 2-D grid would leave most K / V programs without a row).
 
-Limits (refused by `check_kv4_support`; padding when a prompt's mask shows it): unpadded sequences (positions
-0..S-1, as the kernels' token count assumes), no K bias kept out of the quantizer (Qwen2's `kv_exclude_k_bias`), full
+A left-padded batch: the prompt's mask gives each sequence's first real position (`Kv4StaticLayer.starts`),
+and the decode kernel starts there (read on the host at the prompt; not under torch.compile or a graph capture
+of the prompt, where the pads cannot be read).
+Limits (refused by `check_kv4_support`; a mask that hides more than a left padding, at the prompt): all
+sequences share one token count (a batch's prompts are written at the same positions), no K bias kept out of the quantizer (Qwen2's `kv_exclude_k_bias`), full
 attention layers only, head dims whose Hadamard `act_quant.stage_sizes` accepts (16..2^14).
 """
 
