@@ -73,8 +73,8 @@ def compile_kv4(g: int, block_s: int, warps: int, path: str):
     ptrs = ["q_ptr", "count_ptr", "start_ptr", "s1_ptr", "s2_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr",
             "vz_ptr", "po_ptr", "pm_ptr", "out_ptr"]
     code = "*i32" if "words" in variant else "*u8"
-    types = ["*bf16", "*i64", "*i64", "*fp16", "*fp16", code, "*fp32", "*fp32", code, "*fp32", "*fp32", "*fp32", "*fp32",
-             "*bf16"]  # start_ptr: the count as a stand-in (STARTS off), as the launch passes it
+    types = ["*bf16", "*i64", "*i64", "*fp16", "*fp16", code, "*fp32", "*fp32", code, "*fp32", "*fp32", "*fp32",
+             "*fp32", "*bf16"]  # start_ptr: the count as a stand-in (STARTS off), as the launch passes it
     sig = dict(zip(ptrs, types))
     sig.update({k: "i32" for k in ("HKV", "SMAX", "NSPLIT", "sq_b", "sq_h", "so_b", "so_h")})
     sig.update(sm_scale="fp32", inv_sqrt_d="fp32")

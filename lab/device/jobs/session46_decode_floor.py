@@ -33,7 +33,8 @@ if SMOKE:
 MS = (1, 8, 16)
 ROTATE = 240e6
 # rows a program, warps, K step in int32 words (8 codes each), split-K
-READ_CONFIGS = [c for c in itertools.product((16, 32, 64), (2, 4, 8), (128, 256), (1, 2, 4)) if c[0] * c[2] >= 32 * 32 * c[1]]
+READ_CONFIGS = [c for c in itertools.product((16, 32, 64), (2, 4, 8), (128, 256), (1, 2, 4))
+                if c[0] * c[2] >= 32 * 32 * c[1]]
 if SMOKE:
     READ_CONFIGS = [(16, 2, 8, 1), (16, 2, 8, 2)]
 

@@ -50,8 +50,9 @@ A left-padded batch: the prompt's mask gives each sequence's first real position
 and the decode kernel starts there (read on the host at the prompt; not under torch.compile or a graph capture
 of the prompt, where the pads cannot be read).
 Limits (refused by `check_kv4_support`; a mask that hides more than a left padding, at the prompt): all
-sequences share one token count (a batch's prompts are written at the same positions), no K bias kept out of the quantizer (Qwen2's `kv_exclude_k_bias`), full
-attention layers only, head dims whose Hadamard `act_quant.stage_sizes` accepts (16..2^14).
+sequences share one token count (a batch's prompts are written at the same positions), no K bias kept out of
+the quantizer (Qwen2's `kv_exclude_k_bias`), full attention layers only, head dims whose Hadamard
+`act_quant.stage_sizes` accepts (16..2^14).
 """
 
 from __future__ import annotations
@@ -719,7 +720,10 @@ def _layer_classes():
             later prompt must show the same."""
             if fresh:
                 self.padded = pads is not None
-                self.starts.copy_(pads) if pads is not None else self.starts.zero_()
+                if pads is None:
+                    self.starts.zero_()
+                else:
+                    self.starts.copy_(pads)
             elif pads is not None and not (self.padded and torch.equal(pads, self.starts)):
                 raise ValueError("a later prompt's mask pads the batch differently from its first prompt: the 4-bit "
                                  "cache keeps each sequence's left padding from the first prompt only")
@@ -985,9 +989,9 @@ def kv4_decode_attention(query: torch.Tensor, codes: Kv4Codes, count: torch.Tens
     if starts is not None and (starts.shape != (b,) or starts.dtype != torch.int32):
         raise ValueError(f"starts: int32 [{b}] expected, got {starts.dtype} {tuple(starts.shape)}")
     _kv4_decode_kernel[(b * hkv, ns)](
-        query, count, count if starts is None else starts, s1, s2, kc, codes.k_scale, codes.k_zero, vc, codes.v_scale, codes.v_zero,
-        po, pm, out, hkv, smax, ns, query.stride(0), query.stride(1), out.stride(0), out.stride(2), float(scaling),
-        1.0 / math.sqrt(d),
+        query, count, count if starts is None else starts, s1, s2, kc, codes.k_scale, codes.k_zero, vc,
+        codes.v_scale, codes.v_zero, po, pm, out, hkv, smax, ns, query.stride(0), query.stride(1), out.stride(0),
+        out.stride(2), float(scaling), 1.0 / math.sqrt(d),
         CHUNK=chunk, G=g, GP=gp, GR=gr, D=d, BS=block_s, CC=cuda_cores, F1=f1, F2=f2, ROTATE_Q=rotate_q,
         SPLIT_FIRST=query.dtype == torch.float32, LOW=low, SLOTS=slots, EXACT_K=exact_k, WORDS=words, DIRECT=direct,
         STARTS=starts is not None, num_warps=num_warps, enable_fp_fusion=fp_fusion,
