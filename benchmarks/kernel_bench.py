@@ -615,8 +615,9 @@ KV4_PATHS = {  # name: (kwargs, whether K is exact (else as the fake path holds 
 def kv4_main(args):
     """`kv4_decode_attention` on the GPU, every path at several shapes: against fp32 SDPA over the cache (exact K on
     the paths that attend over it, else K as the fake path holds it in bf16), a query rotated as the model's
-    store leaves it and scaled x1 and x8 (large logits). The bounds are the CPU tests': 2^-7 of the largest output
-    at x1, 1e-2 at x8 (docs/KERNELS.md, Correctness)."""
+    store leaves it and scaled x1 and x8 (large logits), and at x1 a left-padded batch (`starts`: sequence i
+    attends from position i * n / 2b; SDPA over each sequence's own positions). The bounds are the CPU tests': 2^-7
+    of the largest output at x1, 1e-2 at x8 (docs/KERNELS.md, Correctness)."""
     from dartquant.hadamard import fast_hadamard_transform
     from dartquant.kernels.kv_cache import Kv4Codes, kv4_decode_attention, kv4_store
 
@@ -631,23 +632,29 @@ def kv4_main(args):
         kv4_store(codes, count, k.bfloat16(), v.bfloat16(), 0.9, True)
         exact_k = codes.dequantize(torch.float32)[0][:, :, :n].repeat_interleave(h // hkv, 1)
         held_k, vq = (t[:, :, :n].float().repeat_interleave(h // hkv, 1) for t in codes.dequantize(torch.bfloat16))
-        for mult in (1.0, 8.0):
+        starts = torch.arange(b, device=dev, dtype=torch.int32) * (n // (2 * b))  # a left-padded batch
+        for mult, padded in ((1.0, False), (8.0, False), (1.0, True)):
             q = fast_hadamard_transform((torch.randn(b, h, 1, d, device=dev, generator=g) * mult).bfloat16())
             for name, (kw, exact, mha_only) in KV4_PATHS.items():
                 if mha_only and h != hkv:
                     continue
-                ref = torch.nn.functional.scaled_dot_product_attention(q.float(), exact_k if exact else held_k,
-                                                                       vq).transpose(1, 2)
+                kq = exact_k if exact else held_k
+                ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+                    q[i:i + 1].float(), kq[i:i + 1, :, lo:], vq[i:i + 1, :, lo:])
+                    for i, lo in enumerate(starts.tolist() if padded else [0] * b)]).transpose(1, 2)
+                label = name + (", left-padded" if padded else "")
+                row = dict(batch=b, heads=h, kv_heads=hkv, d=d, path=name, query_x=mult, left_padded=padded)
                 try:
-                    out = kv4_decode_attention(q, codes, count, d ** -0.5, False, **kw).float()
+                    out = kv4_decode_attention(q, codes, count, d ** -0.5, False, starts=starts if padded else None,
+                                               **kw).float()
                     err = ((out - ref).abs().max() / ref.abs().max()).item()
                 except Exception as e:  # noqa: BLE001 - recorded
-                    rows.append(dict(batch=b, heads=h, kv_heads=hkv, d=d, path=name, query_x=mult, error=repr(e)[:300]))
-                    print(f"| {b} | {h} / {hkv} | {d} | {name} | {mult:g} | error: {repr(e)[:80]} | no |", flush=True)
+                    rows.append(dict(row, error=repr(e)[:300]))
+                    print(f"| {b} | {h} / {hkv} | {d} | {label} | {mult:g} | error: {repr(e)[:80]} | no |", flush=True)
                     continue
                 ok = err <= (2 ** -7 if mult == 1 else 1e-2)
-                rows.append(dict(batch=b, heads=h, kv_heads=hkv, d=d, path=name, query_x=mult, max_rel_err=err, ok=ok))
-                print(f"| {b} | {h} / {hkv} | {d} | {name} | {mult:g} | {err:.2e} | {'yes' if ok else 'no'} |",
+                rows.append(dict(row, max_rel_err=err, ok=ok))
+                print(f"| {b} | {h} / {hkv} | {d} | {label} | {mult:g} | {err:.2e} | {'yes' if ok else 'no'} |",
                       flush=True)
     result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
               "kv4_checks": rows,

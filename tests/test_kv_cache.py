@@ -497,7 +497,8 @@ def test_one_slice_writes_the_output_itself(heads, kv_heads, path):
 
 def test_the_device_check_runs_every_path(tmp_path, monkeypatch):
     """`benchmarks/kernel_bench.py --kv4` (the GPU's check of every decode-attention path against fp32 SDPA), on two
-    small shapes through the interpreter: every path runs and passes, so the device script does not rot."""
+    small shapes through the interpreter: every path runs and passes, a left-padded batch too, so the device script
+    does not rot."""
     import sys
 
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -509,7 +510,8 @@ def test_the_device_check_runs_every_path(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "kv4.json").read_text())["kv4_checks"]
     assert {r["path"] for r in rows if r["heads"] == r["kv_heads"]} == set(kernel_bench.KV4_PATHS)
     assert {r["path"] for r in rows if r["heads"] != r["kv_heads"]} == {"default", "held K"}
-    assert len(rows) == 2 * (5 + 2) and all(r["ok"] and r["max_rel_err"] <= 2 ** -7 for r in rows)
+    assert len(rows) == 3 * (5 + 2) and all(r["ok"] and r["max_rel_err"] <= 2 ** -7 for r in rows)
+    assert sum(r["left_padded"] for r in rows) == 5 + 2  # every path once more on a left-padded batch
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
