@@ -334,33 +334,33 @@ def test_a_left_padded_batch_generates_as_the_fake_path(kernel_run, fuse):
     assert not layer.padded and not layer.starts.any()
 
 
-def test_the_held_length_is_read_only_where_the_host_may_read_it(monkeypatch):
-    """_held_length: (the layer's count clamped to the cache, each sequence's left padding or None) for a 4-D mask
+def test_held_and_padding_are_read_only_where_the_host_may_read_it(monkeypatch):
+    """_held_and_padding: (the layer's count clamped to the cache, each sequence's left padding or None) for a 4-D mask
     over the whole static cache, bool or additive; (None, None) without a mask, for another mask shape, or while
     torch.compile traces (where a host read would break the graph); a ValueError where the mask hides other positions
     than a left padding from the last token."""
     from types import SimpleNamespace
 
-    from dartquant.kernels.kv_cache import _held_length
+    from dartquant.kernels.kv_cache import _held_and_padding
 
     layer = SimpleNamespace(codes=Kv4Codes(2, 2, 8, 4, "cpu"), cumulative_length=torch.tensor(5))
     mask = torch.ones(2, 1, 3, 8, dtype=torch.bool)
-    assert _held_length(layer, mask) == (5, None) and _held_length(layer, None) == (None, None)
-    assert _held_length(layer, mask[..., :6]) == (None, None) and _held_length(layer, mask[0]) == (None, None)
+    assert _held_and_padding(layer, mask) == (5, None) and _held_and_padding(layer, None) == (None, None)
+    assert _held_and_padding(layer, mask[..., :6]) == (None, None) and _held_and_padding(layer, mask[0]) == (None, None)
     layer.cumulative_length = torch.tensor(11)  # past the end: the store writes nothing there
-    assert _held_length(layer, mask) == (8, None)
-    assert _held_length(layer, torch.zeros(2, 1, 3, 8)) == (8, None)  # an additive mask: 0 where visible
+    assert _held_and_padding(layer, mask) == (8, None)
+    assert _held_and_padding(layer, torch.zeros(2, 1, 3, 8)) == (8, None)  # an additive mask: 0 where visible
     left = mask.clone()
     left[1, ..., :2] = False  # the second sequence left-padded by two
     for m in (left, torch.zeros(2, 1, 3, 8).masked_fill(~left, float("-inf"))):
-        held, pads = _held_length(layer, m)
+        held, pads = _held_and_padding(layer, m)
         assert held == 8 and pads.dtype == torch.int32 and pads.tolist() == [0, 2]
     hole = mask.clone()
     hole[0, ..., 3] = False  # a hidden position after a seen one: not a left padding
     with pytest.raises(ValueError, match="left padding"):
-        _held_length(layer, hole)
+        _held_and_padding(layer, hole)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert _held_length(layer, left) == (None, None)
+    assert _held_and_padding(layer, left) == (None, None)
 
 
 def test_refused_without_kv_quantizers(kernel_run, tmp_path, capsys):

@@ -1013,12 +1013,12 @@ def _transform_settings(module):
     return kq.spec.clip_ratio, t.qk_rotation is not None
 
 
-def _held_length(layer, attention_mask) -> tuple[int | None, torch.Tensor | None]:
+def _held_and_padding(layer, attention_mask) -> tuple[int | None, torch.Tensor | None]:
     """(positions the layer's cache holds, this prompt's included; each sequence's leading pad positions or None
     without padding), read on the host, where a prompt comes with a mask over the whole static cache. (None, None)
     without a mask, while a CUDA graph captures or torch.compile traces (no host read there), or for a mask of
     another shape. ValueError where the mask hides other positions than a left padding from the prompt's last token
-    (the decode kernels skip only a prefix of each sequence). A few device-to-host reads a layer, prompts only."""
+    (the decode kernels skip only a prefix of each sequence). Two device-to-host reads a layer, prompts only."""
     if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-1] != layer.codes.shape[2]:
         return None, None
     if torch.compiler.is_compiling() or (attention_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -1027,10 +1027,11 @@ def _held_length(layer, attention_mask) -> tuple[int | None, torch.Tensor | None
     last = attention_mask[:, 0, -1, :held]  # what the prompt's last token sees: every held position but the padding
     seen = last if last.dtype == torch.bool else last == 0
     pads = (seen.int().cumsum(-1) == 0).sum(-1)  # a sequence's positions before its first seen one
-    if not bool((seen.sum(-1) == held - pads).all()):
+    prefix_only, padded = torch.stack(((seen.sum(-1) == held - pads).all(), pads.any())).tolist()  # one read
+    if not prefix_only:
         raise ValueError("the 4-bit cache kernels skip only a left padding when decoding; this mask hides other "
                          "positions (right padding, or a custom mask): pad on the left, or use transformers' own cache")
-    return held, (pads.to(torch.int32) if bool(pads.any()) else None)
+    return held, (pads.to(torch.int32) if padded else None)
 
 
 def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwargs):
@@ -1045,13 +1046,14 @@ def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwarg
     if isinstance(key, PendingKV4):
         layer = key.layer
         one, s_new = query.shape[2] == 1, query.shape[2]
-        held, pads = (None, None) if one else _held_length(layer, attention_mask)
-        if not one:  # a left-padded batch: the decode kernels start each sequence after its pads
-            layer.set_padding(pads, fresh=attention_mask is None or held == s_new)
+        held, pads = (None, None) if one else _held_and_padding(layer, attention_mask)
         # a prompt into an empty cache attends over its own values, which go the no-cache way below (the codes stored
         # in the same launch). Transformers hands it no mask when no token is padding (its SDPA shortcut, q_offset 0);
         # else (padding, torch.compile, older versions) the mask's first columns
-        if not one and (attention_mask is None or held == s_new):
+        empty = not one and (attention_mask is None or held == s_new)
+        if not one:  # a left-padded batch: the decode kernels start each sequence after its pads
+            layer.set_padding(pads, fresh=empty)
+        if empty:
             store = dict(codes=layer.codes, count=layer.cumulative_length)
             key, value = key.key_states, key.value_states
             attention_mask = None if attention_mask is None else attention_mask[..., :s_new]
