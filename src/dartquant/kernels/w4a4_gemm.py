@@ -229,12 +229,16 @@ if triton is not None:
         call.  Integer adds commute, so the result is exact and deterministic."""
         mask = mask_m[:, None] & mask_n[None, :]
         ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws, acc_i, mask=mask)
-        tl.debug_barrier()  # every thread's partial sums land before the arrival is counted
-        arrived = tl.atomic_add(cnt_ptr + tile, 1)
+        # The partial sums are fence-free reductions (relaxed): the default acq_rel put a GPU-scope fence before
+        # every element's atomic (18 MEMBAR + ATOMG a program at 32 rows, split 2), which made split-K slower than
+        # no split.  Ordering comes from the CTA barrier and the counter's one acq_rel atomic: its release publishes
+        # the whole CTA's adds (cumulative over the barrier), its acquire orders the last program's reads after them.
+        tl.atomic_add(ws, acc_i, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sums issued before the arrival is counted
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
-            total = tl.atomic_xchg(ws, tl.zeros_like(acc_i), mask=mask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
+            total = tl.atomic_xchg(ws, tl.zeros_like(acc_i), mask=mask, sem="relaxed")
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")  # seen by the next launch (kernel boundary)
             _epilogue_store(total, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
                             OUT_F32, HAS_ZERO)
 
