@@ -6,7 +6,8 @@ output is first checked bit-equal to the integer reference at 12 and 16 tokens.
     PYTHONPATH=src:benchmarks python3 lab/device/jobs/session27_swap_decode.py OUT.json [--small-tiles] [--shapes A,B]
 (--shapes: only these SHAPES names; session 28's run 43 took the down projections of --small-tiles;
 --split4: session 46, split-K 2 / 4 on 16 / 32-row tiles, the 7B / 8B shapes; session 47 reran it with the
-fix-up's adds relaxed, each split config checked exact over 32 calls in a row)
+fix-up's adds relaxed, each split config checked exact over 32 calls in a row; --stages: session 47, split 2 / 4 / 8
+with 1 / 2 pipeline stages)
 """
 import itertools
 import os
@@ -22,6 +23,7 @@ from dartquant.kernels.w4a4_gemm import (GemmConfig, default_config, planar_cent
                                          w4a4_matmul_reference)
 
 dev = torch.device("cuda")
+SPLIT_SWEEP = "--split4" in sys.argv or "--stages" in sys.argv
 MS = (4, 8, 12, 16)
 ROTATE = 240e6
 SHAPES = {"L2-7B q+k+v": (12288, 4096), "L2-7B o": (4096, 4096), "L2-7B gate+up": (22016, 4096),
@@ -50,6 +52,16 @@ if "--split4" in sys.argv:  # session 46: the decode floor (session46_decode_flo
     CONFIGS = [default_config(16, n, k, "int8s") for n, k in ((4096, 4096), (4096, 11008), (22016, 4096))] + [
         GemmConfig(16, bn, bk, 2, 3, split_k=sk, asm_unpack=True)
         for bn, bk, sk in itertools.product((16, 32), (1024, 2048), (2, 4))]
+
+if "--stages" in sys.argv:  # session 47: with the fix-up's adds relaxed, split 2 won on the down projections only;
+    # at one K step a split (per_split = 1) the pipeline's stages only take shared memory from co-resident programs
+    MS = (8, 16)
+    SHAPES = {k: v for k, v in ALL_SHAPES.items() if not k.startswith("L2-70B")}
+    SHAPES["L3-8B q+k+v"], SHAPES["L3-8B gate+up"] = (6144, 4096), (28672, 4096)
+    CONFIGS = [default_config(16, n, k, "int8s") for n, k in ((4096, 4096), (4096, 11008), (22016, 4096))] + [
+        GemmConfig(16, 32, 1024, 2, 3, split_k=2, asm_unpack=True)] + [
+        GemmConfig(16, bn, bk, 2, st, split_k=sk, asm_unpack=True)
+        for bn, bk, st, sk in itertools.product((16, 32), (512, 1024), (1, 2), (2, 4, 8))]
 
 if "--shapes" in sys.argv:
     _only = sys.argv[sys.argv.index("--shapes") + 1].split(",")
@@ -83,7 +95,7 @@ def main(out_path):
     t0 = time.time()
     # every shape's K: Triton specialises on K's divisibility, and 70 configs compiled one by one at first
     # use cost run 42 its time limit
-    jobs = {(n, k): [("gemm", (m, n, k, c, "int8s")) for c in CONFIGS for m in sorted({16, *MS} if "--split4" in sys.argv
+    jobs = {(n, k): [("gemm", (m, n, k, c, "int8s")) for c in CONFIGS for m in sorted({16, *MS} if SPLIT_SWEEP
                                                                                     else {16})]
             for n, k in SHAPES.values()}
     errors = compile_all([j for js in jobs.values() for j in js], 15)
@@ -100,8 +112,8 @@ def main(out_path):
         a0, sa0, za0, w0 = sets[0]
         refs = {m: w4a4_matmul_reference(a0[:m], sa0[:m], za0[:m], w0) for m in (12, 16)}
         # split-K's fix-up orders its partial sums by one acq_rel counter (session 47: the adds relaxed), so a race
-        # would show only now and then: --split4 checks each split config over 32 calls in a row, outputs kept apart
-        reps = {cfg: 32 if "--split4" in sys.argv and cfg.split_k > 1 else 1 for cfg in configs}
+        # would show only now and then: the split sweeps check each split config over 32 calls in a row, outputs kept apart
+        reps = {cfg: 32 if SPLIT_SWEEP and cfg.split_k > 1 else 1 for cfg in configs}
         exact = {name(cfg): all(torch.equal(y, refs[m]) for m in refs for y in
                                 [w4a4_matmul(planar[0][:m], sa0[:m], None, w0, "int8s", cfg) for _ in range(reps[cfg])])
                  for cfg in configs}
@@ -116,7 +128,7 @@ def main(out_path):
             best = min(row["int8s_us"], key=row["int8s_us"].get)
             row["best"], row["best_us"] = best, row["int8s_us"][best]
             row["default"] = name(default_config(m, n, k, "int8s"))
-            if "--split4" in sys.argv:
+            if SPLIT_SWEEP:
                 d = row["int8s_us"].get(row["default"], float("nan"))
                 print(f"| {sname} | {m} | bf16 {row['bf16_us']:.1f} | default {row['default']} {d:.2f} | best {best} "
                       f"{row['best_us']:.2f} | bf16 / default {row['bf16_us'] / d:.2f}x, / best "
