@@ -243,16 +243,20 @@ def test_act_auto_variant_throughput_rule():
 
 
 def test_int8s_decode_tiles():
-    """default_config's int8s decode tiles (runs 36-46): 32 weight rows on 2 warps up to N = 16384 (two
-    waves of 64-row tiles over 132 SMs), 64 rows on 4 above; K steps of 1024 where K > N."""
+    """default_config's int8s decode tiles (runs 36-46, session 47): up to N = 6144 16 weight rows with two
+    K slices on 2 warps; else 32 weight rows on 2 warps up to N = 16384 (two waves of 64-row tiles over 132
+    SMs), 64 rows on 4 above; K steps of 1024 where K > N (a sliced step: two slices of half that)."""
     from dartquant.kernels.w4a4_gemm import default_config
 
-    for (n, k), (rows, bk, warps) in {(4096, 4096): (32, 512, 2), (12288, 4096): (32, 512, 2),
-                                      (4096, 11008): (32, 1024, 2), (8192, 28672): (32, 1024, 2),
-                                      (22016, 4096): (64, 512, 4), (28672, 8192): (64, 512, 4)}.items():
+    for (n, k), (rows, bk, warps, slices) in {
+            (4096, 4096): (16, 256, 2, 2), (6144, 4096): (16, 256, 2, 2), (4096, 11008): (16, 512, 2, 2),
+            (4096, 14336): (16, 512, 2, 2), (12288, 4096): (32, 512, 2, 1), (8192, 28672): (32, 1024, 2, 1),
+            (22016, 4096): (64, 512, 4, 1), (28672, 8192): (64, 512, 4, 1)}.items():
         for m in (3, 8, 16):
             cfg = default_config(m, n, k, "int8s")
-            assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.block_m, cfg.asm_unpack) == (rows, bk, warps, 16, True)
+            assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.slices, cfg.block_m, cfg.asm_unpack, cfg.split_k) \
+                == (rows, bk, warps, slices, 16, True, 1), (n, k, cfg)
+    assert default_config(17, 4096, 4096, "int8s").slices == 1  # above 16 tokens: the measured prefill tiles
 
 
 @pytest.mark.parametrize("n", [1536, 4864])  # auto's blocks choices: 12 * 128 (t2 g4 w4), 76 * 64 (t1 g4 w4)
@@ -566,6 +570,19 @@ def test_gemm_swapped_operands_small_m():
             out = torch.empty(m, n)  # fp32 out: the exact sums through the split-K workspace
             w4a4_matmul(planar_centered(a, za, k, torch.int8), sa, None, w, "int8s", cfg, out=out)
             assert torch.equal(out.bfloat16(), w4a4_matmul_reference(a, sa, za, w)), cfg
+    for m in (1, 3, 16, 17):  # K slices in one program: slices of 32 / 64 codes, K = 208 ragged in every case;
+        # 17 tokens: a second, nearly empty token tile
+        a, sa, za, w = _gemm_operands(m, n, k, seed=100 + m)
+        for cfg in (GemmConfig(16, 16, 32, 2, 2, slices=2), GemmConfig(16, 32, 64, 4, 3, slices=2),
+                    GemmConfig(16, 16, 32, 4, 2, slices=4), GemmConfig(16, 16, 64, 8, 2, slices=8)):
+            y = w4a4_matmul(planar_centered(a, za, k, torch.int8), sa, None, w, "int8s", cfg)
+            assert torch.equal(y, w4a4_matmul_reference(a, sa, za, w)), (m, cfg)
+            out = torch.empty(m, n)
+            w4a4_matmul(planar_centered(a, za, k, torch.int8), sa, None, w, "int8s", cfg, out=out)
+            assert torch.equal(out.bfloat16(), w4a4_matmul_reference(a, sa, za, w)), (m, cfg)
+    with pytest.raises(ValueError, match="slices"):
+        w4a4_matmul(planar_centered(a, za, k, torch.int8), sa, None, w, "int8s",
+                    GemmConfig(16, 16, 32, 2, 2, split_k=2, slices=2))
     with pytest.raises(TypeError, match="int8s"):
         w4a4_matmul(a, sa, za, w, "int8s")
     with pytest.raises(ValueError, match="asm_unpack"):  # too small a tile for four bytes per thread register
@@ -623,6 +640,8 @@ wait = [i for i, l in enumerate(lines) if "griddepcontrol.wait" in l]
 print(json.dumps({"dp4a": len(re.findall(r"dp4a[.]u32[.][us]32", ptx)), "cubin": len(k.asm["cubin"]),
                   "v4": len(re.findall(r"ld[.]global([.]\w+)*[.]v4", ptx)),
                   "nibble_words": ptx.count("0x80808080"), "wgmma": len(re.findall(r"wgmma[.]mma_async", ptx)),
+                  "mma_s8": len(re.findall(r"mma[.]sync[.]aligned[.]m16n8k32[.]row[.]col([.]satfinite)?[.]s32[.]s8[.]s8", ptx)),
+                  "atomics": len(re.findall(r"\b(atom|red)[.]", ptx)),
                   "gdc_wait": len(wait), "gdc_wait_line": wait[0] if wait else -1, "first_load_line": first_load}))
 """
 
@@ -700,6 +719,15 @@ def test_swap_gemm_unpacks_four_bytes_per_word_op_for_hopper():
     assert got["wgmma"] > 0 and got["cubin"] > 0, got
     assert got["nibble_words"] > 0 and plain["nibble_words"] == 0, (got, plain)
     assert got["cubin"] < plain["cubin"], (got, plain)  # the byte-wise unpack is the larger kernel
+
+
+def test_sliced_swap_gemm_compiles_for_hopper():
+    """The int8s GEMM with K slices in one program (GemmConfig.slices): the batched dot compiles to int8
+    mma.sync on sm_90 with the weight nibbles split by word ops, and the slices meet without atomics."""
+    consts = {"BLOCK_M": 16, "BLOCK_N": 16, "SLICE_KH": 128, "SLICES": 2, "GROUP_N": 8, "STATIC_STEPS": 0,
+              "OUT_F32": False, "ASM": True}
+    got = _compile_for_hopper("_w4a4_swap_sliced_kernel", consts, {"a_ptr": "*i8", "w_ptr": "*u8"})
+    assert got["mma_s8"] > 0 and got["nibble_words"] > 0 and got["atomics"] == 0, got
 
 
 def test_pdl_waits_before_any_global_load_for_hopper():

@@ -63,6 +63,13 @@ Design choices:
   ``_signed_nibble_bytes``' byte-lane arithmetic: int8 shifts had the compiler take each byte apart
   (the K loop 3.4x longer in SASS, docs/KERNELS.md 2e).  Byte lanes cannot carry into each other, so
   any grouping of four elements gives the same bytes as the shifts the interpreter runs.
+* **K slices in one program** (``GemmConfig.slices``, int8s at decode, session 47): split-K across
+  programs pays each extra program's prologue and an L2 round trip in the atomic fix-up, and lost to no
+  split on most 7B / 8B shapes even with fence-free adds. Instead one program takes ``slices`` K slices of
+  its weight rows a step as one batched (3-D) dot, ``[slices, rows, K/slices] x [slices, K/slices, tokens]``,
+  its warps spread over the slices, and sums the slices once after the loop: more warps and bytes in
+  flight a program, no workspace, no atomics. On an H100 with 16 rows and 2 slices on 2 warps it took
+  the o / down / Llama-3-8B q+k+v decode linears from 2.2-2.6x to 2.6-3.3x bf16 (docs/KERNELS.md 4l).
 * **Configs**: prefill uses big tiles (tensor-core bound); decode (M <= 64) is weight-bandwidth
   bound: BLOCK_M = 16 (the smallest dot), narrow BLOCK_N so that N / BLOCK_N programs fill the
   132 SMs, long BLOCK_K and deep pipelining; optionally split-K with an int32 atomic workspace.
@@ -119,6 +126,7 @@ class GemmConfig:
     dp4a: bool = False  # gemv: four 4-bit products per dp4a instruction (module notes)
     lanes: bool = False  # dp4a gemv: the per-lane kernel (one 2-D accumulator per token, module notes)
     asm_unpack: bool = False  # int8s: the weight's nibbles split four bytes per PTX word op (module notes)
+    slices: int = 1  # int8s: K slices of block_k each a step, one batched dot over the warps (module notes)
 
 
 def prepare_weight(codes: torch.Tensor, scale: torch.Tensor) -> PackedWeight:
@@ -176,6 +184,11 @@ def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
         # session 28 (runs 41 / 43): 32 weight rows per tile on two warps (twice the tiles) where 64-row tiles
         # leave SMs idle or a ragged last wave (N <= 16384: at most 2 waves over 132 SMs): 7B / 8B down 0.84-0.86x
         # the time, o 0.88-0.90x, q+k+v 0.94-0.98x; gate+up (22016 rows, 2.6 waves) gained nothing
+        # session 47 (lab/device/jobs/session47_sliced.py, H100, KERNELS.md 4l): at N <= 6144 (7B / 8B o, down,
+        # 8B q+k+v) 16 rows a program with the same K a step as two K slices on two warps: 0.81-0.98x the time of
+        # the 32-row tiles; at N >= 12288 (7B q+k+v, gate+up) 1.00-1.14x, so those keep them
+        if m <= 16 and n <= 6144:
+            return GemmConfig(16, 16, 512 if k > n else 256, 2, 4, slices=2, asm_unpack=True)
         if m <= 16:
             return GemmConfig(16, 32 if n <= 16384 else 64, 1024 if k > n else 512, 2 if n <= 16384 else 4, 3,
                               asm_unpack=True)
@@ -401,6 +414,47 @@ if triton is not None:
                 tl.store(ptrs, y, mask=mask_n[:, None] & mask_m[None, :])
             else:
                 tl.store(ptrs, round_to_bf16(y).to(tl.bfloat16), mask=mask_n[:, None] & mask_m[None, :])
+
+    @triton.jit
+    def _w4a4_swap_sliced_kernel(
+        a_ptr, w_ptr, sa_ptr, sw_ptr, y_ptr, M, N, KH, steps, stride_am, stride_wn, stride_ym,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLICE_KH: tl.constexpr, SLICES: tl.constexpr,
+        GROUP_N: tl.constexpr, STATIC_STEPS: tl.constexpr, OUT_F32: tl.constexpr, ASM: tl.constexpr = False,
+        PDL: tl.constexpr = False,
+    ):
+        """`_w4a4_swap_kernel` with SLICES consecutive K slices of SLICE_KH packed bytes a step, as one
+        batched dot [SLICES, BLOCK_N, SLICE_KH] x [SLICES, SLICE_KH, BLOCK_M] (Triton spreads the warps
+        over the slices); the slices' int32 sums are added once after the loop, so still exact."""
+        wait_for_prior_grid(PDL)
+        pid = tl.program_id(0)
+        pid_n, pid_m = _grouped_tile(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        kcol = tl.arange(0, SLICES)[:, None] * SLICE_KH + tl.arange(0, SLICE_KH)[None, :]  # [S, SLICE_KH]
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        w_ptrs = w_ptr + offs_n[None, :, None].to(tl.int64) * stride_wn + kcol[:, None, :]  # [S, BLOCK_N, SLICE_KH]
+        a_ptrs = a_ptr + offs_m[None, None, :].to(tl.int64) * stride_am + kcol[:, :, None]  # [S, SLICE_KH, BLOCK_M]
+        acc = tl.zeros((SLICES, BLOCK_N, BLOCK_M), dtype=tl.int32)
+        for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else steps):
+            kmask = i * SLICES * SLICE_KH + kcol < KH
+            w8 = tl.load(w_ptrs, mask=mask_n[None, :, None] & kmask[:, None, :], other=0).to(tl.int8, bitcast=True)
+            amask = kmask[:, :, None] & mask_m[None, None, :]
+            a_lo = tl.load(a_ptrs, mask=amask, other=0)
+            a_hi = tl.load(a_ptrs + KH, mask=amask, other=0)
+            acc = tl.dot(_nibbles_as_int8(w8, False, ASM), a_lo, acc, out_dtype=tl.int32)  # low nibbles: even k
+            acc = tl.dot(_nibbles_as_int8(w8, True, ASM), a_hi, acc, out_dtype=tl.int32)
+            w_ptrs += SLICES * SLICE_KH
+            a_ptrs += SLICES * SLICE_KH
+        total = tl.sum(acc, axis=0)
+        sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
+        sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
+        y = (total.to(tl.float32) * sa[None, :]) * sw[:, None]  # the same two fp32 products as _epilogue_store
+        ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+        if OUT_F32:
+            tl.store(ptrs, y, mask=mask_n[:, None] & mask_m[None, :])
+        else:
+            tl.store(ptrs, round_to_bf16(y).to(tl.bfloat16), mask=mask_n[:, None] & mask_m[None, :])
 
     @triton.jit
     def _gemv_finish(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K: tl.constexpr, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr,
@@ -725,10 +779,25 @@ def w4a4_matmul(
     if m == 0:
         return out
     if backend == "int8s":  # config: block_m = tokens per tile (MMA N), block_n = weight rows (MMA M)
-        if cfg.asm_unpack and cfg.block_n * (cfg.block_k // 2) < 4 * 32 * cfg.num_warps:
-            raise ValueError(f"asm_unpack packs four weight bytes per thread register: block_n * block_k / 2 must be "
-                             f">= 128 * num_warps, got {cfg.block_n} x {cfg.block_k // 2} with {cfg.num_warps} warps")
+        if cfg.asm_unpack and cfg.slices * cfg.block_n * (cfg.block_k // 2) < 4 * 32 * cfg.num_warps:
+            raise ValueError(f"asm_unpack packs four weight bytes per thread register: slices * block_n * block_k / 2 "
+                             f"must be >= 128 * num_warps, got {cfg.slices} x {cfg.block_n} x {cfg.block_k // 2} with "
+                             f"{cfg.num_warps} warps")
         tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+        if cfg.slices > 1:
+            if cfg.split_k > 1 or cfg.slices & (cfg.slices - 1):
+                raise ValueError(f"K slices in one program (slices={cfg.slices}) must be a power of two and take "
+                                 f"no split-K (split_k={cfg.split_k})")
+            steps = triton.cdiv(kh, cfg.slices * cfg.block_k // 2)
+            _w4a4_swap_sliced_kernel[(tiles,)](
+                a_codes, weight.codes, a_scale, weight.scale, out, m, n, kh, steps,
+                a_codes.stride(0), weight.codes.stride(0), out.stride(0),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SLICE_KH=cfg.block_k // 2, SLICES=cfg.slices,
+                GROUP_N=cfg.group_m, STATIC_STEPS=steps if interpret else 0, OUT_F32=out.dtype == torch.float32,
+                ASM=cfg.asm_unpack and not interpret, **pdl_kwargs(m, a_codes.device),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+            )
+            return out
         per_split = triton.cdiv(triton.cdiv(kh, cfg.block_k // 2), cfg.split_k)
         ws, cnt = _splitk_buffers(m, n, tiles, a_codes.device, cfg.split_k)
         _w4a4_swap_kernel[(tiles, cfg.split_k)](
