@@ -7,7 +7,7 @@ sums the slices in registers / shared memory at the end: SLICES x the warps and 
 no workspace. Timed as every per-linear decode number (calls in one CUDA graph, weights rotating through 4x the L2)
 against bf16 F.linear and today's int8s default; every config's output first checked bit-equal to the integer
 reference at 8 and 16 tokens.
-    PYTHONPATH=src:benchmarks python3 lab/device/jobs/session47_sliced.py OUT.json [--round2]
+    PYTHONPATH=src:benchmarks python3 lab/device/jobs/session47_sliced.py OUT.json [--round2 | --70b]
 (TRITON_INTERPRET=1: a CPU check of every config on a tiny shape, bit-exact against the reference.)
 """
 import itertools
@@ -38,6 +38,10 @@ if "--round2" in sys.argv:  # around round 1's winners (16 rows, one warp a slic
     # two slices a warp
     CONFIGS = [(16, k, s, w, st) for k, s, w, st in itertools.product((256, 512, 1024), (2, 4, 8), (1, 2, 4, 8), (3, 4))
                if s // 2 <= w <= s and k * s <= 4096] + [(32, k, s, s, 3) for k, s in ((256, 8), (512, 8), (256, 4))]
+if "--70b" in sys.argv:  # the default took slices at N <= 6144 (measured); the 70B shapes (N = 8192, 10240) decide
+    # whether the line moves up
+    SHAPES = {"L2-70B o": (8192, 8192), "L2-70B down": (8192, 28672), "L2-70B q+k+v": (10240, 8192)}
+    CONFIGS = [(16, k, 2, 2, st) for k in (256, 512, 1024) for st in (3, 4)] + [(32, 512, 2, 2, 4), (16, 256, 4, 4, 4)]
 if SMOKE:
     SHAPES, MS = {"tiny": (96, 768)}, (3, 16)
     CONFIGS = [(16, 64, 2, 2, 2), (32, 64, 4, 4, 2), (16, 128, 4, 8, 3)]
