@@ -185,8 +185,8 @@ def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
         # leave SMs idle or a ragged last wave (N <= 16384: at most 2 waves over 132 SMs): 7B / 8B down 0.84-0.86x
         # the time, o 0.88-0.90x, q+k+v 0.94-0.98x; gate+up (22016 rows, 2.6 waves) gained nothing
         # session 47 (lab/device/jobs/session47_sliced.py, H100, KERNELS.md 4l): at N <= 6144 (7B / 8B o, down,
-        # 8B q+k+v) 16 rows a program with the same K a step as two K slices on two warps: 0.81-0.98x the time of
-        # the 32-row tiles; at N >= 12288 (7B q+k+v, gate+up) 1.00-1.14x, so those keep them
+        # 8B q+k+v) 16 rows a program with the same K a step as two K slices on two warps: 0.80-0.98x the time of
+        # the 32-row tiles; at N >= 12288 (7B q+k+v, gate+up) 0.99-1.09x at best, so those keep them
         if m <= 16 and n <= 6144:
             return GemmConfig(16, 16, 512 if k > n else 256, 2, 4, slices=2, asm_unpack=True)
         if m <= 16:
