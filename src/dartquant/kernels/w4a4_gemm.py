@@ -365,6 +365,20 @@ if triton is not None:
         return (w8 << 4) >> 4
 
     @triton.jit
+    def _swap_epilogue_store(acc, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+                             OUT_F32: tl.constexpr):
+        """The int8s kernels' output: exact int32 sums [rows, tokens] times the token and row scales (the
+        same two fp32 products as _epilogue_store), stored transposed into y [tokens, rows]."""
+        sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
+        sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
+        y = (acc.to(tl.float32) * sa[None, :]) * sw[:, None]
+        ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+        if OUT_F32:
+            tl.store(ptrs, y, mask=mask_n[:, None] & mask_m[None, :])
+        else:
+            tl.store(ptrs, round_to_bf16(y).to(tl.bfloat16), mask=mask_n[:, None] & mask_m[None, :])
+
+    @triton.jit
     def _w4a4_swap_kernel(
         a_ptr, w_ptr, sa_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, KH, per_split, stride_am, stride_wn, stride_ym,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, GROUP_N: tl.constexpr,
@@ -406,14 +420,7 @@ if triton is not None:
             _splitk_fixup(tl.trans(acc), ws_ptr, cnt_ptr, pid, N, SPLIT_K, sa_ptr, sa_ptr, sa_ptr, sw_ptr, y_ptr,
                           stride_ym, offs_m, offs_n, mask_m, mask_n, OUT_F32, HAS_ZERO=False)
         else:
-            sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
-            sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
-            y = (acc.to(tl.float32) * sa[None, :]) * sw[:, None]  # the same two fp32 products as _epilogue_store
-            ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
-            if OUT_F32:
-                tl.store(ptrs, y, mask=mask_n[:, None] & mask_m[None, :])
-            else:
-                tl.store(ptrs, round_to_bf16(y).to(tl.bfloat16), mask=mask_n[:, None] & mask_m[None, :])
+            _swap_epilogue_store(acc, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n, OUT_F32)
 
     @triton.jit
     def _w4a4_swap_sliced_kernel(
@@ -446,15 +453,8 @@ if triton is not None:
             acc = tl.dot(_nibbles_as_int8(w8, True, ASM), a_hi, acc, out_dtype=tl.int32)
             w_ptrs += SLICES * SLICE_KH
             a_ptrs += SLICES * SLICE_KH
-        total = tl.sum(acc, axis=0)
-        sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
-        sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
-        y = (total.to(tl.float32) * sa[None, :]) * sw[:, None]  # the same two fp32 products as _epilogue_store
-        ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
-        if OUT_F32:
-            tl.store(ptrs, y, mask=mask_n[:, None] & mask_m[None, :])
-        else:
-            tl.store(ptrs, round_to_bf16(y).to(tl.bfloat16), mask=mask_n[:, None] & mask_m[None, :])
+        _swap_epilogue_store(tl.sum(acc, axis=0), sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+                             OUT_F32)
 
     @triton.jit
     def _gemv_finish(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K: tl.constexpr, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr,
