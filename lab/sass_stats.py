@@ -10,6 +10,7 @@ carries ptxas and cuobjdump. docs/KERNELS.md 1g-1h and 4f quote these counts.
     PYTHONPATH=src python lab/sass_stats.py kv4,1,32,2,slots-bytes kv4,1,32,2,slots-words  # bytes / words (4h)
     PYTHONPATH=src python lab/sass_stats.py kv4,4,32,4,dots kv4,4,32,2,dots-words         # GQA: bytes / words (4i)
     PYTHONPATH=src python lab/sass_stats.py int8s,32,512,2,3,1 int8s,16,1024,2,3,2   # the int8s GEMM (BN,BK,W,ST,SK)
+    PYTHONPATH=src python lab/sass_stats.py sliced,16,256,2,2,4                      # int8s with K slices (BN,BK,S,W,ST)
     OPCODES=1 ...                                                            # and each kernel's opcode histogram
     SASS_OUT=FILE ...                                                        # and the (last) kernel's SASS listing
     ROTATE_Q=0 ...                                                           # kv4: the query's R3 not in the kernel
@@ -113,6 +114,27 @@ def compile_int8s(block_n: int, block_k: int, warps: int, stages: int, split_k: 
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
+def compile_sliced(block_n: int, block_k: int, slices: int, warps: int, stages: int):
+    """`w4a4_gemm._w4a4_swap_sliced_kernel` as `w4a4_matmul(..., "int8s")` launches it with GemmConfig.slices at 16
+    tokens (session 47's decode default where N <= 6144; block_k: the K codes of one slice a step)."""
+    from dartquant.kernels import w4a4_gemm
+
+    kernel = w4a4_gemm._w4a4_swap_sliced_kernel
+    ptrs = dict(a_ptr="*i8", w_ptr="*u8", sa_ptr="*fp32", sw_ptr="*fp32", y_ptr="*bf16")
+    ints = ["M", "N", "KH", "steps", "stride_am", "stride_wn", "stride_ym"]
+    sig = {**ptrs, **{k: "i32" for k in ints}}
+    consts = dict(BLOCK_M=16, BLOCK_N=block_n, SLICE_KH=block_k // 2, SLICES=slices, GROUP_N=8, STATIC_STEPS=0,
+                  OUT_F32=False, ASM=True, PDL=False)
+    sig.update({k: "constexpr" for k in consts})
+    aligned = list(ptrs) + ["M", "N", "KH", "stride_am", "stride_wn", "stride_ym"]
+    attrs = {(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, attrs=attrs,
+                                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    opts = _options(warps)
+    opts["num_stages"] = stages
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
 def sass_stats(compiled) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -152,6 +174,10 @@ def sass_stats(compiled) -> dict:
 
 def main(specs):
     for spec in specs:
+        if spec.startswith("sliced,"):
+            bn, bk, sl, w, st = map(int, spec.split(",")[1:])
+            print(spec, sass_stats(compile_sliced(bn, bk, sl, w, st)), flush=True)
+            continue
         if spec.startswith("int8s,"):
             bn, bk, w, st, sk = (int(v) for v in spec.split(",")[1:])
             print(spec, sass_stats(compile_int8s(bn, bk, w, st, sk)), flush=True)

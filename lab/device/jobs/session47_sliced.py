@@ -7,7 +7,7 @@ sums the slices in registers / shared memory at the end: SLICES x the warps and 
 no workspace. Timed as every per-linear decode number (calls in one CUDA graph, weights rotating through 4x the L2)
 against bf16 F.linear and today's int8s default; every config's output first checked bit-equal to the integer
 reference at 8 and 16 tokens.
-    PYTHONPATH=src:benchmarks python3 lab/device/jobs/session47_sliced.py OUT.json [--round2 | --70b]
+    PYTHONPATH=src:benchmarks python3 lab/device/jobs/session47_sliced.py OUT.json [--round2 | --70b | --unsigned]
 (TRITON_INTERPRET=1: a CPU check of every config on a tiny shape, bit-exact against the reference.)
 """
 import itertools
@@ -42,15 +42,36 @@ if "--70b" in sys.argv:  # the default took slices at N <= 6144 (measured); the 
     # whether the line moves up
     SHAPES = {"L2-70B o": (8192, 8192), "L2-70B down": (8192, 28672), "L2-70B q+k+v": (10240, 8192)}
     CONFIGS = [(16, k, 2, 2, st) for k in (256, 512, 1024) for st in (3, 4)] + [(32, 512, 2, 2, 4), (16, 256, 4, 4, 4)]
+if "--unsigned" in sys.argv:  # the new defaults' K slices with the weight nibbles unsigned (w + 8: 1-2 word ops
+    # instead of 4-5; 8 * sum_k a taken back out in the epilogue, a_sum precomputed and not timed: the bound on
+    # what moving that sum into the activation kernel could give)
+    CONFIGS = [(16, k, 2, 2, st, *u) for k in (256, 512) for st in (3, 4) for u in ((), ("u",))]
 if SMOKE:
     SHAPES, MS = {"tiny": (96, 768)}, (3, 16)
-    CONFIGS = [(16, 64, 2, 2, 2), (32, 64, 4, 4, 2), (16, 128, 4, 8, 3)]
+    CONFIGS = [(16, 64, 2, 2, 2), (32, 64, 4, 4, 2), (16, 128, 4, 8, 3), (16, 64, 2, 2, 2, "u"), (32, 64, 4, 4, 2, "u")]
 
 
 @triton.jit
-def _sliced_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, y_ptr, M, N, KH, stride_am, stride_wn, stride_ym,
+def _unsigned_nibbles(w8, HIGH: tl.constexpr, ASM: tl.constexpr):
+    """The low / high nibble of each byte as an unsigned code w + 8 in [0, 15] (the two's complement nibble with bit 3
+    flipped): an AND and a XOR a word, one LOP3 (the high half: a shift more) instead of _nibbles_as_int8's four or
+    five ops; the kernel takes 8 * sum_k a back out."""
+    if ASM:
+        if HIGH:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 t, t, 0x0F0F0F0F; xor.b32 $0, t, 0x08080808; }",
+                "=r,r", [w8], dtype=tl.int8, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise("{ .reg .b32 t; and.b32 t, $1, 0x0F0F0F0F; xor.b32 $0, t, 0x08080808; }",
+                                         "=r,r", [w8], dtype=tl.int8, is_pure=True, pack=4)
+    if HIGH:
+        return ((w8 >> 4) & 15) ^ 8  # the interpreter: signed nibble w = ((byte >> 4) & 15) ^ 8 - 8, so w + 8
+    return (w8 & 15) ^ 8
+
+
+@triton.jit
+def _sliced_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, y_ptr, asum_ptr, M, N, KH, stride_am, stride_wn, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLICE_KH: tl.constexpr, SLICES: tl.constexpr,
-                   STATIC_STEPS: tl.constexpr, ASM: tl.constexpr):
+                   STATIC_STEPS: tl.constexpr, ASM: tl.constexpr, UNSIGNED: tl.constexpr = False):
     """y^T = W A^T as the int8s kernel computes it (the packed weight's nibbles the dot's left operand, planar
     centered int8 activations the right one), each step SLICES consecutive K slices of SLICE_KH packed bytes as
     one batched dot; the slices are summed once, after the loop."""
@@ -71,11 +92,17 @@ def _sliced_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, y_ptr, M, N, KH, stride_am, str
         amask = kmask[:, :, None] & mask_m[None, None, :]
         a_lo = tl.load(a_ptrs, mask=amask, other=0)
         a_hi = tl.load(a_ptrs + KH, mask=amask, other=0)
-        acc = tl.dot(_nibbles_as_int8(w8, False, ASM), a_lo, acc, out_dtype=tl.int32)  # low nibbles: even k
-        acc = tl.dot(_nibbles_as_int8(w8, True, ASM), a_hi, acc, out_dtype=tl.int32)
+        if UNSIGNED:
+            acc = tl.dot(_unsigned_nibbles(w8, False, ASM), a_lo, acc, out_dtype=tl.int32)
+            acc = tl.dot(_unsigned_nibbles(w8, True, ASM), a_hi, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(_nibbles_as_int8(w8, False, ASM), a_lo, acc, out_dtype=tl.int32)  # low nibbles: even k
+            acc = tl.dot(_nibbles_as_int8(w8, True, ASM), a_hi, acc, out_dtype=tl.int32)
         w_ptrs += SLICES * SLICE_KH
         a_ptrs += SLICES * SLICE_KH
     total = tl.sum(acc, axis=0)  # [BLOCK_N, BLOCK_M], exact in int32
+    if UNSIGNED:  # sum (w + 8) a - 8 sum a
+        total -= 8 * tl.load(asum_ptr + offs_m, mask=mask_m, other=0)[None, :]
     sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
     sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
     y = (total.to(tl.float32) * sa[None, :]) * sw[:, None]  # the int8s epilogue's two fp32 products
@@ -83,22 +110,26 @@ def _sliced_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, y_ptr, M, N, KH, stride_am, str
     tl.store(ptrs, round_to_bf16(y).to(tl.bfloat16), mask=mask_n[:, None] & mask_m[None, :])
 
 
-def sliced_matmul(a_planar, a_scale, weight, cfg, out=None):
-    """a_planar: planar centered int8 [M <= 16, K] (planar_centered); weight: PackedWeight; cfg as CONFIGS."""
-    rows, slice_k, slices, warps, stages = cfg
+def sliced_matmul(a_planar, a_scale, weight, cfg, out=None, a_sum=None):
+    """a_planar: planar centered int8 [M <= 16, K] (planar_centered); weight: PackedWeight; cfg as CONFIGS, a 6th
+    field "u": unsigned weight nibbles, with a_sum (int32 [M], sum_k of a_planar; precomputed, untimed)."""
+    rows, slice_k, slices, warps, stages = cfg[:5]
+    unsigned = len(cfg) > 5
     m, n, kh = a_planar.shape[0], weight.codes.shape[0], weight.codes.shape[1]
     out = torch.empty(m, n, dtype=torch.bfloat16, device=a_planar.device) if out is None else out
+    if unsigned and a_sum is None:
+        a_sum = a_planar.to(torch.int32).sum(1, dtype=torch.int32)
     steps = triton.cdiv(kh, slices * slice_k // 2)
     _sliced_kernel[(triton.cdiv(n, rows),)](
-        a_planar, weight.codes, a_scale, weight.scale, out, m, n, kh, a_planar.stride(0), weight.codes.stride(0),
-        out.stride(0), BLOCK_M=16, BLOCK_N=rows, SLICE_KH=slice_k // 2, SLICES=slices,
-        STATIC_STEPS=steps if SMOKE else 0, ASM=not SMOKE, num_warps=warps, num_stages=stages,
-        enable_fp_fusion=False)
+        a_planar, weight.codes, a_scale, weight.scale, out, a_sum if unsigned else a_scale, m, n, kh,
+        a_planar.stride(0), weight.codes.stride(0), out.stride(0), BLOCK_M=16, BLOCK_N=rows, SLICE_KH=slice_k // 2,
+        SLICES=slices, STATIC_STEPS=steps if SMOKE else 0, ASM=not SMOKE, UNSIGNED=unsigned, num_warps=warps,
+        num_stages=stages, enable_fp_fusion=False)
     return out
 
 
 def name(cfg):
-    return "{}x{} S{} w{} s{}".format(*cfg)
+    return "{}x{} S{} w{} s{}".format(*cfg[:5]) + (" u" if len(cfg) > 5 else "")
 
 
 def main(out_path):
@@ -111,6 +142,7 @@ def main(out_path):
         nsets = 1 if SMOKE else max(2, min(48, int(ROTATE // (n * k // 2))))
         sets = [gemm_inputs(16, n, k, dev, s) for s in range(nsets)]
         planar = [planar_centered(a, za, k, torch.int8) for (a, _, za, _) in sets]
+        sums = [p.to(torch.int32).sum(1, dtype=torch.int32) for p in planar]
         a0, sa0, za0, w0 = sets[0]
         exact, configs = {}, []
         for cfg in CONFIGS:
@@ -134,8 +166,9 @@ def main(out_path):
             dcfg = default_config(m, n, k, "int8s")
             default = graph_ms([lambda s=s, p=p: w4a4_matmul(p[:m], s[1][:m], None, s[3], "int8s", dcfg, out=outb)
                                 for s, p in zip(sets, planar)]) * 1e3
-            times = {name(c): graph_ms([lambda s=s, p=p, c=c: sliced_matmul(p[:m], s[1][:m], s[3], c, out=outb)
-                                        for s, p in zip(sets, planar)]) * 1e3 for c in configs if exact[name(c)]}
+            times = {name(c): graph_ms([lambda s=s, p=p, c=c, u=u: sliced_matmul(p[:m], s[1][:m], s[3], c, out=outb,
+                                                                               a_sum=u[:m])
+                                        for s, p, u in zip(sets, planar, sums)]) * 1e3 for c in configs if exact[name(c)]}
             best = min(times, key=times.get)
             rows.append({"linear": sname, "n": n, "k": k, "m": m, "bf16_us": bf16, "default_us": default,
                          "sliced_us": times, "best": best, "best_us": times[best], "exact": exact})
