@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Session 47 (issue 16), the third call: K slices in one program at the 70B decode shapes (session47_sliced.py --70b:
-# does the default's N <= 6144 line move up?) and with unsigned weight nibbles (--unsigned), then `dartquant bench RUN --kv kernels` with the sliced int8s default,
-# at the Llama-2-7B shape, then Llama-3-8B if time is left. On an H200 the 7B / 8B sweep (--round2) first. One call, carry [".kb_data"]:
+# Session 47 (issue 16), the third call: K slices in one program at the 70B decode shapes (session47_sliced.py
+# --70b: does the default's N <= 6144 line move up?) and with unsigned weight nibbles (--unsigned), then
+# `dartquant bench RUN --kv kernels` with the sliced int8s default at the Llama-2-7B shape, then Llama-3-8B if time
+# is left. On an H200 the 7B / 8B sweep (--round2) first. One call, carry [".kb_data"]:
 #   RES=$OUT [END=560] bash lab/device/jobs/session47c.sh
 set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"; END=${END:-560}
