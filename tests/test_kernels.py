@@ -640,7 +640,8 @@ wait = [i for i, l in enumerate(lines) if "griddepcontrol.wait" in l]
 print(json.dumps({"dp4a": len(re.findall(r"dp4a[.]u32[.][us]32", ptx)), "cubin": len(k.asm["cubin"]),
                   "v4": len(re.findall(r"ld[.]global([.]\w+)*[.]v4", ptx)),
                   "nibble_words": ptx.count("0x80808080"), "wgmma": len(re.findall(r"wgmma[.]mma_async", ptx)),
-                  "mma_s8": len(re.findall(r"mma[.]sync[.]aligned[.]m16n8k32[.]row[.]col([.]satfinite)?[.]s32[.]s8[.]s8", ptx)),
+                  "mma_s8": len(re.findall(r"mma[.]sync[.]aligned[.]m16n8k32[.]row[.]col([.]satfinite)?[.]s32[.]s8[.]s8",
+                                           ptx)),
                   "atomics": len(re.findall(r"\b(atom|red)[.]", ptx)),
                   "gdc_wait": len(wait), "gdc_wait_line": wait[0] if wait else -1, "first_load_line": first_load}))
 """

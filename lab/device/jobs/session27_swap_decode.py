@@ -112,7 +112,8 @@ def main(out_path):
         a0, sa0, za0, w0 = sets[0]
         refs = {m: w4a4_matmul_reference(a0[:m], sa0[:m], za0[:m], w0) for m in (12, 16)}
         # split-K's fix-up orders its partial sums by one acq_rel counter (session 47: the adds relaxed), so a race
-        # would show only now and then: the split sweeps check each split config over 32 calls in a row, outputs kept apart
+        # would show only now and then: the split sweeps check each split config over 32 calls in a row, outputs
+        # kept apart
         reps = {cfg: 32 if SPLIT_SWEEP and cfg.split_k > 1 else 1 for cfg in configs}
         exact = {name(cfg): all(torch.equal(y, refs[m]) for m in refs for y in
                                 [w4a4_matmul(planar[0][:m], sa0[:m], None, w0, "int8s", cfg) for _ in range(reps[cfg])])

@@ -32,7 +32,8 @@ SHAPES = {"L2-7B q+k+v": (12288, 4096), "L2-7B o": (4096, 4096), "L2-7B gate+up"
 MS = (8, 16)
 ROTATE = 240e6
 # (weight rows a program, K codes a slice a step, slices, warps, stages)
-CONFIGS = [(r, k, s, w * s, st) for r, k, s, w, st in itertools.product((16, 32), (256, 512, 1024), (2, 4), (1, 2), (2, 3))
+CONFIGS = [(r, k, s, w * s, st)
+           for r, k, s, w, st in itertools.product((16, 32), (256, 512, 1024), (2, 4), (1, 2), (2, 3))
            if r * k * s <= 32 * 2048] + [(64, 512, 2, 4, 3), (64, 256, 4, 8, 3)]
 if "--round2" in sys.argv:  # around round 1's winners (16 rows, one warp a slice, 3 stages): more slices, 4 stages,
     # two slices a warp
@@ -168,7 +169,8 @@ def main(out_path):
                                 for s, p in zip(sets, planar)]) * 1e3
             times = {name(c): graph_ms([lambda s=s, p=p, c=c, u=u: sliced_matmul(p[:m], s[1][:m], s[3], c, out=outb,
                                                                                a_sum=u[:m])
-                                        for s, p, u in zip(sets, planar, sums)]) * 1e3 for c in configs if exact[name(c)]}
+                                        for s, p, u in zip(sets, planar, sums)]) * 1e3
+                     for c in configs if exact[name(c)]}
             best = min(times, key=times.get)
             rows.append({"linear": sname, "n": n, "k": k, "m": m, "bf16_us": bf16, "default_us": default,
                          "sliced_us": times, "best": best, "best_us": times[best], "exact": exact})
