@@ -104,8 +104,13 @@ def compile_int8s(block_n: int, block_k: int, warps: int, stages: int, split_k: 
     sig = {**ptrs, **{k: "i32" for k in ints}}
     consts = dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_KH=block_k // 2, GROUP_N=8, SPLIT_K=split_k, STATIC_STEPS=0,
                   OUT_F32=False, ASM=True, PDL=False)
+    return _compile_gemm(kernel, ptrs, sig, consts, warps, stages)
+
+
+def _compile_gemm(kernel, ptrs: dict, sig: dict, consts: dict, warps: int, stages: int):
+    """An int8s kernel for sm_90 with the launcher's alignment hints (the loop count, a few steps, unaligned)."""
     sig.update({k: "constexpr" for k in consts})
-    aligned = list(ptrs) + ["M", "N", "KH", "stride_am", "stride_wn", "stride_ym"]  # per_split: a few steps, unaligned
+    aligned = list(ptrs) + ["M", "N", "KH", "stride_am", "stride_wn", "stride_ym"]
     attrs = {(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned}
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, attrs=attrs,
                                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
@@ -125,14 +130,7 @@ def compile_sliced(block_n: int, block_k: int, slices: int, warps: int, stages: 
     sig = {**ptrs, **{k: "i32" for k in ints}}
     consts = dict(BLOCK_M=16, BLOCK_N=block_n, SLICE_KH=block_k // 2, SLICES=slices, GROUP_N=8, STATIC_STEPS=0,
                   OUT_F32=False, ASM=True, PDL=False)
-    sig.update({k: "constexpr" for k in consts})
-    aligned = list(ptrs) + ["M", "N", "KH", "stride_am", "stride_wn", "stride_ym"]
-    attrs = {(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned}
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, attrs=attrs,
-                                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    opts = _options(warps)
-    opts["num_stages"] = stages
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    return _compile_gemm(kernel, ptrs, sig, consts, warps, stages)
 
 
 def sass_stats(compiled) -> dict:

@@ -784,6 +784,10 @@ def w4a4_matmul(
                              f"must be >= 128 * num_warps, got {cfg.slices} x {cfg.block_n} x {cfg.block_k // 2} with "
                              f"{cfg.num_warps} warps")
         tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+        shared = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_N=cfg.group_m,
+                      OUT_F32=out.dtype == torch.float32, ASM=cfg.asm_unpack and not interpret,
+                      **pdl_kwargs(m, a_codes.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                      enable_fp_fusion=False)
         if cfg.slices > 1:
             if cfg.split_k > 1 or cfg.slices & (cfg.slices - 1):
                 raise ValueError(f"K slices in one program (slices={cfg.slices}) must be a power of two and take "
@@ -791,23 +795,15 @@ def w4a4_matmul(
             steps = triton.cdiv(kh, cfg.slices * cfg.block_k // 2)
             _w4a4_swap_sliced_kernel[(tiles,)](
                 a_codes, weight.codes, a_scale, weight.scale, out, m, n, kh, steps,
-                a_codes.stride(0), weight.codes.stride(0), out.stride(0),
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SLICE_KH=cfg.block_k // 2, SLICES=cfg.slices,
-                GROUP_N=cfg.group_m, STATIC_STEPS=steps if interpret else 0, OUT_F32=out.dtype == torch.float32,
-                ASM=cfg.asm_unpack and not interpret, **pdl_kwargs(m, a_codes.device),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
-            )
+                a_codes.stride(0), weight.codes.stride(0), out.stride(0), SLICE_KH=cfg.block_k // 2,
+                SLICES=cfg.slices, STATIC_STEPS=steps if interpret else 0, **shared)
             return out
         per_split = triton.cdiv(triton.cdiv(kh, cfg.block_k // 2), cfg.split_k)
         ws, cnt = _splitk_buffers(m, n, tiles, a_codes.device, cfg.split_k)
         _w4a4_swap_kernel[(tiles, cfg.split_k)](
             a_codes, weight.codes, a_scale, weight.scale, out, ws, cnt, m, n, kh, per_split,
-            a_codes.stride(0), weight.codes.stride(0), out.stride(0),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2, GROUP_N=cfg.group_m,
-            SPLIT_K=cfg.split_k, STATIC_STEPS=per_split if interpret else 0, OUT_F32=out.dtype == torch.float32,
-            ASM=cfg.asm_unpack and not interpret, **pdl_kwargs(m, a_codes.device),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
-        )
+            a_codes.stride(0), weight.codes.stride(0), out.stride(0), BLOCK_KH=cfg.block_k // 2,
+            SPLIT_K=cfg.split_k, STATIC_STEPS=per_split if interpret else 0, **shared)
         return out
     if backend == "gemv":
         m_pad = max(1, 1 << (m - 1).bit_length())
