@@ -7,7 +7,7 @@ set -u
 RES=${RES:-/tmp/res}; mkdir -p "$RES"; END=${END:-300}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1 | grep -o 'H[0-9]\+' | head -n1 | tr H h); GPU=${GPU:-gpu}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
-RES=$RES SHAPE=llama2-7b timeout $((END - 40)) bash lab/device/jobs/session44_e2e.sh
+RES=$RES SHAPE=llama2-7b timeout $((END - 30)) bash lab/device/jobs/session44_e2e.sh
 echo "[$SECONDS s] llama2-7b done"
 for mode in 70b unsigned; do
   [ "$SECONDS" -lt $((END - 30)) ] || break
