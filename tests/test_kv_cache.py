@@ -302,13 +302,15 @@ def test_a_prompt_into_an_empty_cache_attends_over_its_own_values(kernel_run, mo
     torch.testing.assert_close(more, want[:, 7:], rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("fuse", [False, True])
-def test_a_left_padded_batch_generates_as_the_fake_path(kernel_run, fuse):
+@pytest.mark.parametrize("fuse, traced", [(False, False), (True, False), (False, True)])
+def test_a_left_padded_batch_generates_as_the_fake_path(kernel_run, fuse, traced, monkeypatch):
     """transformers' generate (greedy) on a left-padded batch of two: with a Kv4StaticCache (the decode kernels skip
     each sequence's pads) the logits of every step are the fake-quant attention's over transformers' own cache,
-    and so are the tokens; the pads are recorded at the prompt and cleared by a reset."""
+    and so are the tokens; the pads are recorded at the prompt and cleared by a reset. `traced`: as under
+    torch.compile or a graph capture (no host reads), the pads go into `starts` on the device."""
     import inspect
 
+    from dartquant.kernels import kv_cache
     from dartquant.kernels.kv_cache import Kv4StaticCache, check_kv4_support, fuse_rope_, register_kv4_attention
     from dartquant.zoo import load_model
 
@@ -324,6 +326,8 @@ def test_a_left_padded_batch_generates_as_the_fake_path(kernel_run, fuse):
         assert fuse_rope_(model) == len(model.model.layers)
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     cache = Kv4StaticCache(model.config, max_cache_len=16)
+    if traced:
+        monkeypatch.setattr(kv_cache, "_host_may_read", lambda t: False)
     got = model.generate(ids, **kw, **{name: cache})
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits):
@@ -359,8 +363,11 @@ def test_held_and_padding_are_read_only_where_the_host_may_read_it(monkeypatch):
     hole[0, ..., 3] = False  # a hidden position after a seen one: not a left padding
     with pytest.raises(ValueError, match="left padding"):
         _held_and_padding(layer, hole)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert _held_and_padding(layer, left) == (None, None)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # traced: the pads on the device, unchecked
+    for m, want in ((left, [0, 2]), (mask, [0, 0]), (hole, [0, 0])):
+        held, pads = _held_and_padding(layer, m)
+        assert held is None and pads.dtype == torch.int32 and pads.tolist() == want
+    assert _held_and_padding(layer, None) == (None, None)
 
 
 def test_refused_without_kv_quantizers(kernel_run, tmp_path, capsys):

@@ -47,8 +47,8 @@ dequantized values in the model dtype. Here the codes are what the cache holds:
   role (K, V, Q) only its own row blocks (a 2-D grid would leave most K / V programs without a row).
 
 A left-padded batch: the prompt's mask gives each sequence's first real position (`Kv4StaticLayer.starts`),
-and the decode kernel starts there (read on the host at the prompt; not under torch.compile or a graph capture
-of the prompt, where the pads cannot be read).
+and the decode kernel starts there. The pads are read and checked on the host at the prompt; under torch.compile or
+a graph capture of the prompt (no host reads) they are written into `starts` on the device, unchecked.
 Limits (refused by `check_kv4_support`; a mask that hides more than a left padding, at the prompt): all
 sequences share one token count (a batch's prompts are written at the same positions), no K bias kept out of
 the quantizer (Qwen2's `kv_exclude_k_bias`), full attention layers only, head dims whose Hadamard
@@ -1016,22 +1016,35 @@ def _transform_settings(module):
 def _held_and_padding(layer, attention_mask) -> tuple[int | None, torch.Tensor | None]:
     """(positions the layer's cache holds, this prompt's included; each sequence's leading pad positions or None
     without padding), read on the host, where a prompt comes with a mask over the whole static cache. (None, None)
-    without a mask, while a CUDA graph captures or torch.compile traces (no host read there), or for a mask of
-    another shape. ValueError where the mask hides other positions than a left padding from the prompt's last token
-    (the decode kernels skip only a prefix of each sequence). Two device-to-host reads a layer, prompts only."""
+    without a mask or for a mask of another shape. While a CUDA graph captures or torch.compile traces (no host read
+    there): (None, the pads as a device tensor, zeros included), unchecked. ValueError where the mask hides other
+    positions than a left padding from the prompt's last token (the decode kernels skip only a prefix of each
+    sequence). Two device-to-host reads a layer, prompts only."""
     if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-1] != layer.codes.shape[2]:
         return None, None
-    if torch.compiler.is_compiling() or (attention_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return None, None
+    if not _host_may_read(attention_mask):
+        # the unwritten positions are hidden too, so the leading hidden ones are still the padding
+        return None, _leading_hidden(attention_mask[:, 0, -1]).to(torch.int32)
     held = min(int(layer.cumulative_length), layer.codes.shape[2])
     last = attention_mask[:, 0, -1, :held]  # what the prompt's last token sees: every held position but the padding
     seen = last if last.dtype == torch.bool else last == 0
-    pads = (seen.int().cumsum(-1) == 0).sum(-1)  # a sequence's positions before its first seen one
+    pads = _leading_hidden(last)
     prefix_only, padded = torch.stack(((seen.sum(-1) == held - pads).all(), pads.any())).tolist()  # one read
     if not prefix_only:
         raise ValueError("the 4-bit cache kernels skip only a left padding when decoding; this mask hides other "
                          "positions (right padding, or a custom mask): pad on the left, or use transformers' own cache")
     return held, (pads.to(torch.int32) if padded else None)
+
+
+def _host_may_read(t: torch.Tensor) -> bool:
+    """False while torch.compile traces or a CUDA graph captures: a host read would break the graph there."""
+    return not (torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+def _leading_hidden(mask_row: torch.Tensor) -> torch.Tensor:
+    """Positions before the first one a mask row [B, S] shows (bool: True; additive: 0), per sequence."""
+    seen = mask_row if mask_row.dtype == torch.bool else mask_row == 0
+    return (seen.int().cumsum(-1) == 0).sum(-1)
 
 
 def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwargs):
@@ -1051,7 +1064,10 @@ def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwarg
         # in the same launch). Transformers hands it no mask when no token is padding (its SDPA shortcut, q_offset 0);
         # else (padding, torch.compile, older versions) the mask's first columns
         empty = not one and (attention_mask is None or held == s_new)
-        if not one:  # a left-padded batch: the decode kernels start each sequence after its pads
+        if not one and held is None and pads is not None:  # traced / captured: the pads written on the device
+            layer.starts.copy_(pads)
+            layer.padded = True
+        elif not one:  # a left-padded batch: the decode kernels start each sequence after its pads
             layer.set_padding(pads, fresh=empty)
         if empty:
             store = dict(codes=layer.codes, count=layer.cumulative_length)
