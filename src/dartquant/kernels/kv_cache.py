@@ -715,10 +715,14 @@ def _layer_classes():
             self.padded = False
             self.is_initialized = True
 
-        def set_padding(self, pads, fresh: bool) -> None:
+        def set_padding(self, pads, fresh: bool, checked: bool = True) -> None:
             """A prompt's left padding (int32 [B] or None): recorded by the prompt into an empty cache (`fresh`); a
-            later prompt must show the same."""
-            if fresh:
+            later prompt must show the same. Not `checked` (torch.compile, a graph capture: no host reads): every
+            prompt's pads written in place, zeros included."""
+            if not checked:
+                self.starts.copy_(pads)
+                self.padded = True
+            elif fresh:
                 self.padded = pads is not None
                 if pads is None:
                     self.starts.zero_()
@@ -1024,11 +1028,10 @@ def _held_and_padding(layer, attention_mask) -> tuple[int | None, torch.Tensor |
         return None, None
     if not _host_may_read(attention_mask):
         # the unwritten positions are hidden too, so the leading hidden ones are still the padding
-        return None, _leading_hidden(attention_mask[:, 0, -1]).to(torch.int32)
+        return None, _leading_hidden(_seen(attention_mask[:, 0, -1])).to(torch.int32)
     held = min(int(layer.cumulative_length), layer.codes.shape[2])
-    last = attention_mask[:, 0, -1, :held]  # what the prompt's last token sees: every held position but the padding
-    seen = last if last.dtype == torch.bool else last == 0
-    pads = _leading_hidden(last)
+    seen = _seen(attention_mask[:, 0, -1, :held])  # the prompt's last token sees every held position but the padding
+    pads = _leading_hidden(seen)
     prefix_only, padded = torch.stack(((seen.sum(-1) == held - pads).all(), pads.any())).tolist()  # one read
     if not prefix_only:
         raise ValueError("the 4-bit cache kernels skip only a left padding when decoding; this mask hides other "
@@ -1041,9 +1044,13 @@ def _host_may_read(t: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
-def _leading_hidden(mask_row: torch.Tensor) -> torch.Tensor:
-    """Positions before the first one a mask row [B, S] shows (bool: True; additive: 0), per sequence."""
-    seen = mask_row if mask_row.dtype == torch.bool else mask_row == 0
+def _seen(mask_row: torch.Tensor) -> torch.Tensor:
+    """What a mask row [B, S] shows, as bool (a bool mask: True; an additive one: 0)."""
+    return mask_row if mask_row.dtype == torch.bool else mask_row == 0
+
+
+def _leading_hidden(seen: torch.Tensor) -> torch.Tensor:
+    """Positions before each sequence's first seen one."""
     return (seen.int().cumsum(-1) == 0).sum(-1)
 
 
@@ -1064,11 +1071,8 @@ def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwarg
         # in the same launch). Transformers hands it no mask when no token is padding (its SDPA shortcut, q_offset 0);
         # else (padding, torch.compile, older versions) the mask's first columns
         empty = not one and (attention_mask is None or held == s_new)
-        if not one and held is None and pads is not None:  # traced / captured: the pads written on the device
-            layer.starts.copy_(pads)
-            layer.padded = True
-        elif not one:  # a left-padded batch: the decode kernels start each sequence after its pads
-            layer.set_padding(pads, fresh=empty)
+        if not one:  # a left-padded batch: the decode kernels start each sequence after its pads
+            layer.set_padding(pads, fresh=empty, checked=held is not None or pads is None)
         if empty:
             store = dict(codes=layer.codes, count=layer.cumulative_length)
             key, value = key.key_states, key.value_states
