@@ -340,9 +340,9 @@ def test_a_left_padded_batch_generates_as_the_fake_path(kernel_run, fuse, traced
 
 def test_held_and_padding_are_read_only_where_the_host_may_read_it(monkeypatch):
     """_held_and_padding: (the layer's count clamped to the cache, each sequence's left padding or None) for a 4-D mask
-    over the whole static cache, bool or additive; (None, None) without a mask, for another mask shape, or while
-    torch.compile traces (where a host read would break the graph); a ValueError where the mask hides other positions
-    than a left padding from the last token."""
+    over the whole static cache, bool or additive; (None, None) without a mask or for another mask shape; a ValueError
+    where the mask hides other positions than a left padding from the last token. While torch.compile traces (where a
+    host read would break the graph): (None, the leading hidden positions on the device, zeros included), unchecked."""
     from types import SimpleNamespace
 
     from dartquant.kernels.kv_cache import _held_and_padding

@@ -1071,8 +1071,9 @@ def _kv4_attention(module, query, key, value, attention_mask, rope=None, **kwarg
         # in the same launch). Transformers hands it no mask when no token is padding (its SDPA shortcut, q_offset 0);
         # else (padding, torch.compile, older versions) the mask's first columns
         empty = not one and (attention_mask is None or held == s_new)
-        if not one:  # a left-padded batch: the decode kernels start each sequence after its pads
-            layer.set_padding(pads, fresh=empty, checked=held is not None or pads is None)
+        if not one:  # a left-padded batch: the decode kernels start each sequence after its pads; pads without a
+            # count are the traced / captured case (_held_and_padding), not checked on the host
+            layer.set_padding(pads, fresh=empty, checked=not (held is None and pads is not None))
         if empty:
             store = dict(codes=layer.codes, count=layer.cumulative_length)
             key, value = key.key_states, key.value_states
