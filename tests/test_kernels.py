@@ -639,7 +639,7 @@ first_load = next((i for i, l in enumerate(lines) if re.search(r"ld[.]global|cp[
 wait = [i for i, l in enumerate(lines) if "griddepcontrol.wait" in l]
 print(json.dumps({"dp4a": len(re.findall(r"dp4a[.]u32[.][us]32", ptx)), "cubin": len(k.asm["cubin"]),
                   "v4": len(re.findall(r"ld[.]global([.]\w+)*[.]v4", ptx)),
-                  "nibble_words": ptx.count("0x80808080"), "wgmma": len(re.findall(r"wgmma[.]mma_async", ptx)),
+                  "nibble_words": ptx.count("0xF0F0F0F0"), "wgmma": len(re.findall(r"wgmma[.]mma_async", ptx)),
                   "mma_s8": len(re.findall(r"mma[.]sync[.]aligned[.]m16n8k32[.]row[.]col([.]satfinite)?[.]s32[.]s8[.]s8",
                                            ptx)),
                   "atomics": len(re.findall(r"\b(atom|red)[.]", ptx)),
@@ -683,34 +683,36 @@ def test_lanes_gemv_compiles_for_hopper():
 
 
 def test_swap_gemm_word_op_unpack_equals_the_shifts():
-    """The PTX of `_nibbles_as_int8` (not run by the interpreter) replayed on int32 words in torch, for
-    every byte in every lane: the same signed nibbles as the int8 shifts the interpreter runs."""
+    """The PTX of `_nibbles_times16` (not run by the interpreter) replayed on int32 words in torch, for
+    every byte in every lane: 16 times the signed nibbles, the same int8 as the shifts the interpreter
+    runs (and so the kernels' sums shifted right by 4 are the true ones)."""
     import inspect
     import re
 
     from dartquant.kernels import w4a4_gemm
 
-    src = inspect.getsource(w4a4_gemm._nibbles_as_int8.fn)
-    asms = re.findall(r'"([^"]*and\.b32[^"]*)"\s*"([^"]*)"', src)
-    assert len(asms) == 2, src  # the high and the low nibble's asm, each split over two string literals
+    src = inspect.getsource(w4a4_gemm._nibbles_times16.fn)
+    asms = re.findall(r'inline_asm_elementwise\(\s*"([^"]*)"', src)
+    assert len(asms) == 2, src  # the high and the low nibble's asm
     byte = torch.arange(256, dtype=torch.int64)
-    words = (byte[:, None] << torch.tensor([0, 8, 16, 24])).sum(1)  # the byte in all four lanes
-    words = words ^ (torch.randint(0, 256, (256, 4), generator=torch.Generator().manual_seed(0))
-                     << torch.tensor([0, 8, 16, 24]))[:, 1:].sum(1)  # other bytes beside lane 0
-    for (a, b), want in zip(asms, ((byte.to(torch.int8) >> 4), ((byte.to(torch.int8) << 4) >> 4))):
-        t, ops = words, re.findall(r"(shr|and|xor|add)\.\w+ \S+, \S+, (\w+);", a + b)
-        assert len(ops) == 4 + ("shr" in a), ops
-        for op, arg in ops:
-            val = int(arg, 0)
-            t = {"shr": lambda t: t >> val, "and": lambda t: t & val, "xor": lambda t: t ^ val,
-                 "add": lambda t: (t + val) & 0xFFFFFFFF}[op](t)
-        lane0 = (t & 0xFF).to(torch.uint8).view(torch.int8)
-        assert torch.equal(lane0, want), (a, b)
+    signed = byte.to(torch.uint8).view(torch.int8).to(torch.int64)
+    lanes = torch.tensor([0, 8, 16, 24])
+    others = torch.randint(0, 256, (256, 4), generator=torch.Generator().manual_seed(0))
+    for lane in range(4):  # the byte in one lane, random bytes in the other three
+        words = ((others.index_fill(1, torch.tensor([lane]), 0) << lanes).sum(1)) | (byte << (8 * lane))
+        for asm, nibble in zip(asms, (signed >> 4, ((signed << 4).to(torch.int8).to(torch.int64) >> 4))):
+            t, ops = words, re.findall(r"(shl|and)\.b32 \S+, \S+, (\w+);", asm)
+            assert [op for op, _ in ops] == (["shl", "and"] if "shl" in asm else ["and"]), asm
+            for op, arg in ops:
+                val = int(arg, 0)
+                t = (t << val) & 0xFFFFFFFF if op == "shl" else t & val
+            got = ((t >> (8 * lane)) & 0xFF).to(torch.uint8).view(torch.int8).to(torch.int64)
+            assert torch.equal(got, 16 * nibble), (asm, lane)
 
 
 def test_swap_gemm_unpacks_four_bytes_per_word_op_for_hopper():
     """The int8s GEMM's PTX path (the interpreter runs the int8 shifts): wgmma with the weight from
-    registers, its nibbles split by word ops (one 0x80808080 xor per four bytes and nibble half), and
+    registers, its nibbles split by word ops (an 0xF0F0F0F0 mask per four bytes and nibble half), and
     split-K compiled in."""
     consts = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_KH": 256, "GROUP_N": 8, "SPLIT_K": 4, "STATIC_STEPS": 0,
               "OUT_F32": False}

@@ -58,11 +58,16 @@ Design choices:
   2.4-3.3 TB/s of packed weights on the large 7B / 8B / 70B linears (docs/KERNELS.md 3b); the
   run-8 kernel (``lanes=False``) stays for the benchmarks' comparisons.
 * **The int8s unpack by word ops** (``GemmConfig.asm_unpack``, session 27): the swapped GEMM's weight
-  nibbles become the wgmma's int8 register operand through ``_nibbles_as_int8``, an elementwise PTX
-  asm that takes four packed bytes per 32-bit register (``pack=4``) and applies
-  ``_signed_nibble_bytes``' byte-lane arithmetic: int8 shifts had the compiler take each byte apart
-  (the K loop 3.4x longer in SASS, docs/KERNELS.md 2e).  Byte lanes cannot carry into each other, so
-  any grouping of four elements gives the same bytes as the shifts the interpreter runs.
+  nibbles become the wgmma's int8 register operand through an elementwise PTX asm that takes four
+  packed bytes per 32-bit register (``pack=4``): int8 shifts had the compiler take each byte apart
+  (the K loop 3.4x longer in SASS, docs/KERNELS.md 2e).  Since session 48 (``_nibbles_times16``) each
+  nibble goes to its byte's top four bits instead of being sign-extended: that byte, read as int8,
+  is the two's complement code times 16, so the high half is one AND a word and the low half a shift
+  and an AND (session 27's sign extension took 4-5 ops a half).  The int32 sums are then 16 times the
+  true ones and are shifted right by 4 once after the loop, exactly: every term is a multiple of 16,
+  and ``|16 w a| <= 16 * 8 * 15`` keeps K up to 2^20 far inside int32 (checked).  Byte lanes cannot
+  carry into each other (the low half's carry out of a byte is masked off), so any grouping of four
+  elements gives the same bytes as the int8 shifts the interpreter runs.
 * **K slices in one program** (``GemmConfig.slices``, int8s at decode, session 47): split-K across
   programs pays each extra program's prologue and an L2 round trip in the atomic fix-up, and lost to no
   split on most 7B / 8B shapes even with fence-free adds. Instead one program takes ``slices`` K slices of
@@ -345,24 +350,22 @@ if triton is not None:
                             OUT_F32, not A8)
 
     @triton.jit
-    def _nibbles_as_int8(w8, HIGH: tl.constexpr, ASM: tl.constexpr):
-        """The low (HIGH=False) or high nibble of each int8 of w8, sign-extended. On the GPU four bytes
-        per 32-bit register at once (``_signed_nibble_bytes``' byte-lane arithmetic in PTX: 4-5
-        instructions per 4 bytes; as int8 shifts the compiler takes each byte apart); the interpreter
-        runs no PTX, so there the same values come from int8 shifts."""
+    def _nibbles_times16(w8, HIGH: tl.constexpr, ASM: tl.constexpr):
+        """16 times the low (HIGH=False) or high signed nibble of each int8 of w8, as int8: the nibble
+        moved to the byte's top four bits is its two's complement code times 16, so no sign extension
+        (the kernels shift the exact int32 sums right by 4 once, after the loop). On the GPU four bytes
+        per 32-bit register at once: the high half one AND a word, the low half a shift and an AND (the
+        shift's carry from byte i's high nibble into byte i + 1 is masked out); the interpreter runs no
+        PTX, so there the same values come from int8 shifts."""
         if ASM:
             if HIGH:
-                return tl.inline_asm_elementwise(
-                    "{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 t, t, 0x0F0F0F0F; xor.b32 t, t, 0x08080808; "
-                    "add.u32 t, t, 0x78787878; xor.b32 $0, t, 0x80808080; }",
-                    "=r,r", [w8], dtype=tl.int8, is_pure=True, pack=4)
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 t; and.b32 t, $1, 0x0F0F0F0F; xor.b32 t, t, 0x08080808; "
-                "add.u32 t, t, 0x78787878; xor.b32 $0, t, 0x80808080; }",
-                "=r,r", [w8], dtype=tl.int8, is_pure=True, pack=4)
+                return tl.inline_asm_elementwise("and.b32 $0, $1, 0xF0F0F0F0;", "=r,r", [w8], dtype=tl.int8,
+                                                 is_pure=True, pack=4)
+            return tl.inline_asm_elementwise("{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0, t, 0xF0F0F0F0; }",
+                                             "=r,r", [w8], dtype=tl.int8, is_pure=True, pack=4)
         if HIGH:
-            return w8 >> 4
-        return (w8 << 4) >> 4
+            return (w8 >> 4) << 4
+        return w8 << 4
 
     @triton.jit
     def _swap_epilogue_store(acc, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
@@ -412,10 +415,11 @@ if triton is not None:
             w8 = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0).to(tl.int8, bitcast=True)
             a_lo = tl.load(a_ptrs, mask=kmask[:, None] & mask_m[None, :], other=0)
             a_hi = tl.load(a_ptrs + KH, mask=kmask[:, None] & mask_m[None, :], other=0)
-            acc = tl.dot(_nibbles_as_int8(w8, False, ASM), a_lo, acc, out_dtype=tl.int32)  # low nibbles: even k
-            acc = tl.dot(_nibbles_as_int8(w8, True, ASM), a_hi, acc, out_dtype=tl.int32)
+            acc = tl.dot(_nibbles_times16(w8, False, ASM), a_lo, acc, out_dtype=tl.int32)  # low nibbles: even k
+            acc = tl.dot(_nibbles_times16(w8, True, ASM), a_hi, acc, out_dtype=tl.int32)
             w_ptrs += BLOCK_KH
             a_ptrs += BLOCK_KH
+        acc = acc >> 4  # every product was 16 w a: exact (module notes)
         if SPLIT_K > 1:  # the shared fixup works on [tokens, rows]; no zero-point term (za / wsum unused)
             _splitk_fixup(tl.trans(acc), ws_ptr, cnt_ptr, pid, N, SPLIT_K, sa_ptr, sa_ptr, sa_ptr, sw_ptr, y_ptr,
                           stride_ym, offs_m, offs_n, mask_m, mask_n, OUT_F32, HAS_ZERO=False)
@@ -449,11 +453,11 @@ if triton is not None:
             amask = kmask[:, :, None] & mask_m[None, None, :]
             a_lo = tl.load(a_ptrs, mask=amask, other=0)
             a_hi = tl.load(a_ptrs + KH, mask=amask, other=0)
-            acc = tl.dot(_nibbles_as_int8(w8, False, ASM), a_lo, acc, out_dtype=tl.int32)  # low nibbles: even k
-            acc = tl.dot(_nibbles_as_int8(w8, True, ASM), a_hi, acc, out_dtype=tl.int32)
+            acc = tl.dot(_nibbles_times16(w8, False, ASM), a_lo, acc, out_dtype=tl.int32)  # low nibbles: even k
+            acc = tl.dot(_nibbles_times16(w8, True, ASM), a_hi, acc, out_dtype=tl.int32)
             w_ptrs += SLICES * SLICE_KH
             a_ptrs += SLICES * SLICE_KH
-        _swap_epilogue_store(tl.sum(acc, axis=0), sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
+        _swap_epilogue_store(tl.sum(acc, axis=0) >> 4, sa_ptr, sw_ptr, y_ptr, stride_ym, offs_m, offs_n, mask_m, mask_n,
                              OUT_F32)
 
     @triton.jit
@@ -761,6 +765,8 @@ def w4a4_matmul(
         raise ValueError("packed activations need their zero points")
     if backend == "int8s" and not a8:
         raise TypeError("the int8s backend takes planar centered int8 activations (planar_centered)")
+    if backend == "int8s" and 2 * kh > 1 << 20:  # its int32 sums hold 16 w a (module notes)
+        raise ValueError(f"the int8s backend's exact int32 sums allow K <= 2^20, got K = {2 * kh}")
     if backend == "auto":  # the CUDA-core dp4a GEMV up to GEMV_MAX_TOKENS tokens, else int8 tensor cores
         backend = "gemv" if m <= GEMV_MAX_TOKENS else "int8"
     cfg = config or default_config(m, n, 2 * kh, backend)
