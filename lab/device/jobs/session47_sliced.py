@@ -185,6 +185,8 @@ def main(out_path):
             outb = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
             bf16 = graph_ms([lambda w=w: torch.nn.functional.linear(xb, w) for w in bf16_w]) * 1e3
             dcfg = default_config(m, n, k, "int8s")
+            default_exact = torch.equal(w4a4_matmul(planar[0][:m], sa0[:m], None, w0, "int8s", dcfg),
+                                        w4a4_matmul_reference(a0[:m], sa0[:m], za0[:m], w0))
             default = graph_ms([lambda s=s, p=p: w4a4_matmul(p[:m], s[1][:m], None, s[3], "int8s", dcfg, out=outb)
                                 for s, p in zip(sets, planar)]) * 1e3
             times = {name(c): graph_ms([lambda s=s, p=p, c=c, u=u: sliced_matmul(p[:m], s[1][:m], s[3], c, out=outb,
@@ -193,9 +195,11 @@ def main(out_path):
                      for c in configs if exact[name(c)]}
             best = min(times, key=times.get)
             rows.append({"linear": sname, "n": n, "k": k, "m": m, "bf16_us": bf16, "default_us": default,
-                         "sliced_us": times, "best": best, "best_us": times[best], "exact": exact})
+                         "sliced_us": times, "best": best, "best_us": times[best], "exact": exact,
+                         "default_exact": default_exact})
             print(f"| {sname} | {m} | bf16 {bf16:.1f} | default {default:.2f} ({bf16 / default:.2f}x) | best sliced "
-                  f"{best} {times[best]:.2f} ({bf16 / times[best]:.2f}x) | all exact {all(exact.values())} |",
+                  f"{best} {times[best]:.2f} ({bf16 / times[best]:.2f}x) | all exact {all(exact.values())} | default exact "
+                  f"{default_exact} |",
                   flush=True)
             write_result({"device": torch.cuda.get_device_name(), "rows": rows, "failed": failed}, out_path, t0)
         del sets, planar, bf16_w

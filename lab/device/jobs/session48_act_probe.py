@@ -1,0 +1,64 @@
+"""Session 48 (issue 16): which activation-kernel launches raise "misaligned address" on the GPU. kernel_bench's act
+sweep on an H200 (docs/results/act_h200_session48.json) hit it first at 14336 wide with "blk t2 w4" (the blocks
+kernel, its right factor as the split dot, two tokens a tile); the error is sticky, so every later launch of that
+process failed. Here each case runs in its own process (CUDA_LAUNCH_BLOCKING=1), and the product's own choice
+(variant="auto") at every width and token count runs first, against the torch path's codes.
+
+    PYTHONPATH=src:benchmarks python3 lab/device/jobs/session48_act_probe.py OUT.json
+"""
+import json
+import os
+import subprocess
+import sys
+
+CASE = r'''
+import sys, torch
+from dartquant.kernels.act_quant import hadamard_quantize_pack
+n, m, kw = int(sys.argv[1]), int(sys.argv[2]), eval(sys.argv[3])
+x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 3
+ref = hadamard_quantize_pack(x, 0.9, variant="3d", num_warps=8) if kw else None
+got = hadamard_quantize_pack(x, 0.9, **kw)
+torch.cuda.synchronize()
+if ref is not None:
+    differ = (got.codes != ref.codes).float().mean().item()
+    print("codes_differ_frac", differ)
+print("ok")
+'''
+
+
+def run(n, m, kw):
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    p = subprocess.run([sys.executable, "-c", CASE, str(n), str(m), repr(kw)], capture_output=True, text=True,
+                       env=env, timeout=120)
+    tail = (p.stdout + p.stderr).strip().splitlines()[-3:]
+    return {"n": n, "m": m, "kw": kw, "rc": p.returncode, "tail": tail}
+
+
+def main():
+    out = sys.argv[1]
+    rows = []
+    widths = [4864, 11008, 14336, 16384, 28672]
+    auto_ms = [1, 8, 16, 64, 2048]
+    for n in widths:  # the product's choice: one process a width, all token counts
+        code = CASE
+        body = "\n".join(f"x = torch.randn({m}, n, device='cuda', dtype=torch.bfloat16); "
+                         f"hadamard_quantize_pack(x, 0.9); torch.cuda.synchronize()" for m in auto_ms)
+        p = subprocess.run([sys.executable, "-c", code.split("x = torch.randn")[0] + body + "\nprint('ok')",
+                            str(n), "0", "{}"], capture_output=True, text=True,
+                           env=dict(os.environ, CUDA_LAUNCH_BLOCKING="1"), timeout=300)
+        r = {"n": n, "m": auto_ms, "kw": "auto", "rc": p.returncode, "tail": (p.stdout + p.stderr).strip().splitlines()[-2:]}
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    cases = [(n, 64, dict(variant="blocks", num_warps=w, rows_per_program=t, groups=1, butterfly=b))
+             for n, w, t, b in ((14336, 4, 2, False), (14336, 4, 2, True), (14336, 4, 1, False), (28672, 8, 2, False),
+                                (16384, 8, 2, False), (11008, 4, 2, False))]
+    for n, m, kw in cases:
+        r = run(n, m, kw)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
