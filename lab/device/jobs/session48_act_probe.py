@@ -1,8 +1,8 @@
 """Session 48 (issue 16): which activation-kernel launches raise "misaligned address" on the GPU. kernel_bench's act
 sweep on an H200 (docs/results/act_h200_session48.json) hit it first at 14336 wide with "blk t2 w4" (the blocks
 kernel, its right factor as the split dot, two tokens a tile); the error is sticky, so every later launch of that
-process failed. Here each case runs in its own process (CUDA_LAUNCH_BLOCKING=1), and the product's own choice
-(variant="auto") at every width and token count runs first, against the torch path's codes.
+process failed. Here each suspect case runs in its own process (CUDA_LAUNCH_BLOCKING=1; codes against the 3d
+kernel's), then the product's own choice (variant="auto") at each width and token count, a process a width.
 
     PYTHONPATH=src:benchmarks python3 lab/device/jobs/session48_act_probe.py OUT.json
 """
@@ -39,6 +39,15 @@ def main():
     rows = []
     widths = [4864, 11008, 14336, 16384, 28672]
     auto_ms = [1, 8, 16, 64, 2048]
+    cases = [(n, 64, dict(variant="blocks", num_warps=w, rows_per_program=t, groups=1, butterfly=b))
+             for n, w, t, b in ((14336, 4, 2, False), (14336, 4, 2, True), (14336, 4, 1, False), (28672, 8, 2, False),
+                                (16384, 8, 2, False), (11008, 4, 2, False))]
+    for n, m, kw in cases:
+        r = run(n, m, kw)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
     for n in widths:  # the product's choice: one process a width, all token counts
         code = CASE
         body = "\n".join(f"x = torch.randn({m}, n, device='cuda', dtype=torch.bfloat16); "
@@ -47,13 +56,6 @@ def main():
                             str(n), "0", "{}"], capture_output=True, text=True,
                            env=dict(os.environ, CUDA_LAUNCH_BLOCKING="1"), timeout=300)
         r = {"n": n, "m": auto_ms, "kw": "auto", "rc": p.returncode, "tail": (p.stdout + p.stderr).strip().splitlines()[-2:]}
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-    cases = [(n, 64, dict(variant="blocks", num_warps=w, rows_per_program=t, groups=1, butterfly=b))
-             for n, w, t, b in ((14336, 4, 2, False), (14336, 4, 2, True), (14336, 4, 1, False), (28672, 8, 2, False),
-                                (16384, 8, 2, False), (11008, 4, 2, False))]
-    for n, m, kw in cases:
-        r = run(n, m, kw)
         rows.append(r)
         print(json.dumps(r), flush=True)
         with open(out, "w") as f:
