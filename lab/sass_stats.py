@@ -11,6 +11,7 @@ carries ptxas and cuobjdump. docs/KERNELS.md 1g-1h and 4f quote these counts.
     PYTHONPATH=src python lab/sass_stats.py kv4,4,32,4,dots kv4,4,32,2,dots-words         # GQA: bytes / words (4i)
     PYTHONPATH=src python lab/sass_stats.py int8s,32,512,2,3,1 int8s,16,1024,2,3,2   # the int8s GEMM (BN,BK,W,ST,SK)
     PYTHONPATH=src python lab/sass_stats.py sliced,16,256,2,2,4                      # int8s with K slices (BN,BK,S,W,ST)
+    PYTHONPATH=src python lab/sass_stats.py sliced,16,256,2,2,4,8 int8s,32,512,2,3,1,8   # ,TOKENS: tiles of 8 tokens
     OPCODES=1 ...                                                            # and each kernel's opcode histogram
     SASS_OUT=FILE ...                                                        # and the (last) kernel's SASS listing
     ROTATE_Q=0 ...                                                           # kv4: the query's R3 not in the kernel
@@ -93,7 +94,7 @@ def compile_kv4(g: int, block_s: int, warps: int, path: str):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=_options(warps))
 
 
-def compile_int8s(block_n: int, block_k: int, warps: int, stages: int, split_k: int):
+def compile_int8s(block_n: int, block_k: int, warps: int, stages: int, split_k: int, tokens: int = 16):
     """`w4a4_gemm._w4a4_swap_kernel` as `w4a4_matmul(..., "int8s")` launches it at 16 tokens on a 4096 x 4096 linear
     (the 7B o projection; session 46 found its split-K 1.3-9x slower than no split at these narrow tiles)."""
     from dartquant.kernels import w4a4_gemm
@@ -102,7 +103,7 @@ def compile_int8s(block_n: int, block_k: int, warps: int, stages: int, split_k: 
     ptrs = dict(a_ptr="*i8", w_ptr="*u8", sa_ptr="*fp32", sw_ptr="*fp32", y_ptr="*bf16", ws_ptr="*i32", cnt_ptr="*i32")
     ints = ["M", "N", "KH", "per_split", "stride_am", "stride_wn", "stride_ym"]
     sig = {**ptrs, **{k: "i32" for k in ints}}
-    consts = dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_KH=block_k // 2, GROUP_N=8, SPLIT_K=split_k, STATIC_STEPS=0,
+    consts = dict(BLOCK_M=tokens, BLOCK_N=block_n, BLOCK_KH=block_k // 2, GROUP_N=8, SPLIT_K=split_k, STATIC_STEPS=0,
                   OUT_F32=False, ASM=True, PDL=False)
     return _compile_gemm(kernel, ptrs, sig, consts, warps, stages)
 
@@ -119,7 +120,7 @@ def _compile_gemm(kernel, ptrs: dict, sig: dict, consts: dict, warps: int, stage
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
-def compile_sliced(block_n: int, block_k: int, slices: int, warps: int, stages: int):
+def compile_sliced(block_n: int, block_k: int, slices: int, warps: int, stages: int, tokens: int = 16):
     """`w4a4_gemm._w4a4_swap_sliced_kernel` as `w4a4_matmul(..., "int8s")` launches it with GemmConfig.slices at 16
     tokens (session 47's decode default where N <= 6144; block_k: the K codes of one slice a step)."""
     from dartquant.kernels import w4a4_gemm
@@ -128,7 +129,7 @@ def compile_sliced(block_n: int, block_k: int, slices: int, warps: int, stages: 
     ptrs = dict(a_ptr="*i8", w_ptr="*u8", sa_ptr="*fp32", sw_ptr="*fp32", y_ptr="*bf16")
     ints = ["M", "N", "KH", "steps", "stride_am", "stride_wn", "stride_ym"]
     sig = {**ptrs, **{k: "i32" for k in ints}}
-    consts = dict(BLOCK_M=16, BLOCK_N=block_n, SLICE_KH=block_k // 2, SLICES=slices, GROUP_N=8, STATIC_STEPS=0,
+    consts = dict(BLOCK_M=tokens, BLOCK_N=block_n, SLICE_KH=block_k // 2, SLICES=slices, GROUP_N=8, STATIC_STEPS=0,
                   OUT_F32=False, ASM=True, PDL=False)
     return _compile_gemm(kernel, ptrs, sig, consts, warps, stages)
 
@@ -173,12 +174,10 @@ def sass_stats(compiled) -> dict:
 def main(specs):
     for spec in specs:
         if spec.startswith("sliced,"):
-            bn, bk, sl, w, st = map(int, spec.split(",")[1:])
-            print(spec, sass_stats(compile_sliced(bn, bk, sl, w, st)), flush=True)
+            print(spec, sass_stats(compile_sliced(*map(int, spec.split(",")[1:]))), flush=True)
             continue
         if spec.startswith("int8s,"):
-            bn, bk, w, st, sk = (int(v) for v in spec.split(",")[1:])
-            print(spec, sass_stats(compile_int8s(bn, bk, w, st, sk)), flush=True)
+            print(spec, sass_stats(compile_int8s(*map(int, spec.split(",")[1:]))), flush=True)
             continue
         if spec.startswith("kv4,"):
             _, g, bs, w, path = spec.split(",")

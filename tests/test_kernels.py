@@ -564,7 +564,8 @@ def test_gemm_swapped_operands_small_m():
         # third sums nothing), 8 splits of one 16-column step (the seventh ragged, the eighth empty)
         for cfg in (GemmConfig(16, 16, 32, 4, 2), GemmConfig(16, 32, 64, 4, 2), None,
                     GemmConfig(16, 16, 64, 4, 2, split_k=2), GemmConfig(16, 32, 64, 4, 2, split_k=3),
-                    GemmConfig(16, 16, 32, 4, 2, split_k=8)):
+                    GemmConfig(16, 16, 32, 4, 2, split_k=8),
+                    GemmConfig(8, 32, 64, 4, 2), GemmConfig(8, 16, 32, 4, 2, split_k=3)):  # 8 tokens a tile
             y = w4a4_matmul(planar_centered(a, za, k, torch.int8), sa, None, w, "int8s", cfg)
             assert torch.equal(y, w4a4_matmul_reference(a, sa, za, w)), cfg
             out = torch.empty(m, n)  # fp32 out: the exact sums through the split-K workspace
@@ -574,7 +575,8 @@ def test_gemm_swapped_operands_small_m():
         # 17 tokens: a second, nearly empty token tile
         a, sa, za, w = _gemm_operands(m, n, k, seed=100 + m)
         for cfg in (GemmConfig(16, 16, 32, 2, 2, slices=2), GemmConfig(16, 32, 64, 4, 3, slices=2),
-                    GemmConfig(16, 16, 32, 4, 2, slices=4), GemmConfig(16, 16, 64, 8, 2, slices=8)):
+                    GemmConfig(16, 16, 32, 4, 2, slices=4), GemmConfig(16, 16, 64, 8, 2, slices=8),
+                    GemmConfig(8, 16, 32, 2, 2, slices=2)):  # 8 tokens a tile: 16 and 17 tokens take 2 and 3
             y = w4a4_matmul(planar_centered(a, za, k, torch.int8), sa, None, w, "int8s", cfg)
             assert torch.equal(y, w4a4_matmul_reference(a, sa, za, w)), (m, cfg)
             out = torch.empty(m, n)
