@@ -8,6 +8,7 @@ kernel's), then the product's own choice (variant="auto") at each width and toke
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -26,12 +27,22 @@ print("ok")
 '''
 
 
-def run(n, m, kw):
+SANITIZER = shutil.which("compute-sanitizer") or next(
+    (p for p in ("/usr/local/cuda/bin/compute-sanitizer",) if os.path.exists(p)), None)
+
+
+def run(n, m, kw, sanitize=False):
+    """One case in its own process; sanitize: under compute-sanitizer's memcheck (the faulting access's kernel,
+    address and size), where the image has it."""
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
-    p = subprocess.run([sys.executable, "-c", CASE, str(n), str(m), repr(kw)], capture_output=True, text=True,
-                       env=env, timeout=120)
-    tail = (p.stdout + p.stderr).strip().splitlines()[-3:]
-    return {"n": n, "m": m, "kw": kw, "rc": p.returncode, "tail": tail}
+    cmd = [sys.executable, "-c", CASE, str(n), str(m), repr(kw)]
+    if sanitize:
+        cmd = [SANITIZER, "--tool", "memcheck", "--show-backtrace", "no", *cmd]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    lines = (p.stdout + p.stderr).strip().splitlines()
+    tail = [ln for ln in lines if "Invalid" in ln or "misaligned" in ln.lower() or "at 0x" in ln or "by thread" in ln][:12] \
+        if sanitize else lines[-3:]
+    return {"n": n, "m": m, "kw": kw, "rc": p.returncode, "sanitized": sanitize, "tail": tail}
 
 
 def main():
@@ -42,10 +53,15 @@ def main():
     cases = [(n, 64, dict(variant="blocks", num_warps=w, rows_per_program=t, groups=1, butterfly=b))
              for n, w, t, b in ((14336, 4, 2, False), (14336, 4, 2, True), (14336, 4, 1, False), (28672, 8, 2, False),
                                 (16384, 8, 2, False), (11008, 4, 2, False))]
+    sanitized = False
     for n, m, kw in cases:
         r = run(n, m, kw)
         rows.append(r)
         print(json.dumps(r), flush=True)
+        if r["rc"] and SANITIZER and not sanitized:  # the first faulting case once more, under memcheck
+            sanitized = True
+            rows.append(run(n, m, kw, sanitize=True))
+            print(json.dumps(rows[-1]), flush=True)
         with open(out, "w") as f:
             json.dump(rows, f, indent=1)
     for n in widths:  # the product's choice: one process a width, all token counts
