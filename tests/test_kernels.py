@@ -590,6 +590,10 @@ def test_gemm_swapped_operands_small_m():
     with pytest.raises(ValueError, match="asm_unpack"):  # too small a tile for four bytes per thread register
         w4a4_matmul(planar_centered(a, za, k, torch.int8), sa, None, w, "int8s",
                     GemmConfig(16, 16, 32, 4, 2, asm_unpack=True))
+    big = (1 << 20) + 32  # its int32 sums hold 16 w a: K above 2^20 refused before any launch
+    a, sa, za, w = _gemm_operands(1, 1, big, seed=0)
+    with pytest.raises(ValueError, match=r"K <= 2\^20"):
+        w4a4_matmul(planar_centered(a, za, big, torch.int8), sa, None, w, "int8s")
 
 
 @pytest.mark.slow
