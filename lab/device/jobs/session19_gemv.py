@@ -49,6 +49,15 @@ def warm_clocks(seconds=5):
     torch.cuda.synchronize()
 
 
+def decode_operand_sets(n, k, dev, rotate=240e6):
+    """Operand sets for timing an [n, k] linear at up to 16 tokens with its weights rotating through `rotate` bytes
+    (4x the L2): [(a, a_scale, a_zero, weight)] and the planar centered int8 activations beside them."""
+    from dartquant.kernels.w4a4_gemm import planar_centered
+
+    sets = [gemm_inputs(16, n, k, dev, s) for s in range(max(2, min(48, int(rotate // (n * k // 2)))))]
+    return sets, [planar_centered(a, za, k, torch.int8) for (a, _, za, _) in sets]
+
+
 def graph_ms(calls, reps=15):
     """Median time per call of `calls` (closures), all captured in one CUDA graph."""
     s = torch.cuda.Stream()

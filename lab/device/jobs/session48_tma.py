@@ -34,7 +34,6 @@ CONFIGS = [(16, 128, 2, 2, 4), (16, 128, 2, 2, 3), (16, 128, 4, 4, 3), (32, 128,
            (16, 256, 2, 2, 3)]
 SHAPES = {"L2-7B q+k+v": (12288, 4096), "L2-7B o": (4096, 4096), "L2-7B gate+up": (22016, 4096),
           "L2-7B down": (4096, 11008), "L3-8B q+k+v": (6144, 4096), "L3-8B down": (4096, 14336)}
-ROTATE = 240e6
 
 
 @triton.jit
@@ -131,15 +130,14 @@ def main(out_path):
 
     sys.path.insert(0, os.path.dirname(__file__))
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks"))
-    from kernel_bench import gemm_inputs, write_result
-    from session19_gemv import graph_ms, warm_clocks
-    from dartquant.kernels.w4a4_gemm import default_config, planar_centered, w4a4_matmul, w4a4_matmul_reference
+    from kernel_bench import write_result
+    from session19_gemv import decode_operand_sets, graph_ms, warm_clocks
+    from dartquant.kernels.w4a4_gemm import default_config, w4a4_matmul, w4a4_matmul_reference
 
     dev, t0, rows = torch.device("cuda"), time.time(), []
     warm_clocks()
     for sname, (n, k) in SHAPES.items():
-        sets = [gemm_inputs(16, n, k, dev, s) for s in range(max(2, min(48, int(ROTATE // (n * k // 2)))))]
-        planar = [planar_centered(a, za, k, torch.int8) for (a, _, za, _) in sets]
+        sets, planar = decode_operand_sets(n, k, dev)
         a0, sa0, za0, w0 = sets[0]
         for m in (8, 16):
             outb = torch.empty(m, n, dtype=torch.bfloat16, device=dev)

@@ -16,25 +16,22 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_bench import gemm_inputs, write_result  # noqa: E402
-from dartquant.kernels.w4a4_gemm import (default_config, planar_centered, w4a4_matmul,  # noqa: E402
-                                         w4a4_matmul_reference)
+from kernel_bench import write_result  # noqa: E402
+from dartquant.kernels.w4a4_gemm import default_config, w4a4_matmul, w4a4_matmul_reference  # noqa: E402
 
 SHAPES = {"L2-7B q+k+v": (12288, 4096), "L2-7B o": (4096, 4096), "L2-7B gate+up": (22016, 4096),
           "L2-7B down": (4096, 11008), "L3-8B q+k+v": (6144, 4096), "L3-8B gate+up": (28672, 4096),
           "L3-8B down": (4096, 14336), "L2-70B o": (8192, 8192), "L2-70B q+k+v": (10240, 8192),
           "L2-70B down": (8192, 28672)}
-ROTATE = 240e6
 
 
 def main(out_path):
-    from session19_gemv import graph_ms, warm_clocks
+    from session19_gemv import decode_operand_sets, graph_ms, warm_clocks
 
     dev, t0, rows = torch.device("cuda"), time.time(), []
     warm_clocks()
     for sname, (n, k) in SHAPES.items():
-        sets = [gemm_inputs(16, n, k, dev, s) for s in range(max(2, min(48, int(ROTATE // (n * k // 2)))))]
-        planar = [planar_centered(a, za, k, torch.int8) for (a, _, za, _) in sets]
+        sets, planar = decode_operand_sets(n, k, dev)
         a0, sa0, za0, w0 = sets[0]
         for m in (4, 8):
             outb = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
