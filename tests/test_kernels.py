@@ -594,6 +594,8 @@ def test_gemm_swapped_operands_small_m():
     a, sa, za, w = _gemm_operands(1, 1, big, seed=0)
     with pytest.raises(ValueError, match=r"K <= 2\^20"):
         w4a4_matmul(planar_centered(a, za, big, torch.int8), sa, None, w, "int8s")
+    with pytest.raises(ValueError, match=r"K <= 2\^20"):  # the per-lane GEMV's sums too
+        w4a4_matmul(a, sa, za, w, "gemv")
 
 
 @pytest.mark.slow

@@ -52,9 +52,11 @@ Design choices:
   in the weight tile's [rows, words] layout: each token's activation words are loaded through a
   pointer tile that repeats them down the rows (L1 serves the repeats), each token keeps its own
   [rows, words] int32 accumulator (a tuple unrolled over the tokens) reduced once after the loop,
-  and the weight nibbles become signed bytes once per word (``n ^ 8``, ``+ 0x78``, ``^ 0x80`` per
-  byte, no carry between bytes) for ``dp4a.u32.s32`` with the unsigned activation codes, so no
-  ``sum a`` correction.  All loads are 16 bytes wide (tested on the PTX).  Measured at one token at
+  and the weight nibbles become signed bytes once per word for ``dp4a.u32.s32`` with the unsigned
+  activation codes, so no ``sum a`` correction.  Since session 48 those bytes are 16 w, as in the
+  int8s GEMM (below): the high nibbles one AND a word, the low ones a shift and an AND (before: four
+  and five ops), the sums shifted right by 4 after the loop; the loop 257 -> 161 instructions at one
+  token in offline sm_90 SASS.  All loads are 16 bytes wide (tested on the PTX).  Measured at one token at
   2.4-3.3 TB/s of packed weights on the large 7B / 8B / 70B linears (docs/KERNELS.md 3b); the
   run-8 kernel (``lanes=False``) stays for the benchmarks' comparisons.
 * **The int8s unpack by word ops** (``GemmConfig.asm_unpack``, session 27): the swapped GEMM's weight
@@ -491,13 +493,6 @@ if triton is not None:
             return s
 
     @triton.jit
-    def _signed_nibble_bytes(w):
-        """The four nibbles in bits 0-3 of each byte of w (two's complement codes) as signed bytes:
-        n ^ 8 is n + 8 in [0, 15]; + 0x78 keeps every byte below 0x100 (no carry between lanes);
-        ^ 0x80 then gives n + 8 - 8 in two's complement (-0x7F7F7F80 is 0x80808080 as an int32)."""
-        return (((w & 0x0F0F0F0F) ^ 0x08080808) + 0x78787878) ^ -0x7F7F7F80
-
-    @triton.jit
     def _w4a4_gemv_lanes_kernel(
         a_ptr, w_ptr, sa_ptr, za_ptr, sw_ptr, wsum_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, KW, k_steps, stride_am, stride_wn, stride_ym,
@@ -510,7 +505,7 @@ if triton is not None:
         through a pointer tile that repeats them down the rows (L1 serves the repeats), so no
         layout conversion and no shared memory in the loop.  Each token keeps a [BLOCK_N, BLOCK_KW]
         int32 accumulator (a tuple, unrolled over M_PAD); lanes are reduced once, after the loop.
-        The weight nibbles become signed bytes (``_signed_nibble_bytes``) once per word and serve
+        The weight nibbles become 16 w as signed bytes once per word (module notes) and serve
         every token; dp4a.u32.s32 multiplies them with the unsigned activation codes.  The next
         step's weight words are loaded before this step's arithmetic (by hand: Triton pipelines
         only loads that feed a dot).  EVEN_K: every step is whole (no K mask, which keeps the
@@ -540,8 +535,8 @@ if triton is not None:
                 kmask = i * BLOCK_KW + offs_k < kend
                 w_next = tl.load(w_ptrs + BLOCK_KW,
                                  mask=mask_n[:, None] & ((i + 1) * BLOCK_KW + offs_k < kend)[None, :], other=0)
-            w_lo = _signed_nibble_bytes(w)
-            w_hi = _signed_nibble_bytes(w >> 4)
+            w_lo = (w << 4) & -0x0F0F0F10  # 16 w a byte (-0x0F0F0F10 is 0xF0F0F0F0 as an int32): the sums are
+            w_hi = w & -0x0F0F0F10  # 16x, shifted back after the loop
             new = ()
             for m in tl.static_range(M_PAD):
                 if EVEN_K:
@@ -559,6 +554,7 @@ if triton is not None:
         acc2 = tl.zeros((M_PAD, BLOCK_N), dtype=tl.int32)
         for m in tl.static_range(M_PAD):
             acc2 = tl.where(offs_m[:, None] == m, tl.sum(accs[m], axis=1)[None, :], acc2)
+        acc2 = acc2 >> 4
         _gemv_finish(acc2, ws_ptr, cnt_ptr, pid, N, SPLIT_K, za_ptr, wsum_ptr, sa_ptr, sw_ptr, y_ptr, stride_ym,
                      offs_m, offs_n, mask_m, mask_n, OUT_F32)
 
@@ -765,11 +761,11 @@ def w4a4_matmul(
         raise ValueError("packed activations need their zero points")
     if backend == "int8s" and not a8:
         raise TypeError("the int8s backend takes planar centered int8 activations (planar_centered)")
-    if backend == "int8s" and 2 * kh > 1 << 20:  # its int32 sums hold 16 w a (module notes)
-        raise ValueError(f"the int8s backend's exact int32 sums allow K <= 2^20, got K = {2 * kh}")
     if backend == "auto":  # the CUDA-core dp4a GEMV up to GEMV_MAX_TOKENS tokens, else int8 tensor cores
         backend = "gemv" if m <= GEMV_MAX_TOKENS else "int8"
     cfg = config or default_config(m, n, 2 * kh, backend)
+    if (backend == "int8s" or cfg.lanes) and 2 * kh > 1 << 20:  # their int32 sums hold 16 w a (module notes)
+        raise ValueError(f"the {backend} backend's exact int32 sums (16 w a) allow K <= 2^20, got K = {2 * kh}")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if config is None and cfg.lanes:
         # a K step no longer than K itself (the defaults were measured at K >= 4096; below, the rest of
