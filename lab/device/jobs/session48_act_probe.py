@@ -1,8 +1,8 @@
 """Session 48 (issue 16): which activation-kernel launches raise "misaligned address" on the GPU. kernel_bench's act
 sweep on an H200 (docs/results/act_h200_session48.json) hit it first at 14336 wide with "blk t2 w4" (the blocks
 kernel, its right factor as the split dot, two tokens a tile); the error is sticky, so every later launch of that
-process failed. Here each suspect case runs in its own process (CUDA_LAUNCH_BLOCKING=1; codes against the 3d
-kernel's), then the product's own choice (variant="auto") at each width and token count, a process a width.
+process failed. Here each suspect case runs in its own process (CUDA_LAUNCH_BLOCKING=1; codes against the
+torch reference's), then the product's own choice (variant="auto") at each width and token count, a process a width.
 
     PYTHONPATH=src:benchmarks python3 lab/device/jobs/session48_act_probe.py OUT.json
 """
@@ -14,10 +14,10 @@ import sys
 
 CASE = r'''
 import sys, torch
-from dartquant.kernels.act_quant import hadamard_quantize_pack
+from dartquant.kernels.act_quant import hadamard_quantize_pack, hadamard_quantize_pack_reference
 n, m, kw = int(sys.argv[1]), int(sys.argv[2]), eval(sys.argv[3])
 x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 3
-ref = hadamard_quantize_pack(x, 0.9, variant="3d", num_warps=8) if kw else None
+ref = hadamard_quantize_pack_reference(x, 0.9) if kw else None  # torch ops: no Triton launch before the case
 got = hadamard_quantize_pack(x, 0.9, **kw)
 torch.cuda.synchronize()
 if ref is not None:
