@@ -17,6 +17,7 @@ timeout 60 python3 lab/device/jobs/session46_decode_floor.py "$RES/decode_floor_
 BEFORE=lab/device/jobs/session48_w4a4_gemm_before.py
 GEMM=src/dartquant/kernels/w4a4_gemm.py
 if [ -f "$BEFORE" ] && [ "$SECONDS" -lt $((END - 120)) ]; then
+  RES=$RES SHAPE=llama2-7b STEP=prepare bash lab/device/jobs/session42_h200_e2e.sh
   cp "$GEMM" /tmp/w4a4_gemm_now.py && cp "$BEFORE" "$GEMM"
   timeout 60 python3 lab/device/jobs/session46_decode_floor.py "$RES/decode_floor_before_$GPU.json" 2>&1 | grep '^|'
   DARTQUANT_CACHE=/tmp/kbdata DARTQUANT_NO_INSTALL=1 PYTHONPATH=src timeout 120 python3 -m dartquant.cli \
