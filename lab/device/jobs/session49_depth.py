@@ -1,0 +1,74 @@
+"""Session 49 (issue 16): how deep the decode GEMM's pipeline runs. Session 46's read-only kernel streamed the 7B o's
+packed bytes in 4.71 µs (H100) only when every program issued its one load at once (16 rows, split 4: 1024 programs
+of one step); the GEMM's default keeps 3 of its 8 K steps in flight (4 stages) and sits at 1.3-1.6x that floor.
+Sessions 47-48 swept 2-4 stages only. Here: each shape's default at 8 / 16 tokens against the same config with
+more stages (up to every K step in flight), longer K steps, and 8 tokens a tile at 8 tokens; each config first
+checked bit-exact against the integer reference (µs a call, calls in one CUDA graph, weights rotating through 4x
+the L2). A config over the shared memory fails to compile and is recorded as such.
+
+    PYTHONPATH=src:benchmarks python3 lab/device/jobs/session49_depth.py OUT.json
+"""
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_bench import write_result  # noqa: E402
+from dartquant.kernels.w4a4_gemm import default_config, w4a4_matmul, w4a4_matmul_reference  # noqa: E402
+
+SHAPES = {"L2-7B o": (4096, 4096), "L3-8B q+k+v": (6144, 4096), "L2-7B down": (4096, 11008),
+          "L2-7B q+k+v": (12288, 4096)}
+
+
+def variants(m, n, k):
+    base = default_config(m, n, k, "int8s")
+    out = {"default": base}
+    for block_k in (base.block_k, 2 * base.block_k):
+        for stages in (3, 4, 6, 8):
+            for block_m in ((16, 8) if m <= 8 else (16,)):
+                cfg = dataclasses.replace(base, block_k=block_k, num_stages=stages, block_m=block_m)
+                if cfg != base:
+                    out[f"k{block_k} s{stages} t{block_m}"] = cfg
+    return out
+
+
+def main(out_path):
+    from session19_gemv import decode_operand_sets, graph_ms, warm_clocks
+
+    dev, t0, rows = torch.device("cuda"), time.time(), []
+    warm_clocks()
+    for sname, (n, k) in SHAPES.items():
+        sets, planar = decode_operand_sets(n, k, dev)
+        a0, sa0, za0, w0 = sets[0]
+        for m in (8, 16):
+            outb = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
+            want = w4a4_matmul_reference(a0[:m], sa0[:m], za0[:m], w0)
+            row = {"linear": sname, "n": n, "k": k, "m": m, "us": {}, "exact": {}, "failed": {}, "cfg": {}}
+            for label, cfg in variants(m, n, k).items():
+                row["cfg"][label] = str(cfg)
+                try:
+                    row["exact"][label] = torch.equal(w4a4_matmul(planar[0][:m], sa0[:m], None, w0, "int8s", cfg), want)
+                except Exception as e:  # noqa: BLE001 - recorded (over the shared memory)
+                    row["failed"][label] = repr(e)[:160]
+                    continue
+                if row["exact"][label]:
+                    row["us"][label] = graph_ms([lambda s=s, p=p, c=cfg: w4a4_matmul(p[:m], s[1][:m], None, s[3],
+                                                                                     "int8s", c, out=outb)
+                                                 for s, p in zip(sets, planar)]) * 1e3
+            rows.append(row)
+            d = row["us"]["default"]
+            best = min(row["us"], key=row["us"].get)
+            top = sorted(row["us"].items(), key=lambda kv: kv[1])[:4]
+            print(f"| {sname} | {m} | default {d:.2f} | best {best} {row['us'][best]:.2f} ({row['us'][best] / d:.2f}x) "
+                  f"| next {', '.join(f'{a} {b:.2f}' for a, b in top[1:])} | not exact {[a for a, e in row['exact'].items() if not e]} "
+                  f"| failed {len(row['failed'])} |", flush=True)
+            write_result({"device": torch.cuda.get_device_name(), "rows": rows}, out_path, t0)
+        del sets, planar
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
