@@ -245,7 +245,8 @@ def test_act_auto_variant_throughput_rule():
 def test_int8s_decode_tiles():
     """default_config's int8s decode tiles (runs 36-46, session 47): up to N = 6144 16 weight rows with two
     K slices on 2 warps; else 32 weight rows on 2 warps up to N = 16384 (two waves of 64-row tiles over 132
-    SMs), 64 rows on 4 above; K steps of 1024 where K > N (a sliced step: two slices of half that)."""
+    SMs), 64 rows on 4 above; K steps of 1024 where K > N (a sliced step: two slices of half that); tiles of 8
+    tokens up to 8 tokens (session 49), 16 above."""
     from dartquant.kernels.w4a4_gemm import default_config
 
     for (n, k), (rows, bk, warps, slices) in {
@@ -255,7 +256,7 @@ def test_int8s_decode_tiles():
         for m in (3, 8, 16):
             cfg = default_config(m, n, k, "int8s")
             assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.slices, cfg.block_m, cfg.asm_unpack, cfg.split_k) \
-                == (rows, bk, warps, slices, 16, True, 1), (n, k, cfg)
+                == (rows, bk, warps, slices, 8 if m <= 8 else 16, True, 1), (n, k, cfg)
     assert default_config(17, 4096, 4096, "int8s").slices == 1  # above 16 tokens: the measured prefill tiles
 
 

@@ -6,7 +6,9 @@ more stages (up to every K step in flight), longer K steps, and 8 tokens a tile 
 checked bit-exact against the integer reference (µs a call, calls in one CUDA graph, weights rotating through 4x
 the L2). A config over the shared memory fails to compile and is recorded as such.
 
-    PYTHONPATH=src:benchmarks python3 lab/device/jobs/session49_depth.py OUT.json
+    PYTHONPATH=src:benchmarks python3 lab/device/jobs/session49_depth.py OUT.json [--slices]
+
+--slices: instead, 2-8 K slices a program on 2-8 warps (16 rows, K steps of 512 / 1024 codes), for more warps an SM.
 """
 import dataclasses
 import os
@@ -17,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_bench import write_result  # noqa: E402
-from dartquant.kernels.w4a4_gemm import default_config, w4a4_matmul, w4a4_matmul_reference  # noqa: E402
+from dartquant.kernels.w4a4_gemm import GemmConfig, default_config, w4a4_matmul, w4a4_matmul_reference  # noqa: E402
 
 SHAPES = {"L2-7B o": (4096, 4096), "L3-8B q+k+v": (6144, 4096), "L2-7B down": (4096, 11008),
           "L2-7B q+k+v": (12288, 4096)}
@@ -26,6 +28,17 @@ SHAPES = {"L2-7B o": (4096, 4096), "L3-8B q+k+v": (6144, 4096), "L2-7B down": (4
 def variants(m, n, k):
     base = default_config(m, n, k, "int8s")
     out = {"default": base}
+    if "--slices" in sys.argv:  # more warps an SM (Nsight Compute: 4 warps an SM on o, each issuing every ~4 cycles):
+        # more K slices a program, a warp or half a warp a slice, 16 rows, the default's tokens a tile
+        for step in (512, 1024):
+            for slices in (2, 4, 8):
+                for warps in {slices, max(2, slices // 2)}:
+                    for stages in (3, 4):
+                        cfg = GemmConfig(base.block_m, 16, step // slices, warps, stages, slices=slices,
+                                         asm_unpack=True)
+                        if cfg != base and step // slices >= 64:
+                            out[f"{step}/S{slices} w{warps} s{stages}"] = cfg
+        return out
     for block_k in (base.block_k, 2 * base.block_k):
         for stages in (3, 4, 6, 8):
             for block_m in ((16, 8) if m <= 8 else (16,)):
@@ -43,7 +56,7 @@ def main(out_path):
     for sname, (n, k) in SHAPES.items():
         sets, planar = decode_operand_sets(n, k, dev)
         a0, sa0, za0, w0 = sets[0]
-        for m in (8, 16):
+        for m in ((8, 16) if "--slices" not in sys.argv or n <= 6144 else ()):
             outb = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
             want = w4a4_matmul_reference(a0[:m], sa0[:m], za0[:m], w0)
             row = {"linear": sname, "n": n, "k": k, "m": m, "us": {}, "exact": {}, "failed": {}, "cfg": {}}

@@ -194,10 +194,14 @@ def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
         # session 47 (lab/device/jobs/session47_sliced.py, H100, KERNELS.md 4l): at N <= 6144 (7B / 8B o, down,
         # 8B q+k+v) 16 rows a program with the same K a step as two K slices on two warps: 0.80-0.98x the time of
         # the 32-row tiles; at N >= 12288 (7B q+k+v, gate+up) 0.99-1.09x at best, so those keep them
+        # session 49 (session48_tokens8.py, H100, KERNELS.md 4n): at <= 8 tokens tiles of 8 tokens, the int8 MMA's
+        # own N (16-token tiles spend half of each IMMA and activation load on padding): 0.86-0.99x the time on
+        # every 7B / 8B / 70B linear at 4 and 8 tokens
+        tokens = 8 if m <= 8 else 16
         if m <= 16 and n <= 6144:
-            return GemmConfig(16, 16, 512 if k > n else 256, 2, 4, slices=2, asm_unpack=True)
+            return GemmConfig(tokens, 16, 512 if k > n else 256, 2, 4, slices=2, asm_unpack=True)
         if m <= 16:
-            return GemmConfig(16, 32 if n <= 16384 else 64, 1024 if k > n else 512, 2 if n <= 16384 else 4, 3,
+            return GemmConfig(tokens, 32 if n <= 16384 else 64, 1024 if k > n else 512, 2 if n <= 16384 else 4, 3,
                               asm_unpack=True)
         if m <= 64:
             return GemmConfig(64, 128, 256, 4, 3, asm_unpack=True) if m > 32 and n >= 2 * k else \
