@@ -733,13 +733,16 @@ def test_swap_gemm_unpacks_four_bytes_per_word_op_for_hopper():
     assert got["cubin"] < plain["cubin"], (got, plain)  # the byte-wise unpack is the larger kernel
 
 
-def test_sliced_swap_gemm_compiles_for_hopper():
+@pytest.mark.parametrize("tokens", [16, 8])  # 8: the tiles of <= 8 tokens (session 49), the MMA's own N
+def test_sliced_swap_gemm_compiles_for_hopper(tokens):
     """The int8s GEMM with K slices in one program (GemmConfig.slices): the batched dot compiles to int8
     mma.sync on sm_90 with the weight nibbles split by word ops, and the slices meet without atomics."""
-    consts = {"BLOCK_M": 16, "BLOCK_N": 16, "SLICE_KH": 128, "SLICES": 2, "GROUP_N": 8, "STATIC_STEPS": 0,
+    consts = {"BLOCK_M": tokens, "BLOCK_N": 16, "SLICE_KH": 128, "SLICES": 2, "GROUP_N": 8, "STATIC_STEPS": 0,
               "OUT_F32": False, "ASM": True}
     got = _compile_for_hopper("_w4a4_swap_sliced_kernel", consts, {"a_ptr": "*i8", "w_ptr": "*u8"})
-    assert got["mma_s8"] > 0 and got["nibble_words"] > 0 and got["atomics"] == 0, got
+    assert got["nibble_words"] > 0 and got["atomics"] == 0, got
+    # m16n8k32: a token per MMA column, so an 8-token tile is half the MMAs (no padding to 16)
+    assert got["mma_s8"] == tokens, got
 
 
 def test_pdl_waits_before_any_global_load_for_hopper():
