@@ -172,7 +172,8 @@ def planar_weight(weight: "PackedWeight", dtype: torch.dtype) -> torch.Tensor:
 
 
 def default_config(m: int, n: int, k: int, backend: str = "int8") -> GemmConfig:
-    """The configs that measured fastest on the H200 (docs/KERNELS.md, runs 2, 3 and 7)."""
+    """The configs that measured fastest on the H200 (docs/KERNELS.md, runs 2-50) and, for the int8s decode tiles
+    since session 46, on an H100 (sections 4k-4n)."""
     big = n * k >= 1 << 26  # e.g. 8192 x 8192 and up: split K to fill the SMs
     if backend == "gemv":  # the per-lane dp4a GEMV (K a multiple of 8), session 19's sweeps (KERNELS.md 3b):
         # 3-8 tokens: run 15's config of the lowest geometric-mean time over six 7B / 8B / 70B shapes (within
