@@ -58,6 +58,21 @@ def decode_operand_sets(n, k, dev, rotate=240e6):
     return sets, [planar_centered(a, za, k, torch.int8) for (a, _, za, _) in sets]
 
 
+def product_matmul(cfg):
+    """The product's int8s GEMM at `cfg` as `check_and_time` takes a decode GEMM."""
+    from dartquant.kernels.w4a4_gemm import w4a4_matmul
+
+    return lambda p, sa, w, out=None: w4a4_matmul(p, sa, None, w, "int8s", cfg, out=out)
+
+
+def check_and_time(matmul, sets, planar, m, want, out):
+    """A decode GEMM `matmul(planar [m, K], a_scale [m], weight, out=None)` at m tokens over decode_operand_sets:
+    (bit-equal to `want` on the first set, µs a call with every set's call in one CUDA graph)."""
+    exact = torch.equal(matmul(planar[0][:m], sets[0][1][:m], sets[0][3]), want)
+    us = graph_ms([lambda s=s, p=p: matmul(p[:m], s[1][:m], s[3], out=out) for s, p in zip(sets, planar)]) * 1e3
+    return exact, us
+
+
 def graph_ms(calls, reps=15):
     """Median time per call of `calls` (closures), all captured in one CUDA graph."""
     s = torch.cuda.Stream()

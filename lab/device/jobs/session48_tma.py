@@ -131,8 +131,8 @@ def main(out_path):
     sys.path.insert(0, os.path.dirname(__file__))
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks"))
     from kernel_bench import write_result
-    from session19_gemv import decode_operand_sets, graph_ms, warm_clocks
-    from dartquant.kernels.w4a4_gemm import default_config, w4a4_matmul, w4a4_matmul_reference
+    from session19_gemv import check_and_time, decode_operand_sets, product_matmul, warm_clocks
+    from dartquant.kernels.w4a4_gemm import default_config, w4a4_matmul_reference
 
     dev, t0, rows = torch.device("cuda"), time.time(), []
     warm_clocks()
@@ -144,15 +144,12 @@ def main(out_path):
             want = w4a4_matmul_reference(a0[:m], sa0[:m], za0[:m], w0)
             dcfg = default_config(m, n, k, "int8s")
             row = {"linear": sname, "n": n, "k": k, "m": m, "exact": {}, "us": {}, "failed": {}}
-            row["default_exact"] = torch.equal(w4a4_matmul(planar[0][:m], sa0[:m], None, w0, "int8s", dcfg), want)
-            row["default_us"] = graph_ms([lambda s=s, p=p: w4a4_matmul(p[:m], s[1][:m], None, s[3], "int8s", dcfg,
-                                                                        out=outb) for s, p in zip(sets, planar)]) * 1e3
+            row["default_exact"], row["default_us"] = check_and_time(product_matmul(dcfg), sets, planar, m, want, outb)
             for cfg in CONFIGS:
                 name = "{}x{}B S{} w{} s{}".format(*cfg)
                 try:
-                    row["exact"][name] = torch.equal(tma_matmul(planar[0][:m], sa0[:m], w0, cfg), want)
-                    row["us"][name] = graph_ms([lambda s=s, p=p, c=cfg: tma_matmul(p[:m], s[1][:m], s[3], c, out=outb)
-                                                for s, p in zip(sets, planar)]) * 1e3
+                    row["exact"][name], row["us"][name] = check_and_time(
+                        lambda p, sa, w, out=None, c=cfg: tma_matmul(p, sa, w, c, out=out), sets, planar, m, want, outb)
                 except Exception as e:  # noqa: BLE001 - recorded
                     row["failed"][name] = repr(e)[:200]
             best = min(row["us"], key=row["us"].get) if row["us"] else None

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_bench import write_result  # noqa: E402
-from dartquant.kernels.w4a4_gemm import default_config, w4a4_matmul, w4a4_matmul_reference  # noqa: E402
+from dartquant.kernels.w4a4_gemm import default_config, w4a4_matmul_reference  # noqa: E402
 
 SHAPES = {"L2-7B q+k+v": (12288, 4096), "L2-7B o": (4096, 4096), "L2-7B gate+up": (22016, 4096),
           "L2-7B down": (4096, 11008), "L3-8B q+k+v": (6144, 4096), "L3-8B gate+up": (28672, 4096),
@@ -26,7 +26,7 @@ SHAPES = {"L2-7B q+k+v": (12288, 4096), "L2-7B o": (4096, 4096), "L2-7B gate+up"
 
 
 def main(out_path):
-    from session19_gemv import decode_operand_sets, graph_ms, warm_clocks
+    from session19_gemv import check_and_time, decode_operand_sets, product_matmul, warm_clocks
 
     dev, t0, rows = torch.device("cuda"), time.time(), []
     warm_clocks()
@@ -40,10 +40,8 @@ def main(out_path):
             for label, cfg in (("default", default_config(m, n, k, "int8s")),
                                ("tokens8", dataclasses.replace(default_config(m, n, k, "int8s"), block_m=8))):
                 row[label + "_cfg"] = str(cfg)
-                row[label + "_exact"] = torch.equal(w4a4_matmul(planar[0][:m], sa0[:m], None, w0, "int8s", cfg), want)
-                row[label + "_us"] = graph_ms([lambda s=s, p=p, c=cfg: w4a4_matmul(p[:m], s[1][:m], None, s[3], "int8s",
-                                                                                  c, out=outb)
-                                               for s, p in zip(sets, planar)]) * 1e3
+                row[label + "_exact"], row[label + "_us"] = check_and_time(product_matmul(cfg), sets, planar, m, want,
+                                                                           outb)
             rows.append(row)
             print(f"| {sname} | {m} | default {row['default_us']:.2f} | 8 tokens a tile {row['tokens8_us']:.2f} "
                   f"({row['tokens8_us'] / row['default_us']:.2f}x) | exact {row['default_exact']} / "

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_bench import write_result  # noqa: E402
-from dartquant.kernels.w4a4_gemm import GemmConfig, default_config, w4a4_matmul, w4a4_matmul_reference  # noqa: E402
+from dartquant.kernels.w4a4_gemm import GemmConfig, default_config, w4a4_matmul_reference  # noqa: E402
 
 SHAPES = {"L2-7B o": (4096, 4096), "L3-8B q+k+v": (6144, 4096), "L2-7B down": (4096, 11008),
           "L2-7B q+k+v": (12288, 4096)}
@@ -49,7 +49,7 @@ def variants(m, n, k):
 
 
 def main(out_path):
-    from session19_gemv import decode_operand_sets, graph_ms, warm_clocks
+    from session19_gemv import check_and_time, decode_operand_sets, product_matmul, warm_clocks
 
     dev, t0, rows = torch.device("cuda"), time.time(), []
     warm_clocks()
@@ -63,14 +63,13 @@ def main(out_path):
             for label, cfg in variants(m, n, k).items():
                 row["cfg"][label] = str(cfg)
                 try:
-                    row["exact"][label] = torch.equal(w4a4_matmul(planar[0][:m], sa0[:m], None, w0, "int8s", cfg), want)
+                    exact, us = check_and_time(product_matmul(cfg), sets, planar, m, want, outb)
                 except Exception as e:  # noqa: BLE001 - recorded (over the shared memory)
                     row["failed"][label] = repr(e)[:160]
                     continue
-                if row["exact"][label]:
-                    row["us"][label] = graph_ms([lambda s=s, p=p, c=cfg: w4a4_matmul(p[:m], s[1][:m], None, s[3],
-                                                                                     "int8s", c, out=outb)
-                                                 for s, p in zip(sets, planar)]) * 1e3
+                row["exact"][label] = exact
+                if exact:
+                    row["us"][label] = us
             rows.append(row)
             d = row["us"]["default"]
             best = min(row["us"], key=row["us"].get)
