@@ -58,6 +58,22 @@ def decode_operand_sets(n, k, dev, rotate=240e6):
     return sets, [planar_centered(a, za, k, torch.int8) for (a, _, za, _) in sets]
 
 
+def decode_cases(shapes, tokens, dev):
+    """(name, n, k, m, sets, planar, want, out) for each linear of `shapes` ({name: (n, k)}) and each count of
+    `tokens(n)`: the operand sets built once a linear, `want` the integer reference at m tokens, `out` a bf16 [m, n]."""
+    from dartquant.kernels.w4a4_gemm import w4a4_matmul_reference
+
+    for name, (n, k) in shapes.items():
+        sets, planar = decode_operand_sets(n, k, dev)
+        a0, sa0, za0, w0 = sets[0]
+        for m in tokens(n):
+            yield (name, n, k, m, sets, planar, w4a4_matmul_reference(a0[:m], sa0[:m], za0[:m], w0),
+                   torch.empty(m, n, dtype=torch.bfloat16, device=dev))
+        del sets, planar
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def product_matmul(cfg):
     """The product's int8s GEMM at `cfg` as `check_and_time` takes a decode GEMM."""
     from dartquant.kernels.w4a4_gemm import w4a4_matmul

@@ -131,33 +131,28 @@ def main(out_path):
     sys.path.insert(0, os.path.dirname(__file__))
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks"))
     from kernel_bench import write_result
-    from session19_gemv import check_and_time, decode_operand_sets, product_matmul, warm_clocks
-    from dartquant.kernels.w4a4_gemm import default_config, w4a4_matmul_reference
+    from session19_gemv import check_and_time, decode_cases, product_matmul, warm_clocks
+    from dartquant.kernels.w4a4_gemm import default_config
 
     dev, t0, rows = torch.device("cuda"), time.time(), []
     warm_clocks()
-    for sname, (n, k) in SHAPES.items():
-        sets, planar = decode_operand_sets(n, k, dev)
-        a0, sa0, za0, w0 = sets[0]
-        for m in (8, 16):
-            outb = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
-            want = w4a4_matmul_reference(a0[:m], sa0[:m], za0[:m], w0)
-            dcfg = default_config(m, n, k, "int8s")
-            row = {"linear": sname, "n": n, "k": k, "m": m, "exact": {}, "us": {}, "failed": {}}
-            row["default_exact"], row["default_us"] = check_and_time(product_matmul(dcfg), sets, planar, m, want, outb)
-            for cfg in CONFIGS:
-                name = "{}x{}B S{} w{} s{}".format(*cfg)
-                try:
-                    row["exact"][name], row["us"][name] = check_and_time(
-                        lambda p, sa, w, out=None, c=cfg: tma_matmul(p, sa, w, c, out=out), sets, planar, m, want, outb)
-                except Exception as e:  # noqa: BLE001 - recorded
-                    row["failed"][name] = repr(e)[:200]
-            best = min(row["us"], key=row["us"].get) if row["us"] else None
-            rows.append(row)
-            print(f"| {sname} | {m} | default {row['default_us']:.2f} (exact {row['default_exact']}) | best TMA "
-                  f"{best} {row['us'].get(best, float('nan')):.2f} | all exact {all(row['exact'].values())} | "
-                  f"failed {len(row['failed'])} |", flush=True)
-            write_result({"device": torch.cuda.get_device_name(), "rows": rows}, out_path, t0)
+    for sname, n, k, m, sets, planar, want, outb in decode_cases(SHAPES, lambda n: (8, 16), dev):
+        dcfg = default_config(m, n, k, "int8s")
+        row = {"linear": sname, "n": n, "k": k, "m": m, "exact": {}, "us": {}, "failed": {}}
+        row["default_exact"], row["default_us"] = check_and_time(product_matmul(dcfg), sets, planar, m, want, outb)
+        for cfg in CONFIGS:
+            name = "{}x{}B S{} w{} s{}".format(*cfg)
+            try:
+                row["exact"][name], row["us"][name] = check_and_time(
+                    lambda p, sa, w, out=None, c=cfg: tma_matmul(p, sa, w, c, out=out), sets, planar, m, want, outb)
+            except Exception as e:  # noqa: BLE001 - recorded
+                row["failed"][name] = repr(e)[:200]
+        best = min(row["us"], key=row["us"].get) if row["us"] else None
+        rows.append(row)
+        print(f"| {sname} | {m} | default {row['default_us']:.2f} (exact {row['default_exact']}) | best TMA "
+              f"{best} {row['us'].get(best, float('nan')):.2f} | all exact {all(row['exact'].values())} | "
+              f"failed {len(row['failed'])} |", flush=True)
+        write_result({"device": torch.cuda.get_device_name(), "rows": rows}, out_path, t0)
 
 
 if __name__ == "__main__":

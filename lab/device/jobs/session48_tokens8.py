@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_bench import write_result  # noqa: E402
-from dartquant.kernels.w4a4_gemm import default_config, w4a4_matmul_reference  # noqa: E402
+from dartquant.kernels.w4a4_gemm import default_config  # noqa: E402
 
 SHAPES = {"L2-7B q+k+v": (12288, 4096), "L2-7B o": (4096, 4096), "L2-7B gate+up": (22016, 4096),
           "L2-7B down": (4096, 11008), "L3-8B q+k+v": (6144, 4096), "L3-8B gate+up": (28672, 4096),
@@ -26,27 +26,22 @@ SHAPES = {"L2-7B q+k+v": (12288, 4096), "L2-7B o": (4096, 4096), "L2-7B gate+up"
 
 
 def main(out_path):
-    from session19_gemv import check_and_time, decode_operand_sets, product_matmul, warm_clocks
+    from session19_gemv import check_and_time, decode_cases, product_matmul, warm_clocks
 
     dev, t0, rows = torch.device("cuda"), time.time(), []
     warm_clocks()
-    for sname, (n, k) in SHAPES.items():
-        sets, planar = decode_operand_sets(n, k, dev)
-        a0, sa0, za0, w0 = sets[0]
-        for m in (4, 8):
-            outb = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
-            want = w4a4_matmul_reference(a0[:m], sa0[:m], za0[:m], w0)
-            row = {"linear": sname, "n": n, "k": k, "m": m}
-            for label, cfg in (("default", default_config(m, n, k, "int8s")),
-                               ("tokens8", dataclasses.replace(default_config(m, n, k, "int8s"), block_m=8))):
-                row[label + "_cfg"] = str(cfg)
-                row[label + "_exact"], row[label + "_us"] = check_and_time(product_matmul(cfg), sets, planar, m, want,
-                                                                           outb)
-            rows.append(row)
-            print(f"| {sname} | {m} | default {row['default_us']:.2f} | 8 tokens a tile {row['tokens8_us']:.2f} "
-                  f"({row['tokens8_us'] / row['default_us']:.2f}x) | exact {row['default_exact']} / "
-                  f"{row['tokens8_exact']} |", flush=True)
-            write_result({"device": torch.cuda.get_device_name(), "rows": rows}, out_path, t0)
+    for sname, n, k, m, sets, planar, want, outb in decode_cases(SHAPES, lambda n: (4, 8), dev):
+        row = {"linear": sname, "n": n, "k": k, "m": m}
+        for label, cfg in (("default", default_config(m, n, k, "int8s")),
+                           ("tokens8", dataclasses.replace(default_config(m, n, k, "int8s"), block_m=8))):
+            row[label + "_cfg"] = str(cfg)
+            row[label + "_exact"], row[label + "_us"] = check_and_time(product_matmul(cfg), sets, planar, m, want,
+                                                                       outb)
+        rows.append(row)
+        print(f"| {sname} | {m} | default {row['default_us']:.2f} | 8 tokens a tile {row['tokens8_us']:.2f} "
+              f"({row['tokens8_us'] / row['default_us']:.2f}x) | exact {row['default_exact']} / "
+              f"{row['tokens8_exact']} |", flush=True)
+        write_result({"device": torch.cuda.get_device_name(), "rows": rows}, out_path, t0)
 
 
 if __name__ == "__main__":

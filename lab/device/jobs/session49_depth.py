@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_bench import write_result  # noqa: E402
-from dartquant.kernels.w4a4_gemm import GemmConfig, default_config, w4a4_matmul_reference  # noqa: E402
+from dartquant.kernels.w4a4_gemm import GemmConfig, default_config  # noqa: E402
 
 SHAPES = {"L2-7B o": (4096, 4096), "L3-8B q+k+v": (6144, 4096), "L2-7B down": (4096, 11008),
           "L2-7B q+k+v": (12288, 4096)}
@@ -49,37 +49,32 @@ def variants(m, n, k):
 
 
 def main(out_path):
-    from session19_gemv import check_and_time, decode_operand_sets, product_matmul, warm_clocks
+    from session19_gemv import check_and_time, decode_cases, product_matmul, warm_clocks
 
     dev, t0, rows = torch.device("cuda"), time.time(), []
     warm_clocks()
-    for sname, (n, k) in SHAPES.items():
-        sets, planar = decode_operand_sets(n, k, dev)
-        a0, sa0, za0, w0 = sets[0]
-        for m in ((8, 16) if "--slices" not in sys.argv or n <= 6144 else ()):
-            outb = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
-            want = w4a4_matmul_reference(a0[:m], sa0[:m], za0[:m], w0)
-            row = {"linear": sname, "n": n, "k": k, "m": m, "us": {}, "exact": {}, "failed": {}, "cfg": {}}
-            for label, cfg in variants(m, n, k).items():
-                row["cfg"][label] = str(cfg)
-                try:
-                    exact, us = check_and_time(product_matmul(cfg), sets, planar, m, want, outb)
-                except Exception as e:  # noqa: BLE001 - recorded (over the shared memory)
-                    row["failed"][label] = repr(e)[:160]
-                    continue
-                row["exact"][label] = exact
-                if exact:
-                    row["us"][label] = us
-            rows.append(row)
-            d = row["us"]["default"]
-            best = min(row["us"], key=row["us"].get)
-            top = sorted(row["us"].items(), key=lambda kv: kv[1])[:4]
-            print(f"| {sname} | {m} | default {d:.2f} | best {best} {row['us'][best]:.2f} ({row['us'][best] / d:.2f}x) "
-                  f"| next {', '.join(f'{a} {b:.2f}' for a, b in top[1:])} | not exact {[a for a, e in row['exact'].items() if not e]} "
-                  f"| failed {len(row['failed'])} |", flush=True)
-            write_result({"device": torch.cuda.get_device_name(), "rows": rows}, out_path, t0)
-        del sets, planar
-        torch.cuda.empty_cache()
+    # --slices: the sliced tiles' shapes only (N <= 6144)
+    tokens = (lambda n: (8, 16) if "--slices" not in sys.argv or n <= 6144 else ())
+    for sname, n, k, m, sets, planar, want, outb in decode_cases(SHAPES, tokens, dev):
+        row = {"linear": sname, "n": n, "k": k, "m": m, "us": {}, "exact": {}, "failed": {}, "cfg": {}}
+        for label, cfg in variants(m, n, k).items():
+            row["cfg"][label] = str(cfg)
+            try:
+                exact, us = check_and_time(product_matmul(cfg), sets, planar, m, want, outb)
+            except Exception as e:  # noqa: BLE001 - recorded (over the shared memory)
+                row["failed"][label] = repr(e)[:160]
+                continue
+            row["exact"][label] = exact
+            if exact:
+                row["us"][label] = us
+        rows.append(row)
+        d = row["us"]["default"]
+        best = min(row["us"], key=row["us"].get)
+        top = sorted(row["us"].items(), key=lambda kv: kv[1])[:4]
+        print(f"| {sname} | {m} | default {d:.2f} | best {best} {row['us'][best]:.2f} ({row['us'][best] / d:.2f}x) "
+              f"| next {', '.join(f'{a} {b:.2f}' for a, b in top[1:])} | not exact {[a for a, e in row['exact'].items() if not e]} "
+              f"| failed {len(row['failed'])} |", flush=True)
+        write_result({"device": torch.cuda.get_device_name(), "rows": rows}, out_path, t0)
 
 
 if __name__ == "__main__":
